@@ -1,0 +1,62 @@
+"""The one attention function, and the mask every caller shares.
+
+Masks are built once per forward from absolute positions, not per layer: `positions` (B, T) of the queries and
+`key_positions` (B, S) of the keys, where -1 marks a padding token or an empty cache slot. This single rule covers
+causal training, left-padded batches, KV-cache decoding over a static buffer and sliding windows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def allowed_keys(
+    positions: torch.Tensor,  # (B, T) query positions, -1 = padding
+    key_positions: torch.Tensor,  # (B, S) key positions, -1 = padding / empty slot
+    query_slots: torch.Tensor,  # (T,) index of each query among the S keys
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Boolean (B, 1, T, S): may query t attend to key s?
+
+    A query sees real keys at or before its own position (and within the window). It always sees its own slot, so a
+    padding query never has an empty row (an empty row gives NaN in softmax, and NaN * 0 still poisons real rows).
+    """
+    q, k = positions[:, :, None], key_positions[:, None, :]  # (B, T, 1), (B, 1, S)
+    allowed = (k <= q) & (k >= 0)
+    if sliding_window is not None:
+        allowed &= (q - k) < sliding_window
+    own_slot = query_slots[:, None] == torch.arange(key_positions.shape[1], device=positions.device)  # (T, S)
+    return (allowed | own_slot)[:, None]
+
+
+def alibi_bias(
+    allowed: torch.Tensor,  # (B, 1, T, S) bool
+    positions: torch.Tensor,  # (B, T)
+    key_positions: torch.Tensor,  # (B, S)
+    slopes: torch.Tensor,  # (H,)
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive ALiBi bias (B, H, T, S): -slope * distance for allowed keys, -inf elsewhere."""
+    distance = (positions[:, :, None] - key_positions[:, None, :]).to(torch.float32)  # (B, T, S)
+    bias = -slopes.float()[None, :, None, None] * distance[:, None]
+    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
+
+
+def attend(
+    q: torch.Tensor,  # (B, H, T, D)
+    k: torch.Tensor,  # (B, Hkv, S, D)
+    v: torch.Tensor,  # (B, Hkv, S, D)
+    mask: torch.Tensor | None,  # None → plain causal (T == S); else bool (B, 1, T, S) or float bias (B, H, T, S)
+) -> torch.Tensor:
+    """Scaled dot-product attention with GQA/MQA, on PyTorch's SDPA kernels. Returns (B, H, T, D)."""
+    B, H, T, D = q.shape
+    groups = H // k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+    if groups > 1 and mask.dtype == torch.bool:
+        # Fold each KV head's query group into the sequence axis: (B, Hkv, G*T, D). K/V are never copied, and every
+        # SDPA backend accepts it (decode attends over the whole cache each step, so a K/V repeat would be costly).
+        q = q.reshape(B, H // groups, groups * T, D)
+        mask = mask[:, :, None].expand(B, 1, groups, T, mask.shape[-1]).reshape(B, 1, groups * T, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, T, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)

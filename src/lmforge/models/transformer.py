@@ -1,0 +1,206 @@
+"""The one decoder: pre-norm blocks of attention + MLP, every variant a ModelConfig flag.
+
+Linear layers are built through a factory `linear(name, in_features, out_features, bias) -> nn.Module`, where
+`name` is the module's full dotted path (e.g. "layers.3.attn.q_proj"). LoRA, quantized and tensor-parallel linears
+are other factories; the model code never changes for them. Module names follow the HF Llama convention
+(q_proj/k_proj/v_proj/o_proj, gate_proj/up_proj/down_proj) so PEFT target names mean the same thing here.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import alibi_bias, allowed_keys, attend
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .positions import alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_embedding
+
+LinearFactory = Callable[[str, int, int, bool], nn.Module]
+
+
+def default_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as Llama does, so bf16 matches the reference)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd, d = cfg.dim_per_head, cfg.d_model
+        self.q_proj = linear(f"{prefix}.q_proj", d, cfg.n_heads * hd, cfg.qkv_bias)
+        self.k_proj = linear(f"{prefix}.k_proj", d, cfg.kv_heads * hd, cfg.qkv_bias)
+        self.v_proj = linear(f"{prefix}.v_proj", d, cfg.kv_heads * hd, cfg.qkv_bias)
+        self.o_proj = linear(f"{prefix}.o_proj", cfg.n_heads * hd, d, cfg.out_bias)
+
+    def forward(self, x, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape  # x: (B, T, d_model)
+        hd = self.cfg.dim_per_head
+        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        if rope is not None:
+            q = apply_rope(q, *rope, interleaved=self.cfg.rope_interleaved)
+            k = apply_rope(k, *rope, interleaved=self.cfg.rope_interleaved)
+        if cache is not None:
+            k, v = cache.update(self.layer, slots, k, v)  # (B, Hkv, S, hd)
+        y = attend(q, k, v, mask)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)).  GELU-style: down(act(up(x)))."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.act]
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = linear(f"{prefix}.gate_proj", cfg.d_model, cfg.d_ff, cfg.mlp_bias)
+        self.up_proj = linear(f"{prefix}.up_proj", cfg.d_model, cfg.d_ff, cfg.mlp_bias)
+        self.down_proj = linear(f"{prefix}.down_proj", cfg.d_ff, cfg.d_model, cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, linear: LinearFactory):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, f"layers.{layer}.attn", linear, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg, f"layers.{layer}.mlp", linear)
+
+    def forward(self, x, rope, mask, cache, slots):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, slots)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids in, logits out; one forward for training, prefill and cached decode."""
+
+    def __init__(self, cfg: ModelConfig, linear: LinearFactory = default_linear):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.layers = nn.ModuleList(Block(cfg, i, linear) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else linear("lm_head", cfg.d_model, cfg.vocab_size, False)
+        # Derived constants, rebuilt (not loaded) so checkpoints never carry them.
+        self.register_buffer("rope_inv_freq", torch.empty(0), persistent=False)
+        self.register_buffer("alibi_slopes", torch.empty(0), persistent=False)
+        self.reset_buffers()
+        self.reset_parameters()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute RoPE frequencies / ALiBi slopes on the current device, e.g. after building on `meta`."""
+        device = self.embed.weight.device
+        if device.type == "meta":
+            return
+        if self.cfg.pos == "rope":
+            self.rope_inv_freq = rope_inv_freq(self.cfg).to(device)
+        if self.cfg.pos == "alibi":
+            self.alibi_slopes = alibi_slopes(self.cfg.n_heads).to(device)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Random init for training from scratch: N(0, std) weights, residual outputs scaled by 1/sqrt(2 * layers)."""
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if p.ndim == 1:  # norms and biases
+                p.fill_(1.0) if name.endswith("norm.weight") else p.zero_()
+            else:
+                scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                p.normal_(0.0, std * scale)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T) token ids
+        positions: torch.Tensor | None = None,  # (B, T) absolute positions; -1 marks a padding token
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token, 0 = padding (HF convention)
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,  # (T,) cache slots the new tokens fill; needed with `cache`
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab)."""
+        return self.logits(self.hidden_states(tokens, positions, attention_mask, cache, slots))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
+
+    def hidden_states(self, tokens, positions=None, attention_mask=None, cache=None, slots=None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model): what the LM head, a value head or a fused loss consumes."""
+        B, T = tokens.shape
+        device = tokens.device
+        padded = positions is not None or attention_mask is not None
+        if positions is None:
+            if attention_mask is not None:  # left/right padding: count real tokens only, pads get -1
+                positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
+            else:
+                start = 0 if slots is None else slots[:1]
+                positions = (torch.arange(T, device=device) + start).expand(B, T)
+        if cache is not None and slots is None:
+            raise ValueError("forward with a KV cache needs `slots`: the cache indices the new tokens fill")
+
+        x = self.embed(tokens)  # (B, T, d_model)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions.clamp(min=0))
+        elif self.cfg.pos == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, self.cfg.d_model, x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+
+        rope = rope_cos_sin(positions, self.rope_inv_freq, x.dtype) if self.cfg.pos == "rope" else None
+        if cache is not None:
+            key_positions, query_slots = cache.write_positions(slots, positions), slots
+        else:
+            key_positions, query_slots = positions, torch.arange(T, device=device)
+        mask = self._mask(positions, key_positions, query_slots, needs_mask=padded or cache is not None)
+        for block in self.layers:
+            x = block(x, rope, mask, cache, slots)
+        return self.norm(x)
+
+    def _mask(self, positions, key_positions, query_slots, needs_mask: bool) -> torch.Tensor | None:
+        """None (plain causal SDPA) when nothing but causality applies; else a bool mask or an ALiBi bias."""
+        cfg = self.cfg
+        if not needs_mask and cfg.pos != "alibi" and cfg.sliding_window is None:
+            return None
+        allowed = allowed_keys(positions, key_positions, query_slots, cfg.sliding_window)
+        if cfg.pos == "alibi":
+            return alibi_bias(allowed, positions, key_positions, self.alibi_slopes, self.embed.weight.dtype)
+        return allowed
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        w = self.embed.weight
+        return KVCache(self.cfg, batch_size, max_len, dtype=w.dtype, device=w.device)

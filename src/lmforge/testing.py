@@ -1,0 +1,45 @@
+"""Tiny random reference models for tests, examples and benches, made by `transformers` (a dev dependency).
+
+Lives in the package (not tests/) so `examples/` and the CLI quickstart can build the same fixtures offline.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Two layers, hidden 64: small enough for CPU tests, big enough to exercise GQA/MQA, biases and every position scheme.
+TINY_HF_CONFIGS: dict[str, dict] = {
+    "LlamaForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=128, vocab_size=128, max_position_embeddings=128,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "MistralForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                               intermediate_size=128, vocab_size=128, max_position_embeddings=128, sliding_window=6),
+    "Qwen2ForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=128, vocab_size=128, max_position_embeddings=128,
+                             tie_word_embeddings=True),
+    "GPT2LMHeadModel": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, bos_token_id=1,
+                            eos_token_id=2),
+    "BloomForCausalLM": dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=128),
+}
+
+_CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
+                   "Qwen2ForCausalLM": "Qwen2Config", "GPT2LMHeadModel": "GPT2Config", "BloomForCausalLM": "BloomConfig"}
+
+
+def make_tiny_hf_model(arch: str, out_dir: str | Path | None = None, **overrides):
+    """A random `transformers` model of `arch` (norm weights and biases randomized too); saved to out_dir if given."""
+    import transformers
+
+    fields = {**TINY_HF_CONFIGS[arch], **overrides}
+    config = getattr(transformers, _CONFIG_CLASSES[arch])(**fields)
+    config.architectures = [arch]
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # default init leaves norms at 1 and biases at 0, which would hide mapping bugs
+                p.normal_(0.0, 0.5) if name.endswith("bias") else p.uniform_(0.5, 1.5)
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+    return model

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random Hugging Face models written by `transformers` itself (the reference)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.testing import TINY_HF_CONFIGS, make_tiny_hf_model
+
+
+@pytest.fixture(params=sorted(TINY_HF_CONFIGS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_hf(arch, tmp_path):
+    """(transformers model, checkpoint dir) for `arch`, with randomized norms/biases so they are really tested."""
+    torch.manual_seed(0)
+    model = make_tiny_hf_model(arch, tmp_path / arch)
+    return model, tmp_path / arch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -8,3 +8,6 @@ from .converters import REGISTRY, converter_for  # noqa: E402
 from .hf import config_from_hf, load_hf, save_hf  # noqa: E402
 
 __all__ += ["REGISTRY", "converter_for", "config_from_hf", "load_hf", "save_hf"]
+from .presets import PRESETS, preset_config  # noqa: E402
+
+__all__ += ["PRESETS", "preset_config"]

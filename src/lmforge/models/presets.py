@@ -1,0 +1,57 @@
+"""Named model shapes as data: ModelConfig fields plus the Hugging Face repo each one describes.
+
+Use them to build random-weight models of real shapes (benches, the planner) without downloading anything:
+`preset_config("llama-3.2-1b", n_layers=2)` (names are case-insensitive).
+"""
+from __future__ import annotations
+
+from ..errors import ConfigError, did_you_mean
+from .config import ModelConfig, RopeScaling
+
+_LLAMA3_SCALING = RopeScaling(type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_seq_len=8192)
+
+PRESETS: dict[str, dict] = {
+    "llama-3-8b": dict(
+        hf_repo="meta-llama/Meta-Llama-3-8B", arch="LlamaForCausalLM", vocab_size=128256, d_model=4096,
+        n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, rope_theta=500000.0, norm_eps=1e-5, max_seq_len=8192,
+        bos_token_id=128000, eos_token_id=128001),
+    "llama-3.2-1b": dict(
+        hf_repo="meta-llama/Llama-3.2-1B", arch="LlamaForCausalLM", vocab_size=128256, d_model=2048, n_layers=16,
+        n_heads=32, n_kv_heads=8, head_dim=64, d_ff=8192, rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING,
+        norm_eps=1e-5, max_seq_len=131072, tie_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    "qwen2.5-0.5b": dict(
+        hf_repo="Qwen/Qwen2.5-0.5B", arch="Qwen2ForCausalLM", vocab_size=151936, d_model=896, n_layers=24,
+        n_heads=14, n_kv_heads=2, d_ff=4864, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+        tie_embeddings=True, max_seq_len=32768, bos_token_id=151643, eos_token_id=151643),
+    "qwen2.5-7b": dict(
+        hf_repo="Qwen/Qwen2.5-7B", arch="Qwen2ForCausalLM", vocab_size=152064, d_model=3584, n_layers=28,
+        n_heads=28, n_kv_heads=4, d_ff=18944, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+        max_seq_len=131072, bos_token_id=151643, eos_token_id=151643),
+    "mistral-7b": dict(
+        hf_repo="mistralai/Mistral-7B-v0.3", arch="MistralForCausalLM", vocab_size=32768, d_model=4096,
+        n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, rope_theta=1000000.0, norm_eps=1e-5, max_seq_len=32768,
+        bos_token_id=1, eos_token_id=2),
+    "tinyllama-1.1b": dict(
+        hf_repo="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", arch="LlamaForCausalLM", vocab_size=32000,
+        d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632, rope_theta=10000.0, norm_eps=1e-5,
+        max_seq_len=2048, bos_token_id=1, eos_token_id=2),
+    "gpt2": dict(
+        hf_repo="openai-community/gpt2", arch="GPT2LMHeadModel", vocab_size=50257, d_model=768, n_layers=12,
+        n_heads=12, d_ff=3072, norm="layer", mlp="gelu", act="gelu_tanh", pos="learned", qkv_bias=True,
+        out_bias=True, mlp_bias=True, tie_embeddings=True, max_seq_len=1024, bos_token_id=50256, eos_token_id=50256),
+    "bloom-560m": dict(
+        hf_repo="bigscience/bloom-560m", arch="BloomForCausalLM", vocab_size=250880, d_model=1024, n_layers=24,
+        n_heads=16, d_ff=4096, norm="layer", mlp="gelu", act="gelu_tanh", pos="alibi", qkv_bias=True,
+        out_bias=True, mlp_bias=True, embed_norm=True, tie_embeddings=True, max_seq_len=2048, bos_token_id=1,
+        eos_token_id=2),
+}
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """The ModelConfig of a named preset, with field overrides (e.g. n_layers=2 for a quick test)."""
+    key = name.lower()
+    if key not in PRESETS:
+        raise ConfigError(f"unknown model preset '{name}'{did_you_mean(key, PRESETS)}; presets: {', '.join(PRESETS)}")
+    fields = {k: v for k, v in PRESETS[key].items() if k != "hf_repo"}
+    return ModelConfig(**{**fields, **overrides})

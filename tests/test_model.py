@@ -1,0 +1,113 @@
+"""The native decoder on its own: config validation, presets, variants, KV cache for every position scheme."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.models import ModelConfig, PRESETS, Transformer, preset_config
+from lmforge.models.positions import alibi_slopes, rope_inv_freq
+
+# Published parameter counts of the checkpoints the presets describe.
+PUBLISHED_PARAMS = {
+    "llama-3-8b": 8_030_261_248, "llama-3.2-1b": 1_235_814_400, "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-7b": 7_615_616_512, "mistral-7b": 7_248_023_552, "tinyllama-1.1b": 1_100_048_384,
+    "gpt2": 124_439_808, "bloom-560m": 559_214_592,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_have_published_parameter_counts(name):
+    cfg = preset_config(name)
+    assert cfg.num_params() == PUBLISHED_PARAMS[name]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
+
+
+def test_unknown_preset_suggests_the_nearest():
+    with pytest.raises(ConfigError, match="did you mean 'llama-3.2-1b'"):
+        preset_config("llama-3.2-1")
+
+
+def test_bad_head_layout_is_rejected():
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        ModelConfig(d_model=64, n_heads=4, n_kv_heads=3)
+
+
+VARIANTS = {
+    "mha_rope": dict(n_kv_heads=4),
+    "gqa_rope": dict(n_kv_heads=2),
+    "mqa_rope": dict(n_kv_heads=1),
+    "rope_linear": dict(rope_scaling=dict(type="linear", factor=4.0)),
+    "partial_interleaved_rope": dict(rotary_fraction=0.5, rope_interleaved=True),
+    "alibi": dict(pos="alibi", norm="layer", mlp="gelu", act="gelu_tanh"),
+    "alibi_gqa": dict(pos="alibi", n_kv_heads=2),
+    "learned": dict(pos="learned", norm="layer", mlp="gelu", act="gelu", qkv_bias=True, out_bias=True),
+    "sinusoidal": dict(pos="sinusoidal", tie_embeddings=True),
+    "sliding_window": dict(sliding_window=3),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@torch.no_grad()
+def test_cached_decoding_matches_full_forward(variant):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32, **VARIANTS[variant])
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(0, 50, (2, 9))
+    full = model(tokens)
+    cache = model.new_cache(2, 12)
+    steps = [model(tokens[:, :4], cache=cache, slots=torch.arange(4))]
+    steps += [model(tokens[:, t:t + 1], cache=cache, slots=torch.tensor([t])) for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_left_padding_does_not_change_real_tokens():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)).eval()
+    seq = torch.randint(0, 50, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    out = model(padded, attention_mask=mask)
+    assert torch.isfinite(out).all()  # padding rows never see an empty key set
+    torch.testing.assert_close(out[:, 3:], model(seq), atol=1e-5, rtol=0)
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, d_ff=64, sliding_window=2)
+    model = Transformer(cfg).eval()
+    a = torch.randint(0, 50, (1, 6))
+    b = a.clone()
+    b[0, 0] = (a[0, 0] + 1) % 50  # outside the last token's window (one layer)
+    with torch.no_grad():
+        torch.testing.assert_close(model(a)[:, -1], model(b)[:, -1])
+        assert not torch.allclose(model(a)[:, 1], model(b)[:, 1])
+
+
+def test_llama3_rope_scaling_keeps_high_and_divides_low_frequencies():
+    plain = rope_inv_freq(ModelConfig(d_model=2048, n_heads=32, rope_theta=500000.0))
+    scaled = rope_inv_freq(preset_config("llama-3.2-1b"))
+    assert torch.equal(scaled[:8], plain[:8])  # short wavelengths untouched
+    torch.testing.assert_close(scaled[-4:], plain[-4:] / 32)  # long wavelengths divided by the factor
+
+
+def test_alibi_slopes_for_non_power_of_two_heads():
+    s = alibi_slopes(12)
+    assert s.shape == (12,)
+    torch.testing.assert_close(s[:8], torch.tensor([2 ** (-(i + 1)) for i in range(8)], dtype=torch.float32))
+    torch.testing.assert_close(s[8:], torch.tensor([2 ** (-0.5 * (2 * i + 1)) for i in range(4)], dtype=torch.float32))
+
+
+def test_linear_factory_sees_every_projection_by_name():
+    seen = []
+
+    def linear(name, i, o, bias):
+        seen.append(name)
+        return torch.nn.Linear(i, o, bias=bias)
+
+    Transformer(ModelConfig(vocab_size=10, d_model=16, n_layers=2, n_heads=2, d_ff=32), linear=linear)
+    assert "layers.1.attn.q_proj" in seen and "layers.0.mlp.gate_proj" in seen and "lm_head" in seen
+    assert len(seen) == 2 * 7 + 1

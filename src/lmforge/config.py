@@ -87,8 +87,18 @@ def _parse_value(text: str) -> Any:
     return value
 
 
-def parse_overrides(items: Iterable[str]) -> dict:
-    """Turn ``["a.b.c=1", "x=[1,2]"]`` into ``{"a": {"b": {"c": 1}}, "x": [1, 2]}``; later items win."""
+def _is_text_field(cls: type[Section] | None, parts: list[str]) -> bool:
+    """Whether ``parts`` names a ``str`` / ``str | None`` field of ``cls`` (its value must stay the raw text)."""
+    owner = _section_at(cls, tuple(parts[:-1])) if cls is not None else None
+    field = owner.model_fields.get(parts[-1]) if owner is not None else None
+    return field is not None and field.annotation in (str, str | None, typing.Optional[str])
+
+
+def parse_overrides(items: Iterable[str], cls: type[Section] | None = None) -> dict:
+    """Turn ``["a.b.c=1", "x=[1,2]"]`` into ``{"a": {"b": {"c": 1}}, "x": [1, 2]}``; later items win.
+
+    With ``cls``, values of text fields stay as typed (``prompt=0.10`` is the string ``'0.10'``, not a float).
+    """
     out: dict = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -100,7 +110,7 @@ def parse_overrides(items: Iterable[str]) -> dict:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = raw if _is_text_field(cls, parts) else _parse_value(raw)
     return out
 
 
@@ -212,7 +222,7 @@ def load_config(
 ) -> Section:
     """Build ``cls`` from ``base`` < YAML file at ``path`` < ``key=value`` overrides; raise a one-line ConfigError."""
     data = _merge(dict(base or {}), _read_yaml(path) if path is not None else {})
-    data = _merge(data, parse_overrides(overrides))
+    data = _merge(data, parse_overrides(overrides, cls))
     try:
         return cls.model_validate(data)
     except pydantic.ValidationError as e:

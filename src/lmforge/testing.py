@@ -43,3 +43,30 @@ def make_tiny_hf_model(arch: str, out_dir: str | Path | None = None, **overrides
     if out_dir is not None:
         model.save_pretrained(out_dir)
     return model
+
+
+# A few hundred words of English and Chinese, enough to train a small byte-level BPE with real merges.
+TINY_CORPUS = """\
+lmforge takes an open language model from checkpoint to a cheap-to-run model: train it, fine-tune it, align it,
+compress it, evaluate it and serve it. A tokenizer turns text into token ids; the model predicts the next token; the
+sampler picks one; the loop repeats until a stop token or the length limit. Attention lets every token look back at
+the tokens before it, and the key-value cache keeps what was computed so each new token costs one step, not many.
+The quick brown fox jumps over the lazy dog. Hello, world! How are you today? I am fine, thank you.
+大语言模型把文本切分成词元，再逐个预测下一个词元。李白是唐代伟大的浪漫主义诗人。你好，世界！今天天气很好。
+"""
+
+
+def make_tiny_checkpoint(out_dir: str | Path, arch: str = "LlamaForCausalLM", vocab_size: int = 512, seed: int = 0) -> Path:
+    """A complete tiny checkpoint directory, written by `transformers`: random weights + a trained BPE tokenizer
+    with a ChatML chat template. What the README quickstart, the CLI tests and the examples run on."""
+    from .tokenizer import get_template, save_pretrained_tokenizer, train_bpe
+
+    out_dir = Path(out_dir)
+    tok = train_bpe([TINY_CORPUS] * 20, vocab_size=vocab_size)
+    save_pretrained_tokenizer(tok, out_dir, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+                              unk_token="<unk>", chat_template=get_template("chatml"))
+    token_ids = {k: tok.token_to_id(v) for k, v in (("bos_token_id", "<s>"), ("eos_token_id", "<|im_end|>"),
+                                                     ("pad_token_id", "<pad>"))}
+    torch.manual_seed(seed)
+    make_tiny_hf_model(arch, out_dir, vocab_size=tok.get_vocab_size(), **token_ids)
+    return out_dir

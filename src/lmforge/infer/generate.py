@@ -91,8 +91,8 @@ def generate(
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos:
         stop_ids |= set(model.cfg.stop_token_ids)
-        if tokenizer is not None and tokenizer.eos_id is not None:
-            stop_ids.add(tokenizer.eos_id)
+        if tokenizer is not None:
+            stop_ids |= set(tokenizer.stop_ids())
 
     pad = model.cfg.pad_token_id or 0
     tokens = torch.full((B, P), pad, dtype=torch.long)
@@ -118,6 +118,7 @@ def generate(
             torch._dynamo.mark_static_address(buf)
     logits = model(tokens, positions, cache=cache, slots=torch.arange(P, device=device))[:, -1]
 
+    decode_slots = torch.arange(P, P + params.max_new_tokens, device=device)  # no host→device copy per step
     results = [Completion(prompt_ids=list(p)) for p in prompts]
     texts = [_StopText(tokenizer, params.stop) for _ in prompts] if tokenizer is not None else None
     done = [False] * B
@@ -144,8 +145,7 @@ def generate(
             break
         if seen is not None:
             seen.scatter_(1, next_tok[:, None], True)
-        slot = torch.tensor([P + t], device=device)
-        logits = step(next_tok[:, None], next_pos, cache, slot)
+        logits = step(next_tok[:, None], next_pos, cache, decode_slots[t:t + 1])
         next_pos = next_pos + 1
     for i, r in enumerate(results):
         if texts is not None:

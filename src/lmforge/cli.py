@@ -1,0 +1,253 @@
+"""`lmforge <verb>`: every verb reads a YAML config (`--config FILE`) plus overrides.
+
+Overrides can be written `key=value`, `--key value` or `--key=value` (dashes and underscores are the same), and a
+bare first argument is the model: `lmforge generate ./ckpt --prompt "Hi" --max-new-tokens 32 temperature=0`.
+`lmforge <verb> --help` lists every key with its default. User errors print one line (traceback with `--debug`).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from . import __version__
+from .config import Section, format_help, load_config
+from .errors import ConfigError, LmforgeError, did_you_mean
+from .infer import SamplingParams, generate
+from .infer.chat import ChatSession
+from .models.hf import config_from_hf, load_hf, parse_dtype, read_hf_config
+from .models.presets import PRESETS, preset_config
+from .models.summary import format_summary, model_summary
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+class ModelSource(Section):
+    model: str = Field(description="checkpoint directory (config.json + safetensors), or a preset name for info")
+    device: str = "auto"
+    """cpu, cuda, cuda:1 ... or auto (cuda when available)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; auto = bfloat16 on a GPU that supports it, else float32."""
+
+
+class InfoConfig(ModelSource):
+    json_output: bool = Field(False, alias="json", description="print the summary as JSON")
+
+
+class GenerateConfig(SamplingParams, ModelSource):
+    prompt: str | None = None
+    """Text to complete (or the user turn with chat=true); omit to read stdin."""
+    chat: bool = False
+    """Wrap the prompt in the model's chat template as a user turn."""
+    system: str | None = None
+    """System message for chat templates."""
+    chat_template: str | None = None
+    """Built-in template name (llama3, chatml, qwen, mistral, alpaca) or Jinja text, when the checkpoint has none."""
+    stream: bool = True
+    """Print tokens as they are generated."""
+    compile: bool = False
+    """Compile the decode step (CUDA graphs on GPU); pays a one-time compile."""
+
+
+class ChatConfig(GenerateConfig):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' asked for, but no CUDA device is visible; use device=cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return parse_dtype(name)
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _generation_defaults(model_dir: Path) -> dict:
+    """The checkpoint's generation_config.json sampling settings, as SamplingParams fields (users expect them)."""
+    f = model_dir / "generation_config.json"
+    if not f.is_file():
+        return {}
+    g = json.loads(f.read_text())
+    out = {k: g[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty") if g.get(k) is not None}
+    if g.get("do_sample") is False:
+        out["temperature"] = 0.0
+    if g.get("max_new_tokens"):
+        out["max_new_tokens"] = g["max_new_tokens"]
+    return out
+
+
+def _load_model_and_tokenizer(cfg: GenerateConfig):
+    from .tokenizer import Tokenizer
+
+    path = Path(cfg.model)
+    read_hf_config(path)  # one-line error for a missing/invalid checkpoint before anything heavy
+    if not (path / "tokenizer.json").is_file():
+        raise LmforgeError(f"no tokenizer.json in '{path}': generate/chat need the checkpoint's tokenizer")
+    device = _device(cfg.device)
+    model = load_hf(path, dtype=_dtype(cfg.dtype, device), device=device)
+    return model, Tokenizer.from_dir(path, chat_template=cfg.chat_template)
+
+
+def _prompt_ids(tok, cfg: GenerateConfig, messages: list[dict]) -> list[int]:
+    if cfg.chat:
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return tok.encode(messages[-1]["content"])
+
+
+def _params(cfg: GenerateConfig) -> SamplingParams:
+    return SamplingParams(**cfg.model_dump(include=set(SamplingParams.model_fields)))
+
+
+def _printer(out) -> Callable[[int, int | None, str], None]:
+    def on_token(row: int, token_id: int | None, text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    return on_token
+
+
+# ------------------------------------------------------------------------------------------------ verbs
+
+
+def run_info(cfg: InfoConfig) -> None:
+    path = Path(cfg.model)
+    if path.exists():
+        summary = model_summary(config_from_hf(path), path)
+    elif cfg.model.lower() in PRESETS:
+        summary = model_summary(preset_config(cfg.model))
+    else:
+        raise ConfigError(f"model '{cfg.model}' is neither a checkpoint directory nor a preset"
+                          f"{did_you_mean(cfg.model.lower(), PRESETS)}; presets: {', '.join(PRESETS)}")
+    print(json.dumps(summary, indent=2) if cfg.json_output else format_summary(summary))
+
+
+def run_generate(cfg: GenerateConfig) -> None:
+    model, tok = _load_model_and_tokenizer(cfg)
+    prompt = cfg.prompt if cfg.prompt is not None else sys.stdin.read()
+    messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": prompt}]
+    ids = _prompt_ids(tok, cfg, messages)
+    on_token = _printer(sys.stdout) if cfg.stream else None
+    result = generate(model, [ids], _params(cfg), tokenizer=tok, on_token=on_token, compile=cfg.compile)[0]
+    if not cfg.stream:
+        sys.stdout.write(result.text)
+    sys.stdout.write("\n")
+
+
+def run_chat(cfg: ChatConfig) -> None:
+    """Interactive multi-turn chat. Commands: /reset clears the history, /exit (or EOF) quits."""
+    model, tok = _load_model_and_tokenizer(cfg)
+    if tok.chat_template is None:
+        tok.apply_chat_template([{"role": "user", "content": "x"}])  # raises the one-line "no chat template" error
+    session = ChatSession(model, tok, _params(cfg), system=cfg.system, compile=cfg.compile)
+    interactive = sys.stdin.isatty()
+    print(f"lmforge chat with {Path(cfg.model).name}: /reset clears the conversation, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> " if interactive else "").strip()
+        except EOFError:
+            break
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+        elif text:
+            sys.stdout.write("assistant> ")
+            session.ask(text, on_token=_printer(sys.stdout))
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+VERBS: dict[str, tuple[type[Section], Callable, str]] = {
+    "info": (InfoConfig, run_info, "architecture, parameter count and bytes per dtype of a checkpoint or preset"),
+    "generate": (GenerateConfig, run_generate, "complete a prompt (streaming)"),
+    "chat": (ChatConfig, run_chat, "interactive multi-turn chat with the chat template"),
+}
+
+# ------------------------------------------------------------------------------------------------ argv
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """(config path, ["key=value", ...]) from `--config F`, `--key v`, `--key=v`, `key=v` and a bare model path."""
+    config, overrides = None, []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-c", "--config"):
+            if i + 1 >= len(args):
+                raise ConfigError(f"{a} needs a file path")
+            config, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--"):
+            key, eq, value = a[2:].partition("=")
+            if not eq:
+                if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                    value, i = args[i + 1], i + 1
+                else:
+                    value = "true"  # a bare flag
+            overrides.append(f"{key.replace('-', '_')}={value}")
+        elif "=" in a:
+            key, _, value = a.partition("=")
+            overrides.append(f"{key.replace('-', '_')}={value}")
+        elif i == 0:
+            overrides.append(f"model={a}")
+        else:
+            raise ConfigError(f"unexpected argument '{a}'; write overrides as key=value or --key value")
+        i += 1
+    return config, overrides
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {v:10} {desc}" for v, (_, _, desc) in VERBS.items())
+    return (f"lmforge {__version__}\n\nusage: lmforge <verb> [MODEL] [--config FILE] [key=value | --key value ...]\n\n"
+            f"verbs:\n{rows}\n\n`lmforge <verb> --help` lists every config key.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    try:
+        if verb not in VERBS:
+            raise ConfigError(f"unknown verb '{verb}'{did_you_mean(verb, VERBS)}; verbs: {', '.join(VERBS)}")
+        cls, run, desc = VERBS[verb]
+        if "-h" in rest or "--help" in rest:
+            print(f"lmforge {verb}: {desc}\n\n{format_help(cls)}")
+            return 0
+        config, overrides = split_args(rest)
+        cfg = load_config(cls, config, overrides)
+        if isinstance(cfg, GenerateConfig):  # checkpoint's sampling defaults < config file < command line
+            defaults = _generation_defaults(Path(cfg.model))
+            cfg = load_config(cls, config, overrides, base=defaults) if defaults else cfg
+        run(cfg)
+    except LmforgeError as e:
+        if debug:
+            raise
+        print(f"lmforge {verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

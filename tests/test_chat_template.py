@@ -20,6 +20,12 @@ from lmforge.tokenizer.chat import compile_chat_template
 
 transformers = pytest.importorskip("transformers")
 
+# The reference's own rendering changed over 5.x (reasoning-field aliases, None tools in message loops); the CI
+# installs the current release, the GPU machine an older one. Compare where the reference is the one we mirror.
+_V = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit())
+recent_reference = pytest.mark.skipif(_V < (5, 23), reason=f"transformers {transformers.__version__} renders "
+                                                           "these cases as older releases did")
+
 CORPUS = ["system user assistant: the weather in Paris is sunny, tools and functions. 你好\n" * 40]
 
 CHAT = [
@@ -126,6 +132,8 @@ def _both(hf_tok, template, messages, **kwargs):
 @pytest.mark.parametrize("gen", [False, True], ids=["no_gen", "gen"])
 @pytest.mark.parametrize("template", [*BUILTIN_TEMPLATES, "realistic", "classic"])
 def test_matches_transformers(hf_tok, template, gen):
+    if template == "realistic" and _V < (5, 23):
+        pytest.skip("older transformers cannot render this template with tool_calls=None")
     source = {"realistic": REALISTIC, "classic": CLASSIC}.get(template) or BUILTIN_TEMPLATES[template]
     messages = CHAT
     ours, ref = _both(hf_tok, source, messages, add_generation_prompt=gen, date_string="26 Jul 2024")
@@ -136,6 +144,7 @@ def test_matches_transformers(hf_tok, template, gen):
     assert wrapper.apply_chat_template(messages, add_generation_prompt=gen, date_string="26 Jul 2024") == ref
 
 
+@recent_reference
 def test_tools_tojson_no_html_escape_keeps_unicode(hf_tok):
     for template in (BUILTIN_TEMPLATES["qwen"], REALISTIC):
         ours, ref = _both(hf_tok, template, TOOL_CHAT, tools=[WEATHER_TOOL], add_generation_prompt=True)
@@ -144,6 +153,7 @@ def test_tools_tojson_no_html_escape_keeps_unicode(hf_tok):
     assert _both(hf_tok, REALISTIC, CHAT)[0] == _both(hf_tok, REALISTIC, CHAT)[1]  # strftime_now date
 
 
+@recent_reference
 def test_reasoning_aliases_and_plain_data(hf_tok):
     template = "{% for m in messages %}[{{ m.reasoning_content }}|{{ m.thinking }}]{{ m.content }}{% endfor %}"
     messages = [{"role": "assistant", "content": "42", "reasoning": "think"}]

@@ -187,6 +187,32 @@ class Converter:
         raise CheckpointError(f"checkpoint tensor '{hf_name}' has no mapping for {self.architectures[0]}; "
                               "the checkpoint is a variant lmforge does not support yet")
 
+    def hf_module_name(self, native_module: str) -> str | None:
+        """HF module path of a native linear (e.g. "layers.0.attn.q_proj" → "model.layers.0.self_attn.q_proj");
+        None when the checkpoint fuses it with others (GPT-2 c_attn, BLOOM query_key_value)."""
+        for rule in self.names:
+            templates = rule.native if isinstance(rule.native, tuple) else (rule.native,)
+            for t in templates:
+                m = _pattern(t).match(f"{native_module}.weight")
+                if m:
+                    if isinstance(rule.native, tuple):
+                        return None
+                    fill = {k: v for k, v in m.groupdict().items() if v is not None}
+                    return rule.hf.format(**fill).removesuffix(".weight")
+        return None
+
+    def native_module_name(self, hf_module: str) -> str | None:
+        """Inverse of `hf_module_name` (accepts names with or without the optional prefix)."""
+        name = f"{hf_module}.weight"
+        if self.optional_prefix and not name.startswith(self.optional_prefix) and not name.startswith("lm_head"):
+            name = self.optional_prefix + name
+        for pattern, rule in self._compiled:
+            m = pattern.match(name)
+            if m and not isinstance(rule.native, tuple):
+                fill = {k: v for k, v in m.groupdict().items() if v is not None}
+                return rule.native.format(**fill).removesuffix(".weight")
+        return None
+
     def to_hf(self, native: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
         """HF (name, tensor) pairs from a native state dict, fusing/transposing as the checkpoint layout needs."""
         for rule in self.names:

@@ -111,3 +111,35 @@ def test_linear_factory_sees_every_projection_by_name():
     Transformer(ModelConfig(vocab_size=10, d_model=16, n_layers=2, n_heads=2, d_ff=32), linear=linear)
     assert "layers.1.attn.q_proj" in seen and "layers.0.mlp.gate_proj" in seen and "lm_head" in seen
     assert len(seen) == 2 * 7 + 1
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@torch.no_grad()
+def test_packed_rows_equal_separate_documents(backend):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)).eval()
+    model.attention_backend = backend
+    a, b = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 4))
+    row = torch.cat([a, b, torch.zeros(1, 2, dtype=torch.long)], 1)  # two documents + two padding slots
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, -1, -1]])
+    docs = torch.tensor([[0] * 5 + [1] * 4 + [-1] * 2])
+    packed = model(row, positions, document_ids=docs)
+    torch.testing.assert_close(packed[:, :5], model(a), atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[:, 5:9], model(b), atol=1e-5, rtol=0)
+    assert torch.isfinite(packed).all()
+
+
+def test_activation_checkpointing_gives_identical_gradients():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=4, n_heads=4, d_ff=64)).train()
+    tokens = torch.randint(0, 50, (2, 8))
+
+    def grads(every):
+        model.zero_grad()
+        model.checkpoint_every = every
+        model(tokens).logsumexp(-1).mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for g0, g1 in zip(grads(0), grads(2)):
+        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=0)

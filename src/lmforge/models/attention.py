@@ -15,16 +15,20 @@ def allowed_keys(
     key_positions: torch.Tensor,  # (B, S) key positions, -1 = padding / empty slot
     query_slots: torch.Tensor,  # (T,) index of each query among the S keys
     sliding_window: int | None = None,
+    document_ids: torch.Tensor | None = None,  # (B, T == S) packed rows: which document each token belongs to
 ) -> torch.Tensor:
     """Boolean (B, 1, T, S): may query t attend to key s?
 
-    A query sees real keys at or before its own position (and within the window). It always sees its own slot, so a
-    padding query never has an empty row (an empty row gives NaN in softmax, and NaN * 0 still poisons real rows).
+    A query sees real keys at or before its own position (and within the window), and in packed rows only keys of its
+    own document. It always sees its own slot, so a padding query never has an empty row (an empty row gives NaN in
+    softmax, and NaN * 0 still poisons real rows).
     """
     q, k = positions[:, :, None], key_positions[:, None, :]  # (B, T, 1), (B, 1, S)
     allowed = (k <= q) & (k >= 0)
     if sliding_window is not None:
         allowed &= (q - k) < sliding_window
+    if document_ids is not None:
+        allowed &= document_ids[:, :, None] == document_ids[:, None, :]
     own_slot = query_slots[:, None] == torch.arange(key_positions.shape[1], device=positions.device)  # (T, S)
     return (allowed | own_slot)[:, None]
 
@@ -42,15 +46,46 @@ def alibi_bias(
     return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
 
+def document_block_mask(positions: torch.Tensor, document_ids: torch.Tensor, sliding_window: int | None = None):
+    """A flex_attention BlockMask for packed rows: causal within each document (positions restart per document,
+    slots order the tokens), padding (-1) sees only itself. Built once per batch and shared by every layer."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same = document_ids[b, q_idx] == document_ids[b, kv_idx]
+        ok = (kv_idx <= q_idx) & same & (positions[b, kv_idx] >= 0)
+        if sliding_window is not None:
+            ok = ok & (q_idx - kv_idx < sliding_window)
+        return ok | (q_idx == kv_idx)
+
+    B, T = document_ids.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=document_ids.device)
+
+
+_compiled_flex = None
+
+
+def flex_attend(q, k, v, block_mask) -> torch.Tensor:
+    """flex_attention with a BlockMask (compiled once per process: eager flex is a slow reference path)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def attend(
     q: torch.Tensor,  # (B, H, T, D)
     k: torch.Tensor,  # (B, Hkv, S, D)
     v: torch.Tensor,  # (B, Hkv, S, D)
-    mask: torch.Tensor | None,  # None → plain causal (T == S); else bool (B, 1, T, S) or float bias (B, H, T, S)
+    mask,  # None → plain causal (T == S); bool (B, 1, T, S); float bias (B, H, T, S); or a flex BlockMask
 ) -> torch.Tensor:
-    """Scaled dot-product attention with GQA/MQA, on PyTorch's SDPA kernels. Returns (B, H, T, D)."""
+    """Scaled dot-product attention with GQA/MQA: SDPA kernels, or flex_attention for a BlockMask. (B, H, T, D)."""
     B, H, T, D = q.shape
     groups = H // k.shape[1]
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return flex_attend(q, k, v, mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
     if groups > 1 and mask.dtype == torch.bool:

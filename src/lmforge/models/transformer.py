@@ -11,12 +11,20 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
-from .attention import alibi_bias, allowed_keys, attend
+from .attention import alibi_bias, allowed_keys, attend, document_block_mask
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .positions import alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_embedding
+
+try:
+    import torch.nn.attention.flex_attention  # noqa: F401
+
+    _HAS_FLEX = True
+except ImportError:  # torch < 2.5
+    _HAS_FLEX = False
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
 
@@ -111,6 +119,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, linear: LinearFactory = default_linear):
         super().__init__()
         self.cfg = cfg
+        self.checkpoint_every = 0  # activation checkpointing: recompute every N-th block in backward (0 = off)
+        self.attention_backend = "auto"  # "auto" | "sdpa" | "flex": how packed rows are masked
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
@@ -152,18 +162,20 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token, 0 = padding (HF convention)
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,  # (T,) cache slots the new tokens fill; needed with `cache`
+        document_ids: torch.Tensor | None = None,  # (B, T) packed rows: tokens attend within their document only
     ) -> torch.Tensor:
         """Logits (B, T, vocab)."""
-        return self.logits(self.hidden_states(tokens, positions, attention_mask, cache, slots))
+        return self.logits(self.hidden_states(tokens, positions, attention_mask, cache, slots, document_ids))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
 
-    def hidden_states(self, tokens, positions=None, attention_mask=None, cache=None, slots=None) -> torch.Tensor:
+    def hidden_states(self, tokens, positions=None, attention_mask=None, cache=None, slots=None,
+                      document_ids=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model): what the LM head, a value head or a fused loss consumes."""
         B, T = tokens.shape
         device = tokens.device
-        padded = positions is not None or attention_mask is not None
+        padded = positions is not None or attention_mask is not None or document_ids is not None
         if positions is None:
             if attention_mask is not None:  # left/right padding: count real tokens only, pads get -1
                 positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
@@ -186,17 +198,29 @@ class Transformer(nn.Module):
             key_positions, query_slots = cache.write_positions(slots, positions), slots
         else:
             key_positions, query_slots = positions, torch.arange(T, device=device)
-        mask = self._mask(positions, key_positions, query_slots, needs_mask=padded or cache is not None)
-        for block in self.layers:
-            x = block(x, rope, mask, cache, slots)
+        if document_ids is not None and self.use_flex_attention(tokens):
+            mask = document_block_mask(positions, document_ids, self.cfg.sliding_window)
+        else:
+            mask = self._mask(positions, key_positions, query_slots, padded or cache is not None, document_ids)
+        for i, block in enumerate(self.layers):
+            if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, slots, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, slots)
         return self.norm(x)
 
-    def _mask(self, positions, key_positions, query_slots, needs_mask: bool) -> torch.Tensor | None:
+    def use_flex_attention(self, tokens: torch.Tensor) -> bool:
+        """Packed rows use a flex_attention BlockMask on CUDA (sparse: skips other documents' blocks); elsewhere
+        the dense boolean mask with SDPA (CPU flex is an unoptimized reference). ALiBi needs the dense bias."""
+        return self.attention_backend == "flex" or (
+            self.attention_backend == "auto" and tokens.is_cuda and self.cfg.pos != "alibi" and _HAS_FLEX)
+
+    def _mask(self, positions, key_positions, query_slots, needs_mask: bool, document_ids=None):
         """None (plain causal SDPA) when nothing but causality applies; else a bool mask or an ALiBi bias."""
         cfg = self.cfg
         if not needs_mask and cfg.pos != "alibi" and cfg.sliding_window is None:
             return None
-        allowed = allowed_keys(positions, key_positions, query_slots, cfg.sliding_window)
+        allowed = allowed_keys(positions, key_positions, query_slots, cfg.sliding_window, document_ids)
         if cfg.pos == "alibi":
             return alibi_bias(allowed, positions, key_positions, self.alibi_slopes, self.embed.weight.dtype)
         return allowed

@@ -1,0 +1,291 @@
+"""LoRA: a frozen linear plus a trainable low-rank update, ``y = W x + (B A x) * scaling``.
+
+`apply_lora` wraps the model's linears in place (after construction, by module path), so the native model code never
+changes. A `LoRALinear` only calls ``base_layer(x)`` and reads ``in_features``/``out_features`` (and ``weight`` to
+merge), so the same wrapper works over a plain ``nn.Linear`` or a quantized linear.
+
+Target names follow PEFT: a list entry matches a module path exactly or as its last dotted components
+(``"q_proj"`` matches ``layers.3.attn.q_proj``), a single string is a regex that must match the whole path, and
+``"all-linear"`` means every attention/MLP linear but not ``lm_head``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..config import Section
+from ..errors import CheckpointError, ConfigError
+
+__all__ = ["LoraConfig", "LoRALinear", "apply_lora", "merge_lora", "merged", "lora_layers", "lora_state_dict",
+           "linear_modules", "select_targets", "compact_targets", "modules_to_save", "load_tensors_into"]
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = "all-linear"
+OUTPUT_HEAD = "lm_head"  # native path of the output layer, which "all-linear" leaves out (as PEFT does)
+
+
+class LoraConfig(Section):
+    """Which linears get a LoRA update and how it is shaped and scaled."""
+
+    r: int = Field(8, ge=1)
+    """Rank of the update: A is (r, in_features), B is (out_features, r)."""
+    alpha: float = Field(16, gt=0)
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch's input, active in training mode only."""
+    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Linears to wrap: names matching a path's last components (q_proj, attn.o_proj) or a full path, a single
+    regex string matched against the whole path (PEFT semantics), or 'all-linear' (every attention/MLP linear,
+    not lm_head). Names missing from an architecture are skipped; matching nothing at all is an error."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r."""
+    init: Literal["default", "gaussian"] = "default"
+    """Init of A: 'default' is Kaiming-uniform (a=sqrt(5)), 'gaussian' is N(0, 1/r); B always starts at zero."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Non-LoRA modules trained fully and saved with the adapter, e.g. ['embed', 'lm_head'] (native names)."""
+
+
+# --------------------------------------------------------------------------------------------------------- layer
+
+
+def _reference_tensor(module: nn.Module) -> torch.Tensor:
+    """Any parameter or buffer of `module`: where (device) the LoRA weights should live."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t
+    raise ConfigError(f"cannot wrap {type(module).__name__} with LoRA: it has no weights")
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``; the base stays frozen.
+
+    Shapes: x (..., in_features) -> (..., out_features); lora_A.weight (r, in_features); lora_B.weight
+    (out_features, r). LoRA weights are float32 when the base is half precision (master weights, as PEFT does) and
+    are cast to x's dtype in the forward. With B at zero (its init) the output equals the base output exactly.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 init: str = "default"):
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        ref = _reference_tensor(base_layer)
+        dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=ref.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=ref.device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters(init)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: str = "default") -> None:
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update B @ A * scaling as a float32 (out_features, in_features) matrix."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (forward then skips the LoRA branch)."""
+        if not self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from the base weight again (exact up to the base dtype's rounding)."""
+        if self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+    @torch.no_grad()
+    def merged_linear(self, device: torch.device | str | None = None) -> nn.Linear:
+        """A new plain ``nn.Linear`` (base dtype, on `device` or the base's) holding W + delta; self is unchanged."""
+        w, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        weight = w.float() if self.merged else w.float() + self.delta_weight()
+        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        out.weight = nn.Parameter(weight.to(device=device or w.device, dtype=w.dtype), requires_grad=False)
+        if bias is not None:
+            out.bias = nn.Parameter(bias.detach().to(device or bias.device).clone(), requires_grad=False)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+# ------------------------------------------------------------------------------------------------ module lookups
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear or anything linear-like (a quantized linear): has in_features and out_features."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features"))
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{path: module} of every linear in `model`, in module order; a LoRALinear counts as one (its insides don't)."""
+    out: dict[str, nn.Module] = {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = prefix + name
+            if isinstance(child, LoRALinear) or _is_linear(child):
+                out[path] = child
+            else:
+                visit(path + ".", child)
+
+    visit("", model)
+    return out
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """{path: LoRALinear} of every LoRA-wrapped linear, in module order."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _matches(path: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def select_targets(paths: list[str], targets: list[str] | str, head: str | None = OUTPUT_HEAD) -> list[str]:
+    """The `paths` that `targets` selects (PEFT rules; 'all-linear' = all but `head`), in their given order."""
+    if targets == ALL_LINEAR:
+        return [p for p in paths if p != head]
+    return [p for p in paths if _matches(p, targets)]
+
+
+def compact_targets(chosen: list[str], paths: list[str]) -> list[str]:
+    """The shortest target list selecting exactly `chosen` among `paths`: last path components when those are
+    unambiguous (['q_proj', 'v_proj']), else the full paths (e.g. GPT-2's attn.c_proj vs mlp.c_proj)."""
+    short = sorted({p.rsplit(".", 1)[-1] for p in chosen})
+    return short if set(select_targets(paths, short)) == set(chosen) else sorted(chosen)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def modules_to_save(model: nn.Module, names: list[str], exclude: list[str] = ()) -> dict[str, nn.Module]:
+    """{path: module} for `names` (matched like target names) among modules that own parameters directly.
+
+    One-line ConfigError when a name matches nothing or names a module in `exclude` (the LoRA targets)."""
+    inside_lora = tuple(f"{p}." for p in lora_layers(model))
+    owners = {p: m for p, m in model.named_modules()
+              if p and not p.startswith(inside_lora) and next(m.parameters(recurse=False), None) is not None}
+    out: dict[str, nn.Module] = {}
+    for name in names:
+        if any(_matches(p, [name]) for p in exclude):
+            raise ConfigError(f"LoRA modules_to_save '{name}' is also a LoRA target; list it in only one of them")
+        hits = {p: m for p, m in owners.items() if _matches(p, [name])}
+        if not hits:
+            tops = sorted({p.rsplit(".", 1)[-1] for p in owners})
+            raise ConfigError(f"LoRA modules_to_save '{name}' matches no module with weights; "
+                              f"available: {', '.join(tops)}")
+        out.update(hits)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- operations
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Wrap the linears `cfg` targets in LoRALinear, in place; return their paths.
+
+    Afterwards only the LoRA weights (and `cfg.modules_to_save`) have requires_grad=True.
+    """
+    if lora_layers(model):
+        raise ConfigError("the model already has LoRA layers; apply LoRA once (or load the adapter into a fresh model)")
+    linears = linear_modules(model)
+    targets = select_targets(list(linears), cfg.target_modules)
+    if not targets:
+        names = sorted({p.rsplit(".", 1)[-1] for p in linears})
+        raise ConfigError(f"LoRA target_modules {cfg.target_modules!r} match no linear layer; available: "
+                          f"{', '.join(names)} (or 'all-linear', or full paths like '{next(iter(linears), '')}')")
+    trained = modules_to_save(model, cfg.modules_to_save, exclude=targets)
+    model.requires_grad_(False)
+    for path in targets:
+        _set_module(model, path, LoRALinear(linears[path], cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init))
+    for module in trained.values():
+        module.requires_grad_(True)
+    return targets
+
+
+def merge_lora(model: nn.Module) -> list[str]:
+    """Replace every LoRALinear by its merged plain nn.Linear (for export); return the replaced paths."""
+    layers = lora_layers(model)
+    for path, layer in layers.items():
+        _set_module(model, path, layer.merged_linear())
+    return list(layers)
+
+
+@contextmanager
+def merged(model: nn.Module, device: torch.device | str | None = None) -> Iterator[nn.Module]:
+    """Temporarily swap every LoRALinear for a merged nn.Linear (on `device`, e.g. "cpu" to keep GPU memory free),
+    so `model` looks like a plain model (e.g. to `save_hf` it); the LoRA layers come back unchanged afterwards."""
+    layers = lora_layers(model)
+    try:
+        for path, layer in layers.items():
+            _set_module(model, path, layer.merged_linear(device))
+        yield model
+    finally:
+        for path, layer in layers.items():
+            _set_module(model, path, layer)
+
+
+def lora_state_dict(model: nn.Module, cfg: LoraConfig | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors only, by native name ('layers.0.attn.q_proj.lora_A.weight', ...), sharing storage with
+    the model; with `cfg`, also the full tensors of its modules_to_save ('lm_head.weight')."""
+    out = {f"{path}.{ab}.weight": getattr(layer, ab).weight.detach()
+           for path, layer in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
+    if cfg is not None:
+        for path, module in modules_to_save(model, cfg.modules_to_save).items():
+            out.update({f"{path}.{n}": p.detach() for n, p in module.named_parameters(recurse=False)})
+    return out
+
+
+@torch.no_grad()
+def load_tensors_into(current: dict[str, torch.Tensor], incoming: dict[str, torch.Tensor], source: str,
+                      display_names: dict[str, str] | None = None) -> None:
+    """Copy `incoming` into the tensors of `current` (same names, same shapes, storage shared with a model).
+
+    One-line CheckpointError naming the first missing, unexpected or mis-shaped tensor (by `display_names[name]`
+    where given, e.g. the name in the file)."""
+    show = display_names or {}
+    missing = [k for k in current if k not in incoming]
+    unexpected = [k for k in incoming if k not in current]
+    if missing or unexpected:
+        first = missing[0] if missing else unexpected[0]
+        what = f"lacks '{show.get(first, first)}'" if missing else f"has unexpected tensor '{show.get(first, first)}'"
+        more = len(missing) + len(unexpected) - 1
+        raise CheckpointError(f"{source} {what}" + (f" (+{more} more mismatched names)" if more else ""))
+    for name, dst in current.items():
+        src = incoming[name]
+        if src.shape != dst.shape:
+            raise CheckpointError(f"{source}: tensor '{show.get(name, name)}' has shape {tuple(src.shape)}, "
+                                  f"the model expects {tuple(dst.shape)}")
+        dst.copy_(src)

@@ -1,0 +1,125 @@
+"""The method seam: how a training run changes what is trained and what is saved, without the loop knowing.
+
+A method is a config section with behaviour. The trainer calls, in order::
+
+    method = build_method(cfg.method.name, **cfg.method.options)   # or METHODS[name](...)
+    method.apply(model)                                             # wrap / freeze, before the optimizer exists
+    optimizer = AdamW(p for _, p in method.trainable_parameters(model))
+    ...  torch.save(method.state_dict(model), ckpt)  /  method.load_state_dict(model, torch.load(ckpt))
+    method.save(model, out_dir)      # the artifact users share: HF checkpoint (full) or PEFT adapter (lora)
+    method.export(model, out_dir)    # always a full HF checkpoint (lora merged), the model stays usable
+
+New methods (dora, qlora, prefix, ia3, ...) are new `Method` subclasses registered in `METHODS`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..config import Section, load_config
+from ..errors import ConfigError, did_you_mean
+from ..models.hf import load_hf, save_hf
+from .lora import LoraConfig, apply_lora, load_tensors_into, lora_state_dict, merge_lora, merged
+from .peft_format import load_peft_adapter, save_peft_adapter
+
+__all__ = ["Method", "FullMethod", "LoraMethod", "METHODS", "build_method"]
+
+
+class Method(Section):
+    """Base of every method; its fields are the method's options (a Section: unknown keys are errors)."""
+
+    name: ClassVar[str] = ""
+
+    def apply(self, model: nn.Module) -> None:
+        """Prepare `model` for training in place: wrap layers, add parameters, set requires_grad."""
+        raise NotImplementedError
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs the optimizer updates: those with requires_grad after `apply`."""
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a training checkpoint must store to resume (tensors share storage with the model)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Restore `state_dict` output into an `apply`-ed model; names and shapes must match exactly."""
+        load_tensors_into(self.state_dict(model), state, f"{self.name} checkpoint")
+
+    def save(self, model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        """Write the method's shareable artifact to `out_dir`."""
+        raise NotImplementedError
+
+    def load(self, model: nn.Module, path: str | Path) -> None:
+        """Read what `save` wrote into `model` (a base model, instead of `apply` for LoRA)."""
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> None:
+        """Fold the method into plain weights in place, where that means something (no-op otherwise)."""
+
+    def export(self, model: nn.Module, out_dir: str | Path) -> Path:
+        """A full HF checkpoint of the model as it now computes."""
+        return save_hf(model, out_dir)
+
+
+class FullMethod(Method):
+    """Full fine-tuning: every parameter trains; checkpoints and artifacts are whole models."""
+
+    name: ClassVar[str] = "full"
+
+    def apply(self, model: nn.Module) -> None:
+        model.requires_grad_(True)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def save(self, model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        return save_hf(model, out_dir)
+
+    def load(self, model: nn.Module, path: str | Path) -> None:
+        """Copy an HF checkpoint's weights into `model` (holds a second copy while loading)."""
+        w = model.embed.weight
+        self.load_state_dict(model, load_hf(path, dtype=w.dtype, device=w.device, progress=False).state_dict())
+
+
+class LoraMethod(Method, LoraConfig):
+    """LoRA: frozen base, trainable low-rank updates (+ modules_to_save); artifacts are PEFT adapters."""
+
+    name: ClassVar[str] = "lora"
+
+    def apply(self, model: nn.Module) -> None:
+        apply_lora(model, self)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return lora_state_dict(model, self)
+
+    def save(self, model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        return save_peft_adapter(model, self, out_dir, base_model_name_or_path)
+
+    def load(self, model: nn.Module, path: str | Path) -> None:
+        """Apply and load a PEFT adapter directory (its own r/alpha/targets win over this config's)."""
+        load_peft_adapter(model, path)
+
+    def merge(self, model: nn.Module) -> None:
+        merge_lora(model)
+
+    def export(self, model: nn.Module, out_dir: str | Path) -> Path:
+        """Merged full HF checkpoint; merged weights are built on the CPU and the LoRA model is left as it was."""
+        with merged(model, device="cpu"):
+            return save_hf(model, out_dir)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, LoraMethod)}
+
+
+def build_method(name: str, **options) -> Method:
+    """The method `name` with `options` validated (unknown name or key -> one-line ConfigError)."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}'{did_you_mean(name, METHODS)}; available: {', '.join(METHODS)}")
+    try:
+        return load_config(METHODS[name], base=options)
+    except ConfigError as e:
+        raise ConfigError(f"method '{name}': {e}") from None

@@ -1,0 +1,77 @@
+"""Resumable training checkpoints, written atomically: everything goes into `checkpoint-N.tmp/`, which is renamed to
+`checkpoint-N/` only once complete, so a run killed at any instant leaves either the old or the new checkpoint.
+
+A checkpoint holds what exact resume needs: the method's trainable state (all weights for full fine-tuning, the
+adapter for LoRA), optimizer, scheduler, loss scaler, every RNG state, the data sampler position and the step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, step: int, *, weights: dict[str, torch.Tensor], optimizer, scheduler, scaler,
+                    trainer_state: dict, keep_last: int) -> Path:
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f"checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints (never `.tmp` leftovers of a killed write), oldest first."""
+    if not out_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path, *, optimizer, scheduler, scaler) -> tuple[dict[str, torch.Tensor], dict]:
+    """Restore optimizer/scheduler/scaler/RNG in place; return (trainable weights, trainer state)."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    opt = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    if scaler is not None and opt["scaler"] is not None:
+        scaler.load_state_dict(opt["scaler"])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return weights, json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,102 @@
+"""The training config: one YAML file, validated in full before any work starts."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..config import Section
+from ..data import DataConfig
+from ..peft.lora import LoraConfig
+
+
+class ModelSection(Section):
+    path: str | None = None
+    """HF checkpoint directory to start from (config.json + safetensors)."""
+    preset: str | None = None
+    """Random init from a named preset (see `lmforge info PRESET`), e.g. for pretraining from scratch."""
+    config: dict = {}
+    """ModelConfig field overrides for random init (e.g. {n_layers: 4, d_model: 256}); vocab_size defaults to the
+    tokenizer's."""
+    tokenizer: str | None = None
+    """Directory with tokenizer.json; defaults to `path`."""
+    chat_template: str | None = None
+    """Built-in chat template name or Jinja text, when the tokenizer has none (SFT on conversations)."""
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.path is None and self.tokenizer is None:
+            raise ValueError("set model.path (a checkpoint) or model.tokenizer (for a randomly initialised model)")
+        if self.path is not None and (self.preset or self.config):
+            raise ValueError("model.path loads a checkpoint; model.preset/model.config only describe random init")
+        return self
+
+
+class OptimSection(Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer (AdamW uses the fused kernel where this torch and device have it)."""
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay; never applied to 1-D parameters (biases, norm weights)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    """SGD momentum."""
+
+
+class ScheduleSection(Section):
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Final learning rate as a fraction of the peak."""
+
+
+class TrainSection(Section):
+    output_dir: str = "runs/train"
+    """Where checkpoints, metrics.jsonl, TensorBoard events and the final model go."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps; None → `epochs` over the training data."""
+    epochs: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; the loss is normalised by the step's target tokens."""
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"] = "auto"
+    """auto = bf16 autocast on a GPU that supports it, else fp32. bf16/fp16: autocast with fp32 master weights
+    (fp16 adds dynamic loss scaling); bf16-pure: weights and optimizer in bf16."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm (None = off)."""
+    activation_checkpointing: bool = False
+    """Recompute blocks in backward instead of storing their activations."""
+    checkpoint_every: int = Field(1, ge=1)
+    """With activation checkpointing: checkpoint every N-th block."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate loss/perplexity on the held-out split every N steps (0 = only at the end)."""
+    eval_max_batches: int | None = Field(None, ge=1)
+    save_every: int = Field(0, ge=0)
+    """Write a resumable checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept on disk."""
+    resume: bool = True
+    """Resume from the latest checkpoint in output_dir if there is one."""
+    log_every: int = Field(1, ge=1)
+    seed: int = 0
+    device: str = "auto"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class TrainConfig(Section):
+    stage: Literal["pretrain", "sft"] = "sft"
+    """pretrain: plain text, every token trained. sft: conversations, only assistant turns trained."""
+    method: str = "full"
+    """full | lora (later issues add more parameter-efficient methods)."""
+    lora: LoraConfig = LoraConfig()
+    model: ModelSection
+    data: DataConfig
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    train: TrainSection = TrainSection()

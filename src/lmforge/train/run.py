@@ -1,0 +1,93 @@
+"""A training run = config → tokenizer → model (+ method applied) → data → the one loop → saved result."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import dump_config
+from ..data import build_datasets
+from ..errors import ConfigError
+from ..models import ModelConfig, Transformer, load_hf, preset_config
+from ..peft.methods import build_method
+from ..tokenizer import Tokenizer
+from .config import TrainConfig
+from .trainer import Trainer, resolve_precision
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device '{name}' asked for, but no CUDA device is visible; use train.device=cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """Load the checkpoint, or build a random model from a preset / field overrides (vocab from the tokenizer)."""
+    m = cfg.model
+    if m.path is not None:
+        return load_hf(m.path, dtype=dtype, device=device, progress=cfg.train.progress)
+    fields = {"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
+              "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, **m.config}
+    try:
+        model_cfg = preset_config(m.preset, **fields) if m.preset else ModelConfig(**fields)
+    except ValueError as e:
+        raise ConfigError(f"model.config: {str(e).splitlines()[-1].strip()}") from None
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model vocab_size {model_cfg.vocab_size} < tokenizer vocab {tokenizer.vocab_size}")
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        return Transformer(model_cfg).to(dtype)
+
+
+def save_tokenizer_files(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train as the config says; returns the final metrics. Output: `output_dir/final` (HF checkpoint for full
+    fine-tuning, PEFT adapter for LoRA), checkpoints, metrics.jsonl, the resolved config."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    device = pick_device(cfg.train.device)
+    tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = Tokenizer.from_dir(tok_dir, chat_template=cfg.model.chat_template)
+
+    train_data, val_data, report = build_datasets(cfg.data, tokenizer)
+    print(report.summary())
+    if len(train_data) == 0:
+        raise ConfigError("data: no usable training samples (see the report above)")
+
+    precision = resolve_precision(cfg.train.precision, device)
+    master = torch.bfloat16 if precision == "bf16-pure" else torch.float32
+    model = build_model(cfg, tokenizer, device, master)
+    options = getattr(cfg, cfg.method, None)  # a method's options live in the section named after it (lora: ...)
+    method = build_method(cfg.method, **(options.model_dump() if options is not None else {}))
+    method.apply(model)
+    if precision in ("bf16", "fp16") and cfg.method != "full":
+        # frozen base weights need no fp32 master copy: keep them in the autocast dtype (half the memory)
+        half = torch.bfloat16 if precision == "bf16" else torch.float16
+        trainable = {id(p) for _, p in method.trainable_parameters(model)}
+        for p in model.parameters():
+            if id(p) not in trainable and p.is_floating_point():
+                p.data = p.data.to(half)
+
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    trainer = Trainer(model, method, train_data, val_data, cfg, pad_id=pad_id, device=device)
+    n_train = sum(p.numel() for _, p in trainer.params)
+    n_all = sum(p.numel() for p in model.parameters())
+    print(f"method {cfg.method}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%), "
+          f"precision {precision}, {trainer.total_steps} steps on {device}")
+    result = trainer.fit()
+    final = out / "final"
+    method.save(model, final, base_model_name_or_path=cfg.model.path)
+    save_tokenizer_files(tok_dir, final)
+    return {**result, "output": str(final), "model": model, "tokenizer": tokenizer}

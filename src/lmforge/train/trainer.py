@@ -1,0 +1,202 @@
+"""The one training loop. It knows models, batches, precision and checkpoints; it knows nothing about LoRA or any other
+method (those arrive as a `Method` object) and nothing about stages beyond the loss on pre-shifted labels.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..data import collate
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .loss import causal_lm_loss_sum
+from .metrics import MetricsWriter
+from .optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class EpochSampler:
+    """Deterministic shuffled order, one permutation per epoch (seed + epoch); its state is two integers, so a resumed
+    run reads exactly the samples the uninterrupted run would have read."""
+
+    size: int
+    seed: int
+    epoch: int = 0
+    index: int = 0
+    _cached: tuple[int, list[int]] | None = None
+
+    def _order(self) -> list[int]:
+        if self._cached is None or self._cached[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._cached = (self.epoch, torch.randperm(self.size, generator=g).tolist())
+        return self._cached[1]
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.index >= self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+            out.append(self._order()[self.index])
+            self.index += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+class Trainer:
+    def __init__(self, model, method, train_data, val_data, cfg: TrainConfig, pad_id: int, device: torch.device):
+        self.model, self.method, self.cfg, self.t = model, method, cfg, cfg.train
+        self.train_data, self.val_data, self.pad_id, self.device = train_data, val_data, pad_id, device
+        self.out = Path(self.t.output_dir)
+        self.precision = resolve_precision(self.t.precision, device)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+
+        if self.t.activation_checkpointing:
+            model.checkpoint_every = self.t.checkpoint_every
+        if self.t.compile:
+            for block in model.layers:
+                block.compile()
+        self.params = method.trainable_parameters(model)
+        if not self.params:
+            raise ValueError("the method left no trainable parameters")
+        per_step = self.t.micro_batch_size * self.t.grad_accum
+        self.total_steps = self.t.max_steps or max(1, math.ceil(self.t.epochs * len(train_data) / per_step))
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
+        self.sampler = EpochSampler(len(train_data), self.t.seed)
+        self.step = 0
+
+    # ---------------------------------------------------------------- state
+    def _trainer_state(self) -> dict:
+        return {"sampler": self.sampler.state(), "total_steps": self.total_steps}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out, self.step, weights=self.method.state_dict(self.model),
+                               optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                               trainer_state=self._trainer_state(), keep_last=self.t.keep_last)
+
+    def maybe_resume(self) -> int | None:
+        ckpts = list_checkpoints(self.out) if self.t.resume else []
+        if not ckpts:
+            return None
+        weights, state = load_checkpoint(ckpts[-1], optimizer=self.optimizer, scheduler=self.scheduler,
+                                         scaler=self.scaler)
+        self.method.load_state_dict(self.model, weights)
+        self.step = state["step"]
+        self.sampler.epoch, self.sampler.index = state["sampler"]["epoch"], state["sampler"]["index"]
+        return self.step
+
+    # ---------------------------------------------------------------- steps
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _loss_sum(self, batch: dict) -> torch.Tensor:
+        with self.autocast():
+            hidden = self.model.hidden_states(batch["tokens"], batch["positions"],
+                                              document_ids=batch.get("document_ids"))
+            return causal_lm_loss_sum(self.model.logits, hidden, batch["labels"])
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches, normalised by the step's target-token count."""
+        t = self.t
+        micro = [collate([self.train_data[i] for i in self.sampler.take(t.micro_batch_size)], self.pad_id)
+                 for _ in range(t.grad_accum)]
+        n_targets = sum(int((b["labels"] != -100).sum()) for b in micro)
+        n_tokens = sum(int((b["positions"] >= 0).sum()) for b in micro)
+        self.model.train()
+        total = 0.0
+        for b in micro:
+            loss = self._loss_sum(self._to_device(b)) / max(n_targets, 1)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p for _, p in self.params if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(grads, t.grad_clip or float("inf"))
+        skipped = False
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale  # inf/nan gradients: the step was skipped, scale halved
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
+                "target_tokens": n_targets, **({"skipped": True} if skipped else {})}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.val_data is None or len(self.val_data) == 0:
+            return {}
+        self.model.eval()
+        total, count = 0.0, 0
+        bs = self.t.micro_batch_size
+        for n, start in enumerate(range(0, len(self.val_data), bs)):
+            if self.t.eval_max_batches and n >= self.t.eval_max_batches:
+                break
+            b = collate([self.val_data[i] for i in range(start, min(start + bs, len(self.val_data)))], self.pad_id)
+            total += float(self._loss_sum(self._to_device(b)))
+            count += int((b["labels"] != -100).sum())
+        loss = total / max(count, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        resumed = self.maybe_resume()
+        metrics = MetricsWriter(self.out, tensorboard=self.t.tensorboard, resume_step=resumed)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.t.progress,
+                   dynamic_ncols=True)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        last: dict = {}
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                rec["tokens_per_s"] = rec["tokens"] / dt
+                if self.device.type == "cuda":
+                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                if self.t.eval_every and self.step % self.t.eval_every == 0:
+                    rec.update(self.evaluate())
+                if self.step % self.t.log_every == 0 or "eval_loss" in rec:
+                    metrics.write(rec)
+                if self.t.save_every and self.step % self.t.save_every == 0:
+                    self.save()
+                bar.update()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                **({"mem": f"{rec['peak_mem_gib']:.1f}G"} if "peak_mem_gib" in rec else {}))
+                last = rec
+        except KeyboardInterrupt:
+            self.save()  # Ctrl-C loses nothing: resume continues from here
+            raise
+        finally:
+            bar.close()
+        final = {"step": self.step, **self.evaluate()}
+        if final.keys() - {"step"}:
+            metrics.write(final)
+        metrics.close()
+        if not self.t.save_every or self.step % self.t.save_every:
+            self.save()
+        return {**last, **final}

@@ -170,17 +170,72 @@ def run_chat(cfg: ChatConfig) -> None:
             sys.stdout.flush()
 
 
-VERBS: dict[str, tuple[type[Section], Callable, str]] = {
-    "info": (InfoConfig, run_info, "architecture, parameter count and bytes per dtype of a checkpoint or preset"),
-    "generate": (GenerateConfig, run_generate, "complete a prompt (streaming)"),
-    "chat": (ChatConfig, run_chat, "interactive multi-turn chat with the chat template"),
+class ExportConfig(Section):
+    base: str = Field(description="base checkpoint directory the adapter was trained on")
+    adapter: str = Field(description="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    out: str = Field(description="where to write the merged HF checkpoint")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the written weights; auto = the base checkpoint's."""
+
+
+def run_train(cfg) -> None:
+    from .train import run_training
+
+    result = run_training(cfg)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
+             if k in ("step", "loss", "eval_loss", "eval_ppl", "output")}
+    print(json.dumps(shown))
+
+
+def run_export(cfg: ExportConfig) -> None:
+    """Merge a LoRA adapter into its base model and write a full HF checkpoint (tokenizer files copied along)."""
+    from .peft.methods import LoraMethod
+    from .peft.peft_format import load_peft_adapter
+    from .train.run import save_tokenizer_files
+
+    base = Path(cfg.base)
+    model = load_hf(base, dtype=None if cfg.dtype == "auto" else cfg.dtype)
+    load_peft_adapter(model, cfg.adapter)
+    LoraMethod().export(model, cfg.out)
+    save_tokenizer_files(base, Path(cfg.out))
+    print(f"merged {cfg.adapter} into {cfg.base} → {cfg.out}")
+
+
+def run_quickstart_verb(cfg) -> None:
+    from .quickstart import run_quickstart
+
+    run_quickstart(cfg)
+
+
+def _train_config():
+    from .train.config import TrainConfig
+
+    return TrainConfig
+
+
+def _quickstart_config():
+    from .quickstart import QuickstartConfig
+
+    return QuickstartConfig
+
+
+# verb → (config class or a function returning it (lazy imports), run function, positional key, description)
+VERBS: dict[str, tuple] = {
+    "info": (InfoConfig, run_info, "model", "architecture, parameter count and bytes per dtype of a checkpoint or preset"),
+    "generate": (GenerateConfig, run_generate, "model", "complete a prompt (streaming)"),
+    "chat": (ChatConfig, run_chat, "model", "interactive multi-turn chat with the chat template"),
+    "train": (_train_config, run_train, "config", "pretrain or fine-tune (full, LoRA) from a YAML config"),
+    "export": (ExportConfig, run_export, "base", "merge a LoRA adapter into its base model → HF checkpoint"),
+    "quickstart": (_quickstart_config, run_quickstart_verb, "output_dir",
+                   "tokenizer + tiny model, pretrain, LoRA fine-tune, accuracy before/after (CPU, minutes)"),
 }
 
 # ------------------------------------------------------------------------------------------------ argv
 
 
-def split_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """(config path, ["key=value", ...]) from `--config F`, `--key v`, `--key=v`, `key=v` and a bare model path."""
+def split_args(args: list[str], positional: str = "model") -> tuple[str | None, list[str]]:
+    """(config path, ["key=value", ...]) from `--config F`, `--key v`, `--key=v`, `key=v` and one bare first
+    argument, which is the verb's positional key (the model for most verbs, the config file for `train`)."""
     config, overrides = None, []
     i = 0
     while i < len(args):
@@ -201,8 +256,10 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
         elif "=" in a:
             key, _, value = a.partition("=")
             overrides.append(f"{key.replace('-', '_')}={value}")
+        elif i == 0 and positional == "config":
+            config = a
         elif i == 0:
-            overrides.append(f"model={a}")
+            overrides.append(f"{positional}={a}")
         else:
             raise ConfigError(f"unexpected argument '{a}'; write overrides as key=value or --key value")
         i += 1
@@ -210,7 +267,7 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _usage() -> str:
-    rows = "\n".join(f"  {v:10} {desc}" for v, (_, _, desc) in VERBS.items())
+    rows = "\n".join(f"  {v:10} {entry[-1]}" for v, entry in VERBS.items())
     return (f"lmforge {__version__}\n\nusage: lmforge <verb> [MODEL] [--config FILE] [key=value | --key value ...]\n\n"
             f"verbs:\n{rows}\n\n`lmforge <verb> --help` lists every config key.")
 
@@ -229,11 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if verb not in VERBS:
             raise ConfigError(f"unknown verb '{verb}'{did_you_mean(verb, VERBS)}; verbs: {', '.join(VERBS)}")
-        cls, run, desc = VERBS[verb]
+        cls, run, positional, desc = VERBS[verb]
+        cls = cls if isinstance(cls, type) else cls()
         if "-h" in rest or "--help" in rest:
             print(f"lmforge {verb}: {desc}\n\n{format_help(cls)}")
             return 0
-        config, overrides = split_args(rest)
+        config, overrides = split_args(rest, positional)
         cfg = load_config(cls, config, overrides)
         if isinstance(cfg, GenerateConfig):  # checkpoint's sampling defaults < config file < command line
             defaults = _generation_defaults(Path(cfg.model))

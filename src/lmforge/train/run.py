@@ -1,9 +1,11 @@
 """A training run = config → tokenizer → model (+ method applied) → data → the one loop → saved result."""
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import dump_config
@@ -39,9 +41,14 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, dt
         raise ConfigError(f"model.config: {str(e).splitlines()[-1].strip()}") from None
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model vocab_size {model_cfg.vocab_size} < tokenizer vocab {tokenizer.vocab_size}")
-    torch.manual_seed(cfg.train.seed)
     with torch.device(device):
         return Transformer(model_cfg).to(dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def save_tokenizer_files(src: Path, dst: Path) -> None:
@@ -58,6 +65,7 @@ def run_training(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     device = pick_device(cfg.train.device)
+    seed_everything(cfg.train.seed)  # adapter init, dropout and data order all follow the seed
     tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
     tokenizer = Tokenizer.from_dir(tok_dir, chat_template=cfg.model.chat_template)
 

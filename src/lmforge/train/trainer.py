@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +139,9 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():  # after a skipped fp16 step torch warns the schedule ran ahead; it is meant to
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         self.step += 1
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
                 "target_tokens": n_targets, **({"skipped": True} if skipped else {})}

@@ -15,6 +15,7 @@ def test_quickstart_lifts_held_out_exact_match(tmp_path):
     train_prompts = {json.loads(line)["messages"][0]["content"]
                      for line in (tmp_path / "data" / "sft.jsonl").read_text().splitlines()}
     assert not eval_prompts & train_prompts  # held out for real
+    assert any((tmp_path / "pretrain" / "tensorboard").iterdir())  # metrics reach TensorBoard as well as JSONL
 
 
 def test_quickstart_verb_and_its_outputs_load_with_the_cli(tmp_path, capsys):

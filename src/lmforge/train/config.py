@@ -33,8 +33,9 @@ class ModelSection(Section):
 
 
 class OptimSection(Section):
-    name: Literal["adamw", "sgd"] = "adamw"
-    """Optimizer (AdamW uses the fused kernel where this torch and device have it)."""
+    name: str = "adamw"
+    """Optimizer: adamw (fused kernel where this torch and device have it), sgd, or one registered in
+    lmforge.train.optim.OPTIMIZERS."""
     lr: float = Field(3e-4, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(0.0, ge=0)
@@ -87,6 +88,8 @@ class TrainSection(Section):
     device: str = "auto"
     tensorboard: bool = True
     progress: bool = True
+    aux_loss_coef: float = Field(0.01, ge=0)
+    """Weight of the model's auxiliary loss (e.g. MoE load balancing), when the model reports one."""
 
 
 class TrainConfig(Section):

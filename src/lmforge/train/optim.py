@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError, did_you_mean
 from .config import OptimSection, ScheduleSection
 
 
@@ -20,15 +22,40 @@ def _fused_adamw_ok(params: list[nn.Parameter]) -> bool:
         return False
 
 
-def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: OptimSection) -> torch.optim.Optimizer:
+def param_groups(named_params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, never on 1-D parameters (biases, norm weights)."""
     decay = [p for _, p in named_params if p.ndim >= 2]
     no_decay = [p for _, p in named_params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    fused = _fused_adamw_ok(decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def _adamw(named_params, cfg: OptimSection, model: nn.Module) -> torch.optim.Optimizer:
+    fused = _fused_adamw_ok([p for _, p in named_params])
+    return torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             fused=fused or None)
+
+
+def _sgd(named_params, cfg: OptimSection, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+
+
+# name → builder(named trainable params, OptimSection, model) -> Optimizer. Other modules register more (LOMO, BAdam,
+# GaLore, ...). An optimizer that updates parameters inside backward hooks (LOMO-style) sets the attribute
+# `updates_in_backward = True`: the loop then skips clipping and `optimizer.step()` (the hooks did both).
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": _adamw, "sgd": _sgd}
+
+
+def register_optimizer(name: str, builder: Callable[..., torch.optim.Optimizer]) -> None:
+    OPTIMIZERS[name] = builder
+
+
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: OptimSection,
+                    model: nn.Module | None = None) -> torch.optim.Optimizer:
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer optim.name='{cfg.name}'{did_you_mean(cfg.name, OPTIMIZERS)}; "
+                          f"available: {', '.join(sorted(OPTIMIZERS))}")
+    return OPTIMIZERS[cfg.name](named_params, cfg, model)
 
 
 def lr_multiplier(step: int, total: int, cfg: ScheduleSection) -> float:

@@ -77,7 +77,11 @@ class Trainer:
             raise ValueError("the method left no trainable parameters")
         per_step = self.t.micro_batch_size * self.t.grad_accum
         self.total_steps = self.t.max_steps or max(1, math.ceil(self.t.epochs * len(train_data) / per_step))
-        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.optimizer = build_optimizer(self.params, cfg.optim, model)
+        self.updates_in_backward = getattr(self.optimizer, "updates_in_backward", False)
+        if self.updates_in_backward and (self.t.grad_accum > 1 or self.precision == "fp16"):
+            raise ValueError(f"optimizer '{cfg.optim.name}' updates weights during backward: it cannot accumulate "
+                             "gradients (set train.grad_accum=1) or use fp16 loss scaling (use bf16 or fp32)")
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
         self.sampler = EpochSampler(len(train_data), self.t.seed)
         self.step = 0
@@ -106,11 +110,17 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _loss_sum(self, batch: dict) -> torch.Tensor:
+    def _loss_sum(self, batch: dict, n_targets: int | None = None) -> torch.Tensor:
+        """Summed token loss of a micro-batch, plus the model's auxiliary loss (MoE load balancing) if it reports
+        one, scaled to the same per-target-token units."""
         with self.autocast():
             hidden = self.model.hidden_states(batch["tokens"], batch["positions"],
                                               document_ids=batch.get("document_ids"))
-            return causal_lm_loss_sum(self.model.logits, hidden, batch["labels"])
+            loss = causal_lm_loss_sum(self.model.logits, hidden, batch["labels"])
+            aux = getattr(self.model, "aux_loss", None)
+            if aux is not None and self.model.training and self.t.aux_loss_coef and n_targets:
+                loss = loss + self.t.aux_loss_coef * aux * n_targets / self.t.grad_accum
+            return loss
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches, normalised by the step's target-token count."""
@@ -122,15 +132,18 @@ class Trainer:
         self.model.train()
         total = 0.0
         for b in micro:
-            loss = self._loss_sum(self._to_device(b)) / max(n_targets, 1)
+            loss = self._loss_sum(self._to_device(b), n_targets) / max(n_targets, 1)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
+        skipped, grad_norm = False, float("nan")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grads = [p for _, p in self.params if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(grads, t.grad_clip or float("inf"))
-        skipped = False
-        if self.scaler:
+        if not self.updates_in_backward:  # fused-update optimizers clipped and stepped inside backward already
+            grads = [p for _, p in self.params if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(grads, t.grad_clip or float("inf"))
+        if self.updates_in_backward:
+            pass
+        elif self.scaler:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..data import collate
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .loss import causal_lm_loss_sum
+from .objective import LanguageModeling, Objective
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler
 
@@ -58,8 +57,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 class Trainer:
-    def __init__(self, model, method, train_data, val_data, cfg: TrainConfig, pad_id: int, device: torch.device):
+    def __init__(self, model, method, train_data, val_data, cfg: TrainConfig, pad_id: int, device: torch.device,
+                 objective: Objective | None = None):
         self.model, self.method, self.cfg, self.t = model, method, cfg, cfg.train
+        self.objective = objective or LanguageModeling()
         self.train_data, self.val_data, self.pad_id, self.device = train_data, val_data, pad_id, device
         self.out = Path(self.t.output_dir)
         self.precision = resolve_precision(self.t.precision, device)
@@ -85,6 +86,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
         self.sampler = EpochSampler(len(train_data), self.t.seed)
         self.step = 0
+        self.objective.setup(self)
 
     # ---------------------------------------------------------------- state
     def _trainer_state(self) -> dict:
@@ -110,31 +112,23 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _loss_sum(self, batch: dict, n_targets: int | None = None) -> torch.Tensor:
-        """Summed token loss of a micro-batch, plus the model's auxiliary loss (MoE load balancing) if it reports
-        one, scaled to the same per-target-token units."""
-        with self.autocast():
-            hidden = self.model.hidden_states(batch["tokens"], batch["positions"],
-                                              document_ids=batch.get("document_ids"))
-            loss = causal_lm_loss_sum(self.model.logits, hidden, batch["labels"])
-            aux = getattr(self.model, "aux_loss", None)
-            if aux is not None and self.model.training and self.t.aux_loss_coef and n_targets:
-                loss = loss + self.t.aux_loss_coef * aux * n_targets / self.t.grad_accum
-            return loss
-
     def train_step(self) -> dict:
-        """One optimizer step over grad_accum micro-batches, normalised by the step's target-token count."""
-        t = self.t
-        micro = [collate([self.train_data[i] for i in self.sampler.take(t.micro_batch_size)], self.pad_id)
-                 for _ in range(t.grad_accum)]
-        n_targets = sum(int((b["labels"] != -100).sum()) for b in micro)
-        n_tokens = sum(int((b["positions"] >= 0).sum()) for b in micro)
+        """One optimizer step over grad_accum micro-batches, normalised by the step's units (target tokens for
+        language modelling, pairs for preference stages)."""
+        t, obj = self.t, self.objective
+        micro = obj.micro_batches(self)
+        units = sum(obj.normalizer(b) for b in micro)
+        n_tokens = sum(obj.tokens(b) for b in micro)
         self.model.train()
-        total = 0.0
+        total, sums = 0.0, {}
         for b in micro:
-            loss = self._loss_sum(self._to_device(b), n_targets) / max(n_targets, 1)
+            with self.autocast():
+                loss_sum, metrics = obj.loss_sum(self, self._to_device(b), units)
+            loss = loss_sum / max(units, 1)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
         skipped, grad_norm = False, float("nan")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -157,23 +151,32 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
-                "target_tokens": n_targets, **({"skipped": True} if skipped else {})}
+                obj.unit: units, **{k: v / max(units, 1) for k, v in sums.items()},
+                **({"skipped": True} if skipped else {})}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         if self.val_data is None or len(self.val_data) == 0:
             return {}
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, sums = 0.0, 0, {}
         bs = self.t.micro_batch_size
         for n, start in enumerate(range(0, len(self.val_data), bs)):
             if self.t.eval_max_batches and n >= self.t.eval_max_batches:
                 break
-            b = collate([self.val_data[i] for i in range(start, min(start + bs, len(self.val_data)))], self.pad_id)
-            total += float(self._loss_sum(self._to_device(b)))
-            count += int((b["labels"] != -100).sum())
+            b = self.objective.collate([self.val_data[i] for i in range(start, min(start + bs, len(self.val_data)))],
+                                       self)
+            with self.autocast():
+                loss_sum, metrics = self.objective.loss_sum(self, self._to_device(b), 0)
+            total += float(loss_sum)
+            count += self.objective.normalizer(b)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
         loss = total / max(count, 1)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+        out = {"eval_loss": loss, **{f"eval_{k}": v / max(count, 1) for k, v in sums.items()}}
+        if isinstance(self.objective, LanguageModeling):
+            out["eval_ppl"] = math.exp(min(loss, 50))
+        return out
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:

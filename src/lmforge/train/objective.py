@@ -1,0 +1,52 @@
+"""What a training stage computes. The loop is the same for every stage; a stage differs only in how it forms
+micro-batches, what it normalises by, and its loss (DESIGN.md §3).
+
+An objective's `loss_sum` returns a *sum* over its units (target tokens, preference pairs, PPO tokens) plus metric
+sums; the loop divides by the step's `normalizer`, so gradient accumulation never changes the result.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data import collate
+from .loss import causal_lm_loss_sum
+
+
+class Objective:
+    """Base stage: batches are collated rows drawn by the trainer's sampler."""
+
+    unit = "target_tokens"  # what `normalizer` counts (logged)
+
+    def setup(self, trainer) -> None:
+        """Called once the trainer is built (e.g. to precompute reference log-probs)."""
+
+    def micro_batches(self, trainer) -> list[dict]:
+        t = trainer.t
+        return [self.collate([trainer.train_data[i] for i in trainer.sampler.take(t.micro_batch_size)], trainer)
+                for _ in range(t.grad_accum)]
+
+    def collate(self, rows: list[dict], trainer) -> dict:
+        return collate(rows, trainer.pad_id)
+
+    def normalizer(self, batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def tokens(self, batch: dict) -> int:
+        return int((batch["positions"] >= 0).sum())
+
+    def loss_sum(self, trainer, batch: dict, step_units: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+class LanguageModeling(Objective):
+    """Pretraining and SFT: cross-entropy on pre-shifted labels, plus the model's auxiliary loss if it has one."""
+
+    def loss_sum(self, trainer, batch, step_units):
+        model = trainer.model
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], document_ids=batch.get("document_ids"))
+        loss = causal_lm_loss_sum(model.logits, hidden, batch["labels"])
+        aux = getattr(model, "aux_loss", None)
+        if aux is not None and model.training and trainer.t.aux_loss_coef and step_units:
+            # the aux loss is a per-batch mean: give it the same per-unit weight as the token loss
+            loss = loss + trainer.t.aux_loss_coef * aux * step_units / trainer.t.grad_accum
+        return loss, {}

@@ -23,6 +23,7 @@ from .infer.chat import ChatSession
 from .models.hf import config_from_hf, load_hf, parse_dtype, read_hf_config
 from .models.presets import PRESETS, preset_config
 from .models.summary import format_summary, model_summary
+from .runtime import pick_device
 
 # ------------------------------------------------------------------------------------------------ configs
 
@@ -61,14 +62,6 @@ class ChatConfig(GenerateConfig):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' asked for, but no CUDA device is visible; use device=cpu")
-    return torch.device(name)
-
-
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return parse_dtype(name)
@@ -96,7 +89,7 @@ def _load_model_and_tokenizer(cfg: GenerateConfig):
     read_hf_config(path)  # one-line error for a missing/invalid checkpoint before anything heavy
     if not (path / "tokenizer.json").is_file():
         raise LmforgeError(f"no tokenizer.json in '{path}': generate/chat need the checkpoint's tokenizer")
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     model = load_hf(path, dtype=_dtype(cfg.dtype, device), device=device)
     return model, Tokenizer.from_dir(path, chat_template=cfg.chat_template)
 

@@ -13,19 +13,12 @@ from ..data import build_datasets
 from ..errors import ConfigError
 from ..models import ModelConfig, Transformer, load_hf, preset_config
 from ..peft.methods import build_method
+from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .trainer import Trainer, resolve_precision
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device '{name}' asked for, but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -64,7 +57,7 @@ def run_training(cfg: TrainConfig) -> dict:
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, "train.device")
     seed_everything(cfg.train.seed)  # adapter init, dropout and data order all follow the seed
     tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
     tokenizer = Tokenizer.from_dir(tok_dir, chat_template=cfg.model.chat_template)

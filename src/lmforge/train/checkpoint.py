@@ -75,3 +75,78 @@ def load_checkpoint(path: Path, *, optimizer, scheduler, scaler) -> tuple[dict[s
         scaler.load_state_dict(opt["scaler"])
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return weights, json.loads((path / "trainer_state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------- distributed runs
+# Sharded checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards, and a checkpoint
+# written by N ranks loads into M ranks (or into one process without a process group) because DCP reshards by name.
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / "dcp" / ".metadata").is_file()
+
+
+def _is_zero1(optimizer) -> bool:
+    return type(optimizer).__name__ == "ZeroRedundancyOptimizer"
+
+
+def _dcp_state(model, names: dict, optimizer) -> dict:
+    """Trainable tensors (+ optimizer state, unless ZeRO-1 keeps it: DCP cannot read that optimizer's shards)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in names}}
+    if not _is_zero1(optimizer):
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def save_sharded_checkpoint(out_dir: Path, step: int, *, model, names: dict, optimizer, scheduler, trainer_state: dict,
+                            keep_last: int, is_main: bool) -> Path:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    final, tmp = out_dir / f"checkpoint-{step}", out_dir / f"checkpoint-{step}.tmp"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_dcp_state(model, names, optimizer), checkpoint_id=str(tmp / "dcp"))
+    if _is_zero1(optimizer):  # gathered to rank 0 and saved whole (resumes at the same world size)
+        optimizer.consolidate_state_dict(to=0)
+        if is_main:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if is_main:
+        torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    dist.barrier()  # every rank's shards are on disk before the rename publishes the checkpoint
+    if is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, *, model, names: dict, optimizer, scheduler) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _dcp_state(model, names, optimizer)
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_model_state_dict(model, state["model"], options=_partial())
+    if "optim" in state:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False)["scheduler"])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def _partial():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(strict=False)  # trainable tensors only; the frozen base came from the checkpoint

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from ..config import Section
 from ..data import DataConfig
 from ..peft.lora import LoraConfig
+from .distributed import ParallelSection
 
 
 class ModelSection(Section):
@@ -103,3 +104,4 @@ class TrainConfig(Section):
     optim: OptimSection = OptimSection()
     schedule: ScheduleSection = ScheduleSection()
     train: TrainSection = TrainSection()
+    parallel: ParallelSection = ParallelSection()

@@ -21,9 +21,7 @@ class Objective:
         """Called once the trainer is built (e.g. to precompute reference log-probs)."""
 
     def micro_batches(self, trainer) -> list[dict]:
-        t = trainer.t
-        return [self.collate([trainer.train_data[i] for i in trainer.sampler.take(t.micro_batch_size)], trainer)
-                for _ in range(t.grad_accum)]
+        return [self.collate(trainer.next_rows(), trainer) for _ in range(trainer.t.grad_accum)]
 
     def collate(self, rows: list[dict], trainer) -> dict:
         return collate(rows, trainer.pad_id)

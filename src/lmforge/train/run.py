@@ -16,6 +16,7 @@ from ..peft.methods import build_method
 from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
+from .distributed import init_distributed, local_device
 from .trainer import Trainer, resolve_precision
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -55,15 +56,18 @@ def run_training(cfg: TrainConfig) -> dict:
     """Train as the config says; returns the final metrics. Output: `output_dir/final` (HF checkpoint for full
     fine-tuning, PEFT adapter for LoRA), checkpoints, metrics.jsonl, the resolved config."""
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    device = pick_device(cfg.train.device, "train.device")
-    seed_everything(cfg.train.seed)  # adapter init, dropout and data order all follow the seed
+    device = local_device(pick_device(cfg.train.device, "train.device"))
+    ds = init_distributed(cfg.parallel, device)  # torchrun → process group + (dp, tp) mesh; else a world of one
+    say = print if ds.is_main else (lambda *a, **k: None)
+    if ds.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    seed_everything(cfg.train.seed)  # adapter init, dropout and data order all follow the seed (same on all ranks)
     tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
     tokenizer = Tokenizer.from_dir(tok_dir, chat_template=cfg.model.chat_template)
 
     train_data, val_data, report = build_datasets(cfg.data, tokenizer)
-    print(report.summary())
+    say(report.summary())
     if len(train_data) == 0:
         raise ConfigError("data: no usable training samples (see the report above)")
 
@@ -82,13 +86,33 @@ def run_training(cfg: TrainConfig) -> dict:
                 p.data = p.data.to(half)
 
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-    trainer = Trainer(model, method, train_data, val_data, cfg, pad_id=pad_id, device=device)
-    n_train = sum(p.numel() for _, p in trainer.params)
+    n_train = sum(p.numel() for _, p in method.trainable_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
-    print(f"method {cfg.method}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%), "
-          f"precision {precision}, {trainer.total_steps} steps on {device}")
+    trainer = Trainer(model, method, train_data, val_data, cfg, pad_id=pad_id, device=device, dist_state=ds)
+    say(f"method {cfg.method}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%), "
+        f"precision {precision}, {trainer.total_steps} steps on {device}"
+        + (f", {ds.world} ranks (dp {ds.dp} × tp {ds.tp}, zero {cfg.parallel.zero})" if ds.enabled else ""))
     result = trainer.fit()
     final = out / "final"
-    method.save(model, final, base_model_name_or_path=cfg.model.path)
-    save_tokenizer_files(tok_dir, final)
+    if ds.enabled:  # gather the full weights once, save from rank 0 into a plain model of the same method
+        model = gather_to_plain_model(model, method, ds)
+    if ds.is_main:
+        method.save(model, final, base_model_name_or_path=cfg.model.path)
+        save_tokenizer_files(tok_dir, final)
     return {**result, "output": str(final), "model": model, "tokenizer": tokenizer}
+
+
+def gather_to_plain_model(model, method, ds):
+    """Full (unsharded) weights of a DDP/FSDP/TP model, loaded into a plain CPU model on the main rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ds.is_main:
+        return model
+    with torch.device("meta"):
+        plain = Transformer(model.cfg)
+    plain.to_empty(device="cpu")
+    method.apply(plain)
+    plain.load_state_dict({k: v.to(plain.state_dict()[k].dtype) for k, v in full.items()}, strict=False)
+    plain.reset_buffers()
+    return plain

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (is_sharded_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
+                         save_checkpoint, save_sharded_checkpoint)
 from .config import TrainConfig
 from .objective import LanguageModeling, Objective
+from .distributed import DistState, StepModule, clip_grad_norm, dp_sum, wrap_step, zero1_optimizer
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler
 
@@ -50,6 +52,14 @@ class EpochSampler:
         return {"epoch": self.epoch, "index": self.index}
 
 
+@contextlib.contextmanager
+def _restore_sync(module):
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True, recurse=True)
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
@@ -58,9 +68,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 class Trainer:
     def __init__(self, model, method, train_data, val_data, cfg: TrainConfig, pad_id: int, device: torch.device,
-                 objective: Objective | None = None):
+                 objective: Objective | None = None, dist_state: DistState | None = None):
         self.model, self.method, self.cfg, self.t = model, method, cfg, cfg.train
         self.objective = objective or LanguageModeling()
+        self.dist = dist_state or DistState()
         self.train_data, self.val_data, self.pad_id, self.device = train_data, val_data, pad_id, device
         self.out = Path(self.t.output_dir)
         self.precision = resolve_precision(self.t.precision, device)
@@ -73,18 +84,22 @@ class Trainer:
         if self.t.compile:
             for block in model.layers:
                 block.compile()
+        # DDP / FSDP2 / TP wrap the whole step; parameters become DTensors under FSDP/TP, so optimizers come after.
+        self.step_module = wrap_step(StepModule(model, self.objective, self), cfg.parallel, self.dist)
         self.params = method.trainable_parameters(model)
         if not self.params:
             raise ValueError("the method left no trainable parameters")
         per_step = self.t.micro_batch_size * self.t.grad_accum
         self.total_steps = self.t.max_steps or max(1, math.ceil(self.t.epochs * len(train_data) / per_step))
         self.optimizer = build_optimizer(self.params, cfg.optim, model)
+        if cfg.parallel.zero == 1 and self.dist.enabled:
+            self.optimizer = zero1_optimizer(self.optimizer, self.dist)
         self.updates_in_backward = getattr(self.optimizer, "updates_in_backward", False)
         if self.updates_in_backward and (self.t.grad_accum > 1 or self.precision == "fp16"):
             raise ValueError(f"optimizer '{cfg.optim.name}' updates weights during backward: it cannot accumulate "
                              "gradients (set train.grad_accum=1) or use fp16 loss scaling (use bf16 or fp32)")
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
-        self.sampler = EpochSampler(len(train_data), self.t.seed)
+        self.sampler = EpochSampler(len(train_data), self.t.seed)  # the same order on every rank
         self.step = 0
         self.objective.setup(self)
 
@@ -93,6 +108,11 @@ class Trainer:
         return {"sampler": self.sampler.state(), "total_steps": self.total_steps}
 
     def save(self) -> Path:
+        if self.dist.enabled:
+            return save_sharded_checkpoint(self.out, self.step, model=self.model, names=self.method.state_dict(self.model),
+                                           optimizer=self.optimizer, scheduler=self.scheduler,
+                                           trainer_state=self._trainer_state(), keep_last=self.t.keep_last,
+                                           is_main=self.dist.is_main)
         return save_checkpoint(self.out, self.step, weights=self.method.state_dict(self.model),
                                optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                                trainer_state=self._trainer_state(), keep_last=self.t.keep_last)
@@ -101,40 +121,66 @@ class Trainer:
         ckpts = list_checkpoints(self.out) if self.t.resume else []
         if not ckpts:
             return None
-        weights, state = load_checkpoint(ckpts[-1], optimizer=self.optimizer, scheduler=self.scheduler,
-                                         scaler=self.scaler)
-        self.method.load_state_dict(self.model, weights)
+        if is_sharded_checkpoint(ckpts[-1]):  # written by a distributed run, of any world size
+            state = load_sharded_checkpoint(ckpts[-1], model=self.model, names=self.method.state_dict(self.model),
+                                            optimizer=self.optimizer, scheduler=self.scheduler)
+        else:
+            weights, state = load_checkpoint(ckpts[-1], optimizer=self.optimizer, scheduler=self.scheduler,
+                                             scaler=self.scaler)
+            self.method.load_state_dict(self.model, weights)
         self.step = state["step"]
         self.sampler.epoch, self.sampler.index = state["sampler"]["epoch"], state["sampler"]["index"]
         return self.step
 
     # ---------------------------------------------------------------- steps
+    def next_rows(self) -> list:
+        """This rank's rows of the next micro-batch: every rank draws the global batch in the same order and keeps
+        its data-parallel slice, so N ranks see exactly what one process with N× the micro-batch sees."""
+        n, r = self.t.micro_batch_size, self.dist.dp_rank
+        indices = self.sampler.take(n * self.dist.dp)[r * n:(r + 1) * n]
+        return [self.train_data[i] for i in indices]
+
+    def _grad_sync(self, last: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP no_sync / FSDP2 flag)."""
+        m = self.step_module
+        if last or not self.dist.enabled:
+            return contextlib.nullcontext()
+        if hasattr(m, "no_sync"):
+            return m.no_sync()
+        if hasattr(m, "set_requires_gradient_sync"):
+            m.set_requires_gradient_sync(False, recurse=True)
+            return _restore_sync(m)
+        return contextlib.nullcontext()
+
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches, normalised by the step's units (target tokens for
         language modelling, pairs for preference stages)."""
-        t, obj = self.t, self.objective
+        t, obj, ds = self.t, self.objective, self.dist
         micro = obj.micro_batches(self)
-        units = sum(obj.normalizer(b) for b in micro)
+        # normalise by the global unit count; DDP/FSDP average gradients over dp ranks, hence the factor dp
+        units = int(dp_sum(sum(obj.normalizer(b) for b in micro), ds, self.device))
         n_tokens = sum(obj.tokens(b) for b in micro)
         self.model.train()
         total, sums = 0.0, {}
-        for b in micro:
-            with self.autocast():
-                loss_sum, metrics = obj.loss_sum(self, self._to_device(b), units)
-            loss = loss_sum / max(units, 1)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
+        for i, b in enumerate(micro):
+            with self._grad_sync(i == len(micro) - 1):
+                with self.autocast():
+                    loss_sum, metrics = self.step_module(self._to_device(b), units)
+                loss = loss_sum * (ds.dp / max(units, 1))
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(loss_sum.detach())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
+        total = dp_sum(total, ds, self.device) / max(units, 1)
+        sums = {k: dp_sum(v, ds, self.device) for k, v in sums.items()}
         skipped, grad_norm = False, float("nan")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if not self.updates_in_backward:  # fused-update optimizers clipped and stepped inside backward already
-            grads = [p for _, p in self.params if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(grads, t.grad_clip or float("inf"))
+            grad_norm = clip_grad_norm([p for _, p in self.params], t.grad_clip)
         if self.updates_in_backward:
             pass
         elif self.scaler:
@@ -167,7 +213,7 @@ class Trainer:
             b = self.objective.collate([self.val_data[i] for i in range(start, min(start + bs, len(self.val_data)))],
                                        self)
             with self.autocast():
-                loss_sum, metrics = self.objective.loss_sum(self, self._to_device(b), 0)
+                loss_sum, metrics = self.step_module(self._to_device(b), 0)
             total += float(loss_sum)
             count += self.objective.normalizer(b)
             for k, v in metrics.items():
@@ -181,8 +227,9 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
         resumed = self.maybe_resume()
-        metrics = MetricsWriter(self.out, tensorboard=self.t.tensorboard, resume_step=resumed)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.t.progress,
+        main = self.dist.is_main  # one rank logs; every rank trains and writes its checkpoint shards
+        metrics = MetricsWriter(self.out, tensorboard=self.t.tensorboard, resume_step=resumed) if main else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.t.progress and main),
                    dynamic_ncols=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -199,7 +246,7 @@ class Trainer:
                     rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 if self.t.eval_every and self.step % self.t.eval_every == 0:
                     rec.update(self.evaluate())
-                if self.step % self.t.log_every == 0 or "eval_loss" in rec:
+                if metrics and (self.step % self.t.log_every == 0 or "eval_loss" in rec):
                     metrics.write(rec)
                 if self.t.save_every and self.step % self.t.save_every == 0:
                     self.save()
@@ -213,9 +260,10 @@ class Trainer:
         finally:
             bar.close()
         final = {"step": self.step, **self.evaluate()}
-        if final.keys() - {"step"}:
-            metrics.write(final)
-        metrics.close()
+        if metrics:
+            if final.keys() - {"step"}:
+                metrics.write(final)
+            metrics.close()
         if not self.t.save_every or self.step % self.t.save_every:
             self.save()
         return {**last, **final}

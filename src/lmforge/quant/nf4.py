@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import QuantLinear
+
 __all__ = ["NF4_LEVELS", "NF4Tensor", "NF4Linear", "quantize_nf4", "dequantize_nf4", "nf4_levels",
            "nf4_linear_factory", "pack_nibbles", "unpack_nibbles"]
 
@@ -157,7 +159,7 @@ def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     return t.dequantize(dtype)
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantLinear):
     """A frozen linear layer with an NF4 weight, dequantized on the fly: ``y = x @ deq(W).T + b``.
 
     Shapes: x (..., in_features) -> (..., out_features). Buffers: codes uint8 (n/2,), absmax (n/block,) and with
@@ -165,11 +167,12 @@ class NF4Linear(nn.Module):
     trained (QLoRA trains a LoRA update beside it); the bias, if any, is a frozen parameter in `dtype`.
     """
 
+    kind = "nf4"
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, block_size: int = 64,
                  double_quant: bool = True, dq_block_size: int = 256, dtype: torch.dtype = torch.bfloat16,
                  device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, dtype, device)
         self.block_size, self.dq_block_size, self.dtype = block_size, dq_block_size, dtype
         n = in_features * out_features
         n_blocks = -(-n // block_size)
@@ -183,8 +186,9 @@ class NF4Linear(nn.Module):
         else:
             self.register_buffer("absmax_scale", None)
             self.register_buffer("absmax_mean", None)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
-            if bias else None
+
+    def options(self) -> dict:
+        return {"block_size": self.block_size, "double_quant": self.double_quant, "dq_block_size": self.dq_block_size}
 
     @property
     def double_quant(self) -> bool:
@@ -240,10 +244,6 @@ class NF4Linear(nn.Module):
         for name, t in fp32.items():
             self._buffers[name] = t.to(fn(t.new_empty(0)).device)
         return self
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"block_size={self.block_size}, double_quant={self.double_quant}")
 
 
 def nf4_linear_factory(block_size: int = 64, double_quant: bool = True, dtype: torch.dtype = torch.bfloat16):

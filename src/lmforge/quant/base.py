@@ -1,0 +1,64 @@
+"""The base of every quantized linear: nn.Linear's surface (shapes, frozen bias, a dequantized `weight`) plus a spec.
+
+A checkpoint records each quantized module's ``spec()`` -- ``{"type": kind, "bias": bool, **options}`` -- and a
+loader rebuilds an empty module with ``QUANT_LINEARS[type](in_features, out_features, bias, **options)`` before
+loading its buffers (see `lmforge.quant.model`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["QuantLinear", "FAST_PATH_MAX_ROWS"]
+
+FAST_PATH_MAX_ROWS = 16  # the fused kernels are GEMV-shaped: decode (a few rows) wins, prefill goes to dequant + mm
+
+
+class QuantLinear(nn.Module):
+    """Shared plumbing: shapes, frozen bias, the serialisable spec."""
+
+    kind: str = ""  # the name in a checkpoint's quantization_config
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+        self._fast = None  # (kernel name, device-specific tensors) once prepare_fast_path() succeeded
+
+    def options(self) -> dict:
+        """Constructor options besides shapes and bias (what a checkpoint must record)."""
+        return {}
+
+    def spec(self) -> dict:
+        return {"type": self.kind, "bias": self.bias is not None, **self.options()}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Storage bytes of the quantized weight (codes and constants, not the bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _use_fast(self, x2d: torch.Tensor) -> bool:
+        fast = self._fast
+        return (fast is not None and x2d.shape[0] <= FAST_PATH_MAX_ROWS and x2d.device == fast[2]
+                and x2d.dtype == fast[3])
+
+    def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16) -> str | None:
+        """Build the device-specific kernel layout for inputs of `dtype`; returns the kernel name or None."""
+        return None
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}" + \
+            (f", {opts}" if opts else "")
+
+    def _apply(self, fn, recurse=True):
+        self._fast = None  # kernel layouts are device-specific: moving invalidates them
+        return super()._apply(fn, recurse)

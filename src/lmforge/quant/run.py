@@ -1,0 +1,98 @@
+"""`lmforge quantize MODEL --method ... --out DIR`: load an HF checkpoint, quantize it, save it (and/or a GGUF file)."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..config import Section
+from ..errors import ConfigError
+
+__all__ = ["QuantizeConfig", "run_quantize"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+class QuantizeConfig(Section):
+    model: str
+    """HF checkpoint directory (config.json + safetensors) to quantize."""
+    method: Literal["int8", "int4", "rtn", "nf4", "awq", "gptq", "bitnet", "none"] = "int4"
+    """int8 (per channel), int4/rtn (group-wise round-to-nearest), nf4, awq and gptq (INT4 with calibration),
+    bitnet (ternary, for models trained with BitLinear), none (only write the GGUF file)."""
+    out: str | None = None
+    """Output directory; default: MODEL-METHOD next to the model."""
+    group_size: int = Field(128, ge=2)
+    """INT4 group size (input columns per scale and zero point): 32, 64 or 128."""
+    targets: list[str] | str = "all-linear"
+    """Linears to quantize (names as in LoRA target_modules); 'all-linear' = every linear except lm_head."""
+    calib: str | None = None
+    """Calibration text (a local .txt, or .jsonl with a 'text' field) for awq/gptq."""
+    calib_samples: int = Field(128, ge=1)
+    """Calibration windows drawn from the file."""
+    calib_seq_len: int = Field(512, ge=8)
+    """Tokens per calibration window."""
+    act_order: bool = False
+    """GPTQ: quantize columns in order of decreasing activation energy."""
+    llm_int8: bool = False
+    """int8: LLM.int8() -- INT8 activations too, with input columns beyond outlier_threshold kept in 16-bit."""
+    outlier_threshold: float = Field(6.0, gt=0)
+    """LLM.int8() outlier threshold on |x|."""
+    gguf: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] | None = None
+    """Also write OUT/model.gguf for llama.cpp in this type (from the quantized model's dequantized weights)."""
+    device: str = "auto"
+    """Where calibration runs: auto (CUDA if visible), cpu, cuda."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Compute dtype of the loaded model (default: the checkpoint's)."""
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def run_quantize(cfg: QuantizeConfig) -> dict:
+    """Quantize cfg.model as configured; returns paths and sizes (and prints a one-line summary)."""
+    from ..models.hf import load_hf
+    from .gguf_export import export_gguf
+    from .model import quantize_model, quantized_size, save_quantized
+
+    src = Path(cfg.model)
+    out = Path(cfg.out) if cfg.out else src.with_name(f"{src.name}-{cfg.method}")
+    if cfg.method == "none" and cfg.gguf is None:
+        raise ConfigError("method 'none' writes only a GGUF file: also set gguf (f16, q8_0, q4_0, ...)")
+    if cfg.method in ("awq", "gptq") and cfg.calib is None:
+        raise ConfigError(f"method '{cfg.method}' needs calibration text: set calib=PATH (a local .txt file)")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    t0 = time.perf_counter()
+    model = load_hf(src, dtype=cfg.dtype, device=device, progress=False)
+    before = quantized_size(model)["total_bytes"]
+    tokenizer = None
+    if cfg.calib is not None:
+        from ..tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(src)
+    result = {"model": str(src), "method": cfg.method, "bytes_before": before}
+    if cfg.method != "none":
+        quantize_model(model, cfg.method, targets=cfg.targets, group_size=cfg.group_size, calib_file=cfg.calib,
+                       tokenizer=tokenizer, calib_samples=cfg.calib_samples, calib_seq_len=cfg.calib_seq_len,
+                       act_order=cfg.act_order, llm_int8=cfg.llm_int8, outlier_threshold=cfg.outlier_threshold)
+        save_quantized(model, out)
+        _copy_tokenizer(src, out)
+        result.update(output=str(out), bytes_after=quantized_size(model)["total_bytes"],
+                      file_bytes=(out / "model.safetensors").stat().st_size)
+    if cfg.gguf is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        gguf_file = export_gguf(model, out / "model.gguf", tokenizer_dir=src, qtype=cfg.gguf, name=src.name)
+        result.update(gguf=str(gguf_file), gguf_bytes=gguf_file.stat().st_size)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    after = result.get("bytes_after")
+    print(f"[quantize] {src} -> {out} ({cfg.method}): {before / 2**20:.1f} MiB"
+          + (f" -> {after / 2**20:.1f} MiB" if after else "")
+          + (f"; GGUF {cfg.gguf}: {result['gguf_bytes'] / 2**20:.1f} MiB" if cfg.gguf else "")
+          + f" in {result['seconds']}s")
+    return result

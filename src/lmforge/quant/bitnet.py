@@ -12,15 +12,21 @@ quantizes the input to INT8 exactly as training did, multiplies integer-valued t
 """
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..peft.lora import ALL_LINEAR, linear_modules, select_targets
+from ..peft.methods import Method, register_method
 from .base import QuantLinear
 from .rtn import quantize_activations_int8
 from .ste import straight_through
 
-__all__ = ["BitLinear", "PackedBitLinear", "bitnet_linear_factory", "ternarize", "pack_ternary", "unpack_ternary"]
+__all__ = ["BitLinear", "PackedBitLinear", "BitNetMethod", "apply_bitnet", "bitnet_linear_factory", "ternarize", "pack_ternary", "unpack_ternary"]
 
 
 def ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,3 +111,58 @@ class PackedBitLinear(QuantLinear):
         qx, sx = quantize_activations_int8(x)  # integer-valued (..., in), (..., 1)
         acc = F.linear(qx, unpack_ternary(self.qweight).to(x.dtype))  # exact integer sums in fp32 up to 2^24
         return self._add_bias(acc * (sx * self.weight_scale).to(x.dtype))
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+@torch.no_grad()
+def apply_bitnet(model: nn.Module, targets: list[str] | str = ALL_LINEAR) -> list[str]:
+    """Swap the targeted nn.Linears (default: all but lm_head) for BitLinears holding the same weights."""
+    linears = {p: m for p, m in linear_modules(model).items() if type(m) is nn.Linear}
+    chosen = select_targets(list(linears), targets)
+    for path in chosen:
+        old = linears[path]
+        new = BitLinear(old.in_features, old.out_features, old.bias is not None, device=old.weight.device,
+                        dtype=old.weight.dtype)
+        new.load_state_dict(old.state_dict())
+        _set_module(model, path, new)
+    return chosen
+
+
+@register_method
+class BitNetMethod(Method):
+    """BitNet b1.58 training (from scratch, e.g. stage=pretrain with a random model): every targeted linear becomes
+    a BitLinear, everything trains; the artifact is a packed ternary checkpoint (`load_quantized` reads it)."""
+
+    name: ClassVar[str] = "bitnet"
+
+    target_modules: list[str] | str = ALL_LINEAR
+    """Linears made ternary (names/regex as in LoRA); 'all-linear' = all but lm_head, which stays full precision."""
+
+    def apply(self, model: nn.Module) -> None:
+        apply_bitnet(model, self.target_modules)
+        model.requires_grad_(True)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def merge(self, model: nn.Module) -> None:
+        from .model import quantize_model
+
+        quantize_model(model, "bitnet", targets=self.target_modules)
+
+    def save(self, model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        from .model import quantize_model, save_quantized
+
+        packed = quantize_model(copy.deepcopy(model), "bitnet",
+                                targets=[p for p, m in model.named_modules() if isinstance(m, BitLinear)])
+        return save_quantized(packed, out_dir)
+
+    def load(self, model: nn.Module, path: str | Path) -> None:
+        raise NotImplementedError("a BitNet artifact is a packed checkpoint: read it with lmforge.quant.load_quantized")
+
+    def export(self, model: nn.Module, out_dir: str | Path) -> Path:
+        return self.save(model, out_dir)

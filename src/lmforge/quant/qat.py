@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from ..peft.lora import ALL_LINEAR, linear_modules, select_targets
-from ..peft.methods import Method
+from ..peft.methods import Method, register_method
 from .linear import Int4Linear, Int8Linear
 from .rtn import int4_dequantize, int4_params, int4_quantize, int8_quantize, quantize_activations_int8
 from .ste import straight_through
@@ -114,6 +114,7 @@ def convert_qat(model: nn.Module) -> list[str]:
     return paths
 
 
+@register_method
 class QATMethod(Method):
     """Quantization-aware fine-tuning: every weight trains through fake INT8/INT4 rounding; the artifact is a real
     quantized checkpoint."""

@@ -75,3 +75,13 @@ def test_checkpoint_from_two_ranks_resumes_in_one_process(setup):
     got = _losses(out)
     assert len(got) == STEPS
     assert abs(got[-1] - want[-1]) < 1e-5, (got, want)
+
+
+def test_fsdp_cpu_offload_in_a_world_of_one_matches(setup):
+    """FSDP2 with CPUOffloadPolicy in a single process (what one GPU with offload runs) keeps the loss curve."""
+    root, cfg, want = setup
+    out = root / "offload"
+    _run(cfg, out, 1, "parallel.zero=3", "parallel.cpu_offload=true")
+    got = _losses(out)
+    for a, b in zip(got, want):
+        assert abs(a - b) < 1e-5, (got, want)

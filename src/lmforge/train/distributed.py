@@ -127,7 +127,7 @@ def wrap_step(step: StepModule, p: ParallelSection, ds: DistState) -> nn.Module:
     if p.zero >= 2 or p.cpu_offload:
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-        policy = CPUOffloadPolicy() if p.cpu_offload else OffloadPolicy()
+        policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if p.cpu_offload else OffloadPolicy()
         for block in model.layers:
             fully_shard(block, mesh=ds.mesh["dp"], reshard_after_forward=p.zero == 3, offload_policy=policy)
         return fully_shard(step, mesh=ds.mesh["dp"], reshard_after_forward=p.zero == 3, offload_policy=policy)

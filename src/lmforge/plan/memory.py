@@ -1,0 +1,526 @@
+"""Peak GPU memory of a training step and of inference, from the ModelConfig alone, tensor by tensor.
+
+The training model follows what lmforge's trainer really keeps alive (read from the code, checked on the CPU with the
+profiler: `lmforge.plan.measure`):
+
+- **Static**: weights (fp32 master + bf16 autocast for `bf16`/`fp16`; bf16 for `bf16-pure`; frozen bases in bf16
+  and NF4 codes for LoRA/QLoRA), gradients of the trainable parameters, optimizer states (AdamW m+v in the
+  parameter's dtype; 8-bit, SGD, LOMO, BAdam, GaLore variants), sharded by ZeRO stage or moved to the host.
+- **Activations per layer** (saved for backward), per token: norm inputs in fp32, linear inputs (one bf16 cast per
+  linear when the residual stream is fp32 under autocast), q/k/v/out and the log-sum-exp of attention, the bf16
+  copy of the training mask per layer (lmforge passes a boolean mask for padded rows; SDPA turns it into a bias of the
+  query dtype and keeps it), SwiGLU's four (B, T, d_ff) tensors, LoRA's rank-r intermediates. With activation
+  checkpointing only each block's input stays; one block is recomputed at a time in backward.
+- **The loss**: lmforge computes cross-entropy in 4096-token chunks recomputed in backward, so the logits cost
+  ~8 bytes x chunk x vocab in forward (bf16 logits -> fp32 -> log-softmax) and ~12 in backward (log-softmax,
+  its gradient, the nll gradient), never tokens x vocab.
+- **Timeline**: the peak is the largest of: end of forward (inside the last loss chunk), start of backward (loss
+  chunk backward with every activation alive), each block's backward (activations of the blocks below + gradients
+  of the blocks above + that block's temporaries), and the optimizer step. Autocast's bf16 weight copies (full
+  fine-tuning in mixed precision) live from their first use to their block's backward.
+
+The numbers are "allocated" bytes, what `torch.cuda.max_memory_allocated` reports. Whether a run fits also needs the
+CUDA context and the caching allocator's slack (`Overheads`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..models.config import ModelConfig
+
+GiB = 2**30
+LOSS_CHUNK_TOKENS = 4096  # lmforge.train.loss.causal_lm_loss_sum's default
+LOSS_FWD_BYTES = 8  # per chunk token x vocab entry: fp32 logits + fp32 log-softmax (bf16 logits freed by then)
+LOSS_BWD_BYTES = 12  # per chunk token x vocab entry: log-softmax (saved) + nll grad + log-softmax grad
+
+Method = Literal["full", "lora", "qlora", "freeze"]
+Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
+Optimizer = Literal["adamw", "adamw8bit", "sgd", "lomo", "badam", "galore"]
+Attention = Literal["auto", "masked", "flash", "flex", "eager"]
+Quant = Literal["none", "int8", "int4", "nf4"]
+
+# bytes per weight element of quantized storage, constants included (NF4: double-quantized block-64 absmax as in
+# lmforge.quant.nf4; INT8/INT4: one fp16 scale per row / per group of 128)
+QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0, "int4": 0.5 + 2 / 128}
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1,
+               "fp8": 1, "float8": 1}
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str  # q_proj, k_proj, ... (module names of lmforge.models.transformer)
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features + self.out_features * self.bias
+
+
+def layer_linears(cfg: ModelConfig) -> list[LinearShape]:
+    """The linear layers of one transformer block, in forward order."""
+    d, q, kv, f = cfg.d_model, cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head, cfg.d_ff
+    out = [LinearShape("q_proj", d, q, cfg.qkv_bias), LinearShape("k_proj", d, kv, cfg.qkv_bias),
+           LinearShape("v_proj", d, kv, cfg.qkv_bias), LinearShape("o_proj", q, d, cfg.out_bias)]
+    if cfg.mlp == "swiglu":
+        out.append(LinearShape("gate_proj", d, f, cfg.mlp_bias))
+    return out + [LinearShape("up_proj", d, f, cfg.mlp_bias), LinearShape("down_proj", f, d, cfg.mlp_bias)]
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters by where they live; ``total`` equals ``ModelConfig.num_params()``."""
+
+    embed: int  # token (+ learned position) embeddings and the embedding norm
+    head: int  # untied LM head (0 when tied)
+    layer_linear: int  # linear weights + biases of one block
+    layer_other: int  # norms of one block
+    final_norm: int
+    n_layers: int
+
+    @property
+    def layer(self) -> int:
+        return self.layer_linear + self.layer_other
+
+    @property
+    def total(self) -> int:
+        return self.embed + self.head + self.n_layers * self.layer + self.final_norm
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    """Parameters by place, consistent with ``ModelConfig.num_params`` (whatever block variant the config uses:
+    the per-block figure is what the config counts, the linear share is the dense attention + MLP layout)."""
+    d = cfg.d_model
+    norm = d * (2 if cfg.norm == "layer" else 1)
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d + cfg.vocab_size * getattr(cfg, "lm_head_bias", False)
+    body = cfg.num_params(include_embeddings=False)
+    embed = cfg.num_params() - body - head
+    per_layer = (body - norm) // cfg.n_layers
+    linear = min(sum(li.params for li in layer_linears(cfg)), per_layer)
+    return ParamCounts(embed, head, linear, per_layer - linear, body - norm - per_layer * cfg.n_layers + norm,
+                       cfg.n_layers)
+
+
+@dataclass
+class TrainSetup:
+    """What a training run does, as far as memory is concerned (filled from a TrainConfig by `setup_from_train`)."""
+
+    micro_batch: int = 1
+    seq_len: int = 2048
+    method: Method = "full"
+    precision: Precision = "bf16"
+    activation_checkpointing: bool = False
+    grad_accum: int = 1
+    optimizer: Optimizer = "adamw"
+    optimizer_impl: Literal["fused", "foreach", "for-loop"] = "fused"
+    """fused AdamW (CUDA) needs no temporaries; foreach holds sqrt(v) of every parameter at once; the for-loop
+    implementation (CPU) a few copies of the largest parameter."""
+    momentum: float = 0.0  # SGD
+    lora_r: int = 8
+    lora_targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"])
+    lora_dropout: float = 0.0
+    galore_rank: int = 128
+    badam_blocks: int | None = None  # BAdam: number of blocks the layers are split into (default: one per layer)
+    attention: Attention = "auto"  # auto: flex for packed rows, else SDPA with lmforge's boolean mask
+    packing: bool = False
+    labeled_fraction: float = 1.0  # share of tokens with a target (SFT prompts cost nothing in the LM head)
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
+    gpus: int = 1
+    zero_stage: int = 0  # 0 = replicate (DDP), 1 = shard optimizer, 2 = + gradients, 3 = + weights (FSDP)
+    offload_optimizer: bool = False  # optimizer states (and fp32 master weights) on the host
+    device: Literal["cuda", "cpu"] = "cuda"  # cuda adds cuBLAS workspaces (forward + autograd thread)
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+
+@dataclass
+class Overheads:
+    """Memory a run needs beyond its tensors: CUDA context + library handles, and allocator slack."""
+
+    cuda_context: int = int(0.5 * GiB)
+    fragmentation: float = 0.05  # reserved / allocated - 1 of PyTorch's caching allocator in a steady training loop
+    workspace: int = 64 * 2**20  # cuBLAS / attention kernel workspaces (counted as allocated)
+
+    def reserve(self, allocated: int) -> int:
+        """Bytes of device memory a run with this peak allocation needs in total."""
+        return int(allocated * (1 + self.fragmentation)) + self.cuda_context
+
+
+@dataclass
+class Estimate:
+    """A peak-memory prediction: the breakdown at the peak, plus every phase's total."""
+
+    peak: int  # bytes allocated at the peak (what max_memory_allocated would say)
+    phase: str  # where the peak happens
+    breakdown: dict[str, int]  # components at the peak, summing to `peak`
+    phases: dict[str, int]  # every phase's total
+    host: int = 0  # bytes kept in host memory (offloaded optimizer)
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- training memory
+
+
+def _targets(setup: TrainSetup, cfg: ModelConfig) -> set[str]:
+    names = [li.name for li in layer_linears(cfg)]
+    t = setup.lora_targets
+    if t == "all-linear":
+        return set(names)
+    if isinstance(t, str):
+        import re
+
+        return {n for n in names if re.fullmatch(t, f"layers.0.x.{n}") or re.fullmatch(t, n)}
+    return {n for n in names if any(n == x or x.endswith("." + n) for x in t)}
+
+
+def _lora_params(cfg: ModelConfig, setup: TrainSetup) -> int:
+    targets = _targets(setup, cfg)
+    return cfg.n_layers * sum(setup.lora_r * (li.in_features + li.out_features) for li in layer_linears(cfg)
+                              if li.name in targets)
+
+
+@dataclass
+class _Dtypes:
+    weight: float  # bytes per frozen/trainable base weight element on the device
+    trainable_weight: int  # bytes per trainable parameter (master copy)
+    residual: int  # dtype of the residual stream (embedding output)
+    act: int  # dtype of linear outputs / attention
+    autocast_copies: bool  # fp32 trainable weights cast to bf16 in every forward (autocast cache)
+    norm_trainable: bool
+
+
+def _dtypes(setup: TrainSetup) -> _Dtypes:
+    adapter = setup.method in ("lora", "qlora")
+    if setup.precision == "fp32":
+        return _Dtypes(4, 4, 4, 4, False, not adapter)
+    if setup.precision == "bf16-pure":
+        return _Dtypes(2, 2, 2, 2, False, not adapter)
+    # bf16 / fp16 autocast: full fine-tuning keeps fp32 weights (residual stream fp32, linears cast per call);
+    # adapter methods keep the frozen base in the half dtype (run_training does), so the stream is half too
+    if adapter:
+        return _Dtypes(2, 4, 2, 2, False, False)
+    return _Dtypes(4, 4, 4, 2, True, True)
+
+
+def _trainable_params(cfg: ModelConfig, setup: TrainSetup, counts: ParamCounts) -> int:
+    if setup.method in ("lora", "qlora"):
+        return _lora_params(cfg, setup)
+    if setup.method == "freeze":  # only the LM head / last layers: treat as the head + last layer
+        return (counts.head or counts.embed) + counts.layer
+    if setup.optimizer == "badam":
+        blocks = setup.badam_blocks or cfg.n_layers
+        return math.ceil(cfg.n_layers / blocks) * counts.layer
+    return counts.total
+
+
+def model_state_bytes(cfg: ModelConfig, setup: TrainSetup) -> tuple[dict[str, int], int]:
+    """(device bytes of weights / gradients / optimizer states, host bytes) for one GPU."""
+    counts = param_counts(cfg)
+    dt = _dtypes(setup)
+    n_train = _trainable_params(cfg, setup, counts)
+    if setup.method == "qlora":
+        quantized = cfg.n_layers * sum(li.in_features * li.out_features for li in layer_linears(cfg))
+        weights = quantized * QUANT_BYTES["nf4"] + (counts.total - quantized) * 2 + n_train * 4
+    elif setup.method == "lora":
+        weights = counts.total * dt.weight + n_train * dt.trainable_weight
+    elif setup.optimizer == "badam":
+        weights = counts.total * 2 + n_train * 4  # bf16 model + an fp32 master copy of the active block
+    else:
+        weights = counts.total * dt.weight
+    g = dt.trainable_weight if setup.method not in ("lora", "qlora") else 4
+    if setup.optimizer == "badam":
+        g = 4
+    grads = 0 if setup.optimizer == "lomo" else n_train * g  # LOMO updates inside backward: no stored gradients
+    s = dt.trainable_weight if setup.method not in ("lora", "qlora") else 4  # AdamW states take the param dtype
+    if setup.optimizer == "adamw":
+        opt = 2 * s * n_train
+    elif setup.optimizer == "adamw8bit":
+        opt = 2 * n_train + 8 * (n_train // 2048 + 1)  # 8-bit m and v, one fp32 scale per 2048-block
+    elif setup.optimizer == "sgd":
+        opt = s * n_train if setup.momentum else 0
+    elif setup.optimizer == "lomo":
+        opt = 0
+    elif setup.optimizer == "badam":
+        opt = 8 * n_train
+    elif setup.optimizer == "galore":  # m, v in the rank-r subspace of each matrix + its projector
+        r = setup.galore_rank
+        per_layer = sum(min(r, li.in_features, li.out_features) * (max(li.in_features, li.out_features) * 2
+                                                                   + min(li.in_features, li.out_features))
+                        for li in layer_linears(cfg))
+        opt = 4 * (cfg.n_layers * per_layer + 2 * (n_train - cfg.n_layers * counts.layer_linear))
+    else:  # pragma: no cover - Literal guards this
+        raise ValueError(setup.optimizer)
+    n = max(setup.gpus, 1)
+    stage = setup.zero_stage if n > 1 else 0
+    host = 0
+    if stage >= 1:
+        opt = opt / n
+    if stage >= 2:
+        grads = grads / n
+    if stage >= 3:
+        weights = weights / n
+    if setup.offload_optimizer:
+        host, opt = int(opt), 0
+    return {"weights": int(weights), "gradients": int(grads), "optimizer_states": int(opt)}, host
+
+
+def zero_model_state_bytes(params: float, stage: int, gpus: int, optimizer_bytes: float = 12,
+                           weight_bytes: float = 2, grad_bytes: float = 2) -> float:
+    """Per-GPU bytes of model states under ZeRO (Rajbhandari et al. 2020, figure 1): (2 + 2 + K) * params
+    replicated; stage 1 shards the K bytes of optimizer states (fp32 master + m + v = 12 for mixed-precision Adam),
+    stage 2 also the gradients, stage 3 also the weights."""
+    n = gpus if stage else 1
+    return (weight_bytes / (n if stage >= 3 else 1) + grad_bytes / (n if stage >= 2 else 1)
+            + optimizer_bytes / (n if stage >= 1 else 1)) * params
+
+
+def _attention_kind(setup: TrainSetup) -> str:
+    if setup.attention != "auto":
+        return setup.attention
+    return "flex" if setup.packing else "masked"
+
+
+def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int]:
+    """Bytes one block saves for backward over the micro-batch (no checkpointing), by component."""
+    B, T, n = setup.micro_batch, setup.seq_len, setup.tokens
+    dt = _dtypes(setup)
+    d, f, hd = cfg.d_model, cfg.d_ff, cfg.dim_per_head
+    q, kv, H = cfg.n_heads * hd, cfg.kv_heads * hd, cfg.n_heads
+    lin = {li.name: li for li in layer_linears(cfg)}
+    adapter = setup.method in ("lora", "qlora")
+    targets = _targets(setup, cfg) if adapter else set()
+    full = setup.method == "full"
+
+    def saves_input(name: str) -> bool:
+        return name in targets or (full and name in lin)
+
+    norm = 2 * (4 * d + 4 + (dt.residual * d if dt.norm_trainable else 0)) * n
+    # Linear inputs: with an fp32 stream under autocast each linear keeps its own bf16 cast; otherwise q/k/v share
+    # the norm output (and gate/up share theirs).
+    cast_each = dt.residual != dt.act
+    groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj") if cfg.mlp == "swiglu" else ("up_proj",)]
+    inputs = 0
+    for group in groups:
+        saving = [g for g in group if saves_input(g)]
+        inputs += (len(saving) if cast_each else min(len(saving), 1)) * dt.act * d * n
+    inputs += (dt.act * q * n if saves_input("o_proj") else 0) + (dt.act * f * n if saves_input("down_proj") else 0)
+    kind = _attention_kind(setup)
+    attn = dt.act * (2 * q + 2 * kv) * n + 4 * H * n  # q, k, v, out + log-sum-exp (fp32)
+    mask = 0
+    if kind == "masked":
+        groups_per_kv = H // cfg.kv_heads
+        mask = dt.act * B * (groups_per_kv if groups_per_kv > 1 else 1) * T * T  # the SDPA bias copy of the mask
+    elif kind == "eager":
+        attn += 2 * dt.act * H * T * n  # scores and probabilities
+    mlp = (3 if cfg.mlp == "swiglu" else 1) * dt.act * f * n  # gate, act(gate), up | up (the product is down_proj's input)
+    lora = 0
+    if adapter:
+        for name in targets:
+            li = lin[name]
+            lora += dt.act * setup.lora_r * n + 2 * setup.lora_r * (li.in_features + li.out_features)
+            if setup.lora_dropout:
+                lora += (dt.act + 1) * li.in_features * n  # dropped input + its mask
+    dequant = 0
+    if setup.method == "qlora":  # NF4Linear's F.linear keeps the dequantized bf16 weight for the input gradient
+        dequant = sum(2 * li.in_features * li.out_features for li in lin.values())
+    out = {"norms": norm, "linear_inputs": inputs, "attention": attn, "mlp": mlp}
+    if mask:
+        out["attention_mask_bias"] = mask
+    if lora:
+        out["lora"] = lora
+    if dequant:
+        out["dequantized_weights"] = dequant
+    return out
+
+
+def layer_backward_temp_bytes(cfg: ModelConfig, setup: TrainSetup) -> int:
+    """Temporaries while one block runs backward, at its peak (the MLP's backward, attention's activations still
+    alive): the gradient arriving from above and the one being summed for below (residual stream), two d_ff-wide
+    gradients, and for full fine-tuning the down projection's fp32 gradient plus its half-precision form."""
+    n, dt = setup.tokens, _dtypes(setup)
+    per_token = 2 * dt.residual * cfg.d_model + 2 * dt.act * cfg.d_ff
+    weight_grad = 0
+    if setup.method == "full" and setup.optimizer != "lomo":
+        down = cfg.d_ff * cfg.d_model
+        weight_grad = dt.trainable_weight * down + (2 * down if dt.autocast_copies else 0)
+    return per_token * n + weight_grad
+
+
+def _largest_trainable(cfg: ModelConfig, setup: TrainSetup) -> int:
+    if setup.method in ("lora", "qlora"):
+        return max(setup.lora_r * max(li.in_features, li.out_features) for li in layer_linears(cfg))
+    return max([cfg.vocab_size * cfg.d_model] + [li.in_features * li.out_features for li in layer_linears(cfg)])
+
+
+def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
+    """Predicted peak allocated bytes of one training step on one GPU (steady state: optimizer states exist)."""
+    counts = param_counts(cfg)
+    dt = _dtypes(setup)
+    states, host = model_state_bytes(cfg, setup)
+    n, B, T, V, d = setup.tokens, setup.micro_batch, setup.seq_len, cfg.vocab_size, cfg.d_model
+    L = cfg.n_layers
+    ckpt = setup.activation_checkpointing
+    full_ft = setup.method == "full" and setup.optimizer != "badam"
+
+    layer = layer_activation_bytes(cfg, setup)
+    layer_total = sum(layer.values())
+    saved_layer = dt.residual * d * n if ckpt else layer_total  # with checkpointing: the block input only
+    kind = _attention_kind(setup)
+    mask_once = B * T * T if kind == "masked" else 0  # lmforge's boolean (B, 1, T, T) mask, shared by all blocks
+    rope = 2 * (cfg.rotary_dim // 2) * dt.residual * n if cfg.pos == "rope" else 0
+    embed_saved = 8 * n + rope + mask_once
+    n_lab = max(1, int(n * setup.labeled_fraction))
+    final_norm = (4 * d + 4 + (dt.residual * d if dt.norm_trainable else 0)) * n
+    head_saved = final_norm + (dt.residual * d + 17) * n_lab  # + the labelled rows' hidden states, indices, targets
+    chunk = min(setup.loss_chunk_tokens, n_lab)
+    loss_fwd = LOSS_FWD_BYTES * chunk * V
+    loss_bwd = LOSS_BWD_BYTES * chunk * V
+
+    # bf16 copies autocast makes of fp32 trainable weights (full fine-tuning in mixed precision)
+    lin_layer = sum(li.in_features * li.out_features for li in layer_linears(cfg))
+    head_copy = 2 * V * d if dt.autocast_copies else 0
+    copies_layer = 2 * lin_layer if dt.autocast_copies else 0
+    # gradients arrive in backward order: LM head (or the tied embedding) first, then blocks from the top
+    grads_total = states["gradients"]
+    shard = grads_total / max(1, _trainable_params(cfg, setup, counts) * (dt.trainable_weight if full_ft else 4)) \
+        if grads_total else 0
+    gbytes = dt.trainable_weight if full_ft else 4
+    head_grad = int(V * d * gbytes * shard) if full_ft else 0
+    layer_grad = (counts.layer if full_ft else _trainable_params(cfg, setup, counts) / L) * gbytes * shard
+    if setup.optimizer == "lomo":
+        head_grad, layer_grad = 0, 0
+    prior_grads = grads_total if setup.grad_accum > 1 else 0  # later micro-batches find the gradients allocated
+    temp = layer_backward_temp_bytes(cfg, setup)
+    workspace = Overheads().workspace if setup.device == "cuda" else 0
+
+    acts = L * saved_layer + embed_saved + head_saved
+    phases: dict[str, dict[str, int]] = {}
+    base = {"weights": states["weights"], "optimizer_states": states["optimizer_states"], "workspace": workspace}
+    phases["forward end (loss chunk)"] = {**base, "gradients": prior_grads, "activations": acts,
+                                          "autocast_weight_copies": L * copies_layer + head_copy,
+                                          "loss_logits": loss_fwd}
+    phases["backward start (loss chunk)"] = {
+        **base, "gradients": max(prior_grads, head_grad), "activations": acts,
+        "autocast_weight_copies": (0 if ckpt else L * copies_layer) + head_copy, "loss_logits": loss_bwd}
+    # one block at a time, from the last: blocks below keep activations, blocks above have gradients
+    worst: dict[str, int] = {}
+    for i in range(L - 1, -1, -1):
+        above = L - 1 - i
+        grads = max(prior_grads, head_grad + above * layer_grad)
+        live = {**base, "gradients": int(grads), "activations": (i + 1) * saved_layer + embed_saved,
+                "autocast_weight_copies": 0 if ckpt else (i + 1) * copies_layer,
+                "backward_temporaries": temp + (layer_total if ckpt else 0)}
+        if not worst or sum(live.values()) > sum(worst.values()):
+            worst = live
+    phases["block backward"] = worst
+    opt_temp = 0
+    if setup.optimizer in ("adamw", "badam") and not setup.offload_optimizer:
+        if setup.optimizer_impl == "foreach":
+            opt_temp = states["gradients"]  # sqrt(v) of every parameter at once
+        elif setup.optimizer_impl == "for-loop":
+            opt_temp = 2 * 4 * _largest_trainable(cfg, setup)
+    phases["optimizer step"] = {**base, "gradients": grads_total, "optimizer_temporaries": opt_temp}
+
+    totals = {k: sum(v.values()) for k, v in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    breakdown = {k: int(v) for k, v in phases[peak_phase].items() if v}
+    notes = []
+    if kind == "masked" and not ckpt:
+        notes.append("each block keeps a bf16 copy of the (B, T, T) training mask; packed data uses flex_attention "
+                     "on CUDA and keeps none")
+    return Estimate(peak=sum(breakdown.values()), phase=peak_phase, breakdown=breakdown,
+                    phases={k: int(v) for k, v in totals.items()}, host=host, notes=notes)
+
+
+def max_micro_batch(cfg: ModelConfig, setup: TrainSetup, budget: int, overheads: Overheads | None = None,
+                    limit: int = 4096) -> int:
+    """Largest micro-batch whose predicted peak (plus overheads) fits `budget` bytes; 0 if even 1 does not."""
+    ov = overheads or Overheads()
+
+    def fits(b: int) -> bool:
+        s = TrainSetup(**{**setup.__dict__, "micro_batch": b})
+        return ov.reserve(train_memory(cfg, s).peak) <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# -------------------------------------------------------------------------------------------- inference memory
+
+
+def param_bytes(n_params: float, dtype: str = "bf16", quant: Quant = "none") -> float:
+    """Bytes of `n_params` weights stored in `dtype` (or quantized): 6e9 in fp16 -> 12e9, 7e9 in fp32 -> 28e9."""
+    return n_params * (QUANT_BYTES[quant] if quant != "none" else DTYPE_BYTES[dtype])
+
+
+def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: Quant = "none") -> int:
+    """Bytes of the weights: embeddings/norms in `dtype`, block linears quantized if `quant` is set."""
+    b = DTYPE_BYTES[dtype]
+    total = cfg.num_params()
+    if quant == "none":
+        return int(total * b)
+    lin = cfg.n_layers * sum(li.in_features * li.out_features for li in layer_linears(cfg))
+    return int(param_bytes(lin, dtype, quant) + (total - lin) * b)
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bf16") -> int:
+    """K and V of every layer for one token of one sequence."""
+    return 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * DTYPE_BYTES[dtype]
+
+
+def inference_memory(cfg: ModelConfig, batch: int, context: int, prompt_len: int | None = None,
+                     dtype: str = "bf16", quant: Quant = "none", kv_dtype: str | None = None) -> Estimate:
+    """Peak bytes of `generate()` for `batch` sequences of `context` tokens (prompt + new): weights, the static KV
+    cache, and the prefill's transients (the prompt's logits and one block's activations)."""
+    P = prompt_len or context
+    a = DTYPE_BYTES[dtype]
+    w = weight_bytes(cfg, dtype, quant)
+    kv = kv_cache_bytes_per_token(cfg, kv_dtype or dtype) * batch * context
+    logits = batch * P * cfg.vocab_size * a  # generate() runs the head over the whole prompt
+    block = batch * P * a * (3 * cfg.d_model + 3 * cfg.d_ff) + batch * P * context  # + the boolean mask
+    breakdown = {"weights": w, "kv_cache": kv, "prefill_temporaries": max(logits, block),
+                 "workspace": Overheads().workspace}
+    peak = sum(breakdown.values())
+    return Estimate(peak=peak, phase="prefill", breakdown=breakdown, phases={"prefill": peak})
+
+
+def max_concurrent_sequences(cfg: ModelConfig, budget: int, context: int, dtype: str = "bf16",
+                             quant: Quant = "none", kv_dtype: str | None = None,
+                             overheads: Overheads | None = None) -> int:
+    """How many sequences of `context` tokens fit next to the weights (decode with prefill one at a time)."""
+    ov = overheads or Overheads()
+    free = budget - ov.cuda_context - ov.workspace - weight_bytes(cfg, dtype, quant)
+    one = inference_memory(cfg, 1, context, dtype=dtype, quant=quant, kv_dtype=kv_dtype)
+    free -= one.breakdown["prefill_temporaries"]
+    per_seq = kv_cache_bytes_per_token(cfg, kv_dtype or dtype) * context * (1 + ov.fragmentation)
+    return max(0, int(free // per_seq))
+
+
+def max_context(cfg: ModelConfig, budget: int, batch: int = 1, dtype: str = "bf16", quant: Quant = "none",
+                kv_dtype: str | None = None, overheads: Overheads | None = None) -> int:
+    """Longest context (tokens) `batch` sequences can each hold, prefill transients included."""
+    ov = overheads or Overheads()
+    lo, hi = 0, 1
+    while ov.reserve(inference_memory(cfg, batch, hi, dtype=dtype, quant=quant, kv_dtype=kv_dtype).peak) <= budget:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 24:
+            return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok = ov.reserve(inference_memory(cfg, batch, mid, dtype=dtype, quant=quant, kv_dtype=kv_dtype).peak) <= budget
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    return lo

@@ -1,0 +1,317 @@
+"""`lmforge plan MODEL --gpu-mem 24GiB [--gpus N] [training config]`: what fits, what does not and why, how fast.
+
+- `setup_from_train(TrainConfig)` reads the memory-relevant choices of a training config;
+- `check_fits(...)` is the one-line refusal the trainer raises before starting a run predicted not to fit;
+- `recommend(...)` searches method x precision x checkpointing x ZeRO stage for the fastest configuration that fits
+  and says, for every other one, why it does not;
+- throughput comes from FLOPs (6 N per trained token, 2 N per generated token, plus attention) and a device
+  efficiency (share of peak bf16 FLOP/s reached; 0.2 is what lmforge's LoRA step reached on an H100).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ..config import Section, load_config
+from ..errors import ConfigError, LmforgeError, did_you_mean
+from ..models.config import ModelConfig
+from .memory import (GiB, Estimate, Overheads, TrainSetup, inference_memory, kv_cache_bytes_per_token, max_context,
+                     max_concurrent_sequences, max_micro_batch, train_memory, weight_bytes)
+
+# name: (peak dense bf16 TFLOP/s, HBM GB/s, memory GiB)
+GPUS: dict[str, tuple[float, float, float]] = {
+    "h200": (989, 4800, 141), "h100": (989, 3350, 80), "h100-pcie": (756, 2000, 80), "a100-80g": (312, 2039, 80),
+    "a100-40g": (312, 1555, 40), "l40s": (362, 864, 48), "l4": (121, 300, 24), "a10g": (70, 600, 24),
+    "rtx4090": (165, 1008, 24), "rtx3090": (71, 936, 24), "v100": (125, 900, 32), "t4": (65, 320, 16),
+}
+
+
+class OutOfMemoryPrediction(LmforgeError):
+    """The planner predicts that a run will not fit in device memory."""
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'24GiB', '80GB', '512MiB', '24' (GiB) -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text * GiB) if text < 4096 else int(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", str(text), re.I)
+    if not m:
+        raise ConfigError(f"memory size '{text}' must look like 24GiB, 80GB or 512MiB")
+    unit = (m.group(2) or "GiB").upper().rstrip("B") or "B"
+    scale = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+             "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def load_model_config(model: str, overrides: dict | None = None) -> ModelConfig:
+    """A ModelConfig from a checkpoint directory (config.json) or a preset name."""
+    from ..models import PRESETS, config_from_hf, preset_config
+
+    if Path(model).exists():
+        cfg = config_from_hf(model)
+        return cfg.model_copy(update=overrides) if overrides else cfg
+    if model.lower() in PRESETS:
+        return preset_config(model, **(overrides or {}))
+    raise ConfigError(f"model '{model}' is neither a checkpoint directory nor a preset"
+                      f"{did_you_mean(model.lower(), PRESETS)}; presets: {', '.join(PRESETS)}")
+
+
+def setup_from_train(train_cfg, seq_len: int | None = None, device: str = "cuda") -> TrainSetup:
+    """The TrainSetup of a `lmforge.train.TrainConfig` (precision auto = bf16 on a GPU)."""
+    t = train_cfg.train
+    method = train_cfg.method if train_cfg.method in ("full", "lora", "qlora") else "lora"
+    lora = getattr(train_cfg, "lora", None)
+    options = getattr(train_cfg, train_cfg.method, None) if train_cfg.method not in ("full",) else None
+    src = options if options is not None and hasattr(options, "r") else lora
+    optimizer = train_cfg.optim.name if train_cfg.optim.name in ("adamw", "adamw8bit", "sgd", "lomo", "badam",
+                                                                 "galore") else "adamw"
+    return TrainSetup(
+        micro_batch=t.micro_batch_size, seq_len=seq_len or train_cfg.data.max_seq_len, method=method,
+        precision="bf16" if t.precision == "auto" else t.precision, activation_checkpointing=t.activation_checkpointing,
+        grad_accum=t.grad_accum, optimizer=optimizer, momentum=train_cfg.optim.momentum,
+        lora_r=src.r if src is not None else 8, lora_dropout=src.dropout if src is not None else 0.0,
+        lora_targets=src.target_modules if src is not None else "all-linear", packing=train_cfg.data.packing,
+        device=device)
+
+
+def describe_setup(s: TrainSetup) -> str:
+    parts = [s.method + (f" r={s.lora_r}" if s.method in ("lora", "qlora") else ""), s.precision,
+             f"micro-batch {s.micro_batch} x seq {s.seq_len}",
+             "checkpointing on" if s.activation_checkpointing else "checkpointing off", s.optimizer]
+    if s.gpus > 1:
+        parts.append(f"ZeRO-{s.zero_stage} over {s.gpus} GPUs")
+    if s.offload_optimizer:
+        parts.append("optimizer offloaded")
+    return ", ".join(parts)
+
+
+def format_estimate(est: Estimate, budget: int | None = None, overheads: Overheads | None = None) -> str:
+    """A readable breakdown of the peak, the phases and the verdict."""
+    ov = overheads or Overheads()
+    lines = [f"peak {gib(est.peak)} allocated, at {est.phase}:"]
+    width = max(len(k) for k in est.breakdown)
+    for k, v in sorted(est.breakdown.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {k.replace('_', ' '):{width}}  {gib(v):>11}  {100 * v / max(est.peak, 1):5.1f}%")
+    lines.append("phases: " + ", ".join(f"{k} {gib(v)}" for k, v in est.phases.items()))
+    if est.host:
+        lines.append(f"host memory: {gib(est.host)} (offloaded optimizer states)")
+    need = ov.reserve(est.peak)
+    lines.append(f"with CUDA context ({gib(ov.cuda_context)}) and {ov.fragmentation:.0%} allocator slack: {gib(need)}")
+    if budget is not None:
+        lines.append(f"verdict: FITS in {gib(budget)} ({gib(budget - need)} left)" if need <= budget else
+                     f"verdict: DOES NOT FIT in {gib(budget)} ({gib(need - budget)} short)")
+    lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+def check_fits(model_cfg: ModelConfig, setup: TrainSetup, budget: int, overheads: Overheads | None = None) -> Estimate:
+    """Raise OutOfMemoryPrediction (one line: prediction, biggest parts, the fix) when `setup` will not fit in
+    `budget` bytes; return the estimate otherwise. What `lmforge train` calls before building the model."""
+    ov = overheads or Overheads()
+    est = train_memory(model_cfg, setup)
+    need = ov.reserve(est.peak)
+    if need <= budget:
+        return est
+    top = sorted(est.breakdown.items(), key=lambda kv: -kv[1])[:3]
+    parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in top)
+    fixes = []
+    b = max_micro_batch(model_cfg, setup, budget, ov)
+    if b:
+        fixes.append(f"train.micro_batch_size={b} (with train.grad_accum={setup.grad_accum * -(-setup.micro_batch // b)}"
+                     f" for the same step)")
+    if not setup.activation_checkpointing:
+        ck = replace(setup, activation_checkpointing=True)
+        if ov.reserve(train_memory(model_cfg, ck).peak) <= budget:
+            fixes.append("train.activation_checkpointing=true")
+    if setup.method == "full":
+        fixes.append("method=lora")
+    elif setup.method == "lora":
+        fixes.append("method=qlora")
+    fix = "; try " + " or ".join(fixes[:2]) if fixes else "; no single change fits: see `lmforge plan`"
+    raise OutOfMemoryPrediction(
+        f"predicted peak {gib(need)} > {gib(budget)} device memory ({describe_setup(setup)}: {parts}){fix}; "
+        "set train.check_memory=false to run anyway")
+
+
+# ------------------------------------------------------------------------------------------------- throughput
+
+
+def train_flops_per_token(cfg: ModelConfig, setup: TrainSetup) -> float:
+    """Forward 2N + backward 4N (2N for activation gradients only, when the weights are frozen) + recompute 2N,
+    plus attention's 12 * layers * seq * d_model (causal half) per token."""
+    n = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model  # the head computes, embeddings don't
+    attn = 6 * cfg.n_layers * setup.seq_len * cfg.n_heads * cfg.dim_per_head
+    fwd = 2 * n + attn / 3
+    bwd = 2 * fwd if setup.method == "full" else fwd  # frozen weights: activation gradients only
+    recompute = fwd if setup.activation_checkpointing else 0
+    return fwd + bwd + recompute + 2 * cfg.vocab_size * cfg.d_model  # + the chunked loss's head recompute
+
+
+def train_tokens_per_s(cfg: ModelConfig, setup: TrainSetup, gpu: str = "h100", efficiency: float = 0.35) -> float:
+    peak = GPUS[gpu][0] * 1e12
+    slow = 1.25 if setup.method == "qlora" else 1.0  # NF4 dequantization in every forward
+    return efficiency * peak * max(setup.gpus, 1) / train_flops_per_token(cfg, setup) / slow
+
+
+def decode_tokens_per_s(cfg: ModelConfig, batch: int, context: int, gpu: str = "h100", dtype: str = "bf16",
+                        quant: str = "none", efficiency: float = 0.6) -> float:
+    """Decode is bound by reading the weights + KV cache each step (or by 2N FLOPs at large batches)."""
+    _, bw, _ = GPUS[gpu]
+    bytes_step = weight_bytes(cfg, dtype, quant) + kv_cache_bytes_per_token(cfg, dtype) * batch * context / 2
+    mem_bound = efficiency * bw * 1e9 / bytes_step * batch
+    compute_bound = efficiency * GPUS[gpu][0] * 1e12 / (2 * cfg.num_params())
+    return min(mem_bound, compute_bound)
+
+
+# ------------------------------------------------------------------------------------------------- recommend
+
+
+@dataclass
+class Candidate:
+    setup: TrainSetup
+    micro_batch: int  # largest that fits (0 = none)
+    tokens_per_s: float
+    peak_at_1: int  # predicted bytes (with overheads) at micro-batch 1
+
+    @property
+    def fits(self) -> bool:
+        return self.micro_batch > 0
+
+
+def recommend(cfg: ModelConfig, base: TrainSetup, budget: int, gpu: str = "h100", efficiency: float = 0.35,
+              methods: list[str] | None = None, overheads: Overheads | None = None) -> list[Candidate]:
+    """Every combination of method x precision x checkpointing (x ZeRO stage on several GPUs), fastest first among
+    those that fit; each with its largest micro-batch (capped at the requested one) and estimated tokens/s."""
+    ov = overheads or Overheads()
+    out = []
+    for method in methods or ["full", "lora", "qlora"]:
+        for precision in (["bf16", "bf16-pure"] if method == "full" else ["bf16"]):
+            for ckpt in (False, True):
+                for stage in ([0, 1, 2, 3] if base.gpus > 1 else [0]):
+                    s = replace(base, method=method, precision=precision, activation_checkpointing=ckpt,
+                                zero_stage=stage, micro_batch=1)
+                    b = min(max_micro_batch(cfg, s, budget, ov, limit=max(base.micro_batch, 1)), base.micro_batch)
+                    s = replace(s, micro_batch=max(b, 1))
+                    tps = train_tokens_per_s(cfg, s, gpu, efficiency) * (0.9 if stage == 3 else 1.0)
+                    if b and b < base.micro_batch:
+                        tps *= 0.85 + 0.15 * b / base.micro_batch  # smaller GEMMs, more steps
+                    out.append(Candidate(s, b, tps, ov.reserve(train_memory(cfg, replace(s, micro_batch=1)).peak)))
+    return sorted(out, key=lambda c: (not c.fits, -c.tokens_per_s if c.fits else c.peak_at_1))
+
+
+def format_recommendation(cands: list[Candidate], budget: int) -> str:
+    lines = [f"configurations for {gib(budget)} per GPU, fastest first:"]
+    best = next((c for c in cands if c.fits), None)
+    for c in cands:
+        s = c.setup
+        name = f"{s.method}/{s.precision}/ckpt {'on' if s.activation_checkpointing else 'off'}" + \
+               (f"/ZeRO-{s.zero_stage}" if s.gpus > 1 else "")
+        if c.fits:
+            mark = "→" if c is best else " "
+            lines.append(f" {mark} {name:34} micro-batch {c.micro_batch:<4} ~{c.tokens_per_s:,.0f} tokens/s")
+        else:
+            lines.append(f"   {name:34} does not fit: needs {gib(c.peak_at_1)} at micro-batch 1")
+    if best is None:
+        lines.append("nothing fits: use more GPUs (ZeRO-3), a shorter sequence, or a smaller model")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+class PlanConfig(Section):
+    model: str = Field(description="checkpoint directory or preset name (see `lmforge info`)")
+    gpu_mem: str | None = None
+    """Memory per GPU, e.g. 24GiB or 80GB; default: the --gpu's memory."""
+    gpus: int = Field(1, ge=1)
+    """GPUs for ZeRO sharding (data parallel)."""
+    gpu: str = "h100"
+    """GPU kind for throughput: h100, h200, a100-80g, a100-40g, l40s, l4, a10g, rtx4090, rtx3090, v100, t4."""
+    efficiency: float = Field(0.35, gt=0, le=1)
+    """Share of the GPU's peak bf16 FLOP/s a training step reaches (measure yours: lmforge train logs tokens/s)."""
+    config: str | None = None
+    """A training YAML (lmforge train's config): plan exactly that run."""
+    mode: Literal["train", "infer"] = "train"
+    method: Literal["full", "lora", "qlora"] | None = None
+    precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] | None = None
+    micro_batch_size: int | None = Field(None, ge=1)
+    seq_len: int | None = Field(None, ge=2)
+    activation_checkpointing: bool | None = None
+    optimizer: Literal["adamw", "adamw8bit", "sgd", "lomo", "badam", "galore"] | None = None
+    zero_stage: int = Field(0, ge=0, le=3)
+    offload_optimizer: bool = False
+    lora_r: int = Field(16, ge=1)
+    recommend: bool = True
+    """Also list every method/precision/checkpointing combination and the fastest that fits."""
+    # inference
+    batch: int = Field(1, ge=1)
+    """infer: concurrent sequences."""
+    context: int | None = Field(None, ge=1)
+    """infer: tokens per sequence (prompt + generated); default the model's max_seq_len."""
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    quant: Literal["none", "int8", "int4", "nf4"] = "none"
+    kv_dtype: Literal["bf16", "fp16", "fp32", "fp8"] | None = None
+
+
+def _train_setup(cfg: PlanConfig) -> TrainSetup:
+    if cfg.config:
+        from ..train.config import TrainConfig
+
+        setup = setup_from_train(load_config(TrainConfig, cfg.config), cfg.seq_len)
+    else:
+        setup = TrainSetup(micro_batch=4, seq_len=2048, method="full", lora_r=cfg.lora_r, lora_targets="all-linear")
+    fields = {"method": cfg.method, "precision": cfg.precision, "micro_batch": cfg.micro_batch_size,
+              "seq_len": cfg.seq_len, "activation_checkpointing": cfg.activation_checkpointing,
+              "optimizer": cfg.optimizer}
+    setup = replace(setup, **{k: v for k, v in fields.items() if v is not None})
+    return replace(setup, gpus=cfg.gpus, zero_stage=cfg.zero_stage if cfg.gpus > 1 else 0,
+                   offload_optimizer=cfg.offload_optimizer)
+
+
+def run_plan(cfg: PlanConfig) -> dict:
+    """Print the plan; return it as a dict (for --json / tests)."""
+    if cfg.gpu not in GPUS:
+        raise ConfigError(f"unknown gpu '{cfg.gpu}'{did_you_mean(cfg.gpu, GPUS)}; known: {', '.join(GPUS)}")
+    model_cfg = load_model_config(cfg.model)
+    budget = parse_bytes(cfg.gpu_mem) if cfg.gpu_mem else int(GPUS[cfg.gpu][2] * GiB)
+    header = (f"{cfg.model}: {model_cfg.num_params() / 1e9:.3f} B parameters, {model_cfg.n_layers} layers, "
+              f"d_model {model_cfg.d_model}, vocab {model_cfg.vocab_size:,}; budget {gib(budget)} x {cfg.gpus} GPU(s)")
+    print(header)
+    if cfg.mode == "infer":
+        context = cfg.context or model_cfg.max_seq_len
+        est = inference_memory(model_cfg, cfg.batch, context, dtype=cfg.dtype, quant=cfg.quant, kv_dtype=cfg.kv_dtype)
+        print(f"inference: {cfg.batch} sequence(s) x {context:,} tokens, weights {cfg.dtype}"
+              + (f" ({cfg.quant})" if cfg.quant != "none" else ""))
+        print(format_estimate(est, budget))
+        kv = kv_cache_bytes_per_token(model_cfg, cfg.kv_dtype or cfg.dtype)
+        conc = max_concurrent_sequences(model_cfg, budget, context, cfg.dtype, cfg.quant, cfg.kv_dtype)
+        longest = max_context(model_cfg, budget, cfg.batch, cfg.dtype, cfg.quant, cfg.kv_dtype)
+        tps = decode_tokens_per_s(model_cfg, cfg.batch, context, cfg.gpu, cfg.dtype, cfg.quant)
+        print(f"KV cache {kv / 1024:.1f} KiB per token; {conc} concurrent sequences of {context:,} tokens fit; "
+              f"longest context at batch {cfg.batch}: {longest:,} tokens; decode ~{tps:,.0f} tokens/s on {cfg.gpu}")
+        return {"estimate": est.__dict__, "kv_bytes_per_token": kv, "max_concurrent": conc, "max_context": longest,
+                "decode_tokens_per_s": tps, "budget": budget}
+    setup = _train_setup(cfg)
+    est = train_memory(model_cfg, setup)
+    print(f"training: {describe_setup(setup)}")
+    print(format_estimate(est, budget))
+    b = max_micro_batch(model_cfg, setup, budget)
+    tps = train_tokens_per_s(model_cfg, setup, cfg.gpu, cfg.efficiency)
+    print(f"largest micro-batch that fits: {b}" + ("" if b else " (none: see below)")
+          + f"; throughput ~{tps:,.0f} tokens/s ({cfg.efficiency:.0%} of {cfg.gpu} peak, x{cfg.gpus} GPUs)")
+    out = {"estimate": est.__dict__, "max_micro_batch": b, "tokens_per_s": tps, "budget": budget,
+           "fits": Overheads().reserve(est.peak) <= budget}
+    if cfg.recommend:
+        cands = recommend(model_cfg, setup, budget, cfg.gpu, cfg.efficiency)
+        print(format_recommendation(cands, budget))
+        out["recommendation"] = [{"setup": describe_setup(c.setup), "micro_batch": c.micro_batch,
+                                  "tokens_per_s": c.tokens_per_s, "peak_at_1": c.peak_at_1} for c in cands]
+    return out

@@ -1,0 +1,331 @@
+"""The serving engine: requests in, token/text deltas out, one `step()` at a time.
+
+Each step asks the scheduler for work (continuous batching over a paged KV cache with prefix caching and
+preemption), runs the decode rows (a CUDA graph on GPU) and the prefill chunks, samples every request with its own
+parameters, and applies the stop rules of `generate()` (eos and stop ids, stop strings held back while they may
+still match, max tokens) plus a JSON-object constraint. When every running request is decoding and nothing is
+waiting for a slot, a step runs up to `decode_steps` decode iterations back to back on the device (tokens fed
+straight back, one host sync at the end); tokens past a stop are discarded.
+
+`LLM` (offline) and the server (`lmforge.serve`) both drive this class; it is not thread-safe (the server runs it
+on one background thread).
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import Field
+
+from ..config import Section
+from ..errors import ConfigError, LmforgeError
+from ..models.transformer import Transformer
+from .batch_sampling import BatchSampler, EngineSamplingParams
+from .generate import _StopText
+from .json_constraint import JsonObjectConstraint
+from .model_runner import ModelRunner, kv_cache_blocks
+from .multi_lora import AdapterSet
+from .paged_cache import BlockPool
+from .sampling import SamplingParams
+from .scheduler import FINISHED, Request, Scheduled, Scheduler
+
+
+class EngineConfig(Section):
+    """Capacity and batching of the serving engine."""
+
+    block_size: int = Field(16, ge=1)
+    """Tokens per KV-cache block (the unit of allocation and of prefix sharing)."""
+    num_blocks: int | None = Field(None, ge=2)
+    """KV-cache blocks; None sizes the pool from gpu_memory_utilization (CUDA) or cpu_kv_cache_gb (CPU)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Share of the GPU's memory the process may use in all (weights, working memory, KV cache)."""
+    cpu_kv_cache_gb: float = Field(2.0, gt=0)
+    """KV-cache size on CPU, in GiB."""
+    max_model_len: int | None = Field(None, ge=2)
+    """Longest prompt + output per request; None = the model's max_seq_len."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Most requests running at once."""
+    max_num_batched_tokens: int = Field(4096, ge=1)
+    """Token budget of one step (decodes count 1 each); longer prompts are prefilled in chunks."""
+    enable_prefix_caching: bool = True
+    """Reuse the K/V of full blocks whose prefix (hashed, verified by token ids) was computed before."""
+    decode_steps: int = Field(8, ge=1)
+    """Decode iterations per step when only decodes are running (no host sync between them)."""
+    cuda_graphs: bool = True
+    """Replay decode steps as CUDA graphs (one per batch/context bucket; CUDA only)."""
+    compile: bool = False
+    """torch.compile the forward (fused kernels inside the CUDA graphs; compiles once per bucket)."""
+    max_adapters: int = Field(16, ge=1)
+    """Most LoRA adapters loaded at once."""
+
+
+class ContextLengthError(LmforgeError):
+    """A request does not fit: prompt + max tokens exceed the model length or the KV cache."""
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # most likely (id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (deltas); the totals are filled in when it finishes."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    token_ids: list[int] | None = None  # all generated ids, when finished
+    text: str | None = None  # all generated text (with a tokenizer), when finished
+    logprobs: list[TokenLogprob] | None = None  # when finished, if asked for
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None,
+                 adapters: dict[str, str] | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = cfg = config or EngineConfig()
+        self.device = model.embed.weight.device
+        self.max_model_len = cfg.max_model_len or model.cfg.max_seq_len
+        if model.cfg.pos == "learned" and self.max_model_len > model.cfg.max_seq_len:
+            raise ConfigError(f"max_model_len ({self.max_model_len}) exceeds the model's learned positions "
+                              f"({model.cfg.max_seq_len}); lower engine.max_model_len")
+        self.adapters = AdapterSet(model, cfg.max_adapters)
+        for name, path in (adapters or {}).items():
+            self.adapters.add(name, path)
+        num_blocks = cfg.num_blocks or kv_cache_blocks(
+            model, block_size=cfg.block_size, max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            cpu_kv_cache_gb=cfg.cpu_kv_cache_gb)
+        self.pool = BlockPool(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=cfg.block_size,
+                                  max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs,
+                                  cuda_graphs=cfg.cuda_graphs, compile=cfg.compile, adapters=self.adapters)
+        self.requests: dict[str, Request] = {}
+        self.counters = {"finished": 0, "aborted": 0, "blocks_freed_on_abort": 0, "prompt_tokens": 0,
+                         "generated_tokens": 0}
+        self._pending: list[RequestOutput] = []
+        self._ids = itertools.count()
+        self._token_texts: list[str] | None = None
+        self._base_stop_ids = set(model.cfg.stop_token_ids) | set(tokenizer.stop_ids() if tokenizer else [])
+
+    # ------------------------------------------------------------------------------------------------ requests
+
+    def add_adapter(self, name: str, adapter_dir: str) -> None:
+        """Load a PEFT LoRA adapter; requests pick it with `adapter=name`."""
+        self.adapters.add(name, adapter_dir)
+        self.runner.graphs = {k: g for k, g in self.runner.graphs.items() if not k[2]}  # LoRA graphs are stale
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                 adapter: str | None = None) -> EngineSamplingParams:
+        """Check a request without queuing it (safe from any thread); raises a one-line LmforgeError."""
+        params = EngineSamplingParams.of(params)
+        if len(prompt_ids) == 0:
+            raise ConfigError("prompt is empty: give at least one token")
+        vocab = self.model.cfg.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= int(t) < vocab), None)
+        if bad is not None:
+            raise ConfigError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max tokens ({params.max_new_tokens}) = "
+                                     f"{total} exceeds the model's context length ({self.max_model_len}); "
+                                     "shorten the prompt or lower max_tokens")
+        if total > self.pool.capacity_tokens:
+            raise ContextLengthError(f"prompt + max tokens ({total}) exceed the KV cache ({self.pool.capacity_tokens}"
+                                     " tokens); lower max_tokens or give the engine more memory")
+        if (params.stop or params.json_object) and self.tokenizer is None:
+            raise ConfigError("stop strings and JSON mode need a tokenizer: build the engine with tokenizer=...")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ConfigError(f"logprobs ({params.logprobs}) exceeds the vocabulary size ({vocab})")
+        self.adapters.slot(adapter)
+        return params
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, adapter: str | None = None) -> str:
+        """Queue a prompt (token ids); returns its request id. Outputs come from `step()`."""
+        params = self.validate(prompt_ids, params, adapter)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ConfigError(f"request id '{request_id}' is already in use")
+        req = Request(request_id, [int(t) for t in prompt_ids], params, adapter, self.adapters.slot(adapter))
+        if params.seed is not None and not params.greedy:
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._base_stop_ids)
+        req.extra = {"stop_ids": stop_ids, "logprobs": [],
+                     "detok": _StopText(self.tokenizer, params.stop) if self.tokenizer is not None else None,
+                     "json": JsonObjectConstraint(self.token_texts(), params.max_new_tokens)
+                     if params.json_object else None}
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self.counters["prompt_tokens"] += len(prompt_ids)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its blocks; its last output (finish_reason "abort") comes from `step()`."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        freed = self.scheduler.free(req)
+        req.status, req.finish_reason = FINISHED, "abort"
+        self.counters["aborted"] += 1
+        self.counters["blocks_freed_on_abort"] += freed
+        self._pending.append(self._final(req, RequestOutput(request_id)))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def stats(self) -> dict:
+        return {**self.counters, **self.scheduler.stats, **self.pool.stats, "num_blocks": self.pool.num_blocks,
+                "free_blocks": self.pool.num_free, "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting), "cuda_graphs": len(self.runner.graphs)}
+
+    def token_texts(self) -> list[str]:
+        """Text of every token id alone (for the JSON constraint), computed once."""
+        if self._token_texts is None:
+            n = self.tokenizer.vocab_size
+            self._token_texts = [self.tokenizer.decode([i]) if i < n else "" for i in range(self.model.cfg.vocab_size)]
+        return self._token_texts
+
+    # ------------------------------------------------------------------------------------------------ stepping
+
+    def _lookahead(self) -> int:
+        """Decode iterations this step may run back to back (1 unless every running request is decoding and
+        nobody waits for a free slot)."""
+        sched, k = self.scheduler, self.config.decode_steps
+        if k <= 1 or not sched.running or (sched.waiting and len(sched.running) < sched.max_num_seqs):
+            return 1
+        for r in sched.running:
+            if r.num_tokens - r.num_computed != 1 or r.extra["json"] is not None:
+                return 1
+            k = min(k, r.params.max_new_tokens - r.num_generated, self.max_model_len - r.num_tokens)
+        return max(k, 1)
+
+    def _sampler(self, reqs: Sequence[Request]) -> BatchSampler:
+        constraints = {i: r.extra["json"].pick for i, r in enumerate(reqs) if r.extra["json"] is not None}
+        return BatchSampler(reqs, self.model.cfg.vocab_size, self.device, constraints)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return the outputs of every request that produced something or ended."""
+        outputs, self._pending = self._pending, []
+        k = self._lookahead()
+        chunks, preempted = self.scheduler.schedule(k)
+        if not chunks:
+            return outputs
+        decodes = [c for c in chunks if c.length == 1]
+        prefills = [c for c in chunks if c.length > 1]
+        if k > 1 and not prefills and not preempted and all(c.samples for c in decodes):
+            reqs = [c.request for c in decodes]
+            results = self.runner.decode(reqs, k, self._sampler(reqs))
+            for c in decodes:
+                c.request.num_computed += k
+            per_step = [self._host_result(r, len(reqs)) for r in results]
+            for i, c in enumerate(decodes):
+                outputs.append(self._emit(c.request, [s[i] for s in per_step]))
+            return outputs
+
+        logits = []
+        if decodes:
+            decode_logits = self.runner.decode([c.request for c in decodes], 1, None)[0]
+            logits.append(decode_logits[[i for i, c in enumerate(decodes) if c.samples]])
+        for group in _prefill_groups(prefills):
+            logits.append(self.runner.prefill(group))
+            decodes += group  # keep chunk order aligned with the logits rows
+        sampled = [c for c in decodes if c.samples]
+        for c in decodes:
+            c.request.num_computed += c.length
+        if sampled:
+            result = self._sampler([c.request for c in sampled])(torch.cat(logits))
+            host = self._host_result(result, len(sampled))
+            for i, c in enumerate(sampled):
+                outputs.append(self._emit(c.request, [host[i]]))
+        for c in decodes:
+            if not c.samples:
+                self.scheduler.cache_full_blocks(c.request)
+        return outputs
+
+    def _host_result(self, result, n: int) -> list[tuple[int, TokenLogprob | None]]:
+        tokens = result.tokens.tolist()
+        if result.logprob is None:
+            return [(t, None) for t in tokens]
+        chosen = result.logprob.tolist()
+        tops = ([list(zip(i, v)) for i, v in zip(result.top_ids.tolist(), result.top_logprobs.tolist())]
+                if result.top_ids is not None else [[] for _ in range(n)])
+        return [(t, TokenLogprob(t, lp, top)) for t, lp, top in zip(tokens, chosen, tops)]
+
+    def _emit(self, req: Request, sampled: list[tuple[int, TokenLogprob | None]]) -> RequestOutput:
+        """Apply stop rules to the sampled tokens of one request (discarding any after a stop)."""
+        out = RequestOutput(req.request_id, prompt_tokens=req.num_prompt)
+        ex = req.extra
+        reason = None
+        for token, lp in sampled:
+            if token in ex["stop_ids"]:
+                reason = "stop"
+                break
+            req.token_ids.append(token)
+            out.new_token_ids.append(token)
+            self.counters["generated_tokens"] += 1
+            if lp is not None and req.params.logprobs is not None:
+                out.new_logprobs.append(lp)
+                ex["logprobs"].append(lp)
+            if ex["json"] is not None:
+                ex["json"].accept(token)
+            if ex["detok"] is not None:
+                piece, hit = ex["detok"].push(token)
+                out.new_text += piece
+                if hit:
+                    reason = "stop"
+                    break
+            if ex["json"] is not None and ex["json"].done:
+                reason = "stop"
+                break
+            if req.num_generated >= req.params.max_new_tokens or req.num_tokens >= self.max_model_len:
+                reason = "length"
+                break
+        self.scheduler.cache_full_blocks(req)
+        if reason is not None:
+            req.finish_reason = reason
+            self.scheduler.free(req)
+            req.status = FINISHED
+            self.requests.pop(req.request_id, None)
+            self.counters["finished"] += 1
+            return self._final(req, out)
+        out.generated_tokens = req.num_generated
+        return out
+
+    def _final(self, req: Request, out: RequestOutput) -> RequestOutput:
+        detok = req.extra.get("detok")
+        if detok is not None:
+            out.new_text += detok.flush()  # text held back for a stop string that never came
+        out.finished, out.finish_reason = True, req.finish_reason
+        out.prompt_tokens, out.generated_tokens = req.num_prompt, req.num_generated
+        out.token_ids = req.output_ids
+        out.text = detok.text if detok is not None else None
+        out.logprobs = req.extra.get("logprobs") if req.params.logprobs is not None else None
+        return out
+
+
+def _prefill_groups(chunks: list[Scheduled], waste: float = 1.5) -> list[list[Scheduled]]:
+    """Split prefill chunks into forwards whose right padding stays under `waste` x the real tokens."""
+    groups: list[list[Scheduled]] = []
+    total = 0
+    for c in sorted(chunks, key=lambda c: -c.length):
+        if groups and (len(groups[-1]) + 1) * groups[-1][0].length <= waste * (total + c.length):
+            groups[-1].append(c)
+            total += c.length
+        else:
+            groups.append([c])
+            total = c.length
+    return groups

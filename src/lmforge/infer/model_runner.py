@@ -1,0 +1,284 @@
+"""Runs the model over the paged cache: prefill chunks, decode steps (replayed as CUDA graphs), KV pool sizing.
+
+A prefill forward takes rows of new tokens, right-padded to the longest; a decode forward takes one token per row.
+Both describe themselves to the cache with a `PagedBatch` built on the device from block tables, so the decode step
+is one static-shape function of a few input buffers (tokens, start positions, block tables, adapter slots): on CUDA
+it is captured once per (batch bucket, context bucket) and replayed. A multi-step decode feeds each step's sampled
+tokens straight back into the buffers, with no host round trip between steps.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..models.transformer import Transformer
+from .paged_cache import PagedBatch, PagedKVCache, paged_batch
+from .scheduler import Request, Scheduled
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    return next((b for b in buckets if b >= n), buckets[-1])
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, *, num_blocks: int, block_size: int, max_model_len: int,
+                 max_num_seqs: int, cuda_graphs: bool, compile: bool = False, adapters=None):
+        self.model, self.adapters = model, adapters
+        w = model.embed.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, self.dtype, self.device)
+        self.table_width = math.ceil(max_model_len / block_size) + 1
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.forward_fn = self.decode_fn = self._model_forward
+        if compile:  # the static-shape decode step only: prefill shapes vary too much to compile each
+            self.decode_fn = torch.compile(self._model_forward, dynamic=False)
+            _raise_recompile_limit()
+        self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+        self.graphs: dict[tuple, tuple] = {}
+        self.graph_pool = None
+        self.static: dict[str, torch.Tensor] = {}
+        if self.use_graphs:
+            self.enable_static_decode()
+
+    def enable_static_decode(self) -> None:
+        """Decode through fixed-size input buffers and bucketed shapes: what CUDA graphs replay. Off CUDA the
+        "graph" just reruns the same code eagerly, which lets CPU tests cover the bucketing and padding rows."""
+        B, dev = self.batch_buckets[-1], self.device
+        self.use_graphs = True
+        self.static = {"tokens": torch.zeros(B, dtype=torch.long, device=dev),
+                       "starts": torch.zeros(B, dtype=torch.long, device=dev),
+                       "lengths": torch.zeros(B, dtype=torch.long, device=dev),
+                       "tables": torch.zeros(B, self.table_width, dtype=torch.long, device=dev),
+                       "adapters": torch.zeros(B, dtype=torch.long, device=dev)}
+
+    # -------------------------------------------------------------------------------------------- building blocks
+
+    def _model_forward(self, tokens: torch.Tensor, positions: torch.Tensor, query_slots: torch.Tensor):
+        return self.model.hidden_states(tokens, positions, cache=self.cache, slots=query_slots)
+
+    def _tables(self, reqs: Sequence[Request], width: int) -> torch.Tensor:
+        rows = [r.blocks[:width] + [0] * (width - min(len(r.blocks), width)) for r in reqs]
+        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _set_adapters(self, rows: torch.Tensor | None) -> None:
+        if self.adapters is not None and len(self.adapters):
+            self.adapters.index.rows = rows
+
+    def _lora_rows(self, reqs: Sequence[Request]) -> torch.Tensor | None:
+        if self.adapters is None or not len(self.adapters) or not any(r.adapter_slot for r in reqs):
+            return None
+        return torch.tensor([r.adapter_slot for r in reqs], dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _run(self, tokens, batch: PagedBatch, adapter_rows, pick=None, forward=None) -> torch.Tensor:
+        """One forward; logits (n, V) at `pick` = (row index (n,), position (n,)), default each row's last position.
+        `adapter_rows` (B,) are the LoRA slots of the rows (None: no adapter anywhere in the batch)."""
+        self.cache.batch = batch
+        self._set_adapters(adapter_rows)
+        try:
+            hidden = (forward or self.forward_fn)(tokens, batch.positions, batch.query_slots)  # (B, T, d)
+            if pick is None:
+                return self.model.logits(hidden[:, -1])
+            index, last = pick
+            self._set_adapters(None if adapter_rows is None else adapter_rows[index])
+            return self.model.logits(hidden[index, last])
+        finally:
+            self._set_adapters(None)
+
+    # -------------------------------------------------------------------------------------------- prefill
+
+    @torch.inference_mode()
+    def prefill(self, chunks: Sequence[Scheduled]) -> torch.Tensor:
+        """Compute the chunks' K/V; logits (n, V) for the chunks that end at their request's last token, in order."""
+        B, T = len(chunks), max(c.length for c in chunks)
+        C = max(c.start for c in chunks)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tokens[i, :c.length] = torch.tensor(c.request.token_ids[c.start:c.start + c.length])
+        starts = torch.tensor([c.start for c in chunks])
+        lengths = torch.tensor([c.length for c in chunks])
+        width = math.ceil((C + T) / self.block_size)
+        to = dict(device=self.device, non_blocking=True)
+        batch = paged_batch(self._tables([c.request for c in chunks], width), starts.to(**to), lengths.to(**to),
+                            T, C, self.block_size)
+        rows = [i for i, c in enumerate(chunks) if c.samples]
+        idx = torch.tensor(rows, dtype=torch.long)
+        pick = (idx.to(**to), (lengths[idx] - 1).to(**to))
+        return self._run(tokens.to(**to), batch, self._lora_rows([c.request for c in chunks]), pick)
+
+    # -------------------------------------------------------------------------------------------- decode
+
+    @torch.inference_mode()
+    def decode(self, reqs: Sequence[Request], steps: int, sample) -> list:
+        """`steps` decode steps for requests whose last token is not yet computed; `sample(logits) -> result`
+        with `.tokens` (B,) on the device is called after each step, and its tokens are fed to the next.
+        With `sample=None` (one step) the result is [logits (B, V)], valid until the next decode."""
+        if sample is None:
+            steps, sample = 1, lambda logits: logits
+        B = len(reqs)
+        starts_host = [r.num_computed for r in reqs]
+        tokens = torch.tensor([r.token_ids[r.num_computed] for r in reqs]).to(self.device, non_blocking=True)
+        starts = torch.tensor(starts_host).to(self.device, non_blocking=True)
+        adapter_rows = self._lora_rows(reqs)
+        results = []
+        if self.use_graphs:
+            C = self._context_bucket(max(starts_host) + steps - 1, B)
+            graph = self._graph(_bucket(B, self.batch_buckets), C, adapter_rows is not None)
+            st = self.static
+            st["lengths"].zero_()
+            st["lengths"][:B] = 1
+            st["starts"].zero_()
+            st["tables"][:B] = self._tables(reqs, self.table_width)
+            if adapter_rows is not None:
+                st["adapters"][:B] = adapter_rows
+            for _ in range(steps):
+                st["tokens"][:B] = tokens
+                st["starts"][:B] = starts
+                graph.replay()
+                result = sample(graph.output[:B])
+                results.append(result)
+                if steps > 1:
+                    tokens, starts = result.tokens, starts + 1
+            return results
+        width = math.ceil((max(starts_host) + steps) / self.block_size)
+        tables = self._tables(reqs, width)
+        lengths = torch.ones(B, dtype=torch.long, device=self.device)
+        for step in range(steps):
+            batch = paged_batch(tables, starts, lengths, 1, max(starts_host) + step, self.block_size)
+            result = sample(self._run(tokens[:, None], batch, adapter_rows))
+            results.append(result)
+            if steps > 1:
+                tokens, starts = result.tokens, starts + 1
+        return results
+
+    def _context_bucket(self, context: int, batch: int) -> int:
+        """Context slots of the decode view: the whole max_model_len for small batches (one graph, and the extra
+        gather is small next to the weights), else the next power of two (>= 256), a multiple of the block size."""
+        top = self.table_width * self.block_size - self.block_size
+        if _bucket(batch, self.batch_buckets) * top <= 16384:
+            return top
+        c = 256
+        while c < context:
+            c *= 2
+        return min(math.ceil(c / self.block_size) * self.block_size, top)
+
+    def _decode_graph_body(self, B: int, C: int, lora: bool) -> torch.Tensor:
+        st = self.static
+        width = C // self.block_size + 1
+        batch = paged_batch(st["tables"][:B, :width], st["starts"][:B], st["lengths"][:B], 1, C, self.block_size)
+        return self._run(st["tokens"][:B, None], batch, st["adapters"][:B] if lora else None, forward=self.decode_fn)
+
+    def _graph(self, B: int, C: int, lora: bool):
+        key = (B, C, lora)
+        if key not in self.graphs:
+            st = self.static
+            for name in ("tokens", "starts", "lengths", "adapters"):  # capture on padding rows: writes hit block 0
+                st[name].zero_()
+            if self.device.type != "cuda":
+                self.graphs[key] = _EagerReplay(lambda: self._decode_graph_body(B, C, lora))
+                return self.graphs[key]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._decode_graph_body(B, C, lora)
+            torch.cuda.current_stream().wait_stream(stream)
+            if self.graph_pool is None:
+                self.graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                logits = self._decode_graph_body(B, C, lora)
+            self.graphs[key] = _CapturedGraph(graph, logits)
+        return self.graphs[key]
+
+    def capture(self, batch_sizes: Sequence[int] | None = None, contexts: Sequence[int] | None = None) -> int:
+        """Capture decode graphs ahead of time (largest first, so smaller ones reuse their memory); returns count."""
+        if not self.use_graphs:
+            return 0
+        n = 0
+        for B in sorted(batch_sizes or self.batch_buckets, reverse=True):
+            for C in sorted({self._context_bucket(c, B) for c in (contexts or [self.max_model_len])}, reverse=True):
+                self._graph(_bucket(B, self.batch_buckets), C, False)
+                n += 1
+        return n
+
+
+class _CapturedGraph:
+    """A captured decode step; `replay()` refills `output` (static logits (B, V)) from the static inputs."""
+
+    def __init__(self, graph, output: torch.Tensor):
+        self.graph, self.output = graph, output
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class _EagerReplay:
+    """Stands in for a CUDA graph off CUDA: `replay()` reruns the captured function; `output` is its result."""
+
+    def __init__(self, fn):
+        self.fn, self.output = fn, None
+
+    def replay(self) -> None:
+        self.output = self.fn()
+
+
+def _raise_recompile_limit(limit: int = 256) -> None:
+    """Each decode bucket is a static shape; let dynamo keep one compiled graph per bucket."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+
+
+def kv_cache_blocks(model: Transformer, *, block_size: int, max_model_len: int, max_num_seqs: int,
+                    max_num_batched_tokens: int, gpu_memory_utilization: float, cpu_kv_cache_gb: float) -> int:
+    """How many KV blocks fit: on CUDA, free memory after the weights, minus (1 - gpu_memory_utilization) of the
+    device and the working memory of the largest prefill, decode view and sampler; on CPU, `cpu_kv_cache_gb`.
+    Never more than max_num_seqs full-length sequences need."""
+    cfg = model.cfg
+    w = model.embed.weight
+    per_block = PagedKVCache.bytes_per_block(cfg, block_size, w.dtype)
+    wanted = max_num_seqs * math.ceil(max_model_len / block_size) + 1
+    if w.device.type != "cuda":
+        return max(2, min(wanted, int(cpu_kv_cache_gb * 2**30) // per_block))
+    torch.cuda.synchronize(w.device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(w.device)
+    peak = _profile_prefill(model, max_num_batched_tokens, block_size)
+    token_bytes = per_block // (block_size * cfg.n_layers)  # K+V of one token in one layer
+    decode_view = 2 * max_num_seqs * min(max_model_len, 4096) * token_bytes
+    sampler = 6 * max_num_seqs * cfg.vocab_size * 4
+    budget = free - (1 - gpu_memory_utilization) * total - peak - decode_view - sampler
+    if budget < 2 * per_block:
+        raise MemoryError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free, working memory "
+                          f"{(peak + decode_view + sampler) / 2**30:.1f} GiB); raise gpu_memory_utilization or "
+                          "lower max_num_seqs / max_num_batched_tokens")
+    return max(2, min(wanted, int(budget // per_block)))
+
+
+@torch.inference_mode()
+def _profile_prefill(model: Transformer, tokens: int, block_size: int) -> int:
+    """Peak bytes a `tokens`-long prefill allocates beyond what is already held (activations, logits of one row)."""
+    device = model.embed.weight.device
+    nb = math.ceil(tokens / block_size) + 1
+    cache = PagedKVCache(model.cfg, nb, block_size, model.embed.weight.dtype, device)
+    table = torch.arange(1, nb, device=device)[None]
+    cache.batch = paged_batch(table, torch.zeros(1, dtype=torch.long, device=device),
+                              torch.full((1,), tokens, device=device), tokens, 0, block_size)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+    hidden = model.hidden_states(ids, cache.batch.positions, cache=cache, slots=cache.batch.query_slots)
+    model.logits(hidden[:, -1])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del cache, hidden
+    torch.cuda.empty_cache()
+    return peak

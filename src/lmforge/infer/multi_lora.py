@@ -1,0 +1,131 @@
+"""Many LoRA adapters served at once: each row of a batch gets its own adapter (or none).
+
+`MultiLoRALinear` wraps a base linear and holds every adapter's A and B stacked, (N+1, r, in) and (N+1, out, r)
+with slot 0 all zeros (no adapter) and the LoRA scaling folded into B; ranks are zero-padded to the largest.
+Per forward, `AdapterIndex.rows` (B,) says which slot each row uses, and the update is a pair of batched matmuls
+over the gathered per-row weights: y = base(x) + (x @ A[idx]^T) @ B[idx]^T. With no adapter in a batch the
+wrapper costs one attribute check.
+
+Adapters are PEFT directories read with `lmforge.peft.peft_format.load_peft_adapter` into a weightless skeleton of
+the model (so nothing is loaded twice), then copied into the slots.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..models.transformer import Transformer
+
+
+class AdapterIndex:
+    """Shared by all MultiLoRALinear of a model: the adapter slot of each row in the current forward."""
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None  # (B,) long, 0 = base model
+
+
+class MultiLoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, index: AdapterIndex):
+        super().__init__()
+        self.base_layer, self.index = base_layer, index
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        w = next(base_layer.parameters())
+        self.register_buffer("A", torch.zeros(1, 1, self.in_features, dtype=w.dtype, device=w.device))
+        self.register_buffer("B", torch.zeros(1, self.out_features, 1, dtype=w.dtype, device=w.device))
+
+    def set_adapter(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Store A (r, in) and scaled B (out, r) in `slot` (None clears it), growing the stacks as needed."""
+        r = 0 if a is None else a.shape[0]
+        n, rank = max(self.A.shape[0], slot + 1), max(self.A.shape[1], r)
+        if (n, rank) != tuple(self.A.shape[:2]):
+            A = self.A.new_zeros(n, rank, self.in_features)
+            B = self.B.new_zeros(n, self.out_features, rank)
+            A[:self.A.shape[0], :self.A.shape[1]] = self.A
+            B[:self.B.shape[0], :, :self.B.shape[2]] = self.B
+            self.A, self.B = A, B
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        if a is not None:
+            self.A[slot, :r] = a.to(self.A)
+            self.B[slot, :, :r] = b.to(self.B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (B, T, out) or (B, out)
+        rows = self.index.rows
+        if rows is None:
+            return y
+        x3 = x if x.dim() == 3 else x[:, None]  # the LM head sees one position per row: (B, in)
+        h = torch.bmm(x3, self.A[rows].transpose(1, 2))  # (B, T, r)
+        delta = torch.bmm(h, self.B[rows].transpose(1, 2))  # (B, T, out)
+        return y + delta.view_as(y)
+
+
+class _ShapeOnlyLinear(nn.Module):
+    """A linear with the right in/out features and no real weight: what an adapter is loaded against."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(0, device="cpu"), requires_grad=False)
+
+
+def read_adapter(cfg, adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{native linear path: (A (r, in), B (out, r) * scaling)} of a PEFT LoRA adapter for a model of `cfg`."""
+    from ..peft.lora import lora_layers
+    from ..peft.peft_format import load_peft_adapter
+
+    with torch.device("meta"):  # embeddings/norms stay weightless; the linears are shape-only CPU stand-ins
+        skeleton = Transformer(cfg, linear=lambda name, i, o, bias: _ShapeOnlyLinear(i, o))
+    lora_cfg = load_peft_adapter(skeleton, adapter_dir)
+    if lora_cfg.modules_to_save:
+        raise CheckpointError(f"adapter '{adapter_dir}' also trains {lora_cfg.modules_to_save}; serving several "
+                              "adapters at once needs pure LoRA adapters (merge this one: lmforge export)")
+    return {path: (layer.lora_A.weight.detach(), layer.lora_B.weight.detach() * layer.scaling)
+            for path, layer in lora_layers(skeleton).items()}
+
+
+class AdapterSet:
+    """The adapters a served model knows, by name; slot i+1 holds the i-th added adapter."""
+
+    def __init__(self, model: Transformer, max_adapters: int = 16):
+        self.model, self.max_adapters = model, max_adapters
+        self.index = AdapterIndex()
+        self.slots: dict[str, int] = {}
+        self.wrapped: dict[str, MultiLoRALinear] = {}
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def slot(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        if name not in self.slots:
+            raise ConfigError(f"unknown adapter '{name}'; loaded adapters: {', '.join(self.slots) or 'none'}")
+        return self.slots[name]
+
+    def add(self, name: str, adapter_dir: str | Path) -> int:
+        """Load a PEFT LoRA adapter under `name`; returns its slot. Linears it targets get wrapped on first use."""
+        if name in self.slots:
+            raise ConfigError(f"an adapter named '{name}' is already loaded")
+        if len(self.slots) >= self.max_adapters:
+            raise ConfigError(f"at most {self.max_adapters} adapters can be loaded (raise max_adapters)")
+        from ..peft.lora import _set_module, linear_modules
+
+        weights = read_adapter(self.model.cfg, adapter_dir)
+        slot = len(self.slots) + 1
+        linears = linear_modules(self.model)
+        for path in weights:
+            if path not in self.wrapped:
+                module = linears[path]
+                if not isinstance(module, MultiLoRALinear):
+                    module = MultiLoRALinear(module, self.index)
+                    _set_module(self.model, path, module)
+                self.wrapped[path] = module
+        for path, module in self.wrapped.items():
+            a, b = weights.get(path, (None, None))
+            module.set_adapter(slot, a, b)
+        self.slots[name] = slot
+        return slot

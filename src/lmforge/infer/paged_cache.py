@@ -1,0 +1,229 @@
+"""The paged KV cache for serving: a pool of fixed-size blocks, per-sequence block tables, prefix caching.
+
+Two halves:
+
+- `BlockPool` is pure bookkeeping on the host: reference-counted block ids, a free list in LRU order, and the prefix
+  cache (full blocks indexed by a chained hash of their tokens, verified by token ids on every hit). A freed block that
+  holds a hashed prefix stays findable until the allocator hands it out again.
+- `PagedKVCache` holds the tensors, K/V of every layer as a flat pool of token slots (L, num_blocks * block_size,
+  Hkv, D), and speaks the model's duck-typed cache interface (`write_positions` once per forward, `update` per
+  layer). Each forward is described by a `PagedBatch` (built by `paged_batch` from block tables, on the device, so a
+  decode step can be captured in a CUDA graph): the slots the new tokens fill, and, per row, a gathered view of the
+  slots its queries attend to, laid out as [context (C) | new tokens (T)].
+
+Block 0 is never allocated: padding tokens write there and empty view entries read from there (masked out by
+position -1), so stray writes never touch a live sequence.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.config import ModelConfig
+
+NULL_BLOCK = 0
+
+
+# ------------------------------------------------------------------------------------------------ block pool
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, namespace: str = "", start: int = 0,
+                 parent: int | None = None) -> list[tuple[int, tuple[int, ...]]]:
+    """Chained keys `(hash, tokens)` of the full blocks of `token_ids`, from block index `start` on.
+
+    A block's hash covers its parent's hash (the whole prefix) and `namespace` (e.g. the LoRA adapter, whose K/V
+    differ); `parent` is the hash of block `start - 1` when continuing a chain.
+    """
+    if parent is None:
+        parent = hash(("lmforge-prefix", namespace))
+    out = []
+    for i in range(start, len(token_ids) // block_size):
+        tokens = tuple(token_ids[i * block_size:(i + 1) * block_size])
+        parent = hash((parent, tokens))
+        out.append((parent, tokens))
+    return out
+
+
+class BlockPool:
+    """Reference-counted KV blocks with an LRU free list and a prefix cache of full blocks.
+
+    Block ids are 1..num_blocks-1 (0 is the null block). `ref[b]` counts the sequences using block b; a block with
+    ref 0 is free, and if it holds a cached prefix it is still found by `lookup` until `allocate` recycles it
+    (least recently freed first).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 2:
+            raise ValueError(f"a block pool needs at least 2 blocks (one is the null block), got {num_blocks}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref = [0] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
+        self.cached: dict[int, int] = {}  # chained hash -> block id
+        self.key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block id -> (hash, tokens), to verify hits
+        self.stats = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "prefix_cache_hit_tokens": 0}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh blocks (ref 1), evicting their cached prefixes; None (and nothing taken) if fewer are free."""
+        if n > len(self.free):
+            return None
+        out = []
+        for _ in range(n):
+            b, _ = self.free.popitem(last=False)
+            key = self.key_of.pop(b, None)
+            if key is not None and self.cached.get(key[0]) == b:
+                del self.cached[key[0]]
+            self.ref[b] = 1
+            out.append(b)
+        return out
+
+    def release(self, blocks: Sequence[int]) -> int:
+        """Drop one reference to each block; return how many became free. Tail blocks are queued for eviction
+        first, so a shared prefix outlives the suffixes that hang off it."""
+        freed = 0
+        for b in reversed(blocks):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free[b] = None
+                freed += 1
+        return freed
+
+    def lookup(self, keys: Sequence[tuple[int, tuple[int, ...]]]) -> list[int]:
+        """Blocks holding the longest cached prefix of `keys` (from `block_hashes`), each verified by its tokens."""
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for key in keys:
+            b = self.cached.get(key[0])
+            if b is None or self.key_of.get(b) != key:
+                break
+            hits.append(b)
+        return hits
+
+    def count_lookup(self, queried_blocks: int, hit_blocks: int) -> None:
+        self.stats["prefix_cache_queries"] += queried_blocks
+        self.stats["prefix_cache_hits"] += hit_blocks
+        self.stats["prefix_cache_hit_tokens"] += hit_blocks * self.block_size
+
+    def acquire(self, blocks: Sequence[int]) -> None:
+        """Take a reference to cached blocks found by `lookup` (taking them off the free list if unused)."""
+        for b in blocks:
+            if self.ref[b] == 0:
+                del self.free[b]
+            self.ref[b] += 1
+
+    def free_after_acquire(self, blocks: Sequence[int]) -> int:
+        """How many blocks `allocate` could hand out after `acquire(blocks)`."""
+        return len(self.free) - sum(1 for b in blocks if self.ref[b] == 0)
+
+    def register(self, block: int, key: tuple[int, tuple[int, ...]]) -> None:
+        """Make a full, computed block findable by its chained key (the first block with a given key wins)."""
+        if self.enable_prefix_caching and key[0] not in self.cached and block not in self.key_of:
+            self.cached[key[0]] = block
+            self.key_of[block] = key
+
+
+# ------------------------------------------------------------------------------------------------ model-facing cache
+
+
+@dataclass
+class PagedBatch:
+    """What one forward writes and reads, all on the model's device.
+
+    positions (B, T) of the new tokens (-1 = padding); write_slots (B*T,) pool slots they fill; view_slots (B, C+T)
+    and key_positions (B, C+T) the slots each row attends to and their positions ([context | new tokens], -1 = empty);
+    query_slots (T,) = C..C+T-1, the view index of each query (what the model passes back as `slots`).
+    """
+
+    positions: torch.Tensor
+    write_slots: torch.Tensor
+    view_slots: torch.Tensor
+    key_positions: torch.Tensor
+    query_slots: torch.Tensor
+
+    @property
+    def context(self) -> int:
+        return self.view_slots.shape[1] - self.positions.shape[1]
+
+
+def paged_batch(
+    block_tables: torch.Tensor,  # (B, W) block ids per row (unused entries anything, e.g. 0)
+    starts: torch.Tensor,  # (B,) tokens already in the cache per row = position of its first new token
+    lengths: torch.Tensor,  # (B,) new tokens per row (<= T); 0 for a padding row
+    T: int,  # new tokens per row, padded
+    C: int,  # context slots in the view; must be >= every row's start
+    block_size: int,
+) -> PagedBatch:
+    """Build a `PagedBatch` from block tables with tensor ops only (no host sync: capturable in a CUDA graph)."""
+    device = block_tables.device
+    W = block_tables.shape[1]
+
+    def slots_of(pos: torch.Tensor) -> torch.Tensor:  # pool slot of each absolute position (pos >= 0 assumed)
+        col = (pos // block_size).clamp(max=W - 1)
+        return block_tables.gather(1, col) * block_size + pos % block_size
+
+    t = torch.arange(T, device=device)
+    new_pos = starts[:, None] + t  # (B, T)
+    real = t < lengths[:, None]
+    positions = torch.where(real, new_pos, -1)
+    write = torch.where(real, slots_of(new_pos), 0)
+    if C > 0:
+        c = torch.arange(C, device=device).expand(len(starts), C)
+        in_ctx = c < starts[:, None]
+        ctx_slots = torch.where(in_ctx, slots_of(c), 0)
+        view_slots = torch.cat([ctx_slots, write], 1)
+        key_positions = torch.cat([torch.where(in_ctx, c, -1), positions], 1)
+    else:
+        view_slots, key_positions = write, positions
+    return PagedBatch(positions, write.reshape(-1), view_slots, key_positions, t + C)
+
+
+class PagedKVCache(nn.Module):
+    """K/V pools (L, num_blocks * block_size, Hkv, D) behind the model's cache interface.
+
+    Set `batch` (a `PagedBatch`) before each forward. `update` scatters the new keys/values into their slots and
+    returns each row's gathered view (B, Hkv, C+T, D); with no context (C == 0: a fresh prefill) it returns the new
+    K/V directly, no gather.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (cfg.n_layers, num_blocks * block_size, cfg.kv_heads, cfg.dim_per_head)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.batch: PagedBatch | None = None
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * cfg.n_layers * block_size * cfg.kv_heads * cfg.dim_per_head * torch.finfo(dtype).bits // 8
+
+    def write_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.batch.key_positions  # (B, C+T)
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k/v (B, Hkv, T, D) of one layer → written to the pool; returns the view (B, Hkv, C+T, D)."""
+        B, H, T, D = k.shape
+        batch = self.batch
+        k_pool, v_pool = self.k[layer], self.v[layer]  # (slots, Hkv, D)
+        k_pool.index_copy_(0, batch.write_slots, k.transpose(1, 2).reshape(B * T, H, D))
+        v_pool.index_copy_(0, batch.write_slots, v.transpose(1, 2).reshape(B * T, H, D))
+        if batch.context == 0:
+            return k, v
+        S = batch.view_slots.shape[1]
+        index = batch.view_slots.reshape(-1)
+        k_all = k_pool.index_select(0, index).view(B, S, H, D).transpose(1, 2)
+        v_all = v_pool.index_select(0, index).view(B, S, H, D).transpose(1, 2)
+        return k_all, v_all

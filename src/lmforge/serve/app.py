@@ -1,0 +1,350 @@
+"""The OpenAI-compatible HTTP layer: requests → engine requests, engine outputs → JSON or SSE chunks.
+
+Routes: `/v1/completions`, `/v1/chat/completions` (both with `stream`, `stream_options.include_usage`, `n`, `stop`,
+`logprobs`; chat with `response_format: json_object`), `/v1/models`, `/health`, `/metrics` (Prometheus text).
+Errors use OpenAI's schema; bad input is a 400 naming the field. A client that disconnects aborts its requests,
+which frees their KV blocks. No model logic lives here: everything below the HTTP shapes is the engine's.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pydantic
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..errors import LmforgeError
+from ..infer.async_engine import AsyncEngine
+from ..infer.batch_sampling import EngineSamplingParams
+from ..infer.engine import ContextLengthError, RequestOutput, TokenLogprob
+from .protocol import ChatRequest, CompletionRequest, OpenAIError, message_dicts
+
+_PARAM_NAMES = {"max_new_tokens": "max_tokens", "logprobs": "logprobs", "json_object": "response_format"}
+
+
+class ServerState:
+    def __init__(self, engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None):
+        self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.created = int(time.time())
+        self._token_strs: dict[int, str] = {}
+
+    def adapter_for(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None = the base model); 404 for unknown names."""
+        if model is None or model == self.model_name:
+            return None
+        if model in self.engine.engine.adapters.slots:
+            return model
+        known = [self.model_name, *self.engine.engine.adapters.slots]
+        raise OpenAIError(404, f"The model '{model}' does not exist; served models: {', '.join(known)}",
+                          param="model", code="model_not_found")
+
+    def token_str(self, token_id: int) -> str:
+        if token_id not in self._token_strs:
+            self._token_strs[token_id] = (self.tokenizer.decode([token_id], skip_special_tokens=False)
+                                          if self.tokenizer is not None else str(token_id))
+        return self._token_strs[token_id]
+
+    def encode(self, text: str, field: str) -> list[int]:
+        if self.tokenizer is None:
+            raise OpenAIError(400, f"{field}: the server has no tokenizer; send token ids", param=field)
+        return self.tokenizer.encode(text)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _engine_params(body, max_tokens: int, logprobs: int | None, json_object: bool, seed: int | None):
+    fields = dict(max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                  top_p=body.top_p or 1.0, top_k=body.top_k, repetition_penalty=body.repetition_penalty,
+                  presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                  stop=body.stop or [], stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, seed=seed,
+                  logprobs=logprobs, json_object=json_object)
+    try:
+        return EngineSamplingParams(**fields)
+    except pydantic.ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        name = _PARAM_NAMES.get(str(err["loc"][0]), str(err["loc"][0]))
+        raise OpenAIError(400, f"{name}: {err['msg']}", param=name) from None
+
+
+def _validate(state: ServerState, prompt_ids: list[int], params, adapter, field: str) -> None:
+    try:
+        state.engine.engine.validate(prompt_ids, params, adapter)
+    except ContextLengthError as e:
+        raise OpenAIError(400, f"{field}: {e}", param=field, code="context_length_exceeded") from None
+    except LmforgeError as e:
+        raise OpenAIError(400, f"{field}: {e}", param=field) from None
+
+
+def _check_unsupported(body) -> None:
+    if body.logit_bias:
+        raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
+
+
+async def _outputs(state: ServerState, subs: list[tuple], adapter: str | None, request: Request,
+                   rid: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) of several engine requests as they arrive. Leaving early, or the client going
+    away (polled every half second), aborts whatever is unfinished."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, prompt_ids, params) -> None:
+        try:
+            async for out in state.engine.generate(prompt_ids, params, f"{rid}-{index}", adapter):
+                queue.put_nowait((index, out))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((index, e))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, ids, params)) for i, ids, params in subs]
+    remaining, checked = len(tasks), time.monotonic()
+    try:
+        while remaining:
+            try:
+                index, item = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                index, item = -1, ()
+            if time.monotonic() - checked > 0.5:  # polled, as outputs may keep the queue busy
+                if await request.is_disconnected():
+                    return
+                checked = time.monotonic()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            elif item != ():
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _check_complete(finals: dict, subs: list) -> None:
+    if len(finals) < len(subs):  # the client went away and its requests were aborted; nobody reads this
+        raise OpenAIError(499, "client disconnected", type="client_closed_request")
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _completion_logprobs(state: ServerState, entries: list[TokenLogprob], offset: int) -> dict:
+    tokens = [state.token_str(e.token_id) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{state.token_str(i): lp for i, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+def _chat_logprobs(state: ServerState, entries: list[TokenLogprob]) -> dict:
+    def item(token_id: int, lp: float) -> dict:
+        s = state.token_str(token_id)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
+                        for e in entries]}
+
+
+# ----------------------------------------------------------------------------------------------- app
+
+
+def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over a started or not-yet-started AsyncEngine (started on the first request)."""
+    state = ServerState(engine, tokenizer, model_name, api_key)
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
+    app.state.lmforge = state
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, e: OpenAIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        err = e.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+        return JSONResponse(OpenAIError(400, f"{param}: {msg}" if param else msg, param=param).body(),
+                            status_code=400)
+
+    @app.exception_handler(LmforgeError)
+    async def _lmforge_error(request: Request, e: LmforgeError):
+        return JSONResponse(OpenAIError(400, str(e)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        return JSONResponse(OpenAIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
+                            status_code=500)
+
+    async def check_key(request: Request) -> None:  # a dependency, not middleware: keeps disconnects visible
+        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise OpenAIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        lines = [f"lmforge_{k} {v}" for k, v in engine.stats().items() if isinstance(v, (int, float))]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    @v1.get("/models")
+    async def models():
+        data = [{"id": model_name, "object": "model", "created": state.created, "owned_by": "lmforge"}]
+        data += [{"id": name, "object": "model", "created": state.created, "owned_by": "lmforge",
+                  "parent": model_name} for name in engine.engine.adapters.slots]
+        return {"object": "list", "data": data}
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        adapter = state.adapter_for(body.model)
+        _check_unsupported(body)
+        if body.suffix:
+            raise OpenAIError(400, "suffix is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise OpenAIError(400, "best_of must equal n (ranking several samples is not supported)", param="best_of")
+        if body.echo and body.logprobs is not None:
+            raise OpenAIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+        p = body.prompt
+        if isinstance(p, str):
+            prompts = [state.encode(p, "prompt")]
+        elif isinstance(p[0], int):
+            prompts = [list(p)]
+        else:
+            prompts = [state.encode(x, "prompt") if isinstance(x, str) else list(x) for x in p]
+        subs = []
+        for i, ids in enumerate(prompts):
+            for j in range(body.n):
+                seed = None if body.seed is None else body.seed + j
+                params = _engine_params(body, body.max_tokens or 16, body.logprobs, False, seed)
+                _validate(state, ids, params, adapter, "prompt")
+                subs.append((i * body.n + j, ids, params))
+        echo = [state.tokenizer.decode(ids) if state.tokenizer else "" for ids in prompts] if body.echo else None
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prompt_tokens = sum(len(ids) for ids in prompts)
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            out = {"id": rid, "object": "text_completion", "created": created, "model": body.model or model_name,
+                   "choices": choices}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        if body.stream:
+            async def stream():
+                completion_tokens, offsets = 0, [0] * len(subs)
+                if echo:
+                    for i, _, _ in subs:
+                        yield _sse(chunk([{"index": i, "text": echo[i // body.n], "logprobs": None,
+                                           "finish_reason": None}]))
+                async for i, out in _outputs(state, subs, adapter, request, rid):
+                    lp = None
+                    if body.logprobs is not None:
+                        lp = _completion_logprobs(state, out.new_logprobs, offsets[i])
+                    offsets[i] += len(out.new_text)
+                    if out.new_text or lp or out.finished:
+                        yield _sse(chunk([{"index": i, "text": out.new_text, "logprobs": lp,
+                                           "finish_reason": out.finish_reason if out.finished else None}]))
+                    if out.finished:
+                        completion_tokens += out.generated_tokens
+                if body.stream_options and body.stream_options.include_usage:
+                    yield _sse(chunk([], _usage(prompt_tokens, completion_tokens)))
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        finals = {i: out async for i, out in _outputs(state, subs, adapter, request, rid) if out.finished}
+        _check_complete(finals, subs)
+        choices = []
+        for i, _, _ in subs:
+            out = finals[i]
+            text = out.text if out.text is not None else ""
+            lp = _completion_logprobs(state, out.logprobs or [], 0) if body.logprobs is not None else None
+            choices.append({"index": i, "text": (echo[i // body.n] if echo else "") + text, "logprobs": lp,
+                            "finish_reason": out.finish_reason})
+        return chunk(choices, _usage(prompt_tokens, sum(f.generated_tokens for f in finals.values())))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        adapter = state.adapter_for(body.model)
+        _check_unsupported(body)
+        if body.tools:
+            raise OpenAIError(400, "tools are not supported yet", param="tools")
+        fmt = body.response_format.type if body.response_format else "text"
+        if fmt == "json_schema":
+            raise OpenAIError(400, "response_format json_schema is not supported; use json_object",
+                              param="response_format")
+        if tokenizer is None:
+            raise OpenAIError(400, "the server has no tokenizer, so no chat template", param="messages")
+        try:
+            prompt = tokenizer.apply_chat_template(message_dicts(body.messages), add_generation_prompt=True,
+                                                   tokenize=True, **(body.chat_template_kwargs or {}))
+        except LmforgeError as e:
+            raise OpenAIError(400, f"messages: {e}", param="messages") from None
+        except Exception as e:  # noqa: BLE001 - template errors are the messages' fault (a role it refuses, ...)
+            raise OpenAIError(400, f"messages: the chat template failed: {e}", param="messages") from None
+        limit = engine.engine.max_model_len
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, limit - len(prompt))
+        top = body.top_logprobs or 0
+        subs = []
+        for j in range(body.n):
+            seed = None if body.seed is None else body.seed + j
+            params = _engine_params(body, max_tokens, top if body.logprobs else None, fmt == "json_object", seed)
+            _validate(state, prompt, params, adapter, "messages")
+            subs.append((j, prompt, params))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                   "model": body.model or model_name, "choices": choices}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        if body.stream:
+            async def stream():
+                completion_tokens = 0
+                for j in range(body.n):
+                    yield _sse(chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                       "finish_reason": None}]))
+                async for j, out in _outputs(state, subs, adapter, request, rid):
+                    lp = _chat_logprobs(state, out.new_logprobs) if body.logprobs else None
+                    if out.new_text or (lp and lp["content"]):
+                        yield _sse(chunk([{"index": j, "delta": {"content": out.new_text}, "logprobs": lp,
+                                           "finish_reason": None}]))
+                    if out.finished:
+                        completion_tokens += out.generated_tokens
+                        yield _sse(chunk([{"index": j, "delta": {}, "logprobs": None,
+                                           "finish_reason": out.finish_reason}]))
+                if body.stream_options and body.stream_options.include_usage:
+                    yield _sse(chunk([], _usage(len(prompt), completion_tokens)))
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        finals = {j: out async for j, out in _outputs(state, subs, adapter, request, rid) if out.finished}
+        _check_complete(finals, subs)
+        choices = [{"index": j, "message": {"role": "assistant", "content": finals[j].text or ""},
+                    "logprobs": _chat_logprobs(state, finals[j].logprobs or []) if body.logprobs else None,
+                    "finish_reason": finals[j].finish_reason} for j in range(body.n)]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model or model_name,
+                "choices": choices, "usage": _usage(len(prompt), sum(f.generated_tokens for f in finals.values()))}
+
+    app.include_router(v1)
+    return app

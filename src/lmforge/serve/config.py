@@ -1,0 +1,61 @@
+"""`lmforge serve MODEL`: load a checkpoint, start the engine, serve the OpenAI API with uvicorn."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ..config import Section
+from ..infer.engine import EngineConfig
+
+
+class ServeConfig(Section):
+    model: str = Field(description="checkpoint directory (config.json + safetensors + tokenizer)")
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 for every interface)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port (0 = any free port)."""
+    served_model_name: str | None = None
+    """The `model` name clients use; default: the checkpoint directory's name."""
+    api_key: str | None = None
+    """If set, /v1 routes need `Authorization: Bearer <api_key>`."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 ... or auto (cuda when available)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; auto = bfloat16 on a GPU that supports it, else float32."""
+    chat_template: str | None = None
+    """Built-in template name (llama3, chatml, qwen, mistral, alpaca) or Jinja text, when the checkpoint has none."""
+    adapters: dict[str, str] = {}
+    """LoRA adapters to serve beside the base model, name → PEFT directory (adapters.sql=./sql-lora); a request
+    picks one by sending its name as `model`."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    engine: EngineConfig = EngineConfig()
+    """Engine capacity and batching (engine.max_num_seqs=128, engine.gpu_memory_utilization=0.8, ...)."""
+
+
+def build_server(cfg: ServeConfig):
+    """(FastAPI app, AsyncEngine) for a config: model and tokenizer loaded, engine built (not yet started)."""
+    from ..infer.async_engine import AsyncEngine
+    from ..infer.engine import Engine
+    from ..infer.llm import load_model_and_tokenizer
+    from .app import create_app
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype, cfg.chat_template)
+    engine = AsyncEngine(Engine(model, tokenizer, cfg.engine, cfg.adapters))
+    name = cfg.served_model_name or Path(cfg.model).resolve().name
+    return create_app(engine, tokenizer, name, cfg.api_key), engine
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    """Serve until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app, engine = build_server(cfg)
+    engine.start()
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    finally:
+        engine.shutdown()

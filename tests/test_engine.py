@@ -1,0 +1,250 @@
+"""Serving engine: greedy parity with generate() under continuous batching, chunked prefill, preemption, prefix
+caching, per-request sampling, stop rules, JSON mode, several LoRA adapters at once, aborts."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.infer import SamplingParams, generate
+from lmforge.infer.batch_sampling import EngineSamplingParams as P
+from lmforge.infer.engine import ContextLengthError, Engine, EngineConfig
+from lmforge.infer.llm import LLM
+from lmforge.infer.paged_cache import BlockPool, block_hashes
+from lmforge.models import load_hf
+from lmforge.testing import make_tiny_checkpoint
+from lmforge.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+
+
+def _prompts(n: int, lo: int = 1, hi: int = 60, seed: int = 0, vocab: int = 120) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("engine") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_hf(ckpt, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return Tokenizer.from_dir(ckpt)
+
+
+def _engine(model, tokenizer=None, **cfg) -> LLM:
+    return LLM(model, tokenizer, config=EngineConfig(**{"block_size": 4, "num_blocks": 512, **cfg}))
+
+
+def test_greedy_matches_generate_for_32_mixed_length_prompts_served_concurrently(model):
+    prompts = _prompts(32, vocab=500)
+    want = [r.token_ids for r in generate(model, prompts, GREEDY)]
+    # a small token budget forces chunked prefill, mixed prefill/decode steps and multi-step decodes
+    llm = _engine(model, max_num_batched_tokens=48, decode_steps=4)
+    out = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in out] == want
+    assert all(o.finish_reason == "length" for o in out)
+    stats = llm.engine.stats()
+    assert stats["steps"] < sum(map(len, prompts)) // 4  # requests really were batched together
+    assert stats["free_blocks"] == stats["num_blocks"] - 1  # every block came back (block 0 is never lent)
+    # the same through the static-shape decode path CUDA graphs replay (bucketed batch sizes, padding rows)
+    llm = _engine(model, max_num_batched_tokens=48, decode_steps=4, max_model_len=128)
+    llm.engine.runner.enable_static_decode()
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+    assert len(llm.engine.runner.graphs) > 1
+
+
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "GPT2LMHeadModel", "BloomForCausalLM"])
+def test_greedy_parity_across_position_schemes_and_sliding_window(tiny_hf, arch):
+    """Sliding window (Mistral, window 6 < block reuse), learned positions (GPT-2), ALiBi (BLOOM)."""
+    _, path = tiny_hf
+    model = load_hf(path, progress=False)
+    prompts = _prompts(8, hi=40)
+    want = [r.token_ids for r in generate(model, prompts, GREEDY)]
+    out = _engine(model, max_num_batched_tokens=32, max_model_len=128).generate(prompts, GREEDY)
+    assert [o.token_ids for o in out] == want
+
+
+def test_preemption_under_tiny_block_budget_still_completes_every_request(model):
+    prompts = _prompts(16, lo=8, hi=30, seed=1)
+    params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+    want = [r.token_ids for r in generate(model, prompts, params)]
+    llm = _engine(model, num_blocks=24, max_num_batched_tokens=64)  # 92 token slots for ~16 x 45 tokens
+    out = llm.generate(prompts, params)
+    assert [o.token_ids for o in out] == want
+    stats = llm.engine.stats()
+    assert stats["preemptions"] > 0 and stats["finished"] == 16
+    assert stats["free_blocks"] == 23
+
+
+def test_request_larger_than_the_cache_or_context_is_refused_not_crashed(model):
+    llm = _engine(model, num_blocks=8)  # 28 token slots
+    with pytest.raises(ContextLengthError, match="KV cache"):
+        llm.generate([[5] * 20], SamplingParams(max_new_tokens=10))
+    with pytest.raises(ContextLengthError, match="context length"):
+        _engine(model).generate([[5] * 100], SamplingParams(max_new_tokens=100))
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        _engine(model).generate([[5, 10**6]], GREEDY)
+
+
+def test_prefix_caching_reuses_blocks_and_gives_identical_output(model):
+    shared = _prompts(1, lo=41, hi=41, seed=2)[0]
+    prompts = [shared + tail for tail in _prompts(6, lo=1, hi=9, seed=3)]
+    want = [r.token_ids for r in generate(model, prompts, GREEDY)]
+    llm = _engine(model)
+    first = llm.generate(prompts[:1], GREEDY)  # computes (and caches) the shared prefix blocks
+    rest = llm.generate(prompts[1:], GREEDY)
+    assert [o.token_ids for o in first + rest] == want
+    stats = llm.engine.stats()
+    assert stats["prefix_cache_hits"] >= 5 * (41 // 4)  # each later prompt found every full block of the prefix
+    assert stats["prefix_cache_hit_tokens"] == 4 * stats["prefix_cache_hits"]
+    # caching off: same tokens, no hits
+    off = _engine(model, enable_prefix_caching=False)
+    assert [o.token_ids for o in off.generate(prompts, GREEDY)] == want
+    assert off.engine.stats()["prefix_cache_hits"] == 0
+
+
+def test_block_pool_refcounts_lru_eviction_and_token_verified_hits():
+    pool = BlockPool(num_blocks=5, block_size=2)
+    keys = block_hashes([1, 2, 3, 4], 2)
+    a = pool.allocate(2)
+    for b, key in zip(a, keys):
+        pool.register(b, key)
+    assert pool.lookup(keys) == a
+    forged = [(keys[0][0], (9, 9))]  # same hash, other tokens: must not hit
+    assert pool.lookup(forged) == []
+    pool.acquire(a)  # a second sequence shares the prefix
+    assert pool.release(a) == 0 and pool.release(a) == 2
+    assert pool.lookup(keys) == a  # freed but still cached
+    fresh = pool.allocate(3)  # least recently freed first; a freed prefix queues its tail before its head
+    assert a[1] in fresh and a[0] not in fresh
+    assert pool.lookup(keys) == [a[0]]
+    assert pool.allocate(5) is None and pool.num_free == 1
+
+
+def test_per_request_sampling_seeds_penalties_top_k(model):
+    prompts = _prompts(4, lo=5, hi=20, seed=4)
+    llm = _engine(model)
+    seeded = P(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12, ignore_eos=True)
+    alone = llm.generate(prompts[:1], seeded)[0].token_ids
+    batched = llm.generate(prompts, [seeded, GREEDY, P(temperature=1.0, seed=8, max_new_tokens=12), GREEDY])
+    assert batched[0].token_ids == alone  # a seeded request's draws do not depend on its batch
+    assert llm.generate(prompts[:1], seeded.model_copy(update={"seed": 8}))[0].token_ids != alone
+    top1 = llm.generate(prompts[:1], P(temperature=1.5, top_k=1, max_new_tokens=12, ignore_eos=True))[0]
+    assert top1.token_ids == llm.generate(prompts[:1], P(temperature=0, max_new_tokens=12, ignore_eos=True))[0].token_ids
+    long = P(temperature=0, max_new_tokens=40, ignore_eos=True)
+    plain = llm.generate(prompts[:1], long)[0].token_ids
+    penalized = llm.generate(prompts[:1], long.model_copy(update={"frequency_penalty": 2.0}))[0].token_ids
+    assert len(set(penalized)) > len(set(plain))
+    rep = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True, repetition_penalty=1.6)
+    assert llm.generate(prompts[1:2], rep)[0].token_ids == generate(model, prompts[1:2], rep)[0].token_ids
+
+
+def test_logprobs_are_the_models_log_softmax(model):
+    prompt = _prompts(1, lo=9, hi=9, seed=5)[0]
+    out = _engine(model).generate([prompt], P(temperature=0, max_new_tokens=3, ignore_eos=True, logprobs=4))[0]
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt]))[0, -1].float().log_softmax(-1)
+    first = out.logprobs[0]
+    assert first.token_id == out.token_ids[0] == int(ref.argmax())
+    assert first.logprob == pytest.approx(float(ref.max()), abs=1e-5)
+    assert [t for t, _ in first.top] == ref.topk(4).indices.tolist()
+    assert len(out.logprobs) == 3
+
+
+def test_stop_strings_and_stop_ids_follow_generate(model, tok):
+    llm = _engine(model, tok)
+    prompt = [tok.encode("Hello world")]
+    free = llm.generate(prompt, P(temperature=0, max_new_tokens=16, ignore_eos=True))[0]
+    stop = free.text[5:8]
+    want = generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, stop=[stop]),
+                    tokenizer=tok)[0]
+    got = llm.generate(prompt, P(temperature=0, max_new_tokens=16, ignore_eos=True, stop=[stop]))[0]
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, "stop")
+    stop_id = free.token_ids[4]
+    got = llm.generate(prompt, P(temperature=0, max_new_tokens=16, ignore_eos=True, stop_token_ids=[stop_id]))[0]
+    assert got.token_ids == free.token_ids[:free.token_ids.index(stop_id)] and got.finish_reason == "stop"
+    assert llm.generate("Hello world", P(temperature=0, max_new_tokens=16, ignore_eos=True))[0].text == free.text
+
+
+@pytest.mark.parametrize("max_tokens", [3, 9, 40])
+def test_json_object_mode_output_always_parses(model, tok, max_tokens):
+    llm = _engine(model, tok)
+    outs = llm.generate(["Reply in JSON:", "{"], P(temperature=1.0, seed=11, max_new_tokens=max_tokens,
+                                                     json_object=True))
+    for o in outs:
+        assert isinstance(json.loads(o.text), dict), o.text
+        assert len(o.token_ids) <= max_tokens and o.finish_reason == "stop"
+
+
+def test_json_automaton_accepts_json_and_completes_prefixes():
+    from lmforge.infer.json_constraint import START, advance, closing
+
+    doc = '{"a": [1, -2.5e+3, true, null, {"b": "x\\n\\u00e9"}], "c": {}, "d": []}'
+    state = START
+    for i, ch in enumerate(doc):
+        completed = doc[:i] + closing(state)
+        assert json.loads(completed) is not None, completed
+        state = advance(state, ch)
+        assert state is not None, doc[:i + 1]
+    assert state[0] == "done" and closing(state) == ""
+    for bad in ('[1]', '{"a" 1}', '{"a": 01}', '{"a": tru}x', '{,}', ' {}', '{"a": "\x01"}'):
+        assert advance(START, bad) is None or advance(START, bad)[0] != "done", bad
+
+
+def test_several_lora_adapters_in_one_batch_match_each_adapter_alone(ckpt, model, tmp_path):
+    from lmforge.peft.lora import LoraConfig, apply_lora, lora_layers
+    from lmforge.peft.peft_format import load_peft_adapter, save_peft_adapter
+
+    adapters = {}
+    for i, (r, targets) in enumerate([(4, ["q_proj", "v_proj"]), (8, ["o_proj", "gate_proj", "down_proj", "lm_head"])]):
+        m = load_hf(ckpt, progress=False)
+        cfg = LoraConfig(r=r, alpha=2 * r, target_modules=targets)
+        apply_lora(m, cfg)
+        torch.manual_seed(i)
+        for layer in lora_layers(m).values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+        adapters[f"ad{i}"] = str(save_peft_adapter(m, cfg, tmp_path / f"ad{i}"))
+    prompts = _prompts(6, lo=2, hi=30, seed=6)
+    names = [None, "ad0", "ad1", "ad1", None, "ad0"]
+    want = {}
+    for name in (None, "ad0", "ad1"):
+        m = load_hf(ckpt, progress=False)
+        if name:
+            load_peft_adapter(m, adapters[name])
+        want[name] = [r.token_ids for r in generate(m, prompts, GREEDY)]
+    assert want["ad0"] != want[None] and want["ad1"] != want[None]
+    served = load_hf(ckpt, progress=False)
+    llm = LLM(served, config=EngineConfig(block_size=4, num_blocks=256, decode_steps=4), adapters=adapters)
+    out = llm.generate(prompts, GREEDY, adapter=names)
+    assert [o.token_ids for o in out] == [want[n][i] for i, n in enumerate(names)]
+    with pytest.raises(ConfigError, match="unknown adapter"):
+        llm.generate(prompts[:1], GREEDY, adapter="nope")
+
+
+def test_abort_frees_blocks_and_reports_it(model):
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=128))
+    rid = engine.add_request(_prompts(1, lo=30, hi=30)[0], P(max_new_tokens=60, ignore_eos=True))
+    other = engine.add_request(_prompts(1, lo=10, hi=10, seed=9)[0], P(max_new_tokens=5, ignore_eos=True))
+    outs = []
+    for _ in range(2):
+        outs += engine.step()
+    held = engine.pool.num_blocks - 1 - engine.pool.num_free
+    assert held > 0 and engine.abort(rid) and not engine.abort(rid)
+    while engine.has_unfinished():
+        outs += engine.step()
+    aborted = [o for o in outs if o.request_id == rid][-1]
+    assert aborted.finished and aborted.finish_reason == "abort"
+    assert any(o.request_id == other and o.finished for o in outs)
+    stats = engine.stats()
+    assert stats["aborted"] == 1 and stats["blocks_freed_on_abort"] >= 8
+    assert stats["free_blocks"] == stats["num_blocks"] - 1

@@ -2,6 +2,8 @@
 trainer's allocations (CPU profiler) and a measured GPU figure."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -79,7 +81,7 @@ def test_prediction_matches_trainer_allocations_on_cpu(method, ckpt):
     from lmforge.train.config import ModelSection, TrainSection
 
     cfg = ModelConfig(vocab_size=2048, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=352, max_seq_len=512)
-    B, T = 2, 256
+    B, T = 2, 128
     torch.manual_seed(0)
     model = Transformer(cfg)
     m = build_method(method, **({"r": 8, "target_modules": "all-linear"} if method == "lora" else {}))
@@ -154,5 +156,12 @@ def test_parse_bytes_and_run_plan(capsys):
     out = run_plan(PlanConfig(model="llama-3.2-1b", gpu_mem="24GiB", method="lora", seq_len=1024))
     text = capsys.readouterr().out
     assert "verdict:" in text and "fastest first" in text and out["max_micro_batch"] >= 1
+    from lmforge.plan import split_plan_args
+
+    assert split_plan_args(["llama-3-8b", "--gpu-mem", "24GiB", "train.yaml", "--gpus", "2"]) == (
+        None, ["model=llama-3-8b", "train_config=train.yaml", "gpu_mem=24GiB", "gpus=2"])
+    sft = Path(__file__).resolve().parents[1] / "examples" / "sft_lora.yaml"
+    out = run_plan(PlanConfig(model="qwen2.5-0.5b", gpu_mem="24GiB", train_config=str(sft), recommend=False))
+    assert "lora" in capsys.readouterr().out and out["estimate"]["peak"] > 0
     with pytest.raises(ConfigError, match="did you mean 'llama-3-8b'"):
         run_plan(PlanConfig(model="llama-3-8", gpu_mem="24GiB"))

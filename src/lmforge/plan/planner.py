@@ -141,6 +141,17 @@ def check_fits(model_cfg: ModelConfig, setup: TrainSetup, budget: int, overheads
         "set train.check_memory=false to run anyway")
 
 
+def check_training_fits(train_cfg, model_cfg: ModelConfig, device) -> Estimate | None:
+    """The trainer's pre-flight check: on a CUDA device, raise OutOfMemoryPrediction when the run described by
+    `train_cfg` is predicted not to fit the device's memory; None on other devices."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    _, total = torch.cuda.mem_get_info(device)
+    return check_fits(model_cfg, setup_from_train(train_cfg), total)
+
+
 # ------------------------------------------------------------------------------------------------- throughput
 
 
@@ -237,8 +248,8 @@ class PlanConfig(Section):
     """GPU kind for throughput: h100, h200, a100-80g, a100-40g, l40s, l4, a10g, rtx4090, rtx3090, v100, t4."""
     efficiency: float = Field(0.35, gt=0, le=1)
     """Share of the GPU's peak bf16 FLOP/s a training step reaches (measure yours: lmforge train logs tokens/s)."""
-    config: str | None = None
-    """A training YAML (lmforge train's config): plan exactly that run."""
+    train_config: str | None = None
+    """A training YAML (lmforge train's config): plan exactly that run (other fields here override it)."""
     mode: Literal["train", "infer"] = "train"
     method: Literal["full", "lora", "qlora"] | None = None
     precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] | None = None
@@ -262,10 +273,10 @@ class PlanConfig(Section):
 
 
 def _train_setup(cfg: PlanConfig) -> TrainSetup:
-    if cfg.config:
+    if cfg.train_config:
         from ..train.config import TrainConfig
 
-        setup = setup_from_train(load_config(TrainConfig, cfg.config), cfg.seq_len)
+        setup = setup_from_train(load_config(TrainConfig, cfg.train_config), cfg.seq_len)
     else:
         setup = TrainSetup(micro_batch=4, seq_len=2048, method="full", lora_r=cfg.lora_r, lora_targets="all-linear")
     fields = {"method": cfg.method, "precision": cfg.precision, "micro_batch": cfg.micro_batch_size,
@@ -315,3 +326,18 @@ def run_plan(cfg: PlanConfig) -> dict:
         out["recommendation"] = [{"setup": describe_setup(c.setup), "micro_batch": c.micro_batch,
                                   "tokens_per_s": c.tokens_per_s, "peak_at_1": c.peak_at_1} for c in cands]
     return out
+
+
+def split_plan_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """`MODEL [TRAIN_YAML] [--gpu-mem 24GiB --gpus N key=value ...]` -> (config path, overrides) for `load_config`:
+    the first bare argument is the model, a second one the training config to plan."""
+    from ..cli import split_args
+
+    bare = [a for i, a in enumerate(args) if not a.startswith("-") and "=" not in a
+            and not (i and args[i - 1].startswith("--") and "=" not in args[i - 1])]
+    rest = [a for a in args if a not in bare[:2]]
+    config, overrides = split_args(rest)
+    extra = [f"model={bare[0]}"] if bare else []
+    if len(bare) > 1:
+        extra.append(f"train_config={bare[1]}")
+    return config, extra + overrides

@@ -98,3 +98,20 @@ def test_chat_session_renders_the_whole_history(ckpt):
     assert reply in text and text.endswith("<|im_start|>assistant\n")
     session.reset()
     assert "first question" not in tok.decode(session.prompt_ids("again"), skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("verb", ["info", "generate", "chat", "train", "export", "quantize", "serve", "eval", "plan",
+                                  "quickstart"])
+def test_every_verb_has_help(verb, capsys):
+    assert main([verb, "--help"]) == 0
+    assert "key" in capsys.readouterr().out
+
+
+def test_eval_takes_the_model_then_any_number_of_task_files():
+    _, overrides = split_args(["ckpt", "a.yaml", "b.jsonl", "--limit", "3"], ("model", "tasks"))
+    assert overrides == ["model=ckpt", "limit=3", 'tasks=["a.yaml", "b.jsonl"]']
+
+
+def test_plan_verb_on_a_preset(capsys):
+    assert main(["plan", "llama-3.2-1b", "--gpu-mem", "80GiB", "--method", "lora"]) == 0
+    assert "verdict" in capsys.readouterr().out

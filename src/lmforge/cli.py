@@ -200,16 +200,15 @@ def run_quickstart_verb(cfg) -> None:
     run_quickstart(cfg)
 
 
-def _train_config():
-    from .train.config import TrainConfig
+def _lazy(module: str, name: str) -> Callable:
+    """Import a verb's config class or run function only when that verb runs (keeps `lmforge --help` fast)."""
+    def load(*args):
+        import importlib
 
-    return TrainConfig
+        obj = getattr(importlib.import_module(module, __package__), name)
+        return obj(*args) if args else obj
 
-
-def _quickstart_config():
-    from .quickstart import QuickstartConfig
-
-    return QuickstartConfig
+    return load
 
 
 # verb → (config class or a function returning it (lazy imports), run function, positional key, description)
@@ -217,19 +216,33 @@ VERBS: dict[str, tuple] = {
     "info": (InfoConfig, run_info, "model", "architecture, parameter count and bytes per dtype of a checkpoint or preset"),
     "generate": (GenerateConfig, run_generate, "model", "complete a prompt (streaming)"),
     "chat": (ChatConfig, run_chat, "model", "interactive multi-turn chat with the chat template"),
-    "train": (_train_config, run_train, "config", "pretrain or fine-tune (full, LoRA) from a YAML config"),
+    "train": (_lazy(".train.config", "TrainConfig"), run_train, "config",
+              "pretrain / fine-tune (full, LoRA, ...) or align (rm, dpo, ppo) from a YAML config; torchrun-ready"),
     "export": (ExportConfig, run_export, "base", "merge a LoRA adapter into its base model → HF checkpoint"),
-    "quickstart": (_quickstart_config, run_quickstart_verb, "output_dir",
+    "quantize": (_lazy(".quant.run", "QuantizeConfig"), _lazy(".quant.run", "run_quantize"), "model",
+                 "INT8 / INT4 / NF4 / AWQ / GPTQ / BitNet weights, and GGUF export for llama.cpp"),
+    "serve": (_lazy(".serve.config", "ServeConfig"), _lazy(".serve.config", "run_serve"), "model",
+              "OpenAI-compatible HTTP server on the continuous-batching engine"),
+    "eval": (_lazy(".eval.runner", "EvalConfig"), _lazy(".eval.runner", "run_eval"), ("model", "tasks"),
+             "evaluate a model on task files (perplexity, EM, BLEU, ROUGE, MC, pass@k, judge)"),
+    "plan": (_lazy(".plan.planner", "PlanConfig"), _lazy(".plan.planner", "run_plan"), "model",
+             "what fits: predicted memory and speed for training and inference, before you run"),
+    "quickstart": (_lazy(".quickstart", "QuickstartConfig"), run_quickstart_verb, "output_dir",
                    "tokenizer + tiny model, pretrain, LoRA fine-tune, accuracy before/after (CPU, minutes)"),
 }
 
 # ------------------------------------------------------------------------------------------------ argv
 
 
-def split_args(args: list[str], positional: str = "model") -> tuple[str | None, list[str]]:
-    """(config path, ["key=value", ...]) from `--config F`, `--key v`, `--key=v`, `key=v` and one bare first
-    argument, which is the verb's positional key (the model for most verbs, the config file for `train`)."""
+def split_args(args: list[str], positional: str | tuple[str, str] = "model") -> tuple[str | None, list[str]]:
+    """(config path, ["key=value", ...]) from `--config F`, `--key v`, `--key=v`, `key=v` and bare arguments: the
+    first is the verb's positional key (the model for most verbs, the config file for `train`); with a pair such as
+    ("model", "tasks") the rest of the bare arguments form the list key (`lmforge eval MODEL T1 T2`)."""
     config, overrides = None, []
+    rest_key = None
+    if isinstance(positional, tuple):
+        positional, rest_key = positional
+    rest: list[str] = []
     i = 0
     while i < len(args):
         a = args[i]
@@ -253,9 +266,13 @@ def split_args(args: list[str], positional: str = "model") -> tuple[str | None, 
             config = a
         elif i == 0:
             overrides.append(f"{positional}={a}")
+        elif rest_key is not None:
+            rest.append(a)
         else:
             raise ConfigError(f"unexpected argument '{a}'; write overrides as key=value or --key value")
         i += 1
+    if rest:
+        overrides.append(f"{rest_key}=[{', '.join(json.dumps(r) for r in rest)}]")
     return config, overrides
 
 
@@ -280,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if verb not in VERBS:
             raise ConfigError(f"unknown verb '{verb}'{did_you_mean(verb, VERBS)}; verbs: {', '.join(VERBS)}")
         cls, run, positional, desc = VERBS[verb]
-        cls = cls if isinstance(cls, type) else cls()
+        cls = cls if isinstance(cls, type) else cls()  # lazily imported config class
         if "-h" in rest or "--help" in rest:
             print(f"lmforge {verb}: {desc}\n\n{format_help(cls)}")
             return 0

@@ -13,7 +13,7 @@ gguf = pytest.importorskip("gguf")
 from lmforge.config import load_config  # noqa: E402
 from lmforge.errors import ConfigError  # noqa: E402
 from lmforge.models import Transformer, load_hf  # noqa: E402
-from lmforge.quant import Int4Linear, load_quantized  # noqa: E402
+from lmforge.quant import Int4Linear, Int8Linear, load_quantized  # noqa: E402
 from lmforge.quant.gguf_export import export_gguf  # noqa: E402
 from lmforge.quant.run import QuantizeConfig, run_quantize  # noqa: E402
 from lmforge.testing import TINY_CORPUS, make_tiny_checkpoint  # noqa: E402
@@ -158,3 +158,16 @@ def test_quantize_config_errors(ckpt):
         load_config(QuantizeConfig, overrides=[f"model={ckpt}", "group=32"])
     with pytest.raises(ConfigError, match="method 'awq' needs calibration text: set calib=PATH"):
         run_quantize(QuantizeConfig(model=str(ckpt), method="awq"))
+
+
+def test_cli_quantize_verb(ckpt, tmp_path, capsys):
+    from lmforge.cli import main
+
+    out = tmp_path / "cli-int8"
+    assert main(["quantize", str(ckpt), "--method", "int8", "--out", str(out), "--gguf", "q8_0"]) == 0
+    assert isinstance(load_quantized(out).layers[1].attn.o_proj, Int8Linear)
+    assert (out / "model.gguf").is_file()
+    assert main(["quantize", str(ckpt), "--method", "gptq"]) == 2
+    assert "needs calibration text" in capsys.readouterr().err
+    assert main(["quantize", "--help"]) == 0
+    assert "group_size" in capsys.readouterr().out

@@ -5,11 +5,11 @@ from .base import QuantLinear
 from .bitnet import BitLinear, PackedBitLinear, bitnet_linear_factory
 from .calibration import calibration_tokens
 from .linear import Int4Linear, Int8Linear, prepare_fast_path
-from .model import QUANT_LINEARS, load_quantized, quantize_model, quantized_size, save_quantized
+from .model import QUANT_LINEARS, load_quantized, quantize_model, quantized_linears, quantized_size, save_quantized
 from .nf4 import NF4Linear, NF4Tensor, dequantize_nf4, nf4_linear_factory, quantize_nf4
 from .qat import FakeQuantLinear, QATMethod, apply_qat, convert_qat, qat_linear_factory
 
 __all__ = ["QuantLinear", "BitLinear", "PackedBitLinear", "bitnet_linear_factory", "calibration_tokens",
            "Int4Linear", "Int8Linear", "prepare_fast_path", "QUANT_LINEARS", "load_quantized", "quantize_model",
-           "quantized_size", "save_quantized", "NF4Linear", "NF4Tensor", "dequantize_nf4", "nf4_linear_factory",
+           "quantized_linears", "quantized_size", "save_quantized", "NF4Linear", "NF4Tensor", "dequantize_nf4", "nf4_linear_factory",
            "quantize_nf4", "FakeQuantLinear", "QATMethod", "apply_qat", "convert_qat", "qat_linear_factory"]

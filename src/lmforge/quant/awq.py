@@ -36,8 +36,10 @@ def scaling_groups(block: nn.Module, targets: set[str]) -> list[tuple[nn.Module,
     groups = [(block.attn_norm, ["attn.q_proj", "attn.k_proj", "attn.v_proj"])]
     if cfg.kv_heads == cfg.n_heads and isinstance(attn.v_proj, nn.Linear):  # GQA shares v rows across heads
         groups.append((attn.v_proj, ["attn.o_proj"]))
-    groups.append((block.mlp_norm, ["mlp.gate_proj", "mlp.up_proj"] if mlp.gated else ["mlp.up_proj"]))
-    if mlp.gated and isinstance(mlp.up_proj, nn.Linear):  # down reads act(gate) * up: linear in up's rows
+    gated = getattr(mlp, "gated", None)  # None: not the dense MLP (e.g. mixture of experts): clipping only
+    if gated is not None:
+        groups.append((block.mlp_norm, ["mlp.gate_proj", "mlp.up_proj"] if gated else ["mlp.up_proj"]))
+    if gated and isinstance(mlp.up_proj, nn.Linear):  # down reads act(gate) * up: linear in up's rows
         groups.append((mlp.up_proj, ["mlp.down_proj"]))
     return [(prev, names) for prev, names in groups if all(n in targets for n in names)]
 

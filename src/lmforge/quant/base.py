@@ -24,7 +24,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
-        self._fast = None  # (kernel name, device-specific tensors) once prepare_fast_path() succeeded
+        self._fast = None  # (kernel name, device-specific tensors, device, input dtype) once prepare_fast_path() verified
 
     def options(self) -> dict:
         """Constructor options besides shapes and bias (what a checkpoint must record)."""

@@ -22,6 +22,8 @@ Public API (stable; QLoRA builds on it):
   dequantized to the input's dtype in every forward. ``NF4Linear.from_linear(linear)`` quantizes an ``nn.Linear``;
   ``.weight`` is the dequantized (out_features, in_features) weight (a new tensor, for merging/inspection);
   ``.nf4`` is the ``NF4Tensor`` view of its buffers; ``.bias`` is an ordinary frozen parameter or None.
+- ``NF4Linear.spec()``: ``{"type": "nf4", "bias": ..., "block_size": ..., "double_quant": ..., "dq_block_size": ...}``,
+  what `lmforge.quant.save_quantized` records so `load_quantized` can rebuild the module;
 - ``nf4_linear_factory(**opts)``: a ``linear(name, in, out, bias)`` factory for ``Transformer`` building NF4Linears
   (empty; fill them by loading a quantized state dict).
 """

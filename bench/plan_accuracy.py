@@ -104,6 +104,7 @@ def measure_cell(cfg, method, ckpt, seq, batch, args, device):
     from lmforge.train import Trainer, TrainConfig
     from lmforge.train.config import ModelSection, TrainSection
 
+    leftover = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # anything an earlier cell leaked
     model, m = build(cfg, method, args.rank, device)
     rows = rows_for(cfg, batch * (args.steps + 1), seq)
     tcfg = TrainConfig(model=ModelSection(tokenizer="unused"), data=DataConfig(path="unused"),
@@ -116,7 +117,7 @@ def measure_cell(cfg, method, ckpt, seq, batch, args, device):
         for _ in range(args.steps):
             trainer.train_step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() - leftover
     else:
         trainer.train_step()  # optimizer states exist from here on: measure a steady-state step
         state = [t for s in trainer.optimizer.state.values() for t in s.values()]
@@ -177,9 +178,14 @@ def main():
                     try:
                         measured, impl = measure_cell(cfg, method, ckpt, seq, batch, args, device)
                     except torch.OutOfMemoryError:
-                        gc.collect()
-                        torch.cuda.empty_cache()
                         measured, impl = None, "fused"
+                    except Exception as e:  # noqa: BLE001 - one broken cell must not cost the rest of the grid
+                        print(json.dumps({**row, "error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
+                        continue
+                    finally:
+                        gc.collect()
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
                     est = predict(cfg, method, ckpt, seq, batch, args.rank, impl, device)
                     row.update(predicted_gib=round(est.peak / 2**30, 3), phase=est.phase,
                                measured_gib=None if measured is None else round(measured / 2**30, 3),

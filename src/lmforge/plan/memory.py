@@ -35,7 +35,7 @@ LOSS_CHUNK_TOKENS = 4096  # lmforge.train.loss.causal_lm_loss_sum's default
 LOSS_FWD_BYTES = 8  # per chunk token x vocab entry: fp32 logits + fp32 log-softmax (bf16 logits freed by then)
 LOSS_BWD_BYTES = 12  # per chunk token x vocab entry: log-softmax (saved) + nll grad + log-softmax grad
 
-Method = Literal["full", "lora", "qlora", "freeze"]
+Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
 Optimizer = Literal["adamw", "adamw8bit", "sgd", "lomo", "badam", "galore"]
 Attention = Literal["auto", "masked", "flash", "flex", "eager"]
@@ -168,15 +168,12 @@ class Estimate:
 
 
 def _targets(setup: TrainSetup, cfg: ModelConfig) -> set[str]:
-    names = [li.name for li in layer_linears(cfg)]
-    t = setup.lora_targets
-    if t == "all-linear":
-        return set(names)
-    if isinstance(t, str):
-        import re
+    """Names of the block linears LoRA wraps, by PEFT's rules (lmforge.peft.lora.select_targets)."""
+    from ..peft.lora import select_targets
 
-        return {n for n in names if re.fullmatch(t, f"layers.0.x.{n}") or re.fullmatch(t, n)}
-    return {n for n in names if any(n == x or x.endswith("." + n) for x in t)}
+    paths = {f"layers.0.{'attn' if li.name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{li.name}": li.name
+             for li in layer_linears(cfg)}
+    return {paths[p] for p in select_targets(list(paths), setup.lora_targets)}
 
 
 def _lora_params(cfg: ModelConfig, setup: TrainSetup) -> int:
@@ -211,8 +208,6 @@ def _dtypes(setup: TrainSetup) -> _Dtypes:
 def _trainable_params(cfg: ModelConfig, setup: TrainSetup, counts: ParamCounts) -> int:
     if setup.method in ("lora", "qlora"):
         return _lora_params(cfg, setup)
-    if setup.method == "freeze":  # only the LM head / last layers: treat as the head + last layer
-        return (counts.head or counts.embed) + counts.layer
     if setup.optimizer == "badam":
         blocks = setup.badam_blocks or cfg.n_layers
         return math.ceil(cfg.n_layers / blocks) * counts.layer
@@ -378,9 +373,9 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     n_lab = max(1, int(n * setup.labeled_fraction))
     final_norm = (4 * d + 4 + (dt.residual * d if dt.norm_trainable else 0)) * n
     head_saved = final_norm + (dt.residual * d + 17) * n_lab  # + the labelled rows' hidden states, indices, targets
-    chunk = min(setup.loss_chunk_tokens, n_lab)
-    loss_fwd = LOSS_FWD_BYTES * chunk * V
-    loss_bwd = LOSS_BWD_BYTES * chunk * V
+    c = setup.loss_chunk_tokens
+    chunks = [min(c, n_lab - s) for s in range(0, n_lab, c)]  # the loss's chunks; backward runs them last first
+    loss_fwd = LOSS_FWD_BYTES * max(chunks) * V
 
     # bf16 copies autocast makes of fp32 trainable weights (full fine-tuning in mixed precision)
     lin_layer = sum(li.in_features * li.out_features for li in layer_linears(cfg))
@@ -405,8 +400,12 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     phases["forward end (loss chunk)"] = {**base, "gradients": prior_grads, "activations": acts,
                                           "autocast_weight_copies": L * copies_layer + head_copy,
                                           "loss_logits": loss_fwd}
+    # the first chunk's backward peaks before the LM head's weight gradient exists; later chunks find it allocated
+    loss_bwd, head_at_peak = max((LOSS_BWD_BYTES * size * V + (head_grad if i else 0), head_grad if i else 0)
+                                 for i, size in enumerate(reversed(chunks)))
+    loss_bwd -= head_at_peak
     phases["backward start (loss chunk)"] = {
-        **base, "gradients": max(prior_grads, head_grad), "activations": acts,
+        **base, "gradients": max(prior_grads, head_at_peak), "activations": acts,
         "autocast_weight_copies": (0 if ckpt else L * copies_layer) + head_copy, "loss_logits": loss_bwd}
     # one block at a time, from the last: blocks below keep activations, blocks above have gradients
     worst: dict[str, int] = {}

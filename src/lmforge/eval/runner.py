@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import Section
 from ..errors import ConfigError
@@ -40,6 +40,12 @@ class EvalConfig(Section):
     samples: int = Field(3, ge=0)
     """Example outputs kept per task in results.json."""
     seed: int = 0
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        """tasks=a.yaml,b.jsonl on the command line is a list too."""
+        return [t for t in v.split(",") if t] if isinstance(v, str) else v
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -9,13 +9,14 @@ from transformers import AutoModelForCausalLM
 
 from lmforge.errors import CheckpointError
 from lmforge.models import REGISTRY, config_from_hf, load_hf, save_hf
-from lmforge.testing import TINY_HF_CONFIGS, make_tiny_hf_model
+from lmforge.testing import CUSTOM_CODE_ARCHS, TINY_HF_CONFIGS, make_tiny_hf_model
 
 ATOL = 1e-4
 
 
 def test_every_registered_architecture_has_a_parity_fixture():
-    assert set(REGISTRY) <= set(TINY_HF_CONFIGS)
+    # custom-code checkpoints (ChatGLM) are compared with a reference forward in tests/test_glm.py instead
+    assert set(REGISTRY) <= set(TINY_HF_CONFIGS) | CUSTOM_CODE_ARCHS
 
 
 def _batch(vocab=128):
@@ -110,3 +111,24 @@ def test_missing_directory_and_bin_only_checkpoints(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="safetensors"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("windows", [dict(max_window_layers=1), dict(layer_types=["sliding_attention", "full_attention"])],
+                         ids=["max_window_layers", "layer_types"])
+@torch.no_grad()
+def test_qwen2_per_layer_sliding_windows_both_directions(tmp_path, windows):
+    """Qwen2 long-context configs window only some layers (use_sliding_window + max_window_layers / layer_types)."""
+    torch.manual_seed(0)
+    ref = make_tiny_hf_model("Qwen2ForCausalLM", tmp_path / "q", use_sliding_window=True, sliding_window=4, **windows)
+    model = load_hf(tmp_path / "q", progress=False)
+    expected_layer = 1 if "max_window_layers" in windows else 0
+    assert model.cfg.sliding_window == 4 and model.cfg.sliding_window_layers == (expected_layer,)
+    tokens, mask = _batch()
+    torch.testing.assert_close(model(tokens), ref(tokens).logits, atol=ATOL, rtol=0)
+    cache = model.new_cache(batch_size=2, max_len=12)
+    steps = [model(tokens[:, :3], cache=cache, slots=torch.arange(3))]
+    steps += [model(tokens[:, t:t + 1], cache=cache, slots=torch.tensor([t])) for t in range(3, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), model(tokens), atol=ATOL, rtol=0)
+    back = AutoModelForCausalLM.from_pretrained(save_hf(model, tmp_path / "out")).eval()
+    torch.testing.assert_close(back(tokens).logits, model(tokens), atol=ATOL, rtol=0)
+    assert load_hf(tmp_path / "out", progress=False).cfg == model.cfg

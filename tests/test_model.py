@@ -12,8 +12,12 @@ from lmforge.models.positions import alibi_slopes, rope_inv_freq
 PUBLISHED_PARAMS = {
     "llama-3-8b": 8_030_261_248, "llama-3.2-1b": 1_235_814_400, "qwen2.5-0.5b": 494_032_768,
     "qwen2.5-7b": 7_615_616_512, "mistral-7b": 7_248_023_552, "tinyllama-1.1b": 1_100_048_384,
-    "gpt2": 124_439_808, "bloom-560m": 559_214_592,
+    "gpt2": 124_439_808, "bloom-560m": 559_214_592, "mixtral-8x7b": 46_702_792_704,
+    "qwen1.5-moe-a2.7b": 14_315_784_192, "chatglm3-6b": 6_243_584_000, "glm-4-9b": 9_399_951_360,
+    "gemma-2b": 2_506_172_416, "gemma-7b": 8_537_680_896, "phi-2": 2_779_683_840, "phi-3-mini-4k": 3_821_079_552,
 }
+# Published "active" sizes of the MoE presets (parameters one token uses), in billions.
+PUBLISHED_ACTIVE_B = {"mixtral-8x7b": 12.9, "qwen1.5-moe-a2.7b": 2.7}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -23,6 +27,8 @@ def test_presets_have_published_parameter_counts(name):
     with torch.device("meta"):
         model = Transformer(cfg)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
+    if name in PUBLISHED_ACTIVE_B:
+        assert round(cfg.num_params(active=True) / 1e9, 1) == PUBLISHED_ACTIVE_B[name]
 
 
 def test_unknown_preset_suggests_the_nearest():
@@ -46,6 +52,11 @@ VARIANTS = {
     "learned": dict(pos="learned", norm="layer", mlp="gelu", act="gelu", qkv_bias=True, out_bias=True),
     "sinusoidal": dict(pos="sinusoidal", tie_embeddings=True),
     "sliding_window": dict(sliding_window=3),
+    "per_layer_window": dict(sliding_window=3, sliding_window_layers=(1,)),
+    "moe": dict(mlp="moe", moe_experts=4, moe_top_k=2, moe_shared_d_ff=16, moe_shared_gate=True),
+    "gemma": dict(norm_weight_offset=1.0, scale_embeddings=True, act="gelu_tanh", head_dim=16, n_kv_heads=1),
+    "phi_parallel": dict(parallel_block=True, norm="layer", mlp="gelu", rotary_fraction=0.5, qkv_bias=True,
+                         out_bias=True, mlp_bias=True, lm_head_bias=True),
 }
 
 
@@ -143,3 +154,85 @@ def test_activation_checkpointing_gives_identical_gradients():
 
     for g0, g1 in zip(grads(0), grads(2)):
         torch.testing.assert_close(g0, g1, atol=1e-6, rtol=0)
+
+
+def test_per_layer_windows_apply_only_to_their_layers():
+    torch.manual_seed(0)
+    base = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, sliding_window=2)
+    a = torch.randint(0, 50, (1, 6))
+    b = a.clone()
+    b[0, 0] = (a[0, 0] + 1) % 50
+    outs = {}
+    for name, layers in (("all", None), ("first", (0,)), ("second", (1,))):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**base, sliding_window_layers=layers)).eval()
+        with torch.no_grad():
+            outs[name] = (model(a)[:, -1], model(b)[:, -1])
+    # two windowed layers of width 2 reach 2 tokens back: token 0 cannot influence token 5
+    torch.testing.assert_close(*outs["all"])
+    # one full-attention layer lets token 0 through
+    assert not torch.allclose(*outs["first"]) and not torch.allclose(*outs["second"])
+    with pytest.raises(ValueError, match="sliding_window_layers is set but sliding_window is not"):
+        ModelConfig(**{**base, "sliding_window": None}, sliding_window_layers=(0,))
+
+
+@torch.no_grad()
+def test_gemma_norm_offset_and_embedding_scale():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=36, n_layers=1, n_heads=2, d_ff=64, norm_weight_offset=1.0,
+                      scale_embeddings=True)
+    model = Transformer(cfg)
+    assert torch.count_nonzero(model.norm.weight) == 0  # (1 + 0): fresh norms are the identity scale
+    x = torch.randn(3, 36)
+    model.norm.weight.normal_()
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * (1 + model.norm.weight)
+    torch.testing.assert_close(model.norm(x), want)
+    model.layers[0].attn.o_proj.weight.zero_()
+    model.layers[0].mlp.down_proj.weight.zero_()  # the residual stream is then the scaled embedding
+    tokens = torch.tensor([[3, 7]])
+    hidden = model.norm(model.embed(tokens) * 6.0)  # sqrt(36)
+    torch.testing.assert_close(model.hidden_states(tokens), hidden)
+
+
+def test_saving_as_an_arch_that_cannot_express_a_flag_is_a_one_line_error(tmp_path):
+    from lmforge.errors import CheckpointError
+    from lmforge.models import save_hf
+
+    cases = [
+        (dict(mlp="moe", moe_experts=2), "LlamaForCausalLM", "mlp='moe'.*MixtralForCausalLM"),
+        (dict(norm_weight_offset=1.0), "MistralForCausalLM", "norm_weight_offset=1.0.*GemmaForCausalLM"),
+        (dict(parallel_block=True), "Qwen2ForCausalLM", "parallel_block=True.*PhiForCausalLM"),
+        (dict(sliding_window=4, sliding_window_layers=(0,)), "MistralForCausalLM", "sliding_window_layers"),
+        (dict(rope_interleaved=True, rotary_fraction=0.5), "LlamaForCausalLM", "rotary_fraction=0.5"),
+        (dict(mlp="moe", moe_experts=2, moe_shared_d_ff=8), "MixtralForCausalLM", "no shared expert"),
+        (dict(mlp="moe", moe_experts=2, qkv_bias=True), "Qwen2MoeForCausalLM", "gated shared expert"),
+    ]
+    for fields, arch, match in cases:
+        model = Transformer(ModelConfig(arch=arch, vocab_size=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, **fields))
+        with pytest.raises(CheckpointError, match=match) as e:
+            save_hf(model, tmp_path / "x")
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "x" / "config.json").exists()  # nothing written
+
+
+@torch.no_grad()
+def test_rolling_cache_for_sliding_window_models_matches_the_full_forward():
+    from lmforge.models import RollingKVCache
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                                    sliding_window=4)).eval()
+    tokens = torch.randint(0, 50, (2, 24))
+    positions = torch.arange(24).expand(2, 24).clone()
+    positions[1, :2] = -1  # a left-padded row
+    full = model(tokens, positions)
+    cache = RollingKVCache(model.cfg, 2, window=4, chunk=3)  # ring of 6 slots for 24 positions
+    assert cache.max_len == 6
+    steps = [model(tokens[:, :9], positions[:, :9], cache=cache, slots=torch.arange(9))]  # longer than the ring
+    steps += [model(tokens[:, 9:12], positions[:, 9:12], cache=cache, slots=torch.arange(9, 12))]  # a 3-token chunk
+    steps += [model(tokens[:, t:t + 1], positions[:, t:t + 1], cache=cache, slots=torch.tensor([t]))
+              for t in range(12, 24)]  # decode: the ring wraps twice
+    torch.testing.assert_close(torch.cat(steps, 1)[positions >= 0], full[positions >= 0], atol=1e-5, rtol=0)
+    # generate() asks the model for its cache: long outputs of an all-windowed model get the ring automatically
+    assert isinstance(model.new_cache(1, 4096), RollingKVCache) and model.new_cache(1, 4096).k.shape[3] == 4 + 63
+    assert not isinstance(model.new_cache(1, 32), RollingKVCache)

@@ -22,10 +22,42 @@ TINY_HF_CONFIGS: dict[str, dict] = {
     "GPT2LMHeadModel": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, bos_token_id=1,
                             eos_token_id=2),
     "BloomForCausalLM": dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=128),
+    # Mixture of experts: 4 experts, top-2; Qwen2-MoE adds a gated shared expert, no top-k renormalization, a dense
+    # layer (mlp_only_layers) and a sliding window on one layer.
+    "MixtralForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=96, vocab_size=128, max_position_embeddings=128, num_local_experts=4,
+                               num_experts_per_tok=2),
+    "Qwen2MoeForCausalLM": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                                num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+                                vocab_size=128, max_position_embeddings=128, use_sliding_window=True,
+                                sliding_window=5, layer_types=["full_attention", "sliding_attention", "full_attention"]),
+    # Gemma: (1+w) RMSNorm, sqrt(d)-scaled embeddings, GeGLU, head_dim != d/heads, MQA, tied head.
+    "GemmaForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                             head_dim=32, intermediate_size=128, vocab_size=128, max_position_embeddings=128),
+    # Phi-2 layout: parallel attention + MLP, LayerNorm, partial rotary (half of 16 dims), biases, biased lm_head.
+    "PhiForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           vocab_size=128, max_position_embeddings=128, partial_rotary_factor=0.5),
+    # Phi-3: fused qkv_proj and gate_up_proj, GQA, a sliding window.
+    "Phi3ForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=128, vocab_size=128, max_position_embeddings=128, sliding_window=7,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # GLM-4: interleaved rotary on half of each head, q/k/v bias, fused gate_up_proj, GQA.
+    "GlmForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=128, vocab_size=128, max_position_embeddings=128,
+                           pad_token_id=0, eos_token_id=2),
 }
 
 _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
-                   "Qwen2ForCausalLM": "Qwen2Config", "GPT2LMHeadModel": "GPT2Config", "BloomForCausalLM": "BloomConfig"}
+                   "Qwen2ForCausalLM": "Qwen2Config", "GPT2LMHeadModel": "GPT2Config", "BloomForCausalLM": "BloomConfig",
+                   "MixtralForCausalLM": "MixtralConfig", "Qwen2MoeForCausalLM": "Qwen2MoeConfig",
+                   "GemmaForCausalLM": "GemmaConfig", "PhiForCausalLM": "PhiConfig", "Phi3ForCausalLM": "Phi3Config",
+                   "GlmForCausalLM": "GlmConfig"}
+
+# Architectures whose modeling code ships inside the checkpoint (trust_remote_code), so transformers has no class to
+# compare with: their parity tests use a reference forward written from the published architecture instead
+# (tests/test_glm.py for ChatGLM).
+CUSTOM_CODE_ARCHS = {"ChatGLMModel", "ChatGLMForConditionalGeneration"}
 
 
 def make_tiny_hf_model(arch: str, out_dir: str | Path | None = None, **overrides):

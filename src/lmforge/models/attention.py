@@ -16,17 +16,22 @@ def allowed_keys(
     query_slots: torch.Tensor,  # (T,) index of each query among the S keys
     sliding_window: int | None = None,
     document_ids: torch.Tensor | None = None,  # (B, T == S) packed rows: which document each token belongs to
+    prefix_lengths: torch.Tensor | None = None,  # (B,) prefix-LM: positions below it attend bidirectionally
 ) -> torch.Tensor:
     """Boolean (B, 1, T, S): may query t attend to key s?
 
     A query sees real keys at or before its own position (and within the window), and in packed rows only keys of its
-    own document. It always sees its own slot, so a padding query never has an empty row (an empty row gives NaN in
-    softmax, and NaN * 0 still poisons real rows).
+    own document. Prefix-LM: queries and keys both inside the prefix see each other regardless of order. A query
+    always sees its own slot, so a padding query never has an empty row (an empty row gives NaN in softmax, and
+    NaN * 0 still poisons real rows).
     """
     q, k = positions[:, :, None], key_positions[:, None, :]  # (B, T, 1), (B, 1, S)
     allowed = (k <= q) & (k >= 0)
     if sliding_window is not None:
         allowed &= (q - k) < sliding_window
+    if prefix_lengths is not None:
+        prefix = prefix_lengths.to(positions.device)[:, None, None]
+        allowed |= (q >= 0) & (q < prefix) & (k >= 0) & (k < prefix)
     if document_ids is not None:
         allowed &= document_ids[:, :, None] == document_ids[:, None, :]
     own_slot = query_slots[:, None] == torch.arange(key_positions.shape[1], device=positions.device)  # (T, S)
@@ -46,9 +51,11 @@ def alibi_bias(
     return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
 
-def document_block_mask(positions: torch.Tensor, document_ids: torch.Tensor, sliding_window: int | None = None):
+def document_block_mask(positions: torch.Tensor, document_ids: torch.Tensor, sliding_window: int | None = None,
+                        prefix_lengths: torch.Tensor | None = None):
     """A flex_attention BlockMask for packed rows: causal within each document (positions restart per document,
-    slots order the tokens), padding (-1) sees only itself. Built once per batch and shared by every layer."""
+    slots order the tokens), padding (-1) sees only itself; with `prefix_lengths` (B,) each document's first tokens
+    see each other both ways. Built once per batch and shared by every layer with the same window."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -56,6 +63,9 @@ def document_block_mask(positions: torch.Tensor, document_ids: torch.Tensor, sli
         ok = (kv_idx <= q_idx) & same & (positions[b, kv_idx] >= 0)
         if sliding_window is not None:
             ok = ok & (q_idx - kv_idx < sliding_window)
+        if prefix_lengths is not None:
+            qp, kp, n = positions[b, q_idx], positions[b, kv_idx], prefix_lengths[b]
+            ok = ok | (same & (qp >= 0) & (qp < n) & (kp >= 0) & (kp < n))
         return ok | (q_idx == kv_idx)
 
     B, T = document_ids.shape

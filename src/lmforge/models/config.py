@@ -42,20 +42,35 @@ class ModelConfig(BaseModel):
 
     norm: Literal["rms", "layer"] = "rms"
     norm_eps: float = Field(1e-5, gt=0)
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores w around 0 and uses 1.0
+    mlp: Literal["swiglu", "gelu", "moe"] = "swiglu"  # moe: a router over gated (SwiGLU/GeGLU) experts
     act: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"  # the MLP nonlinearity (gate activation for swiglu)
+    parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm(x)) with one norm per layer (Phi, GPT-J)
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma)
+
+    # Mixture of experts (mlp="moe"); see lmforge.models.moe.
+    moe_experts: int = Field(0, ge=0)  # routed experts per MoE layer
+    moe_top_k: int = Field(2, ge=1)  # experts each token is sent to
+    moe_d_ff: int | None = None  # each routed expert's hidden size; None -> d_ff
+    moe_norm_topk: bool = True  # renormalize the top-k routing weights to sum to 1 (Mixtral; Qwen1.5-MoE: false)
+    moe_shared_d_ff: int = Field(0, ge=0)  # hidden size of an always-on shared expert (Qwen2-MoE/DeepSeek); 0 = none
+    moe_shared_gate: bool = False  # scale the shared expert by sigmoid(x . w) (Qwen2-MoE)
+    moe_dense_layers: tuple[int, ...] = ()  # layers that keep a dense SwiGLU MLP of d_ff (Qwen2-MoE mlp_only_layers)
+    moe_z_loss_weight: float = Field(0.0, ge=0)  # router z-loss (ST-MoE), relative to the load-balancing loss
 
     pos: Literal["rope", "alibi", "learned", "sinusoidal", "none"] = "rope"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     rotary_fraction: float = Field(1.0, gt=0, le=1)  # share of each head's dims that rotate (ChatGLM: 0.5)
     rope_interleaved: bool = False  # rotate pairs (0,1),(2,3).. (GPT-J/GLM) instead of halves (Llama/NeoX)
-    sliding_window: int | None = None  # each token sees at most this many keys (Mistral v0.1)
+    sliding_window: int | None = Field(None, gt=0)  # each token sees at most this many keys (Mistral v0.1)
+    sliding_window_layers: tuple[int, ...] | None = None  # layers that use the window; None = all (Qwen2, Gemma-2)
 
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2, GPT-2, BLOOM)
     out_bias: bool = False  # bias on the attention output projection (GPT-2, BLOOM)
     mlp_bias: bool = False  # bias on MLP projections (GPT-2, BLOOM)
     embed_norm: bool = False  # a norm right after the token embedding (BLOOM)
+    lm_head_bias: bool = False  # bias on the output layer (Phi)
     tie_embeddings: bool = False
     max_seq_len: int = Field(4096, gt=0)
 
@@ -84,6 +99,22 @@ class ModelConfig(BaseModel):
             raise ValueError(f"rotary dims ({self.rotary_dim}) must be even; adjust rotary_fraction or head_dim")
         if self.pos == "sinusoidal" and self.d_model % 2:
             raise ValueError("sinusoidal positions need an even d_model")
+        if self.mlp == "moe" and not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError(f"mlp=moe needs 1 <= moe_top_k ({self.moe_top_k}) <= moe_experts ({self.moe_experts})")
+        if self.mlp != "moe" and (self.moe_experts or self.moe_shared_d_ff):
+            raise ValueError("moe_experts/moe_shared_d_ff are set but mlp is not 'moe'; set mlp=moe or drop them")
+        if self.moe_shared_gate and not self.moe_shared_d_ff:
+            raise ValueError("moe_shared_gate needs a shared expert; set moe_shared_d_ff")
+        for name in ("moe_dense_layers", "sliding_window_layers"):
+            bad = [i for i in getattr(self, name) or () if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"{name} has layer index {bad[0]} outside 0..{self.n_layers - 1}")
+        if self.sliding_window_layers is not None and self.sliding_window is None:
+            raise ValueError("sliding_window_layers is set but sliding_window is not; set the window size")
+        if self.lm_head_bias and self.tie_embeddings:
+            raise ValueError("lm_head_bias needs an untied output layer; set tie_embeddings=false")
+        if self.parallel_block and self.mlp == "moe":
+            raise ValueError("parallel_block with mlp=moe is not supported")
         return self
 
     # Derived sizes: computed, never stored, so they cannot disagree with the fields.
@@ -100,20 +131,44 @@ class ModelConfig(BaseModel):
         return int(self.dim_per_head * self.rotary_fraction)
 
     @property
+    def expert_d_ff(self) -> int:
+        return self.moe_d_ff or self.d_ff
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.mlp == "moe" and layer not in self.moe_dense_layers
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer` (None: full causal attention)."""
+        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
+            return self.sliding_window
+        return None
+
+    @property
     def stop_token_ids(self) -> list[int]:
         eos = self.eos_token_id
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
-    def num_params(self, include_embeddings: bool = True) -> int:
-        """Parameter count computed from the config alone (no model needed): what `lmforge info`/plan report."""
-        d, hd, f = self.d_model, self.dim_per_head, self.d_ff
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count computed from the config alone (no model needed): what `lmforge info`/plan report.
+
+        `active=True` counts what one token uses: the top-k routed experts of each MoE layer instead of all of them.
+        """
+        d, hd = self.d_model, self.dim_per_head
         q, kv = self.n_heads * hd, self.kv_heads * hd
         attn = d * (q + 2 * kv) + q * d + (q + 2 * kv) * self.qkv_bias + d * self.out_bias
-        mlp = (3 if self.mlp == "swiglu" else 2) * d * f + (f * (2 if self.mlp == "swiglu" else 1) + d) * self.mlp_bias
+
+        def swiglu(f: int, bias: bool = False) -> int:
+            return 3 * d * f + (2 * f + d) * bias
+
+        dense = swiglu(self.d_ff, self.mlp_bias) if self.mlp != "gelu" else 2 * d * self.d_ff + (self.d_ff + d) * self.mlp_bias
+        experts = self.moe_top_k if active else self.moe_experts
+        moe = (experts * swiglu(self.expert_d_ff) + self.moe_experts * d  # routed experts + router
+               + swiglu(self.moe_shared_d_ff) + d * self.moe_shared_gate)
         norm = d * (2 if self.norm == "layer" else 1)
-        per_layer = attn + mlp + 2 * norm
-        total = self.n_layers * per_layer + norm  # + final norm
+        total = norm  # final norm
+        for layer in range(self.n_layers):
+            total += attn + (moe if self.is_moe_layer(layer) else dense) + norm * (1 if self.parallel_block else 2)
         if include_embeddings:
-            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2) + self.vocab_size * self.lm_head_bias
             total += self.max_seq_len * d * (self.pos == "learned") + norm * self.embed_norm
         return total

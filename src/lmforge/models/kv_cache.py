@@ -42,3 +42,46 @@ class KVCache(nn.Module):
 
     def reset(self) -> None:
         self.key_positions.fill_(-1)
+
+
+class RollingKVCache(KVCache):
+    """A ring buffer for models whose every layer uses a sliding window (Mistral v0.1, Phi-3): memory for
+    `window + chunk - 1` positions however long the generation runs, instead of one slot per position.
+
+    Slot s lives at ring index s % max_len. A step of T tokens with max_len >= window + T - 1 (every decode step)
+    writes first and attends over the ring: what it overwrites is older than any of its queries' windows. A longer
+    step (a long prompt) attends over [ring before the write | its own keys] and then keeps its last max_len tokens.
+    The attention mask still comes from positions (stale or empty entries fall outside the window or are -1).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, window: int, chunk: int = 64, dtype=torch.float32,
+                 device=None):
+        super().__init__(cfg, batch_size, window + chunk - 1, dtype=dtype, device=device)
+        self.window = window
+        self._appended = False  # the current step attends over ring + its own keys (a long prefill)
+
+    def _fits(self, n_new: int) -> bool:
+        return self.max_len >= self.window + n_new - 1
+
+    def write_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        L = self.max_len
+        self._appended = not self._fits(slots.shape[0])
+        if not self._appended:
+            return super().write_positions(slots % L, positions)
+        before = self.key_positions.clone()
+        super().write_positions(slots[-L:] % L, positions[:, -L:])
+        return torch.cat([before, positions], 1)  # (B, L + T)
+
+    def query_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Index of each new token's own key among the keys `update` returns."""
+        if self._appended:
+            return self.max_len + torch.arange(slots.shape[0], device=slots.device)
+        return slots % self.max_len
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        L = self.max_len
+        if not self._appended:
+            return super().update(layer, slots % L, k, v)
+        k_all, v_all = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        super().update(layer, slots[-L:] % L, k[:, :, -L:], v[:, :, -L:])
+        return k_all, v_all

@@ -45,6 +45,47 @@ PRESETS: dict[str, dict] = {
         n_heads=16, d_ff=4096, norm="layer", mlp="gelu", act="gelu_tanh", pos="alibi", qkv_bias=True,
         out_bias=True, mlp_bias=True, embed_norm=True, tie_embeddings=True, max_seq_len=2048, bos_token_id=1,
         eos_token_id=2),
+    # Mixture of experts: 8 experts top-2 (46.7B total, 12.9B active); 60 experts top-4 + gated shared expert (14.3B
+    # total, 2.7B active).
+    "mixtral-8x7b": dict(
+        hf_repo="mistralai/Mixtral-8x7B-v0.1", arch="MixtralForCausalLM", vocab_size=32000, d_model=4096,
+        n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, mlp="moe", moe_experts=8, moe_top_k=2,
+        rope_theta=1000000.0, norm_eps=1e-5, max_seq_len=32768, bos_token_id=1, eos_token_id=2),
+    "qwen1.5-moe-a2.7b": dict(
+        hf_repo="Qwen/Qwen1.5-MoE-A2.7B", arch="Qwen2MoeForCausalLM", vocab_size=151936, d_model=2048, n_layers=24,
+        n_heads=16, d_ff=5632, mlp="moe", moe_experts=60, moe_top_k=4, moe_d_ff=1408, moe_norm_topk=False,
+        moe_shared_d_ff=5632, moe_shared_gate=True, qkv_bias=True, rope_theta=1000000.0, norm_eps=1e-6,
+        max_seq_len=8192, bos_token_id=151643, eos_token_id=151643),
+    # GLM: ChatGLM3 (custom-code ChatGLMModel checkpoint) and GLM-4 (transformers' GlmForCausalLM); both use MQA with
+    # 2 groups, q/k/v bias and interleaved rotary on half of each 128-dim head.
+    "chatglm3-6b": dict(
+        hf_repo="THUDM/chatglm3-6b", arch="ChatGLMModel", vocab_size=65024, d_model=4096, n_layers=28, n_heads=32,
+        n_kv_heads=2, head_dim=128, d_ff=13696, rotary_fraction=0.5, rope_interleaved=True, qkv_bias=True,
+        norm_eps=1e-5, max_seq_len=8192, eos_token_id=2, pad_token_id=0),
+    "glm-4-9b": dict(
+        hf_repo="THUDM/glm-4-9b-hf", arch="GlmForCausalLM", vocab_size=151552, d_model=4096, n_layers=40, n_heads=32,
+        n_kv_heads=2, head_dim=128, d_ff=13696, rotary_fraction=0.5, rope_interleaved=True, qkv_bias=True,
+        norm_eps=1.5625e-07, max_seq_len=8192, eos_token_id=[151329, 151336, 151338], pad_token_id=151329),
+    # Gemma: (1 + w) RMSNorm, sqrt(d)-scaled embeddings, GeGLU, 256-dim heads, tied head.
+    "gemma-2b": dict(
+        hf_repo="google/gemma-2b", arch="GemmaForCausalLM", vocab_size=256000, d_model=2048, n_layers=18, n_heads=8,
+        n_kv_heads=1, head_dim=256, d_ff=16384, act="gelu_tanh", norm_weight_offset=1.0, scale_embeddings=True,
+        norm_eps=1e-6, tie_embeddings=True, max_seq_len=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    "gemma-7b": dict(
+        hf_repo="google/gemma-7b", arch="GemmaForCausalLM", vocab_size=256000, d_model=3072, n_layers=28, n_heads=16,
+        head_dim=256, d_ff=24576, act="gelu_tanh", norm_weight_offset=1.0, scale_embeddings=True, norm_eps=1e-6,
+        tie_embeddings=True, max_seq_len=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    # Phi-2: parallel attention + MLP, LayerNorm, rotary on 40% of each head, biases everywhere (lm_head too).
+    "phi-2": dict(
+        hf_repo="microsoft/phi-2", arch="PhiForCausalLM", vocab_size=51200, d_model=2560, n_layers=32, n_heads=32,
+        d_ff=10240, norm="layer", mlp="gelu", act="gelu_tanh", parallel_block=True, rotary_fraction=0.4,
+        qkv_bias=True, out_bias=True, mlp_bias=True, lm_head_bias=True, max_seq_len=2048, bos_token_id=50256,
+        eos_token_id=50256),
+    # Phi-3: the Llama layout stored fused (qkv_proj, gate_up_proj), with a 2047-token sliding window.
+    "phi-3-mini-4k": dict(
+        hf_repo="microsoft/Phi-3-mini-4k-instruct", arch="Phi3ForCausalLM", vocab_size=32064, d_model=3072,
+        n_layers=32, n_heads=32, d_ff=8192, sliding_window=2047, norm_eps=1e-5, max_seq_len=4096, bos_token_id=1,
+        eos_token_id=32000, pad_token_id=32000),
 }
 
 

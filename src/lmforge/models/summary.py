@@ -24,6 +24,7 @@ def model_summary(cfg: ModelConfig, path: Path | None = None) -> dict:
         "architecture": cfg.arch,
         "parameters": params,
         "parameters_without_embeddings": cfg.num_params(include_embeddings=False),
+        "active_parameters_per_token": cfg.num_params(active=True),  # MoE: the top-k experts only
         "weight_bytes": {dt: int(params * b) for dt, b in BYTES_PER_PARAM.items()},
         "kv_cache_bytes_per_token_bf16": 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * 2,
         "config": cfg.model_dump(exclude_defaults=False, mode="json"),
@@ -47,11 +48,14 @@ def format_summary(s: dict) -> str:
         f"parameters     {s['parameters']:,} ({s['parameters'] / 1e9:.3f} B; "
         f"{s['parameters_without_embeddings']:,} without embeddings)",
         f"layers         {c['n_layers']} × d_model {c['d_model']}, d_ff {c['d_ff']}, mlp {c['mlp']}/{c['act']}, "
-        f"norm {c['norm']}",
+        f"norm {c['norm']}" + (", parallel attention+MLP" if c["parallel_block"] else ""),
         f"attention      {attn}: {c['n_heads']} heads, {c['n_kv_heads'] or c['n_heads']} kv heads, "
         f"head_dim {c['head_dim'] or c['d_model'] // c['n_heads']}, positions {c['pos']}"
         + (f" (theta {c['rope_theta']:g}" + (f", {c['rope_scaling']['type']} ×{c['rope_scaling']['factor']:g}"
                                               if c["rope_scaling"] else "") + ")" if c["pos"] == "rope" else ""),
+        *([f"experts        {c['moe_experts']} routed (top-{c['moe_top_k']}, d_ff {c['moe_d_ff'] or c['d_ff']})"
+           + (f" + shared d_ff {c['moe_shared_d_ff']}" if c["moe_shared_d_ff"] else "")
+           + f"; {s['active_parameters_per_token']:,} parameters active per token"] if c["mlp"] == "moe" else []),
         f"vocab          {c['vocab_size']:,}, tied embeddings: {c['tie_embeddings']}, max_seq_len {c['max_seq_len']:,}",
         "weights        " + ", ".join(f"{dt} {human_bytes(b)}" for dt, b in s["weight_bytes"].items()),
         f"kv cache       {human_bytes(s['kv_cache_bytes_per_token_bf16'])} per token (bf16)",

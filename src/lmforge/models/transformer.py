@@ -16,7 +16,8 @@ from torch import nn
 
 from .attention import alibi_bias, allowed_keys, attend, document_block_mask
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, RollingKVCache
+from .moe import MoE, moe_aux_loss
 from .positions import alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_embedding
 
 try:
@@ -27,6 +28,7 @@ except ImportError:  # torch < 2.5
     _HAS_FLEX = False
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
+RING_CHUNK = 64  # a rolling cache takes steps of up to this many tokens without copying (longer prefills concat)
 
 
 def default_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -34,20 +36,28 @@ def default_linear(name: str, in_features: int, out_features: int, bias: bool) -
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 and cast back (as Llama does, so bf16 matches the reference)."""
+    """x / rms(x) * weight, computed in fp32 and cast back (as Llama does, so bf16 matches the reference).
 
-    def __init__(self, dim: int, eps: float):
+    With an `offset` (Gemma: 1.0) the scale is (offset + weight), applied in fp32 before the cast, as Gemma does.
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
-    return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    if cfg.norm == "rms":
+        return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_weight_offset)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -84,16 +94,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)).  GELU-style: down(act(up(x)))."""
+    """Gated (SwiGLU/GeGLU): down(act(gate(x)) * up(x)).  GELU-style: down(act(up(x))).
 
-    def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory):
+    `d_ff`/`gated` default to the config's dense MLP; MoE experts pass their own size (always gated, no bias).
+    """
+
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, d_ff: int | None = None,
+                 gated: bool | None = None):
         super().__init__()
         self.act = ACTIVATIONS[cfg.act]
-        self.gated = cfg.mlp == "swiglu"
+        self.gated = cfg.mlp != "gelu" if gated is None else gated
+        f, bias = d_ff or cfg.d_ff, cfg.mlp_bias and d_ff is None
         if self.gated:
-            self.gate_proj = linear(f"{prefix}.gate_proj", cfg.d_model, cfg.d_ff, cfg.mlp_bias)
-        self.up_proj = linear(f"{prefix}.up_proj", cfg.d_model, cfg.d_ff, cfg.mlp_bias)
-        self.down_proj = linear(f"{prefix}.down_proj", cfg.d_ff, cfg.d_model, cfg.mlp_bias)
+            self.gate_proj = linear(f"{prefix}.gate_proj", cfg.d_model, f, bias)
+        self.up_proj = linear(f"{prefix}.up_proj", cfg.d_model, f, bias)
+        self.down_proj = linear(f"{prefix}.down_proj", f, cfg.d_model, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
@@ -101,15 +116,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); with `parallel_block` (Phi) both branches
+    read the same normed input and there is no second norm. The MLP is dense or a mixture of experts."""
+
     def __init__(self, cfg: ModelConfig, layer: int, linear: LinearFactory):
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, f"layers.{layer}.attn", linear, layer)
-        self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg, f"layers.{layer}.mlp", linear)
+        self.mlp_norm = None if cfg.parallel_block else make_norm(cfg)
+        prefix = f"layers.{layer}.mlp"
+        self.mlp = MoE(cfg, prefix, linear, MLP) if cfg.is_moe_layer(layer) else MLP(cfg, prefix, linear)
 
     def forward(self, x, rope, mask, cache, slots):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, slots)
+        h = self.attn_norm(x)
+        if self.mlp_norm is None:
+            return x + self.attn(h, rope, mask, cache, slots) + self.mlp(h)
+        x = x + self.attn(h, rope, mask, cache, slots)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -121,12 +143,13 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.checkpoint_every = 0  # activation checkpointing: recompute every N-th block in backward (0 = off)
         self.attention_backend = "auto"  # "auto" | "sdpa" | "flex": how packed rows are masked
+        self.aux_loss: torch.Tensor | None = None  # MoE load-balancing (+ z) loss of the last training forward
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.layers = nn.ModuleList(Block(cfg, i, linear) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else linear("lm_head", cfg.d_model, cfg.vocab_size, False)
+        self.lm_head = None if cfg.tie_embeddings else linear("lm_head", cfg.d_model, cfg.vocab_size, cfg.lm_head_bias)
         # Derived constants, rebuilt (not loaded) so checkpoints never carry them.
         self.register_buffer("rope_inv_freq", torch.empty(0), persistent=False)
         self.register_buffer("alibi_slopes", torch.empty(0), persistent=False)
@@ -150,7 +173,8 @@ class Transformer(nn.Module):
             if p.device.type == "meta":
                 continue
             if p.ndim == 1:  # norms and biases
-                p.fill_(1.0) if name.endswith("norm.weight") else p.zero_()
+                offset = self.cfg.norm_weight_offset if self.cfg.norm == "rms" else 0.0
+                p.fill_(1.0 - offset) if name.endswith("norm.weight") else p.zero_()
             else:
                 scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
                 p.normal_(0.0, std * scale)
@@ -163,19 +187,27 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,  # (T,) cache slots the new tokens fill; needed with `cache`
         document_ids: torch.Tensor | None = None,  # (B, T) packed rows: tokens attend within their document only
+        prefix_lengths: torch.Tensor | None = None,  # (B,) prefix-LM: positions < this attend bidirectionally
     ) -> torch.Tensor:
         """Logits (B, T, vocab)."""
-        return self.logits(self.hidden_states(tokens, positions, attention_mask, cache, slots, document_ids))
+        return self.logits(self.hidden_states(tokens, positions, attention_mask, cache, slots, document_ids,
+                                              prefix_lengths))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
 
     def hidden_states(self, tokens, positions=None, attention_mask=None, cache=None, slots=None,
-                      document_ids=None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, d_model): what the LM head, a value head or a fused loss consumes."""
+                      document_ids=None, prefix_lengths=None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model): what the LM head, a value head or a fused loss consumes.
+
+        `prefix_lengths` (B,) turns on prefix-LM attention (GLM's blank infilling, T5-style prefix LM): tokens at
+        positions below it see each other in both directions (within their document); later tokens stay causal.
+        In training mode an MoE model leaves its auxiliary loss in `self.aux_loss` (padding excluded).
+        """
         B, T = tokens.shape
         device = tokens.device
-        padded = positions is not None or attention_mask is not None or document_ids is not None
+        padded = (positions is not None or attention_mask is not None or document_ids is not None
+                  or prefix_lengths is not None)
         if positions is None:
             if attention_mask is not None:  # left/right padding: count real tokens only, pads get -1
                 positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
@@ -186,6 +218,8 @@ class Transformer(nn.Module):
             raise ValueError("forward with a KV cache needs `slots`: the cache indices the new tokens fill")
 
         x = self.embed(tokens)  # (B, T, d_model)
+        if self.cfg.scale_embeddings:  # Gemma: sqrt(d) rounded to the activation dtype, as the reference does
+            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype, device=device)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions.clamp(min=0))
         elif self.cfg.pos == "sinusoidal":
@@ -195,18 +229,27 @@ class Transformer(nn.Module):
 
         rope = rope_cos_sin(positions, self.rope_inv_freq, x.dtype) if self.cfg.pos == "rope" else None
         if cache is not None:
-            key_positions, query_slots = cache.write_positions(slots, positions), slots
+            key_positions = cache.write_positions(slots, positions)
+            query_slots = cache.query_slots(slots) if hasattr(cache, "query_slots") else slots  # ring buffers
         else:
             key_positions, query_slots = positions, torch.arange(T, device=device)
-        if document_ids is not None and self.use_flex_attention(tokens):
-            mask = document_block_mask(positions, document_ids, self.cfg.sliding_window)
-        else:
-            mask = self._mask(positions, key_positions, query_slots, padded or cache is not None, document_ids)
+        windows = [self.cfg.layer_window(i) for i in range(len(self.layers))]
+        masks = {}  # one mask per distinct window (full / sliding), built once and shared by the layers using it
+        for window in dict.fromkeys(windows):
+            if document_ids is not None and self.use_flex_attention(tokens):
+                masks[window] = document_block_mask(positions, document_ids, window, prefix_lengths)
+            else:
+                masks[window] = self._mask(positions, key_positions, query_slots, padded or cache is not None,
+                                           document_ids, window, prefix_lengths)
         for i, block in enumerate(self.layers):
+            mask = masks[windows[i]]
             if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, slots, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache, slots)
+        if self.cfg.mlp == "moe":
+            moe_layers = [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
+            self.aux_loss = moe_aux_loss(moe_layers, self.cfg, positions >= 0) if self.training else None
         return self.norm(x)
 
     def use_flex_attention(self, tokens: torch.Tensor) -> bool:
@@ -215,16 +258,22 @@ class Transformer(nn.Module):
         return self.attention_backend == "flex" or (
             self.attention_backend == "auto" and tokens.is_cuda and self.cfg.pos != "alibi" and _HAS_FLEX)
 
-    def _mask(self, positions, key_positions, query_slots, needs_mask: bool, document_ids=None):
+    def _mask(self, positions, key_positions, query_slots, needs_mask: bool, document_ids=None, window=None,
+              prefix_lengths=None):
         """None (plain causal SDPA) when nothing but causality applies; else a bool mask or an ALiBi bias."""
         cfg = self.cfg
-        if not needs_mask and cfg.pos != "alibi" and cfg.sliding_window is None:
+        if not needs_mask and cfg.pos != "alibi" and window is None:
             return None
-        allowed = allowed_keys(positions, key_positions, query_slots, cfg.sliding_window, document_ids)
+        allowed = allowed_keys(positions, key_positions, query_slots, window, document_ids, prefix_lengths)
         if cfg.pos == "alibi":
             return alibi_bias(allowed, positions, key_positions, self.alibi_slopes, self.embed.weight.dtype)
         return allowed
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        w = self.embed.weight
-        return KVCache(self.cfg, batch_size, max_len, dtype=w.dtype, device=w.device)
+        """A static KV cache for `max_len` positions; a ring buffer of about the window instead when every layer
+        uses a sliding window and `max_len` is longer than that (memory stays flat however long the output)."""
+        w, cfg = self.embed.weight, self.cfg
+        ring = cfg.sliding_window is not None and cfg.sliding_window_layers is None
+        if ring and max_len > cfg.sliding_window + RING_CHUNK - 1:
+            return RollingKVCache(cfg, batch_size, cfg.sliding_window, RING_CHUNK, dtype=w.dtype, device=w.device)
+        return KVCache(cfg, batch_size, max_len, dtype=w.dtype, device=w.device)

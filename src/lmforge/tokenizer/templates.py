@@ -16,6 +16,12 @@ Each renders the published prompt format of its family (with ``chat.render_chat_
   ``add_generation_prompt`` adds nothing.
 - ``alpaca``:  the Stanford Alpaca prompt: a system message or the default preamble, then
   ``### Instruction:\n{user}\n\n`` and ``### Response:\n{answer}</s>``; generation prompt ``### Response:\n``.
+- ``glm3``:    ``[gMASK]sop<|system|>\n {system}<|user|>\n {user}<|assistant|>\n {answer}`` (ChatGLM3-6B's published
+  template; the space after each newline is its SentencePiece prefix). No end-of-turn token: the next role token
+  ends a turn, so ``<|user|>``/``<|observation|>`` are stop tokens. Generation prompt ``<|assistant|>``.
+- ``glm4``:    ``[gMASK]<sop><|system|>\n{system}<|user|>\n{user}<|assistant|>\n{answer}`` (GLM-4-9B-chat without its
+  tool-use system prompt); messages without content are skipped, as GLM-4's template does. Generation prompt
+  ``<|assistant|>``; stop on ``<|user|>``/``<|observation|>``/``<|endoftext|>``.
 """
 from __future__ import annotations
 
@@ -137,12 +143,36 @@ _ALPACA = r"""
 {%- endif %}
 """
 
+_CHATGLM3 = r"""
+{{- '[gMASK]sop' }}
+{%- for message in messages %}
+{{- '<|' + message['role'] + '|>\n ' + message['content'] }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|assistant|>' }}
+{%- endif %}
+"""
+
+_GLM4 = r"""
+{{- '[gMASK]<sop>' }}
+{%- for message in messages %}
+{%- if message['content'] %}
+{{- '<|' + message['role'] + '|>\n' + message['content'] }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|assistant|>' }}
+{%- endif %}
+"""
+
 BUILTIN_TEMPLATES: dict[str, str] = {
     "llama3": _LLAMA3.strip(),
     "chatml": _CHATML.strip(),
     "qwen": _QWEN.strip(),
     "mistral": _MISTRAL.strip(),
     "alpaca": _ALPACA.strip(),
+    "glm3": _CHATGLM3.strip(),  # ChatGLM3 (LLaMA-Factory calls it chatglm3)
+    "glm4": _GLM4.strip(),
 }
 
 

@@ -206,12 +206,14 @@ def recommend(cfg: ModelConfig, base: TrainSetup, budget: int, gpu: str = "h100"
     for method in methods or ["full", "lora", "qlora"]:
         for precision in (["bf16", "bf16-pure"] if method == "full" else ["bf16"]):
             for ckpt in (False, True):
-                for stage in ([0, 1, 2, 3] if base.gpus > 1 else [0]):
+                # ZeRO matters for full fine-tuning; adapters' states are small, plain data parallel suffices
+                for stage in ([0, 1, 2, 3] if base.gpus > 1 and method == "full" else [0]):
                     s = replace(base, method=method, precision=precision, activation_checkpointing=ckpt,
                                 zero_stage=stage, micro_batch=1)
                     b = min(max_micro_batch(cfg, s, budget, ov, limit=max(base.micro_batch, 1)), base.micro_batch)
                     s = replace(s, micro_batch=max(b, 1))
-                    tps = train_tokens_per_s(cfg, s, gpu, efficiency) * (0.9 if stage == 3 else 1.0)
+                    # communication: ZeRO-2 reduce-scatters gradients, ZeRO-3 also gathers weights twice per step
+                    tps = train_tokens_per_s(cfg, s, gpu, efficiency) * (1.0, 0.99, 0.97, 0.9)[stage]
                     if b and b < base.micro_batch:
                         tps *= 0.85 + 0.15 * b / base.micro_batch  # smaller GEMMs, more steps
                     out.append(Candidate(s, b, tps, ov.reserve(train_memory(cfg, replace(s, micro_batch=1)).peak)))
@@ -321,7 +323,10 @@ def run_plan(cfg: PlanConfig) -> dict:
     out = {"estimate": est.__dict__, "max_micro_batch": b, "tokens_per_s": tps, "budget": budget,
            "fits": Overheads().reserve(est.peak) <= budget}
     if cfg.recommend:
-        cands = recommend(model_cfg, setup, budget, cfg.gpu, cfg.efficiency)
+        chosen = [setup.method] if cfg.method or cfg.train_config else None  # keep a method the user picked...
+        cands = recommend(model_cfg, setup, budget, cfg.gpu, cfg.efficiency, methods=chosen)
+        if not any(c.fits for c in cands) and chosen:  # ...unless nothing with it fits
+            cands = recommend(model_cfg, setup, budget, cfg.gpu, cfg.efficiency)
         print(format_recommendation(cands, budget))
         out["recommendation"] = [{"setup": describe_setup(c.setup), "micro_batch": c.micro_batch,
                                   "tokens_per_s": c.tokens_per_s, "peak_at_1": c.peak_at_1} for c in cands]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -21,6 +22,15 @@ from lmforge.models import load_hf  # noqa: E402
 from lmforge.serve import ServeConfig, build_server  # noqa: E402
 from lmforge.testing import make_tiny_checkpoint  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run as fast on one thread, and do not stall when other jobs oversubscribe the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 KEY = "sk-test"
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -213,7 +223,8 @@ def test_module_entry_point_serves(ckpt, tmp_path):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lmforge.serve", str(ckpt[0]), "--port", str(port),
                              "--device", "cpu", "--log-level", "warning", "engine.num_blocks=256"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         def up() -> bool:
             try:

@@ -111,7 +111,7 @@ class BatchSampler:
         noise = torch.empty_like(probs).exponential_()
         for i, g in self.generators:
             noise[i].exponential_(generator=g)
-        return (probs / noise).argmax(-1)
+        return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
 
     def __call__(self, logits: torch.Tensor) -> SampleResult:
         """Next tokens for logits (B, V); updates the penalty state with them."""

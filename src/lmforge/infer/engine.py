@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -59,6 +60,9 @@ class EngineConfig(Section):
     """torch.compile the forward (fused kernels inside the CUDA graphs; compiles once per bucket)."""
     max_adapters: int = Field(16, ge=1)
     """Most LoRA adapters loaded at once."""
+    attention: Literal["auto", "kernel", "gather"] = "auto"
+    """Decode attention: the Triton paged kernel (reads K/V through the block tables), a gathered dense view +
+    SDPA, or auto (the kernel where it runs: CUDA + triton, no ALiBi, a model that calls cache.attend)."""
 
 
 class ContextLengthError(LmforgeError):
@@ -110,7 +114,8 @@ class Engine:
         self.scheduler = Scheduler(self.pool, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=cfg.block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs,
-                                  cuda_graphs=cfg.cuda_graphs, compile=cfg.compile, adapters=self.adapters)
+                                  cuda_graphs=cfg.cuda_graphs, compile=cfg.compile, adapters=self.adapters,
+                                  attention=cfg.attention)
         self.requests: dict[str, Request] = {}
         self.counters = {"finished": 0, "aborted": 0, "blocks_freed_on_abort": 0, "prompt_tokens": 0,
                          "generated_tokens": 0}

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 import torch
 
 from ..models.transformer import Transformer
-from .paged_cache import PagedBatch, PagedKVCache, paged_batch
+from ..errors import ConfigError
+from .paged_attention import kernel_available
+from .paged_cache import PagedBatch, PagedKVCache, model_calls_cache_attend, paged_batch, paged_decode_batch
 from .scheduler import Request, Scheduled
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -26,7 +28,8 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
 
 class ModelRunner:
     def __init__(self, model: Transformer, *, num_blocks: int, block_size: int, max_model_len: int,
-                 max_num_seqs: int, cuda_graphs: bool, compile: bool = False, adapters=None):
+                 max_num_seqs: int, cuda_graphs: bool, compile: bool = False, adapters=None,
+                 attention: str = "auto"):
         self.model, self.adapters = model, adapters
         w = model.embed.weight
         self.device, self.dtype = w.device, w.dtype
@@ -34,6 +37,7 @@ class ModelRunner:
         self.cache = PagedKVCache(model.cfg, num_blocks, block_size, self.dtype, self.device)
         self.table_width = math.ceil(max_model_len / block_size) + 1
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.paged_kernel = self._use_paged_kernel(attention)
         self.forward_fn = self.decode_fn = self._model_forward
         if compile:  # the static-shape decode step only: prefill shapes vary too much to compile each
             self.decode_fn = torch.compile(self._model_forward, dynamic=False)
@@ -56,7 +60,29 @@ class ModelRunner:
                        "tables": torch.zeros(B, self.table_width, dtype=torch.long, device=dev),
                        "adapters": torch.zeros(B, dtype=torch.long, device=dev)}
 
+    def _use_paged_kernel(self, attention: str) -> bool:
+        """Decode through the Triton paged kernel ("kernel"), the gathered view + SDPA ("gather"), or the kernel
+        where it can run: CUDA, triton importable, no ALiBi, and a model whose attention calls `cache.attend`."""
+        if attention == "gather":
+            return False
+        reasons = []
+        if not kernel_available(self.device):
+            reasons.append("triton on a CUDA device")
+        if self.model.cfg.pos == "alibi":
+            reasons.append("no ALiBi")
+        if not reasons and not model_calls_cache_attend(self.model):
+            reasons.append("the model's attention to call cache.attend (hook not wired)")
+        if reasons and attention == "kernel":
+            raise ConfigError(f"engine.attention=kernel needs {' and '.join(reasons)}; use attention=auto")
+        return not reasons
+
     # -------------------------------------------------------------------------------------------- building blocks
+
+    def _decode_batch(self, tables, starts, lengths, C: int) -> PagedBatch:
+        """One token per row over C context slots: the kernel's batch (no view) or the gathered view's."""
+        if self.paged_kernel:
+            return paged_decode_batch(tables, starts, lengths, self.block_size, C + 1)
+        return paged_batch(tables, starts, lengths, 1, C, self.block_size)
 
     def _model_forward(self, tokens: torch.Tensor, positions: torch.Tensor, query_slots: torch.Tensor):
         return self.model.hidden_states(tokens, positions, cache=self.cache, slots=query_slots)
@@ -148,7 +174,7 @@ class ModelRunner:
         tables = self._tables(reqs, width)
         lengths = torch.ones(B, dtype=torch.long, device=self.device)
         for step in range(steps):
-            batch = paged_batch(tables, starts, lengths, 1, max(starts_host) + step, self.block_size)
+            batch = self._decode_batch(tables, starts, lengths, max(starts_host) + step)
             result = sample(self._run(tokens[:, None], batch, adapter_rows))
             results.append(result)
             if steps > 1:
@@ -169,7 +195,7 @@ class ModelRunner:
     def _decode_graph_body(self, B: int, C: int, lora: bool) -> torch.Tensor:
         st = self.static
         width = C // self.block_size + 1
-        batch = paged_batch(st["tables"][:B, :width], st["starts"][:B], st["lengths"][:B], 1, C, self.block_size)
+        batch = self._decode_batch(st["tables"][:B, :width], st["starts"][:B], st["lengths"][:B], C)
         return self._run(st["tokens"][:B, None], batch, st["adapters"][:B] if lora else None, forward=self.decode_fn)
 
     def _graph(self, B: int, C: int, lora: bool):

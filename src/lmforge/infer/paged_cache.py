@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.attention import attend as sdpa_attend
 from ..models.config import ModelConfig
 
 NULL_BLOCK = 0
@@ -152,6 +153,10 @@ class PagedBatch:
     view_slots: torch.Tensor
     key_positions: torch.Tensor
     query_slots: torch.Tensor
+    # decode through the paged kernel (no view): block tables (B, W), keys per row (B,), a static bound on them
+    block_tables: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    max_context: int = 0
 
     @property
     def context(self) -> int:
@@ -190,6 +195,17 @@ def paged_batch(
     return PagedBatch(positions, write.reshape(-1), view_slots, key_positions, t + C)
 
 
+def paged_decode_batch(block_tables: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, block_size: int,
+                       max_context: int) -> PagedBatch:
+    """A one-token-per-row batch for the paged decode kernel: no gathered view (C = 0; the model's mask is then
+    (B, 1, 1, 1) and unused), keys per row = start + 1 (0 for padding rows)."""
+    batch = paged_batch(block_tables, starts, lengths, 1, 0, block_size)
+    batch.block_tables = block_tables
+    batch.seq_lens = torch.where(lengths > 0, starts + 1, 0)
+    batch.max_context = max_context
+    return batch
+
+
 class PagedKVCache(nn.Module):
     """K/V pools (L, num_blocks * block_size, Hkv, D) behind the model's cache interface.
 
@@ -201,6 +217,8 @@ class PagedKVCache(nn.Module):
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device=None):
         super().__init__()
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.windows = [cfg.layer_window(i) if hasattr(cfg, "layer_window") else cfg.sliding_window
+                        for i in range(cfg.n_layers)]
         shape = (cfg.n_layers, num_blocks * block_size, cfg.kv_heads, cfg.dim_per_head)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -227,3 +245,43 @@ class PagedKVCache(nn.Module):
         k_all = k_pool.index_select(0, index).view(B, S, H, D).transpose(1, 2)
         v_all = v_pool.index_select(0, index).view(B, S, H, D).transpose(1, 2)
         return k_all, v_all
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """The model hook (see `model_calls_cache_attend`): write k/v, attend q (B, H, T, D) → (B, H, T, D).
+        Decode batches built by `paged_decode_batch` go through the Triton kernel; the rest gather + SDPA."""
+        batch = self.batch
+        if batch.seq_lens is None:
+            return sdpa_attend(q, *self.update(layer, None, k, v), mask)
+        from .paged_attention import paged_decode_attention
+
+        self.update(layer, None, k, v)  # C == 0: writes only
+        return paged_decode_attention(q, self.k[layer], self.v[layer], batch.block_tables, batch.seq_lens,
+                                      self.block_size, batch.max_context, self.windows[layer])
+
+
+class _HookProbe:
+    """A cache that records whether the model hands attention to `cache.attend` (the proposed hook)."""
+
+    def __init__(self):
+        self.called = False
+
+    def write_positions(self, slots, positions):
+        return positions
+
+    def update(self, layer, slots, k, v):
+        return k, v
+
+    def attend(self, layer, q, k, v, mask):
+        self.called = True
+        return sdpa_attend(q, k, v, mask)
+
+
+@torch.inference_mode()
+def model_calls_cache_attend(model) -> bool:
+    """Whether `model`'s attention calls `cache.attend(layer, q, k, v, mask)` when the cache has one: the hook that
+    lets the paged kernel replace update + SDPA. One 1-token forward."""
+    probe = _HookProbe()
+    device = model.embed.weight.device
+    zero = torch.zeros(1, 1, dtype=torch.long, device=device)
+    model.hidden_states(zero, zero, cache=probe, slots=torch.zeros(1, dtype=torch.long, device=device))
+    return probe.called

@@ -258,9 +258,12 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                     if body.logprobs is not None:
                         lp = _completion_logprobs(state, out.new_logprobs, offsets[i])
                     offsets[i] += len(out.new_text)
-                    if out.new_text or lp or out.finished:
-                        yield _sse(chunk([{"index": i, "text": out.new_text, "logprobs": lp,
-                                           "finish_reason": out.finish_reason if out.finished else None}]))
+                    if out.new_text or lp or out.finished or (body.return_token_ids and out.new_token_ids):
+                        choice = {"index": i, "text": out.new_text, "logprobs": lp,
+                                  "finish_reason": out.finish_reason if out.finished else None}
+                        if body.return_token_ids:
+                            choice["token_ids"] = out.new_token_ids
+                        yield _sse(chunk([choice]))
                     if out.finished:
                         completion_tokens += out.generated_tokens
                 if body.stream_options and body.stream_options.include_usage:
@@ -278,6 +281,8 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
             lp = _completion_logprobs(state, out.logprobs or [], 0) if body.logprobs is not None else None
             choices.append({"index": i, "text": (echo[i // body.n] if echo else "") + text, "logprobs": lp,
                             "finish_reason": out.finish_reason})
+            if body.return_token_ids:
+                choices[-1]["token_ids"] = out.token_ids
         return chunk(choices, _usage(prompt_tokens, sum(f.generated_tokens for f in finals.values())))
 
     @v1.post("/chat/completions")
@@ -299,7 +304,7 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
             raise OpenAIError(400, f"messages: {e}", param="messages") from None
         except Exception as e:  # noqa: BLE001 - template errors are the messages' fault (a role it refuses, ...)
             raise OpenAIError(400, f"messages: the chat template failed: {e}", param="messages") from None
-        limit = engine.engine.max_model_len
+        limit = min(engine.engine.max_model_len, engine.engine.pool.capacity_tokens)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, limit - len(prompt))
         top = body.top_logprobs or 0
         subs = []
@@ -325,9 +330,11 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                                        "finish_reason": None}]))
                 async for j, out in _outputs(state, subs, adapter, request, rid):
                     lp = _chat_logprobs(state, out.new_logprobs) if body.logprobs else None
-                    if out.new_text or (lp and lp["content"]):
-                        yield _sse(chunk([{"index": j, "delta": {"content": out.new_text}, "logprobs": lp,
-                                           "finish_reason": None}]))
+                    if out.new_text or (lp and lp["content"]) or (body.return_token_ids and out.new_token_ids):
+                        choice = {"index": j, "delta": {"content": out.new_text}, "logprobs": lp, "finish_reason": None}
+                        if body.return_token_ids:
+                            choice["token_ids"] = out.new_token_ids
+                        yield _sse(chunk([choice]))
                     if out.finished:
                         completion_tokens += out.generated_tokens
                         yield _sse(chunk([{"index": j, "delta": {}, "logprobs": None,
@@ -343,6 +350,9 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
         choices = [{"index": j, "message": {"role": "assistant", "content": finals[j].text or ""},
                     "logprobs": _chat_logprobs(state, finals[j].logprobs or []) if body.logprobs else None,
                     "finish_reason": finals[j].finish_reason} for j in range(body.n)]
+        if body.return_token_ids:
+            for c in choices:
+                c["token_ids"] = finals[c["index"]].token_ids
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model or model_name,
                 "choices": choices, "usage": _usage(len(prompt), sum(f.generated_tokens for f in finals.values()))}
 

@@ -2,8 +2,8 @@
 
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, `metadata`, `store`, ...);
 fields lmforge cannot honour are rejected with a 400 that names them rather than silently ignored.
-Extensions beyond OpenAI (`top_k`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`) go in the body
-(`extra_body=` in the openai client).
+Extensions beyond OpenAI (`top_k`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `return_token_ids`) go
+in the body (`extra_body=` in the openai client).
 """
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
+    return_token_ids: bool = False
+    """Add each choice's generated `token_ids` (in stream chunks: the new ones), e.g. when there is no tokenizer."""
 
     @field_validator("stop")
     @classmethod

@@ -1,0 +1,84 @@
+"""Paged decode attention in Triton: each sequence's one new query attends straight over its KV blocks.
+
+The gather path (`PagedKVCache.update`) copies every row's context into a dense (B, Hkv, C, D) view per layer, then
+runs SDPA over it with a mask: about three passes over the K/V and padding up to the longest row. This kernel reads
+each K/V slot once, through the block table, and stops at each row's own length.
+
+Grid: (sequence, kv head, split). A program loads the G query heads that share its kv head, walks its share of the
+context CHUNK tokens at a time (online softmax, fp32 accumulators), and either writes the normalized output or, when
+the context is split across programs to fill the GPU (small batches, long contexts), partial (max, sum, acc)
+that `_combine` merges. Rows with length 0 (padding rows of a CUDA-graph bucket) produce zeros.
+
+Matches SDPA's default scale 1/sqrt(D); supports GQA/MQA and sliding windows; no ALiBi (that path keeps SDPA).
+Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (how the tests check it without a GPU).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # CPU wheels of torch ship without it
+CHUNK = 64  # context tokens per inner-loop iteration
+
+
+def kernel_available(device: torch.device) -> bool:
+    return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _combine(acc: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Merge per-split partials: acc (B, Hkv, S, G, D), stats (B, Hkv, S, G, 2) = (max, sum) → (B, Hkv, G, D)."""
+    m, denom = stats[..., 0], stats[..., 1]
+    top = m.amax(dim=2, keepdim=True)
+    w = torch.exp(m - top).nan_to_num(0.0)  # splits with no tokens (and padding rows) weigh nothing
+    num = (acc * w[..., None]).sum(2)
+    return num / (denom * w).sum(2).clamp(min=1e-30)[..., None]
+
+
+def choose_splits(batch: int, kv_heads: int, max_context: int, target_programs: int = 264) -> int:
+    """Split long contexts across programs when batch * kv_heads alone would leave the GPU idle."""
+    if batch * kv_heads >= target_programs:
+        return 1
+    return max(1, min(math.ceil(target_programs / (batch * kv_heads)), max_context // 256, 32))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # (B, H, 1, D) one query per row
+    k_pool: torch.Tensor,  # (slots, Hkv, D) this layer's keys (new ones already written)
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,  # (B, W) int
+    seq_lens: torch.Tensor,  # (B,) keys per row = position of the query + 1; 0 for a padding row
+    block_size: int,
+    max_context: int,  # an upper bound of seq_lens (static per CUDA graph): sizes the splits
+    window: int | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over each row's first seq_lens keys (and within `window`): (B, H, 1, D)."""
+    B, H, T, D = q.shape
+    Hkv = k_pool.shape[1]
+    G = H // Hkv
+    splits = splits or choose_splits(B, Hkv, max_context)
+    per_split = -(-max(max_context, 1) // splits)
+    per_split = -(-per_split // CHUNK) * CHUNK
+    q2 = q.reshape(B, H, D)
+    if q2.stride(-1) != 1:
+        q2 = q2.contiguous()
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    acc = stats = out  # unused when splits == 1
+    if splits > 1:
+        acc = torch.empty(B, Hkv, splits, G, D, dtype=torch.float32, device=q.device)
+        stats = torch.empty(B, Hkv, splits, G, 2, dtype=torch.float32, device=q.device)
+    from .paged_attention_kernel import next_power_of_2, paged_decode_kernel  # imports triton on first use
+
+    paged_decode_kernel[(B, Hkv, splits)](
+        q2, k_pool, v_pool, block_tables, seq_lens, out, acc, stats,
+        1.0 / math.sqrt(D), q2.stride(0), q2.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
+        per_split, window or 0,
+        G=G, GP=max(16, next_power_of_2(G)), D=D, DP=max(16, next_power_of_2(D)),
+        BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q.dtype == torch.float32,
+    )
+    if splits > 1:
+        out = _combine(acc, stats).to(q.dtype).reshape(B, H, D)
+    return out[:, :, None]

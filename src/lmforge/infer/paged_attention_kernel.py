@@ -1,0 +1,64 @@
+"""The Triton kernel behind `lmforge.infer.paged_attention` (see there). Imported on first use only: triton reads
+TRITON_INTERPRET (CPU interpreter, for tests) when it is imported, and CPU wheels of torch come without triton."""
+import triton
+import triton.language as tl
+
+next_power_of_2 = triton.next_power_of_2
+
+
+@triton.jit
+def paged_decode_kernel(
+    Q, K, V, Tables, Lens, Out, Acc, Stats,
+    scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, tokens_per_split, window,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    CHUNK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    length = tl.load(Lens + b)
+    lo = s * tokens_per_split
+    hi = tl.minimum(length, lo + tokens_per_split)
+    if window > 0:
+        lo = tl.maximum(lo, length - window)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    head_ok = (g < G)[:, None] & (d < D)[None, :]
+    q = tl.load(Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :], mask=head_ok, other=0.0)
+    m = tl.full([GP], float("-inf"), tl.float32)
+    denom = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    for start in range(lo, hi, CHUNK):
+        t = start + tl.arange(0, CHUNK)
+        valid = t < hi
+        block = tl.load(Tables + b * stride_tb + t // BLOCK_SIZE, mask=valid, other=0)
+        slot = (block * BLOCK_SIZE + t % BLOCK_SIZE).to(tl.int64)
+        kv_ok = valid[:, None] & (d < D)[None, :]
+        offs = slot[:, None] * stride_ks + h * stride_kh + d[None, :]
+        k = tl.load(K + offs, mask=kv_ok, other=0.0)  # (CHUNK, DP)
+        v = tl.load(V + offs, mask=kv_ok, other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (GP, CHUNK)
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        denom = denom * alpha + tl.sum(p, axis=1)
+        m = m_new
+    heads = h * G + g
+    if SPLITS == 1:
+        out = acc / tl.maximum(denom, 1e-30)[:, None]
+        tl.store(Out + (b * G * tl.num_programs(1) + heads)[:, None] * D + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=head_ok)
+    else:
+        row = ((b * tl.num_programs(1) + h) * SPLITS + s) * G + g  # (B, Hkv, SPLITS, G) flattened
+        tl.store(Acc + row[:, None] * D + d[None, :], acc, mask=head_ok)
+        tl.store(Stats + row * 2, m, mask=g < G)
+        tl.store(Stats + row * 2 + 1, denom, mask=g < G)

@@ -25,7 +25,7 @@ from ..config import Section
 from ..errors import CheckpointError, ConfigError
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "merge_lora", "merged", "lora_layers", "lora_state_dict",
-           "linear_modules", "select_targets", "compact_targets", "modules_to_save", "load_tensors_into"]
+           "linear_modules", "select_targets", "compact_targets", "modules_to_save", "load_tensors_into", "rank_for"]
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_LINEAR = "all-linear"
@@ -51,6 +51,11 @@ class LoraConfig(Section):
     """Init of A: 'default' is Kaiming-uniform (a=sqrt(5)), 'gaussian' is N(0, 1/r); B always starts at zero."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Non-LoRA modules trained fully and saved with the adapter, e.g. ['embed', 'lm_head'] (native names)."""
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    """Per-module ranks overriding r, keyed like target names ('layers.3.attn.q_proj', or 'q_proj' for all of them);
+    each such layer is scaled by alpha / its own rank (PEFT's rank_pattern)."""
+    use_dora: bool = False
+    """DoRA: split each updated weight into a trained magnitude and a LoRA-updated direction (see peft.dora)."""
 
 
 # --------------------------------------------------------------------------------------------------------- layer
@@ -105,6 +110,14 @@ class LoRALinear(nn.Module):
         """The update B @ A * scaling as a float32 (out_features, in_features) matrix."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's trained tensors by their name under the layer (the same names PEFT files use)."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+    def merged_weight(self) -> torch.Tensor:
+        """float32 (out_features, in_features): the single weight computing what this layer computes (W + delta)."""
+        return self.base_layer.weight.float() + self.delta_weight()
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight (forward then skips the LoRA branch)."""
@@ -125,7 +138,7 @@ class LoRALinear(nn.Module):
     def merged_linear(self, device: torch.device | str | None = None) -> nn.Linear:
         """A new plain ``nn.Linear`` (base dtype, on `device` or the base's) holding W + delta; self is unchanged."""
         w, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
-        weight = w.float() if self.merged else w.float() + self.delta_weight()
+        weight = w.float() if self.merged else self.merged_weight()
         out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
         out.weight = nn.Parameter(weight.to(device=device or w.device, dtype=w.dtype), requires_grad=False)
         if bias is not None:
@@ -226,13 +239,27 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
         names = sorted({p.rsplit(".", 1)[-1] for p in linears})
         raise ConfigError(f"LoRA target_modules {cfg.target_modules!r} match no linear layer; available: "
                           f"{', '.join(names)} (or 'all-linear', or full paths like '{next(iter(linears), '')}')")
+    for path in targets:
+        if hasattr(linears[path], "base_layer"):
+            raise ConfigError(f"'{path}' is already wrapped by {type(linears[path]).__name__}; apply one adapter "
+                              "method to a fresh base model")
     trained = modules_to_save(model, cfg.modules_to_save, exclude=targets)
+    layer_cls = LoRALinear
+    if cfg.use_dora:
+        from .dora import DoRALinear as layer_cls
     model.requires_grad_(False)
     for path in targets:
-        _set_module(model, path, LoRALinear(linears[path], cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init))
+        r = rank_for(path, cfg)
+        _set_module(model, path, layer_cls(linears[path], r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init))
     for module in trained.values():
         module.requires_grad_(True)
     return targets
+
+
+def rank_for(path: str, cfg: LoraConfig) -> int:
+    """The rank of the LoRA on `path`: the most specific (longest) matching rank_pattern key, else cfg.r."""
+    keys = [k for k in cfg.rank_pattern if _matches(path, [k])]
+    return cfg.rank_pattern[max(keys, key=len)] if keys else cfg.r
 
 
 def merge_lora(model: nn.Module) -> list[str]:
@@ -260,8 +287,8 @@ def merged(model: nn.Module, device: torch.device | str | None = None) -> Iterat
 def lora_state_dict(model: nn.Module, cfg: LoraConfig | None = None) -> dict[str, torch.Tensor]:
     """The adapter tensors only, by native name ('layers.0.attn.q_proj.lora_A.weight', ...), sharing storage with
     the model; with `cfg`, also the full tensors of its modules_to_save ('lm_head.weight')."""
-    out = {f"{path}.{ab}.weight": getattr(layer, ab).weight.detach()
-           for path, layer in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
+    out = {f"{path}.{name}": t.detach() for path, layer in lora_layers(model).items()
+           for name, t in layer.adapter_tensors().items()}
     if cfg is not None:
         for path, module in modules_to_save(model, cfg.modules_to_save).items():
             out.update({f"{path}.{n}": p.detach() for n, p in module.named_parameters(recurse=False)})

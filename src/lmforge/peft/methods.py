@@ -9,7 +9,10 @@ A method is a config section with behaviour. The trainer calls, in order::
     method.save(model, out_dir)      # the artifact users share: HF checkpoint (full) or PEFT adapter (lora)
     method.export(model, out_dir)    # always a full HF checkpoint (lora merged), the model stays usable
 
-New methods (dora, qlora, prefix, ia3, ...) are new `Method` subclasses registered in `METHODS`.
+Every other method (dora, qlora, adalora, prilora, ia3, bitfit, adapter, prefix, p-tuning, prompt tuning) is a
+`Method` subclass in its own module, added to `METHODS` with `register_method`; importing `lmforge.peft` registers
+them all. `describe_methods(model)` is the `lmforge methods` listing (what each trains, how many parameters, what it
+saves).
 """
 from __future__ import annotations
 
@@ -25,13 +28,15 @@ from ..models.hf import load_hf, save_hf
 from .lora import LoraConfig, apply_lora, load_tensors_into, lora_state_dict, merge_lora, merged
 from .peft_format import load_peft_adapter, save_peft_adapter
 
-__all__ = ["Method", "FullMethod", "LoraMethod", "METHODS", "build_method"]
+__all__ = ["Method", "FullMethod", "LoraMethod", "METHODS", "build_method", "register_method", "describe_methods"]
 
 
 class Method(Section):
     """Base of every method; its fields are the method's options (a Section: unknown keys are errors)."""
 
     name: ClassVar[str] = ""
+    trains: ClassVar[str] = ""  # what is trained, in a few words (for `lmforge methods`)
+    artifact: ClassVar[str] = ""  # what `save` writes
 
     def apply(self, model: nn.Module) -> None:
         """Prepare `model` for training in place: wrap layers, add parameters, set requires_grad."""
@@ -69,6 +74,8 @@ class FullMethod(Method):
     """Full fine-tuning: every parameter trains; checkpoints and artifacts are whole models."""
 
     name: ClassVar[str] = "full"
+    trains: ClassVar[str] = "every parameter"
+    artifact: ClassVar[str] = "full HF checkpoint"
 
     def apply(self, model: nn.Module) -> None:
         model.requires_grad_(True)
@@ -89,6 +96,8 @@ class LoraMethod(Method, LoraConfig):
     """LoRA: frozen base, trainable low-rank updates (+ modules_to_save); artifacts are PEFT adapters."""
 
     name: ClassVar[str] = "lora"
+    trains: ClassVar[str] = "low-rank updates B A of the target linears"
+    artifact: ClassVar[str] = "PEFT adapter (LORA)"
 
     def apply(self, model: nn.Module) -> None:
         apply_lora(model, self)
@@ -115,6 +124,12 @@ class LoraMethod(Method, LoraConfig):
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, LoraMethod)}
 
 
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` selectable as `method: <cls.name>`."""
+    METHODS[cls.name] = cls
+    return cls
+
+
 def build_method(name: str, **options) -> Method:
     """The method `name` with `options` validated (unknown name or key -> one-line ConfigError)."""
     if name not in METHODS:
@@ -123,3 +138,48 @@ def build_method(name: str, **options) -> Method:
         return load_config(METHODS[name], base=options)
     except ConfigError as e:
         raise ConfigError(f"method '{name}': {e}") from None
+
+
+def describe_methods(model: nn.Module | None = None) -> list[dict]:
+    """One row per method: name, what it trains, the saved artifact, and (given a model: it is deep-copied per method,
+    so pass a small or meta-device one) the trainable parameter count with default options."""
+    import copy
+
+    rows = []
+    for name, cls in METHODS.items():
+        row = {"method": name, "trains": cls.trains, "artifact": cls.artifact, "trainable_params": None}
+        if model is not None:
+            try:
+                m = copy.deepcopy(model)
+                method = cls.model_validate(_listing_defaults(name))
+                method.apply(m)
+                row["trainable_params"] = sum(p.numel() for _, p in method.trainable_parameters(m))
+            except Exception as e:  # a method that cannot apply to this model says why in the listing
+                row["trainable_params"] = f"n/a ({str(e).splitlines()[0][:60]})"
+        rows.append(row)
+    return rows
+
+
+def _listing_defaults(name: str) -> dict:
+    """Options a method needs for the listing where it has no default (AdaLoRA's schedule length)."""
+    return {"total_step": 1000} if name == "adalora" else {}
+
+
+def methods_listing(source: str | None = None) -> str:
+    """Text of `lmforge methods [PRESET | CHECKPOINT_DIR]`: every method, what it trains, its artifact and, for the
+    given model (built on the meta device: no weights are read), its trainable parameter count."""
+    model = None
+    if source is not None:
+        from ..models import Transformer, config_from_hf, preset_config
+
+        cfg = config_from_hf(source) if Path(source).exists() else preset_config(source)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+    rows = describe_methods(model)
+    total = sum(p.numel() for p in model.parameters()) if model is not None else None
+    lines = [f"{'method':14} {'trainable params':>22}  {'what trains':60} artifact"]
+    for r in rows:
+        n = r["trainable_params"]
+        count = "-" if n is None else n if isinstance(n, str) else f"{n:,} ({100 * n / total:.3g}%)"
+        lines.append(f"{r['method']:14} {count:>22}  {r['trains']:60} {r['artifact']}")
+    return "\n".join(lines)

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..models.converters import Converter, _pattern, converter_for
 from .lora import (OUTPUT_HEAD, LoraConfig, apply_lora, compact_targets, linear_modules, load_tensors_into,
-                   lora_layers, lora_state_dict, modules_to_save, select_targets)
+                   lora_layers, lora_state_dict, modules_to_save, rank_for, select_targets)
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "CONFIG_FILE", "WEIGHTS_FILE"]
 
@@ -29,7 +29,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's PeftModelForCausalLM -> LoraModel -> the transformers model
 # adapter_config.json settings lmforge cannot reproduce yet: reading them silently would give different logits.
-UNSUPPORTED = ("use_dora", "lora_bias", "bias", "rank_pattern", "alpha_pattern", "layers_to_transform",
+UNSUPPORTED = ("lora_bias", "bias", "alpha_pattern", "layers_to_transform",
                "exclude_modules", "target_parameters", "trainable_token_indices", "layer_replication")
 
 
@@ -64,11 +64,16 @@ def save_peft_adapter(model: nn.Module, lora_cfg: LoraConfig, out_dir: str | Pat
             ok = sorted({p.rsplit(".", 1)[-1] for p, h in hf.items() if h is not None and p != OUTPUT_HEAD})
             raise ConfigError(f"{arch} fuses '{path}' with the other q/k/v projections in one tensor, so a PEFT "
                               f"adapter cannot hold a LoRA on it; for {arch} use target_modules {ok}")
-        if layer.r != lora_cfg.r:
-            raise ConfigError(f"LoRA layer '{path}' has rank {layer.r} but the config says r={lora_cfg.r}")
+        if layer.r != rank_for(path, lora_cfg):
+            raise ConfigError(f"LoRA layer '{path}' has rank {layer.r} but the config says "
+                              f"r={rank_for(path, lora_cfg)}")
+        if hasattr(layer, "lora_magnitude_vector") != lora_cfg.use_dora:
+            raise ConfigError(f"LoRA layer '{path}' is {type(layer).__name__} but the config says "
+                              f"use_dora={lora_cfg.use_dora}")
 
-    tensors = {f"{PREFIX}{hf[p]}.{ab}.weight": getattr(layer, ab).weight.detach().cpu().contiguous()
-               for p, layer in layers.items() for ab in ("lora_A", "lora_B")}
+    tensors = {f"{PREFIX}{hf[p]}.{name}": t.detach().cpu().contiguous()
+               for p, layer in layers.items() for name, t in layer.adapter_tensors().items()}
+    rank_pattern = {hf[p]: layer.r for p, layer in layers.items() if layer.r != lora_cfg.r}
     saved = modules_to_save(model, lora_cfg.modules_to_save)
     saved_hf = []
     for path in saved:
@@ -88,8 +93,9 @@ def save_peft_adapter(model: nn.Module, lora_cfg: LoraConfig, out_dir: str | Pat
         "modules_to_save": saved_hf or None, "bias": "none",
         "fan_in_fan_out": any(_is_conv1d(conv, p) for p in layers),
         "init_lora_weights": True if lora_cfg.init == "default" else "gaussian",
-        "inference_mode": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,
-        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None, "revision": None,
+        "inference_mode": True, "use_dora": lora_cfg.use_dora, "lora_bias": False, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": rank_pattern, "alpha_pattern": {}, "exclude_modules": None,
+        "revision": None,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +130,19 @@ def _read_tensors(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
     raise CheckpointError(f"no {WEIGHTS_FILE} (or adapter_model.bin) in '{adapter_dir}'")
 
 
+def _native_rank_pattern(pattern: dict, hf: dict[str, str], targeted: list[str], r: int) -> dict[str, int]:
+    """PEFT's rank_pattern (keys match an HF module path's tail, as regexes) as {native path: rank} for the targeted
+    modules whose rank differs from r."""
+    out = {}
+    for path in targeted:
+        for key, rank in pattern.items():
+            if re.fullmatch(rf"(.*\.)?(?:{key})", hf[path]):
+                if rank != r:
+                    out[path] = int(rank)
+                break
+    return out
+
+
 def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
     """Apply the LoRA a PEFT adapter directory describes to `model` (a base model without LoRA) and load its
     tensors; return the native LoraConfig it amounts to (HF target names translated to native ones)."""
@@ -141,14 +160,14 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
     saved: set[str] = set()  # modules_to_save, native module paths
     for key, t in tensors.items():
         name = key.removeprefix(PREFIX)
-        m = re.fullmatch(r"(.+)\.(lora_[AB])\.weight", name)
+        m = re.fullmatch(r"(.+)\.(lora_[AB]\.weight|lora_magnitude_vector)", name)
         if m:
             native = conv.native_module_name(m[1])
             if native is None:
                 raise CheckpointError(f"{source}: '{key}' is a LoRA on '{m[1]}', which {arch} checkpoints fuse or "
                                       "lmforge does not know; lmforge reads LoRA on separate linear layers only")
             lora_modules.add(native)
-            pairs = [(f"{native}.{m[2]}.weight", t)]
+            pairs = [(f"{native}.{m[2]}", t)]
         else:
             pairs = conv.to_native(name, t, model.cfg)
             saved.update(n.rsplit(".", 1)[0] for n, _ in pairs)
@@ -170,10 +189,13 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
 
     targets = compact_targets(targeted, list(linear_modules(model)))
     try:
+        r = raw["r"]
         cfg = LoraConfig(
-            r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout") or 0.0,
+            r=r, alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout") or 0.0,
             use_rslora=bool(raw.get("use_rslora")), target_modules=targets,
-            init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "default", modules_to_save=sorted(saved))
+            init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "default", modules_to_save=sorted(saved),
+            rank_pattern=_native_rank_pattern(raw.get("rank_pattern") or {}, hf, targeted, r),
+            use_dora=bool(raw.get("use_dora")))
     except (KeyError, pydantic.ValidationError) as e:
         detail = f"missing '{e.args[0]}'" if isinstance(e, KeyError) else e.errors()[0]["msg"]
         raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: invalid LoRA settings ({detail})") from None

@@ -71,7 +71,8 @@ def init_distributed(p: ParallelSection, device: torch.device) -> DistState:
         for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                      ("MASTER_PORT", str(_free_port()))):
             os.environ.setdefault(k, v)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # CPU-offloaded FSDP gradients are reduced on the host: gloo beside nccl
+        dist.init_process_group("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % p.tensor:
         raise ValueError(f"world size {world} is not divisible by parallel.tensor={p.tensor}")

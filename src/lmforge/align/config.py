@@ -1,0 +1,106 @@
+"""Options of the alignment stages, one section per stage (`rm:`, `dpo:`, `ppo:` in a training YAML).
+
+These sections import nothing from `lmforge.train`, so the training config can hold them without an import cycle.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..config import Section
+
+
+class PairSection(Section):
+    """What the pairwise stages (rm, dpo) share: how a (prompt, reply) pair is fitted into data.max_seq_len."""
+
+    max_prompt_len: int | None = Field(None, ge=1)
+    """Prompt tokens kept (its end, where the question is) when prompt + reply exceed data.max_seq_len; the reply is
+    then cut to fit. Default: half of data.max_seq_len. With data.truncation=drop, such pairs are dropped instead."""
+
+
+class RewardSection(PairSection):
+    """Reward model: the decoder plus a scalar head on the last real token, trained on pairs with
+    -log sigmoid(r_chosen - r_rejected) (instructGPT)."""
+
+    center_coef: float = Field(0.0, ge=0)
+    """Adds center_coef * (r_chosen + r_rejected)^2 per pair, keeping rewards centred on zero (Eisenstein et al.
+    2023); 0 = off. Rewards are then directly usable as PPO scores without a bias."""
+
+
+class DPOSection(PairSection):
+    """Direct preference optimisation and its variants, on the policy itself (no reward model)."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    """sigmoid: DPO (Rafailov et al. 2023), -log sigmoid(beta * (policy - reference log-ratio margin)).
+    ipo: IPO (Azar et al. 2023), (margin of length-averaged log-ratios - 1/(2 beta))^2.
+    simpo: SimPO (Meng et al. 2024), -log sigmoid(beta * (avg logp chosen - avg logp rejected) - gamma), no reference."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL constraint (DPO/IPO, typically 0.01-0.5); SimPO's reward scale (typically 2-2.5)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Conservative DPO: the probability that a pair's label is flipped (sigmoid loss only)."""
+    simpo_gamma: float = Field(0.5, ge=0)
+    """SimPO's target reward margin gamma."""
+    sft_coef: float = Field(0.0, ge=0)
+    """Adds sft_coef * (the chosen reply's mean token NLL) per pair, so the chosen likelihood cannot collapse
+    (RPO, Pang et al. 2024); 0 = off."""
+    reference: Literal["auto", "adapters_off", "precomputed"] = "auto"
+    """Where the reference log-probs come from. adapters_off: the same model with its LoRA layers bypassed, computed
+    per step (LoRA/DoRA/QLoRA runs whose trained weights all sit in LoRA layers, i.e. no modules_to_save).
+    precomputed: one pass over the data before training, with the starting weights. auto: adapters_off where
+    possible, else precomputed. Neither holds a second model."""
+
+
+class PPOSection(Section):
+    """PPO against a reward model or a Python reward function, with a per-token KL penalty to the starting policy
+    (instructGPT). Rollouts come from lmforge's generator; data.path holds the prompts."""
+
+    reward_model: str | None = None
+    """Directory written by the rm stage (HF backbone + score.safetensors); it must share the policy's tokenizer."""
+    reward_fn: str | None = None
+    """'package.module:function' or 'path/to/file.py:function', called as fn(prompts, completions) -> list of floats:
+    prompts are message lists (the conversation so far), completions the generated texts."""
+    rollout_batch_size: int | None = Field(None, ge=1)
+    """Prompts per rollout; a multiple of train.micro_batch_size * train.grad_accum (default: exactly that)."""
+    ppo_epochs: int = Field(4, ge=1)
+    """Optimisation passes over each rollout batch (shuffled into micro-batches each time)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest reply sampled in a rollout."""
+    max_prompt_len: int | None = Field(None, ge=1)
+    """Prompts longer than this keep their last tokens (default: data.max_seq_len - max_new_tokens)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of rollouts; log-probs are taken at the same temperature, so ratios stay exact."""
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    kl_coef: float = Field(0.05, ge=0)
+    """beta of the per-token penalty -beta * (log pi(a) - log pi_ref(a)) added to the rewards."""
+    clip_range: float = Field(0.2, gt=0)
+    """PPO's epsilon: the policy ratio is clipped to [1 - eps, 1 + eps]."""
+    value_clip: float = Field(0.2, gt=0)
+    """New values may move at most this far from the rollout's values before the value loss stops rewarding it."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss (the value head shares the policy's backbone)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus weight (0 = off; entropy is logged either way)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount of GAE."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda: 1 = Monte-Carlo returns, 0 = one-step TD."""
+    whiten_rewards: bool = True
+    """Whiten the scores over each rollout batch (zero mean, unit variance) before they enter the rewards, so the
+    KL coefficient means the same whatever the reward's scale. Advantages are always whitened."""
+    score_clip: float | None = Field(None, gt=0)
+    """Clip raw scores to [-score_clip, score_clip] (None = off)."""
+    missing_eos_penalty: float | None = Field(None, ge=0)
+    """Subtracted from the score of replies that hit max_new_tokens without ending (None = off)."""
+    reference: Literal["auto", "adapters_off", "copy"] = "auto"
+    """The KL reference: adapters_off (the policy with its LoRA layers bypassed; LoRA-family runs without
+    modules_to_save) or copy (a frozen copy of the starting weights). auto: adapters_off where possible."""
+    seed: int = 0
+    """Seed of rollout sampling and of the micro-batch shuffles."""
+
+    @model_validator(mode="after")
+    def _one_reward(self):
+        if self.reward_model is not None and self.reward_fn is not None:
+            raise ValueError("set either ppo.reward_model or ppo.reward_fn, not both")
+        return self

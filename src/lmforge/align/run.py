@@ -1,0 +1,146 @@
+"""An alignment run = config -> tokenizer -> preference or prompt data -> model (+ method, + head) -> the one loop.
+
+`AlignConfig` is the training config with ``stage: rm | dpo | ppo`` and one section per stage; everything else
+(model, method, lora, data, optim, schedule, train) means what it means for SFT.
+
+Outputs in ``train.output_dir/final``:
+- rm:  the reward model (HF backbone with any LoRA merged + ``score.safetensors``), see `lmforge.align.reward`;
+- dpo: what the method saves for SFT (HF checkpoint for full fine-tuning, PEFT adapter for LoRA);
+- ppo: the same for the policy, plus ``value_head.safetensors`` beside ``final/`` (the critic, to continue PPO).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import model_validator
+from safetensors.torch import save_file
+
+from ..config import dump_config
+from ..errors import ConfigError
+from ..peft.methods import build_method
+from ..runtime import pick_device
+from ..tokenizer import Tokenizer
+from ..train.config import TrainConfig
+from ..train.run import build_model, save_tokenizer_files, seed_everything
+from ..train.trainer import Trainer, resolve_precision
+from .common import WithHeads
+from .config import DPOSection, PPOSection, RewardSection
+from .data import build_preference_datasets, build_prompt_datasets
+from .dpo import DPOObjective
+from .ppo import PolicyWithValue, PPOObjective, load_reward_fn, ppo_total_steps
+from .reward import RewardModel, RewardObjective, load_reward_model, save_reward_model
+
+__all__ = ["ALIGN_STAGES", "AlignConfig", "run_alignment"]
+
+ALIGN_STAGES = ("rm", "dpo", "ppo")
+
+
+class AlignConfig(TrainConfig):
+    stage: Literal["rm", "dpo", "ppo"] = "dpo"
+    """rm: reward model on preference pairs. dpo: DPO/IPO/SimPO on preference pairs. ppo: PPO on prompts against a
+    reward model or function (data.path holds the prompts)."""
+    rm: RewardSection = RewardSection()
+    dpo: DPOSection = DPOSection()
+    ppo: PPOSection = PPOSection()
+
+    @model_validator(mode="after")
+    def _ppo_reward(self):
+        if self.stage == "ppo" and self.ppo.reward_model is None and self.ppo.reward_fn is None:
+            raise ValueError("stage ppo needs a reward: set ppo.reward_model (a directory from stage rm) or "
+                             "ppo.reward_fn ('module:function')")
+        return self
+
+
+def _freeze_to_half(model: torch.nn.Module, method, precision: str) -> None:
+    """Frozen weights need no fp32 master copy under bf16/fp16 autocast: keep them in the autocast dtype."""
+    if precision not in ("bf16", "fp16") or method.name == "full":
+        return
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    trainable = {id(p) for _, p in method.trainable_parameters(model)}
+    for p in model.parameters():
+        if id(p) not in trainable and p.is_floating_point():
+            p.data = p.data.to(half)
+
+
+def run_alignment(cfg: AlignConfig) -> dict:
+    """Run the rm, dpo or ppo stage as `cfg` says; returns the final metrics plus ``output``, ``model`` (the trained
+    module: RewardModel, policy Transformer or PolicyWithValue), ``tokenizer`` and the data ``report``."""
+    if cfg.stage not in ALIGN_STAGES:
+        raise ConfigError(f"stage '{cfg.stage}' is not an alignment stage ({', '.join(ALIGN_STAGES)})")
+    if cfg.stage == "ppo" and cfg.ppo.reward_model is None and cfg.ppo.reward_fn is None:
+        raise ConfigError("stage ppo needs a reward: set ppo.reward_model (a directory from stage rm) or "
+                          "ppo.reward_fn ('module:function')")
+    if cfg.data.packing:
+        raise ConfigError(f"data.packing does not apply to stage {cfg.stage} (pairs and prompts are never packed); "
+                          "remove it")
+    if cfg.data.format == "text":
+        raise ConfigError(f"data.format=text has no prompts or replies for stage {cfg.stage}; leave data.format "
+                          "at auto (the record's fields decide)")
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    device = pick_device(cfg.train.device, "train.device")
+    seed_everything(cfg.train.seed)
+    tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = Tokenizer.from_dir(tok_dir, chat_template=cfg.model.chat_template)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+
+    if cfg.stage == "ppo":
+        max_prompt = cfg.ppo.max_prompt_len or cfg.data.max_seq_len - cfg.ppo.max_new_tokens
+        if max_prompt < 1:
+            raise ConfigError(f"data.max_seq_len ({cfg.data.max_seq_len}) leaves no room for prompts after "
+                              f"ppo.max_new_tokens ({cfg.ppo.max_new_tokens}); raise it or set ppo.max_prompt_len")
+        train_data, val_data, report = build_prompt_datasets(cfg.data, tokenizer, max_prompt)
+    else:
+        section = cfg.rm if cfg.stage == "rm" else cfg.dpo
+        train_data, val_data, report = build_preference_datasets(cfg.data, tokenizer, section.max_prompt_len)
+    print(report.summary())
+
+    precision = resolve_precision(cfg.train.precision, device)
+    backbone = build_model(cfg, tokenizer, device, torch.bfloat16 if precision == "bf16-pure" else torch.float32)
+    options = getattr(cfg, cfg.method, None)
+    method = build_method(cfg.method, **(options.model_dump() if options is not None else {}))
+    if cfg.stage == "rm":
+        model, trained = RewardModel(backbone), WithHeads(method, ["score"])
+        objective = RewardObjective(cfg.rm)
+    elif cfg.stage == "dpo":
+        model, trained = backbone, method
+        objective = DPOObjective(cfg.dpo)
+    else:
+        model, trained = PolicyWithValue(backbone), WithHeads(method, ["value_head"])
+        if cfg.ppo.reward_model is not None:
+            reward_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-pure": torch.bfloat16}.get(precision)
+            reward = load_reward_model(cfg.ppo.reward_model, dtype=reward_dtype or torch.float32, device=device)
+            reward.requires_grad_(False)
+        else:
+            reward = load_reward_fn(cfg.ppo.reward_fn)
+        objective = PPOObjective(cfg.ppo, tokenizer, reward)
+        if cfg.train.max_steps is None:  # the loop counts optimizer steps; PPO takes several per rollout
+            per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+            rollout = cfg.ppo.rollout_batch_size or per_step
+            cfg = copy.deepcopy(cfg)
+            cfg.train.max_steps = ppo_total_steps(cfg.train.epochs, len(train_data), rollout, cfg.ppo.ppo_epochs,
+                                                  per_step)
+    trained.apply(model)
+    _freeze_to_half(model, trained, precision)
+
+    trainer = Trainer(model, trained, train_data, val_data, cfg, pad_id=pad_id, device=device, objective=objective)
+    n_train = sum(p.numel() for _, p in trainer.params)
+    n_all = sum(p.numel() for p in model.parameters())
+    print(f"stage {cfg.stage}, method {cfg.method}: {n_train:,} trainable of {n_all:,} parameters "
+          f"({100 * n_train / n_all:.2f}%), precision {precision}, {trainer.total_steps} steps on {device}")
+    result = trainer.fit()
+
+    final = out / "final"
+    if cfg.stage == "rm":
+        save_reward_model(model, final, method)
+    else:
+        method.save(backbone, final, base_model_name_or_path=cfg.model.path)
+    if cfg.stage == "ppo":
+        save_file({"value_head.weight": model.value_head.weight.detach().float().cpu().contiguous()},
+                  str(out / "value_head.safetensors"))
+    save_tokenizer_files(tok_dir, final)
+    return {**result, "output": str(final), "model": model, "tokenizer": tokenizer, "report": report}

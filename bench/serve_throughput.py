@@ -123,7 +123,7 @@ def bench_hf(ckpt: Path, requests, args, dtype, device) -> dict:
     hf.generation_config.eos_token_id = None  # ignore EOS
     pad = 0
 
-    def run(batch):
+    def run(batch, hf=hf):
         width = max(len(p) for p, _ in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=device)

@@ -149,7 +149,8 @@ def test_per_request_sampling_seeds_penalties_top_k(model):
     assert batched[0].token_ids == alone  # a seeded request's draws do not depend on its batch
     assert llm.generate(prompts[:1], seeded.model_copy(update={"seed": 8}))[0].token_ids != alone
     top1 = llm.generate(prompts[:1], P(temperature=1.5, top_k=1, max_new_tokens=12, ignore_eos=True))[0]
-    assert top1.token_ids == llm.generate(prompts[:1], P(temperature=0, max_new_tokens=12, ignore_eos=True))[0].token_ids
+    greedy = llm.generate(prompts[:1], P(temperature=0, max_new_tokens=12, ignore_eos=True))[0]
+    assert top1.token_ids == greedy.token_ids
     long = P(temperature=0, max_new_tokens=40, ignore_eos=True)
     plain = llm.generate(prompts[:1], long)[0].token_ids
     penalized = llm.generate(prompts[:1], long.model_copy(update={"frequency_penalty": 2.0}))[0].token_ids

@@ -73,6 +73,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,options,optim,lr,drop", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
 def test_method_lowers_held_out_loss(task, name, options, optim, lr, drop):
     import lmforge.train.optimizers  # noqa: F401  (registers lomo, adalomo, badam, galore)

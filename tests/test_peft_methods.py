@@ -13,6 +13,7 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.models import load_hf
 from lmforge.peft import METHODS, build_method, describe_methods
+from lmforge.peft.methods import load_adapter
 from lmforge.testing import make_tiny_hf_model
 
 peft = pytest.importorskip("peft")
@@ -120,6 +121,12 @@ def test_saved_artifact_reloads_into_a_fresh_model(llama, tmp_path, name):
                    and "ia3" not in n and "adapter" not in n and name not in ("bitfit", "adapter"))
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), want, atol=ATOL, rtol=0)
+    if name != "qlora":  # the generic loader reads the file alone (QLoRA's quantization is a training choice)
+        fresh = _model(llama)
+        loaded = load_adapter(fresh, out)
+        assert loaded.name == {"prilora": "lora", "ptuning_v2": "prefix"}.get(name, name)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.eval()(x), want, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["lora", "dora", "prilora", "adalora", "ia3", "bitfit", "adapter", "prefix"])

@@ -15,7 +15,7 @@ import torch
 
 from ..models.transformer import Transformer
 from ..errors import ConfigError
-from .paged_attention import kernel_available
+from .paged_attention import kernel_available, load_kernel
 from .paged_cache import PagedBatch, PagedKVCache, model_calls_cache_attend, paged_batch, paged_decode_batch
 from .scheduler import Request, Scheduled
 
@@ -74,6 +74,8 @@ class ModelRunner:
             reasons.append("the model's attention to call cache.attend (hook not wired)")
         if reasons and attention == "kernel":
             raise ConfigError(f"engine.attention=kernel needs {' and '.join(reasons)}; use attention=auto")
+        if not reasons:
+            load_kernel()  # import triton now, outside any compiled or captured region
         return not reasons
 
     # -------------------------------------------------------------------------------------------- building blocks

@@ -28,6 +28,19 @@ def kernel_available(device: torch.device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+_KERNEL = None
+
+
+def load_kernel():
+    """The jitted kernel module, imported on first use (importing triton reads TRITON_INTERPRET)."""
+    global _KERNEL
+    if _KERNEL is None:
+        from . import paged_attention_kernel
+
+        _KERNEL = paged_attention_kernel
+    return _KERNEL
+
+
 def _combine(acc: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """Merge per-split partials: acc (B, Hkv, S, G, D), stats (B, Hkv, S, G, 2) = (max, sum) → (B, Hkv, G, D)."""
     m, denom = stats[..., 0], stats[..., 1]
@@ -70,13 +83,12 @@ def paged_decode_attention(
     if splits > 1:
         acc = torch.empty(B, Hkv, splits, G, D, dtype=torch.float32, device=q.device)
         stats = torch.empty(B, Hkv, splits, G, 2, dtype=torch.float32, device=q.device)
-    from .paged_attention_kernel import next_power_of_2, paged_decode_kernel  # imports triton on first use
-
-    paged_decode_kernel[(B, Hkv, splits)](
+    kernel = _KERNEL or load_kernel()
+    kernel.paged_decode_kernel[(B, Hkv, splits)](
         q2, k_pool, v_pool, block_tables, seq_lens, out, acc, stats,
         1.0 / math.sqrt(D), q2.stride(0), q2.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
         per_split, window or 0,
-        G=G, GP=max(16, next_power_of_2(G)), D=D, DP=max(16, next_power_of_2(D)),
+        G=G, GP=max(16, kernel.next_power_of_2(G)), D=D, DP=max(16, kernel.next_power_of_2(D)),
         BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q.dtype == torch.float32,
     )
     if splits > 1:

@@ -10,7 +10,6 @@ kept, and its full blocks usually survive in the prefix cache). No request is ev
 """
 from __future__ import annotations
 
-import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -69,13 +68,12 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, namespace=lambda r: ""):
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
         self.pool = pool
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = {"preemptions": 0, "scheduled_tokens": 0, "steps": 0}
-        self._ids = itertools.count()
 
     @property
     def block_size(self) -> int:

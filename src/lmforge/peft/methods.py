@@ -28,7 +28,8 @@ from ..models.hf import load_hf, save_hf
 from .lora import LoraConfig, apply_lora, load_tensors_into, lora_state_dict, merge_lora, merged
 from .peft_format import load_peft_adapter, save_peft_adapter
 
-__all__ = ["Method", "FullMethod", "LoraMethod", "METHODS", "build_method", "register_method", "describe_methods"]
+__all__ = ["Method", "FullMethod", "LoraMethod", "METHODS", "build_method", "register_method", "describe_methods",
+           "methods_listing", "load_adapter"]
 
 
 class Method(Section):
@@ -183,3 +184,34 @@ def methods_listing(source: str | None = None) -> str:
         count = "-" if n is None else n if isinstance(n, str) else f"{n:,} ({100 * n / total:.3g}%)"
         lines.append(f"{r['method']:14} {count:>22}  {r['trains']:60} {r['artifact']}")
     return "\n".join(lines)
+
+
+# PEFT peft_type (+ use_dora) -> the lmforge method that reads it
+_PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "ADALORA": "adalora", "PREFIX_TUNING": "prefix",
+               "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "ptuning"}
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> Method:
+    """Load any adapter directory lmforge writes or reads (PEFT LORA/DoRA, IA3, ADALORA, PREFIX_TUNING,
+    PROMPT_TUNING, P_TUNING, or an lmforge adapter) into `model` (a base model); return the method that did it."""
+    import json
+
+    from ..errors import CheckpointError
+
+    file = Path(adapter_dir) / "adapter_config.json"
+    if not file.is_file():
+        raise CheckpointError(f"no adapter_config.json in '{adapter_dir}': pass an adapter directory")
+    raw = json.loads(file.read_text())
+    if raw.get("lmforge_method"):
+        name = raw["lmforge_method"]
+    elif raw.get("peft_type") in _PEFT_TYPES:
+        name = "dora" if raw["peft_type"] == "LORA" and raw.get("use_dora") else _PEFT_TYPES[raw["peft_type"]]
+    else:
+        raise CheckpointError(f"{file}: peft_type {raw.get('peft_type')!r} is not supported; lmforge reads "
+                              f"{', '.join(_PEFT_TYPES)} and lmforge adapters")
+    if name not in METHODS:
+        raise CheckpointError(f"{file}: unknown lmforge method '{name}'")
+    defaults = {"total_step": 1} if "total_step" in METHODS[name].model_fields else {}  # AdaLoRA's run length
+    method = METHODS[name].model_validate(defaults)
+    method.load(model, adapter_dir)
+    return method

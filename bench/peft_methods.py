@@ -60,6 +60,10 @@ def _sync():
 
 
 def _mem_reset():
+    """Free what earlier suites left (trainer <-> hook cycles need the collector) and restart the peak counter."""
+    import gc
+
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -192,7 +196,8 @@ def tiny_suite(args, device) -> list[dict]:
                      "eval_loss_before": round(before, 3), "eval_loss": round(after, 3),
                      "exact_match": round(accuracy, 3), "steps": args.steps, "device": str(device)})
         print(json.dumps(rows[-1]), flush=True)
-        del model, trainer
+        del model, trainer, meter  # the meter holds the model and optimizer too
+        _mem_reset()
     return rows
 
 
@@ -303,14 +308,17 @@ def fullft_suite(args, device) -> list[dict]:
         seconds = _timed_steps(trainer, args)
         meter.record()
         peak = _peak_gib() if device.type == "cuda" else meter.peak / 2**30  # CPU: weights + grads + state
+        leftover = torch.cuda.memory_allocated() / 2**30 - weights_gib if device.type == "cuda" else 0.0
         rows.append({"suite": "fullft", "optimizer": optim, "preset": args.fullft_preset, "n_layers": cfg.n_layers,
                      "seq": args.seq, "batch": 1, "precision": "bf16-pure", "activation_checkpointing": True,
                      "weights_gib": round(weights_gib, 4), "peak_mem_gib": round(peak, 4),
+                     "resident_after_gib": round(leftover, 4),
                      "tokens_per_s": round(args.seq / seconds, 1), "device": str(device)})
         print(json.dumps(rows[-1]), flush=True)
         if hasattr(trainer.optimizer, "remove_hooks"):
             trainer.optimizer.remove_hooks()
-        del model, trainer
+        del model, trainer, meter  # the meter holds the model and optimizer too
+        _mem_reset()
     return rows
 
 

@@ -115,3 +115,17 @@ def test_eval_takes_the_model_then_any_number_of_task_files():
 def test_plan_verb_on_a_preset(capsys):
     assert main(["plan", "llama-3.2-1b", "--gpu-mem", "80GiB", "--method", "lora"]) == 0
     assert "verdict" in capsys.readouterr().out
+
+
+def test_train_verb_runs_alignment_stages(ckpt, tmp_path, capsys):
+    """`lmforge train` with `stage: rm` trains a reward model on the one verb (TrainConfig has no rm stage)."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"say {w}", "chosen": f"{w} {w}", "rejected": "no"} for w in ("cat", "dog", "sun", "sky")]
+    pairs.write_text("\n".join(json.dumps(r) for r in rows * 2))
+    cfg = tmp_path / "rm.yaml"
+    cfg.write_text(f"stage: rm\nmodel: {{path: {ckpt}}}\ndata: {{path: {pairs}, max_seq_len: 32}}\n"
+                   f"train: {{output_dir: {tmp_path / 'rm'}, max_steps: 2, micro_batch_size: 2, log_every: 1}}\n")
+    assert main(["train", str(cfg)]) == 0
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shown["step"] == 2 and (tmp_path / "rm" / "final" / "score.safetensors").is_file()
+    assert main(["train", str(cfg), "stage=sft"]) == 2  # the same file read as SFT: preference rows are not SFT rows

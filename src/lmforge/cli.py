@@ -171,12 +171,31 @@ class ExportConfig(Section):
     """dtype of the written weights; auto = the base checkpoint's."""
 
 
+def train_config_class(config: str | None, overrides: list[str]) -> type:
+    """TrainConfig, or AlignConfig when the config file or an override says `stage: rm | dpo | ppo`."""
+    from .config import _read_yaml
+
+    stage = (_read_yaml(config) if config else {}).get("stage")
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "stage":
+            stage = value.strip()
+    if stage in ("rm", "dpo", "ppo"):
+        from .align.run import AlignConfig
+
+        return AlignConfig
+    from .train.config import TrainConfig
+
+    return TrainConfig
+
+
 def run_train(cfg) -> None:
+    from .align.run import AlignConfig, run_alignment
     from .train import run_training
 
-    result = run_training(cfg)
+    result = run_alignment(cfg) if isinstance(cfg, AlignConfig) else run_training(cfg)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
-             if k in ("step", "loss", "eval_loss", "eval_ppl", "output")}
+             if isinstance(v, (int, float, str))}
     print(json.dumps(shown))
 
 
@@ -302,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lmforge {verb}: {desc}\n\n{format_help(cls)}")
             return 0
         config, overrides = split_args(rest, positional)
+        if verb == "train":  # one verb for every stage: sft/pretrain on TrainConfig, rm/dpo/ppo on AlignConfig
+            cls = train_config_class(config, overrides)
         cfg = load_config(cls, config, overrides)
         if isinstance(cfg, GenerateConfig):  # checkpoint's sampling defaults < config file < command line
             defaults = _generation_defaults(Path(cfg.model))

@@ -103,5 +103,5 @@ def attend(
         # SDPA backend accepts it (decode attends over the whole cache each step, so a K/V repeat would be costly).
         q = q.reshape(B, H // groups, groups * T, D)
         mask = mask[:, :, None].expand(B, 1, groups, T, mask.shape[-1]).reshape(B, 1, groups * T, -1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, T, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, T, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)

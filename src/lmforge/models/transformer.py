@@ -87,9 +87,12 @@ class Attention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope, interleaved=self.cfg.rope_interleaved)
             k = apply_rope(k, *rope, interleaved=self.cfg.rope_interleaved)
-        if cache is not None:
-            k, v = cache.update(self.layer, slots, k, v)  # (B, Hkv, S, hd)
-        y = attend(q, k, v, mask)  # (B, H, T, hd)
+        if cache is not None and hasattr(cache, "attend"):  # a paged cache attends itself (Triton decode kernel)
+            y = cache.attend(self.layer, q, k, v, mask)  # (B, H, T, hd)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer, slots, k, v)  # (B, Hkv, S, hd)
+            y = attend(q, k, v, mask)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -16,7 +16,7 @@ def paged_decode_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    length = tl.load(Lens + b)
+    length = tl.load(Lens + b).to(tl.int32)  # lo, hi and the window stay int32 in every branch
     lo = s * tokens_per_split
     hi = tl.minimum(length, lo + tokens_per_split)
     if window > 0:

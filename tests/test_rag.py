@@ -486,3 +486,30 @@ def test_self_consistency_majority_vote():
     assert llm.requests[0]["n"] == 5 and llm.requests[0]["temperature"] == 0.8
     assert majority_vote(["The answer is B.", "The answer is b", "The answer is C."]).answer == "b"
     assert majority_vote(["nothing"]).answer is None
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def test_cli_index_and_retrieve(tmp_path, capsys, embedder):
+    import typing
+
+    from lmforge.rag.cli import Backend, main
+    from lmforge.rag.stores import BACKENDS
+
+    assert set(typing.get_args(Backend)) == set(BACKENDS)
+    docs, qas = town_corpus(5, seed=3)
+    folder = write_corpus(docs, tmp_path / "docs")
+    store = tmp_path / "store"
+    assert main(["index", str(folder), "--store", str(store), "backend=numpy", "--max-tokens", "64"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["documents"] == 5 and out["chunks"] == out["chunks_added"] >= 20 and out["backend"] == "numpy"
+    assert main(["index", str(folder), "--store", str(store)]) == 2  # refuses to index twice by accident
+    assert "append=true" in capsys.readouterr().err
+    qa = qas[0]
+    assert main(["ask", qa.question, "--store", str(store), "k=2", "--retrieve-only", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["answer"] is None and len(result["sources"]) == 2
+    assert any(qa.answer in s["text"] for s in result["sources"])
+    assert main(["ask", "x", "--store", str(tmp_path / "none")]) == 2
+    assert "no RAG index here" in capsys.readouterr().err
+    assert main(["indx"]) == 2 and "did you mean 'index'" in capsys.readouterr().err

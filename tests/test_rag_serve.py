@@ -78,6 +78,16 @@ def test_retrieval_qa_through_the_server(server):
     assert all(any(c is s for s in answer.sources) for c in answer.cited)  # citations map onto real sources
 
 
+def test_cli_ask_through_the_server(server, capsys):
+    from lmforge.rag.cli import main
+
+    url, index = server
+    assert main(["ask", "Which river runs past the town?", "--store", str(index.path), "--base-url", url + "/v1",
+                 "--max-tokens", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out["answer"], str) and [s["n"] for s in out["sources"]] == [1, 2, 3, 4]
+
+
 def test_embeddings_endpoint(server):
     url, _ = server
     texts = ["The cat sat on the mat.", "大语言模型", "A completely different sentence about ships."]

@@ -280,7 +280,9 @@ def kv_cache_blocks(model: Transformer, *, block_size: int, max_model_len: int, 
     free, total = torch.cuda.mem_get_info(w.device)
     peak = _profile_prefill(model, max_num_batched_tokens, block_size)
     token_bytes = per_block // (block_size * cfg.n_layers)  # K+V of one token in one layer
-    decode_view = 2 * max_num_seqs * min(max_model_len, 4096) * token_bytes
+    # gathered K and V views of a full decode batch, the index_select temporaries and the SDPA mask (measured: 2x OOMs
+    # in CUDA-graph capture at 256 x 2048 on an 80 GiB H100)
+    decode_view = 4 * max_num_seqs * min(max_model_len, 4096) * token_bytes
     sampler = 6 * max_num_seqs * cfg.vocab_size * 4
     budget = free - (1 - gpu_memory_utilization) * total - peak - decode_view - sampler
     if budget < 2 * per_block:

@@ -89,8 +89,12 @@ class Int8Linear(QuantLinear):
         x2d = x.reshape(-1, self.in_features)
         if self.act_bits == 8:
             y = self._w8a8(x2d)
-        elif self._use_fast(x2d):
+        elif self._use_fast(x2d) and self._fast[0] == "aten._weight_int8pack_mm":
             y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self._fast[1])
+        elif self._use_fast(x2d) and x2d.shape[0] == 1 and torch.compiler.is_compiling():
+            # batch-1 decode under inductor: a multiply-reduce reads each int8 code once, converting in registers
+            # (F.linear on q.to(bf16) writes the bf16 weight out first: slower than bf16 itself, measured on H100)
+            y = (x2d[:, None, :] * self.qweight.to(x.dtype)).sum(-1) * self.scale.to(x.dtype)
         else:  # the int8 -> float conversion fuses into the matmul under torch.compile
             y = F.linear(x2d, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
         return self._add_bias(y).view(*x.shape[:-1], self.out_features)
@@ -109,7 +113,11 @@ class Int8Linear(QuantLinear):
         return y + acc * (sx.to(dt) * self.scale.to(dt))
 
     def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16) -> str | None:
-        if self.act_bits is not None or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        if self.act_bits is not None:
+            return None
+        if self.qweight.is_cuda:  # aten's CUDA int8pack kernel decodes at 65 tok/s vs 416 bf16 (1B, H100): not used
+            return _verified(self, None, dtype, "inductor int8 gemv")
+        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             return None
         return _verified(self, self.scale.to(dtype), dtype, "aten._weight_int8pack_mm")
 

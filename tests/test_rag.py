@@ -127,15 +127,14 @@ def test_load_documents_txt_md_html(tmp_path):
     assert html.metadata["title"] == "Gamma"
     assert html.text.startswith("## Part one") and "First para." in html.text and "evil" not in html.text
     assert chunk_document(html)[0].heading == "Part one"
+    (tmp_path / "empty").mkdir()
     with pytest.raises(LmforgeError, match="no documents"):
-        load_documents(tmp_path / "sub" / "nothing") if False else load_documents(_empty(tmp_path))
+        load_documents(tmp_path / "empty")
+    with pytest.raises(LmforgeError, match="not found"):
+        load_documents(tmp_path / "missing")
     assert html_to_text("<h1>T</h1><p>x</p>")[0] == "# T\n\nx"
-
-
-def _empty(tmp_path):
-    d = tmp_path / "empty"
-    d.mkdir()
-    return d
+    assert html_to_text("<p>Run <code>lmforge serve</code> now, <b>then</b>\n  wait.</p>")[0] == \
+        "Run lmforge serve now, then wait."
 
 
 # ----------------------------------------------------------------------------------------------- keyword search
@@ -513,3 +512,28 @@ def test_cli_index_and_retrieve(tmp_path, capsys, embedder):
     assert main(["ask", "x", "--store", str(tmp_path / "none")]) == 2
     assert "no RAG index here" in capsys.readouterr().err
     assert main(["indx"]) == 2 and "did you mean 'index'" in capsys.readouterr().err
+
+
+def _tiny_pdf(text: str) -> bytes:
+    """A one-page PDF with one line of Helvetica text (objects and xref offsets written by hand)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+            b"/Resources << /Font << /F1 5 0 R >> >> >>",
+            b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+            b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = b"%PDF-1.4\n", []
+    for i, body in enumerate(objs, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+
+
+def test_load_pdf(tmp_path):
+    pytest.importorskip("pypdf")
+    (tmp_path / "manual.pdf").write_bytes(_tiny_pdf("The pump needs service every 400 hours."))
+    doc = load_documents(tmp_path)[0]
+    assert doc.source == "manual.pdf" and "every 400 hours" in doc.text

@@ -114,6 +114,32 @@ def test_embeddings_endpoint(server):
         assert r.status_code == status and r.json()["error"]["param"] == field, r.text
 
 
+def test_routers_honour_the_servers_api_key(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve import ServeConfig, build_server
+    from lmforge.serve.chat_page import chat_page_router
+    from lmforge.serve.embeddings import bearer_key, embeddings_router
+    from lmforge.testing import make_tiny_checkpoint
+
+    app, engine = build_server(ServeConfig(model=str(make_tiny_checkpoint(tmp_path / "t")), device="cpu",
+                                           api_key="sk-1"))
+    key = bearer_key("sk-1")
+    app.include_router(embeddings_router(lambda: load_embedder("minilm"), dependencies=[key]))
+    app.include_router(chat_page_router(None, dependencies=[key]))
+    client = TestClient(app)
+    r = client.post("/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    ok = client.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer sk-1"})
+    assert ok.status_code == 200 and ok.json()["model"] == "minilm"
+    assert client.get("/ui/config").status_code == 401
+    assert client.get("/ui/config", headers={"Authorization": "Bearer sk-1"}).json()["rag"] is False
+    assert client.get("/chat").status_code == 200  # the page itself is public; it asks for the key
+    r = client.post("/ui/rag", json={"question": "x"}, headers={"Authorization": "Bearer sk-1"})
+    assert r.status_code == 400 and "no RAG index" in r.json()["error"]["message"]
+    engine.shutdown()
+
+
 def test_chat_page_routes(server):
     url, index = server
     page = httpx.get(url + "/chat")

@@ -5,6 +5,7 @@ styles dropped) so the chunker sees the same heading structure whatever the file
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -56,7 +57,7 @@ class _HtmlToText(HTMLParser):
         if self._in_title:
             self.title += data
         if not self.skip_depth:
-            self.parts.append(" ".join(data.split()) if data.strip() else (" " if data else ""))
+            self.parts.append(re.sub(r"\s+", " ", data))  # keep the spaces around inline tags
 
     def text(self) -> str:
         lines = [" ".join(line.split()) for line in "".join(self.parts).split("\n")]

@@ -35,8 +35,9 @@ def town_corpus(n_towns: int = 30, seed: int = 0) -> tuple[dict[str, str], list[
     """({filename: markdown}, questions) for `n_towns` towns with four facts each."""
     rng = random.Random(seed)
     docs, qas, used = {}, [], set()
+    parts = 3 if n_towns <= 4000 else 4  # 26^3 names run out past a few thousand towns
     while len(docs) < n_towns:
-        town = _name(rng)
+        town = _name(rng, parts)
         if town in used:
             continue
         used.add(town)

@@ -13,11 +13,22 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import OpenAIError
+
+
+def bearer_key(api_key: str | None) -> Callable:
+    """A FastAPI dependency requiring `Authorization: Bearer <api_key>` (it lets everything through when api_key is
+    None): the server's key check, for routers included outside the app factory."""
+    async def check(request: Request) -> None:
+        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise OpenAIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+
+    return check
 
 
 class EmbeddingRequest(BaseModel):

@@ -333,6 +333,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--server-requests", type=int, default=256)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: engine,hf,batch1,server")
+    ap.add_argument("--attention", default="auto", choices=["auto", "both", "kernel", "gather"],
+                    help="engine decode attention: auto = the Triton kernel where it runs, else gather + SDPA")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -376,7 +378,9 @@ def main() -> None:
         from lmforge.infer.paged_cache import model_calls_cache_attend
 
         kernel = kernel_available(device) and model_calls_cache_attend(model)  # needs the model hook (docs/serving.md)
-        for attention in (["kernel"] if kernel else []) + ["gather"]:
+        modes = {"auto": ["kernel"] if kernel else ["gather"], "both": (["kernel"] if kernel else []) + ["gather"],
+                 "kernel": ["kernel"], "gather": ["gather"]}[args.attention]
+        for attention in modes:
             record("engine" if attention == "gather" and not kernel else f"engine[{attention}]",
                    bench_engine(model, requests, args, attention))
     if "batch1" not in skip:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -59,12 +58,16 @@ def _wait(driver, condition, timeout=60):
 
 
 def _send(driver, text):
-    box = driver.find_element(By.ID, "input")
-    box.send_keys(text)
+    """Type and send a message; returns the new assistant bubble once its reply is complete."""
+    before = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+    driver.find_element(By.ID, "input").send_keys(text)
     driver.find_element(By.ID, "send").click()
-    n = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
-    return _wait(driver, lambda d: (lambda m: m[-1] if len(m) == n and m[-1].get_attribute("data-done") else False)(
-        d.find_elements(By.CSS_SELECTOR, ".msg.assistant")))
+
+    def finished(d):
+        bubbles = d.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        return bubbles[-1] if len(bubbles) == before + 1 and bubbles[-1].get_attribute("data-done") else False
+
+    return _wait(driver, finished)
 
 
 def test_chat_page_streams_a_reply_and_shows_rag_sources(server, browser, tmp_path):
@@ -80,7 +83,7 @@ def test_chat_page_streams_a_reply_and_shows_rag_sources(server, browser, tmp_pa
     want = OpenAIChat(server.url + "/v1").chat([{"role": "user", "content": PROMPT}], temperature=0, top_p=0.95,
                                                max_tokens=48).content
     assert want, "the tiny model gave an empty reply to the prompt; pick another"
-    # the element's text as the browser renders it (pre-wrap): compare with whitespace normalised
+    # the reply's text node, exactly as streamed in (the bubble's .text would be whitespace-normalised)
     got = browser.execute_script("return arguments[0].firstChild ? arguments[0].firstChild.textContent : ''", reply)
     assert got == want
     assert int(reply.get_attribute("data-chunks")) > 1  # it arrived in several server-sent events

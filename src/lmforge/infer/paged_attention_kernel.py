@@ -41,7 +41,7 @@ def paged_decode_kernel(
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (GP, CHUNK)
+        scores = tl.where(valid[None, :], (scores * scale).to(tl.float32), float("-inf"))  # (GP, CHUNK), fp32 also under compile
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)

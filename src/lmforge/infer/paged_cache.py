@@ -176,7 +176,7 @@ def paged_batch(
     W = block_tables.shape[1]
 
     def slots_of(pos: torch.Tensor) -> torch.Tensor:  # pool slot of each absolute position (pos >= 0 assumed)
-        col = (pos // block_size).clamp(max=W - 1)
+        col = (pos // block_size).clamp(0, W - 1)  # padding rows of a replayed graph may hold any position
         return block_tables.gather(1, col) * block_size + pos % block_size
 
     t = torch.arange(T, device=device)

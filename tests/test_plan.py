@@ -13,13 +13,32 @@ from lmforge.plan import (OutOfMemoryPrediction, Overheads, PlanConfig, TrainSet
                           kv_cache_bytes_per_token, max_concurrent_sequences, max_micro_batch, param_bytes,
                           param_counts, parse_bytes, recommend, run_plan, train_memory, weight_bytes,
                           zero_model_state_bytes)
-from lmforge.plan.memory import GiB, layer_activation_bytes
+from lmforge.plan.memory import GiB, layer_activation_bytes, zero_table
 
 
 def test_zero_paper_example():
     """Rajbhandari et al. 2020, figure 1: Ψ = 7.5B, K = 12, Nd = 64 -> 120 GB, 31.4 GB, 16.6 GB, 1.9 GB per GPU."""
     got = [zero_model_state_bytes(7.5e9, stage, 64) / 1e9 for stage in range(4)]
     assert got == pytest.approx([120, 31.4, 16.6, 1.9], abs=0.05)
+
+
+def test_zero_table_splits_16_bytes_per_parameter_by_stage(capsys):
+    """`lmforge plan` prints, per ZeRO stage, the paper's 2Ψ + 2Ψ + 12Ψ split and lmforge's own (fp32 weights and
+    gradients under autocast: 4Ψ + 4Ψ + 8Ψ), both 16Ψ when nothing is sharded."""
+    cfg = preset_config("llama-3.2-1b")
+    psi = cfg.num_params()
+    rows = zero_table(cfg, TrainSetup(precision="bf16"), 4)
+    assert [r["paper"]["total"] for r in rows] == pytest.approx([zero_model_state_bytes(psi, s, 4) for s in range(4)],
+                                                                rel=1e-9)
+    assert rows[0]["paper"]["total"] == pytest.approx(16 * psi) and rows[0]["lmforge"]["total"] == 16 * psi
+    assert rows[1]["paper"]["optimizer_states"] == pytest.approx(3 * psi)  # 12Ψ / 4
+    assert rows[3]["lmforge"]["total"] == pytest.approx(4 * psi, rel=1e-6)  # everything / 4
+    assert [r["lmforge"]["gradients"] for r in rows] == [4 * psi, 4 * psi, psi, psi]
+    out = run_plan(PlanConfig(model="llama-3.2-1b", gpu_mem="80GiB", gpus=4, recommend=False))
+    text = capsys.readouterr().out
+    assert "ZeRO model states per GPU over 4 GPUs" in text and "3 (+weights)" in text
+    assert f"{rows[1]['paper']['total'] / GiB:9.2f}" in text.splitlines()[-3]
+    assert out["zero_table"][2]["lmforge"] == rows[2]["lmforge"]
 
 
 def test_seed_weight_examples():

@@ -275,6 +275,30 @@ def zero_model_state_bytes(params: float, stage: int, gpus: int, optimizer_bytes
             + optimizer_bytes / (n if stage >= 1 else 1)) * params
 
 
+def zero_table(cfg: ModelConfig, setup: TrainSetup, gpus: int) -> list[dict]:
+    """Per-GPU model states for ZeRO stages 0-3 over `gpus` data-parallel GPUs, two ways:
+
+    - `paper`: Rajbhandari et al.'s mixed-precision Adam, Ψ = trainable parameters: 2Ψ bf16 weights + 2Ψ bf16
+      gradients + 12Ψ optimizer states (fp32 master copy, m, v), stage 1 sharding the 12Ψ, 2 also the gradients,
+      3 also the weights (`zero_model_state_bytes`);
+    - `lmforge`: what lmforge's trainer holds for this setup (`model_state_bytes`): its precision keeps fp32 weights
+      and gradients under autocast (4Ψ + 4Ψ + 8Ψ for m, v: the same 16Ψ, split differently), frozen bases too.
+    """
+    from dataclasses import replace
+
+    psi = _trainable_params(cfg, setup, param_counts(cfg))
+    rows = []
+    for stage in range(4):
+        n = gpus if stage else 1
+        paper = {"weights": 2 * psi / (n if stage >= 3 else 1), "gradients": 2 * psi / (n if stage >= 2 else 1),
+                 "optimizer_states": 12 * psi / (n if stage >= 1 else 1)}
+        ours, host = model_state_bytes(cfg, replace(setup, zero_stage=stage, gpus=gpus))
+        rows.append({"stage": stage, "gpus": gpus, "trainable_params": psi,
+                     "paper": {**{k: int(v) for k, v in paper.items()}, "total": int(sum(paper.values()))},
+                     "lmforge": {**ours, "total": sum(ours.values()), "host": host}})
+    return rows
+
+
 def _attention_kind(setup: TrainSetup) -> str:
     if setup.attention != "auto":
         return setup.attention

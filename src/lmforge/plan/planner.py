@@ -20,7 +20,7 @@ from ..config import Section, load_config
 from ..errors import ConfigError, LmforgeError, did_you_mean
 from ..models.config import ModelConfig
 from .memory import (GiB, Estimate, Overheads, TrainSetup, inference_memory, kv_cache_bytes_per_token, max_context,
-                     max_concurrent_sequences, max_micro_batch, train_memory, weight_bytes)
+                     max_concurrent_sequences, max_micro_batch, train_memory, weight_bytes, zero_table)
 
 # name: (peak dense bf16 TFLOP/s, HBM GB/s, memory GiB)
 GPUS: dict[str, tuple[float, float, float]] = {
@@ -109,6 +109,27 @@ def format_estimate(est: Estimate, budget: int | None = None, overheads: Overhea
         lines.append(f"verdict: FITS in {gib(budget)} ({gib(budget - need)} left)" if need <= budget else
                      f"verdict: DOES NOT FIT in {gib(budget)} ({gib(need - budget)} short)")
     lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+ZERO_STAGES = ("0 (DDP)", "1 (optim)", "2 (+grads)", "3 (+weights)")
+
+
+def format_zero_table(rows: list[dict], precision: str) -> str:
+    """The ZeRO table: per-GPU weights / gradients / optimizer states for each stage, the paper's accounting beside
+    lmforge's for this run's dtypes."""
+    r0 = rows[0]
+    cols = ("weights", "gradients", "optimizer_states", "total")
+    cell = lambda v: f"{v / GiB:9.2f}"  # noqa: E731
+    head = "".join(f"{c:>9}" for c in ("weights", "grads", "optim", "total"))
+    lines = [f"ZeRO model states per GPU over {r0['gpus']} GPUs, GiB (Ψ = {r0['trainable_params'] / 1e9:.3f} B "
+             f"trainable parameters):",
+             f"  {'stage':12} | {'paper: 2Ψ + 2Ψ + 12Ψ (Adam)':36} | lmforge {precision}",
+             f"  {'':12} | {head} | {head}"]
+    for r in rows:
+        host = f"  (+{r['lmforge']['host'] / GiB:.2f} on the host)" if r["lmforge"]["host"] else ""
+        lines.append(f"  {ZERO_STAGES[r['stage']]:12} | {''.join(cell(r['paper'][c]) for c in cols)} | "
+                     f"{''.join(cell(r['lmforge'][c]) for c in cols)}{host}")
     return "\n".join(lines)
 
 
@@ -322,6 +343,10 @@ def run_plan(cfg: PlanConfig) -> dict:
           + f"; throughput ~{tps:,.0f} tokens/s ({cfg.efficiency:.0%} of {cfg.gpu} peak, x{cfg.gpus} GPUs)")
     out = {"estimate": est.__dict__, "max_micro_batch": b, "tokens_per_s": tps, "budget": budget,
            "fits": Overheads().reserve(est.peak) <= budget}
+    n = cfg.gpus if cfg.gpus > 1 else 8  # one GPU shards nothing: show what 8 would hold (--gpus N to change)
+    out["zero_table"] = zero_table(model_cfg, setup, n)
+    print(format_zero_table(out["zero_table"], setup.precision)
+          + ("" if cfg.gpus > 1 else "\n  (one GPU shards nothing; the table assumes 8: --gpus N to change)"))
     if cfg.recommend:
         chosen = [setup.method] if cfg.method or cfg.train_config else None  # keep a method the user picked...
         cands = recommend(model_cfg, setup, budget, cfg.gpu, cfg.efficiency, methods=chosen)

@@ -103,10 +103,10 @@ def run_training(cfg: TrainConfig) -> dict:
 
 
 def gather_to_plain_model(model, method, ds):
-    """Full (unsharded) weights of a DDP/FSDP/TP model, loaded into a plain CPU model on the main rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """Full (unsharded) weights of a DDP/FSDP/TP/pipeline model, loaded into a plain CPU model on the main rank."""
+    from .distributed import full_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = full_state_dict(model, ds)
     if not ds.is_main:
         return model
     with torch.device("meta"):

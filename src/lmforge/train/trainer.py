@@ -17,7 +17,8 @@ from .checkpoint import (is_sharded_checkpoint, list_checkpoints, load_checkpoin
                          save_checkpoint, save_sharded_checkpoint)
 from .config import TrainConfig
 from .objective import LanguageModeling, Objective
-from .distributed import DistState, StepModule, clip_grad_norm, dp_sum, wrap_step, zero1_optimizer
+from .distributed import (DistState, StepModule, average_gradients, averages_gradients_itself, clip_grad_norm,
+                          dp_sum, model_state_bytes, per_rank, wrap_step, zero1_optimizer)
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler
 
@@ -85,8 +86,18 @@ class Trainer:
             for block in model.layers:
                 block.compile()
         # DDP / FSDP2 / TP wrap the whole step; parameters become DTensors under FSDP/TP, so optimizers come after.
-        self.step_module = wrap_step(StepModule(model, self.objective, self), cfg.parallel, self.dist)
-        self.params = method.trainable_parameters(model)
+        # A pipeline rank keeps one stage (other stages' modules go to the meta device) and runs steps through it.
+        self.pipeline = None
+        if cfg.parallel.pipeline > 1:
+            from .pipeline import PipelineStepper
+
+            self.pipeline = PipelineStepper(self)
+            self.step_module, self.state_model = self.pipeline.module, self.pipeline.stage
+        else:
+            self.step_module = wrap_step(StepModule(model, self.objective, self), cfg.parallel, self.dist)
+            self.state_model = model  # what checkpoints read and write (FQNs of the whole model either way)
+        self.params = [(n, p) for n, p in method.trainable_parameters(model) if p.device.type != "meta"]
+        self.average_dp = averages_gradients_itself(cfg.parallel, self.dist)  # no DDP: TP or pipeline with zero 0/1
         if not self.params:
             raise ValueError("the method left no trainable parameters")
         per_step = self.t.micro_batch_size * self.t.grad_accum
@@ -95,12 +106,14 @@ class Trainer:
         if cfg.parallel.zero == 1 and self.dist.enabled:
             self.optimizer = zero1_optimizer(self.optimizer, self.dist)
         self.updates_in_backward = getattr(self.optimizer, "updates_in_backward", False)
-        if self.updates_in_backward and (self.t.grad_accum > 1 or self.precision == "fp16"):
+        if self.updates_in_backward and (self.t.grad_accum > 1 or self.precision == "fp16" or self.pipeline):
             raise ValueError(f"optimizer '{cfg.optim.name}' updates weights during backward: it cannot accumulate "
-                             "gradients (set train.grad_accum=1) or use fp16 loss scaling (use bf16 or fp32)")
+                             "gradients (set train.grad_accum=1), run a pipeline or use fp16 loss scaling (use bf16 "
+                             "or fp32)")
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
         self.sampler = EpochSampler(len(train_data), self.t.seed)  # the same order on every rank
         self.step = 0
+        self.state_bytes: dict[str, int] = {}  # this rank's params/grads/optimizer bytes at the last optimizer step
         self.objective.setup(self)
 
     # ---------------------------------------------------------------- state
@@ -109,7 +122,8 @@ class Trainer:
 
     def save(self) -> Path:
         if self.dist.enabled:
-            return save_sharded_checkpoint(self.out, self.step, model=self.model, names=self.method.state_dict(self.model),
+            return save_sharded_checkpoint(self.out, self.step, model=self.state_model,
+                                           names=self.method.state_dict(self.model),
                                            optimizer=self.optimizer, scheduler=self.scheduler,
                                            trainer_state=self._trainer_state(), keep_last=self.t.keep_last,
                                            is_main=self.dist.is_main)
@@ -122,7 +136,8 @@ class Trainer:
         if not ckpts:
             return None
         if is_sharded_checkpoint(ckpts[-1]):  # written by a distributed run, of any world size
-            state = load_sharded_checkpoint(ckpts[-1], model=self.model, names=self.method.state_dict(self.model),
+            state = load_sharded_checkpoint(ckpts[-1], model=self.state_model,
+                                            names=self.method.state_dict(self.model),
                                             optimizer=self.optimizer, scheduler=self.scheduler)
         else:
             weights, state = load_checkpoint(ckpts[-1], optimizer=self.optimizer, scheduler=self.scheduler,
@@ -155,10 +170,9 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(self) -> dict:
-        """One optimizer step over grad_accum micro-batches, normalised by the step's units (target tokens for
-        language modelling, pairs for preference stages)."""
-        t, obj, ds = self.t, self.objective, self.dist
+    def _forward_backward(self) -> tuple[float, int, int, dict]:
+        """Forward + backward of grad_accum micro-batches; (mean loss, global units, tokens, metric sums)."""
+        obj, ds = self.objective, self.dist
         micro = obj.micro_batches(self)
         # normalise by the global unit count; DDP/FSDP average gradients over dp ranks, hence the factor dp
         units = int(dp_sum(sum(obj.normalizer(b) for b in micro), ds, self.device))
@@ -176,11 +190,24 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
         total = dp_sum(total, ds, self.device) / max(units, 1)
         sums = {k: dp_sum(v, ds, self.device) for k, v in sums.items()}
+        return total, units, n_tokens, sums
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches, normalised by the step's units (target tokens for
+        language modelling, pairs for preference stages)."""
+        t, obj = self.t, self.objective
+        if self.pipeline is not None:  # the schedule runs every micro-batch through the stages
+            (total, units, n_tokens), sums = self.pipeline.forward_backward(), {}
+        else:
+            total, units, n_tokens, sums = self._forward_backward()
+        if self.average_dp:  # once per step, after every micro-batch's backward
+            average_gradients([p for _, p in self.params], self.dist.mesh["dp"].get_group())
         skipped, grad_norm = False, float("nan")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if not self.updates_in_backward:  # fused-update optimizers clipped and stepped inside backward already
-            grad_norm = clip_grad_norm([p for _, p in self.params], t.grad_clip)
+            grad_norm = clip_grad_norm([p for _, p in self.params], t.grad_clip, device=self.device,
+                                       stage_group=self.pipeline.group if self.pipeline else None)
         if self.updates_in_backward:
             pass
         elif self.scaler:
@@ -190,6 +217,7 @@ class Trainer:
             skipped = self.scaler.get_scale() < scale  # inf/nan gradients: the step was skipped, scale halved
         else:
             self.optimizer.step()
+        self.state_bytes = model_state_bytes(list(self.model.parameters()), self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         with warnings.catch_warnings():  # after a skipped fp16 step torch warns the schedule ran ahead; it is meant to
@@ -204,6 +232,8 @@ class Trainer:
     def evaluate(self) -> dict:
         if self.val_data is None or len(self.val_data) == 0:
             return {}
+        if self.pipeline is not None:
+            return self.pipeline.evaluate()
         self.model.eval()
         total, count, sums = 0.0, 0, {}
         bs = self.t.micro_batch_size
@@ -223,6 +253,14 @@ class Trainer:
         if isinstance(self.objective, LanguageModeling):
             out["eval_ppl"] = math.exp(min(loss, 50))
         return out
+
+    def _per_rank_memory(self, peak_gib: float) -> list[dict]:
+        """What each rank holds of parameters, gradients (at the optimizer step) and optimizer state, in MiB, plus its
+        peak GPU memory: the measured side of `lmforge plan`'s ZeRO table."""
+        rows = per_rank([self.state_bytes.get(k, 0) for k in ("params", "grads", "optimizer")] + [peak_gib],
+                        self.dist, self.device)
+        return [{"params_mib": p / 2**20, "grads_mib": g / 2**20, "optimizer_mib": o / 2**20,
+                 **({"peak_gib": peak} if self.device.type == "cuda" else {})} for p, g, o, peak in rows]
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -244,6 +282,8 @@ class Trainer:
                 rec["tokens_per_s"] = rec["tokens"] / dt
                 if self.device.type == "cuda":
                     rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                if self.step % self.t.log_every == 0:  # every rank's model-state bytes (and peak), for the ZeRO table
+                    rec["per_rank"] = self._per_rank_memory(rec.get("peak_mem_gib", 0.0))
                 if self.t.eval_every and self.step % self.t.eval_every == 0:
                     rec.update(self.evaluate())
                 if metrics and (self.step % self.t.log_every == 0 or "eval_loss" in rec):

@@ -297,6 +297,7 @@ def split_args(args: list[str], positional: str | tuple[str, str] = "model") -> 
 
 def _usage() -> str:
     rows = "\n".join(f"  {v:10} {entry[-1]}" for v, entry in VERBS.items())
+    rows += "\n  rag        index documents (rag index DOCS --store DIR), answer with cited sources (rag ask Q)"
     return (f"lmforge {__version__}\n\nusage: lmforge <verb> [MODEL] [--config FILE] [key=value | --key value ...]\n\n"
             f"verbs:\n{rows}\n\n`lmforge <verb> --help` lists every config key.")
 
@@ -312,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     verb, rest = argv[0], argv[1:]
+    if verb == "rag":  # sub-verbs: rag index DOCS_DIR --store DIR | rag ask QUESTION --store DIR
+        from .rag.cli import main as rag_main
+
+        return rag_main(rest, debug=debug)
     try:
         if verb not in VERBS:
             raise ConfigError(f"unknown verb '{verb}'{did_you_mean(verb, VERBS)}; verbs: {', '.join(VERBS)}")

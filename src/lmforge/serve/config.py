@@ -31,6 +31,14 @@ class ServeConfig(Section):
     """LoRA adapters to serve beside the base model, name → PEFT directory (adapters.sql=./sql-lora); a request
     picks one by sending its name as `model`."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    ui: bool = False
+    """Serve the browser chat page at /chat (streaming, sampling controls, RAG toggle with cited sources)."""
+    rag_store: str | None = None
+    """A `lmforge rag index` folder for the chat page's RAG toggle."""
+    embeddings: str | None = None
+    """Serve POST /v1/embeddings with minilm, st:DIR or lmforge:DIR (a separate embedder, loaded on first use)."""
+    tools: bool = True
+    """Accept OpenAI `tools` / `tool_calls` in chat requests."""
     engine: EngineConfig = EngineConfig()
     """Engine capacity and batching (engine.max_num_seqs=128, engine.gpu_memory_utilization=0.8, ...)."""
 
@@ -45,7 +53,14 @@ def build_server(cfg: ServeConfig):
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype, cfg.chat_template)
     engine = AsyncEngine(Engine(model, tokenizer, cfg.engine, cfg.adapters))
     name = cfg.served_model_name or Path(cfg.model).resolve().name
-    return create_app(engine, tokenizer, name, cfg.api_key), engine
+    app = create_app(engine, tokenizer, name, cfg.api_key)
+    if cfg.ui or cfg.rag_store or cfg.embeddings or cfg.tools:
+        from .chat_page import mount_extras
+
+        device = "cpu" if cfg.device == "auto" else cfg.device
+        mount_extras(app, ui=cfg.ui, rag_store=cfg.rag_store, embeddings=cfg.embeddings, tools=cfg.tools,
+                     api_key=cfg.api_key, device=device)
+    return app, engine
 
 
 def run_serve(cfg: ServeConfig) -> None:

@@ -196,7 +196,10 @@ def run_train(cfg) -> None:
     result = run_alignment(cfg) if isinstance(cfg, AlignConfig) else run_training(cfg)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
              if isinstance(v, (int, float, str))}
-    print(json.dumps(shown))
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:  # torchrun: rank 0 reports
+        print(json.dumps(shown))
 
 
 def run_export(cfg: ExportConfig) -> None:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..models.transformer import Transformer
 from ..errors import ConfigError
+from ..models.transformer import Transformer
 from .paged_attention import kernel_available, load_kernel
 from .paged_cache import PagedBatch, PagedKVCache, model_calls_cache_attend, paged_batch, paged_decode_batch
 from .scheduler import Request, Scheduled
@@ -43,22 +43,29 @@ class ModelRunner:
             self.decode_fn = torch.compile(self._model_forward, dynamic=False)
             _raise_recompile_limit()
         self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
-        self.graphs: dict[tuple, tuple] = {}
-        self.graph_pool = None
+        self.graphs: dict[tuple, _CapturedGraph | _EagerReplay] = {}
+        self.graph_pool = self.capture_stream = None
         self.static: dict[str, torch.Tensor] = {}
         if self.use_graphs:
             self.enable_static_decode()
 
     def enable_static_decode(self) -> None:
         """Decode through fixed-size input buffers and bucketed shapes: what CUDA graphs replay. Off CUDA the
-        "graph" just reruns the same code eagerly, which lets CPU tests cover the bucketing and padding rows."""
-        B, dev = self.batch_buckets[-1], self.device
+        "graph" reruns the same code eagerly on the buffers it was captured on, which lets CPU tests cover the
+        bucketing and padding rows.
+
+        Idempotent: the buffers are allocated once, because a captured graph reads (and writes) those very
+        addresses on every replay; swapping them under captured graphs made replays read freed memory. `logits`
+        (max batch, V) is the one output every graph writes, so graph memory does not grow with the graph count."""
         self.use_graphs = True
-        self.static = {"tokens": torch.zeros(B, dtype=torch.long, device=dev),
-                       "starts": torch.zeros(B, dtype=torch.long, device=dev),
-                       "lengths": torch.zeros(B, dtype=torch.long, device=dev),
-                       "tables": torch.zeros(B, self.table_width, dtype=torch.long, device=dev),
-                       "adapters": torch.zeros(B, dtype=torch.long, device=dev)}
+        if self.static:
+            return
+        B, dev = self.batch_buckets[-1], self.device
+        long = {"dtype": torch.long, "device": dev}
+        self.static = {"tokens": torch.zeros(B, **long), "starts": torch.zeros(B, **long),
+                       "lengths": torch.zeros(B, **long), "tables": torch.zeros(B, self.table_width, **long),
+                       "adapters": torch.zeros(B, **long),
+                       "logits": torch.zeros(B, self.model.cfg.vocab_size, dtype=self.dtype, device=dev)}
 
     def _use_paged_kernel(self, attention: str) -> bool:
         """Decode through the Triton paged kernel ("kernel"), the gathered view + SDPA ("gather"), or the kernel
@@ -130,7 +137,7 @@ class ModelRunner:
         starts = torch.tensor([c.start for c in chunks])
         lengths = torch.tensor([c.length for c in chunks])
         width = math.ceil((C + T) / self.block_size)
-        to = dict(device=self.device, non_blocking=True)
+        to = {"device": self.device, "non_blocking": True}
         batch = paged_batch(self._tables([c.request for c in chunks], width), starts.to(**to), lengths.to(**to),
                             T, C, self.block_size)
         rows = [i for i, c in enumerate(chunks) if c.samples]
@@ -156,11 +163,12 @@ class ModelRunner:
         if self.use_graphs:
             C = self._context_bucket(max(starts_host) + steps - 1, B)
             graph = self._graph(_bucket(B, self.batch_buckets), C, adapter_rows is not None)
-            st = self.static
+            st = graph.inputs  # the buffers this graph was captured on
             st["lengths"].zero_()
             st["lengths"][:B] = 1
             st["starts"].zero_()
             st["tables"][:B] = self._tables(reqs, self.table_width)
+            st["tables"][B:].zero_()  # padding rows point at the null block, not at a finished request's blocks
             if adapter_rows is not None:
                 st["adapters"][:B] = adapter_rows
             for _ in range(steps):
@@ -194,62 +202,80 @@ class ModelRunner:
             c *= 2
         return min(math.ceil(c / self.block_size) * self.block_size, top)
 
-    def _decode_graph_body(self, B: int, C: int, lora: bool) -> torch.Tensor:
-        st = self.static
+    def _decode_graph_body(self, B: int, C: int, lora: bool, st: dict) -> torch.Tensor:
         width = C // self.block_size + 1
         batch = self._decode_batch(st["tables"][:B, :width], st["starts"][:B], st["lengths"][:B], C)
-        return self._run(st["tokens"][:B, None], batch, st["adapters"][:B] if lora else None, forward=self.decode_fn)
+        logits = self._run(st["tokens"][:B, None], batch, st["adapters"][:B] if lora else None,
+                           forward=self.decode_fn)
+        # every graph writes the one output buffer: its own logits are a temporary of the shared graph pool, reused
+        # by the next capture, instead of a tensor each graph keeps alive
+        return st["logits"][:B].copy_(logits)
 
+    @torch.inference_mode()
     def _graph(self, B: int, C: int, lora: bool):
+        """The decode graph of (batch bucket, context bucket, LoRA), captured on first use. Always under inference
+        mode: with autograd on (capture() called from plain code), each captured output held the forward's autograd
+        graph, i.e. every layer's gathered K/V view, for good (tens of GiB at 256 x 2048)."""
         key = (B, C, lora)
-        if key not in self.graphs:
-            st = self.static
-            for name in ("tokens", "starts", "lengths", "adapters"):  # capture on padding rows: writes hit block 0
-                st[name].zero_()
-            if self.device.type != "cuda":
-                self.graphs[key] = _EagerReplay(lambda: self._decode_graph_body(B, C, lora))
-                return self.graphs[key]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._decode_graph_body(B, C, lora)
-            torch.cuda.current_stream().wait_stream(stream)
-            if self.graph_pool is None:
-                self.graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                logits = self._decode_graph_body(B, C, lora)
-            self.graphs[key] = _CapturedGraph(graph, logits)
+        if key in self.graphs:
+            return self.graphs[key]
+        st = self.static
+        for name in ("tokens", "starts", "lengths", "adapters"):  # capture on padding rows: writes hit block 0
+            st[name].zero_()
+
+        def body() -> torch.Tensor:  # bound to these buffers for good, as the captured graph is
+            return self._decode_graph_body(B, C, lora, st)
+
+        if self.device.type != "cuda":
+            self.graphs[key] = _EagerReplay(body, st)
+            return self.graphs[key]
+        if self.graph_pool is None:  # one pool and one warm-up stream for every graph (replays never overlap)
+            self.graph_pool, self.capture_stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        stream = self.capture_stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = body()
+        self.graphs[key] = _CapturedGraph(graph, logits, st)
         return self.graphs[key]
 
+    @torch.inference_mode()
     def capture(self, batch_sizes: Sequence[int] | None = None, contexts: Sequence[int] | None = None) -> int:
-        """Capture decode graphs ahead of time (largest first, so smaller ones reuse their memory); returns count."""
+        """Capture decode graphs ahead of time (largest first, so smaller ones reuse their memory); returns how many
+        distinct graphs the plan covers. Memory: one shared graph pool (the largest step's working set) plus one
+        (max batch, V) logits buffer, whatever the number of graphs."""
         if not self.use_graphs:
             return 0
-        n = 0
-        for B in sorted(batch_sizes or self.batch_buckets, reverse=True):
+        keys = []
+        for B in sorted({_bucket(b, self.batch_buckets) for b in batch_sizes or self.batch_buckets}, reverse=True):
             for C in sorted({self._context_bucket(c, B) for c in (contexts or [self.max_model_len])}, reverse=True):
-                self._graph(_bucket(B, self.batch_buckets), C, False)
-                n += 1
-        return n
+                self._graph(B, C, False)
+                keys.append((B, C))
+        return len(keys)
 
 
 class _CapturedGraph:
-    """A captured decode step; `replay()` refills `output` (static logits (B, V)) from the static inputs."""
+    """A captured decode step; `replay()` refills `output` (logits (B, V), a view of the shared buffer) from
+    `inputs`, the static buffers it was captured on (the only ones it reads)."""
 
-    def __init__(self, graph, output: torch.Tensor):
-        self.graph, self.output = graph, output
+    def __init__(self, graph, output: torch.Tensor, inputs: dict[str, torch.Tensor]):
+        self.graph, self.output, self.inputs = graph, output, inputs
 
     def replay(self) -> None:
         self.graph.replay()
 
 
 class _EagerReplay:
-    """Stands in for a CUDA graph off CUDA: `replay()` reruns the captured function; `output` is its result."""
+    """Stands in for a CUDA graph off CUDA, with its semantics: it runs once when "captured" (on padding rows),
+    and `replay()` reruns the function on the buffers it was captured on; `output` is its latest result."""
 
-    def __init__(self, fn):
-        self.fn, self.output = fn, None
+    def __init__(self, fn, inputs: dict[str, torch.Tensor]):
+        self.fn, self.inputs = fn, inputs
+        self.output = fn()
 
     def replay(self) -> None:
         self.output = self.fn()
@@ -280,14 +306,16 @@ def kv_cache_blocks(model: Transformer, *, block_size: int, max_model_len: int, 
     free, total = torch.cuda.mem_get_info(w.device)
     peak = _profile_prefill(model, max_num_batched_tokens, block_size)
     token_bytes = per_block // (block_size * cfg.n_layers)  # K+V of one token in one layer
-    # gathered K and V views of a full decode batch, the index_select temporaries and the SDPA mask (measured: 2x OOMs
-    # in CUDA-graph capture at 256 x 2048 on an 80 GiB H100)
+    # one layer's gathered K and V views of a full decode batch with the index_select temporaries and the SDPA mask,
+    # twice: a capture's eager warm-up (regular pool) while the shared graph pool holds its own working set
     decode_view = 4 * max_num_seqs * min(max_model_len, 4096) * token_bytes
+    graph_logits = max_num_seqs * cfg.vocab_size * w.element_size()  # the one output buffer all decode graphs share
     sampler = 6 * max_num_seqs * cfg.vocab_size * 4
-    budget = free - (1 - gpu_memory_utilization) * total - peak - decode_view - sampler
+    budget = free - (1 - gpu_memory_utilization) * total - peak - decode_view - graph_logits - sampler
     if budget < 2 * per_block:
+        working = peak + decode_view + graph_logits + sampler
         raise MemoryError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free, working memory "
-                          f"{(peak + decode_view + sampler) / 2**30:.1f} GiB); raise gpu_memory_utilization or "
+                          f"{working / 2**30:.1f} GiB); raise gpu_memory_utilization or "
                           "lower max_num_seqs / max_num_batched_tokens")
     return max(2, min(wanted, int(budget // per_block)))
 

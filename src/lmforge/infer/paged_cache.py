@@ -175,9 +175,13 @@ def paged_batch(
     device = block_tables.device
     W = block_tables.shape[1]
 
-    def slots_of(pos: torch.Tensor) -> torch.Tensor:  # pool slot of each absolute position (pos >= 0 assumed)
-        col = (pos // block_size).clamp(0, W - 1)  # padding rows of a replayed graph may hold any position
-        return block_tables.gather(1, col) * block_size + pos % block_size
+    def slots_of(pos: torch.Tensor) -> torch.Tensor:  # pool slot of each absolute position
+        # a position outside the table (padding rows of a replayed graph may hold any) maps into the null block: a
+        # stray write can never land in a live block (clamping it to the last column would overwrite that block)
+        col = pos // block_size
+        inside = (col >= 0) & (col < W)
+        block = torch.where(inside, block_tables.gather(1, col.clamp(0, W - 1)), NULL_BLOCK)
+        return block * block_size + pos % block_size
 
     t = torch.arange(T, device=device)
     new_pos = starts[:, None] + t  # (B, T)

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from lmforge.config import Section
 from lmforge.data.encode import IGNORE, Sample, encode_conversations, encode_documents, fit_length
 from lmforge.data.formats import Conversation, Document, load_examples, resolve_sources
+from lmforge.data.mixing import MixSource
 from lmforge.data.packing import pack_samples
 from lmforge.errors import ConfigError
 
@@ -31,9 +32,9 @@ __all__ = ["DataConfig", "DataReport", "TokenizedDataset", "build_datasets", "co
 class DataConfig(Section):
     """Where the training data is, what it looks like, and how it becomes rows of tokens."""
 
-    path: str | list[str]
+    path: str | list[str] | None = None
     """A data file (.json, .jsonl, .parquet, .txt), a list of them, or a directory (all its data files; with
-    `dataset`, the directory holding dataset_info.json)."""
+    `dataset`, the directory holding dataset_info.json). Set this or `mix`."""
     dataset: str | None = None
     """Name(s) of entries in <path>/dataset_info.json (LLaMA-Factory's format), comma-separated."""
     format: Literal["auto", "text", "alpaca", "sharegpt", "openai"] = "auto"
@@ -65,10 +66,16 @@ class DataConfig(Section):
     chunk_text: bool = True
     """Pretraining: split documents longer than max_seq_len into max_seq_len chunks instead of truncating them."""
 
+    mix: list[MixSource] = []
+    """Several datasets sampled by weight instead of `path`, e.g. [{path: domain.jsonl, weight: 1}, {path:
+    general.txt, weight: 5}]; deterministic by train.seed and exactly resumable (lmforge.data.mixing)."""
+
     @model_validator(mode="after")
     def _one_validation_source(self):
         if self.val_path is not None and self.val_split > 0:
             raise ValueError("set either val_split or val_path, not both")
+        if (self.path is None) == (not self.mix):
+            raise ValueError("set data.path (one dataset) or data.mix (several, by weight), exactly one of them")
         return self
 
 
@@ -234,6 +241,10 @@ def build_datasets(cfg: DataConfig, tokenizer) -> tuple[TokenizedDataset, Tokeni
     Bad records are counted in the report, never raised; a ConfigError is raised only for unusable configuration
     (missing files, undetectable formats) or when no training sample is left.
     """
+    if cfg.mix:
+        from lmforge.data.mixing import build_mixture
+
+        return build_mixture(cfg, tokenizer)
     report = DataReport(max_seq_len=cfg.max_seq_len)
     train_ex = _load(cfg.path, cfg.dataset, cfg, report)
     if cfg.max_samples is not None:

@@ -9,6 +9,7 @@ from ..config import Section
 from ..data import DataConfig
 from ..peft.lora import LoraConfig
 from .distributed import ParallelSection
+from .trainable import TrainableSection
 
 
 class ModelSection(Section):
@@ -105,3 +106,6 @@ class TrainConfig(Section):
     schedule: ScheduleSection = ScheduleSection()
     train: TrainSection = TrainSection()
     parallel: ParallelSection = ParallelSection()
+    trainable: TrainableSection = TrainableSection()
+    """Restrict training to the token embedding and output layer (`embeddings`) or their new rows
+    (`new_embeddings`), e.g. stage 1 after a vocabulary expansion; `all` = what the method trains."""

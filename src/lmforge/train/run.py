@@ -10,6 +10,7 @@ import torch
 
 from ..config import dump_config
 from ..data import build_datasets
+from ..data.mixing import MixedDataset
 from ..errors import ConfigError
 from ..models import ModelConfig, Transformer, load_hf, preset_config
 from ..peft.methods import build_method
@@ -17,9 +18,11 @@ from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .distributed import init_distributed, local_device
+from .trainable import restrict_trainable
 from .trainer import Trainer, resolve_precision
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab_expansion.json")
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -77,7 +80,8 @@ def run_training(cfg: TrainConfig) -> dict:
     options = getattr(cfg, cfg.method, None)  # a method's options live in the section named after it (lora: ...)
     method = build_method(cfg.method, **(options.model_dump() if options is not None else {}))
     method.apply(model)
-    if precision in ("bf16", "fp16") and cfg.method != "full":
+    row_mask = restrict_trainable(model, cfg.trainable, cfg.method, model_dirs=(cfg.model.path, tok_dir))
+    if precision in ("bf16", "fp16") and (cfg.method != "full" or cfg.trainable.params != "all"):
         # frozen base weights need no fp32 master copy: keep them in the autocast dtype (half the memory)
         half = torch.bfloat16 if precision == "bf16" else torch.float16
         trainable = {id(p) for _, p in method.trainable_parameters(model)}
@@ -89,6 +93,10 @@ def run_training(cfg: TrainConfig) -> dict:
     n_train = sum(p.numel() for _, p in method.trainable_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
     trainer = Trainer(model, method, train_data, val_data, cfg, pad_id=pad_id, device=device, dist_state=ds)
+    if row_mask is not None:  # trainable: new_embeddings keeps the old rows exact through weight decay too
+        row_mask.attach(trainer.optimizer)
+    if isinstance(train_data, MixedDataset):  # data.mix: weighted interleave, its position saved like the sampler's
+        trainer.sampler = train_data.sampler(cfg.train.seed)
     say(f"method {cfg.method}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%), "
         f"precision {precision}, {trainer.total_steps} steps on {device}"
         + (f", {ds.world} ranks (dp {ds.dp} × tp {ds.tp}, zero {cfg.parallel.zero})" if ds.enabled else ""))

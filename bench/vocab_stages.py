@@ -189,8 +189,9 @@ def main():
             rows.append({"variant": name, "error": "out of memory", **env})
             print(json.dumps(rows[-1]), flush=True)
             continue
-        rows.append({"variant": name, "tokens_per_s": round(args.batch * args.seq / seconds), "step_s": round(seconds, 4),
-                     "peak_mem_gib": round(peak, 2), "last_loss": round(loss, 4), **extra, **env})
+        rows.append({"variant": name, "tokens_per_s": round(args.batch * args.seq / seconds),
+                     "step_s": round(seconds, 4), "peak_mem_gib": round(peak, 2), "last_loss": round(loss, 4),
+                     **extra, **env})
         print(json.dumps(rows[-1]), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -198,7 +199,8 @@ def main():
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     by_name = {r["variant"]: r for r in rows if "error" not in r}
-    print(f"\n{'variant':30} {'tokens/s':>10} {'peak GiB':>9} {'trainable':>14} {'speed vs ref':>13} {'mem vs ref':>11}")
+    print(f"\n{'variant':30} {'tokens/s':>10} {'peak GiB':>9} {'trainable':>14} {'speed vs ref':>13} "
+          f"{'mem vs ref':>11}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:30} {r['error']}")

@@ -108,8 +108,9 @@ def test_mix_config_errors(ckpt, files):
 def _train(ckpt, files, out, steps=6, save_every=3) -> TrainConfig:
     return TrainConfig(stage="pretrain", model=ModelSection(path=str(ckpt)), data=_mix(files),
                        optim=OptimSection(lr=1e-3), schedule=ScheduleSection(kind="constant"),
-                       train=TrainSection(output_dir=str(out), max_steps=steps, micro_batch_size=6, save_every=save_every,
-                                          keep_last=5, device="cpu", progress=False, tensorboard=False))
+                       train=TrainSection(output_dir=str(out), max_steps=steps, micro_batch_size=6,
+                                          save_every=save_every, keep_last=5, device="cpu", progress=False,
+                                          tensorboard=False))
 
 
 def _losses(out) -> dict[int, float]:

@@ -17,8 +17,9 @@ Held-out loss is reported in nats per *character* (tokenizations differ, charact
 on held-out quickstart text (forgetting check), plus nats per token. Everything each stage used is in its output
 directory (config.yaml: `lmforge train runs/vocab_expansion/stage2/config.yaml` reruns it).
 
-    python examples/vocab_expansion/run.py                      # about 5 minutes on 2 CPU cores
+    python examples/vocab_expansion/run.py                      # a few minutes on 2 CPU cores
     python examples/vocab_expansion/run.py --stage1-steps 20 --stage2-steps 20 --pretrain-steps 50   # smoke test
+    python examples/vocab_expansion/run.py --general-weight 0 --no-control --out runs/vx_zh   # no mixing: forgetting
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ def new_rows(old: torch.Tensor, count: int, subtokens: Sequence[Sequence[int]] |
 
 
 def _grow(old: torch.Tensor, vocab_size: int, first_new: int, subtokens) -> torch.Tensor:
-    """(vocab_size, ...) copy of ``old`` whose rows from ``first_new`` on are initialized from rows ``[0, first_new)``."""
+    """(vocab_size, ...) copy of ``old``; rows from ``first_new`` on are initialized from rows ``[0, first_new)``."""
     out = torch.empty((vocab_size, *old.shape[1:]), dtype=old.dtype, device=old.device)
     out[:first_new] = old[:first_new]
     out[first_new:] = new_rows(old[:first_new], vocab_size - first_new, subtokens)

@@ -249,6 +249,8 @@ VERBS: dict[str, tuple] = {
              "evaluate a model on task files (perplexity, EM, BLEU, ROUGE, MC, pass@k, judge)"),
     "plan": (_lazy(".plan.planner", "PlanConfig"), _lazy(".plan.planner", "run_plan"), "model",
              "what fits: predicted memory and speed for training and inference, before you run"),
+    "tokenizer": (_lazy(".tokenizer.train_cli", "TokenizerConfig"), _lazy(".tokenizer.train_cli", "run_tokenizer"),
+                  ("action", "inputs"), "train a tokenizer, merge one into a base keeping every id, resize a model"),
     "quickstart": (_lazy(".quickstart", "QuickstartConfig"), run_quickstart_verb, "output_dir",
                    "tokenizer + tiny model, pretrain, LoRA fine-tune, accuracy before/after (CPU, minutes)"),
 }

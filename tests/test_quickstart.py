@@ -10,7 +10,7 @@ from lmforge.quickstart import QuickstartConfig, run_quickstart
 def test_quickstart_lifts_held_out_exact_match(tmp_path):
     result = run_quickstart(QuickstartConfig(output_dir=str(tmp_path), device="cpu"))
     assert result["before"] <= 0.05
-    assert result["after"] >= 0.7  # measured 77.0% (seed 0, 2 CPU cores); 99.5% at commit 663fc8f — see the note
+    assert result["after"] >= 0.7  # measured 77.0% with 2 torch threads, 100% with 1: the recipe is sensitive to fp order
     eval_prompts = {json.loads(line)["prompt"] for line in (tmp_path / "data" / "eval.jsonl").read_text().splitlines()}
     train_prompts = {json.loads(line)["messages"][0]["content"]
                      for line in (tmp_path / "data" / "sft.jsonl").read_text().splitlines()}

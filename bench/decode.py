@@ -14,21 +14,17 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from _common import sync  # noqa: E402 (run as a script)
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
     """Median seconds over `repeats` runs (after the caller's warm-up), and the last result."""
     times, out = [], None
     for _ in range(repeats):
-        _sync()
+        sync()
         t0 = time.perf_counter()
         out = fn()
-        _sync()
+        sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2], out
 

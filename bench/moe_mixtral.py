@@ -27,23 +27,19 @@ import time
 from pathlib import Path
 
 import torch
+from _common import sync  # noqa: E402 (run as a script)
 
 AUX_COEF = 0.02
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
     """Median seconds over `repeats` runs (after the caller's warm-up), and the last result."""
     times, out = [], None
     for _ in range(repeats):
-        _sync()
+        sync()
         t0 = time.perf_counter()
         out = fn()
-        _sync()
+        sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2], out
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import sync, mem_reset, peak_gib  # noqa: E402 (run as a script)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -52,26 +53,6 @@ TINY_CASES = [
     ("full", {}, "galore", 3e-3),
 ]
 OPTIM_OPTIONS = {"badam": {"switch_every": 25}, "galore": {"rank": 32, "update_proj_gap": 100, "scale": 1.0}}
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _mem_reset():
-    """Free what earlier suites left (trainer <-> hook cycles need the collector) and restart the peak counter."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 def _train_config(steps: int, batch: int, lr: float, optim: str, precision: str, ckpt: bool = False):
@@ -179,25 +160,25 @@ def tiny_suite(args, device) -> list[dict]:
         trainer = Trainer(model, method, train, val, cfg, pad_id=tok.pad_id, device=device)
         meter = StepBytes(model, trainer.optimizer)
         before = trainer.evaluate()["eval_loss"]
-        _mem_reset()
-        _sync()
+        mem_reset()
+        sync()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             trainer.train_step()
-        _sync()
+        sync()
         step_s = (time.perf_counter() - t0) / max(args.steps, 1)
         if trainer.updates_in_backward:
             meter.record()  # no step() call to hook: weights + state (gradients are freed inside backward)
         after = trainer.evaluate()["eval_loss"]
         accuracy, _ = exact_match(model, tok, files["eval"])
-        peak = _peak_gib() * 1024 if device.type == "cuda" else meter.peak / 2**20
+        peak = peak_gib() * 1024 if device.type == "cuda" else meter.peak / 2**20
         rows.append({"suite": "tiny", "method": label, "trainable_params": sum(p.numel() for _, p in trainer.params),
                      "peak_mem_mib": round(peak, 3), "step_ms": round(1000 * step_s, 1),
                      "eval_loss_before": round(before, 3), "eval_loss": round(after, 3),
                      "exact_match": round(accuracy, 3), "steps": args.steps, "device": str(device)})
         print(json.dumps(rows[-1]), flush=True)
         del model, trainer, meter  # the meter holds the model and optimizer too
-        _mem_reset()
+        mem_reset()
     return rows
 
 
@@ -227,11 +208,11 @@ def _timed_steps(trainer, args) -> float:
     trainer.sampler.take = lambda n, it=iter(range(10**9)): [next(it) % len(trainer.train_data) for _ in range(n)]
     for _ in range(args.warmup):
         trainer.train_step()
-    _sync()
+    sync()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         trainer.train_step()
-    _sync()
+    sync()
     return (time.perf_counter() - t0) / args.steps
 
 
@@ -273,13 +254,13 @@ def qlora_suite(args, device) -> list[dict]:
     nbytes, count = nf4_bytes(model)
     tcfg = _train_config(10**6, 1, 1e-4, "adamw", "bf16" if device.type == "cuda" else "fp32", ckpt=True)
     trainer = Trainer(model, method, _random_rows(cfg, args, 4), None, tcfg, pad_id=0, device=device)
-    _mem_reset()
+    mem_reset()
     seconds = _timed_steps(trainer, args)
     n_params = sum(p.numel() for p in model.parameters()) + count
     row = {"suite": "qlora", "preset": args.qlora_preset, "n_layers": cfg.n_layers,
            "params_b": round(n_params / 1e9, 3), "seq": args.seq, "batch": 1, "lora_r": args.rank,
            "activation_checkpointing": True,
-           "peak_mem_gib": round(_peak_gib(), 2), "tokens_per_s": round(args.seq / seconds, 1),
+           "peak_mem_gib": round(peak_gib(), 2), "tokens_per_s": round(args.seq / seconds, 1),
            "nf4_bytes_per_weight": round(nbytes / count, 4), "nf4_gib": round(nbytes / 2**30, 2),
            "trainable_params": sum(p.numel() for _, p in trainer.params), "goal_peak_gib": 10, "device": str(device)}
     print(json.dumps(row), flush=True)
@@ -296,7 +277,7 @@ def fullft_suite(args, device) -> list[dict]:
     rows = []
     for optim in args.fullft_optimizers.split(","):
         torch.manual_seed(0)
-        _mem_reset()
+        mem_reset()
         with torch.device(device):
             model = Transformer(cfg).to(torch.bfloat16)
         method = build_method("full")
@@ -307,7 +288,7 @@ def fullft_suite(args, device) -> list[dict]:
         meter = StepBytes(model, trainer.optimizer)
         seconds = _timed_steps(trainer, args)
         meter.record()
-        peak = _peak_gib() if device.type == "cuda" else meter.peak / 2**30  # CPU: weights + grads + state
+        peak = peak_gib() if device.type == "cuda" else meter.peak / 2**30  # CPU: weights + grads + state
         leftover = torch.cuda.memory_allocated() / 2**30 - weights_gib if device.type == "cuda" else 0.0
         rows.append({"suite": "fullft", "optimizer": optim, "preset": args.fullft_preset, "n_layers": cfg.n_layers,
                      "seq": args.seq, "batch": 1, "precision": "bf16-pure", "activation_checkpointing": True,
@@ -318,7 +299,7 @@ def fullft_suite(args, device) -> list[dict]:
         if hasattr(trainer.optimizer, "remove_hooks"):
             trainer.optimizer.remove_hooks()
         del model, trainer, meter  # the meter holds the model and optimizer too
-        _mem_reset()
+        mem_reset()
     return rows
 
 

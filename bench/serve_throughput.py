@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import sync  # noqa: E402 (run as a script)
 
 HBM_SPEC = {  # bytes/s by device-name substring (first match wins)
     "H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "GH200": 4.0e12,
@@ -37,11 +38,6 @@ HBM_SPEC = {  # bytes/s by device-name substring (first match wins)
     "A10G": 0.6e12, "RTX 4090": 1.008e12,
 }
 TINY = dict(n_layers=2, d_model=128, n_heads=4, n_kv_heads=2, d_ff=256, vocab_size=1024)
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _free_memory():
@@ -99,10 +95,10 @@ def bench_engine(model, requests, args, attention: str) -> dict:
     assert len(warm) == 4
     warmup = time.perf_counter() - t0
     params = [EngineSamplingParams(temperature=0, max_new_tokens=out, ignore_eos=True) for _, out in requests]
-    _sync()
+    sync()
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in requests], params)
-    _sync()
+    sync()
     seconds = time.perf_counter() - t0
     n_out = sum(len(o.token_ids) for o in outs)
     assert n_out == sum(out for _, out in requests), "every request must produce exactly its output length"
@@ -133,11 +129,11 @@ def bench_hf(ckpt: Path, requests, args, dtype, device) -> dict:
         return out.shape[1] - width
 
     run([(requests[0][0][:16], 8)] * 2)  # warm-up
-    _sync()
+    sync()
     t0 = time.perf_counter()
     batches = [requests[i:i + args.hf_batch_size] for i in range(0, len(requests), args.hf_batch_size)]
     steps = [run(b) for b in batches]
-    _sync()
+    sync()
     seconds = time.perf_counter() - t0
     useful = sum(out for _, out in requests)
     del hf
@@ -155,10 +151,10 @@ def measured_bandwidth(device) -> float | None:
     y = torch.empty_like(x)
     best = float("inf")
     for _ in range(5):
-        _sync()
+        sync()
         t0 = time.perf_counter()
         y.copy_(x)
-        _sync()
+        sync()
         best = min(best, time.perf_counter() - t0)
     del x, y
     return 2 * 2**30 / best

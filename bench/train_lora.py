@@ -10,33 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
-
-
-def _mem_reset():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-
-
-def _time_steps(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+from _common import mem_reset, peak_gib, time_steps  # noqa: E402 (run as a script)
 
 
 def lmforge_variant(args, cfg, device, packed: bool, attention_backend: str = "auto"):
@@ -74,10 +50,10 @@ def lmforge_variant(args, cfg, device, packed: bool, attention_backend: str = "a
                                           compile=args.compile))
     trainer = Trainer(model, method, rows, None, tcfg, pad_id=0, device=device)
     trainer.sampler.take = lambda n, it=iter(range(len(rows))): [next(it) for _ in range(n)]  # in order, no shuffle
-    _mem_reset()
+    mem_reset()
     losses = []
-    seconds = _time_steps(lambda: losses.append(trainer.train_step()["loss"]), args.warmup, args.steps)
-    return seconds, _peak_gib(), losses[-1]
+    seconds = time_steps(lambda: losses.append(trainer.train_step()["loss"]), args.warmup, args.steps)
+    return seconds, peak_gib(), losses[-1]
 
 
 def hf_peft_variant(args, cfg, device):
@@ -115,9 +91,9 @@ def hf_peft_variant(args, cfg, device):
         losses.append(loss.item())
 
     model.train()
-    _mem_reset()
-    seconds = _time_steps(step, args.warmup, args.steps)
-    return seconds, _peak_gib(), losses[-1]
+    mem_reset()
+    seconds = time_steps(step, args.warmup, args.steps)
+    return seconds, peak_gib(), losses[-1]
 
 
 def main():

@@ -20,39 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from _common import mem_reset, peak_gib, time_steps  # noqa: E402 (run as a script)
 
 REFERENCE = {"lmforge-embeddings": "transformers-embeddings", "lmforge-new-embeddings": "transformers-embeddings",
              "lmforge-lora+embed": "transformers+peft-lora+embed"}
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _mem_reset():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-
-
-def _time_steps(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync()
-    return (time.perf_counter() - t0) / steps
 
 
 def _batches(args, vocab: int, device) -> list[torch.Tensor]:
@@ -98,13 +71,13 @@ def lmforge_variant(name: str, args, cfg, device) -> tuple[float, float, float, 
     if rows is not None:
         rows.attach(trainer.optimizer)
     trainer.sampler.take = lambda n, it=iter(range(len(data))): [next(it) for _ in range(n)]  # in order
-    _mem_reset()
+    mem_reset()
     losses = []
-    seconds = _time_steps(lambda: losses.append(trainer.train_step()["loss"]), args.warmup, args.steps)
+    seconds = time_steps(lambda: losses.append(trainer.train_step()["loss"]), args.warmup, args.steps)
     extra = {"trainable_params": sum(p.numel() for _, p in trainer.params)}
     if old_rows is not None:
         extra["old_rows_unchanged"] = bool(torch.equal(model.embed.weight[: args.old_vocab], old_rows))
-    return seconds, _peak_gib(), losses[-1], extra
+    return seconds, peak_gib(), losses[-1], extra
 
 
 def hf_variant(name: str, args, cfg, device) -> tuple[float, float, float, dict]:
@@ -148,9 +121,9 @@ def hf_variant(name: str, args, cfg, device) -> tuple[float, float, float, dict]
         losses.append(loss.item())
 
     model.train()
-    _mem_reset()
-    seconds = _time_steps(step, args.warmup, args.steps)
-    return seconds, _peak_gib(), losses[-1], {"trainable_params": sum(p.numel() for p in params)}
+    mem_reset()
+    seconds = time_steps(step, args.warmup, args.steps)
+    return seconds, peak_gib(), losses[-1], {"trainable_params": sum(p.numel() for p in params)}
 
 
 def main():

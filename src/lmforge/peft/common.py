@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from .lora import _set_module, linear_modules, select_targets
+from .lora import _set_module, linear_modules, replace_with_merged, select_targets, swapped_for_merged
 
 __all__ = ["wrap_linears", "layer_index", "atomic_write", "write_adapter_dir", "save_native_adapter",
            "read_native_adapter", "read_adapter_config", "read_adapter_tensors", "mergeable_layers", "merge_layers",
@@ -118,23 +118,14 @@ def mergeable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def merge_layers(model: nn.Module) -> list[str]:
     """Replace every mergeable wrapper by its merged plain nn.Linear, in place; return the replaced paths."""
-    layers = mergeable_layers(model)
-    for path, layer in layers.items():
-        _set_module(model, path, layer.merged_linear())
-    return list(layers)
+    return replace_with_merged(model, mergeable_layers(model))
 
 
 @contextmanager
 def merged_layers(model: nn.Module, device: torch.device | str | None = None) -> Iterator[nn.Module]:
     """Temporarily swap every mergeable wrapper for its merged nn.Linear (built on `device`); restore afterwards."""
-    layers = mergeable_layers(model)
-    try:
-        for path, layer in layers.items():
-            _set_module(model, path, layer.merged_linear(device))
+    with swapped_for_merged(model, mergeable_layers(model), device):
         yield model
-    finally:
-        for path, layer in layers.items():
-            _set_module(model, path, layer)
 
 
 def float_master_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -264,7 +264,11 @@ def rank_for(path: str, cfg: LoraConfig) -> int:
 
 def merge_lora(model: nn.Module) -> list[str]:
     """Replace every LoRALinear by its merged plain nn.Linear (for export); return the replaced paths."""
-    layers = lora_layers(model)
+    return replace_with_merged(model, lora_layers(model))
+
+
+def replace_with_merged(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
+    """Replace each wrapper in `layers` ({path: module with `merged_linear`}) by its merged plain nn.Linear."""
     for path, layer in layers.items():
         _set_module(model, path, layer.merged_linear())
     return list(layers)
@@ -274,7 +278,14 @@ def merge_lora(model: nn.Module) -> list[str]:
 def merged(model: nn.Module, device: torch.device | str | None = None) -> Iterator[nn.Module]:
     """Temporarily swap every LoRALinear for a merged nn.Linear (on `device`, e.g. "cpu" to keep GPU memory free),
     so `model` looks like a plain model (e.g. to `save_hf` it); the LoRA layers come back unchanged afterwards."""
-    layers = lora_layers(model)
+    with swapped_for_merged(model, lora_layers(model), device):
+        yield model
+
+
+@contextmanager
+def swapped_for_merged(model: nn.Module, layers: dict[str, nn.Module],
+                       device: torch.device | str | None = None) -> Iterator[nn.Module]:
+    """Temporarily swap each wrapper in `layers` for its merged nn.Linear (built on `device`); restore afterwards."""
     try:
         for path, layer in layers.items():
             _set_module(model, path, layer.merged_linear(device))

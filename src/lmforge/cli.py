@@ -180,6 +180,8 @@ def train_config_class(config: str | None, overrides: list[str]) -> type:
         key, _, value = o.partition("=")
         if key == "stage":
             stage = value.strip()
+    if stage is not None and stage not in ("pretrain", "sft", "rm", "dpo", "ppo"):
+        raise ConfigError(f"config key 'stage': unknown stage '{stage}'; use one of pretrain, sft, rm, dpo, ppo")
     if stage in ("rm", "dpo", "ppo"):
         from .align.run import AlignConfig
 

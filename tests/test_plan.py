@@ -71,7 +71,7 @@ def test_activation_checkpointing_lora_and_zero_reduce_memory():
     lora = train_memory(cfg, TrainSetup(**{**base.__dict__, "method": "lora"})).peak
     assert lora < full
     z = [train_memory(cfg, TrainSetup(**{**base.__dict__, "gpus": 8, "zero_stage": s})).peak for s in range(4)]
-    assert z[0] > z[1] > z[2] > z[3]
+    assert z[0] > z[1] >= z[2] > z[3]  # ZeRO-2 only helps when the peak falls in backward (gradients exist)
     # activations grow linearly with the micro-batch (the mask bias with T^2)
     one = sum(layer_activation_bytes(cfg, TrainSetup(micro_batch=1, seq_len=512)).values())
     two = sum(layer_activation_bytes(cfg, TrainSetup(micro_batch=2, seq_len=512)).values())

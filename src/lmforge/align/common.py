@@ -134,6 +134,14 @@ class BackboneProxy(nn.Module):
     def checkpoint_every(self, value: int) -> None:
         self.backbone.checkpoint_every = value
 
+    @property
+    def checkpoint_limit(self) -> int | None:
+        return self.backbone.checkpoint_limit
+
+    @checkpoint_limit.setter
+    def checkpoint_limit(self, value: int | None) -> None:
+        self.backbone.checkpoint_limit = value
+
 
 class WithHeads:
     """A method (full, lora, ...) applied to a wrapper's backbone, with small heads that always train fully.

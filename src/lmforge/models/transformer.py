@@ -27,6 +27,12 @@ try:
 except ImportError:  # torch < 2.5
     _HAS_FLEX = False
 
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
 RING_CHUNK = 64  # a rolling cache takes steps of up to this many tokens without copying (longer prefills concat)
 
@@ -145,6 +151,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.checkpoint_every = 0  # activation checkpointing: recompute every N-th block in backward (0 = off)
+        self.checkpoint_limit: int | None = None  # ... but at most this many blocks, the lowest ones (None = no cap)
         self.attention_backend = "auto"  # "auto" | "sdpa" | "flex": how packed rows are masked
         self.aux_loss: torch.Tensor | None = None  # MoE load-balancing (+ z) loss of the last training forward
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -199,6 +206,16 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
 
+    def head_weight(self) -> torch.Tensor | None:
+        """The (vocab, d_model) matrix W when `logits(h)` is exactly ``h @ W.T`` (tied embeddings, or a bias-free
+        plain nn.Linear head): what the fused linear + cross-entropy loss needs. None for any other head (LoRA- or
+        quantized-wrapped, biased) and for tensor-parallel DTensor weights: those take the checkpointed loss."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        if self.lm_head is not None and (type(head) is not nn.Linear or head.bias is not None):
+            return None
+        weight = getattr(head, "weight", None)
+        return None if weight is None or _is_dtensor(weight) else weight
+
     def hidden_states(self, tokens, positions=None, attention_mask=None, cache=None, slots=None,
                       document_ids=None, prefix_lengths=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model): what the LM head, a value head or a fused loss consumes.
@@ -246,7 +263,7 @@ class Transformer(nn.Module):
                                            document_ids, window, prefix_lengths)
         for i, block in enumerate(self.layers):
             mask = masks[windows[i]]
-            if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
+            if self.training and self.checkpointed(i):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, slots, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache, slots)
@@ -254,6 +271,13 @@ class Transformer(nn.Module):
             moe_layers = [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
             self.aux_loss = moe_aux_loss(moe_layers, self.cfg, positions >= 0) if self.training else None
         return self.norm(x)
+
+    def checkpointed(self, layer: int) -> bool:
+        """Is block `layer` recomputed in backward? Every `checkpoint_every`-th block, the lowest `checkpoint_limit`
+        of those only: their activations would live longest, and the blocks above keep theirs (spare memory buys
+        back recompute time)."""
+        every, limit = self.checkpoint_every, self.checkpoint_limit
+        return bool(every) and layer % every == 0 and (limit is None or layer // every < limit)
 
     def use_flex_attention(self, tokens: torch.Tensor) -> bool:
         """Packed rows use a flex_attention BlockMask on CUDA (sparse: skips other documents' blocks); elsewhere

@@ -68,6 +68,46 @@ def _reference_tensor(module: nn.Module) -> torch.Tensor:
     raise ConfigError(f"cannot wrap {type(module).__name__} with LoRA: it has no weights")
 
 
+class _FusedLoRA(torch.autograd.Function):
+    """y = x W^T + bias + s * (x A^T) B^T over a frozen (W, bias), with the low-rank term added in the GEMM's epilogue
+    (addmm) instead of separate scale and add passes over the (n, out) output, in forward and in backward.
+
+    x (n, in), W (out, in), A (r, in), B (out, r), all in one dtype; saves x and the (n, r) projection only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling: float, need_grad_x: bool):
+        with torch.autocast(x.device.type, enabled=False):  # dtypes were made explicit by the caller
+            mid = x @ a.T  # (n, r)
+            y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T  # (n, out)
+            y.addmm_(mid, b.T, alpha=scaling)
+        ctx.save_for_backward(x, weight, a, b, mid)
+        ctx.scaling, ctx.need_grad_x = scaling, need_grad_x
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # grad_y (n, out)
+        # plain flags, not ctx.needs_input_grad: compiled autograd does not always carry the latter into backward
+        x, weight, a, b, mid = ctx.saved_tensors
+        grad_mid = (grad_y @ b).mul_(ctx.scaling)  # (n, r)
+        grad_b = (grad_y.T @ mid).mul_(ctx.scaling)  # (out, r)
+        grad_a = grad_mid.T @ x  # (r, in)
+        grad_x = (grad_y @ weight).addmm_(grad_mid, a) if ctx.need_grad_x else None  # (n, in)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                      lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """LoRA over a frozen plain linear in one autograd node: x (..., in) -> (..., out). Runs in autocast's dtype
+    inside an autocast region, else in x's; fp32 adapter weights get their gradients through the cast."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    y = _FusedLoRA.apply(x2, weight.to(dtype), None if bias is None else bias.to(dtype), lora_a.to(dtype),
+                         lora_b.to(dtype), float(scaling), x.requires_grad)
+    return y.view(*lead, y.shape[-1])
+
+
 class LoRALinear(nn.Module):
     """``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``; the base stays frozen.
 
@@ -100,9 +140,13 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if self.merged:
-            return y
+            return self.base_layer(x)
+        base = self.base_layer
+        if (type(base) is nn.Linear and not base.weight.requires_grad
+                and (isinstance(self.lora_dropout, nn.Identity) or not self.training)):
+            return fused_lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        y = base(x)
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
         return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
 

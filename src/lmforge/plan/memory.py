@@ -11,11 +11,12 @@ profiler: `lmforge.plan.measure`):
   copy of the training mask per layer (lmforge passes a boolean mask for padded rows; SDPA turns it into a bias of the
   query dtype and keeps it), SwiGLU's four (B, T, d_ff) tensors, LoRA's rank-r intermediates. With activation
   checkpointing only each block's input stays; one block is recomputed at a time in backward.
-- **The loss**: lmforge computes cross-entropy in 4096-token chunks recomputed in backward, so the logits cost
-  ~8 bytes x chunk x vocab in forward (bf16 logits -> fp32 -> log-softmax) and ~12 in backward (log-softmax,
-  its gradient, the nll gradient), never tokens x vocab.
-- **Timeline**: the peak is the largest of: end of forward (inside the last loss chunk), start of backward (loss
-  chunk backward with every activation alive), each block's backward (activations of the blocks below + gradients
+- **The loss**: lmforge's fused linear + cross-entropy runs the head in chunks of ~1,024 rows at a 128k vocabulary
+  (fp32 logits of 512 MiB) and computes each chunk's gradients in forward, so the logits cost ~8 bytes x chunk x
+  vocab (fp32 logits + log-sum-exp's temporary), plus the labelled rows' gradient and, when the head trains, its
+  fp32 weight gradient from forward on; never tokens x vocab, and nothing vocabulary-sized in backward.
+- **Timeline**: the peak is the largest of: end of forward (inside the last loss chunk), start of backward (the
+  loss's stored gradients with every activation alive), each block's backward (activations of the blocks below + gradients
   of the blocks above + that block's temporaries), and the optimizer step. Autocast's bf16 weight copies (full
   fine-tuning in mixed precision) live from their first use to their block's backward.
 
@@ -29,15 +30,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..models.config import ModelConfig
+from ..train.loss import fused_chunk_rows
 
 GiB = 2**30
-LOSS_CHUNK_TOKENS = 4096  # lmforge.train.loss.causal_lm_loss_sum's default
-LOSS_FWD_BYTES = 8  # per chunk token x vocab entry: fp32 logits + fp32 log-softmax (bf16 logits freed by then)
-LOSS_BWD_BYTES = 12  # per chunk token x vocab entry: log-softmax (saved) + nll grad + log-softmax grad
+LOSS_FWD_BYTES = 8  # per chunk row x vocab entry: fp32 logits + log-sum-exp's fp32 temporary
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
-Optimizer = Literal["adamw", "adamw8bit", "sgd", "lomo", "badam", "galore"]
+Optimizer = Literal["adamw", "adamw8bit", "sgd", "lomo", "adamw_backward", "badam", "galore"]
+IN_BACKWARD = ("lomo", "adamw_backward")  # optimizers that update each weight in backward and free its gradient
 Attention = Literal["auto", "masked", "flash", "flex", "eager"]
 Quant = Literal["none", "int8", "int4", "nf4"]
 
@@ -128,7 +129,7 @@ class TrainSetup:
     attention: Attention = "auto"  # auto: flex for packed rows, else SDPA with lmforge's boolean mask
     packing: bool = False
     labeled_fraction: float = 1.0  # share of tokens with a target (SFT prompts cost nothing in the LM head)
-    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
+    loss_chunk_tokens: int | None = None  # rows per fused loss chunk; None = lmforge.train.loss's default
     gpus: int = 1
     zero_stage: int = 0  # 0 = replicate (DDP), 1 = shard optimizer, 2 = + gradients, 3 = + weights (FSDP)
     offload_optimizer: bool = False  # optimizer states (and fp32 master weights) on the host
@@ -231,9 +232,9 @@ def model_state_bytes(cfg: ModelConfig, setup: TrainSetup) -> tuple[dict[str, in
     g = dt.trainable_weight if setup.method not in ("lora", "qlora") else 4
     if setup.optimizer == "badam":
         g = 4
-    grads = 0 if setup.optimizer == "lomo" else n_train * g  # LOMO updates inside backward: no stored gradients
+    grads = 0 if setup.optimizer in IN_BACKWARD else n_train * g  # updates inside backward: no stored gradients
     s = dt.trainable_weight if setup.method not in ("lora", "qlora") else 4  # AdamW states take the param dtype
-    if setup.optimizer == "adamw":
+    if setup.optimizer in ("adamw", "adamw_backward"):
         opt = 2 * s * n_train
     elif setup.optimizer == "adamw8bit":
         opt = 2 * n_train + 8 * (n_train // 2048 + 1)  # 8-bit m and v, one fp32 scale per 2048-block
@@ -365,7 +366,7 @@ def layer_backward_temp_bytes(cfg: ModelConfig, setup: TrainSetup) -> int:
     n, dt = setup.tokens, _dtypes(setup)
     per_token = 2 * dt.residual * cfg.d_model + 2 * dt.act * cfg.d_ff
     weight_grad = 0
-    if setup.method == "full" and setup.optimizer != "lomo":
+    if setup.method == "full" and setup.optimizer not in IN_BACKWARD:
         down = cfg.d_ff * cfg.d_model
         weight_grad = dt.trainable_weight * down + (2 * down if dt.autocast_copies else 0)
     return per_token * n + weight_grad
@@ -397,13 +398,16 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     n_lab = max(1, int(n * setup.labeled_fraction))
     final_norm = (4 * d + 4 + (dt.residual * d if dt.norm_trainable else 0)) * n
     head_saved = final_norm + (dt.residual * d + 17) * n_lab  # + the labelled rows' hidden states, indices, targets
-    c = setup.loss_chunk_tokens
-    chunks = [min(c, n_lab - s) for s in range(0, n_lab, c)]  # the loss's chunks; backward runs them last first
-    loss_fwd = LOSS_FWD_BYTES * max(chunks) * V
+    chunk = min(n_lab, setup.loss_chunk_tokens or fused_chunk_rows(V, n_lab))
+    grad_rows = dt.act * d * n_lab  # d loss / d hidden of the labelled rows, computed in forward, used in backward
+    # the fused loss: its chunk's logits, the rows' gradient, bf16 casts of fp32 rows and of an fp32 head weight,
+    # and (full fine-tuning) a fresh fp32 weight gradient of the head, held from forward into backward
+    head_fused = 4 * V * d if full_ft else 0
+    loss_fwd = (LOSS_FWD_BYTES * chunk * V + grad_rows + (dt.act * d * n_lab if dt.residual != dt.act else 0)
+                + (2 * V * d if dt.autocast_copies else 0))
 
     # bf16 copies autocast makes of fp32 trainable weights (full fine-tuning in mixed precision)
     lin_layer = sum(li.in_features * li.out_features for li in layer_linears(cfg))
-    head_copy = 2 * V * d if dt.autocast_copies else 0
     copies_layer = 2 * lin_layer if dt.autocast_copies else 0
     # gradients arrive in backward order: LM head (or the tied embedding) first, then blocks from the top
     grads_total = states["gradients"]
@@ -412,8 +416,8 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     gbytes = dt.trainable_weight if full_ft else 4
     head_grad = int(V * d * gbytes * shard) if full_ft else 0
     layer_grad = (counts.layer if full_ft else _trainable_params(cfg, setup, counts) / L) * gbytes * shard
-    if setup.optimizer == "lomo":
-        head_grad, layer_grad = 0, 0
+    if setup.optimizer in IN_BACKWARD:  # a tied head's gradient waits for the embedding's, at the very end
+        head_grad, layer_grad = (head_fused if cfg.tie_embeddings else 0), 0
     prior_grads = grads_total if setup.grad_accum > 1 else 0  # later micro-batches find the gradients allocated
     temp = layer_backward_temp_bytes(cfg, setup)
     workspace = Overheads().workspace if setup.device == "cuda" else 0
@@ -421,16 +425,11 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     acts = L * saved_layer + embed_saved + head_saved
     phases: dict[str, dict[str, int]] = {}
     base = {"weights": states["weights"], "optimizer_states": states["optimizer_states"], "workspace": workspace}
-    phases["forward end (loss chunk)"] = {**base, "gradients": prior_grads, "activations": acts,
-                                          "autocast_weight_copies": L * copies_layer + head_copy,
-                                          "loss_logits": loss_fwd}
-    # the first chunk's backward peaks before the LM head's weight gradient exists; later chunks find it allocated
-    loss_bwd, head_at_peak = max((LOSS_BWD_BYTES * size * V + (head_grad if i else 0), head_grad if i else 0)
-                                 for i, size in enumerate(reversed(chunks)))
-    loss_bwd -= head_at_peak
+    phases["forward end (loss chunk)"] = {**base, "gradients": prior_grads + head_fused, "activations": acts,
+                                          "autocast_weight_copies": L * copies_layer, "loss_logits": loss_fwd}
     phases["backward start (loss chunk)"] = {
-        **base, "gradients": max(prior_grads, head_at_peak), "activations": acts,
-        "autocast_weight_copies": (0 if ckpt else L * copies_layer) + head_copy, "loss_logits": loss_bwd}
+        **base, "gradients": max(prior_grads, head_grad) + (head_fused if prior_grads else 0), "activations": acts,
+        "autocast_weight_copies": 0 if ckpt else L * copies_layer, "loss_logits": grad_rows}
     # one block at a time, from the last: blocks below keep activations, blocks above have gradients
     worst: dict[str, int] = {}
     for i in range(L - 1, -1, -1):

@@ -71,8 +71,8 @@ def setup_from_train(train_cfg, seq_len: int | None = None, device: str = "cuda"
     lora = getattr(train_cfg, "lora", None)
     options = getattr(train_cfg, train_cfg.method, None) if train_cfg.method not in ("full",) else None
     src = options if options is not None and hasattr(options, "r") else lora
-    optimizer = train_cfg.optim.name if train_cfg.optim.name in ("adamw", "adamw8bit", "sgd", "lomo", "badam",
-                                                                 "galore") else "adamw"
+    optimizer = train_cfg.optim.name if train_cfg.optim.name in ("adamw", "adamw8bit", "sgd", "lomo",
+                                                                 "adamw_backward", "badam", "galore") else "adamw"
     return TrainSetup(
         micro_batch=t.micro_batch_size, seq_len=seq_len or train_cfg.data.max_seq_len, method=method,
         precision="bf16" if t.precision == "auto" else t.precision, activation_checkpointing=t.activation_checkpointing,
@@ -279,7 +279,7 @@ class PlanConfig(Section):
     micro_batch_size: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=2)
     activation_checkpointing: bool | None = None
-    optimizer: Literal["adamw", "adamw8bit", "sgd", "lomo", "badam", "galore"] | None = None
+    optimizer: Literal["adamw", "adamw8bit", "sgd", "lomo", "adamw_backward", "badam", "galore"] | None = None
     zero_stage: int = Field(0, ge=0, le=3)
     offload_optimizer: bool = False
     lora_r: int = Field(16, ge=1)

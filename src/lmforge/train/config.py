@@ -74,6 +74,9 @@ class TrainSection(Section):
     """Recompute blocks in backward instead of storing their activations."""
     checkpoint_every: int = Field(1, ge=1)
     """With activation checkpointing: checkpoint every N-th block."""
+    checkpoint_blocks: int | None = Field(None, ge=0)
+    """With activation checkpointing: recompute at most this many of those blocks (the lowest, whose activations
+    would live longest); the rest keep their activations, trading spare memory for less recompute. None = all."""
     compile: bool = False
     """torch.compile each transformer block."""
     eval_every: int = Field(0, ge=0)

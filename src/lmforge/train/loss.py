@@ -1,8 +1,15 @@
-"""Causal-LM loss from hidden states, chunked so the (tokens × vocab) logits never exist all at once.
+"""Causal-LM loss from hidden states without ever holding the (tokens × vocab) logits.
 
 Labels are pre-shifted (labels[t] is the target after tokens[:t+1], -100 = no loss), so only the rows that carry a
-target go through the LM head at all (prompt tokens in SFT cost nothing), and each chunk's logits are recomputed in
-backward instead of stored: memory for a 128k vocabulary stays a few hundred MB instead of several GB.
+target go through the LM head at all (prompt tokens in SFT cost nothing).
+
+Two paths, same result:
+- **fused** (the head is a plain weight matrix, e.g. tied embeddings or a bias-free `nn.Linear`): a custom autograd
+  function runs head + cross-entropy chunk by chunk and computes each chunk's gradient (w.r.t. the hidden states and,
+  when it trains, the head weight) right there in forward, so backward only rescales stored gradients. One head
+  matmul per chunk instead of three (no recompute), and a chunk's logits live only while it is processed.
+- **checkpointed** (any other head: LoRA- or quantized-wrapped lm_head, tensor-parallel DTensors): each chunk's
+  logits are recomputed in backward by activation checkpointing.
 """
 from __future__ import annotations
 
@@ -10,24 +17,101 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+CHUNK_LOGIT_BYTES = 512 * 2**20  # fused path: a chunk's fp32 logits stay under this (1,024 rows at a 128k vocab)
+CHECKPOINT_CHUNK_TOKENS = 4096  # checkpointed path: rows per chunk
+
+
+def fused_chunk_rows(vocab_size: int, n_rows: int) -> int:
+    """Rows per fused chunk: fp32 logits of about CHUNK_LOGIT_BYTES, at least 128 rows, at most all of them."""
+    return max(1, min(n_rows, max(128, CHUNK_LOGIT_BYTES // (4 * vocab_size))))
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `t` runs in here: autocast's dtype inside an autocast region, else t's own."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), gradients computed chunk-wise in forward.
+
+    hidden (n, d), weight (V, d), targets (n,) with no ignored entries. Matmuls run in `dtype` (bf16 under
+    autocast); log-softmax and the loss in fp32; the weight gradient accumulates in fp32 across chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, dtype: torch.dtype, with_grad: bool):
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit here
+            return LinearCrossEntropy._forward(ctx, hidden, weight, targets, chunk_rows, dtype, with_grad)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, chunk_rows, dtype, with_grad):
+        need_h, need_w = with_grad and hidden.requires_grad, with_grad and weight.requires_grad
+        h, w = hidden.to(dtype), weight.to(dtype)
+        grad_h = torch.empty_like(h) if need_h else None  # (n, d)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, d)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, h.shape[0], chunk_rows):
+            hc, yc = h[start:start + chunk_rows], targets[start:start + chunk_rows]  # (c, d), (c,)
+            logits = (hc @ w.T).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0  # d loss / d logits
+                g = probs.to(dtype)
+                del logits, probs
+                if need_h:
+                    torch.mm(g, w, out=grad_h[start:start + chunk_rows])
+                if need_w:
+                    grad_w.add_(g.T @ hc)
+        # kept on ctx, not saved tensors: backward scales them in place and lets go (no second (V, d) buffer)
+        ctx.grads, ctx.dtypes = [grad_h, grad_w], (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        if ctx.grads is None:
+            raise RuntimeError("LinearCrossEntropy computed its gradients in forward: it runs backward only once")
+        (grad_h, grad_w), (h_dtype, w_dtype) = ctx.grads, ctx.dtypes
+        ctx.grads = None
+        dh = grad_h.mul_(grad_total).to(h_dtype) if grad_h is not None else None
+        dw = grad_w.mul_(grad_total).to(w_dtype) if grad_w is not None else None
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk_rows: int | None = None) -> torch.Tensor:
+    """Fused head + cross-entropy (sum over rows). hidden (n, d), weight (V, d), targets (n,) all valid."""
+    rows = chunk_rows or fused_chunk_rows(weight.shape[0], hidden.shape[0])
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(hidden, weight, targets, rows, _compute_dtype(hidden), with_grad)
+
 
 def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()  # (n, V) in fp32 for a stable log-softmax
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def causal_lm_loss_sum(head, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+def causal_lm_loss_sum(head, hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor | None = None,
+                       chunk_tokens: int | None = None) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies over labelled positions.
 
     head: hidden (n, d) -> logits (n, V), e.g. `model.logits`; hidden (B, T, d); labels (B, T) with -100 = ignore.
+    `head_weight` (V, d): the head's plain weight when it is just ``hidden @ W.T`` (fused path), else None.
     The caller divides by the target-token count of the whole optimizer step (correct gradient accumulation).
     """
     keep = labels.reshape(-1) != -100
     h = hidden.reshape(-1, hidden.shape[-1])[keep]  # (n, d)
     y = labels.reshape(-1)[keep]  # (n,)
+    if head_weight is not None and h.shape[0]:
+        return linear_cross_entropy_sum(h, head_weight, y, chunk_tokens)
+    chunk = chunk_tokens or CHECKPOINT_CHUNK_TOKENS
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_tokens):
-        hc, yc = h[start:start + chunk_tokens], y[start:start + chunk_tokens]
+    for start in range(0, h.shape[0], chunk):
+        hc, yc = h[start:start + chunk], y[start:start + chunk]
         if torch.is_grad_enabled() and hc.requires_grad:
             total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False)
         else:

@@ -42,7 +42,7 @@ class LanguageModeling(Objective):
     def loss_sum(self, trainer, batch, step_units):
         model = trainer.model
         hidden = model.hidden_states(batch["tokens"], batch["positions"], document_ids=batch.get("document_ids"))
-        loss = causal_lm_loss_sum(model.logits, hidden, batch["labels"])
+        loss = causal_lm_loss_sum(model.logits, hidden, batch["labels"], head_weight=model.head_weight())
         aux = getattr(model, "aux_loss", None)
         if aux is not None and model.training and trainer.t.aux_loss_coef and step_units:
             # the aux loss is a per-batch mean: give it the same per-unit weight as the token loss

@@ -52,6 +52,8 @@ def register_optimizer(name: str, builder: Callable[..., torch.optim.Optimizer])
 
 def build_optimizer(named_params: list[tuple[str, nn.Parameter]], cfg: OptimSection,
                     model: nn.Module | None = None) -> torch.optim.Optimizer:
+    from . import optimizers  # noqa: F401  (registers lomo, adalomo, adamw_backward, badam, galore)
+
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer optim.name='{cfg.name}'{did_you_mean(cfg.name, OPTIMIZERS)}; "
                           f"available: {', '.join(sorted(OPTIMIZERS))}")

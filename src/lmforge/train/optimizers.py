@@ -1,10 +1,12 @@
-"""Memory-efficient full fine-tuning optimizers: LOMO, AdaLomo, BAdam, GaLore (registered by name at import).
+"""Memory-efficient full fine-tuning optimizers: LOMO, AdaLomo, AdamW-in-backward, BAdam, GaLore (registered by name
+at import).
 
 Memory per trained parameter, besides the weights themselves (p = bytes per weight element, N parameters):
 
 - AdamW: gradients N*p + two moments 2*N*4 (fp32 states).
 - LOMO: no state; each gradient is applied and freed inside backward, so at most one parameter's gradient (plus
   autograd's in-flight buffers) exists at a time.
+- adamw_backward: AdamW's two fp32 moments, but gradients freed as in LOMO (one parameter's at a time).
 - AdaLomo: LOMO plus Adafactor's factored second moment: (rows + cols) * 4 bytes per matrix.
 - BAdam: gradients and Adam moments for the active block only: N_block * (p + 8), N_block ~ N / n_layers.
 - GaLore: full gradients N*p, Adam moments on the rank-r projection: 2 * 4 * r * max(m, n) per (m, n) matrix,
@@ -29,9 +31,9 @@ from torch import nn
 
 from ..config import Section
 from ..errors import ConfigError
-from .optim import param_groups, register_optimizer
+from .optim import _fused_adamw_ok, param_groups, register_optimizer
 
-__all__ = ["Lomo", "AdaLomo", "BAdam", "GaLore", "LomoOptions", "AdaLomoOptions", "BAdamOptions", "GaLoreOptions",
+__all__ = ["Lomo", "AdaLomo", "AdamWInBackward", "BAdam", "GaLore", "LomoOptions", "AdaLomoOptions", "BAdamOptions", "GaLoreOptions",
            "memory_bytes"]
 
 
@@ -45,8 +47,10 @@ class _FusedBackwardOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)
-        self._handles = [p.register_post_accumulate_grad_hook(lambda p, g=group: self._apply(p, g))
-                         for group in self.param_groups for p in group["params"]]
+        # groups by index, not by object: load_state_dict replaces the group dicts (a resumed run's LR schedule
+        # writes to the new ones)
+        self._handles = [p.register_post_accumulate_grad_hook(lambda p, i=i: self._apply(p, self.param_groups[i]))
+                         for i, group in enumerate(self.param_groups) for p in group["params"]]
 
     @torch.no_grad()
     def _apply(self, p: torch.Tensor, group: dict) -> None:
@@ -133,6 +137,41 @@ class AdaLomo(_FusedBackwardOptimizer):
         if group["weight_decay"]:
             p.mul_(1 - lr * group["weight_decay"])
         p.add_(u.to(p.dtype), alpha=-lr)
+
+
+class AdamWInBackward(_FusedBackwardOptimizer):
+    """AdamW applied to each parameter the moment its gradient is complete, then the gradient is freed (the fused
+    optimizer-in-backward of torchtune): the same update as `torch.optim.AdamW`, but gradients never all exist at
+    once, so full fine-tuning saves a whole gradient copy of the model (4 bytes/param with fp32 master weights).
+
+    The price: no global gradient-norm clipping (each update happens before the other gradients exist) and no
+    gradient accumulation; `options.clip_value` clips element-wise instead. Each parameter gets its own
+    `torch.optim.AdamW` (fused kernel where available) whose state is this optimizer's `state[p]`, so checkpoints
+    and the LR schedule work as for any optimizer.
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 clip_value: float | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip_value=clip_value))
+        self._inner: dict[torch.Tensor, torch.optim.AdamW] = {}
+
+    def update(self, p, grad, group):
+        inner = self._inner.get(p)
+        if inner is None:
+            fused = p.is_cuda and _fused_adamw_ok([p])
+            inner = torch.optim.AdamW([p], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                      weight_decay=group["weight_decay"], fused=fused or None)
+            inner.state[p] = self.state[p]  # one state dict: what checkpoints save and load
+            self._inner[p] = inner
+        inner.param_groups[0].update(lr=group["lr"], weight_decay=group["weight_decay"])
+        if grad is not p.grad:  # clipped by value
+            p.grad = grad
+        inner.step()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for p, inner in self._inner.items():  # loaded states replace the dicts the inner optimizers hold
+            inner.state[p] = self.state[p]
 
 
 # -------------------------------------------------------------------------------------------------------- BAdam
@@ -341,6 +380,12 @@ def _adalomo(named_params, cfg, model):
                    clip_threshold=o.clip_threshold)
 
 
+def _adamw_backward(named_params, cfg, model):
+    o = _options(LomoOptions, cfg)
+    return AdamWInBackward(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                           clip_value=o.clip_value)
+
+
 def _badam(named_params, cfg, model):
     o = _options(BAdamOptions, cfg)
     return BAdam(named_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
@@ -353,7 +398,8 @@ def _galore(named_params, cfg, model):
                   update_proj_gap=o.update_proj_gap, scale=o.scale)
 
 
-for _name, _builder in (("lomo", _lomo), ("adalomo", _adalomo), ("badam", _badam), ("galore", _galore)):
+for _name, _builder in (("lomo", _lomo), ("adalomo", _adalomo), ("adamw_backward", _adamw_backward),
+                        ("badam", _badam), ("galore", _galore)):
     register_optimizer(_name, _builder)
 
 
@@ -366,6 +412,8 @@ def memory_bytes(name: str, shapes: list[tuple[int, ...]], grad_bytes: int = 4, 
         return sum(n * (grad_bytes + 8) for n in numel)
     if name == "lomo":
         return max(numel, default=0) * grad_bytes
+    if name == "adamw_backward":
+        return max(numel, default=0) * grad_bytes + sum(8 * n for n in numel)
     if name == "adalomo":
         return max(numel, default=0) * grad_bytes + sum(4 * (sum(s) if len(s) == 2 else math.prod(s)) for s in shapes)
     if name == "badam":

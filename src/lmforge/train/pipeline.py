@@ -99,7 +99,7 @@ class PipelineStageModule(nn.Module):
                     masks[window] = document_block_mask(positions, document_ids, window, None)
                 else:
                     masks[window] = model._mask(positions, positions, query_slots, True, document_ids, window, None)
-            if self.training and model.checkpoint_every and i % model.checkpoint_every == 0:
+            if self.training and model.checkpointed(i):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, masks[window], None, None, use_reentrant=False)
             else:
                 x = block(x, rope, masks[window], None, None)

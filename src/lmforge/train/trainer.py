@@ -82,6 +82,7 @@ class Trainer:
 
         if self.t.activation_checkpointing:
             model.checkpoint_every = self.t.checkpoint_every
+            model.checkpoint_limit = self.t.checkpoint_blocks
         if self.t.compile:
             for block in model.layers:
                 block.compile()

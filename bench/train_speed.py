@@ -42,6 +42,9 @@ CONFIGS = {
 LMFORGE = {
     "lmforge-eager": dict(compile=False),
     "lmforge": dict(compile=True),
+    "lmforge-flash": dict(compile=True, sdpa="flash"),
+    "lmforge-ckpt15": dict(compile=True, checkpoint_blocks=15),
+    "lmforge-ckpt14": dict(compile=True, checkpoint_blocks=14),
     "lmforge-ckpt12": dict(compile=True, checkpoint_blocks=12),
     "lmforge-ckpt8": dict(compile=True, checkpoint_blocks=8),
     "lmforge-ckpt4": dict(compile=True, checkpoint_blocks=4),
@@ -146,6 +149,12 @@ def lmforge_worker(cfg, conf, args, settings: dict, data: list[torch.Tensor], de
     from lmforge.train import Trainer, TrainConfig
     from lmforge.train.config import ModelSection, OptimSection, TrainSection
 
+    if settings.get("sdpa"):  # pin SDPA's backend for the whole run (default: PyTorch's own priority order)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[settings["sdpa"]]
+        sdpa_kernel(backend).__enter__()
     hf = build_hf(cfg, conf, False, device)  # the same seed-0 weights the references start from
     dtype = torch.float32 if conf["method"] == "full" else torch.bfloat16
     with torch.device("meta"):

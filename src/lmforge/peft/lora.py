@@ -143,7 +143,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         base = self.base_layer
-        if (type(base) is nn.Linear and not base.weight.requires_grad
+        # the fused function in eager mode; under torch.compile the plain form below, which inductor fuses itself
+        # (torch 2.11's tracing of this autograd.Function lost its gradients)
+        if (type(base) is nn.Linear and not base.weight.requires_grad and not torch.compiler.is_compiling()
                 and (isinstance(self.lora_dropout, nn.Identity) or not self.training)):
             return fused_lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         y = base(x)

@@ -49,8 +49,10 @@ LMFORGE = {
     "lmforge-ckpt8": dict(compile=True, checkpoint_blocks=8),
     "lmforge-ckpt4": dict(compile=True, checkpoint_blocks=4),
     "lmforge-nockpt": dict(compile=True, checkpointing=False),
+    "lmforge-flash-nockpt": dict(compile=True, checkpointing=False, sdpa="flash"),
     "lmforge-optbwd": dict(compile=True, optimizer="adamw_backward"),
     "lmforge-optbwd-ckpt8": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=8),
+    "lmforge-optbwd-ckpt14": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=14),
     "lmforge-optbwd-nockpt": dict(compile=True, optimizer="adamw_backward", checkpointing=False),
 }
 DEFAULT_VARIANTS = {

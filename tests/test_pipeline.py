@@ -53,7 +53,8 @@ def test_chained_stages_equal_the_model(variant, packed):
         for p in model.parameters():  # non-trivial norms and biases, so a skipped one would show
             p.add_(0.1 * torch.randn_like(p))
     tokens, positions, labels, docs = _batch(packed)
-    want = causal_lm_loss_sum(model.logits, model.hidden_states(tokens, positions, document_ids=docs), labels)
+    want = causal_lm_loss_sum(model.logits, model.hidden_states(tokens, positions, document_ids=docs), labels,
+                              head_weight=model.head_weight())
     want.backward()
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()

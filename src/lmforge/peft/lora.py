@@ -150,7 +150,12 @@ class LoRALinear(nn.Module):
             return fused_lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         y = base(x)
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+        mid = F.linear(self.lora_dropout(x), a)  # (..., r)
+        if mid.dtype != y.dtype:  # e.g. a quantized base returning its own dtype
+            return y + F.linear(mid, b) * self.scaling
+        # y + s * mid @ B^T as one GEMM whose epilogue adds y (no separate scale and add passes over the output)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), mid.reshape(-1, mid.shape[-1]), b.T,
+                           alpha=self.scaling).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """The update B @ A * scaling as a float32 (out_features, in_features) matrix."""

@@ -33,7 +33,7 @@ from ..models.config import ModelConfig
 from ..train.loss import fused_chunk_rows
 
 GiB = 2**30
-LOSS_FWD_BYTES = 8  # per chunk row x vocab entry: fp32 logits + log-sum-exp's fp32 temporary
+LOSS_FWD_BYTES = 8  # eager loss, per chunk row x vocab entry: fp32 logits + log-sum-exp's fp32 temporary
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
@@ -403,7 +403,10 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     # the fused loss: its chunk's logits, the rows' gradient, bf16 casts of fp32 rows and of an fp32 head weight,
     # and (full fine-tuning) a fresh fp32 weight gradient of the head, held from forward into backward
     head_fused = 4 * V * d if full_ft else 0
-    loss_fwd = (LOSS_FWD_BYTES * chunk * V + grad_rows + (dt.act * d * n_lab if dt.residual != dt.act else 0)
+    # per chunk row x vocab entry: CUDA runs the compiled kernel (logits and their gradient in the compute dtype);
+    # eager (CPU) holds the half logits, their fp32 copy and log-sum-exp's fp32 temporary
+    per_entry = 2 * dt.act if setup.device == "cuda" else LOSS_FWD_BYTES + (dt.act if dt.act != 4 else 0)
+    loss_fwd = (per_entry * chunk * V + grad_rows + (dt.act * d * n_lab if dt.residual != dt.act else 0)
                 + (2 * V * d if dt.autocast_copies else 0))
 
     # bf16 copies autocast makes of fp32 trainable weights (full fine-tuning in mixed precision)

@@ -35,13 +35,16 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_ce(logits: torch.Tensor, targets: torch.Tensor, with_grad: bool):
-    """(sum of CE over the rows, d sum / d logits in the logits' dtype or None); fp32 math inside."""
+    """(sum of CE over the rows, d sum / d logits in the logits' dtype or None); fp32 math inside.
+
+    logits (c, V) is a temporary of the caller's: its fp32 form is overwritten with the softmax in place, so eager
+    mode peaks at the fp32 logits plus log-sum-exp's temporary (compiled, it is one fused pass)."""
     logits32 = logits.float()
     lse = torch.logsumexp(logits32, dim=-1)  # (c,)
     loss = (lse - logits32.gather(1, targets[:, None]).squeeze(1)).sum()
     if not with_grad:
         return loss, None
-    grad = torch.exp(logits32 - lse[:, None])  # softmax (c, V)
+    grad = logits32.sub_(lse[:, None]).exp_()  # softmax (c, V)
     rows = torch.arange(len(targets), device=targets.device)
     grad.index_put_((rows, targets), torch.tensor(-1.0, device=grad.device), accumulate=True)  # minus one-hot
     return loss, grad.to(logits.dtype)

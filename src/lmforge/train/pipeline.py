@@ -68,7 +68,8 @@ class PipelineStageModule(nn.Module):
             x = self._blocks(x, positions, document_ids)
             if not self.last:
                 return x
-            return causal_lm_loss_sum(self.lm_head, self.norm(x), labels)
+            head_weight = self._model[0].head_weight() if self.lm_head is not None else None
+            return causal_lm_loss_sum(self.lm_head, self.norm(x), labels, head_weight=head_weight)
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """What Transformer.hidden_states does before its first block (tests/test_pipeline.py keeps them equal)."""

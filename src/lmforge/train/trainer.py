@@ -171,25 +171,25 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _forward_backward(self) -> tuple[float, int, int, dict]:
-        """Forward + backward of grad_accum micro-batches; (mean loss, global units, tokens, metric sums)."""
+    def _forward_backward(self) -> tuple[torch.Tensor, int, int, dict]:
+        """Forward + backward of grad_accum micro-batches; (this rank's loss sum as a device tensor, global units,
+        tokens, metric sums). The loss stays on the device so the optimizer step is queued before the one sync."""
         obj, ds = self.objective, self.dist
         micro = obj.micro_batches(self)
         # normalise by the global unit count; DDP/FSDP average gradients over dp ranks, hence the factor dp
         units = int(dp_sum(sum(obj.normalizer(b) for b in micro), ds, self.device))
         n_tokens = sum(obj.tokens(b) for b in micro)
         self.model.train()
-        total, sums = 0.0, {}
+        total, sums = torch.zeros((), dtype=torch.float64, device=self.device), {}
         for i, b in enumerate(micro):
             with self._grad_sync(i == len(micro) - 1):
                 with self.autocast():
                     loss_sum, metrics = self.step_module(self._to_device(b), units)
                 loss = loss_sum * (ds.dp / max(units, 1))
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += float(loss_sum.detach())
+            total += loss_sum.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
-        total = dp_sum(total, ds, self.device) / max(units, 1)
         sums = {k: dp_sum(v, ds, self.device) for k, v in sums.items()}
         return total, units, n_tokens, sums
 
@@ -225,6 +225,8 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         self.step += 1
+        if isinstance(total, torch.Tensor):  # the step's first host sync, after every kernel of it is queued
+            total = dp_sum(float(total), self.dist, self.device) / max(units, 1)
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
                 obj.unit: units, **{k: v / max(units, 1) for k, v in sums.items()},
                 **({"skipped": True} if skipped else {})}

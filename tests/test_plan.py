@@ -85,8 +85,8 @@ def test_measured_gpu_figure_lora_llama_1b():
     est = train_memory(cfg, TrainSetup(micro_batch=4, seq_len=2048, method="lora", lora_r=16,
                                        lora_targets="all-linear", activation_checkpointing=True))
     assert est.peak / GiB == pytest.approx(4.0, rel=0.10)
-    # the loss no longer dominates: the peak is a block's backward, and no vocabulary-sized buffer is in it
-    assert est.phase == "block backward" and "loss_logits" not in est.breakdown
+    # the loss no longer dominates: one 523-row chunk's bf16 logits and gradient, under a tenth of the peak
+    assert est.breakdown.get("loss_logits", 0) < 0.1 * est.peak
 
 
 @pytest.mark.parametrize("method,ckpt", [("full", False), ("lora", True)])

@@ -67,7 +67,10 @@ def test_activation_checkpointing_lora_and_zero_reduce_memory():
     cfg = preset_config("llama-3.2-1b")
     base = TrainSetup(micro_batch=4, seq_len=2048, method="full", precision="bf16")
     full = train_memory(cfg, base).peak
-    assert train_memory(cfg, TrainSetup(**{**base.__dict__, "activation_checkpointing": True})).peak < full
+    ckpt = train_memory(cfg, TrainSetup(**{**base.__dict__, "activation_checkpointing": True})).peak
+    partial = train_memory(cfg, TrainSetup(**{**base.__dict__, "activation_checkpointing": True,
+                                              "checkpoint_blocks": 8})).peak
+    assert ckpt < partial < full  # recomputing half the blocks sits in between
     lora = train_memory(cfg, TrainSetup(**{**base.__dict__, "method": "lora"})).peak
     assert lora < full
     z = [train_memory(cfg, TrainSetup(**{**base.__dict__, "gpus": 8, "zero_stage": s})).peak for s in range(4)]
@@ -89,8 +92,9 @@ def test_measured_gpu_figure_lora_llama_1b():
     assert est.breakdown.get("loss_logits", 0) < 0.1 * est.peak
 
 
-@pytest.mark.parametrize("method,ckpt", [("full", False), ("lora", True)])
-def test_prediction_matches_trainer_allocations_on_cpu(method, ckpt):
+@pytest.mark.parametrize("method,ckpt,blocks", [("full", False, None), ("lora", True, None), ("full", True, 1),
+                                               ("lora", True, 1)])
+def test_prediction_matches_trainer_allocations_on_cpu(method, ckpt, blocks):
     """Run lmforge's real Trainer step (bf16 autocast on CPU) and compare the profiler's peak of live bytes with the
     prediction: the accounting of weights, optimizer states, activations and the loss must agree within 10%."""
     from lmforge.data import DataConfig
@@ -117,13 +121,15 @@ def test_prediction_matches_trainer_allocations_on_cpu(method, ckpt):
         rows.append({"tokens": tok, "labels": tok[1:] + [-100], "positions": list(range(T))})
     tcfg = TrainConfig(model=ModelSection(tokenizer="x"), data=DataConfig(path="x"),
                        train=TrainSection(precision="bf16", micro_batch_size=B, max_steps=100, progress=False,
-                                          tensorboard=False, activation_checkpointing=ckpt))
+                                          tensorboard=False, activation_checkpointing=ckpt,
+                                          checkpoint_blocks=blocks))
     trainer = Trainer(model, m, rows, None, tcfg, pad_id=0, device=torch.device("cpu"))
     trainer.train_step()
     state = [t for s in trainer.optimizer.state.values() for t in s.values()]
     measured = tensor_bytes([*model.parameters(), *model.buffers(), *state]) + cpu_peak_bytes(trainer.train_step)[0]
     est = train_memory(cfg, TrainSetup(micro_batch=B, seq_len=T, method=method, lora_r=8, lora_targets="all-linear",
-                                       activation_checkpointing=ckpt, optimizer_impl="for-loop", device="cpu"))
+                                       activation_checkpointing=ckpt, checkpoint_blocks=blocks,
+                                       optimizer_impl="for-loop", device="cpu"))
     assert est.peak == pytest.approx(measured, rel=0.10), est.breakdown
 
 

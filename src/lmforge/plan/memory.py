@@ -114,6 +114,7 @@ class TrainSetup:
     method: Method = "full"
     precision: Precision = "bf16"
     activation_checkpointing: bool = False
+    checkpoint_blocks: int | None = None  # with checkpointing: recompute only the lowest k blocks (None = all)
     grad_accum: int = 1
     optimizer: Optimizer = "adamw"
     optimizer_impl: Literal["fused", "foreach", "for-loop"] = "fused"
@@ -390,7 +391,11 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
 
     layer = layer_activation_bytes(cfg, setup)
     layer_total = sum(layer.values())
-    saved_layer = dt.residual * d * n if ckpt else layer_total  # with checkpointing: the block input only
+    # per block: a checkpointed block keeps only its input; `checkpoint_blocks` checkpoints the lowest k blocks and
+    # the ones above keep their whole activations (Transformer.checkpointed)
+    k = L if setup.checkpoint_blocks is None else min(L, setup.checkpoint_blocks)
+    recomputed = [ckpt and i < k for i in range(L)]
+    saved = [dt.residual * d * n if r else layer_total for r in recomputed]
     kind = _attention_kind(setup)
     mask_once = B * T * T if kind == "masked" else 0  # lmforge's boolean (B, 1, T, T) mask, shared by all blocks
     rope = 2 * (cfg.rotary_dim // 2) * dt.residual * n if cfg.pos == "rope" else 0
@@ -425,22 +430,23 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     temp = layer_backward_temp_bytes(cfg, setup)
     workspace = Overheads().workspace if setup.device == "cuda" else 0
 
-    acts = L * saved_layer + embed_saved + head_saved
+    acts = sum(saved) + embed_saved + head_saved
+    kept_copies = sum(not r for r in recomputed) * copies_layer  # autocast copies live until a kept block's backward
     phases: dict[str, dict[str, int]] = {}
     base = {"weights": states["weights"], "optimizer_states": states["optimizer_states"], "workspace": workspace}
     phases["forward end (loss chunk)"] = {**base, "gradients": prior_grads + head_fused, "activations": acts,
                                           "autocast_weight_copies": L * copies_layer, "loss_logits": loss_fwd}
     phases["backward start (loss chunk)"] = {
         **base, "gradients": max(prior_grads, head_grad) + (head_fused if prior_grads else 0), "activations": acts,
-        "autocast_weight_copies": 0 if ckpt else L * copies_layer, "loss_logits": grad_rows}
+        "autocast_weight_copies": kept_copies, "loss_logits": grad_rows}
     # one block at a time, from the last: blocks below keep activations, blocks above have gradients
     worst: dict[str, int] = {}
     for i in range(L - 1, -1, -1):
         above = L - 1 - i
         grads = max(prior_grads, head_grad + above * layer_grad)
-        live = {**base, "gradients": int(grads), "activations": (i + 1) * saved_layer + embed_saved,
-                "autocast_weight_copies": 0 if ckpt else (i + 1) * copies_layer,
-                "backward_temporaries": temp + (layer_total if ckpt else 0)}
+        live = {**base, "gradients": int(grads), "activations": sum(saved[:i + 1]) + embed_saved,
+                "autocast_weight_copies": sum(not r for r in recomputed[:i + 1]) * copies_layer,
+                "backward_temporaries": temp + (layer_total if recomputed[i] else 0)}
         if not worst or sum(live.values()) > sum(worst.values()):
             worst = live
     phases["block backward"] = worst

@@ -76,6 +76,7 @@ def setup_from_train(train_cfg, seq_len: int | None = None, device: str = "cuda"
     return TrainSetup(
         micro_batch=t.micro_batch_size, seq_len=seq_len or train_cfg.data.max_seq_len, method=method,
         precision="bf16" if t.precision == "auto" else t.precision, activation_checkpointing=t.activation_checkpointing,
+        checkpoint_blocks=t.checkpoint_blocks,
         grad_accum=t.grad_accum, optimizer=optimizer, momentum=train_cfg.optim.momentum,
         lora_r=src.r if src is not None else 8, lora_dropout=src.dropout if src is not None else 0.0,
         lora_targets=src.target_modules if src is not None else "all-linear", packing=train_cfg.data.packing,

@@ -107,10 +107,15 @@ class Trainer:
         if cfg.parallel.zero == 1 and self.dist.enabled:
             self.optimizer = zero1_optimizer(self.optimizer, self.dist)
         self.updates_in_backward = getattr(self.optimizer, "updates_in_backward", False)
-        if self.updates_in_backward and (self.t.grad_accum > 1 or self.precision == "fp16" or self.pipeline):
+        if self.updates_in_backward and (self.t.grad_accum > 1 or self.precision == "fp16" or self.pipeline
+                                         or self.dist.enabled):
             raise ValueError(f"optimizer '{cfg.optim.name}' updates weights during backward: it cannot accumulate "
-                             "gradients (set train.grad_accum=1), run a pipeline or use fp16 loss scaling (use bf16 "
-                             "or fp32)")
+                             "gradients (set train.grad_accum=1), run a pipeline, data/tensor-parallel ranks (their "
+                             "gradients are reduced after the update) or fp16 loss scaling (use bf16 or fp32)")
+        if self.updates_in_backward and self.t.grad_clip is not None and self.dist.is_main:
+            warnings.warn(f"optim.name={cfg.optim.name} updates each weight inside backward, before a global gradient "
+                          f"norm exists: train.grad_clip={self.t.grad_clip} is not applied (set train.grad_clip=null; "
+                          "optim.options.clip_value clips element-wise)", stacklevel=2)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
         self.sampler = EpochSampler(len(train_data), self.t.seed)  # the same order on every rank
         self.step = 0

@@ -37,3 +37,24 @@ def time_steps(step, warmup: int, steps: int) -> float:
         step()
     sync()
     return (time.perf_counter() - t0) / steps
+
+
+def hf_lm_step(model, batches, params, optimizer, clip: float | None = 1.0, losses: list | None = None):
+    """A closure running one `transformers` causal-LM training step per call, as HF Trainer with bf16=True does:
+    autocast bf16 forward with labels = input ids, backward, optional grad-norm clip, optimizer step. `batches`
+    yields (B, T) token ids already on the device; each step's loss is appended to `losses`."""
+    it = iter(batches)
+
+    def step():
+        ids = next(it)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if losses is not None:
+            losses.append(loss.item())
+
+    return step

@@ -12,7 +12,7 @@ import argparse
 import json
 
 import torch
-from _common import mem_reset, peak_gib, time_steps  # noqa: E402 (run as a script)
+from _common import hf_lm_step, mem_reset, peak_gib, time_steps  # noqa: E402 (run as a script)
 
 
 def lmforge_variant(args, cfg, device, packed: bool, attention_backend: str = "auto"):
@@ -77,18 +77,8 @@ def hf_peft_variant(args, cfg, device):
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
                for _ in range(args.steps + args.warmup)]
-    it = iter(batches)
     losses = []
-
-    def step():
-        ids = next(it)
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # what HF Trainer's bf16=True does
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    step = hf_lm_step(model, batches, params, opt, losses=losses)
 
     model.train()
     mem_reset()

@@ -117,6 +117,7 @@ def build_hf(cfg, conf: dict, liger: bool, device):
 
 def hf_worker(cfg, conf, args, liger: bool, data: list[torch.Tensor], device):
     import peft
+    from _common import hf_lm_step
 
     model = build_hf(cfg, conf, liger, device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -127,20 +128,9 @@ def hf_worker(cfg, conf, args, liger: bool, data: list[torch.Tensor], device):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=conf["lr"], fused=True)
     model.train()
-    it, losses = itertools.cycle(data), []
-
-    def step():
-        ids = next(it).to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):  # what HF Trainer's bf16=True does
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if conf["clip"]:
-            torch.nn.utils.clip_grad_norm_(params, conf["clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-
-    return step, losses, 1.0  # every block recomputed
+    losses = []
+    on_device = (b.to(device, non_blocking=True) for b in itertools.cycle(data))  # the profiler's steps wrap around
+    return hf_lm_step(model, on_device, params, opt, conf["clip"], losses), losses, 1.0  # every block recomputed
 
 
 def lmforge_worker(cfg, conf, args, settings: dict, data: list[torch.Tensor], device):

@@ -22,7 +22,7 @@ import argparse
 import json
 
 import torch
-from _common import mem_reset, peak_gib, time_steps  # noqa: E402 (run as a script)
+from _common import hf_lm_step, mem_reset, peak_gib, time_steps  # noqa: E402 (run as a script)
 
 REFERENCE = {"lmforge-embeddings": "transformers-embeddings", "lmforge-new-embeddings": "transformers-embeddings",
              "lmforge-lora+embed": "transformers+peft-lora+embed"}
@@ -107,18 +107,8 @@ def hf_variant(name: str, args, cfg, device) -> tuple[float, float, float, dict]
             p.data = p.data.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda" or None)
-    it = iter(_batches(args, cfg.vocab_size, device))
     losses = []
-
-    def step():
-        ids = next(it)
-        with torch.autocast(device.type, dtype=torch.bfloat16):  # what HF Trainer's bf16=True does
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    step = hf_lm_step(model, _batches(args, cfg.vocab_size, device), params, opt, losses=losses)
 
     model.train()
     mem_reset()

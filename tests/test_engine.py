@@ -18,13 +18,7 @@ from lmforge.models import load_hf
 from lmforge.testing import make_tiny_checkpoint
 from lmforge.tokenizer import Tokenizer
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and do not stall when other jobs oversubscribe the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)

@@ -46,15 +46,7 @@ from lmforge.rag.synthetic import error_code_corpus, town_corpus, write_corpus
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """MiniLM runs about as fast on one thread here, and does not stall when other jobs load the cores."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ----------------------------------------------------------------------------------------------- chunking

@@ -8,7 +8,6 @@ import json
 import httpx
 import numpy as np
 import pytest
-import torch
 
 uvicorn = pytest.importorskip("uvicorn")
 from fastapi import Request  # noqa: E402 - module level: the scripted app's annotation resolves here
@@ -21,12 +20,7 @@ from lmforge.rag.testing import start_test_server  # noqa: E402
 from lmforge.rag.tool_calls import ToolCallsMiddleware, parse_tool_calls, rewrite_request  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

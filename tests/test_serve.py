@@ -23,13 +23,7 @@ from lmforge.serve import ServeConfig, build_server  # noqa: E402
 from lmforge.testing import make_tiny_checkpoint  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and do not stall when other jobs oversubscribe the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 KEY = "sk-test"

@@ -29,8 +29,10 @@ except ImportError:  # torch < 2.5
 
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed
+    DTensor = ()
 
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
@@ -214,7 +216,7 @@ class Transformer(nn.Module):
         if self.lm_head is not None and (type(head) is not nn.Linear or head.bias is not None):
             return None
         weight = getattr(head, "weight", None)
-        return None if weight is None or _is_dtensor(weight) else weight
+        return None if weight is None or isinstance(weight, DTensor) else weight
 
     def hidden_states(self, tokens, positions=None, attention_mask=None, cache=None, slots=None,
                       document_ids=None, prefix_lengths=None) -> torch.Tensor:

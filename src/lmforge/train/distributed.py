@@ -240,23 +240,23 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, stage_gro
     if grads:
         device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
     total = torch.zeros((), dtype=torch.float32, device=device)
-    fused = [g for g in grads if not isinstance(g, DTensor) and g.dtype == torch.float32]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    fused = [g for g in plain if g.dtype == torch.float32]
     if fused:
         total += torch.stack(torch._foreach_norm(fused)).pow(2).sum()
-    for g in grads:
-        if isinstance(g, DTensor):  # the local sum is partial on every sharded mesh dim (FSDP, TP, both: strided)
-            total += g.float().pow(2).sum().full_tensor()
-        elif g.dtype != torch.float32:
+    for g in plain:
+        if g.dtype != torch.float32:
             total += g.float().pow(2).sum()
+    for g in sharded:  # the local sum is partial on every sharded mesh dim (FSDP, TP, both: strided)
+        total += g.float().pow(2).sum().full_tensor()
     if stage_group is not None:
         dist.all_reduce(total, group=stage_group)
     norm = total.sqrt()
     if max_norm is not None:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # 1 when the norm is within bounds: no change
-        plain = [g for g in grads if not isinstance(g, DTensor)]
         if plain:
             torch._foreach_mul_(plain, coef)
-        sharded = [g for g in grads if isinstance(g, DTensor)]
         if sharded:
             c = float(coef)
             for g in sharded:

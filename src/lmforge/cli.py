@@ -324,14 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         from .rag.cli import main as rag_main
 
         return rag_main(rest, debug=debug)
-    try:
+
+    def body() -> None:
         if verb not in VERBS:
             raise ConfigError(f"unknown verb '{verb}'{did_you_mean(verb, VERBS)}; verbs: {', '.join(VERBS)}")
         cls, run, positional, desc = VERBS[verb]
         cls = cls if isinstance(cls, type) else cls()  # lazily imported config class
         if "-h" in rest or "--help" in rest:
             print(f"lmforge {verb}: {desc}\n\n{format_help(cls)}")
-            return 0
+            return
         config, overrides = split_args(rest, positional)
         if verb == "train":  # one verb for every stage: sft/pretrain on TrainConfig, rm/dpo/ppo on AlignConfig
             cls = train_config_class(config, overrides)
@@ -340,10 +341,19 @@ def main(argv: list[str] | None = None) -> int:
             defaults = _generation_defaults(Path(cfg.model))
             cfg = load_config(cls, config, overrides, base=defaults) if defaults else cfg
         run(cfg)
+
+    return report_errors(f"lmforge {verb}", body, debug)
+
+
+def report_errors(label: str, body, debug: bool) -> int:
+    """Run a verb's body and return the exit status: an LmforgeError becomes one line on stderr and status 2 (the
+    traceback with --debug), Ctrl-C status 130."""
+    try:
+        body()
     except LmforgeError as e:
         if debug:
             raise
-        print(f"lmforge {verb}: error: {e}", file=sys.stderr)
+        print(f"{label}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

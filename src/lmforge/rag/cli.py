@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..config import Section, format_help, load_config
-from ..errors import ConfigError, LmforgeError, did_you_mean
+from ..errors import ConfigError, did_you_mean
 from .llm import DEFAULT_BASE_URL
 
 Backend = Literal["faiss", "faiss-hnsw", "lancedb", "sqlite-vec", "numpy", "qdrant"]  # = stores.BACKENDS
@@ -140,7 +140,7 @@ SUBVERBS = {
 
 def main(argv: list[str] | None = None, debug: bool = False) -> int:
     """Entry point of `lmforge rag ...`; returns the exit status."""
-    from ..cli import split_args
+    from ..cli import report_errors, split_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug or "--debug" in argv
@@ -151,20 +151,15 @@ def main(argv: list[str] | None = None, debug: bool = False) -> int:
         print(usage)
         return 0
     sub, rest = argv[0], argv[1:]
-    try:
+
+    def body() -> None:
         if sub not in SUBVERBS:
             raise ConfigError(f"unknown rag command '{sub}'{did_you_mean(sub, SUBVERBS)}; use index or ask")
         cls, run, positional, desc = SUBVERBS[sub]
         if "-h" in rest or "--help" in rest:
             print(f"lmforge rag {sub}: {desc}\n\n{format_help(cls)}")
-            return 0
+            return
         config, overrides = split_args(rest, positional)
         run(load_config(cls, config, overrides))
-    except LmforgeError as e:
-        if debug:
-            raise
-        print(f"lmforge rag {sub}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    return report_errors(f"lmforge rag {sub}", body, debug)

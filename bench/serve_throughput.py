@@ -160,16 +160,20 @@ def measured_bandwidth(device) -> float | None:
     return 2 * 2**30 / best
 
 
-def bench_batch1(model, args, compile: bool) -> dict:
+def bench_batch1(model, args, compile: bool, fast_decode: bool = True) -> dict:
     from lmforge.infer.batch_sampling import EngineSamplingParams
+    from lmforge.infer.decode_fusion import unpack_for_decode
     from lmforge.infer.engine import EngineConfig
     from lmforge.infer.llm import LLM
+
+    if not fast_decode:
+        unpack_for_decode(model, keep_gemv=False)  # an earlier engine packed the model
 
     prompt = make_requests(1, args.batch1_prompt, args.batch1_prompt, model.cfg.vocab_size, seed=1)[0][0]
     n = args.batch1_tokens
     cfg = EngineConfig(max_model_len=args.batch1_prompt + n + args.block_size, max_num_seqs=1,
                        block_size=args.block_size, decode_steps=args.batch1_decode_steps, compile=compile,
-                       gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False)
+                       fast_decode=fast_decode, gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False)
     llm = LLM(model, config=cfg)
     engine = llm.engine
     attention = "kernel" if engine.runner.paged_kernel else "gather"
@@ -204,9 +208,12 @@ def bench_batch1(model, args, compile: bool) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     spec = next((bw for key, bw in HBM_SPEC.items() if key in name), None)
     measured = measured_bandwidth(device)
+    if args.batch1_profile:
+        profile_decode_graph(engine, Path(args.batch1_profile) / f"batch1_{'fast' if fast_decode else 'plain'}"
+                             f"{'_compile' if compile else ''}.txt")
     row = {"decode_tokens_per_s": round(best, 1), "new_tokens": n, "prompt_len": args.batch1_prompt,
-           "compile": compile, "warmup_s": round(warmup, 1), "bytes_per_token": bytes_per_token,
-           "attention": attention}
+           "compile": compile, "fast_decode": fast_decode, "warmup_s": round(warmup, 1),
+           "bytes_per_token": bytes_per_token, "attention": attention}
     if spec:
         row.update(roofline_spec_tokens_per_s=round(spec / bytes_per_token, 1),
                    pct_of_spec_roofline=round(100 * best * bytes_per_token / spec, 1))
@@ -217,6 +224,26 @@ def bench_batch1(model, args, compile: bool) -> dict:
     del llm, engine
     _free_memory()
     return row
+
+
+def profile_decode_graph(engine, path: Path, replays: int = 20) -> None:
+    """Kernel time of the captured batch-1 decode step: a table by total time and one replay's kernels in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = next(iter(engine.runner.graphs.values()))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        sync()
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    per = len(kernels) // replays
+    one = kernels[-per:]
+    busy = sum(e.time_range.elapsed_us() for e in one)
+    span = one[-1].time_range.end - one[0].time_range.start
+    lines = [f"kernels per replay {per}, busy {busy:.1f} us, span {span:.1f} us", ""]
+    lines += [f"{e.time_range.elapsed_us():9.2f}  {e.name[:110]}" for e in one]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30) + "\n" + "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------ server
@@ -324,6 +351,9 @@ def main() -> None:
     ap.add_argument("--batch1-prompt", type=int, default=128)
     ap.add_argument("--batch1-tokens", type=int, default=512)
     ap.add_argument("--batch1-decode-steps", type=int, default=16)
+    ap.add_argument("--batch1-fast-decode", default="on", choices=["on", "off", "both"],
+                    help="packed projections + Triton GEMV in the batch-1 runs (engine.fast_decode)")
+    ap.add_argument("--batch1-profile", default=None, help="directory for kernel tables of the batch-1 decode graph")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled batch-1 variant")
     ap.add_argument("--clients", type=int, default=64)
@@ -380,9 +410,12 @@ def main() -> None:
             record("engine" if attention == "gather" and not kernel else f"engine[{attention}]",
                    bench_engine(model, requests, args, attention))
     if "batch1" not in skip:
-        record("batch1", bench_batch1(model, args, compile=False))
-        if not args.no_compile:
-            record("batch1+compile", bench_batch1(model, args, compile=True))
+        variants = {"on": [True], "off": [False], "both": [False, True]}[args.batch1_fast_decode]
+        for fast in variants:  # plain first: fast_decode packs the model in place
+            suffix = "" if args.batch1_fast_decode == "on" else ("[fast]" if fast else "[plain]")
+            record("batch1" + suffix, bench_batch1(model, args, compile=False, fast_decode=fast))
+            if not args.no_compile:
+                record("batch1+compile" + suffix, bench_batch1(model, args, compile=True, fast_decode=fast))
     del model
     _free_memory()
     if "hf" not in skip:
@@ -408,9 +441,9 @@ def main() -> None:
         if "engine" in by:
             print(f"{'engine / HF':34} {round(by['engine']['output_tokens_per_s'] / h['output_tokens_per_s'], 2):>14}"
                   "  goal >= 10")
-    for name in ("batch1", "batch1+compile"):
-        if name in by:
-            b = by[name]
+    for b in rows:
+        name = b["bench"]
+        if name.startswith("batch1"):
             pct = b.get("pct_of_spec_roofline", b.get("pct_of_measured_roofline", "n/a"))
             print(f"{name + ' decode tokens/s':34} {b['decode_tokens_per_s']:>14}  {pct}% of roofline "
                   f"({b.get('roofline_spec_tokens_per_s', 'n/a')} tok/s spec), goal >= 80%, attention={b['attention']}")

@@ -74,9 +74,14 @@ class SlotAudit:
                 self.forward += 1
             return out
 
-        def audited_attend(layer, q, k, v, mask):
-            kernel = self.cache.batch.seq_lens is not None and not self._capturing()
+        def audited_attend(layer, q, k, v, mask):  # the kernel path writes the new K/V itself (no update call)
+            batch = self.cache.batch
+            kernel = batch.seq_lens is not None and not self._capturing()
+            if layer == 0 and batch.seq_lens is not None and self._capturing():
+                if batch.write_slots.max() >= self.bs or batch.seq_lens.any():
+                    self._error("a graph capture touched a live block")
             if layer == 0 and kernel:
+                self._check_writes()
                 self._check_tables()
             out = attend(layer, q, k, v, mask)
             if layer == 0 and kernel:

@@ -24,6 +24,7 @@ from ..config import Section
 from ..errors import ConfigError, LmforgeError
 from ..models.transformer import Transformer
 from .batch_sampling import BatchSampler, EngineSamplingParams
+from .decode_fusion import pack_for_decode
 from .generate import _StopText
 from .json_constraint import JsonObjectConstraint
 from .model_runner import ModelRunner, kv_cache_blocks
@@ -56,6 +57,9 @@ class EngineConfig(Section):
     """Decode iterations per step when only decodes are running (no host sync between them)."""
     cuda_graphs: bool = True
     """Replay decode steps as CUDA graphs (one per batch/context bucket; CUDA only)."""
+    fast_decode: bool = True
+    """Pack q/k/v and gate/up weights into one matmul each and run one-row matmuls through a Triton GEMV
+    (lmforge.infer.decode_fusion; same weights, no extra memory). Multi-LoRA layers keep separate matmuls."""
     compile: bool = False
     """torch.compile the forward (fused kernels inside the CUDA graphs; compiles once per bucket)."""
     max_adapters: int = Field(16, ge=1)
@@ -106,6 +110,8 @@ class Engine:
         self.adapters = AdapterSet(model, cfg.max_adapters)
         for name, path in (adapters or {}).items():
             self.adapters.add(name, path)
+        if cfg.fast_decode:  # after the adapters: LoRA-wrapped projections are not packed
+            pack_for_decode(model)
         num_blocks = cfg.num_blocks or kv_cache_blocks(
             model, block_size=cfg.block_size, max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, gpu_memory_utilization=cfg.gpu_memory_utilization,

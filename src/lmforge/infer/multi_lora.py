@@ -113,8 +113,10 @@ class AdapterSet:
         if len(self.slots) >= self.max_adapters:
             raise ConfigError(f"at most {self.max_adapters} adapters can be loaded (raise max_adapters)")
         from ..peft.lora import _set_module, linear_modules
+        from .decode_fusion import unpack_for_decode
 
         weights = read_adapter(self.model.cfg, adapter_dir)
+        unpack_for_decode(self.model)  # packed q/k/v or gate/up matmuls would bypass the per-row LoRA deltas
         slot = len(self.slots) + 1
         linears = linear_modules(self.model)
         for path in weights:

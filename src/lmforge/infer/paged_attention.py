@@ -41,20 +41,13 @@ def load_kernel():
     return _KERNEL
 
 
-def _combine(acc: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """Merge per-split partials: acc (B, Hkv, S, G, D), stats (B, Hkv, S, G, 2) = (max, sum) → (B, Hkv, G, D)."""
-    m, denom = stats[..., 0], stats[..., 1]
-    top = m.amax(dim=2, keepdim=True)
-    w = torch.exp(m - top).nan_to_num(0.0)  # splits with no tokens (and padding rows) weigh nothing
-    num = (acc * w[..., None]).sum(2)
-    return num / (denom * w).sum(2).clamp(min=1e-30)[..., None]
-
-
 def choose_splits(batch: int, kv_heads: int, max_context: int, target_programs: int = 264) -> int:
-    """Split long contexts across programs when batch * kv_heads alone would leave the GPU idle."""
+    """Split long contexts across programs when batch * kv_heads alone would leave the GPU idle: at batch 1 a
+    program walking the whole context chunk after chunk is latency-bound (each chunk waits on its loads), so
+    splits go down to one CHUNK each; the combine pass costs one small launch."""
     if batch * kv_heads >= target_programs:
         return 1
-    return max(1, min(math.ceil(target_programs / (batch * kv_heads)), max_context // 256, 32))
+    return max(1, min(math.ceil(target_programs / (batch * kv_heads)), math.ceil(max_context / CHUNK), 64))
 
 
 def paged_decode_attention(
@@ -92,5 +85,37 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q.dtype == torch.float32,
     )
     if splits > 1:
-        out = _combine(acc, stats).to(q.dtype).reshape(B, H, D)
+        kernel.combine_kernel[(B * Hkv, G)](acc, stats, out, SPLITS=splits, SP=kernel.next_power_of_2(splits), D=D,
+                                            DP=kernel.next_power_of_2(D))
     return out[:, :, None]
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k/v (B, Hkv, 1, D) → k_pool/v_pool (slots, Hkv, D) at `slots` (B,), one launch for both."""
+    B, Hkv, _, D = k.shape
+    kernel = _KERNEL or load_kernel()
+    k3, v3 = k[:, :, 0], v[:, :, 0]  # (B, Hkv, D) views
+    if k3.stride(-1) != 1 or v3.stride() != k3.stride():
+        k3, v3 = k3.contiguous(), v3.contiguous()
+    kernel.kv_write_kernel[(B, Hkv)](k3, v3, k_pool, v_pool, slots, k3.stride(0), k3.stride(1), k_pool.stride(0),
+                                     k_pool.stride(1), D=D, DP=kernel.next_power_of_2(D))
+
+
+@torch.library.custom_op("lmforge::paged_decode", mutates_args=("k_pools", "v_pools"))
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pools: torch.Tensor, v_pools: torch.Tensor,
+                 layer: int, slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 block_size: int, max_context: int, window: int) -> torch.Tensor:
+    """One layer's decode attention over the paged cache, new K/V written first: q (B, H, 1, D), k/v (B, Hkv, 1, D),
+    pools (L, slots, Hkv, D) of every layer → (B, H, 1, D).
+
+    A custom op that mutates the pools in place, so torch.compile calls it as is: traced as plain ops, the scatter
+    into a slice of the (L, slots, ...) buffers made inductor clone and copy back whole pools every step."""
+    write_kv(k, v, k_pools[layer], v_pools[layer], slots)
+    return paged_decode_attention(q, k_pools[layer], v_pools[layer], block_tables, seq_lens, block_size,
+                                  max_context, window or None)
+
+
+@paged_decode.register_fake
+def _(q, k, v, k_pools, v_pools, layer, slots, block_tables, seq_lens, block_size, max_context, window):
+    return torch.empty_like(q)

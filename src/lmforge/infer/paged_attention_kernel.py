@@ -62,3 +62,40 @@ def paged_decode_kernel(
         tl.store(Acc + row[:, None] * D + d[None, :], acc, mask=head_ok)
         tl.store(Stats + row * 2, m, mask=g < G)
         tl.store(Stats + row * 2 + 1, denom, mask=g < G)
+
+
+@triton.jit
+def kv_write_kernel(K, V, KPool, VPool, Slots, stride_kb, stride_kh, stride_ps, stride_ph,
+                    D: tl.constexpr, DP: tl.constexpr):
+    """Pool[slot of row b, head h] = new k/v (b, h): one program per (row, kv head), K and V in one launch."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, DP)
+    ok = d < D
+    slot = tl.load(Slots + b).to(tl.int64)
+    src = b * stride_kb + h * stride_kh + d
+    dst = slot * stride_ps + h * stride_ph + d
+    tl.store(KPool + dst, tl.load(K + src, mask=ok), mask=ok)
+    tl.store(VPool + dst, tl.load(V + src, mask=ok), mask=ok)
+
+
+@triton.jit
+def combine_kernel(Acc, Stats, Out, SPLITS: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """Merge the per-split partials of one (row, query head): Acc (rows, SPLITS, D) unnormalized, Stats (rows,
+    SPLITS, 2) = (running max, sum of exp) → Out (rows, D). Rows = (B, Hkv, G) flattened, as the kernel stores
+    them with the split index between kv head and group: row r = (b*Hkv + h)*G + g ↔ partial ((b*Hkv+h)*SPLITS+s)*G+g."""
+    r = tl.program_id(0)
+    G = tl.num_programs(1)
+    g = tl.program_id(1)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, DP)
+    s_ok = s < SPLITS
+    part = (r * SPLITS + s) * G + g  # (SP,)
+    m = tl.load(Stats + part * 2, mask=s_ok, other=float("-inf"))
+    denom = tl.load(Stats + part * 2 + 1, mask=s_ok, other=0.0)
+    top = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)  # empty splits (and padding rows) weigh nothing
+    acc = tl.load(Acc + part[:, None] * D + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
+    num = tl.sum(acc * w[:, None], axis=0)
+    out = num / tl.maximum(tl.sum(denom * w, axis=0), 1e-30)
+    tl.store(Out + (r * G + g) * D + d, out.to(Out.dtype.element_ty), mask=d < D)

@@ -256,11 +256,10 @@ class PagedKVCache(nn.Module):
         batch = self.batch
         if batch.seq_lens is None:
             return sdpa_attend(q, *self.update(layer, None, k, v), mask)
-        from .paged_attention import paged_decode_attention
+        from .paged_attention import paged_decode
 
-        self.update(layer, None, k, v)  # C == 0: writes only
-        return paged_decode_attention(q, self.k[layer], self.v[layer], batch.block_tables, batch.seq_lens,
-                                      self.block_size, batch.max_context, self.windows[layer])
+        return paged_decode(q, k, v, self.k, self.v, layer, batch.write_slots, batch.block_tables, batch.seq_lens,
+                            self.block_size, batch.max_context, self.windows[layer] or 0)
 
 
 class _HookProbe:

@@ -77,6 +77,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class Attention(nn.Module):
+    packed_qkv = None  # inference: one matmul for q, k and v (see lmforge.infer.decode_fusion); None = three
+
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -89,9 +91,13 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape  # x: (B, T, d_model)
         hd = self.cfg.dim_per_head
-        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        if self.packed_qkv is not None:
+            q, k, v = self.packed_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, -1, hd).transpose(1, 2)
         if rope is not None:
             q = apply_rope(q, *rope, interleaved=self.cfg.rope_interleaved)
             k = apply_rope(k, *rope, interleaved=self.cfg.rope_interleaved)
@@ -110,6 +116,8 @@ class MLP(nn.Module):
     `d_ff`/`gated` default to the config's dense MLP; MoE experts pass their own size (always gated, no bias).
     """
 
+    packed_gate_up = None  # inference: one matmul for gate and up (see lmforge.infer.decode_fusion)
+
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, d_ff: int | None = None,
                  gated: bool | None = None):
         super().__init__()
@@ -122,6 +130,9 @@ class MLP(nn.Module):
         self.down_proj = linear(f"{prefix}.down_proj", f, cfg.d_model, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_gate_up is not None:
+            gate, up = self.packed_gate_up(x)
+            return self.down_proj(self.act(gate) * up)
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
         return self.down_proj(h)
 
@@ -156,6 +167,7 @@ class Transformer(nn.Module):
         self.checkpoint_limit: int | None = None  # ... but at most this many blocks, the lowest ones (None = no cap)
         self.attention_backend = "auto"  # "auto" | "sdpa" | "flex": how packed rows are masked
         self.aux_loss: torch.Tensor | None = None  # MoE load-balancing (+ z) loss of the last training forward
+        self.head_linear = F.linear  # the tied LM head's matmul (inference may swap in a GEMV kernel)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
@@ -206,7 +218,7 @@ class Transformer(nn.Module):
                                               prefix_lengths))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
+        return self.head_linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
 
     def head_weight(self) -> torch.Tensor | None:
         """The (vocab, d_model) matrix W when `logits(h)` is exactly ``h @ W.T`` (tied embeddings, or a bias-free

@@ -1,0 +1,97 @@
+"""Fast decode paths the engine installs on a model it serves: packed projections and one-row GEMV kernels.
+
+At batch 1 a decode step is ~100 small matmuls, each a weight read; fewer, larger reads run closer to HBM bandwidth
+and leave fewer kernel launches inside the CUDA graph. `pack_for_decode(model)`:
+
+- packs q/k/v (and gate/up) weights into one (sum of outs, in) matrix per layer and re-points the original
+  parameters at row slices of it: no extra memory, `state_dict()` and the modules are unchanged, and the packed
+  matmul (`Attention.packed_qkv`, `MLP.packed_gate_up`) computes exactly what the three (two) did;
+- routes every plain `nn.Linear` and the tied LM head through `lmforge.infer.gemv.linear` (a Triton GEMV when the
+  input is one row on CUDA, `F.linear` otherwise).
+
+Only plain bias-consistent `nn.Linear` projections are packed (LoRA-, quantized- or tensor-parallel-wrapped ones keep
+their own forward). `unpack_for_decode` turns the packed matmuls off again, e.g. before multi-LoRA wrappers are
+put around q_proj, whose per-row deltas the packed matmul would skip. Packing assumes the model stays on its device
+afterwards (`.to()` would copy the slices apart).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.transformer import MLP, Attention, Transformer
+from . import gemv
+
+
+class DecodeLinear(nn.Linear):
+    """An `nn.Linear` whose one-row inputs take the GEMV kernel (same parameters, same state_dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv.linear(x, self.weight, self.bias)
+
+
+class PackedProjection:
+    """Several linears of one input as one matmul: x (..., in) → tuple of (..., out_i). Not an nn.Module, so it
+    adds nothing to state_dict; its weight is the storage the original parameters now view."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]):
+        self.weight, self.bias, self.sizes = weight, bias, sizes
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return gemv.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def _pack(linears: list[nn.Module]) -> PackedProjection | None:
+    """Pack plain nn.Linear layers sharing dtype/device/bias-ness; None if any is something else."""
+    if not all(type(m) in (nn.Linear, DecodeLinear) for m in linears):
+        return None
+    w0 = linears[0].weight
+    if any(m.weight.dtype != w0.dtype or m.weight.device != w0.device or (m.bias is None) != (linears[0].bias is None)
+           or m.in_features != linears[0].in_features for m in linears):
+        return None
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])  # (sum out, in)
+        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+        row = 0
+        for m in linears:  # the originals become views of the packed storage: no second copy of the weights
+            n = m.out_features
+            m.weight.data = weight[row:row + n]
+            if bias is not None:
+                m.bias.data = bias[row:row + n]
+            row += n
+    return PackedProjection(weight, bias, [m.out_features for m in linears])
+
+
+@torch.no_grad()
+def pack_for_decode(model: Transformer) -> dict:
+    """Install the fast decode paths on `model` (in place); returns what was done, for logs and tests."""
+    done = {"packed_qkv": 0, "packed_gate_up": 0, "gemv_linears": 0}
+    for module in model.modules():
+        if isinstance(module, Attention) and module.packed_qkv is None:
+            module.packed_qkv = _pack([module.q_proj, module.k_proj, module.v_proj])
+            done["packed_qkv"] += module.packed_qkv is not None
+        elif isinstance(module, MLP) and module.gated and module.packed_gate_up is None:
+            module.packed_gate_up = _pack([module.gate_proj, module.up_proj])
+            done["packed_gate_up"] += module.packed_gate_up is not None
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = DecodeLinear
+            done["gemv_linears"] += 1
+    if model.lm_head is None:
+        model.head_linear = gemv.linear
+    return done
+
+
+def unpack_for_decode(model: Transformer, keep_gemv: bool = True) -> None:
+    """Back to one matmul per projection (the weights stay where they are: views of the packed storage); with
+    `keep_gemv=False` also back to plain `nn.Linear` / `F.linear` everywhere."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.packed_qkv = None
+        elif isinstance(module, MLP):
+            module.packed_gate_up = None
+        elif type(module) is DecodeLinear and not keep_gemv:
+            module.__class__ = nn.Linear
+    if not keep_gemv:
+        model.head_linear = F.linear

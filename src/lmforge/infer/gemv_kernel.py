@@ -1,0 +1,37 @@
+"""The Triton kernel behind `lmforge.infer.gemv` (see there); imported on first use, like the paged-attention one."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """y[n] = sum_k W[n, k] x[k] (+ bias[n]) for BLOCK_N rows of W per program, fp32 accumulation."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    w_ptr = W + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+    x_ptr = X + cols
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptr, mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr)
+        else:
+            k_ok = (k + cols) < K
+            w = tl.load(w_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptr += BLOCK_K
+        x_ptr += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(Bias + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
+
+
+CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+           for n in (2, 4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for s in (1, 3)
+           if n * k <= 8192]
+gemv_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "EVEN_K"])(gemv_kernel)

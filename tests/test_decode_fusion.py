@@ -1,0 +1,143 @@
+"""Fast decode paths (`lmforge.infer.decode_fusion`, `lmforge.infer.gemv`): packed q/k/v and gate/up matmuls compute
+what the separate projections did, with no second copy of the weights; the Triton GEMV equals `F.linear`; LoRA
+adapters added after packing still apply. The GEMV kernel runs in Triton's CPU interpreter here (compiled on CUDA:
+the `gpu` test)."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # Triton's CPU interpreter must be chosen before triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lmforge.infer import SamplingParams, generate  # noqa: E402
+from lmforge.infer import gemv  # noqa: E402
+from lmforge.infer.decode_fusion import DecodeLinear, pack_for_decode, unpack_for_decode  # noqa: E402
+from lmforge.infer.engine import EngineConfig  # noqa: E402
+from lmforge.infer.llm import LLM  # noqa: E402
+from lmforge.models import load_hf  # noqa: E402
+from lmforge.testing import make_tiny_checkpoint  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+
+
+def _kernel_runs() -> bool:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return gemv.gemv_available(device) and ("triton" not in sys.modules or device.type == "cuda"
+                                            or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+needs_kernel = pytest.mark.skipif(not _kernel_runs(), reason="needs triton (CUDA, or its CPU interpreter)")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("fusion") / "tiny")
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(rng.randint(2, 20))] for _ in range(n)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,bias", [(37, 96, True), (64, 128, False), (5, 1024, True)])
+def test_gemv_kernel_equals_linear(dtype, N, K, bias):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(N * K)
+    w = torch.randn(N, K, generator=g).to(device, dtype)
+    b = torch.randn(N, generator=g).to(device, dtype) if bias else None
+    for x in (torch.randn(K, generator=g), torch.randn(1, 1, K, generator=g)):  # a vector and a (B=1, T=1) row
+        x = x.to(device, dtype)
+        assert gemv.use_gemv(x, w)
+        got = gemv.linear(x, w, b)
+        want = F.linear(x.float(), w.float(), None if b is None else b.float())
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=2e-2 * K ** 0.5 / 8, rtol=1e-2)
+
+
+def test_gemv_routing_leaves_everything_else_to_linear():
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    assert not gemv.use_gemv(torch.randn(2, 16, dtype=torch.bfloat16), w)  # two rows: a GEMM
+    assert not gemv.use_gemv(torch.randn(1, 16), w)  # dtype mismatch
+    assert not gemv.use_gemv(torch.randn(1, 8, dtype=torch.bfloat16), w.t())  # not contiguous
+    assert not gemv.use_gemv(torch.randn(1, 16), torch.randn(8, 16))  # fp32 weights stay on F.linear
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(gemv.linear(x, w.float()), F.linear(x, w.float()))
+
+
+def test_packing_keeps_logits_state_dict_and_memory(ckpt):
+    model = load_hf(ckpt, progress=False)
+    tokens = torch.tensor([_prompts(1, seed=3)[0]])
+    before = model(tokens)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    storage = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p
+                                                         for p in model.parameters()}.values())
+    done = pack_for_decode(model)
+    n = model.cfg.n_layers
+    assert done["packed_qkv"] == n and done["packed_gate_up"] == n and done["gemv_linears"] >= 2 * n
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    assert type(attn.o_proj) is DecodeLinear and isinstance(attn.o_proj, torch.nn.Linear)
+    assert attn.q_proj.weight.data_ptr() == attn.packed_qkv.weight.data_ptr()  # the originals view the pack
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.packed_qkv.weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.packed_gate_up.weight.untyped_storage().data_ptr()
+    after_storage = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p
+                                                               for p in model.parameters()}.values())
+    assert after_storage == storage  # no second copy of any weight
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=1e-5)
+    unpack_for_decode(model)
+    assert attn.packed_qkv is None and mlp.packed_gate_up is None
+    torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_output_unchanged_and_adapter_added_after_packing_applies(ckpt, tmp_path):
+    from lmforge.peft.lora import LoraConfig, apply_lora, lora_layers
+    from lmforge.peft.peft_format import load_peft_adapter, save_peft_adapter
+
+    m = load_hf(ckpt, progress=False)
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["k_proj", "up_proj"])
+    apply_lora(m, cfg)
+    torch.manual_seed(0)
+    for layer in lora_layers(m).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    adapter = str(save_peft_adapter(m, cfg, tmp_path / "ad"))
+    prompts = _prompts(5)
+    base = load_hf(ckpt, progress=False)
+    want = [r.token_ids for r in generate(base, prompts, GREEDY)]
+    load_peft_adapter(base, adapter)
+    want_lora = [r.token_ids for r in generate(base, prompts, GREEDY)]
+    assert want_lora != want
+
+    served = load_hf(ckpt, progress=False)
+    llm = LLM(served, config=EngineConfig(block_size=4, num_blocks=128, decode_steps=3))
+    assert served.layers[0].attn.packed_qkv is not None  # fast_decode is on by default
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+    llm.engine.add_adapter("ad", adapter)
+    assert served.layers[0].attn.packed_qkv is None and served.layers[0].mlp.packed_gate_up is None
+    out = llm.generate(prompts + prompts, GREEDY, adapter=["ad"] * 5 + [None] * 5)
+    assert [o.token_ids for o in out] == want_lora + want
+
+
+@pytest.mark.parametrize("attention", ["gather", "kernel"])
+def test_compiled_static_decode_matches_generate(ckpt, attention):
+    """engine.compile: the decode step (and its batch construction) under torch.compile, replayed from the static
+    buffers as a CUDA graph would be; the kernel path runs the in-place `lmforge::paged_decode` op."""
+    if attention == "kernel" and not _kernel_runs():
+        pytest.skip("needs triton (CUDA, or its CPU interpreter)")
+    model = load_hf(ckpt, progress=False)
+    prompts = _prompts(4, seed=5)
+    want = [r.token_ids for r in generate(model, prompts, GREEDY)]
+    llm = LLM(model, config=EngineConfig(block_size=4, num_blocks=64, decode_steps=3, compile=True,
+                                         attention=attention))
+    llm.engine.runner.enable_static_decode()
+    assert llm.engine.runner.paged_kernel == (attention == "kernel")
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+    assert llm.engine.runner.graphs

@@ -62,6 +62,38 @@ def test_gemv_kernel_equals_linear(dtype, N, K, bias):
         torch.testing.assert_close(got.float(), want, atol=2e-2 * K ** 0.5 / 8, rtol=1e-2)
 
 
+@needs_kernel
+def test_gemv_silu_mul_equals_swiglu_down_projection():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    K, N = 96, 40
+    gate_up = torch.randn(1, 1, 2 * K, generator=g).to(device, torch.bfloat16)
+    w = torch.randn(N, K, generator=g).to(device, torch.bfloat16)
+    gate, up = gate_up.split(K, -1)
+    want = F.linear((F.silu(gate) * up).float(), w.float())
+    got = gemv.gemv_silu_mul(gate_up, w)
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=2e-2)
+
+
+@needs_kernel
+def test_bf16_decode_step_through_the_kernels_matches_unpacked(ckpt):
+    """A one-token forward of a packed bf16 model (packed q/k/v GEMV, GEMV + SiLU-mul down projection, GEMV LM
+    head) against the same model with plain nn.Linear / F.linear."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_hf(ckpt, progress=False, dtype=torch.bfloat16, device=device)
+    tokens = torch.tensor([[7]], device=device)
+    with torch.inference_mode():
+        want = model(tokens).float()
+        pack_for_decode(model)
+        got = model(tokens).float()
+        unpack_for_decode(model, keep_gemv=False)
+        assert type(model.layers[0].attn.o_proj) is torch.nn.Linear and model.head_linear is F.linear
+        again = model(tokens).float()
+    torch.testing.assert_close(again, want)
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
 def test_gemv_routing_leaves_everything_else_to_linear():
     w = torch.randn(8, 16, dtype=torch.bfloat16)
     assert not gemv.use_gemv(torch.randn(2, 16, dtype=torch.bfloat16), w)  # two rows: a GEMM
@@ -132,7 +164,7 @@ def test_compiled_static_decode_matches_generate(ckpt, attention):
     buffers as a CUDA graph would be; the kernel path runs the in-place `lmforge::paged_decode` op."""
     if attention == "kernel" and not _kernel_runs():
         pytest.skip("needs triton (CUDA, or its CPU interpreter)")
-    model = load_hf(ckpt, progress=False)
+    model = load_hf(ckpt, progress=False, device="cuda" if torch.cuda.is_available() else "cpu")
     prompts = _prompts(4, seed=5)
     want = [r.token_ids for r in generate(model, prompts, GREEDY)]
     llm = LLM(model, config=EngineConfig(block_size=4, num_blocks=64, decode_steps=3, compile=True,

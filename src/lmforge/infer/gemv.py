@@ -35,17 +35,19 @@ def gemv_available(device: torch.device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tuned: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tuned: bool,
+            silu_mul: bool = False) -> torch.Tensor:
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     mod = _kernel()
     args = (x, weight, bias if bias is not None else y, y, N, K, weight.stride(0))
     if tuned:
         grid = lambda meta: (triton_cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        mod.gemv_tuned[grid](*args, HAS_BIAS=bias is not None, EVEN_K=K % 1024 == 0)
+        kernel = mod.gemv_glu_tuned if silu_mul else mod.gemv_tuned
+        kernel[grid](*args, HAS_BIAS=bias is not None, EVEN_K=K % 1024 == 0, SILU_MUL=silu_mul)
     else:  # the interpreter: one fixed config (autotuning would time the interpreter)
         mod.gemv_kernel[(triton_cdiv(N, 4),)](*args, HAS_BIAS=bias is not None, BLOCK_N=4, BLOCK_K=64,
-                                              EVEN_K=K % 64 == 0)
+                                              EVEN_K=K % 64 == 0, SILU_MUL=silu_mul)
     return y
 
 
@@ -60,6 +62,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 @gemv.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("lmforge::gemv_silu_mul", mutates_args=())
+def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The SwiGLU MLP's down projection straight from the packed gate/up output: x (..., 2K) = [gate, up], one row,
+    weight (N, K) → (..., N) = (silu(gate) * up) W^T (+ bias), no intermediate tensor or extra launch."""
+    return _launch(x.contiguous(), weight, bias, tuned=x.device.type == "cuda", silu_mul=True)
+
+
+@gemv_silu_mul.register_fake
 def _(x, weight, bias=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 

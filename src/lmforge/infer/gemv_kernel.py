@@ -5,8 +5,12 @@ import triton.language as tl
 
 @triton.jit
 def gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
-                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """y[n] = sum_k W[n, k] x[k] (+ bias[n]) for BLOCK_N rows of W per program, fp32 accumulation."""
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                SILU_MUL: tl.constexpr = False):
+    """y[n] = sum_k W[n, k] x[k] (+ bias[n]) for BLOCK_N rows of W per program, fp32 accumulation.
+
+    SILU_MUL: X holds 2K values [gate, up] and x = silu(gate) * up, rounded to X's dtype as the unfused op would
+    (the SwiGLU MLP's down projection reads the gate/up matmul's output directly)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -18,10 +22,17 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
         if EVEN_K:
             w = tl.load(w_ptr, mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr)
+            if SILU_MUL:
+                up = tl.load(x_ptr + K).to(tl.float32)
         else:
             k_ok = (k + cols) < K
             w = tl.load(w_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr, mask=k_ok, other=0.0)
+            if SILU_MUL:
+                up = tl.load(x_ptr + K, mask=k_ok, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            gate = x.to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate)) * up).to(x.dtype)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptr += BLOCK_K
         x_ptr += BLOCK_K
@@ -35,3 +46,4 @@ CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s
            for n in (2, 4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for s in (1, 3)
            if n * k <= 8192]
 gemv_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "EVEN_K"])(gemv_kernel)
+gemv_glu_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "EVEN_K"])(gemv_kernel)  # tuned apart: SILU_MUL

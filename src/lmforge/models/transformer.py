@@ -131,8 +131,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_gate_up is not None:
-            gate, up = self.packed_gate_up(x)
-            return self.down_proj(self.act(gate) * up)
+            return self.packed_gate_up.mlp(x, self.act, self.down_proj)
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
         return self.down_proj(h)
 

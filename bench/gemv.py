@@ -46,6 +46,12 @@ def time_graph(fn, calls: int = 100, repeats: int = 5) -> float:
     return best
 
 
+def cycling(fn, weights: list[torch.Tensor]):
+    """A no-argument call of fn(w) that takes the next weight each time (captured into the graph in turn)."""
+    turn = iter(range(10**9))
+    return lambda: fn(weights[next(turn) % len(weights)])
+
+
 def copy_bandwidth() -> float:
     x = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
     y = torch.empty_like(x)
@@ -65,9 +71,8 @@ def main() -> None:
         x = torch.randn(1, 1, K, device="cuda", dtype=torch.bfloat16)
         w = ws[0]
         err = (gemv.gemv(x, w, None).float() - F.linear(x.float(), w.float())).abs().max().item()
-        turn = iter(range(10**9))
-        t_blas = time_graph(lambda: F.linear(x, ws[next(turn) % copies]))
-        t_gemv = time_graph(lambda: gemv.gemv(x, ws[next(turn) % copies], None))
+        t_blas = time_graph(cycling(lambda w: F.linear(x, w), ws))
+        t_gemv = time_graph(cycling(lambda w: gemv.gemv(x, w, None), ws))
         nbytes = N * K * 2
         row = {"shape": name, "out": N, "in": K, "cublas_us": round(t_blas * 1e6, 2), "gemv_us": round(t_gemv * 1e6, 2),
                "cublas_gbs": round(nbytes / t_blas / 1e9, 1), "gemv_gbs": round(nbytes / t_gemv / 1e9, 1),

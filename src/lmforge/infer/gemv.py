@@ -12,7 +12,6 @@ CPU tests run the kernel under TRITON_INTERPRET=1 against `F.linear`.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,9 @@ def _kernel():
 
 
 def gemv_available(device: torch.device) -> bool:
-    return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    from .paged_attention import interpreter_active
+
+    return HAS_TRITON and (device.type == "cuda" or interpreter_active())
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tuned: bool,

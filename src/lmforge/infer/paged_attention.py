@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import sys
 
 import torch
 
@@ -25,7 +26,19 @@ CHUNK = 64  # context tokens per inner-loop iteration
 
 
 def kernel_available(device: torch.device) -> bool:
-    return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return HAS_TRITON and (device.type == "cuda" or interpreter_active())
+
+
+def interpreter_active() -> bool:
+    """TRITON_INTERPRET=1 and triton really in interpreter mode: triton decides per function when it is decorated,
+    so a triton imported before the variable was set runs its own library (tl.zeros, ...) compiled, and an
+    interpreted kernel calling it fails ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    lang = sys.modules.get("triton.language")
+    if lang is None:
+        return True  # triton gets imported later, under the interpreter
+    return type(getattr(lang, "zeros", None)).__name__ == "InterpretedFunction"
 
 
 _KERNEL = None
@@ -82,7 +95,7 @@ def paged_decode_attention(
         1.0 / math.sqrt(D), q2.stride(0), q2.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
         per_split, window or 0,
         G=G, GP=max(16, kernel.next_power_of_2(G)), D=D, DP=max(16, kernel.next_power_of_2(D)),
-        BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q.dtype == torch.float32,
+        BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q2.dtype == torch.float32,
     )
     if splits > 1:
         kernel.combine_kernel[(B * Hkv, G)](acc, stats, out, SPLITS=splits, SP=kernel.next_power_of_2(splits), D=D,

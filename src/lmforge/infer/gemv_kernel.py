@@ -1,4 +1,6 @@
 """The Triton kernel behind `lmforge.infer.gemv` (see there); imported on first use, like the paged-attention one."""
+import inspect
+
 import triton
 import triton.language as tl
 
@@ -45,5 +47,7 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
            for n in (2, 4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for s in (1, 3)
            if n * k <= 8192]
-gemv_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "EVEN_K"])(gemv_kernel)
-gemv_glu_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "EVEN_K"])(gemv_kernel)  # tuned apart: SILU_MUL
+# tuning takes ~1 s per weight shape; where triton can, it keeps the winners on disk for the next start
+_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+gemv_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "EVEN_K"], **_CACHE)(gemv_kernel)
+gemv_glu_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "EVEN_K"], **_CACHE)(gemv_kernel)  # SILU_MUL apart

@@ -43,7 +43,8 @@ class ModelRunner:
         self.batch_fn = None
         if compile:  # the static-shape decode step only: prefill shapes vary too much to compile each
             self.decode_fn = torch.compile(self._model_forward, dynamic=False)
-            self.batch_fn = torch.compile(self._decode_batch_tensors, dynamic=False)
+            if self.paged_kernel:  # (the gathered view's index math hit an inductor bug in torch 2.11: stays eager)
+                self.batch_fn = torch.compile(self._decode_batch_tensors, dynamic=False)
             _raise_recompile_limit()
         self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
         self.graphs: dict[tuple, _CapturedGraph | _EagerReplay] = {}

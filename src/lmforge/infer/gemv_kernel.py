@@ -44,9 +44,11 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
 
 
+# the winners of a 44-config sweep (BLOCK_N 2-16, BLOCK_K 256-1024, 4/8 warps, 1/3 stages) over the Llama 1B and 8B
+# projections on an H100 (bench/gemv.py, 2026-11-24): a short list keeps first-start tuning to seconds
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-           for n in (2, 4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for s in (1, 3)
-           if n * k <= 8192]
+           for n, k, w, s in ((2, 1024, 4, 1), (2, 1024, 8, 1), (2, 1024, 8, 3), (2, 512, 4, 1), (4, 512, 4, 1),
+                              (4, 512, 4, 3), (8, 512, 4, 1), (8, 512, 8, 1))]
 # tuning takes ~1 s per weight shape; where triton can, it keeps the winners on disk for the next start
 _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 gemv_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "EVEN_K"], **_CACHE)(gemv_kernel)

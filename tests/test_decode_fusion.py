@@ -102,7 +102,7 @@ def test_gemv_routing_leaves_everything_else_to_linear():
     torch.testing.assert_close(gemv.linear(x, w.float()), F.linear(x, w.float()))
 
 
-def test_packing_keeps_logits_state_dict_and_memory(ckpt):
+def test_packing_keeps_logits_state_dict_and_memory(ckpt, tmp_path):
     model = load_hf(ckpt, progress=False)
     tokens = torch.tensor([_prompts(1, seed=3)[0]])
     before = model(tokens)
@@ -123,6 +123,10 @@ def test_packing_keeps_logits_state_dict_and_memory(ckpt):
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=1e-5)
+    from lmforge.models.hf import save_hf
+
+    save_hf(model, tmp_path / "saved")  # the sliced parameters save as ordinary tensors
+    torch.testing.assert_close(load_hf(tmp_path / "saved", progress=False)(tokens), before, atol=1e-5, rtol=1e-5)
     unpack_for_decode(model)
     assert attn.packed_qkv is None and mlp.packed_gate_up is None
     torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=1e-5)

@@ -175,3 +175,33 @@ def test_compiled_static_decode_matches_generate(ckpt, attention):
     assert llm.engine.runner.paged_kernel == (attention == "kernel")
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
     assert llm.engine.runner.graphs
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_rotates_q_and_k_like_apply_rope(dtype):
+    """`lmforge::paged_decode` with cos/sin (RoPE fused into the K/V write and the query load) = rotating q/k with
+    `apply_rope` first: same output, same keys written to the pool."""
+    from lmforge.infer.paged_attention import paged_decode
+    from lmforge.models.positions import apply_rope, rope_cos_sin
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, D, bs, L = 3, 8, 2, 32, 4, 2
+    lens = torch.tensor([5, 1, 11])  # keys per row, the new one included
+    tables = torch.tensor([[1, 2, 3], [4, 0, 0], [5, 6, 7]])
+    slots = torch.tensor([tables[i, (n - 1) // bs] * bs + (n - 1) % bs for i, n in enumerate(lens.tolist())])
+    pools = [torch.randn(L, 8 * bs, Hkv, D, generator=g).to(device, dtype) for _ in range(2)]
+    q = torch.randn(B, H, 1, D, generator=g).to(device, dtype)
+    k, v = (torch.randn(B, Hkv, 1, D, generator=g).to(device, dtype) for _ in range(2))
+    positions = (lens - 1)[:, None].to(device)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+    cos, sin = rope_cos_sin(positions, inv_freq, dtype)  # (B, 1, 1, D/2)
+    args = (tables.to(device), lens.to(device), bs, 12, 0)
+    want_pools = [p.clone() for p in pools]
+    want = paged_decode(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, *want_pools, 1, slots.to(device), *args)
+    got = paged_decode(q, k, v, *pools, 1, slots.to(device), *args, cos.reshape(B, -1), sin.reshape(B, -1))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(pools[0], want_pools[0], **tol)  # rotated keys written
+    torch.testing.assert_close(pools[1], want_pools[1])  # values untouched by RoPE
+    torch.testing.assert_close(got, want, **tol)

@@ -74,7 +74,7 @@ class SlotAudit:
                 self.forward += 1
             return out
 
-        def audited_attend(layer, q, k, v, mask):  # the kernel path writes the new K/V itself (no update call)
+        def audited_attend(layer, q, k, v, mask, rope=None):  # the kernel path writes K/V itself (no update)
             batch = self.cache.batch
             kernel = batch.seq_lens is not None and not self._capturing()
             if layer == 0 and batch.seq_lens is not None and self._capturing():
@@ -83,7 +83,7 @@ class SlotAudit:
             if layer == 0 and kernel:
                 self._check_writes()
                 self._check_tables()
-            out = attend(layer, q, k, v, mask)
+            out = attend(layer, q, k, v, mask, rope)
             if layer == 0 and kernel:
                 self.forward += 1
             return out

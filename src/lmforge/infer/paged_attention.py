@@ -73,6 +73,8 @@ def paged_decode_attention(
     max_context: int,  # an upper bound of seq_lens (static per CUDA graph): sizes the splits
     window: int | None = None,
     splits: int | None = None,
+    cos: torch.Tensor | None = None,  # (B, D/2): rotate q (RoPE, half layout) as it is loaded
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over each row's first seq_lens keys (and within `window`): (B, H, 1, D)."""
     B, H, T, D = q.shape
@@ -90,12 +92,13 @@ def paged_decode_attention(
         acc = torch.empty(B, Hkv, splits, G, D, dtype=torch.float32, device=q.device)
         stats = torch.empty(B, Hkv, splits, G, 2, dtype=torch.float32, device=q.device)
     kernel = _KERNEL or load_kernel()
+    rope = cos is not None
     kernel.paged_decode_kernel[(B, Hkv, splits)](
-        q2, k_pool, v_pool, block_tables, seq_lens, out, acc, stats,
+        q2, k_pool, v_pool, block_tables, seq_lens, out, acc, stats, cos if rope else q2, sin if rope else q2,
         1.0 / math.sqrt(D), q2.stride(0), q2.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
         per_split, window or 0,
         G=G, GP=max(16, kernel.next_power_of_2(G)), D=D, DP=max(16, kernel.next_power_of_2(D)),
-        BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q2.dtype == torch.float32,
+        BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q2.dtype == torch.float32, ROPE=rope,
     )
     if splits > 1:
         kernel.combine_kernel[(B * Hkv, G)](acc, stats, out, SPLITS=splits, SP=kernel.next_power_of_2(splits), D=D,
@@ -103,32 +106,38 @@ def paged_decode_attention(
     return out[:, :, None]
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-             slots: torch.Tensor) -> None:
-    """k/v (B, Hkv, 1, D) → k_pool/v_pool (slots, Hkv, D) at `slots` (B,), one launch for both."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+             cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> None:
+    """k/v (B, Hkv, 1, D) → k_pool/v_pool (slots, Hkv, D) at `slots` (B,), one launch for both; with cos/sin
+    (B, D/2) k is rotated (RoPE, half layout) on the way."""
     B, Hkv, _, D = k.shape
     kernel = _KERNEL or load_kernel()
     k3, v3 = k[:, :, 0], v[:, :, 0]  # (B, Hkv, D) views
     if k3.stride(-1) != 1 or v3.stride() != k3.stride():
         k3, v3 = k3.contiguous(), v3.contiguous()
-    kernel.kv_write_kernel[(B, Hkv)](k3, v3, k_pool, v_pool, slots, k3.stride(0), k3.stride(1), k_pool.stride(0),
-                                     k_pool.stride(1), D=D, DP=kernel.next_power_of_2(D))
+    rope = cos is not None
+    kernel.kv_write_kernel[(B, Hkv)](k3, v3, k_pool, v_pool, slots, cos if rope else k3, sin if rope else k3,
+                                     k3.stride(0), k3.stride(1), k_pool.stride(0), k_pool.stride(1), D=D,
+                                     DP=kernel.next_power_of_2(D), ROPE=rope)
 
 
 @torch.library.custom_op("lmforge::paged_decode", mutates_args=("k_pools", "v_pools"))
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pools: torch.Tensor, v_pools: torch.Tensor,
                  layer: int, slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 block_size: int, max_context: int, window: int) -> torch.Tensor:
+                 block_size: int, max_context: int, window: int, cos: torch.Tensor | None = None,
+                 sin: torch.Tensor | None = None) -> torch.Tensor:
     """One layer's decode attention over the paged cache, new K/V written first: q (B, H, 1, D), k/v (B, Hkv, 1, D),
-    pools (L, slots, Hkv, D) of every layer → (B, H, 1, D).
+    pools (L, slots, Hkv, D) of every layer → (B, H, 1, D). With cos/sin (B, D/2), q and k come un-rotated and the
+    kernels apply RoPE as they load them (two launches less per layer than a separate rotation).
 
     A custom op that mutates the pools in place, so torch.compile calls it as is: traced as plain ops, the scatter
     into a slice of the (L, slots, ...) buffers made inductor clone and copy back whole pools every step."""
-    write_kv(k, v, k_pools[layer], v_pools[layer], slots)
+    write_kv(k, v, k_pools[layer], v_pools[layer], slots, cos, sin)
     return paged_decode_attention(q, k_pools[layer], v_pools[layer], block_tables, seq_lens, block_size,
-                                  max_context, window or None)
+                                  max_context, window or None, cos=cos, sin=sin)
 
 
 @paged_decode.register_fake
-def _(q, k, v, k_pools, v_pools, layer, slots, block_tables, seq_lens, block_size, max_context, window):
+def _(q, k, v, k_pools, v_pools, layer, slots, block_tables, seq_lens, block_size, max_context, window, cos=None,
+      sin=None):
     return torch.empty_like(q)

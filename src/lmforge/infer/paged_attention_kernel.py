@@ -8,10 +8,10 @@ next_power_of_2 = triton.next_power_of_2
 
 @triton.jit
 def paged_decode_kernel(
-    Q, K, V, Tables, Lens, Out, Acc, Stats,
+    Q, K, V, Tables, Lens, Out, Acc, Stats, Cos, Sin,
     scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, tokens_per_split, window,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    CHUNK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    CHUNK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -24,7 +24,11 @@ def paged_decode_kernel(
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     head_ok = (g < G)[:, None] & (d < D)[None, :]
-    q = tl.load(Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :], mask=head_ok, other=0.0)
+    q_rows = Q + b * stride_qb + (h * G + g)[:, None] * stride_qh
+    q = tl.load(q_rows + d[None, :], mask=head_ok, other=0.0)
+    if ROPE:  # rotate the query as it is loaded (half layout: pairs (i, i + D/2)), fp32, one rounding
+        q = _rotate(q, tl.load(q_rows + ((d + D // 2) % D)[None, :], mask=head_ok, other=0.0), Cos, Sin, b, d,
+                    D).to(q.dtype)
     m = tl.full([GP], float("-inf"), tl.float32)
     denom = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
@@ -65,18 +69,33 @@ def paged_decode_kernel(
 
 
 @triton.jit
-def kv_write_kernel(K, V, KPool, VPool, Slots, stride_kb, stride_kh, stride_ps, stride_ph,
-                    D: tl.constexpr, DP: tl.constexpr):
-    """Pool[slot of row b, head h] = new k/v (b, h): one program per (row, kv head), K and V in one launch."""
+def _rotate(x, partner, Cos, Sin, b, d, D: tl.constexpr):
+    """RoPE, half layout: x[d] cos - x[d + D/2] sin (first half), x[d] cos + x[d - D/2] sin (second half); cos/sin
+    (B, D/2) rows; fp32 result."""
+    half = d % (D // 2)
+    cos = tl.load(Cos + b * (D // 2) + half, mask=d < D, other=0.0).to(tl.float32)
+    sin = tl.load(Sin + b * (D // 2) + half, mask=d < D, other=0.0).to(tl.float32)
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    return x.to(tl.float32) * cos + sign * partner.to(tl.float32) * sin
+
+
+@triton.jit
+def kv_write_kernel(K, V, KPool, VPool, Slots, Cos, Sin, stride_kb, stride_kh, stride_ps, stride_ph,
+                    D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr = False):
+    """Pool[slot of row b, head h] = new k/v (b, h): one program per (row, kv head), K and V in one launch; with
+    ROPE the key is rotated on the way."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, DP)
     ok = d < D
     slot = tl.load(Slots + b).to(tl.int64)
-    src = b * stride_kb + h * stride_kh + d
+    src = b * stride_kb + h * stride_kh
     dst = slot * stride_ps + h * stride_ph + d
-    tl.store(KPool + dst, tl.load(K + src, mask=ok), mask=ok)
-    tl.store(VPool + dst, tl.load(V + src, mask=ok), mask=ok)
+    k = tl.load(K + src + d, mask=ok)
+    if ROPE:
+        k = _rotate(k, tl.load(K + src + (d + D // 2) % D, mask=ok), Cos, Sin, b, d, D).to(k.dtype)
+    tl.store(KPool + dst, k, mask=ok)
+    tl.store(VPool + dst, tl.load(V + src + d, mask=ok), mask=ok)
 
 
 @triton.jit

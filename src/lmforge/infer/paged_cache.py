@@ -227,6 +227,13 @@ class PagedKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.batch: PagedBatch | None = None
+        # the decode kernels can apply RoPE themselves: half layout (Llama/NeoX) over the whole head
+        self.kernel_rope = cfg.pos == "rope" and not cfg.rope_interleaved and cfg.rotary_dim == cfg.dim_per_head
+
+    @property
+    def rotates(self) -> bool:
+        """Does `attend` take un-rotated q/k (and the cos/sin) for this batch? Kernel decode batches only."""
+        return self.kernel_rope and self.batch is not None and self.batch.seq_lens is not None
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -250,16 +257,19 @@ class PagedKVCache(nn.Module):
         v_all = v_pool.index_select(0, index).view(B, S, H, D).transpose(1, 2)
         return k_all, v_all
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The model hook (see `model_calls_cache_attend`): write k/v, attend q (B, H, T, D) → (B, H, T, D).
-        Decode batches built by `paged_decode_batch` go through the Triton kernel; the rest gather + SDPA."""
+        Decode batches built by `paged_decode_batch` go through the Triton kernels; the rest gather + SDPA.
+        `rope` = (cos, sin) (B, 1, 1, D/2) when `rotates`: q/k come un-rotated and the kernels rotate them."""
         batch = self.batch
         if batch.seq_lens is None:
             return sdpa_attend(q, *self.update(layer, None, k, v), mask)
         from .paged_attention import paged_decode
 
+        cos, sin = (None, None) if rope is None else (t.reshape(len(t), -1) for t in rope)
         return paged_decode(q, k, v, self.k, self.v, layer, batch.write_slots, batch.block_tables, batch.seq_lens,
-                            self.block_size, batch.max_context, self.windows[layer] or 0)
+                            self.block_size, batch.max_context, self.windows[layer] or 0, cos, sin)
 
 
 class _HookProbe:
@@ -274,14 +284,14 @@ class _HookProbe:
     def update(self, layer, slots, k, v):
         return k, v
 
-    def attend(self, layer, q, k, v, mask):
+    def attend(self, layer, q, k, v, mask, rope=None):
         self.called = True
         return sdpa_attend(q, k, v, mask)
 
 
 @torch.inference_mode()
 def model_calls_cache_attend(model) -> bool:
-    """Whether `model`'s attention calls `cache.attend(layer, q, k, v, mask)` when the cache has one: the hook that
+    """Whether `model`'s attention calls `cache.attend(layer, q, k, v, mask, rope)` when the cache has one: the hook that
     lets the paged kernel replace update + SDPA. One 1-token forward."""
     probe = _HookProbe()
     device = model.embed.weight.device

@@ -98,11 +98,12 @@ class Attention(nn.Module):
         q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, -1, hd).transpose(1, 2)
-        if rope is not None:
+        rotated_by_cache = rope is not None and getattr(cache, "rotates", False)  # RoPE fused into its kernels
+        if rope is not None and not rotated_by_cache:
             q = apply_rope(q, *rope, interleaved=self.cfg.rope_interleaved)
             k = apply_rope(k, *rope, interleaved=self.cfg.rope_interleaved)
         if cache is not None and hasattr(cache, "attend"):  # a paged cache attends itself (Triton decode kernel)
-            y = cache.attend(self.layer, q, k, v, mask)  # (B, H, T, hd)
+            y = cache.attend(self.layer, q, k, v, mask, rope if rotated_by_cache else None)  # (B, H, T, hd)
         else:
             if cache is not None:
                 k, v = cache.update(self.layer, slots, k, v)  # (B, Hkv, S, hd)

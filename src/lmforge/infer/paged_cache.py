@@ -291,8 +291,8 @@ class _HookProbe:
 
 @torch.inference_mode()
 def model_calls_cache_attend(model) -> bool:
-    """Whether `model`'s attention calls `cache.attend(layer, q, k, v, mask, rope)` when the cache has one: the hook that
-    lets the paged kernel replace update + SDPA. One 1-token forward."""
+    """Whether `model`'s attention calls `cache.attend(layer, q, k, v, mask, rope)` when the cache has one: the hook
+    that lets the paged kernel replace update + SDPA. One 1-token forward."""
     probe = _HookProbe()
     device = model.embed.weight.device
     zero = torch.zeros(1, 1, dtype=torch.long, device=device)

@@ -1,8 +1,16 @@
 """Shared fixtures: tiny random Hugging Face models written by `transformers` itself (the reference)."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels (paged decode attention, GEMV) run in Triton's CPU interpreter, which triton
+# chooses when it is first imported: set it before any test module (or a library it imports) loads triton.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lmforge.testing import TINY_HF_CONFIGS, make_tiny_hf_model
 

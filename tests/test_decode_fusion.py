@@ -33,6 +33,12 @@ def _kernel_runs() -> bool:
 needs_kernel = pytest.mark.skipif(not _kernel_runs(), reason="needs triton (CUDA, or its CPU interpreter)")
 
 
+@pytest.fixture(autouse=True)
+def gemv_on_cpu(monkeypatch):
+    """Off CUDA the engine never routes matmuls to the interpreter; these tests ask for it."""
+    monkeypatch.setattr(gemv, "cpu_interpreter", True)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("fusion") / "tiny")

@@ -66,7 +66,7 @@ class EngineConfig(Section):
     """Most LoRA adapters loaded at once."""
     attention: Literal["auto", "kernel", "gather"] = "auto"
     """Decode attention: the Triton paged kernel (reads K/V through the block tables), a gathered dense view +
-    SDPA, or auto (the kernel where it runs: CUDA + triton, no ALiBi, a model that calls cache.attend)."""
+    SDPA, or auto (the kernel on CUDA with triton, no ALiBi and a model that calls cache.attend; else gather)."""
 
 
 class ContextLengthError(LmforgeError):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 _KERNEL = None
 enabled = True  # a switch for benchmarks (cuBLAS vs this kernel in the same process)
+cpu_interpreter = False  # also route CPU rows through Triton's interpreter (tests; slow)
 
 
 def _kernel():
@@ -83,7 +84,7 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """One input row, a half-precision contiguous weight of the same dtype, where the kernel runs."""
     return (enabled and x.numel() == x.shape[-1] and weight.dtype in (torch.bfloat16, torch.float16)
             and x.dtype == weight.dtype and weight.is_contiguous() and x.device == weight.device
-            and gemv_available(x.device))
+            and (x.is_cuda or cpu_interpreter) and gemv_available(x.device))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,16 +4,12 @@ adapters added after packing still apply. The GEMV kernel runs in Triton's CPU i
 the `gpu` test)."""
 from __future__ import annotations
 
-import os
 import random
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:  # the interpreter: before triton's import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lmforge.infer import SamplingParams, generate  # noqa: E402
 from lmforge.infer import gemv  # noqa: E402

@@ -6,29 +6,26 @@ compiled (the `gpu` test)."""
 from __future__ import annotations
 
 import math
-import os
 import random
-import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # Triton's CPU interpreter; it must be chosen before triton is first imported
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
 from lmforge.infer import SamplingParams, generate  # noqa: E402
 from lmforge.infer.engine import EngineConfig  # noqa: E402
 from lmforge.infer.llm import LLM  # noqa: E402
-from lmforge.infer.paged_attention import paged_decode_attention  # noqa: E402
+from lmforge.infer.paged_attention import kernel_available, paged_decode_attention  # noqa: E402
 from lmforge.infer.paged_cache import model_calls_cache_attend  # noqa: E402
 from lmforge.models import load_hf  # noqa: E402
 from lmforge.models import transformer as transformer_module  # noqa: E402
 from lmforge.models.positions import apply_rope  # noqa: E402
 from lmforge.testing import make_tiny_checkpoint  # noqa: E402
 
+
+if not kernel_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):  # interpreter: conftest.py
+    pytest.skip("needs CUDA, or Triton's CPU interpreter chosen before triton was imported", allow_module_level=True)
 
 @pytest.fixture
 def device():

@@ -8,15 +8,11 @@ Also: decode graphs captured outside inference mode must not keep an autograd gr
 view) alive, and they share one output buffer, so capture memory does not grow with the number of graphs."""
 from __future__ import annotations
 
-import os
 import random
-import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:  # the kernel runs in Triton's CPU interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lmforge.infer import SamplingParams, generate
 from lmforge.infer.engine import EngineConfig

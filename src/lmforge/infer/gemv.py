@@ -11,12 +11,11 @@ CPU tests run the kernel under TRITON_INTERPRET=1 against `F.linear`.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from .paged_attention import kernel_available
+
 _KERNEL = None
 enabled = True  # a switch for benchmarks (cuBLAS vs this kernel in the same process)
 cpu_interpreter = False  # also route CPU rows through Triton's interpreter (tests; slow)
@@ -31,36 +30,28 @@ def _kernel():
     return _KERNEL
 
 
-def gemv_available(device: torch.device) -> bool:
-    from .paged_attention import interpreter_active
-
-    return HAS_TRITON and (device.type == "cuda" or interpreter_active())
+gemv_available = kernel_available  # the same conditions as the paged-attention kernel: CUDA, or the interpreter
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tuned: bool,
-            silu_mul: bool = False) -> torch.Tensor:
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False) -> torch.Tensor:
     N, K = weight.shape
+    x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     mod = _kernel()
     args = (x, weight, bias if bias is not None else y, y, N, K, weight.stride(0))
-    if tuned:
-        grid = lambda meta: (triton_cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        kernel = mod.gemv_glu_tuned if silu_mul else mod.gemv_tuned
-        kernel[grid](*args, HAS_BIAS=bias is not None, EVEN_K=K % 1024 == 0, SILU_MUL=silu_mul)
+    if x.is_cuda:
+        grid = lambda meta: (-(-N // meta["BLOCK_N"]),)  # noqa: E731
+        mod.gemv_tuned[grid](*args, HAS_BIAS=bias is not None, EVEN_K=K % 1024 == 0, SILU_MUL=silu_mul)
     else:  # the interpreter: one fixed config (autotuning would time the interpreter)
-        mod.gemv_kernel[(triton_cdiv(N, 4),)](*args, HAS_BIAS=bias is not None, BLOCK_N=4, BLOCK_K=64,
-                                              EVEN_K=K % 64 == 0, SILU_MUL=silu_mul)
+        mod.gemv_kernel[(-(-N // 4),)](*args, HAS_BIAS=bias is not None, BLOCK_N=4, BLOCK_K=64, EVEN_K=K % 64 == 0,
+                                       SILU_MUL=silu_mul)
     return y
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("lmforge::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) with one row in all, weight (N, K) contiguous → (..., N)."""
-    return _launch(x.contiguous(), weight, bias, tuned=x.device.type == "cuda")
+    return _launch(x, weight, bias)
 
 
 @gemv.register_fake
@@ -72,7 +63,7 @@ def _(x, weight, bias=None):
 def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The SwiGLU MLP's down projection straight from the packed gate/up output: x (..., 2K) = [gate, up], one row,
     weight (N, K) → (..., N) = (silu(gate) * up) W^T (+ bias), no intermediate tensor or extra launch."""
-    return _launch(x.contiguous(), weight, bias, tuned=x.device.type == "cuda", silu_mul=True)
+    return _launch(x, weight, bias, silu_mul=True)
 
 
 @gemv_silu_mul.register_fake

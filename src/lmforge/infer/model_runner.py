@@ -94,15 +94,15 @@ class ModelRunner:
     def _decode_batch(self, tables, starts, lengths, C: int) -> PagedBatch:
         """One token per row over C context slots: the kernel's batch (no view) or the gathered view's."""
         if self.batch_fn is not None:  # compiled: one or two fused kernels instead of ~25 tiny ones per step
-            values = self.batch_fn(tables, starts, lengths, C)
-            return PagedBatch(**dict(zip(_BATCH_TENSORS, values)), max_context=C + 1 if self.paged_kernel else 0)
+            values = self.batch_fn(tables, starts, lengths, C + 1)
+            return PagedBatch(**dict(zip(_BATCH_TENSORS, values)), max_context=C + 1)
         if self.paged_kernel:
             return paged_decode_batch(tables, starts, lengths, self.block_size, C + 1)
         return paged_batch(tables, starts, lengths, 1, C, self.block_size)
 
-    def _decode_batch_tensors(self, tables, starts, lengths, C: int) -> tuple:
-        batch = (paged_decode_batch(tables, starts, lengths, self.block_size, C + 1) if self.paged_kernel
-                 else paged_batch(tables, starts, lengths, 1, C, self.block_size))
+    def _decode_batch_tensors(self, tables, starts, lengths, max_context: int) -> tuple:
+        """The kernel path's decode batch as a tuple of tensors (what the compiled function returns)."""
+        batch = paged_decode_batch(tables, starts, lengths, self.block_size, max_context)
         return tuple(getattr(batch, name) for name in _BATCH_TENSORS)
 
     def _model_forward(self, tokens: torch.Tensor, positions: torch.Tensor, query_slots: torch.Tensor):

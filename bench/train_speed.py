@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -53,6 +54,8 @@ LMFORGE = {
     "lmforge-optbwd": dict(compile=True, optimizer="adamw_backward"),
     "lmforge-optbwd-ckpt8": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=8),
     "lmforge-optbwd-ckpt14": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=14),
+    "lmforge-optbwd-ckpt12": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=12),
+    "lmforge-optbwd-ckpt10": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=10),
     "lmforge-optbwd-nockpt": dict(compile=True, optimizer="adamw_backward", checkpointing=False),
 }
 DEFAULT_VARIANTS = {
@@ -208,17 +211,21 @@ def worker(args) -> dict:
     warmup_s = time.perf_counter() - t_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # steady state: optimizer states exist, compile caches warm
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
+    times = []
+    for _ in range(args.steps):  # each step ends in a host sync anyway (the loss value), so timing each costs nothing
+        t0 = time.perf_counter()
         step()
-    sync()
-    seconds = (time.perf_counter() - t0) / args.steps
+        sync()
+        times.append(time.perf_counter() - t0)
+    seconds = sum(times) / len(times)
     tokens = conf["batch"] * conf["seq"]
     model_f, hw_f = flops_per_token(cfg, conf["method"], conf["seq"], recompute)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     tok_s = tokens / seconds
     out.update(tokens_per_s=round(tok_s), step_s=round(seconds, 4), peak_mem_gib=round(peak_gib(), 2),
+               tokens_per_s_median=round(tokens / statistics.median(times)),
+               step_s_min_max=[round(min(times), 4), round(max(times), 4)],
                mfu=round(model_f * tok_s / (peak * 1e12), 4) if peak else None,
                hfu=round(hw_f * tok_s / (peak * 1e12), 4) if peak else None,
                recomputed_fraction=recompute, warmup_s=round(warmup_s, 1), last_loss=round(losses[-1], 4),
@@ -298,7 +305,7 @@ def main():
     ap.add_argument("--configs", default="lora-1b,full-1b,lora-8b")
     ap.add_argument("--variants", default=None, help="comma list for every config (default: per-config set)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--loss-steps", type=int, default=0, help="also compare loss curves over N steps of real text")
     ap.add_argument("--loss-variants", default="hf,hf-liger,lmforge")
     ap.add_argument("--text", default=None, help="real text for the loss curves (default: shared tinyshakespeare)")

@@ -56,6 +56,24 @@ def test_fused_cross_entropy_in_bf16_autocast_is_close_and_keeps_fp32_grads():
     assert F.cosine_similarity(weight.grad.flatten(), gw.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_cross_entropy_trained_head_in_bf16_accumulates_in_fp32():
+    """CUDA bf16: the head gradient accumulates chunk by chunk in fp32 (GEMM epilogue), as close to the fp32
+    reference as one bf16 product of the whole batch would be."""
+    torch.manual_seed(0)
+    hidden = torch.randn(700, 64, device="cuda", requires_grad=True)
+    weight = (0.2 * torch.randn(3000, 64, device="cuda")).requires_grad_()
+    targets = torch.randint(0, 3000, (700,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = linear_cross_entropy_sum(hidden, weight, targets, chunk_rows=100)
+    out.backward()
+    ref = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    gw = torch.autograd.grad(ref, weight)[0]
+    assert weight.grad.dtype == torch.float32
+    err = (weight.grad - gw).norm() / gw.norm()
+    assert err < 2e-2, err
+
+
 def test_fused_cross_entropy_frozen_head_and_no_grad():
     hidden = torch.randn(10, 8, requires_grad=True)
     weight = torch.randn(30, 8)  # frozen head (LoRA): only the hidden gradient is computed
@@ -74,6 +92,7 @@ def test_fused_cross_entropy_frozen_head_and_no_grad():
 
 def test_fused_chunk_rows_bounds_logit_memory():
     assert fused_chunk_rows(128256, 8192) == 523  # ~256 MiB of fp32 logits at a Llama-3 vocabulary
+    assert fused_chunk_rows(128256, 8192, head_trains=True) == 1046  # longer chunks amortize the fp32 grad update
     assert fused_chunk_rows(32000, 100) == 100  # never more rows than there are
     assert fused_chunk_rows(10**7, 5000) == 128  # at least 128 rows
 

@@ -86,6 +86,35 @@ def test_left_padding_does_not_change_real_tokens():
     torch.testing.assert_close(out[:, 3:], model(seq), atol=1e-5, rtol=0)
 
 
+@torch.no_grad()
+def test_right_padded_rows_take_plain_causal_attention(monkeypatch):
+    """Training batches (positions 0..n-1, then -1 padding) need no mask: SDPA's is_causal, same real-token outputs."""
+    from lmforge.models import attention, transformer
+    from lmforge.models.attention import plain_causal
+
+    pos = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, -1, -1]])
+    assert plain_causal(pos)
+    assert not plain_causal(torch.tensor([[-1, 0, 1, 2, 3]]))  # left padding
+    assert not plain_causal(torch.tensor([[0, 1, 2, 0, 1]]))  # restarted positions (packed documents)
+    assert not plain_causal(torch.tensor([[0, 1, -1, 3, 4]]))  # a real token after a pad
+    assert not plain_causal(torch.tensor([[1, 2, 3, 4, 5]]))  # shifted (virtual prefix tokens)
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)).eval()
+    tokens = torch.randint(0, 50, (2, 5))
+    masks = []
+    real_attend = attention.attend
+    monkeypatch.setattr(transformer, "attend", lambda q, k, v, mask: masks.append(mask) or real_attend(q, k, v, mask))
+    out = model(tokens, positions=pos)
+    assert masks and all(m is None for m in masks)  # is_causal, no (B, 1, T, S) mask built
+    monkeypatch.setattr(transformer, "plain_causal", lambda positions: False)  # force the position mask
+    masks.clear()
+    dense = model(tokens, positions=pos)
+    assert masks and all(isinstance(m, torch.Tensor) for m in masks)
+    torch.testing.assert_close(out[0], dense[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1, :3], dense[1, :3], atol=1e-5, rtol=0)  # padding outputs are nobody's
+
+
 def test_sliding_window_limits_what_a_token_sees():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, d_ff=64, sliding_window=2)

@@ -38,6 +38,21 @@ def allowed_keys(
     return (allowed | own_slot)[:, None]
 
 
+def plain_causal(positions: torch.Tensor) -> bool:
+    """Do these rows need nothing but causality? True when every row's positions are 0, 1, 2, ... with padding (-1)
+    only after its last real token (right padding, as `collate` builds batches). Then SDPA's `is_causal` gives every
+    real token exactly what `allowed_keys` would (its keys are the real tokens before it), while skipping the masked
+    half of the work and never building or reading a (B, 1, T, S) mask; padding queries get finite values nobody
+    reads. One host sync (False on the meta device, where shapes are traced)."""
+    if positions.device.type == "meta":
+        return False
+    T = positions.shape[-1]
+    real = positions >= 0  # (B, T)
+    in_order = (positions == torch.arange(T, device=positions.device)) | ~real
+    right_padded = real[:, 1:] <= real[:, :-1]  # no real token after a pad
+    return bool(in_order.all() & right_padded.all())
+
+
 def alibi_bias(
     allowed: torch.Tensor,  # (B, 1, T, S) bool
     positions: torch.Tensor,  # (B, T)

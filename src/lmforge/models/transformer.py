@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .attention import alibi_bias, allowed_keys, attend, document_block_mask
+from .attention import alibi_bias, allowed_keys, attend, document_block_mask, plain_causal
 from .config import ModelConfig
 from .kv_cache import KVCache, RollingKVCache
 from .moe import MoE, moe_aux_loss
@@ -242,6 +242,8 @@ class Transformer(nn.Module):
         device = tokens.device
         padded = (positions is not None or attention_mask is not None or document_ids is not None
                   or prefix_lengths is not None)
+        if padded and attention_mask is None and document_ids is None and prefix_lengths is None and cache is None:
+            padded = not plain_causal(positions)  # training batches: right-padded rows need only causality
         if positions is None:
             if attention_mask is not None:  # left/right padding: count real tokens only, pads get -1
                 positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)

@@ -68,32 +68,59 @@ def _reference_tensor(module: nn.Module) -> torch.Tensor:
     raise ConfigError(f"cannot wrap {type(module).__name__} with LoRA: it has no weights")
 
 
-class _FusedLoRA(torch.autograd.Function):
-    """y = x W^T + bias + s * (x A^T) B^T over a frozen (W, bias), with the low-rank term added in the GEMM's epilogue
-    (addmm) instead of separate scale and add passes over the (n, out) output, in forward and in backward.
+@torch.library.custom_op("lmforge::lora_linear", mutates_args=())
+def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, mid): y = x W^T + bias + s * mid B^T with mid = x A^T, the low-rank term added by an in-place addmm on the
+    base GEMM's output (its epilogue), so no pass over the (n, out) output is spent on scale, add or a copy.
 
-    x (n, in), W (out, in), A (r, in), B (out, r), all in one dtype; saves x and the (n, r) projection only.
-    """
+    A custom op, opaque to torch.compile: inductor would turn the out-of-place form into addmm(y, ...) plus a copy
+    of y (a memcpy of every output, 5% of a LoRA 1B step), and torch 2.11 lost the gradients of an autograd.Function
+    it traced. x (n, in), W (out, in), A (r, in), B (out, r), one dtype."""
+    mid = x @ a.T  # (n, r)
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T  # (n, out)
+    return y.addmm_(mid, b.T, alpha=scaling), mid
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scaling: float, need_grad_x: bool):
-        with torch.autocast(x.device.type, enabled=False):  # dtypes were made explicit by the caller
-            mid = x @ a.T  # (n, r)
-            y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T  # (n, out)
-            y.addmm_(mid, b.T, alpha=scaling)
-        ctx.save_for_backward(x, weight, a, b, mid)
-        ctx.scaling, ctx.need_grad_x = scaling, need_grad_x
-        return y
 
-    @staticmethod
-    def backward(ctx, grad_y):  # grad_y (n, out)
-        # plain flags, not ctx.needs_input_grad: compiled autograd does not always carry the latter into backward
-        x, weight, a, b, mid = ctx.saved_tensors
-        grad_mid = (grad_y @ b).mul_(ctx.scaling)  # (n, r)
-        grad_b = (grad_y.T @ mid).mul_(ctx.scaling)  # (out, r)
-        grad_a = grad_mid.T @ x  # (r, in)
-        grad_x = (grad_y @ weight).addmm_(grad_mid, a) if ctx.need_grad_x else None  # (n, in)
-        return grad_x, None, None, grad_a, grad_b, None, None
+@_lora_linear.register_fake
+def _(x, weight, bias, a, b, scaling):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[0])
+
+
+@torch.library.custom_op("lmforge::lora_linear_backward", mutates_args=())
+def _lora_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
+                          b: torch.Tensor, mid: torch.Tensor, scaling: float, need_grad_x: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_A, grad_B) of `_lora_linear`; grad_x is empty when x needs none (the base input gradient's
+    low-rank part is added in place, as in forward)."""
+    grad_mid = (grad_y @ b).mul_(scaling)  # (n, r)
+    grad_b = (grad_y.T @ mid).mul_(scaling)  # (out, r)
+    grad_a = grad_mid.T @ x  # (r, in)
+    grad_x = (grad_y @ weight).addmm_(grad_mid, a) if need_grad_x else x.new_empty(0)  # (n, in)
+    return grad_x, grad_a, grad_b
+
+
+@_lora_linear_backward.register_fake
+def _(grad_y, x, weight, a, b, mid, scaling, need_grad_x):
+    return (x.new_empty(x.shape) if need_grad_x else x.new_empty(0)), a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, weight, _, a, b, scaling = inputs
+    ctx.save_for_backward(x, weight, a, b, output[1])
+    ctx.scaling = scaling
+    ctx.need_grad_x = ctx.needs_input_grad[0]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _lora_linear_grad(ctx, grad_y, _grad_mid):
+    x, weight, a, b, mid = ctx.saved_tensors
+    grad_x, grad_a, grad_b = torch.ops.lmforge.lora_linear_backward(grad_y, x, weight, a, b, mid, ctx.scaling,
+                                                                    ctx.need_grad_x)
+    return (grad_x if ctx.need_grad_x else None), None, None, grad_a, grad_b, None
+
+
+_lora_linear.register_autograd(_lora_linear_grad, setup_context=_lora_linear_setup)
 
 
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -103,8 +130,8 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-    y = _FusedLoRA.apply(x2, weight.to(dtype), None if bias is None else bias.to(dtype), lora_a.to(dtype),
-                         lora_b.to(dtype), float(scaling), x.requires_grad)
+    y, _ = _lora_linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype), lora_a.to(dtype),
+                        lora_b.to(dtype), float(scaling))
     return y.view(*lead, y.shape[-1])
 
 
@@ -143,9 +170,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         base = self.base_layer
-        # the fused function in eager mode; under torch.compile the plain form below, which inductor fuses itself
-        # (torch 2.11's tracing of this autograd.Function lost its gradients)
-        if (type(base) is nn.Linear and not base.weight.requires_grad and not torch.compiler.is_compiling()
+        # the fused op over a frozen plain linear (eager and compiled); any other base takes the plain form below
+        if (type(base) is nn.Linear and not base.weight.requires_grad
                 and (isinstance(self.lora_dropout, nn.Identity) or not self.training)):
             return fused_lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         y = base(x)

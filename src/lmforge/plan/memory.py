@@ -127,7 +127,7 @@ class TrainSetup:
     lora_dropout: float = 0.0
     galore_rank: int = 128
     badam_blocks: int | None = None  # BAdam: number of blocks the layers are split into (default: one per layer)
-    attention: Attention = "auto"  # auto: flex for packed rows, else SDPA with lmforge's boolean mask
+    attention: Attention = "auto"  # auto: flex for packed rows, else causal SDPA (right-padded rows need no mask)
     packing: bool = False
     labeled_fraction: float = 1.0  # share of tokens with a target (SFT prompts cost nothing in the LM head)
     loss_chunk_tokens: int | None = None  # rows per fused loss chunk; None = lmforge.train.loss's default
@@ -304,7 +304,7 @@ def zero_table(cfg: ModelConfig, setup: TrainSetup, gpus: int) -> list[dict]:
 def _attention_kind(setup: TrainSetup) -> str:
     if setup.attention != "auto":
         return setup.attention
-    return "flex" if setup.packing else "masked"
+    return "flex" if setup.packing else "flash"
 
 
 def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int]:
@@ -403,7 +403,7 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     n_lab = max(1, int(n * setup.labeled_fraction))
     final_norm = (4 * d + 4 + (dt.residual * d if dt.norm_trainable else 0)) * n
     head_saved = final_norm + (dt.residual * d + 17) * n_lab  # + the labelled rows' hidden states, indices, targets
-    chunk = min(n_lab, setup.loss_chunk_tokens or fused_chunk_rows(V, n_lab))
+    chunk = min(n_lab, setup.loss_chunk_tokens or fused_chunk_rows(V, n_lab, head_trains=full_ft))
     grad_rows = dt.act * d * n_lab  # d loss / d hidden of the labelled rows, computed in forward, used in backward
     # the fused loss: its chunk's logits, the rows' gradient, bf16 casts of fp32 rows and of an fp32 head weight,
     # and (full fine-tuning) a fresh fp32 weight gradient of the head, held from forward into backward

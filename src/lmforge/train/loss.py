@@ -21,9 +21,24 @@ CHUNK_LOGIT_BYTES = 256 * 2**20  # fused path: a chunk's fp32 logits stay under 
 CHECKPOINT_CHUNK_TOKENS = 4096  # checkpointed path: rows per chunk
 
 
-def fused_chunk_rows(vocab_size: int, n_rows: int) -> int:
-    """Rows per fused chunk: fp32 logits of about CHUNK_LOGIT_BYTES, at least 128 rows, at most all of them."""
-    return max(1, min(n_rows, max(128, CHUNK_LOGIT_BYTES // (4 * vocab_size))))
+def fused_chunk_rows(vocab_size: int, n_rows: int, head_trains: bool = False) -> int:
+    """Rows per fused chunk: fp32 logits of about CHUNK_LOGIT_BYTES, at least 128 rows, at most all of them. A trained
+    head gets chunks twice as long: each chunk adds its (V, d) weight gradient into the fp32 accumulator, a full read
+    and write of it (1 GiB at a 128k vocabulary) that fewer, longer chunks amortize."""
+    budget = CHUNK_LOGIT_BYTES * (2 if head_trains else 1)
+    return max(1, min(n_rows, max(128, budget // (4 * vocab_size))))
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b. Half-precision inputs on CUDA: one GEMM accumulating into fp32 in its epilogue (no
+    rounded half-precision product and no separate add pass over acc); elsewhere the product in a's dtype, added."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError):  # torch without mm's out_dtype (added in 2.8)
+            pass
+    acc.add_(a @ b)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -88,7 +103,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 torch.mm(g, w, out=grad_h[start:start + chunk_rows])
             if need_w:
-                grad_w.add_(g.T @ hc)
+                _accumulate_fp32(grad_w, g.T, hc)
             del g
         # kept on ctx, not saved tensors: backward scales them in place and lets go (no second (V, d) buffer)
         ctx.grads, ctx.dtypes = [grad_h, grad_w], (hidden.dtype, weight.dtype)
@@ -108,8 +123,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              chunk_rows: int | None = None) -> torch.Tensor:
     """Fused head + cross-entropy (sum over rows). hidden (n, d), weight (V, d), targets (n,) all valid."""
-    rows = chunk_rows or fused_chunk_rows(weight.shape[0], hidden.shape[0])
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    rows = chunk_rows or fused_chunk_rows(weight.shape[0], hidden.shape[0], with_grad and weight.requires_grad)
     return LinearCrossEntropy.apply(hidden, weight, targets, rows, _compute_dtype(hidden), with_grad)
 
 

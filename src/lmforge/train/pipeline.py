@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data import collate
 from ..errors import ConfigError
-from ..models.attention import document_block_mask
+from ..models.attention import document_block_mask, plain_causal
 from ..models.positions import rope_cos_sin, sinusoidal_embedding
 from .distributed import dp_sum, wrap_module
 from .loss import causal_lm_loss_sum
@@ -91,6 +91,7 @@ class PipelineStageModule(nn.Module):
         T = positions.shape[1]
         rope = rope_cos_sin(positions, model.rope_inv_freq, x.dtype) if cfg.pos == "rope" else None
         query_slots = torch.arange(T, device=positions.device)
+        needs_mask = document_ids is not None or not plain_causal(positions)  # right-padded rows: causality only
         masks = {}
         for i, block in self.layers.items():
             i = int(i)
@@ -99,7 +100,8 @@ class PipelineStageModule(nn.Module):
                 if document_ids is not None and model.use_flex_attention(positions):
                     masks[window] = document_block_mask(positions, document_ids, window, None)
                 else:
-                    masks[window] = model._mask(positions, positions, query_slots, True, document_ids, window, None)
+                    masks[window] = model._mask(positions, positions, query_slots, needs_mask, document_ids, window,
+                                                 None)
             if self.training and model.checkpointed(i):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, masks[window], None, None, use_reentrant=False)
             else:

@@ -1,5 +1,5 @@
 """The training-speed levers against their plain PyTorch forms, forward and backward: fused linear + cross-entropy,
-the fused LoRA linear (also traced by torch.compile), AdamW inside backward, and partial activation checkpointing.
+the fused LoRA linear (a custom op, eager and under torch.compile), AdamW inside backward, and partial activation checkpointing.
 CUDA variants of the same checks run on a GPU (skipped on CPU)."""
 from __future__ import annotations
 

@@ -240,10 +240,9 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         device = tokens.device
-        padded = (positions is not None or attention_mask is not None or document_ids is not None
-                  or prefix_lengths is not None)
-        if padded and attention_mask is None and document_ids is None and prefix_lengths is None and cache is None:
-            padded = not plain_causal(positions)  # training batches: right-padded rows need only causality
+        # a mask unless causality alone suffices (right-padded training rows: `plain_causal`, one host sync)
+        needs_mask = (attention_mask is not None or document_ids is not None or prefix_lengths is not None
+                      or cache is not None or (positions is not None and not plain_causal(positions)))
         if positions is None:
             if attention_mask is not None:  # left/right padding: count real tokens only, pads get -1
                 positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
@@ -275,7 +274,7 @@ class Transformer(nn.Module):
             if document_ids is not None and self.use_flex_attention(tokens):
                 masks[window] = document_block_mask(positions, document_ids, window, prefix_lengths)
             else:
-                masks[window] = self._mask(positions, key_positions, query_slots, padded or cache is not None,
+                masks[window] = self._mask(positions, key_positions, query_slots, needs_mask,
                                            document_ids, window, prefix_lengths)
         for i, block in enumerate(self.layers):
             mask = masks[windows[i]]

@@ -29,15 +29,19 @@ def fused_chunk_rows(vocab_size: int, n_rows: int, head_trains: bool = False) ->
     return max(1, min(n_rows, max(128, budget // (4 * vocab_size))))
 
 
+_MM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=) exists (torch >= 2.8); cleared by the first call that says not
+
+
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b. Half-precision inputs on CUDA: one GEMM accumulating into fp32 in its epilogue (no
     rounded half-precision product and no separate add pass over acc); elsewhere the product in a's dtype, added."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
-        except (TypeError, RuntimeError):  # torch without mm's out_dtype (added in 2.8)
-            pass
+        except TypeError:  # an older torch: no out_dtype keyword
+            _MM_OUT_DTYPE = False
     acc.add_(a @ b)
 
 

@@ -57,6 +57,15 @@ LMFORGE = {
     "lmforge-optbwd-ckpt12": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=12),
     "lmforge-optbwd-ckpt10": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=10),
     "lmforge-optbwd-nockpt": dict(compile=True, optimizer="adamw_backward", checkpointing=False),
+    # the whole step as one CUDA graph (train.cuda_graphs)
+    "lmforge-graph": dict(compile=True, cuda_graphs=True),
+    "lmforge-graph-ckpt15": dict(compile=True, cuda_graphs=True, checkpoint_blocks=15),
+    "lmforge-graph-nockpt": dict(compile=True, cuda_graphs=True, checkpointing=False),
+    "lmforge-optbwd-graph": dict(compile=True, optimizer="adamw_backward", cuda_graphs=True),
+    "lmforge-optbwd-ckpt14-graph": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=14,
+                                        cuda_graphs=True),
+    "lmforge-optbwd-ckpt12-graph": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=12,
+                                        cuda_graphs=True),
 }
 DEFAULT_VARIANTS = {
     "lora-1b": "hf,hf-liger,lmforge-eager,lmforge,lmforge-ckpt12",
@@ -174,7 +183,7 @@ def lmforge_worker(cfg, conf, args, settings: dict, data: list[torch.Tensor], de
         train=TrainSection(precision="bf16", micro_batch_size=conf["batch"], max_steps=10**6,
                            grad_clip=conf["clip"], activation_checkpointing=checkpointing,
                            checkpoint_blocks=settings.get("checkpoint_blocks"), compile=settings.get("compile", False),
-                           progress=False, tensorboard=False, output_dir=str(args.tmp)))
+                           cuda_graphs=settings.get("cuda_graphs", False), progress=False, tensorboard=False, output_dir=str(args.tmp)))
     rows = [{"tokens": b[i].tolist(), "labels": b[i, 1:].tolist() + [-100], "positions": list(range(b.shape[1]))}
             for b in data for i in range(b.shape[0])]
     trainer = Trainer(model, method, rows, None, tcfg, pad_id=0, device=device)
@@ -195,6 +204,7 @@ def worker(args) -> dict:
     n = args.loss_steps if args.text else args.warmup + args.steps
     data = batches(conf, cfg.vocab_size, n, Path(args.text) if args.text else None)
     mem_reset()
+    graphed = LMFORGE.get(args.variant, {}).get("cuda_graphs", False)
     if args.variant in ("hf", "hf-liger"):
         step, losses, recompute = hf_worker(cfg, conf, args, args.variant == "hf-liger", data, device)
     else:
@@ -205,12 +215,16 @@ def worker(args) -> dict:
             step()
         return {**out, "mode": "loss_curve", "losses": [round(x, 5) for x in losses]}
     t_start = time.perf_counter()
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
         step()
+        # Peak from the steady state on: optimizer states exist, compile caches are warm. A graph replay allocates
+        # nothing (its working set sits in the graph's pool), so graphed variants count from the capture (step 2),
+        # whose allocations are exactly that working set.
+        if device.type == "cuda" and i + 1 == (1 if graphed else args.warmup):
+            sync()
+            torch.cuda.reset_peak_memory_stats()
     sync()
     warmup_s = time.perf_counter() - t_start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # steady state: optimizer states exist, compile caches warm
     times = []
     for _ in range(args.steps):  # each step ends in a host sync anyway (the loss value), so timing each costs nothing
         t0 = time.perf_counter()
@@ -223,7 +237,9 @@ def worker(args) -> dict:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     tok_s = tokens / seconds
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0
     out.update(tokens_per_s=round(tok_s), step_s=round(seconds, 4), peak_mem_gib=round(peak_gib(), 2),
+               peak_reserved_gib=round(reserved, 2),
                tokens_per_s_median=round(tokens / statistics.median(times)),
                step_s_min_max=[round(min(times), 4), round(max(times), 4)],
                mfu=round(model_f * tok_s / (peak * 1e12), 4) if peak else None,
@@ -259,8 +275,10 @@ def profile(step, n: int = 2) -> list[dict]:
         torch.cuda.synchronize()
     rows = sorted(p.key_averages(), key=lambda e: -getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)))
     total = sum(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) for e in rows) or 1
-    return [{"kernel": e.key[:90], "ms_per_step": round(getattr(e, "device_time_total", 0) / 1e3 / n, 2),
-             "share": round(getattr(e, "device_time_total", 0) / total, 4), "calls": e.count // n} for e in rows[:25]]
+    top = [{"kernel": e.key[:90], "ms_per_step": round(getattr(e, "device_time_total", 0) / 1e3 / n, 2),
+            "share": round(getattr(e, "device_time_total", 0) / total, 4), "calls": e.count // n} for e in rows[:25]]
+    return [{"kernel": "(all kernels)", "ms_per_step": round(total / 1e3 / n, 2), "share": 1.0,
+             "calls": sum(e.count for e in rows) // n}] + top
 
 
 def run_worker(args, config: str, variant: str, text: str | None = None) -> dict:

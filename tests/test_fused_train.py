@@ -23,21 +23,24 @@ def _ce_reference(hidden, weight, labels):
     return F.cross_entropy(logits, labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
+@pytest.mark.parametrize("fixed_shapes", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_cross_entropy_matches_plain_forward_and_backward(device):
+def test_fused_cross_entropy_matches_plain_forward_and_backward(device, fixed_shapes):
     torch.manual_seed(0)
     hidden = torch.randn(3, 50, 16, device=device, requires_grad=True)
     weight = (0.3 * torch.randn(200, 16, device=device)).requires_grad_()
     labels = torch.randint(0, 200, (3, 50), device=device)
     labels[0, :7] = -100  # prompt tokens: no loss, no gradient
+    labels[2, 20:23] = -100  # ... also inside a row (fixed_shapes: they stay in the chunks, weighted 0)
     ref = _ce_reference(hidden, weight, labels)
     gh, gw = torch.autograd.grad(0.25 * ref, (hidden, weight))
-    out = causal_lm_loss_sum(None, hidden, labels, head_weight=weight, chunk_tokens=32)  # 5 chunks of 143 rows
+    out = causal_lm_loss_sum(None, hidden, labels, head_weight=weight, chunk_tokens=32,  # chunks of 32 rows
+                             fixed_shapes=fixed_shapes)
     fh, fw = torch.autograd.grad(0.25 * out, (hidden, weight))
     assert out.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(fh, gh, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fw, gw, rtol=1e-4, atol=1e-6)
-    assert fh[0, :7].abs().max() == 0  # ignored rows get no gradient
+    assert fh[0, :7].abs().max() == 0 and fh[2, 20:23].abs().max() == 0  # ignored rows get no gradient
 
 
 def test_fused_cross_entropy_in_bf16_autocast_is_close_and_keeps_fp32_grads():
@@ -269,3 +272,30 @@ def test_trainer_adamw_backward_and_partial_checkpointing_train_like_adamw():
 def test_adamw_backward_says_it_cannot_clip():
     with pytest.warns(UserWarning, match="grad_clip=1.0 is not applied"):
         _tiny_trainer("adamw_backward", 1.0)
+
+
+def test_triton_chunk_ce_matches_the_reference_in_place():
+    """The CUDA chunk step (Triton; the interpreter on CPU) against `_chunk_ce`: loss, weighted loss, gradient
+    written over the logits; a vocabulary that is not a multiple of the kernel's block."""
+    from lmforge.infer.paged_attention import kernel_available
+    from lmforge.train import ce_kernel
+    from lmforge.train.loss import _chunk_ce
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not kernel_available(device):
+        pytest.skip("needs triton (CUDA, or its CPU interpreter)")
+    torch.manual_seed(0)
+    V = ce_kernel.BLOCK + 300
+    logits = (3 * torch.randn(5, V, device=device)).to(torch.bfloat16)
+    targets = torch.tensor([0, V - 1, 17, ce_kernel.BLOCK, 5], device=device)
+    weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], device=device)
+    for with_grad, w in ((True, None), (True, weights), (False, None)):
+        want_loss, want_grad = _chunk_ce(logits.clone(), targets, with_grad, w)
+        buf = logits.clone()
+        loss, grad = ce_kernel.chunk_ce_inplace(buf, targets, with_grad, w)
+        assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+        if with_grad:
+            assert grad.data_ptr() == buf.data_ptr() and grad.dtype == torch.bfloat16  # in place
+            torch.testing.assert_close(grad.float(), want_grad.float(), atol=1e-2 / 128, rtol=1e-2)
+        else:
+            assert grad is None and torch.equal(buf, logits)  # the logits are left alone

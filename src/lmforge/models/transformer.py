@@ -165,6 +165,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.checkpoint_every = 0  # activation checkpointing: recompute every N-th block in backward (0 = off)
         self.checkpoint_limit: int | None = None  # ... but at most this many blocks, the lowest ones (None = no cap)
+        self.checkpoint_rng = True  # recompute replays the forward's RNG state (off when nothing is random: graphs)
         self.attention_backend = "auto"  # "auto" | "sdpa" | "flex": how packed rows are masked
         self.aux_loss: torch.Tensor | None = None  # MoE load-balancing (+ z) loss of the last training forward
         self.head_linear = F.linear  # the tied LM head's matmul (inference may swap in a GEMV kernel)
@@ -231,18 +232,21 @@ class Transformer(nn.Module):
         return None if weight is None or isinstance(weight, DTensor) else weight
 
     def hidden_states(self, tokens, positions=None, attention_mask=None, cache=None, slots=None,
-                      document_ids=None, prefix_lengths=None) -> torch.Tensor:
+                      document_ids=None, prefix_lengths=None, plain: bool | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model): what the LM head, a value head or a fused loss consumes.
 
         `prefix_lengths` (B,) turns on prefix-LM attention (GLM's blank infilling, T5-style prefix LM): tokens at
         positions below it see each other in both directions (within their document); later tokens stay causal.
         In training mode an MoE model leaves its auxiliary loss in `self.aux_loss` (padding excluded).
+        `plain`: the caller already knows whether `positions` are `plain_causal` (checked on the host before the copy:
+        no sync here, as a CUDA graph needs); None = check.
         """
         B, T = tokens.shape
         device = tokens.device
         # a mask unless causality alone suffices (right-padded training rows: `plain_causal`, one host sync)
         needs_mask = (attention_mask is not None or document_ids is not None or prefix_lengths is not None
-                      or cache is not None or (positions is not None and not plain_causal(positions)))
+                      or cache is not None
+                      or (positions is not None and not (plain if plain is not None else plain_causal(positions))))
         if positions is None:
             if attention_mask is not None:  # left/right padding: count real tokens only, pads get -1
                 positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
@@ -279,7 +283,8 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             mask = masks[windows[i]]
             if self.training and self.checkpointed(i):
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, slots, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, slots, use_reentrant=False,
+                                                      preserve_rng_state=self.checkpoint_rng)
             else:
                 x = block(x, rope, mask, cache, slots)
         if self.cfg.mlp == "moe":

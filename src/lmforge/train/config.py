@@ -79,6 +79,11 @@ class TrainSection(Section):
     would live longest); the rest keep their activations, trading spare memory for less recompute. None = all."""
     compile: bool = False
     """torch.compile each transformer block."""
+    cuda_graphs: bool = False
+    """Run each optimizer step as one CUDA graph (the first step of each batch shape runs eagerly, the second is
+    captured, later ones replay): removes the host's kernel-launch time, which bounds small models. Rows are padded
+    to a multiple of 256 tokens so few shapes occur. Language modelling only; not with fp16, MoE, distributed runs or
+    optimizers other than adamw / adamw_backward. Elsewhere than CUDA the same fixed-shape step runs eagerly."""
     eval_every: int = Field(0, ge=0)
     """Evaluate loss/perplexity on the held-out split every N steps (0 = only at the end)."""
     eval_max_batches: int | None = Field(None, ge=1)

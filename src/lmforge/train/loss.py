@@ -53,14 +53,17 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _chunk_ce(logits: torch.Tensor, targets: torch.Tensor, with_grad: bool):
-    """(sum of CE over the rows, d sum / d logits in the logits' dtype or None); fp32 math inside.
+def _chunk_ce(logits: torch.Tensor, targets: torch.Tensor, with_grad: bool, row_weights: torch.Tensor | None = None):
+    """(sum of CE over the rows, d sum / d logits in the logits' dtype or None); fp32 math inside. The reference
+    (and CPU) form of `ce_kernel.chunk_ce_inplace`.
 
-    logits (c, V) is a temporary of the caller's: its fp32 form is overwritten with the softmax in place, so eager
-    mode peaks at the fp32 logits plus log-sum-exp's temporary (compiled, it is one fused pass)."""
+    logits (c, V) is a temporary of the caller's: its fp32 form is overwritten with the softmax in place, so it peaks
+    at the fp32 logits plus log-sum-exp's temporary. `row_weights` (c,) weight each row's loss (0 = ignored); the
+    gradient is left unweighted for the caller to mask on (c, d) rows, not here on (c, V)."""
     logits32 = logits.float()
     lse = torch.logsumexp(logits32, dim=-1)  # (c,)
-    loss = (lse - logits32.gather(1, targets[:, None]).squeeze(1)).sum()
+    nll = lse - logits32.gather(1, targets[:, None]).squeeze(1)  # (c,)
+    loss = (nll if row_weights is None else nll * row_weights).sum()
     if not with_grad:
         return loss, None
     grad = logits32.sub_(lse[:, None]).exp_()  # softmax (c, V)
@@ -69,45 +72,54 @@ def _chunk_ce(logits: torch.Tensor, targets: torch.Tensor, with_grad: bool):
     return loss, grad.to(logits.dtype)
 
 
-_COMPILED_CE = None
+def _chunk_ce_for(device: torch.device):
+    """The chunk step for this device: on CUDA the Triton kernel (gradient in place of the logits, one launch), else
+    `_chunk_ce` (its reference)."""
+    if device.type == "cuda":
+        from .ce_kernel import chunk_ce_inplace
 
-
-def _compiled_chunk_ce():
-    """`_chunk_ce` compiled once per process (CUDA): one fused pass instead of six elementwise kernels per chunk."""
-    global _COMPILED_CE
-    if _COMPILED_CE is None:
-        _COMPILED_CE = torch.compile(_chunk_ce, dynamic=True)
-    return _COMPILED_CE
+        return chunk_ce_inplace
+    return _chunk_ce
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), gradients computed chunk-wise in forward.
 
-    hidden (n, d), weight (V, d), targets (n,) with no ignored entries. Matmuls run in `dtype` (bf16 under
-    autocast); log-softmax and the loss in fp32; the weight gradient accumulates in fp32 across chunks.
+    hidden (n, d), weight (V, d), targets (n,) with no ignored entries (`masked`: -100 entries allowed, they count
+    0). Matmuls run in `dtype` (bf16 under autocast); log-softmax and the loss in fp32; the weight gradient
+    accumulates in fp32 across chunks.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int, dtype: torch.dtype, with_grad: bool):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, dtype: torch.dtype, with_grad: bool,
+                masked: bool = False):
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit here
-            return LinearCrossEntropy._forward(ctx, hidden, weight, targets, chunk_rows, dtype, with_grad)
+            return LinearCrossEntropy._forward(ctx, hidden, weight, targets, chunk_rows, dtype, with_grad, masked)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, chunk_rows, dtype, with_grad):
+    def _forward(ctx, hidden, weight, targets, chunk_rows, dtype, with_grad, masked):
         need_h, need_w = with_grad and hidden.requires_grad, with_grad and weight.requires_grad
         h, w = hidden.to(dtype), weight.to(dtype)
         grad_h = torch.empty_like(h) if need_h else None  # (n, d)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, d)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        ce = _compiled_chunk_ce() if h.is_cuda else _chunk_ce
+        ce = _chunk_ce_for(h.device)
+        if masked:  # ignored rows stay (no data-dependent shape): weight 0 in the loss, zero rows in both gradients
+            keep = (targets >= 0).to(dtype)  # (n,)
+            targets = targets.clamp(min=0)
         for start in range(0, h.shape[0], chunk_rows):
-            hc, yc = h[start:start + chunk_rows], targets[start:start + chunk_rows]  # (c, d), (c,)
-            loss, g = ce(hc @ w.T, yc, need_h or need_w)  # logits (c, V) in `dtype` -> loss, d loss / d logits
+            rows = slice(start, start + chunk_rows)
+            hc, yc = h[rows], targets[rows]  # (c, d), (c,)
+            kc = keep[rows, None] if masked else None  # (c, 1)
+            # logits (c, V) in `dtype` -> loss, d loss / d logits
+            loss, g = ce(hc @ w.T, yc, need_h or need_w, None if kc is None else kc[:, 0].float())
             total += loss
             if need_h:
-                torch.mm(g, w, out=grad_h[start:start + chunk_rows])
+                torch.mm(g, w, out=grad_h[rows])
+                if masked:
+                    grad_h[rows].mul_(kc)
             if need_w:
-                _accumulate_fp32(grad_w, g.T, hc)
+                _accumulate_fp32(grad_w, g.T, hc if kc is None else hc * kc)
             del g
         # kept on ctx, not saved tensors: backward scales them in place and lets go (no second (V, d) buffer)
         ctx.grads, ctx.dtypes = [grad_h, grad_w], (hidden.dtype, weight.dtype)
@@ -121,35 +133,41 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.grads = None
         dh = grad_h.mul_(grad_total).to(h_dtype) if grad_h is not None else None
         dw = grad_w.mul_(grad_total).to(w_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunk_rows: int | None = None) -> torch.Tensor:
-    """Fused head + cross-entropy (sum over rows). hidden (n, d), weight (V, d), targets (n,) all valid."""
+                             chunk_rows: int | None = None, masked: bool = False) -> torch.Tensor:
+    """Fused head + cross-entropy (sum over rows). hidden (n, d), weight (V, d), targets (n,) all valid, or with
+    `masked` some -100 (ignored, still computed: no data-dependent shape)."""
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     rows = chunk_rows or fused_chunk_rows(weight.shape[0], hidden.shape[0], with_grad and weight.requires_grad)
-    return LinearCrossEntropy.apply(hidden, weight, targets, rows, _compute_dtype(hidden), with_grad)
+    return LinearCrossEntropy.apply(hidden, weight, targets, rows, _compute_dtype(hidden), with_grad, masked)
 
 
 def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()  # (n, V) in fp32 for a stable log-softmax
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="sum")  # -100 targets count 0
 
 
 def causal_lm_loss_sum(head, hidden: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor | None = None,
-                       chunk_tokens: int | None = None) -> torch.Tensor:
+                       chunk_tokens: int | None = None, fixed_shapes: bool = False) -> torch.Tensor:
     """Sum (not mean) of token cross-entropies over labelled positions.
 
     head: hidden (n, d) -> logits (n, V), e.g. `model.logits`; hidden (B, T, d); labels (B, T) with -100 = ignore.
     `head_weight` (V, d): the head's plain weight when it is just ``hidden @ W.T`` (fused path), else None.
     The caller divides by the target-token count of the whole optimizer step (correct gradient accumulation).
+    `fixed_shapes`: every row goes through the head and ignored ones count 0, instead of selecting the labelled rows
+    (a data-dependent shape and a host sync): what a CUDA graph of the step needs; same result.
     """
-    keep = labels.reshape(-1) != -100
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]  # (n, d)
-    y = labels.reshape(-1)[keep]  # (n,)
+    if fixed_shapes:
+        h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (B*T, d), (B*T,)
+    else:
+        keep = labels.reshape(-1) != -100
+        h = hidden.reshape(-1, hidden.shape[-1])[keep]  # (n, d)
+        y = labels.reshape(-1)[keep]  # (n,)
     if head_weight is not None and h.shape[0]:
-        return linear_cross_entropy_sum(h, head_weight, y, chunk_tokens)
+        return linear_cross_entropy_sum(h, head_weight, y, chunk_tokens, masked=fixed_shapes)
     chunk = chunk_tokens or CHECKPOINT_CHUNK_TOKENS
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk):

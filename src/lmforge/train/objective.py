@@ -24,7 +24,7 @@ class Objective:
         return [self.collate(trainer.next_rows(), trainer) for _ in range(trainer.t.grad_accum)]
 
     def collate(self, rows: list[dict], trainer) -> dict:
-        return collate(rows, trainer.pad_id)
+        return collate(rows, trainer.pad_id, trainer.pad_multiple)
 
     def normalizer(self, batch: dict) -> int:
         return int((batch["labels"] != -100).sum())
@@ -41,8 +41,10 @@ class LanguageModeling(Objective):
 
     def loss_sum(self, trainer, batch, step_units):
         model = trainer.model
-        hidden = model.hidden_states(batch["tokens"], batch["positions"], document_ids=batch.get("document_ids"))
-        loss = causal_lm_loss_sum(model.logits, hidden, batch["labels"], head_weight=model.head_weight())
+        hidden = model.hidden_states(batch["tokens"], batch["positions"], document_ids=batch.get("document_ids"),
+                                     plain=batch.get("plain_causal"))
+        loss = causal_lm_loss_sum(model.logits, hidden, batch["labels"], head_weight=model.head_weight(),
+                                  fixed_shapes=trainer.fixed_shapes)
         aux = getattr(model, "aux_loss", None)
         if aux is not None and model.training and trainer.t.aux_loss_coef and step_units:
             # the aux loss is a per-batch mean: give it the same per-unit weight as the token loss

@@ -163,7 +163,9 @@ class AdamWInBackward(_FusedBackwardOptimizer):
                                       weight_decay=group["weight_decay"], fused=fused or None)
             inner.state[p] = self.state[p]  # one state dict: what checkpoints save and load
             self._inner[p] = inner
-        inner.param_groups[0].update(lr=group["lr"], weight_decay=group["weight_decay"])
+        # a CUDA graph capture hands in a device-tensor lr and capturable=True (see lmforge.train.graphs)
+        inner.param_groups[0].update(lr=group["lr"], weight_decay=group["weight_decay"],
+                                     capturable=group.get("capturable", False))
         if grad is not p.grad:  # clipped by value
             p.grad = grad
         inner.step()

@@ -15,10 +15,12 @@ from tqdm import tqdm
 
 from .checkpoint import (is_sharded_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
                          save_checkpoint, save_sharded_checkpoint)
+from ..models.attention import plain_causal
 from .config import TrainConfig
 from .objective import LanguageModeling, Objective
 from .distributed import (DistState, StepModule, average_gradients, averages_gradients_itself, clip_grad_norm,
                           dp_sum, model_state_bytes, per_rank, wrap_step, zero1_optimizer)
+from .graphs import PAD_MULTIPLE, StepGraphs, has_dropout
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler
 
@@ -86,6 +88,9 @@ class Trainer:
         if self.t.compile:
             for block in model.layers:
                 block.compile()
+        model.checkpoint_rng = has_dropout(model)  # recompute needs the forward's RNG state only if it drew any
+        self.fixed_shapes = self.t.cuda_graphs  # no data-dependent shapes in the step (what a CUDA graph needs)
+        self.pad_multiple = PAD_MULTIPLE if self.t.cuda_graphs else None  # collate: few distinct row lengths
         # DDP / FSDP2 / TP wrap the whole step; parameters become DTensors under FSDP/TP, so optimizers come after.
         # A pipeline rank keeps one stage (other stages' modules go to the meta device) and runs steps through it.
         self.pipeline = None
@@ -120,6 +125,7 @@ class Trainer:
         self.sampler = EpochSampler(len(train_data), self.t.seed)  # the same order on every rank
         self.step = 0
         self.state_bytes: dict[str, int] = {}  # this rank's params/grads/optimizer bytes at the last optimizer step
+        self.graphs = StepGraphs(self) if self.t.cuda_graphs else None
         self.objective.setup(self)
 
     # ---------------------------------------------------------------- state
@@ -173,39 +179,76 @@ class Trainer:
             return _restore_sync(m)
         return contextlib.nullcontext()
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    @staticmethod
+    def _with_flags(batch: dict) -> dict:
+        """Add what the host can tell about a collated batch before it moves: whether its rows need nothing but
+        causality (`plain_causal` on the CPU positions: no device sync in the forward)."""
+        pos = batch.get("positions")
+        if isinstance(pos, torch.Tensor) and pos.device.type == "cpu" and "plain_causal" not in batch:
+            batch = {**batch, "plain_causal": plain_causal(pos)}
+        return batch
 
-    def _forward_backward(self) -> tuple[torch.Tensor, int, int, dict]:
-        """Forward + backward of grad_accum micro-batches; (this rank's loss sum as a device tensor, global units,
-        tokens, metric sums). The loss stays on the device so the optimizer step is queued before the one sync."""
-        obj, ds = self.objective, self.dist
-        micro = obj.micro_batches(self)
-        # normalise by the global unit count; DDP/FSDP average gradients over dp ranks, hence the factor dp
-        units = int(dp_sum(sum(obj.normalizer(b) for b in micro), ds, self.device))
-        n_tokens = sum(obj.tokens(b) for b in micro)
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def _forward_backward(self, micro: list[dict], units: int, scale) -> tuple[torch.Tensor, dict]:
+        """Forward + backward of the step's micro-batches (on the device); (this rank's loss sum as a device tensor,
+        metric sums). `scale` = dp / the step's global units (DDP/FSDP average gradients over dp ranks, hence the
+        factor dp): a float, or a 0-dim device tensor that a CUDA graph refills each step."""
         self.model.train()
         total, sums = torch.zeros((), dtype=torch.float64, device=self.device), {}
         for i, b in enumerate(micro):
             with self._grad_sync(i == len(micro) - 1):
                 with self.autocast():
-                    loss_sum, metrics = self.step_module(self._to_device(b), units)
-                loss = loss_sum * (ds.dp / max(units, 1))
+                    loss_sum, metrics = self.step_module(b, units)
+                loss = loss_sum * scale
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss_sum.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
-        sums = {k: dp_sum(v, ds, self.device) for k, v in sums.items()}
-        return total, units, n_tokens, sums
+        return total, sums
+
+    def _update(self, micro: list[dict], units: int, scale) -> tuple:
+        """Everything of a step that runs on the device — forward + backward, clipping, the optimizer update,
+        freeing the gradients — and what a CUDA graph captures. (loss sum tensor, grad norm, metric sums, skipped);
+        the loss stays on the device so the whole step is queued before the one host sync."""
+        total, sums = self._forward_backward(micro, units, scale)
+        grad_norm, skipped = self._optimizer_step()
+        return total, grad_norm, sums, skipped
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches, normalised by the step's units (target tokens for
         language modelling, pairs for preference stages)."""
-        t, obj = self.t, self.objective
+        obj, ds = self.objective, self.dist
         if self.pipeline is not None:  # the schedule runs every micro-batch through the stages
             (total, units, n_tokens), sums = self.pipeline.forward_backward(), {}
+            grad_norm, skipped = self._optimizer_step()
         else:
-            total, units, n_tokens, sums = self._forward_backward()
+            micro = [self._with_flags(b) for b in obj.micro_batches(self)]
+            units = int(dp_sum(sum(obj.normalizer(b) for b in micro), ds, self.device))  # global unit count
+            n_tokens = sum(obj.tokens(b) for b in micro)
+            if self.graphs is not None:
+                total, grad_norm, sums, skipped = self.graphs.step(micro, units)
+            else:
+                total, grad_norm, sums, skipped = self._update([self._to_device(b) for b in micro], units,
+                                                               ds.dp / max(units, 1))
+            sums = {k: dp_sum(v, ds, self.device) for k, v in sums.items()}
+        lr = self.scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():  # after a skipped fp16 step torch warns the schedule ran ahead; it is meant to
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.step += 1
+        if isinstance(total, torch.Tensor):  # the step's first host sync, after every kernel of it is queued
+            total = dp_sum(float(total), self.dist, self.device) / max(units, 1)
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
+                obj.unit: units, **{k: v / max(units, 1) for k, v in sums.items()},
+                **({"skipped": True} if skipped else {})}
+
+    def _optimizer_step(self) -> tuple[torch.Tensor | float, bool]:
+        """Average (TP/pipeline data parallel), unscale, clip, step, free the gradients: (gradient norm, whether fp16
+        loss scaling skipped the step)."""
+        t = self.t
         if self.average_dp:  # once per step, after every micro-batch's backward
             average_gradients([p for _, p in self.params], self.dist.mesh["dp"].get_group())
         skipped, grad_norm = False, float("nan")
@@ -225,16 +268,7 @@ class Trainer:
             self.optimizer.step()
         self.state_bytes = model_state_bytes(list(self.model.parameters()), self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():  # after a skipped fp16 step torch warns the schedule ran ahead; it is meant to
-            warnings.simplefilter("ignore", UserWarning)
-            self.scheduler.step()
-        self.step += 1
-        if isinstance(total, torch.Tensor):  # the step's first host sync, after every kernel of it is queued
-            total = dp_sum(float(total), self.dist, self.device) / max(units, 1)
-        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
-                obj.unit: units, **{k: v / max(units, 1) for k, v in sums.items()},
-                **({"skipped": True} if skipped else {})}
+        return grad_norm, skipped
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -248,8 +282,8 @@ class Trainer:
         for n, start in enumerate(range(0, len(self.val_data), bs)):
             if self.t.eval_max_batches and n >= self.t.eval_max_batches:
                 break
-            b = self.objective.collate([self.val_data[i] for i in range(start, min(start + bs, len(self.val_data)))],
-                                       self)
+            b = self._with_flags(self.objective.collate(
+                [self.val_data[i] for i in range(start, min(start + bs, len(self.val_data)))], self))
             with self.autocast():
                 loss_sum, metrics = self.step_module(self._to_device(b), 0)
             total += float(loss_sum)

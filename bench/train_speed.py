@@ -66,11 +66,13 @@ LMFORGE = {
                                         cuda_graphs=True),
     "lmforge-optbwd-ckpt12-graph": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=12,
                                         cuda_graphs=True),
+    "lmforge-optbwd-ckpt13-graph": dict(compile=True, optimizer="adamw_backward", checkpoint_blocks=13,
+                                        cuda_graphs=True),
 }
 DEFAULT_VARIANTS = {
-    "lora-1b": "hf,hf-liger,lmforge-eager,lmforge,lmforge-ckpt12",
-    "full-1b": "hf,hf-liger,lmforge,lmforge-optbwd,lmforge-optbwd-ckpt8",
-    "lora-8b": "hf,hf-liger,lmforge,lmforge-nockpt",
+    "lora-1b": "hf,hf-liger,lmforge,lmforge-graph",
+    "full-1b": "hf,hf-liger,lmforge-optbwd-ckpt14,lmforge-optbwd-ckpt14-graph,lmforge-optbwd-ckpt13-graph",
+    "lora-8b": "hf,hf-liger,lmforge,lmforge-graph,lmforge-nockpt",
 }
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16
 

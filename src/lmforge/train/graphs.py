@@ -84,6 +84,7 @@ class StepGraphs:
         self.captured: dict[tuple, _Captured] = {}
         self.seen: set[tuple] = set()
         self.replays = 0
+        self.warned_packed = False
 
     @staticmethod
     def signature(micro: list[dict]) -> tuple:
@@ -96,9 +97,14 @@ class StepGraphs:
         scale = tr.dist.dp / max(units, 1)
         sig = self.signature(micro)
         entry = self.captured.get(sig)
-        if entry is None and self.enabled and sig in self.seen and len(self.captured) < MAX_GRAPHS:
+        packed = any("document_ids" in b for b in micro)  # flex_attention's block mask is built per batch: eager
+        if packed and self.enabled and not self.warned_packed:
+            warnings.warn("train.cuda_graphs: packed rows (document_ids) run eagerly, uncaptured", stacklevel=2)
+            self.warned_packed = True
+        if (entry is None and self.enabled and not packed and sig in self.seen
+                and len(self.captured) < MAX_GRAPHS):
             entry = self.captured[sig] = self._capture(micro, units)
-        if entry is None:  # the first step of this signature (compiles, creates optimizer state), or no CUDA
+        if entry is None:  # the first step of this signature (compiles, creates optimizer state), packed, no CUDA
             self.seen.add(sig)
             return tr._update([tr._to_device(b) for b in micro], units,
                               torch.tensor(scale, dtype=torch.float32, device=tr.device))
@@ -128,6 +134,10 @@ class StepGraphs:
                 g["lr"], g["capturable"] = lr, True
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 outputs = tr._update(inputs, units, scale)
+        except RuntimeError as e:  # something in the step syncs with the host or allocates outside the pool
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"train.cuda_graphs: capturing the training step failed ({first[:300]}); "
+                               "set train.cuda_graphs=false") from e
         finally:
             for g, (lr, capturable) in zip(groups, saved):
                 g["lr"] = lr

@@ -30,10 +30,10 @@ def _rows(n=12, seed=0):
     return rows
 
 
-def _trainer(device="cpu", method="lora", optim="adamw", dtype=torch.float32, **train):
+def _trainer(device="cpu", method="lora", optim="adamw", dtype=torch.float32, heads=(4, 2), **train):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
-                                    max_seq_len=512)).to(device=device, dtype=dtype)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=heads[0], n_kv_heads=heads[1],
+                                    d_ff=64, max_seq_len=512)).to(device=device, dtype=dtype)
     m = build_method(method, **({"r": 4, "alpha": 8, "target_modules": "all-linear"} if method == "lora" else {}))
     m.apply(model)
     if method == "lora":  # LoRA B starts at zero: give it weights so every path carries gradient from step one
@@ -96,3 +96,16 @@ def test_replayed_graphs_reproduce_the_eager_curve(method, optim, ckpt, compile_
     assert a[-1]["loss"] < a[0]["loss"]
     for p, q in zip(graphed.model.parameters(), eager.model.parameters()):  # the schedule and AdamW's step count
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
+@CUDA
+def test_packed_rows_run_eagerly_under_cuda_graphs():
+    trainer = _trainer(device="cuda", cuda_graphs=True, precision="bf16", heads=(2, 1))  # flex needs head dim 16
+    for row in trainer.train_data:  # two documents per row, positions restarting at the second
+        n, cut = len(row["tokens"]), len(row["tokens"]) // 2
+        row["document_ids"] = [0] * cut + [1] * (n - cut)
+        row["positions"] = list(range(cut)) + list(range(n - cut))
+    with pytest.warns(UserWarning, match="packed rows"):
+        losses = [r["loss"] for r in _curve(trainer, 4)]
+    assert trainer.graphs.replays == 0 and not trainer.graphs.captured
+    assert losses[-1] < losses[0]

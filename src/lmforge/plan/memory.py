@@ -408,9 +408,9 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     # the fused loss: its chunk's logits, the rows' gradient, bf16 casts of fp32 rows and of an fp32 head weight,
     # and (full fine-tuning) a fresh fp32 weight gradient of the head, held from forward into backward
     head_fused = 4 * V * d if full_ft else 0
-    # per chunk row x vocab entry: CUDA runs the compiled kernel (logits and their gradient in the compute dtype);
-    # eager (CPU) holds the half logits, their fp32 copy and log-sum-exp's fp32 temporary
-    per_entry = 2 * dt.act if setup.device == "cuda" else LOSS_FWD_BYTES + (dt.act if dt.act != 4 else 0)
+    # per chunk row x vocab entry: CUDA runs the Triton kernel (the logits in the compute dtype, their gradient
+    # written over them); eager (CPU) holds the half logits, their fp32 copy and log-sum-exp's fp32 temporary
+    per_entry = dt.act if setup.device == "cuda" else LOSS_FWD_BYTES + (dt.act if dt.act != 4 else 0)
     loss_fwd = (per_entry * chunk * V + grad_rows + (dt.act * d * n_lab if dt.residual != dt.act else 0)
                 + (2 * V * d if dt.autocast_copies else 0))
 

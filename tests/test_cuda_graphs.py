@@ -79,14 +79,15 @@ def test_uncapturable_settings_are_refused_in_one_line(bad, match):
 
 
 @CUDA
-@pytest.mark.parametrize("method, optim, ckpt, compile_", [
-    ("lora", "adamw", True, False),
-    ("lora", "adamw", False, True),
-    ("full", "adamw_backward", True, True),
+@pytest.mark.parametrize("method, optim, ckpt, compile_, accum", [
+    ("lora", "adamw", True, False, 1),
+    ("lora", "adamw", False, True, 1),
+    ("full", "adamw", True, False, 2),  # two micro-batches in one graph: the second accumulates into the first's
+    ("full", "adamw_backward", True, True, 1),
 ])
-def test_replayed_graphs_reproduce_the_eager_curve(method, optim, ckpt, compile_):
+def test_replayed_graphs_reproduce_the_eager_curve(method, optim, ckpt, compile_, accum):
     kw = dict(device="cuda", method=method, optim=optim, activation_checkpointing=ckpt, compile=compile_,
-              precision="bf16", **({"grad_clip": None} if optim == "adamw_backward" else {}))
+              precision="bf16", grad_accum=accum, **({"grad_clip": None} if optim == "adamw_backward" else {}))
     graphed, eager = _trainer(cuda_graphs=True, **kw), _trainer(cuda_graphs=True, **kw)
     eager.graphs.enabled = False  # the same fixed-shape step, run eagerly every time: the same kernels
     a, b = _curve(graphed), _curve(eager)

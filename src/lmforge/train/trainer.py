@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..models.attention import plain_causal
 from .checkpoint import (is_sharded_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
                          save_checkpoint, save_sharded_checkpoint)
-from ..models.attention import plain_causal
 from .config import TrainConfig
 from .objective import LanguageModeling, Objective
 from .distributed import (DistState, StepModule, average_gradients, averages_gradients_itself, clip_grad_norm,

@@ -104,19 +104,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, d)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce = _chunk_ce_for(h.device)
+        keep = None
         if masked:  # ignored rows stay (no data-dependent shape): weight 0 in the loss, zero rows in both gradients
-            keep = (targets >= 0).to(dtype)  # (n,)
+            keep = targets >= 0  # (n,)
             targets = targets.clamp(min=0)
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             hc, yc = h[rows], targets[rows]  # (c, d), (c,)
-            kc = keep[rows, None] if masked else None  # (c, 1)
+            kc = None if keep is None else keep[rows, None].to(dtype)  # (c, 1)
             # logits (c, V) in `dtype` -> loss, d loss / d logits
-            loss, g = ce(hc @ w.T, yc, need_h or need_w, None if kc is None else kc[:, 0].float())
+            loss, g = ce(hc @ w.T, yc, need_h or need_w, None if keep is None else keep[rows].float())
             total += loss
             if need_h:
                 torch.mm(g, w, out=grad_h[rows])
-                if masked:
+                if kc is not None:
                     grad_h[rows].mul_(kc)
             if need_w:
                 _accumulate_fp32(grad_w, g.T, hc if kc is None else hc * kc)

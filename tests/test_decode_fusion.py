@@ -207,3 +207,65 @@ def test_paged_decode_rotates_q_and_k_like_apply_rope(dtype):
     torch.testing.assert_close(pools[0], want_pools[0], **tol)  # rotated keys written
     torch.testing.assert_close(pools[1], want_pools[1])  # values untouched by RoPE
     torch.testing.assert_close(got, want, **tol)
+
+
+
+@needs_kernel
+@pytest.mark.parametrize("offset,bias", [(0.0, False), (1.0, True)])
+def test_gemv_rmsnorm_and_residual_equal_the_separate_ops(offset, bias):
+    """The fused RMSNorm prologue and residual epilogue round where the separate ops do: on the GPU bit-equal to the
+    GEMV of the separately normalized input, and to adding the residual after the GEMV (Triton's CPU interpreter
+    truncates its bf16 casts: an ulp or two there)."""
+    from lmforge.models.transformer import RMSNorm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    K, N = 160, 48  # K not a multiple of the interpreter's 64-wide tile
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    norm = RMSNorm(K, 1e-5, offset).to(**bf16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(K, generator=g))
+    x = (3 * torch.randn(1, 1, K, generator=g)).to(**bf16)
+    w = torch.randn(N, K, generator=g).to(**bf16)
+    b = torch.randn(N, generator=g).to(**bf16) if bias else None
+    res = torch.randn(1, 1, N, generator=g).to(**bf16)
+    gate_up = torch.randn(1, 1, 2 * K, generator=g).to(**bf16)
+    exact = dict(atol=0, rtol=0) if device == "cuda" else dict(atol=0.07, rtol=0.02)
+    with torch.no_grad():
+        torch.testing.assert_close(gemv.gemv_rmsnorm(x, norm.weight, norm.eps, offset, w, b), gemv.gemv(norm(x), w, b),
+                                   **exact)
+        torch.testing.assert_close(gemv.gemv(x, w, b, res), gemv.gemv(x, w, b) + res, **exact)
+        torch.testing.assert_close(gemv.gemv_silu_mul(gate_up, w, b, res), gemv.gemv_silu_mul(gate_up, w, b) + res,
+                                   **exact)
+
+
+@needs_kernel
+def test_fused_decode_blocks_equal_the_unfused_packed_step(ckpt, monkeypatch):
+    """Packing installs a FusedDecodeBlock on every block: a one-row forward through them equals the packed (unfused)
+    forward (exactly on the GPU); a two-token forward never takes them; unpacking removes them."""
+    from lmforge.infer.decode_fusion import FusedDecodeBlock
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_hf(ckpt, progress=False, dtype=torch.bfloat16, device=device)
+    one, two = torch.tensor([[7]], device=device), torch.tensor([[7, 8]], device=device)
+    calls = []
+    call = FusedDecodeBlock.__call__
+    monkeypatch.setattr(FusedDecodeBlock, "__call__", lambda self, *a: calls.append(1) or call(self, *a))
+    with torch.inference_mode():
+        want = model(one).float()
+        assert pack_for_decode(model)["fused_blocks"] == model.cfg.n_layers
+        fused = model(one).float()
+        assert len(calls) == model.cfg.n_layers
+        model(two)
+        assert len(calls) == model.cfg.n_layers  # two rows: the blocks' own forward
+        installed = [b.decode_fused for b in model.layers]
+        for b in model.layers:
+            b.decode_fused = None
+        packed = model(one).float()
+        for b, f in zip(model.layers, installed):
+            b.decode_fused = f
+        unpack_for_decode(model)
+        assert all(b.decode_fused is None for b in model.layers)
+    torch.testing.assert_close(fused, packed, **(dict(atol=0, rtol=0) if device == "cuda" else dict(atol=0.03, rtol=0.02)))
+    torch.testing.assert_close(fused, want, atol=0.05, rtol=0.05)
+    assert (fused.argmax(-1) == want.argmax(-1)).all()

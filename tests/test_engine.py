@@ -63,7 +63,32 @@ def test_greedy_matches_generate_for_32_mixed_length_prompts_served_concurrently
     llm = _engine(model, max_num_batched_tokens=48, decode_steps=4, max_model_len=128)
     llm.engine.runner.enable_static_decode()
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
-    assert len(llm.engine.runner.graphs) > 1
+    graphs = llm.engine.runner.graphs
+    assert len(graphs) > 1
+    assert any(greedy for (_, _, _, greedy) in graphs)  # multi-step decodes sampled inside the step
+
+
+def test_static_decode_samples_in_the_graph_only_when_plain_greedy(model):
+    """Penalties, logprobs or a seeded draw keep sampling outside the replayed step; their output through the
+    static-shape path equals the dynamic path's, while plain greedy requests take the self-sampling step."""
+    prompts = _prompts(3, lo=4, hi=12, seed=9, vocab=500)
+    params = [P(temperature=0, max_new_tokens=10, ignore_eos=True, frequency_penalty=1.5),
+              P(temperature=0, max_new_tokens=10, ignore_eos=True, logprobs=2),
+              P(temperature=0.8, seed=3, max_new_tokens=10, ignore_eos=True)]
+    dynamic = _engine(model, decode_steps=4, max_model_len=64)
+    static = _engine(model, decode_steps=4, max_model_len=64)
+    static.engine.runner.enable_static_decode()
+    for p in params:
+        want, got = dynamic.generate(prompts, p), static.generate(prompts, p)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        if p.logprobs:
+            assert [lp.logprob for o in got for lp in o.logprobs] == pytest.approx(
+                [lp.logprob for o in want for lp in o.logprobs], abs=1e-5)
+    assert not any(greedy for (_, _, _, greedy) in static.engine.runner.graphs)
+    want = dynamic.generate(prompts, P(temperature=0, max_new_tokens=10, ignore_eos=True))
+    assert [o.token_ids for o in static.generate(prompts, P(temperature=0, max_new_tokens=10, ignore_eos=True))] \
+        == [o.token_ids for o in want]
+    assert any(greedy for (_, _, _, greedy) in static.engine.runner.graphs)
 
 
 @pytest.mark.parametrize("arch", ["MistralForCausalLM", "GPT2LMHeadModel", "BloomForCausalLM"])

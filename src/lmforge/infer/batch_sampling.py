@@ -64,7 +64,7 @@ class BatchSampler:
                            if r.generator is not None and not p.greedy]
         self.n_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
 
-        self.seen = self.counts = None
+        self.seen = self.counts = None  # penalty state (set below when a row asks for penalties)
         if any(p.repetition_penalty != 1.0 for p in params):  # prompt and output tokens, as generate() does
             self.repetition = torch.tensor([p.repetition_penalty for p in params], **f32)[:, None]
             self.seen = self._scatter([r.token_ids for r in rows], torch.bool)
@@ -72,6 +72,13 @@ class BatchSampler:
             self.presence = torch.tensor([p.presence_penalty for p in params], **f32)[:, None]
             self.frequency = torch.tensor([p.frequency_penalty for p in params], **f32)[:, None]
             self.counts = self._scatter([r.token_ids[r.num_prompt:] for r in rows], torch.float32)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row takes the argmax of the raw logits (no penalties, logprobs or constraints) and nothing is kept
+        between steps: a decode graph may sample by itself (`ModelRunner.decode`)."""
+        return (self.greedy_all and self.seen is None and self.counts is None and not self.constraints
+                and self.n_logprobs is None)
 
     def _scatter(self, ids: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
         """(B, V) counts (or presence) of the given token ids per row."""

@@ -7,7 +7,9 @@ and leave fewer kernel launches inside the CUDA graph. `pack_for_decode(model)`:
   parameters at row slices of it: no extra memory, `state_dict()` and the modules are unchanged, and the packed
   matmul (`Attention.packed_qkv`, `MLP.packed_gate_up`) computes exactly what the three (two) did;
 - routes every plain `nn.Linear` and the tied LM head through `lmforge.infer.gemv.linear` (a Triton GEMV when the
-  input is one row on CUDA, `F.linear` otherwise).
+  input is one row on CUDA, `F.linear` otherwise);
+- gives each plain pre-norm block a `FusedDecodeBlock`: at one row the RMSNorms run inside the GEMVs that read
+  their output and the residual adds inside the GEMVs that produce them (no norm or add kernels left).
 
 Only plain bias-consistent `nn.Linear` projections are packed (LoRA-, quantized- or tensor-parallel-wrapped ones keep
 their own forward). `unpack_for_decode` turns the packed matmuls off again, e.g. before multi-LoRA wrappers are
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.transformer import MLP, Attention, Transformer
+from ..models.transformer import MLP, Attention, Block, RMSNorm, Transformer
 from . import gemv
 
 
@@ -52,6 +54,47 @@ class PackedGateUp(PackedProjection):
             return gemv.gemv_silu_mul(gate_up, down.weight, down.bias)
         gate, up = gate_up.split(self.sizes, dim=-1)
         return down(act(gate) * up)
+
+
+class FusedDecodeBlock:
+    """A pre-norm block's one-row forward as four GEMV launches plus the attention: no norm or add kernels.
+
+        qkv = RMSNorm(x) Wqkv^T            (gemv_rmsnorm: each program normalizes x as it loads it)
+        x   = x + mix(q, k, v) Wo^T        (gemv with the residual added in the epilogue)
+        gu  = RMSNorm(x) Wgu^T             (gemv_rmsnorm)
+        x   = x + (silu(g) * u) Wdown^T    (gemv_silu_mul with the residual)
+
+    Installed as `Block.decode_fused` only where it computes exactly what the block does: RMSNorm pre-norms, plain
+    `Attention`, packed q/k/v and gate/up, SiLU, GEMV-routed o and down projections; `applies(x)` then sends
+    one-row inputs here and everything else (prefill, batches) through the block's own forward."""
+
+    def __init__(self, block: Block):
+        self.block = block
+
+    @staticmethod
+    def supports(block: nn.Module) -> bool:
+        return (type(block) is Block and block.mlp_norm is not None
+                and type(block.attn_norm) is RMSNorm and type(block.mlp_norm) is RMSNorm
+                and type(block.attn) is Attention and block.attn.packed_qkv is not None
+                and type(block.attn.o_proj) is DecodeLinear
+                and type(block.mlp) is MLP and block.mlp.packed_gate_up is not None and block.mlp.act is F.silu
+                and type(block.mlp.down_proj) is DecodeLinear)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return gemv.use_gemv(x, self.block.attn.packed_qkv.weight)
+
+    def __call__(self, x, rope, mask, cache, slots) -> torch.Tensor:  # x: (1, 1, d_model)
+        attn, mlp = self.block.attn, self.block.mlp
+        qkv, o = attn.packed_qkv, attn.o_proj
+        q, k, v = _normed(x, self.block.attn_norm, qkv).split(qkv.sizes, dim=-1)
+        x = gemv.gemv(attn.mix(q, k, v, rope, mask, cache, slots), o.weight, o.bias, x)
+        gate_up, down = mlp.packed_gate_up, mlp.down_proj
+        h = _normed(x, self.block.mlp_norm, gate_up)  # (1, 1, 2 * d_ff)
+        return gemv.gemv_silu_mul(h, down.weight, down.bias, x)
+
+
+def _normed(x: torch.Tensor, norm: RMSNorm, packed: PackedProjection) -> torch.Tensor:
+    return gemv.gemv_rmsnorm(x, norm.weight, norm.eps, float(norm.offset), packed.weight, packed.bias)
 
 
 def _pack(linears: list[nn.Module], cls=PackedProjection) -> PackedProjection | None:
@@ -90,6 +133,11 @@ def pack_for_decode(model: Transformer) -> dict:
         if type(module) is nn.Linear:
             module.__class__ = DecodeLinear
             done["gemv_linears"] += 1
+    done["fused_blocks"] = 0
+    for block in model.layers:
+        if FusedDecodeBlock.supports(block):
+            block.decode_fused = FusedDecodeBlock(block)
+            done["fused_blocks"] += 1
     if model.lm_head is None:
         model.head_linear = gemv.linear
     return done
@@ -99,6 +147,8 @@ def unpack_for_decode(model: Transformer, keep_gemv: bool = True) -> None:
     """Back to one matmul per projection (the weights stay where they are: views of the packed storage); with
     `keep_gemv=False` also back to plain `nn.Linear` / `F.linear` everywhere."""
     for module in model.modules():
+        if isinstance(module, Block):
+            module.decode_fused = None
         if isinstance(module, Attention):
             module.packed_qkv = None
         elif isinstance(module, MLP):

@@ -121,7 +121,7 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=cfg.block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs,
                                   cuda_graphs=cfg.cuda_graphs, compile=cfg.compile, adapters=self.adapters,
-                                  attention=cfg.attention)
+                                  attention=cfg.attention, decode_steps=cfg.decode_steps)
         self.requests: dict[str, Request] = {}
         self.counters = {"finished": 0, "aborted": 0, "blocks_freed_on_abort": 0, "prompt_tokens": 0,
                          "generated_tokens": 0}
@@ -242,7 +242,7 @@ class Engine:
             results = self.runner.decode(reqs, k, self._sampler(reqs))
             for c in decodes:
                 c.request.num_computed += k
-            per_step = [self._host_result(r, len(reqs)) for r in results]
+            per_step = self._host_results(results, len(reqs))
             for i, c in enumerate(decodes):
                 outputs.append(self._emit(c.request, [s[i] for s in per_step]))
             return outputs
@@ -268,13 +268,21 @@ class Engine:
         return outputs
 
     def _host_result(self, result, n: int) -> list[tuple[int, TokenLogprob | None]]:
-        tokens = result.tokens.tolist()
-        if result.logprob is None:
-            return [(t, None) for t in tokens]
-        chosen = result.logprob.tolist()
-        tops = ([list(zip(i, v)) for i, v in zip(result.top_ids.tolist(), result.top_logprobs.tolist())]
-                if result.top_ids is not None else [[] for _ in range(n)])
-        return [(t, TokenLogprob(t, lp, top)) for t, lp, top in zip(tokens, chosen, tops)]
+        return self._host_results([result], n)[0]
+
+    def _host_results(self, results: list, n: int) -> list[list[tuple[int, TokenLogprob | None]]]:
+        """Per step, per row (token, logprobs) on the host: one device-to-host read per field for all the steps."""
+        tokens = torch.stack([r.tokens for r in results]).tolist()  # (steps, n)
+        if results[0].logprob is None:
+            return [[(t, None) for t in row] for row in tokens]
+        chosen = torch.stack([r.logprob for r in results]).tolist()
+        if results[0].top_ids is not None:
+            ids = torch.stack([r.top_ids for r in results]).tolist()
+            values = torch.stack([r.top_logprobs for r in results]).tolist()
+            tops = [[list(zip(i, v)) for i, v in zip(si, sv)] for si, sv in zip(ids, values)]
+        else:
+            tops = [[[] for _ in range(n)] for _ in results]
+        return [[(t, TokenLogprob(t, lp, top)) for t, lp, top in zip(*step)] for step in zip(tokens, chosen, tops)]
 
     def _emit(self, req: Request, sampled: list[tuple[int, TokenLogprob | None]]) -> RequestOutput:
         """Apply stop rules to the sampled tokens of one request (discarding any after a stop)."""

@@ -33,41 +33,62 @@ def _kernel():
 gemv_available = kernel_available  # the same conditions as the paged-attention kernel: CUDA, or the interpreter
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False) -> torch.Tensor:
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False,
+            norm: tuple[torch.Tensor, float, float] | None = None, residual: torch.Tensor | None = None
+            ) -> torch.Tensor:
     N, K = weight.shape
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     mod = _kernel()
-    args = (x, weight, bias if bias is not None else y, y, N, K, weight.stride(0))
+    norm_weight, eps, offset = norm if norm is not None else (y, 0.0, 0.0)
+    args = (x, weight, bias if bias is not None else y, y, N, K, weight.stride(0), norm_weight,
+            residual.contiguous() if residual is not None else y, eps, offset)
+    flags = dict(HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None, NORM_OFFSET=offset != 0.0,
+                 RESIDUAL=residual is not None)
     if x.is_cuda:
         grid = lambda meta: (-(-N // meta["BLOCK_N"]),)  # noqa: E731
-        mod.gemv_tuned[grid](*args, HAS_BIAS=bias is not None, EVEN_K=K % 1024 == 0, SILU_MUL=silu_mul)
+        mod.gemv_tuned[grid](*args, EVEN_K=K % 1024 == 0, **flags)
     else:  # the interpreter: one fixed config (autotuning would time the interpreter)
-        mod.gemv_kernel[(-(-N // 4),)](*args, HAS_BIAS=bias is not None, BLOCK_N=4, BLOCK_K=64, EVEN_K=K % 64 == 0,
-                                       SILU_MUL=silu_mul)
+        mod.gemv_kernel[(-(-N // 4),)](*args, BLOCK_N=4, BLOCK_K=64, EVEN_K=K % 64 == 0, **flags)
     return y
 
 
 @torch.library.custom_op("lmforge::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) with one row in all, weight (N, K) contiguous → (..., N)."""
-    return _launch(x, weight, bias)
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) with one row in all, weight (N, K) contiguous → (..., N); `residual` (..., N) is added to the
+    rounded product (a block's `x + o_proj(y)` in one launch)."""
+    return _launch(x, weight, bias, residual=residual)
 
 
 @gemv.register_fake
-def _(x, weight, bias=None):
+def _(x, weight, bias=None, residual=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("lmforge::gemv_silu_mul", mutates_args=())
-def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
     """The SwiGLU MLP's down projection straight from the packed gate/up output: x (..., 2K) = [gate, up], one row,
-    weight (N, K) → (..., N) = (silu(gate) * up) W^T (+ bias), no intermediate tensor or extra launch."""
-    return _launch(x, weight, bias, silu_mul=True)
+    weight (N, K) → (..., N) = (silu(gate) * up) W^T (+ bias) (+ residual), no intermediate tensor or extra launch."""
+    return _launch(x, weight, bias, silu_mul=True, residual=residual)
 
 
 @gemv_silu_mul.register_fake
-def _(x, weight, bias=None):
+def _(x, weight, bias=None, residual=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("lmforge::gemv_rmsnorm", mutates_args=())
+def gemv_rmsnorm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, offset: float, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm then a matmul in one launch: x (..., K) one row of the residual stream, norm_weight (K,), weight
+    (N, K) → (..., N) = RMSNorm(x) W^T (+ bias); `offset` as `RMSNorm.offset` (Gemma's 1 + weight)."""
+    return _launch(x, weight, bias, norm=(norm_weight, eps, offset))
+
+
+@gemv_rmsnorm.register_fake
+def _(x, norm_weight, eps, offset, weight, bias=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 

@@ -4,7 +4,9 @@ A prefill forward takes rows of new tokens, right-padded to the longest; a decod
 Both describe themselves to the cache with a `PagedBatch` built on the device from block tables, so the decode step
 is one static-shape function of a few input buffers (tokens, start positions, block tables, adapter slots): on CUDA
 it is captured once per (batch bucket, context bucket) and replayed. A multi-step decode feeds each step's sampled
-tokens straight back into the buffers, with no host round trip between steps.
+tokens straight back into the buffers, with no host round trip between steps; when every row samples greedily with
+no penalties or logprobs, the argmax, the feedback and the bookkeeping are inside the captured step too (a k-step
+decode is k replays and one read of the (k, B) tokens).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.transformer import Transformer
+from .batch_sampling import SampleResult
 from .paged_attention import kernel_available, load_kernel
 from .paged_cache import PagedBatch, PagedKVCache, model_calls_cache_attend, paged_batch, paged_decode_batch
 from .scheduler import Request, Scheduled
@@ -30,11 +33,11 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
 class ModelRunner:
     def __init__(self, model: Transformer, *, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, cuda_graphs: bool, compile: bool = False, adapters=None,
-                 attention: str = "auto"):
+                 attention: str = "auto", decode_steps: int = 8):
         self.model, self.adapters = model, adapters
         w = model.embed.weight
         self.device, self.dtype = w.device, w.dtype
-        self.block_size, self.max_model_len = block_size, max_model_len
+        self.block_size, self.max_model_len, self.decode_steps = block_size, max_model_len, decode_steps
         self.cache = PagedKVCache(model.cfg, num_blocks, block_size, self.dtype, self.device)
         self.table_width = math.ceil(max_model_len / block_size) + 1
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
@@ -69,7 +72,9 @@ class ModelRunner:
         self.static = {"tokens": torch.zeros(B, **long), "starts": torch.zeros(B, **long),
                        "lengths": torch.zeros(B, **long), "tables": torch.zeros(B, self.table_width, **long),
                        "adapters": torch.zeros(B, **long),
-                       "logits": torch.zeros(B, self.model.cfg.vocab_size, dtype=self.dtype, device=dev)}
+                       "logits": torch.zeros(B, self.model.cfg.vocab_size, dtype=self.dtype, device=dev),
+                       # greedy graphs: the step counter and each step's tokens (decode_steps, B)
+                       "step": torch.zeros(1, **long), "sampled": torch.zeros(self.decode_steps, B, **long)}
 
     def _use_paged_kernel(self, attention: str) -> bool:
         """Decode through the Triton paged kernel ("kernel"), the gathered view + SDPA ("gather"), or the kernel
@@ -174,7 +179,8 @@ class ModelRunner:
         results = []
         if self.use_graphs:
             C = self._context_bucket(max(starts_host) + steps - 1, B)
-            graph = self._graph(_bucket(B, self.batch_buckets), C, adapter_rows is not None)
+            greedy = getattr(sample, "plain_greedy", False) and steps <= self.decode_steps
+            graph = self._graph(_bucket(B, self.batch_buckets), C, adapter_rows is not None, greedy)
             st = graph.inputs  # the buffers this graph was captured on
             st["lengths"].zero_()
             st["lengths"][:B] = 1
@@ -183,6 +189,13 @@ class ModelRunner:
             st["tables"][B:].zero_()  # padding rows point at the null block, not at a finished request's blocks
             if adapter_rows is not None:
                 st["adapters"][:B] = adapter_rows
+            if greedy:  # the graph samples, feeds the tokens back and advances the positions itself
+                st["tokens"][:B] = tokens
+                st["starts"][:B] = starts
+                st["step"].zero_()
+                for _ in range(steps):
+                    graph.replay()
+                return [SampleResult(st["sampled"][i, :B]) for i in range(steps)]
             for _ in range(steps):
                 st["tokens"][:B] = tokens
                 st["starts"][:B] = starts
@@ -214,29 +227,36 @@ class ModelRunner:
             c *= 2
         return min(math.ceil(c / self.block_size) * self.block_size, top)
 
-    def _decode_graph_body(self, B: int, C: int, lora: bool, st: dict) -> torch.Tensor:
+    def _decode_graph_body(self, B: int, C: int, lora: bool, greedy: bool, st: dict) -> torch.Tensor:
         width = C // self.block_size + 1
         batch = self._decode_batch(st["tables"][:B, :width], st["starts"][:B], st["lengths"][:B], C)
         logits = self._run(st["tokens"][:B, None], batch, st["adapters"][:B] if lora else None,
                            forward=self.decode_fn)
+        if greedy:  # argmax → this step's row of `sampled` and the next step's input; positions advance
+            tokens = logits.argmax(-1)  # (B,)
+            st["sampled"][:, :B].index_copy_(0, st["step"], tokens[None])
+            st["step"].add_(1)
+            st["tokens"][:B].copy_(tokens)
+            st["starts"][:B].add_(1)
+            return st["sampled"][:, :B]
         # every graph writes the one output buffer: its own logits are a temporary of the shared graph pool, reused
         # by the next capture, instead of a tensor each graph keeps alive
         return st["logits"][:B].copy_(logits)
 
     @torch.inference_mode()
-    def _graph(self, B: int, C: int, lora: bool):
-        """The decode graph of (batch bucket, context bucket, LoRA), captured on first use. Always under inference
+    def _graph(self, B: int, C: int, lora: bool, greedy: bool = False):
+        """The decode graph of (batch bucket, context bucket, LoRA, greedy), captured on first use. Always under inference
         mode: with autograd on (capture() called from plain code), each captured output held the forward's autograd
         graph, i.e. every layer's gathered K/V view, for good (tens of GiB at 256 x 2048)."""
-        key = (B, C, lora)
+        key = (B, C, lora, greedy)
         if key in self.graphs:
             return self.graphs[key]
         st = self.static
-        for name in ("tokens", "starts", "lengths", "adapters"):  # capture on padding rows: writes hit block 0
+        for name in ("tokens", "starts", "lengths", "adapters", "step"):  # capture on padding rows: writes hit block 0
             st[name].zero_()
 
         def body() -> torch.Tensor:  # bound to these buffers for good, as the captured graph is
-            return self._decode_graph_body(B, C, lora, st)
+            return self._decode_graph_body(B, C, lora, greedy, st)
 
         if self.device.type != "cuda":
             self.graphs[key] = _EagerReplay(body, st)
@@ -247,6 +267,7 @@ class ModelRunner:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
+                st["step"].zero_()  # a greedy step advances the counter; keep the warm-up's writes in bounds
                 body()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()

@@ -89,12 +89,17 @@ class Attention(nn.Module):
         self.o_proj = linear(f"{prefix}.o_proj", cfg.n_heads * hd, d, cfg.out_bias)
 
     def forward(self, x, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
-        B, T, _ = x.shape  # x: (B, T, d_model)
-        hd = self.cfg.dim_per_head
-        if self.packed_qkv is not None:
+        if self.packed_qkv is not None:  # x: (B, T, d_model)
             q, k, v = self.packed_qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.mix(q, k, v, rope, mask, cache, slots))
+
+    def mix(self, q, k, v, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
+        """Attention over projected q (B, T, H*hd), k and v (B, T, Hkv*hd): RoPE, the cache, the mask → (B, T, H*hd),
+        what o_proj takes."""
+        B, T, _ = q.shape
+        hd = self.cfg.dim_per_head
         q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, -1, hd).transpose(1, 2)
@@ -108,7 +113,7 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(self.layer, slots, k, v)  # (B, Hkv, S, hd)
             y = attend(q, k, v, mask)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 class MLP(nn.Module):
@@ -141,6 +146,8 @@ class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); with `parallel_block` (Phi) both branches
     read the same normed input and there is no second norm. The MLP is dense or a mixture of experts."""
 
+    decode_fused = None  # inference: the whole block as fused one-row kernels (see lmforge.infer.decode_fusion)
+
     def __init__(self, cfg: ModelConfig, layer: int, linear: LinearFactory):
         super().__init__()
         self.attn_norm = make_norm(cfg)
@@ -150,6 +157,8 @@ class Block(nn.Module):
         self.mlp = MoE(cfg, prefix, linear, MLP) if cfg.is_moe_layer(layer) else MLP(cfg, prefix, linear)
 
     def forward(self, x, rope, mask, cache, slots):
+        if self.decode_fused is not None and self.decode_fused.applies(x):
+            return self.decode_fused(x, rope, mask, cache, slots)
         h = self.attn_norm(x)
         if self.mlp_norm is None:
             return x + self.attn(h, rope, mask, cache, slots) + self.mlp(h)

@@ -266,6 +266,7 @@ def test_fused_decode_blocks_equal_the_unfused_packed_step(ckpt, monkeypatch):
             b.decode_fused = f
         unpack_for_decode(model)
         assert all(b.decode_fused is None for b in model.layers)
-    torch.testing.assert_close(fused, packed, **(dict(atol=0, rtol=0) if device == "cuda" else dict(atol=0.03, rtol=0.02)))
+    exact = dict(atol=0, rtol=0) if device == "cuda" else dict(atol=0.03, rtol=0.02)  # CPU: interpreter truncation
+    torch.testing.assert_close(fused, packed, **exact)
     torch.testing.assert_close(fused, want, atol=0.05, rtol=0.05)
     assert (fused.argmax(-1) == want.argmax(-1)).all()

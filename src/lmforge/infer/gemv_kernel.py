@@ -76,4 +76,5 @@ CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s
                               (4, 512, 4, 3), (8, 512, 4, 1), (8, 512, 8, 1))]
 # tuning takes ~1 s per weight shape; where triton can, it keeps the winners on disk for the next start
 _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-gemv_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "EVEN_K", "SILU_MUL", "NORM", "RESIDUAL"], **_CACHE)(gemv_kernel)
+gemv_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "EVEN_K", "SILU_MUL", "NORM", "RESIDUAL"],
+                             **_CACHE)(gemv_kernel)

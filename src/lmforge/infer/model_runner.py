@@ -245,9 +245,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _graph(self, B: int, C: int, lora: bool, greedy: bool = False):
-        """The decode graph of (batch bucket, context bucket, LoRA, greedy), captured on first use. Always under inference
-        mode: with autograd on (capture() called from plain code), each captured output held the forward's autograd
-        graph, i.e. every layer's gathered K/V view, for good (tens of GiB at 256 x 2048)."""
+        """The decode graph of (batch bucket, context bucket, LoRA, greedy), captured on first use. Always under
+        inference mode: with autograd on (capture() called from plain code), each captured output held the forward's
+        autograd graph, i.e. every layer's gathered K/V view, for good (tens of GiB at 256 x 2048)."""
         key = (B, C, lora, greedy)
         if key in self.graphs:
             return self.graphs[key]

@@ -161,6 +161,7 @@ def measured_bandwidth(device) -> float | None:
 
 
 def bench_batch1(model, args, compile: bool, fast_decode: bool = True) -> dict:
+    from lmforge.infer import gemv
     from lmforge.infer.batch_sampling import EngineSamplingParams
     from lmforge.infer.decode_fusion import unpack_for_decode
     from lmforge.infer.engine import EngineConfig
@@ -213,7 +214,7 @@ def bench_batch1(model, args, compile: bool, fast_decode: bool = True) -> dict:
                              f"{'_compile' if compile else ''}.txt")
     row = {"decode_tokens_per_s": round(best, 1), "new_tokens": n, "prompt_len": args.batch1_prompt,
            "compile": compile, "fast_decode": fast_decode, "warmup_s": round(warmup, 1),
-           "bytes_per_token": bytes_per_token, "attention": attention}
+           "bytes_per_token": bytes_per_token, "attention": attention, "pdl": gemv.use_pdl(device)}
     if spec:
         row.update(roofline_spec_tokens_per_s=round(spec / bytes_per_token, 1),
                    pct_of_spec_roofline=round(100 * best * bytes_per_token / spec, 1))

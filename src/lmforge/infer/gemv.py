@@ -11,6 +11,9 @@ CPU tests run the kernel under TRITON_INTERPRET=1 against `F.linear`.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +33,19 @@ def _kernel():
     return _KERNEL
 
 
-gemv_available = kernel_available  # the same conditions as the paged-attention kernel: CUDA, or the interpreter
+gemv_available = kernel_available
+pdl = os.environ.get("LMFORGE_PDL", "0") == "1"  # programmatic dependent launch of the decode kernels (Hopper+)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch the decode kernels with programmatic dependent launch: CUDA compute capability 9+, a triton with
+    `gdc_wait`, and the switch on."""
+    return pdl and device.type == "cuda" and _pdl_capable(device.index)
+
+
+@functools.cache
+def _pdl_capable(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9 and _kernel().gdc_wait is not None  # the same conditions as the paged-attention kernel: CUDA, or the interpreter
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False,
@@ -47,6 +62,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
                  RESIDUAL=residual is not None)
     if x.is_cuda:
         grid = lambda meta: (-(-N // meta["BLOCK_N"]),)  # noqa: E731
+        if use_pdl(x.device):
+            flags.update(PDL=True, launch_pdl=True)
         mod.gemv_tuned[grid](*args, EVEN_K=K % 1024 == 0, **flags)
     else:  # the interpreter: one fixed config (autotuning would time the interpreter)
         mod.gemv_kernel[(-(-N // 4),)](*args, BLOCK_N=4, BLOCK_K=64, EVEN_K=K % 64 == 0, **flags)

@@ -4,12 +4,17 @@ import inspect
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (Hopper+): the kernel overlaps the previous one's tail
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # older triton: PDL is never requested (see gemv.pdl_available)
+    gdc_launch_dependents = gdc_wait = None
+
 
 @triton.jit
 def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 SILU_MUL: tl.constexpr = False, NORM: tl.constexpr = False, NORM_OFFSET: tl.constexpr = False,
-                RESIDUAL: tl.constexpr = False):
+                RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False):
     """y[n] = sum_k W[n, k] x[k] (+ bias[n]) for BLOCK_N rows of W per program, fp32 accumulation.
 
     Each fusion rounds where the unfused ops would, so on the GPU the result is bit-equal to the separate ops (Triton's
@@ -19,54 +24,69 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
     NORM: X is the residual stream and x = RMSNorm(X) with weight NormW (K,): every program first takes the
       sum of squares of X (K values, from L2), then normalizes each tile as it loads it; NORM_OFFSET scales by
       (norm_offset + weight) in fp32 (Gemma) instead of weight * normed.
-    RESIDUAL: y + Res[n] (the block's residual add), out of place."""
+    RESIDUAL: y + Res[n] (the block's residual add), out of place.
+    PDL (programmatic dependent launch): the first weight tile is loaded before waiting for the previous kernel
+      (weights do not depend on it), and the next kernel may launch as soon as every program here has started."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
+    w_rows = W + rows[:, None].to(tl.int64) * stride_wn
+    w = _w_tile(w_rows, row_ok, cols, 0, K, EVEN_K)  # (BLOCK_N, BLOCK_K): nothing before this reads X
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    rstd = 0.0
     if NORM:
         squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             v = tl.load(X + k + cols, mask=(k + cols) < K, other=0.0).to(tl.float32)
             squares += v * v
         rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-        nw_ptr = NormW + cols
-    w_ptr = W + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
-    x_ptr = X + cols
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptr, mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr)
-            if SILU_MUL:
-                up = tl.load(x_ptr + K).to(tl.float32)
-        else:
-            k_ok = (k + cols) < K
-            w = tl.load(w_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr, mask=k_ok, other=0.0)
-            if SILU_MUL:
-                up = tl.load(x_ptr + K, mask=k_ok, other=0.0).to(tl.float32)
-        if SILU_MUL:
-            gate = x.to(tl.float32)
-            x = (gate / (1.0 + tl.exp(-gate)) * up).to(x.dtype)
-        if NORM:
-            nw = tl.load(nw_ptr, mask=(k + cols) < K, other=0.0).to(tl.float32)
-            normed = x.to(tl.float32) * rstd
-            if NORM_OFFSET:
-                x = (normed * (norm_offset + nw)).to(x.dtype)
-            else:
-                x = (nw * normed.to(x.dtype).to(tl.float32)).to(x.dtype)
-            nw_ptr += BLOCK_K
+    x = _x_tile(X, NormW, cols, 0, K, rstd, norm_offset, EVEN_K, SILU_MUL, NORM, NORM_OFFSET)
+    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    for k in range(BLOCK_K, K, BLOCK_K):
+        w = _w_tile(w_rows, row_ok, cols, k, K, EVEN_K)
+        x = _x_tile(X, NormW, cols, k, K, rstd, norm_offset, EVEN_K, SILU_MUL, NORM, NORM_OFFSET)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        w_ptr += BLOCK_K
-        x_ptr += BLOCK_K
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(Bias + rows, mask=row_ok, other=0.0).to(tl.float32)
     if RESIDUAL:
-        y = (y.to(Y.dtype.element_ty).to(tl.float32)
-             + tl.load(Res + rows, mask=row_ok, other=0.0).to(tl.float32))
+        y = y.to(Y.dtype.element_ty).to(tl.float32) + tl.load(Res + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _w_tile(w_rows, row_ok, cols, k, K, EVEN_K: tl.constexpr):
+    """Columns k .. k + BLOCK_K of this program's weight rows, streamed past the caches."""
+    if EVEN_K:
+        return tl.load(w_rows + k + cols[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
+    return tl.load(w_rows + k + cols[None, :], mask=row_ok[:, None] & ((k + cols) < K)[None, :], other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _x_tile(X, NormW, cols, k, K, rstd, norm_offset, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
+            NORM: tl.constexpr, NORM_OFFSET: tl.constexpr):
+    """Input values k .. k + BLOCK_K in X's dtype, after the fused SiLU·mul or RMSNorm (rounded as the ops do)."""
+    k_ok = (k + cols) < K
+    if EVEN_K:
+        x = tl.load(X + k + cols)
+    else:
+        x = tl.load(X + k + cols, mask=k_ok, other=0.0)
+    if SILU_MUL:
+        gate = x.to(tl.float32)
+        up = tl.load(X + K + k + cols, mask=k_ok, other=0.0).to(tl.float32)
+        x = (gate / (1.0 + tl.exp(-gate)) * up).to(x.dtype)
+    if NORM:
+        nw = tl.load(NormW + k + cols, mask=k_ok, other=0.0).to(tl.float32)
+        normed = x.to(tl.float32) * rstd
+        if NORM_OFFSET:
+            x = (normed * (norm_offset + nw)).to(x.dtype)
+        else:
+            x = (nw * normed.to(x.dtype).to(tl.float32)).to(x.dtype)
+    return x
 
 
 # the winners of a 44-config sweep (BLOCK_N 2-16, BLOCK_K 256-1024, 4/8 warps, 1/3 stages) over the Llama 1B and 8B

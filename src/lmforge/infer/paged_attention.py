@@ -98,12 +98,19 @@ def paged_decode_attention(
         1.0 / math.sqrt(D), q2.stride(0), q2.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
         per_split, window or 0,
         G=G, GP=max(16, kernel.next_power_of_2(G)), D=D, DP=max(16, kernel.next_power_of_2(D)),
-        BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q2.dtype == torch.float32, ROPE=rope,
+        BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q2.dtype == torch.float32, ROPE=rope, **_pdl(q2),
     )
     if splits > 1:
         kernel.combine_kernel[(B * Hkv, G)](acc, stats, out, SPLITS=splits, SP=kernel.next_power_of_2(splits), D=D,
-                                            DP=kernel.next_power_of_2(D))
+                                            DP=kernel.next_power_of_2(D), **_pdl(q2))
     return out[:, :, None]
+
+
+def _pdl(x: torch.Tensor) -> dict:
+    """Launch options for programmatic dependent launch where the decode kernels use it (`gemv.use_pdl`)."""
+    from .gemv import use_pdl
+
+    return {"PDL": True, "launch_pdl": True} if use_pdl(x.device) else {}
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
@@ -118,7 +125,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
     rope = cos is not None
     kernel.kv_write_kernel[(B, Hkv)](k3, v3, k_pool, v_pool, slots, cos if rope else k3, sin if rope else k3,
                                      k3.stride(0), k3.stride(1), k_pool.stride(0), k_pool.stride(1), D=D,
-                                     DP=kernel.next_power_of_2(D), ROPE=rope)
+                                     DP=kernel.next_power_of_2(D), ROPE=rope, **_pdl(k3))
 
 
 @torch.library.custom_op("lmforge::paged_decode", mutates_args=("k_pools", "v_pools"))

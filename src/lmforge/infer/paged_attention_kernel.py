@@ -3,6 +3,11 @@ TRITON_INTERPRET (CPU interpreter, for tests) when it is imported, and CPU wheel
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (see gemv_kernel)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
 next_power_of_2 = triton.next_power_of_2
 
 
@@ -12,7 +17,11 @@ def paged_decode_kernel(
     scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, tokens_per_split, window,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     CHUNK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote q
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -81,9 +90,12 @@ def _rotate(x, partner, Cos, Sin, b, d, D: tl.constexpr):
 
 @triton.jit
 def kv_write_kernel(K, V, KPool, VPool, Slots, Cos, Sin, stride_kb, stride_kh, stride_ps, stride_ph,
-                    D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr = False):
+                    D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False):
     """Pool[slot of row b, head h] = new k/v (b, h): one program per (row, kv head), K and V in one launch; with
     ROPE the key is rotated on the way."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, DP)
@@ -99,10 +111,14 @@ def kv_write_kernel(K, V, KPool, VPool, Slots, Cos, Sin, stride_kb, stride_kh, s
 
 
 @triton.jit
-def combine_kernel(Acc, Stats, Out, SPLITS: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+def combine_kernel(Acc, Stats, Out, SPLITS: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """Merge the per-split partials of one (row, query head): Acc (rows, SPLITS, D) unnormalized, Stats (rows,
     SPLITS, 2) = (running max, sum of exp) → Out (rows, D). Rows = (B, Hkv, G) flattened, as the kernel stores
     them with the split index between kv head and group: row r = (b*Hkv + h)*G + g ↔ partial ((b*Hkv+h)*SPLITS+s)*G+g."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     r = tl.program_id(0)
     G = tl.num_programs(1)
     g = tl.program_id(1)

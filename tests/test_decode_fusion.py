@@ -270,3 +270,22 @@ def test_fused_decode_blocks_equal_the_unfused_packed_step(ckpt, monkeypatch):
     torch.testing.assert_close(fused, packed, **exact)
     torch.testing.assert_close(fused, want, atol=0.05, rtol=0.05)
     assert (fused.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper-class GPU")
+def test_programmatic_dependent_launch_changes_no_result(ckpt, monkeypatch):
+    """The decode kernels launched with PDL (the default on Hopper) compute exactly what plain launches do, eagerly
+    and replayed from a CUDA graph."""
+    from lmforge.infer.engine import EngineConfig
+
+    model = load_hf(ckpt, progress=False, dtype=torch.bfloat16, device="cuda")
+    prompts = _prompts(3, seed=11)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(gemv, "pdl", on)
+        llm = LLM(model, config=EngineConfig(block_size=4, num_blocks=64, decode_steps=4, max_num_seqs=1))
+        outs[on] = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+        assert gemv.use_pdl(torch.device("cuda")) == on
+        unpack_for_decode(model)
+    assert outs[True] == outs[False]

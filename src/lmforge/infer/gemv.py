@@ -34,7 +34,10 @@ def _kernel():
 
 
 gemv_available = kernel_available
-pdl = os.environ.get("LMFORGE_PDL", "0") == "1"  # programmatic dependent launch of the decode kernels (Hopper+)
+# programmatic dependent launch of the decode kernels (Hopper+; LMFORGE_PDL=0 turns it off): each GEMV, K/V write,
+# attention and combine kernel may start while the previous one drains, and a GEMV loads its first weight tile before
+# waiting for the previous kernel's output. Inside the captured decode step the launches become programmatic edges.
+pdl = os.environ.get("LMFORGE_PDL", "1") == "1"
 
 
 def use_pdl(device: torch.device) -> bool:

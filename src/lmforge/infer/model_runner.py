@@ -22,7 +22,8 @@ from .paged_attention import kernel_available, load_kernel
 from .paged_cache import PagedBatch, PagedKVCache, model_calls_cache_attend, paged_batch, paged_decode_batch
 from .scheduler import Request, Scheduled
 
-_BATCH_TENSORS = ("positions", "write_slots", "view_slots", "key_positions", "query_slots", "block_tables", "seq_lens")
+_BATCH_TENSORS = ("positions", "write_slots", "view_slots", "key_positions", "query_slots", "block_tables", "seq_lens",
+                  "rope_cos", "rope_sin")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
@@ -42,6 +43,8 @@ class ModelRunner:
         self.table_width = math.ceil(max_model_len / block_size) + 1
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.paged_kernel = self._use_paged_kernel(attention)
+        # the decode kernels rotate q/k: the batch carries the RoPE tables (see PagedBatch.rope_cos)
+        self.rope = (model.rope_inv_freq, self.dtype) if self.paged_kernel and self.cache.kernel_rope else None
         self.forward_fn = self.decode_fn = self._model_forward
         self.batch_fn = None
         if compile:  # the static-shape decode step only: prefill shapes vary too much to compile each
@@ -102,12 +105,12 @@ class ModelRunner:
             values = self.batch_fn(tables, starts, lengths, C + 1)
             return PagedBatch(**dict(zip(_BATCH_TENSORS, values)), max_context=C + 1)
         if self.paged_kernel:
-            return paged_decode_batch(tables, starts, lengths, self.block_size, C + 1)
+            return paged_decode_batch(tables, starts, lengths, self.block_size, C + 1, self.rope)
         return paged_batch(tables, starts, lengths, 1, C, self.block_size)
 
     def _decode_batch_tensors(self, tables, starts, lengths, max_context: int) -> tuple:
         """The kernel path's decode batch as a tuple of tensors (what the compiled function returns)."""
-        batch = paged_decode_batch(tables, starts, lengths, self.block_size, max_context)
+        batch = paged_decode_batch(tables, starts, lengths, self.block_size, max_context, self.rope)
         return tuple(getattr(batch, name) for name in _BATCH_TENSORS)
 
     def _model_forward(self, tokens: torch.Tensor, positions: torch.Tensor, query_slots: torch.Tensor):

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..models.attention import attend as sdpa_attend
 from ..models.config import ModelConfig
+from ..models.positions import rope_cos_sin
 
 NULL_BLOCK = 0
 
@@ -157,6 +158,10 @@ class PagedBatch:
     block_tables: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
     max_context: int = 0
+    # RoPE tables (B, D/2) of the new tokens for kernels that rotate q/k themselves: built with the batch, outside
+    # the compiled forward, so every layer's kernel reads the same buffers (inside it, inductor rebuilt them per layer)
+    rope_cos: torch.Tensor | None = None
+    rope_sin: torch.Tensor | None = None
 
     @property
     def context(self) -> int:
@@ -200,13 +205,17 @@ def paged_batch(
 
 
 def paged_decode_batch(block_tables: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, block_size: int,
-                       max_context: int) -> PagedBatch:
+                       max_context: int, rope: tuple[torch.Tensor, torch.dtype] | None = None) -> PagedBatch:
     """A one-token-per-row batch for the paged decode kernel: no gathered view (C = 0; the model's mask is then
-    (B, 1, 1, 1) and unused), keys per row = start + 1 (0 for padding rows)."""
+    (B, 1, 1, 1) and unused), keys per row = start + 1 (0 for padding rows). `rope` = (inv_freq, dtype): also the
+    RoPE tables of the new tokens, as the model computes them (`rope_cos_sin`)."""
     batch = paged_batch(block_tables, starts, lengths, 1, 0, block_size)
     batch.block_tables = block_tables
     batch.seq_lens = torch.where(lengths > 0, starts + 1, 0)
     batch.max_context = max_context
+    if rope is not None:
+        cos, sin = rope_cos_sin(batch.positions, *rope)  # (B, 1, 1, D/2)
+        batch.rope_cos, batch.rope_sin = cos.reshape(len(cos), -1), sin.reshape(len(sin), -1)
     return batch
 
 
@@ -267,7 +276,12 @@ class PagedKVCache(nn.Module):
             return sdpa_attend(q, *self.update(layer, None, k, v), mask)
         from .paged_attention import paged_decode
 
-        cos, sin = (None, None) if rope is None else (t.reshape(len(t), -1) for t in rope)
+        if rope is None:
+            cos = sin = None
+        elif batch.rope_cos is not None:  # the batch's tables: the same positions, computed once per step
+            cos, sin = batch.rope_cos, batch.rope_sin
+        else:
+            cos, sin = (t.reshape(len(t), -1) for t in rope)
         return paged_decode(q, k, v, self.k, self.v, layer, batch.write_slots, batch.block_tables, batch.seq_lens,
                             self.block_size, batch.max_context, self.windows[layer] or 0, cos, sin)
 

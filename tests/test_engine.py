@@ -277,3 +277,14 @@ def test_abort_frees_blocks_and_reports_it(model):
     stats = engine.stats()
     assert stats["aborted"] == 1 and stats["blocks_freed_on_abort"] >= 8
     assert stats["free_blocks"] == stats["num_blocks"] - 1
+
+
+@pytest.mark.parametrize("V", [128256, 1000, 50])
+def test_two_stage_argmax_equals_argmax_ties_included(V):
+    from lmforge.infer.batch_sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(3, V, generator=g).to(torch.bfloat16)
+    x[1, V // 3] = x[1, V - 1] = x[1].max() + 1  # a tie across chunks: the first index wins
+    x[2] = 0.5  # every entry tied
+    assert argmax_rows(x).tolist() == x.argmax(-1).tolist() == [int(x[0].float().argmax()), V // 3, 0]

@@ -36,6 +36,19 @@ class EngineSamplingParams(SamplingParams):
         return cls(**params.model_dump()) if params is not None else cls()
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, V) → (B,) indices of each row's first maximum, as `x.argmax(-1)`, in two stages: PyTorch's one-pass
+    reduction spreads a single 128k-wide row over a handful of thread blocks (30 µs on an H100, 3% of a 1B model's
+    decode step); as (B, chunks, V / chunks) it fills the GPU, then a (B, chunks) argmax picks the chunk."""
+    B, V = x.shape
+    chunks = next((c for c in (256, 128, 64, 32) if V % c == 0 and V // c >= 64), 1)
+    if chunks == 1:
+        return x.argmax(-1)
+    values, index = x.view(B, chunks, V // chunks).max(-1)  # (B, chunks): each chunk's first maximum
+    best = values.argmax(-1, keepdim=True)  # (B, 1): the first chunk holding the row's maximum
+    return best[:, 0] * (V // chunks) + index.gather(1, best)[:, 0]
+
+
 @dataclass
 class SampleResult:
     tokens: torch.Tensor  # (B,) chosen ids
@@ -124,7 +137,7 @@ class BatchSampler:
         """Next tokens for logits (B, V); updates the penalty state with them."""
         x = self.penalized(logits)
         if self.greedy_all:
-            tokens, probs = x.argmax(-1), None
+            tokens, probs = argmax_rows(x), None
         else:
             probs = self.filtered(x).softmax(-1)
             tokens = torch.where(self.greedy, x.argmax(-1), self.draw(probs))

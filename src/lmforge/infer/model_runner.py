@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.transformer import Transformer
-from .batch_sampling import SampleResult
+from .batch_sampling import SampleResult, argmax_rows
 from .paged_attention import kernel_available, load_kernel
 from .paged_cache import PagedBatch, PagedKVCache, model_calls_cache_attend, paged_batch, paged_decode_batch
 from .scheduler import Request, Scheduled
@@ -236,7 +236,7 @@ class ModelRunner:
         logits = self._run(st["tokens"][:B, None], batch, st["adapters"][:B] if lora else None,
                            forward=self.decode_fn)
         if greedy:  # argmax → this step's row of `sampled` and the next step's input; positions advance
-            tokens = logits.argmax(-1)  # (B,)
+            tokens = argmax_rows(logits)  # (B,)
             st["sampled"][:, :B].index_copy_(0, st["step"], tokens[None])
             st["step"].add_(1)
             st["tokens"][:B].copy_(tokens)

@@ -33,7 +33,7 @@ def _kernel():
     return _KERNEL
 
 
-gemv_available = kernel_available
+gemv_available = kernel_available  # the same conditions as the paged-attention kernel: CUDA, or the interpreter
 # programmatic dependent launch of the decode kernels (Hopper+; LMFORGE_PDL=0 turns it off): each GEMV, K/V write,
 # attention and combine kernel may start while the previous one drains, and a GEMV loads its first weight tile before
 # waiting for the previous kernel's output. Inside the captured decode step the launches become programmatic edges.
@@ -48,7 +48,7 @@ def use_pdl(device: torch.device) -> bool:
 
 @functools.cache
 def _pdl_capable(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9 and _kernel().gdc_wait is not None  # the same conditions as the paged-attention kernel: CUDA, or the interpreter
+    return torch.cuda.get_device_capability(index)[0] >= 9 and _kernel().gdc_wait is not None
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False,

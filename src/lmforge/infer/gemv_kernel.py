@@ -6,7 +6,7 @@ import triton.language as tl
 
 try:  # programmatic dependent launch (Hopper+): the kernel overlaps the previous one's tail
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # older triton: PDL is never requested (see gemv.pdl_available)
+except ImportError:  # older triton: PDL is never requested (see gemv.use_pdl)
     gdc_launch_dependents = gdc_wait = None
 
 

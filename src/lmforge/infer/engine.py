@@ -259,16 +259,13 @@ class Engine:
             c.request.num_computed += c.length
         if sampled:
             result = self._sampler([c.request for c in sampled])(torch.cat(logits))
-            host = self._host_result(result, len(sampled))
+            host = self._host_results([result], len(sampled))[0]
             for i, c in enumerate(sampled):
                 outputs.append(self._emit(c.request, [host[i]]))
         for c in decodes:
             if not c.samples:
                 self.scheduler.cache_full_blocks(c.request)
         return outputs
-
-    def _host_result(self, result, n: int) -> list[tuple[int, TokenLogprob | None]]:
-        return self._host_results([result], n)[0]
 
     def _host_results(self, results: list, n: int) -> list[list[tuple[int, TokenLogprob | None]]]:
         """Per step, per row (token, logprobs) on the host: one device-to-host read per field for all the steps."""

@@ -46,6 +46,11 @@ def use_pdl(device: torch.device) -> bool:
     return pdl and device.type == "cuda" and _pdl_capable(device.index)
 
 
+def pdl_options(device: torch.device) -> dict:
+    """Launch options of a decode kernel: its PDL switch and Triton's launch flag where `use_pdl`, else none."""
+    return {"PDL": True, "launch_pdl": True} if use_pdl(device) else {}
+
+
 @functools.cache
 def _pdl_capable(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9 and _kernel().gdc_wait is not None
@@ -65,9 +70,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
                  RESIDUAL=residual is not None)
     if x.is_cuda:
         grid = lambda meta: (-(-N // meta["BLOCK_N"]),)  # noqa: E731
-        if use_pdl(x.device):
-            flags.update(PDL=True, launch_pdl=True)
-        mod.gemv_tuned[grid](*args, EVEN_K=K % 1024 == 0, **flags)
+        mod.gemv_tuned[grid](*args, EVEN_K=K % 1024 == 0, **flags, **pdl_options(x.device))
     else:  # the interpreter: one fixed config (autotuning would time the interpreter)
         mod.gemv_kernel[(-(-N // 4),)](*args, BLOCK_N=4, BLOCK_K=64, EVEN_K=K % 64 == 0, **flags)
     return y

@@ -107,10 +107,9 @@ def paged_decode_attention(
 
 
 def _pdl(x: torch.Tensor) -> dict:
-    """Launch options for programmatic dependent launch where the decode kernels use it (`gemv.use_pdl`)."""
-    from .gemv import use_pdl
+    from .gemv import pdl_options  # (gemv imports this module)
 
-    return {"PDL": True, "launch_pdl": True} if use_pdl(x.device) else {}
+    return pdl_options(x.device)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,

@@ -211,6 +211,40 @@ def test_paged_decode_rotates_q_and_k_like_apply_rope(dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("window", [0, 50])
+def test_paged_decode_writes_kv_and_merges_splits_in_one_launch(window):
+    """The decode op over a context split across programs (new K/V written by the program holding the last
+    position, partials merged by the last program to arrive) = writing K/V by hand, then one-split attention;
+    twice in a row, since the arrival counters must be zero again after each launch."""
+    from lmforge.infer import paged_attention
+    from lmforge.infer.paged_attention import choose_splits, paged_decode, paged_decode_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    B, H, Hkv, D, bs, L, C = 4, 8, 2, 32, 8, 2, 256
+    lens = torch.tensor([200, 1, 0, 131])  # keys per row (new one included); 0 = a padding row
+    tables = (torch.randperm(4 * C // bs, generator=g)[:B * C // bs] + 1).view(B, C // bs)
+    slots = torch.tensor([tables[i, (n - 1) // bs] * bs + (n - 1) % bs if n else 0 for i, n in enumerate(lens.tolist())])
+    assert choose_splits(B, Hkv, C) > 1
+    pools = [torch.randn(L, 5 * C, Hkv, D, generator=g).to(device) for _ in range(2)]
+    args = (tables.to(device), lens.to(device), bs, C, window)
+    for _ in range(2):
+        q = torch.randn(B, H, 1, D, generator=g).to(device)
+        k, v = (torch.randn(B, Hkv, 1, D, generator=g).to(device) for _ in range(2))
+        want_pools = [p.clone() for p in pools]
+        live = lens > 0
+        for pool, new in zip(want_pools, (k, v)):
+            pool[1, slots[live].to(device)] = new[live.to(device), :, 0]
+        want = paged_decode_attention(q, *(p[1] for p in want_pools), *args[:4], window or None, splits=1)
+        got = paged_decode(q, k, v, *pools, 1, slots.to(device), *args)
+        torch.testing.assert_close(pools[0], want_pools[0], atol=0, rtol=0)
+        torch.testing.assert_close(pools[1], want_pools[1], atol=0, rtol=0)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got[2].abs().max() == 0  # the padding row: zeros, and nothing written for it
+        assert int(paged_attention._ARRIVALS[torch.device(device)].abs().sum()) == 0
+
+
+@needs_kernel
 @pytest.mark.parametrize("offset,bias", [(0.0, False), (1.0, True)])
 def test_gemv_rmsnorm_and_residual_equal_the_separate_ops(offset, bias):
     """The fused RMSNorm prologue and residual epilogue round where the separate ops do: on the GPU bit-equal to the

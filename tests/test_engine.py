@@ -279,6 +279,71 @@ def test_abort_frees_blocks_and_reports_it(model):
     assert stats["free_blocks"] == stats["num_blocks"] - 1
 
 
+def test_greedy_run_ahead_matches_generate_and_drops_tokens_past_a_stop(model, monkeypatch):
+    """Greedy-graph decodes launch the next run before reading the current one: outputs still equal generate()
+    for requests of different lengths, one stopping on a stop id mid-run (its run-ahead tokens dropped); an abort
+    while a run is in flight; every block comes back."""
+    prompts = _prompts(3, lo=5, hi=20, seed=4, vocab=500)
+    probe = generate(model, prompts[:1], SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))[0]
+    stop = probe.token_ids[6]
+    params = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, stop_token_ids=[stop]),
+              SamplingParams(temperature=0, max_new_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0, max_new_tokens=23, ignore_eos=True)]
+    want = [generate(model, [p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    assert len(want[0]) < 12  # the stop id ended it
+    llm = _engine(model, decode_steps=4, max_model_len=64)
+    runner = llm.engine.runner
+    runner.enable_static_decode()
+    launched = []
+    continue_greedy = runner.continue_greedy
+
+    def counting(reqs, steps):
+        out = continue_greedy(reqs, steps)
+        launched.append(out is not None)
+        return out
+
+    monkeypatch.setattr(runner, "continue_greedy", counting)
+    out = llm.generate(prompts, params)
+    assert [o.token_ids for o in out] == want
+    assert [o.finish_reason for o in out] == ["stop", "length", "length"]
+    assert sum(launched) >= 3  # runs really were launched ahead (23 tokens at 4 per run)
+    engine = llm.engine
+    assert engine._inflight is None
+    assert engine.stats()["free_blocks"] == engine.stats()["num_blocks"] - 1
+
+    rid = engine.add_request(prompts[2], P(temperature=0, max_new_tokens=40, ignore_eos=True))
+    outs = []
+    while engine._inflight is None:
+        outs += engine.step()
+    n_before = sum(len(o.new_token_ids) for o in outs)
+    assert engine.abort(rid)
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert outs[-1].finish_reason == "abort" and sum(len(o.new_token_ids) for o in outs) == n_before
+    assert engine._inflight is None
+    assert engine.stats()["free_blocks"] == engine.stats()["num_blocks"] - 1
+
+
+@pytest.mark.gpu
+def test_gpu_run_ahead_changes_no_token(tmp_path, monkeypatch):
+    """On CUDA (graphs, the paged kernel, async copies of the tokens): the engine with runs launched ahead gives
+    the tokens it gives without them, for a batch and for one request alone."""
+    model = load_hf(make_tiny_checkpoint(tmp_path / "tiny"), progress=False, device="cuda", dtype=torch.bfloat16)
+    prompts = _prompts(8, lo=3, hi=40, seed=5, vocab=500)
+    params = [P(temperature=0, max_new_tokens=7 + 5 * i, ignore_eos=True) for i in range(8)]
+    outs, launched = [], []
+    for ahead in (True, False):
+        if not ahead:
+            monkeypatch.setattr(Engine, "_run_ahead", lambda self, run: None)
+        llm = _engine(model, decode_steps=4, max_model_len=128)
+        continue_greedy = llm.engine.runner.continue_greedy
+        llm.engine.runner.continue_greedy = lambda reqs, k: launched.append(k) or continue_greedy(reqs, k)
+        outs.append([o.token_ids for o in llm.generate(prompts, params)] +
+                    [o.token_ids for o in llm.generate(prompts[:1], params[-1])])
+        assert llm.engine.stats()["free_blocks"] == llm.engine.stats()["num_blocks"] - 1
+    assert outs[0] == outs[1] and len(launched) > 3
+
+
 @pytest.mark.parametrize("V", [128256, 1000, 50])
 def test_two_stage_argmax_equals_argmax_ties_included(V):
     from lmforge.infer.batch_sampling import argmax_rows

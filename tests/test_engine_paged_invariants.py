@@ -45,7 +45,7 @@ class SlotAudit:
         self.forward = 0
         self.errors: list[str] = []
         self.checked = {"rows": 0, "kernel": 0, "view": 0, "steps": 0}  # steps: most forwards of one decode call
-        prefill, decode = self.runner.prefill, self.runner.decode
+        prefill, decode, continue_greedy = self.runner.prefill, self.runner.decode, self.runner.continue_greedy
         update, attend = self.cache.update, self.cache.attend
 
         def audited_prefill(chunks):
@@ -55,6 +55,10 @@ class SlotAudit:
         def audited_decode(reqs, steps, sample):
             self._start([(list(r.blocks), r.num_computed, 1) for r in reqs], reqs)
             return decode(reqs, steps, sample)
+
+        def audited_continue(reqs, steps):  # a greedy run launched ahead: from each row's num_computed on
+            self._start([(list(r.blocks), r.num_computed, 1) for r in reqs], reqs)
+            return continue_greedy(reqs, steps)
 
         def audited_update(layer, slots, k, v):
             batch = self.cache.batch
@@ -85,6 +89,7 @@ class SlotAudit:
             return out
 
         self.runner.prefill, self.runner.decode = audited_prefill, audited_decode
+        self.runner.continue_greedy = audited_continue
         self.cache.update, self.cache.attend = audited_update, audited_attend
 
     def _capturing(self) -> bool:

@@ -5,7 +5,10 @@ preemption), runs the decode rows (a CUDA graph on GPU) and the prefill chunks, 
 parameters, and applies the stop rules of `generate()` (eos and stop ids, stop strings held back while they may
 still match, max tokens) plus a JSON-object constraint. When every running request is decoding and nothing is
 waiting for a slot, a step runs up to `decode_steps` decode iterations back to back on the device (tokens fed
-straight back, one host sync at the end); tokens past a stop are discarded.
+straight back, one host sync at the end); tokens past a stop are discarded. When those rows sample greedily (the
+argmax inside the CUDA graph), the next such run is launched before the current one is read (run-ahead), so the
+GPU keeps decoding while the host reads tokens, applies stop rules and streams text; a request that stopped or
+was aborted meanwhile just has its run-ahead tokens dropped.
 
 `LLM` (offline) and the server (`lmforge.serve`) both drive this class; it is not thread-safe (the server runs it
 on one background thread).
@@ -31,7 +34,7 @@ from .model_runner import ModelRunner, kv_cache_blocks
 from .multi_lora import AdapterSet
 from .paged_cache import BlockPool
 from .sampling import SamplingParams
-from .scheduler import FINISHED, Request, Scheduled, Scheduler
+from .scheduler import FINISHED, RUNNING, Request, Scheduled, Scheduler
 
 
 class EngineConfig(Section):
@@ -126,6 +129,7 @@ class Engine:
         self.counters = {"finished": 0, "aborted": 0, "blocks_freed_on_abort": 0, "prompt_tokens": 0,
                          "generated_tokens": 0}
         self._pending: list[RequestOutput] = []
+        self._inflight: _Run | None = None  # a greedy decode launched ahead, read by the next step
         self._ids = itertools.count()
         self._token_texts: list[str] | None = None
         self._base_stop_ids = set(model.cfg.stop_token_ids) | set(tokenizer.stop_ids() if tokenizer else [])
@@ -191,6 +195,8 @@ class Engine:
         req.status, req.finish_reason = FINISHED, "abort"
         self.counters["aborted"] += 1
         self.counters["blocks_freed_on_abort"] += freed
+        if self._inflight is not None and all(r.status == FINISHED for r in self._inflight.reqs):
+            self._inflight = None  # a run launched ahead for it alone: nothing left to read
         self._pending.append(self._final(req, RequestOutput(request_id)))
         return True
 
@@ -231,6 +237,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return the outputs of every request that produced something or ended."""
         outputs, self._pending = self._pending, []
+        if self._inflight is not None:  # launched by the last step: read it (launching the next one first)
+            return outputs + self._finish(self._inflight)
         k = self._lookahead()
         chunks, preempted = self.scheduler.schedule(k)
         if not chunks:
@@ -242,10 +250,7 @@ class Engine:
             results = self.runner.decode(reqs, k, self._sampler(reqs))
             for c in decodes:
                 c.request.num_computed += k
-            per_step = self._host_results(results, len(reqs))
-            for i, c in enumerate(decodes):
-                outputs.append(self._emit(c.request, [s[i] for s in per_step]))
-            return outputs
+            return outputs + self._finish(_Run(reqs, results))
 
         logits = []
         if decodes:
@@ -267,9 +272,45 @@ class Engine:
                 self.scheduler.cache_full_blocks(c.request)
         return outputs
 
-    def _host_results(self, results: list, n: int) -> list[list[tuple[int, TokenLogprob | None]]]:
-        """Per step, per row (token, logprobs) on the host: one device-to-host read per field for all the steps."""
-        tokens = torch.stack([r.tokens for r in results]).tolist()  # (steps, n)
+    def _finish(self, run: _Run) -> list[RequestOutput]:
+        """Read a multi-step decode and apply the stop rules, after launching the next greedy run of the same rows
+        when nothing else could use the step (see `_run_ahead`)."""
+        self._inflight = self._run_ahead(run)
+        per_step = self._host_results(run.results, len(run.reqs), run.tokens.get())
+        outputs = [self._emit(r, [s[i] for s in per_step]) for i, r in enumerate(run.reqs)
+                   if r.status != FINISHED]  # (aborted since the launch: its last output is already pending)
+        if self._inflight is not None and all(r.status == FINISHED for r in self._inflight.reqs):
+            self._inflight = None  # everyone stopped: nothing to read
+        return outputs
+
+    def _run_ahead(self, run: _Run) -> _Run | None:
+        """Launch the next `decode_steps` greedy decode steps of `run`'s rows before reading `run`: only when it
+        was a greedy-graph run (`ModelRunner.continue_greedy`), its rows are all of the running requests, nobody
+        waits for a free slot, and every row has room for more tokens even if `run` stops none of them. The
+        positions count from num_computed, which already includes `run`."""
+        sched, k = self.scheduler, self.config.decode_steps
+        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+            return None
+        if len(run.reqs) != len(sched.running) or any(r.status != RUNNING for r in run.reqs):
+            return None
+        for r in run.reqs:  # num_tokens / num_generated do not count run's tokens yet
+            k = min(k, r.params.max_new_tokens - r.num_generated - run.steps,
+                    self.max_model_len - r.num_tokens - run.steps)
+        if k < 1 or not self.runner.continues(run.reqs) or not sched.reserve_decodes(run.reqs, k):
+            return None
+        results = self.runner.continue_greedy(run.reqs, k)
+        if results is None:
+            return None
+        for r in run.reqs:
+            r.num_computed += k
+        return _Run(run.reqs, results)
+
+    def _host_results(self, results: list, n: int, tokens: list[list[int]] | None = None
+                      ) -> list[list[tuple[int, TokenLogprob | None]]]:
+        """Per step, per row (token, logprobs) on the host: one device-to-host read per field for all the steps
+        (`tokens` (steps, n): already read)."""
+        if tokens is None:
+            tokens = torch.stack([r.tokens for r in results]).tolist()  # (steps, n)
         if results[0].logprob is None:
             return [[(t, None) for t in row] for row in tokens]
         chosen = torch.stack([r.logprob for r in results]).tolist()
@@ -331,6 +372,33 @@ class Engine:
         out.text = detok.text if detok is not None else None
         out.logprobs = req.extra.get("logprobs") if req.params.logprobs is not None else None
         return out
+
+
+class _Run:
+    """A launched multi-step decode: its rows, its per-step results on the device, and their tokens on their way
+    to the host (copied right behind the run, so reading them waits for this run only, not one launched after)."""
+
+    def __init__(self, reqs: list[Request], results: list):
+        self.reqs, self.results, self.steps = reqs, results, len(results)
+        self.tokens = _TokensToHost(torch.stack([r.tokens for r in results]))
+
+
+class _TokensToHost:
+    """A device tensor copied to the host behind the work queued so far: pinned memory and an event on CUDA."""
+
+    def __init__(self, x: torch.Tensor):
+        if x.is_cuda:
+            self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            self.host.copy_(x, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = x.clone(), None
+
+    def get(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def _prefill_groups(chunks: list[Scheduled], waste: float = 1.5) -> list[list[Scheduled]]:

@@ -34,8 +34,8 @@ def _kernel():
 
 
 gemv_available = kernel_available  # the same conditions as the paged-attention kernel: CUDA, or the interpreter
-# programmatic dependent launch of the decode kernels (Hopper+; LMFORGE_PDL=0 turns it off): each GEMV, K/V write,
-# attention and combine kernel may start while the previous one drains, and a GEMV loads its first weight tile before
+# programmatic dependent launch of the decode kernels (Hopper+; LMFORGE_PDL=0 turns it off): each GEMV and
+# attention kernel may start while the previous one drains, and a GEMV loads its first weight tile before
 # waiting for the previous kernel's output. Inside the captured decode step the launches become programmatic edges.
 pdl = os.environ.get("LMFORGE_PDL", "1") == "1"
 

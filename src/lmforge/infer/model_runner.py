@@ -6,7 +6,8 @@ is one static-shape function of a few input buffers (tokens, start positions, bl
 it is captured once per (batch bucket, context bucket) and replayed. A multi-step decode feeds each step's sampled
 tokens straight back into the buffers, with no host round trip between steps; when every row samples greedily with
 no penalties or logprobs, the argmax, the feedback and the bookkeeping are inside the captured step too (a k-step
-decode is k replays and one read of the (k, B) tokens).
+decode is k replays and one read of the (k, B) tokens), and `continue_greedy` can launch the next k steps before
+that read, straight from the graph's own buffers (the engine overlaps its host work with them).
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class ModelRunner:
         self.graphs: dict[tuple, _CapturedGraph | _EagerReplay] = {}
         self.graph_pool = self.capture_stream = None
         self.static: dict[str, torch.Tensor] = {}
+        self._greedy_run: _GreedyRun | None = None  # the last decode, if a greedy graph ran it (continue_greedy)
         if self.use_graphs:
             self.enable_static_decode()
 
@@ -76,8 +78,9 @@ class ModelRunner:
                        "lengths": torch.zeros(B, **long), "tables": torch.zeros(B, self.table_width, **long),
                        "adapters": torch.zeros(B, **long),
                        "logits": torch.zeros(B, self.model.cfg.vocab_size, dtype=self.dtype, device=dev),
-                       # greedy graphs: the step counter and each step's tokens (decode_steps, B)
-                       "step": torch.zeros(1, **long), "sampled": torch.zeros(self.decode_steps, B, **long)}
+                       # greedy graphs: the step counter and each step's tokens, two halves of (decode_steps, B):
+                       # a continued run writes one while the engine reads the other
+                       "step": torch.zeros(1, **long), "sampled": torch.zeros(2 * self.decode_steps, B, **long)}
 
     def _use_paged_kernel(self, attention: str) -> bool:
         """Decode through the Triton paged kernel ("kernel"), the gathered view + SDPA ("gather"), or the kernel
@@ -116,9 +119,13 @@ class ModelRunner:
     def _model_forward(self, tokens: torch.Tensor, positions: torch.Tensor, query_slots: torch.Tensor):
         return self.model.hidden_states(tokens, positions, cache=self.cache, slots=query_slots)
 
-    def _tables(self, reqs: Sequence[Request], width: int) -> torch.Tensor:
-        rows = [r.blocks[:width] + [0] * (width - min(len(r.blocks), width)) for r in reqs]
-        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+    def _tables(self, reqs: Sequence[Request], width: int, pinned: bool = False) -> torch.Tensor:
+        """Block tables (B, width) on the device; `pinned` stages them in pinned memory, so the copy is queued
+        behind the kernels already launched instead of waiting for them."""
+        rows = torch.tensor([r.blocks[:width] + [0] * (width - min(len(r.blocks), width)) for r in reqs])
+        if pinned and self.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
 
     def _set_adapters(self, rows: torch.Tensor | None) -> None:
         if self.adapters is not None and len(self.adapters):
@@ -174,6 +181,7 @@ class ModelRunner:
         With `sample=None` (one step) the result is [logits (B, V)], valid until the next decode."""
         if sample is None:
             steps, sample = 1, lambda logits: logits
+        self._greedy_run = None  # whatever runs now overwrites the static buffers a continuation would read
         B = len(reqs)
         starts_host = [r.num_computed for r in reqs]
         tokens = torch.tensor([r.token_ids[r.num_computed] for r in reqs]).to(self.device, non_blocking=True)
@@ -198,6 +206,7 @@ class ModelRunner:
                 st["step"].zero_()
                 for _ in range(steps):
                     graph.replay()
+                self._greedy_run = _GreedyRun(graph, list(reqs), C)
                 return [SampleResult(st["sampled"][i, :B]) for i in range(steps)]
             for _ in range(steps):
                 st["tokens"][:B] = tokens
@@ -218,6 +227,33 @@ class ModelRunner:
             if steps > 1:
                 tokens, starts = result.tokens, starts + 1
         return results
+
+    def continues(self, reqs: Sequence[Request]) -> bool:
+        """Whether the last decode was a greedy graph run over exactly these rows (`continue_greedy` may follow)."""
+        return self._greedy_run is not None and self._greedy_run.reqs == list(reqs)
+
+    @torch.inference_mode()
+    def continue_greedy(self, reqs: Sequence[Request], steps: int) -> list[SampleResult] | None:
+        """`steps` more greedy decode steps straight on from the last decode, if a greedy graph ran it over these
+        same rows: its buffers already hold each row's newest token and position, so this only refreshes the block
+        tables (the caller has grown them for the new positions, counted from each request's num_computed) and
+        replays; no host read in between, so it can be launched before the previous run's tokens are read. The
+        tokens land in the other half of `sampled`. None (nothing launched) when another decode ran since, the rows
+        differ, or the positions leave the graph's context bucket."""
+        run = self._greedy_run
+        if not self.continues(reqs) or not 1 <= steps <= self.decode_steps:
+            return None
+        B = len(reqs)
+        if self._context_bucket(max(r.num_computed for r in reqs) + steps - 1, B) != run.C:
+            return None
+        st = run.graph.inputs
+        st["tables"][:B] = self._tables(reqs, self.table_width, pinned=True)
+        run.half = 1 - run.half
+        base = run.half * self.decode_steps
+        st["step"].fill_(base)
+        for _ in range(steps):
+            run.graph.replay()
+        return [SampleResult(st["sampled"][base + i, :B]) for i in range(steps)]
 
     def _context_bucket(self, context: int, batch: int) -> int:
         """Context slots of the decode view: the whole max_model_len for small batches (one graph, and the extra
@@ -254,6 +290,7 @@ class ModelRunner:
         key = (B, C, lora, greedy)
         if key in self.graphs:
             return self.graphs[key]
+        self._greedy_run = None  # capturing resets the buffers
         st = self.static
         for name in ("tokens", "starts", "lengths", "adapters", "step"):  # capture on padding rows: writes hit block 0
             st[name].zero_()
@@ -292,6 +329,14 @@ class ModelRunner:
                 self._graph(B, C, False)
                 keys.append((B, C))
         return len(keys)
+
+
+class _GreedyRun:
+    """What `continue_greedy` extends: the greedy graph that ran the last decode, its rows and context bucket, and
+    which half of `sampled` the latest run wrote."""
+
+    def __init__(self, graph, reqs: list[Request], C: int):
+        self.graph, self.reqs, self.C, self.half = graph, reqs, C, 0
 
 
 class _CapturedGraph:

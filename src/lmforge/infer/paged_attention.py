@@ -7,7 +7,9 @@ each K/V slot once, through the block table, and stops at each row's own length.
 Grid: (sequence, kv head, split). A program loads the G query heads that share its kv head, walks its share of the
 context CHUNK tokens at a time (online softmax, fp32 accumulators), and either writes the normalized output or, when
 the context is split across programs to fill the GPU (small batches, long contexts), partial (max, sum, acc)
-that `_combine` merges. Rows with length 0 (padding rows of a CUDA-graph bucket) produce zeros.
+that the last of the row's programs to finish merges (an arrival counter per row and kv head, so no second
+launch). Rows with length 0 (padding rows of a CUDA-graph bucket) produce zeros. In the decode op the program
+holding a row's newest key position also writes the new K/V first (no write launch either).
 
 Matches SDPA's default scale 1/sqrt(D); supports GQA/MQA and sliding windows; no ALiBi (that path keeps SDPA).
 Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (how the tests check it without a GPU).
@@ -57,7 +59,7 @@ def load_kernel():
 def choose_splits(batch: int, kv_heads: int, max_context: int, target_programs: int = 264) -> int:
     """Split long contexts across programs when batch * kv_heads alone would leave the GPU idle: at batch 1 a
     program walking the whole context chunk after chunk is latency-bound (each chunk waits on its loads), so
-    splits go down to one CHUNK each; the combine pass costs one small launch."""
+    splits go down to one CHUNK each; merging the partials costs the last program of each row a few loads."""
     if batch * kv_heads >= target_programs:
         return 1
     return max(1, min(math.ceil(target_programs / (batch * kv_heads)), math.ceil(max_context / CHUNK), 64))
@@ -65,7 +67,7 @@ def choose_splits(batch: int, kv_heads: int, max_context: int, target_programs: 
 
 def paged_decode_attention(
     q: torch.Tensor,  # (B, H, 1, D) one query per row
-    k_pool: torch.Tensor,  # (slots, Hkv, D) this layer's keys (new ones already written)
+    k_pool: torch.Tensor,  # (slots, Hkv, D) this layer's keys (new ones already written, unless new_kv)
     v_pool: torch.Tensor,
     block_tables: torch.Tensor,  # (B, W) int
     seq_lens: torch.Tensor,  # (B,) keys per row = position of the query + 1; 0 for a padding row
@@ -75,8 +77,12 @@ def paged_decode_attention(
     splits: int | None = None,
     cos: torch.Tensor | None = None,  # (B, D/2): rotate q (RoPE, half layout) as it is loaded
     sin: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # k, v (B, Hkv, 1, D), slots (B,)
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over each row's first seq_lens keys (and within `window`): (B, H, 1, D)."""
+    """softmax(q k^T / sqrt(D)) v over each row's first seq_lens keys (and within `window`): (B, H, 1, D).
+
+    `new_kv` = (k, v, slots): write each row's new key (rotated too, with cos/sin) and value at its slot (the slot
+    of key position seq_lens - 1) first, inside the same launch."""
     B, H, T, D = q.shape
     Hkv = k_pool.shape[1]
     G = H // Hkv
@@ -87,23 +93,43 @@ def paged_decode_attention(
     if q2.stride(-1) != 1:
         q2 = q2.contiguous()
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-    acc = stats = out  # unused when splits == 1
+    acc = stats = arrived = out  # unused when splits == 1
     if splits > 1:
         acc = torch.empty(B, Hkv, splits, G, D, dtype=torch.float32, device=q.device)
         stats = torch.empty(B, Hkv, splits, G, 2, dtype=torch.float32, device=q.device)
+        arrived = _arrival_counters(q.device, B * Hkv)
+    k_new = v_new = slots = q2
+    stride_nb = stride_nh = 0
+    if new_kv is not None:
+        k_new, v_new = new_kv[0][:, :, 0], new_kv[1][:, :, 0]  # (B, Hkv, D) views
+        if k_new.stride(-1) != 1 or v_new.stride() != k_new.stride():
+            k_new, v_new = k_new.contiguous(), v_new.contiguous()
+        slots, stride_nb, stride_nh = new_kv[2], k_new.stride(0), k_new.stride(1)
     kernel = _KERNEL or load_kernel()
     rope = cos is not None
     kernel.paged_decode_kernel[(B, Hkv, splits)](
         q2, k_pool, v_pool, block_tables, seq_lens, out, acc, stats, cos if rope else q2, sin if rope else q2,
+        k_new, v_new, slots, arrived,
         1.0 / math.sqrt(D), q2.stride(0), q2.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
-        per_split, window or 0,
+        stride_nb, stride_nh, per_split, window or 0,
         G=G, GP=max(16, kernel.next_power_of_2(G)), D=D, DP=max(16, kernel.next_power_of_2(D)),
-        BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q2.dtype == torch.float32, ROPE=rope, **_pdl(q2),
+        BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q2.dtype == torch.float32, ROPE=rope,
+        WRITE_KV=new_kv is not None, **_pdl(q2),
     )
-    if splits > 1:
-        kernel.combine_kernel[(B * Hkv, G)](acc, stats, out, SPLITS=splits, SP=kernel.next_power_of_2(splits), D=D,
-                                            DP=kernel.next_power_of_2(D), **_pdl(q2))
     return out[:, :, None]
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters the split programs of one (row, kv head) count their arrivals on; the last program
+    resets its counter, so one buffer serves every launch (and every replay of a captured graph). Allocated on
+    first use, which is an eager warm-up before any capture."""
+    buf = _ARRIVALS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _ARRIVALS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
 
 
 def _pdl(x: torch.Tensor) -> dict:
@@ -112,35 +138,21 @@ def _pdl(x: torch.Tensor) -> dict:
     return pdl_options(x.device)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-             cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> None:
-    """k/v (B, Hkv, 1, D) → k_pool/v_pool (slots, Hkv, D) at `slots` (B,), one launch for both; with cos/sin
-    (B, D/2) k is rotated (RoPE, half layout) on the way."""
-    B, Hkv, _, D = k.shape
-    kernel = _KERNEL or load_kernel()
-    k3, v3 = k[:, :, 0], v[:, :, 0]  # (B, Hkv, D) views
-    if k3.stride(-1) != 1 or v3.stride() != k3.stride():
-        k3, v3 = k3.contiguous(), v3.contiguous()
-    rope = cos is not None
-    kernel.kv_write_kernel[(B, Hkv)](k3, v3, k_pool, v_pool, slots, cos if rope else k3, sin if rope else k3,
-                                     k3.stride(0), k3.stride(1), k_pool.stride(0), k_pool.stride(1), D=D,
-                                     DP=kernel.next_power_of_2(D), ROPE=rope, **_pdl(k3))
-
-
 @torch.library.custom_op("lmforge::paged_decode", mutates_args=("k_pools", "v_pools"))
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pools: torch.Tensor, v_pools: torch.Tensor,
                  layer: int, slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  block_size: int, max_context: int, window: int, cos: torch.Tensor | None = None,
                  sin: torch.Tensor | None = None) -> torch.Tensor:
     """One layer's decode attention over the paged cache, new K/V written first: q (B, H, 1, D), k/v (B, Hkv, 1, D),
-    pools (L, slots, Hkv, D) of every layer → (B, H, 1, D). With cos/sin (B, D/2), q and k come un-rotated and the
-    kernels apply RoPE as they load them (two launches less per layer than a separate rotation).
+    pools (L, slots, Hkv, D) of every layer, slots (B,) where each row's new key goes (its key position
+    seq_lens - 1) → (B, H, 1, D). One launch: the program holding a row's last position writes the new K/V, and
+    split contexts are merged by their last program. With cos/sin (B, D/2), q and k come un-rotated and the kernel
+    applies RoPE as it loads them.
 
     A custom op that mutates the pools in place, so torch.compile calls it as is: traced as plain ops, the scatter
     into a slice of the (L, slots, ...) buffers made inductor clone and copy back whole pools every step."""
-    write_kv(k, v, k_pools[layer], v_pools[layer], slots, cos, sin)
     return paged_decode_attention(q, k_pools[layer], v_pools[layer], block_tables, seq_lens, block_size,
-                                  max_context, window or None, cos=cos, sin=sin)
+                                  max_context, window or None, cos=cos, sin=sin, new_kv=(k, v, slots))
 
 
 @paged_decode.register_fake

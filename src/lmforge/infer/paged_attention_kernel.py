@@ -13,12 +13,16 @@ next_power_of_2 = triton.next_power_of_2
 
 @triton.jit
 def paged_decode_kernel(
-    Q, K, V, Tables, Lens, Out, Acc, Stats, Cos, Sin,
-    scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, tokens_per_split, window,
+    Q, K, V, Tables, Lens, Out, Acc, Stats, Cos, Sin, KNew, VNew, Slots, Arrived,
+    scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_nb, stride_nh, tokens_per_split, window,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     CHUNK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    WRITE_KV: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    """Grid (B, Hkv, SPLITS). WRITE_KV: the program whose split holds a row's last key position first writes the
+    new key (rotated with ROPE) and value of its kv head at Slots[b], so the attention needs no K/V write launch
+    before it. SPLITS > 1: each program stores its partial (acc, max, sum); the last of a (row, kv head)'s programs
+    to finish (an arrival counter, reset by that program) merges them, so no combine launch follows either."""
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote q
         gdc_launch_dependents()
         gdc_wait()
@@ -33,6 +37,11 @@ def paged_decode_kernel(
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     head_ok = (g < G)[:, None] & (d < D)[None, :]
+    if WRITE_KV:
+        if (length > 0) & (length - 1 >= s * tokens_per_split) & (length - 1 < s * tokens_per_split + tokens_per_split):
+            _write_new_kv(KNew, VNew, K, V, Slots, Cos, Sin, b, h, d, stride_nb, stride_nh, stride_ks, stride_kh,
+                          D, ROPE)
+            tl.debug_barrier()  # the chunk loop below reads the new key back
     q_rows = Q + b * stride_qb + (h * G + g)[:, None] * stride_qh
     q = tl.load(q_rows + d[None, :], mask=head_ok, other=0.0)
     if ROPE:  # rotate the query as it is loaded (half layout: pairs (i, i + D/2)), fp32, one rounding
@@ -71,10 +80,51 @@ def paged_decode_kernel(
         tl.store(Out + (b * G * tl.num_programs(1) + heads)[:, None] * D + d[None, :],
                  out.to(Out.dtype.element_ty), mask=head_ok)
     else:
-        row = ((b * tl.num_programs(1) + h) * SPLITS + s) * G + g  # (B, Hkv, SPLITS, G) flattened
+        group = b * tl.num_programs(1) + h
+        row = (group * SPLITS + s) * G + g  # (B, Hkv, SPLITS, G) flattened
         tl.store(Acc + row[:, None] * D + d[None, :], acc, mask=head_ok)
         tl.store(Stats + row * 2, m, mask=g < G)
         tl.store(Stats + row * 2 + 1, denom, mask=g < G)
+        tl.debug_barrier()  # every thread's partial is stored before the arrival is counted (release below)
+        if tl.atomic_add(Arrived + group, 1, sem="acq_rel") == SPLITS - 1:
+            tl.store(Arrived + group, 0)  # the counters are zero again for the next launch
+            _merge_splits(Acc, Stats, Out, group, b * G * tl.num_programs(1) + heads, g, d, head_ok, G, D, SPLITS)
+
+
+@triton.jit
+def _write_new_kv(KNew, VNew, K, V, Slots, Cos, Sin, b, h, d, stride_nb, stride_nh, stride_ks, stride_kh,
+                  D: tl.constexpr, ROPE: tl.constexpr):
+    """K/V pools at row b's slot, kv head h = the new key (rotated with ROPE) and value."""
+    ok = d < D
+    src = b * stride_nb + h * stride_nh
+    dst = tl.load(Slots + b).to(tl.int64) * stride_ks + h * stride_kh + d
+    k = tl.load(KNew + src + d, mask=ok)
+    if ROPE:
+        k = _rotate(k, tl.load(KNew + src + (d + D // 2) % D, mask=ok), Cos, Sin, b, d, D).to(k.dtype)
+    tl.store(K + dst, k, mask=ok)
+    tl.store(V + dst, tl.load(VNew + src + d, mask=ok), mask=ok)
+
+
+@triton.jit
+def _merge_splits(Acc, Stats, Out, group, out_rows, g, d, head_ok, G: tl.constexpr, D: tl.constexpr,
+                  SPLITS: tl.constexpr):
+    """Out rows of one (row, kv head) from its SPLITS partials: weights exp(max_s - top) with top the largest max,
+    empty splits (max -inf) weigh nothing. Reads bypass L1 (other programs wrote them)."""
+    top = tl.full([g.shape[0]], float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        part = (group * SPLITS + s) * G + g
+        top = tl.maximum(top, tl.load(Stats + part * 2, mask=g < G, other=float("-inf"), cache_modifier=".cg"))
+    top = tl.where(top > float("-inf"), top, 0.0)  # a row with no keys at all: every weight is 0 below
+    num = tl.zeros([g.shape[0], d.shape[0]], tl.float32)
+    den = tl.zeros([g.shape[0]], tl.float32)
+    for s in range(SPLITS):
+        part = (group * SPLITS + s) * G + g
+        m = tl.load(Stats + part * 2, mask=g < G, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+        num += tl.load(Acc + part[:, None] * D + d[None, :], mask=head_ok, other=0.0, cache_modifier=".cg") * w[:, None]
+        den += tl.load(Stats + part * 2 + 1, mask=g < G, other=0.0, cache_modifier=".cg") * w
+    out = num / tl.maximum(den, 1e-30)[:, None]
+    tl.store(Out + out_rows[:, None] * D + d[None, :], out.to(Out.dtype.element_ty), mask=head_ok)
 
 
 @triton.jit
@@ -86,51 +136,3 @@ def _rotate(x, partner, Cos, Sin, b, d, D: tl.constexpr):
     sin = tl.load(Sin + b * (D // 2) + half, mask=d < D, other=0.0).to(tl.float32)
     sign = tl.where(d < D // 2, -1.0, 1.0)
     return x.to(tl.float32) * cos + sign * partner.to(tl.float32) * sin
-
-
-@triton.jit
-def kv_write_kernel(K, V, KPool, VPool, Slots, Cos, Sin, stride_kb, stride_kh, stride_ps, stride_ph,
-                    D: tl.constexpr, DP: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False):
-    """Pool[slot of row b, head h] = new k/v (b, h): one program per (row, kv head), K and V in one launch; with
-    ROPE the key is rotated on the way."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    d = tl.arange(0, DP)
-    ok = d < D
-    slot = tl.load(Slots + b).to(tl.int64)
-    src = b * stride_kb + h * stride_kh
-    dst = slot * stride_ps + h * stride_ph + d
-    k = tl.load(K + src + d, mask=ok)
-    if ROPE:
-        k = _rotate(k, tl.load(K + src + (d + D // 2) % D, mask=ok), Cos, Sin, b, d, D).to(k.dtype)
-    tl.store(KPool + dst, k, mask=ok)
-    tl.store(VPool + dst, tl.load(V + src + d, mask=ok), mask=ok)
-
-
-@triton.jit
-def combine_kernel(Acc, Stats, Out, SPLITS: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                   PDL: tl.constexpr = False):
-    """Merge the per-split partials of one (row, query head): Acc (rows, SPLITS, D) unnormalized, Stats (rows,
-    SPLITS, 2) = (running max, sum of exp) → Out (rows, D). Rows = (B, Hkv, G) flattened, as the kernel stores
-    them with the split index between kv head and group: row r = (b*Hkv + h)*G + g ↔ partial ((b*Hkv+h)*SPLITS+s)*G+g."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    r = tl.program_id(0)
-    G = tl.num_programs(1)
-    g = tl.program_id(1)
-    s = tl.arange(0, SP)
-    d = tl.arange(0, DP)
-    s_ok = s < SPLITS
-    part = (r * SPLITS + s) * G + g  # (SP,)
-    m = tl.load(Stats + part * 2, mask=s_ok, other=float("-inf"))
-    denom = tl.load(Stats + part * 2 + 1, mask=s_ok, other=0.0)
-    top = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)  # empty splits (and padding rows) weigh nothing
-    acc = tl.load(Acc + part[:, None] * D + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
-    num = tl.sum(acc * w[:, None], axis=0)
-    out = num / tl.maximum(tl.sum(denom * w, axis=0), 1e-30)
-    tl.store(Out + (r * G + g) * D + d, out.to(Out.dtype.element_ty), mask=d < D)

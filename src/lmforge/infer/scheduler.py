@@ -146,6 +146,16 @@ class Scheduler:
         self.stats["steps"] += 1
         return out, preempted
 
+    def reserve_decodes(self, reqs: list[Request], steps: int) -> bool:
+        """Blocks for `steps` more decode tokens of each running request beyond its num_computed, for a step
+        launched without `schedule` (the engine's run-ahead); False when the pool is short (what was taken stays,
+        the next `schedule` needs it anyway). Never preempts."""
+        if not all(self._grow(r, r.num_computed + steps) for r in reqs):
+            return False
+        self.stats["scheduled_tokens"] += len(reqs)  # as `schedule` counts a multi-step decode: a token per row
+        self.stats["steps"] += 1
+        return True
+
     def _admit(self, out: list[Scheduled], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]

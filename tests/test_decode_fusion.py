@@ -241,7 +241,7 @@ def test_paged_decode_writes_kv_and_merges_splits_in_one_launch(window):
         torch.testing.assert_close(pools[1], want_pools[1], atol=0, rtol=0)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert got[2].abs().max() == 0  # the padding row: zeros, and nothing written for it
-        assert int(paged_attention._ARRIVALS[torch.device(device)].abs().sum()) == 0
+        assert int(paged_attention._ARRIVALS[q.device].abs().sum()) == 0
 
 
 @needs_kernel

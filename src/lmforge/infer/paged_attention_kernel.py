@@ -108,21 +108,24 @@ def _write_new_kv(KNew, VNew, K, V, Slots, Cos, Sin, b, h, d, stride_nb, stride_
 @triton.jit
 def _merge_splits(Acc, Stats, Out, group, out_rows, g, d, head_ok, G: tl.constexpr, D: tl.constexpr,
                   SPLITS: tl.constexpr):
-    """Out rows of one (row, kv head) from its SPLITS partials: weights exp(max_s - top) with top the largest max,
-    empty splits (max -inf) weigh nothing. Reads bypass L1 (other programs wrote them)."""
+    """Out rows of one (row, kv head) from its SPLITS partials, merged online (running max, rescaled sums); empty
+    splits (max -inf) weigh nothing. Unrolled, so every partial's loads are in flight at once; they bypass L1
+    (other programs wrote them)."""
     top = tl.full([g.shape[0]], float("-inf"), tl.float32)
-    for s in range(SPLITS):
-        part = (group * SPLITS + s) * G + g
-        top = tl.maximum(top, tl.load(Stats + part * 2, mask=g < G, other=float("-inf"), cache_modifier=".cg"))
-    top = tl.where(top > float("-inf"), top, 0.0)  # a row with no keys at all: every weight is 0 below
     num = tl.zeros([g.shape[0], d.shape[0]], tl.float32)
     den = tl.zeros([g.shape[0]], tl.float32)
-    for s in range(SPLITS):
+    for s in tl.static_range(SPLITS):
         part = (group * SPLITS + s) * G + g
         m = tl.load(Stats + part * 2, mask=g < G, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
-        num += tl.load(Acc + part[:, None] * D + d[None, :], mask=head_ok, other=0.0, cache_modifier=".cg") * w[:, None]
-        den += tl.load(Stats + part * 2 + 1, mask=g < G, other=0.0, cache_modifier=".cg") * w
+        split_den = tl.load(Stats + part * 2 + 1, mask=g < G, other=0.0, cache_modifier=".cg")
+        split_acc = tl.load(Acc + part[:, None] * D + d[None, :], mask=head_ok, other=0.0, cache_modifier=".cg")
+        new_top = tl.maximum(top, m)
+        safe_top = tl.where(new_top > float("-inf"), new_top, 0.0)  # nothing seen yet: every weight is 0
+        keep = tl.where(top > float("-inf"), tl.exp(top - safe_top), 0.0)
+        w = tl.where(m > float("-inf"), tl.exp(m - safe_top), 0.0)
+        num = num * keep[:, None] + split_acc * w[:, None]
+        den = den * keep + split_den * w
+        top = new_top
     out = num / tl.maximum(den, 1e-30)[:, None]
     tl.store(Out + out_rows[:, None] * D + d[None, :], out.to(Out.dtype.element_ty), mask=head_ok)
 

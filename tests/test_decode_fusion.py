@@ -224,7 +224,8 @@ def test_paged_decode_writes_kv_and_merges_splits_in_one_launch(window):
     B, H, Hkv, D, bs, L, C = 4, 8, 2, 32, 8, 2, 256
     lens = torch.tensor([200, 1, 0, 131])  # keys per row (new one included); 0 = a padding row
     tables = (torch.randperm(4 * C // bs, generator=g)[:B * C // bs] + 1).view(B, C // bs)
-    slots = torch.tensor([tables[i, (n - 1) // bs] * bs + (n - 1) % bs if n else 0 for i, n in enumerate(lens.tolist())])
+    slots = torch.tensor([tables[i, (n - 1) // bs] * bs + (n - 1) % bs if n else 0
+                          for i, n in enumerate(lens.tolist())])
     assert choose_splits(B, Hkv, C) > 1
     pools = [torch.randn(L, 5 * C, Hkv, D, generator=g).to(device) for _ in range(2)]
     args = (tables.to(device), lens.to(device), bs, C, window)

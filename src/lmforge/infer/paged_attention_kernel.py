@@ -32,13 +32,14 @@ def paged_decode_kernel(
     length = tl.load(Lens + b).to(tl.int32)  # lo, hi and the window stay int32 in every branch
     lo = s * tokens_per_split
     hi = tl.minimum(length, lo + tokens_per_split)
+    holds_newest = (length > 0) & (length - 1 >= lo) & (length - 1 < hi)  # this split has key position length - 1
     if window > 0:
         lo = tl.maximum(lo, length - window)
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     head_ok = (g < G)[:, None] & (d < D)[None, :]
     if WRITE_KV:
-        if (length > 0) & (length - 1 >= s * tokens_per_split) & (length - 1 < s * tokens_per_split + tokens_per_split):
+        if holds_newest:
             _write_new_kv(KNew, VNew, K, V, Slots, Cos, Sin, b, h, d, stride_nb, stride_nh, stride_ks, stride_kh,
                           D, ROPE)
             tl.debug_barrier()  # the chunk loop below reads the new key back

@@ -195,8 +195,7 @@ class Engine:
         req.status, req.finish_reason = FINISHED, "abort"
         self.counters["aborted"] += 1
         self.counters["blocks_freed_on_abort"] += freed
-        if self._inflight is not None and all(r.status == FINISHED for r in self._inflight.reqs):
-            self._inflight = None  # a run launched ahead for it alone: nothing left to read
+        self._forget_finished_inflight()
         self._pending.append(self._final(req, RequestOutput(request_id)))
         return True
 
@@ -279,9 +278,13 @@ class Engine:
         per_step = self._host_results(run.results, len(run.reqs), run.tokens.get())
         outputs = [self._emit(r, [s[i] for s in per_step]) for i, r in enumerate(run.reqs)
                    if r.status != FINISHED]  # (aborted since the launch: its last output is already pending)
-        if self._inflight is not None and all(r.status == FINISHED for r in self._inflight.reqs):
-            self._inflight = None  # everyone stopped: nothing to read
+        self._forget_finished_inflight()
         return outputs
+
+    def _forget_finished_inflight(self) -> None:
+        """Drop the run launched ahead once all its rows have stopped or been aborted: nothing left to read."""
+        if self._inflight is not None and all(r.status == FINISHED for r in self._inflight.reqs):
+            self._inflight = None
 
     def _run_ahead(self, run: _Run) -> _Run | None:
         """Launch the next `decode_steps` greedy decode steps of `run`'s rows before reading `run`: only when it

@@ -75,11 +75,10 @@ def paged_decode_kernel(
         acc = acc * alpha[:, None] + pv
         denom = denom * alpha + tl.sum(p, axis=1)
         m = m_new
-    heads = h * G + g
+    out_rows = b * G * tl.num_programs(1) + h * G + g  # this program's query heads in Out (B, H, D)
     if SPLITS == 1:
         out = acc / tl.maximum(denom, 1e-30)[:, None]
-        tl.store(Out + (b * G * tl.num_programs(1) + heads)[:, None] * D + d[None, :],
-                 out.to(Out.dtype.element_ty), mask=head_ok)
+        tl.store(Out + out_rows[:, None] * D + d[None, :], out.to(Out.dtype.element_ty), mask=head_ok)
     else:
         group = b * tl.num_programs(1) + h
         row = (group * SPLITS + s) * G + g  # (B, Hkv, SPLITS, G) flattened
@@ -89,7 +88,7 @@ def paged_decode_kernel(
         tl.debug_barrier()  # every thread's partial is stored before the arrival is counted (release below)
         if tl.atomic_add(Arrived + group, 1, sem="acq_rel") == SPLITS - 1:
             tl.store(Arrived + group, 0)  # the counters are zero again for the next launch
-            _merge_splits(Acc, Stats, Out, group, b * G * tl.num_programs(1) + heads, g, d, head_ok, G, D, SPLITS)
+            _merge_splits(Acc, Stats, Out, group, out_rows, g, d, head_ok, G, D, SPLITS)
 
 
 @triton.jit

@@ -211,13 +211,18 @@ def test_paged_decode_rotates_q_and_k_like_apply_rope(dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("window", [0, 50])
-def test_paged_decode_writes_kv_and_merges_splits_in_one_launch(window):
+@pytest.mark.parametrize("window,splits", [(0, None), (50, None), (0, 2)])
+def test_paged_decode_writes_kv_and_merges_splits_in_one_launch(window, splits, monkeypatch):
     """The decode op over a context split across programs (new K/V written by the program holding the last
     position, partials merged by the last program to arrive) = writing K/V by hand, then one-split attention;
-    twice in a row, since the arrival counters must be zero again after each launch."""
+    twice in a row, since the arrival counters must be zero again after each launch. Two splits of 128 keys put
+    row 0's newest key in its split's second chunk (the chunk loop), one split per chunk in the first (the chunk
+    loaded before the kernel waits, where the pool still holds an old key at that slot)."""
     from lmforge.infer import paged_attention
     from lmforge.infer.paged_attention import choose_splits, paged_decode, paged_decode_attention
+
+    if splits:
+        monkeypatch.setattr(paged_attention, "choose_splits", lambda *a, **k: splits)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)

@@ -2,9 +2,15 @@
 
 At one token per step a linear layer is a pure weight read (2 bytes per weight, 2 FLOPs), so its speed is how close
 the kernel gets to HBM bandwidth. cuBLAS picks GEMM tilings built for many rows; for one row this kernel streams W
-in BLOCK_N x BLOCK_K tiles, each program owning a few output rows (no split-K reduction pass), autotuned per
-(N, K) once, before any CUDA-graph capture (the decode warm-up runs it). Everything else — more rows, CPU, fp32,
-non-contiguous weights, no triton — takes `F.linear`.
+in BLOCK_N x BLOCK_K tiles, each program owning a few output rows (no split-K reduction pass). Everything else —
+more rows, CPU, fp32, non-contiguous weights, no triton — takes `F.linear`.
+
+The tile configuration of a call (its kind: weight shape, fused norm / SiLU·mul / residual) comes from, in order:
+`config_overrides` (what `bench/tune_decode_gemv.py` tries), a JSON file of configurations tuned inside the
+captured decode step (`LMFORGE_GEMV_CONFIGS=path`, else the one shipped for this GPU model in `gemv_configs/`),
+else triton's autotuner, once per (N, K), before any CUDA-graph capture (the decode warm-up runs it). Timed alone,
+the autotuner ranks configs by their isolated speed; inside the step, under programmatic dependent launch, a kernel
+overlaps its neighbours and the ranking differs (on an H100, the tuned file makes the 1B decode step ~4% faster).
 
 Exposed to torch.compile as the custom op `lmforge::gemv` (opaque to inductor, captured in CUDA graphs as is).
 CPU tests run the kernel under TRITON_INTERPRET=1 against `F.linear`.
@@ -12,11 +18,14 @@ CPU tests run the kernel under TRITON_INTERPRET=1 against `F.linear`.
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .paged_attention import kernel_available
 
 _KERNEL = None
@@ -56,6 +65,49 @@ def _pdl_capable(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9 and _kernel().gdc_wait is not None
 
 
+Config = tuple[int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, num_stages
+config_overrides: dict[str, Config] = {}  # kind -> config, ahead of any file (the decode-step tuner sets these)
+CONFIG_DIR = Path(__file__).with_name("gemv_configs")
+
+
+def config_kind(N: int, K: int, silu_mul: bool = False, norm: bool = False, residual: bool = False) -> str:
+    """The key of a GEMV call in the tuned-config files: '2048x8192+silu+residual'."""
+    return f"{N}x{K}" + "+silu" * silu_mul + "+norm" * norm + "+residual" * residual
+
+
+def config_file(device_name: str) -> Path:
+    """Where the configs tuned for this GPU model live: `LMFORGE_GEMV_CONFIGS` if set, else the shipped file."""
+    env = os.environ.get("LMFORGE_GEMV_CONFIGS")
+    return Path(env) if env else CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
+
+
+def load_configs(path: Path) -> dict[str, Config]:
+    """A tuned-config file's {kind: (BLOCK_N, BLOCK_K, num_warps, num_stages)}; {} if there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        table = {kind: tuple(int(v) for v in cfg) for kind, cfg in json.loads(path.read_text())["configs"].items()}
+        bad = next((kind for kind, cfg in table.items()
+                    if len(cfg) != 4 or min(cfg) < 1 or any(v & (v - 1) for v in cfg[:3])), None)
+        if bad:
+            raise ValueError(f"{bad}: {list(table[bad])} is not [BLOCK_N, BLOCK_K, num_warps, num_stages] "
+                             "with powers of two for the first three")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a GEMV config file ({e}); rerun bench/tune_decode_gemv.py "
+                          "or unset LMFORGE_GEMV_CONFIGS") from None
+    return table
+
+
+@functools.cache
+def _device_configs(index: int | None) -> dict[str, Config]:
+    return load_configs(config_file(torch.cuda.get_device_name(index)))
+
+
+def tuned_config(device: torch.device, kind: str) -> Config | None:
+    """The tile config for a GEMV kind on this device: an override, the tuned file's, or None (autotune)."""
+    return config_overrides.get(kind) or _device_configs(device.index).get(kind)
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False,
             norm: tuple[torch.Tensor, float, float] | None = None, residual: torch.Tensor | None = None
             ) -> torch.Tensor:
@@ -68,11 +120,18 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
             residual.contiguous() if residual is not None else y, eps, offset)
     flags = dict(HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None, NORM_OFFSET=offset != 0.0,
                  RESIDUAL=residual is not None)
+    kind = config_kind(N, K, silu_mul, norm is not None, residual is not None)
     if x.is_cuda:
+        tuned = tuned_config(x.device, kind)
+    else:  # the interpreter: a small fixed config unless overridden (autotuning would time the interpreter)
+        tuned = config_overrides.get(kind, (4, 64, 4, 1))
+    if tuned:
+        bn, bk, warps, stages = tuned
+        mod.gemv_kernel[(-(-N // bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, num_warps=warps,
+                                        num_stages=stages, **flags, **pdl_options(x.device))
+    else:
         grid = lambda meta: (-(-N // meta["BLOCK_N"]),)  # noqa: E731
         mod.gemv_tuned[grid](*args, EVEN_K=K % 1024 == 0, **flags, **pdl_options(x.device))
-    else:  # the interpreter: one fixed config (autotuning would time the interpreter)
-        mod.gemv_kernel[(-(-N // 4),)](*args, BLOCK_N=4, BLOCK_K=64, EVEN_K=K % 64 == 0, **flags)
     return y
 
 

@@ -9,7 +9,9 @@ context CHUNK tokens at a time (online softmax, fp32 accumulators), and either w
 the context is split across programs to fill the GPU (small batches, long contexts), partial (max, sum, acc)
 that the last of the row's programs to finish merges (an arrival counter per row and kv head, so no second
 launch). Rows with length 0 (padding rows of a CUDA-graph bucket) produce zeros. In the decode op the program
-holding a row's newest key position also writes the new K/V first (no write launch either).
+holding a row's newest key position also writes the new K/V (no write launch either), attending over them from
+registers; under programmatic dependent launch each program loads its first chunk of older keys and values before
+waiting for the kernel that produced q.
 
 Matches SDPA's default scale 1/sqrt(D); supports GQA/MQA and sliding windows; no ALiBi (that path keeps SDPA).
 Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (how the tests check it without a GPU).
@@ -82,7 +84,7 @@ def paged_decode_attention(
     """softmax(q k^T / sqrt(D)) v over each row's first seq_lens keys (and within `window`): (B, H, 1, D).
 
     `new_kv` = (k, v, slots): write each row's new key (rotated too, with cos/sin) and value at its slot (the slot
-    of key position seq_lens - 1) first, inside the same launch."""
+    of key position seq_lens - 1), inside the same launch; the pool's old entry there is never read."""
     B, H, T, D = q.shape
     Hkv = k_pool.shape[1]
     G = H // Hkv

@@ -19,30 +19,34 @@ def paged_decode_kernel(
     CHUNK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr = False,
     WRITE_KV: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    """Grid (B, Hkv, SPLITS). WRITE_KV: the program whose split holds a row's last key position first writes the
-    new key (rotated with ROPE) and value of its kv head at Slots[b], so the attention needs no K/V write launch
-    before it. SPLITS > 1: each program stores its partial (acc, max, sum); the last of a (row, kv head)'s programs
-    to finish (an arrival counter, reset by that program) merges them, so no combine launch follows either."""
-    if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote q
-        gdc_launch_dependents()
-        gdc_wait()
+    """Grid (B, Hkv, SPLITS). WRITE_KV: the program whose split holds a row's last key position writes the new key
+    (rotated with ROPE) and value of its kv head at Slots[b], so the attention needs no K/V write launch before it,
+    and attends over them straight from registers. SPLITS > 1: each program stores its partial (acc, max, sum); the
+    last of a (row, kv head)'s programs to finish (an arrival counter, reset by that program) merges them, so no
+    combine launch follows either.
+
+    PDL: the split's first chunk of keys and values is loaded before waiting for the kernel that wrote q, so it
+    overlaps that kernel's tail: every position but the newest was written by earlier steps (and the block
+    tables and lengths before the step's first layer), and the newest comes from registers (WRITE_KV)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
     length = tl.load(Lens + b).to(tl.int32)  # lo, hi and the window stay int32 in every branch
     lo = s * tokens_per_split
     hi = tl.minimum(length, lo + tokens_per_split)
-    holds_newest = (length > 0) & (length - 1 >= lo) & (length - 1 < hi)  # this split has key position length - 1
+    newest = length - 1
+    holds_newest = (length > 0) & (newest >= lo) & (newest < hi)  # this split has key position length - 1
     if window > 0:
         lo = tl.maximum(lo, length - window)
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     head_ok = (g < G)[:, None] & (d < D)[None, :]
+    t, k, v = _chunk(K, V, Tables, b, h, d, lo, hi, stride_tb, stride_ks, stride_kh, D, BLOCK_SIZE, CHUNK)
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote q
+        gdc_launch_dependents()
+        gdc_wait()
     if WRITE_KV:
-        if holds_newest:
-            _write_new_kv(KNew, VNew, K, V, Slots, Cos, Sin, b, h, d, stride_nb, stride_nh, stride_ks, stride_kh,
-                          D, ROPE)
-            tl.debug_barrier()  # the chunk loop below reads the new key back
+        k_new, v_new = _new_kv(KNew, VNew, Cos, Sin, b, h, d, stride_nb, stride_nh, D, ROPE)  # (DP,) each
     q_rows = Q + b * stride_qb + (h * G + g)[:, None] * stride_qh
     q = tl.load(q_rows + d[None, :], mask=head_ok, other=0.0)
     if ROPE:  # rotate the query as it is loaded (half layout: pairs (i, i + D/2)), fp32, one rounding
@@ -51,30 +55,20 @@ def paged_decode_kernel(
     m = tl.full([GP], float("-inf"), tl.float32)
     denom = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
-    for start in range(lo, hi, CHUNK):
-        t = start + tl.arange(0, CHUNK)
-        valid = t < hi
-        block = tl.load(Tables + b * stride_tb + t // BLOCK_SIZE, mask=valid, other=0)
-        slot = (block * BLOCK_SIZE + t % BLOCK_SIZE).to(tl.int64)
-        kv_ok = valid[:, None] & (d < D)[None, :]
-        offs = slot[:, None] * stride_ks + h * stride_kh + d[None, :]
-        k = tl.load(K + offs, mask=kv_ok, other=0.0)  # (CHUNK, DP)
-        v = tl.load(V + offs, mask=kv_ok, other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(valid[None, :], (scores * scale).to(tl.float32), float("-inf"))  # (GP, CHUNK), fp32 also under compile
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        denom = denom * alpha + tl.sum(p, axis=1)
-        m = m_new
+    if lo < hi:
+        if WRITE_KV:  # the newest position is this step's key and value (the pool held an old one when loaded)
+            k, v = _spliced(t == newest, k, v, k_new, v_new)
+        m, denom, acc = _attend(q, k, v, t < hi, m, denom, acc, scale, IEEE)
+    for start in range(lo + CHUNK, hi, CHUNK):
+        t, k, v = _chunk(K, V, Tables, b, h, d, start, hi, stride_tb, stride_ks, stride_kh, D, BLOCK_SIZE, CHUNK)
+        if WRITE_KV:
+            k, v = _spliced(t == newest, k, v, k_new, v_new)
+        m, denom, acc = _attend(q, k, v, t < hi, m, denom, acc, scale, IEEE)
+    if WRITE_KV:
+        if holds_newest:  # into the pool for the next steps (this one took them from registers)
+            dst = tl.load(Slots + b).to(tl.int64) * stride_ks + h * stride_kh + d
+            tl.store(K + dst, k_new.to(K.dtype.element_ty), mask=d < D)
+            tl.store(V + dst, v_new.to(V.dtype.element_ty), mask=d < D)
     out_rows = b * G * tl.num_programs(1) + h * G + g  # this program's query heads in Out (B, H, D)
     if SPLITS == 1:
         out = acc / tl.maximum(denom, 1e-30)[:, None]
@@ -92,17 +86,53 @@ def paged_decode_kernel(
 
 
 @triton.jit
-def _write_new_kv(KNew, VNew, K, V, Slots, Cos, Sin, b, h, d, stride_nb, stride_nh, stride_ks, stride_kh,
-                  D: tl.constexpr, ROPE: tl.constexpr):
-    """K/V pools at row b's slot, kv head h = the new key (rotated with ROPE) and value."""
+def _chunk(K, V, Tables, b, h, d, start, hi, stride_tb, stride_ks, stride_kh, D: tl.constexpr,
+           BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr):
+    """Positions start .. start + CHUNK (those < hi valid) of row b, kv head h: (CHUNK,) positions and (CHUNK, DP)
+    keys and values, looked up through the block table (zeros where not valid)."""
+    t = start + tl.arange(0, CHUNK)
+    valid = t < hi
+    block = tl.load(Tables + b * stride_tb + t // BLOCK_SIZE, mask=valid, other=0)
+    slot = (block * BLOCK_SIZE + t % BLOCK_SIZE).to(tl.int64)
+    kv_ok = valid[:, None] & (d < D)[None, :]
+    offs = slot[:, None] * stride_ks + h * stride_kh + d[None, :]
+    return t, tl.load(K + offs, mask=kv_ok, other=0.0), tl.load(V + offs, mask=kv_ok, other=0.0)
+
+
+@triton.jit
+def _attend(q, k, v, valid, m, denom, acc, scale, IEEE: tl.constexpr):
+    """One chunk of online softmax: (running max, sum, acc) of the G query heads after keys k / values v."""
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = tl.where(valid[None, :], (scores * scale).to(tl.float32), float("-inf"))  # (GP, CHUNK), fp32 also under compile
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    p = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, denom * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _spliced(is_new, k, v, k_new, v_new):
+    """Chunk keys and values (CHUNK, DP) with the rows where is_new (CHUNK,) replaced by k_new / v_new (DP,)."""
+    return (tl.where(is_new[:, None], k_new[None, :].to(k.dtype), k),
+            tl.where(is_new[:, None], v_new[None, :].to(v.dtype), v))
+
+
+@triton.jit
+def _new_kv(KNew, VNew, Cos, Sin, b, h, d, stride_nb, stride_nh, D: tl.constexpr, ROPE: tl.constexpr):
+    """Row b's new key (rotated with ROPE, rounded to its dtype) and value of kv head h: (DP,) each."""
     ok = d < D
     src = b * stride_nb + h * stride_nh
-    dst = tl.load(Slots + b).to(tl.int64) * stride_ks + h * stride_kh + d
-    k = tl.load(KNew + src + d, mask=ok)
+    k = tl.load(KNew + src + d, mask=ok, other=0.0)
     if ROPE:
-        k = _rotate(k, tl.load(KNew + src + (d + D // 2) % D, mask=ok), Cos, Sin, b, d, D).to(k.dtype)
-    tl.store(K + dst, k, mask=ok)
-    tl.store(V + dst, tl.load(VNew + src + d, mask=ok), mask=ok)
+        k = _rotate(k, tl.load(KNew + src + (d + D // 2) % D, mask=ok, other=0.0), Cos, Sin, b, d, D).to(k.dtype)
+    return k, tl.load(VNew + src + d, mask=ok, other=0.0)
 
 
 @triton.jit

@@ -7,7 +7,7 @@ autotuned (2, 1024, 4 warps, 1 stage) vs (8, 1024, 8 warps, 3 stages), ~38 µs p
 the engine at batch 1 (compile + CUDA graphs), records the GEMV kinds the decode step launches, and tunes them by
 coordinate descent: for each kind, each candidate config is tried by re-capturing the step and timing its replays;
 a candidate is kept when the step gets faster by more than `--min-gain`. `--rounds` passes over the kinds. It
-starts from the autotuner's choices (a shipped file for this GPU is ignored while tuning).
+starts from the autotuner's choices (a shipped file for this GPU is ignored while tuning), or from `--start FILE`.
 
 Output (`--out`): {"device", "configs": {kind: [BLOCK_N, BLOCK_K, num_warps, num_stages]}, "replay_us_before",
 "replay_us_after", "trials"}. `lmforge.infer.gemv` reads it from `src/lmforge/infer/gemv_configs/<GPU name>.json`
@@ -45,13 +45,14 @@ def fits(kind: str, config: tuple) -> bool:
 
 
 def coordinate_descent(kinds: list[str], candidates: list[tuple], measure: Callable[[dict], float], rounds: int = 1,
-                       min_gain: float = 0.003, log: Callable[[dict], None] = print) -> tuple[dict, float, list]:
+                       min_gain: float = 0.003, log: Callable[[dict], None] = print,
+                       start: dict | None = None) -> tuple[dict, float, list]:
     """Per kind in turn, the candidate that makes `measure(configs)` (µs, lower is better) smallest, keeping the
     other kinds' choices; a change is kept only when it gains more than `min_gain` (a fraction: timing noise).
-    Returns (configs, best µs, trials). `{}` as a starting point means every kind autotuned."""
-    best: dict = {}
+    Returns (configs, best µs, trials). `start` (default {}: every kind autotuned) is where the search begins."""
+    best: dict = {kind: tuple(cfg) for kind, cfg in (start or {}).items() if kind in kinds}
     best_us = measure(best)
-    trials = [{"configs": {}, "us": best_us}]
+    trials = [{"configs": {kind: list(cfg) for kind, cfg in best.items()}, "us": best_us}]
     log({"start_us": best_us})
     for _ in range(rounds):
         for kind in kinds:
@@ -140,6 +141,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="the config file to write")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--min-gain", type=float, default=0.003)
+    ap.add_argument("--start", help="a config file to start from (refine it) instead of the autotuner's choices")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tune_decode_gemv.py times the captured decode step: it needs a CUDA device")
@@ -160,7 +162,8 @@ def main(argv=None) -> None:
     kinds = step.kinds()
     print(json.dumps({"kinds": kinds}), flush=True)
     log = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
-    configs, after, trials = coordinate_descent(kinds, CANDIDATES, step, args.rounds, args.min_gain, log)
+    start = gemv.load_configs(Path(args.start)) if args.start else None
+    configs, after, trials = coordinate_descent(kinds, CANDIDATES, step, args.rounds, args.min_gain, log, start)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "configs": {kind: list(cfg) for kind, cfg in configs.items()},
               "replay_us_before": trials[0]["us"], "replay_us_after": after,

@@ -279,10 +279,19 @@ def test_abort_frees_blocks_and_reports_it(model):
     assert stats["free_blocks"] == stats["num_blocks"] - 1
 
 
-def test_greedy_run_ahead_matches_generate_and_drops_tokens_past_a_stop(model, monkeypatch):
+@pytest.mark.parametrize("one_launch_tail", [False, True])
+def test_greedy_run_ahead_matches_generate_and_drops_tokens_past_a_stop(model, monkeypatch, one_launch_tail):
     """Greedy-graph decodes launch the next run before reading the current one: outputs still equal generate()
     for requests of different lengths, one stopping on a stop id mid-run (its run-ahead tokens dropped); an abort
-    while a run is in flight; every block comes back."""
+    while a run is in flight; every block comes back. `one_launch_tail`: the step's argmax and bookkeeping run as
+    the Triton kernel (CPU interpreter), as on CUDA."""
+    if one_launch_tail:
+        from lmforge.infer import greedy_advance
+        from lmforge.infer.paged_attention import kernel_available
+
+        if not kernel_available(torch.device("cpu")):
+            pytest.skip("needs triton's CPU interpreter")
+        monkeypatch.setattr(greedy_advance, "cpu_interpreter", True)
     prompts = _prompts(3, lo=5, hi=20, seed=4, vocab=500)
     probe = generate(model, prompts[:1], SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))[0]
     stop = probe.token_ids[6]

@@ -96,3 +96,6 @@ def test_coordinate_descent_picks_each_kinds_fastest_and_ignores_noise():
     assert best == {} and us == 30.0  # 20 → 19.99 is within the noise margin: kept autotuned
     best, _, _ = tuner.coordinate_descent(kinds, [(2, 512, 4, 1)], measure, min_gain=0.0, log=lambda row: None)
     assert best == {"100x8192": (2, 512, 4, 1)}
+    best, us, _ = tuner.coordinate_descent(kinds, [(2, 512, 4, 1)], measure, log=lambda row: None,
+                                           start={"100x2048+norm": [8, 1024, 8, 3], "other": [2, 512, 4, 1]})
+    assert best == {"100x2048+norm": (8, 1024, 8, 3)} and us == 27.0  # refines a file: kinds not in the step dropped

@@ -18,7 +18,8 @@ import torch
 
 from ..errors import ConfigError
 from ..models.transformer import Transformer
-from .batch_sampling import SampleResult, argmax_rows
+from .batch_sampling import SampleResult
+from .greedy_advance import greedy_advance
 from .paged_attention import kernel_available, load_kernel
 from .paged_cache import PagedBatch, PagedKVCache, model_calls_cache_attend, paged_batch, paged_decode_batch
 from .scheduler import Request, Scheduled
@@ -272,11 +273,7 @@ class ModelRunner:
         logits = self._run(st["tokens"][:B, None], batch, st["adapters"][:B] if lora else None,
                            forward=self.decode_fn)
         if greedy:  # argmax → this step's row of `sampled` and the next step's input; positions advance
-            tokens = argmax_rows(logits)  # (B,)
-            st["sampled"][:, :B].index_copy_(0, st["step"], tokens[None])
-            st["step"].add_(1)
-            st["tokens"][:B].copy_(tokens)
-            st["starts"][:B].add_(1)
+            greedy_advance(logits, st["sampled"][:, :B], st["step"], st["tokens"][:B], st["starts"][:B])
             return st["sampled"][:, :B]
         # every graph writes the one output buffer: its own logits are a temporary of the shared graph pool, reused
         # by the next capture, instead of a tensor each graph keeps alive

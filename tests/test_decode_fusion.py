@@ -252,10 +252,12 @@ def test_paged_decode_writes_kv_and_merges_splits_in_one_launch(window, splits, 
 
 @needs_kernel
 @pytest.mark.parametrize("offset,bias", [(0.0, False), (1.0, True)])
-def test_gemv_rmsnorm_and_residual_equal_the_separate_ops(offset, bias):
+@pytest.mark.parametrize("one_tile", [False, True])
+def test_gemv_rmsnorm_and_residual_equal_the_separate_ops(offset, bias, one_tile, monkeypatch):
     """The fused RMSNorm prologue and residual epilogue round where the separate ops do: on the GPU bit-equal to the
     GEMV of the separately normalized input, and to adding the residual after the GEMV (Triton's CPU interpreter
-    truncates its bf16 casts: an ulp or two there)."""
+    truncates its bf16 casts: an ulp or two there). `one_tile`: a K tile wider than K, so the norm's input is read
+    once for the sum of squares and the product."""
     from lmforge.models.transformer import RMSNorm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -271,6 +273,8 @@ def test_gemv_rmsnorm_and_residual_equal_the_separate_ops(offset, bias):
     res = torch.randn(1, 1, N, generator=g).to(**bf16)
     gate_up = torch.randn(1, 1, 2 * K, generator=g).to(**bf16)
     exact = dict(atol=0, rtol=0) if device == "cuda" else dict(atol=0.07, rtol=0.02)
+    if one_tile:
+        monkeypatch.setitem(gemv.config_overrides, gemv.config_kind(N, K, norm=True), (4, 256, 4, 1))
     with torch.no_grad():
         torch.testing.assert_close(gemv.gemv_rmsnorm(x, norm.weight, norm.eps, offset, w, b), gemv.gemv(norm(x), w, b),
                                    **exact)

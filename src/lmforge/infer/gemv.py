@@ -127,8 +127,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
         tuned = config_overrides.get(kind, (4, 64, 4, 1))
     if tuned:
         bn, bk, warps, stages = tuned
-        mod.gemv_kernel[(-(-N // bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, num_warps=warps,
-                                        num_stages=stages, **flags, **pdl_options(x.device))
+        mod.gemv_kernel[(-(-N // bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, ONE_TILE=bk >= K,
+                                        num_warps=warps, num_stages=stages, **flags, **pdl_options(x.device))
     else:
         grid = lambda meta: (-(-N // meta["BLOCK_N"]),)  # noqa: E731
         mod.gemv_tuned[grid](*args, EVEN_K=K % 1024 == 0, **flags, **pdl_options(x.device))

@@ -14,7 +14,7 @@ except ImportError:  # older triton: PDL is never requested (see gemv.use_pdl)
 def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 SILU_MUL: tl.constexpr = False, NORM: tl.constexpr = False, NORM_OFFSET: tl.constexpr = False,
-                RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False):
+                RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False, ONE_TILE: tl.constexpr = False):
     """y[n] = sum_k W[n, k] x[k] (+ bias[n]) for BLOCK_N rows of W per program, fp32 accumulation.
 
     Each fusion rounds where the unfused ops would, so on the GPU the result is bit-equal to the separate ops (Triton's
@@ -26,7 +26,9 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
       (norm_offset + weight) in fp32 (Gemma) instead of weight * normed.
     RESIDUAL: y + Res[n] (the block's residual add), out of place.
     PDL (programmatic dependent launch): the first weight tile is loaded before waiting for the previous kernel
-      (weights do not depend on it), and the next kernel may launch as soon as every program here has started."""
+      (weights do not depend on it), and the next kernel may launch as soon as every program here has started.
+    ONE_TILE (BLOCK_K >= K, known to the launcher): with NORM, X is read once for both the sum of squares and the
+      product (every program reads it, so this halves the kernel's traffic from L2 for X)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -37,13 +39,18 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
         gdc_launch_dependents()
         gdc_wait()
     rstd = 0.0
-    if NORM:
-        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            v = tl.load(X + k + cols, mask=(k + cols) < K, other=0.0).to(tl.float32)
-            squares += v * v
-        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-    x = _x_tile(X, NormW, cols, 0, K, rstd, norm_offset, EVEN_K, SILU_MUL, NORM, NORM_OFFSET)
+    if NORM and ONE_TILE:
+        v = tl.load(X + cols, mask=cols < K, other=0.0)
+        rstd = tl.rsqrt(tl.sum(v.to(tl.float32) * v.to(tl.float32), axis=0) / K + eps)
+        x = _normed(v, NormW, cols, 0, K, rstd, norm_offset, NORM_OFFSET)
+    else:
+        if NORM:
+            squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                v = tl.load(X + k + cols, mask=(k + cols) < K, other=0.0).to(tl.float32)
+                squares += v * v
+            rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        x = _x_tile(X, NormW, cols, 0, K, rstd, norm_offset, EVEN_K, SILU_MUL, NORM, NORM_OFFSET)
     acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
     for k in range(BLOCK_K, K, BLOCK_K):
         w = _w_tile(w_rows, row_ok, cols, k, K, EVEN_K)
@@ -80,13 +87,18 @@ def _x_tile(X, NormW, cols, k, K, rstd, norm_offset, EVEN_K: tl.constexpr, SILU_
         up = tl.load(X + K + k + cols, mask=k_ok, other=0.0).to(tl.float32)
         x = (gate / (1.0 + tl.exp(-gate)) * up).to(x.dtype)
     if NORM:
-        nw = tl.load(NormW + k + cols, mask=k_ok, other=0.0).to(tl.float32)
-        normed = x.to(tl.float32) * rstd
-        if NORM_OFFSET:
-            x = (normed * (norm_offset + nw)).to(x.dtype)
-        else:
-            x = (nw * normed.to(x.dtype).to(tl.float32)).to(x.dtype)
+        x = _normed(x, NormW, cols, k, K, rstd, norm_offset, NORM_OFFSET)
     return x
+
+
+@triton.jit
+def _normed(x, NormW, cols, k, K, rstd, norm_offset, NORM_OFFSET: tl.constexpr):
+    """RMSNorm of input values k .. k + BLOCK_K given rstd, in x's dtype, rounded as `RMSNorm` does."""
+    nw = tl.load(NormW + k + cols, mask=(k + cols) < K, other=0.0).to(tl.float32)
+    normed = x.to(tl.float32) * rstd
+    if NORM_OFFSET:
+        return (normed * (norm_offset + nw)).to(x.dtype)
+    return (nw * normed.to(x.dtype).to(tl.float32)).to(x.dtype)
 
 
 # the winners of a 44-config sweep (BLOCK_N 2-16, BLOCK_K 256-1024, 4/8 warps, 1/3 stages) over the Llama 1B and 8B

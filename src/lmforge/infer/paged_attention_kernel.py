@@ -25,9 +25,9 @@ def paged_decode_kernel(
     last of a (row, kv head)'s programs to finish (an arrival counter, reset by that program) merges them, so no
     combine launch follows either.
 
-    PDL: the split's first chunk of keys and values is loaded before waiting for the kernel that wrote q, so it
-    overlaps that kernel's tail: every position but the newest was written by earlier steps (and the block
-    tables and lengths before the step's first layer), and the newest comes from registers (WRITE_KV)."""
+    PDL with WRITE_KV: the split's first chunk of keys and values is loaded before waiting for the kernel that wrote
+    q, so it overlaps that kernel's tail: every position but the newest was written by earlier steps (and the block
+    tables and lengths before the step's first layer), and the newest comes from registers."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -41,10 +41,13 @@ def paged_decode_kernel(
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     head_ok = (g < G)[:, None] & (d < D)[None, :]
-    t, k, v = _chunk(K, V, Tables, b, h, d, lo, hi, stride_tb, stride_ks, stride_kh, D, BLOCK_SIZE, CHUNK)
+    if WRITE_KV:  # the pool holds nothing of this step's yet: read it before waiting
+        t, k, v = _chunk(K, V, Tables, b, h, d, lo, hi, stride_tb, stride_ks, stride_kh, D, BLOCK_SIZE, CHUNK)
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote q
         gdc_launch_dependents()
         gdc_wait()
+    if not WRITE_KV:  # the new K/V are in the pool already, maybe written by the kernel just waited for
+        t, k, v = _chunk(K, V, Tables, b, h, d, lo, hi, stride_tb, stride_ks, stride_kh, D, BLOCK_SIZE, CHUNK)
     if WRITE_KV:
         k_new, v_new = _new_kv(KNew, VNew, Cos, Sin, b, h, d, stride_nb, stride_nh, D, ROPE)  # (DP,) each
     q_rows = Q + b * stride_qb + (h * G + g)[:, None] * stride_qh

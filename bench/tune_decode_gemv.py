@@ -37,11 +37,18 @@ CANDIDATES = [(2, 1024, 4, 1), (2, 1024, 8, 1), (2, 1024, 8, 3), (2, 512, 4, 1),
               (8, 512, 4, 1), (8, 512, 8, 1), (2, 2048, 4, 1), (4, 2048, 4, 1), (8, 2048, 8, 1), (4, 1024, 8, 3),
               (8, 1024, 8, 3), (8, 1024, 4, 3), (16, 1024, 8, 3), (16, 512, 8, 3), (2, 2048, 8, 1), (4, 2048, 8, 1),
               (8, 2048, 4, 1), (16, 2048, 8, 1), (4, 4096, 8, 1), (8, 4096, 8, 1)]
+# the row-walking kernel (fifth field: programs per SM; the K tile covers the row): input prepared once per program
+ROW_WALKERS = [(2, 2048, 4, 1, 4), (2, 2048, 4, 1, 8), (2, 2048, 4, 1, 16), (4, 2048, 4, 1, 4), (4, 2048, 4, 1, 8),
+               (4, 2048, 8, 1, 4), (8, 2048, 8, 1, 2), (8, 2048, 8, 1, 4), (2, 8192, 8, 1, 2), (2, 8192, 8, 1, 4),
+               (4, 8192, 8, 1, 2)]
 
 
 def fits(kind: str, config: tuple) -> bool:
-    """A candidate whose K tile is not wider than the kind's K (the rest would load masked zeros)."""
+    """A candidate whose K tile is not wider than the kind's K (the rest would load masked zeros); for the
+    row-walking kernel, one K tile covering the row."""
     K = int(kind.split("+")[0].split("x")[1])
+    if len(config) == 5 and config[4]:
+        return K <= config[1] < 2 * K
     return config[1] <= max(K, 64)
 
 
@@ -143,6 +150,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--min-gain", type=float, default=0.003)
     ap.add_argument("--start", help="a config file to start from (refine it) instead of the autotuner's choices")
+    ap.add_argument("--candidates", choices=["all", "tiles", "walkers"], default="all",
+                    help="tiles: one program per row block only; walkers: the row-walking kernel only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tune_decode_gemv.py times the captured decode step: it needs a CUDA device")
@@ -164,7 +173,8 @@ def main(argv=None) -> None:
     print(json.dumps({"kinds": kinds}), flush=True)
     log = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
     start = gemv.load_configs(Path(args.start)) if args.start else None
-    configs, after, trials = coordinate_descent(kinds, CANDIDATES, step, args.rounds, args.min_gain, log, start)
+    candidates = {"all": CANDIDATES + ROW_WALKERS, "tiles": CANDIDATES, "walkers": ROW_WALKERS}[args.candidates]
+    configs, after, trials = coordinate_descent(kinds, candidates, step, args.rounds, args.min_gain, log, start)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "configs": {kind: list(cfg) for kind, cfg in configs.items()},
               "replay_us_before": trials[0]["us"], "replay_us_after": after,

@@ -18,6 +18,8 @@ def test_config_kind_names_shape_and_fusions():
     assert gemv.config_kind(3072, 2048, norm=True) == "3072x2048+norm"
     assert gemv.config_kind(2048, 8192, silu_mul=True, residual=True) == "2048x8192+silu+residual"
     assert gemv.config_kind(128256, 2048) == "128256x2048"
+    assert tuner.fits("2048x8192+silu", (8, 8192, 8, 1, 2)) and not tuner.fits("2048x8192+silu", (8, 2048, 8, 1, 2))
+    assert tuner.fits("2048x8192+silu", (8, 2048, 8, 1)) and not tuner.fits("3072x2048+norm", (2, 4096, 8, 1, 2))
 
 
 def test_config_file_loads_and_rejects_bad_entries(tmp_path, monkeypatch):
@@ -99,3 +101,51 @@ def test_coordinate_descent_picks_each_kinds_fastest_and_ignores_noise():
     best, us, _ = tuner.coordinate_descent(kinds, [(2, 512, 4, 1)], measure, log=lambda row: None,
                                            start={"100x2048+norm": [8, 1024, 8, 3], "other": [2, 512, 4, 1]})
     assert best == {"100x2048+norm": (8, 1024, 8, 3)} and us == 27.0  # refines a file: kinds not in the step dropped
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or kernel_available(torch.device("cpu"))),
+                    reason="needs CUDA or triton's CPU interpreter")
+@pytest.mark.parametrize("fusion", ["plain", "norm", "silu_residual"])
+def test_row_walking_kernel_equals_one_program_per_block(fusion, monkeypatch):
+    """A five-field config (programs per SM) runs the kernel whose programs walk row blocks (here 8 programs over
+    38 rows in blocks of 4: two passes for some, one for others, the last block partial): same output as the
+    one-program-per-block kernel, with each fusion."""
+    from lmforge.models.transformer import RMSNorm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(gemv, "cpu_interpreter", True)
+    monkeypatch.setattr(gemv, "_sm_count", lambda device: 4)
+    g = torch.Generator().manual_seed(5)
+    N, K = 38, 96
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    w = torch.randn(N, K, generator=g).to(**bf16)
+    res = torch.randn(1, N, generator=g).to(**bf16)
+    norm = RMSNorm(K, 1e-5).to(**bf16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(K, generator=g))
+    x = torch.randn(1, 2 * K if fusion == "silu_residual" else K, generator=g).to(**bf16)
+
+    def run():
+        if fusion == "norm":
+            return gemv.gemv_rmsnorm(x, norm.weight, norm.eps, 0.0, w)
+        if fusion == "silu_residual":
+            return gemv.gemv_silu_mul(x, w, None, res)
+        return gemv.gemv(x, w)
+
+    kind = gemv.config_kind(N, K, silu_mul=fusion == "silu_residual", norm=fusion == "norm",
+                            residual=fusion == "silu_residual")
+    monkeypatch.setitem(gemv.config_overrides, kind, (4, 128, 4, 1))
+    want = run()
+    monkeypatch.setitem(gemv.config_overrides, kind, (4, 128, 4, 1, 2))
+    launches = []
+    walker = gemv._kernel().gemv_rows_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return walker[grid]
+
+    monkeypatch.setattr(gemv._kernel(), "gemv_rows_kernel", Spy())
+    got = run()
+    assert launches == [(8,)]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -65,7 +65,7 @@ def _pdl_capable(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9 and _kernel().gdc_wait is not None
 
 
-Config = tuple[int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, num_stages
+Config = tuple[int, ...]  # BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM: the row-walking kernel]
 config_overrides: dict[str, Config] = {}  # kind -> config, ahead of any file (the decode-step tuner sets these)
 CONFIG_DIR = Path(__file__).with_name("gemv_configs")
 
@@ -88,14 +88,19 @@ def load_configs(path: Path) -> dict[str, Config]:
     try:
         table = {kind: tuple(int(v) for v in cfg) for kind, cfg in json.loads(path.read_text())["configs"].items()}
         bad = next((kind for kind, cfg in table.items()
-                    if len(cfg) != 4 or min(cfg) < 1 or any(v & (v - 1) for v in cfg[:3])), None)
+                    if len(cfg) not in (4, 5) or min(cfg[:4]) < 1 or any(v & (v - 1) for v in cfg[:3])), None)
         if bad:
             raise ValueError(f"{bad}: {list(table[bad])} is not [BLOCK_N, BLOCK_K, num_warps, num_stages] "
-                             "with powers of two for the first three")
+                             "(+ programs per SM) with powers of two for the first three")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path}: not a GEMV config file ({e}); rerun bench/tune_decode_gemv.py "
                           "or unset LMFORGE_GEMV_CONFIGS") from None
     return table
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 @functools.cache
@@ -125,8 +130,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
         tuned = tuned_config(x.device, kind)
     else:  # the interpreter: a small fixed config unless overridden (autotuning would time the interpreter)
         tuned = config_overrides.get(kind, (4, 64, 4, 1))
-    if tuned:
-        bn, bk, warps, stages = tuned
+    if tuned and len(tuned) == 5 and tuned[4] and tuned[1] >= K:  # a fixed number of programs walking row blocks
+        bn, bk, warps, stages, per_sm = tuned
+        programs = min(-(-N // bn), per_sm * _sm_count(x.device))
+        mod.gemv_rows_kernel[(programs,)](*args, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                                          **flags, **pdl_options(x.device))
+    elif tuned:
+        bn, bk, warps, stages = tuned[:4]
         mod.gemv_kernel[(-(-N // bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, ONE_TILE=bk >= K,
                                         num_warps=warps, num_stages=stages, **flags, **pdl_options(x.device))
     else:

@@ -65,6 +65,45 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
 
 
 @triton.jit
+def gemv_rows_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SILU_MUL: tl.constexpr = False, NORM: tl.constexpr = False, NORM_OFFSET: tl.constexpr = False,
+                     RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False):
+    """`gemv_kernel` with one K tile (BLOCK_K >= K) and a fixed number of programs, each walking row blocks
+    pid, pid + P, ... (P programs): the input (normalized, or SiLU·mul-ed) is prepared once per program instead of
+    once per BLOCK_N rows, and the next block's weights are loaded while the current one is reduced. Same fusions
+    and rounding as `gemv_kernel`."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK_N
+    cols = tl.arange(0, BLOCK_K)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = _w_tile(W + rows[:, None].to(tl.int64) * stride_wn, rows < N, cols, 0, K, False)  # before any wait
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    rstd = 0.0
+    if NORM:
+        v = tl.load(X + cols, mask=cols < K, other=0.0)
+        rstd = tl.rsqrt(tl.sum(v.to(tl.float32) * v.to(tl.float32), axis=0) / K + eps)
+        x = _normed(v, NormW, cols, 0, K, rstd, norm_offset, NORM_OFFSET)
+    else:
+        x = _x_tile(X, NormW, cols, 0, K, rstd, norm_offset, False, SILU_MUL, NORM, NORM_OFFSET)
+    x = x.to(tl.float32)[None, :]
+    for start in range(pid * BLOCK_N, N, step):
+        rows = start + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        after = rows + step
+        w_next = _w_tile(W + after[:, None].to(tl.int64) * stride_wn, after < N, cols, 0, K, False)
+        y = tl.sum(w.to(tl.float32) * x, axis=1)
+        if HAS_BIAS:
+            y += tl.load(Bias + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            y = y.to(Y.dtype.element_ty).to(tl.float32) + tl.load(Res + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
+        w = w_next
+
+
+@triton.jit
 def _w_tile(w_rows, row_ok, cols, k, K, EVEN_K: tl.constexpr):
     """Columns k .. k + BLOCK_K of this program's weight rows, streamed past the caches."""
     if EVEN_K:

@@ -8,7 +8,8 @@ more rows, CPU, fp32, non-contiguous weights, no triton — takes `F.linear`.
 The tile configuration of a call (its kind: weight shape, fused norm / SiLU·mul / residual) comes from, in order:
 `config_overrides` (what `bench/tune_decode_gemv.py` tries), a JSON file of configurations tuned inside the
 captured decode step (`LMFORGE_GEMV_CONFIGS=path`, else the one shipped for this GPU model in `gemv_configs/`),
-else triton's autotuner, once per (N, K), before any CUDA-graph capture (the decode warm-up runs it). Timed alone,
+else triton's autotuner, once per (N, K), before any CUDA-graph capture (the decode warm-up runs it). A fifth
+field (programs per SM) selects `gemv_rows_kernel`, whose programs walk row blocks with one K tile. Timed alone,
 the autotuner ranks configs by their isolated speed; inside the step, under programmatic dependent launch, a kernel
 overlaps its neighbours and the ranking differs (on an H100 the tuned file makes the 1B decode step ~10% faster).
 

@@ -56,12 +56,7 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
         w = _w_tile(w_rows, row_ok, cols, k, K, EVEN_K)
         x = _x_tile(X, NormW, cols, k, K, rstd, norm_offset, EVEN_K, SILU_MUL, NORM, NORM_OFFSET)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(Bias + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if RESIDUAL:
-        y = y.to(Y.dtype.element_ty).to(tl.float32) + tl.load(Res + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
+    _store_rows(tl.sum(acc, axis=1), rows, row_ok, Bias, Res, Y, HAS_BIAS, RESIDUAL)
 
 
 @triton.jit
@@ -94,13 +89,18 @@ def gemv_rows_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offse
         row_ok = rows < N
         after = rows + step
         w_next = _w_tile(W + after[:, None].to(tl.int64) * stride_wn, after < N, cols, 0, K, False)
-        y = tl.sum(w.to(tl.float32) * x, axis=1)
-        if HAS_BIAS:
-            y += tl.load(Bias + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if RESIDUAL:
-            y = y.to(Y.dtype.element_ty).to(tl.float32) + tl.load(Res + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
+        _store_rows(tl.sum(w.to(tl.float32) * x, axis=1), rows, row_ok, Bias, Res, Y, HAS_BIAS, RESIDUAL)
         w = w_next
+
+
+@triton.jit
+def _store_rows(y, rows, row_ok, Bias, Res, Y, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Y[rows] = y (+ bias) (rounded, then + residual), in Y's dtype."""
+    if HAS_BIAS:
+        y += tl.load(Bias + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        y = y.to(Y.dtype.element_ty).to(tl.float32) + tl.load(Res + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit

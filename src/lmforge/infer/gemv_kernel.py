@@ -40,9 +40,7 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
         gdc_wait()
     rstd = 0.0
     if NORM and ONE_TILE:
-        v = tl.load(X + cols, mask=cols < K, other=0.0)
-        rstd = tl.rsqrt(tl.sum(v.to(tl.float32) * v.to(tl.float32), axis=0) / K + eps)
-        x = _normed(v, NormW, cols, 0, K, rstd, norm_offset, NORM_OFFSET)
+        x = _normed_row(X, NormW, cols, K, eps, norm_offset, NORM_OFFSET)
     else:
         if NORM:
             squares = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -76,13 +74,10 @@ def gemv_rows_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offse
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    rstd = 0.0
     if NORM:
-        v = tl.load(X + cols, mask=cols < K, other=0.0)
-        rstd = tl.rsqrt(tl.sum(v.to(tl.float32) * v.to(tl.float32), axis=0) / K + eps)
-        x = _normed(v, NormW, cols, 0, K, rstd, norm_offset, NORM_OFFSET)
+        x = _normed_row(X, NormW, cols, K, eps, norm_offset, NORM_OFFSET)
     else:
-        x = _x_tile(X, NormW, cols, 0, K, rstd, norm_offset, False, SILU_MUL, NORM, NORM_OFFSET)
+        x = _x_tile(X, NormW, cols, 0, K, 0.0, norm_offset, False, SILU_MUL, NORM, NORM_OFFSET)
     x = x.to(tl.float32)[None, :]
     for start in range(pid * BLOCK_N, N, step):
         rows = start + tl.arange(0, BLOCK_N)
@@ -128,6 +123,14 @@ def _x_tile(X, NormW, cols, k, K, rstd, norm_offset, EVEN_K: tl.constexpr, SILU_
     if NORM:
         x = _normed(x, NormW, cols, k, K, rstd, norm_offset, NORM_OFFSET)
     return x
+
+
+@triton.jit
+def _normed_row(X, NormW, cols, K, eps, norm_offset, NORM_OFFSET: tl.constexpr):
+    """RMSNorm of the whole input (one tile, BLOCK_K >= K), X read once for the sum of squares and the product."""
+    v = tl.load(X + cols, mask=cols < K, other=0.0)
+    rstd = tl.rsqrt(tl.sum(v.to(tl.float32) * v.to(tl.float32), axis=0) / K + eps)
+    return _normed(v, NormW, cols, 0, K, rstd, norm_offset, NORM_OFFSET)
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 
 A captured greedy step ends with each row's first-maximum token written where the engine reads it (`sampled`,
 one row per step of a multi-step run), fed back as the next step's input (`tokens`), and the positions and step
-counter advanced. As PyTorch ops that is a two-stage argmax plus five small kernels, ~20 µs of a 1B model's ~1 ms
+counter advanced. As PyTorch ops that is a two-stage argmax plus seven small kernels, ~20 µs of a 1B model's ~1 ms
 batch-1 step on an H100; as one Triton launch (programs over vocabulary slices, the last to arrive finishing each
 row), started early under programmatic dependent launch, it is a few µs. CPU tensors take the PyTorch ops, or the
 kernel under TRITON_INTERPRET=1 when `cpu_interpreter` is on (tests).
@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from .batch_sampling import argmax_rows
-from .paged_attention import kernel_available
+from .paged_attention import arrival_counters, kernel_available
 
 SLICE = 2048  # vocabulary entries per program
 cpu_interpreter = False
 _KERNEL = None
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # one per row, then one of rows (see the kernel)
 
 
 def _kernel():
@@ -48,19 +48,8 @@ def greedy_advance(logits: torch.Tensor, sampled: torch.Tensor, step: torch.Tens
     index = torch.empty(B, parts, dtype=torch.int32, device=logits.device)
     from .gemv import pdl_options  # (gemv imports paged_attention, as this module does)
 
-    _kernel().greedy_advance_kernel[(B, parts)](
-        logits, logits.stride(0), V, values, index, _counters(logits.device, B + 1), sampled, sampled.stride(0),
-        step, tokens, starts, PER=SLICE, PARTS=parts, PARTS_P=_next_pow2(parts), **pdl_options(logits.device))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters (one per row, then one of rows), reset by the kernel after each use; allocated
-    on first use, an eager warm-up before any capture."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
+    kernel = _kernel()
+    kernel.greedy_advance_kernel[(B, parts)](
+        logits, logits.stride(0), V, values, index, arrival_counters(_COUNTERS, logits.device, B + 1), sampled,
+        sampled.stride(0), step, tokens, starts, PER=SLICE, PARTS=parts, PARTS_P=kernel.next_power_of_2(parts),
+        **pdl_options(logits.device))

@@ -7,6 +7,8 @@ try:  # programmatic dependent launch (see gemv_kernel)
 except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
+next_power_of_2 = triton.next_power_of_2
+
 
 @triton.jit
 def greedy_advance_kernel(Logits, stride_l, V, PartVal, PartIdx, Arrived, Sampled, stride_s, Step, Tokens, Starts,

@@ -99,7 +99,7 @@ def paged_decode_attention(
     if splits > 1:
         acc = torch.empty(B, Hkv, splits, G, D, dtype=torch.float32, device=q.device)
         stats = torch.empty(B, Hkv, splits, G, 2, dtype=torch.float32, device=q.device)
-        arrived = _arrival_counters(q.device, B * Hkv)
+        arrived = arrival_counters(_ARRIVALS, q.device, B * Hkv)
     k_new = v_new = slots = q2
     stride_nb = stride_nh = 0
     if new_kv is not None:
@@ -124,13 +124,13 @@ def paged_decode_attention(
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
 
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters the split programs of one (row, kv head) count their arrivals on; the last program
-    resets its counter, so one buffer serves every launch (and every replay of a captured graph). Allocated on
-    first use, which is an eager warm-up before any capture."""
-    buf = _ARRIVALS.get(device)
+def arrival_counters(pool: dict, device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters that a kernel's programs count their arrivals on (here: the split programs of one
+    (row, kv head)); the last to arrive resets its counter, so one buffer per `pool` and device serves every launch
+    (and every replay of a captured graph). Allocated on first use, which is an eager warm-up before any capture."""
+    buf = pool.get(device)
     if buf is None or buf.numel() < n:
-        buf = _ARRIVALS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        buf = pool[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return buf
 
 

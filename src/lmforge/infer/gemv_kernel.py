@@ -35,12 +35,18 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
     cols = tl.arange(0, BLOCK_K)
     w_rows = W + rows[:, None].to(tl.int64) * stride_wn
     w = _w_tile(w_rows, row_ok, cols, 0, K, EVEN_K)  # (BLOCK_N, BLOCK_K): nothing before this reads X
+    nw = 0.0
+    if NORM and ONE_TILE:  # a parameter, like W: loaded before the wait, not after the sum of squares
+        nw = tl.load(NormW + cols, mask=cols < K, other=0.0)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+    res = 0.0
+    if RESIDUAL:  # issued with the input's loads, not after the reduction: one L2 round trip less at the end
+        res = tl.load(Res + rows, mask=row_ok, other=0.0)
     rstd = 0.0
     if NORM and ONE_TILE:
-        x = _normed_row(X, NormW, cols, K, eps, norm_offset, NORM_OFFSET)
+        x = _normed_row(X, nw, cols, K, eps, norm_offset, NORM_OFFSET)
     else:
         if NORM:
             squares = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -54,7 +60,7 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
         w = _w_tile(w_rows, row_ok, cols, k, K, EVEN_K)
         x = _x_tile(X, NormW, cols, k, K, rstd, norm_offset, EVEN_K, SILU_MUL, NORM, NORM_OFFSET)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    _store_rows(tl.sum(acc, axis=1), rows, row_ok, Bias, Res, Y, HAS_BIAS, RESIDUAL)
+    _store_rows(tl.sum(acc, axis=1), rows, row_ok, Bias, res, Y, HAS_BIAS, RESIDUAL)
 
 
 @triton.jit
@@ -71,11 +77,14 @@ def gemv_rows_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offse
     cols = tl.arange(0, BLOCK_K)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     w = _w_tile(W + rows[:, None].to(tl.int64) * stride_wn, rows < N, cols, 0, K, False)  # before any wait
+    nw = 0.0
+    if NORM:
+        nw = tl.load(NormW + cols, mask=cols < K, other=0.0)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     if NORM:
-        x = _normed_row(X, NormW, cols, K, eps, norm_offset, NORM_OFFSET)
+        x = _normed_row(X, nw, cols, K, eps, norm_offset, NORM_OFFSET)
     else:
         x = _x_tile(X, NormW, cols, 0, K, 0.0, norm_offset, False, SILU_MUL, NORM, NORM_OFFSET)
     x = x.to(tl.float32)[None, :]
@@ -84,17 +93,20 @@ def gemv_rows_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offse
         row_ok = rows < N
         after = rows + step
         w_next = _w_tile(W + after[:, None].to(tl.int64) * stride_wn, after < N, cols, 0, K, False)
-        _store_rows(tl.sum(w.to(tl.float32) * x, axis=1), rows, row_ok, Bias, Res, Y, HAS_BIAS, RESIDUAL)
+        res = 0.0
+        if RESIDUAL:
+            res = tl.load(Res + rows, mask=row_ok, other=0.0)
+        _store_rows(tl.sum(w.to(tl.float32) * x, axis=1), rows, row_ok, Bias, res, Y, HAS_BIAS, RESIDUAL)
         w = w_next
 
 
 @triton.jit
-def _store_rows(y, rows, row_ok, Bias, Res, Y, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
-    """Y[rows] = y (+ bias) (rounded, then + residual), in Y's dtype."""
+def _store_rows(y, rows, row_ok, Bias, res, Y, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Y[rows] = y (+ bias) (rounded, then + the residual values `res`, loaded by the caller), in Y's dtype."""
     if HAS_BIAS:
         y += tl.load(Bias + rows, mask=row_ok, other=0.0).to(tl.float32)
     if RESIDUAL:
-        y = y.to(Y.dtype.element_ty).to(tl.float32) + tl.load(Res + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = y.to(Y.dtype.element_ty).to(tl.float32) + res.to(tl.float32)
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
 
 
@@ -126,17 +138,24 @@ def _x_tile(X, NormW, cols, k, K, rstd, norm_offset, EVEN_K: tl.constexpr, SILU_
 
 
 @triton.jit
-def _normed_row(X, NormW, cols, K, eps, norm_offset, NORM_OFFSET: tl.constexpr):
-    """RMSNorm of the whole input (one tile, BLOCK_K >= K), X read once for the sum of squares and the product."""
+def _normed_row(X, nw, cols, K, eps, norm_offset, NORM_OFFSET: tl.constexpr):
+    """RMSNorm of the whole input (one tile, BLOCK_K >= K) with the norm weights nw (loaded by the caller), X read
+    once for the sum of squares and the product."""
     v = tl.load(X + cols, mask=cols < K, other=0.0)
     rstd = tl.rsqrt(tl.sum(v.to(tl.float32) * v.to(tl.float32), axis=0) / K + eps)
-    return _normed(v, NormW, cols, 0, K, rstd, norm_offset, NORM_OFFSET)
+    return _scaled(v, nw.to(tl.float32), rstd, norm_offset, NORM_OFFSET)
 
 
 @triton.jit
 def _normed(x, NormW, cols, k, K, rstd, norm_offset, NORM_OFFSET: tl.constexpr):
     """RMSNorm of input values k .. k + BLOCK_K given rstd, in x's dtype, rounded as `RMSNorm` does."""
     nw = tl.load(NormW + k + cols, mask=(k + cols) < K, other=0.0).to(tl.float32)
+    return _scaled(x, nw, rstd, norm_offset, NORM_OFFSET)
+
+
+@triton.jit
+def _scaled(x, nw, rstd, norm_offset, NORM_OFFSET: tl.constexpr):
+    """x * rstd scaled by the norm weights nw (fp32), in x's dtype, rounded as `RMSNorm` does."""
     normed = x.to(tl.float32) * rstd
     if NORM_OFFSET:
         return (normed * (norm_offset + nw)).to(x.dtype)

@@ -27,7 +27,7 @@ def paged_decode_kernel(
 
     PDL with WRITE_KV: the split's first chunk of keys and values is loaded before waiting for the kernel that wrote
     q, so it overlaps that kernel's tail: every position but the newest was written by earlier steps (and the block
-    tables and lengths before the step's first layer), and the newest comes from registers."""
+    tables, lengths and write slots before the step's first layer), and the newest comes from registers."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -41,8 +41,9 @@ def paged_decode_kernel(
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     head_ok = (g < G)[:, None] & (d < D)[None, :]
-    if WRITE_KV:  # the pool holds nothing of this step's yet: read it before waiting
+    if WRITE_KV:  # the pool holds nothing of this step's yet: read it (and where the new K/V go) before waiting
         t, k, v = _chunk(K, V, Tables, b, h, d, lo, hi, stride_tb, stride_ks, stride_kh, D, BLOCK_SIZE, CHUNK)
+        dst = tl.load(Slots + b).to(tl.int64) * stride_ks + h * stride_kh + d
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel that wrote q
         gdc_launch_dependents()
         gdc_wait()
@@ -69,7 +70,6 @@ def paged_decode_kernel(
         m, denom, acc = _attend(q, k, v, t < hi, m, denom, acc, scale, IEEE)
     if WRITE_KV:
         if holds_newest:  # into the pool for the next steps (this one took them from registers)
-            dst = tl.load(Slots + b).to(tl.int64) * stride_ks + h * stride_kh + d
             tl.store(K + dst, k_new.to(K.dtype.element_ty), mask=d < D)
             tl.store(V + dst, v_new.to(V.dtype.element_ty), mask=d < D)
     out_rows = b * G * tl.num_programs(1) + h * G + g  # this program's query heads in Out (B, H, D)

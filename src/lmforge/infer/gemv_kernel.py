@@ -25,8 +25,11 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
       sum of squares of X (K values, from L2), then normalizes each tile as it loads it; NORM_OFFSET scales by
       (norm_offset + weight) in fp32 (Gemma) instead of weight * normed.
     RESIDUAL: y + Res[n] (the block's residual add), out of place.
-    PDL (programmatic dependent launch): the first weight tile is loaded before waiting for the previous kernel
-      (weights do not depend on it), and the next kernel may launch as soon as every program here has started.
+    PDL (programmatic dependent launch): the first weight tile (with the bias and, for one tile, the norm weights) is
+      loaded before waiting for the previous kernel (parameters do not depend on it), and the next kernel may
+      launch as soon as every program here has started. After the wait the residual is loaded with the input, so
+      no load is left between the reduction and the store (in the one-row decode step each GEMV sits on the
+      critical path: every L2 round trip after the wait counts).
     ONE_TILE (BLOCK_K >= K, known to the launcher): with NORM, X is read once for both the sum of squares and the
       product (every program reads it, so this halves the kernel's traffic from L2 for X)."""
     pid = tl.program_id(0)
@@ -38,6 +41,9 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
     nw = 0.0
     if NORM and ONE_TILE:  # a parameter, like W: loaded before the wait, not after the sum of squares
         nw = tl.load(NormW + cols, mask=cols < K, other=0.0)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(Bias + rows, mask=row_ok, other=0.0)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -60,7 +66,7 @@ def gemv_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offset,
         w = _w_tile(w_rows, row_ok, cols, k, K, EVEN_K)
         x = _x_tile(X, NormW, cols, k, K, rstd, norm_offset, EVEN_K, SILU_MUL, NORM, NORM_OFFSET)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    _store_rows(tl.sum(acc, axis=1), rows, row_ok, Bias, res, Y, HAS_BIAS, RESIDUAL)
+    _store_rows(tl.sum(acc, axis=1), rows, row_ok, bias, res, Y, HAS_BIAS, RESIDUAL)
 
 
 @triton.jit
@@ -93,18 +99,22 @@ def gemv_rows_kernel(X, W, Bias, Y, N, K, stride_wn, NormW, Res, eps, norm_offse
         row_ok = rows < N
         after = rows + step
         w_next = _w_tile(W + after[:, None].to(tl.int64) * stride_wn, after < N, cols, 0, K, False)
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(Bias + rows, mask=row_ok, other=0.0)
         res = 0.0
         if RESIDUAL:
             res = tl.load(Res + rows, mask=row_ok, other=0.0)
-        _store_rows(tl.sum(w.to(tl.float32) * x, axis=1), rows, row_ok, Bias, res, Y, HAS_BIAS, RESIDUAL)
+        _store_rows(tl.sum(w.to(tl.float32) * x, axis=1), rows, row_ok, bias, res, Y, HAS_BIAS, RESIDUAL)
         w = w_next
 
 
 @triton.jit
-def _store_rows(y, rows, row_ok, Bias, res, Y, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
-    """Y[rows] = y (+ bias) (rounded, then + the residual values `res`, loaded by the caller), in Y's dtype."""
+def _store_rows(y, rows, row_ok, bias, res, Y, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Y[rows] = y (+ bias) (rounded, then + res), in Y's dtype; the caller loads the bias and residual values
+    (a GEMV with its inputs, before the reduction, so their round trips overlap the weights')."""
     if HAS_BIAS:
-        y += tl.load(Bias + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y += bias.to(tl.float32)
     if RESIDUAL:
         y = y.to(Y.dtype.element_ty).to(tl.float32) + res.to(tl.float32)
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)

@@ -16,7 +16,8 @@ def greedy_advance_kernel(Logits, stride_l, V, PartVal, PartIdx, Arrived, Sample
     """Grid (B, PARTS). Program (b, p) finds the first maximum of row b's logits in [p PER, (p + 1) PER) and stores
     it as a partial; the last of row b's programs to arrive (a counter per row, reset by it) picks the row's first
     maximum among the partials and writes the token: Sampled[Step, b], Tokens[b], Starts[b] + 1. The last row to
-    finish advances Step (a counter of rows at Arrived[B]). NaN counts as larger than any number, as in argmax."""
+    finish advances Step (a counter of rows at Arrived[B]; one row advances it directly). NaN counts as larger
+    than any number, as in argmax."""
     if PDL:  # launched early: wait for the LM head that wrote the logits
         gdc_launch_dependents()
         gdc_wait()
@@ -42,6 +43,8 @@ def greedy_advance_kernel(Logits, stride_l, V, PartVal, PartIdx, Arrived, Sample
         tl.store(Tokens + b, token)
         tl.store(Starts + b, tl.load(Starts + b) + 1)
         rows = tl.num_programs(0)
-        if tl.atomic_add(Arrived + rows, 1, sem="acq_rel") == rows - 1:  # every row has read Step: advance it
+        if rows == 1:  # one row (batch-1 decode): no second round trip to count the rows at the step's very end
+            tl.store(Step, step + 1)
+        elif tl.atomic_add(Arrived + rows, 1, sem="acq_rel") == rows - 1:  # every row has read Step: advance it
             tl.store(Arrived + rows, 0)
             tl.store(Step, step + 1)

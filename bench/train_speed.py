@@ -38,6 +38,9 @@ CONFIGS = {
     "lora-1b": dict(preset="llama-3.2-1b", batch=4, seq=2048, method="lora", lr=1e-4, clip=1.0),
     "full-1b": dict(preset="llama-3.2-1b", batch=4, seq=2048, method="full", lr=1e-5, clip=None),
     "lora-8b": dict(preset="llama-3-8b", batch=2, seq=2048, method="lora", lr=1e-4, clip=1.0),
+    # today's families: the same LoRA recipe on their published shapes
+    "lora-qwen3-8b": dict(preset="qwen3-8b", batch=2, seq=2048, method="lora", lr=1e-4, clip=1.0),
+    "lora-gemma3-4b": dict(preset="gemma-3-4b", batch=2, seq=2048, method="lora", lr=1e-4, clip=1.0),
 }
 # lmforge variants: name -> trainer settings (compile each block, blocks recomputed, optimizer)
 LMFORGE = {
@@ -73,7 +76,12 @@ DEFAULT_VARIANTS = {
     "lora-1b": "hf,hf-liger,lmforge,lmforge-graph",
     "full-1b": "hf,hf-liger,lmforge-optbwd-ckpt14,lmforge-optbwd-ckpt14-graph,lmforge-optbwd-ckpt13-graph",
     "lora-8b": "hf,hf-liger,lmforge,lmforge-graph,lmforge-nockpt",
+    "lora-qwen3-8b": "hf,hf-liger,lmforge,lmforge-graph",
+    "lora-gemma3-4b": "hf,hf-liger,lmforge,lmforge-graph",
 }
+# Liger's patch for each architecture: its apply function; only the keyword arguments it takes are passed
+LIGER = {"LlamaForCausalLM": "apply_liger_kernel_to_llama", "Qwen3ForCausalLM": "apply_liger_kernel_to_qwen3",
+         "Gemma3ForCausalLM": "apply_liger_kernel_to_gemma3_text"}
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16
 
 
@@ -116,10 +124,15 @@ def build_hf(cfg, conf: dict, liger: bool, device):
     from lmforge.models.hf import hf_config_dict
 
     if liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        import inspect
 
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
+        import liger_kernel.transformers as lk
+
+        apply = getattr(lk, LIGER[cfg.arch])
+        wanted = dict(rope=True, rms_norm=True, swiglu=True, geglu=True, cross_entropy=False,
+                      fused_linear_cross_entropy=True)
+        accepted = inspect.signature(apply).parameters
+        apply(**{k: v for k, v in wanted.items() if k in accepted})
     dtype = torch.float32 if conf["method"] == "full" else torch.bfloat16
     torch.manual_seed(0)
     hf_cfg = transformers.AutoConfig.for_model(**hf_config_dict(cfg, dtype))
@@ -166,7 +179,7 @@ def lmforge_worker(cfg, conf, args, settings: dict, data: list[torch.Tensor], de
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
-    params, conv = dict(model.named_parameters()), converter_for("LlamaForCausalLM")
+    params, conv = dict(model.named_parameters()), converter_for(cfg.arch)
     with torch.no_grad():
         for hf_name, tensor in hf.state_dict().items():
             for name, t in conv.to_native(hf_name, tensor, cfg):

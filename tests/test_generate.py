@@ -17,7 +17,9 @@ def test_greedy_matches_transformers_generate_single_and_left_padded_batch(tiny_
     model = load_hf(path, progress=False)
     n = 12
     out = generate(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
-    hf_kwargs = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    # no stop token on either side (min_new_tokens would instead suppress EOS, changing transformers' argmax)
+    ref_model.generation_config.eos_token_id = None
+    hf_kwargs = dict(do_sample=False, max_new_tokens=n, pad_token_id=0)
     for prompt, got in zip(PROMPTS, out):
         want = ref_model.generate(torch.tensor([prompt]), **hf_kwargs)[0, len(prompt):].tolist()
         assert got.token_ids == want

@@ -97,8 +97,8 @@ def test_shape_mismatch_and_unsupported_rope_scaling_are_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 256}))
     with pytest.raises(CheckpointError, match=r"has shape \(\d+, \d+\), config.json implies \(\d+, \d+\)"):
         load_hf(tmp_path, progress=False)
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
-    with pytest.raises(CheckpointError, match="rope scaling type 'yarn' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "ntk-by-magic", "factor": 4}}))
+    with pytest.raises(CheckpointError, match=r"rope_scaling.rope_type='ntk-by-magic' is not supported; supported: .*yarn"):
         load_hf(tmp_path, progress=False)
 
 

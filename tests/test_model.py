@@ -104,7 +104,8 @@ def test_right_padded_rows_take_plain_causal_attention(monkeypatch):
     tokens = torch.randint(0, 50, (2, 5))
     masks = []
     real_attend = attention.attend
-    monkeypatch.setattr(transformer, "attend", lambda q, k, v, mask: masks.append(mask) or real_attend(q, k, v, mask))
+    monkeypatch.setattr(transformer, "attend",
+                        lambda q, k, v, mask, *a: masks.append(mask) or real_attend(q, k, v, mask, *a))
     out = model(tokens, positions=pos)
     assert masks and all(m is None for m in masks)  # is_causal, no (B, 1, T, S) mask built
     monkeypatch.setattr(transformer, "plain_causal", lambda positions: False)  # force the position mask

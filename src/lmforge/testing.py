@@ -8,6 +8,14 @@ from pathlib import Path
 
 import torch
 
+GEMMA_SOFTCAPS = (0.05, 0.3)  # attention-score and logit caps of the tiny Gemma 2/3 (see tests: they clip)
+_GEMMA3_TEXT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    intermediate_size=128, vocab_size=128, max_position_embeddings=128, query_pre_attn_scalar=24,
+                    sliding_window=4, final_logit_softcapping=GEMMA_SOFTCAPS[1],
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+
 # Two layers, hidden 64: small enough for CPU tests, big enough to exercise GQA/MQA, biases and every position scheme.
 TINY_HF_CONFIGS: dict[str, dict] = {
     "LlamaForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -38,21 +46,70 @@ TINY_HF_CONFIGS: dict[str, dict] = {
     # Phi-2 layout: parallel attention + MLP, LayerNorm, partial rotary (half of 16 dims), biases, biased lm_head.
     "PhiForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                            vocab_size=128, max_position_embeddings=128, partial_rotary_factor=0.5),
-    # Phi-3: fused qkv_proj and gate_up_proj, GQA, a sliding window.
+    # Phi-3: fused qkv_proj and gate_up_proj, GQA, a sliding window, longrope (Phi-3 128k) with a 2-token "original"
+    # context, so every forward of the tests is a long one (long factors, attention factor sqrt(1 + ln 64 / ln 2)).
     "Phi3ForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=128, vocab_size=128, max_position_embeddings=128, sliding_window=7,
+                            original_max_position_embeddings=2,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                             "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                                             "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]},
                             pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # GLM-4: interleaved rotary on half of each head, q/k/v bias, fused gate_up_proj, GQA.
     "GlmForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, intermediate_size=128, vocab_size=128, max_position_embeddings=128,
                            pad_token_id=0, eos_token_id=2),
+    # Qwen3: per-head qk-norm, head_dim != d/heads, q/k/v/o bias, tied head, a window on layer 1, yarn RoPE scaling
+    # (factor 4 over a 16-token original context: most dims interpolate, cos/sin scaled by 1 + 0.1 ln 4).
+    "Qwen3ForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=32, intermediate_size=128, vocab_size=128, max_position_embeddings=64,
+                             tie_word_embeddings=True, attention_bias=True, use_sliding_window=True, sliding_window=5,
+                             max_window_layers=1,
+                             rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                              "original_max_position_embeddings": 16}),
+    # Gemma 2: sandwich norms, query_pre_attn_scalar != head_dim, windows (4 < the tests' 12 tokens) on layers 0 and
+    # 2, and soft-caps small enough to clip this model's scores and logits.
+    "Gemma2ForCausalLM": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=32, intermediate_size=128, vocab_size=128, max_position_embeddings=128,
+                              query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=GEMMA_SOFTCAPS[0],
+                              final_logit_softcapping=GEMMA_SOFTCAPS[1]),
+    # Gemma 3: Gemma 2's block + per-head qk-norm, sliding/global layers with their own RoPE (local 10k, global 1M
+    # with linear scaling), a final soft-cap (transformers' Gemma 3 applies no attention soft-cap).
+    "Gemma3ForCausalLM": dict(**_GEMMA3_TEXT),
+    # The language model inside a multimodal Gemma 3 checkpoint (a tiny SigLIP tower, skipped on load; no final
+    # soft-cap: transformers' multimodal class never applies one).
+    "Gemma3ForConditionalGeneration": dict(
+        text_config={**_GEMMA3_TEXT, "final_logit_softcapping": None},
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4),
+    # OLMo 2: norms after attention / MLP, RMSNorm over the whole q and k projections, GQA.
+    "Olmo2ForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=128, vocab_size=128, max_position_embeddings=128, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2),
+    # SmolLM3: NoPE on every 4th layer (layer 3), windows on the NoPE layers, tied head, GQA.
+    "SmolLM3ForCausalLM": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=128, vocab_size=128, max_position_embeddings=128,
+                               use_sliding_window=True, sliding_window=5, pad_token_id=0, bos_token_id=1,
+                               eos_token_id=2),
+    # Mistral Small 3.1's layout: a Mistral text decoder inside a Pixtral checkpoint (tiny vision tower, skipped).
+    "Mistral3ForConditionalGeneration": dict(
+        text_config=dict(model_type="mistral", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, intermediate_size=128, vocab_size=128,
+                         max_position_embeddings=128, sliding_window=None, tie_word_embeddings=False),
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=16, image_size=28, patch_size=14),
+        tie_word_embeddings=False),
 }
 
 _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
                    "Qwen2ForCausalLM": "Qwen2Config", "GPT2LMHeadModel": "GPT2Config", "BloomForCausalLM": "BloomConfig",
                    "MixtralForCausalLM": "MixtralConfig", "Qwen2MoeForCausalLM": "Qwen2MoeConfig",
                    "GemmaForCausalLM": "GemmaConfig", "PhiForCausalLM": "PhiConfig", "Phi3ForCausalLM": "Phi3Config",
-                   "GlmForCausalLM": "GlmConfig"}
+                   "GlmForCausalLM": "GlmConfig", "Qwen3ForCausalLM": "Qwen3Config", "Gemma2ForCausalLM": "Gemma2Config",
+                   "Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma3ForConditionalGeneration": "Gemma3Config",
+                   "Olmo2ForCausalLM": "Olmo2Config", "SmolLM3ForCausalLM": "SmolLM3Config",
+                   "Mistral3ForConditionalGeneration": "Mistral3Config"}
 
 # Architectures whose modeling code ships inside the checkpoint (trust_remote_code), so transformers has no class to
 # compare with: their parity tests use a reference forward written from the published architecture instead

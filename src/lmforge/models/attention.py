@@ -90,14 +90,40 @@ def document_block_mask(positions: torch.Tensor, document_ids: torch.Tensor, sli
 _compiled_flex = None
 
 
-def flex_attend(q, k, v, block_mask) -> torch.Tensor:
-    """flex_attention with a BlockMask (compiled once per process: eager flex is a slow reference path)."""
+def flex_attend(q, k, v, block_mask, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """flex_attention with a BlockMask (compiled once per process: eager flex is a slow reference path); a soft-cap
+    is a score_mod on the scaled scores."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / softcap) * softcap
+    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def softcapped_attend(q, k, v, mask, scale: float | None, softcap: float) -> torch.Tensor:
+    """Attention with soft-capped scores (Gemma 2), which SDPA cannot do: scores = cap * tanh(q.k * scale / cap),
+    then the mask, softmax in fp32, @ v. Materializes the (B, H, T, S) scores, as transformers' eager path does.
+    q (B, H, T, D), k/v (B, Hkv, S, D), mask as `attend` takes it (None: causal, T == S) → (B, H, T, D)."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qg = q.view(B, Hkv, G, T, D)  # each kv head's query group, without repeating k/v
+    scores = (qg @ k[:, :, None].transpose(-1, -2)) * (D ** -0.5 if scale is None else scale)  # (B, Hkv, G, T, S)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+    if mask.dtype == torch.bool:  # (B, 1, T, S)
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    else:  # additive bias (B, H, T, S)
+        scores = scores + mask.view(B, Hkv, G, T, S)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ v[:, :, None]).view(B, H, T, D)
 
 
 def attend(
@@ -105,18 +131,23 @@ def attend(
     k: torch.Tensor,  # (B, Hkv, S, D)
     v: torch.Tensor,  # (B, Hkv, S, D)
     mask,  # None → plain causal (T == S); bool (B, 1, T, S); float bias (B, H, T, S); or a flex BlockMask
+    scale: float | None = None,  # q.k multiplier; None = 1/sqrt(D)
+    softcap: float | None = None,  # scores → softcap * tanh(scores / softcap) before the mask (Gemma 2)
 ) -> torch.Tensor:
-    """Scaled dot-product attention with GQA/MQA: SDPA kernels, or flex_attention for a BlockMask. (B, H, T, D)."""
+    """Scaled dot-product attention with GQA/MQA: SDPA kernels, flex_attention for a BlockMask, or the soft-capped
+    path. (B, H, T, D)."""
     B, H, T, D = q.shape
     groups = H // k.shape[1]
     if mask is not None and not isinstance(mask, torch.Tensor):
-        return flex_attend(q, k, v, mask)
+        return flex_attend(q, k, v, mask, scale, softcap)
+    if softcap is not None:
+        return softcapped_attend(q, k, v, mask, scale, softcap)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1, scale=scale)
     if groups > 1 and mask.dtype == torch.bool:
         # Fold each KV head's query group into the sequence axis: (B, Hkv, G*T, D). K/V are never copied, and every
         # SDPA backend accepts it (decode attends over the whole cache each step, so a K/V repeat would be costly).
         q = q.reshape(B, H // groups, groups * T, D)
         mask = mask[:, :, None].expand(B, 1, groups, T, mask.shape[-1]).reshape(B, 1, groups * T, -1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, T, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(B, H, T, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1, scale=scale)

@@ -11,19 +11,39 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RopeScaling(BaseModel):
-    """How RoPE frequencies are stretched for longer contexts.
+    """How RoPE frequencies are stretched for longer contexts; the math is transformers' `modeling_rope_utils`.
 
     ``linear``: positions divided by ``factor`` (Chen et al. 2023). ``llama3``: low frequencies divided by ``factor``,
-    high frequencies kept, a smooth blend between (Llama 3.1/3.2).
+    high frequencies kept, a smooth blend between (Llama 3.1/3.2). ``yarn``: NTK-by-parts interpolation between
+    ``beta_fast`` and ``beta_slow`` rotations plus an attention factor on cos/sin (Peng et al. 2023; Qwen3, gpt-oss,
+    DeepSeek). ``longrope``: per-frequency ``short_factor`` / ``long_factor`` rescaling, the long set for rows longer
+    than ``original_max_seq_len``, plus an attention factor (Phi-3/3.5 128k). ``dynamic``: NTK-aware base growth for
+    rows longer than the model's ``max_seq_len`` (each row by its own length).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["linear", "llama3"]
-    factor: float = Field(gt=0)
+    type: Literal["linear", "llama3", "yarn", "longrope", "dynamic"]
+    factor: float | None = Field(None, gt=0)  # longrope/yarn: None = max_seq_len / original_max_seq_len
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_seq_len: int = 8192  # llama3 only
+    original_max_seq_len: int = 8192  # llama3, yarn, longrope: the pre-training context
+    attention_factor: float | None = Field(None, gt=0)  # yarn/longrope: cos/sin multiplier; None = derived
+    beta_fast: float = 32.0  # yarn: rotations above which dims extrapolate
+    beta_slow: float = 1.0  # yarn: rotations below which dims interpolate
+    mscale: float | None = None  # yarn (DeepSeek): attention factor mscale(factor, mscale) / mscale(factor, all_dim)
+    mscale_all_dim: float | None = None
+    truncate: bool = True  # yarn: round the correction range to whole dims (gpt-oss: false)
+    short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors (rotary_dim / 2 each)
+    long_factor: tuple[float, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScaling:
+        if self.factor is None and self.type in ("linear", "llama3", "dynamic"):
+            raise ValueError(f"rope_scaling type {self.type} needs a factor")
+        if self.type == "longrope" and (self.short_factor is None or self.long_factor is None):
+            raise ValueError("rope_scaling type longrope needs short_factor and long_factor")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -66,6 +86,20 @@ class ModelConfig(BaseModel):
     sliding_window: int | None = Field(None, gt=0)  # each token sees at most this many keys (Mistral v0.1)
     sliding_window_layers: tuple[int, ...] | None = None  # layers that use the window; None = all (Qwen2, Gemma-2)
 
+    # Attention and norm variants of the 2024-25 families (Qwen3, Gemma 2/3, OLMo 2, SmolLM3). General on purpose:
+    # each is a field plus the small module it picks, for any family that needs it (gpt-oss, Llama 4, GLM-4.5, ...).
+    qk_norm: Literal["none", "head", "proj"] = "none"  # RMSNorm on q and k before RoPE: over each head's dims
+    #   (Qwen3, Gemma 3: weights of head_dim) or over the whole projection (OLMo 2: weights of n_heads * head_dim)
+    norm_placement: Literal["pre", "sandwich", "post"] = "pre"  # pre: x + f(norm(x)) (Llama); sandwich:
+    #   x + norm(f(norm(x))) (Gemma 2/3); post: x + norm(f(x)) (OLMo 2); f = attention, then the MLP
+    attn_scale: float | None = Field(None, gt=0)  # q.k multiplier; None = head_dim**-0.5 (Gemma: query_pre_attn_scalar**-0.5)
+    attn_logit_softcap: float | None = Field(None, gt=0)  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = Field(None, gt=0)  # output logits -> cap * tanh(logits / cap) (Gemma 2)
+    nope_layers: tuple[int, ...] = ()  # layers with no positional encoding at all (SmolLM3: every 4th; Llama 4)
+    rope_local_theta: float | None = Field(None, gt=0)  # RoPE base of the sliding-window layers (Gemma 3: 10k; the
+    #   full-attention layers keep rope_theta and rope_scaling); None = every RoPE layer uses rope_theta
+    rope_local_scaling: RopeScaling | None = None  # the sliding-window layers' scaling (with rope_local_theta)
+
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2, GPT-2, BLOOM)
     out_bias: bool = False  # bias on the attention output projection (GPT-2, BLOOM)
     mlp_bias: bool = False  # bias on MLP projections (GPT-2, BLOOM)
@@ -105,7 +139,7 @@ class ModelConfig(BaseModel):
             raise ValueError("moe_experts/moe_shared_d_ff are set but mlp is not 'moe'; set mlp=moe or drop them")
         if self.moe_shared_gate and not self.moe_shared_d_ff:
             raise ValueError("moe_shared_gate needs a shared expert; set moe_shared_d_ff")
-        for name in ("moe_dense_layers", "sliding_window_layers"):
+        for name in ("moe_dense_layers", "sliding_window_layers", "nope_layers"):
             bad = [i for i in getattr(self, name) or () if not 0 <= i < self.n_layers]
             if bad:
                 raise ValueError(f"{name} has layer index {bad[0]} outside 0..{self.n_layers - 1}")
@@ -115,6 +149,14 @@ class ModelConfig(BaseModel):
             raise ValueError("lm_head_bias needs an untied output layer; set tie_embeddings=false")
         if self.parallel_block and self.mlp == "moe":
             raise ValueError("parallel_block with mlp=moe is not supported")
+        if self.parallel_block and self.norm_placement != "pre":
+            raise ValueError("parallel_block needs norm_placement=pre (one norm feeds both branches)")
+        if (self.nope_layers or self.rope_local_theta is not None) and self.pos != "rope":
+            raise ValueError("nope_layers / rope_local_theta choose RoPE per layer; they need pos=rope")
+        if self.rope_local_theta is not None and self.sliding_window is None:
+            raise ValueError("rope_local_theta applies to the sliding-window layers; set sliding_window")
+        if self.rope_local_scaling is not None and self.rope_local_theta is None:
+            raise ValueError("rope_local_scaling needs rope_local_theta (the local layers' RoPE base)")
         return self
 
     # Derived sizes: computed, never stored, so they cannot disagree with the fields.
@@ -143,6 +185,15 @@ class ModelConfig(BaseModel):
             return self.sliding_window
         return None
 
+    def layer_rope(self, layer: int) -> Literal["global", "local"] | None:
+        """Which RoPE table `layer` rotates with: "local" (rope_local_theta, sliding-window layers), "global"
+        (rope_theta + rope_scaling), or None (no RoPE: another position scheme, or a NoPE layer)."""
+        if self.pos != "rope" or layer in self.nope_layers:
+            return None
+        if self.rope_local_theta is not None and self.layer_window(layer) is not None:
+            return "local"
+        return "global"
+
     @property
     def stop_token_ids(self) -> list[int]:
         eos = self.eos_token_id
@@ -164,10 +215,12 @@ class ModelConfig(BaseModel):
         experts = self.moe_top_k if active else self.moe_experts
         moe = (experts * swiglu(self.expert_d_ff) + self.moe_experts * d  # routed experts + router
                + swiglu(self.moe_shared_d_ff) + d * self.moe_shared_gate)
+        attn += {"none": 0, "head": 2 * hd, "proj": q + kv}[self.qk_norm]  # q_norm + k_norm weights
         norm = d * (2 if self.norm == "layer" else 1)
+        block_norms = 1 if self.parallel_block else 4 if self.norm_placement == "sandwich" else 2
         total = norm  # final norm
         for layer in range(self.n_layers):
-            total += attn + (moe if self.is_moe_layer(layer) else dense) + norm * (1 if self.parallel_block else 2)
+            total += attn + (moe if self.is_moe_layer(layer) else dense) + norm * block_norms
         if include_embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2) + self.vocab_size * self.lm_head_bias
             total += self.max_seq_len * d * (self.pos == "learned") + norm * self.embed_norm

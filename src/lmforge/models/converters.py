@@ -92,40 +92,90 @@ def _activation(hf: Mapping, key: str) -> str:
     return HF_ACTIVATIONS[name]
 
 
-def _rope_from_hf(hf: Mapping) -> dict:
+# Every key a rope_scaling / rope_parameters dict may carry; any other would change the math in a way lmforge does not
+# know, so it is refused (naming the key) rather than ignored.
+_ROPE_KEYS = {"rope_type", "type", "factor", "rope_theta", "partial_rotary_factor", "original_max_position_embeddings",
+              "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow", "mscale",
+              "mscale_all_dim", "truncate", "short_factor", "long_factor"}
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
+
+
+def _rope_scaling_from_hf(scaling: Mapping, hf: Mapping, where: str) -> RopeScaling | None:
+    """One rope_scaling / rope_parameters dict (`where` names it in errors) → RopeScaling (None: plain RoPE).
+
+    original_max_position_embeddings as transformers resolves it: a top-level key wins (Phi-3 keeps it there), then
+    the dict's own, then max_position_embeddings."""
+    unknown = sorted(set(scaling) - _ROPE_KEYS)
+    if unknown:
+        raise CheckpointError(f"config.json {where}.{unknown[0]} is not understood by lmforge (it would change the "
+                              f"RoPE math); known keys: {', '.join(sorted(_ROPE_KEYS))}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise CheckpointError(f"config.json {where}.rope_type='{kind}' is not supported; supported: "
+                              f"{', '.join(_ROPE_TYPES)}")
+    if kind == "default":
+        return None
+    original = (hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+                or hf.get("max_position_embeddings"))
+    fields: dict = {"type": kind, "factor": scaling.get("factor")}
+    if kind in ("llama3", "yarn", "longrope"):
+        fields["original_max_seq_len"] = original
+    if kind == "llama3":
+        fields.update(low_freq_factor=scaling["low_freq_factor"], high_freq_factor=scaling["high_freq_factor"])
+    if kind == "yarn":
+        fields.update(attention_factor=scaling.get("attention_factor"), beta_fast=scaling.get("beta_fast") or 32.0,
+                      beta_slow=scaling.get("beta_slow") or 1.0, mscale=scaling.get("mscale"),
+                      mscale_all_dim=scaling.get("mscale_all_dim"), truncate=scaling.get("truncate", True))
+    if kind == "longrope":
+        fields.update(attention_factor=scaling.get("attention_factor"), short_factor=scaling.get("short_factor"),
+                      long_factor=scaling.get("long_factor"))
+    try:
+        return RopeScaling(**fields)
+    except (ValidationError, KeyError) as e:
+        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else f"missing {e}"
+        raise CheckpointError(f"config.json {where} is invalid for rope_type '{kind}': {msg}") from None
+
+
+def _rope_from_hf(hf: Mapping, default_theta: float = 10000.0) -> dict:
     """rope_theta + scaling from either transformers<5 keys (rope_theta, rope_scaling) or >=5 (rope_parameters)."""
     params = dict(hf.get("rope_parameters") or {})
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     scaling = dict(hf.get("rope_scaling") or {}) or params
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    theta = hf.get("rope_theta", params.get("rope_theta", default_theta))
     out: dict = {"rope_theta": float(theta)}
     fraction = hf.get("partial_rotary_factor", params.get("partial_rotary_factor"))
     if fraction is not None:
         out["rotary_fraction"] = float(fraction)
-    if kind == "default":
-        return out
-    if kind == "linear":
-        out["rope_scaling"] = RopeScaling(type="linear", factor=scaling["factor"])
-    elif kind == "llama3":
-        out["rope_scaling"] = RopeScaling(
-            type="llama3", factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
-            high_freq_factor=scaling["high_freq_factor"],
-            original_max_seq_len=scaling["original_max_position_embeddings"])
-    else:
-        raise CheckpointError(f"config.json rope scaling type '{kind}' is not supported yet; supported: default, linear, llama3")
+    scaled = _rope_scaling_from_hf(scaling, hf, where)
+    if scaled is not None:
+        out["rope_scaling"] = scaled
+    return out
+
+
+def _rope_scaling_to_hf(s: RopeScaling) -> dict:
+    """A RopeScaling as the rope_scaling dict transformers 4.x and 5.x read (only the keys its type uses)."""
+    out: dict = {"rope_type": s.type}
+    if s.factor is not None:
+        out["factor"] = s.factor
+    if s.type in ("llama3", "yarn", "longrope"):
+        out["original_max_position_embeddings"] = s.original_max_seq_len
+    if s.type == "llama3":
+        out.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    if s.type in ("yarn", "longrope") and s.attention_factor is not None:
+        out["attention_factor"] = s.attention_factor
+    if s.type == "yarn":
+        out.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
+        out.update({k: getattr(s, k) for k in ("mscale", "mscale_all_dim") if getattr(s, k) is not None})
+    if s.type == "longrope":
+        out.update(short_factor=list(s.short_factor), long_factor=list(s.long_factor))
     return out
 
 
 def _rope_to_hf(cfg: ModelConfig) -> dict:
     """Write the transformers<5 keys, which both transformers 4.x and 5.x (and llama.cpp's converter) read."""
     out: dict = {"rope_theta": cfg.rope_theta}
-    s = cfg.rope_scaling
-    if s is not None and s.type == "linear":
-        out["rope_scaling"] = {"rope_type": "linear", "factor": s.factor}
-    elif s is not None:
-        out["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                               "high_freq_factor": s.high_freq_factor,
-                               "original_max_position_embeddings": s.original_max_seq_len}
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = _rope_scaling_to_hf(cfg.rope_scaling)
     return out
 
 
@@ -161,13 +211,15 @@ class Converter:
     ignore: tuple[str, ...] = ()
     optional_prefix: str = ""  # original GPT-2/BLOOM checkpoints omit this prefix
     extra_to_hf: Callable[[ModelConfig], dict[str, torch.Tensor]] | None = None
+    defaults: Mapping = field(default_factory=dict)  # the transformers config class's defaults for absent keys
+    rewrite: tuple[tuple[str, str], ...] = ()  # (prefix, replacement): a multimodal checkpoint's text decoder
     _compiled: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
         self._compiled = [(_pattern(r.hf), r) for r in self.names]
 
     def build_config(self, hf: Mapping) -> ModelConfig:
-        fields = self.config_from_hf(hf)
+        fields = self.config_from_hf({**self.defaults, **hf})
         fields.setdefault("arch", self.architectures[0])
         try:
             return ModelConfig(**fields)
@@ -178,6 +230,9 @@ class Converter:
 
     def to_native(self, hf_name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
         """Native (name, tensor) pairs for one HF tensor; [] for ignored buffers; error for unknown names."""
+        if any(re.search(p, hf_name) for p in self.ignore):
+            return []
+        hf_name = self._rewritten(hf_name)
         if self.optional_prefix and not hf_name.startswith(self.optional_prefix) and not hf_name.startswith("lm_head"):
             hf_name = self.optional_prefix + hf_name
         if any(re.search(p, hf_name) for p in self.ignore):
@@ -192,6 +247,12 @@ class Converter:
                 return [(rule.native.format(**fill), _transpose(tensor) if rule.transform == "T" else tensor)]
         raise CheckpointError(f"checkpoint tensor '{hf_name}' has no mapping for {self.architectures[0]}; "
                               "the checkpoint is a variant lmforge does not support yet")
+
+    def _rewritten(self, hf_name: str) -> str:
+        for prefix, replacement in self.rewrite:
+            if hf_name.startswith(prefix):
+                return replacement + hf_name[len(prefix):]
+        return hf_name
 
     def hf_module_name(self, native_module: str) -> str | None:
         """HF module path of a native linear (e.g. "layers.0.attn.q_proj" → "model.layers.0.self_attn.q_proj");
@@ -209,7 +270,7 @@ class Converter:
 
     def native_module_name(self, hf_module: str) -> str | None:
         """Inverse of `hf_module_name` (accepts names with or without the optional prefix)."""
-        name = f"{hf_module}.weight"
+        name = self._rewritten(f"{hf_module}.weight")
         if self.optional_prefix and not name.startswith(self.optional_prefix) and not name.startswith("lm_head"):
             name = self.optional_prefix + name
         for pattern, rule in self._compiled:
@@ -285,7 +346,9 @@ _ANY = object()
 # Every field a family cannot express must hold this value, or saving would silently drop it.
 _PLAIN = dict(norm="rms", norm_weight_offset=0.0, mlp="swiglu", parallel_block=False, scale_embeddings=False,
               pos="rope", rotary_fraction=1.0, rope_interleaved=False, sliding_window=None, sliding_window_layers=None,
-              qkv_bias=False, out_bias=False, mlp_bias=False, embed_norm=False, lm_head_bias=False)
+              qkv_bias=False, out_bias=False, mlp_bias=False, embed_norm=False, lm_head_bias=False,
+              qk_norm="none", norm_placement="pre", attn_scale=None, attn_logit_softcap=None,
+              final_logit_softcap=None, nope_layers=(), rope_local_theta=None, rope_local_scaling=None)
 
 
 # Where a field's non-default value can be saved (the hint in `_expect`'s error).
@@ -294,7 +357,13 @@ _ARCH_HINT = {"mlp": "MixtralForCausalLM or Qwen2MoeForCausalLM (mlp=moe), GPT2L
               "parallel_block": "PhiForCausalLM", "lm_head_bias": "PhiForCausalLM",
               "rope_interleaved": "GlmForCausalLM or ChatGLMModel", "rotary_fraction": "GlmForCausalLM, PhiForCausalLM",
               "sliding_window": "MistralForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM",
-              "sliding_window_layers": "Qwen2ForCausalLM", "qkv_bias": "Qwen2ForCausalLM, LlamaForCausalLM"}
+              "sliding_window_layers": "Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM",
+              "qkv_bias": "Qwen2ForCausalLM, LlamaForCausalLM",
+              "qk_norm": "Qwen3ForCausalLM, Gemma3ForCausalLM (head), Olmo2ForCausalLM (proj)",
+              "norm_placement": "Gemma2ForCausalLM, Gemma3ForCausalLM (sandwich), Olmo2ForCausalLM (post)",
+              "attn_scale": "Gemma2ForCausalLM, Gemma3ForCausalLM", "attn_logit_softcap": "Gemma2ForCausalLM",
+              "final_logit_softcap": "Gemma2ForCausalLM, Gemma3ForCausalLM", "nope_layers": "SmolLM3ForCausalLM",
+              "rope_local_theta": "Gemma3ForCausalLM", "rope_local_scaling": "Gemma3ForCausalLM"}
 
 
 def _expect(cfg: ModelConfig, arch: str, **fields) -> None:
@@ -306,13 +375,13 @@ def _expect(cfg: ModelConfig, arch: str, **fields) -> None:
                                   f"set arch to one that can, e.g. {hint}")
 
 
-def _llama_from_hf(hf: Mapping, *, qkv_bias: bool | None = None) -> dict:
+def _llama_from_hf(hf: Mapping, *, qkv_bias: bool | None = None, default_theta: float = 10000.0) -> dict:
     _require(hf, "pretraining_tp", 1, "tensor-parallel-sliced checkpoints")
     return dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
         d_ff=hf["intermediate_size"], norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
-        act=_activation(hf, "hidden_act"), pos="rope", **_rope_from_hf(hf),
+        act=_activation(hf, "hidden_act"), pos="rope", **_rope_from_hf(hf, default_theta),
         qkv_bias=hf.get("attention_bias", False) if qkv_bias is None else qkv_bias,
         out_bias=hf.get("attention_bias", False) if qkv_bias is None else False,
         mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False),
@@ -360,6 +429,10 @@ def _windows_from_hf(hf: Mapping, n_layers: int, default_sliding: Callable[[int]
     if not hf.get("use_sliding_window", False) or not window:
         return {}
     types = hf.get("layer_types") or ["sliding_attention" if default_sliding(i) else "full" for i in range(n_layers)]
+    bad = next((i for i, t in enumerate(types) if t not in ("sliding_attention", "full_attention", "full")), None)
+    if bad is not None:
+        raise CheckpointError(f"config.json layer_types[{bad}]='{types[bad]}' is not supported; supported: "
+                              "sliding_attention, full_attention")
     layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     if not layers:
         return {}
@@ -520,13 +593,21 @@ def _phi_to_hf(cfg: ModelConfig) -> dict:
 
 
 def _phi3_from_hf(hf: Mapping) -> dict:
-    return _mistral_from_hf(hf)  # Llama layout (fused on disk) with an optional sliding window
+    """Phi-3/3.5/4: the Llama layout (fused on disk) with an optional sliding window and partial rotary; Phi-3's
+    128k variants use longrope (legacy names 'su' and 'yarn' mean longrope here, as transformers reads them)."""
+    scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if scaling.get("rope_type", scaling.get("type")) in ("su", "yarn"):
+        scaling = {k: v for k, v in scaling.items() if k != "type"} | {"rope_type": "longrope"}
+        hf = {**hf, "rope_scaling": scaling}
+    return _mistral_from_hf(hf)
 
 
 def _phi3_to_hf(cfg: ModelConfig) -> dict:
     _expect(cfg, "Phi3ForCausalLM", rotary_fraction=_ANY, sliding_window=_ANY)
+    s = cfg.rope_scaling  # transformers reads a top-level original_max_position_embeddings first (default 4096)
+    original = s.original_max_seq_len if s is not None and s.type in ("llama3", "yarn", "longrope") else cfg.max_seq_len
     return {**_llama_to_hf(cfg, "phi3"), "sliding_window": cfg.sliding_window, "partial_rotary_factor":
-            cfg.rotary_fraction, "original_max_position_embeddings": cfg.max_seq_len, "resid_pdrop": 0.0,
+            cfg.rotary_fraction, "original_max_position_embeddings": original, "resid_pdrop": 0.0,
             "embd_pdrop": 0.0}
 
 
@@ -581,6 +662,204 @@ def _chatglm_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     from .positions import rope_inv_freq
 
     return {"transformer.rotary_pos_emb.inv_freq": rope_inv_freq(cfg)}  # stored by the original checkpoints
+
+
+# --- 2024-25 families: Qwen3, Gemma 2/3, OLMo 2, SmolLM3, multimodal checkpoints' text decoders -------------------
+
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _layer_windows(hf: Mapping, n_layers: int, default_sliding: Callable[[int], bool]) -> dict:
+    """sliding_window + sliding_window_layers from `layer_types` (transformers>=5 writes it; older configs: the
+    family's pattern). An entry other than sliding/full attention (chunked, ...) is refused, naming it."""
+    types = hf.get("layer_types") or ["sliding_attention" if default_sliding(i) else "full_attention"
+                                      for i in range(n_layers)]
+    if len(types) != n_layers:
+        raise CheckpointError(f"config.json layer_types has {len(types)} entries for {n_layers} layers")
+    for i, t in enumerate(types):
+        if t not in _LAYER_TYPES:
+            raise CheckpointError(f"config.json layer_types[{i}]='{t}' is not supported; supported: "
+                                  f"{', '.join(_LAYER_TYPES)}")
+    layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if not layers or hf.get("sliding_window") is None:
+        return {}
+    return {"sliding_window": hf["sliding_window"], "sliding_window_layers": None if len(layers) == n_layers else layers}
+
+
+def _layer_types_to_hf(cfg: ModelConfig) -> dict:
+    return {"sliding_window": cfg.sliding_window,
+            "layer_types": ["sliding_attention" if cfg.layer_window(i) is not None else "full_attention"
+                            for i in range(cfg.n_layers)]}
+
+
+def _text_config(hf: Mapping, defaults: Mapping) -> dict:
+    """The text decoder's config of a multimodal checkpoint (`text_config`, over the text model's defaults); tied
+    embeddings and special tokens fall back to the top level, where these checkpoints often keep them."""
+    if "text_config" not in hf:
+        raise CheckpointError(f"config.json of {architecture_of(hf)} has no text_config")
+    text = {**defaults, **hf["text_config"]}
+    for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if key not in hf["text_config"] and hf.get(key) is not None:
+            text[key] = hf[key]
+    return text
+
+
+def architecture_of(hf: Mapping) -> str | None:
+    archs = hf.get("architectures") or []
+    return archs[0] if archs else None
+
+
+def _qwen3_from_hf(hf: Mapping) -> dict:
+    out = _llama_from_hf(hf)  # attention_bias covers q/k/v/o
+    first_windowed = hf.get("max_window_layers", 28)
+    return {**out, "qk_norm": "head", **_windows_from_hf(hf, out["n_layers"], lambda i: i >= first_windowed)}
+
+
+def _qwen3_to_hf(cfg: ModelConfig) -> dict:
+    _expect(cfg, "Qwen3ForCausalLM", qk_norm="head", qkv_bias=_ANY, out_bias=_ANY, sliding_window=_ANY,
+            sliding_window_layers=_ANY)
+    if cfg.qkv_bias != cfg.out_bias:
+        raise CheckpointError("Qwen3ForCausalLM's attention_bias covers q/k/v and o together; qkv_bias must equal out_bias")
+    return {**_llama_to_hf(cfg, "qwen3"), "attention_bias": cfg.qkv_bias, **_windows_to_hf(cfg)}
+
+
+def _gemma2_from_hf(hf: Mapping) -> dict:
+    """Gemma 2: Gemma's (1 + w) RMSNorm, scaled embeddings and tied head, plus sandwich norms, query_pre_attn_scalar,
+    tanh soft-capping of attention scores and logits, and sliding-window attention on alternate layers."""
+    if hf.get("use_bidirectional_attention"):
+        raise CheckpointError("config.json use_bidirectional_attention=true (an embedding model) is not supported; "
+                              "lmforge loads causal decoders")
+    out = _llama_from_hf({**hf, "hidden_act": hf.get("hidden_activation") or hf.get("hidden_act")})
+    n = out["n_layers"]
+    return {**out, "norm_weight_offset": 1.0, "scale_embeddings": True, "norm_placement": "sandwich",
+            "tie_embeddings": hf.get("tie_word_embeddings", True), "attn_scale": hf["query_pre_attn_scalar"] ** -0.5,
+            "attn_logit_softcap": hf.get("attn_logit_softcapping"),
+            "final_logit_softcap": hf.get("final_logit_softcapping"),
+            **_layer_windows(hf, n, lambda i: bool((i + 1) % 2))}
+
+
+def _query_pre_attn_scalar(cfg: ModelConfig) -> float:
+    """attn_scale back as transformers' query_pre_attn_scalar (scale = scalar**-0.5), an int when it is one."""
+    value = (cfg.attn_scale or cfg.dim_per_head ** -0.5) ** -2
+    return round(value) if abs(value - round(value)) < 1e-6 else value
+
+
+def _gemma2_to_hf(cfg: ModelConfig, arch: str = "Gemma2ForCausalLM", model_type: str = "gemma2", **fields) -> dict:
+    _expect(cfg, arch, norm_weight_offset=1.0, scale_embeddings=True, norm_placement="sandwich", qkv_bias=cfg.out_bias,
+            out_bias=_ANY, attn_scale=_ANY, attn_logit_softcap=_ANY, final_logit_softcap=_ANY, sliding_window=_ANY,
+            sliding_window_layers=_ANY, **fields)
+    out = _llama_to_hf(cfg, model_type)
+    return {**out, "hidden_activation": out["hidden_act"], "attention_bias": cfg.qkv_bias,
+            "query_pre_attn_scalar": _query_pre_attn_scalar(cfg), "attn_logit_softcapping": cfg.attn_logit_softcap,
+            "final_logit_softcapping": cfg.final_logit_softcap, **_layer_types_to_hf(cfg)}
+
+
+def _gemma3_from_hf(hf: Mapping) -> dict:
+    """Gemma 3's text decoder: Gemma 2's block with per-head qk-norm, 5:1 sliding/global layers, and separate RoPE
+    per layer kind: local (sliding) layers rope_local_base_freq (10k), global layers rope_theta (1M) + rope_scaling."""
+    if hf.get("attn_logit_softcapping") is not None:
+        raise CheckpointError(f"config.json attn_logit_softcapping={hf['attn_logit_softcapping']!r} is not supported "
+                              "for Gemma 3 (transformers' Gemma 3 does not apply it); set it to null")
+    pattern = hf.get("sliding_window_pattern", 6)
+    out = _gemma2_from_hf({**hf, "rope_parameters": None, "rope_scaling": None, "layer_types": hf.get("layer_types")
+                           or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                               for i in range(hf["num_hidden_layers"])]})
+    params = hf.get("rope_parameters") or {}
+    if isinstance(params.get("full_attention"), Mapping) or isinstance(params.get("sliding_attention"), Mapping):
+        unknown = sorted(set(params) - set(_LAYER_TYPES))
+        if unknown:
+            raise CheckpointError(f"config.json rope_parameters.{unknown[0]} is not a layer type; expected "
+                                  f"{', '.join(_LAYER_TYPES)}")
+        full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+        full_theta, local_theta = full.get("rope_theta", 1e6), local.get("rope_theta", 1e4)
+        where = "rope_parameters.full_attention", "rope_parameters.sliding_attention"
+    else:  # transformers 4.x keys: rope_theta + rope_scaling for the global layers, rope_local_base_freq
+        full, local = dict(hf.get("rope_scaling") or {}), {}
+        full_theta, local_theta = hf.get("rope_theta", 1e6), hf.get("rope_local_base_freq", 1e4)
+        where = "rope_scaling", "rope_parameters"
+    scalings = [_rope_scaling_from_hf({k: v for k, v in d.items() if k != "rope_theta"}, hf, w)
+                for d, w in zip((full, local), where)]
+    out.update(rope_theta=float(full_theta), rope_scaling=scalings[0], qk_norm="head")
+    if out.get("sliding_window") is not None:
+        out.update(rope_local_theta=float(local_theta), rope_local_scaling=scalings[1])
+    return out
+
+
+def _gemma3_to_hf(cfg: ModelConfig) -> dict:
+    out = _gemma2_to_hf(cfg, "Gemma3ForCausalLM", "gemma3_text", qk_norm="head", rope_local_theta=_ANY,
+                        rope_local_scaling=_ANY)
+    if cfg.attn_logit_softcap is not None:
+        raise CheckpointError("Gemma3ForCausalLM does not apply attn_logit_softcap (transformers ignores it); "
+                              "save with arch=Gemma2ForCausalLM or drop the soft-cap")
+    local_theta = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+    local = {"rope_type": "default"} if cfg.rope_local_scaling is None else _rope_scaling_to_hf(cfg.rope_local_scaling)
+    full = {"rope_type": "default"} if cfg.rope_scaling is None else _rope_scaling_to_hf(cfg.rope_scaling)
+    out["rope_parameters"] = {"full_attention": {**full, "rope_theta": cfg.rope_theta},
+                              "sliding_attention": {**local, "rope_theta": local_theta}}
+    out["rope_local_base_freq"] = local_theta  # the transformers 4.x key (rope_theta/rope_scaling: the global layers)
+    return out
+
+
+def _gemma3_multimodal_from_hf(hf: Mapping) -> dict:
+    """Gemma3ForConditionalGeneration: its language model only (text_config; vision tensors are skipped); it saves as
+    Gemma3ForCausalLM."""
+    return {**_gemma3_from_hf(_text_config(hf, GEMMA3_TEXT_DEFAULTS)), "arch": "Gemma3ForCausalLM"}
+
+
+def _olmo2_from_hf(hf: Mapping) -> dict:
+    """OLMo 2: norms after attention and the MLP (not before), RMSNorm on the whole q and k projections."""
+    return {**_llama_from_hf(hf), "norm_placement": "post", "qk_norm": "proj"}
+
+
+def _olmo2_to_hf(cfg: ModelConfig) -> dict:
+    _expect(cfg, "Olmo2ForCausalLM", norm_placement="post", qk_norm="proj", qkv_bias=cfg.out_bias, out_bias=_ANY)
+    return {**_llama_to_hf(cfg, "olmo2"), "attention_bias": cfg.qkv_bias}
+
+
+def _smollm3_from_hf(hf: Mapping) -> dict:
+    """SmolLM3: Llama with no positional encoding on every 4th layer (`no_rope_layers`: 1 = RoPE, 0 = NoPE)."""
+    out = _llama_from_hf(hf, default_theta=2e6)
+    n = out["n_layers"]
+    interval = hf.get("no_rope_layer_interval", 4)
+    use_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
+    if len(use_rope) < n or any(u not in (0, 1) for u in use_rope):
+        raise CheckpointError(f"config.json no_rope_layers must hold a 0 or 1 for each of the {n} layers")
+    nope = tuple(i for i in range(n) if not use_rope[i])
+    return {**out, "nope_layers": nope, **_windows_from_hf(hf, n, lambda i: i in nope)}
+
+
+def _smollm3_to_hf(cfg: ModelConfig) -> dict:
+    _expect(cfg, "SmolLM3ForCausalLM", nope_layers=_ANY, qkv_bias=cfg.out_bias, out_bias=_ANY, mlp_bias=_ANY,
+            sliding_window=_ANY, sliding_window_layers=_ANY)
+    return {**_llama_to_hf(cfg, "smollm3"), "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias,
+            "no_rope_layers": [int(i not in cfg.nope_layers) for i in range(cfg.n_layers)], **_windows_to_hf(cfg)}
+
+
+def _mistral3_from_hf(hf: Mapping) -> dict:
+    """Mistral3ForConditionalGeneration (Mistral Small 3.1/3.2): its Mistral text decoder; saves as MistralForCausalLM."""
+    return {**_mistral_from_hf(_text_config(hf, MISTRAL_DEFAULTS)), "arch": "MistralForCausalLM"}
+
+
+# transformers' config-class defaults for keys a checkpoint may leave out (multimodal text_configs list only a few)
+QWEN3_DEFAULTS = dict(head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=32768, sliding_window=4096)
+GEMMA2_DEFAULTS = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                       max_position_embeddings=8192, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                       tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+                       final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                            hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+                            pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True,
+                            query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=None,
+                            attn_logit_softcapping=None)
+OLMO2_DEFAULTS = dict(rms_norm_eps=1e-5, max_position_embeddings=2048)
+SMOLLM3_DEFAULTS = dict(rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True)
+MISTRAL_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                        rms_norm_eps=1e-6, sliding_window=4096, bos_token_id=1, eos_token_id=2,
+                        tie_word_embeddings=False)
+PHI3_DEFAULTS = dict(original_max_position_embeddings=4096, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
 
 # --- name tables of the newer families ---------------------------------------------------------------------------
@@ -640,7 +919,31 @@ CHATGLM_NAMES = [
     Rename("transformer.output_layer.weight", "lm_head.weight"),
 ]
 
+_EMBED = Rename("model.embed_tokens.weight", "embed.weight")
+_FINAL = [Rename("model.norm.weight", "norm.weight"), Rename("lm_head.weight", "lm_head.weight")]
+_ATTN = [r for r in _LLAMA_ATTN_NAMES if ".self_attn." in r.hf]
+_MLP = [r for r in LLAMA_NAMES if r.hf in _LLAMA_MLP]
+_QK_NORM = [Rename(f"model.layers.{{i}}.self_attn.{n}.weight", f"layers.{{i}}.attn.{n}.weight") for n in ("q_norm", "k_norm")]
+
+
+def _norm(hf: str, native: str) -> Rename:
+    return Rename(f"model.layers.{{i}}.{hf}.weight", f"layers.{{i}}.{native}.weight")
+
+
+QWEN3_NAMES = [*LLAMA_NAMES, *_QK_NORM]
+GEMMA2_NAMES = [_EMBED, _norm("input_layernorm", "attn_norm"), *_ATTN, _norm("post_attention_layernorm", "attn_post_norm"),
+                _norm("pre_feedforward_layernorm", "mlp_norm"), *_MLP, _norm("post_feedforward_layernorm", "mlp_post_norm"),
+                *_FINAL]
+GEMMA3_NAMES = [*GEMMA2_NAMES, *_QK_NORM]
+OLMO2_NAMES = [_EMBED, *_ATTN, *_QK_NORM, _norm("post_attention_layernorm", "attn_post_norm"), *_MLP,
+               _norm("post_feedforward_layernorm", "mlp_post_norm"), *_FINAL]
+
 _ROTARY_BUFFERS = (r"rotary_emb\.inv_freq$",)
+# a multimodal checkpoint's text decoder: the Hub's original layout (language_model.model.*) and transformers>=4.52's
+# (model.language_model.*); its vision tower and projector are skipped
+_TEXT_DECODER = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))
+_VISION = (r"^(model\.)?(vision_tower|vision_model|multi_modal_projector)\.",)
 
 REGISTRY: dict[str, Converter] = {}
 
@@ -662,10 +965,39 @@ register(Converter(("Qwen2MoeForCausalLM",), "qwen2_moe", _qwen2_moe_from_hf, _q
                    _ROTARY_BUFFERS))
 register(Converter(("GemmaForCausalLM",), "gemma", _gemma_from_hf, _gemma_to_hf, LLAMA_NAMES, _ROTARY_BUFFERS))
 register(Converter(("PhiForCausalLM",), "phi", _phi_from_hf, _phi_to_hf, PHI_NAMES, _ROTARY_BUFFERS))
-register(Converter(("Phi3ForCausalLM",), "phi3", _phi3_from_hf, _phi3_to_hf, PHI3_NAMES, _ROTARY_BUFFERS))
+register(Converter(("Phi3ForCausalLM",), "phi3", _phi3_from_hf, _phi3_to_hf, PHI3_NAMES, _ROTARY_BUFFERS,
+                   defaults=PHI3_DEFAULTS))
 register(Converter(("GlmForCausalLM",), "glm", _glm_from_hf, _glm_to_hf, GLM_NAMES, _ROTARY_BUFFERS))
+register(Converter(("Qwen3ForCausalLM",), "qwen3", _qwen3_from_hf, _qwen3_to_hf, QWEN3_NAMES, _ROTARY_BUFFERS,
+                   defaults=QWEN3_DEFAULTS))
+register(Converter(("Gemma2ForCausalLM",), "gemma2", _gemma2_from_hf, _gemma2_to_hf, GEMMA2_NAMES, _ROTARY_BUFFERS,
+                   defaults=GEMMA2_DEFAULTS))
+register(Converter(("Gemma3ForCausalLM",), "gemma3_text", _gemma3_from_hf, _gemma3_to_hf, GEMMA3_NAMES, _ROTARY_BUFFERS,
+                   defaults=GEMMA3_TEXT_DEFAULTS))
+register(Converter(("Gemma3ForConditionalGeneration",), "gemma3", _gemma3_multimodal_from_hf, _gemma3_to_hf,
+                   GEMMA3_NAMES, _ROTARY_BUFFERS + _VISION, rewrite=_TEXT_DECODER))
+register(Converter(("Olmo2ForCausalLM",), "olmo2", _olmo2_from_hf, _olmo2_to_hf, OLMO2_NAMES, _ROTARY_BUFFERS,
+                   defaults=OLMO2_DEFAULTS))
+register(Converter(("SmolLM3ForCausalLM",), "smollm3", _smollm3_from_hf, _smollm3_to_hf, LLAMA_NAMES, _ROTARY_BUFFERS,
+                   defaults=SMOLLM3_DEFAULTS))
+register(Converter(("Mistral3ForConditionalGeneration",), "mistral3", _mistral3_from_hf, _mistral_to_hf, LLAMA_NAMES,
+                   _ROTARY_BUFFERS + _VISION, rewrite=_TEXT_DECODER))
 register(Converter(("ChatGLMModel", "ChatGLMForConditionalGeneration"), "chatglm", _chatglm_from_hf, _chatglm_to_hf,
                    CHATGLM_NAMES, (r"^transformer\.rotary_pos_emb\.inv_freq$",), extra_to_hf=_chatglm_buffers))
+
+
+def converter_of(hf: Mapping) -> Converter:
+    """The converter for an HF config dict: encoder-decoder and vision-only checkpoints are refused by what they are
+    (one line), any other unknown architecture by name."""
+    arch = architecture_of(hf)
+    if arch not in REGISTRY:
+        if hf.get("is_encoder_decoder"):
+            raise CheckpointError(f"'{arch}' is an encoder-decoder checkpoint (is_encoder_decoder); lmforge loads "
+                                  "decoder-only language models")
+        if "vision_config" in hf and "text_config" not in hf or "vision" in str(hf.get("model_type", "")):
+            raise CheckpointError(f"'{arch}' is a vision-only checkpoint (no text decoder); lmforge loads language "
+                                  "models")
+    return converter_for(arch)
 
 
 def converter_for(arch: str | None) -> Converter:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError
 from .config import ModelConfig
-from .converters import converter_for
+from .converters import architecture_of, converter_for, converter_of
 from .transformer import LinearFactory, Transformer, default_linear
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -45,15 +45,10 @@ def read_hf_config(path: str | Path) -> dict:
         raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def architecture_of(hf: Mapping) -> str | None:
-    archs = hf.get("architectures") or []
-    return archs[0] if archs else None
-
-
 def config_from_hf(hf: Mapping | str | Path) -> ModelConfig:
     """A ModelConfig from an HF config dict or a checkpoint directory / config.json path."""
     hf = hf if isinstance(hf, Mapping) else read_hf_config(hf)
-    return converter_for(architecture_of(hf)).build_config(hf)
+    return converter_of(hf).build_config(hf)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -81,7 +76,7 @@ def load_hf(
     """Load an HF causal-LM checkpoint directory into the native model (dtype defaults to the checkpoint's)."""
     path = Path(path)
     hf = read_hf_config(path)
-    conv = converter_for(architecture_of(hf))
+    conv = converter_of(hf)
     cfg = conv.build_config(hf)
     dtype = parse_dtype(dtype, default=parse_dtype(hf.get("torch_dtype") or hf.get("dtype") or "float32"))
     with torch.device("meta"):

@@ -18,7 +18,7 @@ from .attention import alibi_bias, allowed_keys, attend, document_block_mask, pl
 from .config import ModelConfig
 from .kv_cache import KVCache, RollingKVCache
 from .moe import MoE, moe_aux_loss
-from .positions import alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_embedding
+from .positions import Rotary, alibi_slopes, apply_rope, rope_inv_freq, sinusoidal_embedding
 
 try:
     import torch.nn.attention.flex_attention  # noqa: F401
@@ -87,6 +87,10 @@ class Attention(nn.Module):
         self.k_proj = linear(f"{prefix}.k_proj", d, cfg.kv_heads * hd, cfg.qkv_bias)
         self.v_proj = linear(f"{prefix}.v_proj", d, cfg.kv_heads * hd, cfg.qkv_bias)
         self.o_proj = linear(f"{prefix}.o_proj", cfg.n_heads * hd, d, cfg.out_bias)
+        # qk-norm: RMSNorm over each head's dims (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
+        norm_q, norm_k = {"none": (0, 0), "head": (hd, hd), "proj": (cfg.n_heads * hd, cfg.kv_heads * hd)}[cfg.qk_norm]
+        self.q_norm = RMSNorm(norm_q, cfg.norm_eps, cfg.norm_weight_offset) if norm_q else None
+        self.k_norm = RMSNorm(norm_k, cfg.norm_eps, cfg.norm_weight_offset) if norm_k else None
 
     def forward(self, x, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
         if self.packed_qkv is not None:  # x: (B, T, d_model)
@@ -95,24 +99,38 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return self.o_proj(self.mix(q, k, v, rope, mask, cache, slots))
 
-    def mix(self, q, k, v, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
-        """Attention over projected q (B, T, H*hd), k and v (B, T, Hkv*hd): RoPE, the cache, the mask → (B, T, H*hd),
-        what o_proj takes."""
+    def heads(self, q, k, v, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected q (B, T, H*hd), k, v (B, T, Hkv*hd) → per-head (B, H, T, hd), (B, Hkv, T, hd) x 2, with the
+        qk-norm and (given `rope` = (cos, sin)) RoPE applied."""
         B, T, _ = q.shape
         hd = self.cfg.dim_per_head
+        if self.q_norm is not None:  # over the last `n` dims: a head (hd) or the whole projection
+            q = self.q_norm(q.unflatten(-1, (-1, self.q_norm.weight.shape[0]))).flatten(-2)
+            k = self.k_norm(k.unflatten(-1, (-1, self.k_norm.weight.shape[0]))).flatten(-2)
         q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, -1, hd).transpose(1, 2)
-        rotated_by_cache = rope is not None and getattr(cache, "rotates", False)  # RoPE fused into its kernels
-        if rope is not None and not rotated_by_cache:
+        if rope is not None:
             q = apply_rope(q, *rope, interleaved=self.cfg.rope_interleaved)
             k = apply_rope(k, *rope, interleaved=self.cfg.rope_interleaved)
+        return q, k, v
+
+    def attend(self, q, k, v, mask) -> torch.Tensor:
+        """q (B, H, T, hd) over k, v (B, Hkv, S, hd) with this model's score scale and soft-cap → (B, H, T, hd)."""
+        return attend(q, k, v, mask, self.cfg.attn_scale, self.cfg.attn_logit_softcap)
+
+    def mix(self, q, k, v, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
+        """Attention over projected q (B, T, H*hd), k and v (B, T, Hkv*hd): qk-norm, RoPE, the cache, the mask →
+        (B, T, H*hd), what o_proj takes."""
+        B, T, _ = q.shape
+        rotated_by_cache = rope is not None and getattr(cache, "rotates", False)  # RoPE fused into its kernels
+        q, k, v = self.heads(q, k, v, None if rotated_by_cache else rope)
         if cache is not None and hasattr(cache, "attend"):  # a paged cache attends itself (Triton decode kernel)
             y = cache.attend(self.layer, q, k, v, mask, rope if rotated_by_cache else None)  # (B, H, T, hd)
         else:
             if cache is not None:
                 k, v = cache.update(self.layer, slots, k, v)  # (B, Hkv, S, hd)
-            y = attend(q, k, v, mask)  # (B, H, T, hd)
+            y = self.attend(q, k, v, mask)  # (B, H, T, hd)
         return y.transpose(1, 2).reshape(B, T, -1)
 
 
@@ -143,27 +161,38 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); with `parallel_block` (Phi) both branches
-    read the same normed input and there is no second norm. The MLP is dense or a mixture of experts."""
+    """A residual block of attention then MLP, its norms where `norm_placement` puts them:
+
+        pre       x = x + attn(attn_norm(x));                x = x + mlp(mlp_norm(x))                (Llama)
+        sandwich  x = x + attn_post_norm(attn(attn_norm(x))); x = x + mlp_post_norm(mlp(mlp_norm(x)))  (Gemma 2/3)
+        post      x = x + attn_post_norm(attn(x));            x = x + mlp_post_norm(mlp(x))           (OLMo 2)
+
+    With `parallel_block` (Phi) both branches read the same normed input and there is no second norm. Absent norms
+    are None. The MLP is dense or a mixture of experts."""
 
     decode_fused = None  # inference: the whole block as fused one-row kernels (see lmforge.infer.decode_fusion)
 
     def __init__(self, cfg: ModelConfig, layer: int, linear: LinearFactory):
         super().__init__()
-        self.attn_norm = make_norm(cfg)
+        pre, post = cfg.norm_placement in ("pre", "sandwich"), cfg.norm_placement in ("sandwich", "post")
+        self.attn_norm = make_norm(cfg) if pre else None
         self.attn = Attention(cfg, f"layers.{layer}.attn", linear, layer)
-        self.mlp_norm = None if cfg.parallel_block else make_norm(cfg)
+        self.attn_post_norm = make_norm(cfg) if post else None
+        self.mlp_norm = make_norm(cfg) if pre and not cfg.parallel_block else None
         prefix = f"layers.{layer}.mlp"
         self.mlp = MoE(cfg, prefix, linear, MLP) if cfg.is_moe_layer(layer) else MLP(cfg, prefix, linear)
+        self.mlp_post_norm = make_norm(cfg) if post else None
 
     def forward(self, x, rope, mask, cache, slots):
         if self.decode_fused is not None and self.decode_fused.applies(x):
             return self.decode_fused(x, rope, mask, cache, slots)
-        h = self.attn_norm(x)
-        if self.mlp_norm is None:
+        if self.attn.cfg.parallel_block:
+            h = self.attn_norm(x)
             return x + self.attn(h, rope, mask, cache, slots) + self.mlp(h)
-        x = x + self.attn(h, rope, mask, cache, slots)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, cache, slots)
+        x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
+        h = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))
+        return x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h))
 
 
 class Transformer(nn.Module):
@@ -184,6 +213,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i, linear) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else linear("lm_head", cfg.d_model, cfg.vocab_size, cfg.lm_head_bias)
+        # RoPE tables, one per distinct (base, scaling): "global" (rope_theta, rope_scaling) and, with
+        # rope_local_theta, "local" (Gemma 3's sliding-window layers); layers pick theirs by cfg.layer_rope.
+        kinds = dict.fromkeys(k for k in map(cfg.layer_rope, range(cfg.n_layers)) if k is not None)
+        self.rotary = nn.ModuleDict({k: Rotary(cfg, *(
+            (cfg.rope_theta, cfg.rope_scaling) if k == "global" else (cfg.rope_local_theta, cfg.rope_local_scaling)))
+            for k in kinds})
         # Derived constants, rebuilt (not loaded) so checkpoints never carry them.
         self.register_buffer("rope_inv_freq", torch.empty(0), persistent=False)
         self.register_buffer("alibi_slopes", torch.empty(0), persistent=False)
@@ -196,9 +231,17 @@ class Transformer(nn.Module):
         if device.type == "meta":
             return
         if self.cfg.pos == "rope":
-            self.rope_inv_freq = rope_inv_freq(self.cfg).to(device)
+            self.rope_inv_freq = rope_inv_freq(self.cfg).to(device)  # the global table's (short-context) frequencies
+        for rotary in self.rotary.values():
+            rotary.reset(device)
         if self.cfg.pos == "alibi":
             self.alibi_slopes = alibi_slopes(self.cfg.n_heads).to(device)
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per layer, the (cos, sin) (B, 1, T, rotary_dim/2) its attention rotates q and k with, or None (no RoPE:
+        ALiBi/learned positions, or a NoPE layer). Layers of one kind share one table, built once per forward."""
+        tables = {kind: rotary(positions, dtype) for kind, rotary in self.rotary.items()}
+        return [tables.get(self.cfg.layer_rope(i)) for i in range(self.cfg.n_layers)]
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -228,13 +271,17 @@ class Transformer(nn.Module):
                                               prefix_lengths))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head_linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
+        out = self.head_linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
+        cap = self.cfg.final_logit_softcap
+        return out if cap is None else torch.tanh(out / cap) * cap  # Gemma 2: logits squashed into (-cap, cap)
 
     def head_weight(self) -> torch.Tensor | None:
         """The (vocab, d_model) matrix W when `logits(h)` is exactly ``h @ W.T`` (tied embeddings, or a bias-free
         plain nn.Linear head): what the fused linear + cross-entropy loss needs. None for any other head (LoRA- or
         quantized-wrapped, biased) and for tensor-parallel DTensor weights: those take the checkpointed loss."""
         head = self.embed if self.lm_head is None else self.lm_head
+        if self.cfg.final_logit_softcap is not None:  # the logits are not h @ W.T: soft-capped after it
+            return None
         if self.lm_head is not None and (type(head) is not nn.Linear or head.bias is not None):
             return None
         weight = getattr(head, "weight", None)
@@ -275,7 +322,7 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
 
-        rope = rope_cos_sin(positions, self.rope_inv_freq, x.dtype) if self.cfg.pos == "rope" else None
+        ropes = self.rope_tables(positions, x.dtype)
         if cache is not None:
             key_positions = cache.write_positions(slots, positions)
             query_slots = cache.query_slots(slots) if hasattr(cache, "query_slots") else slots  # ring buffers
@@ -292,10 +339,10 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             mask = masks[windows[i]]
             if self.training and self.checkpointed(i):
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, slots, use_reentrant=False,
+                x = torch.utils.checkpoint.checkpoint(block, x, ropes[i], mask, cache, slots, use_reentrant=False,
                                                       preserve_rng_state=self.checkpoint_rng)
             else:
-                x = block(x, rope, mask, cache, slots)
+                x = block(x, ropes[i], mask, cache, slots)
         if self.cfg.mlp == "moe":
             moe_layers = [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
             self.aux_loss = moe_aux_loss(moe_layers, self.cfg, positions >= 0) if self.training else None

@@ -35,8 +35,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..models.attention import attend
-from ..models.positions import apply_rope, rope_cos_sin, sinusoidal_embedding
+from ..models.positions import sinusoidal_embedding
 from .common import read_adapter_config, read_adapter_tensors, write_adapter_dir
 from .lora import load_tensors_into
 from .methods import Method, register_method
@@ -80,13 +79,7 @@ class _PrefixAttention:
         if not isinstance(mask, PrefixMask):
             return super().forward(x, rope, mask, cache, slots)
         B, T, _ = x.shape  # x: (B, T, d_model)
-        hd = self.cfg.dim_per_head
-        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
-        if rope is not None:
-            q = apply_rope(q, *rope, interleaved=self.cfg.rope_interleaved)
-            k = apply_rope(k, *rope, interleaved=self.cfg.rope_interleaved)
+        q, k, v = self.heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope)  # (B, H|Hkv, T, hd), qk-norm, RoPE
         if mask.capture is not None:
             mask.capture.append((k, v))
         if cache is not None:
@@ -98,7 +91,7 @@ class _PrefixAttention:
             k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
             attn_mask = _prefix_columns(mask, n, B, T, S, x.device)
-        y = attend(q, k, v, attn_mask)  # (B, H, T, hd)
+        y = self.attend(q, k, v, attn_mask)  # (B, H, T, hd), the model's score scale and soft-cap
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -161,10 +154,10 @@ def prompt_pass(model: nn.Module, embeds: torch.Tensor) -> list[tuple[torch.Tens
         x = x + sinusoidal_embedding(pos, cfg.d_model, x.dtype)
     if model.embed_norm is not None:
         x = model.embed_norm(x)
-    rope = rope_cos_sin(pos, model.rope_inv_freq, x.dtype) if cfg.pos == "rope" else None
+    ropes = model.rope_tables(pos, x.dtype)
     inner = type(model)._mask(model, pos, pos, torch.arange(n, device=x.device), False)
     mask = PrefixMask(inner, None, capture=[])
-    for block in model.layers:
+    for block, rope in zip(model.layers, ropes):
         x = block(x, rope, mask, None, None)
     return mask.capture
 

@@ -24,7 +24,7 @@ from torch import nn
 from ..data import collate
 from ..errors import ConfigError
 from ..models.attention import document_block_mask, plain_causal
-from ..models.positions import rope_cos_sin, sinusoidal_embedding
+from ..models.positions import sinusoidal_embedding
 from .distributed import dp_sum, wrap_module
 from .loss import causal_lm_loss_sum
 from .objective import LanguageModeling
@@ -89,7 +89,7 @@ class PipelineStageModule(nn.Module):
         """This stage's blocks with the training masks (padded rows: -1 positions; packed rows: documents)."""
         model, cfg = self._model[0], self.cfg
         T = positions.shape[1]
-        rope = rope_cos_sin(positions, model.rope_inv_freq, x.dtype) if cfg.pos == "rope" else None
+        ropes = model.rope_tables(positions, x.dtype)
         query_slots = torch.arange(T, device=positions.device)
         needs_mask = document_ids is not None or not plain_causal(positions)  # right-padded rows: causality only
         masks = {}
@@ -103,9 +103,10 @@ class PipelineStageModule(nn.Module):
                     masks[window] = model._mask(positions, positions, query_slots, needs_mask, document_ids, window,
                                                  None)
             if self.training and model.checkpointed(i):
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, masks[window], None, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, ropes[i], masks[window], None, None,
+                                                      use_reentrant=False)
             else:
-                x = block(x, rope, masks[window], None, None)
+                x = block(x, ropes[i], masks[window], None, None)
         return x
 
 
@@ -127,6 +128,9 @@ def check_pipeline(trainer) -> None:
     if cfg.tie_embeddings:
         raise ConfigError("parallel.pipeline > 1 needs separate input and output embeddings (this model ties them: "
                           "tie_embeddings); use parallel.tensor or parallel.zero instead")
+    if cfg.final_logit_softcap is not None:
+        raise ConfigError("parallel.pipeline > 1 does not support soft-capped logits (final_logit_softcap: Gemma 2) "
+                          "yet; use parallel.zero or parallel.tensor instead")
     if cfg.mlp == "moe":
         raise ConfigError("parallel.pipeline > 1 does not support mixture-of-experts models yet (their auxiliary loss "
                           "spans every layer); use parallel.zero instead")

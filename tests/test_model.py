@@ -15,7 +15,19 @@ PUBLISHED_PARAMS = {
     "gpt2": 124_439_808, "bloom-560m": 559_214_592, "mixtral-8x7b": 46_702_792_704,
     "qwen1.5-moe-a2.7b": 14_315_784_192, "chatglm3-6b": 6_243_584_000, "glm-4-9b": 9_399_951_360,
     "gemma-2b": 2_506_172_416, "gemma-7b": 8_537_680_896, "phi-2": 2_779_683_840, "phi-3-mini-4k": 3_821_079_552,
+    # The 2024-25 families: each count computed from the repo's config.json (the preset), cross-checked with the
+    # published figures below and the Hub's safetensors totals: Qwen3-8B 8.19B, gemma-2-2b 2.61B, gemma-3-1b-pt
+    # 1.00B, OLMo-2-0425-1B 1.48B, SmolLM3-3B 3.08B, phi-4 14.7B. Qwen3-0.6B ties its head (the Hub's 752M counts the
+    # stored copy); gemma-3-4b and Mistral-Small-3.1 are the text decoders of multimodal checkpoints (gemma-3-4b:
+    # 4,300,079,472 on the Hub = this + a 416.9M SigLIP tower + a 2.95M projector).
+    "qwen3-0.6b": 596_049_920, "qwen3-8b": 8_190_735_360, "gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952,
+    "gemma-3-4b": 3_880_263_168, "olmo-2-1b": 1_484_916_736, "smollm3-3b": 3_075_098_624, "phi-4": 14_659_507_200,
+    "mistral-small-3.1-24b": 23_572_403_200,
 }
+# Published non-embedding counts, in millions: Qwen3 model cards (0.44B, 6.95B), the Gemma 2 report (2B: 2,024,517,888
+# exactly) and the Gemma 3 report's table 1 (1B: 698M, 4B: 3,209M).
+PUBLISHED_NON_EMBEDDING_M = {"qwen3-0.6b": 440, "qwen3-8b": 6950, "gemma-2-2b": 2024.517888, "gemma-3-1b": 698,
+                             "gemma-3-4b": 3209}
 # Published "active" sizes of the MoE presets (parameters one token uses), in billions.
 PUBLISHED_ACTIVE_B = {"mixtral-8x7b": 12.9, "qwen1.5-moe-a2.7b": 2.7}
 
@@ -27,6 +39,9 @@ def test_presets_have_published_parameter_counts(name):
     with torch.device("meta"):
         model = Transformer(cfg)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
+    if name in PUBLISHED_NON_EMBEDDING_M:
+        want = PUBLISHED_NON_EMBEDDING_M[name]
+        assert cfg.num_params(include_embeddings=False) / 1e6 == pytest.approx(want, abs=0.5 if want < 1000 else 5)
     if name in PUBLISHED_ACTIVE_B:
         assert round(cfg.num_params(active=True) / 1e9, 1) == PUBLISHED_ACTIVE_B[name]
 
@@ -57,6 +72,15 @@ VARIANTS = {
     "gemma": dict(norm_weight_offset=1.0, scale_embeddings=True, act="gelu_tanh", head_dim=16, n_kv_heads=1),
     "phi_parallel": dict(parallel_block=True, norm="layer", mlp="gelu", rotary_fraction=0.5, qkv_bias=True,
                          out_bias=True, mlp_bias=True, lm_head_bias=True),
+    "qk_norm_head": dict(qk_norm="head", head_dim=16, n_kv_heads=2),
+    "post_norm_qk_proj": dict(norm_placement="post", qk_norm="proj", n_kv_heads=2),
+    "sandwich_softcaps": dict(norm_placement="sandwich", attn_scale=0.3, attn_logit_softcap=0.5,
+                              final_logit_softcap=1.0, sliding_window=3, sliding_window_layers=(0,)),
+    "local_global_rope_nope": dict(sliding_window=3, sliding_window_layers=(0,), rope_local_theta=100.0,
+                                   rope_scaling=dict(type="linear", factor=2.0), nope_layers=(1,), n_layers=3),
+    "yarn": dict(rope_scaling=dict(type="yarn", factor=4.0, original_max_seq_len=8)),
+    "longrope": dict(rope_scaling=dict(type="longrope", original_max_seq_len=2, short_factor=[1.0, 2.0, 3.0, 4.0],
+                                       long_factor=[1.0, 3.0, 5.0, 7.0])),
 }
 
 
@@ -64,7 +88,8 @@ VARIANTS = {
 @torch.no_grad()
 def test_cached_decoding_matches_full_forward(variant):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32, **VARIANTS[variant])
+    cfg = ModelConfig(**{**dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32),
+                         **VARIANTS[variant]})
     model = Transformer(cfg).eval()
     tokens = torch.randint(0, 50, (2, 9))
     full = model(tokens)

@@ -115,11 +115,14 @@ class ModelConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _canonical(cls, data):
-        """head_dim equal to d_model // n_heads is the default: store None so equal models compare equal."""
+        """head_dim equal to d_model // n_heads and n_kv_heads equal to n_heads are the defaults: store None so equal
+        models compare equal."""
         if isinstance(data, dict) and data.get("head_dim") is not None:
             d, h = data.get("d_model", 4096), data.get("n_heads", 32)
             if h and d % h == 0 and data["head_dim"] == d // h:
                 data = {**data, "head_dim": None}
+        if isinstance(data, dict) and data.get("n_kv_heads") is not None and data["n_kv_heads"] == data.get("n_heads", 32):
+            data = {**data, "n_kv_heads": None}
         return data
 
     @model_validator(mode="after")

@@ -803,7 +803,12 @@ def _gemma3_to_hf(cfg: ModelConfig) -> dict:
 def _gemma3_multimodal_from_hf(hf: Mapping) -> dict:
     """Gemma3ForConditionalGeneration: its language model only (text_config; vision tensors are skipped); it saves as
     Gemma3ForCausalLM."""
-    return {**_gemma3_from_hf(_text_config(hf, GEMMA3_TEXT_DEFAULTS)), "arch": "Gemma3ForCausalLM"}
+    text = _text_config(hf, GEMMA3_TEXT_DEFAULTS)
+    if text.get("final_logit_softcapping") is not None:
+        raise CheckpointError(f"config.json text_config.final_logit_softcapping={text['final_logit_softcapping']!r} is "
+                              "not supported for Gemma3ForConditionalGeneration (transformers' multimodal Gemma 3 "
+                              "does not apply it); set it to null")
+    return {**_gemma3_from_hf(text), "arch": "Gemma3ForCausalLM"}
 
 
 def _olmo2_from_hf(hf: Mapping) -> dict:
@@ -818,7 +823,9 @@ def _olmo2_to_hf(cfg: ModelConfig) -> dict:
 
 def _smollm3_from_hf(hf: Mapping) -> dict:
     """SmolLM3: Llama with no positional encoding on every 4th layer (`no_rope_layers`: 1 = RoPE, 0 = NoPE)."""
-    out = _llama_from_hf(hf, default_theta=2e6)
+    # SmolLM3-3B's config says pretraining_tp=2, which its modeling code never reads (it only ever sliced the same
+    # matmuls, in old Llama code)
+    out = _llama_from_hf({**hf, "pretraining_tp": 1}, default_theta=2e6)
     n = out["n_layers"]
     interval = hf.get("no_rope_layer_interval", 4)
     use_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]

@@ -86,6 +86,61 @@ PRESETS: dict[str, dict] = {
         hf_repo="microsoft/Phi-3-mini-4k-instruct", arch="Phi3ForCausalLM", vocab_size=32064, d_model=3072,
         n_layers=32, n_heads=32, d_ff=8192, sliding_window=2047, norm_eps=1e-5, max_seq_len=4096, bos_token_id=1,
         eos_token_id=32000, pad_token_id=32000),
+    # --- 2024-25 families -------------------------------------------------------------------------------------------
+    # Qwen3: per-head qk-norm, 128-dim heads (q wider than d_model on the small ones), no q/k/v bias.
+    "qwen3-0.6b": dict(
+        hf_repo="Qwen/Qwen3-0.6B", arch="Qwen3ForCausalLM", vocab_size=151936, d_model=1024, n_layers=28, n_heads=16,
+        n_kv_heads=8, head_dim=128, d_ff=3072, qk_norm="head", rope_theta=1000000.0, norm_eps=1e-6,
+        tie_embeddings=True, max_seq_len=40960, bos_token_id=151643, eos_token_id=151645),
+    "qwen3-8b": dict(
+        hf_repo="Qwen/Qwen3-8B", arch="Qwen3ForCausalLM", vocab_size=151936, d_model=4096, n_layers=36, n_heads=32,
+        n_kv_heads=8, head_dim=128, d_ff=12288, qk_norm="head", rope_theta=1000000.0, norm_eps=1e-6,
+        max_seq_len=40960, bos_token_id=151643, eos_token_id=151645),
+    # Gemma 2: sandwich norms, query_pre_attn_scalar, soft-capped attention (50) and logits (30), a 4096-token
+    # window on every other layer (0, 2, ...).
+    "gemma-2-2b": dict(
+        hf_repo="google/gemma-2-2b", arch="Gemma2ForCausalLM", vocab_size=256000, d_model=2304, n_layers=26,
+        n_heads=8, n_kv_heads=4, head_dim=256, d_ff=9216, act="gelu_tanh", norm_weight_offset=1.0,
+        scale_embeddings=True, norm_placement="sandwich", attn_scale=256 ** -0.5, attn_logit_softcap=50.0,
+        final_logit_softcap=30.0, sliding_window=4096, sliding_window_layers=tuple(range(0, 26, 2)), norm_eps=1e-6,
+        tie_embeddings=True, max_seq_len=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    # Gemma 3: Gemma 2's block + qk-norm, five sliding-window layers (local RoPE base 10k) per global one (1M).
+    "gemma-3-1b": dict(
+        hf_repo="google/gemma-3-1b-pt", arch="Gemma3ForCausalLM", vocab_size=262144, d_model=1152, n_layers=26,
+        n_heads=4, n_kv_heads=1, head_dim=256, d_ff=6912, act="gelu_tanh", norm_weight_offset=1.0,
+        scale_embeddings=True, norm_placement="sandwich", qk_norm="head", attn_scale=256 ** -0.5,
+        sliding_window=512, sliding_window_layers=tuple(i for i in range(26) if (i + 1) % 6),
+        rope_theta=1000000.0, rope_local_theta=10000.0, norm_eps=1e-6, tie_embeddings=True, max_seq_len=32768,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    # the text decoder of the multimodal checkpoint (its SigLIP tower is not loaded); global layers scale RoPE x8
+    "gemma-3-4b": dict(
+        hf_repo="google/gemma-3-4b-pt", arch="Gemma3ForCausalLM", vocab_size=262208, d_model=2560, n_layers=34,
+        n_heads=8, n_kv_heads=4, head_dim=256, d_ff=10240, act="gelu_tanh", norm_weight_offset=1.0,
+        scale_embeddings=True, norm_placement="sandwich", qk_norm="head", attn_scale=256 ** -0.5,
+        sliding_window=1024, sliding_window_layers=tuple(i for i in range(34) if (i + 1) % 6),
+        rope_theta=1000000.0, rope_scaling=RopeScaling(type="linear", factor=8.0), rope_local_theta=10000.0,
+        norm_eps=1e-6, tie_embeddings=True, max_seq_len=131072, bos_token_id=2, eos_token_id=[1, 106],
+        pad_token_id=0),
+    # OLMo 2: norms after attention and MLP, qk-norm over the whole projections, MHA.
+    "olmo-2-1b": dict(
+        hf_repo="allenai/OLMo-2-0425-1B", arch="Olmo2ForCausalLM", vocab_size=100352, d_model=2048, n_layers=16,
+        n_heads=16, d_ff=8192, norm_placement="post", qk_norm="proj", rope_theta=500000.0, norm_eps=1e-6,
+        max_seq_len=4096, eos_token_id=100257, pad_token_id=100277),
+    # SmolLM3: no positional encoding on every 4th layer (3, 7, ...).
+    "smollm3-3b": dict(
+        hf_repo="HuggingFaceTB/SmolLM3-3B", arch="SmolLM3ForCausalLM", vocab_size=128256, d_model=2048, n_layers=36,
+        n_heads=16, n_kv_heads=4, d_ff=11008, nope_layers=tuple(range(3, 36, 4)), rope_theta=5000000.0,
+        norm_eps=1e-6, tie_embeddings=True, max_seq_len=65536, eos_token_id=128012, pad_token_id=128004),
+    # Phi-4: the Phi-3 layout (fused qkv / gate_up on disk) at 14B, GQA, no window, no rope scaling.
+    "phi-4": dict(
+        hf_repo="microsoft/phi-4", arch="Phi3ForCausalLM", vocab_size=100352, d_model=5120, n_layers=40, n_heads=40,
+        n_kv_heads=10, d_ff=17920, rope_theta=250000.0, norm_eps=1e-5, max_seq_len=16384, bos_token_id=100257,
+        eos_token_id=100265, pad_token_id=100349),
+    # Mistral Small 3.1: the text decoder of the Pixtral checkpoint (Mistral3ForConditionalGeneration).
+    "mistral-small-3.1-24b": dict(
+        hf_repo="mistralai/Mistral-Small-3.1-24B-Base-2503", arch="MistralForCausalLM", vocab_size=131072,
+        d_model=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, d_ff=32768, rope_theta=1000000000.0,
+        norm_eps=1e-5, max_seq_len=131072, bos_token_id=1, eos_token_id=2),
 }
 
 

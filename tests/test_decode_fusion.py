@@ -316,6 +316,31 @@ def test_fused_decode_blocks_equal_the_unfused_packed_step(ckpt, monkeypatch):
     assert (fused.argmax(-1) == want.argmax(-1)).all()
 
 
+@needs_kernel
+@pytest.mark.parametrize("arch,fused", [("Qwen3ForCausalLM", 2), ("Gemma2ForCausalLM", 0), ("Olmo2ForCausalLM", 0)])
+def test_fused_decode_blocks_only_where_they_compute_the_block(arch, fused, tmp_path, caplog):
+    """Qwen3's qk-norm runs inside Attention.mix, which the fused block calls: fused, and equal to the block's own
+    forward. Gemma 2's sandwich norms and OLMo 2's post-norms are not what the fused block computes: those blocks keep
+    their own forward, and packing logs why."""
+    import logging
+
+    from lmforge.testing import make_tiny_hf_model
+
+    torch.manual_seed(0)
+    make_tiny_hf_model(arch, tmp_path / arch)
+    model = load_hf(tmp_path / arch, progress=False)
+    one = torch.tensor([[7]])
+    with torch.inference_mode(), caplog.at_level(logging.INFO, logger="lmforge.infer.decode_fusion"):
+        want = model(one)
+        done = pack_for_decode(model)
+        got = model(one)
+    assert done["fused_blocks"] == fused
+    assert sum(b.decode_fused is not None for b in model.layers) == fused
+    if not fused:
+        assert "norm_placement=" in next(iter(done["unfused_blocks"])) and "fused decode blocks off" in caplog.text
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs a Hopper-class GPU")
 def test_programmatic_dependent_launch_changes_no_result(ckpt, monkeypatch):

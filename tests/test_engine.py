@@ -91,9 +91,13 @@ def test_static_decode_samples_in_the_graph_only_when_plain_greedy(model):
     assert any(greedy for (_, _, _, greedy) in static.engine.runner.graphs)
 
 
-@pytest.mark.parametrize("arch", ["MistralForCausalLM", "GPT2LMHeadModel", "BloomForCausalLM"])
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "GPT2LMHeadModel", "BloomForCausalLM", "Qwen3ForCausalLM",
+                                  "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
+                                  "Phi3ForCausalLM"])
 def test_greedy_parity_across_position_schemes_and_sliding_window(tiny_hf, arch):
-    """Sliding window (Mistral, window 6 < block reuse), learned positions (GPT-2), ALiBi (BLOOM)."""
+    """Sliding window (Mistral, window 6 < block reuse), learned positions (GPT-2), ALiBi (BLOOM); the 2024-25
+    block variants: qk-norm + yarn (Qwen3), soft-caps + sandwich norms + alternating windows (Gemma 2), local/global
+    RoPE (Gemma 3), post-norms (OLMo 2), NoPE layers (SmolLM3), per-row longrope (Phi-3)."""
     _, path = tiny_hf
     model = load_hf(path, progress=False)
     prompts = _prompts(8, hi=40)

@@ -32,7 +32,7 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _reference(q, k_pool, v_pool, tables, lens, block_size, window):
+def _reference(q, k_pool, v_pool, tables, lens, block_size, window, scale=None, softcap=None):
     B, H, _, D = q.shape
     G = H // k_pool.shape[1]
     out = torch.zeros_like(q)
@@ -45,7 +45,9 @@ def _reference(q, k_pool, v_pool, tables, lens, block_size, window):
         keep = pos > n - 1 - window if window else torch.ones(n, dtype=torch.bool)
         k = k_pool[slots.to(k_pool.device)][keep].repeat_interleave(G, dim=1).float()  # (n', H, D)
         v = v_pool[slots.to(v_pool.device)][keep].repeat_interleave(G, dim=1).float()
-        att = torch.einsum("hd,nhd->hn", q[b, :, 0].float(), k) / math.sqrt(D)
+        att = torch.einsum("hd,nhd->hn", q[b, :, 0].float(), k) * (scale or 1 / math.sqrt(D))
+        if softcap:
+            att = torch.tanh(att / softcap) * softcap
         out[b, :, 0] = torch.einsum("hn,nhd->hd", att.softmax(-1), v).to(q.dtype)
     return out
 
@@ -66,6 +68,24 @@ def test_kernel_equals_dense_attention(device, block_size, head_dim, window, spl
     want = _reference(q, k_pool, v_pool, tables, lens, block_size, window)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert got[0].abs().max() == 0  # a padding row gives zeros, not NaN
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_scale_and_softcap_equal_dense_attention(device, splits):
+    """Gemma 2's attention in the kernel: query_pre_attn_scalar's scale and tanh soft-capped scores (a cap that
+    clips: without it the output differs)."""
+    torch.manual_seed(0)
+    B, H, Hkv, D, block_size, slots = 3, 4, 2, 32, 8, 512
+    k_pool = torch.randn(slots, Hkv, D, device=device)
+    v_pool = torch.randn_like(k_pool)
+    lens = torch.tensor([5, 40, 70], device=device)
+    tables = (torch.randperm(slots // block_size - 1)[:B * 9] + 1).view(B, 9).to(device)
+    q = 3 * torch.randn(B, H, 1, D, device=device)
+    got = paged_decode_attention(q, k_pool, v_pool, tables, lens, block_size, 72, 16, splits, scale=0.2, softcap=2.0)
+    want = _reference(q, k_pool, v_pool, tables, lens, block_size, 16, scale=0.2, softcap=2.0)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    uncapped = _reference(q, k_pool, v_pool, tables, lens, block_size, 16, scale=0.2)
+    assert (uncapped - want).abs().max() > 1e-2
 
 
 def _hooked_attention_forward(self, x, rope, mask, cache, slots):
@@ -103,6 +123,31 @@ def test_engine_greedy_parity_through_the_kernel(device, monkeypatch, tmp_path):
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert got == want, [(i, g, w) for i, (g, w) in enumerate(zip(got, want)) if g != w]
     llm.engine.runner.enable_static_decode()  # bucketed batches with padding rows, as CUDA graphs replay them
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Gemma3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM"])
+def test_new_block_variants_greedy_parity_through_the_kernel(device, arch, tmp_path):
+    """The kernel decodes the 2024-25 families exactly as generate(): Gemma 2's scale, soft-cap and per-layer windows,
+    Gemma 3's two RoPE tables (each layer hands the kernel its own), SmolLM3's NoPE layers (no rotation, the shared
+    table elsewhere), Phi-3's longrope (per-row frequencies and attention factor in the batch's table); eagerly and
+    through the static (CUDA-graph) decode buffers."""
+    from lmforge.testing import make_tiny_hf_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    make_tiny_hf_model(arch, tmp_path / arch)
+    model = load_hf(tmp_path / arch, progress=False, device=device)
+    prompts = [[5, 9, 17, 33, 2, 70, 11, 12, 13], [40, 41, 42]]
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    want = [r.token_ids for r in generate(model, prompts, params)]
+    llm = LLM(model, config=EngineConfig(block_size=4, num_blocks=64, attention="kernel", decode_steps=2,
+                                         max_model_len=32))
+    runner = llm.engine.runner
+    assert runner.paged_kernel and (runner.rope is None) == (arch == "Gemma3ForCausalLM")
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    runner.enable_static_decode()
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
 
 

@@ -18,12 +18,16 @@ afterwards (`.to()` would copy the slices apart).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models.transformer import MLP, Attention, Block, RMSNorm, Transformer
 from . import gemv
+
+log = logging.getLogger(__name__)
 
 
 class DecodeLinear(nn.Linear):
@@ -64,21 +68,35 @@ class FusedDecodeBlock:
         gu  = RMSNorm(x) Wgu^T             (gemv_rmsnorm)
         x   = x + (silu(g) * u) Wdown^T    (gemv_silu_mul with the residual)
 
-    Installed as `Block.decode_fused` only where it computes exactly what the block does: RMSNorm pre-norms, plain
-    `Attention`, packed q/k/v and gate/up, SiLU, GEMV-routed o and down projections; `applies(x)` then sends
-    one-row inputs here and everything else (prefill, batches) through the block's own forward."""
+    Installed as `Block.decode_fused` only where it computes exactly what the block does: RMSNorm pre-norms and no
+    post-norms (not Gemma 2/3's sandwich or OLMo 2's post-norm blocks), plain `Attention` (its qk-norm, RoPE, scale
+    and soft-cap run inside `mix`, as in the block), packed q/k/v and gate/up, SiLU, GEMV-routed o and down
+    projections; `applies(x)` then sends one-row inputs here and everything else (prefill, batches) through the
+    block's own forward. `unsupported(block)` says why a block keeps its own forward."""
 
     def __init__(self, block: Block):
         self.block = block
 
     @staticmethod
+    def unsupported(block: nn.Module) -> str | None:
+        """None when the fused one-row forward computes exactly what `block` does, else the reason it does not."""
+        if type(block) is not Block:
+            return f"block type {type(block).__name__}"
+        if block.attn_post_norm is not None or block.mlp_post_norm is not None:
+            return f"norm_placement={block.attn.cfg.norm_placement} (norms after attention / MLP)"
+        if block.mlp_norm is None or type(block.attn_norm) is not RMSNorm or type(block.mlp_norm) is not RMSNorm:
+            return "not two RMSNorm pre-norms (parallel block or LayerNorm)"
+        if type(block.attn) is not Attention or block.attn.packed_qkv is None or type(block.attn.o_proj) is not DecodeLinear:
+            return "attention projections not plain packed linears (LoRA, quantized or tensor-parallel)"
+        if type(block.mlp) is not MLP or block.mlp.packed_gate_up is None or type(block.mlp.down_proj) is not DecodeLinear:
+            return "MLP not a plain packed gated MLP (mixture of experts, LoRA, quantized)"
+        if block.mlp.act is not F.silu:
+            return f"activation {block.attn.cfg.act} (the fused down projection computes SiLU)"
+        return None
+
+    @staticmethod
     def supports(block: nn.Module) -> bool:
-        return (type(block) is Block and block.mlp_norm is not None
-                and type(block.attn_norm) is RMSNorm and type(block.mlp_norm) is RMSNorm
-                and type(block.attn) is Attention and block.attn.packed_qkv is not None
-                and type(block.attn.o_proj) is DecodeLinear
-                and type(block.mlp) is MLP and block.mlp.packed_gate_up is not None and block.mlp.act is F.silu
-                and type(block.mlp.down_proj) is DecodeLinear)
+        return FusedDecodeBlock.unsupported(block) is None
 
     def applies(self, x: torch.Tensor) -> bool:
         return gemv.use_gemv(x, self.block.attn.packed_qkv.weight)
@@ -134,10 +152,17 @@ def pack_for_decode(model: Transformer) -> dict:
             module.__class__ = DecodeLinear
             done["gemv_linears"] += 1
     done["fused_blocks"] = 0
+    reasons = {}
     for block in model.layers:
-        if FusedDecodeBlock.supports(block):
+        reason = FusedDecodeBlock.unsupported(block)
+        if reason is None:
             block.decode_fused = FusedDecodeBlock(block)
             done["fused_blocks"] += 1
+        else:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:  # those blocks decode through their own forward (packed projections, GEMV linears still apply)
+        done["unfused_blocks"] = reasons
+        log.info("fused decode blocks off for %s", "; ".join(f"{n} blocks: {r}" for r, n in reasons.items()))
     if model.lm_head is None:
         model.head_linear = gemv.linear
     return done

@@ -45,8 +45,10 @@ class ModelRunner:
         self.table_width = math.ceil(max_model_len / block_size) + 1
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.paged_kernel = self._use_paged_kernel(attention)
-        # the decode kernels rotate q/k: the batch carries the RoPE tables (see PagedBatch.rope_cos)
-        self.rope = (model.rope_inv_freq, self.dtype) if self.paged_kernel and self.cache.kernel_rope else None
+        # the decode kernels rotate q/k: the batch carries the RoPE tables (see PagedBatch.rope_cos) when the model has
+        # one table; with several (Gemma 3's local and global layers) each layer hands the kernel its own
+        shared = len(model.rotary) == 1 and self.paged_kernel and self.cache.kernel_rope
+        self.rope = (next(iter(model.rotary.values())), self.dtype) if shared else None
         self.forward_fn = self.decode_fn = self._model_forward
         self.batch_fn = None
         if compile:  # the static-shape decode step only: prefill shapes vary too much to compile each

@@ -13,7 +13,8 @@ holding a row's newest key position also writes the new K/V (no write launch eit
 registers; under programmatic dependent launch each program loads its first chunk of older keys and values before
 waiting for the kernel that produced q.
 
-Matches SDPA's default scale 1/sqrt(D); supports GQA/MQA and sliding windows; no ALiBi (that path keeps SDPA).
+Scale 1/sqrt(D) or the model's (Gemma: query_pre_attn_scalar); supports GQA/MQA, sliding windows and tanh soft-capped
+scores (Gemma 2); no ALiBi (that path keeps SDPA).
 Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (how the tests check it without a GPU).
 """
 from __future__ import annotations
@@ -80,8 +81,10 @@ def paged_decode_attention(
     cos: torch.Tensor | None = None,  # (B, D/2): rotate q (RoPE, half layout) as it is loaded
     sin: torch.Tensor | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # k, v (B, Hkv, 1, D), slots (B,)
+    scale: float | None = None,  # q.k multiplier; None = 1/sqrt(D)
+    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2)
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over each row's first seq_lens keys (and within `window`): (B, H, 1, D).
+    """softmax(q k^T * scale) v over each row's first seq_lens keys (and within `window`): (B, H, 1, D).
 
     `new_kv` = (k, v, slots): write each row's new key (rotated too, with cos/sin) and value at its slot (the slot
     of key position seq_lens - 1), inside the same launch; the pool's old entry there is never read."""
@@ -112,11 +115,11 @@ def paged_decode_attention(
     kernel.paged_decode_kernel[(B, Hkv, splits)](
         q2, k_pool, v_pool, block_tables, seq_lens, out, acc, stats, cos if rope else q2, sin if rope else q2,
         k_new, v_new, slots, arrived,
-        1.0 / math.sqrt(D), q2.stride(0), q2.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
-        stride_nb, stride_nh, per_split, window or 0,
+        scale or 1.0 / math.sqrt(D), q2.stride(0), q2.stride(1), k_pool.stride(0), k_pool.stride(1),
+        block_tables.stride(0), stride_nb, stride_nh, per_split, window or 0, softcap or 1.0,
         G=G, GP=max(16, kernel.next_power_of_2(G)), D=D, DP=max(16, kernel.next_power_of_2(D)),
         BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q2.dtype == torch.float32, ROPE=rope,
-        WRITE_KV=new_kv is not None, **_pdl(q2),
+        WRITE_KV=new_kv is not None, SOFTCAP=bool(softcap), **_pdl(q2),
     )
     return out[:, :, None]
 
@@ -144,20 +147,21 @@ def _pdl(x: torch.Tensor) -> dict:
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pools: torch.Tensor, v_pools: torch.Tensor,
                  layer: int, slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  block_size: int, max_context: int, window: int, cos: torch.Tensor | None = None,
-                 sin: torch.Tensor | None = None) -> torch.Tensor:
+                 sin: torch.Tensor | None = None, scale: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
     """One layer's decode attention over the paged cache, new K/V written first: q (B, H, 1, D), k/v (B, Hkv, 1, D),
     pools (L, slots, Hkv, D) of every layer, slots (B,) where each row's new key goes (its key position
     seq_lens - 1) → (B, H, 1, D). One launch: the program holding a row's last position writes the new K/V, and
     split contexts are merged by their last program. With cos/sin (B, D/2), q and k come un-rotated and the kernel
-    applies RoPE as it loads them.
+    applies RoPE as it loads them. `scale` 0 = 1/sqrt(D); `softcap` 0 = none.
 
     A custom op that mutates the pools in place, so torch.compile calls it as is: traced as plain ops, the scatter
     into a slice of the (L, slots, ...) buffers made inductor clone and copy back whole pools every step."""
     return paged_decode_attention(q, k_pools[layer], v_pools[layer], block_tables, seq_lens, block_size,
-                                  max_context, window or None, cos=cos, sin=sin, new_kv=(k, v, slots))
+                                  max_context, window or None, cos=cos, sin=sin, new_kv=(k, v, slots),
+                                  scale=scale or None, softcap=softcap or None)
 
 
 @paged_decode.register_fake
 def _(q, k, v, k_pools, v_pools, layer, slots, block_tables, seq_lens, block_size, max_context, window, cos=None,
-      sin=None):
+      sin=None, scale=0.0, softcap=0.0):
     return torch.empty_like(q)

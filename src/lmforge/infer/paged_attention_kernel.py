@@ -15,9 +15,10 @@ next_power_of_2 = triton.next_power_of_2
 def paged_decode_kernel(
     Q, K, V, Tables, Lens, Out, Acc, Stats, Cos, Sin, KNew, VNew, Slots, Arrived,
     scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_nb, stride_nh, tokens_per_split, window,
+    softcap,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     CHUNK: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr = False,
-    WRITE_KV: tl.constexpr = False, PDL: tl.constexpr = False,
+    WRITE_KV: tl.constexpr = False, PDL: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     """Grid (B, Hkv, SPLITS). WRITE_KV: the program whose split holds a row's last key position writes the new key
     (rotated with ROPE) and value of its kv head at Slots[b], so the attention needs no K/V write launch before it,
@@ -62,12 +63,12 @@ def paged_decode_kernel(
     if lo < hi:
         if WRITE_KV:  # the newest position is this step's key and value (the pool held an old one when loaded)
             k, v = _spliced(t == newest, k, v, k_new, v_new)
-        m, denom, acc = _attend(q, k, v, t < hi, m, denom, acc, scale, IEEE)
+        m, denom, acc = _attend(q, k, v, t < hi, m, denom, acc, scale, softcap, IEEE, SOFTCAP)
     for start in range(lo + CHUNK, hi, CHUNK):
         t, k, v = _chunk(K, V, Tables, b, h, d, start, hi, stride_tb, stride_ks, stride_kh, D, BLOCK_SIZE, CHUNK)
         if WRITE_KV:
             k, v = _spliced(t == newest, k, v, k_new, v_new)
-        m, denom, acc = _attend(q, k, v, t < hi, m, denom, acc, scale, IEEE)
+        m, denom, acc = _attend(q, k, v, t < hi, m, denom, acc, scale, softcap, IEEE, SOFTCAP)
     if WRITE_KV:
         if holds_newest:  # into the pool for the next steps (this one took them from registers)
             tl.store(K + dst, k_new.to(K.dtype.element_ty), mask=d < D)
@@ -103,13 +104,17 @@ def _chunk(K, V, Tables, b, h, d, start, hi, stride_tb, stride_ks, stride_kh, D:
 
 
 @triton.jit
-def _attend(q, k, v, valid, m, denom, acc, scale, IEEE: tl.constexpr):
-    """One chunk of online softmax: (running max, sum, acc) of the G query heads after keys k / values v."""
+def _attend(q, k, v, valid, m, denom, acc, scale, softcap, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One chunk of online softmax: (running max, sum, acc) of the G query heads after keys k / values v. SOFTCAP:
+    scores -> softcap * tanh(scores / softcap) first (Gemma 2), tanh as 1 - 2 / (exp(2x) + 1) (exact at +-inf)."""
     if IEEE:
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         scores = tl.dot(q, tl.trans(k))
-    scores = tl.where(valid[None, :], (scores * scale).to(tl.float32), float("-inf"))  # (GP, CHUNK), fp32 also under compile
+    scores = (scores * scale).to(tl.float32)  # (GP, CHUNK), fp32 also under compile
+    if SOFTCAP:
+        scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+    scores = tl.where(valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
     p = tl.exp(scores - m_new[:, None])
     alpha = tl.exp(m - m_new)

@@ -25,7 +25,6 @@ from torch import nn
 
 from ..models.attention import attend as sdpa_attend
 from ..models.config import ModelConfig
-from ..models.positions import rope_cos_sin
 
 NULL_BLOCK = 0
 
@@ -205,16 +204,18 @@ def paged_batch(
 
 
 def paged_decode_batch(block_tables: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, block_size: int,
-                       max_context: int, rope: tuple[torch.Tensor, torch.dtype] | None = None) -> PagedBatch:
+                       max_context: int, rope: tuple | None = None) -> PagedBatch:
     """A one-token-per-row batch for the paged decode kernel: no gathered view (C = 0; the model's mask is then
-    (B, 1, 1, 1) and unused), keys per row = start + 1 (0 for padding rows). `rope` = (inv_freq, dtype): also the
-    RoPE tables of the new tokens, as the model computes them (`rope_cos_sin`)."""
+    (B, 1, 1, 1) and unused), keys per row = start + 1 (0 for padding rows). `rope` = (rotary, dtype), `rotary` the
+    model's one RoPE table (`positions, dtype -> cos, sin`, a `Rotary`): also the RoPE tables of the new tokens, as
+    the model computes them (only for models whose RoPE layers all share that table)."""
     batch = paged_batch(block_tables, starts, lengths, 1, 0, block_size)
     batch.block_tables = block_tables
     batch.seq_lens = torch.where(lengths > 0, starts + 1, 0)
     batch.max_context = max_context
     if rope is not None:
-        cos, sin = rope_cos_sin(batch.positions, *rope)  # (B, 1, 1, D/2)
+        rotary, dtype = rope
+        cos, sin = rotary(batch.positions, dtype)  # (B, 1, 1, D/2)
         batch.rope_cos, batch.rope_sin = cos.reshape(len(cos), -1), sin.reshape(len(sin), -1)
     return batch
 
@@ -238,6 +239,8 @@ class PagedKVCache(nn.Module):
         self.batch: PagedBatch | None = None
         # the decode kernels can apply RoPE themselves: half layout (Llama/NeoX) over the whole head
         self.kernel_rope = cfg.pos == "rope" and not cfg.rope_interleaved and cfg.rotary_dim == cfg.dim_per_head
+        self.scale = getattr(cfg, "attn_scale", None)  # None: 1/sqrt(head_dim)
+        self.softcap = getattr(cfg, "attn_logit_softcap", None)  # Gemma 2's tanh cap on the scores
 
     @property
     def rotates(self) -> bool:
@@ -273,7 +276,7 @@ class PagedKVCache(nn.Module):
         `rope` = (cos, sin) (B, 1, 1, D/2) when `rotates`: q/k come un-rotated and the kernels rotate them."""
         batch = self.batch
         if batch.seq_lens is None:
-            return sdpa_attend(q, *self.update(layer, None, k, v), mask)
+            return sdpa_attend(q, *self.update(layer, None, k, v), mask, self.scale, self.softcap)
         from .paged_attention import paged_decode
 
         if rope is None:
@@ -283,7 +286,8 @@ class PagedKVCache(nn.Module):
         else:
             cos, sin = (t.reshape(len(t), -1) for t in rope)
         return paged_decode(q, k, v, self.k, self.v, layer, batch.write_slots, batch.block_tables, batch.seq_lens,
-                            self.block_size, batch.max_context, self.windows[layer] or 0, cos, sin)
+                            self.block_size, batch.max_context, self.windows[layer] or 0, cos, sin, self.scale or 0.0,
+                            self.softcap or 0.0)
 
 
 class _HookProbe:

@@ -287,3 +287,66 @@ def test_soft_capped_packed_rows_equal_separate_documents(backend):
     uncapped = Transformer(cfg.model_copy(update={"attn_logit_softcap": None})).eval()
     uncapped.load_state_dict(model.state_dict())
     assert (uncapped(a) - model(a)).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ lifecycle
+
+
+@pytest.fixture(scope="module")
+def sft_rows(tmp_path_factory):
+    rows = [{"messages": [{"role": "user", "content": f"count {i}: " + "alpha beta gamma"[: 5 + i % 11]},
+                          {"role": "assistant", "content": f"done {i % 3}"}]} for i in range(24)]
+    path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM",
+                                  "SmolLM3ForCausalLM"])
+def test_lora_training_run_lowers_the_loss_and_its_adapter_loads_in_peft(arch, sft_rows, tmp_path):
+    """`lmforge train` with LoRA on each new family (q/k-norms, soft-capped logits through the checkpointed loss,
+    post-norms, NoPE layers): the loss goes down, and peft applies the written adapter to transformers' model with
+    the same logits lmforge gets."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.cli import main
+    from lmforge.peft import load_peft_adapter
+    from lmforge.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "base", arch=arch, vocab_size=300)
+    out = tmp_path / "run"
+    cfg = tmp_path / "lora.yaml"
+    cfg.write_text(f"model: {{path: {ckpt}}}\ndata: {{path: {sft_rows}, max_seq_len: 48}}\noptim: {{lr: 1.0e-2}}\n"
+                   "method: lora\nlora: {r: 4, alpha: 8, target_modules: all-linear}\n"
+                   f"train: {{output_dir: {out}, max_steps: 6, micro_batch_size: 6, device: cpu, progress: false, "
+                   "tensorboard: false}\n")
+    assert main(["train", str(cfg)]) == 0
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.1, losses
+    adapter = out / "final"
+    model = load_hf(ckpt, progress=False)
+    load_peft_adapter(model, adapter)
+    ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt), adapter).eval()
+    tokens = torch.randint(3, 300, (2, 10))
+    with torch.no_grad():
+        lm, hf = model.eval()(tokens), ref(tokens).logits
+    torch.testing.assert_close(lm, hf, atol=ATOL, rtol=0)
+    base = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    assert (base(tokens).logits - hf).abs().max() > 1e-3  # the adapter changed the model
+
+
+def test_gguf_export_refuses_block_variants_llama_cpp_llama_arch_lacks(tmp_path):
+    """GGUF export writes llama.cpp's 'llama' architecture: a model with qk-norm, sandwich norms, soft-caps or yarn
+    would load there as a different model, so it is refused, naming the fields."""
+    from lmforge.errors import ConfigError
+    from lmforge.quant.gguf_export import export_gguf
+
+    for fields, named in ((dict(qk_norm="head"), "qk_norm='head'"),
+                          (dict(norm_placement="sandwich", attn_logit_softcap=50.0), "norm_placement='sandwich'"),
+                          (dict(rope_scaling=dict(type="yarn", factor=4.0)), "rope_scaling.type='yarn'")):
+        model = Transformer(ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, **fields))
+        with pytest.raises(ConfigError, match=named):
+            export_gguf(model, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

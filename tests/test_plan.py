@@ -50,7 +50,8 @@ def test_seed_weight_examples():
     assert weight_bytes(cfg, "bf16", "int4") < weight_bytes(cfg, "bf16", "int8") < weight_bytes(cfg, "bf16")
 
 
-@pytest.mark.parametrize("preset", ["llama-3.2-1b", "gpt2", "bloom-560m", "qwen2.5-7b", "mistral-7b"])
+@pytest.mark.parametrize("preset", ["llama-3.2-1b", "gpt2", "bloom-560m", "qwen2.5-7b", "mistral-7b", "qwen3-8b",
+                                    "gemma-2-2b", "gemma-3-4b", "olmo-2-1b", "smollm3-3b", "phi-4"])
 def test_param_counts_match_model_config(preset):
     cfg = preset_config(preset)
     assert param_counts(cfg).total == cfg.num_params()
@@ -92,9 +93,15 @@ def test_measured_gpu_figure_lora_llama_1b():
     assert est.breakdown.get("loss_logits", 0) < 0.1 * est.peak
 
 
-@pytest.mark.parametrize("method,ckpt,blocks", [("full", False, None), ("lora", True, None), ("full", True, 1),
-                                               ("lora", True, 1)])
-def test_prediction_matches_trainer_allocations_on_cpu(method, ckpt, blocks):
+GEMMA2_LIKE = dict(norm_placement="sandwich", qk_norm="head", attn_scale=0.1, attn_logit_softcap=50.0,
+                   final_logit_softcap=30.0, norm_weight_offset=1.0, scale_embeddings=True, act="gelu_tanh",
+                   sliding_window=64, sliding_window_layers=(0,))
+
+
+@pytest.mark.parametrize("method,ckpt,blocks,variant", [("full", False, None, None), ("lora", True, None, None),
+                                                       ("full", True, 1, None), ("lora", True, 1, None),
+                                                       ("full", False, None, "gemma2"), ("lora", False, None, "gemma2")])
+def test_prediction_matches_trainer_allocations_on_cpu(method, ckpt, blocks, variant):
     """Run lmforge's real Trainer step (bf16 autocast on CPU) and compare the profiler's peak of live bytes with the
     prediction: the accounting of weights, optimizer states, activations and the loss must agree within 10%."""
     from lmforge.data import DataConfig
@@ -104,8 +111,9 @@ def test_prediction_matches_trainer_allocations_on_cpu(method, ckpt, blocks):
     from lmforge.train import Trainer, TrainConfig
     from lmforge.train.config import ModelSection, TrainSection
 
-    cfg = ModelConfig(vocab_size=2048, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=352, max_seq_len=512)
-    B, T = 2, 128
+    cfg = ModelConfig(vocab_size=2048, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=352, max_seq_len=512,
+                      **(GEMMA2_LIKE if variant == "gemma2" else {}))  # + sandwich/qk norms, eager soft-capped
+    B, T = 2, 128  # attention, the checkpointed loss of soft-capped logits
     torch.manual_seed(0)
     model = Transformer(cfg)
     m = build_method(method, **({"r": 8, "target_modules": "all-linear"} if method == "lora" else {}))

@@ -195,6 +195,34 @@ def test_awq_folds_scales_exactly_before_rounding(outlier_model):
     assert torch.allclose(b(x, rope, None, None, None), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", [dict(norm_placement="sandwich", norm_weight_offset=1.0, qk_norm="head"),
+                                     dict(norm_placement="post", qk_norm="proj")], ids=["gemma", "olmo2"])
+def test_awq_folds_exactly_into_offset_norms_and_skips_absent_ones(variant):
+    """Gemma's (1 + w) norms take the fold as (1 + w) / s - 1; OLMo 2's blocks have no norm before attention or the
+    MLP, so only the v -> o and up -> down groups fold."""
+    from lmforge.quant.awq import _fold, scaling_groups
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, d_ff=64, **variant)
+    block = Transformer(cfg).eval().layers[0]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    names = {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+             "mlp.down_proj"}
+    groups = scaling_groups(block, names)
+    assert len(groups) == (4 if cfg.norm_placement == "sandwich" else 2)
+    x = torch.randn(2, 5, 32)
+    ref = block(x, None, None, None, None)
+    with torch.no_grad():
+        for prev, ns in groups:
+            s = torch.rand(block.get_submodule(ns[0]).in_features) + 0.5
+            for n in ns:
+                block.get_submodule(n).weight.mul_(s)
+            _fold(prev, s)
+    torch.testing.assert_close(block(x, None, None, None, None), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_calibrated_methods_need_calibration(outlier_model):
     model, _, _ = outlier_model
     with pytest.raises(ConfigError, match="needs calibration tokens"):

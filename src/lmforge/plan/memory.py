@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..models.config import ModelConfig
-from ..train.loss import fused_chunk_rows
+from ..train.loss import CHECKPOINT_CHUNK_TOKENS, fused_chunk_rows
 
 GiB = 2**30
 LOSS_FWD_BYTES = 8  # eager loss, per chunk row x vocab entry: fp32 logits + log-sum-exp's fp32 temporary
@@ -301,10 +301,18 @@ def zero_table(cfg: ModelConfig, setup: TrainSetup, gpus: int) -> list[dict]:
     return rows
 
 
-def _attention_kind(setup: TrainSetup) -> str:
+def _attention_kind(setup: TrainSetup, cfg: ModelConfig | None = None) -> str:
     if setup.attention != "auto":
         return setup.attention
-    return "flex" if setup.packing else "flash"
+    if setup.packing:
+        return "flex"  # soft-caps included (a score_mod)
+    # soft-capped scores (Gemma 2) are beyond SDPA: lmforge's eager path materializes them
+    return "eager" if cfg is not None and cfg.attn_logit_softcap is not None else "flash"
+
+
+def block_norms(cfg: ModelConfig) -> int:
+    """Residual-stream norms per block: one (parallel block), two (pre or post), four (Gemma's sandwich)."""
+    return 1 if cfg.parallel_block else 4 if cfg.norm_placement == "sandwich" else 2
 
 
 def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int]:
@@ -321,7 +329,10 @@ def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int
     def saves_input(name: str) -> bool:
         return name in targets or (full and name in lin)
 
-    norm = 2 * (4 * d + 4 + (dt.residual * d if dt.norm_trainable else 0)) * n
+    norm = block_norms(cfg) * (4 * d + 4 + (dt.residual * d if dt.norm_trainable else 0)) * n
+    if cfg.qk_norm != "none":  # fp32 inputs of the q/k norms and their per-row statistics
+        rows = cfg.n_heads + cfg.kv_heads if cfg.qk_norm == "head" else 2
+        norm += (4 * (q + kv) + 4 * rows) * n
     # Linear inputs: with an fp32 stream under autocast each linear keeps its own bf16 cast; otherwise q/k/v share
     # the norm output (and gate/up share theirs).
     cast_each = dt.residual != dt.act
@@ -331,12 +342,14 @@ def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int
         saving = [g for g in group if saves_input(g)]
         inputs += (len(saving) if cast_each else min(len(saving), 1)) * dt.act * d * n
     inputs += (dt.act * q * n if saves_input("o_proj") else 0) + (dt.act * f * n if saves_input("down_proj") else 0)
-    kind = _attention_kind(setup)
+    kind = _attention_kind(setup, cfg)
     attn = dt.act * (2 * q + 2 * kv) * n + 4 * H * n  # q, k, v, out + log-sum-exp (fp32)
     mask = 0
     if kind == "masked":
         groups_per_kv = H // cfg.kv_heads
         mask = dt.act * B * (groups_per_kv if groups_per_kv > 1 else 1) * T * T  # the SDPA bias copy of the mask
+    elif kind == "eager" and cfg.attn_logit_softcap is not None:
+        attn += (2 * dt.act + 4) * H * T * n  # tanh of the scores, fp32 softmax output, probabilities
     elif kind == "eager":
         attn += 2 * dt.act * H * T * n  # scores and probabilities
     mlp = (3 if cfg.mlp == "swiglu" else 1) * dt.act * f * n  # gate, act(gate), up | up (the product is down_proj's input)
@@ -396,7 +409,7 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     k = L if setup.checkpoint_blocks is None else min(L, setup.checkpoint_blocks)
     recomputed = [ckpt and i < k for i in range(L)]
     saved = [dt.residual * d * n if r else layer_total for r in recomputed]
-    kind = _attention_kind(setup)
+    kind = _attention_kind(setup, cfg)
     mask_once = B * T * T if kind == "masked" else 0  # lmforge's boolean (B, 1, T, T) mask, shared by all blocks
     rope = 2 * (cfg.rotary_dim // 2) * dt.residual * n if cfg.pos == "rope" else 0
     embed_saved = 8 * n + rope + mask_once
@@ -411,6 +424,10 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     # per chunk row x vocab entry: CUDA runs the Triton kernel (the logits in the compute dtype, their gradient
     # written over them); eager (CPU) holds the half logits, their fp32 copy and log-sum-exp's fp32 temporary
     per_entry = dt.act if setup.device == "cuda" else LOSS_FWD_BYTES + (dt.act if dt.act != 4 else 0)
+    if cfg.final_logit_softcap is not None:  # soft-capped logits (Gemma 2) take the checkpointed loss: chunks of
+        # CHECKPOINT_CHUNK_TOKENS rows, each with its logits, their fp32 tanh and the log-softmax temporaries
+        chunk = min(n_lab, setup.loss_chunk_tokens or CHECKPOINT_CHUNK_TOKENS)
+        per_entry = dt.act + 3 * 4
     loss_fwd = (per_entry * chunk * V + grad_rows + (dt.act * d * n_lab if dt.residual != dt.act else 0)
                 + (2 * V * d if dt.autocast_copies else 0))
 
@@ -462,6 +479,9 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     peak_phase = max(totals, key=totals.get)
     breakdown = {k: int(v) for k, v in phases[peak_phase].items() if v}
     notes = []
+    if kind == "eager" and cfg.attn_logit_softcap is not None:
+        notes.append("soft-capped attention (attn_logit_softcap) runs eagerly off packed data: each block keeps its "
+                     "(B, H, T, T) scores; packed data takes flex_attention with a score_mod instead")
     if kind == "masked" and not ckpt:
         notes.append("each block keeps a bf16 copy of the (B, T, T) training mask; packed data uses flex_attention "
                      "on CUDA and keeps none")

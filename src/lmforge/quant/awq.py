@@ -41,7 +41,8 @@ def scaling_groups(block: nn.Module, targets: set[str]) -> list[tuple[nn.Module,
         groups.append((block.mlp_norm, ["mlp.gate_proj", "mlp.up_proj"] if gated else ["mlp.up_proj"]))
     if gated and isinstance(mlp.up_proj, nn.Linear):  # down reads act(gate) * up: linear in up's rows
         groups.append((mlp.up_proj, ["mlp.down_proj"]))
-    return [(prev, names) for prev, names in groups if all(n in targets for n in names)]
+    # post-norm blocks (OLMo 2) have no norm before attention / the MLP: nothing to fold 1/s into there
+    return [(prev, names) for prev, names in groups if prev is not None and all(n in targets for n in names)]
 
 
 @torch.no_grad()
@@ -86,8 +87,14 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, ratios=None, 
 
 @torch.no_grad()
 def _fold(prev: nn.Module, s: torch.Tensor) -> None:
-    """Divide what `prev` outputs by s: a norm's weight/bias, or a linear's output rows."""
-    prev.weight.div_(s.to(prev.weight.dtype).view(-1, *([1] * (prev.weight.ndim - 1))))
+    """Divide what `prev` outputs by s: a norm's weight/bias, or a linear's output rows. A Gemma RMSNorm scales by
+    (offset + weight): its weight becomes (offset + weight) / s - offset."""
+    offset = float(getattr(prev, "offset", 0.0) or 0.0)
+    scale = s.to(prev.weight.dtype).view(-1, *([1] * (prev.weight.ndim - 1)))
+    if offset:
+        prev.weight.copy_((prev.weight.float() + offset) / scale.float() - offset)
+    else:
+        prev.weight.div_(scale)
     if getattr(prev, "bias", None) is not None:
         prev.bias.div_(s.to(prev.bias.dtype))
 

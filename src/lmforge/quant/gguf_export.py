@@ -54,8 +54,14 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _check_llama(cfg) -> None:
     problems = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in
                 (("pos", "rope"), ("norm", "rms"), ("mlp", "swiglu"), ("act", "silu"), ("qkv_bias", False),
-                 ("out_bias", False), ("mlp_bias", False), ("embed_norm", False), ("rotary_fraction", 1.0))
+                 ("out_bias", False), ("mlp_bias", False), ("embed_norm", False), ("rotary_fraction", 1.0),
+                 ("rope_interleaved", False), ("parallel_block", False), ("norm_weight_offset", 0.0),
+                 ("scale_embeddings", False), ("qk_norm", "none"), ("norm_placement", "pre"), ("attn_scale", None),
+                 ("attn_logit_softcap", None), ("final_logit_softcap", None), ("nope_layers", ()),
+                 ("rope_local_theta", None), ("sliding_window", None))
                 if getattr(cfg, k) != v]
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type not in ("linear", "llama3"):
+        problems.append(f"rope_scaling.type={cfg.rope_scaling.type!r} (needs linear or llama3)")
     if problems:
         raise ConfigError(f"GGUF export writes llama.cpp's 'llama' architecture; this model has "
                           f"{', '.join(problems)}")

@@ -68,6 +68,12 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
+def embedding_scale(d_model: int, dtype: torch.dtype) -> float:
+    """Gemma's sqrt(d_model) embedding multiplier, rounded to the activation dtype as transformers does, as a host
+    float: multiplying by it copies nothing to the device (a tensor made per forward broke CUDA-graph capture)."""
+    return torch.tensor(d_model ** 0.5, dtype=dtype).item()
+
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -314,7 +320,7 @@ class Transformer(nn.Module):
 
         x = self.embed(tokens)  # (B, T, d_model)
         if self.cfg.scale_embeddings:  # Gemma: sqrt(d) rounded to the activation dtype, as the reference does
-            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype, device=device)
+            x = x * embedding_scale(self.cfg.d_model, x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions.clamp(min=0))
         elif self.cfg.pos == "sinusoidal":

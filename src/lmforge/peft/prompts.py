@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..models.positions import sinusoidal_embedding
+from ..models.transformer import embedding_scale
 from .common import read_adapter_config, read_adapter_tensors, write_adapter_dir
 from .lora import load_tensors_into
 from .methods import Method, register_method
@@ -147,7 +148,7 @@ def prompt_pass(model: nn.Module, embeds: torch.Tensor) -> list[tuple[torch.Tens
     pos = torch.arange(n, device=embeds.device)[None]  # (1, n)
     x = embeds[None].to(model.embed.weight.dtype)  # (1, n, d)
     if getattr(cfg, "scale_embeddings", False):  # Gemma scales input embeddings (soft prompts included) by sqrt(d)
-        x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype, device=x.device)
+        x = x * embedding_scale(cfg.d_model, x.dtype)
     if model.pos_embed is not None:
         x = x + model.pos_embed(pos)
     elif cfg.pos == "sinusoidal":

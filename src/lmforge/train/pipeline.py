@@ -25,6 +25,7 @@ from ..data import collate
 from ..errors import ConfigError
 from ..models.attention import document_block_mask, plain_causal
 from ..models.positions import sinusoidal_embedding
+from ..models.transformer import embedding_scale
 from .distributed import dp_sum, wrap_module
 from .loss import causal_lm_loss_sum
 from .objective import LanguageModeling
@@ -76,7 +77,7 @@ class PipelineStageModule(nn.Module):
         cfg = self.cfg
         x = self.embed(tokens)  # (B, T, d_model)
         if cfg.scale_embeddings:
-            x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype, device=x.device)
+            x = x * embedding_scale(cfg.d_model, x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions.clamp(min=0))
         elif cfg.pos == "sinusoidal":

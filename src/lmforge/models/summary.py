@@ -40,6 +40,32 @@ def model_summary(cfg: ModelConfig, path: Path | None = None) -> dict:
     return out
 
 
+def _scaling(sc: dict | None) -> str:
+    return "" if not sc else f", {sc['type']}" + (f" ×{sc['factor']:g}" if sc.get("factor") is not None else "")
+
+
+def _variants(c: dict) -> list[str]:
+    """The block's departures from a plain pre-norm Llama block, in words."""
+    out = []
+    if c["norm_placement"] != "pre":
+        out.append(f"{c['norm_placement']} norms")
+    if c["qk_norm"] != "none":
+        out.append(f"qk-norm ({c['qk_norm']})")
+    if c["attn_scale"] is not None:
+        out.append(f"attention scale {c['attn_scale']:.4g}")
+    if c["attn_logit_softcap"] is not None:
+        out.append(f"attention soft-cap {c['attn_logit_softcap']:g}")
+    if c["final_logit_softcap"] is not None:
+        out.append(f"logit soft-cap {c['final_logit_softcap']:g}")
+    if c["sliding_window"] is not None:
+        layers = c["sliding_window_layers"]
+        out.append(f"window {c['sliding_window']} on " + ("every layer" if layers is None else
+                                                         f"{len(layers)} of {c['n_layers']} layers"))
+    if c["nope_layers"]:
+        out.append(f"no RoPE on {len(c['nope_layers'])} layers")
+    return out
+
+
 def format_summary(s: dict) -> str:
     c = s["config"]
     attn = "MHA" if c["n_kv_heads"] in (None, c["n_heads"]) else "MQA" if c["n_kv_heads"] == 1 else "GQA"
@@ -51,8 +77,10 @@ def format_summary(s: dict) -> str:
         f"norm {c['norm']}" + (", parallel attention+MLP" if c["parallel_block"] else ""),
         f"attention      {attn}: {c['n_heads']} heads, {c['n_kv_heads'] or c['n_heads']} kv heads, "
         f"head_dim {c['head_dim'] or c['d_model'] // c['n_heads']}, positions {c['pos']}"
-        + (f" (theta {c['rope_theta']:g}" + (f", {c['rope_scaling']['type']} ×{c['rope_scaling']['factor']:g}"
-                                              if c["rope_scaling"] else "") + ")" if c["pos"] == "rope" else ""),
+        + (f" (theta {c['rope_theta']:g}" + _scaling(c["rope_scaling"])
+           + (f"; sliding-window layers theta {c['rope_local_theta']:g}" + _scaling(c["rope_local_scaling"])
+              if c["rope_local_theta"] is not None else "") + ")" if c["pos"] == "rope" else ""),
+        *([f"block          {', '.join(_variants(c))}"] if _variants(c) else []),
         *([f"experts        {c['moe_experts']} routed (top-{c['moe_top_k']}, d_ff {c['moe_d_ff'] or c['d_ff']})"
            + (f" + shared d_ff {c['moe_shared_d_ff']}" if c["moe_shared_d_ff"] else "")
            + f"; {s['active_parameters_per_token']:,} parameters active per token"] if c["mlp"] == "moe" else []),

@@ -100,6 +100,15 @@ TINY_HF_CONFIGS: dict[str, dict] = {
         vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, head_dim=16, image_size=28, patch_size=14),
         tie_word_embeddings=False),
+    # DeepSeek-V3: MLA (low-rank q, a 16-dim kv latent, 8 interleaved RoPE dims of 24 q/k dims, 12 value dims) and a
+    # sigmoid router over 8 experts in 4 groups, of which each token may use 2 groups (so some groups are excluded),
+    # top-2, routed scale 2.5, a shared expert, one dense first layer.
+    "DeepseekV3ForCausalLM": dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                                  n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
+                                  qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, n_group=4, topk_group=2,
+                                  num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128,
+                                  num_nextn_predict_layers=0, initializer_range=0.1),
 }
 
 _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
@@ -109,7 +118,7 @@ _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "Mis
                    "GlmForCausalLM": "GlmConfig", "Qwen3ForCausalLM": "Qwen3Config", "Gemma2ForCausalLM": "Gemma2Config",
                    "Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma3ForConditionalGeneration": "Gemma3Config",
                    "Olmo2ForCausalLM": "Olmo2Config", "SmolLM3ForCausalLM": "SmolLM3Config",
-                   "Mistral3ForConditionalGeneration": "Mistral3Config"}
+                   "Mistral3ForConditionalGeneration": "Mistral3Config", "DeepseekV3ForCausalLM": "DeepseekV3Config"}
 
 # Architectures whose modeling code ships inside the checkpoint (trust_remote_code), so transformers has no class to
 # compare with: their parity tests use a reference forward written from the published architecture instead
@@ -129,6 +138,10 @@ def make_tiny_hf_model(arch: str, out_dir: str | Path | None = None, **overrides
         for name, p in model.named_parameters():
             if p.ndim == 1:  # default init leaves norms at 1 and biases at 0, which would hide mapping bugs
                 p.normal_(0.0, 0.5) if name.endswith("bias") else p.uniform_(0.5, 1.5)
+        params = dict(model.named_parameters())
+        for name, t in model.state_dict().items():  # persistent buffers too (a router's selection bias)
+            if name not in params and t.is_floating_point() and t.ndim == 1:
+                t.normal_(0.0, 0.1)
     if out_dir is not None:
         model.save_pretrained(out_dir)
     return model

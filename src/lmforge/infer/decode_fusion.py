@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.transformer import MLP, Attention, Block, RMSNorm, Transformer
+from ..models.transformer import MLP, PLAIN_LINEARS, Attention, Block, RMSNorm, Transformer
 from . import gemv
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gemv.linear(x, self.weight, self.bias)
+
+
+PLAIN_LINEARS.add(DecodeLinear)  # computes exactly x @ W.T + b
 
 
 class PackedProjection:
@@ -90,8 +93,8 @@ class FusedDecodeBlock:
             return "attention projections not plain packed linears (LoRA, quantized or tensor-parallel)"
         if type(block.mlp) is not MLP or block.mlp.packed_gate_up is None or type(block.mlp.down_proj) is not DecodeLinear:
             return "MLP not a plain packed gated MLP (mixture of experts, LoRA, quantized)"
-        if block.mlp.act is not F.silu:
-            return f"activation {block.attn.cfg.act} (the fused down projection computes SiLU)"
+        if block.mlp.act is not F.silu or block.mlp.limit is not None:
+            return f"activation {block.attn.cfg.act} (the fused down projection computes plain SiLU gating)"
         return None
 
     @staticmethod

@@ -11,6 +11,7 @@ that read, straight from the graph's own buffers (the engine overlaps its host w
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -23,6 +24,8 @@ from .greedy_advance import greedy_advance
 from .paged_attention import kernel_available, load_kernel
 from .paged_cache import PagedBatch, PagedKVCache, model_calls_cache_attend, paged_batch, paged_decode_batch
 from .scheduler import Request, Scheduled
+
+log = logging.getLogger("lmforge.infer")
 
 _BATCH_TENSORS = ("positions", "write_slots", "view_slots", "key_positions", "query_slots", "block_tables", "seq_lens",
                   "rope_cos", "rope_sin")
@@ -93,12 +96,15 @@ class ModelRunner:
         reasons = []
         if not kernel_available(self.device):
             reasons.append("triton on a CUDA device")
-        if self.model.cfg.pos == "alibi":
-            reasons.append("no ALiBi")
+        unsupported = kernel_unsupported(self.model.cfg)
+        reasons += [f"no {u}" for u in unsupported]
         if not reasons and not model_calls_cache_attend(self.model):
             reasons.append("the model's attention to call cache.attend (hook not wired)")
         if reasons and attention == "kernel":
             raise ConfigError(f"engine.attention=kernel needs {' and '.join(reasons)}; use attention=auto")
+        if unsupported:
+            log.info("paged decode kernel off for this model (it has %s): decoding through the gathered KV view + "
+                     "SDPA instead", ", ".join(unsupported))
         if not reasons:
             load_kernel()  # import triton now, outside any compiled or captured region
         return not reasons
@@ -328,6 +334,19 @@ class ModelRunner:
                 self._graph(B, C, False)
                 keys.append((B, C))
         return len(keys)
+
+
+def kernel_unsupported(cfg) -> list[str]:
+    """Attention features of `cfg` the paged decode kernel does not compute. Such a model still runs in the engine:
+    its decode steps attend over the gathered view of its blocks with the model's own attention (same results)."""
+    out = []
+    if cfg.pos == "alibi":
+        out.append("ALiBi")
+    if cfg.attention == "mla":
+        out.append("multi-head latent attention (the pool holds latents, expanded by the model)")
+    if cfg.attn_sinks:
+        out.append("attention sinks")
+    return out
 
 
 class _GreedyRun:

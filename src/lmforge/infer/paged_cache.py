@@ -233,9 +233,10 @@ class PagedKVCache(nn.Module):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.windows = [cfg.layer_window(i) if hasattr(cfg, "layer_window") else cfg.sliding_window
                         for i in range(cfg.n_layers)]
-        shape = (cfg.n_layers, num_blocks * block_size, cfg.kv_heads, cfg.dim_per_head)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        (hk, dk), (hv, dv) = cfg.cache_shapes  # per-head K/V, or MLA's latent and shared RoPE key
+        slots = num_blocks * block_size
+        self.register_buffer("k", torch.zeros(cfg.n_layers, slots, hk, dk, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(cfg.n_layers, slots, hv, dv, dtype=dtype, device=device), persistent=False)
         self.batch: PagedBatch | None = None
         # the decode kernels can apply RoPE themselves: half layout (Llama/NeoX) over the whole head
         self.kernel_rope = cfg.pos == "rope" and not cfg.rope_interleaved and cfg.rotary_dim == cfg.dim_per_head
@@ -249,34 +250,42 @@ class PagedKVCache(nn.Module):
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        return 2 * cfg.n_layers * block_size * cfg.kv_heads * cfg.dim_per_head * torch.finfo(dtype).bits // 8
+        return cfg.n_layers * block_size * cfg.cache_values_per_token * torch.finfo(dtype).bits // 8
 
     def write_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.batch.key_positions  # (B, C+T)
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """k/v (B, Hkv, T, D) of one layer → written to the pool; returns the view (B, Hkv, C+T, D)."""
-        B, H, T, D = k.shape
+        """k/v (B, Hkv, T, D) of one layer → written to the pool; returns the view (B, Hkv, C+T, D). (k and v may
+        differ in heads and dims: MLA writes its latent and shared RoPE key.)"""
         batch = self.batch
-        k_pool, v_pool = self.k[layer], self.v[layer]  # (slots, Hkv, D)
-        k_pool.index_copy_(0, batch.write_slots, k.transpose(1, 2).reshape(B * T, H, D))
-        v_pool.index_copy_(0, batch.write_slots, v.transpose(1, 2).reshape(B * T, H, D))
+        if batch.seq_lens is not None:  # a kernel decode batch has no view: update() alone would attend to nothing
+            raise RuntimeError("PagedKVCache.update on a paged-kernel decode batch; the model must call attend()")
+        B, T = k.shape[0], k.shape[2]
+        k_pool, v_pool = self.k[layer], self.v[layer]  # (slots, H, D)
+        k_pool.index_copy_(0, batch.write_slots, k.transpose(1, 2).reshape(B * T, *k_pool.shape[1:]))
+        v_pool.index_copy_(0, batch.write_slots, v.transpose(1, 2).reshape(B * T, *v_pool.shape[1:]))
         if batch.context == 0:
             return k, v
         S = batch.view_slots.shape[1]
         index = batch.view_slots.reshape(-1)
-        k_all = k_pool.index_select(0, index).view(B, S, H, D).transpose(1, 2)
-        v_all = v_pool.index_select(0, index).view(B, S, H, D).transpose(1, 2)
+        k_all = k_pool.index_select(0, index).view(B, S, *k_pool.shape[1:]).transpose(1, 2)
+        v_all = v_pool.index_select(0, index).view(B, S, *v_pool.shape[1:]).transpose(1, 2)
         return k_all, v_all
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
-               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None, sinks: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """The model hook (see `model_calls_cache_attend`): write k/v, attend q (B, H, T, D) → (B, H, T, D).
         Decode batches built by `paged_decode_batch` go through the Triton kernels; the rest gather + SDPA.
-        `rope` = (cos, sin) (B, 1, 1, D/2) when `rotates`: q/k come un-rotated and the kernels rotate them."""
+        `rope` = (cos, sin) (B, 1, 1, D/2) when `rotates`: q/k come un-rotated and the kernels rotate them.
+        `sinks` (H,): attention-sink logits (GPT-OSS); the kernel has none, so the runner never sends such a model
+        there (see ModelRunner._use_paged_kernel)."""
         batch = self.batch
         if batch.seq_lens is None:
-            return sdpa_attend(q, *self.update(layer, None, k, v), mask, self.scale, self.softcap)
+            return sdpa_attend(q, *self.update(layer, None, k, v), mask, self.scale, self.softcap, sinks)
+        if sinks is not None:
+            raise RuntimeError("the paged decode kernel has no attention sinks; decode through the gathered view")
         from .paged_attention import paged_decode
 
         if rope is None:
@@ -302,9 +311,9 @@ class _HookProbe:
     def update(self, layer, slots, k, v):
         return k, v
 
-    def attend(self, layer, q, k, v, mask, rope=None):
+    def attend(self, layer, q, k, v, mask, rope=None, sinks=None):
         self.called = True
-        return sdpa_attend(q, k, v, mask)
+        return sdpa_attend(q, k, v, mask, sinks=sinks)
 
 
 @torch.inference_mode()

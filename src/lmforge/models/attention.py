@@ -90,9 +90,11 @@ def document_block_mask(positions: torch.Tensor, document_ids: torch.Tensor, sli
 _compiled_flex = None
 
 
-def flex_attend(q, k, v, block_mask, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+def flex_attend(q, k, v, block_mask, scale: float | None = None, softcap: float | None = None,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
     """flex_attention with a BlockMask (compiled once per process: eager flex is a slow reference path); a soft-cap
-    is a score_mod on the scaled scores."""
+    is a score_mod on the scaled scores. With `sinks` (H,), each row's output is scaled by sigmoid(lse - sink): what
+    one more softmax term exp(sink) does."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -102,8 +104,11 @@ def flex_attend(q, k, v, block_mask, scale: float | None = None, softcap: float 
     if softcap is not None:
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.tanh(score / softcap) * softcap
-    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                          enable_gqa=q.shape[1] != k.shape[1])
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if sinks is None:
+        return _compiled_flex(q, k, v, **kwargs)
+    out, lse = _compiled_flex(q, k, v, return_lse=True, **kwargs)
+    return out * torch.sigmoid(lse - sinks.float()[None, :, None]).unsqueeze(-1).to(out.dtype)
 
 
 def softcapped_attend(q, k, v, mask, scale: float | None, softcap: float) -> torch.Tensor:
@@ -123,25 +128,30 @@ def softcapped_attend(q, k, v, mask, scale: float | None, softcap: float) -> tor
     else:  # additive bias (B, H, T, S)
         scores = scores + mask.view(B, Hkv, G, T, S)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return (probs @ v[:, :, None]).view(B, H, T, D)
+    return (probs @ v[:, :, None]).view(B, H, T, v.shape[-1])
 
 
 def attend(
     q: torch.Tensor,  # (B, H, T, D)
     k: torch.Tensor,  # (B, Hkv, S, D)
-    v: torch.Tensor,  # (B, Hkv, S, D)
+    v: torch.Tensor,  # (B, Hkv, S, Dv)
     mask,  # None → plain causal (T == S); bool (B, 1, T, S); float bias (B, H, T, S); or a flex BlockMask
     scale: float | None = None,  # q.k multiplier; None = 1/sqrt(D)
     softcap: float | None = None,  # scores → softcap * tanh(scores / softcap) before the mask (Gemma 2)
+    sinks: torch.Tensor | None = None,  # (H,) attention-sink logits: one more term in each softmax denominator
 ) -> torch.Tensor:
-    """Scaled dot-product attention with GQA/MQA: SDPA kernels, flex_attention for a BlockMask, or the soft-capped
-    path. (B, H, T, D)."""
+    """Scaled dot-product attention with GQA/MQA: SDPA kernels, flex_attention for a BlockMask, the soft-capped
+    path, or SDPA with one sink key. (B, H, T, Dv)."""
     B, H, T, D = q.shape
     groups = H // k.shape[1]
     if mask is not None and not isinstance(mask, torch.Tensor):
-        return flex_attend(q, k, v, mask, scale, softcap)
+        return flex_attend(q, k, v, mask, scale, softcap, sinks)
+    if softcap is not None and sinks is not None:
+        raise NotImplementedError("attention with both soft-capped scores and sinks")
     if softcap is not None:
         return softcapped_attend(q, k, v, mask, scale, softcap)
+    if sinks is not None:
+        return _attend_with_sinks(q, k, v, mask, scale, sinks)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1, scale=scale)
     if groups > 1 and mask.dtype == torch.bool:
@@ -149,5 +159,23 @@ def attend(
         # SDPA backend accepts it (decode attends over the whole cache each step, so a K/V repeat would be costly).
         q = q.reshape(B, H // groups, groups * T, D)
         mask = mask[:, :, None].expand(B, 1, groups, T, mask.shape[-1]).reshape(B, 1, groups * T, -1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(B, H, T, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(B, H, T, v.shape[-1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1, scale=scale)
+
+
+def _attend_with_sinks(q, k, v, mask, scale, sinks) -> torch.Tensor:
+    """Softmax over [scores | sink_h] (GPT-OSS): one extra key per head whose logit is the sink (a zero key plus a
+    bias) and whose value is zero, so it only enlarges the denominator. Still one SDPA call."""
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    if mask is None:  # plain causal, T == S
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    mask = mask.expand(mask.shape[0], H, T, S)
+    sink = sinks.to(q.dtype).view(1, H, 1, 1).expand(mask.shape[0], H, T, 1)
+    k = torch.cat([k, k.new_zeros(*k.shape[:2], 1, k.shape[-1])], 2)
+    v = torch.cat([v, v.new_zeros(*v.shape[:2], 1, v.shape[-1])], 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat([mask, sink], -1), scale=scale,
+                                          enable_gqa=H != k.shape[1])

@@ -5,6 +5,7 @@ never a subclass. Validation happens here so a bad value fails before any tensor
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -77,6 +78,31 @@ class ModelConfig(BaseModel):
     moe_shared_gate: bool = False  # scale the shared expert by sigmoid(x . w) (Qwen2-MoE)
     moe_dense_layers: tuple[int, ...] = ()  # layers that keep a dense SwiGLU MLP of d_ff (Qwen2-MoE mlp_only_layers)
     moe_z_loss_weight: float = Field(0.0, ge=0)  # router z-loss (ST-MoE), relative to the load-balancing loss
+    # Router (see lmforge.models.moe.make_router). softmax: softmax over all experts, then top-k (Mixtral, Qwen,
+    # GPT-OSS). sigmoid: independent sigmoid scores, top-k chosen within the best groups (DeepSeek-V3, GLM-4.5,
+    # Llama 4 with one group).
+    moe_router: Literal["softmax", "sigmoid"] = "softmax"
+    moe_groups: int = Field(1, ge=1)  # sigmoid: experts split into this many equal groups (DeepSeek-V3 n_group)
+    moe_topk_groups: int = Field(1, ge=1)  # sigmoid: a token picks its experts from its best groups only (topk_group)
+    moe_score_bias: bool = False  # sigmoid: a per-expert bias added to the scores for selection only
+    moe_routed_scale: float = Field(1.0, gt=0)  # routed weights times this (DeepSeek-V3 routed_scaling_factor)
+    moe_router_bias: bool = False  # the router linear has a bias (GPT-OSS)
+    moe_scale_input: bool = False  # route weight * x into the expert instead of weight * expert(x) (Llama 4)
+    moe_expert_bias: bool = False  # biases on every expert projection (GPT-OSS)
+    # GPT-OSS's clamped SwiGLU in gated MLPs: gate <= limit, |up| <= limit, out = (up + 1) * gate * sigmoid(alpha *
+    # gate). None: the plain act(gate) * up.
+    glu_limit: float | None = Field(None, gt=0)
+    glu_alpha: float = Field(1.702, gt=0)
+
+    # Attention. gqa: per-head q/k/v projections (MHA, GQA, MQA). mla: DeepSeek's multi-head latent attention, where
+    # keys and values are expanded from one compressed latent per token (the cache holds the latent).
+    attention: Literal["gqa", "mla"] = "gqa"
+    mla_q_rank: int = Field(0, ge=0)  # low-rank q (q_a_proj -> RMSNorm -> q_b_proj); 0 = one q_proj
+    mla_kv_rank: int = Field(0, ge=0)  # width of the compressed kv latent (kv_lora_rank)
+    mla_rope_dim: int = Field(0, ge=0)  # per-head q/k dims that carry RoPE; the key part is shared by all heads
+    mla_nope_dim: int = Field(0, ge=0)  # per-head q/k dims without positions
+    mla_v_dim: int = Field(0, ge=0)  # value dims per head
+    attn_sinks: bool = False  # a learned logit per head joins each softmax denominator (GPT-OSS)
 
     pos: Literal["rope", "alibi", "learned", "sinusoidal", "none"] = "rope"
     rope_theta: float = 10000.0
@@ -130,7 +156,7 @@ class ModelConfig(BaseModel):
         kv = self.kv_heads
         if self.n_heads % kv:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})")
-        if self.head_dim is None and self.d_model % self.n_heads:
+        if self.head_dim is None and self.d_model % self.n_heads and self.attention == "gqa":
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or set head_dim")
         if self.pos == "rope" and self.rotary_dim % 2:
             raise ValueError(f"rotary dims ({self.rotary_dim}) must be even; adjust rotary_fraction or head_dim")
@@ -160,7 +186,36 @@ class ModelConfig(BaseModel):
             raise ValueError("rope_local_theta applies to the sliding-window layers; set sliding_window")
         if self.rope_local_scaling is not None and self.rope_local_theta is None:
             raise ValueError("rope_local_scaling needs rope_local_theta (the local layers' RoPE base)")
+        self._check_router()
+        self._check_mla()
         return self
+
+    def _check_router(self) -> None:
+        if self.moe_router == "softmax" and (self.moe_groups > 1 or self.moe_score_bias):
+            raise ValueError("moe_groups/moe_score_bias need moe_router=sigmoid")
+        if self.moe_topk_groups > self.moe_groups:
+            raise ValueError(f"moe_topk_groups ({self.moe_topk_groups}) must be <= moe_groups ({self.moe_groups})")
+        if self.mlp != "moe" or self.moe_groups == 1:
+            return
+        per_group, E = self.moe_experts // self.moe_groups, self.moe_experts
+        if E % self.moe_groups or per_group < 2:
+            raise ValueError(f"moe_experts ({E}) must split into moe_groups ({self.moe_groups}) equal groups of at "
+                             "least 2 (a group scores by its best two experts)")
+        if self.moe_top_k > self.moe_topk_groups * per_group:
+            raise ValueError(f"moe_top_k ({self.moe_top_k}) exceeds the experts of moe_topk_groups "
+                             f"({self.moe_topk_groups} x {per_group}); raise moe_topk_groups")
+
+    def _check_mla(self) -> None:
+        if self.attention != "mla":
+            if self.mla_kv_rank or self.mla_q_rank:
+                raise ValueError("mla_kv_rank/mla_q_rank are set but attention is not 'mla'; set attention=mla")
+            return
+        if not (self.mla_kv_rank and self.mla_rope_dim and self.mla_v_dim):
+            raise ValueError("attention=mla needs mla_kv_rank, mla_rope_dim and mla_v_dim > 0")
+        if self.mla_rope_dim % 2 or self.pos != "rope" or self.rotary_fraction != 1.0:
+            raise ValueError("attention=mla needs pos=rope, rotary_fraction=1 and an even mla_rope_dim")
+        if self.qkv_bias or self.out_bias or self.sliding_window is not None or self.attn_sinks:
+            raise ValueError("attention=mla has no qkv_bias/out_bias, sliding_window or attn_sinks")
 
     # Derived sizes: computed, never stored, so they cannot disagree with the fields.
     @property
@@ -173,7 +228,41 @@ class ModelConfig(BaseModel):
 
     @property
     def rotary_dim(self) -> int:
+        if self.attention == "mla":
+            return self.mla_rope_dim
         return int(self.dim_per_head * self.rotary_fraction)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Dims of one query/key head (MLA: the position-free part plus the RoPE part)."""
+        return self.mla_nope_dim + self.mla_rope_dim if self.attention == "mla" else self.dim_per_head
+
+    @property
+    def softmax_scale(self) -> float:
+        """The q.k multiplier: `attn_scale`, else 1/sqrt(query/key head dims); for MLA times YaRN's
+        mscale(factor, mscale_all_dim)^2 (DeepSeek's reference scales the whole q.k product, not only the rotated
+        dims, as transformers' `yarn_apply_mscale` does)."""
+        scale = self.attn_scale or self.qk_head_dim ** -0.5
+        s = self.rope_scaling
+        if self.attention == "mla" and s is not None and s.type == "yarn" and s.mscale_all_dim:
+            factor = s.factor or self.max_seq_len / s.original_max_seq_len
+            if factor > 1:
+                scale *= (0.1 * s.mscale_all_dim * math.log(factor) + 1.0) ** 2
+        return scale
+
+    @property
+    def cache_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, dims) of the two tensors a KV cache holds per token and layer: keys and values, or for MLA the
+        normed kv latent (1, mla_kv_rank) and the rotated shared key part (1, mla_rope_dim)."""
+        if self.attention == "mla":
+            return (1, self.mla_kv_rank), (1, self.mla_rope_dim)
+        return (self.kv_heads, self.dim_per_head), (self.kv_heads, self.dim_per_head)
+
+    @property
+    def cache_values_per_token(self) -> int:
+        """Cached numbers per token and layer (what KV-cache memory scales with)."""
+        (hk, dk), (hv, dv) = self.cache_shapes
+        return hk * dk + hv * dv
 
     @property
     def expert_d_ff(self) -> int:
@@ -197,6 +286,25 @@ class ModelConfig(BaseModel):
             return "local"
         return "global"
 
+    def _mlp_params(self, f: int, bias: bool = False) -> int:
+        """A gated MLP of hidden size f (0 when f is 0)."""
+        return 3 * self.d_model * f + (2 * f + self.d_model) * bias if f else 0
+
+    @property
+    def attention_params(self) -> int:
+        """Parameters of one attention block (projections, biases, per-head norms and sinks)."""
+        d, H = self.d_model, self.n_heads
+        if self.attention == "mla":
+            qk, qr, kvr = self.qk_head_dim, self.mla_q_rank, self.mla_kv_rank
+            q = d * qr + qr + qr * H * qk if qr else d * H * qk  # q_a_proj + q_a_norm + q_b_proj | q_proj
+            kv = d * (kvr + self.mla_rope_dim) + kvr + kvr * H * (self.mla_nope_dim + self.mla_v_dim)
+            return q + kv + H * self.mla_v_dim * d
+        hd = self.dim_per_head
+        q, kv = H * hd, self.kv_heads * hd
+        qk_norm = {"none": 0, "head": 2 * hd, "proj": q + kv}[self.qk_norm]  # q_norm + k_norm weights
+        return (d * (q + 2 * kv) + q * d + (q + 2 * kv) * self.qkv_bias + d * self.out_bias + H * self.attn_sinks
+                + qk_norm)
+
     @property
     def stop_token_ids(self) -> list[int]:
         eos = self.eos_token_id
@@ -207,18 +315,15 @@ class ModelConfig(BaseModel):
 
         `active=True` counts what one token uses: the top-k routed experts of each MoE layer instead of all of them.
         """
-        d, hd = self.d_model, self.dim_per_head
-        q, kv = self.n_heads * hd, self.kv_heads * hd
-        attn = d * (q + 2 * kv) + q * d + (q + 2 * kv) * self.qkv_bias + d * self.out_bias
-
-        def swiglu(f: int, bias: bool = False) -> int:
-            return 3 * d * f + (2 * f + d) * bias
-
-        dense = swiglu(self.d_ff, self.mlp_bias) if self.mlp != "gelu" else 2 * d * self.d_ff + (self.d_ff + d) * self.mlp_bias
+        d = self.d_model
+        dense = self._mlp_params(self.d_ff, self.mlp_bias) if self.mlp != "gelu" else (
+            2 * d * self.d_ff + (self.d_ff + d) * self.mlp_bias)
         experts = self.moe_top_k if active else self.moe_experts
-        moe = (experts * swiglu(self.expert_d_ff) + self.moe_experts * d  # routed experts + router
-               + swiglu(self.moe_shared_d_ff) + d * self.moe_shared_gate)
-        attn += {"none": 0, "head": 2 * hd, "proj": q + kv}[self.qk_norm]  # q_norm + k_norm weights
+        E = self.moe_experts
+        moe = (experts * self._mlp_params(self.expert_d_ff, self.moe_expert_bias)
+               + E * d + E * (self.moe_score_bias + self.moe_router_bias)  # router (+ biases)
+               + self._mlp_params(self.moe_shared_d_ff) + d * self.moe_shared_gate)
+        attn = self.attention_params
         norm = d * (2 if self.norm == "layer" else 1)
         block_norms = 1 if self.parallel_block else 4 if self.norm_placement == "sandwich" else 2
         total = norm  # final norm

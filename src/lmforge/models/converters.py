@@ -21,7 +21,9 @@ from .config import ModelConfig, RopeScaling
 # names how a tensor differs between the two layouts: "T" transposed (GPT-2's Conv1D), "qkv" q|k|v concatenated along
 # the output dim of a Conv1D (GPT-2), "qkv_heads" fused per head as [head, q|k|v, head_dim] (BLOOM), "qkv_cat" q|k|v
 # rows of a Linear (Phi-3, ChatGLM), "cat" equal row blocks of a Linear (gate|up: GLM, Phi-3, ChatGLM). Fused
-# entries list their native names in order.
+# entries list their native names in order. Stacked experts (one HF tensor with a leading expert dim, native names
+# with "{e}"): "experts_T" (E, in, out) per-expert transposed (or (E, out) biases), "experts_cat" gate|up halves of
+# (E, in, 2f) (Llama 4), "experts_interleaved" gate/up alternating along 2f (GPT-OSS).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -193,6 +195,47 @@ def _require(hf: Mapping, key: str, expected, why: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Join:
+    """A tensor stored as several parts (a quantized weight and its scales), rebuilt into one before mapping.
+
+    `suffixes` name the parts (the HF name is base + suffix); `result` is the rebuilt tensor's suffix; `fn` takes the
+    parts in order. `when` (part index -> dtype test) limits a suffix that also names ordinary tensors (".weight")
+    to its quantized form."""
+
+    suffixes: tuple[str, ...]
+    result: str
+    fn: Callable[..., torch.Tensor]
+    quantized_first: bool = False  # the first part counts only when its dtype is not a float type (fp8 weights)
+
+    def part(self, name: str, tensor: torch.Tensor) -> tuple[str, int] | None:
+        """(base, part index) when `name` is one of this join's parts."""
+        for idx, suffix in sorted(enumerate(self.suffixes), key=lambda x: -len(x[1])):  # longest suffix first
+            if name.endswith(suffix):
+                if idx == 0 and self.quantized_first and tensor.dtype in _FULL_PRECISION:
+                    return None
+                return name[: -len(suffix)], idx
+        return None
+
+
+_FULL_PRECISION = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _fp8_join(weight, scale_inv):
+    from .dequant import fp8_block_dequant
+    return fp8_block_dequant(weight, scale_inv)
+
+
+def _mxfp4_join(blocks, scales):
+    """MXFP4 stacked experts (E, out, in/32, 16) -> (E, in, out), the layout of the unquantized tensor."""
+    from .dequant import mxfp4_dequant
+    return mxfp4_dequant(blocks, scales).transpose(-1, -2).contiguous()
+
+
+FP8_BLOCKS = Join((".weight", ".weight_scale_inv"), ".weight", _fp8_join, quantized_first=True)
+MXFP4 = Join(("_blocks", "_scales"), "", _mxfp4_join)
+
+
 @dataclass
 class Converter:
     """Maps one HF architecture to the native model and back.
@@ -200,7 +243,9 @@ class Converter:
     `config_from_hf(hf_dict) -> dict of ModelConfig fields`; `config_to_hf(cfg) -> dict` (arch-specific keys; the
     caller adds `architectures`, `torch_dtype`); `names` the tensor rename table; `ignore` HF keys that are
     derived buffers, not weights; `extra_to_hf(cfg)` buffers a checkpoint format stores although they are derived
-    (ChatGLM's rotary inv_freq), written on save.
+    (ChatGLM's rotary inv_freq), written on save. `joins` rebuild quantized tensors from their parts on load;
+    `extra_layers`: tensors of layers numbered n_layers and up are skipped on load (DeepSeek-V3's / GLM-4.5's
+    multi-token-prediction modules, which lmforge does not run).
     """
 
     architectures: tuple[str, ...]
@@ -213,6 +258,8 @@ class Converter:
     extra_to_hf: Callable[[ModelConfig], dict[str, torch.Tensor]] | None = None
     defaults: Mapping = field(default_factory=dict)  # the transformers config class's defaults for absent keys
     rewrite: tuple[tuple[str, str], ...] = ()  # (prefix, replacement): a multimodal checkpoint's text decoder
+    joins: tuple[Join, ...] = ()
+    extra_layers: bool = False
     _compiled: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
@@ -228,21 +275,34 @@ class Converter:
             where = ".".join(str(x) for x in err["loc"]) or "config"
             raise CheckpointError(f"config.json gives an invalid model ({where}): {err['msg']}") from None
 
+    def skips(self, hf_name: str, cfg: ModelConfig) -> bool:
+        """Tensors that are not loaded: derived buffers (`ignore`) and layers beyond n_layers (`extra_layers`)."""
+        if any(re.search(p, hf_name) for p in self.ignore):
+            return True
+        m = re.match(r"^model\.layers\.(\d+)\.", self._rewritten(hf_name)) if self.extra_layers else None
+        return bool(m) and int(m.group(1)) >= cfg.n_layers
+
+    def join_part(self, hf_name: str, tensor: torch.Tensor) -> tuple[Join, str, int] | None:
+        """(join, base name, part index) when `hf_name` is one part of a quantized tensor."""
+        for join in self.joins:
+            found = join.part(hf_name, tensor)
+            if found is not None:
+                return join, *found
+        return None
+
     def to_native(self, hf_name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
         """Native (name, tensor) pairs for one HF tensor; [] for ignored buffers; error for unknown names."""
-        if any(re.search(p, hf_name) for p in self.ignore):
+        if self.skips(hf_name, cfg):
             return []
         hf_name = self._rewritten(hf_name)
         if self.optional_prefix and not hf_name.startswith(self.optional_prefix) and not hf_name.startswith("lm_head"):
             hf_name = self.optional_prefix + hf_name
-        if any(re.search(p, hf_name) for p in self.ignore):
-            return []
         for pattern, rule in self._compiled:
             m = pattern.match(hf_name)
             if m:
                 fill = {k: v for k, v in m.groupdict().items() if v is not None}
                 if isinstance(rule.native, tuple):
-                    names = [n.format(**fill) for n in rule.native]
+                    names = _native_names(rule, fill, cfg)
                     return list(zip(names, _split_fused(tensor, rule.transform, cfg, len(names))))
                 return [(rule.native.format(**fill), _transpose(tensor) if rule.transform == "T" else tensor)]
         raise CheckpointError(f"checkpoint tensor '{hf_name}' has no mapping for {self.architectures[0]}; "
@@ -285,7 +345,7 @@ class Converter:
         for rule in self.names:
             templates = rule.native if isinstance(rule.native, tuple) else (rule.native,)
             for fill in _fills(rule.hf, cfg):
-                parts = [native.get(t.format(**fill)) for t in templates]
+                parts = [native.get(n) for n in _native_names(rule, fill, cfg)]
                 if any(t is None for t in parts):
                     continue
                 name = rule.hf.format(**fill)
@@ -304,6 +364,14 @@ def _fills(template: str, cfg: ModelConfig) -> Iterator[dict]:
     yield from (dict(zip(keys, values)) for values in itertools.product(*(ranges[k] for k in keys)))
 
 
+def _native_names(rule: Rename, fill: dict, cfg: ModelConfig) -> list[str]:
+    """The native names of one HF tensor; a stacked-experts rule repeats its templates for every expert."""
+    templates = rule.native if isinstance(rule.native, tuple) else (rule.native,)
+    if rule.transform and rule.transform.startswith("experts"):
+        return [t.format(**fill, e=e) for e in range(cfg.moe_experts) for t in templates]
+    return [t.format(**fill) for t in templates]
+
+
 def _transpose(t: torch.Tensor) -> torch.Tensor:
     """Conv1D (in, out) ↔ Linear (out, in); biases pass through."""
     return t.T if t.ndim == 2 else t
@@ -316,6 +384,18 @@ def _qkv_sizes(cfg: ModelConfig) -> list[int]:
 
 def _split_fused(t: torch.Tensor, kind: str, cfg: ModelConfig, n: int) -> list[torch.Tensor]:
     """One fused HF tensor -> its `n` native parts (see the transform names above)."""
+    if kind.startswith("experts"):  # (E, ...) -> per expert, in the order of `_native_names`
+        out = []
+        for t_e in t.unbind(0):
+            if kind == "experts_T":
+                out.append(_transpose(t_e).contiguous())
+                continue
+            if kind == "experts_interleaved":
+                gate, up = t_e[..., 0::2], t_e[..., 1::2]
+            else:
+                gate, up = t_e.chunk(2, dim=-1)
+            out += [_transpose(gate).contiguous(), _transpose(up).contiguous()]
+        return out
     if kind == "qkv":  # GPT-2 Conv1D: (in, q|k|v) → three (out, in)
         return [_transpose(p).contiguous() for p in t.split(_qkv_sizes(cfg), dim=-1)]
     if kind == "qkv_cat":  # Linear rows q|k|v (GQA sizes)
@@ -330,6 +410,17 @@ def _split_fused(t: torch.Tensor, kind: str, cfg: ModelConfig, n: int) -> list[t
 
 def _fuse(parts: list[torch.Tensor], kind: str, cfg: ModelConfig) -> torch.Tensor:
     """Native parts -> the fused HF tensor (inverse of `_split_fused`)."""
+    if kind == "experts_T":
+        return torch.stack([_transpose(p) for p in parts]).contiguous()
+    if kind in ("experts_cat", "experts_interleaved"):
+        per_expert = []
+        for gate, up in zip(parts[0::2], parts[1::2]):
+            gate, up = _transpose(gate), _transpose(up)  # (in, f) or (f,)
+            if kind == "experts_cat":
+                per_expert.append(torch.cat([gate, up], -1))
+            else:
+                per_expert.append(torch.stack([gate, up], -1).flatten(-2))
+        return torch.stack(per_expert).contiguous()
     if kind == "qkv":
         return torch.cat([_transpose(p) for p in parts], dim=-1).contiguous()
     if kind in ("qkv_cat", "cat"):
@@ -348,7 +439,10 @@ _PLAIN = dict(norm="rms", norm_weight_offset=0.0, mlp="swiglu", parallel_block=F
               pos="rope", rotary_fraction=1.0, rope_interleaved=False, sliding_window=None, sliding_window_layers=None,
               qkv_bias=False, out_bias=False, mlp_bias=False, embed_norm=False, lm_head_bias=False,
               qk_norm="none", norm_placement="pre", attn_scale=None, attn_logit_softcap=None,
-              final_logit_softcap=None, nope_layers=(), rope_local_theta=None, rope_local_scaling=None)
+              final_logit_softcap=None, nope_layers=(), rope_local_theta=None, rope_local_scaling=None,
+              attention="gqa", attn_sinks=False, moe_router="softmax", moe_groups=1, moe_topk_groups=1,
+              moe_score_bias=False, moe_routed_scale=1.0, moe_router_bias=False, moe_scale_input=False,
+              moe_expert_bias=False, glu_limit=None)
 
 
 # Where a field's non-default value can be saved (the hint in `_expect`'s error).
@@ -363,7 +457,11 @@ _ARCH_HINT = {"mlp": "MixtralForCausalLM or Qwen2MoeForCausalLM (mlp=moe), GPT2L
               "norm_placement": "Gemma2ForCausalLM, Gemma3ForCausalLM (sandwich), Olmo2ForCausalLM (post)",
               "attn_scale": "Gemma2ForCausalLM, Gemma3ForCausalLM", "attn_logit_softcap": "Gemma2ForCausalLM",
               "final_logit_softcap": "Gemma2ForCausalLM, Gemma3ForCausalLM", "nope_layers": "SmolLM3ForCausalLM",
-              "rope_local_theta": "Gemma3ForCausalLM", "rope_local_scaling": "Gemma3ForCausalLM"}
+              "rope_local_theta": "Gemma3ForCausalLM", "rope_local_scaling": "Gemma3ForCausalLM",
+              "attention": "DeepseekV3ForCausalLM (mla)", "moe_router": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM",
+              "moe_groups": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM",
+              "moe_score_bias": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM",
+              "moe_routed_scale": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM"}
 
 
 def _expect(cfg: ModelConfig, arch: str, **fields) -> None:
@@ -549,6 +647,52 @@ def _qwen2_moe_to_hf(cfg: ModelConfig) -> dict:
             "num_experts": cfg.moe_experts, "num_experts_per_tok": cfg.moe_top_k,
             "moe_intermediate_size": cfg.expert_d_ff, "shared_expert_intermediate_size": cfg.moe_shared_d_ff,
             "norm_topk_prob": cfg.moe_norm_topk, "decoder_sparse_step": 1, "mlp_only_layers": list(cfg.moe_dense_layers)}
+
+
+def _sigmoid_moe_from_hf(hf: Mapping, n_layers: int) -> dict:
+    """The DeepSeek-V3-style MoE keys (DeepSeek-V3, Kimi-K2, GLM-4.5): sigmoid router with a selection bias,
+    group-limited top-k, routed scaling, shared experts and `first_k_dense_replace` dense layers."""
+    f = hf["moe_intermediate_size"]
+    return dict(mlp="moe", moe_experts=hf["n_routed_experts"], moe_top_k=hf["num_experts_per_tok"], moe_d_ff=f,
+                moe_norm_topk=hf.get("norm_topk_prob", True), moe_shared_d_ff=f * hf.get("n_shared_experts", 1),
+                moe_router="sigmoid", moe_groups=hf.get("n_group") or 1, moe_topk_groups=hf.get("topk_group") or 1,
+                moe_score_bias=True, moe_routed_scale=float(hf.get("routed_scaling_factor", 1.0)),
+                moe_dense_layers=tuple(range(min(hf.get("first_k_dense_replace", 0), n_layers))))
+
+
+def _sigmoid_moe_to_hf(cfg: ModelConfig, arch: str) -> dict:
+    k = len(cfg.moe_dense_layers)
+    if cfg.moe_dense_layers != tuple(range(k)) or not cfg.moe_shared_d_ff or cfg.moe_shared_d_ff % cfg.expert_d_ff:
+        raise CheckpointError(f"{arch} needs moe_dense_layers to be the first layers (first_k_dense_replace) and a "
+                              "shared expert whose moe_shared_d_ff is a multiple of moe_d_ff (n_shared_experts)")
+    return dict(moe_intermediate_size=cfg.expert_d_ff, n_routed_experts=cfg.moe_experts,
+                num_experts_per_tok=cfg.moe_top_k, norm_topk_prob=cfg.moe_norm_topk,
+                n_shared_experts=cfg.moe_shared_d_ff // cfg.expert_d_ff, n_group=cfg.moe_groups,
+                topk_group=cfg.moe_topk_groups, routed_scaling_factor=cfg.moe_routed_scale, first_k_dense_replace=k,
+                num_nextn_predict_layers=0)  # the MTP modules are not loaded, so not saved either
+
+
+_SIGMOID_MOE = dict(mlp="moe", moe_router="sigmoid", moe_groups=_ANY, moe_topk_groups=_ANY, moe_score_bias=True,
+                    moe_routed_scale=_ANY)
+
+
+def _deepseek_v3_from_hf(hf: Mapping) -> dict:
+    _require(hf, "attention_bias", False, "biased MLA projections")
+    out = _llama_from_hf({**hf, "num_key_value_heads": None, "head_dim": None}, qkv_bias=False)
+    return {**out, "attention": "mla", "mla_q_rank": hf.get("q_lora_rank") or 0, "mla_kv_rank": hf["kv_lora_rank"],
+            "mla_rope_dim": hf["qk_rope_head_dim"], "mla_nope_dim": hf["qk_nope_head_dim"],
+            "mla_v_dim": hf["v_head_dim"], "rope_interleaved": hf.get("rope_interleave", True),
+            **_sigmoid_moe_from_hf(hf, out["n_layers"])}
+
+
+def _deepseek_v3_to_hf(cfg: ModelConfig) -> dict:
+    _expect(cfg, "DeepseekV3ForCausalLM", attention="mla", rope_interleaved=_ANY, **_SIGMOID_MOE)
+    out = _llama_to_hf(cfg, "deepseek_v3")
+    del out["num_key_value_heads"], out["head_dim"]
+    return {**out, "num_key_value_heads": cfg.n_heads, "q_lora_rank": cfg.mla_q_rank or None,
+            "kv_lora_rank": cfg.mla_kv_rank, "qk_rope_head_dim": cfg.mla_rope_dim, "qk_nope_head_dim": cfg.mla_nope_dim,
+            "v_head_dim": cfg.mla_v_dim, "rope_interleave": cfg.rope_interleaved, "attention_bias": False,
+            **_sigmoid_moe_to_hf(cfg, "DeepseekV3ForCausalLM")}
 
 
 # --- Gemma, Phi, GLM ---------------------------------------------------------------------------------------------
@@ -890,6 +1034,22 @@ QWEN2_MOE_NAMES = [
     Rename("model.layers.{i}.mlp.shared_expert_gate.weight", "layers.{i}.mlp.shared_expert_gate.weight"),
 ]
 
+_ROUTED_EXPERTS = [Rename(f"model.layers.{{i}}.mlp.{part}.{n}.weight", f"layers.{{i}}.mlp.{native}.{n}.weight")
+                   for part, native in (("experts.{e}", "experts.{e}"), ("shared_experts", "shared_expert"))
+                   for n in ("gate_proj", "up_proj", "down_proj")]
+_SIGMOID_ROUTER = [Rename("model.layers.{i}.mlp.gate.weight", "layers.{i}.mlp.router.weight"),
+                   Rename("model.layers.{i}.mlp.gate.e_score_correction_bias", "layers.{i}.mlp.router.score_bias")]
+
+DEEPSEEK_V3_NAMES = [
+    *(r for r in LLAMA_NAMES if ".self_attn." not in r.hf),  # embeddings, norms, the dense MLP of the first layers
+    *(Rename(f"model.layers.{{i}}.self_attn.{n}.weight", f"layers.{{i}}.attn.{n}.weight")
+      for n in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
+    Rename("model.layers.{i}.self_attn.q_a_layernorm.weight", "layers.{i}.attn.q_a_norm.weight"),
+    Rename("model.layers.{i}.self_attn.kv_a_layernorm.weight", "layers.{i}.attn.kv_a_norm.weight"),
+    *_SIGMOID_ROUTER,
+    *_ROUTED_EXPERTS,
+]
+
 PHI_NAMES = [
     Rename("model.embed_tokens.weight", "embed.weight"),
     Rename("model.layers.{i}.input_layernorm.{p}", "layers.{i}.attn_norm.{p}"),
@@ -970,6 +1130,8 @@ register(Converter(("BloomForCausalLM",), "bloom", _bloom_from_hf, _bloom_to_hf,
 register(Converter(("MixtralForCausalLM",), "mixtral", _mixtral_from_hf, _mixtral_to_hf, MIXTRAL_NAMES, _ROTARY_BUFFERS))
 register(Converter(("Qwen2MoeForCausalLM",), "qwen2_moe", _qwen2_moe_from_hf, _qwen2_moe_to_hf, QWEN2_MOE_NAMES,
                    _ROTARY_BUFFERS))
+register(Converter(("DeepseekV3ForCausalLM",), "deepseek_v3", _deepseek_v3_from_hf, _deepseek_v3_to_hf,
+                   DEEPSEEK_V3_NAMES, _ROTARY_BUFFERS, joins=(FP8_BLOCKS,), extra_layers=True))
 register(Converter(("GemmaForCausalLM",), "gemma", _gemma_from_hf, _gemma_to_hf, LLAMA_NAMES, _ROTARY_BUFFERS))
 register(Converter(("PhiForCausalLM",), "phi", _phi_from_hf, _phi_to_hf, PHI_NAMES, _ROTARY_BUFFERS))
 register(Converter(("Phi3ForCausalLM",), "phi3", _phi3_from_hf, _phi3_to_hf, PHI3_NAMES, _ROTARY_BUFFERS,

@@ -82,27 +82,48 @@ def load_hf(
     with torch.device("meta"):
         model = Transformer(cfg, linear).to(dtype)
     model.to_empty(device=device)
-    params = dict(model.named_parameters())
+    params = model.state_dict(keep_vars=True)  # parameters and persistent buffers (e.g. a router's score bias)
     loaded: set[str] = set()
     files = _weight_files(path)
+    stash: dict[tuple, dict[int, torch.Tensor]] = {}  # parts of quantized tensors waiting for their partners
+
+    def copy_in(file: Path, hf_name: str, tensor: torch.Tensor) -> None:
+        for name, t in conv.to_native(hf_name, tensor, cfg):
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # some tied checkpoints also store the head; the embedding is the truth
+            if name not in params:
+                raise CheckpointError(f"{file.name}: tensor '{hf_name}' maps to '{name}', which this model lacks")
+            p = params[name]
+            if p.shape != t.shape:
+                raise CheckpointError(f"{file.name}: tensor '{hf_name}' has shape {tuple(t.shape)}, "
+                                      f"config.json implies {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(t)
+            loaded.add(name)
+
     bar = tqdm(total=len(files), desc=f"loading {path.name}", unit="shard", disable=True if progress is False else None)
     for file in files:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for hf_name in f.keys():
-                for name, tensor in conv.to_native(hf_name, f.get_tensor(hf_name), cfg):
-                    if name == "lm_head.weight" and cfg.tie_embeddings:
-                        continue  # some tied checkpoints also store the head; the embedding is the truth
-                    if name not in params:
-                        raise CheckpointError(f"{file.name}: tensor '{hf_name}' maps to '{name}', which this model lacks")
-                    p = params[name]
-                    if p.shape != tensor.shape:
-                        raise CheckpointError(f"{file.name}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, "
-                                              f"config.json implies {tuple(p.shape)}")
-                    with torch.no_grad():
-                        p.copy_(tensor)
-                    loaded.add(name)
+                if conv.skips(hf_name, cfg):
+                    continue
+                tensor = f.get_tensor(hf_name)
+                part = conv.join_part(hf_name, tensor)
+                if part is None:
+                    copy_in(file, hf_name, tensor)
+                    continue
+                join, base, idx = part  # a quantized weight or its scales: dequantize once both are read
+                parts = stash.setdefault((join, base), {})
+                parts[idx] = tensor
+                if len(parts) == len(join.suffixes):
+                    del stash[(join, base)]
+                    copy_in(file, base + join.result, join.fn(*(parts[i] for i in range(len(parts)))))
         bar.update()
     bar.close()
+    if stash:
+        (join, base), parts = next(iter(stash.items()))
+        lacking = [base + s for i, s in enumerate(join.suffixes) if i not in parts]
+        raise CheckpointError(f"checkpoint '{path}' has '{base}{join.suffixes[min(parts)]}' without '{lacking[0]}'")
     missing = sorted(set(params) - loaded)
     if missing:
         raise CheckpointError(f"checkpoint '{path}' lacks {len(missing)} tensors, e.g. '{missing[0]}'")

@@ -13,13 +13,20 @@ from .config import ModelConfig
 
 
 class KVCache(nn.Module):
-    """Keys/values (L, B, Hkv, S, D) plus the absolute position held in each slot (B, S), -1 where empty/padding."""
+    """Keys/values (L, B, Hkv, S, D) plus the absolute position held in each slot (B, S), -1 where empty/padding.
+
+    What the two tensors hold per token is `cfg.cache_shapes`: per-head keys and values, or for multi-head latent
+    attention the compressed latent (L, B, 1, S, mla_kv_rank) and the shared RoPE key (L, B, 1, S, mla_rope_dim).
+    The attention module decides what it writes; the cache only stores (B, heads, T, dims) pairs by slot.
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
         super().__init__()
-        shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.dim_per_head)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        (hk, dk), (hv, dv) = cfg.cache_shapes
+        k_shape = (cfg.n_layers, batch_size, hk, max_len, dk)
+        v_shape = (cfg.n_layers, batch_size, hv, max_len, dv)
+        self.register_buffer("k", torch.zeros(k_shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(v_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer(
             "key_positions", torch.full((batch_size, max_len), -1, dtype=torch.long, device=device), persistent=False
         )

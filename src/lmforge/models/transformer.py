@@ -97,6 +97,7 @@ class Attention(nn.Module):
         norm_q, norm_k = {"none": (0, 0), "head": (hd, hd), "proj": (cfg.n_heads * hd, cfg.kv_heads * hd)}[cfg.qk_norm]
         self.q_norm = RMSNorm(norm_q, cfg.norm_eps, cfg.norm_weight_offset) if norm_q else None
         self.k_norm = RMSNorm(norm_k, cfg.norm_eps, cfg.norm_weight_offset) if norm_k else None
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None  # GPT-OSS
 
     def forward(self, x, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
         if self.packed_qkv is not None:  # x: (B, T, d_model)
@@ -123,7 +124,7 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, mask) -> torch.Tensor:
         """q (B, H, T, hd) over k, v (B, Hkv, S, hd) with this model's score scale and soft-cap → (B, H, T, hd)."""
-        return attend(q, k, v, mask, self.cfg.attn_scale, self.cfg.attn_logit_softcap)
+        return attend(q, k, v, mask, self.cfg.attn_scale, self.cfg.attn_logit_softcap, self.sinks)
 
     def mix(self, q, k, v, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
         """Attention over projected q (B, T, H*hd), k and v (B, T, Hkv*hd): qk-norm, RoPE, the cache, the mask →
@@ -131,8 +132,9 @@ class Attention(nn.Module):
         B, T, _ = q.shape
         rotated_by_cache = rope is not None and getattr(cache, "rotates", False)  # RoPE fused into its kernels
         q, k, v = self.heads(q, k, v, None if rotated_by_cache else rope)
+        extra = {} if self.sinks is None else {"sinks": self.sinks}
         if cache is not None and hasattr(cache, "attend"):  # a paged cache attends itself (Triton decode kernel)
-            y = cache.attend(self.layer, q, k, v, mask, rope if rotated_by_cache else None)  # (B, H, T, hd)
+            y = cache.attend(self.layer, q, k, v, mask, rope if rotated_by_cache else None, **extra)  # (B, H, T, hd)
         else:
             if cache is not None:
                 k, v = cache.update(self.layer, slots, k, v)  # (B, Hkv, S, hd)
@@ -140,30 +142,128 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, -1)
 
 
+# Linear classes whose output is exactly x @ weight.T + bias (no quantization or adapter inside): what MLA may
+# absorb into its query/output. The infer side registers its GEMV-routed linear here.
+PLAIN_LINEARS: set[type] = {nn.Linear}
+MLA_NORM_EPS = 1e-6  # DeepSeek's q/kv latent RMSNorms use their default eps, not rms_norm_eps
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention (MLA), `attention: mla`.
+
+    Each token writes one compressed latent: c = RMSNorm(W_dkv x) (mla_kv_rank dims) and one RoPE key part
+    k_rope = RoPE(W_kr x) (mla_rope_dim dims) shared by all heads; that pair is all the KV cache holds
+    (`cfg.cache_shapes`). Keys and values of every head come from the latent: [k_nope | v] = W_ukv c (kv_b_proj),
+    k = [k_nope | k_rope]. Queries are q = W_q x or, low-rank, W_uq RMSNorm(W_dq x), split the same way into
+    [q_nope | q_rope]. The softmax scale is 1/sqrt(nope + rope dims) times YaRN's mscale^2 (`cfg.softmax_scale`).
+
+    Two equal ways to attend over the cached latents: expand keys/values for every cached token (training and
+    prefill), or absorb W_uk into the query and W_uv into the output and attend over the latents themselves as
+    one shared key/value head (decode: cheaper when few queries meet many cached tokens; needs a plain kv_b_proj).
+    """
+
+    def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        d, H, qk = cfg.d_model, cfg.n_heads, cfg.qk_head_dim
+        if cfg.mla_q_rank:
+            self.q_a_proj = linear(f"{prefix}.q_a_proj", d, cfg.mla_q_rank, False)
+            self.q_a_norm = RMSNorm(cfg.mla_q_rank, MLA_NORM_EPS)
+            self.q_b_proj = linear(f"{prefix}.q_b_proj", cfg.mla_q_rank, H * qk, False)
+        else:
+            self.q_proj = linear(f"{prefix}.q_proj", d, H * qk, False)
+        self.kv_a_proj_with_mqa = linear(f"{prefix}.kv_a_proj_with_mqa", d, cfg.mla_kv_rank + cfg.mla_rope_dim, False)
+        self.kv_a_norm = RMSNorm(cfg.mla_kv_rank, MLA_NORM_EPS)
+        self.kv_b_proj = linear(f"{prefix}.kv_b_proj", cfg.mla_kv_rank, H * (cfg.mla_nope_dim + cfg.mla_v_dim), False)
+        self.o_proj = linear(f"{prefix}.o_proj", H * cfg.mla_v_dim, d, False)
+
+    def forward(self, x, rope, mask, cache, slots: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape  # x: (B, T, d_model)
+        nope, rd = cfg.mla_nope_dim, cfg.mla_rope_dim
+        q = self.q_proj(x) if cfg.mla_q_rank == 0 else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(B, T, cfg.n_heads, nope + rd).transpose(1, 2).split([nope, rd], -1)  # (B, H, T, .)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([cfg.mla_kv_rank, rd], -1)
+        latent = self.kv_a_norm(latent)[:, None]  # (B, 1, T, r)
+        k_rope = k_rope[:, None]  # (B, 1, T, rd)
+        q_rope = apply_rope(q_rope, *rope, interleaved=cfg.rope_interleaved)
+        k_rope = apply_rope(k_rope, *rope, interleaved=cfg.rope_interleaved)
+        if cache is not None:
+            latent, k_rope = cache.update(self.layer, slots, latent, k_rope)  # (B, 1, S, r), (B, 1, S, rd)
+        if cache is not None and self._absorbs(T):
+            y = self._attend_latent(q_nope, q_rope, latent, k_rope, mask)
+        else:
+            y = self._attend_expanded(q_nope, q_rope, latent, k_rope, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # y: (B, H, T, v)
+
+    def _absorbs(self, T: int) -> bool:
+        """Attend over the latents when that is cheaper: T queries cost T * (2r + rd) per head and cached token,
+        expanding costs r * (nope + v) per head and cached token."""
+        cfg = self.cfg
+        plain = type(self.kv_b_proj) in PLAIN_LINEARS
+        cost = T * (2 * cfg.mla_kv_rank + cfg.mla_rope_dim)
+        return plain and cost < cfg.mla_kv_rank * (cfg.mla_nope_dim + cfg.mla_v_dim)
+
+    def _attend_expanded(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        cfg = self.cfg
+        B, H, _, _ = q_nope.shape
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent[:, 0]).view(B, S, H, cfg.mla_nope_dim + cfg.mla_v_dim).transpose(1, 2)
+        k_nope, v = kv.split([cfg.mla_nope_dim, cfg.mla_v_dim], -1)  # (B, H, S, nope), (B, H, S, v)
+        k = torch.cat([k_nope, k_rope.expand(B, H, S, -1)], -1)
+        return attend(torch.cat([q_nope, q_rope], -1), k, v, mask, scale=cfg.softmax_scale)
+
+    def _attend_latent(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """q_nope . (W_uk c) = (W_uk^T q_nope) . c: one key/value head of [c | k_rope] / c, then W_uv on the output."""
+        cfg = self.cfg
+        H, r = cfg.n_heads, cfg.mla_kv_rank
+        w = self.kv_b_proj.weight.view(H, cfg.mla_nope_dim + cfg.mla_v_dim, r)
+        w_uk, w_uv = w[:, :cfg.mla_nope_dim], w[:, cfg.mla_nope_dim:]  # (H, nope, r), (H, v, r)
+        q = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], -1)  # (B, H, T, r + rd)
+        out = attend(q, torch.cat([latent, k_rope], -1), latent, mask, scale=cfg.softmax_scale)  # (B, H, T, r)
+        return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
+
+
 class MLP(nn.Module):
     """Gated (SwiGLU/GeGLU): down(act(gate(x)) * up(x)).  GELU-style: down(act(up(x))).
 
-    `d_ff`/`gated` default to the config's dense MLP; MoE experts pass their own size (always gated, no bias).
+    `d_ff`/`gated`/`bias` default to the config's dense MLP; MoE experts pass their own (always gated). With
+    `glu_limit` set, the gate is GPT-OSS's clamped SwiGLU (see `glu`).
     """
 
     packed_gate_up = None  # inference: one matmul for gate and up (see lmforge.infer.decode_fusion)
 
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, d_ff: int | None = None,
-                 gated: bool | None = None):
+                 gated: bool | None = None, bias: bool | None = None):
         super().__init__()
         self.act = ACTIVATIONS[cfg.act]
         self.gated = cfg.mlp != "gelu" if gated is None else gated
-        f, bias = d_ff or cfg.d_ff, cfg.mlp_bias and d_ff is None
+        self.limit, self.alpha = cfg.glu_limit, cfg.glu_alpha
+        f = d_ff or cfg.d_ff
+        bias = (cfg.mlp_bias and d_ff is None) if bias is None else bias
         if self.gated:
             self.gate_proj = linear(f"{prefix}.gate_proj", cfg.d_model, f, bias)
         self.up_proj = linear(f"{prefix}.up_proj", cfg.d_model, f, bias)
         self.down_proj = linear(f"{prefix}.down_proj", f, cfg.d_model, bias)
 
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up; GPT-OSS (glu_limit): gate clamped above at the limit, up to +-limit, then
+        (up + 1) * gate * sigmoid(alpha * gate)."""
+        if self.limit is None:
+            return self.act(gate) * up
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_gate_up is not None:
+        if self.packed_gate_up is not None and self.limit is None:
             return self.packed_gate_up.mlp(x, self.act, self.down_proj)
-        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        if self.packed_gate_up is not None:
+            return self.down_proj(self.glu(*self.packed_gate_up(x)))
+        h = self.glu(self.gate_proj(x), self.up_proj(x)) if self.gated else self.act(self.up_proj(x))
         return self.down_proj(h)
+
+
+ATTENTIONS: dict[str, type[nn.Module]] = {"gqa": Attention, "mla": LatentAttention}
 
 
 class Block(nn.Module):
@@ -182,7 +282,7 @@ class Block(nn.Module):
         super().__init__()
         pre, post = cfg.norm_placement in ("pre", "sandwich"), cfg.norm_placement in ("sandwich", "post")
         self.attn_norm = make_norm(cfg) if pre else None
-        self.attn = Attention(cfg, f"layers.{layer}.attn", linear, layer)
+        self.attn = ATTENTIONS[cfg.attention](cfg, f"layers.{layer}.attn", linear, layer)
         self.attn_post_norm = make_norm(cfg) if post else None
         self.mlp_norm = make_norm(cfg) if pre and not cfg.parallel_block else None
         prefix = f"layers.{layer}.mlp"

@@ -109,6 +109,13 @@ TINY_HF_CONFIGS: dict[str, dict] = {
                                   qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, n_group=4, topk_group=2,
                                   num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128,
                                   num_nextn_predict_layers=0, initializer_range=0.1),
+    # gpt-oss: attention sinks, a 4-token window on even layers, q/k/v/o biases, a biased softmax router over 4
+    # experts (top-2) with biased experts, and the clamped SwiGLU with a limit low enough to clamp here.
+    "GptOssForCausalLM": dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                              num_experts_per_tok=2, sliding_window=4, max_position_embeddings=128, swiglu_limit=1.0,
+                              initializer_range=0.1,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
@@ -118,7 +125,8 @@ _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "Mis
                    "GlmForCausalLM": "GlmConfig", "Qwen3ForCausalLM": "Qwen3Config", "Gemma2ForCausalLM": "Gemma2Config",
                    "Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma3ForConditionalGeneration": "Gemma3Config",
                    "Olmo2ForCausalLM": "Olmo2Config", "SmolLM3ForCausalLM": "SmolLM3Config",
-                   "Mistral3ForConditionalGeneration": "Mistral3Config", "DeepseekV3ForCausalLM": "DeepseekV3Config"}
+                   "Mistral3ForConditionalGeneration": "Mistral3Config", "DeepseekV3ForCausalLM": "DeepseekV3Config",
+                   "GptOssForCausalLM": "GptOssConfig"}
 
 # Architectures whose modeling code ships inside the checkpoint (trust_remote_code), so transformers has no class to
 # compare with: their parity tests use a reference forward written from the published architecture instead
@@ -136,8 +144,8 @@ def make_tiny_hf_model(arch: str, out_dir: str | Path | None = None, **overrides
     model = getattr(transformers, arch)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1:  # default init leaves norms at 1 and biases at 0, which would hide mapping bugs
-                p.normal_(0.0, 0.5) if name.endswith("bias") else p.uniform_(0.5, 1.5)
+            if p.ndim == 1 or name.endswith("_bias"):  # default init leaves norms at 1 and biases at 0, which
+                p.normal_(0.0, 0.5) if name.endswith("bias") else p.uniform_(0.5, 1.5)  # would hide mapping bugs
         params = dict(model.named_parameters())
         for name, t in model.state_dict().items():  # persistent buffers too (a router's selection bias)
             if name not in params and t.is_floating_point() and t.ndim == 1:

@@ -695,6 +695,49 @@ def _deepseek_v3_to_hf(cfg: ModelConfig) -> dict:
             **_sigmoid_moe_to_hf(cfg, "DeepseekV3ForCausalLM")}
 
 
+def _layer_types_windows(hf: Mapping, n_layers: int, default_sliding: Callable[[int], bool]) -> dict:
+    """Per-layer windows from `layer_types` ("sliding_attention" / "full_attention"), else the family's rule."""
+    window = hf.get("sliding_window")
+    if not window:
+        return {}
+    types = hf.get("layer_types") or ["sliding_attention" if default_sliding(i) else "full" for i in range(n_layers)]
+    layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if not layers:
+        return {}
+    return {"sliding_window": window, "sliding_window_layers": None if len(layers) == n_layers else layers}
+
+
+def _layer_types_to_hf(cfg: ModelConfig) -> dict:
+    windowed = set(range(cfg.n_layers) if cfg.sliding_window_layers is None else cfg.sliding_window_layers)
+    if cfg.sliding_window is None:
+        windowed = set()
+    return {"sliding_window": cfg.sliding_window,
+            "layer_types": ["sliding_attention" if i in windowed else "full_attention" for i in range(cfg.n_layers)]}
+
+
+def _gpt_oss_from_hf(hf: Mapping) -> dict:
+    out = _llama_from_hf(hf)  # attention_bias covers q/k/v and o
+    return {**out, **_layer_types_windows(hf, out["n_layers"], lambda i: i % 2 == 0), "attn_sinks": True,
+            "mlp": "moe", "moe_experts": hf["num_local_experts"],
+            "moe_top_k": hf.get("num_experts_per_tok", hf.get("experts_per_token", 4)), "moe_norm_topk": True,
+            "moe_router_bias": True, "moe_expert_bias": True, "glu_limit": float(hf.get("swiglu_limit", 7.0)),
+            "glu_alpha": float(hf.get("swiglu_alpha", 1.702))}
+
+
+def _gpt_oss_to_hf(cfg: ModelConfig) -> dict:
+    _expect(cfg, "GptOssForCausalLM", mlp="moe", attn_sinks=True, moe_router_bias=True, moe_expert_bias=True,
+            glu_limit=_ANY, qkv_bias=cfg.out_bias, out_bias=_ANY, sliding_window=_ANY, sliding_window_layers=_ANY)
+    if (cfg.glu_limit is None or not cfg.moe_norm_topk or cfg.moe_shared_d_ff or cfg.moe_dense_layers
+            or cfg.d_ff != cfg.expert_d_ff):
+        raise CheckpointError("GptOssForCausalLM needs glu_limit, moe_norm_topk=true, no shared expert, no dense "
+                              "layers and d_ff equal to the expert size")
+    out = _llama_to_hf(cfg, "gpt_oss")
+    out.setdefault("rope_scaling", {"rope_type": "default"})  # absent, transformers would assume gpt-oss's yarn
+    return {**out, "attention_bias": cfg.qkv_bias, **_layer_types_to_hf(cfg),
+            "num_local_experts": cfg.moe_experts, "num_experts_per_tok": cfg.moe_top_k,
+            "swiglu_limit": cfg.glu_limit, "swiglu_alpha": cfg.glu_alpha}
+
+
 # --- Gemma, Phi, GLM ---------------------------------------------------------------------------------------------
 
 
@@ -1050,6 +1093,21 @@ DEEPSEEK_V3_NAMES = [
     *_ROUTED_EXPERTS,
 ]
 
+_EXPERT_GATE_UP = ("layers.{i}.mlp.experts.{e}.gate_proj.{p}", "layers.{i}.mlp.experts.{e}.up_proj.{p}")
+
+GPT_OSS_NAMES = [
+    *_LLAMA_ATTN_NAMES,
+    Rename("model.layers.{i}.self_attn.sinks", "layers.{i}.attn.sinks"),
+    Rename("model.layers.{i}.mlp.router.{p}", "layers.{i}.mlp.router.{p}"),
+    # stacked experts, x @ W layout (E, in, out); gate and up alternate along the 2 * d_ff outputs
+    Rename("model.layers.{i}.mlp.experts.gate_up_proj", tuple(n.replace("{p}", "weight") for n in _EXPERT_GATE_UP),
+           "experts_interleaved"),
+    Rename("model.layers.{i}.mlp.experts.gate_up_proj_bias", tuple(n.replace("{p}", "bias") for n in _EXPERT_GATE_UP),
+           "experts_interleaved"),
+    Rename("model.layers.{i}.mlp.experts.down_proj", ("layers.{i}.mlp.experts.{e}.down_proj.weight",), "experts_T"),
+    Rename("model.layers.{i}.mlp.experts.down_proj_bias", ("layers.{i}.mlp.experts.{e}.down_proj.bias",), "experts_T"),
+]
+
 PHI_NAMES = [
     Rename("model.embed_tokens.weight", "embed.weight"),
     Rename("model.layers.{i}.input_layernorm.{p}", "layers.{i}.attn_norm.{p}"),
@@ -1132,6 +1190,8 @@ register(Converter(("Qwen2MoeForCausalLM",), "qwen2_moe", _qwen2_moe_from_hf, _q
                    _ROTARY_BUFFERS))
 register(Converter(("DeepseekV3ForCausalLM",), "deepseek_v3", _deepseek_v3_from_hf, _deepseek_v3_to_hf,
                    DEEPSEEK_V3_NAMES, _ROTARY_BUFFERS, joins=(FP8_BLOCKS,), extra_layers=True))
+register(Converter(("GptOssForCausalLM",), "gpt_oss", _gpt_oss_from_hf, _gpt_oss_to_hf, GPT_OSS_NAMES,
+                   _ROTARY_BUFFERS, joins=(MXFP4,)))
 register(Converter(("GemmaForCausalLM",), "gemma", _gemma_from_hf, _gemma_to_hf, LLAMA_NAMES, _ROTARY_BUFFERS))
 register(Converter(("PhiForCausalLM",), "phi", _phi_from_hf, _phi_to_hf, PHI_NAMES, _ROTARY_BUFFERS))
 register(Converter(("Phi3ForCausalLM",), "phi3", _phi3_from_hf, _phi3_to_hf, PHI3_NAMES, _ROTARY_BUFFERS,

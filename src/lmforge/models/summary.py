@@ -26,7 +26,7 @@ def model_summary(cfg: ModelConfig, path: Path | None = None) -> dict:
         "parameters_without_embeddings": cfg.num_params(include_embeddings=False),
         "active_parameters_per_token": cfg.num_params(active=True),  # MoE: the top-k experts only
         "weight_bytes": {dt: int(params * b) for dt, b in BYTES_PER_PARAM.items()},
-        "kv_cache_bytes_per_token_bf16": 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * 2,
+        "kv_cache_bytes_per_token_bf16": cfg.n_layers * cfg.cache_values_per_token * 2,
         "config": cfg.model_dump(exclude_defaults=False, mode="json"),
     }
     if path is not None:
@@ -69,20 +69,25 @@ def _variants(c: dict) -> list[str]:
 def format_summary(s: dict) -> str:
     c = s["config"]
     attn = "MHA" if c["n_kv_heads"] in (None, c["n_heads"]) else "MQA" if c["n_kv_heads"] == 1 else "GQA"
+    heads = f"{c['n_kv_heads'] or c['n_heads']} kv heads, head_dim {c['head_dim'] or c['d_model'] // c['n_heads']}"
+    if c["attention"] == "mla":
+        attn, heads = "MLA", (f"kv latent {c['mla_kv_rank']}, q rank {c['mla_q_rank'] or 'full'}, q/k dims "
+                              f"{c['mla_nope_dim']}+{c['mla_rope_dim']} (rope), v dims {c['mla_v_dim']}")
     lines = [
         f"architecture   {s['architecture']}",
         f"parameters     {s['parameters']:,} ({s['parameters'] / 1e9:.3f} B; "
         f"{s['parameters_without_embeddings']:,} without embeddings)",
         f"layers         {c['n_layers']} × d_model {c['d_model']}, d_ff {c['d_ff']}, mlp {c['mlp']}/{c['act']}, "
         f"norm {c['norm']}" + (", parallel attention+MLP" if c["parallel_block"] else ""),
-        f"attention      {attn}: {c['n_heads']} heads, {c['n_kv_heads'] or c['n_heads']} kv heads, "
-        f"head_dim {c['head_dim'] or c['d_model'] // c['n_heads']}, positions {c['pos']}"
+        f"attention      {attn}: {c['n_heads']} heads, {heads}, positions {c['pos']}"
         + (f" (theta {c['rope_theta']:g}" + _scaling(c["rope_scaling"])
            + (f"; sliding-window layers theta {c['rope_local_theta']:g}" + _scaling(c["rope_local_scaling"])
               if c["rope_local_theta"] is not None else "") + ")" if c["pos"] == "rope" else ""),
         *([f"block          {', '.join(_variants(c))}"] if _variants(c) else []),
         *([f"experts        {c['moe_experts']} routed (top-{c['moe_top_k']}, d_ff {c['moe_d_ff'] or c['d_ff']})"
            + (f" + shared d_ff {c['moe_shared_d_ff']}" if c["moe_shared_d_ff"] else "")
+           + f", {c['moe_router']} router" + (f" in {c['moe_groups']} groups (best {c['moe_topk_groups']})"
+                                               if c["moe_groups"] > 1 else "")
            + f"; {s['active_parameters_per_token']:,} parameters active per token"] if c["mlp"] == "moe" else []),
         f"vocab          {c['vocab_size']:,}, tied embeddings: {c['tie_embeddings']}, max_seq_len {c['max_seq_len']:,}",
         "weights        " + ", ".join(f"{dt} {human_bytes(b)}" for dt, b in s["weight_bytes"].items()),

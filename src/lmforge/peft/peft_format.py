@@ -62,8 +62,9 @@ def save_peft_adapter(model: nn.Module, lora_cfg: LoraConfig, out_dir: str | Pat
     for path, layer in layers.items():
         if hf[path] is None:
             ok = sorted({p.rsplit(".", 1)[-1] for p, h in hf.items() if h is not None and p != OUTPUT_HEAD})
-            raise ConfigError(f"{arch} fuses '{path}' with the other q/k/v projections in one tensor, so a PEFT "
-                              f"adapter cannot hold a LoRA on it; for {arch} use target_modules {ok}")
+            raise ConfigError(f"{arch} stores '{path}' fused with other weights in one tensor (q|k|v, gate|up or "
+                              f"stacked experts), so a PEFT adapter cannot hold a LoRA on it; for {arch} use "
+                              f"target_modules {ok}")
         if layer.r != rank_for(path, lora_cfg):
             raise ConfigError(f"LoRA layer '{path}' has rank {layer.r} but the config says "
                               f"r={rank_for(path, lora_cfg)}")

@@ -529,8 +529,8 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quant: Quant = "none") -
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bf16") -> int:
-    """K and V of every layer for one token of one sequence."""
-    return 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * DTYPE_BYTES[dtype]
+    """K and V of every layer for one token of one sequence (MLA: its latent and shared RoPE key)."""
+    return cfg.n_layers * cfg.cache_values_per_token * DTYPE_BYTES[dtype]
 
 
 def inference_memory(cfg: ModelConfig, batch: int, context: int, prompt_len: int | None = None,

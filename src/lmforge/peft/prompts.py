@@ -133,6 +133,9 @@ def install_prefix_hook(model: nn.Module, encoder: nn.Module) -> None:
     """Attach `encoder` as `model.prompt_encoder` and route its prefix into every layer (see the module docstring)."""
     if hasattr(model, "prompt_encoder"):
         raise ConfigError("the model already has a prompt method applied; apply one to a fresh base model")
+    if model.cfg.attention != "gqa":
+        raise ConfigError(f"prefix/prompt methods need per-head keys and values; attention={model.cfg.attention!r} "
+                          "caches a latent instead: use method=lora")
     model.prompt_encoder = encoder
     for block in model.layers:
         block.attn.__class__ = _prefix_class(type(block.attn))

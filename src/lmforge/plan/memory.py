@@ -66,6 +66,13 @@ def layer_linears(cfg: ModelConfig) -> list[LinearShape]:
     d, q, kv, f = cfg.d_model, cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head, cfg.d_ff
     out = [LinearShape("q_proj", d, q, cfg.qkv_bias), LinearShape("k_proj", d, kv, cfg.qkv_bias),
            LinearShape("v_proj", d, kv, cfg.qkv_bias), LinearShape("o_proj", q, d, cfg.out_bias)]
+    if cfg.attention == "mla":
+        H, qk, qr, r = cfg.n_heads, cfg.qk_head_dim, cfg.mla_q_rank, cfg.mla_kv_rank
+        q_side = ([LinearShape("q_a_proj", d, qr, False), LinearShape("q_b_proj", qr, H * qk, False)] if qr
+                  else [LinearShape("q_proj", d, H * qk, False)])
+        out = [*q_side, LinearShape("kv_a_proj_with_mqa", d, r + cfg.mla_rope_dim, False),
+               LinearShape("kv_b_proj", r, H * (cfg.mla_nope_dim + cfg.mla_v_dim), False),
+               LinearShape("o_proj", H * cfg.mla_v_dim, d, False)]
     if cfg.mlp == "swiglu":
         out.append(LinearShape("gate_proj", d, f, cfg.mlp_bias))
     return out + [LinearShape("up_proj", d, f, cfg.mlp_bias), LinearShape("down_proj", f, d, cfg.mlp_bias)]
@@ -173,7 +180,7 @@ def _targets(setup: TrainSetup, cfg: ModelConfig) -> set[str]:
     """Names of the block linears LoRA wraps, by PEFT's rules (lmforge.peft.lora.select_targets)."""
     from ..peft.lora import select_targets
 
-    paths = {f"layers.0.{'attn' if li.name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{li.name}": li.name
+    paths = {f"layers.0.{'mlp' if li.name in ('gate_proj', 'up_proj', 'down_proj') else 'attn'}.{li.name}": li.name
              for li in layer_linears(cfg)}
     return {paths[p] for p in select_targets(list(paths), setup.lora_targets)}
 

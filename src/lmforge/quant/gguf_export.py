@@ -58,7 +58,8 @@ def _check_llama(cfg) -> None:
                  ("rope_interleaved", False), ("parallel_block", False), ("norm_weight_offset", 0.0),
                  ("scale_embeddings", False), ("qk_norm", "none"), ("norm_placement", "pre"), ("attn_scale", None),
                  ("attn_logit_softcap", None), ("final_logit_softcap", None), ("nope_layers", ()),
-                 ("rope_local_theta", None), ("sliding_window", None))
+                 ("rope_local_theta", None), ("sliding_window", None),
+                 ("attention", "gqa"), ("attn_sinks", False), ("attn_chunk", None))
                 if getattr(cfg, k) != v]
     if cfg.rope_scaling is not None and cfg.rope_scaling.type not in ("linear", "llama3"):
         problems.append(f"rope_scaling.type={cfg.rope_scaling.type!r} (needs linear or llama3)")
@@ -141,7 +142,8 @@ def export_gguf(model: Transformer | str | Path, out_file: str | Path, tokenizer
         from ..models.hf import load_hf, read_hf_config
         from .model import load_quantized
 
-        model = load_quantized(src) if "quantization_config" in read_hf_config(src) else load_hf(src, progress=False)
+        lmforge_quantized = (read_hf_config(src).get("quantization_config") or {}).get("quant_method") == "lmforge"
+        model = load_quantized(src) if lmforge_quantized else load_hf(src, progress=False)
         name = name or src.name
     cfg = model.cfg
     _check_llama(cfg)

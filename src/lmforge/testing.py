@@ -102,20 +102,27 @@ TINY_HF_CONFIGS: dict[str, dict] = {
         tie_word_embeddings=False),
     # DeepSeek-V3: MLA (low-rank q, a 16-dim kv latent, 8 interleaved RoPE dims of 24 q/k dims, 12 value dims) and a
     # sigmoid router over 8 experts in 4 groups, of which each token may use 2 groups (so some groups are excluded),
-    # top-2, routed scale 2.5, a shared expert, one dense first layer.
+    # top-2, routed scale 2.5, a shared expert, one dense first layer; yarn RoPE whose mscale differs from
+    # mscale_all_dim (so both the cos/sin factor and the softmax-scale correction act).
     "DeepseekV3ForCausalLM": dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
                                   n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
                                   qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, n_group=4, topk_group=2,
                                   num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128,
-                                  num_nextn_predict_layers=0, initializer_range=0.1),
+                                  num_nextn_predict_layers=0, initializer_range=0.1,
+                                  rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                   "original_max_position_embeddings": 16, "mscale": 1.0,
+                                                   "mscale_all_dim": 0.7}),
     # gpt-oss: attention sinks, a 4-token window on even layers, q/k/v/o biases, a biased softmax router over 4
-    # experts (top-2) with biased experts, and the clamped SwiGLU with a limit low enough to clamp here.
+    # experts (top-2) with biased experts, the clamped SwiGLU with a limit low enough to clamp here, and yarn RoPE
+    # without truncation (as released, over a 16-token original context).
     "GptOssForCausalLM": dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                               num_experts_per_tok=2, sliding_window=4, max_position_embeddings=128, swiglu_limit=1.0,
                               initializer_range=0.1,
-                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+                              rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                               "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                                               "beta_slow": 1.0, "truncate": False}),
 }
 
 _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",

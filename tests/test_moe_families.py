@@ -23,7 +23,7 @@ from lmforge.testing import make_tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-FAMILIES = ["DeepseekV3ForCausalLM", "GptOssForCausalLM"]
+FAMILIES = ["DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM"]
 # Families whose checkpoints stack the experts in one tensor: a PEFT adapter can hold LoRA on attention only.
 STACKED_EXPERTS = {"GptOssForCausalLM", "Llama4ForCausalLM"}
 
@@ -213,6 +213,39 @@ def test_gpt_oss_mxfp4_checkpoint_loads_its_dequantized_experts(tiny, tmp_path):
     save_file({k: v for k, v in load_file(file).items() if k != "model.layers.1.mlp.experts.down_proj_scales"}, file)
     with pytest.raises(Exception, match="down_proj_blocks' without .*down_proj_scales'"):
         load_hf(tmp_path / "mxfp4", progress=False)
+
+
+@torch.no_grad()
+def test_fp8_checkpoint_with_mtp_layers_loads_dequantized_and_skips_the_mtp(tmp_path):
+    """DeepSeek-V3 / Kimi-K2 ship e4m3 weights with 128x128-tile scales and a multi-token-prediction layer after the
+    last one: the weights load dequantized (logits equal transformers holding the same values) and the MTP tensors
+    are skipped."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    make_tiny_hf_model("DeepseekV3ForCausalLM", tmp_path / "ckpt")
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "dequantized")
+    file = tmp_path / "ckpt" / "model.safetensors"
+    tensors, plain = load_file(file), {}
+    for name, t in list(tensors.items()):
+        if name.endswith("proj.weight") and ".layers." in name:
+            fp8 = (t / t.abs().max() * 400).to(torch.float8_e4m3fn)  # one 128x128 tile covers these tiny weights
+            scale = torch.tensor([[float(t.abs().max() / 400)]])
+            tensors[name], tensors[name + "_scale_inv"] = fp8, scale
+            t = fp8.float() * scale  # what the checkpoint now means
+        plain[name] = t
+    save_file(plain, tmp_path / "dequantized" / "model.safetensors", metadata={"format": "pt"})
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized").eval()
+    n = ref.config.num_hidden_layers
+    tensors[f"model.layers.{n}.eh_proj.weight"] = torch.randn(64, 128)  # an MTP module's tensors
+    tensors[f"model.layers.{n}.mlp.experts.0.up_proj.weight"] = torch.randn(32, 64).to(torch.float8_e4m3fn)
+    tensors[f"model.layers.{n}.mlp.experts.0.up_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(tensors, file, metadata={"format": "pt"})
+    model = load_hf(tmp_path / "ckpt", progress=False)
+    tokens = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(model(tokens), ref(tokens).logits, atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ engine, training

@@ -123,6 +123,19 @@ TINY_HF_CONFIGS: dict[str, dict] = {
                               rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                                "original_max_position_embeddings": 16, "beta_fast": 32.0,
                                                "beta_slow": 1.0, "truncate": False}),
+    # GLM-4.5: DeepSeek-V3's sigmoid router (8 experts top-2, selection bias, routed scale 1.5) with a shared expert
+    # and a dense first layer, q/k/v bias, per-head qk-norm and RoPE on half of each head.
+    "Glm4MoeForCausalLM": dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                               routed_scaling_factor=1.5, first_k_dense_replace=1, use_qk_norm=True,
+                               attention_bias=True, partial_rotary_factor=0.5, max_position_embeddings=128,
+                               num_nextn_predict_layers=0, initializer_range=0.1),
+    # Qwen3-MoE: per-head qk-norm, 8 experts top-2 renormalized, no shared expert, a dense layer (mlp_only_layers).
+    "Qwen3MoeForCausalLM": dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                                max_position_embeddings=128, initializer_range=0.1),
 }
 
 _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
@@ -133,7 +146,8 @@ _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "Mis
                    "Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma3ForConditionalGeneration": "Gemma3Config",
                    "Olmo2ForCausalLM": "Olmo2Config", "SmolLM3ForCausalLM": "SmolLM3Config",
                    "Mistral3ForConditionalGeneration": "Mistral3Config", "DeepseekV3ForCausalLM": "DeepseekV3Config",
-                   "GptOssForCausalLM": "GptOssConfig"}
+                   "GptOssForCausalLM": "GptOssConfig", "Glm4MoeForCausalLM": "Glm4MoeConfig",
+                   "Qwen3MoeForCausalLM": "Qwen3MoeConfig"}
 
 # Architectures whose modeling code ships inside the checkpoint (trust_remote_code), so transformers has no class to
 # compare with: their parity tests use a reference forward written from the published architecture instead

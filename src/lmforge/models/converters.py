@@ -459,6 +459,8 @@ _ARCH_HINT = {"mlp": "MixtralForCausalLM or Qwen2MoeForCausalLM (mlp=moe), GPT2L
               "final_logit_softcap": "Gemma2ForCausalLM, Gemma3ForCausalLM", "nope_layers": "SmolLM3ForCausalLM",
               "rope_local_theta": "Gemma3ForCausalLM", "rope_local_scaling": "Gemma3ForCausalLM",
               "attention": "DeepseekV3ForCausalLM (mla)", "moe_router": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM",
+              "attn_sinks": "GptOssForCausalLM", "glu_limit": "GptOssForCausalLM",
+              "moe_router_bias": "GptOssForCausalLM", "moe_expert_bias": "GptOssForCausalLM",
               "moe_groups": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM",
               "moe_score_bias": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM",
               "moe_routed_scale": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM"}
@@ -736,6 +738,50 @@ def _gpt_oss_to_hf(cfg: ModelConfig) -> dict:
     return {**out, "attention_bias": cfg.qkv_bias, **_layer_types_to_hf(cfg),
             "num_local_experts": cfg.moe_experts, "num_experts_per_tok": cfg.moe_top_k,
             "swiglu_limit": cfg.glu_limit, "swiglu_alpha": cfg.glu_alpha}
+
+
+def _glm4_moe_from_hf(hf: Mapping) -> dict:
+    """GLM-4.5 / GLM-4.5-Air: q/k/v bias (no o bias), RoPE on half of each head (half layout), optional per-head
+    qk-norm, and DeepSeek-V3's sigmoid router (shared module, `_sigmoid_moe_from_hf`)."""
+    out = _llama_from_hf(hf, qkv_bias=hf.get("attention_bias", False))
+    return {"rotary_fraction": 0.5, **out, "qk_norm": "head" if hf.get("use_qk_norm") else "none",
+            **_sigmoid_moe_from_hf(hf, out["n_layers"])}
+
+
+def _glm4_moe_to_hf(cfg: ModelConfig) -> dict:
+    _expect(cfg, "Glm4MoeForCausalLM", rotary_fraction=_ANY, qkv_bias=_ANY, qk_norm=_ANY, **_SIGMOID_MOE)
+    if cfg.qk_norm == "proj":
+        raise CheckpointError("Glm4MoeForCausalLM's qk-norm is per head; qk_norm must be 'head' or 'none'")
+    return {**_llama_to_hf(cfg, "glm4_moe"), "attention_bias": cfg.qkv_bias,
+            "partial_rotary_factor": cfg.rotary_fraction, "use_qk_norm": cfg.qk_norm == "head",
+            **_sigmoid_moe_to_hf(cfg, "Glm4MoeForCausalLM")}
+
+
+def _qwen3_moe_from_hf(hf: Mapping) -> dict:
+    """Qwen3-MoE: Qwen3's attention (per-head qk-norm) with softmax-routed experts and no shared expert; dense layers
+    from `decoder_sparse_step` and `mlp_only_layers`, a window on every layer only with use_sliding_window."""
+    out = {**_llama_from_hf(hf), "qk_norm": "head"}  # attention_bias covers q/k/v/o
+    if hf.get("use_sliding_window") and hf.get("sliding_window"):
+        out["sliding_window"] = hf["sliding_window"]
+    n, experts = out["n_layers"], hf.get("num_experts", hf.get("num_local_experts", 128))
+    if not experts:
+        return out
+    step, only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+    return {**out, "mlp": "moe", "moe_experts": experts, "moe_top_k": hf.get("num_experts_per_tok", 8),
+            "moe_d_ff": hf["moe_intermediate_size"], "moe_norm_topk": hf.get("norm_topk_prob", False),
+            "moe_dense_layers": tuple(i for i in range(n) if i in only or (i + 1) % step)}
+
+
+def _qwen3_moe_to_hf(cfg: ModelConfig) -> dict:
+    _expect(cfg, "Qwen3MoeForCausalLM", mlp="moe", qk_norm="head", qkv_bias=cfg.out_bias, out_bias=_ANY,
+            sliding_window=_ANY)
+    if cfg.moe_shared_d_ff:
+        raise CheckpointError("Qwen3MoeForCausalLM has no shared expert; save a model with one as Qwen2MoeForCausalLM")
+    return {**_llama_to_hf(cfg, "qwen3_moe"), "attention_bias": cfg.qkv_bias,
+            "use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
+            "num_experts": cfg.moe_experts, "num_experts_per_tok": cfg.moe_top_k,
+            "moe_intermediate_size": cfg.expert_d_ff, "norm_topk_prob": cfg.moe_norm_topk, "decoder_sparse_step": 1,
+            "mlp_only_layers": list(cfg.moe_dense_layers)}
 
 
 # --- Gemma, Phi, GLM ---------------------------------------------------------------------------------------------
@@ -1156,6 +1202,9 @@ def _norm(hf: str, native: str) -> Rename:
 
 
 QWEN3_NAMES = [*LLAMA_NAMES, *_QK_NORM]
+QWEN3_MOE_NAMES = [*QWEN3_NAMES, Rename("model.layers.{i}.mlp.gate.weight", "layers.{i}.mlp.router.weight"),
+                   *(r for r in _ROUTED_EXPERTS if "shared" not in r.hf)]
+GLM4_MOE_NAMES = [*QWEN3_NAMES, *_SIGMOID_ROUTER, *_ROUTED_EXPERTS]
 GEMMA2_NAMES = [_EMBED, _norm("input_layernorm", "attn_norm"), *_ATTN, _norm("post_attention_layernorm", "attn_post_norm"),
                 _norm("pre_feedforward_layernorm", "mlp_norm"), *_MLP, _norm("post_feedforward_layernorm", "mlp_post_norm"),
                 *_FINAL]
@@ -1190,6 +1239,10 @@ register(Converter(("Qwen2MoeForCausalLM",), "qwen2_moe", _qwen2_moe_from_hf, _q
                    _ROTARY_BUFFERS))
 register(Converter(("DeepseekV3ForCausalLM",), "deepseek_v3", _deepseek_v3_from_hf, _deepseek_v3_to_hf,
                    DEEPSEEK_V3_NAMES, _ROTARY_BUFFERS, joins=(FP8_BLOCKS,), extra_layers=True))
+register(Converter(("Glm4MoeForCausalLM",), "glm4_moe", _glm4_moe_from_hf, _glm4_moe_to_hf, GLM4_MOE_NAMES,
+                   _ROTARY_BUFFERS, joins=(FP8_BLOCKS,), extra_layers=True))
+register(Converter(("Qwen3MoeForCausalLM",), "qwen3_moe", _qwen3_moe_from_hf, _qwen3_moe_to_hf, QWEN3_MOE_NAMES,
+                   _ROTARY_BUFFERS, joins=(FP8_BLOCKS,)))
 register(Converter(("GptOssForCausalLM",), "gpt_oss", _gpt_oss_from_hf, _gpt_oss_to_hf, GPT_OSS_NAMES,
                    _ROTARY_BUFFERS, joins=(MXFP4,)))
 register(Converter(("GemmaForCausalLM",), "gemma", _gemma_from_hf, _gemma_to_hf, LLAMA_NAMES, _ROTARY_BUFFERS))

@@ -23,7 +23,8 @@ from lmforge.testing import make_tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-FAMILIES = ["DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM"]
+FAMILIES = ["DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
+            "Llama4ForCausalLM"]
 # Families whose checkpoints stack the experts in one tensor: a PEFT adapter can hold LoRA on attention only.
 STACKED_EXPERTS = {"GptOssForCausalLM", "Llama4ForCausalLM"}
 

@@ -16,6 +16,15 @@ _GEMMA3_TEXT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, 
                     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
 
+_LLAMA4_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                    num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 0, 1, 0],
+                    attention_chunk_size=4, floor_scale=4, attn_scale=0.5, max_position_embeddings=128,
+                    initializer_range=0.1,
+                    rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                     "rope_theta": 10000.0})
+
 # Two layers, hidden 64: small enough for CPU tests, big enough to exercise GQA/MQA, biases and every position scheme.
 TINY_HF_CONFIGS: dict[str, dict] = {
     "LlamaForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -136,6 +145,17 @@ TINY_HF_CONFIGS: dict[str, dict] = {
                                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                 num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
                                 max_position_embeddings=128, initializer_range=0.1),
+    # Llama 4: MoE on layers 1 and 3 (4 experts, top-1 sigmoid, scores scale the expert input, a shared expert),
+    # NoPE on layers 1 and 3 with temperature tuning (floor 4: it acts within the tests' 12 tokens), 4-token chunked
+    # attention with L2 qk-norm on the RoPE layers 0 and 2, llama3 RoPE scaling.
+    "Llama4ForCausalLM": dict(_LLAMA4_TEXT),
+    # The language model of a multimodal Llama 4 checkpoint (a tiny vision tower, skipped on load).
+    "Llama4ForConditionalGeneration": dict(
+        text_config=dict(_LLAMA4_TEXT),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+                           projector_output_dim=64),
+        tie_word_embeddings=False),
 }
 
 _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
@@ -147,7 +167,13 @@ _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "Mis
                    "Olmo2ForCausalLM": "Olmo2Config", "SmolLM3ForCausalLM": "SmolLM3Config",
                    "Mistral3ForConditionalGeneration": "Mistral3Config", "DeepseekV3ForCausalLM": "DeepseekV3Config",
                    "GptOssForCausalLM": "GptOssConfig", "Glm4MoeForCausalLM": "Glm4MoeConfig",
-                   "Qwen3MoeForCausalLM": "Qwen3MoeConfig"}
+                   "Qwen3MoeForCausalLM": "Qwen3MoeConfig", "Llama4ForCausalLM": "Llama4TextConfig",
+                   "Llama4ForConditionalGeneration": "Llama4Config"}
+
+# Architectures whose transformers forward on a left-padded batch depends on the padding: Llama 4 computes the NoPE
+# layers' attention temperature from a token's index in the padded row instead of its position. lmforge uses the
+# position (padding changes nothing); the parity test compares padded rows with each row run alone.
+PADDING_DEPENDENT_REFERENCE = {"Llama4ForCausalLM", "Llama4ForConditionalGeneration"}
 
 # Architectures whose modeling code ships inside the checkpoint (trust_remote_code), so transformers has no class to
 # compare with: their parity tests use a reference forward written from the published architecture instead

@@ -346,6 +346,8 @@ def kernel_unsupported(cfg) -> list[str]:
         out.append("multi-head latent attention (the pool holds latents, expanded by the model)")
     if cfg.attn_sinks:
         out.append("attention sinks")
+    if cfg.attn_chunk is not None:
+        out.append("chunked attention")
     return out
 
 

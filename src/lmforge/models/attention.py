@@ -17,6 +17,7 @@ def allowed_keys(
     sliding_window: int | None = None,
     document_ids: torch.Tensor | None = None,  # (B, T == S) packed rows: which document each token belongs to
     prefix_lengths: torch.Tensor | None = None,  # (B,) prefix-LM: positions below it attend bidirectionally
+    chunk: int | None = None,  # chunked attention (Llama 4): keys in the query's aligned chunk of positions only
 ) -> torch.Tensor:
     """Boolean (B, 1, T, S): may query t attend to key s?
 
@@ -29,6 +30,8 @@ def allowed_keys(
     allowed = (k <= q) & (k >= 0)
     if sliding_window is not None:
         allowed &= (q - k) < sliding_window
+    if chunk is not None:
+        allowed &= torch.div(q, chunk, rounding_mode="floor") == torch.div(k, chunk, rounding_mode="floor")
     if prefix_lengths is not None:
         prefix = prefix_lengths.to(positions.device)[:, None, None]
         allowed |= (q >= 0) & (q < prefix) & (k >= 0) & (k < prefix)
@@ -67,7 +70,7 @@ def alibi_bias(
 
 
 def document_block_mask(positions: torch.Tensor, document_ids: torch.Tensor, sliding_window: int | None = None,
-                        prefix_lengths: torch.Tensor | None = None):
+                        prefix_lengths: torch.Tensor | None = None, chunk: int | None = None):
     """A flex_attention BlockMask for packed rows: causal within each document (positions restart per document,
     slots order the tokens), padding (-1) sees only itself; with `prefix_lengths` (B,) each document's first tokens
     see each other both ways. Built once per batch and shared by every layer with the same window."""
@@ -78,6 +81,8 @@ def document_block_mask(positions: torch.Tensor, document_ids: torch.Tensor, sli
         ok = (kv_idx <= q_idx) & same & (positions[b, kv_idx] >= 0)
         if sliding_window is not None:
             ok = ok & (q_idx - kv_idx < sliding_window)
+        if chunk is not None:  # positions restart per document: chunks are counted within each document
+            ok = ok & (positions[b, q_idx] // chunk == positions[b, kv_idx] // chunk)
         if prefix_lengths is not None:
             qp, kp, n = positions[b, q_idx], positions[b, kv_idx], prefix_lengths[b]
             ok = ok | (same & (qp >= 0) & (qp < n) & (kp >= 0) & (kp < n))

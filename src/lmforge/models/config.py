@@ -103,6 +103,13 @@ class ModelConfig(BaseModel):
     mla_nope_dim: int = Field(0, ge=0)  # per-head q/k dims without positions
     mla_v_dim: int = Field(0, ge=0)  # value dims per head
     attn_sinks: bool = False  # a learned logit per head joins each softmax denominator (GPT-OSS)
+    attn_chunk: int | None = Field(None, gt=0)  # attend only within aligned chunks of this many positions (Llama 4)
+    attn_chunk_layers: tuple[int, ...] | None = None  # layers that attend in chunks; None = all (with attn_chunk)
+    # Llama 4's temperature tuning of NoPE layers: q scaled by 1 + scale * log(1 + floor((pos + 1) / floor_)), which
+    # keeps attention from flattening over very long contexts.
+    attn_temperature_tuning: bool = False
+    attn_temperature_floor: int = Field(8192, gt=0)
+    attn_temperature_scale: float = 0.1
 
     pos: Literal["rope", "alibi", "learned", "sinusoidal", "none"] = "rope"
     rope_theta: float = 10000.0
@@ -114,8 +121,9 @@ class ModelConfig(BaseModel):
 
     # Attention and norm variants of the 2024-25 families (Qwen3, Gemma 2/3, OLMo 2, SmolLM3). General on purpose:
     # each is a field plus the small module it picks, for any family that needs it (gpt-oss, Llama 4, GLM-4.5, ...).
-    qk_norm: Literal["none", "head", "proj"] = "none"  # RMSNorm on q and k before RoPE: over each head's dims
-    #   (Qwen3, Gemma 3: weights of head_dim) or over the whole projection (OLMo 2: weights of n_heads * head_dim)
+    qk_norm: Literal["none", "head", "proj", "l2"] = "none"  # RMSNorm on q and k before RoPE: over each head's dims
+    #   (Qwen3, Gemma 3: weights of head_dim) or over the whole projection (OLMo 2: weights of n_heads * head_dim);
+    #   l2: weightless, over each head's dims, on the RoPE layers only (Llama 4)
     norm_placement: Literal["pre", "sandwich", "post"] = "pre"  # pre: x + f(norm(x)) (Llama); sandwich:
     #   x + norm(f(norm(x))) (Gemma 2/3); post: x + norm(f(x)) (OLMo 2); f = attention, then the MLP
     attn_scale: float | None = Field(None, gt=0)  # q.k multiplier; None = head_dim**-0.5 (Gemma: query_pre_attn_scalar**-0.5)
@@ -168,7 +176,7 @@ class ModelConfig(BaseModel):
             raise ValueError("moe_experts/moe_shared_d_ff are set but mlp is not 'moe'; set mlp=moe or drop them")
         if self.moe_shared_gate and not self.moe_shared_d_ff:
             raise ValueError("moe_shared_gate needs a shared expert; set moe_shared_d_ff")
-        for name in ("moe_dense_layers", "sliding_window_layers", "nope_layers"):
+        for name in ("moe_dense_layers", "sliding_window_layers", "nope_layers", "attn_chunk_layers"):
             bad = [i for i in getattr(self, name) or () if not 0 <= i < self.n_layers]
             if bad:
                 raise ValueError(f"{name} has layer index {bad[0]} outside 0..{self.n_layers - 1}")
@@ -186,6 +194,10 @@ class ModelConfig(BaseModel):
             raise ValueError("rope_local_theta applies to the sliding-window layers; set sliding_window")
         if self.rope_local_scaling is not None and self.rope_local_theta is None:
             raise ValueError("rope_local_scaling needs rope_local_theta (the local layers' RoPE base)")
+        if self.attn_chunk_layers is not None and self.attn_chunk is None:
+            raise ValueError("attn_chunk_layers is set but attn_chunk is not; set the chunk size")
+        if self.attn_temperature_tuning and not self.nope_layers:
+            raise ValueError("attn_temperature_tuning scales the queries of NoPE layers; set nope_layers")
         self._check_router()
         self._check_mla()
         return self
@@ -214,8 +226,10 @@ class ModelConfig(BaseModel):
             raise ValueError("attention=mla needs mla_kv_rank, mla_rope_dim and mla_v_dim > 0")
         if self.mla_rope_dim % 2 or self.pos != "rope" or self.rotary_fraction != 1.0:
             raise ValueError("attention=mla needs pos=rope, rotary_fraction=1 and an even mla_rope_dim")
-        if self.qkv_bias or self.out_bias or self.sliding_window is not None or self.attn_sinks:
-            raise ValueError("attention=mla has no qkv_bias/out_bias, sliding_window or attn_sinks")
+        if (self.qkv_bias or self.out_bias or self.sliding_window is not None or self.attn_sinks or self.nope_layers
+                or self.attn_chunk or self.qk_norm != "none" or self.attn_logit_softcap):
+            raise ValueError("attention=mla has no qkv_bias/out_bias, sliding_window, attn_sinks, nope_layers, "
+                             "attn_chunk, qk_norm or attn_logit_softcap")
 
     # Derived sizes: computed, never stored, so they cannot disagree with the fields.
     @property
@@ -277,6 +291,16 @@ class ModelConfig(BaseModel):
             return self.sliding_window
         return None
 
+    def layer_chunk(self, layer: int) -> int | None:
+        """The attention chunk of `layer` (None: not chunked)."""
+        if self.attn_chunk_layers is None or layer in self.attn_chunk_layers:
+            return self.attn_chunk
+        return None
+
+    def layer_span(self, layer: int) -> tuple[int | None, int | None]:
+        """(sliding window, chunk) of `layer`: what its attention mask depends on beyond causality."""
+        return self.layer_window(layer), self.layer_chunk(layer)
+
     def layer_rope(self, layer: int) -> Literal["global", "local"] | None:
         """Which RoPE table `layer` rotates with: "local" (rope_local_theta, sliding-window layers), "global"
         (rope_theta + rope_scaling), or None (no RoPE: another position scheme, or a NoPE layer)."""
@@ -301,7 +325,7 @@ class ModelConfig(BaseModel):
             return q + kv + H * self.mla_v_dim * d
         hd = self.dim_per_head
         q, kv = H * hd, self.kv_heads * hd
-        qk_norm = {"none": 0, "head": 2 * hd, "proj": q + kv}[self.qk_norm]  # q_norm + k_norm weights
+        qk_norm = {"none": 0, "head": 2 * hd, "proj": q + kv, "l2": 0}[self.qk_norm]  # q_norm + k_norm weights
         return (d * (q + 2 * kv) + q * d + (q + 2 * kv) * self.qkv_bias + d * self.out_bias + H * self.attn_sinks
                 + qk_norm)
 

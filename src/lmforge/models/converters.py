@@ -442,7 +442,8 @@ _PLAIN = dict(norm="rms", norm_weight_offset=0.0, mlp="swiglu", parallel_block=F
               final_logit_softcap=None, nope_layers=(), rope_local_theta=None, rope_local_scaling=None,
               attention="gqa", attn_sinks=False, moe_router="softmax", moe_groups=1, moe_topk_groups=1,
               moe_score_bias=False, moe_routed_scale=1.0, moe_router_bias=False, moe_scale_input=False,
-              moe_expert_bias=False, glu_limit=None)
+              moe_expert_bias=False, glu_limit=None, attn_chunk=None, attn_chunk_layers=None,
+              attn_temperature_tuning=False)
 
 
 # Where a field's non-default value can be saved (the hint in `_expect`'s error).
@@ -460,6 +461,8 @@ _ARCH_HINT = {"mlp": "MixtralForCausalLM or Qwen2MoeForCausalLM (mlp=moe), GPT2L
               "rope_local_theta": "Gemma3ForCausalLM", "rope_local_scaling": "Gemma3ForCausalLM",
               "attention": "DeepseekV3ForCausalLM (mla)", "moe_router": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM",
               "attn_sinks": "GptOssForCausalLM", "glu_limit": "GptOssForCausalLM",
+              "attn_chunk": "Llama4ForCausalLM", "attn_temperature_tuning": "Llama4ForCausalLM",
+              "moe_scale_input": "Llama4ForCausalLM",
               "moe_router_bias": "GptOssForCausalLM", "moe_expert_bias": "GptOssForCausalLM",
               "moe_groups": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM",
               "moe_score_bias": "DeepseekV3ForCausalLM or Glm4MoeForCausalLM",
@@ -782,6 +785,63 @@ def _qwen3_moe_to_hf(cfg: ModelConfig) -> dict:
             "num_experts": cfg.moe_experts, "num_experts_per_tok": cfg.moe_top_k,
             "moe_intermediate_size": cfg.expert_d_ff, "norm_topk_prob": cfg.moe_norm_topk, "decoder_sparse_step": 1,
             "mlp_only_layers": list(cfg.moe_dense_layers)}
+
+
+def _llama4_from_hf(hf: Mapping) -> dict:
+    """Llama 4 text decoder: NoPE every `no_rope_layer_interval`-th layer (no_rope_layers: 1 = RoPE, 0 = NoPE), chunked
+    attention on the RoPE layers, global attention with temperature tuning on the NoPE ones, L2 qk-norm on the RoPE
+    layers, interleaved (complex-pair) RoPE, and MoE layers every `interleave_moe_layer_step` with a top-k sigmoid
+    router whose score scales the expert's input, plus a shared expert."""
+    n = hf["num_hidden_layers"]
+    out = _llama_from_hf({**hf, "intermediate_size": hf.get("intermediate_size_mlp", 16384)})
+    interval = hf.get("no_rope_layer_interval", 4)
+    uses_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
+    nope = tuple(i for i, use in enumerate(uses_rope) if not use)
+    chunk = hf.get("attention_chunk_size")
+    types = hf.get("layer_types") or ["chunked_attention" if use and chunk else "full_attention" for use in uses_rope]
+    unknown = sorted(set(types) - {"chunked_attention", "full_attention"})
+    if unknown:
+        raise CheckpointError(f"config.json layer_types entry '{unknown[0]}' is not supported for Llama 4")
+    chunked = tuple(i for i, t in enumerate(types) if t == "chunked_attention")
+    step = hf.get("interleave_moe_layer_step", 1)
+    moe_layers = set(hf.get("moe_layers") or range(step - 1, n, step))
+    f = hf.get("intermediate_size", 8192)
+    out.update(rope_interleaved=True, nope_layers=nope, qk_norm="l2" if hf.get("use_qk_norm", True) else "none",
+               attn_chunk=chunk if chunked else None, attn_chunk_layers=None if len(chunked) == n else chunked or None,
+               attn_temperature_tuning=bool(hf.get("attn_temperature_tuning", True)) and bool(nope),
+               attn_temperature_floor=int(hf.get("floor_scale", 8192)),
+               attn_temperature_scale=float(hf.get("attn_scale", 0.1)))
+    if not moe_layers:
+        return out
+    return {**out, "mlp": "moe", "moe_experts": hf.get("num_local_experts", 16),
+            "moe_top_k": hf.get("num_experts_per_tok", 1), "moe_d_ff": f, "moe_shared_d_ff": f,
+            "moe_router": "sigmoid", "moe_norm_topk": False, "moe_scale_input": True,
+            "moe_dense_layers": tuple(i for i in range(n) if i not in moe_layers)}
+
+
+def _llama4_multimodal_from_hf(hf: Mapping) -> dict:
+    """Llama4ForConditionalGeneration (Scout, Maverick): its text decoder only; saves as Llama4ForCausalLM."""
+    return {**_llama4_from_hf(_text_config(hf, {})), "arch": "Llama4ForCausalLM"}
+
+
+def _llama4_to_hf(cfg: ModelConfig) -> dict:
+    _expect(cfg, "Llama4ForCausalLM", mlp="moe", rope_interleaved=True, qk_norm=_ANY, nope_layers=_ANY,
+            attn_chunk=_ANY, attn_chunk_layers=_ANY, attn_temperature_tuning=_ANY, moe_router="sigmoid",
+            moe_scale_input=True, qkv_bias=cfg.out_bias, out_bias=_ANY)
+    n = cfg.n_layers
+    if (cfg.qk_norm not in ("l2", "none") or cfg.moe_norm_topk or cfg.moe_shared_d_ff != cfg.expert_d_ff
+            or cfg.moe_shared_gate):
+        raise CheckpointError("Llama4ForCausalLM needs qk_norm l2 or none, moe_norm_topk=false and an ungated shared "
+                              "expert of the experts' size (moe_shared_d_ff = moe_d_ff)")
+    chunked = {i for i in range(n) if cfg.layer_chunk(i) is not None}
+    return {**_llama_to_hf(cfg, "llama4_text"), "attention_bias": cfg.qkv_bias, "intermediate_size": cfg.expert_d_ff,
+            "intermediate_size_mlp": cfg.d_ff, "num_local_experts": cfg.moe_experts,
+            "num_experts_per_tok": cfg.moe_top_k, "moe_layers": [i for i in range(n) if cfg.is_moe_layer(i)],
+            "use_qk_norm": cfg.qk_norm == "l2", "no_rope_layers": [int(i not in cfg.nope_layers) for i in range(n)],
+            "attention_chunk_size": cfg.attn_chunk,
+            "layer_types": ["chunked_attention" if i in chunked else "full_attention" for i in range(n)],
+            "attn_temperature_tuning": cfg.attn_temperature_tuning, "floor_scale": cfg.attn_temperature_floor,
+            "attn_scale": cfg.attn_temperature_scale}
 
 
 # --- Gemma, Phi, GLM ---------------------------------------------------------------------------------------------
@@ -1205,6 +1265,17 @@ QWEN3_NAMES = [*LLAMA_NAMES, *_QK_NORM]
 QWEN3_MOE_NAMES = [*QWEN3_NAMES, Rename("model.layers.{i}.mlp.gate.weight", "layers.{i}.mlp.router.weight"),
                    *(r for r in _ROUTED_EXPERTS if "shared" not in r.hf)]
 GLM4_MOE_NAMES = [*QWEN3_NAMES, *_SIGMOID_ROUTER, *_ROUTED_EXPERTS]
+_FF = "model.layers.{i}.feed_forward"
+LLAMA4_NAMES = [
+    *_LLAMA_ATTN_NAMES,
+    *(Rename(f"{_FF}.{n}.weight", f"layers.{{i}}.mlp.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")),
+    Rename(f"{_FF}.router.weight", "layers.{i}.mlp.router.weight"),
+    *(Rename(f"{_FF}.shared_expert.{n}.weight", f"layers.{{i}}.mlp.shared_expert.{n}.weight")
+      for n in ("gate_proj", "up_proj", "down_proj")),
+    # stacked experts, x @ W layout (E, in, out); gate | up halves along the 2 * d_ff outputs
+    Rename(f"{_FF}.experts.gate_up_proj", tuple(n.replace("{p}", "weight") for n in _EXPERT_GATE_UP), "experts_cat"),
+    Rename(f"{_FF}.experts.down_proj", ("layers.{i}.mlp.experts.{e}.down_proj.weight",), "experts_T"),
+]
 GEMMA2_NAMES = [_EMBED, _norm("input_layernorm", "attn_norm"), *_ATTN, _norm("post_attention_layernorm", "attn_post_norm"),
                 _norm("pre_feedforward_layernorm", "mlp_norm"), *_MLP, _norm("post_feedforward_layernorm", "mlp_post_norm"),
                 *_FINAL]
@@ -1243,6 +1314,10 @@ register(Converter(("Glm4MoeForCausalLM",), "glm4_moe", _glm4_moe_from_hf, _glm4
                    _ROTARY_BUFFERS, joins=(FP8_BLOCKS,), extra_layers=True))
 register(Converter(("Qwen3MoeForCausalLM",), "qwen3_moe", _qwen3_moe_from_hf, _qwen3_moe_to_hf, QWEN3_MOE_NAMES,
                    _ROTARY_BUFFERS, joins=(FP8_BLOCKS,)))
+register(Converter(("Llama4ForCausalLM",), "llama4_text", _llama4_from_hf, _llama4_to_hf, LLAMA4_NAMES,
+                   _ROTARY_BUFFERS))
+register(Converter(("Llama4ForConditionalGeneration",), "llama4", _llama4_multimodal_from_hf, _llama4_to_hf,
+                   LLAMA4_NAMES, _ROTARY_BUFFERS + _VISION, rewrite=_TEXT_DECODER))
 register(Converter(("GptOssForCausalLM",), "gpt_oss", _gpt_oss_from_hf, _gpt_oss_to_hf, GPT_OSS_NAMES,
                    _ROTARY_BUFFERS, joins=(MXFP4,)))
 register(Converter(("GemmaForCausalLM",), "gemma", _gemma_from_hf, _gemma_to_hf, LLAMA_NAMES, _ROTARY_BUFFERS))

@@ -7,6 +7,7 @@ per-document restarts need nothing special here.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -152,6 +153,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         x1, x2 = x_rot.chunk(2, dim=-1)
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.numel() else rotated
+
+
+@dataclass(frozen=True)
+class QueryScale:
+    """What a NoPE layer with temperature tuning gets in place of RoPE tables: a per-position query multiplier."""
+
+    scale: torch.Tensor  # (B, 1, T, 1)
+
+
+def temperature_scale(cfg: ModelConfig, positions: torch.Tensor) -> torch.Tensor:
+    """Llama 4's attention temperature of NoPE layers, 1 + scale * log(1 + floor((pos + 1) / floor_)), (B, 1, T, 1)
+    in fp32. It grows slowly with the position so long contexts keep attention sharp (Nakanishi 2025)."""
+    pos = positions.clamp(min=0).float()
+    t = torch.log1p(torch.floor((pos + 1.0) / cfg.attn_temperature_floor)) * cfg.attn_temperature_scale + 1.0
+    return t[:, None, :, None]
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ from .attention import alibi_bias, allowed_keys, attend, document_block_mask, pl
 from .config import ModelConfig
 from .kv_cache import KVCache, RollingKVCache
 from .moe import MoE, moe_aux_loss
-from .positions import Rotary, alibi_slopes, apply_rope, rope_inv_freq, sinusoidal_embedding
+from .positions import (QueryScale, Rotary, alibi_slopes, apply_rope, rope_inv_freq, sinusoidal_embedding,
+                        temperature_scale)
 
 try:
     import torch.nn.attention.flex_attention  # noqa: F401
@@ -47,16 +48,19 @@ class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 and cast back (as Llama does, so bf16 matches the reference).
 
     With an `offset` (Gemma: 1.0) the scale is (offset + weight), applied in fp32 before the cast, as Gemma does.
+    Without a weight (`weight=False`): x / rms(x) only (Llama 4's L2 qk-norm).
     """
 
-    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, weight: bool = True):
         super().__init__()
-        self.eps, self.offset = eps, offset
-        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
+        self.dim, self.eps, self.offset = dim, eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset)) if weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is None:
+            return normed.to(x.dtype)
         if self.offset:
             return (normed * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
@@ -93,10 +97,13 @@ class Attention(nn.Module):
         self.k_proj = linear(f"{prefix}.k_proj", d, cfg.kv_heads * hd, cfg.qkv_bias)
         self.v_proj = linear(f"{prefix}.v_proj", d, cfg.kv_heads * hd, cfg.qkv_bias)
         self.o_proj = linear(f"{prefix}.o_proj", cfg.n_heads * hd, d, cfg.out_bias)
-        # qk-norm: RMSNorm over each head's dims (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
-        norm_q, norm_k = {"none": (0, 0), "head": (hd, hd), "proj": (cfg.n_heads * hd, cfg.kv_heads * hd)}[cfg.qk_norm]
-        self.q_norm = RMSNorm(norm_q, cfg.norm_eps, cfg.norm_weight_offset) if norm_q else None
-        self.k_norm = RMSNorm(norm_k, cfg.norm_eps, cfg.norm_weight_offset) if norm_k else None
+        # qk-norm: RMSNorm over each head's dims (Qwen3, Gemma 3), over the whole projection (OLMo 2), or weightless
+        # over each head's dims on RoPE layers (Llama 4; a rotation keeps the norm, so before or after RoPE is one)
+        norm_q, norm_k = {"none": (0, 0), "head": (hd, hd), "proj": (cfg.n_heads * hd, cfg.kv_heads * hd),
+                          "l2": (hd, hd) if cfg.layer_rope(layer) is not None else (0, 0)}[cfg.qk_norm]
+        weighted = cfg.qk_norm != "l2"
+        self.q_norm = RMSNorm(norm_q, cfg.norm_eps, cfg.norm_weight_offset, weighted) if norm_q else None
+        self.k_norm = RMSNorm(norm_k, cfg.norm_eps, cfg.norm_weight_offset, weighted) if norm_k else None
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None  # GPT-OSS
 
     def forward(self, x, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
@@ -112,12 +119,14 @@ class Attention(nn.Module):
         B, T, _ = q.shape
         hd = self.cfg.dim_per_head
         if self.q_norm is not None:  # over the last `n` dims: a head (hd) or the whole projection
-            q = self.q_norm(q.unflatten(-1, (-1, self.q_norm.weight.shape[0]))).flatten(-2)
-            k = self.k_norm(k.unflatten(-1, (-1, self.k_norm.weight.shape[0]))).flatten(-2)
+            q = self.q_norm(q.unflatten(-1, (-1, self.q_norm.dim))).flatten(-2)
+            k = self.k_norm(k.unflatten(-1, (-1, self.k_norm.dim))).flatten(-2)
         q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, -1, hd).transpose(1, 2)
-        if rope is not None:
+        if isinstance(rope, QueryScale):  # a NoPE layer with temperature tuning (Llama 4)
+            q = (q * rope.scale).to(q.dtype)  # in fp32, as the reference
+        elif rope is not None:
             q = apply_rope(q, *rope, interleaved=self.cfg.rope_interleaved)
             k = apply_rope(k, *rope, interleaved=self.cfg.rope_interleaved)
         return q, k, v
@@ -130,7 +139,7 @@ class Attention(nn.Module):
         """Attention over projected q (B, T, H*hd), k and v (B, T, Hkv*hd): qk-norm, RoPE, the cache, the mask →
         (B, T, H*hd), what o_proj takes."""
         B, T, _ = q.shape
-        rotated_by_cache = rope is not None and getattr(cache, "rotates", False)  # RoPE fused into its kernels
+        rotated_by_cache = isinstance(rope, tuple) and getattr(cache, "rotates", False)  # RoPE fused into its kernels
         q, k, v = self.heads(q, k, v, None if rotated_by_cache else rope)
         extra = {} if self.sinks is None else {"sinks": self.sinks}
         if cache is not None and hasattr(cache, "attend"):  # a paged cache attends itself (Triton decode kernel)
@@ -347,6 +356,8 @@ class Transformer(nn.Module):
         """Per layer, the (cos, sin) (B, 1, T, rotary_dim/2) its attention rotates q and k with, or None (no RoPE:
         ALiBi/learned positions, or a NoPE layer). Layers of one kind share one table, built once per forward."""
         tables = {kind: rotary(positions, dtype) for kind, rotary in self.rotary.items()}
+        if self.cfg.attn_temperature_tuning:  # NoPE layers get a per-position query scale instead (Llama 4)
+            tables[None] = QueryScale(temperature_scale(self.cfg, positions))
         return [tables.get(self.cfg.layer_rope(i)) for i in range(self.cfg.n_layers)]
 
     @torch.no_grad()
@@ -434,16 +445,16 @@ class Transformer(nn.Module):
             query_slots = cache.query_slots(slots) if hasattr(cache, "query_slots") else slots  # ring buffers
         else:
             key_positions, query_slots = positions, torch.arange(T, device=device)
-        windows = [self.cfg.layer_window(i) for i in range(len(self.layers))]
-        masks = {}  # one mask per distinct window (full / sliding), built once and shared by the layers using it
-        for window in dict.fromkeys(windows):
+        spans = [self.cfg.layer_span(i) for i in range(len(self.layers))]
+        masks = {}  # one mask per distinct (window, chunk), built once and shared by the layers using it
+        for window, chunk in dict.fromkeys(spans):
             if document_ids is not None and self.use_flex_attention(tokens):
-                masks[window] = document_block_mask(positions, document_ids, window, prefix_lengths)
+                masks[window, chunk] = document_block_mask(positions, document_ids, window, prefix_lengths, chunk)
             else:
-                masks[window] = self._mask(positions, key_positions, query_slots, needs_mask,
-                                           document_ids, window, prefix_lengths)
+                masks[window, chunk] = self._mask(positions, key_positions, query_slots, needs_mask,
+                                                  document_ids, window, prefix_lengths, chunk)
         for i, block in enumerate(self.layers):
-            mask = masks[windows[i]]
+            mask = masks[spans[i]]
             if self.training and self.checkpointed(i):
                 x = torch.utils.checkpoint.checkpoint(block, x, ropes[i], mask, cache, slots, use_reentrant=False,
                                                       preserve_rng_state=self.checkpoint_rng)
@@ -468,12 +479,12 @@ class Transformer(nn.Module):
             self.attention_backend == "auto" and tokens.is_cuda and self.cfg.pos != "alibi" and _HAS_FLEX)
 
     def _mask(self, positions, key_positions, query_slots, needs_mask: bool, document_ids=None, window=None,
-              prefix_lengths=None):
+              prefix_lengths=None, chunk=None):
         """None (plain causal SDPA) when nothing but causality applies; else a bool mask or an ALiBi bias."""
         cfg = self.cfg
-        if not needs_mask and cfg.pos != "alibi" and window is None:
+        if not needs_mask and cfg.pos != "alibi" and window is None and chunk is None:
             return None
-        allowed = allowed_keys(positions, key_positions, query_slots, window, document_ids, prefix_lengths)
+        allowed = allowed_keys(positions, key_positions, query_slots, window, document_ids, prefix_lengths, chunk)
         if cfg.pos == "alibi":
             return alibi_bias(allowed, positions, key_positions, self.alibi_slopes, self.embed.weight.dtype)
         return allowed

@@ -96,18 +96,18 @@ class PipelineStageModule(nn.Module):
         masks = {}
         for i, block in self.layers.items():
             i = int(i)
-            window = cfg.layer_window(i)
-            if window not in masks:
+            span = window, chunk = cfg.layer_span(i)
+            if span not in masks:
                 if document_ids is not None and model.use_flex_attention(positions):
-                    masks[window] = document_block_mask(positions, document_ids, window, None)
+                    masks[span] = document_block_mask(positions, document_ids, window, None, chunk)
                 else:
-                    masks[window] = model._mask(positions, positions, query_slots, needs_mask, document_ids, window,
-                                                 None)
+                    masks[span] = model._mask(positions, positions, query_slots, needs_mask, document_ids, window,
+                                              None, chunk)
             if self.training and model.checkpointed(i):
-                x = torch.utils.checkpoint.checkpoint(block, x, ropes[i], masks[window], None, None,
+                x = torch.utils.checkpoint.checkpoint(block, x, ropes[i], masks[span], None, None,
                                                       use_reentrant=False)
             else:
-                x = block(x, ropes[i], masks[window], None, None)
+                x = block(x, ropes[i], masks[span], None, None)
         return x
 
 

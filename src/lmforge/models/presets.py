@@ -141,6 +141,80 @@ PRESETS: dict[str, dict] = {
         hf_repo="mistralai/Mistral-Small-3.1-24B-Base-2503", arch="MistralForCausalLM", vocab_size=131072,
         d_model=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, d_ff=32768, rope_theta=1000000000.0,
         norm_eps=1e-5, max_seq_len=131072, bos_token_id=1, eos_token_id=2),
+    # Today's MoE families (config values from each repo's config.json; the MTP layers of DeepSeek-V3 / GLM-4.5 are
+    # not part of the model lmforge builds).
+    # DeepSeek-V3: MLA (q rank 1536, kv latent 512, 128 + 64 RoPE q/k dims, 128 value dims), 256 routed experts
+    # top-8 in 8 groups (best 4), a shared expert, three dense first layers, yarn x40.
+    "deepseek-v3": dict(
+        hf_repo="deepseek-ai/DeepSeek-V3", arch="DeepseekV3ForCausalLM", vocab_size=129280, d_model=7168, n_layers=61,
+        n_heads=128, d_ff=18432, norm_eps=1e-6, attention="mla", mla_q_rank=1536, mla_kv_rank=512, mla_rope_dim=64,
+        mla_nope_dim=128, mla_v_dim=128, rope_interleaved=True, rope_theta=10000.0,
+        rope_scaling=RopeScaling(type="yarn", factor=40.0, original_max_seq_len=4096, beta_fast=32.0, beta_slow=1.0,
+                                 mscale=1.0, mscale_all_dim=1.0),
+        mlp="moe", moe_experts=256, moe_top_k=8, moe_d_ff=2048, moe_shared_d_ff=2048, moe_router="sigmoid",
+        moe_groups=8, moe_topk_groups=4, moe_score_bias=True, moe_routed_scale=2.5, moe_dense_layers=(0, 1, 2),
+        max_seq_len=163840, bos_token_id=0, eos_token_id=1),
+    # Kimi-K2: DeepSeek-V3's architecture with 64 heads, 384 experts in one group and one dense layer.
+    "kimi-k2": dict(
+        hf_repo="moonshotai/Kimi-K2-Instruct", arch="DeepseekV3ForCausalLM", vocab_size=163840, d_model=7168,
+        n_layers=61, n_heads=64, d_ff=18432, norm_eps=1e-6, attention="mla", mla_q_rank=1536, mla_kv_rank=512,
+        mla_rope_dim=64, mla_nope_dim=128, mla_v_dim=128, rope_interleaved=True, rope_theta=50000.0,
+        rope_scaling=RopeScaling(type="yarn", factor=32.0, original_max_seq_len=4096, beta_fast=1.0, beta_slow=1.0,
+                                 mscale=1.0, mscale_all_dim=1.0),
+        mlp="moe", moe_experts=384, moe_top_k=8, moe_d_ff=2048, moe_shared_d_ff=2048, moe_router="sigmoid",
+        moe_score_bias=True, moe_routed_scale=2.827, moe_dense_layers=(0,), max_seq_len=131072,
+        bos_token_id=163584, eos_token_id=163585),
+    # GLM-4.5-Air: the DeepSeek-V3 router over 128 experts (top-8, one group), q/k/v bias, RoPE on half of each head.
+    "glm-4.5-air": dict(
+        hf_repo="zai-org/GLM-4.5-Air", arch="Glm4MoeForCausalLM", vocab_size=151552, d_model=4096, n_layers=46,
+        n_heads=96, n_kv_heads=8, head_dim=128, d_ff=10944, norm_eps=1e-5, qkv_bias=True, rotary_fraction=0.5,
+        rope_theta=1000000.0, mlp="moe", moe_experts=128, moe_top_k=8, moe_d_ff=1408, moe_shared_d_ff=1408,
+        moe_router="sigmoid", moe_score_bias=True, moe_dense_layers=(0,), max_seq_len=131072,
+        eos_token_id=[151329, 151336, 151338], pad_token_id=151329),
+    # Qwen3-30B-A3B: per-head qk-norm, 128 experts top-8 renormalized, no shared expert.
+    "qwen3-30b-a3b": dict(
+        hf_repo="Qwen/Qwen3-30B-A3B", arch="Qwen3MoeForCausalLM", vocab_size=151936, d_model=2048, n_layers=48,
+        n_heads=32, n_kv_heads=4, head_dim=128, d_ff=6144, norm_eps=1e-6, qk_norm="head", rope_theta=1000000.0,
+        mlp="moe", moe_experts=128, moe_top_k=8, moe_d_ff=768, moe_norm_topk=True, max_seq_len=40960,
+        bos_token_id=151643, eos_token_id=151645),
+    # gpt-oss: attention sinks, 128-token windows on even layers, biased router and experts, clamped SwiGLU, yarn x32.
+    "gpt-oss-20b": dict(
+        hf_repo="openai/gpt-oss-20b", arch="GptOssForCausalLM", vocab_size=201088, d_model=2880, n_layers=24,
+        n_heads=64, n_kv_heads=8, head_dim=64, d_ff=2880, norm_eps=1e-5, qkv_bias=True, out_bias=True,
+        attn_sinks=True, sliding_window=128, sliding_window_layers=tuple(range(0, 24, 2)), rope_theta=150000.0,
+        rope_scaling=RopeScaling(type="yarn", factor=32.0, original_max_seq_len=4096, beta_fast=32.0, beta_slow=1.0,
+                                 truncate=False),
+        mlp="moe", moe_experts=32, moe_top_k=4, moe_router_bias=True, moe_expert_bias=True, glu_limit=7.0,
+        max_seq_len=131072, eos_token_id=200002, pad_token_id=199999),
+    "gpt-oss-120b": dict(
+        hf_repo="openai/gpt-oss-120b", arch="GptOssForCausalLM", vocab_size=201088, d_model=2880, n_layers=36,
+        n_heads=64, n_kv_heads=8, head_dim=64, d_ff=2880, norm_eps=1e-5, qkv_bias=True, out_bias=True,
+        attn_sinks=True, sliding_window=128, sliding_window_layers=tuple(range(0, 36, 2)), rope_theta=150000.0,
+        rope_scaling=RopeScaling(type="yarn", factor=32.0, original_max_seq_len=4096, beta_fast=32.0, beta_slow=1.0,
+                                 truncate=False),
+        mlp="moe", moe_experts=128, moe_top_k=4, moe_router_bias=True, moe_expert_bias=True, glu_limit=7.0,
+        max_seq_len=131072, eos_token_id=200002, pad_token_id=199999),
+    # Llama 4 (text decoder): NoPE + temperature tuning every 4th layer, 8192-token chunked attention with L2 qk-norm
+    # on the others, top-1 sigmoid experts that scale their input, a shared expert. Scout: 16 experts on every
+    # layer; Maverick: 128 experts on every other layer.
+    "llama-4-scout-17b-16e": dict(
+        hf_repo="meta-llama/Llama-4-Scout-17B-16E", arch="Llama4ForCausalLM", vocab_size=202048, d_model=5120,
+        n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128, d_ff=16384, norm_eps=1e-5, rope_interleaved=True,
+        rope_theta=500000.0, rope_scaling=RopeScaling(type="llama3", factor=16.0, low_freq_factor=1.0,
+                                                      high_freq_factor=1.0, original_max_seq_len=8192),
+        nope_layers=tuple(range(3, 48, 4)), qk_norm="l2", attn_chunk=8192,
+        attn_chunk_layers=tuple(i for i in range(48) if i % 4 != 3), attn_temperature_tuning=True,
+        mlp="moe", moe_experts=16, moe_top_k=1, moe_d_ff=8192, moe_shared_d_ff=8192, moe_router="sigmoid",
+        moe_norm_topk=False, moe_scale_input=True, max_seq_len=10485760, bos_token_id=200000,
+        eos_token_id=[200001, 200007, 200008], pad_token_id=200018),
+    "llama-4-maverick-17b-128e": dict(
+        hf_repo="meta-llama/Llama-4-Maverick-17B-128E", arch="Llama4ForCausalLM", vocab_size=202048, d_model=5120,
+        n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128, d_ff=16384, norm_eps=1e-5, rope_interleaved=True,
+        rope_theta=500000.0, nope_layers=tuple(range(3, 48, 4)), qk_norm="l2", attn_chunk=8192,
+        attn_chunk_layers=tuple(i for i in range(48) if i % 4 != 3), attn_temperature_tuning=True,
+        mlp="moe", moe_experts=128, moe_top_k=1, moe_d_ff=8192, moe_shared_d_ff=8192, moe_router="sigmoid",
+        moe_norm_topk=False, moe_scale_input=True, moe_dense_layers=tuple(range(0, 48, 2)), max_seq_len=1048576,
+        bos_token_id=200000, eos_token_id=[200001, 200007, 200008], pad_token_id=200018),
 }
 
 

@@ -265,6 +265,23 @@ def test_engine_greedy_equals_generate(tiny, arch):
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
 
 
+@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM"])
+def test_paged_kernel_refuses_what_it_cannot_compute_by_name(tiny, arch, caplog):
+    """MLA (the pool holds latents), sinks and chunked attention are not in the paged decode kernel: asking for it is
+    a one-line error naming the feature, and `kernel_unsupported` is what the runner logs when it falls back."""
+    from lmforge.errors import ConfigError
+    from lmforge.infer.model_runner import kernel_unsupported
+
+    _, path = tiny(arch)
+    model = load_hf(path, progress=False)
+    feature = {"DeepseekV3ForCausalLM": "multi-head latent attention", "GptOssForCausalLM": "attention sinks",
+               "Llama4ForCausalLM": "chunked attention"}[arch]
+    assert any(feature in reason for reason in kernel_unsupported(model.cfg))
+    with pytest.raises(ConfigError, match=f"engine.attention=kernel needs .*no {feature}") as e:
+        LLM(model, None, config=EngineConfig(block_size=4, num_blocks=64, max_model_len=64, attention="kernel"))
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_lora_training_through_the_cli_lowers_the_loss(arch, tmp_path):
     from lmforge.cli import main
@@ -274,11 +291,19 @@ def test_lora_training_through_the_cli_lowers_the_loss(arch, tmp_path):
     rows = [{"text": "the quick brown fox jumps over the lazy dog " * 3} for _ in range(16)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    targets = "lora: {target_modules: [q_proj, k_proj, v_proj, o_proj]}\n" if arch in STACKED_EXPERTS else ""
-    (tmp_path / "train.yaml").write_text(
-        f"model: {{path: {ckpt}}}\nmethod: lora\n{targets}data: {{path: {tmp_path / 'data.jsonl'}, max_seq_len: 32}}\n"
-        f"optim: {{lr: 0.01}}\ntrain: {{output_dir: {out}, max_steps: 8, micro_batch_size: 4, device: cpu, "
-        "progress: false, tensorboard: false}\n")
+
+    def config(targets: str) -> str:
+        (tmp_path / "train.yaml").write_text(
+            f"model: {{path: {ckpt}}}\nmethod: lora\n{targets}"
+            f"data: {{path: {tmp_path / 'data.jsonl'}, max_seq_len: 32}}\noptim: {{lr: 0.01}}\n"
+            f"train: {{output_dir: {out}, max_steps: 8, micro_batch_size: 4, device: cpu, progress: false, "
+            "tensorboard: false}\n")
+        return str(tmp_path / "train.yaml")
+
+    if arch in STACKED_EXPERTS:  # default targets include the stacked experts: refused before any step runs
+        assert main(["train", config("")]) == 2
+        assert not (out / "metrics.jsonl").exists()
+    config("lora: {target_modules: [q_proj, k_proj, v_proj, o_proj]}\n" if arch in STACKED_EXPERTS else "")
     assert main(["train", str(tmp_path / "train.yaml")]) == 0
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.2

@@ -657,6 +657,10 @@ def _qwen2_moe_to_hf(cfg: ModelConfig) -> dict:
 def _sigmoid_moe_from_hf(hf: Mapping, n_layers: int) -> dict:
     """The DeepSeek-V3-style MoE keys (DeepSeek-V3, Kimi-K2, GLM-4.5): sigmoid router with a selection bias,
     group-limited top-k, routed scaling, shared experts and `first_k_dense_replace` dense layers."""
+    _require(hf, "scoring_func", "sigmoid", "DeepSeek-V2's softmax routing")
+    _require(hf, "topk_method", "noaux_tc", "other top-k selection methods")
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise CheckpointError(f"config.json moe_layer_freq={hf['moe_layer_freq']} is not supported; expected 1")
     f = hf["moe_intermediate_size"]
     return dict(mlp="moe", moe_experts=hf["n_routed_experts"], moe_top_k=hf["num_experts_per_tok"], moe_d_ff=f,
                 moe_norm_topk=hf.get("norm_topk_prob", True), moe_shared_d_ff=f * hf.get("n_shared_experts", 1),

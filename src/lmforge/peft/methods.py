@@ -26,7 +26,7 @@ from ..config import Section, load_config
 from ..errors import ConfigError, did_you_mean
 from ..models.hf import load_hf, save_hf
 from .lora import LoraConfig, apply_lora, load_tensors_into, lora_state_dict, merge_lora, merged
-from .peft_format import load_peft_adapter, save_peft_adapter
+from .peft_format import check_peft_targets, load_peft_adapter, save_peft_adapter
 
 __all__ = ["Method", "FullMethod", "LoraMethod", "METHODS", "build_method", "register_method", "describe_methods",
            "methods_listing", "load_adapter"]
@@ -58,6 +58,9 @@ class Method(Section):
     def save(self, model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write the method's shareable artifact to `out_dir`."""
         raise NotImplementedError
+
+    def check_save(self, model: nn.Module) -> None:
+        """Raise now what `save` would refuse after training (called right after `apply`); no-op by default."""
 
     def load(self, model: nn.Module, path: str | Path) -> None:
         """Read what `save` wrote into `model` (a base model, instead of `apply` for LoRA)."""
@@ -108,6 +111,9 @@ class LoraMethod(Method, LoraConfig):
 
     def save(self, model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
         return save_peft_adapter(model, self, out_dir, base_model_name_or_path)
+
+    def check_save(self, model: nn.Module) -> None:
+        check_peft_targets(model)
 
     def load(self, model: nn.Module, path: str | Path) -> None:
         """Apply and load a PEFT adapter directory (its own r/alpha/targets win over this config's)."""

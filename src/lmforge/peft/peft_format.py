@@ -50,6 +50,20 @@ def _is_conv1d(conv: Converter, native_module: str) -> bool:
     return any(r.transform == "T" and _pattern(r.native).match(name) for r in conv.names if isinstance(r.native, str))
 
 
+def check_peft_targets(model: nn.Module) -> dict[str, str | None]:
+    """The HF module name of every linear; a one-line ConfigError when a LoRA layer sits on a linear the checkpoint
+    stores fused with others (no PEFT adapter can hold it). Runs before training, so a run never ends in it."""
+    arch = model.cfg.arch
+    hf = _hf_names(converter_for(arch), model)
+    for path in lora_layers(model):
+        if hf[path] is None:
+            ok = sorted({p.rsplit(".", 1)[-1] for p, h in hf.items() if h is not None and p != OUTPUT_HEAD})
+            raise ConfigError(f"{arch} stores '{path}' fused with other weights in one tensor (q|k|v, gate|up or "
+                              f"stacked experts), so a PEFT adapter cannot hold a LoRA on it; for {arch} use "
+                              f"target_modules {ok}")
+    return hf
+
+
 def save_peft_adapter(model: nn.Module, lora_cfg: LoraConfig, out_dir: str | Path,
                       base_model_name_or_path: str | None = None) -> Path:
     """Write the model's LoRA layers (and `lora_cfg.modules_to_save`) as a PEFT adapter directory; return it."""
@@ -58,13 +72,8 @@ def save_peft_adapter(model: nn.Module, lora_cfg: LoraConfig, out_dir: str | Pat
         raise ConfigError("the model has no LoRA layers to save; apply LoRA first")
     arch = model.cfg.arch
     conv = converter_for(arch)
-    hf = _hf_names(conv, model)
+    hf = check_peft_targets(model)
     for path, layer in layers.items():
-        if hf[path] is None:
-            ok = sorted({p.rsplit(".", 1)[-1] for p, h in hf.items() if h is not None and p != OUTPUT_HEAD})
-            raise ConfigError(f"{arch} stores '{path}' fused with other weights in one tensor (q|k|v, gate|up or "
-                              f"stacked experts), so a PEFT adapter cannot hold a LoRA on it; for {arch} use "
-                              f"target_modules {ok}")
         if layer.r != rank_for(path, lora_cfg):
             raise ConfigError(f"LoRA layer '{path}' has rank {layer.r} but the config says "
                               f"r={rank_for(path, lora_cfg)}")

@@ -80,6 +80,7 @@ def run_training(cfg: TrainConfig) -> dict:
     options = getattr(cfg, cfg.method, None)  # a method's options live in the section named after it (lora: ...)
     method = build_method(cfg.method, **(options.model_dump() if options is not None else {}))
     method.apply(model)
+    method.check_save(model)  # what the final save would refuse fails now, not after the run
     row_mask = restrict_trainable(model, cfg.trainable, cfg.method, model_dirs=(cfg.model.path, tok_dir))
     if precision in ("bf16", "fp16") and (cfg.method != "full" or cfg.trainable.params != "all"):
         # frozen base weights need no fp32 master copy: keep them in the autocast dtype (half the memory)

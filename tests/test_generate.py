@@ -6,7 +6,7 @@ import torch
 
 from lmforge.infer import SamplingParams, generate
 from lmforge.models import load_hf
-from lmforge.testing import make_tiny_checkpoint
+from lmforge.testing import PADDING_DEPENDENT_REFERENCE, make_tiny_checkpoint
 from lmforge.tokenizer import Tokenizer
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
@@ -24,6 +24,8 @@ def test_greedy_matches_transformers_generate_single_and_left_padded_batch(tiny_
         want = ref_model.generate(torch.tensor([prompt]), **hf_kwargs)[0, len(prompt):].tolist()
         assert got.token_ids == want
         assert got.finish_reason == "length"
+    if model.cfg.arch in PADDING_DEPENDENT_REFERENCE or path.name in PADDING_DEPENDENT_REFERENCE:
+        return  # transformers' padded batch depends on the padding there; each row alone (above) is the reference
     # the same rows through transformers' own left-padded batch
     width = max(map(len, PROMPTS))
     batch = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])

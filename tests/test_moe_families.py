@@ -307,3 +307,26 @@ def test_lora_training_through_the_cli_lowers_the_loss(arch, tmp_path):
     assert main(["train", str(tmp_path / "train.yaml")]) == 0
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_gpu_engine_greedy_equals_generate(tiny, arch):
+    """On CUDA: CUDA-graph decode steps (MoE dispatch without host syncs), the paged kernel where the family allows
+    it (Qwen3-MoE, GLM-4.5) or the gathered view (MLA, sinks, chunks), against generate(); and a bf16 load keeps the
+    sigmoid router in fp32."""
+    from lmforge.models.moe import SigmoidRouter
+
+    _, path = tiny(arch)
+    model = load_hf(path, progress=False, device="cuda")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 120, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 1, 22)]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    want = [r.token_ids for r in generate(model, prompts, params)]
+    llm = LLM(model, None, config=EngineConfig(block_size=16, num_blocks=64, max_model_len=64, decode_steps=3))
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    assert llm.engine.runner.paged_kernel == (arch in ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM"))
+    half = load_hf(path, progress=False, device="cuda", dtype=torch.bfloat16)
+    routers = [m for m in half.modules() if isinstance(m, SigmoidRouter)]
+    assert all(r.weight.dtype == torch.float32 for r in routers)
+    assert torch.isfinite(half(torch.tensor([prompts[1]], device="cuda")).float()).all()

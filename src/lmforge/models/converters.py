@@ -200,13 +200,13 @@ class Join:
     """A tensor stored as several parts (a quantized weight and its scales), rebuilt into one before mapping.
 
     `suffixes` name the parts (the HF name is base + suffix); `result` is the rebuilt tensor's suffix; `fn` takes the
-    parts in order. `when` (part index -> dtype test) limits a suffix that also names ordinary tensors (".weight")
-    to its quantized form."""
+    parts in order. `quantized_first` limits a first suffix that also names ordinary tensors (".weight") to its
+    quantized form (a non-float dtype)."""
 
     suffixes: tuple[str, ...]
     result: str
     fn: Callable[..., torch.Tensor]
-    quantized_first: bool = False  # the first part counts only when its dtype is not a float type (fp8 weights)
+    quantized_first: bool = False
 
     def part(self, name: str, tensor: torch.Tensor) -> tuple[str, int] | None:
         """(base, part index) when `name` is one of this join's parts."""

@@ -6,10 +6,25 @@ The paged cache for serving lives in `lmforge.infer` (later); this one serves `g
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from .config import ModelConfig
+
+
+class Cache(Protocol):
+    """What attention calls on any cache (this static one, the ring buffer, the paged engine's pool).
+
+    `update` stores a pair of (B, heads, T, dims) tensors per layer and returns the layer's full history; what the
+    pair is comes from `ModelConfig.cache_shapes`: per-head keys and values, or MLA's latent and shared RoPE key. A
+    cache that can attend itself (the paged kernel) also has `attend(layer, q, k, v, mask, rope, sinks=None)`."""
+
+    def write_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class KVCache(nn.Module):

@@ -149,11 +149,6 @@ class MoE(nn.Module):
     def router_logits(self) -> torch.Tensor | None:
         return None if self.routing is None else self.routing.logits
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits (N, E), top-k weights (N, k) in fp32 and expert indices (N, k) for tokens x (N, d)."""
-        r = self.router(x)
-        return r.logits, r.weights, r.experts
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, d)

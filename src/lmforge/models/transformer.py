@@ -16,7 +16,7 @@ from torch import nn
 
 from .attention import alibi_bias, allowed_keys, attend, document_block_mask, plain_causal
 from .config import ModelConfig
-from .kv_cache import KVCache, RollingKVCache
+from .kv_cache import Cache, KVCache, RollingKVCache
 from .moe import MoE, moe_aux_loss
 from .positions import (QueryScale, Rotary, alibi_slopes, apply_rope, rope_inv_freq, sinusoidal_embedding,
                         temperature_scale)
@@ -186,7 +186,7 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = linear(f"{prefix}.kv_b_proj", cfg.mla_kv_rank, H * (cfg.mla_nope_dim + cfg.mla_v_dim), False)
         self.o_proj = linear(f"{prefix}.o_proj", H * cfg.mla_v_dim, d, False)
 
-    def forward(self, x, rope, mask, cache, slots: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, rope, mask, cache: Cache | None, slots: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape  # x: (B, T, d_model)
         nope, rd = cfg.mla_nope_dim, cfg.mla_rope_dim

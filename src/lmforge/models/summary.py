@@ -62,7 +62,16 @@ def _variants(c: dict) -> list[str]:
         out.append(f"window {c['sliding_window']} on " + ("every layer" if layers is None else
                                                          f"{len(layers)} of {c['n_layers']} layers"))
     if c["nope_layers"]:
-        out.append(f"no RoPE on {len(c['nope_layers'])} layers")
+        out.append(f"no RoPE on {len(c['nope_layers'])} layers"
+                   + (" (temperature-tuned)" if c["attn_temperature_tuning"] else ""))
+    if c["attn_chunk"] is not None:
+        layers = c["attn_chunk_layers"]
+        out.append(f"chunked attention {c['attn_chunk']} on " + ("every layer" if layers is None else
+                                                                f"{len(layers)} of {c['n_layers']} layers"))
+    if c["attn_sinks"]:
+        out.append("attention sinks")
+    if c["glu_limit"] is not None:
+        out.append(f"clamped SwiGLU (limit {c['glu_limit']:g})")
     return out
 
 

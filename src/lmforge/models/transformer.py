@@ -354,7 +354,8 @@ class Transformer(nn.Module):
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per layer, the (cos, sin) (B, 1, T, rotary_dim/2) its attention rotates q and k with, or None (no RoPE:
-        ALiBi/learned positions, or a NoPE layer). Layers of one kind share one table, built once per forward."""
+        ALiBi/learned positions, or a NoPE layer), or for NoPE layers with temperature tuning (Llama 4) a
+        `QueryScale`. Layers of one kind share one table, built once per forward."""
         tables = {kind: rotary(positions, dtype) for kind, rotary in self.rotary.items()}
         if self.cfg.attn_temperature_tuning:  # NoPE layers get a per-position query scale instead (Llama 4)
             tables[None] = QueryScale(temperature_scale(self.cfg, positions))

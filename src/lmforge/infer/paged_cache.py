@@ -235,8 +235,9 @@ class PagedKVCache(nn.Module):
                         for i in range(cfg.n_layers)]
         (hk, dk), (hv, dv) = cfg.cache_shapes  # per-head K/V, or MLA's latent and shared RoPE key
         slots = num_blocks * block_size
-        self.register_buffer("k", torch.zeros(cfg.n_layers, slots, hk, dk, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(cfg.n_layers, slots, hv, dv, dtype=dtype, device=device), persistent=False)
+        zeros = {"dtype": dtype, "device": device}
+        self.register_buffer("k", torch.zeros(cfg.n_layers, slots, hk, dk, **zeros), persistent=False)
+        self.register_buffer("v", torch.zeros(cfg.n_layers, slots, hv, dv, **zeros), persistent=False)
         self.batch: PagedBatch | None = None
         # the decode kernels can apply RoPE themselves: half layout (Llama/NeoX) over the whole head
         self.kernel_rope = cfg.pos == "rope" and not cfg.rope_interleaved and cfg.rotary_dim == cfg.dim_per_head

@@ -159,9 +159,6 @@ class Engine:
         if len(prompt_ids) == 0:
             raise ConfigError("prompt is empty: give at least one token")
         vocab = self.model.cfg.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= int(t) < vocab), None)
-        if bad is not None:
-            raise ConfigError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.max_model_len:
             raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max tokens ({params.max_new_tokens}) = "
@@ -170,6 +167,9 @@ class Engine:
         if total > self.pool.capacity_tokens:
             raise ContextLengthError(f"prompt + max tokens ({total}) exceed the KV cache ({self.pool.capacity_tokens}"
                                      " tokens); lower max_tokens or give the engine more memory")
+        lo, hi = int(min(prompt_ids)), int(max(prompt_ids))  # (C loops: a server validates on its event loop)
+        if lo < 0 or hi >= vocab:
+            raise ConfigError(f"prompt token id {lo if lo < 0 else hi} is outside the vocabulary (0..{vocab - 1})")
         if (params.stop or params.json_object) and self.tokenizer is None:
             raise ConfigError("stop strings and JSON mode need a tokenizer: build the engine with tokenizer=...")
         if params.logprobs is not None and params.logprobs > vocab:

@@ -20,7 +20,13 @@ class ServeConfig(Section):
     served_model_name: str | None = None
     """The `model` name clients use; default: the checkpoint directory's name."""
     api_key: str | None = None
-    """If set, /v1 routes need `Authorization: Bearer <api_key>`."""
+    """If set, every route but /health and the chat page (/v1, /ui, /metrics, /openapi.json) needs
+    `Authorization: Bearer <api_key>`."""
+    max_request_bytes: int = Field(4 * 2**20, ge=1024)
+    """Largest request body in bytes; a larger one gets a 413 before it is read (Content-Length) or as soon as it
+    passes the limit (chunked)."""
+    max_request_sequences: int = Field(128, ge=1)
+    """Most sequences one request may create (prompts × n); more is a 400."""
     device: str = "auto"
     """cpu, cuda, cuda:1 ... or auto (cuda when available)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -53,7 +59,8 @@ def build_server(cfg: ServeConfig):
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype, cfg.chat_template)
     engine = AsyncEngine(Engine(model, tokenizer, cfg.engine, cfg.adapters))
     name = cfg.served_model_name or Path(cfg.model).resolve().name
-    app = create_app(engine, tokenizer, name, cfg.api_key)
+    app = create_app(engine, tokenizer, name, cfg.api_key, max_request_bytes=cfg.max_request_bytes,
+                     max_request_sequences=cfg.max_request_sequences)
     if cfg.ui or cfg.rag_store or cfg.embeddings or cfg.tools:
         from .chat_page import mount_extras
 

@@ -467,3 +467,238 @@ def test_disconnects_mid_stream_return_every_block(server):
     asyncio.run(run())
     stats = _engine_idle(engine)
     assert stats["aborted"] - before["aborted"] == 16 and stats["free_blocks"] == stats["num_blocks"] - 1
+
+
+# ----------------------------------------------------------------------------------------------- fuzz
+
+
+def _check_response(r: httpx.Response) -> None:
+    """No 5xx; an error is in OpenAI's schema; a stream is well-formed events (an error one in schema) + [DONE]."""
+    assert r.status_code < 500, r.text[:500]
+    if r.status_code >= 400:
+        _schema_error(r.json())
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        events = _sse_events(r.text)
+        assert events and events[-1] == "[DONE]", r.text[-300:]
+        for e in events[:-1]:
+            if "error" in e:
+                _schema_error(e)
+            else:
+                assert e["object"] in ("text_completion", "chat.completion.chunk"), e
+    else:
+        assert r.json()["object"] in ("text_completion", "chat.completion")
+
+
+def _fuzz_strategy():
+    from hypothesis import strategies as st
+
+    text = st.one_of(st.text(max_size=10), st.sampled_from(["", "\ud800", "a\udfffb", "\x00", "}{", "<|im_end|>",
+                                                             "é€😀", "\\u0000", "null"]))
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                       st.floats(allow_nan=False, allow_infinity=False), text)
+    anything = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                            st.dictionaries(text, inner, max_size=4)), max_leaves=10)
+
+    def field(*valid):
+        return st.one_of(*valid, anything)
+
+    # never absent, never large: a valid value generates a few tokens at most (invalid ones are refused)
+    max_tokens = st.one_of(st.sampled_from([1, 2, 3, 4, 6]),
+                           st.sampled_from([0, -1, 3000, 10**9, 2**64, "4", 4.0, 4.5, "x", [], {}, True]))
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool", "developer", "wizard"]),
+         "content": st.one_of(text, st.none(), st.lists(st.fixed_dictionaries(
+             {"type": st.sampled_from(["text", "image_url"]), "text": text}), max_size=2), anything)},
+        optional={"tool_calls": field(st.lists(st.fixed_dictionaries({"function": st.fixed_dictionaries(
+            {"name": text, "arguments": st.one_of(text, anything)})}), max_size=2)), "name": anything,
+            "tool_call_id": anything})
+    fields = {
+        "model": field(st.sampled_from(["tiny", "nope"])),
+        "temperature": field(st.floats(0, 2), st.sampled_from([0, 1e-40, 1e-6, 2, -0.1, 2.1])),
+        "top_p": field(st.floats(0, 1), st.sampled_from([1e-300, 0.5])),
+        "top_k": field(st.integers(-1, 1000)),
+        "n": field(st.integers(-1, 18)),
+        "stream": field(st.booleans()),
+        "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})),
+        "stop": field(text, st.lists(text, max_size=18)),
+        "presence_penalty": field(st.floats(-2.5, 2.5)),
+        "frequency_penalty": field(st.floats(-2.5, 2.5)),
+        "repetition_penalty": field(st.floats(1e-300, 1e300), st.sampled_from([1e-300, 1e300, 0, 1.3])),
+        "seed": field(st.integers(-2**65, 2**65)),
+        "logit_bias": field(st.dictionaries(text, st.floats(-100, 100), max_size=2)),
+        "ignore_eos": field(st.booleans()),
+        "stop_token_ids": field(st.lists(st.integers(-5, 2**65), max_size=3)),
+        "return_token_ids": field(st.booleans()),
+        "logprobs": field(st.integers(-1, 25), st.booleans()),
+        "top_logprobs": field(st.integers(-1, 25)),
+        "echo": field(st.booleans()),
+        "best_of": field(st.integers(0, 3)),
+        "suffix": field(text),
+        "response_format": field(st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])})),
+        "tools": field(st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+            {"name": text}, optional={"parameters": anything})}), max_size=2)),
+        "tool_choice": field(st.sampled_from(["none", "auto", "required"])),
+        "chat_template_kwargs": field(st.dictionaries(st.sampled_from(["enable_thinking", "messages", "x"]),
+                                                      anything, max_size=2)),
+        "prompt": field(text, st.lists(text, max_size=3), st.lists(st.integers(-5, 600), max_size=6),
+                        st.lists(st.lists(st.integers(0, 600), max_size=4), max_size=3)),
+        "messages": field(st.lists(message, max_size=3)),
+        "max_tokens": max_tokens,
+        "max_completion_tokens": max_tokens,
+        "user": anything,
+    }
+    raw = st.sampled_from([b"", b"null", b"[]", b"{", b'{"prompt": "x",}', b'\xff\xfe{"prompt": "x"}',
+                           b'{"prompt": "x", "max_tokens": NaN}', b'{"prompt": Infinity}', b"[" * 5000,
+                           b'{"a":' * 300 + b"1" + b"}" * 300, b'\xef\xbb\xbf{"prompt": "x"}',
+                           b'{"prompt": "x", "prompt": 5, "max_tokens": 1}', b'{"messages": "\\ud800"}'])
+
+    @st.composite
+    def requests(draw):
+        path = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+        kind = draw(st.sampled_from(["mutated"] * 8 + ["anything", "raw"]))
+        if kind == "raw":
+            return path, draw(raw)
+        if kind == "anything":
+            return path, json.dumps(draw(anything)).encode()
+        body = ({"prompt": "Hello", "max_tokens": 4} if path == "/v1/completions" else
+                {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
+        for key in draw(st.lists(st.sampled_from(sorted(fields)), max_size=5, unique=True)):
+            if key in body and "max_tokens" not in key and draw(st.booleans()):
+                del body[key]
+            else:
+                body[key] = draw(fields[key])
+        return path, json.dumps(body).encode()
+
+    return requests()
+
+
+def test_fuzz_openai_routes_while_greedy_streams_run(server):
+    """Random bodies and parameter values on both OpenAI routes while 8 greedy streams run: no 5xx, every error in
+    OpenAI's schema, streams well-formed, every bystander run gives its tokens run alone, every block comes back.
+    Deterministic examples (derandomized); LMFORGE_FUZZ_EXAMPLES=N explores N random ones instead."""
+    hypothesis = pytest.importorskip("hypothesis")
+    explore = int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", 0))
+    url, engine = server
+    seen = {"2xx": 0, "4xx": 0}
+
+    with httpx.Client(headers={**AUTH, "content-type": "application/json"}, timeout=60) as client:
+        @hypothesis.settings(max_examples=explore or 150, derandomize=not explore, database=None, deadline=20_000,
+                             suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.given(_fuzz_strategy())
+        def one(request):
+            path, raw = request
+            r = client.post(url + path, content=raw)
+            _check_response(r)
+            seen["2xx" if r.status_code < 300 else "4xx"] += 1
+
+        t0 = time.perf_counter()
+        with Bystanders(url) as bystanders:
+            one()
+    print(f"fuzz: {sum(seen.values())} requests ({seen}), {bystanders.runs} bystander runs, "
+          f"{time.perf_counter() - t0:.1f} s")
+    assert seen["2xx"] >= 10 and seen["4xx"] >= 10  # both sides were exercised
+    stats = _engine_idle(engine)
+    assert stats["free_blocks"] == stats["num_blocks"] - 1 and stats["failed"] == 0
+
+
+# ----------------------------------------------------------------------------------------------- soak
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+BAD_BODIES = [b'{"prompt": "x", "temperature": 9}', b'{"messages": []}', b"{", b'{"prompt": "x", "n": 99}',
+              b'{"messages": [{"role": "user", "content": "x"}], "tools": "abc"}', b'{"prompt": "a\\ud800"}',
+              b'{"prompt": [99999]}', b"[" * 2000 + b"]" * 2000]
+
+
+async def _soak_one(client: httpx.AsyncClient, url: str, i: int) -> str:
+    """Request number i of the soak (its kind is i % 10); asserts its own answer; returns the kind."""
+    kind = ("stream", "plain", "n3", "stop", "json", "chat", "chat_stream", "logprobs", "disconnect", "bad")[i % 10]
+    completion = {"prompt": f"Soak {i}:", "max_tokens": 4 + i % 5, "ignore_eos": True, "temperature": 0.7,
+                  "seed": i}
+    chat = {"messages": [{"role": "user", "content": f"Soak {i}"}], "max_tokens": 4 + i % 5}
+    if kind == "bad":
+        r = await client.post(url + ("/v1/completions" if i % 20 else "/v1/chat/completions"),
+                              content=BAD_BODIES[(i // 10) % len(BAD_BODIES)])
+        assert 400 <= r.status_code < 500, r.text
+        _schema_error(r.json())
+    elif kind == "disconnect":
+        async with client.stream("POST", url + "/v1/completions", json={**completion, "max_tokens": 200,
+                                                                           "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    break  # gone mid-stream: the request must be aborted, its blocks freed
+    elif kind in ("stream", "chat_stream"):
+        path, body = (("/v1/completions", completion) if kind == "stream" else ("/v1/chat/completions", chat))
+        r = await client.post(url + path, json={**body, "stream": True, "stream_options": {"include_usage": True}})
+        events = _sse_events(r.text)
+        assert r.status_code == 200 and events[-1] == "[DONE]" and "error" not in events[-2], r.text[-300:]
+        assert events[-2]["usage"]["completion_tokens"] == (body["max_tokens"] if kind == "stream" else
+                                                            events[-2]["usage"]["completion_tokens"])
+    else:
+        path, body = "/v1/completions", completion
+        if kind == "n3":
+            body = {**completion, "n": 3}
+        elif kind == "stop":
+            body = {**completion, "stop": ["e", "a"], "ignore_eos": False}
+        elif kind == "logprobs":
+            body = {**completion, "logprobs": 2}
+        elif kind == "json":
+            path, body = "/v1/chat/completions", {**chat, "max_tokens": 10, "response_format": {"type": "json_object"}}
+        elif kind == "chat":
+            path, body = "/v1/chat/completions", chat
+        r = await client.post(url + path, json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert len(out["choices"]) == (3 if kind == "n3" else 1)
+        if kind == "json":
+            assert isinstance(json.loads(out["choices"][0]["message"]["content"]), dict)
+        if kind == "stop":
+            assert not any(s in out["choices"][0]["text"] for s in ("e", "a"))
+        if kind == "logprobs":
+            assert len(out["choices"][0]["logprobs"]["token_logprobs"]) == body["max_tokens"]
+    return kind
+
+
+async def _soak(url: str, requests: int, concurrency: int = 64) -> list:
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(headers=AUTH, limits=limits, timeout=120) as client:
+        async def one(i: int):
+            async with gate:
+                return await _soak_one(client, url, i)
+
+        return await asyncio.gather(*(one(i) for i in range(requests)), return_exceptions=True)
+
+
+SOAK_RSS_GROWTH_MB = 64
+
+
+def test_soak_2000_mixed_requests_leave_no_trace(server):
+    """2,000 requests at concurrency 64 (streamed, plain, n=3, stop strings, JSON mode, chat, logprobs, clients
+    leaving mid-stream, malformed bodies): every one answered as it should be, the KV pool back to all free, the
+    process's resident memory grown by less than SOAK_RSS_GROWTH_MB after a warm-up."""
+    url, engine = server
+    warm = asyncio.run(_soak(url, 200))
+    assert [r for r in warm if isinstance(r, BaseException)] == []
+    _engine_idle(engine)
+    gc.collect()
+    rss0, t0 = _rss_bytes(), time.perf_counter()
+    before = engine.stats()
+    results = asyncio.run(_soak(url, 2000))
+    seconds = time.perf_counter() - t0
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert failures == [], (len(failures), failures[:3])
+    stats = _engine_idle(engine)
+    gc.collect()
+    growth = (_rss_bytes() - rss0) / 2**20
+    print(f"soak: 2000 requests in {seconds:.1f} s, RSS +{growth:.1f} MiB, free blocks {stats['free_blocks']}/"
+          f"{stats['num_blocks'] - 1}, aborted {stats['aborted'] - before['aborted']}, "
+          f"preemptions {stats['preemptions'] - before['preemptions']}")
+    assert stats["free_blocks"] == stats["num_blocks"] - 1 and stats["running"] == stats["waiting"] == 0
+    assert stats["aborted"] - before["aborted"] == 200 and stats["failed"] == before["failed"]
+    assert growth < SOAK_RSS_GROWTH_MB

@@ -70,10 +70,10 @@ def test_text_is_cut_at_the_earliest_of_several_stop_strings(model_and_tok):
 
     _, tok = model_and_tok
     ids = tok.encode("x are", add_special_tokens=False)
-    for stops in (["e", "a"], ["a", "e"], ["re", " a"]):
+    for stops, want in ((["e", "a"], "x "), (["a", "e"], "x "), (["re", " a"], "x")):
         text = _StopText(tok, stops)
         pieces = [text.push(t) for t in ids]
-        assert pieces[-1][1] and text.text == "x", (stops, pieces)
+        assert pieces[-1][1] and text.text == want, (stops, pieces)
 
 
 def test_streaming_callback_sees_every_token_in_order(model_and_tok):

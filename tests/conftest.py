@@ -59,7 +59,7 @@ def serve():
 
     def start(cfg):
         app, engine = build_server(cfg)
-        url, stop = serve_in_thread(app)
+        url, stop = serve_in_thread(app, keep_alive=cfg.timeout_keep_alive)
         running.append((stop, engine))
         return url, engine
 

@@ -351,6 +351,12 @@ def test_a_500_keeps_the_connection_alive(server, monkeypatch):
             assert _read_response(s)[0] == 400
             s.sendall(head.format(n=len(good)).encode() + good)
             assert _read_response(s)[0] == 200
+        # idle longer than clients keep pooled connections (httpx, openai: 5 s): still open, so a client never
+        # reuses a connection the server is closing (uvicorn's own 5 s made pooled requests fail at random)
+        assert httpx.Limits().keepalive_expiry < 5.5 < ServeConfig.model_fields["timeout_keep_alive"].default
+        time.sleep(5.5)
+        s.sendall(head.format(n=len(good)).encode() + good)
+        assert _read_response(s)[0] == 200
 
 
 # ----------------------------------------------------------------------------------------------- 5, 6. schema, keys
@@ -615,9 +621,12 @@ BAD_BODIES = [b'{"prompt": "x", "temperature": 9}', b'{"messages": []}', b"{", b
               b'{"prompt": [99999]}', b"[" * 2000 + b"]" * 2000]
 
 
+SOAK_KINDS = ("stream", "plain", "n3", "stop", "json", "chat", "chat_stream", "logprobs", "disconnect", "bad")
+
+
 async def _soak_one(client: httpx.AsyncClient, url: str, i: int) -> str:
-    """Request number i of the soak (its kind is i % 10); asserts its own answer; returns the kind."""
-    kind = ("stream", "plain", "n3", "stop", "json", "chat", "chat_stream", "logprobs", "disconnect", "bad")[i % 10]
+    """Request number i of the soak (of kind i % 10); asserts its own answer; returns the kind."""
+    kind = SOAK_KINDS[i % len(SOAK_KINDS)]
     completion = {"prompt": f"Soak {i}:", "max_tokens": 4 + i % 5, "ignore_eos": True, "temperature": 0.7,
                   "seed": i}
     chat = {"messages": [{"role": "user", "content": f"Soak {i}"}], "max_tokens": 4 + i % 5}
@@ -670,7 +679,10 @@ async def _soak(url: str, requests: int, concurrency: int = 64) -> list:
     async with httpx.AsyncClient(headers=AUTH, limits=limits, timeout=120) as client:
         async def one(i: int):
             async with gate:
-                return await _soak_one(client, url, i)
+                try:
+                    return await _soak_one(client, url, i)
+                except Exception as e:
+                    raise AssertionError(f"request {i} ({SOAK_KINDS[i % len(SOAK_KINDS)]}): {e!r}") from e
 
         return await asyncio.gather(*(one(i) for i in range(requests)), return_exceptions=True)
 

@@ -104,8 +104,9 @@ def make_tiny_checkpoint(out_dir: str | Path, arch: str = "LlamaForCausalLM", vo
     return out_dir
 
 
-def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
-    """Serve an ASGI app with uvicorn on a daemon thread: (base url, stop()). `port` 0 picks a free one."""
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0, keep_alive: float = 30.0):
+    """Serve an ASGI app with uvicorn on a daemon thread: (base url, stop()). `port` 0 picks a free one;
+    `keep_alive` is uvicorn's timeout_keep_alive (`ServeConfig.timeout_keep_alive`)."""
     import socket
     import threading
     import time
@@ -116,7 +117,8 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_keep_alive=keep_alive))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + timeout

@@ -586,7 +586,7 @@ def test_fuzz_openai_routes_while_greedy_streams_run(server):
     hypothesis = pytest.importorskip("hypothesis")
     explore = int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", 0))
     url, engine = server
-    seen = {"2xx": 0, "4xx": 0}
+    seen, failed = {"2xx": 0, "4xx": 0}, engine.stats()["failed"]
 
     with httpx.Client(headers={**AUTH, "content-type": "application/json"}, timeout=60) as client:
         @hypothesis.settings(max_examples=explore or 150, derandomize=not explore, database=None, deadline=20_000,
@@ -605,7 +605,7 @@ def test_fuzz_openai_routes_while_greedy_streams_run(server):
           f"{time.perf_counter() - t0:.1f} s")
     assert seen["2xx"] >= 10 and seen["4xx"] >= 10  # both sides were exercised
     stats = _engine_idle(engine)
-    assert stats["free_blocks"] == stats["num_blocks"] - 1 and stats["failed"] == 0
+    assert stats["free_blocks"] == stats["num_blocks"] - 1 and stats["failed"] == failed  # no request broke the engine
 
 
 # ----------------------------------------------------------------------------------------------- soak

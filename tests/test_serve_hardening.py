@@ -687,14 +687,17 @@ async def _soak(url: str, requests: int, concurrency: int = 64) -> list:
         return await asyncio.gather(*(one(i) for i in range(requests)), return_exceptions=True)
 
 
-SOAK_RSS_GROWTH_MB = 64
+SOAK_RSS_GROWTH_MB = 32  # measured: 0-7 MiB on 2 cores
+SOAK_BLOCKS = 128  # 508 tokens for 64 requests of up to ~210 each: preemptions happen
 
 
-def test_soak_2000_mixed_requests_leave_no_trace(server):
+def test_soak_2000_mixed_requests_leave_no_trace(ckpt, serve):
     """2,000 requests at concurrency 64 (streamed, plain, n=3, stop strings, JSON mode, chat, logprobs, clients
-    leaving mid-stream, malformed bodies): every one answered as it should be, the KV pool back to all free, the
-    process's resident memory grown by less than SOAK_RSS_GROWTH_MB after a warm-up."""
-    url, engine = server
+    leaving mid-stream, malformed bodies) through a KV pool small enough to preempt: every one answered as it should
+    be, the pool back to all free, the process's resident memory grown by less than SOAK_RSS_GROWTH_MB after a
+    warm-up."""
+    url, engine = serve(ServeConfig(model=str(ckpt), device="cpu", api_key=KEY, engine=dict(
+        block_size=4, num_blocks=SOAK_BLOCKS, max_model_len=512, max_num_seqs=64)))
     warm = asyncio.run(_soak(url, 200))
     assert [r for r in warm if isinstance(r, BaseException)] == []
     _engine_idle(engine)
@@ -712,5 +715,5 @@ def test_soak_2000_mixed_requests_leave_no_trace(server):
           f"{stats['num_blocks'] - 1}, aborted {stats['aborted'] - before['aborted']}, "
           f"preemptions {stats['preemptions'] - before['preemptions']}")
     assert stats["free_blocks"] == stats["num_blocks"] - 1 and stats["running"] == stats["waiting"] == 0
-    assert stats["aborted"] - before["aborted"] == 200 and stats["failed"] == before["failed"]
+    assert stats["preemptions"] > before["preemptions"] and stats["aborted"] - before["aborted"] == 200 and stats["failed"] == before["failed"]
     assert growth < SOAK_RSS_GROWTH_MB

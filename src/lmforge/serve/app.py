@@ -97,7 +97,8 @@ def _engine_params(body, max_tokens: int, logprobs: int | None, json_object: boo
         return EngineSamplingParams(**fields)
     except pydantic.ValidationError as e:
         err = e.errors(include_url=False)[0]
-        name = _PARAM_NAMES.get(str(err["loc"][0]), str(err["loc"][0]))
+        field = str(err["loc"][0]) if err["loc"] else "request"
+        name = _PARAM_NAMES.get(field, field)
         raise OpenAIError(400, f"{name}: {err['msg']}", param=name) from None
 
 

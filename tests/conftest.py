@@ -45,3 +45,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def serve():
+    """Start servers for a test module: `serve(ServeConfig)` → (base url, AsyncEngine): `lmforge serve`'s app on a
+    real uvicorn on 127.0.0.1 (a free port, a daemon thread); stopped, engine shut down, when the module ends."""
+    pytest.importorskip("uvicorn")
+    from lmforge.serve import build_server
+    from lmforge.testing import serve_in_thread
+
+    running = []
+
+    def start(cfg):
+        app, engine = build_server(cfg)
+        url, stop = serve_in_thread(app, keep_alive=cfg.timeout_keep_alive)
+        running.append((stop, engine))
+        return url, engine
+
+    yield start
+    for stop, engine in running:
+        stop()
+        engine.shutdown()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lmforge.cli import main, split_args
+from lmforge.cli import GenerateConfig, main, split_args
 from lmforge.testing import make_tiny_checkpoint
 
 
@@ -21,6 +21,27 @@ def test_split_args_forms():
                           "--chat"])
     assert cfg == "c.yaml"
     assert ov == ["model=ckpt", "max_new_tokens=5", "stream=false", "temperature=0", "chat=true"]
+
+
+def test_a_bare_boolean_flag_does_not_eat_the_override_after_it(monkeypatch):
+    """`--ui rag_store=X` is ui=true plus an override (it was ui='rag_store=X', "Input should be a valid boolean"),
+    for every verb: with the verb's config class booleans take only true/false; without it, a following key=value
+    is never a value. Other flags still take any value, '=' included."""
+    from lmforge.serve import ServeConfig
+
+    assert split_args(["ckpt", "--ui", "rag_store=X", "--port", "9"], "model", ServeConfig)[1] == [
+        "model=ckpt", "ui=true", "rag_store=X", "port=9"]
+    assert split_args(["ckpt", "--ui", "false", "--tools"], "model", ServeConfig)[1] == [
+        "model=ckpt", "ui=false", "tools=true"]
+    assert split_args(["ckpt", "--chat", "temperature=0", "--prompt", "a=b"], "model", GenerateConfig)[1] == [
+        "model=ckpt", "chat=true", "temperature=0", "prompt=a=b"]
+    assert split_args(["ckpt", "--chat", "temperature=0"])[1] == ["model=ckpt", "chat=true", "temperature=0"]
+    assert split_args(["--device", "cpu", "ckpt"])[1] == ["device=cpu", "model=ckpt"]  # the model after a flag
+    seen = {}
+    monkeypatch.setattr("lmforge.serve.config.run_serve", lambda cfg: seen.setdefault("cfg", cfg))
+    assert main(["serve", "ckpt", "--ui", "rag_store=store", "--api-key", "k=v"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.ui is True and cfg.rag_store == "store" and cfg.api_key == "k=v"
 
 
 def test_info_on_checkpoint_and_preset(ckpt, capsys):

@@ -366,3 +366,75 @@ def test_two_stage_argmax_equals_argmax_ties_included(V):
     x[1, V // 3] = x[1, V - 1] = x[1].max() + 1  # a tie across chunks: the first index wins
     x[2] = 0.5  # every entry tied
     assert argmax_rows(x).tolist() == x.argmax(-1).tolist() == [int(x[0].float().argmax()), V // 3, 0]
+
+
+def _run_all(engine: Engine) -> dict:
+    """Step until idle; request id → its final output."""
+    finals = {}
+    while engine.has_unfinished():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    return finals
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_a_request_whose_sampling_raises_fails_alone(model, tok, monkeypatch, decode_steps):
+    """An exception in one request's per-request work (here its JSON constraint) ends that request with an error;
+    the requests batched with it finish with the tokens they get alone, and every block comes back."""
+    from lmforge.infer import json_constraint
+
+    def broken(self, *args):
+        raise RuntimeError("constraint exploded")
+
+    monkeypatch.setattr(json_constraint.JsonObjectConstraint, "pick", broken)
+    prompts = _prompts(6, lo=3, hi=30, seed=11, vocab=500)
+    want = [r.token_ids for r in generate(model, prompts, GREEDY)]
+    engine = Engine(model, tok, EngineConfig(block_size=4, num_blocks=256, decode_steps=decode_steps))
+    ids = [engine.add_request(p, GREEDY) for p in prompts[:3]]
+    bad = engine.add_request(prompts[0], P(max_new_tokens=8, json_object=True, temperature=0.5))
+    ids += [engine.add_request(p, GREEDY) for p in prompts[3:]]
+    finals = _run_all(engine)
+    assert finals[bad].finish_reason == "error" and "constraint exploded" in finals[bad].error
+    assert [finals[i].token_ids for i in ids] == want and all(finals[i].error is None for i in ids)
+    stats = engine.stats()
+    assert stats["failed"] == 1 and stats["free_blocks"] == stats["num_blocks"] - 1
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_a_batched_failure_is_bisected_to_the_request_that_causes_it(model, monkeypatch, where):
+    """A forward that raises whenever one request is in its batch: the step is retried without each suspect (by
+    halves) until that request is found; it alone fails, the others match generate()."""
+    prompts = _prompts(7, lo=3, hi=30, seed=12, vocab=500)
+    want = [r.token_ids for r in generate(model, prompts, GREEDY)]
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=256, decode_steps=4))
+    ids = [engine.add_request(p, GREEDY, request_id=f"r{i}") for i, p in enumerate(prompts)]
+    real = getattr(engine.runner, where)
+    calls = []
+
+    def poisoned(batch, *args):
+        reqs = [getattr(x, "request", x) for x in batch]
+        calls.append(len(reqs))
+        if any(r.request_id == "r3" and (where == "prefill" or r.num_generated > 2) for r in reqs):
+            raise ValueError("poisoned batch")
+        return real(batch, *args)
+
+    monkeypatch.setattr(engine.runner, where, poisoned)
+    finals = _run_all(engine)
+    assert finals["r3"].finish_reason == "error" and "poisoned batch" in finals["r3"].error
+    assert [finals[i].token_ids for i in ids if i != "r3"] == want[:3] + want[4:]
+    assert engine.stats()["free_blocks"] == engine.stats()["num_blocks"] - 1
+    assert min(calls) == 1  # the culprit was tried on its own
+
+
+def test_a_failure_no_request_is_to_blame_for_is_raised(model, monkeypatch):
+    """A forward that fails whatever it is given is a broken engine: step() raises (the server then fails every
+    request in flight) instead of blaming some request."""
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=256))
+    for p in _prompts(3, seed=13):
+        engine.add_request(p, GREEDY)
+
+    def dead(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "prefill", dead)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()

@@ -68,3 +68,41 @@ def test_greedy_and_seeded_sampling_are_deterministic():
 def test_bad_params_name_the_field():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=1.5)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-40), SamplingParams(temperature=1e-30, top_p=0.5, top_k=3),
+    SamplingParams(temperature=1e-4, repetition_penalty=1e-300), SamplingParams(repetition_penalty=1e300),
+    SamplingParams(temperature=0.7, repetition_penalty=float("inf"))])
+def test_sampling_is_nan_safe_for_any_accepted_parameter(params):
+    """Extreme but valid values (a temperature under the floor is greedy; penalties that overflow) draw a token of
+    the vocabulary instead of feeding inf/NaN to multinomial."""
+    logits = torch.tensor([[3.0, -1.0, 2.5, -4.0], [-2.0, -3.0, -1.5, -0.5]])
+    seen = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    for g in (None, torch.Generator().manual_seed(0)):
+        tokens = sample(logits, params, seen, generator=g)
+        assert tokens.shape == (2,) and ((tokens >= 0) & (tokens < 4)).all()
+    if params.temperature < 1e-5:
+        assert params.greedy and torch.equal(sample(logits, params), logits.argmax(-1))
+
+
+def test_batch_sampler_and_json_constraint_are_nan_safe():
+    from lmforge.infer.batch_sampling import BatchSampler, EngineSamplingParams
+    from lmforge.infer.json_constraint import JsonObjectConstraint
+
+    class Row:
+        def __init__(self, **kw):
+            self.params, self.token_ids, self.num_prompt, self.generator = EngineSamplingParams(**kw), [0, 1], 1, None
+
+    rows = [Row(temperature=1e-40), Row(temperature=1e-3, repetition_penalty=1e-300), Row(temperature=1.0)]
+    texts = ["{", "}", '"', "a", ":", "1", " ", "x"]
+    constraint = JsonObjectConstraint(texts, 8)
+    sampler = BatchSampler(rows, len(texts), torch.device("cpu"), {0: constraint.pick, 1: constraint.pick})
+    assert sampler.greedy.tolist() == [True, False, False]
+    logits = torch.randn(3, len(texts))
+    logits[:, 0] = -5.0  # '{' is the only allowed start: the constraint must search for it
+    tokens = sampler(logits).tokens.tolist()
+    assert tokens[:2] == [0, 0] and 0 <= tokens[2] < len(texts)
+    # a probability row full of inf / NaN (what a 1e-40 temperature made of it) still picks an allowed token
+    for bad in (torch.full((len(texts),), float("nan")), torch.tensor([float("inf")] * len(texts))):
+        assert constraint.pick(bad, False, None, 3) == 0

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -19,7 +18,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from lmforge.infer import SamplingParams, generate  # noqa: E402
 from lmforge.models import load_hf  # noqa: E402
-from lmforge.serve import ServeConfig, build_server  # noqa: E402
+from lmforge.serve import ServeConfig  # noqa: E402
 from lmforge.testing import make_tiny_checkpoint  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
@@ -54,22 +53,10 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ckpt):
+def server(ckpt, serve):
     path, lora = ckpt
-    cfg = ServeConfig(model=str(path), device="cpu", api_key=KEY, adapters={"tiny-lora": str(lora)},
-                      engine=dict(block_size=4, num_blocks=4096, max_model_len=2048, max_num_seqs=64))
-    app, engine = build_server(cfg)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(10)
-    engine.shutdown()
+    return serve(ServeConfig(model=str(path), device="cpu", api_key=KEY, adapters={"tiny-lora": str(lora)},
+                             engine=dict(block_size=4, num_blocks=4096, max_model_len=2048, max_num_seqs=64)))
 
 
 @pytest.fixture
@@ -208,7 +195,7 @@ def test_client_disconnect_aborts_the_request_and_frees_its_blocks(server):
     with pytest.raises(httpx.TimeoutException):
         httpx.post(url + "/v1/completions", json={**body, "stream": False}, headers=headers, timeout=1.0)
     assert _wait_for(lambda: engine.stats()["aborted"] == before["aborted"] + 2)
-    metrics = httpx.get(url + "/metrics").text
+    metrics = httpx.get(url + "/metrics", headers=headers).text  # with --api-key, metrics need it too
     assert f"lmforge_aborted {before['aborted'] + 2}" in metrics
 
 

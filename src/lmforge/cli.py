@@ -7,6 +7,7 @@ bare first argument is the model: `lmforge generate ./ckpt --prompt "Hi" --max-n
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -260,15 +261,46 @@ VERBS: dict[str, tuple] = {
 # ------------------------------------------------------------------------------------------------ argv
 
 
-def split_args(args: list[str], positional: str | tuple[str, str] = "model") -> tuple[str | None, list[str]]:
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.-]*=")  # the start of a `key=value` override
+
+
+def _flag_field(cls: type | None, key: str):
+    """The pydantic field a `--key` names in config class `cls` (dotted keys walk nested sections), or None."""
+    if cls is None:
+        return None
+    from .config import _section_at
+
+    *head, last = key.split(".")
+    owner = _section_at(cls, tuple(head))
+    if owner is None:
+        return None
+    return next((f for name, f in owner.model_fields.items() if last in (name, f.alias)), None)
+
+
+def _takes_value(cls: type | None, key: str, following: str) -> bool:
+    """Whether `--key` takes the argument after it as its value. A boolean field is a bare flag unless `true` or
+    `false` follows (`--ui rag_store=X`: ui=true, then an override); another field always takes it; a key `cls`
+    does not know takes it unless it looks like a `key=value` override."""
+    field = _flag_field(cls, key)
+    if field is not None:
+        is_bool = field.annotation in (bool, bool | None)
+        return not is_bool or following.lower() in ("true", "false")
+    return not _OVERRIDE.match(following)
+
+
+def split_args(args: list[str], positional: str | tuple[str, str] = "model",
+               cls: type | None = None) -> tuple[str | None, list[str]]:
     """(config path, ["key=value", ...]) from `--config F`, `--key v`, `--key=v`, `key=v` and bare arguments: the
-    first is the verb's positional key (the model for most verbs, the config file for `train`); with a pair such as
-    ("model", "tasks") the rest of the bare arguments form the list key (`lmforge eval MODEL T1 T2`)."""
+    first bare one is the verb's positional key (the model for most verbs, the config file for `train`); with a pair
+    such as ("model", "tasks") the rest of the bare arguments form the list key (`lmforge eval MODEL T1 T2`).
+    `cls`, the verb's config class, tells which `--key`s are booleans: those never take a following override as
+    their value."""
     config, overrides = None, []
     rest_key = None
     if isinstance(positional, tuple):
         positional, rest_key = positional
     rest: list[str] = []
+    seen_positional = False
     i = 0
     while i < len(args):
         a = args[i]
@@ -279,19 +311,22 @@ def split_args(args: list[str], positional: str | tuple[str, str] = "model") -> 
             continue
         if a.startswith("--"):
             key, eq, value = a[2:].partition("=")
+            key = key.replace("-", "_")
             if not eq:
-                if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                    value, i = args[i + 1], i + 1
+                following = args[i + 1] if i + 1 < len(args) else None
+                if following is not None and not following.startswith("--") and _takes_value(cls, key, following):
+                    value, i = following, i + 1
                 else:
                     value = "true"  # a bare flag
-            overrides.append(f"{key.replace('-', '_')}={value}")
-        elif "=" in a:
+            overrides.append(f"{key}={value}")
+        elif _OVERRIDE.match(a):
             key, _, value = a.partition("=")
             overrides.append(f"{key.replace('-', '_')}={value}")
-        elif i == 0 and positional == "config":
-            config = a
-        elif i == 0:
+        elif not seen_positional and positional == "config":
+            config, seen_positional = a, True
+        elif not seen_positional:
             overrides.append(f"{positional}={a}")
+            seen_positional = True
         elif rest_key is not None:
             rest.append(a)
         else:
@@ -333,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if "-h" in rest or "--help" in rest:
             print(f"lmforge {verb}: {desc}\n\n{format_help(cls)}")
             return
-        config, overrides = split_args(rest, positional)
+        config, overrides = split_args(rest, positional, cls)
         if verb == "train":  # one verb for every stage: sft/pretrain on TrainConfig, rm/dpo/ppo on AlignConfig
             cls = train_config_class(config, overrides)
         cfg = load_config(cls, config, overrides)

@@ -227,3 +227,33 @@ def make_tiny_checkpoint(out_dir: str | Path, arch: str = "LlamaForCausalLM", vo
     torch.manual_seed(seed)
     make_tiny_hf_model(arch, out_dir, vocab_size=tok.get_vocab_size(), **token_ids)
     return out_dir
+
+
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0, keep_alive: float = 30.0):
+    """Serve an ASGI app with uvicorn on a daemon thread: (base url, stop()). `port` 0 picks a free one;
+    `keep_alive` is uvicorn's timeout_keep_alive (`ServeConfig.timeout_keep_alive`)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_keep_alive=keep_alive))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + timeout
+    while not server.started and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        raise RuntimeError(f"uvicorn did not start on {host}:{port} within {timeout:.0f} s")
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://{host}:{port}", stop

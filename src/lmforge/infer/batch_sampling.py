@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, finite_logits
 
 
 class EngineSamplingParams(SamplingParams):
@@ -68,7 +68,7 @@ class BatchSampler:
         f32 = dict(dtype=torch.float32, device=device)
         self.greedy_all = all(p.greedy for p in params)
         self.greedy = torch.tensor([p.greedy for p in params], device=device)
-        self.temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], **f32)
+        self.temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], **f32)
         ks = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
         self.max_k = max(ks, default=0)
         self.top_k = torch.tensor(ks, device=device) if self.max_k else None
@@ -113,7 +113,7 @@ class BatchSampler:
 
     def filtered(self, x: torch.Tensor) -> torch.Tensor:
         """Temperature, then per-row top-k and top-p on penalized logits (B, V); filtered entries are -inf."""
-        x = x / self.temperature[:, None]
+        x = finite_logits(x / self.temperature[:, None])
         if self.top_k is not None:
             kth = x.topk(self.max_k, dim=-1).values.gather(1, (self.top_k.clamp(min=1) - 1)[:, None])
             kth = torch.where(self.top_k[:, None] > 0, kth, float("-inf"))

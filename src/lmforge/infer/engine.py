@@ -10,12 +10,20 @@ argmax inside the CUDA graph), the next such run is launched before the current 
 GPU keeps decoding while the host reads tokens, applies stop rules and streams text; a request that stopped or
 was aborted meanwhile just has its run-ahead tokens dropped.
 
+One bad request never takes the batch down: a step commits nothing (no computed-token counts, no emitted tokens)
+until its forwards and sampling have succeeded, so when they raise, the step's requests are probed by halves
+(`_isolate`) to find the ones whose work fails on its own; those end with an error output (finish_reason "error")
+and their blocks are freed, the others simply run again in the next step. Per-request host work after that (stop
+rules, detokenization, the JSON automaton) fails only its own request. A failure no request can be blamed for is
+raised: the engine itself is broken.
+
 `LLM` (offline) and the server (`lmforge.serve`) both drive this class; it is not thread-safe (the server runs it
 on one background thread).
 """
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,6 +43,8 @@ from .multi_lora import AdapterSet
 from .paged_cache import BlockPool
 from .sampling import SamplingParams
 from .scheduler import FINISHED, RUNNING, Request, Scheduled, Scheduler
+
+log = logging.getLogger("lmforge.engine")
 
 
 class EngineConfig(Section):
@@ -92,12 +102,13 @@ class RequestOutput:
     new_text: str = ""
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     prompt_tokens: int = 0
     generated_tokens: int = 0
     token_ids: list[int] | None = None  # all generated ids, when finished
     text: str | None = None  # all generated text (with a tokenizer), when finished
     logprobs: list[TokenLogprob] | None = None  # when finished, if asked for
+    error: str | None = None  # finish_reason "error": what went wrong ("ExceptionType: message")
 
 
 class Engine:
@@ -126,7 +137,7 @@ class Engine:
                                   cuda_graphs=cfg.cuda_graphs, compile=cfg.compile, adapters=self.adapters,
                                   attention=cfg.attention, decode_steps=cfg.decode_steps)
         self.requests: dict[str, Request] = {}
-        self.counters = {"finished": 0, "aborted": 0, "blocks_freed_on_abort": 0, "prompt_tokens": 0,
+        self.counters = {"finished": 0, "aborted": 0, "failed": 0, "blocks_freed_on_abort": 0, "prompt_tokens": 0,
                          "generated_tokens": 0}
         self._pending: list[RequestOutput] = []
         self._inflight: _Run | None = None  # a greedy decode launched ahead, read by the next step
@@ -148,9 +159,6 @@ class Engine:
         if len(prompt_ids) == 0:
             raise ConfigError("prompt is empty: give at least one token")
         vocab = self.model.cfg.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= int(t) < vocab), None)
-        if bad is not None:
-            raise ConfigError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.max_model_len:
             raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max tokens ({params.max_new_tokens}) = "
@@ -159,6 +167,9 @@ class Engine:
         if total > self.pool.capacity_tokens:
             raise ContextLengthError(f"prompt + max tokens ({total}) exceed the KV cache ({self.pool.capacity_tokens}"
                                      " tokens); lower max_tokens or give the engine more memory")
+        lo, hi = int(min(prompt_ids)), int(max(prompt_ids))  # (C loops: a server validates on its event loop)
+        if lo < 0 or hi >= vocab:
+            raise ConfigError(f"prompt token id {lo if lo < 0 else hi} is outside the vocabulary (0..{vocab - 1})")
         if (params.stop or params.json_object) and self.tokenizer is None:
             raise ConfigError("stop strings and JSON mode need a tokenizer: build the engine with tokenizer=...")
         if params.logprobs is not None and params.logprobs > vocab:
@@ -237,39 +248,91 @@ class Engine:
         """Run one scheduling step; return the outputs of every request that produced something or ended."""
         outputs, self._pending = self._pending, []
         if self._inflight is not None:  # launched by the last step: read it (launching the next one first)
-            return outputs + self._finish(self._inflight)
+            run, self._inflight = self._inflight, None
+            return outputs + self._finish(run)
         k = self._lookahead()
         chunks, preempted = self.scheduler.schedule(k)
         if not chunks:
             return outputs
-        decodes = [c for c in chunks if c.length == 1]
-        prefills = [c for c in chunks if c.length > 1]
-        if k > 1 and not prefills and not preempted and all(c.samples for c in decodes):
-            reqs = [c.request for c in decodes]
-            results = self.runner.decode(reqs, k, self._sampler(reqs))
-            for c in decodes:
-                c.request.num_computed += k
-            return outputs + self._finish(_Run(reqs, results))
-
-        logits = []
-        if decodes:
-            decode_logits = self.runner.decode([c.request for c in decodes], 1, None)[0]
-            logits.append(decode_logits[[i for i, c in enumerate(decodes) if c.samples]])
-        for group in _prefill_groups(prefills):
-            logits.append(self.runner.prefill(group))
-            decodes += group  # keep chunk order aligned with the logits rows
-        sampled = [c for c in decodes if c.samples]
-        for c in decodes:
+        if k > 1 and (preempted or not all(c.length == 1 and c.samples for c in chunks)):
+            k = 1  # a multi-step decode only when every chunk is a decode and nothing was preempted
+        try:
+            work = self._compute(chunks, k)
+        except Exception as e:  # noqa: BLE001 - nothing was committed: find who is to blame
+            return outputs + self._isolate(chunks, k, e)
+        if isinstance(work, _Run):
+            for r in work.reqs:
+                r.num_computed += k
+            return outputs + self._finish(work)
+        sampled, host = work
+        for c in chunks:
             c.request.num_computed += c.length
-        if sampled:
-            result = self._sampler([c.request for c in sampled])(torch.cat(logits))
-            host = self._host_results([result], len(sampled))[0]
-            for i, c in enumerate(sampled):
-                outputs.append(self._emit(c.request, [host[i]]))
-        for c in decodes:
+        outputs += [self._emit(c.request, [host[i]]) for i, c in enumerate(sampled)]
+        for c in chunks:
             if not c.samples:
                 self.scheduler.cache_full_blocks(c.request)
         return outputs
+
+    def _compute(self, chunks: list[Scheduled], k: int) -> _Run | tuple[list[Scheduled], list]:
+        """A step's device work, changing no engine state (the K/V it writes are those of positions not yet counted
+        as computed, so running it again is harmless): a k-step decode of every chunk (k > 1) as a `_Run`; else one
+        forward of the decode rows and the prefill chunks, and the sampling of the chunks that reach their request's
+        last token → (those chunks, their (token, logprobs) on the host)."""
+        if k > 1:
+            reqs = [c.request for c in chunks]
+            return _Run(reqs, self.runner.decode(reqs, k, self._sampler(reqs)))
+        decodes = [c for c in chunks if c.length == 1]
+        logits, order = [], []
+        if decodes:
+            decode_logits = self.runner.decode([c.request for c in decodes], 1, None)[0]
+            logits.append(decode_logits[[i for i, c in enumerate(decodes) if c.samples]])
+            order += decodes
+        for group in _prefill_groups([c for c in chunks if c.length > 1]):
+            logits.append(self.runner.prefill(group))
+            order += group  # keep chunk order aligned with the logits rows
+        sampled = [c for c in order if c.samples]
+        if not sampled:
+            return sampled, []
+        result = self._sampler([c.request for c in sampled])(torch.cat(logits))
+        return sampled, self._host_results([result], len(sampled))[0]
+
+    def _isolate(self, chunks: list[Scheduled], k: int, error: Exception) -> list[RequestOutput]:
+        """The work of a step raised `error`. Rerun parts of it to find the requests whose work fails on its own:
+        halve the batch and keep halving the halves that fail (about 2 log2(B) probes per culprit, on this failure
+        path only). The culprits end with an error; the others run again next step (nothing of the failed step was
+        committed). When no part fails alone, or every request does, the fault is no request's: re-raise."""
+        log.warning("engine step failed (%s: %s); probing its %d requests", type(error).__name__, error, len(chunks))
+        culprits = self._blame(chunks, k, error)
+        if not culprits or (len(chunks) > 1 and len(culprits) == len(chunks)):
+            raise error
+        return [self._fail(c.request, e) for c, e in culprits]
+
+    def _blame(self, chunks: list[Scheduled], k: int, error: Exception) -> list[tuple[Scheduled, Exception]]:
+        """(chunk, its error) for the chunks of a failed batch whose work also fails on its own."""
+        if len(chunks) == 1:
+            return [(chunks[0], error)]
+        culprits = []
+        for half in (chunks[:len(chunks) // 2], chunks[len(chunks) // 2:]):
+            try:
+                self._compute(half, k)
+            except Exception as e:  # noqa: BLE001 - this half holds a culprit
+                culprits += self._blame(half, k, e)
+        return culprits
+
+    def _fail(self, req: Request, error: Exception) -> RequestOutput:
+        """End a request whose work raised `error`: its blocks are freed, its last output carries the error."""
+        log.warning("request %s failed: %s: %s", req.request_id, type(error).__name__, error)
+        self.requests.pop(req.request_id, None)
+        self.scheduler.free(req)
+        req.status, req.finish_reason = FINISHED, "error"
+        self.counters["failed"] += 1
+        self._forget_finished_inflight()
+        out = RequestOutput(req.request_id, error=f"{type(error).__name__}: {error}")
+        try:
+            return self._final(req, out)
+        except Exception:  # noqa: BLE001 - its detokenizer is what broke: report without the text
+            out.finished, out.finish_reason = True, "error"
+            return out
 
     def _finish(self, run: _Run) -> list[RequestOutput]:
         """Read a multi-step decode and apply the stop rules, after launching the next greedy run of the same rows
@@ -326,7 +389,14 @@ class Engine:
         return [[(t, TokenLogprob(t, lp, top)) for t, lp, top in zip(*step)] for step in zip(tokens, chosen, tops)]
 
     def _emit(self, req: Request, sampled: list[tuple[int, TokenLogprob | None]]) -> RequestOutput:
-        """Apply stop rules to the sampled tokens of one request (discarding any after a stop)."""
+        """Apply stop rules to the sampled tokens of one request (discarding any after a stop); an exception in
+        this per-request work (detokenizer, JSON automaton) fails that request alone."""
+        try:
+            return self._emit_tokens(req, sampled)
+        except Exception as e:  # noqa: BLE001
+            return self._fail(req, e)
+
+    def _emit_tokens(self, req: Request, sampled: list[tuple[int, TokenLogprob | None]]) -> RequestOutput:
         out = RequestOutput(req.request_id, prompt_tokens=req.num_prompt)
         ex = req.extra
         reason = None

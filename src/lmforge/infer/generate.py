@@ -40,11 +40,10 @@ class _StopText:
         """Add a token; return (text now safe to show, whether a stop string completed)."""
         before = len(self.text)
         self.text += self.decoder.step(token_id)
-        for s in self.stops:
-            at = self.text.find(s, max(0, before - len(s) + 1))
-            if at != -1:
-                self.text = self.text[:at]
-                return self.flush(), True
+        hits = [at for s in self.stops if (at := self.text.find(s, max(0, before - len(s) + 1))) != -1]
+        if hits:  # the earliest in the text wins, whatever the order of the stop strings
+            self.text = self.text[:min(hits)]
+            return self.flush(), True
         held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
         piece = self.text[self.emitted:len(self.text) - held]
         self.emitted += len(piece)

@@ -186,11 +186,11 @@ class JsonObjectConstraint:
         if self.next_state(token) is not None:
             return token
         scores = scores.float().cpu()
-        if not greedy:
-            probs = scores.clone()
+        if not greedy:  # (NaN, inf or negative entries are given no mass: multinomial refuses them)
+            probs = torch.where(scores.isfinite() & (scores > 0), scores, 0.0)
             probs[token] = 0
             for _ in range(16):  # rejection sampling = sampling from the allowed set
-                if probs.sum() <= 0:
+                if not probs.sum() > 0:
                     break
                 t = int(torch.multinomial(probs, 1, generator=_cpu(generator)))
                 if self.next_state(t) is not None:

@@ -26,8 +26,9 @@ class LLMOutput:
     prompt_ids: list[int]
     token_ids: list[int]
     text: str | None
-    finish_reason: str
+    finish_reason: str  # "stop" | "length" | "error" (its work raised: see `error`; the other prompts are unaffected)
     logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,7 +101,7 @@ class LLM:
             for rid in order:
                 engine.abort(rid)
             raise
-        return [LLMOutput(p, done[r].token_ids, done[r].text, done[r].finish_reason, done[r].logprobs)
+        return [LLMOutput(p, done[r].token_ids, done[r].text, done[r].finish_reason, done[r].logprobs, done[r].error)
                 for p, r in zip(ids, order)]
 
     def _encode(self, prompt) -> list[int]:

@@ -9,6 +9,9 @@ from pydantic import Field
 
 from ..config import Section
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily: dividing logits by less overflows float32 to inf (and softmax to NaN)."""
+
 
 class SamplingParams(Section):
     """How to pick each next token. temperature 0 means greedy (argmax)."""
@@ -16,7 +19,7 @@ class SamplingParams(Section):
     max_new_tokens: int = Field(128, ge=1)
     """Most tokens to generate per prompt."""
     temperature: float = Field(1.0, ge=0.0)
-    """Softmax temperature; 0 means greedy (argmax)."""
+    """Softmax temperature; 0 (or anything under 1e-5) means greedy (argmax)."""
     top_k: int = Field(0, ge=0)
     """Keep only the k most likely tokens (0 = off)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -29,12 +32,19 @@ class SamplingParams(Section):
     """Extra stop token ids beside the model's and tokenizer's eos."""
     ignore_eos: bool = False
     """Keep generating past eos (benchmarks)."""
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)
     """Seed for sampling; the same seed and prompts give the same tokens."""
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits made safe to softmax: NaN and ±inf (an overflowing penalty or temperature) become the lowest / highest
+    finite float, so every row keeps a finite maximum; the -inf of top-k / top-p filtering comes after this."""
+    big = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -78,5 +88,5 @@ def sample(
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(-1)
-    logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
+    logits = top_p_filter(top_k_filter(finite_logits(logits / params.temperature), params.top_k), params.top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None, debug: bool = False) -> int:
         if "-h" in rest or "--help" in rest:
             print(f"lmforge rag {sub}: {desc}\n\n{format_help(cls)}")
             return
-        config, overrides = split_args(rest, positional)
+        config, overrides = split_args(rest, positional, cls)
         run(load_config(cls, config, overrides))
 
     return report_errors(f"lmforge rag {sub}", body, debug)

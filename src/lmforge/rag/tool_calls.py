@@ -11,12 +11,22 @@ named function asks for a call in the prompt. A streamed request with tools is a
 after the reply is complete (tool calls can only be told apart from text at the end).
 
     app = create_app(...); app.add_middleware(ToolCallsMiddleware)
+
+The parts of a request it reads (`tools`, `tool_choice`, `messages[].tool_calls`) are validated first; a malformed
+one is a 400 in OpenAI's schema naming the field. A body that is not a JSON object goes to the server untouched
+(which answers it with its own 400).
 """
 from __future__ import annotations
 
 import json
 import re
 import uuid
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..serve.protocol import ContentPart, OpenAIError, parse_json_body, validation_error
 
 TOOLS_PROMPT = """You can call these functions (JSON schemas):
 {schemas}
@@ -26,6 +36,52 @@ To call a function, reply with one block per call and nothing else:
 Function results come back in <tool_response> blocks. {choice}"""
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ToolFunction(_Loose):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Loose):
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class CalledFunction(_Loose):
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] | None = None
+
+
+class ToolCall(_Loose):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class NamedToolChoice(_Loose):
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class ToolMessage(_Loose):
+    role: str
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ToolsRequest(_Loose):
+    """What the middleware reads of a chat request, validated before it rewrites anything."""
+
+    messages: list[ToolMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    stream: bool = False
 
 
 def _choice_text(tool_choice) -> str:
@@ -49,7 +105,7 @@ def messages_as_text(messages: list[dict]) -> list[dict]:
         if m.get("role") == "assistant" and m.get("tool_calls"):
             calls = "\n".join("<tool_call>" + json.dumps({"name": c["function"]["name"], "arguments": _loads(
                 c["function"].get("arguments"))}, ensure_ascii=False) + "</tool_call>" for c in m.pop("tool_calls"))
-            m["content"] = ((m.get("content") or "") + "\n" + calls).strip()
+            m["content"] = (_text(m.get("content")) + "\n" + calls).strip()
         elif m.get("role") == "tool":
             name = m.pop("name", None) or m.get("tool_call_id", "")
             m = {"role": "user", "content": f"<tool_response name=\"{name}\">\n{_text(m.get('content'))}\n"
@@ -69,8 +125,8 @@ def _loads(arguments):
 
 def _text(content) -> str:
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content or ""
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
@@ -169,19 +225,27 @@ class ToolCallsMiddleware:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/chat/completions"):
             return await self.app(scope, receive, send)
         chunks, more = [], True
-        while more:
+        while more:  # (the server's RequestGuard, outside this middleware, has capped the size)
             message = await receive()
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         raw = b"".join(chunks)
         try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        wants_tools = isinstance(body, dict) and (body.get("tools") or any(
-            isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in body.get("messages") or []))
+            body = parse_json_body(raw)
+        except OpenAIError:
+            body = None  # the server answers it
+        messages = body.get("messages") if body is not None else None
+        wants_tools = body is not None and (body.get("tools") or any(
+            isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+            for m in (messages if isinstance(messages, list) else [])))
         if not wants_tools:
             return await self.app(scope, _replay(raw, receive), send)
+        try:
+            ToolsRequest.model_validate(body)
+        except pydantic.ValidationError as e:
+            error = validation_error(e.errors(include_url=False)).response()
+            await send({"type": "http.response.start", "status": error.status_code, "headers": error.raw_headers})
+            return await send({"type": "http.response.body", "body": error.body})
         stream = bool(body.get("stream"))
         new = rewrite_request(body, self._native(scope))
         new["stream"] = False

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge serve: OpenAI-compatible server\n\n{format_help(ServeConfig)}")
         return 0
     try:
-        config, overrides = split_args(argv, "model")
+        config, overrides = split_args(argv, "model", ServeConfig)
         run_serve(load_config(ServeConfig, config, overrides))
     except LmforgeError as e:
         print(f"lmforge serve: error: {e}", file=sys.stderr)

@@ -2,34 +2,54 @@
 
 Routes: `/v1/completions`, `/v1/chat/completions` (both with `stream`, `stream_options.include_usage`, `n`, `stop`,
 `logprobs`; chat with `response_format: json_object`), `/v1/models`, `/health`, `/metrics` (Prometheus text).
-Errors use OpenAI's schema; bad input is a 400 naming the field. A client that disconnects aborts its requests,
-which frees their KV blocks. No model logic lives here: everything below the HTTP shapes is the engine's.
+No model logic lives here: everything below the HTTP shapes is the engine's.
+
+One request never hurts another, and no input reaches a 500:
+- `RequestGuard` (outermost) checks the API key before any body is read, caps the body size (413) and turns a bug
+  that escapes a route into an OpenAI-schema 500 that keeps the connection alive;
+- a body is parsed, validated, templated, tokenized and checked on a worker thread (`_prepare_*`), never on the
+  event loop, so a multi-megabyte prompt does not stall the streams of others or /health;
+- every error is a 4xx in OpenAI's schema {"error": {"message", "type", "param", "code"}} naming the field
+  (404 and 405 included); a request the engine fails (its work raised) is a 400, and a stream that fails after its
+  first chunk ends with an SSE error event, then `data: [DONE]`;
+- a client that disconnects aborts its requests, which frees their KV blocks.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pydantic
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LmforgeError
-from ..infer.async_engine import AsyncEngine
+from ..infer.async_engine import AsyncEngine, EngineDeadError
 from ..infer.batch_sampling import EngineSamplingParams
 from ..infer.engine import ContextLengthError, RequestOutput, TokenLogprob
-from .protocol import ChatRequest, CompletionRequest, OpenAIError, message_dicts
+from .guard import RequestGuard
+from .protocol import ChatRequest, CompletionRequest, OpenAIError, message_dicts, parse_request, validation_error
+
+log = logging.getLogger("lmforge.serve")
 
 _PARAM_NAMES = {"max_new_tokens": "max_tokens", "logprobs": "logprobs", "json_object": "response_format"}
+_TEMPLATE_ARGS = frozenset({"messages", "conversation", "add_generation_prompt", "tokenize"})
 
 
 class ServerState:
-    def __init__(self, engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None):
+    def __init__(self, engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None,
+                 max_request_sequences: int = 128):
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.max_request_sequences = max_request_sequences
         self.created = int(time.time())
         self._token_strs: dict[int, str] = {}
 
@@ -49,10 +69,19 @@ class ServerState:
                                           if self.tokenizer is not None else str(token_id))
         return self._token_strs[token_id]
 
-    def encode(self, text: str, field: str) -> list[int]:
+    def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (call from a worker thread: the batch call lets go of the GIL while Rust works)."""
         if self.tokenizer is None:
             raise OpenAIError(400, f"{field}: the server has no tokenizer; send token ids", param=field)
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+    def check_sequences(self, prompts: int, n: int) -> None:
+        """Refuse a request that would create more sequences (prompts × n) than `max_request_sequences`."""
+        if prompts * n > self.max_request_sequences:
+            param = "n" if n > 1 else "prompt"
+            raise OpenAIError(400, f"{param}: {prompts} prompt(s) × n={n} = {prompts * n} sequences exceed the limit "
+                                   f"of {self.max_request_sequences} per request (serve option max_request_sequences)",
+                              param=param)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -68,7 +97,8 @@ def _engine_params(body, max_tokens: int, logprobs: int | None, json_object: boo
         return EngineSamplingParams(**fields)
     except pydantic.ValidationError as e:
         err = e.errors(include_url=False)[0]
-        name = _PARAM_NAMES.get(str(err["loc"][0]), str(err["loc"][0]))
+        field = str(err["loc"][0]) if err["loc"] else "request"
+        name = _PARAM_NAMES.get(field, field)
         raise OpenAIError(400, f"{name}: {err['msg']}", param=name) from None
 
 
@@ -116,12 +146,31 @@ async def _outputs(state: ServerState, subs: list[tuple], adapter: str | None, r
             if item is None:
                 remaining -= 1
             elif isinstance(item, Exception):
-                raise item
+                raise _openai_error(item)
             elif item != ():
+                if item.finish_reason == "error":
+                    raise OpenAIError(400, f"the request failed in the engine: {item.error}", code="request_failed")
                 yield index, item
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _openai_error(e: Exception) -> Exception:
+    """What the client gets for an exception of the engine: a request it refused is a 400; a dead engine a 500."""
+    if isinstance(e, LmforgeError):
+        return OpenAIError(400, str(e))
+    if isinstance(e, EngineDeadError):
+        return OpenAIError(500, str(e), type="server_error", code="engine_error")
+    return e
+
+
+def _stream_error(e: Exception) -> str:
+    """The SSE error event that ends a stream which failed after it started (`data: [DONE]` follows)."""
+    if not isinstance(e, OpenAIError):
+        log.exception("stream failed", exc_info=e)
+        e = OpenAIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+    return _sse(e.body())
 
 
 def _check_complete(finals: dict, subs: list) -> None:
@@ -138,62 +187,158 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _lp(x: float) -> float:
+    """A log-probability JSON can carry: -inf (and NaN) become -9999.0, as other OpenAI-compatible servers do."""
+    return x if math.isfinite(x) else -9999.0
+
+
 def _completion_logprobs(state: ServerState, entries: list[TokenLogprob], offset: int) -> dict:
     tokens = [state.token_str(e.token_id) for e in entries]
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{state.token_str(i): lp for i, lp in e.top} for e in entries], "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [_lp(e.logprob) for e in entries],
+            "top_logprobs": [{state.token_str(i): _lp(lp) for i, lp in e.top} for e in entries],
+            "text_offset": offsets}
 
 
 def _chat_logprobs(state: ServerState, entries: list[TokenLogprob]) -> dict:
     def item(token_id: int, lp: float) -> dict:
         s = state.token_str(token_id)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {"token": s, "logprob": _lp(lp), "bytes": list(s.encode("utf-8"))}
 
     return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
                         for e in entries]}
 
 
+# ----------------------------------------------------------------------------------------------- preparing
+
+
+@dataclass
+class _Prepared:
+    """A request parsed, tokenized and checked (on a worker thread), ready for the engine."""
+
+    body: CompletionRequest | ChatRequest
+    adapter: str | None
+    subs: list[tuple[int, list[int], EngineSamplingParams]]  # (choice index, prompt ids, params)
+    prompt_tokens: int
+    echo: list[str] | None = None  # completions with echo: each prompt's text
+
+
+def _seed(seed: int | None, choice: int) -> int | None:
+    return None if seed is None else seed + choice  # each of n choices its own seed
+
+
+def _prepare_completion(state: ServerState, raw: bytes) -> _Prepared:
+    body = parse_request(raw, CompletionRequest)
+    adapter = state.adapter_for(body.model)
+    _check_unsupported(body)
+    if body.suffix:
+        raise OpenAIError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise OpenAIError(400, "best_of must equal n (ranking several samples is not supported)", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise OpenAIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+    p = body.prompt
+    one = isinstance(p, str) or isinstance(p[0], int)
+    state.check_sequences(1 if one else len(p), body.n)  # before tokenizing what may be thousands of prompts
+    if isinstance(p, str):
+        prompts = [state.encode(p, "prompt")]
+    elif one:
+        prompts = [list(p)]
+    else:
+        prompts = [state.encode(x, "prompt") if isinstance(x, str) else list(x) for x in p]
+    subs = []
+    for i, ids in enumerate(prompts):
+        for j in range(body.n):
+            params = _engine_params(body, body.max_tokens or 16, body.logprobs, False, _seed(body.seed, j))
+            _validate(state, ids, params, adapter, "prompt")
+            subs.append((i * body.n + j, ids, params))
+    echo = [state.tokenizer.decode(ids) if state.tokenizer else "" for ids in prompts] if body.echo else None
+    return _Prepared(body, adapter, subs, sum(len(ids) for ids in prompts), echo)
+
+
+def _prepare_chat(state: ServerState, raw: bytes) -> _Prepared:
+    body = parse_request(raw, ChatRequest)
+    adapter = state.adapter_for(body.model)
+    _check_unsupported(body)
+    if body.tools:
+        raise OpenAIError(400, "tools are not supported (the server runs with tools=false)", param="tools")
+    fmt = body.response_format.type if body.response_format else "text"
+    if fmt == "json_schema":
+        raise OpenAIError(400, "response_format json_schema is not supported; use json_object",
+                          param="response_format")
+    tokenizer = state.tokenizer
+    if tokenizer is None:
+        raise OpenAIError(400, "the server has no tokenizer, so no chat template", param="messages")
+    state.check_sequences(1, body.n)
+    kwargs = body.chat_template_kwargs or {}
+    if _TEMPLATE_ARGS & kwargs.keys():
+        raise OpenAIError(400, f"chat_template_kwargs: {sorted(_TEMPLATE_ARGS & kwargs.keys())} are set by the server",
+                          param="chat_template_kwargs")
+    messages = message_dicts(body.messages)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+    except LmforgeError as e:
+        raise OpenAIError(400, f"messages: {e}", param="messages") from None
+    except Exception as e:  # noqa: BLE001 - template errors are the messages' fault (a role it refuses, ...)
+        raise OpenAIError(400, f"messages: the chat template failed: {type(e).__name__}: {e}", param="messages") from None
+    prompt = state.encode(text, "messages", add_special_tokens=False)  # the template writes its own bos
+    engine = state.engine.engine
+    limit = min(engine.max_model_len, engine.pool.capacity_tokens)
+    max_tokens = body.max_completion_tokens or body.max_tokens or max(1, limit - len(prompt))
+    top = body.top_logprobs or 0
+    subs = []
+    for j in range(body.n):
+        params = _engine_params(body, max_tokens, top if body.logprobs else None, fmt == "json_object",
+                                _seed(body.seed, j))
+        _validate(state, prompt, params, adapter, "messages")
+        subs.append((j, prompt, params))
+    return _Prepared(body, adapter, subs, len(prompt))
+
+
 # ----------------------------------------------------------------------------------------------- app
 
 
-def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over a started or not-yet-started AsyncEngine (started on the first request)."""
-    state = ServerState(engine, tokenizer, model_name, api_key)
-    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
+class _App(FastAPI):
+    """FastAPI whose `RequestGuard` stays the outermost middleware, whatever is added after `create_app` (the tools
+    middleware reads bodies: the key check and the size cap must come first)."""
+
+    def build_middleware_stack(self):
+        self.user_middleware.sort(key=lambda m: m.cls is not RequestGuard)  # stable: the rest keep their order
+        return super().build_middleware_stack()
+
+
+def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None, *,
+               max_request_bytes: int = 4 * 2**20, max_request_sequences: int = 128) -> FastAPI:
+    """The FastAPI app over a started or not-yet-started AsyncEngine (started on the first request). With `api_key`
+    every route but /health and the chat page needs it; bodies over `max_request_bytes` get a 413, requests asking
+    for more than `max_request_sequences` sequences (prompts × n) a 400."""
+    state = ServerState(engine, tokenizer, model_name, api_key, max_request_sequences)
+    app = _App(title="lmforge", docs_url=None, redoc_url=None)
     app.state.lmforge = state
+    app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes)
 
     @app.exception_handler(OpenAIError)
-    async def _openai_error(request: Request, e: OpenAIError):
-        return JSONResponse(e.body(), status_code=e.status)
+    async def _openai_error_handler(request: Request, e: OpenAIError):
+        return e.response()
 
-    @app.exception_handler(RequestValidationError)
+    @app.exception_handler(RequestValidationError)  # routes whose bodies FastAPI parses (/ui, /v1/embeddings)
     async def _validation_error(request: Request, e: RequestValidationError):
-        err = e.errors()[0]
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
-        return JSONResponse(OpenAIError(400, f"{param}: {msg}" if param else msg, param=param).body(),
-                            status_code=400)
+        return validation_error(list(e.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)  # 404, 405, FastAPI's body errors: in OpenAI's schema too
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        message = {404: f"Invalid URL ({request.method} {request.url.path})",
+                   405: f"Method {request.method} is not allowed for {request.url.path}"}.get(e.status_code, e.detail)
+        return OpenAIError(e.status_code, str(message)).response()
 
     @app.exception_handler(LmforgeError)
     async def _lmforge_error(request: Request, e: LmforgeError):
-        return JSONResponse(OpenAIError(400, str(e)).body(), status_code=400)
+        return OpenAIError(400, str(e)).response()
 
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, e: Exception):
-        return JSONResponse(OpenAIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
-                            status_code=500)
-
-    async def check_key(request: Request) -> None:  # a dependency, not middleware: keeps disconnects visible
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise OpenAIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                              code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    v1 = APIRouter(prefix="/v1")  # the key is checked by RequestGuard
 
     @app.get("/health")
     async def health():
@@ -212,32 +357,10 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
         return {"object": "list", "data": data}
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        adapter = state.adapter_for(body.model)
-        _check_unsupported(body)
-        if body.suffix:
-            raise OpenAIError(400, "suffix is not supported", param="suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise OpenAIError(400, "best_of must equal n (ranking several samples is not supported)", param="best_of")
-        if body.echo and body.logprobs is not None:
-            raise OpenAIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
-        p = body.prompt
-        if isinstance(p, str):
-            prompts = [state.encode(p, "prompt")]
-        elif isinstance(p[0], int):
-            prompts = [list(p)]
-        else:
-            prompts = [state.encode(x, "prompt") if isinstance(x, str) else list(x) for x in p]
-        subs = []
-        for i, ids in enumerate(prompts):
-            for j in range(body.n):
-                seed = None if body.seed is None else body.seed + j
-                params = _engine_params(body, body.max_tokens or 16, body.logprobs, False, seed)
-                _validate(state, ids, params, adapter, "prompt")
-                subs.append((i * body.n + j, ids, params))
-        echo = [state.tokenizer.decode(ids) if state.tokenizer else "" for ids in prompts] if body.echo else None
+    async def completions(request: Request):
+        prep = await run_in_threadpool(_prepare_completion, state, await request.body())
+        body, subs, adapter, echo = prep.body, prep.subs, prep.adapter, prep.echo
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt_tokens = sum(len(ids) for ids in prompts)
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             out = {"id": rid, "object": "text_completion", "created": created, "model": body.model or model_name,
@@ -248,26 +371,29 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
 
         if body.stream:
             async def stream():
-                completion_tokens, offsets = 0, [0] * len(subs)
-                if echo:
-                    for i, _, _ in subs:
-                        yield _sse(chunk([{"index": i, "text": echo[i // body.n], "logprobs": None,
-                                           "finish_reason": None}]))
-                async for i, out in _outputs(state, subs, adapter, request, rid):
-                    lp = None
-                    if body.logprobs is not None:
-                        lp = _completion_logprobs(state, out.new_logprobs, offsets[i])
-                    offsets[i] += len(out.new_text)
-                    if out.new_text or lp or out.finished or (body.return_token_ids and out.new_token_ids):
-                        choice = {"index": i, "text": out.new_text, "logprobs": lp,
-                                  "finish_reason": out.finish_reason if out.finished else None}
-                        if body.return_token_ids:
-                            choice["token_ids"] = out.new_token_ids
-                        yield _sse(chunk([choice]))
-                    if out.finished:
-                        completion_tokens += out.generated_tokens
-                if body.stream_options and body.stream_options.include_usage:
-                    yield _sse(chunk([], _usage(prompt_tokens, completion_tokens)))
+                try:
+                    completion_tokens, offsets = 0, [0] * len(subs)
+                    if echo:
+                        for i, _, _ in subs:
+                            yield _sse(chunk([{"index": i, "text": echo[i // body.n], "logprobs": None,
+                                               "finish_reason": None}]))
+                    async for i, out in _outputs(state, subs, adapter, request, rid):
+                        lp = None
+                        if body.logprobs is not None:
+                            lp = _completion_logprobs(state, out.new_logprobs, offsets[i])
+                        offsets[i] += len(out.new_text)
+                        if out.new_text or lp or out.finished or (body.return_token_ids and out.new_token_ids):
+                            choice = {"index": i, "text": out.new_text, "logprobs": lp,
+                                      "finish_reason": out.finish_reason if out.finished else None}
+                            if body.return_token_ids:
+                                choice["token_ids"] = out.new_token_ids
+                            yield _sse(chunk([choice]))
+                        if out.finished:
+                            completion_tokens += out.generated_tokens
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse(chunk([], _usage(prep.prompt_tokens, completion_tokens)))
+                except Exception as e:  # noqa: BLE001 - the stream has started: the error goes into it
+                    yield _stream_error(e)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -283,36 +409,12 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                             "finish_reason": out.finish_reason})
             if body.return_token_ids:
                 choices[-1]["token_ids"] = out.token_ids
-        return chunk(choices, _usage(prompt_tokens, sum(f.generated_tokens for f in finals.values())))
+        return chunk(choices, _usage(prep.prompt_tokens, sum(f.generated_tokens for f in finals.values())))
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
-        adapter = state.adapter_for(body.model)
-        _check_unsupported(body)
-        if body.tools:
-            raise OpenAIError(400, "tools are not supported yet", param="tools")
-        fmt = body.response_format.type if body.response_format else "text"
-        if fmt == "json_schema":
-            raise OpenAIError(400, "response_format json_schema is not supported; use json_object",
-                              param="response_format")
-        if tokenizer is None:
-            raise OpenAIError(400, "the server has no tokenizer, so no chat template", param="messages")
-        try:
-            prompt = tokenizer.apply_chat_template(message_dicts(body.messages), add_generation_prompt=True,
-                                                   tokenize=True, **(body.chat_template_kwargs or {}))
-        except LmforgeError as e:
-            raise OpenAIError(400, f"messages: {e}", param="messages") from None
-        except Exception as e:  # noqa: BLE001 - template errors are the messages' fault (a role it refuses, ...)
-            raise OpenAIError(400, f"messages: the chat template failed: {e}", param="messages") from None
-        limit = min(engine.engine.max_model_len, engine.engine.pool.capacity_tokens)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, limit - len(prompt))
-        top = body.top_logprobs or 0
-        subs = []
-        for j in range(body.n):
-            seed = None if body.seed is None else body.seed + j
-            params = _engine_params(body, max_tokens, top if body.logprobs else None, fmt == "json_object", seed)
-            _validate(state, prompt, params, adapter, "messages")
-            subs.append((j, prompt, params))
+    async def chat_completions(request: Request):
+        prep = await run_in_threadpool(_prepare_chat, state, await request.body())
+        body, subs, adapter = prep.body, prep.subs, prep.adapter
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
@@ -324,23 +426,27 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
 
         if body.stream:
             async def stream():
-                completion_tokens = 0
-                for j in range(body.n):
-                    yield _sse(chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                       "finish_reason": None}]))
-                async for j, out in _outputs(state, subs, adapter, request, rid):
-                    lp = _chat_logprobs(state, out.new_logprobs) if body.logprobs else None
-                    if out.new_text or (lp and lp["content"]) or (body.return_token_ids and out.new_token_ids):
-                        choice = {"index": j, "delta": {"content": out.new_text}, "logprobs": lp, "finish_reason": None}
-                        if body.return_token_ids:
-                            choice["token_ids"] = out.new_token_ids
-                        yield _sse(chunk([choice]))
-                    if out.finished:
-                        completion_tokens += out.generated_tokens
-                        yield _sse(chunk([{"index": j, "delta": {}, "logprobs": None,
-                                           "finish_reason": out.finish_reason}]))
-                if body.stream_options and body.stream_options.include_usage:
-                    yield _sse(chunk([], _usage(len(prompt), completion_tokens)))
+                try:
+                    completion_tokens = 0
+                    for j in range(body.n):
+                        yield _sse(chunk([{"index": j, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}]))
+                    async for j, out in _outputs(state, subs, adapter, request, rid):
+                        lp = _chat_logprobs(state, out.new_logprobs) if body.logprobs else None
+                        if out.new_text or (lp and lp["content"]) or (body.return_token_ids and out.new_token_ids):
+                            choice = {"index": j, "delta": {"content": out.new_text}, "logprobs": lp,
+                                      "finish_reason": None}
+                            if body.return_token_ids:
+                                choice["token_ids"] = out.new_token_ids
+                            yield _sse(chunk([choice]))
+                        if out.finished:
+                            completion_tokens += out.generated_tokens
+                            yield _sse(chunk([{"index": j, "delta": {}, "logprobs": None,
+                                               "finish_reason": out.finish_reason}]))
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse(chunk([], _usage(prep.prompt_tokens, completion_tokens)))
+                except Exception as e:  # noqa: BLE001 - the stream has started: the error goes into it
+                    yield _stream_error(e)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -353,8 +459,9 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
         if body.return_token_ids:
             for c in choices:
                 c["token_ids"] = finals[c["index"]].token_ids
+        usage = _usage(prep.prompt_tokens, sum(f.generated_tokens for f in finals.values()))
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model or model_name,
-                "choices": choices, "usage": _usage(len(prompt), sum(f.generated_tokens for f in finals.values()))}
+                "choices": choices, "usage": usage}
 
     app.include_router(v1)
     return app

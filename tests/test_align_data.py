@@ -95,7 +95,8 @@ def test_bad_rows_are_counted_with_their_line_numbers(tok, tmp_path):
 
 
 def test_separators_stay_in_their_row_and_bytes_that_are_not_utf8_are_bad_rows(tok, tmp_path):
-    rows = [json.dumps({"prompt": "q1\u2028more", "chosen": "good\x85", "rejected": "bad"}, ensure_ascii=False).encode(),
+    first = {"prompt": "q1\u2028more", "chosen": "good\x85", "rejected": "bad"}
+    rows = [json.dumps(first, ensure_ascii=False).encode(),
             b'{"prompt": "q2", "chosen": "caf\xe9", "rejected": "bad"}',
             json.dumps({"prompt": "q3", "chosen": "good", "rejected": "bad"}).encode()]
     path = tmp_path / "prefs.jsonl"

@@ -59,11 +59,9 @@ def atomic_dir(path: str | Path, *, replace_only_models: bool = False) -> Iterat
     for root, _, files in os.walk(tmp):  # make the bytes durable before the rename publishes them
         for f in files:
             _fsync(Path(root) / f)
+    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    _fsync(path.parent)  # the rename itself
+    os.replace(tmp, path)
+    _fsync(path.parent)  # the renames themselves
+    shutil.rmtree(old, ignore_errors=True)

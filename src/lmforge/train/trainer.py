@@ -113,9 +113,11 @@ class Trainer:
         if cfg.parallel.zero == 1 and self.dist.enabled:
             self.optimizer = zero1_optimizer(self.optimizer, self.dist)
         self.updates_in_backward = getattr(self.optimizer, "updates_in_backward", False)
-        # torch's fused kernels skip a step on the device given GradScaler's found_inf flag (DTensors aside)
+        # torch's fused kernels skip a step on the device given GradScaler's found_inf flag (FSDP/TP DTensors aside)
+        from torch.distributed.tensor import DTensor
+
         self.skips_on_device = (getattr(self.optimizer, "_step_supports_amp_scaling", False)
-                                and not any(type(p).__name__ == "DTensor" for _, p in self.params))
+                                and not any(isinstance(p, DTensor) for _, p in self.params))
         if self.updates_in_backward and (self.t.grad_accum > 1 or self.precision == "fp16" or self.pipeline
                                          or self.dist.enabled):
             raise ValueError(f"optimizer '{cfg.optim.name}' updates weights during backward: it cannot accumulate "

@@ -423,7 +423,8 @@ class Trainer:
         steps = f"step {self.step}" if n == 1 else f"steps {first}-{self.step}"
         ckpts = list_checkpoints(self.out)
         kept = f"the last checkpoint, {ckpts[-1]}, is kept" if ckpts else "no checkpoint was written"
+        updates = "applied inside backward" if self.updates_in_backward else "skipped"
         raise NonFiniteError(f"step {self.step}: loss {rec['loss']:.4g}, gradient norm {rec['grad_norm']:.4g}: inf/NaN "
                              f"at {steps} (train.max_nonfinite_steps={self.t.max_nonfinite_steps}; their updates were "
-                             f"skipped); stopping without saving ({kept}, final/ is not written); lower optim.lr or "
+                             f"{updates}); stopping without saving ({kept}, final/ is not written); lower optim.lr or "
                              "check the data")

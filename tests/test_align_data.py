@@ -93,6 +93,18 @@ def test_bad_rows_are_counted_with_their_line_numbers(tok, tmp_path):
     assert "3 bad" in report.summary() and f"{path}:2" in report.summary()
 
 
+
+def test_separators_stay_in_their_row_and_bytes_that_are_not_utf8_are_bad_rows(tok, tmp_path):
+    first = {"prompt": "q1\u2028more", "chosen": "good\x85", "rejected": "bad"}
+    rows = [json.dumps(first, ensure_ascii=False).encode(),
+            b'{"prompt": "q2", "chosen": "caf\xe9", "rejected": "bad"}',
+            json.dumps({"prompt": "q3", "chosen": "good", "rejected": "bad"}).encode()]
+    path = tmp_path / "prefs.jsonl"
+    path.write_bytes(b"\r\n".join(rows) + b"\r\n")
+    train, _, report = build_preference_datasets(DataConfig(path=str(path), max_seq_len=64), tok)
+    assert (len(train), report.records_read) == (2, 3)
+    assert report.bad_rows == [(str(path), 2, "not UTF-8: byte 0xE9 at line 2, column 32")]
+
 def test_unknown_column_is_a_config_error(tok, tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"q": "x", "good": "a", "bad": "b"}) + "\n")

@@ -90,6 +90,29 @@ def test_bad_types_name_the_key():
         load_config(Cfg, overrides=["model=m", "train.optim.betas=[1, x]"])
 
 
+
+class Free(Section):
+    options: dict = {}
+    rate: float | None = None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.optim.learning_rate=inf", "config key 'train.optim.learning_rate': Input should be a finite number"),
+    ("train.optim.learning_rate=.nan", "config key 'train.optim.learning_rate': Input should be a finite number"),
+    ("train.optim.learning_rate=-.inf", "config key 'train.optim.learning_rate': Input should be a finite number"),
+    ("train.optim.betas=[0.9, .inf]", "config key 'train.optim.betas[1]': Input should be a finite number"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(override, message):
+    """Every float field of every section refuses inf and NaN (YAML .inf/.nan, or the strings inf/nan)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, overrides=["model=m", override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"'options': a\.b\[1\] must be a finite number, not nan"):
+        load_config(Free, overrides=["options={a: {b: [1.0, .nan]}}"])  # inside free-form mappings too
+    with pytest.raises(ConfigError, match="'rate': Input should be a finite number"):
+        load_config(Free, overrides=["rate=nan"])
+    assert load_config(Free, overrides=["options={note: inf}", "rate=1e30"]).options == {"note": "inf"}  # a string
+
 def test_literal_rejects_bad_choice():
     with pytest.raises(ConfigError) as e:
         load_config(Cfg, overrides=["model=m", "train.schedule=step"])

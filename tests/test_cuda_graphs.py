@@ -110,3 +110,34 @@ def test_packed_rows_run_eagerly_under_cuda_graphs():
         losses = [r["loss"] for r in _curve(trainer, 4)]
     assert trainer.graphs.replays == 0 and not trainer.graphs.captured
     assert losses[-1] < losses[0]
+
+
+@CUDA
+@pytest.mark.gpu
+def test_a_non_finite_step_is_skipped_on_the_device_eagerly_and_in_replayed_graphs():
+    """Fused AdamW skips a step whose gradient norm is inf/NaN through its found_inf flag: weights, Adam's moments and
+    its step count stay as they were, with no host sync, so a captured graph skips it too (step 4, a replay)."""
+    curves = []
+    for replay in (True, False):
+        trainer = _trainer(device="cuda", method="full", cuda_graphs=True, precision="bf16")
+        trainer.graphs.enabled = replay
+        assert trainer.skips_on_device  # fused AdamW on CUDA
+        poison = torch.ones((), device="cuda")  # a device tensor: the captured hook reads its current value
+        next(p for _, p in trainer.params).register_hook(lambda g: g * poison)
+        recs = []
+        for step in range(1, 8):
+            poison.fill_(float("nan") if step == 4 else 1.0)
+            before = [p.detach().clone() for _, p in trainer.params]
+            state = [{k: v.clone() for k, v in s.items()} for s in trainer.optimizer.state.values()]
+            rec = trainer.train_step()
+            changed = any(not torch.equal(a, p) for a, (_, p) in zip(before, trainer.params))
+            if step == 4:
+                assert rec["skipped"] and rec["nonfinite"] and not changed
+                assert all(torch.equal(s[k], t[k]) for s, t in zip(state, trainer.optimizer.state.values()) for k in s)
+            else:
+                assert "skipped" not in rec and changed
+            recs.append(rec)
+        assert trainer.graphs.replays == (6 if replay else 0)
+        curves.append(recs)
+    for x, y in zip(*curves):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)

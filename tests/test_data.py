@@ -213,6 +213,56 @@ def test_bad_rows_are_counted_with_row_numbers(tok, tmp_path):
     assert "3 bad" in report.summary()
 
 
+
+def _alpaca_line(i: int) -> bytes:
+    return json.dumps({"instruction": f"q{i}", "output": "fine"}).encode() + b"\n"
+
+
+def test_bytes_that_are_not_utf8_are_bad_rows_with_their_line(tok, tmp_path):
+    """One stray byte (a Latin-1 file, a torn write) is one bad row, reported with its line; reading goes on."""
+    lines = [_alpaca_line(1), b'{"instruction": "q2", "output": "caf\xe9"}\n', _alpaca_line(3),
+             b'{"instruction": "q4", "output": "\\ud800 lone"}\n', _alpaca_line(5)]
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(b"".join(lines))
+    train, _, report = build_datasets(DataConfig(path=str(jsonl)), tok)
+    assert len(train) == 3 and report.records_read == 5
+    assert [(row, why) for _, row, why in report.bad_rows] == [
+        (2, "not UTF-8: byte 0xE9 at line 2, column 37"),
+        (4, "a string holds the lone surrogate \\ud800 (not Unicode text)")]
+
+    records = [{"instruction": "q1", "output": "fine"}, {"instruction": "q2", "output": "caf\u00e9"},
+               {"instruction": "q3", "output": "fine"}]
+    array = tmp_path / "latin1.json"
+    array.write_bytes(json.dumps({"data": records}, indent=1, ensure_ascii=False).encode().replace(
+        "caf\u00e9".encode(), b"caf\xe9"))
+    train, _, report = build_datasets(DataConfig(path=str(array)), tok)
+    assert len(train) == 2 and report.bad_rows == [(str(array), 2, "not UTF-8: byte 0xE9 at line 9, column 18")]
+
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(b"first line\n\nsecond block\nwith caf\xe9\n\nthird\n")
+    for mode, good, bad in (("lines", 3, (4, "not UTF-8: byte 0xE9 at line 4, column 9")),
+                            ("blocks", 2, (3, "not UTF-8: byte 0xE9 at line 4, column 9"))):  # block of lines 3-4
+        train, _, report = build_datasets(DataConfig(path=str(text), text_mode=mode), tok)
+        assert report.examples == good and report.bad_rows == [(str(text), *bad)]
+
+
+def test_unicode_line_separators_stay_inside_their_row(tok, tmp_path):
+    """U+2028, U+2029 and U+0085 are valid unescaped characters in JSON strings: rows split at \\n (or \\r\\n) only, so
+    such a row stays one good row and later rows keep their line numbers."""
+    path = tmp_path / "seps.jsonl"
+    lines = [json.dumps({"instruction": "a\u2028b", "output": "c\u0085d\u2029e"}, ensure_ascii=False), "{broken",
+             json.dumps({"instruction": "f", "output": "g\x0cg"}, ensure_ascii=False), '{"instruction": "h"}']
+    path.write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    train, _, report = build_datasets(DataConfig(path=str(path)), tok)
+    assert report.records_read == 4 and len(train) == 2
+    assert [(row, why.split(" (")[0]) for _, row, why in report.bad_rows] == [(2, "invalid JSON"),
+                                                                             (4, "output is missing")]
+    assert "c\u0085d\u2029e" in tok.decode(train[0]["tokens"])
+    text = tmp_path / "seps.txt"
+    text.write_text("one\u2028still one\r\ntwo\x85still two\n", encoding="utf-8")
+    assert build_datasets(DataConfig(path=str(text), text_mode="lines"), tok)[2].examples == 2
+
+
 def test_missing_file_is_a_one_line_config_error(tok, tmp_path):
     with pytest.raises(ConfigError, match=r"data file not found: .*nope\.json$"):
         build_datasets(DataConfig(path=str(tmp_path / "nope.json")), tok)

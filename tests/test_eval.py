@@ -208,6 +208,18 @@ def test_task_files_and_errors(tmp_path):
         None, ["model=ckpt", 'tasks=["a.yaml","b.jsonl"]', "limit=3", "batch_size=2"])
 
 
+
+def test_jsonl_task_rows_split_at_newlines_only_and_bad_bytes_name_the_line(tmp_path):
+    """U+2028 inside a JSON string is one row (str.splitlines would cut it in two); a stray byte is a one-line error."""
+    path = tmp_path / "seps.jsonl"
+    rows = [{"prompt": "a\u2028b", "answer": "c\u0085d"}, {"prompt": "e", "answer": "f"}]
+    path.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
+    (task,) = load_tasks(path)
+    assert task.load_rows() == rows
+    path.write_bytes(path.read_bytes() + b'\n{"prompt": "caf\xe9", "answer": "x"}\n')
+    with pytest.raises(ConfigError, match=r"seps\.jsonl:3: not UTF-8: byte 0xE9 at line 3, column 16$"):
+        load_tasks(path)[0].load_rows()
+
 def test_run_eval_end_to_end(tiny, tmp_path):
     path, lm = tiny
     tok = lm.tokenizer

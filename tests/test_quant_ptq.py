@@ -247,6 +247,12 @@ def test_calibration_tokens_from_text_file(tmp_path):
     assert any(text_ids[i: i + 32] == window for i in range(len(text_ids) - 31))
     with pytest.raises(ConfigError, match="fewer than calib_seq_len=100000"):
         calibration_tokens(tmp_path / "c.txt", tok, seq_len=100000)
+    rows = [{"text": TINY_CORPUS.replace("\n", "\u2028")}, {"text": "more\x85text"}]  # separators inside rows
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    assert calibration_tokens(tmp_path / "c.jsonl", tok, n_samples=2, seq_len=16).shape == (2, 16)
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n')
+    with pytest.raises(ConfigError, match=r"c\.jsonl:2: Expecting value$"):
+        calibration_tokens(tmp_path / "c.jsonl", tok)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,14 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.atomic import atomic_dir
 from lmforge.cli import main
 from lmforge.data import DataConfig, build_datasets
+from lmforge.errors import ConfigError, NonFiniteError
 from lmforge.models import load_hf
 from lmforge.peft.methods import build_method
 from lmforge.testing import make_tiny_checkpoint
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import Trainer, TrainConfig, run_training
+from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.config import ModelSection, OptimSection, TrainSection
+from lmforge.train.run import write_final
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +127,9 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_loss_curve(ckpt, sft_fil
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "final").exists()
-    subprocess.run(config("killed"), check=True, capture_output=True, timeout=300)  # resumes from the last checkpoint
+    resumed = subprocess.run(config("killed"), check=True, capture_output=True, text=True, timeout=300)
+    step = int(re.search(r"^resumed from .*checkpoint-(\d+) at step \d+ of 14$", resumed.stdout, re.M)[1])
+    assert step >= 6 and f"resumed from {tmp_path}/killed/checkpoint-{step} at step {step} of 14" in resumed.stdout
     got = _losses(tmp_path / "killed")
     assert sorted(got) == sorted(want)
     for step in want:
@@ -162,3 +169,131 @@ def test_bad_training_config_is_one_line(ckpt, sft_file, tmp_path, capsys):
     cfg.write_text(f"model: {{path: {ckpt}}}\ndata: {{path: {sft_file}}}\nmethod: lroa\n")
     assert main(["train", str(cfg)]) == 2
     assert "did you mean 'lora'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmforge.cli", "train", *args, "train.device=cpu", "train.progress=false",
+            "train.tensorboard=false"]
+
+
+def test_non_finite_settings_are_refused_and_a_diverging_run_stops_in_one_line(ckpt, sft_file, tmp_path):
+    base = (f"model.path={ckpt}", f"data.path={sft_file}", "data.max_seq_len=64", "train.micro_batch_size=4")
+    out = tmp_path / "inf"
+    proc = subprocess.run(_cli(*base, "optim.lr=inf", f"train.output_dir={out}"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr == ("lmforge train: error: config key 'optim.lr': Input should be a "
+                                                    "finite number (got 'inf')\n")
+    assert not out.exists()
+
+    out = tmp_path / "diverge"  # lr 1e30: step 1 blows the weights up, steps 2-4 are NaN
+    proc = subprocess.run(_cli(*base, "optim.lr=1e30", f"train.output_dir={out}", "train.max_steps=8",
+                               "train.save_every=1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "error" in x]
+    assert line.startswith("lmforge train: error: step 4: loss nan") and "inf/NaN at steps 2-4" in line
+    assert f"the last checkpoint, {out / 'checkpoint-1'}, is kept" in line
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"] and not (out / "final").exists()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and [bool(r.get("nonfinite")) for r in records] == [
+        False, True, True, True]
+
+
+def test_a_non_finite_step_is_skipped_and_a_streak_stops_the_run(ckpt, sft_file, tmp_path):
+    cfg = _cfg(ckpt, sft_file, tmp_path / "nan", micro_batch_size=4, max_steps=10, save_every=1,
+               max_nonfinite_steps=2)
+    trainer, model = _trainer(cfg)
+    poisoned: set[int] = {2}  # steps whose gradients hold NaN (a bad batch)
+    next(model.parameters()).register_hook(lambda g: g * float("nan") if trainer.step + 1 in poisoned else g)
+
+    def state():
+        return ({n: p.detach().clone() for n, p in model.named_parameters()},
+                [{k: v.clone() for k, v in s.items()} for s in trainer.optimizer.state.values()])
+
+    assert "skipped" not in trainer.train_step()
+    params, opt = state()
+    rec = trainer.train_step()
+    assert rec["skipped"] and rec["nonfinite"] and rec["grad_norm"] != rec["grad_norm"]
+    after, opt_after = state()
+    assert all(torch.equal(params[n], after[n]) for n in params)  # neither the weights...
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(opt, opt_after) for k in a)  # ...nor Adam's moments and step
+    assert "nonfinite" not in trainer.train_step()  # one bad batch costs one step; training goes on
+
+    poisoned.update({5, 7, 8})  # a lone bad step (5), then two in a row: the run stops at step 8
+    with pytest.raises(NonFiniteError, match=r"^step 8: loss [0-9.]+, gradient norm nan: inf/NaN at steps 7-8 \("):
+        trainer.fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "nan")] == ["checkpoint-4", "checkpoint-6"]  # none in a streak
+    assert not (tmp_path / "nan" / "final").exists()
+    from safetensors.torch import load_file
+
+    kept = load_file(str(tmp_path / "nan" / "checkpoint-6" / "trainable.safetensors"))
+    assert all(torch.equal(kept[n], p) for n, p in model.state_dict().items())  # steps 7-8 never touched the weights
+
+
+def test_nothing_non_finite_is_saved(ckpt, sft_file, tmp_path):
+    out = tmp_path / "s"
+    trainer, model = _trainer(_cfg(ckpt, sft_file, out, micro_batch_size=4, max_steps=3))
+    trainer.train_step()
+    trainer.save()
+    trainer.train_step()
+    name, weight = next(iter(model.named_parameters()))
+    with torch.no_grad():
+        weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=f"^step 2: '{re.escape(name)}' holds inf/NaN, so checkpoint-2 is not"):
+        trainer.save()
+    with pytest.raises(NonFiniteError, match=f"'{re.escape(name)}' holds inf/NaN: .*final is not written"):
+        write_final(out / "final", trainer.method.state_dict(model), lambda tmp: trainer.method.save(model, tmp))
+    with torch.no_grad():
+        weight[0, 0] = 0.0
+    next(iter(trainer.optimizer.state.values()))["exp_avg"].fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=f"^step 2: optimizer state 'exp_avg' of '{re.escape(name)}' holds"):
+        trainer.save()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # no checkpoint-2, no .tmp, no final
+
+
+def test_final_is_written_atomically_and_resume_names_its_checkpoint(ckpt, sft_file, tmp_path):
+    """A SIGKILL while final/ is being written leaves no final/ (it used to leave a lone model.safetensors); the
+    resumed run says where it resumed and writes final/ whole."""
+    out = tmp_path / "run"
+    args = (f"model.path={ckpt}", f"data.path={sft_file}", "data.max_seq_len=64", "train.micro_batch_size=4",
+            f"train.output_dir={out}", "train.max_steps=2")
+    killer = ("import os, signal, sys; import lmforge.train.run as run; from lmforge.cli import main\n"
+              "run.save_tokenizer_files = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # dies after the weights\n"
+              "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", killer, *_cli(*args)[3:]], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "final").exists() and (out / "final.tmp" / "model.safetensors").is_file()
+    proc = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=300, check=True)
+    assert f"resumed from {out / 'checkpoint-2'} at step 2 of 2\n" in proc.stdout
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (out / "final").iterdir()}
+    assert not (out / "final.tmp").exists()
+
+
+def test_atomic_dir_keeps_the_previous_directory_until_the_new_one_is_complete(tmp_path):
+    target = tmp_path / "final"
+    with atomic_dir(target) as tmp:
+        (tmp / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "model.safetensors").write_text("half")
+        raise RuntimeError("killed")
+    assert [p.name for p in tmp_path.iterdir()] == ["final"] and [p.name for p in target.iterdir()] == ["config.json"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("user data")
+    with pytest.raises(ConfigError, match="is not a model directory"):  # export/quantize never delete user folders
+        with atomic_dir(tmp_path / "mine", replace_only_models=True):
+            pass
+    assert (tmp_path / "mine" / "notes.txt").is_file()
+
+
+def test_a_torn_metrics_line_does_not_block_resume(ckpt, sft_file, tmp_path):
+    out = tmp_path / "torn"
+    cfg = _cfg(ckpt, sft_file, out, micro_batch_size=4, max_steps=2, save_every=2)
+    run_training(cfg)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "loss": 4.1, "l')  # killed while logging step 3
+    cfg.train.max_steps = 3
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 unreadable line\(s\) \(3\)"):
+        run_training(cfg)
+    assert sorted(_losses(out)) == [1, 2, 3]

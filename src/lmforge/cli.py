@@ -207,15 +207,18 @@ def run_train(cfg) -> None:
 
 def run_export(cfg: ExportConfig) -> None:
     """Merge a LoRA adapter into its base model and write a full HF checkpoint (tokenizer files copied along)."""
+    from .atomic import atomic_dir, check_replaceable
     from .peft.methods import LoraMethod
     from .peft.peft_format import load_peft_adapter
     from .train.run import save_tokenizer_files
 
-    base = Path(cfg.base)
+    base, out = Path(cfg.base), Path(cfg.out)
+    check_replaceable(out)  # before the slow part: out must be new, empty, or an earlier export
     model = load_hf(base, dtype=None if cfg.dtype == "auto" else cfg.dtype)
     load_peft_adapter(model, cfg.adapter)
-    LoraMethod().export(model, cfg.out)
-    save_tokenizer_files(base, Path(cfg.out))
+    with atomic_dir(out, replace_only_models=True) as tmp:  # a kill leaves no half-written checkpoint
+        LoraMethod().export(model, tmp)
+        save_tokenizer_files(base, tmp)
     print(f"merged {cfg.adapter} into {cfg.base} → {cfg.out}")
 
 

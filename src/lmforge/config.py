@@ -9,6 +9,7 @@ YAML values (in files and overrides) follow a YAML-1.2-like core schema: ``1e-4`
 """
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -28,10 +29,36 @@ __all__ = ["Section", "parse_overrides", "load_config", "describe", "format_help
 class Section(pydantic.BaseModel):
     """Base class of every lmforge config section: unknown keys are errors and assignments are validated.
 
-    Field descriptions come from ``Field(description=...)`` or from a docstring right below the field.
+    No setting is inf or NaN (``.inf``, ``.nan`` and ``inf`` are YAML/pydantic floats): typed float fields refuse them
+    (``allow_inf_nan=False``), and a validator on every field finds them inside free-form mappings and lists (such as
+    ``model.config``). Field descriptions come from ``Field(description=...)`` or from a docstring right below the
+    field.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
+
+    @pydantic.field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        where = _nonfinite_at(value)
+        if where is not None:
+            key, bad = where
+            raise ValueError(f"{key + ' ' if key else ''}must be a finite number, not {bad}")
+        return value
+
+
+def _nonfinite_at(value: Any, key: str = "") -> tuple[str, float] | None:
+    """``(dotted key inside value, the number)`` of the first inf/NaN float in a plain value, mapping or list."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    if isinstance(value, dict):
+        items = ((f"{key}.{k}" if key else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{key}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None  # scalars, strings and nested Sections (which validate themselves)
+    return next((found for k, v in items if (found := _nonfinite_at(v, k)) is not None), None)
 
 
 # --------------------------------------------------------------------------------------------------- YAML parsing

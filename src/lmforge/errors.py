@@ -20,6 +20,10 @@ class CheckpointError(LmforgeError):
     """A checkpoint directory is missing files, tensors, or has an unsupported architecture."""
 
 
+class NonFiniteError(LmforgeError):
+    """Training went inf/NaN (loss, gradients or weights): the run stops, and nothing non-finite is saved."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

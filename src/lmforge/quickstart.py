@@ -84,7 +84,7 @@ def make_tokenizer(out: Path, files: dict[str, Path]) -> Path:
 
 
 def exact_match(model, tokenizer: Tokenizer, eval_file: Path, show: int = 0) -> tuple[float, list[tuple]]:
-    rows = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    rows = [json.loads(line) for line in eval_file.read_text(encoding="utf-8").split("\n") if line.strip()]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
                                              tokenize=True) for r in rows]
     outs = generate(model, prompts, SamplingParams(temperature=0, max_new_tokens=16), tokenizer=tokenizer)

@@ -20,7 +20,6 @@ only (earlier assistant turns are prompt). PPO reads prompts only: the conversat
 """
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ import torch
 
 from ..data import DataConfig, collate
 from ..data.encode import IGNORE, assistant_spans, shifted_labels
-from ..data.formats import BadRecord, Source, _Unreadable, parse_record, read_rows, resolve_sources
+from ..data.formats import (BadRecord, Source, _read_json_file, _Unreadable, parse_record, read_rows,
+                            resolve_sources)
 from ..errors import ConfigError, LmforgeError, did_you_mean
 
 __all__ = [
@@ -249,10 +249,7 @@ def preference_sources(cfg: DataConfig) -> list[Source]:
     info_file = folder / "dataset_info.json"
     if not info_file.is_file():
         raise ConfigError(f"data.dataset is set but {info_file} does not exist")
-    try:
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{info_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    info = _read_json_file(info_file)
     out = []
     for name in (n.strip() for n in cfg.dataset.split(",") if n.strip()):
         if name not in info:

@@ -11,6 +11,7 @@ Outputs in ``train.output_dir/final``:
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +25,7 @@ from ..peft.methods import build_method
 from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from ..train.config import TrainConfig
-from ..train.run import build_model, save_tokenizer_files, seed_everything
+from ..train.run import build_model, save_tokenizer_files, seed_everything, write_final
 from ..train.trainer import Trainer, resolve_precision
 from .common import WithHeads
 from .config import DPOSection, PPOSection, RewardSection
@@ -134,13 +135,17 @@ def run_alignment(cfg: AlignConfig) -> dict:
           f"({100 * n_train / n_all:.2f}%), precision {precision}, {trainer.total_steps} steps on {device}")
     result = trainer.fit()
 
-    final = out / "final"
-    if cfg.stage == "rm":
-        save_reward_model(model, final, method)
-    else:
-        method.save(backbone, final, base_model_name_or_path=cfg.model.path)
-    if cfg.stage == "ppo":
+    def write(tmp: Path) -> None:
+        if cfg.stage == "rm":
+            save_reward_model(model, tmp, method)
+        else:
+            method.save(backbone, tmp, base_model_name_or_path=cfg.model.path)
+        save_tokenizer_files(tok_dir, tmp)
+
+    final = write_final(out / "final", trained.state_dict(model), write)
+    if cfg.stage == "ppo":  # one file beside final/: written whole, then renamed over the old one
+        head = out / "value_head.safetensors"
         save_file({"value_head.weight": model.value_head.weight.detach().float().cpu().contiguous()},
-                  str(out / "value_head.safetensors"))
-    save_tokenizer_files(tok_dir, final)
+                  str(head.with_name(head.name + ".tmp")))
+        os.replace(head.with_name(head.name + ".tmp"), head)
     return {**result, "output": str(final), "model": model, "tokenizer": tokenizer, "report": report}

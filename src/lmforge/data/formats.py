@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 from lmforge.errors import ConfigError, did_you_mean
 
 __all__ = ["Document", "Conversation", "Source", "FORMATS", "resolve_sources", "read_rows", "detect_format",
-           "parse_record", "load_examples", "BadRecord"]
+           "parse_record", "load_examples", "BadRecord", "read_text", "split_lines", "not_utf8"]
 
 FORMATS = ("text", "alpaca", "sharegpt", "openai")
 FIELDS = {
@@ -138,8 +139,11 @@ def _suffix(p: Path) -> str:
 
 
 def _read_json_file(p: Path) -> Any:
+    text = read_text(p)
+    if why := not_utf8(text):
+        raise ConfigError(f"{p}: {why}")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
 
@@ -188,18 +192,58 @@ def _from_dataset_info(folder: Path, names: str, format: str, columns: dict[str,
 # ------------------------------------------------------------------------------------------------ reading rows
 
 
-def _open_text(p: Path) -> str:
-    if p.suffix.lower() == ".gz":
-        with gzip.open(p, "rt", encoding="utf-8") as f:
-            return f.read()
-    return p.read_text(encoding="utf-8")
+def read_text(p: Path) -> str:
+    """The file as text. A leading UTF-8 BOM is dropped; bytes that are not UTF-8 are kept as surrogate escapes
+    (U+DC80-U+DCFF, ``errors="surrogateescape"``) so that the rows holding them become bad rows instead of one byte
+    aborting the whole file."""
+    data = gzip.open(p, "rb").read() if p.suffix.lower() == ".gz" else p.read_bytes()
+    return data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+
+
+_NOT_TEXT = re.compile("[\ud800-\udfff]")  # a byte that is not UTF-8 (surrogate escape), or a lone surrogate
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")  # JSON's \ud800-\udfff: a pair, or a lone surrogate
+
+
+def not_utf8(text: str, line: int = 1) -> str | None:
+    """Why ``text`` (read with :func:`read_text`, starting at file line ``line``) is not UTF-8, or None."""
+    m = _NOT_TEXT.search(text)
+    if m is None:
+        return None
+    at = m.start()
+    return _bad_char(m.group(), line + text.count("\n", 0, at), at - text.rfind("\n", 0, at))
+
+
+def _bad_char(char: str, line: int, column: int) -> str:
+    code = ord(char)
+    what = f"byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+    return f"not UTF-8: {what} at line {line}, column {column}"
+
+
+def _lone_surrogate(record: Any) -> str | None:
+    """Why a parsed JSON record is not Unicode text (a JSON escape such as ``"\\ud800"`` left a lone surrogate, which
+    no tokenizer can encode), or None."""
+    if isinstance(record, str):
+        m = _NOT_TEXT.search(record)
+        return None if m is None else f"a string holds the lone surrogate \\u{ord(m.group()):04x} (not Unicode text)"
+    if isinstance(record, dict):
+        record = [*record.keys(), *record.values()]
+    if isinstance(record, list):
+        return next((why for item in record if (why := _lone_surrogate(item))), None)
+    return None
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines split on ``\\n`` only (a trailing ``\\r`` dropped): ``str.splitlines`` would also split inside a row at
+    U+2028, U+0085 and other separators that are valid, unescaped characters in JSON strings and in text."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def read_rows(path: Path, text_mode: str = "blocks") -> Iterator[tuple[int, Any]]:
     """Yield ``(row_number, record)`` for every row of ``path`` (1-based; JSONL and text: the line number).
 
     ``.txt``: ``text_mode`` ``blocks`` (blank-line-separated blocks), ``lines`` (each non-empty line) or ``file``
-    (the whole file) give ``{"text": ...}`` records. A JSONL line that is not JSON yields an ``_Unreadable``.
+    (the whole file) give ``{"text": ...}`` records. A row that is not JSON (JSONL) or not UTF-8 (any text file)
+    yields an ``_Unreadable`` with the reason; lines end at ``\\n`` (or ``\\r\\n``) only.
     """
     suffix = _suffix(path)
     if suffix not in _SUFFIXES:
@@ -208,53 +252,98 @@ def read_rows(path: Path, text_mode: str = "blocks") -> Iterator[tuple[int, Any]
     if suffix == ".parquet":
         yield from _parquet_rows(path)
         return
-    text = _open_text(path)
+    text = read_text(path)
     if suffix in (".txt", ".text"):
         yield from _text_rows(text, text_mode)
     elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data" after the first value: the file is really JSON lines
-                raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-            yield from _jsonl_rows(text)
-            return
-        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-            data = next(iter(data.values()))  # {"data": [...]}
-        if not isinstance(data, list):
-            raise ConfigError(f"{path}: a .json data file must hold a list of records, got {type(data).__name__}")
-        yield from enumerate(data, start=1)
+        yield from _json_rows(path, text)
     else:
         yield from _jsonl_rows(text)
 
 
+def _json_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """The records of a ``.json`` file: a list, a one-key ``{"data": [...]}``, or JSON lines named ``.json``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # more after the first value: the file is really JSON lines
+            yield from _jsonl_rows(text)
+            return
+        bad = _NOT_TEXT.match(text, e.pos)  # a byte that is not UTF-8 outside any string
+        why = _bad_char(bad.group(), e.lineno, e.colno) if bad else f"invalid JSON ({e.msg})"
+        raise ConfigError(f"{path}:{e.lineno}: {why}") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]}
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: a .json data file must hold a list of records, got {type(data).__name__}")
+    if not (_NOT_TEXT.search(text) or _SURROGATE_ESCAPE.search(text)):  # the common case: every record is clean
+        yield from enumerate(data, start=1)
+        return
+    line, seen = 1, 0
+    for row, (record, (a, b)) in enumerate(zip(data, _element_spans(text)), start=1):
+        line, seen = line + text.count("\n", seen, a), a
+        why = not_utf8(text[a:b], line) or _lone_surrogate(record)
+        yield row, (record if why is None else _Unreadable(why))
+
+
+def _element_spans(text: str) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` offsets of each record of a ``.json`` file that parses (a list, or a one-key object holding
+    one): where a bad record's bad byte is, as a line number."""
+    decoder, ws = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    i = ws.match(text).end()
+    if text[i] == "{":  # {"key": [...]}: skip the key and the colon
+        _, i = decoder.raw_decode(text, ws.match(text, i + 1).end())
+        i = ws.match(text, ws.match(text, i).end() + 1).end()
+    i = ws.match(text, i + 1).end()  # past "["
+    while text[i] != "]":
+        _, end = decoder.raw_decode(text, i)
+        yield i, end
+        i = ws.match(text, end).end()
+        i = ws.match(text, i + 1).end() if text[i] == "," else i
+
+
 def _jsonl_rows(text: str) -> Iterator[tuple[int, Any]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, _Unreadable(f"invalid JSON ({e.msg})")
+    clean = not (_NOT_TEXT.search(text) or _SURROGATE_ESCAPE.search(text))
+    for lineno, line in enumerate(split_lines(text), start=1):
+        if not line.strip():
+            continue
+        why = None if clean else not_utf8(line, lineno)
+        if why is not None:
+            yield lineno, _Unreadable(why)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, _Unreadable(f"invalid JSON ({e.msg})")
+            continue
+        why = None if clean or not _SURROGATE_ESCAPE.search(line) else _lone_surrogate(record)
+        yield lineno, (record if why is None else _Unreadable(why))
 
 
-def _text_rows(text: str, mode: str) -> Iterator[tuple[int, dict]]:
+def _text_rows(text: str, mode: str) -> Iterator[tuple[int, Any]]:
+    clean = _NOT_TEXT.search(text) is None
+
+    def row(start: int, body: str) -> tuple[int, Any]:
+        why = None if clean else not_utf8(body, start)
+        return start, ({"text": body} if why is None else _Unreadable(why))
+
     if mode == "file":
-        yield 1, {"text": text}
+        yield row(1, text)
         return
     block: list[str] = []
     start = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(split_lines(text), start=1):
         if mode == "lines":
             if line.strip():
-                yield lineno, {"text": line}
+                yield row(lineno, line)
         elif line.strip():
             start = start or lineno
             block.append(line)
         elif block:
-            yield start, {"text": "\n".join(block)}
+            yield row(start, "\n".join(block))
             block, start = [], 0
     if block:
-        yield start, {"text": "\n".join(block)}
+        yield row(start, "\n".join(block))
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:

@@ -134,9 +134,13 @@ class Task(Section):
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"task data file not found: {path}")
+    from ..data.formats import not_utf8, read_text, split_lines
+
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(split_lines(read_text(path)), 1):  # rows end at \n: U+2028 may sit inside a string
         if line.strip():
+            if why := not_utf8(line, i):
+                raise ConfigError(f"{path}:{i}: {why}")
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:

@@ -118,6 +118,7 @@ def expand_checkpoint(model_dir: str | Path, tokenizer_dir: str | Path, out_dir:
     """Load the HF checkpoint ``model_dir``, resize it for the merged tokenizer in ``tokenizer_dir`` and write an HF
     checkpoint to ``out_dir`` with the merged tokenizer's files and ``vocab_expansion.json`` (the first new id, which
     ``trainable: new_embeddings`` reads). Returns that info."""
+    from ..atomic import atomic_dir, check_replaceable
     from ..tokenizer import Tokenizer
     from ..tokenizer.merge import EXPANSION_FILE, TOKENIZER_CONFIG_FILES
     from .hf import load_hf, save_hf
@@ -125,15 +126,17 @@ def expand_checkpoint(model_dir: str | Path, tokenizer_dir: str | Path, out_dir:
     model_dir, tokenizer_dir, out = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"no tokenizer.json in '{tokenizer_dir}'; pass the merged tokenizer's directory")
+    check_replaceable(out)
     model = load_hf(model_dir, progress=False)
     old, new = Tokenizer.from_dir(model_dir), Tokenizer.from_dir(tokenizer_dir)
     info = resize_for_tokenizer(model, old, new, init, pad_to_multiple_of)
-    save_hf(model, out)
-    for name in ("tokenizer.json", *TOKENIZER_CONFIG_FILES):  # generation_config.json comes from save_hf
-        if (tokenizer_dir / name).is_file():
-            (out / name).write_bytes((tokenizer_dir / name).read_bytes())
     info = {"model": str(model_dir), "tokenizer": str(tokenizer_dir), **info}
-    (out / EXPANSION_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    with atomic_dir(out, replace_only_models=True) as tmp:  # the checkpoint appears whole, or not at all
+        save_hf(model, tmp)
+        for name in ("tokenizer.json", *TOKENIZER_CONFIG_FILES):  # generation_config.json comes from save_hf
+            if (tokenizer_dir / name).is_file():
+                (tmp / name).write_bytes((tokenizer_dir / name).read_bytes())
+        (tmp / EXPANSION_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 

@@ -21,13 +21,29 @@ __all__ = ["calibration_tokens", "InputStats", "BlockwiseCalibration"]
 
 
 def _read_texts(path: Path) -> list[str]:
-    """Plain text (.txt and anything else), or JSONL rows with a 'text' field."""
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if rows and "text" not in rows[0]:
-            raise ConfigError(f"calibration file {path}: JSONL rows need a 'text' field (got {sorted(rows[0])})")
-        return [r["text"] for r in rows]
-    return [path.read_text(encoding="utf-8")]
+    """Plain text (.txt and anything else), or JSONL rows with a 'text' field (rows end at \\n only)."""
+    from ..data.formats import not_utf8, read_text, split_lines
+
+    text = read_text(path)
+    if path.suffix != ".jsonl":
+        if why := not_utf8(text):
+            raise ConfigError(f"calibration file {path}: {why}")
+        return [text]
+    texts = []
+    for i, line in enumerate(split_lines(text), 1):
+        if not line.strip():
+            continue
+        try:
+            if why := not_utf8(line, i):
+                raise ValueError(why)
+            row = json.loads(line)
+        except ValueError as e:  # JSONDecodeError is a ValueError
+            raise ConfigError(f"calibration file {path}:{i}: {getattr(e, 'msg', e)}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ConfigError(f"calibration file {path}:{i}: JSONL rows need a 'text' string field "
+                              f"(got {sorted(row) if isinstance(row, dict) else type(row).__name__})")
+        texts.append(row["text"])
+    return texts
 
 
 def calibration_tokens(path: str | Path, tokenizer, n_samples: int = 128, seq_len: int = 512,

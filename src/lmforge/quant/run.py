@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..atomic import atomic_dir, check_replaceable
 from ..config import Section
 from ..errors import ConfigError
 
@@ -68,6 +69,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
     if cfg.method in ("awq", "gptq") and cfg.calib is None:
         raise ConfigError(f"method '{cfg.method}' needs calibration text: set calib=PATH (a local .txt file)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    check_replaceable(out)  # before the slow part: out must be new, empty, or an earlier output
     t0 = time.perf_counter()
     model = load_hf(src, dtype=cfg.dtype, device=device, progress=False)
     before = quantized_size(model)["total_bytes"]
@@ -81,14 +83,17 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
         quantize_model(model, cfg.method, targets=cfg.targets, group_size=cfg.group_size, calib_file=cfg.calib,
                        tokenizer=tokenizer, calib_samples=cfg.calib_samples, calib_seq_len=cfg.calib_seq_len,
                        act_order=cfg.act_order, llm_int8=cfg.llm_int8, outlier_threshold=cfg.outlier_threshold)
-        save_quantized(model, out)
-        _copy_tokenizer(src, out)
+    with atomic_dir(out, replace_only_models=True) as tmp:  # the whole directory appears at once, or not at all
+        if cfg.method != "none":
+            save_quantized(model, tmp)
+            _copy_tokenizer(src, tmp)
+        if cfg.gguf is not None:
+            export_gguf(model, tmp / "model.gguf", tokenizer_dir=src, qtype=cfg.gguf, name=src.name)
+    if cfg.method != "none":
         result.update(output=str(out), bytes_after=quantized_size(model)["total_bytes"],
                       file_bytes=(out / "model.safetensors").stat().st_size)
     if cfg.gguf is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        gguf_file = export_gguf(model, out / "model.gguf", tokenizer_dir=src, qtype=cfg.gguf, name=src.name)
-        result.update(gguf=str(gguf_file), gguf_bytes=gguf_file.stat().st_size)
+        result.update(gguf=str(out / "model.gguf"), gguf_bytes=(out / "model.gguf").stat().st_size)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     after = result.get("bytes_after")
     print(f"[quantize] {src} -> {out} ({cfg.method}): {before / 2**20:.1f} MiB"

@@ -1,8 +1,10 @@
 """Resumable training checkpoints, written atomically: everything goes into `checkpoint-N.tmp/`, which is renamed to
 `checkpoint-N/` only once complete, so a run killed at any instant leaves either the old or the new checkpoint.
+`atomic_dir` does the same for every other directory a run leaves behind (`final/`, an export, a quantized model).
 
 A checkpoint holds what exact resume needs: the method's trainable state (all weights for full fine-tuning, the
 adapter for LoRA), optimizer, scheduler, loss scaler, every RNG state, the data sampler position and the step.
+Nothing non-finite is saved: `nonfinite_tensors` names the tensors that hold inf/NaN, and the writers refuse them.
 """
 from __future__ import annotations
 
@@ -11,13 +13,37 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_dir
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors that hold inf or NaN (a DTensor: this rank's shard; meta tensors skipped).
+
+    Each tensor is reduced to one sum on its device (inf and NaN propagate; half types sum in float32, so a large
+    finite tensor cannot overflow), and each device is read once.
+    """
+    from torch.distributed.tensor import DTensor
+
+    sums: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        if t.is_floating_point() and t.device.type != "meta" and t.numel():
+            sums.setdefault(t.device, []).append((name, t.detach().sum(dtype=torch.promote_types(t.dtype,
+                                                                                                  torch.float32))))
+    bad = []
+    for items in sums.values():
+        finite = torch.isfinite(torch.stack([v for _, v in items])).tolist()
+        bad += [name for (name, _), ok in zip(items, finite) if not ok]
+    return bad
 
 
 def rng_state() -> dict:
@@ -38,20 +64,12 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(out_dir: Path, step: int, *, weights: dict[str, torch.Tensor], optimizer, scheduler, scaler,
                     trainer_state: dict, keep_last: int) -> Path:
     final = out_dir / f"checkpoint-{step}"
-    tmp = out_dir / f"checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

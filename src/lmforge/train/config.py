@@ -70,6 +70,14 @@ class TrainSection(Section):
     (fp16 adds dynamic loss scaling); bf16-pure: weights and optimizer in bf16."""
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm (None = off)."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """Stop the run (one line, exit status 2) after this many optimizer steps in a row whose loss or gradient norm is
+    inf/NaN. Such a step is skipped: its gradient never reaches the weights or the optimizer state, so one bad batch
+    or spike costs one step, while a run that keeps diverging (lr too high, broken data) stops within a few steps
+    instead of training on NaN. Nothing is saved during such a streak, and nothing at the stop: the last checkpoint
+    stays the last good one and final/ is not written. fp16 steps skipped by loss scaling for overflowing gradients
+    do not count (lowering the scale is how fp16 recovers); optimizers that update inside backward (lomo, adalomo,
+    adamw_backward) cannot skip, only stop."""
     activation_checkpointing: bool = False
     """Recompute blocks in backward instead of storing their activations."""
     checkpoint_every: int = Field(1, ge=1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,13 @@ import torch
 from ..config import dump_config
 from ..data import build_datasets
 from ..data.mixing import MixedDataset
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..models import ModelConfig, Transformer, load_hf, preset_config
 from ..peft.methods import build_method
 from ..runtime import pick_device
 from ..tokenizer import Tokenizer
+from ..atomic import atomic_dir
+from .checkpoint import nonfinite_tensors
 from .config import TrainConfig
 from .distributed import init_distributed, local_device
 from .trainable import restrict_trainable
@@ -53,6 +56,18 @@ def save_tokenizer_files(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+
+
+def write_final(final: Path, state: dict[str, torch.Tensor], write: Callable[[Path], None]) -> Path:
+    """Write a run's output directory like a checkpoint: ``write(tmp)`` fills a temporary directory that is renamed
+    to ``final`` only when complete (a kill leaves the previous ``final`` or the new one, never a model without its
+    config or tokenizer), and only if the trained ``state`` is finite."""
+    bad = nonfinite_tensors(state.items())
+    if bad:
+        raise NonFiniteError(f"'{bad[0]}' holds inf/NaN: {final} is not written; lower optim.lr or check the data")
+    with atomic_dir(final) as tmp:
+        write(tmp)
+    return final
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -106,8 +121,11 @@ def run_training(cfg: TrainConfig) -> dict:
     if ds.enabled:  # gather the full weights once, save from rank 0 into a plain model of the same method
         model = gather_to_plain_model(model, method, ds)
     if ds.is_main:
-        method.save(model, final, base_model_name_or_path=cfg.model.path)
-        save_tokenizer_files(tok_dir, final)
+        def write(tmp: Path) -> None:
+            method.save(model, tmp, base_model_name_or_path=cfg.model.path)
+            save_tokenizer_files(tok_dir, tmp)
+
+        write_final(final, method.state_dict(model), write)
     return {**result, "output": str(final), "model": model, "tokenizer": tokenizer}
 
 

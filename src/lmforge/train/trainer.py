@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..errors import NonFiniteError
 from ..models.attention import plain_causal
 from .checkpoint import (is_sharded_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
-                         save_checkpoint, save_sharded_checkpoint)
+                         nonfinite_tensors, save_checkpoint, save_sharded_checkpoint)
 from .config import TrainConfig
 from .objective import LanguageModeling, Objective
 from .distributed import (DistState, StepModule, average_gradients, averages_gradients_itself, clip_grad_norm,
@@ -112,6 +113,11 @@ class Trainer:
         if cfg.parallel.zero == 1 and self.dist.enabled:
             self.optimizer = zero1_optimizer(self.optimizer, self.dist)
         self.updates_in_backward = getattr(self.optimizer, "updates_in_backward", False)
+        # torch's fused kernels skip a step on the device given GradScaler's found_inf flag (FSDP/TP DTensors aside)
+        from torch.distributed.tensor import DTensor
+
+        self.skips_on_device = (getattr(self.optimizer, "_step_supports_amp_scaling", False)
+                                and not any(isinstance(p, DTensor) for _, p in self.params))
         if self.updates_in_backward and (self.t.grad_accum > 1 or self.precision == "fp16" or self.pipeline
                                          or self.dist.enabled):
             raise ValueError(f"optimizer '{cfg.optim.name}' updates weights during backward: it cannot accumulate "
@@ -124,6 +130,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
         self.sampler = EpochSampler(len(train_data), self.t.seed)  # the same order on every rank
         self.step = 0
+        self.nonfinite_streak = 0  # optimizer steps in a row whose loss or gradient norm was inf/NaN
+        self.resumed_from: Path | None = None
         self.state_bytes: dict[str, int] = {}  # this rank's params/grads/optimizer bytes at the last optimizer step
         self.graphs = StepGraphs(self) if self.t.cuda_graphs else None
         self.objective.setup(self)
@@ -133,6 +141,7 @@ class Trainer:
         return {"sampler": self.sampler.state(), "total_steps": self.total_steps}
 
     def save(self) -> Path:
+        self._refuse_nonfinite_state()
         if self.dist.enabled:
             return save_sharded_checkpoint(self.out, self.step, model=self.state_model,
                                            names=self.method.state_dict(self.model),
@@ -142,6 +151,26 @@ class Trainer:
         return save_checkpoint(self.out, self.step, weights=self.method.state_dict(self.model),
                                optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                                trainer_state=self._trainer_state(), keep_last=self.t.keep_last)
+
+    def _refuse_nonfinite_state(self) -> None:
+        """Raise NonFiniteError (nothing written) if the trainable weights or the optimizer state hold inf/NaN; every
+        rank checks its own shards and they all agree, so no rank waits on a checkpoint the others refused."""
+        named = [(f"'{n}'", t) for n, t in self.method.state_dict(self.model).items()]
+        param_names = {p: n for n, p in self.params}
+        named += [(f"optimizer state '{k}' of '{param_names.get(p, '?')}'", v)
+                  for p, st in self.optimizer.state.items() for k, v in st.items() if isinstance(v, torch.Tensor)]
+        bad = nonfinite_tensors(named)
+        anywhere = len(bad)
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            count = torch.tensor([float(anywhere)], device=self.device)
+            dist.all_reduce(count)
+            anywhere = int(count.item())
+        if anywhere:
+            where = bad[0] if bad else "a tensor of another rank"
+            raise NonFiniteError(f"step {self.step}: {where} holds inf/NaN, so checkpoint-{self.step} is not written "
+                                 "(the last checkpoint stays the last good one); lower optim.lr or check the data")
 
     def maybe_resume(self) -> int | None:
         ckpts = list_checkpoints(self.out) if self.t.resume else []
@@ -157,6 +186,7 @@ class Trainer:
             self.method.load_state_dict(self.model, weights)
         self.step = state["step"]
         self.sampler.epoch, self.sampler.index = state["sampler"]["epoch"], state["sampler"]["index"]
+        self.resumed_from = ckpts[-1]
         return self.step
 
     # ---------------------------------------------------------------- steps
@@ -241,9 +271,14 @@ class Trainer:
         self.step += 1
         if isinstance(total, torch.Tensor):  # the step's first host sync, after every kernel of it is queued
             total = dp_sum(float(total), self.dist, self.device) / max(units, 1)
-        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
+        grad_norm, skipped = float(grad_norm), bool(skipped)
+        # fp16 overflow is loss scaling at work (the scaler skipped the step and lowered the scale), and optimizers
+        # that update inside backward have no norm to report: only the loss says those steps diverged.
+        norm_counts = self.scaler is None and not self.updates_in_backward
+        nonfinite = not math.isfinite(total) or (norm_counts and not math.isfinite(grad_norm))
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                 obj.unit: units, **{k: v / max(units, 1) for k, v in sums.items()},
-                **({"skipped": True} if skipped else {})}
+                **({"skipped": True} if skipped else {}), **({"nonfinite": True} if nonfinite else {})}
 
     def _optimizer_step(self) -> tuple[torch.Tensor | float, bool]:
         """Average (TP/pipeline data parallel), unscale, clip, step, free the gradients: (gradient norm, whether fp16
@@ -265,10 +300,33 @@ class Trainer:
             self.scaler.update()
             skipped = self.scaler.get_scale() < scale  # inf/nan gradients: the step was skipped, scale halved
         else:
-            self.optimizer.step()
+            skipped = self._step_if_finite(grad_norm)
         self.state_bytes = model_state_bytes(list(self.model.parameters()), self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, skipped
+
+    def _step_if_finite(self, grad_norm: torch.Tensor) -> bool | torch.Tensor:
+        """`optimizer.step()` unless the gradient norm is inf/NaN: a non-finite gradient never reaches the weights or
+        the optimizer state (`train.max_nonfinite_steps` of them in a row stop the run). Returns whether it skipped.
+
+        Fused optimizers skip on the device through the `found_inf` flag their kernels take from GradScaler (the step
+        count is restored too): no host sync, and a CUDA graph captures it. Others read the norm on the host first,
+        as GradScaler does for them; inside a CUDA graph capture that read is impossible, so such a step is taken."""
+        bad = ~torch.isfinite(torch.as_tensor(grad_norm))
+        if self.skips_on_device:
+            self.optimizer.found_inf = bad.to(device=self.device, dtype=torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            return bad
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self.optimizer.step()
+            return False
+        if bool(bad):
+            return True
+        self.optimizer.step()
+        return False
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -308,6 +366,8 @@ class Trainer:
     def fit(self) -> dict:
         resumed = self.maybe_resume()
         main = self.dist.is_main  # one rank logs; every rank trains and writes its checkpoint shards
+        if resumed is not None and main:
+            print(f"resumed from {self.resumed_from} at step {resumed} of {self.total_steps}", flush=True)
         metrics = MetricsWriter(self.out, tensorboard=self.t.tensorboard, resume_step=resumed) if main else None
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.t.progress and main),
                    dynamic_ncols=True)
@@ -328,16 +388,23 @@ class Trainer:
                     rec["per_rank"] = self._per_rank_memory(rec.get("peak_mem_gib", 0.0))
                 if self.t.eval_every and self.step % self.t.eval_every == 0:
                     rec.update(self.evaluate())
-                if metrics and (self.step % self.t.log_every == 0 or "eval_loss" in rec):
+                self.nonfinite_streak = self.nonfinite_streak + 1 if rec.get("nonfinite") else 0
+                if metrics and (self.step % self.t.log_every == 0 or "eval_loss" in rec or self.nonfinite_streak):
                     metrics.write(rec)
-                if self.t.save_every and self.step % self.t.save_every == 0:
-                    self.save()
+                if self.nonfinite_streak >= self.t.max_nonfinite_steps:
+                    self._stop_nonfinite(rec)
+                if self.t.save_every and self.step % self.t.save_every == 0 and not self.nonfinite_streak:
+                    self.save()  # never in a streak of non-finite steps: the last checkpoint stays a good one
                 bar.update()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 **({"mem": f"{rec['peak_mem_gib']:.1f}G"} if "peak_mem_gib" in rec else {}))
                 last = rec
         except KeyboardInterrupt:
             self.save()  # Ctrl-C loses nothing: resume continues from here
+            raise
+        except BaseException:
+            if metrics:
+                metrics.close()
             raise
         finally:
             bar.close()
@@ -349,3 +416,15 @@ class Trainer:
         if not self.t.save_every or self.step % self.t.save_every:
             self.save()
         return {**last, **final}
+
+    def _stop_nonfinite(self, rec: dict) -> None:
+        n = self.nonfinite_streak
+        first = self.step - n + 1
+        steps = f"step {self.step}" if n == 1 else f"steps {first}-{self.step}"
+        ckpts = list_checkpoints(self.out)
+        kept = f"the last checkpoint, {ckpts[-1]}, is kept" if ckpts else "no checkpoint was written"
+        updates = "applied inside backward" if self.updates_in_backward else "skipped"
+        raise NonFiniteError(f"step {self.step}: loss {rec['loss']:.4g}, gradient norm {rec['grad_norm']:.4g}: inf/NaN "
+                             f"at {steps} (train.max_nonfinite_steps={self.t.max_nonfinite_steps}; their updates were "
+                             f"{updates}); stopping without saving ({kept}, final/ is not written); lower optim.lr or "
+                             "check the data")

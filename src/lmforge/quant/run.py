@@ -1,7 +1,6 @@
 """`lmforge quantize MODEL --method ... --out DIR`: load an HF checkpoint, quantize it, save it (and/or a GGUF file)."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -14,12 +13,10 @@ from ..errors import ConfigError
 
 __all__ = ["QuantizeConfig", "run_quantize"]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
 
 class QuantizeConfig(Section):
     model: str
-    """HF checkpoint directory (config.json + safetensors) to quantize."""
+    """HF checkpoint directory (config.json + safetensors) or .gguf file to quantize."""
     method: Literal["int8", "int4", "rtn", "nf4", "awq", "gptq", "bitnet", "none"] = "int4"
     """int8 (per channel), int4/rtn (group-wise round-to-nearest), nf4, awq and gptq (INT4 with calibration),
     bitnet (ternary, for models trained with BitLinear), none (only write the GGUF file)."""
@@ -49,14 +46,9 @@ class QuantizeConfig(Section):
     """Compute dtype of the loaded model (default: the checkpoint's)."""
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
 def run_quantize(cfg: QuantizeConfig) -> dict:
     """Quantize cfg.model as configured; returns paths and sizes (and prints a one-line summary)."""
+    from ..checkpoint import save_tokenizer_files
     from ..models.hf import load_hf
     from .gguf_export import export_gguf
     from .model import quantize_model, quantized_size, save_quantized
@@ -82,7 +74,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                        tokenizer=tokenizer, calib_samples=cfg.calib_samples, calib_seq_len=cfg.calib_seq_len,
                        act_order=cfg.act_order, llm_int8=cfg.llm_int8, outlier_threshold=cfg.outlier_threshold)
         save_quantized(model, out)
-        _copy_tokenizer(src, out)
+        save_tokenizer_files(src, out)
         result.update(output=str(out), bytes_after=quantized_size(model)["total_bytes"],
                       file_bytes=(out / "model.safetensors").stat().st_size)
     if cfg.gguf is not None:

@@ -104,7 +104,7 @@ def test_fast_header_reader_agrees_with_gguf_reader():
 def test_generate_chat_cli_answers_from_the_gguf_file():
     proc = subprocess.run(
         [sys.executable, "-m", "lmforge.cli", "generate", str(SMOL), "--chat", "--prompt",
-         "What is the capital of France?", "--max-new-tokens", "24", "temperature=0", "device=cpu"],
+         "What is the capital of France?", "--max-new-tokens", "12", "temperature=0", "device=cpu"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout

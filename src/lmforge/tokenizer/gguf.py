@@ -161,12 +161,12 @@ def tokenizer_from_gguf(path: str | Path, chat_template: str | None = None) -> T
     tok.post_processor = (processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
                           if kind == "gpt2" else template)
 
-    if chat_template is None:
-        chat_template = {name.removeprefix("tokenizer.chat_template.") or "default": text
-                         for name, text in meta.items() if name.startswith("tokenizer.chat_template")
-                         and isinstance(text, str)} or None
-        if chat_template is not None and "tokenizer.chat_template" in meta:
+    if chat_template is None:  # tokenizer.chat_template, plus named ones as tokenizer.chat_template.NAME
+        chat_template = {name.removeprefix("tokenizer.chat_template."): text for name, text in meta.items()
+                         if name.startswith("tokenizer.chat_template.") and isinstance(text, str)}
+        if isinstance(meta.get("tokenizer.chat_template"), str):
             chat_template["default"] = meta["tokenizer.chat_template"]
+        chat_template = chat_template or None
     return Tokenizer(tok, bos_token=bos, eos_token=eos, pad_token=named("padding_token_id"),
                      unk_token=named("unknown_token_id"), chat_template=chat_template,
                      stop_ids=stop_token_ids(meta), name_or_path=str(path))

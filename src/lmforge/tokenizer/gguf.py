@@ -134,6 +134,8 @@ def tokenizer_from_gguf(path: str | Path, chat_template: str | None = None) -> T
     if "tokenizer.ggml.tokens" not in meta:
         raise CheckpointError(f"{path.name}: the GGUF file has no vocabulary (tokenizer.ggml.tokens); pass a "
                               "tokenizer directory separately")
+    if len(set(meta["tokenizer.ggml.tokens"])) != len(meta["tokenizer.ggml.tokens"]):  # llama.cpp refuses these too
+        raise CheckpointError(f"{path.name}: GGUF tokenizer.ggml.tokens lists a token twice; the file is corrupt")
     if kind == "gpt2":
         tok, add_bos = _bpe_backend(meta, path.name)
     elif kind == "llama":

@@ -187,7 +187,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path) -> Path:
         (out / "additional_chat_templates").mkdir(exist_ok=True)
         for name, text in templates.items():
             (out / "additional_chat_templates" / f"{name}.jinja").write_text(text, encoding="utf-8")
-    if tok._extra_stop_ids:  # eot/eom: generation_config.json is where Tokenizer.from_dir and transformers find them
+    if len(tok.stop_ids()) > 1:  # eot/eom: generation_config.json is where Tokenizer.from_dir and transformers see them
         gen = out / "generation_config.json"
         data = json.loads(gen.read_text()) if gen.is_file() else {}
         data["eos_token_id"] = tok.stop_ids() if len(tok.stop_ids()) > 1 else tok.stop_ids()[0]

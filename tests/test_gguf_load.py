@@ -91,6 +91,7 @@ def test_smollm2_tokenizer_and_chat_template_match_transformers(smol):
 
 
 @needs_smol
+@pytest.mark.slow
 def test_fast_header_reader_agrees_with_gguf_reader():
     """lmforge parses the header itself (GGUFReader takes seconds on a 49k vocabulary); same keys, values, tensors."""
     ours, ref = GgufFile(str(SMOL)), gguf.GGUFReader(SMOL)

@@ -212,7 +212,8 @@ def run_export(cfg: ExportConfig) -> None:
     else:
         save_hf(model, cfg.out, dtype=dtype)
     save_tokenizer_files(base, Path(cfg.out))
-    print(f"merged {cfg.adapter} into {cfg.base} → {cfg.out}" if cfg.adapter else f"{cfg.base} → {cfg.out} ({cfg.format})")
+    print(f"merged {cfg.adapter} into {cfg.base} → {cfg.out}" if cfg.adapter else
+          f"{cfg.base} → {cfg.out} ({cfg.format})")
 
 
 def run_quickstart_verb(cfg) -> None:

@@ -264,10 +264,15 @@ def _meta(path: str | Path) -> dict:
 
 
 def architecture(path: str | Path) -> str:
+    from .converters import REGISTRY
+
     arch = _meta(path).get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise CheckpointError(f"{Path(path).name}: GGUF general.architecture '{arch}' is not supported; "
-                              f"supported: {', '.join(GGUF_ARCHS)}")
+                              f"supported: {', '.join(a for a in GGUF_ARCHS if GGUF_ARCHS[a].hf_arch in REGISTRY)}")
+    if GGUF_ARCHS[arch].hf_arch not in REGISTRY:
+        raise CheckpointError(f"{Path(path).name}: GGUF general.architecture '{arch}' loads as "
+                              f"{GGUF_ARCHS[arch].hf_arch}, which this lmforge has no converter for yet")
     return arch
 
 
@@ -281,7 +286,7 @@ def _scalar(meta: dict, key: str, default=None):
 
 
 def hf_config(path: str | Path) -> dict:
-    """The transformers ``config.json`` dict of the model in a GGUF file (``architectures`` set), built from metadata."""
+    """The transformers ``config.json`` dict of the model in a GGUF file (``architectures`` set), from metadata."""
     arch = architecture(path)
     spec, meta = GGUF_ARCHS[arch], _meta(path)
     r = reader(path)
@@ -290,7 +295,8 @@ def hf_config(path: str | Path) -> dict:
     def get(key, default=None):
         return _scalar(meta, f"{arch}.{key}", default)
 
-    if "blk.0.attn_q.weight" not in tensors and "blk.0.attn_qkv.weight" not in tensors or "token_embd.weight" not in tensors:
+    has_attention = "blk.0.attn_q.weight" in tensors or "blk.0.attn_qkv.weight" in tensors
+    if not has_attention or "token_embd.weight" not in tensors:
         raise CheckpointError(f"{Path(path).name}: GGUF file has no token_embd/attention tensors; is it a "
                               "vision/adapter file?")
     vocab = get("vocab_size") or int(tensors["token_embd.weight"].shape[-1])  # GGUF dims: (d_model, vocab)
@@ -324,7 +330,8 @@ def hf_config(path: str | Path) -> dict:
         hf.update(num_local_experts=experts, num_experts=experts, num_experts_per_tok=get("expert_used_count", 2))
         if model_type == "qwen2_moe":
             hf.update(moe_intermediate_size=get("expert_feed_forward_length"), norm_topk_prob=False,
-                      shared_expert_intermediate_size=get("expert_shared_feed_forward_length", 0), decoder_sparse_step=1)
+                      shared_expert_intermediate_size=get("expert_shared_feed_forward_length", 0),
+                      decoder_sparse_step=1)
         elif model_type == "mixtral":
             hf["intermediate_size"] = get("expert_feed_forward_length") or hf["intermediate_size"]
     for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):

@@ -120,8 +120,9 @@ def load_hf(
                 raise CheckpointError(f"{source}: tensor '{hf_name}' maps to '{name}', which this model lacks")
             p = params[name]
             if p.shape != t.shape:
+                implied_by = "its metadata" if unit == "tensor" else "config.json"
                 raise CheckpointError(f"{source}: tensor '{hf_name}' has shape {tuple(t.shape)}, "
-                                      f"{'its metadata' if unit == 'tensor' else 'config.json'} implies {tuple(p.shape)}")
+                                      f"{implied_by} implies {tuple(p.shape)}")
             with torch.no_grad():
                 p.copy_(t)
             loaded.add(name)

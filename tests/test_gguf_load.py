@@ -221,7 +221,12 @@ FAMILIES = {"qwen2": ("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2), "gemma": ("Gem
             "qwen2moe": ("Qwen2MoeForCausalLM", gguf.MODEL_ARCH.QWEN2MOE),
             "qwen3": ("Qwen3ForCausalLM", gguf.MODEL_ARCH.QWEN3)}
 # llama.cpp's qwen2moe has every layer sparse and no sliding window
-OVERRIDES = {"qwen2moe": dict(mlp_only_layers=[], use_sliding_window=False, layer_types=None)}
+OVERRIDES = {"qwen2moe": dict(mlp_only_layers=[], use_sliding_window=False, layer_types=None),
+             "phi3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},  # the 4k variants
+                          original_max_position_embeddings=128),
+             # llama.cpp's qwen3: no attention bias, no window, plain RoPE (yarn is an extra the file would spell out)
+             "qwen3": dict(attention_bias=False, use_sliding_window=False, layer_types=None,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from . import __version__
@@ -21,16 +20,16 @@ from .config import Section, format_help, load_config
 from .errors import ConfigError, LmforgeError, did_you_mean
 from .infer import SamplingParams, generate
 from .infer.chat import ChatSession
-from .models.hf import config_from_hf, load_hf, parse_dtype, read_hf_config
+from .models.hf import config_from_hf, load_hf
 from .models.presets import PRESETS, preset_config
 from .models.summary import format_summary, model_summary
-from .runtime import pick_device
 
 # ------------------------------------------------------------------------------------------------ configs
 
 
 class ModelSource(Section):
-    model: str = Field(description="checkpoint directory (config.json + safetensors), or a preset name for info")
+    model: str = Field(description="checkpoint directory (config.json + safetensors) or .gguf file, or a preset "
+                                   "name for info")
     device: str = "auto"
     """cpu, cuda, cuda:1 ... or auto (cuda when available)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -63,12 +62,6 @@ class ChatConfig(GenerateConfig):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return parse_dtype(name)
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-
-
 def _generation_defaults(model_dir: Path) -> dict:
     """The checkpoint's generation_config.json sampling settings, as SamplingParams fields (users expect them)."""
     f = model_dir / "generation_config.json"
@@ -84,15 +77,10 @@ def _generation_defaults(model_dir: Path) -> dict:
 
 
 def _load_model_and_tokenizer(cfg: GenerateConfig):
-    from .tokenizer import Tokenizer
+    from .checkpoint import load_model_and_tokenizer
 
-    path = Path(cfg.model)
-    read_hf_config(path)  # one-line error for a missing/invalid checkpoint before anything heavy
-    if not (path / "tokenizer.json").is_file():
-        raise LmforgeError(f"no tokenizer.json in '{path}': generate/chat need the checkpoint's tokenizer")
-    device = pick_device(cfg.device)
-    model = load_hf(path, dtype=_dtype(cfg.dtype, device), device=device)
-    return model, Tokenizer.from_dir(path, chat_template=cfg.chat_template)
+    return load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype, cfg.chat_template, require_tokenizer=True,
+                                    progress=None)
 
 
 def _prompt_ids(tok, cfg: GenerateConfig, messages: list[dict]) -> list[int]:
@@ -165,11 +153,14 @@ def run_chat(cfg: ChatConfig) -> None:
 
 
 class ExportConfig(Section):
-    base: str = Field(description="base checkpoint directory the adapter was trained on")
-    adapter: str = Field(description="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
-    out: str = Field(description="where to write the merged HF checkpoint")
+    base: str = Field(description="checkpoint to export: an HF directory or a .gguf file (the adapter's base model)")
+    adapter: str | None = None
+    """PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to merge in; omit to convert `base`."""
+    out: str = Field(description="where to write the HF checkpoint")
+    format: Literal["hf"] = "hf"
+    """Output format: hf = config.json + safetensors + tokenizer files (transformers and lmforge load it)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """dtype of the written weights; auto = the base checkpoint's."""
+    """dtype of the written weights; auto = the base checkpoint's (float32 for a quantized GGUF)."""
 
 
 def train_config_class(config: str | None, overrides: list[str]) -> type:
@@ -206,20 +197,27 @@ def run_train(cfg) -> None:
 
 
 def run_export(cfg: ExportConfig) -> None:
-    """Merge a LoRA adapter into its base model and write a full HF checkpoint (tokenizer files copied along)."""
+    """Write a full HF checkpoint of `base` (a directory or a .gguf file), with a LoRA adapter merged in if given;
+    tokenizer files copied along (or, from a GGUF, written from its metadata)."""
     from .atomic import atomic_dir, check_replaceable
+    from .checkpoint import save_tokenizer_files
+    from .models.hf import save_hf
     from .peft.methods import LoraMethod
     from .peft.peft_format import load_peft_adapter
-    from .train.run import save_tokenizer_files
 
     base, out = Path(cfg.base), Path(cfg.out)
     check_replaceable(out)  # before the slow part: out must be new, empty, or an earlier export
-    model = load_hf(base, dtype=None if cfg.dtype == "auto" else cfg.dtype)
-    load_peft_adapter(model, cfg.adapter)
+    dtype = None if cfg.dtype == "auto" else cfg.dtype
+    model = load_hf(base, dtype=dtype)
     with atomic_dir(out, replace_only_models=True) as tmp:  # a kill leaves no half-written checkpoint
-        LoraMethod().export(model, tmp)
+        if cfg.adapter is not None:
+            load_peft_adapter(model, cfg.adapter)
+            LoraMethod().export(model, tmp)
+        else:
+            save_hf(model, tmp, dtype=dtype)
         save_tokenizer_files(base, tmp)
-    print(f"merged {cfg.adapter} into {cfg.base} → {cfg.out}")
+    print(f"merged {cfg.adapter} into {cfg.base} → {cfg.out}" if cfg.adapter else
+          f"{cfg.base} → {cfg.out} ({cfg.format})")
 
 
 def run_quickstart_verb(cfg) -> None:
@@ -246,7 +244,8 @@ VERBS: dict[str, tuple] = {
     "chat": (ChatConfig, run_chat, "model", "interactive multi-turn chat with the chat template"),
     "train": (_lazy(".train.config", "TrainConfig"), run_train, "config",
               "pretrain / fine-tune (full, LoRA, ...) or align (rm, dpo, ppo) from a YAML config; torchrun-ready"),
-    "export": (ExportConfig, run_export, "base", "merge a LoRA adapter into its base model → HF checkpoint"),
+    "export": (ExportConfig, run_export, "base",
+               "HF checkpoint from a .gguf file or a checkpoint, optionally with a LoRA adapter merged in"),
     "quantize": (_lazy(".quant.run", "QuantizeConfig"), _lazy(".quant.run", "run_quantize"), "model",
                  "INT8 / INT4 / NF4 / AWQ / GPTQ / BitNet weights, and GGUF export for llama.cpp"),
     "serve": (_lazy(".serve.config", "ServeConfig"), _lazy(".serve.config", "run_serve"), "model",

@@ -58,19 +58,14 @@ class LocalModel:
     @classmethod
     def load(cls, path: str | Path, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
              batch_size: int = 8, chat_template: str | None = None) -> LocalModel:
-        from ..models.hf import load_hf, parse_dtype
-        from ..runtime import pick_device
-        from ..tokenizer import Tokenizer
+        from ..checkpoint import load_model_and_tokenizer
 
-        dev = pick_device(device)
-        dt = (torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32) \
-            if dtype == "auto" else parse_dtype(dtype)
-        model = load_hf(path, dtype=dt, device=dev, progress=False)
+        model, tokenizer = load_model_and_tokenizer(path, device, dtype, chat_template, require_tokenizer=True)
         if adapter:
             from ..peft.peft_format import load_peft_adapter
 
             load_peft_adapter(model, adapter)
-        return cls(model, Tokenizer.from_dir(path, chat_template=chat_template), batch_size)
+        return cls(model, tokenizer, batch_size)
 
     @property
     def device(self) -> torch.device:

@@ -21,7 +21,7 @@ from .tasks import Task, load_tasks
 
 
 class EvalConfig(Section):
-    model: str = Field(description="checkpoint directory (config.json + safetensors + tokenizer.json)")
+    model: str = Field(description="checkpoint directory (config.json + safetensors + tokenizer.json) or .gguf file")
     tasks: list[str] = Field(description="task files: YAML (a task or a suite) or JSONL")
     adapter: str | None = None
     """PEFT LoRA adapter directory applied on top of the model."""

@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import ConfigError, LmforgeError
 from ..models.transformer import Transformer
 from .engine import Engine, EngineConfig, TokenLogprob
@@ -31,32 +29,12 @@ class LLMOutput:
     error: str | None = None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' asked for, but no CUDA device is visible; use device=cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
-    if name != "auto":
-        return name
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-
-
 def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str = "auto",
                              chat_template: str | None = None):
-    """(Transformer, Tokenizer or None) from an HF checkpoint directory."""
-    from ..models.hf import load_hf, read_hf_config
-    from ..tokenizer import Tokenizer
+    """(Transformer, Tokenizer or None) from an HF checkpoint directory or a .gguf file (`lmforge.checkpoint`)."""
+    from ..checkpoint import load_model_and_tokenizer as load
 
-    path = Path(path)
-    read_hf_config(path)  # one-line error for a missing/invalid checkpoint before anything heavy
-    dev = resolve_device(device)
-    model = load_hf(path, dtype=resolve_dtype(dtype, dev), device=dev, progress=False)
-    tok = Tokenizer.from_dir(path, chat_template=chat_template) if (path / "tokenizer.json").is_file() else None
-    return model, tok
+    return load(path, device, dtype, chat_template)
 
 
 class LLM:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -19,7 +19,9 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError
 from .config import ModelConfig
+from . import gguf
 from .converters import architecture_of, converter_for, converter_of
+from .gguf import is_gguf
 from .transformer import LinearFactory, Transformer, default_linear
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -35,7 +37,11 @@ def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.fl
 
 
 def read_hf_config(path: str | Path) -> dict:
+    """config.json of a checkpoint directory (or the file itself); for a .gguf file, the equivalent dict built
+    from its metadata (see `lmforge.models.gguf`)."""
     path = Path(path)
+    if is_gguf(path):
+        return gguf.hf_config(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no config.json in '{path}': pass a Hugging Face checkpoint directory")
@@ -66,6 +72,14 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _safetensors_tensors(path: Path, device) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(file name, HF name, tensor) of every shard, opened one at a time."""
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for hf_name in f.keys():
+                yield file.name, hf_name, f.get_tensor(hf_name)
+
+
 def load_hf(
     path: str | Path,
     dtype: str | torch.dtype | None = None,
@@ -73,7 +87,8 @@ def load_hf(
     linear: LinearFactory = default_linear,
     progress: bool | None = None,
 ) -> Transformer:
-    """Load an HF causal-LM checkpoint directory into the native model (dtype defaults to the checkpoint's)."""
+    """Load an HF causal-LM checkpoint directory, or a llama.cpp .gguf file, into the native model (dtype defaults to
+    the checkpoint's; a quantized GGUF dequantizes to float32)."""
     path = Path(path)
     hf = read_hf_config(path)
     conv = converter_of(hf)
@@ -84,41 +99,47 @@ def load_hf(
     model.to_empty(device=device)
     params = model.state_dict(keep_vars=True)  # parameters and persistent buffers (e.g. a router's score bias)
     loaded: set[str] = set()
-    files = _weight_files(path)
+    if is_gguf(path):
+        n_items, unit = len(gguf.reader(path).tensors), "tensor"
+        tensors = ((path.name, name, t) for name, t in gguf.hf_tensors(path, hf))
+    else:
+        n_items, unit = len(_weight_files(path)), "shard"
+        tensors = _safetensors_tensors(path, device)
     stash: dict[tuple, dict[int, torch.Tensor]] = {}  # parts of quantized tensors waiting for their partners
 
-    def copy_in(file: Path, hf_name: str, tensor: torch.Tensor) -> None:
+    def copy_in(source: str, hf_name: str, tensor: torch.Tensor) -> None:
         for name, t in conv.to_native(hf_name, tensor, cfg):
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue  # some tied checkpoints also store the head; the embedding is the truth
             if name not in params:
-                raise CheckpointError(f"{file.name}: tensor '{hf_name}' maps to '{name}', which this model lacks")
+                raise CheckpointError(f"{source}: tensor '{hf_name}' maps to '{name}', which this model lacks")
             p = params[name]
             if p.shape != t.shape:
-                raise CheckpointError(f"{file.name}: tensor '{hf_name}' has shape {tuple(t.shape)}, "
-                                      f"config.json implies {tuple(p.shape)}")
+                implied_by = "its metadata" if unit == "tensor" else "config.json"
+                raise CheckpointError(f"{source}: tensor '{hf_name}' has shape {tuple(t.shape)}, "
+                                      f"{implied_by} implies {tuple(p.shape)}")
             with torch.no_grad():
                 p.copy_(t)
             loaded.add(name)
 
-    bar = tqdm(total=len(files), desc=f"loading {path.name}", unit="shard", disable=True if progress is False else None)
-    for file in files:
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for hf_name in f.keys():
-                if conv.skips(hf_name, cfg):
-                    continue
-                tensor = f.get_tensor(hf_name)
-                part = conv.join_part(hf_name, tensor)
-                if part is None:
-                    copy_in(file, hf_name, tensor)
-                    continue
-                join, base, idx = part  # a quantized weight or its scales: dequantize once both are read
-                parts = stash.setdefault((join, base), {})
-                parts[idx] = tensor
-                if len(parts) == len(join.suffixes):
-                    del stash[(join, base)]
-                    copy_in(file, base + join.result, join.fn(*(parts[i] for i in range(len(parts)))))
-        bar.update()
+    bar = tqdm(total=n_items, desc=f"loading {path.name}", unit=unit, disable=True if progress is False else None)
+    last = None
+    for source, hf_name, tensor in tensors:
+        if unit == "tensor" or source != last:
+            bar.update()
+            last = source
+        if conv.skips(hf_name, cfg):
+            continue
+        part = conv.join_part(hf_name, tensor)
+        if part is None:
+            copy_in(source, hf_name, tensor)
+            continue
+        join, base, idx = part  # a quantized weight or its scales: dequantize once both are read
+        parts = stash.setdefault((join, base), {})
+        parts[idx] = tensor
+        if len(parts) == len(join.suffixes):
+            del stash[(join, base)]
+            copy_in(source, base + join.result, join.fn(*(parts[i] for i in range(len(parts)))))
     bar.close()
     if stash:
         (join, base), parts = next(iter(stash.items()))

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from .config import ModelConfig
+from .gguf import is_gguf
+from .gguf import reader as gguf_reader
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5}
 
@@ -29,7 +32,11 @@ def model_summary(cfg: ModelConfig, path: Path | None = None) -> dict:
         "kv_cache_bytes_per_token_bf16": cfg.n_layers * cfg.cache_values_per_token * 2,
         "config": cfg.model_dump(exclude_defaults=False, mode="json"),
     }
-    if path is not None:
+    if path is not None and is_gguf(path):
+        types = Counter(t.tensor_type.name for t in gguf_reader(path).tensors)
+        out["checkpoint"] = {"path": str(path), "gguf_bytes": path.stat().st_size,
+                             "gguf_tensor_types": dict(types.most_common()), "tokenizer": True}
+    elif path is not None:
         files = sorted(path.glob("*.safetensors"))
         out["checkpoint"] = {"path": str(path), "safetensors_files": len(files),
                              "safetensors_bytes": sum(f.stat().st_size for f in files),
@@ -104,6 +111,11 @@ def format_summary(s: dict) -> str:
     ]
     if "checkpoint" in s:
         ck = s["checkpoint"]
+        if "gguf_bytes" in ck:
+            types = ", ".join(f"{n} {k}" for k, n in ck["gguf_tensor_types"].items())
+            lines.append(f"checkpoint     {ck['path']}: GGUF, {human_bytes(ck['gguf_bytes'])}, tensors {types}, "
+                         "tokenizer: yes")
+            return "\n".join(lines)
         lines.append(f"checkpoint     {ck['path']}: {ck['safetensors_files']} safetensors file(s), "
                      f"{human_bytes(ck['safetensors_bytes'])}, tokenizer: {'yes' if ck['tokenizer'] else 'no'}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..models.gguf import permute_rope_rows, unpermute_rope_rows  # noqa: F401  (re-exported)
 from ..models.positions import rope_inv_freq
 from ..models.transformer import Transformer
 
@@ -39,16 +40,6 @@ def _gguf():
     except ImportError:
         raise ConfigError("GGUF export needs the 'gguf' package: pip install gguf") from None
     return gguf
-
-
-def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """(n_heads * d, ...) rows in half-split order -> adjacent-pair order, per head (what llama.cpp rotates)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of `permute_rope_rows`."""
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _check_llama(cfg) -> None:

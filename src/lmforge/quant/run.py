@@ -1,7 +1,6 @@
 """`lmforge quantize MODEL --method ... --out DIR`: load an HF checkpoint, quantize it, save it (and/or a GGUF file)."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -15,12 +14,10 @@ from ..errors import ConfigError
 
 __all__ = ["QuantizeConfig", "run_quantize"]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
 
 class QuantizeConfig(Section):
     model: str
-    """HF checkpoint directory (config.json + safetensors) to quantize."""
+    """HF checkpoint directory (config.json + safetensors) or .gguf file to quantize."""
     method: Literal["int8", "int4", "rtn", "nf4", "awq", "gptq", "bitnet", "none"] = "int4"
     """int8 (per channel), int4/rtn (group-wise round-to-nearest), nf4, awq and gptq (INT4 with calibration),
     bitnet (ternary, for models trained with BitLinear), none (only write the GGUF file)."""
@@ -50,14 +47,9 @@ class QuantizeConfig(Section):
     """Compute dtype of the loaded model (default: the checkpoint's)."""
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
 def run_quantize(cfg: QuantizeConfig) -> dict:
     """Quantize cfg.model as configured; returns paths and sizes (and prints a one-line summary)."""
+    from ..checkpoint import save_tokenizer_files
     from ..models.hf import load_hf
     from .gguf_export import export_gguf
     from .model import quantize_model, quantized_size, save_quantized
@@ -86,7 +78,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
     with atomic_dir(out, replace_only_models=True) as tmp:  # the whole directory appears at once, or not at all
         if cfg.method != "none":
             save_quantized(model, tmp)
-            _copy_tokenizer(src, tmp)
+            save_tokenizer_files(src, tmp)
         if cfg.gguf is not None:
             export_gguf(model, tmp / "model.gguf", tokenizer_dir=src, qtype=cfg.gguf, name=src.name)
     if cfg.method != "none":

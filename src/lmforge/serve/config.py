@@ -12,7 +12,7 @@ from ..infer.engine import EngineConfig
 
 
 class ServeConfig(Section):
-    model: str = Field(description="checkpoint directory (config.json + safetensors + tokenizer)")
+    model: str = Field(description="checkpoint directory (config.json + safetensors + tokenizer) or .gguf file")
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0 for every interface)."""
     port: int = Field(8000, ge=0, le=65535)

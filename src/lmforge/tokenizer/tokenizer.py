@@ -124,7 +124,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path, *, chat_template: str | None = None) -> Tokenizer:
-        """Load a checkpoint directory holding ``tokenizer.json`` (and usually ``tokenizer_config.json``).
+        """Load a checkpoint directory holding ``tokenizer.json`` (and usually ``tokenizer_config.json``), or the
+        tokenizer a llama.cpp ``.gguf`` file describes (see ``lmforge.tokenizer.gguf``).
 
         Precedence follows transformers 5: ``chat_template.jinja`` (and ``additional_chat_templates/*.jinja``) over
         the config's ``chat_template`` (a string or a ``[{"name", "template"}]`` list); ``special_tokens_map.json``
@@ -134,6 +135,10 @@ class Tokenizer:
         the checkpoint's template.
         """
         root = Path(path)
+        if root.suffix.lower() == ".gguf" and root.is_file():  # llama.cpp file: the vocabulary is in its metadata
+            from lmforge.tokenizer.gguf import tokenizer_from_gguf
+
+            return tokenizer_from_gguf(root, chat_template=chat_template)
         if not root.is_dir():
             raise CheckpointError(f"tokenizer: directory {root} does not exist; pass a checkpoint dir with tokenizer.json")
         if not (root / "tokenizer.json").is_file():

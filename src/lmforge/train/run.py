@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from .distributed import init_distributed, local_device
 from .trainable import restrict_trainable
 from .trainer import Trainer, resolve_precision
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab_expansion.json")
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -52,10 +49,10 @@ def seed_everything(seed: int) -> None:
 
 
 def save_tokenizer_files(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    """The checkpoint's tokenizer files in `dst` (written from the metadata for a .gguf base)."""
+    from ..checkpoint import save_tokenizer_files as save
+
+    save(src, dst)
 
 
 def write_final(final: Path, state: dict[str, torch.Tensor], write: Callable[[Path], None]) -> Path:

@@ -1,0 +1,468 @@
+"""Read llama.cpp GGUF files as Hugging Face checkpoints: an HF config dict from the metadata, HF-named tensors.
+
+A GGUF file holds the hyper-parameters as ``{arch}.*`` metadata keys and the weights under llama.cpp names
+(``token_embd``, ``blk.N.attn_q`` ...), quantized or not. Rather than a second loader, this module translates both
+into what the HF converter registry already reads: ``hf_config(path)`` builds the ``config.json`` dict of the
+equivalent transformers architecture, and ``hf_tensors(path, hf)`` yields ``(hf_name, tensor)`` pairs, each tensor
+dequantized (``gguf.quants.dequantize``: F32/F16/BF16, Q8_0, Q4_0/Q4_1/Q5_x, the K-quants, the IQ types) on its own,
+so a model never sits in memory twice. ``load_hf`` then builds the model through the family's converter as for a
+safetensors checkpoint.
+
+What llama.cpp's converter changed on the way in is undone here: Llama's q/k rows are permuted to the
+adjacent-pair RoPE layout (unpermuted per head), Gemma's RMSNorm weights are stored as 1 + w (1 is subtracted),
+MoE experts are stacked into one 3-D tensor (split per expert), and Llama-3 RoPE scaling is a ``rope_freqs`` tensor
+of per-frequency divisors (turned back into the ``llama3`` rope_scaling parameters that reproduce it).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+
+__all__ = ["GGUF_ARCHS", "is_gguf", "hf_config", "hf_tensors", "read_metadata", "permute_rope_rows",
+           "unpermute_rope_rows"]
+
+
+def is_gguf(path: str | Path) -> bool:
+    """True for an existing file named *.gguf (what every command that takes a checkpoint directory also takes)."""
+    p = Path(path)
+    return p.suffix.lower() == ".gguf" and p.is_file()
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(n_heads * d, ...) rows in half-split order -> adjacent-pair order, per head (what llama.cpp rotates)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `permute_rope_rows`: llama.cpp's adjacent-pair rows back to the half-split order HF stores."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mapping table: llama.cpp tensor names -> HF names ("{i}" block, "{e}" expert, "{p}" weight|bias). Families
+# share the Llama layout and override what differs; "{e}" entries are stacked expert tensors split on the way.
+# ---------------------------------------------------------------------------------------------------------------
+
+LLAMA_CPP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.{p}": "model.layers.{i}.self_attn.q_proj.{p}",
+    "blk.{i}.attn_k.{p}": "model.layers.{i}.self_attn.k_proj.{p}",
+    "blk.{i}.attn_v.{p}": "model.layers.{i}.self_attn.v_proj.{p}",
+    "blk.{i}.attn_output.{p}": "model.layers.{i}.self_attn.o_proj.{p}",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.{p}": "model.layers.{i}.mlp.gate_proj.{p}",
+    "blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.up_proj.{p}",
+    "blk.{i}.ffn_down.{p}": "model.layers.{i}.mlp.down_proj.{p}",
+}
+
+_MIXTRAL_NAMES = {
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "blk.{i}.ffn_gate_exps.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+    "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+    "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+}
+
+_QWEN_MOE_NAMES = {
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.mlp.gate.weight",
+    **{f"blk.{{i}}.ffn_{n}_exps.weight": f"model.layers.{{i}}.mlp.experts.{{e}}.{n}_proj.weight"
+       for n in ("gate", "up", "down")},
+    **{f"blk.{{i}}.ffn_{n}_shexp.weight": f"model.layers.{{i}}.mlp.shared_expert.{n}_proj.weight"
+       for n in ("gate", "up", "down")},
+    "blk.{i}.ffn_gate_inp_shexp.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
+}
+
+_PHI3_NAMES = {
+    "blk.{i}.attn_qkv.{p}": "model.layers.{i}.self_attn.qkv_proj.{p}",
+    "blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}",  # llama.cpp keeps Phi-3's fused gate|up
+}
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """How one llama.cpp `general.architecture` maps onto a transformers architecture (and so onto a converter).
+
+    `permute_qk`: llama.cpp's converter permuted q/k rows to its RoPE layout (Llama); `norm_offset`: it stored RMSNorm
+    weights as offset + w (Gemma); `moe`: the HF architecture and name overrides used when the file has experts;
+    `extra`: family-specific config keys from the metadata.
+    """
+
+    hf_arch: str
+    model_type: str
+    names: dict = field(default_factory=dict)
+    permute_qk: bool = False
+    norm_offset: float = 0.0
+    moe: tuple[str, str, dict] | None = None  # (hf_arch, model_type, names) when {arch}.expert_count > 0
+    extra: dict = field(default_factory=dict)  # fixed HF config keys
+
+
+GGUF_ARCHS: dict[str, GgufArch] = {
+    "llama": GgufArch("LlamaForCausalLM", "llama", permute_qk=True,
+                      moe=("MixtralForCausalLM", "mixtral", _MIXTRAL_NAMES)),
+    "qwen2": GgufArch("Qwen2ForCausalLM", "qwen2"),
+    "qwen2moe": GgufArch("Qwen2MoeForCausalLM", "qwen2_moe", moe=("Qwen2MoeForCausalLM", "qwen2_moe", _QWEN_MOE_NAMES)),
+    "qwen3": GgufArch("Qwen3ForCausalLM", "qwen3"),
+    "gemma": GgufArch("GemmaForCausalLM", "gemma", norm_offset=1.0,
+                      extra={"hidden_activation": "gelu_pytorch_tanh"}),
+    "phi3": GgufArch("Phi3ForCausalLM", "phi3", names=_PHI3_NAMES),
+}
+
+
+def _pattern(template: str) -> re.Pattern:
+    body = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(f"^{body}$")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(arch: str, moe: bool) -> list[tuple[re.Pattern, str]]:
+    spec = GGUF_ARCHS[arch]
+    names = {**LLAMA_CPP_NAMES, **spec.names, **(spec.moe[2] if moe and spec.moe else {})}
+    return [(_pattern(k), v) for k, v in names.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("reading .gguf files needs the 'gguf' package: pip install gguf") from None
+    return gguf
+
+
+# value type id -> numpy dtype (GGUF spec; 7 bool, 8 string, 9 array are handled apart)
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+            12: "<f8"}
+_STRUCT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: fastest-varying dimension first (reverse of numpy/torch)
+    tensor_type: object  # gguf.GGMLQuantizationType
+    data: np.ndarray  # the raw bytes, (rows..., bytes per row), a view of the memory map
+
+
+class GgufFile:
+    """The metadata and tensor table of a GGUF file (v2/v3, little-endian); tensor bytes stay memory-mapped.
+
+    `gguf.GGUFReader` builds a numpy view per array element, which takes seconds for a 50k-token vocabulary (tens of
+    seconds for Llama 3's 128k tokens + 280k merges); this parses the same header with `struct` in well under one.
+    """
+
+    def __init__(self, path: str):
+        gguf = _gguf()
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        m = self._map
+        if m[:4] != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic)")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+        if version not in (2, 3):
+            raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        self._off = 24
+        self.fields: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = self._str()
+            self.fields[key] = self._val(self._u32())
+        infos = []
+        for _ in range(n_tensors):
+            name = self._str()
+            (n_dims,) = struct.unpack_from("<I", m, self._off)
+            dims = struct.unpack_from(f"<{n_dims}Q", m, self._off + 4)
+            kind, offset = struct.unpack_from("<IQ", m, self._off + 4 + 8 * n_dims)
+            self._off += 4 + 8 * n_dims + 12
+            infos.append((name, dims, kind, offset))
+        align = int(self.fields.get("general.alignment", 32))
+        start = -(-self._off // align) * align
+        self.tensors: list[GgufTensor] = []
+        for name, dims, kind, offset in infos:
+            qtype = gguf.GGMLQuantizationType(kind)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            row_bytes = dims[0] // block * type_size
+            rows = math.prod(dims[1:])
+            data = np.frombuffer(m, dtype=np.uint8, count=rows * row_bytes, offset=start + offset)
+            self.tensors.append(GgufTensor(name, tuple(dims), qtype, data.reshape(*reversed(dims[1:]), row_bytes)))
+
+    def _u32(self) -> int:
+        (v,) = struct.unpack_from("<I", self._map, self._off)
+        self._off += 4
+        return v
+
+    def _str(self) -> str:
+        (n,) = struct.unpack_from("<Q", self._map, self._off)
+        s = self._map[self._off + 8:self._off + 8 + n].decode("utf-8", errors="replace")
+        self._off += 8 + n
+        return s
+
+    def _val(self, kind: int):
+        if kind == 8:
+            return self._str()
+        if kind == 9:
+            item, (count,) = self._u32(), struct.unpack_from("<Q", self._map, self._off)
+            self._off += 8
+            if item == 8:
+                return [self._str() for _ in range(count)]
+            if item == 9:
+                return [self._val(9) for _ in range(count)]
+            dtype = np.dtype(_SCALARS[item])
+            values = np.frombuffer(self._map, dtype=dtype, count=count, offset=self._off)
+            self._off += count * dtype.itemsize
+            return values.astype(bool).tolist() if item == 7 else values.tolist()
+        fmt = _STRUCT[kind]
+        (v,) = struct.unpack_from(fmt, self._map, self._off)
+        self._off += struct.calcsize(fmt)
+        return bool(v) if kind == 7 else v
+
+
+@functools.lru_cache(maxsize=4)
+def _open(path: str, mtime_ns: int, size: int) -> GgufFile:
+    """One parsed (memory-mapped) file per process: the config, the weights and the tokenizer all read it."""
+    try:
+        return GgufFile(path)
+    except (ValueError, OSError, struct.error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def reader(path: str | Path) -> GgufFile:
+    p = Path(path).resolve()
+    st = p.stat()
+    return _open(str(p), st.st_mtime_ns, st.st_size)
+
+
+def read_metadata(path: str | Path, prefix: str = "") -> dict:
+    """The file's metadata keys starting with `prefix`, as plain values (token lists included: they are large)."""
+    return {k: v for k, v in reader(path).fields.items() if k.startswith(prefix)}
+
+
+_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                     "tokenizer.ggml.merges", "tokenizer.ggml.precompiled_charsmap")
+
+
+def _meta(path: str | Path) -> dict:
+    """Every metadata key except the (large) tokenizer arrays."""
+    return {k: v for k, v in reader(path).fields.items() if k not in _TOKENIZER_ARRAYS}
+
+
+def architecture(path: str | Path) -> str:
+    from .converters import REGISTRY
+
+    arch = _meta(path).get("general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise CheckpointError(f"{Path(path).name}: GGUF general.architecture '{arch}' is not supported; "
+                              f"supported: {', '.join(a for a in GGUF_ARCHS if GGUF_ARCHS[a].hf_arch in REGISTRY)}")
+    if GGUF_ARCHS[arch].hf_arch not in REGISTRY:
+        raise CheckpointError(f"{Path(path).name}: GGUF general.architecture '{arch}' loads as "
+                              f"{GGUF_ARCHS[arch].hf_arch}, which this lmforge has no converter for yet")
+    return arch
+
+
+def _scalar(meta: dict, key: str, default=None):
+    v = meta.get(key, default)
+    if isinstance(v, list):  # per-layer values (some files): fine while they agree
+        if len(set(v)) != 1:
+            raise CheckpointError(f"GGUF {key} differs per layer ({sorted(set(v))}); lmforge needs one value")
+        v = v[0]
+    return v
+
+
+def hf_config(path: str | Path) -> dict:
+    """The transformers ``config.json`` dict of the model in a GGUF file (``architectures`` set), from metadata."""
+    arch = architecture(path)
+    spec, meta = GGUF_ARCHS[arch], _meta(path)
+    r = reader(path)
+    tensors = {t.name: t for t in r.tensors}
+
+    def get(key, default=None):
+        return _scalar(meta, f"{arch}.{key}", default)
+
+    has_attention = "blk.0.attn_q.weight" in tensors or "blk.0.attn_qkv.weight" in tensors
+    if not has_attention or "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{Path(path).name}: GGUF file has no token_embd/attention tensors; is it a "
+                              "vision/adapter file?")
+    vocab = get("vocab_size") or int(tensors["token_embd.weight"].shape[-1])  # GGUF dims: (d_model, vocab)
+    d, heads = get("embedding_length"), get("attention.head_count")
+    missing = [k for k, v in (("block_count", get("block_count")), ("embedding_length", d),
+                              ("attention.head_count", heads), ("feed_forward_length", get("feed_forward_length")))
+               if v is None]
+    if missing:
+        raise CheckpointError(f"{Path(path).name}: GGUF metadata lacks {arch}.{missing[0]}")
+    head_dim = get("attention.key_length") or d // heads
+    experts = get("expert_count", 0) or 0
+    hf_arch, model_type = (spec.moe[0], spec.moe[1]) if experts and spec.moe else (spec.hf_arch, spec.model_type)
+    hf = dict(
+        architectures=[hf_arch], model_type=model_type, vocab_size=int(vocab), hidden_size=d,
+        num_hidden_layers=get("block_count"), num_attention_heads=heads,
+        num_key_value_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
+        intermediate_size=get("feed_forward_length"), rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
+        max_position_embeddings=get("context_length", 4096), rope_theta=float(get("rope.freq_base", 10000.0)),
+        hidden_act="silu", tie_word_embeddings="output.weight" not in tensors, torch_dtype=_dtype_name(r.tensors),
+        **spec.extra,
+    )
+    rot = get("rope.dimension_count")
+    if rot and rot != head_dim:
+        hf["partial_rotary_factor"] = rot / head_dim
+    window = get("attention.sliding_window")
+    if window:
+        hf["sliding_window"] = window
+        hf["use_sliding_window"] = True
+    hf.update(_rope_scaling(path, arch, meta, hf, tensors))
+    if experts:
+        hf.update(num_local_experts=experts, num_experts=experts, num_experts_per_tok=get("expert_used_count", 2))
+        if model_type == "qwen2_moe":
+            hf.update(moe_intermediate_size=get("expert_feed_forward_length"), norm_topk_prob=False,
+                      shared_expert_intermediate_size=get("expert_shared_feed_forward_length", 0),
+                      decoder_sparse_step=1)
+        elif model_type == "mixtral":
+            hf["intermediate_size"] = get("expert_feed_forward_length") or hf["intermediate_size"]
+    for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
+        if f"tokenizer.ggml.{key}" in meta:
+            hf[name] = meta[f"tokenizer.ggml.{key}"]
+    stops = stop_token_ids(meta)
+    if stops:
+        hf["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    return hf
+
+
+def stop_token_ids(meta: dict) -> list[int]:
+    """eos, then end-of-turn / end-of-message ids llama.cpp also stops on (Llama 3's <|eot_id|>, <|eom_id|>)."""
+    ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def _dtype_name(tensors) -> str:
+    """The dtype a GGUF's weights load in by default: F16/BF16 files keep theirs, quantized ones dequantize to fp32."""
+    kinds = {t.tensor_type.name for t in tensors if len(t.shape) >= 2}
+    return {frozenset({"F16"}): "float16", frozenset({"BF16"}): "bfloat16"}.get(frozenset(kinds), "float32")
+
+
+def _rope_scaling(path, arch: str, meta: dict, hf: dict, tensors: dict) -> dict:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        kind = "longrope"
+    if kind == "linear":
+        return {"rope_scaling": {"rope_type": "linear", "factor": factor}}
+    if kind not in ("none", ""):
+        # the converter names what it supports in its own one-line error
+        return {"rope_scaling": {"rope_type": kind, "factor": factor, "original_max_position_embeddings": original}}
+    if "rope_freqs.weight" in tensors:
+        divisors = torch.from_numpy(_dequantize(tensors["rope_freqs.weight"]).astype(np.float64)).flatten()
+        rot = int(hf["head_dim"] * hf.get("partial_rotary_factor", 1.0))
+        scaling = _llama3_from_divisors(divisors, hf["rope_theta"], rot, original)
+        if scaling is None:
+            raise CheckpointError(f"{Path(path).name}: its rope_freqs tensor is not a Llama-3 RoPE scaling lmforge "
+                                  "can express")
+        return {"rope_scaling": scaling} if scaling else {}
+    return {}
+
+
+def _llama3_divisors(theta: float, dim: int, factor: float, low: float, high: float, original: float) -> torch.Tensor:
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    wavelen = 2 * math.pi / inv
+    smooth = (original / wavelen - low) / (high - low)
+    scaled = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > original / low, inv / factor, inv)
+    out = torch.where((wavelen >= original / high) & (wavelen <= original / low), scaled, out)
+    return inv / out
+
+
+def _llama3_from_divisors(div: torch.Tensor, theta: float, dim: int, original: int | None) -> dict | None:
+    """The ``llama3`` rope_scaling dict whose per-frequency divisors equal `div` ({} for none, None if impossible).
+
+    Only the ratios original/low and original/high shape the curve, so low_freq_factor is taken as 1 (as every
+    Llama 3.x release has it); high_freq_factor and the original context come from a least-squares fit of the
+    blended frequencies (or the Llama 3 defaults when too few frequencies fall in the blend), then checked.
+    """
+    if torch.allclose(div, torch.ones_like(div)):
+        return {}
+    factor = float(div.max())
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    inv_wavelen = inv / (2 * math.pi)
+    blend = (div > 1 + 1e-4) & (div < factor * (1 - 1e-4))
+    smooth = (factor / div - 1) / (factor - 1)  # 1 - smooth of the blend, per frequency
+    candidates = []
+    if int(blend.sum()) >= 2:  # smooth = original * (1/wavelen) / (high - 1) - 1 / (high - 1)
+        a, b = np.polyfit(inv_wavelen[blend].numpy(), smooth[blend].numpy(), 1)
+        if b < 0:
+            high = 1 - 1 / b
+            candidates.append((high, a * (high - 1)))
+    if int(blend.sum()) == 1:
+        s, w = float(smooth[blend]), float(inv_wavelen[blend])
+        candidates += [(4.0, (1 + 3 * s) / w)]
+    slow = div >= factor * (1 - 1e-4)  # wavelen > original: pick original just below the shortest such wavelength
+    if not candidates and bool(slow.any()):
+        candidates.append((4.0, float(1 / inv_wavelen[slow].max()) * 0.999))
+    if original:
+        candidates.append((4.0, float(original)))
+    for high, orig in candidates:
+        for whole in (int(round(orig)), int(math.floor(orig))):  # a context length is a whole number of tokens
+            if whole > 0 and high > 1:
+                high = round(float(high), 4)
+                got = _llama3_divisors(theta, dim, factor, 1.0, high, whole)
+                if torch.allclose(got, div, rtol=1e-3, atol=1e-5):
+                    return {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": 1.0,
+                            "high_freq_factor": high, "original_max_position_embeddings": whole}
+    return None
+
+
+def _dequantize(t) -> np.ndarray:
+    """One tensor as float32, numpy row-major shape (reversed GGUF dims)."""
+    arr = np.asarray(_gguf().quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    if not arr.flags.writeable:  # F32 tensors come straight from the read-only memory map
+        arr = arr.copy()
+    return arr.reshape(tuple(reversed(t.shape)))
+
+
+def hf_tensors(path: str | Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, fp32 tensor) for every weight of the file, one tensor dequantized at a time."""
+    arch = architecture(path)
+    spec = GGUF_ARCHS[arch]
+    moe = bool(hf.get("num_local_experts") or hf.get("num_experts"))
+    table = _compiled(arch, moe)
+    heads, kv = hf["num_attention_heads"], hf["num_key_value_heads"]
+    for t in reader(path).tensors:
+        if t.name == "rope_freqs.weight":  # folded into rope_scaling by hf_config
+            continue
+        for pattern, hf_name in table:
+            m = pattern.match(t.name)
+            if m:
+                break
+        else:
+            raise CheckpointError(f"{Path(path).name}: GGUF tensor '{t.name}' has no mapping for architecture "
+                                  f"'{arch}'; the file is a variant lmforge does not read yet")
+        fill = {k: v for k, v in m.groupdict().items() if v is not None}
+        w = torch.from_numpy(_dequantize(t))
+        if spec.permute_qk and ".attn_q." in t.name:
+            w = unpermute_rope_rows(w, heads)
+        elif spec.permute_qk and ".attn_k." in t.name:
+            w = unpermute_rope_rows(w, kv)
+        if spec.norm_offset and t.name.endswith("norm.weight"):
+            w = w - spec.norm_offset
+        if "_shexp" in t.name and "gate_inp" in t.name:
+            w = w.reshape(1, -1)  # shared_expert_gate is a (1, d) Linear
+        if "{e}" in hf_name:  # stacked experts (n_experts, out, in) -> one tensor per expert
+            for e in range(w.shape[0]):
+                yield hf_name.format(e=e, **fill), w[e]
+        else:
+            yield hf_name.format(**fill), w

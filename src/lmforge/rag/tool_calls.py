@@ -26,6 +26,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..serve.guard import replay_body
 from ..serve.protocol import ContentPart, OpenAIError, parse_json_body, validation_error
 
 TOOLS_PROMPT = """You can call these functions (JSON schemas):
@@ -239,7 +240,7 @@ class ToolCallsMiddleware:
             isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
             for m in (messages if isinstance(messages, list) else [])))
         if not wants_tools:
-            return await self.app(scope, _replay(raw, receive), send)
+            return await self.app(scope, replay_body(raw, receive), send)
         try:
             ToolsRequest.model_validate(body)
         except pydantic.ValidationError as e:
@@ -259,7 +260,7 @@ class ToolCallsMiddleware:
             elif message["type"] == "http.response.body":
                 parts.append(message.get("body", b""))
 
-        await self.app(scope, _replay(json.dumps(new).encode(), receive), capture)
+        await self.app(scope, replay_body(json.dumps(new).encode(), receive), capture)
         payload = b"".join(parts)
         content_type = b"application/json"
         if status == 200:
@@ -271,17 +272,3 @@ class ToolCallsMiddleware:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
-
-
-def _replay(raw: bytes, receive):
-    """A receive that hands over `raw` as the body, then waits on the client's (so a disconnect still shows)."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
-
-    return replay

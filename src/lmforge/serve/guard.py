@@ -50,7 +50,7 @@ class RequestGuard:
                 body = await self._read_body(receive, headers.get(b"content-length"))
             except OpenAIError as e:
                 return await _send(send, e)
-            receive = _replay(body, receive)
+            receive = replay_body(body, receive)
         started = False
 
         async def watched(message):
@@ -94,7 +94,7 @@ async def _send(send, error: OpenAIError) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
-def _replay(body: bytes, receive):
+def replay_body(body: bytes, receive):
     """A receive that hands over `body` once, then waits on the client's (so a disconnect still shows)."""
     sent = False
 

@@ -19,13 +19,14 @@ import torch
 from pydantic import model_validator
 from safetensors.torch import save_file
 
+from ..checkpoint import save_tokenizer_files
 from ..config import dump_config
 from ..errors import ConfigError
 from ..peft.methods import build_method
 from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from ..train.config import TrainConfig
-from ..train.run import build_model, save_tokenizer_files, seed_everything, write_final
+from ..train.run import build_model, seed_everything, write_final
 from ..train.trainer import Trainer, resolve_precision
 from .common import WithHeads
 from .config import DPOSection, PPOSection, RewardSection

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import save_tokenizer_files
 from ..config import dump_config
 from ..data import build_datasets
 from ..data.mixing import MixedDataset
@@ -46,13 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def save_tokenizer_files(src: Path, dst: Path) -> None:
-    """The checkpoint's tokenizer files in `dst` (written from the metadata for a .gguf base)."""
-    from ..checkpoint import save_tokenizer_files as save
-
-    save(src, dst)
 
 
 def write_final(final: Path, state: dict[str, torch.Tensor], write: Callable[[Path], None]) -> Path:

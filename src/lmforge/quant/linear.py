@@ -6,11 +6,13 @@ forward from (..., in_features) to (..., out_features). Its storage is buffers (
 and safetensors carry it) plus ``spec()`` -- the options a loader needs to rebuild an empty one with
 ``cls(in_features, out_features, bias, **options)``.
 
-Fast paths: on CUDA (and the CPU) PyTorch ships fused mixed-precision kernels for batch-1 decode,
-``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm`` (the CPU variant ``_for_cpu``). Their weight layouts
-are device-specific, so `prepare_fast_path(model)` converts once, after the model reached its device, and each layer
-checks its fast result against the reference on a probe input before using it; a missing or failing kernel falls back
-to the reference path (dequantize, then ``F.linear``), which is what runs on the CPU unless asked otherwise.
+Fast paths: on CUDA, half-precision inputs go to lmforge's Triton kernels (`lmforge.quant.qkernel`: a GEMV for
+decode rows, a dequantize-in-registers GEMM for batches) with no preparation, reading the layers' own buffers.
+PyTorch's fused mixed-precision kernels ``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm`` (the CPU
+variant ``_for_cpu``) need device-specific weight layouts, so `prepare_fast_path(model)` converts once, after the
+model reached its device, and each layer checks its fast result against the reference on a probe input before
+using it (on the CPU that is the fast path; on CUDA it opts INT4 into tinygemm instead of the Triton kernels); a
+missing or failing kernel falls back to the reference path (dequantize, then ``F.linear``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import qkernel
 from .base import QuantLinear
 from .nf4 import pack_nibbles, unpack_nibbles
 from .rtn import int4_dequantize, int4_params, int4_quantize, int8_quantize, quantize_activations_int8
@@ -91,6 +94,8 @@ class Int8Linear(QuantLinear):
             y = self._w8a8(x2d)
         elif self._use_fast(x2d) and self._fast[0] == "aten._weight_int8pack_mm":
             y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self._fast[1])
+        elif qkernel.use_kernel(x2d):  # CUDA: the Triton GEMV / GEMM (custom op, captured in CUDA graphs)
+            y = qkernel.int8_linear(x2d, self.qweight, self.scale)
         elif self._use_fast(x2d) and x2d.shape[0] == 1 and torch.compiler.is_compiling():
             # batch-1 decode under inductor: a multiply-reduce reads each int8 code once, converting in registers
             # (F.linear on q.to(bf16) writes the bf16 weight out first: slower than bf16 itself, measured on H100)
@@ -116,6 +121,8 @@ class Int8Linear(QuantLinear):
         if self.act_bits is not None:
             return None
         if self.qweight.is_cuda:  # aten's CUDA int8pack kernel decodes at 65 tok/s vs 416 bf16 (1B, H100): not used
+            if qkernel.use_kernel(torch.empty(0, device=self.qweight.device, dtype=dtype)):
+                return "triton int8"  # chosen in forward, nothing to convert
             return _verified(self, None, dtype, "inductor int8 gemv")
         if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             return None
@@ -179,6 +186,8 @@ class Int4Linear(QuantLinear):
             op = torch.ops.aten._weight_int4pack_mm_for_cpu if name.endswith("_for_cpu") \
                 else torch.ops.aten._weight_int4pack_mm
             y = op(x2d, packed, self.group_size, scales_zeros)
+        elif qkernel.use_kernel(x2d):  # CUDA: the Triton GEMV / GEMM on these buffers
+            y = qkernel.linear_int4(x2d, self.qweight, self.scale, self.zero, self.group_size)
         else:
             y = F.linear(x2d, int4_dequantize(self.codes(), self.scale, self.zero, x.dtype))
         return self._add_bias(y).view(*x.shape[:-1], self.out_features)

@@ -18,8 +18,8 @@ Public API (stable; QLoRA builds on it):
 - ``NF4Tensor``: ``shape``, ``dtype`` (of the source), ``block_size``, ``double_quant``, ``nbytes``, ``to(device)``,
   ``tensors()`` (its storage as a dict of plain tensors) and ``NF4Tensor.from_tensors(...)``
 - ``NF4Linear(in_features, out_features, bias=False, block_size=64, double_quant=True, dtype=torch.bfloat16)``:
-  a frozen linear whose weight is stored as NF4 buffers (so ``.to(device)`` and ``state_dict()`` carry it) and is
-  dequantized to the input's dtype in every forward. ``NF4Linear.from_linear(linear)`` quantizes an ``nn.Linear``;
+  a frozen linear whose weight is stored as NF4 buffers (so ``.to(device)`` and ``state_dict()`` carry it); its
+  forward is `lmforge.quant.qkernel.linear_nf4` (Triton kernels on CUDA, a table dequantization elsewhere). ``NF4Linear.from_linear(linear)`` quantizes an ``nn.Linear``;
   ``.weight`` is the dequantized (out_features, in_features) weight (a new tensor, for merging/inspection);
   ``.nf4`` is the ``NF4Tensor`` view of its buffers; ``.bias`` is an ordinary frozen parameter or None.
 - ``NF4Linear.spec()``: ``{"type": "nf4", "bias": ..., "block_size": ..., "double_quant": ..., "dq_block_size": ...}``,
@@ -235,8 +235,11 @@ class NF4Linear(QuantLinear):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.nf4.dequantize(x.dtype), bias)
+        from . import qkernel  # CUDA: a Triton GEMV / GEMM on the codes; elsewhere dequantize (level-pair table)
+
+        y = qkernel.linear_nf4(x.reshape(-1, self.in_features), self.codes, self.absmax, self.absmax_scale,
+                               self.absmax_mean, self.out_features, self.block_size, self.dq_block_size)
+        return self._add_bias(y).view(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
         """`model.to(dtype)` / `.half()` move the fp32 block constants but never cast them: rounding them to bf16

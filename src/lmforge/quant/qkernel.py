@@ -1,0 +1,393 @@
+"""Weight-only quantized matmuls, ``y = x @ dequant(W).T``, one torch op per format, never materializing W on CUDA.
+
+Ops (``torch.library`` custom ops: torch.compile keeps them as opaque calls, CUDA graphs capture their kernels):
+
+- ``lmforge::int8_linear(x, qweight, scale)``
+- ``lmforge::int4_linear(x, qweight, scale, zero, group_size)``
+- ``lmforge::nf4_linear(x, codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size)``
+
+x (M, K) -> (M, N) in x's dtype, with the layouts of `Int8Linear`, `Int4Linear` and `NF4Linear` (see
+`qkernel_triton`). Backward returns dx through the dequantized weight (QLoRA trains adapters over a frozen NF4 base).
+
+Which code runs (`linear_int8` / `linear_int4` / `linear_nf4` pick):
+
+- CUDA, bf16/fp16 input, triton installed: M <= ``GEMV_MAX_ROWS`` (decode) a GEMV that reads each code byte once
+  per row block and dequantizes in registers; M <= ``GEMM_MAX_ROWS`` (batched decode, short prefill) a Triton GEMM
+  that dequantizes one group at a time into tensor-core dots; more rows (compute-bound prefill) dequantize once and
+  call cuBLAS. Each kernel variant (format, path, dtype, group size) first checks itself against the reference on a
+  small random problem, outside CUDA-graph capture; one that fails to build, to launch, or to agree is switched off
+  for the process with one warning and the reference runs instead. ``LMFORGE_QKERNEL=0`` switches them all off.
+- Everywhere else the reference: dequantize, then ``F.linear``. NF4's dequantization looks each code byte up in a
+  256-entry table of level pairs in the compute dtype (one gather per two weights, no float32 temporaries), about
+  2x faster on the CPU than indexing the float32 levels per nibble.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .nf4 import NF4_LEVELS, unpack_nibbles
+from .rtn import int4_dequantize
+
+__all__ = ["GEMV_MAX_ROWS", "GEMM_MAX_ROWS", "use_kernel", "linear_int8", "linear_int4", "linear_nf4",
+           "int8_linear", "int4_linear", "nf4_linear", "nf4_dequantize", "kernel_status"]
+
+log = logging.getLogger("lmforge.quant")
+
+GEMV_MAX_ROWS = 4  # decode: one program per (input row, BLOCK_N weight rows), neighbours share the weight tile in L2
+GEMM_MAX_ROWS = 256  # past this a matmul is compute-bound: one dequantization, then cuBLAS
+enabled = os.environ.get("LMFORGE_QKERNEL", "1") != "0"
+cpu_interpreter = False  # also route CPU inputs through the Triton kernels (tests, under TRITON_INTERPRET=1)
+_status: dict[tuple, bool | str] = {}  # kernel variant -> True (verified), or why it is off
+
+
+def kernel_status() -> dict[str, bool | str]:
+    """{variant: True or the reason it is off} for every kernel variant tried in this process."""
+    return {"/".join(map(str, k)): v for k, v in _status.items()}
+
+
+def _triton_runs(device: torch.device) -> bool:
+    from ..infer.paged_attention import kernel_available
+
+    return kernel_available(device)
+
+
+def use_kernel(x: torch.Tensor) -> bool:
+    """Send this input to the custom ops: a half-precision input where the Triton kernels run (CUDA, or the CPU
+    interpreter when asked)."""
+    return (enabled and x.dtype in (torch.bfloat16, torch.float16) and (x.is_cuda or cpu_interpreter)
+            and _triton_runs(x.device))
+
+
+def _group_ok(group: int) -> bool:
+    return 32 <= group <= 1024 and group & (group - 1) == 0  # whole groups per step, tl.dot needs group / 2 >= 16
+
+
+# ------------------------------------------------------------------------------------------------ reference math
+
+
+def int8_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
+
+
+def int4_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, int4_dequantize(unpack_nibbles(qweight), scale, zero, x.dtype))
+
+
+@functools.cache
+def _level_pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256,) table: byte b -> (NF4_LEVELS[b >> 4], NF4_LEVELS[b & 15]) in `dtype`, both values in one integer
+    element (int32 for 16-bit dtypes, int64 for fp32), so one `index_select` fetches a byte's two weights."""
+    b = torch.arange(256)
+    pairs = torch.stack([NF4_LEVELS[b >> 4], NF4_LEVELS[b & 15]], dim=-1).to(dtype).contiguous()  # (256, 2)
+    return pairs.view(torch.int32 if dtype.itemsize == 2 else torch.int64).flatten().to(device)
+
+
+def nf4_block_absmax(absmax: torch.Tensor, absmax_scale: torch.Tensor | None, absmax_mean: torch.Tensor | None,
+                     dq_block_size: int) -> torch.Tensor:
+    """float32 (n_blocks,) block scales, decoding double quantization (as `NF4Tensor.block_absmax`)."""
+    if absmax_scale is None:
+        return absmax.float()
+    scale = absmax_scale.repeat_interleave(dq_block_size)[: absmax.numel()]
+    return absmax.float() * scale + absmax_mean
+
+
+def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
+                   absmax_mean: torch.Tensor | None, shape: tuple[int, int], block_size: int, dq_block_size: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The NF4 weight (shape) in `dtype` by the byte -> level-pair table: level x absmax rounded in `dtype` (for
+    16-bit dtypes that is one rounding more than the float32 `NF4Tensor.dequantize`, within a 16-bit ulp)."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        dtype = torch.float32
+    pairs = _level_pairs(dtype, codes.device).index_select(0, codes.int())  # (n_padded / 2,) two levels each
+    values = pairs.view(dtype).view(-1, block_size)  # (n_blocks, block)
+    a = nf4_block_absmax(absmax, absmax_scale, absmax_mean, dq_block_size).to(dtype)
+    n = shape[0] * shape[1]
+    return (values * a[:, None]).flatten()[:n].view(shape)
+
+
+def nf4_reference(x: torch.Tensor, codes, absmax, absmax_scale, absmax_mean, block_size: int,
+                  dq_block_size: int, out_features: int) -> torch.Tensor:
+    w = nf4_dequantize(codes, absmax, absmax_scale, absmax_mean, (out_features, x.shape[-1]), block_size,
+                       dq_block_size, x.dtype)
+    return F.linear(x, w.to(x.dtype))
+
+
+# ------------------------------------------------------------------------------------------------ kernel launches
+
+
+def _kernels():
+    from . import qkernel_triton
+
+    return qkernel_triton
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _lut(device: torch.device) -> torch.Tensor:
+    return _nf4_lut(device.type, device.index)
+
+
+@functools.cache
+def _nf4_lut(kind: str, index: int | None) -> torch.Tensor:
+    return NF4_LEVELS.to(torch.device(kind, index))  # 64 bytes: one cache line (allocations are 512-byte aligned)
+
+
+def _launch_q4(x, qweight, s, z, ss, mean, N: int, group: int, nf4: bool, dq_block: int, path: str):
+    """Run the 4-bit GEMV or GEMM; s/z/ss/mean: INT4's scale/zero, or NF4's absmax/absmax_scale/absmax_mean."""
+    M, K = x.shape
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    k = _kernels()
+    dq = ss is not None
+    lut = _lut(x.device) if nf4 else s
+    args = (x, qweight, s, z if z is not None else s, ss if dq else s, mean if dq else s, lut, y)
+    flags = dict(GROUP=group, HALF=group // 2, NF4=nf4, DQ=dq, DQ_BLOCK=dq_block)
+    if path == "gemv":
+        programs = 2 * _sm_count(x.device)
+        block_n = 16 if N >= 16 * programs else 8 if N >= 8 * programs else 4
+        block_g = max(1, 512 // group)
+        k.q4_gemv_kernel[(M, triton_cdiv(N, block_n))](*args, N, K, x.stride(0), y.stride(0), BLOCK_N=block_n,
+                                                       BLOCK_G=block_g, num_warps=4, **flags)
+    else:
+        block_m, block_n = _gemm_blocks(M, N, x.device)
+        k.q4_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](
+            *args[:7], y, M, N, K, x.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+            num_stages=2, **flags)
+    return y
+
+
+def _launch_int8(x, qweight, scale, path: str):
+    M, K = x.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    k = _kernels()
+    if path == "gemv":
+        programs = 2 * _sm_count(x.device)
+        block_n = 16 if N >= 16 * programs else 8 if N >= 8 * programs else 4
+        k.int8_gemv_kernel[(M, triton_cdiv(N, block_n))](x, qweight, scale, y, N, K, x.stride(0), y.stride(0),
+                                                         BLOCK_N=block_n, BLOCK_K=256, num_warps=4)
+    else:
+        block_m, block_n = _gemm_blocks(M, N, x.device)
+        k.int8_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](
+            x, qweight, scale, y, M, N, K, x.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+            num_warps=4, num_stages=2)
+    return y
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _gemm_blocks(M: int, N: int, device: torch.device) -> tuple[int, int]:
+    """Output tile: as many rows as the input has (16/32/64), and columns narrow enough to give every SM work."""
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    tiles_m = triton_cdiv(M, block_m)
+    sms = _sm_count(device)
+    block_n = next((bn for bn in (128, 64) if tiles_m * triton_cdiv(N, bn) >= sms), 32)
+    return block_m, block_n
+
+
+def _path(M: int) -> str | None:
+    return "gemv" if M <= GEMV_MAX_ROWS else "gemm" if M <= GEMM_MAX_ROWS else None
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _run(key: tuple, x: torch.Tensor, launch, reference, check) -> torch.Tensor:
+    """The kernel `launch(path)` where it is verified (checking it first if need be), else `reference()`."""
+    path = _path(x.shape[0])
+    if path is None:
+        return reference()
+    key = key + (path, str(x.dtype).removeprefix("torch."), x.device.type)
+    state = _status.get(key)
+    if state is None:
+        if _capturing(x.device):  # a check syncs: never inside a capture (the warm-up before it runs the check)
+            return reference()
+        state = _status[key] = _verify(key, check, path, x.dtype, x.device)
+    if state is not True:
+        return reference()
+    try:
+        return launch(path)
+    except Exception as e:  # noqa: BLE001 -- a kernel that cannot run must never take the model down
+        _status[key] = f"launch failed: {type(e).__name__}: {e}"
+        log.warning("quantized matmul kernel %s failed (%s); using dequantize + matmul from now on",
+                    "/".join(map(str, key)), _status[key])
+        return reference()
+
+
+def _verify(key: tuple, check, path: str, dtype: torch.dtype, device: torch.device) -> bool | str:
+    """Run `check(M, dtype, device) -> (kernel output, reference output)` on a small random problem."""
+    M = 3 if path == "gemv" else 20
+    try:
+        got, want = check(M, dtype, device)
+        err = (got.float() - want.float()).abs().max().item()
+        tol = 2e-2 * want.float().abs().max().item() + 1e-2
+        ok: bool | str = True if torch.isfinite(got).all() and err <= tol else \
+            f"disagrees with the reference (max error {err:.3g} > {tol:.3g})"
+    except Exception as e:  # noqa: BLE001
+        ok = f"{type(e).__name__}: {e}"
+    name = "/".join(map(str, key))
+    if ok is True:
+        log.info("quantized matmul kernel %s verified", name)
+    else:
+        log.warning("quantized matmul kernel %s is off (%s); using dequantize + matmul", name, ok)
+    return ok
+
+
+def _probe(device: torch.device, seed: int = 0) -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed)
+
+
+def _check_int8(M: int, dtype, device):
+    g = _probe(device)
+    N, K = 72, 576
+    q = torch.randint(-127, 128, (N, K), generator=g, device=device, dtype=torch.int8)
+    s = (torch.rand(N, generator=g, device=device) * 0.01 + 1e-3).to(dtype)
+    x = torch.randn(M, K, generator=g, device=device).to(dtype)
+    return _launch_int8(x, q, s, _path(M)), int8_reference(x, q, s)
+
+
+def _check_int4(group: int):
+    def check(M: int, dtype, device):
+        g = _probe(device)
+        N, K = 72, 3 * group
+        qw = torch.randint(0, 256, (N, K // 2), generator=g, device=device, dtype=torch.uint8)
+        s = (torch.rand(N, 3, generator=g, device=device) * 0.05 + 1e-3).to(dtype)
+        z = torch.randint(0, 16, (N, 3), generator=g, device=device, dtype=torch.uint8)
+        x = torch.randn(M, K, generator=g, device=device).to(dtype)
+        return _launch_q4(x, qw, s, z, None, None, N, group, False, 0, _path(M)), int4_reference(x, qw, s, z)
+    return check
+
+
+def _check_nf4(block: int, dq: bool, dq_block: int):
+    def check(M: int, dtype, device):
+        from .nf4 import quantize_nf4
+
+        g = _probe(device)
+        N, K = 72, 3 * block
+        t = quantize_nf4(torch.randn(N, K, generator=g, device=device), block, dq, dq_block)
+        x = torch.randn(M, K, generator=g, device=device).to(dtype)
+        got = _launch_q4(x, t.codes, t.absmax, None, t.absmax_scale, t.absmax_mean, N, block, True, dq_block,
+                         _path(M))
+        return got, F.linear(x, t.dequantize(dtype))
+    return check
+
+
+# ------------------------------------------------------------------------------------------------ the ops
+
+
+@torch.library.custom_op("lmforge::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K), qweight int8 (N, K), scale (N,) -> (M, N) = (x @ qweight.T) * scale."""
+    x = x.contiguous()
+    if not use_kernel(x):
+        return int8_reference(x, qweight, scale)
+    return _run(("int8",), x, lambda path: _launch_int8(x, qweight.contiguous(), scale.contiguous(), path),
+                lambda: int8_reference(x, qweight, scale), _check_int8)
+
+
+@int8_linear.register_fake
+def _(x, qweight, scale):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("lmforge::int4_linear", mutates_args=())
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x (M, K), qweight uint8 (N, K / 2), scale/zero (N, K / group_size) -> (M, N) = x @ ((q - zero) scale).T."""
+    x = x.contiguous()
+    if not (use_kernel(x) and _group_ok(group_size)):
+        return int4_reference(x, qweight, scale, zero)
+    N = qweight.shape[0]
+    return _run(("int4", group_size), x,
+                lambda path: _launch_q4(x, qweight.contiguous(), scale.contiguous(), zero.contiguous(), None, None,
+                                        N, group_size, False, 0, path),
+                lambda: int4_reference(x, qweight, scale, zero), _check_int4(group_size))
+
+
+@int4_linear.register_fake
+def _(x, qweight, scale, zero, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("lmforge::nf4_linear", mutates_args=())
+def nf4_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
+               absmax_mean: torch.Tensor | None, out_features: int, block_size: int,
+               dq_block_size: int) -> torch.Tensor:
+    """x (M, K) against NF4Linear's buffers (out_features x K weight) -> (M, out_features)."""
+    x = x.contiguous()
+    ref = lambda: nf4_reference(x, codes, absmax, absmax_scale, absmax_mean, block_size,  # noqa: E731
+                                dq_block_size, out_features)
+    if not (use_kernel(x) and _group_ok(block_size) and x.shape[1] % block_size == 0):
+        return ref()
+    dq = absmax_scale is not None
+    return _run(("nf4", block_size, "dq" if dq else "fp32"), x,
+                lambda path: _launch_q4(x, codes, absmax, None, absmax_scale, absmax_mean, out_features,
+                                        block_size, True, dq_block_size, path),
+                ref, _check_nf4(block_size, dq, dq_block_size))
+
+
+@nf4_linear.register_fake
+def _(x, codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size):
+    return x.new_empty(x.shape[0], out_features)
+
+
+# backward: dx = dy @ W (the weights are frozen buffers); the weight is dequantized for it
+
+
+def _setup(ctx, inputs, output):
+    ctx.inputs, ctx.in_features = inputs[1:], inputs[0].shape[-1]
+
+
+def _int8_backward(ctx, dy):
+    qweight, scale = ctx.inputs
+    return dy @ (qweight.to(dy.dtype) * scale.to(dy.dtype)[:, None]), None, None
+
+
+def _int4_backward(ctx, dy):
+    qweight, scale, zero, _ = ctx.inputs
+    return dy @ int4_dequantize(unpack_nibbles(qweight), scale, zero, dy.dtype), None, None, None, None
+
+
+def _nf4_backward(ctx, dy):
+    codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size = ctx.inputs
+    w = nf4_dequantize(codes, absmax, absmax_scale, absmax_mean, (out_features, ctx.in_features), block_size,
+                       dq_block_size, dy.dtype)
+    return dy @ w, None, None, None, None, None, None, None
+
+
+int8_linear.register_autograd(_int8_backward, setup_context=_setup)
+int4_linear.register_autograd(_int4_backward, setup_context=_setup)
+nf4_linear.register_autograd(_nf4_backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+
+def linear_int8(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(M, K) -> (M, N): the custom op where a kernel may run, else the reference (plain ops: autograd, and
+    torch.compile traces through them)."""
+    return int8_linear(x2d, qweight, scale) if use_kernel(x2d) else int8_reference(x2d, qweight, scale)
+
+
+def linear_int4(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    if use_kernel(x2d) and _group_ok(group_size):
+        return int4_linear(x2d, qweight, scale, zero, group_size)
+    return int4_reference(x2d, qweight, scale, zero)
+
+
+def linear_nf4(x2d: torch.Tensor, codes, absmax, absmax_scale, absmax_mean, out_features: int, block_size: int,
+               dq_block_size: int) -> torch.Tensor:
+    if use_kernel(x2d) and _group_ok(block_size) and x2d.shape[1] % block_size == 0:
+        return nf4_linear(x2d, codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size)
+    return nf4_reference(x2d, codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size, out_features)

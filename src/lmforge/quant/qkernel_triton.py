@@ -1,0 +1,162 @@
+"""Triton kernels behind `lmforge.quant.qkernel` (see there): weight-only INT8 / INT4 / NF4 matmuls that read the
+packed codes and dequantize in registers. Imported on first use, like the other Triton kernels.
+
+Layouts (the quantized linears' own buffers, no repacking):
+
+- INT8: qweight int8 (N, K), scale (N,): ``W = q * scale``.
+- INT4: qweight uint8 (N, K / 2) with column 2j in the high nibble, scale (N, K / GROUP) (any float dtype),
+  zero uint8 (N, K / GROUP): ``W = (q - zero) * scale``.
+- NF4 (K a multiple of the block): codes uint8 (N * K / 2,) packed as INT4's qweight, so row n / byte j is
+  ``codes[n * K / 2 + j]``; one absmax per block of GROUP elements of a row, block b = n * K / GROUP + g: fp32, or
+  with double quantization int8 read as ``absmax[b] * absmax_scale[b // DQ_BLOCK] + absmax_mean``;
+  ``W = NF4_LEVELS[code] * absmax`` (the 16 levels from a 64-byte table: one cache line, so each lookup is one
+  L1 access for the whole warp).
+
+Each 4-bit kernel walks whole groups: the codes of BLOCK_G groups x GROUP / 2 bytes are one contiguous run per row,
+the even and odd input columns are loaded apart (no interleave in registers). The GEMV keeps INT4's zero point out of
+the inner loop: per group, ``sum (q - z) s x = s (sum q x - z sum x)``.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _nf4_absmax(S, SS, Mean, block, mask, DQ: tl.constexpr, DQ_BLOCK: tl.constexpr):
+    """fp32 block scales of NF4 blocks `block` (int64), decoding the double-quantized form where DQ."""
+    a = tl.load(S + block, mask=mask, other=0).to(tl.float32)
+    if DQ:
+        a = a * tl.load(SS + block // DQ_BLOCK, mask=mask, other=0.0) + tl.load(Mean)
+    return a
+
+
+@triton.jit
+def q4_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
+                   GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                   NF4: tl.constexpr, DQ: tl.constexpr = False, DQ_BLOCK: tl.constexpr = 256):
+    """Y[m, rows] = X[m] @ W[rows].T for BLOCK_N rows per program (grid: input rows x row blocks), fp32 accumulation.
+
+    Per iteration a (BLOCK_N, BLOCK_G, GROUP / 2) tile of code bytes: high nibbles meet the even input columns, low
+    nibbles the odd ones."""
+    m = tl.program_id(0).to(tl.int64)  # input rows vary fastest: neighbouring programs read the same weight tile
+    pid = tl.program_id(1)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    n_groups = K // GROUP
+    g_off = tl.arange(0, BLOCK_G)
+    b_off = tl.arange(0, HALF)
+    x_row = X + m * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    for g0 in range(0, n_groups, BLOCK_G):
+        g = g0 + g_off  # (BLOCK_G,)
+        g_ok = g < n_groups
+        col = g[:, None] * GROUP + 2 * b_off[None, :]  # (BLOCK_G, HALF) even input columns
+        xe = tl.load(x_row + col, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(x_row + col + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        byte = rows64[:, None, None] * (K // 2) + (g[None, :, None] * HALF + b_off[None, None, :])
+        ok = row_ok[:, None, None] & g_ok[None, :, None]
+        q = tl.load(QW + byte, mask=ok, other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_G, HALF) uint8
+        hi = (q >> 4).to(tl.int32)
+        lo = (q & 15).to(tl.int32)
+        blk = rows64[:, None] * n_groups + g[None, :]  # (BLOCK_N, BLOCK_G) group / block index
+        blk_ok = row_ok[:, None] & g_ok[None, :]
+        if NF4:
+            wh = tl.load(Lut + hi)
+            wl = tl.load(Lut + lo)
+            dot = tl.sum(wh * xe[None, :, :] + wl * xo[None, :, :], axis=2)  # (BLOCK_N, BLOCK_G)
+            acc += dot * _nf4_absmax(S, SS, Mean, blk, blk_ok, DQ, DQ_BLOCK)
+        else:
+            dot = tl.sum(hi.to(tl.float32) * xe[None, :, :] + lo.to(tl.float32) * xo[None, :, :], axis=2)
+            s = tl.load(S + blk, mask=blk_ok, other=0.0).to(tl.float32)
+            z = tl.load(Z + blk, mask=blk_ok, other=0).to(tl.float32)
+            xsum = tl.sum(xe + xo, axis=1)  # (BLOCK_G,)
+            acc += s * (dot - z * xsum[None, :])
+    y = tl.sum(acc, axis=1)
+    tl.store(Y + m * stride_ym + rows, y.to(Y.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def q4_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_ym,
+                   GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NF4: tl.constexpr, DQ: tl.constexpr = False, DQ_BLOCK: tl.constexpr = 256):
+    """Y = X @ W.T for a (BLOCK_M, BLOCK_N) output tile per program, one group of K per step: the group's codes
+    are dequantized to X's dtype in registers and fed to two tensor-core dots (even and odd columns)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    h = tl.arange(0, HALF)
+    n_groups = K // GROUP
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, n_groups):
+        col = g * GROUP + 2 * h  # (HALF,)
+        x_ptr = X + offs_m64[:, None] * stride_xm + col[None, :]
+        xe = tl.load(x_ptr, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, HALF)
+        xo = tl.load(x_ptr + 1, mask=m_ok[:, None], other=0.0)
+        q = tl.load(QW + offs_n64[None, :] * (K // 2) + g * HALF + h[:, None], mask=n_ok[None, :], other=0)
+        hi = (q >> 4).to(tl.int32)  # (HALF, BLOCK_N)
+        lo = (q & 15).to(tl.int32)
+        blk = offs_n64 * n_groups + g  # (BLOCK_N,)
+        if NF4:
+            a = _nf4_absmax(S, SS, Mean, blk, n_ok, DQ, DQ_BLOCK)[None, :]
+            we = (tl.load(Lut + hi) * a).to(xe.dtype)
+            wo = (tl.load(Lut + lo) * a).to(xe.dtype)
+        else:
+            s = tl.load(S + blk, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(Z + blk, mask=n_ok, other=0).to(tl.float32)[None, :]
+            we = ((hi.to(tl.float32) - z) * s).to(xe.dtype)
+            wo = ((lo.to(tl.float32) - z) * s).to(xe.dtype)
+        acc += tl.dot(xe, we)
+        acc += tl.dot(xo, wo)
+    y_ptr = Y + offs_m64[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y[m, rows] = (X[m] @ q[rows].T) * scale[rows]; grid: input rows x row blocks."""
+    m = tl.program_id(0).to(tl.int64)  # input rows vary fastest: neighbouring programs read the same weight tile
+    pid = tl.program_id(1)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    w_rows = QW + rows.to(tl.int64)[:, None] * K
+    x_row = X + m * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = (k + cols) < K
+        w = tl.load(w_rows + k + cols[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0,
+                    eviction_policy="evict_first")
+        x = tl.load(x_row + k + cols, mask=k_ok, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+    s = tl.load(S + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(Y + m * stride_ym + rows, (tl.sum(acc, axis=1) * s).to(Y.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def int8_gemm_kernel(X, QW, S, Y, M, N, K, stride_xm, stride_ym,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y = (X @ q.T) * scale: int8 codes converted to X's dtype (exact) in registers, scale in the epilogue."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptr = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    w_ptr = QW + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N): W transposed
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = (k + offs_k) < K
+        x = tl.load(x_ptr + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + k, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        acc += tl.dot(x, w.to(x.dtype))
+    s = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    y_ptr = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptr, (acc * s[None, :]).to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

@@ -1,0 +1,139 @@
+"""Quantized matmul kernels (`lmforge.quant.qkernel`): the reference math and the Triton kernels against
+dequantize-then-`F.linear`, the ops' autograd and fake registrations, and the fallback when a kernel fails.
+
+Off CUDA the Triton kernels run in triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py); the
+interpreter's `tl.dot` mishandles bfloat16 (it multiplies the raw 16-bit patterns), so the GEMM is checked in float16
+here and in bfloat16 only on CUDA (where every kernel variant also checks itself before first use)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.infer.paged_attention import kernel_available
+from lmforge.quant import Int4Linear, Int8Linear, NF4Linear, qkernel, quantize_nf4
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(not kernel_available(DEVICE), reason="needs triton (CUDA, or its CPU interpreter)")
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    """Off CUDA the layers never route to the interpreter; these tests ask for it (and start from no verdicts)."""
+    monkeypatch.setattr(qkernel, "cpu_interpreter", True)
+    monkeypatch.setattr(qkernel, "_status", {})
+
+
+def _layers(K: int = 256, N: int = 72, seed: int = 0) -> dict[str, nn.Module]:
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N, bias=True)
+    return {"int8": Int8Linear.from_linear(lin), "int4 g32": Int4Linear.from_linear(lin, group_size=32),
+            "int4 g128": Int4Linear.from_linear(lin, group_size=128), "nf4": NF4Linear.from_linear(lin),
+            "nf4 fp32 absmax": NF4Linear.from_linear(lin, double_quant=False)}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
+    err = (got.float() - want.float()).abs().max().item()
+    assert torch.isfinite(got).all() and err <= rel * want.float().abs().max().item() + 1e-3, err
+
+
+# ------------------------------------------------------------------------------------------------ reference math
+
+
+def test_reference_paths_equal_dequantize_then_linear():
+    """Each layer's forward (CPU: the reference) against F.linear on its dequantized weight: fp32 bit for bit where
+    the math is the same, NF4's level-pair table within a bf16 rounding of the weight."""
+    x = torch.randn(5, 256)
+    for name, layer in _layers().items():
+        want = F.linear(x, layer.weight.float(), layer.bias)
+        got = layer(x)
+        assert got.shape == (5, 72) and got.dtype == torch.float32
+        assert (got - want).abs().max().item() < 1e-4, name
+        _close(layer(x.bfloat16()), want, 2e-2)
+    t = quantize_nf4(torch.randn(40, 192))  # the table dequantization itself: exact in fp32, rows spanning blocks
+    assert torch.equal(qkernel.nf4_dequantize(t.codes, t.absmax, t.absmax_scale, t.absmax_mean, (40, 192), 64, 256,
+                                              torch.float32), t.dequantize(torch.float32))
+    odd = quantize_nf4(torch.randn(7, 100), block_size=64)  # 700 weights: the last block is padded
+    assert torch.equal(qkernel.nf4_dequantize(odd.codes, odd.absmax, odd.absmax_scale, odd.absmax_mean, (7, 100),
+                                              64, 256, torch.float32), odd.dequantize(torch.float32))
+
+
+def test_ops_match_reference_and_give_input_gradients():
+    """The custom ops (CPU implementation) compute the reference, and backward gives dx = dy @ W (QLoRA's path)."""
+    for name, layer in _layers(K=128, N=48).items():
+        x = torch.randn(3, 128, requires_grad=True)
+        w = layer.weight.float().detach()
+        if isinstance(layer, NF4Linear):
+            y = qkernel.nf4_linear(x, layer.codes, layer.absmax, layer.absmax_scale, layer.absmax_mean, 48, 64, 256)
+        elif isinstance(layer, Int4Linear):
+            y = qkernel.int4_linear(x, layer.qweight, layer.scale, layer.zero, layer.group_size)
+        else:
+            y = qkernel.int8_linear(x, layer.qweight, layer.scale)
+        assert (y - F.linear(x, w)).abs().max().item() < 1e-4, name
+        dy = torch.randn_like(y)
+        (gx,) = torch.autograd.grad(y, x, dy)
+        assert (gx - dy @ w).abs().max().item() < 1e-4, name
+
+
+def test_opcheck_int4_op():
+    """torch.library's own consistency checks (schema, fake kernel, autograd registration) for one op."""
+    layer = Int4Linear.from_linear(nn.Linear(64, 16), group_size=32)
+    x = torch.randn(2, 64, requires_grad=True)
+    torch.library.opcheck(qkernel.int4_linear, (x, layer.qweight, layer.scale, layer.zero, 32),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ------------------------------------------------------------------------------------------------ Triton kernels
+
+
+@needs_triton
+@pytest.mark.parametrize("rows", [1, 20])  # GEMV (decode; its check runs 3 rows), GEMM (batched)
+def test_triton_kernels_match_dequantize_then_linear(rows, kernels_on_cpu):
+    """Every format's kernel on the layers' own buffers: N = 72 (not a multiple of any row block), K = 320 (INT4
+    g32: 10 groups, not a multiple of the GEMV's groups per step), and K = 256 for group/block 64 and 128."""
+    dtype = torch.bfloat16 if rows <= qkernel.GEMV_MAX_ROWS or DEVICE.type == "cuda" else torch.float16
+    cases = {**{f"{k} K256": v for k, v in _layers(K=256).items()}, "int4 g32 K320": Int4Linear.from_linear(nn.Linear(320, 72), group_size=32)}
+    for name, layer in cases.items():
+        layer = layer.to(DEVICE)
+        x = torch.randn(rows, layer.in_features, device=DEVICE).to(dtype)
+        want = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (rows, 72)
+        _close(y, want, 2e-2)
+    status = qkernel.kernel_status()
+    path = "gemv" if rows <= qkernel.GEMV_MAX_ROWS else "gemm"
+    assert status and all(v is True for v in status.values()), status  # every variant verified and used
+    assert {k.split("/")[0] for k in status} == {"int8", "int4", "nf4"} and all(f"/{path}/" in k for k in status)
+
+
+@needs_triton
+def test_failing_kernel_falls_back_to_reference_once(kernels_on_cpu, monkeypatch, caplog):
+    layer = _layers(K=128, N=24)["int4 g32"].to(DEVICE)
+    x = torch.randn(1, 128, device=DEVICE, dtype=torch.bfloat16)
+    want = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    _close(layer(x), want, 2e-2)  # verified, then run
+    key = next(iter(qkernel._status))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(qkernel, "_launch_q4", broken)
+    with caplog.at_level("WARNING", logger="lmforge.quant"):
+        _close(layer(x), want, 2e-2)
+        _close(layer(x), want, 2e-2)
+    assert "launch failed" in qkernel._status[key]
+    assert sum("failed" in r.message for r in caplog.records) == 1  # logged once, then the reference quietly
+
+    monkeypatch.setattr(qkernel, "_status", {})  # a kernel that never builds is off after its check
+    _close(layer(x), want, 2e-2)
+    assert "RuntimeError" in qkernel._status[key]
+
+
+@needs_triton
+def test_wrong_kernel_is_caught_by_its_check(kernels_on_cpu, monkeypatch):
+    """A kernel that runs but computes the wrong thing never serves a layer."""
+    real = qkernel._launch_int8
+    monkeypatch.setattr(qkernel, "_launch_int8", lambda x, q, s, path: real(x, q, s, path) * 1.5)
+    layer = _layers(K=128, N=24)["int8"].to(DEVICE)
+    x = torch.randn(1, 128, device=DEVICE, dtype=torch.bfloat16)
+    _close(layer(x), F.linear(x.float(), layer.weight.float(), layer.bias.float()), 2e-2)
+    assert "disagrees" in next(iter(qkernel._status.values()))

@@ -36,23 +36,35 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype | str |
 
 def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str | None = "auto",
                              chat_template: str | None = None, *, require_tokenizer: bool = False,
-                             progress: bool | None = False):
-    """(Transformer, Tokenizer or None) from an HF checkpoint directory or a .gguf file.
+                             progress: bool | None = False, adapter: str | Path | None = None,
+                             revision: str | None = None):
+    """(Transformer, Tokenizer or None) from an HF checkpoint directory, a .gguf file or a Hugging Face id
+    (`lmforge.hub.resolve_model`, at `revision`), with `adapter` applied if given: any adapter directory lmforge
+    trains or reads (PEFT LoRA/DoRA, IA3, AdaLoRA, prefix/prompt methods, lmforge adapters; `peft.load_adapter`).
 
     `require_tokenizer`: a checkpoint without one is a one-line error (generate/chat) instead of None."""
+    from .hub import resolve_model
     from .models.hf import load_hf, read_hf_config
     from .runtime import pick_device
     from .tokenizer import Tokenizer
 
-    path = Path(path)
+    path = resolve_model(path, revision)
     read_hf_config(path)  # one-line error for a missing/invalid checkpoint before anything heavy
     found = has_tokenizer(path)
     if require_tokenizer and not found:
         raise LmforgeError(f"no tokenizer.json in '{path}': generate/chat need the checkpoint's tokenizer")
+    adapter_dir = resolve_model(adapter, marker="adapter_config.json") if adapter is not None else None
+    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
+        raise LmforgeError(f"adapter '{adapter}': no adapter_config.json there; pass the directory a PEFT or lmforge "
+                           "training run wrote its adapter to")
     dev = pick_device(device)
     model = load_hf(path, dtype=resolve_dtype(dtype, dev), device=dev, progress=progress)
+    if adapter_dir is not None:
+        from .peft import load_adapter
+
+        load_adapter(model, adapter_dir)
     tok = Tokenizer.from_dir(path, chat_template=chat_template) if found else None
-    return model, tok
+    return model.eval(), tok
 
 
 def save_tokenizer_files(src: str | Path, dst: str | Path) -> None:

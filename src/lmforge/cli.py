@@ -28,8 +28,10 @@ from .models.summary import format_summary, model_summary
 
 
 class ModelSource(Section):
-    model: str = Field(description="checkpoint directory (config.json + safetensors) or .gguf file, or a preset "
-                                   "name for info")
+    model: str = Field(description="checkpoint directory (config.json + safetensors), .gguf file or Hugging Face id "
+                                   "(org/name), or a preset name for info")
+    revision: str | None = None
+    """Branch, tag or commit of a Hugging Face id (default: main); HF_HUB_OFFLINE=1 reads only the local cache."""
     device: str = "auto"
     """cpu, cuda, cuda:1 ... or auto (cuda when available)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -41,6 +43,8 @@ class InfoConfig(ModelSource):
 
 
 class GenerateConfig(SamplingParams, ModelSource):
+    adapter: str | None = None
+    """Adapter directory to apply: any lmforge trains or PEFT writes (LoRA, DoRA, IA3, AdaLoRA, prefix, prompt ...)."""
     prompt: str | None = None
     """Text to complete (or the user turn with chat=true); omit to read stdin."""
     chat: bool = False
@@ -80,7 +84,7 @@ def _load_model_and_tokenizer(cfg: GenerateConfig):
     from .checkpoint import load_model_and_tokenizer
 
     return load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype, cfg.chat_template, require_tokenizer=True,
-                                    progress=None)
+                                    progress=None, adapter=cfg.adapter, revision=cfg.revision)
 
 
 def _prompt_ids(tok, cfg: GenerateConfig, messages: list[dict]) -> list[int]:
@@ -105,7 +109,9 @@ def _printer(out) -> Callable[[int, int | None, str], None]:
 
 
 def run_info(cfg: InfoConfig) -> None:
-    path = Path(cfg.model)
+    from .hub import is_hub_id, resolve_model
+
+    path = resolve_model(cfg.model, cfg.revision) if is_hub_id(cfg.model) else Path(cfg.model)
     if path.exists():
         summary = model_summary(config_from_hf(path), path)
     elif cfg.model.lower() in PRESETS:
@@ -153,10 +159,14 @@ def run_chat(cfg: ChatConfig) -> None:
 
 
 class ExportConfig(Section):
-    base: str = Field(description="checkpoint to export: an HF directory or a .gguf file (the adapter's base model)")
+    base: str = Field(description="checkpoint to export: an HF directory, a .gguf file or a Hugging Face id (the "
+                                  "adapter's base model)")
     adapter: str | None = None
-    """PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to merge in; omit to convert `base`."""
+    """Adapter directory to merge in (LoRA, DoRA, IA3, AdaLoRA, BitFit ...); prefix/prompt methods and Houlsby
+    adapters cannot be merged: they are copied to OUT/adapter beside the base. Omit to convert `base`."""
     out: str = Field(description="where to write the HF checkpoint")
+    revision: str | None = None
+    """Branch, tag or commit of a Hugging Face id (default: main)."""
     format: Literal["hf"] = "hf"
     """Output format: hf = config.json + safetensors + tokenizer files (transformers and lmforge load it)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -197,27 +207,40 @@ def run_train(cfg) -> None:
 
 
 def run_export(cfg: ExportConfig) -> None:
-    """Write a full HF checkpoint of `base` (a directory or a .gguf file), with a LoRA adapter merged in if given;
-    tokenizer files copied along (or, from a GGUF, written from its metadata)."""
+    """Write a full HF checkpoint of `base` (a directory, a .gguf file or a Hugging Face id), with an adapter merged
+    in if given; tokenizer files copied along (or, from a GGUF, written from its metadata). An adapter that cannot be
+    merged (virtual tokens, nonlinear layers) is copied to OUT/adapter instead, and the output says so."""
+    import shutil
+
     from .atomic import atomic_dir, check_replaceable
     from .checkpoint import save_tokenizer_files
+    from .hub import resolve_model
     from .models.hf import save_hf
-    from .peft.methods import LoraMethod
-    from .peft.peft_format import load_peft_adapter
+    from .peft import adapter_method
 
-    base, out = Path(cfg.base), Path(cfg.out)
+    base, out = resolve_model(cfg.base, cfg.revision), Path(cfg.out)
+    adapter = resolve_model(cfg.adapter, marker="adapter_config.json") if cfg.adapter is not None else None
+    method = adapter_method(adapter) if adapter is not None else None  # an unreadable adapter fails before loading
     check_replaceable(out)  # before the slow part: out must be new, empty, or an earlier export
     dtype = None if cfg.dtype == "auto" else cfg.dtype
     model = load_hf(base, dtype=dtype)
     with atomic_dir(out, replace_only_models=True) as tmp:  # a kill leaves no half-written checkpoint
-        if cfg.adapter is not None:
-            load_peft_adapter(model, cfg.adapter)
-            LoraMethod().export(model, tmp)
+        if method is not None and method.mergeable:
+            method.load(model, adapter)
+            method.export(model, tmp)
         else:
             save_hf(model, tmp, dtype=dtype)
+            if method is not None:
+                shutil.copytree(adapter, tmp / "adapter")
         save_tokenizer_files(base, tmp)
-    print(f"merged {cfg.adapter} into {cfg.base} → {cfg.out}" if cfg.adapter else
-          f"{cfg.base} → {cfg.out} ({cfg.format})")
+    if method is None:
+        print(f"{cfg.base} → {cfg.out} ({cfg.format})")
+    elif method.mergeable:
+        print(f"merged {cfg.adapter} ({method.name}) into {cfg.base} → {cfg.out}")
+    else:
+        print(f"{cfg.adapter} is a {method.name} adapter ({method.trains}), which cannot be merged into weights: "
+              f"wrote the base model to {cfg.out} and the adapter beside it to {out / 'adapter'}; use both with "
+              f"`lmforge generate {cfg.out} --adapter {out / 'adapter'}`")
 
 
 def run_quickstart_verb(cfg) -> None:
@@ -245,7 +268,7 @@ VERBS: dict[str, tuple] = {
     "train": (_lazy(".train.config", "TrainConfig"), run_train, "config",
               "pretrain / fine-tune (full, LoRA, ...) or align (rm, dpo, ppo) from a YAML config; torchrun-ready"),
     "export": (ExportConfig, run_export, "base",
-               "HF checkpoint from a .gguf file or a checkpoint, optionally with a LoRA adapter merged in"),
+               "HF checkpoint from a .gguf file, a checkpoint or an HF id, optionally with an adapter merged in"),
     "quantize": (_lazy(".quant.run", "QuantizeConfig"), _lazy(".quant.run", "run_quantize"), "model",
                  "INT8 / INT4 / NF4 / AWQ / GPTQ / BitNet weights, and GGUF export for llama.cpp"),
     "serve": (_lazy(".serve.config", "ServeConfig"), _lazy(".serve.config", "run_serve"), "model",
@@ -375,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             cls = train_config_class(config, overrides)
         cfg = load_config(cls, config, overrides)
         if isinstance(cfg, GenerateConfig):  # checkpoint's sampling defaults < config file < command line
-            defaults = _generation_defaults(Path(cfg.model))
+            from .hub import resolve_model
+
+            defaults = _generation_defaults(resolve_model(cfg.model, cfg.revision))
             cfg = load_config(cls, config, overrides, base=defaults) if defaults else cfg
         run(cfg)
 

@@ -57,14 +57,12 @@ class LocalModel:
 
     @classmethod
     def load(cls, path: str | Path, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
-             batch_size: int = 8, chat_template: str | None = None) -> LocalModel:
+             batch_size: int = 8, chat_template: str | None = None, revision: str | None = None) -> LocalModel:
+        """A checkpoint directory, .gguf file or Hugging Face id, with any lmforge/PEFT adapter applied."""
         from ..checkpoint import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(path, device, dtype, chat_template, require_tokenizer=True)
-        if adapter:
-            from ..peft.peft_format import load_peft_adapter
-
-            load_peft_adapter(model, adapter)
+        model, tokenizer = load_model_and_tokenizer(path, device, dtype, chat_template, require_tokenizer=True,
+                                                    adapter=adapter, revision=revision)
         return cls(model, tokenizer, batch_size)
 
     @property

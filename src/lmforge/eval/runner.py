@@ -21,10 +21,13 @@ from .tasks import Task, load_tasks
 
 
 class EvalConfig(Section):
-    model: str = Field(description="checkpoint directory (config.json + safetensors + tokenizer.json) or .gguf file")
+    model: str = Field(description="checkpoint directory (config.json + safetensors + tokenizer.json), .gguf file "
+                                   "or Hugging Face id (org/name)")
     tasks: list[str] = Field(description="task files: YAML (a task or a suite) or JSONL")
     adapter: str | None = None
-    """PEFT LoRA adapter directory applied on top of the model."""
+    """Adapter directory applied on top of the model: any lmforge trains (LoRA, DoRA, IA3, prefix, prompt, ...)."""
+    revision: str | None = None
+    """Branch, tag or commit of a Hugging Face id (default: main)."""
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(8, ge=1)
@@ -261,7 +264,8 @@ def run_eval(cfg: EvalConfig, model: EvalModel | None = None) -> dict:
     for t in tasks:  # fail on a broken file before loading any weights
         t.load_rows()
     if model is None:
-        model = LocalModel.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.batch_size, cfg.chat_template)
+        model = LocalModel.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.batch_size, cfg.chat_template,
+                                cfg.revision)
     judges: dict[str, EvalModel] = {}
     results = []
     for task in tasks:

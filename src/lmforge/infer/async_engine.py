@@ -11,12 +11,19 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 from .engine import Engine, RequestOutput
 from .sampling import SamplingParams
 
 log = logging.getLogger("lmforge.serve")
+T = TypeVar("T")
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if not future.done():  # the caller may have been cancelled
+        future.set_exception(error) if error is not None else future.set_result(result)
 
 
 class EngineDeadError(RuntimeError):
@@ -73,6 +80,16 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run `fn(engine)` on the engine thread between two steps (requests in flight keep running around it) and
+        return its result, or raise its exception: how the server changes the engine while it serves."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._inbox.put(("call", fn, loop, done))
+        self._wake.set()
+        return await done
+
     def stats(self) -> dict:
         return self.engine.stats()
 
@@ -103,6 +120,16 @@ class AsyncEngine:
                     self.engine.add_request(prompt_ids, params, request_id=request_id, adapter=adapter)
                 except Exception as e:  # noqa: BLE001 - reported to the one caller it concerns
                     self._deliver(request_id, e)
+            elif msg[0] == "call":
+                _, fn, loop, done = msg
+                try:
+                    result, error = fn(self.engine), None
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    result, error = None, e
+                try:
+                    loop.call_soon_threadsafe(_settle, done, result, error)
+                except RuntimeError:  # the caller's loop is closed
+                    pass
             else:
                 self.engine.abort(msg[1])
                 self._streams.pop(msg[1], None)

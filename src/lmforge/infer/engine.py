@@ -147,10 +147,21 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ requests
 
-    def add_adapter(self, name: str, adapter_dir: str) -> None:
-        """Load a PEFT LoRA adapter; requests pick it with `adapter=name`."""
-        self.adapters.add(name, adapter_dir)
-        self.runner.graphs = {k: g for k, g in self.runner.graphs.items() if not k[2]}  # LoRA graphs are stale
+    def add_adapter(self, name: str, adapter_dir: str | None = None, weights: dict | None = None) -> None:
+        """Load a PEFT LoRA adapter (from `adapter_dir`, or `weights` already read by `multi_lora.read_adapter`);
+        requests pick it with `adapter=name`. Safe between steps while requests run: it takes a slot no request in
+        flight uses."""
+        busy = {r.adapter_slot for r in self.requests.values()}
+        if weights is None:
+            self.adapters.add(name, adapter_dir, busy)
+        else:
+            self.adapters.install(name, weights, busy)
+        # captured decode graphs read the stacks (which may have grown) and the module tree (wrapped, unpacked)
+        self.runner.graphs, self.runner._greedy_run = {}, None
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload a LoRA adapter: new requests can no longer name it; requests in flight with it run to the end."""
+        self.adapters.remove(name)
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                  adapter: str | None = None) -> EngineSamplingParams:
@@ -184,7 +195,8 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ConfigError(f"request id '{request_id}' is already in use")
-        req = Request(request_id, [int(t) for t in prompt_ids], params, adapter, self.adapters.slot(adapter))
+        req = Request(request_id, [int(t) for t in prompt_ids], params, self.adapters.cache_key(adapter),
+                      self.adapters.slot(adapter))
         if params.seed is not None and not params.greedy:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._base_stop_ids)

@@ -88,16 +88,25 @@ def read_adapter(cfg, adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, 
 
 
 class AdapterSet:
-    """The adapters a served model knows, by name; slot i+1 holds the i-th added adapter."""
+    """The adapters a served model knows, by name, each in a slot 1..max_adapters of the stacked weights.
+
+    Adapters come and go while requests run (`add` / `remove`, called between engine steps): a removed adapter's
+    name is gone at once, but its weights stay in their slot until a later `add` reuses it, and `add` never takes a
+    slot a request in flight still uses (`busy`), so those requests finish with the adapter they started with.
+    Every load gets a new prefix-cache namespace (`cache_key`): K/V cached under an unloaded adapter are never
+    served to a new one of the same name."""
 
     def __init__(self, model: Transformer, max_adapters: int = 16):
         self.model, self.max_adapters = model, max_adapters
         self.index = AdapterIndex()
         self.slots: dict[str, int] = {}
+        self.keys: dict[str, str] = {}  # name -> prefix-cache namespace of this load
+        self.filled: set[int] = set()  # slots holding weights (named, or removed but maybe still in use)
         self.wrapped: dict[str, MultiLoRALinear] = {}
+        self._loads = 0
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return len(self.filled)
 
     def slot(self, name: str | None) -> int:
         if name is None:
@@ -106,18 +115,35 @@ class AdapterSet:
             raise ConfigError(f"unknown adapter '{name}'; loaded adapters: {', '.join(self.slots) or 'none'}")
         return self.slots[name]
 
-    def add(self, name: str, adapter_dir: str | Path) -> int:
-        """Load a PEFT LoRA adapter under `name`; returns its slot. Linears it targets get wrapped on first use."""
+    def cache_key(self, name: str | None) -> str | None:
+        return None if name is None else self.keys[name]
+
+    def check_new(self, name: str) -> None:
+        """Raise the one-line error `add` would raise for `name` before its weights are read."""
         if name in self.slots:
-            raise ConfigError(f"an adapter named '{name}' is already loaded")
+            raise ConfigError(f"an adapter named '{name}' is already loaded; unload it first")
         if len(self.slots) >= self.max_adapters:
-            raise ConfigError(f"at most {self.max_adapters} adapters can be loaded (raise max_adapters)")
+            raise ConfigError(f"at most {self.max_adapters} adapters can be loaded (engine.max_adapters)")
+
+    def add(self, name: str, adapter_dir: str | Path, busy: set[int] = frozenset()) -> int:
+        """Load a PEFT LoRA adapter under `name`; returns its slot. Linears it targets get wrapped on first use."""
+        self.check_new(name)
+        return self.install(name, read_adapter(self.model.cfg, adapter_dir), busy)
+
+    def install(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                busy: set[int] = frozenset()) -> int:
+        """Put weights from `read_adapter` in a free slot under `name` (the part of `add` that changes the model:
+        the engine runs it between steps; reading the files can happen anywhere)."""
         from ..peft.lora import _set_module, linear_modules
         from .decode_fusion import unpack_for_decode
 
-        weights = read_adapter(self.model.cfg, adapter_dir)
+        self.check_new(name)
+        named = set(self.slots.values())
+        slot = next((s for s in range(1, self.max_adapters + 1) if s not in named and s not in busy), None)
+        if slot is None:
+            raise ConfigError(f"every adapter slot is named or used by requests in flight of unloaded adapters; "
+                              f"retry when they finish (or raise engine.max_adapters, now {self.max_adapters})")
         unpack_for_decode(self.model)  # packed q/k/v or gate/up matmuls would bypass the per-row LoRA deltas
-        slot = len(self.slots) + 1
         linears = linear_modules(self.model)
         for path in weights:
             if path not in self.wrapped:
@@ -129,5 +155,14 @@ class AdapterSet:
         for path, module in self.wrapped.items():
             a, b = weights.get(path, (None, None))
             module.set_adapter(slot, a, b)
-        self.slots[name] = slot
+        self._loads += 1
+        self.slots[name], self.keys[name] = slot, f"lora-{self._loads}"
+        self.filled.add(slot)
         return slot
+
+    def remove(self, name: str) -> int:
+        """Forget `name` (requests can no longer pick it); its slot's weights stay for requests still using it."""
+        if name not in self.slots:
+            raise ConfigError(f"unknown adapter '{name}'; loaded adapters: {', '.join(self.slots) or 'none'}")
+        del self.keys[name]
+        return self.slots.pop(name)

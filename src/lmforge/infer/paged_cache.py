@@ -254,7 +254,15 @@ class PagedKVCache(nn.Module):
         return cfg.n_layers * block_size * cfg.cache_values_per_token * torch.finfo(dtype).bits // 8
 
     def write_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.batch.key_positions  # (B, C+T)
+        """Key positions (B, C+T) of the batch's view. The batch numbers tokens by their index in the sequence; a
+        model that shifts every position of a row by a constant (prefix/prompt methods put n virtual tokens first)
+        passes its shifted `positions`, and the keys shift with them -- else a query at p + n would see the keys
+        up to p + n, n tokens into its future."""
+        batch = self.batch
+        if positions is batch.positions:  # the runner's own tensor: nothing shifted (and no extra kernels)
+            return batch.key_positions
+        offset = positions[:, :1] - batch.positions[:, :1]  # (B, 1); padding rows: -1 - (-1) = 0
+        return torch.where(batch.key_positions >= 0, batch.key_positions + offset, batch.key_positions)
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k/v (B, Hkv, T, D) of one layer → written to the pool; returns the view (B, Hkv, C+T, D). (k and v may

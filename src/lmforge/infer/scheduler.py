@@ -27,7 +27,7 @@ class Request:
     request_id: str
     token_ids: list[int]  # prompt followed by the generated tokens
     params: EngineSamplingParams
-    adapter: str | None = None
+    adapter: str | None = None  # the LoRA adapter's prefix-cache namespace (one per load), None = the base model
     adapter_slot: int = 0
     num_prompt: int = 0
     num_computed: int = 0  # leading tokens whose K/V are in the cache

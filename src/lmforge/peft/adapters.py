@@ -54,6 +54,7 @@ class AdapterMethod(Method):
     name: ClassVar[str] = "adapter"
     trains: ClassVar[str] = "bottleneck adapters after attention and MLP, and the norms"
     artifact: ClassVar[str] = "lmforge adapter (adapter + norm weights)"
+    mergeable: ClassVar[bool] = False
 
     bottleneck: int = Field(16, ge=1)
     """Hidden size of each adapter."""

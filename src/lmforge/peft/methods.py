@@ -29,7 +29,7 @@ from .lora import LoraConfig, apply_lora, load_tensors_into, lora_state_dict, me
 from .peft_format import check_peft_targets, load_peft_adapter, save_peft_adapter
 
 __all__ = ["Method", "FullMethod", "LoraMethod", "METHODS", "build_method", "register_method", "describe_methods",
-           "methods_listing", "load_adapter"]
+           "methods_listing", "adapter_method", "load_adapter"]
 
 
 class Method(Section):
@@ -38,6 +38,7 @@ class Method(Section):
     name: ClassVar[str] = ""
     trains: ClassVar[str] = ""  # what is trained, in a few words (for `lmforge methods`)
     artifact: ClassVar[str] = ""  # what `save` writes
+    mergeable: ClassVar[bool] = True  # can `export` fold it into plain weights (prompts and nonlinear adapters: no)
 
     def apply(self, model: nn.Module) -> None:
         """Prepare `model` for training in place: wrap layers, add parameters, set requires_grad."""
@@ -197,9 +198,9 @@ _PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "ADALORA": "adalora", "PREFIX_TUNIN
                "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "ptuning"}
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> Method:
-    """Load any adapter directory lmforge writes or reads (PEFT LORA/DoRA, IA3, ADALORA, PREFIX_TUNING,
-    PROMPT_TUNING, P_TUNING, or an lmforge adapter) into `model` (a base model); return the method that did it."""
+def adapter_method(adapter_dir: str | Path) -> Method:
+    """The method (default options) that reads adapter directory `adapter_dir`, from its adapter_config.json: PEFT
+    LORA (DoRA with use_dora), IA3, ADALORA, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, or an lmforge adapter."""
     import json
 
     from ..errors import CheckpointError
@@ -207,7 +208,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> Method:
     file = Path(adapter_dir) / "adapter_config.json"
     if not file.is_file():
         raise CheckpointError(f"no adapter_config.json in '{adapter_dir}': pass an adapter directory")
-    raw = json.loads(file.read_text())
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
     if raw.get("lmforge_method"):
         name = raw["lmforge_method"]
     elif raw.get("peft_type") in _PEFT_TYPES:
@@ -218,6 +222,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> Method:
     if name not in METHODS:
         raise CheckpointError(f"{file}: unknown lmforge method '{name}'")
     defaults = {"total_step": 1} if "total_step" in METHODS[name].model_fields else {}  # AdaLoRA's run length
-    method = METHODS[name].model_validate(defaults)
+    return METHODS[name].model_validate(defaults)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> Method:
+    """Load any adapter directory lmforge writes or reads (see `adapter_method`) into `model` (a base model);
+    return the method that did it."""
+    method = adapter_method(adapter_dir)
     method.load(model, adapter_dir)
     return method

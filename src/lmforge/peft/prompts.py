@@ -265,6 +265,7 @@ class _PromptMethod(Method):
     """Shared by the four prompt methods: state, PEFT save/load, no merge."""
 
     peft_type: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
     num_virtual_tokens: int = Field(20, ge=1)
     """Number of virtual tokens (prefix length)."""
 

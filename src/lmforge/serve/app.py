@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP layer: requests → engine requests, engine outputs → JSON or SSE chunks.
 
 Routes: `/v1/completions`, `/v1/chat/completions` (both with `stream`, `stream_options.include_usage`, `n`, `stop`,
-`logprobs`; chat with `response_format: json_object`), `/v1/models`, `/health`, `/metrics` (Prometheus text).
-No model logic lives here: everything below the HTTP shapes is the engine's.
+`logprobs`; chat with `response_format: json_object`), `/v1/models`, `/health`, `/metrics` (Prometheus text),
+`/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's runtime LoRA routes). No model logic lives here: everything below the HTTP shapes is the engine's.
 
 One request never hurts another, and no input reaches a 500:
 - `RequestGuard` (outermost) checks the API key before any body is read, caps the body size (413) and turns a bug
@@ -37,7 +37,8 @@ from ..infer.async_engine import AsyncEngine, EngineDeadError
 from ..infer.batch_sampling import EngineSamplingParams
 from ..infer.engine import ContextLengthError, RequestOutput, TokenLogprob
 from .guard import RequestGuard
-from .protocol import ChatRequest, CompletionRequest, OpenAIError, message_dicts, parse_request, validation_error
+from .protocol import (ChatRequest, CompletionRequest, LoadLoraRequest, OpenAIError, UnloadLoraRequest, message_dicts,
+                       parse_request, validation_error)
 
 log = logging.getLogger("lmforge.serve")
 
@@ -311,10 +312,12 @@ class _App(FastAPI):
 
 
 def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None, *,
-               max_request_bytes: int = 4 * 2**20, max_request_sequences: int = 128) -> FastAPI:
+               max_request_bytes: int = 4 * 2**20, max_request_sequences: int = 128,
+               runtime_lora: bool = True) -> FastAPI:
     """The FastAPI app over a started or not-yet-started AsyncEngine (started on the first request). With `api_key`
     every route but /health and the chat page needs it; bodies over `max_request_bytes` get a 413, requests asking
-    for more than `max_request_sequences` sequences (prompts × n) a 400."""
+    for more than `max_request_sequences` sequences (prompts × n) a 400. `runtime_lora`: serve vLLM's
+    /v1/load_lora_adapter and /v1/unload_lora_adapter."""
     state = ServerState(engine, tokenizer, model_name, api_key, max_request_sequences)
     app = _App(title="lmforge", docs_url=None, redoc_url=None)
     app.state.lmforge = state
@@ -463,5 +466,51 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model or model_name,
                 "choices": choices, "usage": usage}
 
+    if runtime_lora:
+        _add_lora_routes(v1, state)
     app.include_router(v1)
     return app
+
+
+def _add_lora_routes(v1: APIRouter, state: ServerState) -> None:
+    """vLLM's runtime LoRA routes: the adapter's files are read on a worker thread, then it is put in a free slot on
+    the engine thread between two steps, so requests in flight go on undisturbed (and keep an adapter that is
+    unloaded under them until they finish)."""
+    from ..infer.multi_lora import read_adapter
+
+    adapters = state.engine.engine.adapters
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        body = parse_request(await request.body(), LoadLoraRequest)
+        name = body.lora_name
+        try:
+            if name == state.model_name:
+                raise LmforgeError(f"'{name}' is the base model's name; pick another lora_name")
+            adapters.check_new(name)  # before reading any file
+        except LmforgeError as e:
+            raise OpenAIError(400, str(e), param="lora_name") from None
+        try:
+            weights = await run_in_threadpool(read_adapter, state.engine.engine.model.cfg, body.lora_path)
+        except LmforgeError as e:
+            raise OpenAIError(400, str(e), param="lora_path") from None
+        try:
+            await state.engine.call(lambda engine: engine.add_adapter(name, weights=weights))
+        except LmforgeError as e:  # the same name loaded by a concurrent request meanwhile, or no free slot
+            raise OpenAIError(400, str(e), param="lora_name") from None
+        log.info("loaded LoRA adapter %s from %s", name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        body = parse_request(await request.body(), UnloadLoraRequest)
+        name = body.lora_name
+        if name not in adapters.slots:
+            raise OpenAIError(404, f"The lora adapter '{name}' cannot be found; loaded adapters: "
+                                   f"{', '.join(adapters.slots) or 'none'}", param="lora_name", code="model_not_found")
+        try:
+            await state.engine.call(lambda engine: engine.remove_adapter(name))
+        except LmforgeError as e:  # unloaded by a concurrent request meanwhile
+            raise OpenAIError(404, str(e), param="lora_name", code="model_not_found") from None
+        log.info("unloaded LoRA adapter %s", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -12,13 +12,18 @@ from ..infer.engine import EngineConfig
 
 
 class ServeConfig(Section):
-    model: str = Field(description="checkpoint directory (config.json + safetensors + tokenizer) or .gguf file")
+    model: str = Field(description="checkpoint directory (config.json + safetensors + tokenizer), .gguf file or "
+                                   "Hugging Face id (org/name)")
+    revision: str | None = None
+    """Branch, tag or commit of a Hugging Face id (default: main); HF_HUB_OFFLINE=1 reads only the local cache."""
+    adapter: str | None = None
+    """Adapter applied to the served model itself (any lmforge trains: LoRA, DoRA, IA3, prefix, prompt ...)."""
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0 for every interface)."""
     port: int = Field(8000, ge=0, le=65535)
     """TCP port (0 = any free port)."""
     served_model_name: str | None = None
-    """The `model` name clients use; default: the checkpoint directory's name."""
+    """The `model` name clients use; default: the Hugging Face id, or the checkpoint directory's name."""
     api_key: str | None = None
     """If set, every route but /health and the chat page (/v1, /ui, /metrics, /openapi.json) needs
     `Authorization: Bearer <api_key>`."""
@@ -40,6 +45,9 @@ class ServeConfig(Section):
     adapters: dict[str, str] = {}
     """LoRA adapters to serve beside the base model, name → PEFT directory (adapters.sql=./sql-lora); a request
     picks one by sending its name as `model`."""
+    runtime_lora: bool = True
+    """Serve POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} (vLLM's
+    routes; behind api_key like every /v1 route)."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     ui: bool = False
     """Serve the browser chat page at /chat (streaming, sampling controls, RAG toggle with cited sources)."""
@@ -57,14 +65,17 @@ def build_server(cfg: ServeConfig):
     """(FastAPI app, AsyncEngine) for a config: model and tokenizer loaded, engine built (not yet started)."""
     from ..infer.async_engine import AsyncEngine
     from ..infer.engine import Engine
-    from ..infer.llm import load_model_and_tokenizer
     from .app import create_app
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype, cfg.chat_template)
+    from ..checkpoint import load_model_and_tokenizer
+    from ..hub import is_hub_id
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype, cfg.chat_template,
+                                                adapter=cfg.adapter, revision=cfg.revision)
     engine = AsyncEngine(Engine(model, tokenizer, cfg.engine, cfg.adapters))
-    name = cfg.served_model_name or Path(cfg.model).resolve().name
+    name = cfg.served_model_name or (cfg.model if is_hub_id(cfg.model) else Path(cfg.model).resolve().name)
     app = create_app(engine, tokenizer, name, cfg.api_key, max_request_bytes=cfg.max_request_bytes,
-                     max_request_sequences=cfg.max_request_sequences)
+                     max_request_sequences=cfg.max_request_sequences, runtime_lora=cfg.runtime_lora)
     if cfg.ui or cfg.rag_store or cfg.embeddings or cfg.tools:
         from .chat_page import mount_extras
 

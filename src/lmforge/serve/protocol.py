@@ -252,3 +252,18 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
         d.setdefault("content", "")
         out.append(d)
     return out
+
+
+class LoadLoraRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's body): load the PEFT LoRA adapter at `lora_path` as model `lora_name`."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's body; its optional lora_int_id is ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1)

@@ -1,0 +1,96 @@
+"""Model arguments as people write them: a directory, a `.gguf` file, or a Hugging Face id.
+
+    resolve_model("./ckpt")                               # a local path: returned as is
+    resolve_model("Qwen/Qwen2.5-0.5B-Instruct")           # the snapshot folder in the Hugging Face cache
+    resolve_model("org/repo-GGUF/model-Q4_K_M.gguf")      # one file of a repository
+    resolve_model("Qwen/Qwen2.5-0.5B-Instruct", revision="v1.0")
+
+Ids go through `huggingface_hub` and its cache (`HF_HOME` / `HF_HUB_CACHE`), so a model downloaded once, by lmforge,
+transformers or `hf download`, is found again without the network. With `HF_HUB_OFFLINE=1` only the cache is read.
+Only the files lmforge loads are fetched (config, safetensors, tokenizer, chat template), never `.bin` or `.pt`
+duplicates. Every verb's model loading calls `resolve_model` first; a path that exists always wins over an id.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = ["resolve_model", "is_hub_id", "HUB_FILES"]
+
+# what lmforge reads from a checkpoint repository (weights, config, tokenizer, generation defaults, chat template)
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hub allows them
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as `org/name` or `org/name/file.gguf` (and is not a path that exists)."""
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        return False
+    parts = name.split("/")
+    return _ID.fullmatch("/".join(parts[:2])) is not None and (len(parts) == 2 or name.endswith(".gguf"))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cache_dir() -> str | None:
+    """The cache to read, from the environment at call time (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def resolve_model(name: str | Path, revision: str | None = None, *, marker: str = "config.json") -> Path:
+    """The local path of model argument `name`: itself when it is a path (or not an id: the loader then says what
+    is missing), else the Hugging Face cache's snapshot of the id at `revision` (a branch, tag or commit; default
+    main), downloading what is missing unless HF_HUB_OFFLINE is set. `marker` is the file a snapshot must have
+    (adapter_config.json for adapters). Failures are one-line ConfigErrors."""
+    name = str(name)
+    if not is_hub_id(name):
+        if revision is not None and not Path(name).expanduser().exists():
+            raise ConfigError(f"revision={revision!r} needs a Hugging Face id (org/name) as the model, got '{name}'")
+        return Path(name).expanduser()
+    try:
+        import huggingface_hub as hub
+        from huggingface_hub import errors
+    except ImportError:  # a dependency; only a broken install lacks it
+        raise ConfigError(f"'{name}' is a Hugging Face id but huggingface_hub is not installed: "
+                          "pip install huggingface_hub") from None
+    repo, _, file = name.partition("/")[2].partition("/")
+    repo = f"{name.split('/')[0]}/{repo}"
+    offline, cache = _offline(), _cache_dir()
+    at = f"@{revision}" if revision else ""
+    try:
+        if file:
+            return Path(hub.hf_hub_download(repo, file, revision=revision, cache_dir=cache, local_files_only=offline))
+        path = Path(hub.snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline,
+                                          allow_patterns=HUB_FILES))
+    except errors.RevisionNotFoundError:
+        raise ConfigError(f"model '{name}': the Hugging Face repository has no revision '{revision}'; give a "
+                          "branch, tag or commit it has") from None
+    except errors.GatedRepoError:
+        raise ConfigError(f"model '{name}' is gated on the Hugging Face Hub: accept its licence on the model page, "
+                          "then log in (`hf auth login` or HF_TOKEN)") from None
+    except errors.RepositoryNotFoundError:
+        raise ConfigError(f"model '{name}' is neither a local path nor a Hugging Face repository (check the id; "
+                          "private repositories need `hf auth login` or HF_TOKEN)") from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError) as e:
+        where = cache or "the default Hugging Face cache"
+        if offline:
+            raise ConfigError(f"model '{name}{at}' is not a local path and not in {where}, and HF_HUB_OFFLINE is set: "
+                              f"download it once online (`hf download {repo}{' --revision ' + revision if revision else ''}`), or give a local directory") from None
+        raise ConfigError(f"model '{name}{at}': not in {where} and the Hugging Face Hub cannot be reached "
+                          f"({type(e).__name__}); check the network, or download it elsewhere and copy the "
+                          "directory") from None
+    except errors.EntryNotFoundError:  # (after LocalEntryNotFoundError, its subclass)
+        raise ConfigError(f"model '{name}': the repository has no file '{file}'") from None
+    if not (path / marker).is_file():
+        hint = f"; for a GGUF repository name one file: {repo}/FILE.gguf" if marker == "config.json" else ""
+        raise ConfigError(f"'{name}{at}': the Hugging Face repository has no {marker}{hint}")
+    return path

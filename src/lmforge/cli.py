@@ -174,7 +174,7 @@ class ExportConfig(Section):
 
 
 def train_config_class(config: str | None, overrides: list[str]) -> type:
-    """TrainConfig, or AlignConfig when the config file or an override says `stage: rm | dpo | ppo`."""
+    """TrainConfig, or AlignConfig when the config file or an override says `stage: rm | dpo | ppo | grpo`."""
     from .config import _read_yaml
 
     stage = (_read_yaml(config) if config else {}).get("stage")
@@ -182,9 +182,10 @@ def train_config_class(config: str | None, overrides: list[str]) -> type:
         key, _, value = o.partition("=")
         if key == "stage":
             stage = value.strip()
-    if stage is not None and stage not in ("pretrain", "sft", "rm", "dpo", "ppo"):
-        raise ConfigError(f"config key 'stage': unknown stage '{stage}'; use one of pretrain, sft, rm, dpo, ppo")
-    if stage in ("rm", "dpo", "ppo"):
+    if stage is not None and stage not in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo"):
+        raise ConfigError(f"config key 'stage': unknown stage '{stage}'; use one of pretrain, sft, rm, dpo, ppo, "
+                          "grpo")
+    if stage in ("rm", "dpo", "ppo", "grpo"):
         from .align.run import AlignConfig
 
         return AlignConfig
@@ -266,7 +267,8 @@ VERBS: dict[str, tuple] = {
     "generate": (GenerateConfig, run_generate, "model", "complete a prompt (streaming)"),
     "chat": (ChatConfig, run_chat, "model", "interactive multi-turn chat with the chat template"),
     "train": (_lazy(".train.config", "TrainConfig"), run_train, "config",
-              "pretrain / fine-tune (full, LoRA, ...) or align (rm, dpo, ppo) from a YAML config; torchrun-ready"),
+              "pretrain / fine-tune (full, LoRA, ...) or align (rm, dpo, ppo, grpo; `stage=grpo --help` lists "
+              "their options) from a YAML config; torchrun-ready"),
     "export": (ExportConfig, run_export, "base",
                "HF checkpoint from a .gguf file, a checkpoint or an HF id, optionally with an adapter merged in"),
     "quantize": (_lazy(".quant.run", "QuantizeConfig"), _lazy(".quant.run", "run_quantize"), "model",
@@ -391,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         cls, run, positional, desc = VERBS[verb]
         cls = cls if isinstance(cls, type) else cls()  # lazily imported config class
         if "-h" in rest or "--help" in rest:
+            if verb == "train":  # `lmforge train stage=grpo --help`: the alignment stages' options
+                cls = train_config_class(None, [a for a in rest if a.startswith("stage=")])
             print(f"lmforge {verb}: {desc}\n\n{format_help(cls)}")
             return
         config, overrides = split_args(rest, positional, cls)

@@ -104,3 +104,94 @@ class PPOSection(Section):
         if self.reward_model is not None and self.reward_fn is not None:
             raise ValueError("set either ppo.reward_model or ppo.reward_fn, not both")
         return self
+
+
+class RewardSpec(Section):
+    """One reward of GRPO: a built-in or a Python function, and its weight in the sum."""
+
+    fn: str
+    """A built-in (exact_match, number_match, format, code_tests, reward_model) or 'package.module:function' /
+    'path/to/file.py:function', called as fn(prompts=[messages...], completions=[text...], **columns) where each
+    column of the prompts file comes as a list aligned with the completions; returns one float (or None) each."""
+    weight: float = 1.0
+    """Weight of this reward in the total (total = sum of weight × reward over the rewards that scored a sample)."""
+    column: str = "answer"
+    """Built-ins: the column holding the reference (exact_match, number_match: the answer, GSM8K's '... #### 42'
+    works; code_tests: the test code)."""
+    pattern: str | None = None
+    """format: the regex a completion must match whole (re.DOTALL); default
+    '<think>.*?</think>\\s*<answer>.*?</answer>'."""
+    model: str | None = None
+    """reward_model: a directory written by stage rm (same tokenizer as the policy); scores prompt + completion."""
+    timeout: float = Field(10.0, gt=0)
+    """code_tests: seconds each program may run."""
+
+
+class GRPOSection(Section):
+    """GRPO (Shao et al. 2024) with verifiable rewards: G completions per prompt sampled by lmforge's engine from
+    the live policy, group-normalised rewards as advantages, a clipped ratio loss; DAPO and Dr. GRPO as options."""
+
+    rewards: list[RewardSpec] = []
+    """The rewards, summed with their weights (at least one)."""
+    num_generations: int = Field(8, ge=2)
+    """G: completions sampled per prompt (a group)."""
+    prompts_per_step: int | None = Field(None, ge=1)
+    """Prompts (groups) per optimizer step; default train.micro_batch_size × train.grad_accum / G (at least 1).
+    A step's G × prompts_per_step completions go through the model train.micro_batch_size at a time."""
+    steps_per_rollout: int = Field(1, ge=1)
+    """Optimizer steps fed by one rollout (each on its own prompts_per_step groups); >1 makes later steps slightly
+    off-policy, so old log-probs are kept."""
+    num_iterations: int = Field(1, ge=1)
+    """Passes over each rollout (mu of the GRPO paper); old log-probs from the rollout are kept for the ratio."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Longest completion."""
+    max_prompt_len: int | None = Field(None, ge=1)
+    """Prompts longer than this keep their last tokens (default: data.max_seq_len - max_new_tokens)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of rollouts; log-probs are taken at the same temperature."""
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    """How per-token losses become the step's loss. grpo: mean over each completion's tokens, then over
+    completions. dapo: token-level, sum over all tokens / the step's tokens (long completions weigh what their
+    length says). dr_grpo: sum / (completions × max_new_tokens), no length bias (Liu et al. 2025)."""
+    scale_rewards: bool | None = None
+    """Divide advantages by the group's reward std. None = yes, except for loss_type dr_grpo (which drops it)."""
+    epsilon: float = Field(0.2, gt=0)
+    """Lower clip: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]."""
+    epsilon_high: float | None = Field(None, gt=0)
+    """Upper clip (DAPO's clip-higher, e.g. 0.28); default epsilon."""
+    beta: float = Field(0.0, ge=0)
+    """KL coefficient to the reference policy (k3 estimator per token); 0 = no reference (current practice)."""
+    reference: Literal["auto", "adapters_off", "copy"] = "auto"
+    """The KL reference when beta > 0: adapters_off (the LoRA policy with its adapters bypassed) or copy (a frozen
+    copy of the starting weights); auto: adapters_off where possible."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts to refill the step."""
+    max_resample_rounds: int = Field(3, ge=0)
+    """Dynamic sampling: extra rollouts tried per step to refill it; then the step runs with what it has."""
+    overlong_buffer: int = Field(0, ge=0)
+    """DAPO's soft overlong punishment: completions longer than max_new_tokens - overlong_buffer lose up to
+    overlong_penalty, linearly; 0 = off."""
+    overlong_penalty: float = Field(1.0, ge=0)
+    mask_truncated: bool = False
+    """DAPO's overlong filtering: completions cut at max_new_tokens add nothing to the loss."""
+    release_kv_cache: bool = True
+    """Free the engine's KV cache (and its CUDA graphs) after every rollout so the update has the memory; False
+    keeps it allocated (faster rollouts, less memory for training)."""
+    cuda_graphs: bool = True
+    """Decode rollouts through CUDA graphs (CUDA only)."""
+    max_num_batched_tokens: int = Field(8192, ge=1)
+    """The engine's token budget per step (prefill chunks)."""
+    seed: int = 0
+    """Seed of rollout sampling and of the shuffles."""
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise ValueError(f"grpo.epsilon_high ({self.epsilon_high}) is below grpo.epsilon ({self.epsilon}); "
+                             "clip-higher means epsilon_high >= epsilon")
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(f"grpo.overlong_buffer ({self.overlong_buffer}) must be below grpo.max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self

@@ -86,6 +86,7 @@ class PromptExample:
     prompt: list[dict[str, str]]
     tools: list | None = None
     source: tuple[str, int] = ("", 0)
+    record: dict | None = None  # the whole row, for reward functions that read its other columns (GRPO)
 
 
 # ------------------------------------------------------------------------------------------------ parsing records
@@ -234,7 +235,7 @@ def parse_prompt(record: Any, columns: dict[str, str] | None = None,
         messages.pop()
     if not messages or messages[-1]["role"] not in ("user", "tool"):
         raise BadRecord("the prompt has no user turn")
-    return PromptExample(messages, conv.tools)
+    return PromptExample(messages, conv.tools, record=record)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -439,7 +440,8 @@ def build_preference_datasets(cfg: DataConfig, tokenizer, max_prompt_len: int | 
 
 
 class PromptDataset(torch.utils.data.Dataset):
-    """PPO prompts: row i is ``{"tokens": prompt ids ending with the generation prompt, "messages": [...]}``."""
+    """PPO/GRPO prompts: row i is ``{"tokens": prompt ids ending with the generation prompt, "messages": [...],
+    "record": the file's row (every column, for reward functions)}``."""
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -465,7 +467,7 @@ def _encode_prompts(examples: list[PromptExample], tokenizer, max_prompt_len: in
                 report.dropped += 1
                 continue
             ids, report.truncated = ids[-max_prompt_len:], report.truncated + 1
-        rows.append({"tokens": ids, "messages": ex.prompt})
+        rows.append({"tokens": ids, "messages": ex.prompt, "record": ex.record or {}})
     return PromptDataset(rows)
 
 

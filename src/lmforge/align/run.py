@@ -6,7 +6,8 @@
 Outputs in ``train.output_dir/final``:
 - rm:  the reward model (HF backbone with any LoRA merged + ``score.safetensors``), see `lmforge.align.reward`;
 - dpo: what the method saves for SFT (HF checkpoint for full fine-tuning, PEFT adapter for LoRA);
-- ppo: the same for the policy, plus ``value_head.safetensors`` beside ``final/`` (the critic, to continue PPO).
+- ppo: the same for the policy, plus ``value_head.safetensors`` beside ``final/`` (the critic, to continue PPO);
+- grpo: what the method saves for SFT.
 """
 from __future__ import annotations
 
@@ -29,30 +30,36 @@ from ..train.config import TrainConfig
 from ..train.run import build_model, seed_everything, write_final
 from ..train.trainer import Trainer, resolve_precision
 from .common import WithHeads
-from .config import DPOSection, PPOSection, RewardSection
+from .config import DPOSection, GRPOSection, PPOSection, RewardSection
 from .data import build_preference_datasets, build_prompt_datasets
 from .dpo import DPOObjective
+from .grpo import GRPOObjective, grpo_total_steps
 from .ppo import PolicyWithValue, PPOObjective, load_reward_fn, ppo_total_steps
 from .reward import RewardModel, RewardObjective, load_reward_model, save_reward_model
 
 __all__ = ["ALIGN_STAGES", "AlignConfig", "run_alignment"]
 
-ALIGN_STAGES = ("rm", "dpo", "ppo")
+ALIGN_STAGES = ("rm", "dpo", "ppo", "grpo")
 
 
 class AlignConfig(TrainConfig):
-    stage: Literal["rm", "dpo", "ppo"] = "dpo"
+    stage: Literal["rm", "dpo", "ppo", "grpo"] = "dpo"
     """rm: reward model on preference pairs. dpo: DPO/IPO/SimPO on preference pairs. ppo: PPO on prompts against a
-    reward model or function (data.path holds the prompts)."""
+    reward model or function (data.path holds the prompts). grpo: GRPO/DAPO on prompts with verifiable rewards,
+    rollouts from lmforge's engine."""
     rm: RewardSection = RewardSection()
     dpo: DPOSection = DPOSection()
     ppo: PPOSection = PPOSection()
+    grpo: GRPOSection = GRPOSection()
 
     @model_validator(mode="after")
     def _ppo_reward(self):
         if self.stage == "ppo" and self.ppo.reward_model is None and self.ppo.reward_fn is None:
             raise ValueError("stage ppo needs a reward: set ppo.reward_model (a directory from stage rm) or "
                              "ppo.reward_fn ('module:function')")
+        if self.stage == "grpo" and not self.grpo.rewards:
+            raise ValueError("stage grpo needs at least one reward: set grpo.rewards, e.g. "
+                             "[{fn: number_match, column: answer}]")
         return self
 
 
@@ -90,11 +97,13 @@ def run_alignment(cfg: AlignConfig) -> dict:
     tokenizer = Tokenizer.from_dir(tok_dir, chat_template=cfg.model.chat_template)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
 
-    if cfg.stage == "ppo":
-        max_prompt = cfg.ppo.max_prompt_len or cfg.data.max_seq_len - cfg.ppo.max_new_tokens
+    if cfg.stage in ("ppo", "grpo"):
+        rl = getattr(cfg, cfg.stage)
+        max_prompt = rl.max_prompt_len or cfg.data.max_seq_len - rl.max_new_tokens
         if max_prompt < 1:
             raise ConfigError(f"data.max_seq_len ({cfg.data.max_seq_len}) leaves no room for prompts after "
-                              f"ppo.max_new_tokens ({cfg.ppo.max_new_tokens}); raise it or set ppo.max_prompt_len")
+                              f"{cfg.stage}.max_new_tokens ({rl.max_new_tokens}); raise it or set "
+                              f"{cfg.stage}.max_prompt_len")
         train_data, val_data, report = build_prompt_datasets(cfg.data, tokenizer, max_prompt)
     else:
         section = cfg.rm if cfg.stage == "rm" else cfg.dpo
@@ -111,6 +120,19 @@ def run_alignment(cfg: AlignConfig) -> dict:
     elif cfg.stage == "dpo":
         model, trained = backbone, method
         objective = DPOObjective(cfg.dpo)
+    elif cfg.stage == "grpo":
+        from .rewards import RewardSet
+
+        model, trained = backbone, method
+        reward_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-pure": torch.bfloat16}.get(precision)
+        rewards = RewardSet(cfg.grpo.rewards, device=device, dtype=reward_dtype or torch.float32, pad_id=pad_id)
+        objective = GRPOObjective(cfg.grpo, tokenizer, rewards)
+        if cfg.train.max_steps is None:  # one optimizer step per prompts_per_step groups, num_iterations passes
+            per_step = cfg.grpo.prompts_per_step or max(
+                1, cfg.train.micro_batch_size * cfg.train.grad_accum // cfg.grpo.num_generations)
+            cfg = copy.deepcopy(cfg)
+            cfg.train.max_steps = grpo_total_steps(cfg.train.epochs, len(train_data), per_step,
+                                                   cfg.grpo.num_iterations)
     else:
         model, trained = PolicyWithValue(backbone), WithHeads(method, ["value_head"])
         if cfg.ppo.reward_model is not None:

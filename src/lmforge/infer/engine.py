@@ -192,6 +192,7 @@ class Engine:
                     request_id: str | None = None, adapter: str | None = None) -> str:
         """Queue a prompt (token ids); returns its request id. Outputs come from `step()`."""
         params = self.validate(prompt_ids, params, adapter)
+        self.runner.ensure_cache()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ConfigError(f"request id '{request_id}' is already in use")
@@ -221,6 +222,20 @@ class Engine:
         self._forget_finished_inflight()
         self._pending.append(self._final(req, RequestOutput(request_id)))
         return True
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix; returns how many blocks were forgotten. Call it after the model's weights
+        changed (e.g. an optimizer step between RL rollouts): cached K/V were computed with the old weights."""
+        return self.pool.reset_prefix_cache()
+
+    def release_kv_cache(self) -> None:
+        """Free the KV cache's memory (and the CUDA graphs bound to it) while no request runs, e.g. for a training
+        step between rollouts on one GPU; the next `add_request` allocates it again. The prefix cache is reset."""
+        if self.scheduler.has_unfinished():
+            raise LmforgeError("release_kv_cache needs an idle engine: requests are still running")
+        self._inflight = None
+        self.reset_prefix_cache()
+        self.runner.release_cache()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)

@@ -321,6 +321,22 @@ class ModelRunner:
         self.graphs[key] = _CapturedGraph(graph, logits, st)
         return self.graphs[key]
 
+    def release_cache(self) -> None:
+        """Free the K/V pools and every graph captured on them (their addresses die with them); `ensure_cache`
+        allocates both again on the next use."""
+        self.graphs.clear()
+        self._greedy_run = None
+        self.graph_pool = None
+        self.cache.k, self.cache.v = self.cache.k.new_empty(0), self.cache.v.new_empty(0)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def ensure_cache(self) -> None:
+        """Allocate the K/V pools again after `release_cache` (zeros, the shapes they had)."""
+        if self.cache.k.numel() == 0:
+            fresh = PagedKVCache(self.model.cfg, self.cache.num_blocks, self.block_size, self.dtype, self.device)
+            self.cache.k, self.cache.v = fresh.k, fresh.v
+
     @torch.inference_mode()
     def capture(self, batch_sizes: Sequence[int] | None = None, contexts: Sequence[int] | None = None) -> int:
         """Capture decode graphs ahead of time (largest first, so smaller ones reuse their memory); returns how many

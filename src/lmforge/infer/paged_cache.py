@@ -129,6 +129,14 @@ class BlockPool:
         """How many blocks `allocate` could hand out after `acquire(blocks)`."""
         return len(self.free) - sum(1 for b in blocks if self.ref[b] == 0)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (blocks in use keep their contents, free ones are just free); returns how many
+        were forgotten. Needed whenever the weights change: cached K/V were computed with the old ones."""
+        n = len(self.cached)
+        self.cached.clear()
+        self.key_of.clear()
+        return n
+
     def register(self, block: int, key: tuple[int, tuple[int, ...]]) -> None:
         """Make a full, computed block findable by its chained key (the first block with a given key wins)."""
         if self.enable_prefix_caching and key[0] not in self.cached and block not in self.key_of:

@@ -35,6 +35,11 @@ class Objective:
     def loss_sum(self, trainer, batch: dict, step_units: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def step_metrics(self) -> dict[str, float]:
+        """Figures of the step just taken that are no sums over its units (e.g. an RL rollout's reward spread and
+        timing); logged as they are, after the loop's own."""
+        return {}
+
 
 class LanguageModeling(Objective):
     """Pretraining and SFT: cross-entropy on pre-shifted labels, plus the model's auxiliary loss if it has one."""

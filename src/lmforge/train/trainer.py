@@ -278,7 +278,8 @@ class Trainer:
         nonfinite = not math.isfinite(total) or (norm_counts and not math.isfinite(grad_norm))
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                 obj.unit: units, **{k: v / max(units, 1) for k, v in sums.items()},
-                **({"skipped": True} if skipped else {}), **({"nonfinite": True} if nonfinite else {})}
+                **({"skipped": True} if skipped else {}), **({"nonfinite": True} if nonfinite else {}),
+                **obj.step_metrics()}
 
     def _optimizer_step(self) -> tuple[torch.Tensor | float, bool]:
         """Average (TP/pipeline data parallel), unscale, clip, step, free the gradients: (gradient norm, whether fp16

@@ -1,0 +1,208 @@
+"""GRPO: advantages and loss variants against hand computation, rewards (built-ins, failures, missing columns), the
+engine in the loop (rollouts follow the live weights, the prefix cache is reset, the engine's log-probs equal the
+trainer's), and `lmforge train` stage grpo raising a verifiable reward on a tiny model."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lmforge.align.config import GRPOSection, RewardSpec
+from lmforge.align.data import PromptDataset
+from lmforge.align.grpo import GRPOObjective, aggregate, group_advantages, grpo_token_loss, overlong_penalty, units
+from lmforge.align.ppo import pad_rollout, reply_logps
+from lmforge.align.rewards import RewardSet, extract_answer, extract_number, reference_number
+from lmforge.align.run import AlignConfig
+from lmforge.data import DataConfig
+from lmforge.errors import ConfigError
+from lmforge.infer.batch_sampling import EngineSamplingParams
+from lmforge.models import load_hf
+from lmforge.peft.methods import build_method
+from lmforge.testing import make_tiny_checkpoint
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.config import ModelSection, OptimSection, TrainSection
+from lmforge.train.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------ loss, by hand
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, float("nan"), 1.0, 2.0])
+    adv, flat = group_advantages(r, 4)
+    std = math.sqrt(4 * 0.25 / 3)  # group 1: mean 0.5, Bessel-corrected std
+    want = [0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4), 0, 0, 0, 0,
+            1 / (1 + 1e-4), 0.0, -1 / (1 + 1e-4), 0.0]  # group 3: mean 2, std 1 over the three present rewards
+    torch.testing.assert_close(adv, torch.tensor(want))
+    assert flat.tolist() == [False, True, False]
+    adv, _ = group_advantages(r, 4, scale=False)  # Dr. GRPO: no std division
+    torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    torch.testing.assert_close(overlong_penalty(torch.tensor([4, 6, 7, 8]), 8, 4, 1.0),
+                               torch.tensor([0.0, -0.5, -0.75, -1.0]))
+
+
+def test_clipped_loss_and_its_aggregations_by_hand():
+    old = torch.zeros(2, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.9, 1.0], [0.5, 1.1, 1.0]]))  # ratios
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    loss, fig = grpo_token_loss(logp, old, adv, eps_low=0.2, eps_high=0.28)
+    # A > 0: -min(r, clip(r)) A; A < 0: -min(r A, clip(r) A) = max(r, clip(r)) * |A|
+    want = torch.tensor([[-1.28, -0.9, -1.0], [2 * 0.8, 2 * 1.1, 2 * 1.0]])
+    torch.testing.assert_close(loss, want)
+    assert fig["clipped"].tolist() == [[1, 0, 0], [1, 0, 0]]
+    ref = torch.log(torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]))
+    with_kl, fig = grpo_token_loss(logp, old, adv, 0.2, 0.2, beta=0.1, ref_logp=ref)
+    d = ref - logp
+    torch.testing.assert_close(with_kl - grpo_token_loss(logp, old, adv, 0.2, 0.2)[0], 0.1 * (d.exp() - d - 1))
+    m = mask.float()
+    assert float(aggregate(loss, mask, "grpo")) == pytest.approx(float((loss * m).sum(1)[0] / 2 + (loss * m).sum(1)[1] / 3))
+    assert float(aggregate(loss, mask, "dapo")) == pytest.approx(float((loss * m).sum()))
+    assert (units(mask, "grpo", 8), units(mask, "dapo", 8), units(mask, "dr_grpo", 8)) == (2, 5, 16)
+
+
+# ------------------------------------------------------------------------------------------------ rewards
+
+
+def test_builtin_rewards_and_failures_are_contained(tmp_path, caplog):
+    assert extract_number("so \\boxed{1,234.5} there") == 1234.5
+    assert extract_number("first 3\nthe answer is 42.") == 42 and reference_number("x\n#### 72") == 72
+    assert extract_answer("<think>hm</think><answer> Paris </answer>") == "Paris"
+    flaky = tmp_path / "flaky.py"
+    flaky.write_text("def score(prompts, completions, answer):\n"
+                     "    return [1 / (len(c) - 3) for c in completions]  # raises on a 3-letter completion\n"
+                     "def nan(prompts, completions):\n    return [float('nan')] + [0.5] * (len(completions) - 1)\n")
+    rs = RewardSet([RewardSpec(fn="number_match"), RewardSpec(fn="format", weight=0.5),
+                    RewardSpec(fn="exact_match"), RewardSpec(fn=f"{flaky}:score"), RewardSpec(fn=f"{flaky}:nan")])
+    comps = ["<think>a</think> <answer>\\boxed{72}</answer>", "abc", "The answer: 71"]
+    rows = [{"answer": "#### 72"}, {"answer": "abc"}, {"answer": "71"}]
+    with caplog.at_level("WARNING", logger="lmforge.grpo"):
+        scores, missing = rs([[]] * 3, comps, rows, [[1]] * 3, [[2]] * 3, group=3)
+    assert scores[[0, 2], 0].tolist() == [1, 1] and math.isnan(scores[1, 0])  # 'abc' has no number: no opinion
+    assert scores[:, 1].tolist() == [1, 0, 0] and scores[:, 2].tolist() == [0, 1, 0]
+    assert math.isnan(scores[1, 3]) and scores[0, 3] > 0 and math.isnan(scores[0, 4]) and missing == 3
+    assert "prompt 0 (completion 1)" in caplog.text  # the failing sample is named, the others still scored
+    assert float(rs.total(scores)[0]) == pytest.approx(1 + 0.5 + 0 + float(scores[0, 3]))
+    data = PromptDataset([{"tokens": [1], "messages": [], "record": {"question": "q"}}])
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\] \(number_match\) reads column 'answer'"):
+        rs.check_columns(data, "data.path")
+    with pytest.raises(ConfigError, match="neither a built-in"):
+        RewardSet([RewardSpec(fn="no_such_reward")])
+    with pytest.raises(ConfigError, match="stage grpo needs at least one reward"):
+        from lmforge.config import load_config
+
+        load_config(AlignConfig, base={"stage": "grpo", "model": {"path": "m"}, "data": {"path": "d"}})
+
+
+# ------------------------------------------------------------------------------------------------ engine in the loop
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("grpo") / "tiny")
+
+
+def _prompt_rows(tok, n=4):
+    text = "Tell me about the quick brown fox and the lazy dog, then say hello to the world please"
+    return PromptDataset([{"tokens": tok.apply_chat_template([{"role": "user", "content": f"{text} {i}"}],
+                                                             add_generation_prompt=True, tokenize=True),
+                           "messages": [], "record": {}} for i in range(n)])
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_rollouts_use_the_live_weights_and_a_fresh_prefix_cache(ckpt, tmp_path, method):
+    tok = Tokenizer.from_dir(ckpt)
+    model = load_hf(ckpt)
+    m = build_method(method, **({"r": 4, "target_modules": "all-linear"} if method == "lora" else {}))
+    m.apply(model)
+    cfg = GRPOSection(rewards=[RewardSpec(fn="format")], num_generations=2, max_new_tokens=6)
+    obj = GRPOObjective(cfg, tok, RewardSet(cfg.rewards))
+    align = AlignConfig(stage="grpo", model=ModelSection(path="unused"), data=DataConfig(path="unused"), grpo=cfg,
+                        optim=OptimSection(lr=1e-3),
+                        train=TrainSection(output_dir=str(tmp_path), micro_batch_size=4, device="cpu",
+                                           precision="fp32", progress=False, tensorboard=False))
+    data = _prompt_rows(tok)
+    trainer = Trainer(model, m, data, None, align, tok.pad_id, CPU, objective=obj)
+    prompts = [r["tokens"] for r in data.rows]
+    assert len(prompts[0]) > 32  # two full KV blocks: cached prefixes would be reused without a reset
+
+    def engine_logps():
+        """Greedy completions and the engine's log-probs of them (temperature 1, as the trainer computes)."""
+        eng = obj.engine or obj.build_engine(trainer)
+        params = EngineSamplingParams(temperature=0, max_new_tokens=6, logprobs=0, ignore_eos=True)
+        ids = [eng.add_request(p, params) for p in prompts]
+        done = {}
+        while len(done) < len(ids):
+            done.update({o.request_id: o for o in eng.step() if o.finished})
+        eng.reset_prefix_cache()
+        outs = [done[i] for i in ids]
+        return [o.token_ids for o in outs], torch.tensor([[lp.logprob for lp in o.logprobs] for o in outs])
+
+    def trainer_logps(replies):
+        b = pad_rollout(prompts, replies, tok.pad_id)
+        with torch.no_grad():
+            return reply_logps(model.eval(), b["tokens"], b["positions"], b["mask"], int(b["prompt_len"]), 1.0)[0]
+
+    first = obj.sample(trainer, prompts, seed=3)
+    assert len(obj.engine.pool.cached) == 0 and obj.engine.runner.cache.k.numel() == 0  # reset and released
+    again = obj.sample(trainer, prompts, seed=3)
+    assert [o.token_ids for o in again] == [o.token_ids for o in first]  # seeded: same weights, same samples
+    replies, lp = engine_logps()
+    torch.testing.assert_close(lp, trainer_logps(replies), atol=2e-4, rtol=0)
+    with torch.no_grad():  # an update in place, as the optimizer does: no copy anywhere
+        g = torch.Generator().manual_seed(0)
+        for _, p in m.trainable_parameters(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    changed = obj.sample(trainer, prompts, seed=3)
+    assert [o.token_ids for o in changed] != [o.token_ids for o in first]
+    replies2, lp2 = engine_logps()  # prompts' K/V recomputed with the new weights, not read from the prefix cache
+    torch.testing.assert_close(lp2, trainer_logps(replies2), atol=2e-4, rtol=0)
+    assert not torch.allclose(lp2[:, 0], lp[:, 0])
+    rec = trainer.train_step()  # and a whole step runs on that engine
+    assert {"reward", "reward_format", "gen_s", "train_s", "rollout_tokens_per_s", "zero_std_groups",
+            "clip_fraction", "completion_len"} <= rec.keys() and math.isfinite(rec["loss"])
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_lmforge_train_grpo_raises_a_verifiable_reward(ckpt, tmp_path):
+    from lmforge.cli import main
+
+    words = "the quick brown fox jumps over lazy dog hello world model token".split()
+    g = torch.Generator().manual_seed(0)
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for _ in range(48):
+            f.write(json.dumps({"prompt": " ".join(words[int(i)] for i in torch.randint(len(words), (5,), generator=g)),
+                                "letter": "e"}) + "\n")
+    (tmp_path / "rewards.py").write_text(
+        "def letter_share(prompts, completions, letter):\n"
+        "    return [c.count(x) / max(len(c), 1) for c, x in zip(completions, letter)]\n")
+    (tmp_path / "grpo.yaml").write_text(f"""
+stage: grpo
+method: full
+model: {{path: {ckpt}}}
+data: {{path: {tmp_path / 'prompts.jsonl'}, max_seq_len: 48}}
+grpo:
+  rewards: [{{fn: "{tmp_path / 'rewards.py'}:letter_share"}}]
+  num_generations: 8
+  prompts_per_step: 2
+  max_new_tokens: 6
+optim: {{lr: 0.01}}
+schedule: {{kind: constant}}
+train: {{output_dir: {tmp_path / 'out'}, max_steps: 40, micro_batch_size: 16, device: cpu, precision: fp32,
+        progress: false, tensorboard: false, save_every: 0, seed: 0}}
+""")
+    assert main(["train", str(tmp_path / "grpo.yaml")]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "reward" in r]
+    first, last = sum(r["reward"] for r in steps[:3]) / 3, sum(r["reward"] for r in steps[-3:]) / 3
+    print(f"GRPO: share of 'e' in completions {first:.3f} -> {last:.3f}")
+    assert last > first + 0.2  # measured 0.07 -> 0.50 with train seeds 0, 1 and 2
+    assert all(0 <= r["clip_fraction"] <= 1 and r["gen_s"] > 0 and r["rollout_tokens_per_s"] > 0 for r in steps)
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists() or any((tmp_path / "out" / "final").iterdir())

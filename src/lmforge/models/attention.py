@@ -69,6 +69,23 @@ def alibi_bias(
     return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
 
+def with_prefix_keys(mask, n: int, positions: torch.Tensor, alibi_slopes: torch.Tensor | None = None):
+    """`mask` over S own keys → the mask over [n prefix keys, S own keys], the prefix visible to every query.
+
+    mask: None (plain causal, S == T), bool (B, 1, T, S) or an ALiBi bias (B, H, T, S); positions (B, T) of the
+    queries. Under ALiBi prefix key j sits at position j: a query at position p gets -slope * (p - j)."""
+    T = positions.shape[1]
+    device = positions.device
+    if mask is None:
+        own = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        return torch.cat([torch.ones(T, n, dtype=torch.bool, device=device), own], dim=1)[None, None]
+    if mask.dtype == torch.bool:
+        return torch.cat([mask.new_ones(*mask.shape[:-1], n), mask], dim=-1)
+    distance = (positions[:, None, :, None] - torch.arange(n, device=device)).float()  # (B, 1, T, n)
+    bias = -alibi_slopes.float()[None, :, None, None] * distance
+    return torch.cat([bias.to(mask.dtype), mask], dim=-1)
+
+
 def document_block_mask(positions: torch.Tensor, document_ids: torch.Tensor, sliding_window: int | None = None,
                         prefix_lengths: torch.Tensor | None = None, chunk: int | None = None):
     """A flex_attention BlockMask for packed rows: causal within each document (positions restart per document,

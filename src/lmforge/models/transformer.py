@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .attention import alibi_bias, allowed_keys, attend, document_block_mask, plain_causal
+from .attention import (alibi_bias, allowed_keys, attend, document_block_mask, plain_causal,
+                        with_prefix_keys)
 from .config import ModelConfig
 from .kv_cache import Cache, KVCache, RollingKVCache
 from .moe import MoE, moe_aux_loss
@@ -106,12 +107,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(norm_k, cfg.norm_eps, cfg.norm_weight_offset, weighted) if norm_k else None
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None  # GPT-OSS
 
-    def forward(self, x, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, rope, mask, cache: KVCache | None, slots: torch.Tensor | None,
+                prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`prefix_kv`: keys and values (1 or B, Hkv, n, hd) of n tokens in front of the sequence (prompt methods),
+        attended by every query; `mask` then covers [prefix keys, own keys] (`with_prefix_keys`)."""
         if self.packed_qkv is not None:  # x: (B, T, d_model)
             q, k, v = self.packed_qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.o_proj(self.mix(q, k, v, rope, mask, cache, slots))
+        return self.o_proj(self.mix(q, k, v, rope, mask, cache, slots, prefix_kv))
 
     def heads(self, q, k, v, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected q (B, T, H*hd), k, v (B, T, Hkv*hd) → per-head (B, H, T, hd), (B, Hkv, T, hd) x 2, with the
@@ -135,18 +139,24 @@ class Attention(nn.Module):
         """q (B, H, T, hd) over k, v (B, Hkv, S, hd) with this model's score scale and soft-cap → (B, H, T, hd)."""
         return attend(q, k, v, mask, self.cfg.attn_scale, self.cfg.attn_logit_softcap, self.sinks)
 
-    def mix(self, q, k, v, rope, mask, cache: KVCache | None, slots: torch.Tensor | None) -> torch.Tensor:
-        """Attention over projected q (B, T, H*hd), k and v (B, T, Hkv*hd): qk-norm, RoPE, the cache, the mask →
-        (B, T, H*hd), what o_proj takes."""
+    def mix(self, q, k, v, rope, mask, cache: KVCache | None, slots: torch.Tensor | None,
+            prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Attention over projected q (B, T, H*hd), k and v (B, T, Hkv*hd): qk-norm, RoPE, the cache, the prefix
+        keys/values, the mask → (B, T, H*hd), what o_proj takes."""
         B, T, _ = q.shape
-        rotated_by_cache = isinstance(rope, tuple) and getattr(cache, "rotates", False)  # RoPE fused into its kernels
+        rotated_by_cache = (isinstance(rope, tuple) and getattr(cache, "rotates", False)  # RoPE fused into its kernels
+                            and prefix_kv is None)
         q, k, v = self.heads(q, k, v, None if rotated_by_cache else rope)
         extra = {} if self.sinks is None else {"sinks": self.sinks}
-        if cache is not None and hasattr(cache, "attend"):  # a paged cache attends itself (Triton decode kernel)
+        if cache is not None and hasattr(cache, "attend") and prefix_kv is None:  # a paged cache attends itself
             y = cache.attend(self.layer, q, k, v, mask, rope if rotated_by_cache else None, **extra)  # (B, H, T, hd)
         else:
             if cache is not None:
                 k, v = cache.update(self.layer, slots, k, v)  # (B, Hkv, S, hd)
+            if prefix_kv is not None:  # n prefix keys/values in front of the sequence's own: (B, Hkv, n + S, hd)
+                pk, pv = prefix_kv
+                k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+                v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
             y = self.attend(q, k, v, mask)  # (B, H, T, hd)
         return y.transpose(1, 2).reshape(B, T, -1)
 
@@ -186,7 +196,9 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = linear(f"{prefix}.kv_b_proj", cfg.mla_kv_rank, H * (cfg.mla_nope_dim + cfg.mla_v_dim), False)
         self.o_proj = linear(f"{prefix}.o_proj", H * cfg.mla_v_dim, d, False)
 
-    def forward(self, x, rope, mask, cache: Cache | None, slots: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, rope, mask, cache: Cache | None, slots: torch.Tensor | None, prefix_kv=None) -> torch.Tensor:
+        if prefix_kv is not None:
+            raise NotImplementedError("prefix keys/values with latent attention (mla): its cache holds latents")
         cfg = self.cfg
         B, T, _ = x.shape  # x: (B, T, d_model)
         nope, rd = cfg.mla_nope_dim, cfg.mla_rope_dim
@@ -298,13 +310,15 @@ class Block(nn.Module):
         self.mlp = MoE(cfg, prefix, linear, MLP) if cfg.is_moe_layer(layer) else MLP(cfg, prefix, linear)
         self.mlp_post_norm = make_norm(cfg) if post else None
 
-    def forward(self, x, rope, mask, cache, slots):
-        if self.decode_fused is not None and self.decode_fused.applies(x):
+    def forward(self, x, rope, mask, cache, slots, prefix_kv=None):
+        """x (B, T, d_model) → (B, T, d_model); `prefix_kv` (k, v) of prefix tokens this layer's attention sees."""
+        if self.decode_fused is not None and prefix_kv is None and self.decode_fused.applies(x):
             return self.decode_fused(x, rope, mask, cache, slots)
+        prefix = () if prefix_kv is None else (prefix_kv,)
         if self.attn.cfg.parallel_block:
             h = self.attn_norm(x)
-            return x + self.attn(h, rope, mask, cache, slots) + self.mlp(h)
-        h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, cache, slots)
+            return x + self.attn(h, rope, mask, cache, slots, *prefix) + self.mlp(h)
+        h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, cache, slots, *prefix)
         x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
         h = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))
         return x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h))
@@ -323,6 +337,9 @@ class Transformer(nn.Module):
         self.aux_loss: torch.Tensor | None = None  # MoE load-balancing (+ z) loss of the last training forward
         self.head_linear = F.linear  # the tied LM head's matmul (inference may swap in a GEMV kernel)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # virtual tokens in front of every row (prompt methods): `cached_prefix(model)` → per layer (k, v), see
+        # `hidden_states(prefix_kv=...)`; None = none
+        self.register_module("prompt_encoder", None)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.layers = nn.ModuleList(Block(cfg, i, linear) for i in range(cfg.n_layers))
@@ -406,31 +423,69 @@ class Transformer(nn.Module):
         return None if weight is None or isinstance(weight, DTensor) else weight
 
     def hidden_states(self, tokens, positions=None, attention_mask=None, cache=None, slots=None,
-                      document_ids=None, prefix_lengths=None, plain: bool | None = None) -> torch.Tensor:
+                      document_ids=None, prefix_lengths=None, plain: bool | None = None,
+                      prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model): what the LM head, a value head or a fused loss consumes.
+
+        The steps are public, for callers that run part of the model (pipeline stages, prompt methods):
+        `default_positions` → `embed_inputs` → `rope_tables` + `layer_masks` → `run_blocks` (any range) → `norm`.
 
         `prefix_lengths` (B,) turns on prefix-LM attention (GLM's blank infilling, T5-style prefix LM): tokens at
         positions below it see each other in both directions (within their document); later tokens stay causal.
+        `prefix_kv`: per layer (k, v), each (1 or B, Hkv, n, hd), of n virtual tokens at positions 0..n-1 in front
+        of every row, visible to every query (prompt methods); the real tokens' positions (given or default) are
+        shifted by n. Without it the model's `prompt_encoder` (when a prompt method set one) supplies it.
         In training mode an MoE model leaves its auxiliary loss in `self.aux_loss` (padding excluded).
         `plain`: the caller already knows whether `positions` are `plain_causal` (checked on the host before the copy:
         no sync here, as a CUDA graph needs); None = check.
         """
-        B, T = tokens.shape
-        device = tokens.device
+        if cache is not None and slots is None:
+            raise ValueError("forward with a KV cache needs `slots`: the cache indices the new tokens fill")
+        if prefix_kv is None and self.prompt_encoder is not None:
+            prefix_kv = self.prompt_encoder.cached_prefix(self)
+        if prefix_kv is not None:  # the virtual tokens take positions 0..n-1: the real ones start at n
+            if positions is None:
+                positions = self.default_positions(tokens, attention_mask, slots)
+            n = prefix_kv[0][0].shape[2]
+            positions, attention_mask = torch.where(positions >= 0, positions + n, positions), None
         # a mask unless causality alone suffices (right-padded training rows: `plain_causal`, one host sync)
         needs_mask = (attention_mask is not None or document_ids is not None or prefix_lengths is not None
                       or cache is not None
                       or (positions is not None and not (plain if plain is not None else plain_causal(positions))))
         if positions is None:
-            if attention_mask is not None:  # left/right padding: count real tokens only, pads get -1
-                positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
-            else:
-                start = 0 if slots is None else slots[:1]
-                positions = (torch.arange(T, device=device) + start).expand(B, T)
-        if cache is not None and slots is None:
-            raise ValueError("forward with a KV cache needs `slots`: the cache indices the new tokens fill")
+            positions = self.default_positions(tokens, attention_mask, slots)
 
-        x = self.embed(tokens)  # (B, T, d_model)
+        x = self.embed_inputs(tokens, positions)  # (B, T, d_model)
+        ropes = self.rope_tables(positions, x.dtype)
+        if cache is not None:
+            key_positions = cache.write_positions(slots, positions)
+            query_slots = cache.query_slots(slots) if hasattr(cache, "query_slots") else slots  # ring buffers
+        else:
+            key_positions, query_slots = positions, None
+        flex = document_ids is not None and prefix_kv is None and self.use_flex_attention(tokens)
+        masks = self.layer_masks(positions, key_positions, query_slots, needs_mask, document_ids, prefix_lengths,
+                                 flex=flex, prefix=0 if prefix_kv is None else prefix_kv[0][0].shape[2])
+        x = self.run_blocks(x, ropes, masks, cache, slots, prefix_kv)
+        if self.cfg.mlp == "moe":
+            moe_layers = [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
+            self.aux_loss = moe_aux_loss(moe_layers, self.cfg, positions >= 0) if self.training else None
+        return self.norm(x)
+
+    def default_positions(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          slots: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) positions when the caller gives none: with an attention mask, real tokens counted from 0 and pads
+        -1 (left or right padding); else 0..T-1 after the cache slot the tokens start at."""
+        B, T = tokens.shape
+        if attention_mask is not None:
+            return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
+        start = 0 if slots is None else slots[:1]
+        return (torch.arange(T, device=tokens.device) + start).expand(B, T)
+
+    def embed_inputs(self, tokens: torch.Tensor | None, positions: torch.Tensor,
+                     embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Input of the first block (B, T, d_model): the token embeddings (or given `embeds` (B, T, d_model), e.g. a
+        soft prompt) with the embedding scale, learned or sinusoidal positions and the embedding norm applied."""
+        x = self.embed(tokens) if embeds is None else embeds.to(self.embed.weight.dtype)  # (B, T, d_model)
         if self.cfg.scale_embeddings:  # Gemma: sqrt(d) rounded to the activation dtype, as the reference does
             x = x * embedding_scale(self.cfg.d_model, x.dtype)
         if self.pos_embed is not None:
@@ -439,32 +494,47 @@ class Transformer(nn.Module):
             x = x + sinusoidal_embedding(positions, self.cfg.d_model, x.dtype)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        return x
 
-        ropes = self.rope_tables(positions, x.dtype)
-        if cache is not None:
-            key_positions = cache.write_positions(slots, positions)
-            query_slots = cache.query_slots(slots) if hasattr(cache, "query_slots") else slots  # ring buffers
-        else:
-            key_positions, query_slots = positions, torch.arange(T, device=device)
-        spans = [self.cfg.layer_span(i) for i in range(len(self.layers))]
-        masks = {}  # one mask per distinct (window, chunk), built once and shared by the layers using it
-        for window, chunk in dict.fromkeys(spans):
-            if document_ids is not None and self.use_flex_attention(tokens):
-                masks[window, chunk] = document_block_mask(positions, document_ids, window, prefix_lengths, chunk)
+    def layer_masks(self, positions, key_positions=None, query_slots=None, needs_mask: bool = True,
+                    document_ids=None, prefix_lengths=None, flex: bool = False, prefix: int = 0,
+                    layers: range | None = None) -> list:
+        """Per layer (index i; None for layers outside `layers`), the mask its attention takes, built once per
+        distinct (window, chunk) and shared. Queries at `positions` (B, T) over keys at `key_positions` (B, S)
+        (default: the queries themselves), the queries at `query_slots` (T,) among the keys (default 0..T-1).
+        `flex`: packed rows (`document_ids`) get a flex_attention BlockMask. `prefix`: n prefix keys in front,
+        visible to every query (`with_prefix_keys`)."""
+        T = positions.shape[1]
+        key_positions = positions if key_positions is None else key_positions
+        query_slots = torch.arange(T, device=positions.device) if query_slots is None else query_slots
+        layers = range(len(self.layers)) if layers is None else layers
+        spans = {i: self.cfg.layer_span(i) for i in layers}
+        built = {}  # one mask per distinct (window, chunk), shared by the layers using it
+        for window, chunk in dict.fromkeys(spans.values()):
+            if document_ids is not None and flex:
+                mask = document_block_mask(positions, document_ids, window, prefix_lengths, chunk)
             else:
-                masks[window, chunk] = self._mask(positions, key_positions, query_slots, needs_mask,
-                                                  document_ids, window, prefix_lengths, chunk)
-        for i, block in enumerate(self.layers):
-            mask = masks[spans[i]]
-            if self.training and self.checkpointed(i):
-                x = torch.utils.checkpoint.checkpoint(block, x, ropes[i], mask, cache, slots, use_reentrant=False,
+                mask = self.span_mask(positions, key_positions, query_slots, needs_mask, document_ids, window,
+                                      prefix_lengths, chunk)
+                if prefix:
+                    mask = with_prefix_keys(mask, prefix, positions,
+                                            self.alibi_slopes if self.cfg.pos == "alibi" else None)
+            built[window, chunk] = mask
+        return [built[spans[i]] if i in spans else None for i in range(len(self.layers))]
+
+    def run_blocks(self, x, ropes, masks, cache=None, slots=None, prefix_kv=None,
+                   layers: range | None = None) -> torch.Tensor:
+        """x (B, T, d_model) through blocks `layers` (default all) with per-layer `ropes` and `masks`; blocks in
+        training mode that `checkpointed` names recompute their activations in backward."""
+        for i in range(len(self.layers)) if layers is None else layers:
+            block = self.layers[i]
+            args = (x, ropes[i], masks[i], cache, slots) + (() if prefix_kv is None else (prefix_kv[i],))
+            if block.training and self.checkpointed(i):
+                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False,
                                                       preserve_rng_state=self.checkpoint_rng)
             else:
-                x = block(x, ropes[i], mask, cache, slots)
-        if self.cfg.mlp == "moe":
-            moe_layers = [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
-            self.aux_loss = moe_aux_loss(moe_layers, self.cfg, positions >= 0) if self.training else None
-        return self.norm(x)
+                x = block(*args)
+        return x
 
     def checkpointed(self, layer: int) -> bool:
         """Is block `layer` recomputed in backward? Every `checkpoint_every`-th block, the lowest `checkpoint_limit`
@@ -479,9 +549,10 @@ class Transformer(nn.Module):
         return self.attention_backend == "flex" or (
             self.attention_backend == "auto" and tokens.is_cuda and self.cfg.pos != "alibi" and _HAS_FLEX)
 
-    def _mask(self, positions, key_positions, query_slots, needs_mask: bool, document_ids=None, window=None,
-              prefix_lengths=None, chunk=None):
-        """None (plain causal SDPA) when nothing but causality applies; else a bool mask or an ALiBi bias."""
+    def span_mask(self, positions, key_positions, query_slots, needs_mask: bool, document_ids=None, window=None,
+                  prefix_lengths=None, chunk=None):
+        """The dense mask of layers with this (window, chunk): None (plain causal SDPA) when nothing but causality
+        applies; else a bool mask (B, 1, T, S) or an ALiBi bias (B, H, T, S)."""
         cfg = self.cfg
         if not needs_mask and cfg.pos != "alibi" and window is None and chunk is None:
             return None

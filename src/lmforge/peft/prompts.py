@@ -14,19 +14,16 @@ tokens), and the real tokens' positions start at ``n``, as when PEFT prepends th
 the per-layer keys/values are the model's own for the soft prompt: a short forward of the ``n`` prompt embeddings at
 positions 0..n-1 (causal, so the prompt never sees the text) -- identical to concatenating embeddings at the input.
 
-Model hook: the method installs it on the instance, without touching `lmforge.models` source: each block's attention
-gets a subclass whose forward understands a `PrefixMask` passed in the mask argument, and `hidden_states` / `_mask`
-/ `use_flex_attention` are wrapped to shift positions and hand the prefix down (packed rows use the dense mask path).
-The native seam this stands in for is ``Transformer.hidden_states(..., prefix_kv=[(k, v)] * n_layers)`` plus
-``Attention.forward(..., prefix_kv)``.
+The model's seam: the method sets the encoder as ``model.prompt_encoder``; every forward then asks it for the
+per-layer prefix and calls ``Transformer.hidden_states(..., prefix_kv=[(k, v)] * n_layers)``, which shifts the
+positions and hands each layer's ``Attention.forward(..., prefix_kv)`` its keys/values (packed rows take the dense
+mask path).
 
 Adapters are PEFT files (PREFIX_TUNING, PROMPT_TUNING, P_TUNING) holding ``prompt_embeddings``: for prefix methods
 (n, n_layers * 2 * kv_dim), for prompt methods (n, d_model) -- in both cases what the encoder outputs, as PEFT saves.
 """
 from __future__ import annotations
 
-import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -35,135 +32,51 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..models.positions import sinusoidal_embedding
-from ..models.transformer import embedding_scale
 from .common import read_adapter_config, read_adapter_tensors, write_adapter_dir
 from .lora import load_tensors_into
 from .methods import Method, register_method
 
-__all__ = ["PrefixMask", "PrefixEncoder", "PromptEncoder", "PrefixTuningMethod", "PTuningV2Method",
+__all__ = ["PrefixEncoder", "PromptEncoder", "PrefixTuningMethod", "PTuningV2Method",
            "PromptTuningMethod", "PTuningMethod", "install_prefix_hook", "prompt_pass"]
 
 
-# ------------------------------------------------------------------------------------------------ the model hook
+# ------------------------------------------------------------------------------------------------ the model seam
 
 
-@dataclass
-class PrefixMask:
-    """What flows through the blocks in place of the mask while a prompt method is active."""
+class _Capture:
+    """A pass-through KV cache: each layer's keys/values (after qk-norm and RoPE) are recorded and attended as
+    they are."""
 
-    inner: torch.Tensor | None  # the model's own mask: None (causal), bool (B, 1, T, S) or ALiBi bias (B, H, T, S)
-    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (k, v), each (1 or B, Hkv, n, hd)
-    positions: torch.Tensor | None = None  # (B, T) query positions, for the ALiBi bias towards the prefix
-    alibi_slopes: torch.Tensor | None = None  # (H,) when the model uses ALiBi
-    capture: list | None = None  # prompt pass: every layer appends its (k, v) here
+    def __init__(self):
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-
-def _prefix_columns(mask: PrefixMask, n: int, B: int, T: int, S: int, device) -> torch.Tensor | None:
-    """The mask over [prefix keys, own keys]: the prefix is visible to every query."""
-    inner = mask.inner
-    if inner is None:  # plain causal over T == S own keys
-        own = torch.ones(T, S, dtype=torch.bool, device=device).tril()
-        return torch.cat([torch.ones(T, n, dtype=torch.bool, device=device), own], dim=1)[None, None]
-    if inner.dtype == torch.bool:
-        return torch.cat([inner.new_ones(*inner.shape[:-1], n), inner], dim=-1)
-    # ALiBi: prefix key j sits at position j, a query at position p gets -slope * (p - j)
-    distance = (mask.positions[:, None, :, None] - torch.arange(n, device=device)).float()  # (B, 1, T, n)
-    bias = -mask.alibi_slopes.float()[None, :, None, None] * distance
-    return torch.cat([bias.to(inner.dtype), inner], dim=-1)
-
-
-class _PrefixAttention:
-    """Mixin over the model's attention class: a PrefixMask adds prefix keys/values (or captures this layer's)."""
-
-    def forward(self, x, rope, mask, cache, slots):
-        if not isinstance(mask, PrefixMask):
-            return super().forward(x, rope, mask, cache, slots)
-        B, T, _ = x.shape  # x: (B, T, d_model)
-        q, k, v = self.heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope)  # (B, H|Hkv, T, hd), qk-norm, RoPE
-        if mask.capture is not None:
-            mask.capture.append((k, v))
-        if cache is not None:
-            k, v = cache.update(self.layer, slots, k, v)  # (B, Hkv, S, hd)
-        attn_mask = mask.inner
-        if mask.prefix is not None:
-            pk, pv = mask.prefix[self.layer]  # (1 or B, Hkv, n, hd)
-            n, S = pk.shape[2], k.shape[2]
-            k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
-            v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
-            attn_mask = _prefix_columns(mask, n, B, T, S, x.device)
-        y = self.attend(q, k, v, attn_mask)  # (B, H, T, hd), the model's score scale and soft-cap
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-_PREFIX_CLASSES: dict[type, type] = {}
-
-
-def _prefix_class(cls: type) -> type:
-    if issubclass(cls, _PrefixAttention):
-        return cls
-    if cls not in _PREFIX_CLASSES:
-        _PREFIX_CLASSES[cls] = type(f"Prefix{cls.__name__}", (_PrefixAttention, cls), {})
-    return _PREFIX_CLASSES[cls]
-
-
-def _hidden_states(model, tokens, positions=None, attention_mask=None, cache=None, slots=None, document_ids=None,
-                   *args, **kwargs):
-    """The model's hidden_states with the prompt's prefix: real positions shifted by n, prefix in every layer."""
-    B, T = tokens.shape
-    if positions is None:  # the model's own defaults, computed here so they can be shifted
-        if attention_mask is not None:
-            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
-        else:
-            start = 0 if slots is None else slots[:1]
-            positions = (torch.arange(T, device=tokens.device) + start).expand(B, T)
-    encoder = model.prompt_encoder
-    model._prompt_prefix = encoder.cached_prefix(model)
-    shifted = torch.where(positions >= 0, positions + encoder.n_virtual, positions)
-    return type(model).hidden_states(model, tokens, shifted, None, cache, slots, document_ids, *args, **kwargs)
-
-
-def _mask(model, positions, *args, **kwargs):
-    inner = type(model)._mask(model, positions, *args, **kwargs)
-    slopes = model.alibi_slopes if model.cfg.pos == "alibi" else None
-    return PrefixMask(inner, model._prompt_prefix, positions, slopes)
+    def update(self, layer: int, slots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kv.append((k, v))
+        return k, v
 
 
 def install_prefix_hook(model: nn.Module, encoder: nn.Module) -> None:
-    """Attach `encoder` as `model.prompt_encoder` and route its prefix into every layer (see the module docstring)."""
-    if hasattr(model, "prompt_encoder"):
+    """Make `encoder` the model's `prompt_encoder`: every forward then attends to its prefix (see the module
+    docstring)."""
+    if model.prompt_encoder is not None:
         raise ConfigError("the model already has a prompt method applied; apply one to a fresh base model")
     if model.cfg.attention != "gqa":
         raise ConfigError(f"prefix/prompt methods need per-head keys and values; attention={model.cfg.attention!r} "
                           "caches a latent instead: use method=lora")
     model.prompt_encoder = encoder
-    for block in model.layers:
-        block.attn.__class__ = _prefix_class(type(block.attn))
-    model.hidden_states = types.MethodType(_hidden_states, model)
-    model._mask = types.MethodType(_mask, model)
-    model.use_flex_attention = types.MethodType(lambda self, tokens: False, model)  # dense masks take the prefix
 
 
 def prompt_pass(model: nn.Module, embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (k, v), each (1, Hkv, n, hd), of `embeds` (n, d_model) run through the model at positions 0..n-1:
     exactly the keys/values these embeddings would have at the front of the input."""
-    cfg, n = model.cfg, embeds.shape[0]
+    n = embeds.shape[0]
     pos = torch.arange(n, device=embeds.device)[None]  # (1, n)
-    x = embeds[None].to(model.embed.weight.dtype)  # (1, n, d)
-    if getattr(cfg, "scale_embeddings", False):  # Gemma scales input embeddings (soft prompts included) by sqrt(d)
-        x = x * embedding_scale(cfg.d_model, x.dtype)
-    if model.pos_embed is not None:
-        x = x + model.pos_embed(pos)
-    elif cfg.pos == "sinusoidal":
-        x = x + sinusoidal_embedding(pos, cfg.d_model, x.dtype)
-    if model.embed_norm is not None:
-        x = model.embed_norm(x)
+    x = model.embed_inputs(None, pos, embeds=embeds[None])  # (1, n, d)
     ropes = model.rope_tables(pos, x.dtype)
-    inner = type(model)._mask(model, pos, pos, torch.arange(n, device=x.device), False)
-    mask = PrefixMask(inner, None, capture=[])
-    for block, rope in zip(model.layers, ropes):
-        x = block(x, rope, mask, None, None)
-    return mask.capture
+    mask = model.span_mask(pos, pos, torch.arange(n, device=x.device), False)  # causal: the prompt sees no text
+    capture = _Capture()
+    model.run_blocks(x, ropes, [mask] * len(model.layers), capture, None)
+    return capture.kv
 
 
 # ------------------------------------------------------------------------------------------------------ encoders

@@ -18,14 +18,11 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from torch import nn
 
 from ..data import collate
 from ..errors import ConfigError
-from ..models.attention import document_block_mask, plain_causal
-from ..models.positions import sinusoidal_embedding
-from ..models.transformer import embedding_scale
+from ..models.attention import plain_causal
 from .distributed import dp_sum, wrap_module
 from .loss import causal_lm_loss_sum
 from .objective import LanguageModeling
@@ -56,6 +53,7 @@ class PipelineStageModule(nn.Module):
         self.cfg, self.first, self.last = model.cfg, first, last
         self._model = [model]  # a list: buffers (RoPE frequencies) and mask helpers, not a submodule
         self._autocast = autocast  # the trainer's precision context, entered inside the stage (not around backward)
+        self.start, self.stop = start, stop
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(start, stop)})
         if first:
             self.embed, self.pos_embed, self.embed_norm = model.embed, model.pos_embed, model.embed_norm
@@ -73,42 +71,18 @@ class PipelineStageModule(nn.Module):
             return causal_lm_loss_sum(self.lm_head, self.norm(x), labels, head_weight=head_weight)
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """What Transformer.hidden_states does before its first block (tests/test_pipeline.py keeps them equal)."""
-        cfg = self.cfg
-        x = self.embed(tokens)  # (B, T, d_model)
-        if cfg.scale_embeddings:
-            x = x * embedding_scale(cfg.d_model, x.dtype)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions.clamp(min=0))
-        elif cfg.pos == "sinusoidal":
-            x = x + sinusoidal_embedding(positions, cfg.d_model, x.dtype)
-        if self.embed_norm is not None:
-            x = self.embed_norm(x)
-        return x
+        return self._model[0].embed_inputs(tokens, positions)
 
     def _blocks(self, x, positions, document_ids):
         """This stage's blocks with the training masks (padded rows: -1 positions; packed rows: documents)."""
-        model, cfg = self._model[0], self.cfg
-        T = positions.shape[1]
+        model = self._model[0]
+        layers = range(self.start, self.stop)
         ropes = model.rope_tables(positions, x.dtype)
-        query_slots = torch.arange(T, device=positions.device)
         needs_mask = document_ids is not None or not plain_causal(positions)  # right-padded rows: causality only
-        masks = {}
-        for i, block in self.layers.items():
-            i = int(i)
-            span = window, chunk = cfg.layer_span(i)
-            if span not in masks:
-                if document_ids is not None and model.use_flex_attention(positions):
-                    masks[span] = document_block_mask(positions, document_ids, window, None, chunk)
-                else:
-                    masks[span] = model._mask(positions, positions, query_slots, needs_mask, document_ids, window,
-                                              None, chunk)
-            if self.training and model.checkpointed(i):
-                x = torch.utils.checkpoint.checkpoint(block, x, ropes[i], masks[span], None, None,
-                                                      use_reentrant=False)
-            else:
-                x = block(x, ropes[i], masks[span], None, None)
-        return x
+        flex = document_ids is not None and model.use_flex_attention(positions)
+        masks = model.layer_masks(positions, needs_mask=needs_mask, document_ids=document_ids, flex=flex,
+                                  layers=layers)
+        return model.run_blocks(x, ropes, masks, layers=layers)
 
 
 def release_other_stages(model: nn.Module, stage: PipelineStageModule) -> None:
@@ -132,6 +106,9 @@ def check_pipeline(trainer) -> None:
     if cfg.final_logit_softcap is not None:
         raise ConfigError("parallel.pipeline > 1 does not support soft-capped logits (final_logit_softcap: Gemma 2) "
                           "yet; use parallel.zero or parallel.tensor instead")
+    if getattr(trainer.model, "prompt_encoder", None) is not None:
+        raise ConfigError("parallel.pipeline > 1 does not support prompt methods (prefix, ptuning, prompt_tuning); "
+                          "use parallel.zero instead")
     if cfg.mlp == "moe":
         raise ConfigError("parallel.pipeline > 1 does not support mixture-of-experts models yet (their auxiliary loss "
                           "spans every layer); use parallel.zero instead")

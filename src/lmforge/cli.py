@@ -218,13 +218,14 @@ def run_export(cfg: ExportConfig) -> None:
     from .hub import resolve_model
     from .models.hf import save_hf
     from .peft import adapter_method
+    from .quant.model import dequantize_model
 
     base, out = resolve_model(cfg.base, cfg.revision), Path(cfg.out)
     adapter = resolve_model(cfg.adapter, marker="adapter_config.json") if cfg.adapter is not None else None
     method = adapter_method(adapter) if adapter is not None else None  # an unreadable adapter fails before loading
     check_replaceable(out)  # before the slow part: out must be new, empty, or an earlier export
     dtype = None if cfg.dtype == "auto" else cfg.dtype
-    model = load_hf(base, dtype=dtype)
+    model = dequantize_model(load_hf(base, dtype=dtype))  # a quantized base is written in full precision
     with atomic_dir(out, replace_only_models=True) as tmp:  # a kill leaves no half-written checkpoint
         if method is not None and method.mergeable:
             method.load(model, adapter)

@@ -27,12 +27,20 @@ class AdapterIndex:
         self.rows: torch.Tensor | None = None  # (B,) long, 0 = base model
 
 
+def _compute_tensor(layer: nn.Module) -> torch.Tensor:
+    """A tensor with the layer's compute dtype and device: its weight, or for a quantized linear (integer codes, maybe
+    no parameter at all) its first floating-point parameter or buffer (the scales)."""
+    tensors = [*layer.parameters(), *layer.buffers()]
+    return next((t for t in tensors if t.is_floating_point()), tensors[0])
+
+
 class MultiLoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Module, index: AdapterIndex):
+    def __init__(self, base_layer: nn.Module, index: AdapterIndex, like: torch.Tensor | None = None):
+        """`like`: a tensor of the model's compute dtype and device (default: read from the base layer)."""
         super().__init__()
         self.base_layer, self.index = base_layer, index
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        w = next(base_layer.parameters())
+        w = like if like is not None else _compute_tensor(base_layer)
         self.register_buffer("A", torch.zeros(1, 1, self.in_features, dtype=w.dtype, device=w.device))
         self.register_buffer("B", torch.zeros(1, self.out_features, 1, dtype=w.dtype, device=w.device))
 
@@ -149,7 +157,7 @@ class AdapterSet:
             if path not in self.wrapped:
                 module = linears[path]
                 if not isinstance(module, MultiLoRALinear):
-                    module = MultiLoRALinear(module, self.index)
+                    module = MultiLoRALinear(module, self.index, like=self.model.embed.weight)
                     _set_module(self.model, path, module)
                 self.wrapped[path] = module
         for path, module in self.wrapped.items():

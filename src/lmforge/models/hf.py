@@ -88,9 +88,20 @@ def load_hf(
     progress: bool | None = None,
 ) -> Transformer:
     """Load an HF causal-LM checkpoint directory, or a llama.cpp .gguf file, into the native model (dtype defaults to
-    the checkpoint's; a quantized GGUF dequantizes to float32)."""
+    the checkpoint's; a quantized GGUF dequantizes to float32). A quantized checkpoint (config.json
+    ``quantization_config.quant_method`` lmforge, gptq or awq) keeps its quantized layers, with the device's fused
+    kernels installed; `dtype` is then its compute dtype."""
     path = Path(path)
     hf = read_hf_config(path)
+    quant_method = str((hf.get("quantization_config") or {}).get("quant_method", "")).lower()
+    if quant_method in ("lmforge", "gptq", "awq") and not is_gguf(path):
+        # a quantized checkpoint: its linears are the quantized layers it stores (lmforge.quant.formats)
+        from ..quant.formats import load_quantized_checkpoint
+
+        if linear is not default_linear:
+            raise CheckpointError(f"'{path}' is a quantized checkpoint ({quant_method}): its linear layers are "
+                                  "fixed by it, so a custom linear factory cannot be used")
+        return load_quantized_checkpoint(path, hf, None if dtype is None else parse_dtype(dtype), device)
     conv = converter_of(hf)
     cfg = conv.build_config(hf)
     dtype = parse_dtype(dtype, default=parse_dtype(hf.get("torch_dtype") or hf.get("dtype") or "float32"))

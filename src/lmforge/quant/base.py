@@ -62,3 +62,20 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         self._fast = None  # kernel layouts are device-specific: moving invalidates them
         return super()._apply(fn, recurse)
+
+
+def check_group_size(in_features: dict[str, int], group_size: int, field: str = "group_size") -> None:
+    """One-line error unless `group_size` is even and divides the in_features of every layer (path: in_features),
+    naming the first layer that does not fit and the largest group size (a power of two, at most `group_size`)
+    that fits them all."""
+    from ..errors import ConfigError
+
+    bad = next((p for p, n in in_features.items() if group_size < 2 or group_size % 2 or n % group_size), None)
+    if bad is None:
+        return
+    fits = next((g for g in (128, 64, 32, 16, 8, 4, 2) if g <= max(group_size, 2)
+                 and all(n % g == 0 for n in in_features.values())), None)
+    fix = f"use {field}={fits} (it divides every target)" if fits else \
+        "no even group size divides them all: use int8 for these layers or leave them out of the targets"
+    raise ConfigError(f"{field} {group_size} must be even and divide in_features of every quantized layer; "
+                      f"'{bad}' has {in_features[bad]}: {fix}")

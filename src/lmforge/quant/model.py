@@ -28,7 +28,7 @@ from ..models.hf import architecture_of, hf_config_dict, parse_dtype, read_hf_co
 from ..models.transformer import Transformer
 from ..peft.lora import ALL_LINEAR, linear_modules, select_targets
 from .awq import awq_block
-from .base import QuantLinear
+from .base import QuantLinear, check_group_size
 from .bitnet import BitLinear, PackedBitLinear
 from .calibration import BlockwiseCalibration
 from .gptq import gptq_block
@@ -36,8 +36,8 @@ from .linear import Int4Linear, Int8Linear
 from .nf4 import NF4Linear
 from .qat import FakeQuantLinear
 
-__all__ = ["QUANT_LINEARS", "METHODS", "quantize_model", "save_quantized", "load_quantized", "quantized_size",
-           "quantized_linears"]
+__all__ = ["QUANT_LINEARS", "METHODS", "quantize_model", "save_quantized", "load_quantized", "build_quantized",
+           "dequantize_model", "quantized_size", "quantized_linears"]
 
 QUANT_LINEARS: dict[str, type[QuantLinear]] = {c.kind: c for c in (Int8Linear, Int4Linear, NF4Linear,
                                                                    PackedBitLinear)}
@@ -64,11 +64,7 @@ def _targets(model: nn.Module, targets, kinds: tuple[type, ...]) -> list[str]:
 
 
 def _check_group(model: nn.Module, paths: list[str], group_size: int) -> None:
-    for p in paths:
-        in_f = model.get_submodule(p).in_features
-        if group_size < 2 or group_size % 2 or in_f % group_size:
-            raise ConfigError(f"group_size {group_size} must be even and divide in_features of every target "
-                              f"('{p}' has {in_f}); try 32, 64 or 128")
+    check_group_size({p: model.get_submodule(p).in_features for p in paths}, group_size)
 
 
 def _calibrated(model: nn.Module, method: str, paths: list[str], calib: torch.Tensor, batch_size: int,
@@ -194,8 +190,11 @@ def save_quantized(model: Transformer, out_dir: str | Path) -> Path:
     return out
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    """Rebuild a model saved by `save_quantized`: quantized modules from their specs, tensors loaded exactly."""
+def load_quantized(path: str | Path, device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype | None = None) -> Transformer:
+    """Rebuild a model saved by `save_quantized`: quantized modules from their specs, tensors loaded exactly.
+
+    `dtype` (default: the checkpoint's) is the compute dtype: floating tensors are cast to it, codes never are."""
     path = Path(path)
     hf = read_hf_config(path)
     qc = hf.get("quantization_config")
@@ -203,32 +202,64 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> Tran
         raise CheckpointError(f"'{path}' is not an lmforge quantized checkpoint (config.json has no "
                               f"quantization_config with quant_method 'lmforge'); load it with load_hf")
     cfg = converter_for(architecture_of(hf)).build_config(hf)
-    dtype = parse_dtype(hf.get("torch_dtype") or "float32")
     specs: dict[str, dict] = qc.get("modules", {})
+    file = path / "model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"no model.safetensors in '{path}'")
+    with safe_open(str(file), framework="pt", device=str(device)) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    saved = parse_dtype(hf.get("torch_dtype") or "float32")
+    model = build_quantized(cfg, specs, saved, state, str(file))
+    model.quantization_config = {k: v for k, v in qc.items() if k not in ("modules", "quant_method", "format_version")}
+    return model if dtype is None else model.to(parse_dtype(dtype))
+
+
+def build_quantized(cfg, specs: dict[str, dict], dtype: torch.dtype, state: dict[str, torch.Tensor],
+                    source: str) -> Transformer:
+    """A Transformer whose linears at the paths of `specs` are `QUANT_LINEARS[spec["type"]]`, filled with the native
+    state dict `state` (every tensor keeps its dtype, bit-exact); `source` names the file in errors."""
     for p, spec in specs.items():
         if spec.get("type") not in QUANT_LINEARS:
-            raise CheckpointError(f"{path}/config.json: module '{p}' has unknown quantized type {spec.get('type')!r}")
+            raise CheckpointError(f"{source}: module '{p}' has unknown quantized type {spec.get('type')!r}")
 
     def linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
         spec = specs.get(name)
         if spec is None:
             return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
         opts = {k: v for k, v in spec.items() if k not in ("type", "bias")}
-        return QUANT_LINEARS[spec["type"]](in_features, out_features, spec["bias"], **opts, dtype=dtype)
+        try:
+            return QUANT_LINEARS[spec["type"]](in_features, out_features, spec["bias"], **opts, dtype=dtype)
+        except ValueError as e:  # options that do not fit the layer's shape (a group size that does not divide)
+            raise CheckpointError(f"{source}: module '{name}': {e}") from None
 
     with torch.device("meta"):
         model = Transformer(cfg, linear).to(dtype)
-    file = path / "model.safetensors"
-    if not file.is_file():
-        raise CheckpointError(f"no model.safetensors in '{path}'")
-    with safe_open(str(file), framework="pt", device=str(device)) as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         what = f"lacks '{missing[0]}'" if missing else f"has unexpected tensor '{unexpected[0]}'"
-        raise CheckpointError(f"{file} {what} (+{len(missing) + len(unexpected) - 1} more mismatches)")
+        raise CheckpointError(f"{source} {what} (+{len(missing) + len(unexpected) - 1} more mismatches)")
+    bad = next((k for k, t in state.items() if t.shape != expected[k].shape), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: tensor '{bad}' has shape {tuple(state[bad].shape)}, config.json implies "
+                              f"{tuple(expected[bad].shape)}")
     model.load_state_dict(state, strict=True, assign=True)  # assign: every tensor keeps its saved dtype, bit-exact
     model.reset_buffers()
-    model.quantization_config = {k: v for k, v in qc.items() if k not in ("modules", "quant_method", "format_version")}
     return model.eval()
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized linear by an `nn.Linear` holding its dequantized weight (in place; returns `model`):
+    what a full-precision export (or a merge of an adapter trained on the quantized model) writes."""
+    for path, q in quantized_linears(model).items():
+        w = q.weight
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=w.dtype, device=w.device)
+        lin.weight.copy_(w)
+        if q.bias is not None:
+            lin.bias.copy_(q.bias)
+        lin.requires_grad_(False)
+        _set_module(model, path, lin)
+    if hasattr(model, "quantization_config"):
+        del model.quantization_config
+    return model

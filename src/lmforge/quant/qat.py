@@ -24,6 +24,7 @@ from torch import nn
 
 from ..peft.lora import ALL_LINEAR, linear_modules, select_targets
 from ..peft.methods import Method, register_method
+from .base import check_group_size
 from .linear import Int4Linear, Int8Linear
 from .rtn import int4_dequantize, int4_params, int4_quantize, int8_quantize, quantize_activations_int8
 from .ste import straight_through
@@ -98,6 +99,8 @@ def apply_qat(model: nn.Module, bits: int = 4, group_size: int = 128, act_bits: 
     """Swap the targeted nn.Linears (default: all but lm_head) for FakeQuantLinears in place; returns their paths."""
     linears = {p: m for p, m in linear_modules(model).items() if type(m) is nn.Linear}
     chosen = select_targets(list(linears), targets)
+    if bits == 4:
+        check_group_size({p: linears[p].in_features for p in chosen}, group_size)
     for path in chosen:
         _set_module(model, path, FakeQuantLinear.from_linear(linears[path], bits=bits, group_size=group_size,
                                                              act_bits=act_bits))

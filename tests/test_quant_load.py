@@ -1,0 +1,150 @@
+"""Quantized checkpoints load everywhere: `load_hf` (hence generate, chat, serve, eval, export and `LLM`) reads what
+`lmforge quantize` writes for every method, installs the device's fused kernels, and serves LoRA adapters on top."""
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.errors import ConfigError
+from lmforge.infer import SamplingParams, generate
+from lmforge.infer.engine import EngineConfig
+from lmforge.infer.llm import LLM
+from lmforge.models import load_hf
+from lmforge.quant import (Int4Linear, Int8Linear, QuantLinear, apply_qat, quantize_model, quantized_linears,
+                           save_quantized)
+from lmforge.serve import ServeConfig
+from lmforge.testing import make_tiny_checkpoint
+from lmforge.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+METHODS = {"int8": {}, "llm_int8": {"llm_int8": True}, "int4": {}, "nf4": {}, "bitnet": {}, "gptq": {}, "awq": {}}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("qload") / "tiny")
+
+
+def _quantized(ckpt, method: str, out):
+    """(in-memory quantized model, its saved directory) as `lmforge quantize` writes it."""
+    from lmforge.checkpoint import save_tokenizer_files
+
+    model = load_hf(ckpt, progress=False)
+    opts = dict(METHODS[method])
+    if method in ("gptq", "awq"):
+        opts["calib"] = torch.randint(0, model.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, "int8" if method == "llm_int8" else method, group_size=32, **opts)
+    save_quantized(model, out)
+    save_tokenizer_files(ckpt, out)
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def q4(ckpt, tmp_path_factory):
+    return _quantized(ckpt, "int4", tmp_path_factory.mktemp("q4") / "q4")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_load_hf_reads_every_method_with_the_fast_path(ckpt, tmp_path, method):
+    """load_hf rebuilds the quantized layers; a prefill (reference path) gives the in-memory model's logits exactly,
+    and one-row decodes run the device's fused kernel (where one exists) within its verification tolerance."""
+    model, path = _quantized(ckpt, method, tmp_path / method)
+    loaded = load_hf(path, device="cpu")
+    want, got = quantized_linears(model), quantized_linears(loaded)
+    assert got and {p: type(m) for p, m in got.items()} == {p: type(m) for p, m in want.items()}
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = model(ids), loaded(ids)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+        one = loaded(ids[:, :1])
+        assert (one - ref[:, :1]).abs().max() <= 3e-2 * ref[:, :1].abs().max() + 1e-3
+    for layer in got.values():
+        probe = type(layer)(layer.in_features, layer.out_features, layer.bias is not None, **layer.options())
+        if isinstance(layer, (Int4Linear, Int8Linear)) and probe.prepare_fast_path(torch.float32) is not None:
+            assert layer._fast is not None, "load_hf left a kernel that exists here unused"
+
+
+def test_load_hf_casts_to_the_requested_compute_dtype(q4):
+    loaded = load_hf(q4[1], dtype="bfloat16")
+    layer = next(iter(quantized_linears(loaded).values()))
+    assert loaded.embed.weight.dtype == torch.bfloat16 and layer.scale.dtype == torch.bfloat16
+    assert layer.qweight.dtype == torch.uint8  # codes are never cast
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids)).all()
+
+
+def test_every_verb_runs_on_a_quantized_checkpoint(q4, tmp_path, capsys, monkeypatch, serve):
+    model, path = q4
+    prompt_args = ["--prompt", "Hello world", "--max-new-tokens", "5", "temperature=0", "--ignore-eos", "--stream", "false",
+                   "--device", "cpu"]
+    assert main(["generate", str(path), *prompt_args]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    tok = Tokenizer.from_dir(path)
+    want = generate(load_hf(path), [tok.encode("Hello world")], GREEDY.model_copy(update={"max_new_tokens": 5}),
+                    tokenizer=tok)
+    assert text == want[0].text and len(want[0].token_ids) == 5
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/exit\n"))
+    assert main(["chat", str(path), "--max-new-tokens", "4", "temperature=0", "--device", "cpu"]) == 0
+    assert "assistant>" in capsys.readouterr().out
+    (tmp_path / "ppl.txt").write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    (tmp_path / "ppl.yaml").write_text(f"name: ppl\ntype: perplexity\ntext_file: {tmp_path / 'ppl.txt'}\n"
+                                       "window: 32\nstride: 16\n")
+    assert main(["eval", str(path), str(tmp_path / "ppl.yaml"), "--device", "cpu", "--output", str(tmp_path / "ev")]) == 0
+    ppl = json.loads((tmp_path / "ev" / "results.json").read_text())["results"][0]["metrics"]["perplexity"]
+    assert 1.0 < ppl < 10 * model.cfg.vocab_size
+    url, _ = serve(ServeConfig(model=str(path), device="cpu", engine=dict(block_size=4, num_blocks=256)))
+    r = httpx.post(f"{url}/v1/completions", json={"model": "q4", "prompt": "Hello world", "max_tokens": 5,
+                                                  "temperature": 0, "ignore_eos": True, "return_token_ids": True},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == want[0].token_ids
+    assert main(["export", str(path), "--out", str(tmp_path / "full")]) == 0
+    full = load_hf(tmp_path / "full")
+    assert not quantized_linears(full)  # written in full precision: the dequantized weights
+    ids = torch.arange(1, 21)[None]
+    with torch.no_grad():
+        assert torch.allclose(full(ids), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_adapters_on_a_quantized_base_in_the_engine(q4, tmp_path):
+    """The engine's per-row adapters over quantized linears give what the adapter applied to the quantized model
+    (LoRALinear around each QuantLinear) generates alone."""
+    from lmforge.peft.lora import LoraConfig, apply_lora, lora_layers
+    from lmforge.peft.peft_format import load_peft_adapter, save_peft_adapter
+
+    _, path = q4
+    m = load_hf(path)
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    apply_lora(m, cfg)
+    torch.manual_seed(0)
+    for layer in lora_layers(m).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    adapter = save_peft_adapter(m, cfg, tmp_path / "ad")
+    prompts = [[5, 9, 13, 2, 7], [3, 4, 8, 100, 31, 22, 17]]
+    base = load_hf(path)
+    plain = [r.token_ids for r in generate(base, prompts, GREEDY)]
+    load_peft_adapter(base, adapter)
+    want = [r.token_ids for r in generate(base, prompts, GREEDY)]
+    assert want != plain
+    llm = LLM(str(path), config=EngineConfig(block_size=4, num_blocks=128), adapters={"ad": str(adapter)},
+              device="cpu")
+    assert all(isinstance(m, QuantLinear) for m in quantized_linears(llm.engine.model).values())
+    out = llm.generate(prompts + prompts, GREEDY, adapter=["ad", "ad", None, None])
+    assert [o.token_ids for o in out] == want + plain
+
+
+def test_group_size_that_does_not_divide_is_one_line_naming_layer_and_fix(ckpt, tmp_path, capsys):
+    assert main(["quantize", str(ckpt), "--method", "int4", "--group-size", "48", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "layers.0.attn.q_proj" in err and "group_size=32" in err, err
+    assert not (tmp_path / "q").exists()
+    model = load_hf(ckpt)  # QAT's default group 128 on d_model 64 (was a raw ValueError traceback)
+    with pytest.raises(ConfigError, match=r"'layers\.0\.attn\.q_proj' has 64: use group_size=64"):
+        apply_qat(model)

@@ -86,13 +86,19 @@ def test_method_lowers_held_out_loss(task, name, options, optim, lr, drop):
     method.apply(model)
     cfg = _config("unused", "openai", STEPS, lr, optim=optim)
     if optim == "badam":
-        cfg.optim.__dict__["options"] = {"switch_every": 10}  # OptimSection has no `options` field yet
-    if optim == "galore":
-        cfg.optim.__dict__["options"] = {"rank": 16, "update_proj_gap": 50, "scale": 1.0}
+        cfg.optim.badam.switch_every = 10
+    if optim == "galore":  # rank 16 < every block matrix's shorter side (32..64): all of them are projected
+        cfg.optim.galore = cfg.optim.galore.model_copy(update=dict(rank=16, update_proj_gap=50, scale=1.0))
     trainer = Trainer(model, method, train, val, cfg, pad_id=tok.pad_id, device=torch.device("cpu"))
+    if optim == "galore":
+        assert len(trainer.optimizer.projected) == 7 * mcfg.n_layers
     before = trainer.evaluate()["eval_loss"]
     for _ in range(STEPS):
         trainer.train_step()
     after = trainer.evaluate()["eval_loss"]
     print(f"{name}/{optim}: held-out loss {before:.3f} -> {after:.3f}")
     assert after < (1 - drop) * before, (before, after)
+    if optim == "galore":  # Adam's moments live in the rank-16 subspace: (16, n) or (m, 16) per block matrix
+        projected = [trainer.optimizer.state[p] for g in trainer.optimizer.param_groups if g["galore"]
+                     for p in g["params"]]
+        assert projected and all(16 in s["adam"]["exp_avg"].shape and s["proj"].shape[1] == 16 for s in projected)

@@ -234,7 +234,7 @@ def _error_line(cls: type[Section], exc: pydantic.ValidationError) -> str:
     else:
         msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         line = f"config key '{key}': {msg}" if key else f"config: {msg}"
-        if err["type"] != "missing" and "input" in err:
+        if err["type"] != "missing" and "input" in err and not isinstance(err["input"], dict):  # not a section
             line += f" (got {_short(err['input'])})"
     if len(errors) > 1:
         line += f" [+{len(errors) - 1} more error{'s' if len(errors) > 2 else ''}]"

@@ -23,11 +23,10 @@ from safetensors.torch import save_file
 from ..checkpoint import save_tokenizer_files
 from ..config import dump_config
 from ..errors import ConfigError
-from ..peft.methods import build_method
 from ..runtime import pick_device
 from ..tokenizer import Tokenizer
-from ..train.config import TrainConfig
-from ..train.run import build_model, seed_everything, write_final
+from ..train.config import TrainConfig, run_steps
+from ..train.run import build_model, method_from_config, seed_everything, write_final
 from ..train.trainer import Trainer, resolve_precision
 from .common import WithHeads
 from .config import DPOSection, GRPOSection, PPOSection, RewardSection
@@ -112,8 +111,12 @@ def run_alignment(cfg: AlignConfig) -> dict:
 
     precision = resolve_precision(cfg.train.precision, device)
     backbone = build_model(cfg, tokenizer, device, torch.bfloat16 if precision == "bf16-pure" else torch.float32)
-    options = getattr(cfg, cfg.method, None)
-    method = build_method(cfg.method, **(options.model_dump() if options is not None else {}))
+    if cfg.stage == "ppo" and cfg.train.max_steps is None:  # the loop counts optimizer steps; PPO takes several
+        per_step = cfg.train.micro_batch_size * cfg.train.grad_accum  # per rollout
+        rollout = cfg.ppo.rollout_batch_size or per_step
+        cfg = copy.deepcopy(cfg)
+        cfg.train.max_steps = ppo_total_steps(cfg.train.epochs, len(train_data), rollout, cfg.ppo.ppo_epochs, per_step)
+    method = method_from_config(cfg, run_steps(cfg.train, len(train_data)))
     if cfg.stage == "rm":
         model, trained = RewardModel(backbone), WithHeads(method, ["score"])
         objective = RewardObjective(cfg.rm)
@@ -142,12 +145,6 @@ def run_alignment(cfg: AlignConfig) -> dict:
         else:
             reward = load_reward_fn(cfg.ppo.reward_fn)
         objective = PPOObjective(cfg.ppo, tokenizer, reward)
-        if cfg.train.max_steps is None:  # the loop counts optimizer steps; PPO takes several per rollout
-            per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-            rollout = cfg.ppo.rollout_batch_size or per_step
-            cfg = copy.deepcopy(cfg)
-            cfg.train.max_steps = ppo_total_steps(cfg.train.epochs, len(train_data), rollout, cfg.ppo.ppo_epochs,
-                                                  per_step)
     trained.apply(model)
     _freeze_to_half(model, trained, precision)
 

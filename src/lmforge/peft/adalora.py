@@ -119,8 +119,9 @@ class AdaLoraMethod(Method):
     """Scale numerator: the update is multiplied by alpha / init_r."""
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    total_step: int = Field(..., ge=1)
-    """Optimizer steps of the run (the budget schedule needs its length): set it to train.max_steps."""
+    total_step: int | None = Field(None, ge=1)
+    """Optimizer steps the budget schedule spans; None = the run's length (train.max_steps, or train.epochs over
+    the data), which `lmforge train` fills in."""
     tinit: int = Field(0, ge=0)
     """Steps of warmup at the full budget."""
     tfinal: int = Field(0, ge=0)
@@ -141,13 +142,16 @@ class AdaLoraMethod(Method):
     def _schedule(self):
         if self.target_r > self.init_r:
             raise ValueError("adalora target_r must be <= init_r (the budget only shrinks)")
-        if self.tinit + self.tfinal >= self.total_step:
+        if self.total_step is not None and self.tinit + self.tfinal >= self.total_step:
             raise ValueError("adalora tinit + tfinal must be < total_step (no steps left to reallocate)")
         return self
 
     # ----------------------------------------------------------------------------------------- applying
     def apply(self, model: nn.Module, ranks: dict[str, int] | None = None) -> None:
         """Wrap the targets in SVDLinear (rank init_r, or `ranks[path]` when loading a pruned adapter)."""
+        if self.total_step is None:
+            raise ConfigError("adalora.total_step is unset: `lmforge train` sets it to the run's length; set it when "
+                              "applying the method yourself")
         ranks = ranks or {}
         wrap_linears(model, self.target_modules, lambda path, lin: SVDLinear(
             lin, ranks.get(path, self.init_r), self.alpha, self.dropout, ranknum=self.init_r), "adalora")

@@ -89,6 +89,7 @@ class DoraMethod(LoraMethod):
     name: ClassVar[str] = "dora"
     trains: ClassVar[str] = "LoRA B A on the direction + a magnitude per output row"
     artifact: ClassVar[str] = "PEFT adapter (LORA, use_dora)"
+    derived: ClassVar[tuple[str, ...]] = ("use_dora",)  # always on (method=lora is DoRA off)
 
     use_dora: bool = True
     """Always true for this method (kept as a field so the saved options say so)."""

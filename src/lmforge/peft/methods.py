@@ -39,6 +39,7 @@ class Method(Section):
     trains: ClassVar[str] = ""  # what is trained, in a few words (for `lmforge methods`)
     artifact: ClassVar[str] = ""  # what `save` writes
     mergeable: ClassVar[bool] = True  # can `export` fold it into plain weights (prompts and nonlinear adapters: no)
+    derived: ClassVar[tuple[str, ...]] = ()  # inherited fields the method sets itself (a config may not set them)
 
     def apply(self, model: nn.Module) -> None:
         """Prepare `model` for training in place: wrap layers, add parameters, set requires_grad."""

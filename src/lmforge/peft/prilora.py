@@ -55,6 +55,7 @@ class PriLoraMethod(LoraMethod):
     name: ClassVar[str] = "prilora"
     trains: ClassVar[str] = "LoRA B A with rank rising with depth; A pruned every N steps"
     artifact: ClassVar[str] = "PEFT adapter (LORA, rank_pattern)"
+    derived: ClassVar[tuple[str, ...]] = ("r", "rank_pattern")  # from r_start, r_end and the depth
 
     target_modules: list[str] | str = ALL_LINEAR
     r_start: int = Field(4, ge=1)

@@ -286,6 +286,7 @@ class PTuningV2Method(PrefixTuningMethod):
     name: ClassVar[str] = "ptuning_v2"
     trains: ClassVar[str] = "key/value prefixes at every layer"
     artifact: ClassVar[str] = "PEFT adapter (PREFIX_TUNING)"
+    derived: ClassVar[tuple[str, ...]] = ("prefix_projection", "encoder_hidden_size")  # no reparameterisation
 
     @model_validator(mode="after")
     def _no_projection(self):

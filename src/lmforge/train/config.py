@@ -1,13 +1,18 @@
 """The training config: one YAML file, validated in full before any work starts."""
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import Section
 from ..data import DataConfig
+from ..peft import (AdaLoraMethod, AdapterMethod, BitFitMethod, DoraMethod, IA3Method, PrefixTuningMethod,
+                    PriLoraMethod, PromptTuningMethod, PTuningMethod, PTuningV2Method, QLoraMethod)
 from ..peft.lora import LoraConfig
+from ..quant.bitnet import BitNetMethod
+from ..quant.qat import QATMethod
 from .distributed import ParallelSection
 from .trainable import TrainableSection
 
@@ -34,18 +39,80 @@ class ModelSection(Section):
         return self
 
 
+class LomoOptions(Section):
+    clip_value: float | None = Field(None, gt=0)
+    """Clip each gradient element to [-v, v] (global-norm clipping would need a second backward pass)."""
+
+
+class AdaLomoOptions(LomoOptions):
+    clip_threshold: float = Field(1.0, gt=0)
+    """Cap on the RMS of each normalised update."""
+    decay_rate: float = Field(-0.8, lt=0)
+    """Second-moment decay exponent: beta2 at step t is 1 - t^decay_rate."""
+
+
+class BAdamOptions(Section):
+    switch_every: int = Field(50, ge=1)
+    """Optimizer steps per active block."""
+    order: Literal["ascending", "descending", "random"] = "ascending"
+    """Order in which blocks take turns in each sweep."""
+
+
+class GaLoreOptions(Section):
+    rank: int = Field(128, ge=1)
+    """Rank of the gradient projection; a block matrix is projected only when its shorter side exceeds it."""
+    update_proj_gap: int = Field(200, ge=1)
+    """Steps between projection refreshes (an SVD of the gradient)."""
+    scale: float = Field(0.25, gt=0)
+    """Multiplier of the projected-back update."""
+    min_dim: int = Field(0, ge=0)
+    """Project only block matrices whose shorter side is at least this (others get plain AdamW)."""
+
+
+# optimizer name -> the OptimSection field holding its options (optimizers without options have none)
+OPTIMIZER_OPTIONS = {"lomo": "lomo", "adalomo": "adalomo", "adamw_backward": "adamw_backward", "badam": "badam",
+                     "galore": "galore"}
+
+
+def _changed(section: Section) -> list[str]:
+    """Fields of `section` set to something other than their default (a dumped config sets every field)."""
+    fields = type(section).model_fields
+    return [k for k in section.model_fields_set
+            if getattr(section, k) != fields[k].get_default(call_default_factory=True)]
+
+
 class OptimSection(Section):
     name: str = "adamw"
-    """Optimizer: adamw (fused kernel where this torch and device have it), sgd, or one registered in
-    lmforge.train.optim.OPTIMIZERS."""
+    """Optimizer: adamw (fused kernel where this torch and device have it), sgd, lomo, adalomo, adamw_backward,
+    badam, galore, or one registered in lmforge.train.optim.OPTIMIZERS."""
     lr: float = Field(3e-4, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """Decoupled weight decay; never applied to 1-D parameters (biases, norm weights)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas (adamw, adamw_backward, badam, galore)."""
     eps: float = 1e-8
     momentum: float = 0.0
     """SGD momentum."""
+    lomo: LomoOptions = LomoOptions()
+    """LOMO: SGD fused into backward."""
+    adalomo: AdaLomoOptions = AdaLomoOptions()
+    """AdaLomo: LOMO with a factored second moment."""
+    adamw_backward: LomoOptions = LomoOptions()
+    """AdamW applied inside backward, each gradient freed after its update."""
+    badam: BAdamOptions = BAdamOptions()
+    """BAdam: one transformer block trains at a time."""
+    galore: GaLoreOptions = GaLoreOptions()
+    """GaLore: Adam on low-rank projections of the block matrices' gradients."""
+
+    @model_validator(mode="after")
+    def _one_optimizer(self):
+        for field in set(OPTIMIZER_OPTIONS.values()) - {OPTIMIZER_OPTIONS.get(self.name)}:
+            changed = _changed(getattr(self, field))
+            if changed:
+                raise ValueError(f"optim.{field}.{changed[0]} is an option of optimizer '{field}', but optim.name is "
+                                 f"'{self.name}': set optim.name={field} or drop it")
+        return self
 
 
 class ScheduleSection(Section):
@@ -114,8 +181,23 @@ class TrainConfig(Section):
     stage: Literal["pretrain", "sft"] = "sft"
     """pretrain: plain text, every token trained. sft: conversations, only assistant turns trained."""
     method: str = "full"
-    """full | lora (later issues add more parameter-efficient methods)."""
+    """What trains: full, lora, dora, qlora, prilora, adalora, ia3, bitfit, adapter, prefix, ptuning_v2,
+    prompt_tuning, ptuning, qat, bitnet (see `lmforge methods`). Its options live in the section of the same name
+    (lora.r, qlora.r, adalora.target_r, ...); options of another method than this one are an error."""
     lora: LoraConfig = LoraConfig()
+    dora: DoraMethod = DoraMethod()
+    qlora: QLoraMethod = QLoraMethod()
+    prilora: PriLoraMethod = PriLoraMethod()
+    adalora: AdaLoraMethod = AdaLoraMethod()
+    ia3: IA3Method = IA3Method()
+    bitfit: BitFitMethod = BitFitMethod()
+    adapter: AdapterMethod = AdapterMethod()
+    prefix: PrefixTuningMethod = PrefixTuningMethod()
+    ptuning_v2: PTuningV2Method = PTuningV2Method()
+    prompt_tuning: PromptTuningMethod = PromptTuningMethod()
+    ptuning: PTuningMethod = PTuningMethod()
+    qat: QATMethod = QATMethod()
+    bitnet: BitNetMethod = BitNetMethod()
     model: ModelSection
     data: DataConfig
     optim: OptimSection = OptimSection()
@@ -125,3 +207,45 @@ class TrainConfig(Section):
     trainable: TrainableSection = TrainableSection()
     """Restrict training to the token embedding and output layer (`embeddings`) or their new rows
     (`new_embeddings`), e.g. stage 1 after a vocabulary expansion; `all` = what the method trains."""
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from ..errors import did_you_mean
+        from ..peft.methods import METHODS
+
+        if name not in METHODS:
+            raise ValueError(f"unknown method '{name}'{did_you_mean(name, METHODS)}; available: {', '.join(METHODS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _one_method(self):
+        own = self.method_options()
+        fixed = [k for k in _changed(own) if k in getattr(own, "derived", ())] if own is not None else []
+        if fixed:
+            raise ValueError(f"{self.method}.{fixed[0]} is set by method '{self.method}' itself; leave it out")
+        for field in method_sections(type(self)):
+            changed = _changed(getattr(self, field)) if field != self.method else []
+            if changed:
+                key, own = changed[0], self.method_options()
+                fix = (f"{self.method}.{key}" if own is not None and key in type(own).model_fields else
+                       f"method={field}")
+                raise ValueError(f"{field}.{key} is an option of method '{field}', but method is '{self.method}': "
+                                 f"set {fix} instead")
+        return self
+
+    def method_options(self) -> Section | None:
+        """The chosen method's option section (None for `full` and methods without one)."""
+        return getattr(self, self.method, None) if self.method in method_sections(type(self)) else None
+
+
+def method_sections(cls: type[Section]) -> list[str]:
+    """Fields of a training config that hold a method's options (named after the method)."""
+    from ..peft.methods import METHODS
+
+    return [name for name in cls.model_fields if name in METHODS]
+
+
+def run_steps(t: TrainSection, n_samples: int) -> int:
+    """Optimizer steps of a run: train.max_steps, else train.epochs over `n_samples` rows."""
+    return t.max_steps or max(1, math.ceil(t.epochs * n_samples / (t.micro_batch_size * t.grad_accum)))

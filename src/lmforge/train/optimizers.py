@@ -16,25 +16,24 @@ Memory per trained parameter, besides the weights themselves (p = bytes per weig
 (`updates_in_backward = True`): the loop then skips clipping and `optimizer.step()`; gradient clipping is skipped
 (clip by value with `clip_value` instead), as the LOMO paper allows when a second backward pass is too costly.
 
-Options beyond `OptimSection` (GaLore rank, BAdam switch interval, ...) come from `OptimSection.options` when the
-config has that field, else each optimizer's defaults below.
+Each optimizer's options are a section of `OptimSection` named after it (`optim.galore.rank`,
+`optim.badam.switch_every`, `optim.lomo.clip_value`, ...; classes in `lmforge.train.config`).
 """
 from __future__ import annotations
 
 import math
 from typing import Literal
 
-import pydantic
 import torch
 from pydantic import Field
 from torch import nn
 
-from ..config import Section
 from ..errors import ConfigError
+from .config import AdaLomoOptions, BAdamOptions, GaLoreOptions, LomoOptions
 from .optim import _fused_adamw_ok, param_groups, register_optimizer
 
 __all__ = ["Lomo", "AdaLomo", "AdamWInBackward", "BAdam", "GaLore", "LomoOptions", "AdaLomoOptions", "BAdamOptions", "GaLoreOptions",
-           "memory_bytes"]
+           "galore_projects", "memory_bytes"]
 
 
 # --------------------------------------------------------------------------------------------------- LOMO family
@@ -145,7 +144,7 @@ class AdamWInBackward(_FusedBackwardOptimizer):
     once, so full fine-tuning saves a whole gradient copy of the model (4 bytes/param with fp32 master weights).
 
     The price: no global gradient-norm clipping (each update happens before the other gradients exist) and no
-    gradient accumulation; `options.clip_value` clips element-wise instead. Each parameter gets its own
+    gradient accumulation; `optim.adamw_backward.clip_value` clips element-wise instead. Each parameter gets its own
     `torch.optim.AdamW` (fused kernel where available) whose state is this optimizer's `state[p]`, so checkpoints
     and the LR schedule work as for any optimizer.
     """
@@ -280,6 +279,12 @@ class BAdam(torch.optim.Optimizer):
 # ------------------------------------------------------------------------------------------------------- GaLore
 
 
+def galore_projects(name: str, shape: tuple[int, ...], rank: int, min_dim: int = 0) -> bool:
+    """Whether GaLore projects this parameter: a block matrix ('layers.N.' in its name) whose shorter side exceeds
+    `rank` and is at least `min_dim`; everything else (vectors, embeddings, the head) gets plain AdamW."""
+    return len(shape) == 2 and ".layers." in f".{name}" and min(shape) > rank and min(shape) >= min_dim
+
+
 class GaLore(torch.optim.Optimizer):
     """GaLore (Zhao et al. 2024): Adam on low-rank projections of matrix gradients.
 
@@ -289,14 +294,16 @@ class GaLore(torch.optim.Optimizer):
     plain AdamW."""
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], lr: float, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25):
-        projected = [(n, p) for n, p in named_params if p.ndim == 2 and ".layers." in f".{n}" and min(p.shape) > rank]
+                 weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
+                 min_dim: int = 0):
+        projected = [(n, p) for n, p in named_params if galore_projects(n, p.shape, rank, min_dim)]
         ids = {id(p) for _, p in projected}
         rest = [(n, p) for n, p in named_params if id(p) not in ids]
         groups = [{"params": [p for _, p in projected], "weight_decay": weight_decay, "galore": True}]
         groups = [g for g in groups if g["params"]] + [{**g, "galore": False} for g in param_groups(rest, weight_decay)]
         super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                                       update_proj_gap=update_proj_gap, scale=scale))
+        self.projected = [n for n, _ in projected]  # names of the projected matrices (what the rank applies to)
 
     @staticmethod
     def _projection(grad: torch.Tensor, rank: int) -> torch.Tensor:
@@ -335,69 +342,40 @@ class GaLore(torch.optim.Optimizer):
 # ------------------------------------------------------------------------------------------ options and registry
 
 
-class LomoOptions(Section):
-    clip_value: float | None = Field(None, gt=0)
-    """Clip each gradient element to [-v, v] (global-norm clipping would need a second backward pass)."""
+def _options(cfg, name: str):
+    """The optimizer's option section (optim.<name>), or its defaults when `cfg` is an OptimSection without one."""
+    from .config import OptimSection
 
-
-class AdaLomoOptions(LomoOptions):
-    clip_threshold: float = Field(1.0, gt=0)
-    """Cap on the RMS of each normalised update."""
-
-
-class BAdamOptions(Section):
-    switch_every: int = Field(50, ge=1)
-    """Optimizer steps per active block."""
-    order: Literal["ascending", "descending", "random"] = "ascending"
-    """Order in which blocks take turns in each sweep."""
-
-
-class GaLoreOptions(Section):
-    rank: int = Field(128, ge=1)
-    """Rank of the gradient projection."""
-    update_proj_gap: int = Field(200, ge=1)
-    """Steps between projection refreshes (an SVD of the gradient)."""
-    scale: float = Field(0.25, gt=0)
-    """Multiplier of the projected-back update."""
-
-
-def _options(cls: type[Section], cfg) -> Section:
-    raw = getattr(cfg, "options", None) or {}
-    try:
-        return cls(**raw)
-    except pydantic.ValidationError as e:  # one line naming the key
-        first = e.errors()[0]
-        raise ConfigError(f"optim.options.{'.'.join(map(str, first['loc']))}: {first['msg']} "
-                          f"(optimizer '{cfg.name}')") from None
+    return getattr(cfg, name, None) or OptimSection.model_fields[name].default
 
 
 def _lomo(named_params, cfg, model):
-    o = _options(LomoOptions, cfg)
+    o = _options(cfg, "lomo")
     return Lomo(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, clip_value=o.clip_value)
 
 
 def _adalomo(named_params, cfg, model):
-    o = _options(AdaLomoOptions, cfg)
+    o = _options(cfg, "adalomo")
     return AdaLomo(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, clip_value=o.clip_value,
-                   clip_threshold=o.clip_threshold)
+                   clip_threshold=o.clip_threshold, decay_rate=o.decay_rate)
 
 
 def _adamw_backward(named_params, cfg, model):
-    o = _options(LomoOptions, cfg)
+    o = _options(cfg, "adamw_backward")
     return AdamWInBackward(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                            clip_value=o.clip_value)
 
 
 def _badam(named_params, cfg, model):
-    o = _options(BAdamOptions, cfg)
+    o = _options(cfg, "badam")
     return BAdam(named_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                  switch_every=o.switch_every, order=o.order)
 
 
 def _galore(named_params, cfg, model):
-    o = _options(GaLoreOptions, cfg)
+    o = _options(cfg, "galore")
     return GaLore(named_params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, rank=o.rank,
-                  update_proj_gap=o.update_proj_gap, scale=o.scale)
+                  update_proj_gap=o.update_proj_gap, scale=o.scale, min_dim=o.min_dim)
 
 
 for _name, _builder in (("lomo", _lomo), ("adalomo", _adalomo), ("adamw_backward", _adamw_backward),

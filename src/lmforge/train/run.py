@@ -19,7 +19,7 @@ from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from ..atomic import atomic_dir
 from .checkpoint import nonfinite_tensors
-from .config import TrainConfig
+from .config import TrainConfig, run_steps
 from .distributed import init_distributed, local_device
 from .trainable import restrict_trainable
 from .trainer import Trainer, resolve_precision
@@ -41,6 +41,16 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, dt
         raise ConfigError(f"model vocab_size {model_cfg.vocab_size} < tokenizer vocab {tokenizer.vocab_size}")
     with torch.device(device):
         return Transformer(model_cfg).to(dtype)
+
+
+def method_from_config(cfg: TrainConfig, total_steps: int):
+    """The chosen method built from its section (`lora:`, `qlora:`, ...), options that follow the run's length
+    (AdaLoRA's total_step) filled in from `total_steps` when unset."""
+    section = cfg.method_options()
+    options = section.model_dump() if section is not None else {}
+    if "total_step" in options and options["total_step"] is None:
+        options["total_step"] = total_steps
+    return build_method(cfg.method, **options)
 
 
 def seed_everything(seed: int) -> None:
@@ -83,8 +93,7 @@ def run_training(cfg: TrainConfig) -> dict:
     precision = resolve_precision(cfg.train.precision, device)
     master = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     model = build_model(cfg, tokenizer, device, master)
-    options = getattr(cfg, cfg.method, None)  # a method's options live in the section named after it (lora: ...)
-    method = build_method(cfg.method, **(options.model_dump() if options is not None else {}))
+    method = method_from_config(cfg, run_steps(cfg.train, len(train_data)))
     method.apply(model)
     method.check_save(model)  # what the final save would refuse fails now, not after the run
     row_mask = restrict_trainable(model, cfg.trainable, cfg.method, model_dirs=(cfg.model.path, tok_dir))
@@ -117,7 +126,8 @@ def run_training(cfg: TrainConfig) -> dict:
             save_tokenizer_files(tok_dir, tmp)
 
         write_final(final, method.state_dict(model), write)
-    return {**result, "output": str(final), "model": model, "tokenizer": tokenizer}
+    return {**result, "output": str(final), "model": model, "tokenizer": tokenizer, "method": method,
+            "optimizer": trainer.optimizer}
 
 
 def gather_to_plain_model(model, method, ds):

@@ -17,7 +17,7 @@ from ..errors import NonFiniteError
 from ..models.attention import plain_causal
 from .checkpoint import (is_sharded_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
                          nonfinite_tensors, save_checkpoint, save_sharded_checkpoint)
-from .config import TrainConfig
+from .config import TrainConfig, run_steps
 from .objective import LanguageModeling, Objective
 from .distributed import (DistState, StepModule, average_gradients, averages_gradients_itself, clip_grad_norm,
                           dp_sum, model_state_bytes, per_rank, wrap_step, zero1_optimizer)
@@ -107,8 +107,7 @@ class Trainer:
         self.average_dp = averages_gradients_itself(cfg.parallel, self.dist)  # no DDP: TP or pipeline with zero 0/1
         if not self.params:
             raise ValueError("the method left no trainable parameters")
-        per_step = self.t.micro_batch_size * self.t.grad_accum
-        self.total_steps = self.t.max_steps or max(1, math.ceil(self.t.epochs * len(train_data) / per_step))
+        self.total_steps = run_steps(self.t, len(train_data))
         self.optimizer = build_optimizer(self.params, cfg.optim, model)
         if cfg.parallel.zero == 1 and self.dist.enabled:
             self.optimizer = zero1_optimizer(self.optimizer, self.dist)
@@ -126,7 +125,7 @@ class Trainer:
         if self.updates_in_backward and self.t.grad_clip is not None and self.dist.is_main:
             warnings.warn(f"optim.name={cfg.optim.name} updates each weight inside backward, before a global gradient "
                           f"norm exists: train.grad_clip={self.t.grad_clip} is not applied (set train.grad_clip=null; "
-                          "optim.options.clip_value clips element-wise)", stacklevel=2)
+                          f"optim.{cfg.optim.name}.clip_value clips element-wise)", stacklevel=2)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
         self.sampler = EpochSampler(len(train_data), self.t.seed)  # the same order on every rank
         self.step = 0

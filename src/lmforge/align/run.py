@@ -116,7 +116,12 @@ def run_alignment(cfg: AlignConfig) -> dict:
         rollout = cfg.ppo.rollout_batch_size or per_step
         cfg = copy.deepcopy(cfg)
         cfg.train.max_steps = ppo_total_steps(cfg.train.epochs, len(train_data), rollout, cfg.ppo.ppo_epochs, per_step)
-    method = method_from_config(cfg, run_steps(cfg.train, len(train_data)))
+    if cfg.stage == "grpo" and cfg.train.max_steps is None:  # one optimizer step per prompts_per_step groups,
+        per_step = cfg.grpo.prompts_per_step or max(  # num_iterations passes
+            1, cfg.train.micro_batch_size * cfg.train.grad_accum // cfg.grpo.num_generations)
+        cfg = copy.deepcopy(cfg)
+        cfg.train.max_steps = grpo_total_steps(cfg.train.epochs, len(train_data), per_step, cfg.grpo.num_iterations)
+    method = method_from_config(cfg, run_steps(cfg.train, len(train_data)))  # AdaLoRA's schedule: the run's length
     if cfg.stage == "rm":
         model, trained = RewardModel(backbone), WithHeads(method, ["score"])
         objective = RewardObjective(cfg.rm)
@@ -130,12 +135,6 @@ def run_alignment(cfg: AlignConfig) -> dict:
         reward_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-pure": torch.bfloat16}.get(precision)
         rewards = RewardSet(cfg.grpo.rewards, device=device, dtype=reward_dtype or torch.float32, pad_id=pad_id)
         objective = GRPOObjective(cfg.grpo, tokenizer, rewards)
-        if cfg.train.max_steps is None:  # one optimizer step per prompts_per_step groups, num_iterations passes
-            per_step = cfg.grpo.prompts_per_step or max(
-                1, cfg.train.micro_batch_size * cfg.train.grad_accum // cfg.grpo.num_generations)
-            cfg = copy.deepcopy(cfg)
-            cfg.train.max_steps = grpo_total_steps(cfg.train.epochs, len(train_data), per_step,
-                                                   cfg.grpo.num_iterations)
     else:
         model, trained = PolicyWithValue(backbone), WithHeads(method, ["value_head"])
         if cfg.ppo.reward_model is not None:

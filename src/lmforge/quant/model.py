@@ -31,6 +31,7 @@ from .awq import awq_block
 from .base import QuantLinear, check_group_size
 from .bitnet import BitLinear, PackedBitLinear
 from .calibration import BlockwiseCalibration
+from .formats import Int4ActOrderLinear
 from .gptq import gptq_block
 from .linear import Int4Linear, Int8Linear
 from .nf4 import NF4Linear
@@ -39,8 +40,8 @@ from .qat import FakeQuantLinear
 __all__ = ["QUANT_LINEARS", "METHODS", "quantize_model", "save_quantized", "load_quantized", "build_quantized",
            "dequantize_model", "quantized_size", "quantized_linears"]
 
-QUANT_LINEARS: dict[str, type[QuantLinear]] = {c.kind: c for c in (Int8Linear, Int4Linear, NF4Linear,
-                                                                   PackedBitLinear)}
+QUANT_LINEARS: dict[str, type[QuantLinear]] = {c.kind: c for c in (Int8Linear, Int4Linear, Int4ActOrderLinear,
+                                                                   NF4Linear, PackedBitLinear)}
 METHODS = ("int8", "int4", "rtn", "nf4", "awq", "gptq", "bitnet")
 FORMAT_VERSION = 1
 

@@ -11,6 +11,7 @@ from pydantic import Field
 from ..atomic import atomic_dir, check_replaceable
 from ..config import Section
 from ..errors import ConfigError
+from .formats import INT4_METHODS
 
 __all__ = ["QuantizeConfig", "run_quantize"]
 
@@ -23,6 +24,9 @@ class QuantizeConfig(Section):
     bitnet (ternary, for models trained with BitLinear), none (only write the GGUF file)."""
     out: str | None = None
     """Output directory; default: MODEL-METHOD next to the model."""
+    format: Literal["lmforge", "gptq", "awq"] = "lmforge"
+    """Checkpoint layout: lmforge (every method), or gptq / awq (int4, rtn, awq, gptq methods) as transformers and
+    vLLM load them (int32-packed qweight/qzeros, scales; g_idx for gptq)."""
     group_size: int = Field(128, ge=2)
     """INT4 group size (input columns per scale and zero point): 32, 64 or 128."""
     targets: list[str] | str = "all-linear"
@@ -52,12 +56,16 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
     from ..checkpoint import save_tokenizer_files
     from ..models.hf import load_hf
     from .gguf_export import export_gguf
-    from .model import quantize_model, quantized_size, save_quantized
+    from .formats import save_format
+    from .model import quantize_model, quantized_size
 
     src = Path(cfg.model)
     out = Path(cfg.out) if cfg.out else src.with_name(f"{src.name}-{cfg.method}")
     if cfg.method == "none" and cfg.gguf is None:
         raise ConfigError("method 'none' writes only a GGUF file: also set gguf (f16, q8_0, q4_0, ...)")
+    if cfg.format != "lmforge" and cfg.method not in INT4_METHODS:
+        raise ConfigError(f"format {cfg.format} stores 4-bit integer weights: use method {', '.join(INT4_METHODS)} "
+                          f"(method '{cfg.method}' is saved with format lmforge)")
     if cfg.method in ("awq", "gptq") and cfg.calib is None:
         raise ConfigError(f"method '{cfg.method}' needs calibration text: set calib=PATH (a local .txt file)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -77,7 +85,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                        act_order=cfg.act_order, llm_int8=cfg.llm_int8, outlier_threshold=cfg.outlier_threshold)
     with atomic_dir(out, replace_only_models=True) as tmp:  # the whole directory appears at once, or not at all
         if cfg.method != "none":
-            save_quantized(model, tmp)
+            save_format(model, tmp, cfg.format)
             save_tokenizer_files(src, tmp)
         if cfg.gguf is not None:
             export_gguf(model, tmp / "model.gguf", tokenizer_dir=src, qtype=cfg.gguf, name=src.name)

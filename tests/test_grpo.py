@@ -1,6 +1,7 @@
 """GRPO: advantages and loss variants against hand computation, rewards (built-ins, failures, missing columns), the
 engine in the loop (rollouts follow the live weights, the prefix cache is reset, the engine's log-probs equal the
-trainer's), and `lmforge train` stage grpo raising a verifiable reward on a tiny model."""
+trainer's), and `lmforge train` stage grpo raising a verifiable reward on a tiny model. ORPO and KTO, the other
+reference-light stages of issue 31: their losses against the papers' formulas, and learning on a tiny model."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,12 @@ import math
 import pytest
 import torch
 
-from lmforge.align.config import GRPOSection, RewardSpec
-from lmforge.align.data import PromptDataset
+from lmforge.align.config import GRPOSection, ORPOSection, RewardSpec
+from lmforge.align.data import PreferenceDataset, PromptDataset, encode_reply
+from lmforge.align.dpo import sequence_logps
 from lmforge.align.grpo import GRPOObjective, aggregate, group_advantages, grpo_token_loss, overlong_penalty, units
 from lmforge.align.ppo import pad_rollout, reply_logps
+from lmforge.align.orpo import ORPOObjective
 from lmforge.align.rewards import RewardSet, extract_answer, extract_number, reference_number
 from lmforge.align.run import AlignConfig
 from lmforge.data import DataConfig
@@ -206,3 +209,52 @@ train: {{output_dir: {tmp_path / 'out'}, max_steps: 40, micro_batch_size: 16, de
     assert last > first + 0.2  # measured 0.07 -> 0.50 with train seeds 0, 1 and 2
     assert all(0 <= r["clip_fraction"] <= 1 and r["gen_s"] > 0 and r["rollout_tokens_per_s"] > 0 for r in steps)
     assert (tmp_path / "out" / "final" / "model.safetensors").exists() or any((tmp_path / "out" / "final").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ ORPO, KTO
+
+QUESTIONS = ["Name a colour.", "What is two plus two?", "Say hello.", "Pick a fruit."]
+REPLIES = [("Blue.", "Seven."), ("Four.", "Banana."), ("Hello!", "No."), ("An apple.", "Four hundred.")]
+
+
+@pytest.fixture(scope="module")
+def pairs(ckpt):
+    tok = Tokenizer.from_dir(ckpt)
+    rows = []
+    for q, (good, bad) in zip(QUESTIONS, REPLIES):
+        (ct, cl), (rt, rl) = (encode_reply(tok, [{"role": "user", "content": q}], r) for r in (good, bad))
+        rows.append({"chosen_tokens": ct, "chosen_labels": cl, "rejected_tokens": rt, "rejected_labels": rl})
+    return rows
+
+
+def _trainer(ckpt, pairs, tmp_path, objective, stage, lr=3e-3, method="full"):
+    model = load_hf(ckpt)
+    m = build_method(method, **({"r": 8, "alpha": 16, "target_modules": "all-linear"} if method == "lora" else {}))
+    m.apply(model)
+    cfg = AlignConfig(stage=stage, model=ModelSection(path="unused"), data=DataConfig(path="unused"),
+                      optim=OptimSection(lr=lr),
+                      train=TrainSection(output_dir=str(tmp_path), max_steps=100, micro_batch_size=4, device="cpu",
+                                         precision="fp32", progress=False, tensorboard=False, grad_clip=None))
+    return model, Trainer(model, m, PreferenceDataset(pairs, []), None, cfg, 0, CPU, objective=objective)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_orpo_matches_its_formula_and_raises_the_odds_ratio(ckpt, pairs, tmp_path, method):
+    obj = ORPOObjective(ORPOSection(beta=0.5))
+    model, trainer = _trainer(ckpt, pairs, tmp_path, obj, "orpo", method=method, lr=3e-3 if method == "full" else 1e-2)
+    batch = obj.collate(pairs, trainer)
+    with torch.no_grad():
+        loss, metrics = obj.loss_sum(trainer, batch, 4)
+        logp, count = sequence_logps(model, batch)
+    want = 0.0
+    (lcs, lrs), (ncs, nrs) = logp.double().chunk(2), count.double().chunk(2)
+    for lc, lr_, nc, nr in zip(lcs.tolist(), lrs.tolist(), ncs.tolist(), nrs.tolist()):
+        pc, pr = math.exp(lc / nc), math.exp(lr_ / nr)  # per-token probabilities, then the odds ratio
+        ratio = (pc / (1 - pc)) / (pr / (1 - pr))
+        want += -lc / nc - 0.5 * math.log(1 / (1 + 1 / ratio))
+    assert float(loss) == pytest.approx(want, rel=1e-4)
+    first = metrics["log_odds_ratio"] / 4
+    for _ in range(15):
+        rec = trainer.train_step()
+    assert rec["log_odds_ratio"] > first + 1.0 and rec["reward_accuracy"] == 1.0  # the chosen replies win
+    assert rec["nll"] < metrics["nll"] / 4  # and the SFT term taught them

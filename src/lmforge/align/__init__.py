@@ -1,10 +1,13 @@
-"""Alignment as in instructGPT, on the one trainer: reward model, PPO, DPO (+ IPO, SimPO).
+"""Alignment on the one trainer: reward model, PPO, DPO (+ IPO, SimPO), ORPO, GRPO (+ DAPO, Dr. GRPO).
 
 - ``data``: preference pairs and rankings (``PreferenceDataset``), PPO prompts (``PromptDataset``);
 - ``reward``: ``RewardModel`` (decoder + scalar head), ``RewardObjective``, ``save_reward_model``/``load_reward_model``;
 - ``dpo``: ``DPOObjective`` (reference = the LoRA-off model, or log-probs precomputed once);
 - ``ppo``: ``PolicyWithValue``, ``PPOObjective`` (rollouts, KL penalty, GAE, clipped losses);
-- ``run``: ``AlignConfig`` (``stage: rm | dpo | ppo``) and ``run_alignment(cfg)``.
+- ``orpo``: ``ORPOObjective`` (chosen NLL + odds-ratio term, no reference);
+- ``grpo``: ``GRPOObjective`` (engine rollouts on the live policy, group advantages, clipped loss), ``rewards``:
+  ``RewardSet`` (built-in verifiers, Python functions, a reward model);
+- ``run``: ``AlignConfig`` (``stage: rm | dpo | ppo | grpo | orpo``) and ``run_alignment(cfg)``.
 
 Names are loaded on first use, so ``lmforge.train`` can import the config sections without an import cycle.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from .config import DPOSection, PairSection, PPOSection, RewardSection
+from .config import DPOSection, GRPOSection, ORPOSection, PairSection, PPOSection, RewardSection, RewardSpec
 
 _LAZY = {
     "PreferencePair": "data", "PromptExample": "data", "PreferenceDataset": "data", "PromptDataset": "data",
@@ -22,11 +25,14 @@ _LAZY = {
     "RewardModel": "reward", "RewardObjective": "reward", "save_reward_model": "reward", "load_reward_model": "reward",
     "pair_accuracy": "reward",
     "DPOObjective": "dpo", "logp_margin": "dpo",
+    "GRPOObjective": "grpo", "group_advantages": "grpo", "grpo_token_loss": "grpo", "RewardSet": "rewards",
+    "ORPOObjective": "orpo", "orpo_losses": "orpo",
     "PolicyWithValue": "ppo", "PPOObjective": "ppo", "gae": "ppo", "load_reward_fn": "ppo",
     "AlignConfig": "run", "run_alignment": "run", "ALIGN_STAGES": "run",
 }
 
-__all__ = ["DPOSection", "PPOSection", "PairSection", "RewardSection"] + list(_LAZY)
+__all__ = ["DPOSection", "GRPOSection", "ORPOSection", "PPOSection", "PairSection", "RewardSection",
+           "RewardSpec"] + list(_LAZY)
 
 
 def __getattr__(name: str):

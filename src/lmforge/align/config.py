@@ -195,3 +195,11 @@ class GRPOSection(Section):
             raise ValueError(f"grpo.overlong_buffer ({self.overlong_buffer}) must be below grpo.max_new_tokens "
                              f"({self.max_new_tokens})")
         return self
+
+
+class ORPOSection(PairSection):
+    """ORPO (Hong et al. 2024): SFT on the chosen reply plus an odds-ratio preference term, no reference model."""
+
+    beta: float = Field(0.1, gt=0)
+    """lambda of the paper: weight of -log sigmoid(log odds(chosen) - log odds(rejected)) beside the chosen NLL
+    (odds from length-averaged log-probs)."""

@@ -1,44 +1,44 @@
-"""Batch-1 decode tokens/s of bf16 vs INT8 vs INT4 weight-only models, with the HBM roofline beside each figure.
+"""Weight-only quantized serving speed: bf16 vs INT8 / INT4 / NF4 through lmforge's engine, same weights, same call.
 
-For each preset shape (random weights, built directly on the GPU in bf16, seeded so every variant starts from the
-same weights) and each variant, quantizes every linear in the blocks (lm_head stays bf16, as AWQ/GPTQ checkpoints
-do), converts to PyTorch's fused kernels where they verify (`prepare_fast_path`: aten._weight_int8pack_mm /
-_weight_int4pack_mm), and times greedy decoding with lmforge's `generate(compile=True)` (static KV cache, CUDA-graph
-decode step), median of `--repeats` runs after a warm-up.
+For each variant a Llama-3-8B-shaped model (random weights, built on the GPU in bf16, seeded so every variant
+starts from the same weights) has every block linear quantized (lm_head stays bf16, as AWQ/GPTQ checkpoints do);
+the quantized layers pick their kernels themselves (`lmforge.quant.qkernel`: Triton GEMV for decode rows, a
+dequantize-in-registers GEMM for batches, each checked against the reference before first use). Two figures per
+variant, each through the serving engine (paged KV cache, CUDA graphs):
 
-Roofline: a decode step reads every weight once (quantized codes + scales + zero points, the bf16 head and norms,
-one embedding row) plus the KV cache up to the current position; tokens/s can be at most
-HBM bandwidth / bytes-per-token. `-ref` variants force the dequantize-then-matmul path (compiled by inductor).
+- batch-1 decode: one request, `--prompt-len` prompt, `--new-tokens` generated, decode tokens/s after the first
+  token, best of `--repeats` (`--compile` also torch.compiles the forward, as the bf16 figures in
+  docs/benchmarks.md do), with the HBM roofline (weight bytes + average KV bytes per token over the bandwidth);
+- throughput: `--concurrent` requests submitted at once (same prompt/output lengths), output tokens/s.
 
-    python bench/quant_decode.py                                  # Llama-3.2-1B and Llama-3-8B shapes, H100/H200
-    python bench/quant_decode.py --presets llama-3.2-1b --n-layers 2 --new-tokens 8 --repeats 1 --no-compile  # CPU
+Every row carries the speedup over the bf16 row of the same call and the issue's goals (batch-1: INT4 >= 2.8x,
+NF4 >= 2.5x, INT8 >= 1.7x; throughput >= 1.0x). A variant that fails is recorded with its error; the others go on.
+`int4-tinygemm` uses PyTorch's `_weight_int4pack_mm` instead (prepare_fast_path); `<kind>-ref` turns lmforge's
+kernels off (dequantize + matmul).
+
+    python bench/quant_decode.py --variants bf16,int4,nf4 --out q1.jsonl          # H100: ~6 minutes
+    python bench/quant_decode.py --variants bf16,int8,int4-tinygemm --out q2.jsonl
+    python bench/quant_decode.py --preset llama-3.2-1b --n-layers 2 --new-tokens 8 --repeats 1 --concurrent 4 \\
+        --prompt-len 16                                                          # CPU smoke run
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
+import traceback
 from pathlib import Path
 
 import torch
+from _common import sync  # noqa: E402 (run as a script)
 
-HBM_TBPS = {"H200": 4.8, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H100": 3.35, "A100-SXM4-80GB": 2.04, "A100": 1.55}
-
-
-def hbm_bandwidth(override: float | None) -> float | None:
-    """Bytes/s of the visible GPU's memory (spec sheet), or `override` TB/s."""
-    if override:
-        return override * 1e12
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, tbps in HBM_TBPS.items():
-        if all(part in name for part in key.split()):
-            return tbps * 1e12
-    return None
+HBM_SPEC = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
+            "A100": 1.555e12}
+GOALS = {"int4": 2.8, "nf4": 2.5, "int8": 1.7}  # batch-1 decode speedup over bf16 (issue 29)
 
 
-def build(preset: str, n_layers: int | None, device: str, seed: int):
+def build(preset: str, n_layers: int | None, device: str, seed: int = 0):
     from lmforge.models import Transformer, preset_config
 
     cfg = preset_config(preset, **({"n_layers": n_layers} if n_layers else {}))
@@ -53,109 +53,186 @@ def build(preset: str, n_layers: int | None, device: str, seed: int):
     return model.eval().requires_grad_(False)
 
 
-def bytes_per_token(model, context: int) -> int:
-    """Weight bytes one decode step reads (one embedding row unless tied) + KV cache bytes at `context`."""
+def quantize(model, variant: str, group_size: int) -> dict:
+    """Quantize in place; returns what `prepare_fast_path` did (tinygemm only)."""
+    from lmforge.quant import prepare_fast_path, quantize_model, qkernel
+
+    kind = variant.removesuffix("-ref").removesuffix("-tinygemm")
+    qkernel.enabled = not variant.endswith("-ref")
+    if kind == "bf16":
+        return {}
+    quantize_model(model, "int4" if kind == "int4" else kind, group_size=group_size)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return prepare_fast_path(model, torch.bfloat16) if variant.endswith("-tinygemm") else {}
+
+
+def bytes_per_token(model, context: float) -> int:
+    """Bytes one decode step reads: every weight and quantization buffer once (an untied embedding one row) + KV."""
     cfg = model.cfg
     total = 0
     for name, t in model.state_dict().items():
         if name == "embed.weight" and not cfg.tie_embeddings:
-            total += t.shape[1] * t.element_size()  # one row gathered
+            total += t.shape[1] * t.element_size()
         else:
             total += t.numel() * t.element_size()
-    kv = 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * context * 2  # bf16 K and V
-    return total + kv
+    return int(total + 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * 2 * context)
 
 
-def quantize(model, variant: str, group_size: int) -> dict:
-    from lmforge.quant import prepare_fast_path, quantize_model
+def batch1(model, args) -> dict:
+    from lmforge.infer.batch_sampling import EngineSamplingParams
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.llm import LLM
 
-    kind = variant.removesuffix("-ref")
-    if kind == "bf16":
-        return {}
-    quantize_model(model, "int8" if kind == "int8" else "int4", group_size=group_size)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {} if variant.endswith("-ref") else prepare_fast_path(model, torch.bfloat16)
+    torch.manual_seed(1)
+    prompt = torch.randint(100, model.cfg.vocab_size - 100, (args.prompt_len,)).tolist()
+    n = args.new_tokens
+    cfg = EngineConfig(max_model_len=args.prompt_len + n + 16, max_num_seqs=1, decode_steps=args.decode_steps,
+                       compile=args.compile, enable_prefix_caching=False, num_blocks=args.num_blocks)
+    llm = LLM(model, config=cfg)
+    engine = llm.engine
+    params = EngineSamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    t0 = time.perf_counter()
+    first_run = llm.generate([prompt], params)[0].token_ids  # warm-up: checks the kernels, captures the graph
+    warmup = time.perf_counter() - t0
+    best = 0.0
+    for _ in range(args.repeats):
+        engine.add_request(prompt, params)
+        first = last = None
+        count = 0
+        while engine.has_unfinished():
+            outs = engine.step()
+            now = time.perf_counter()
+            for o in outs:
+                if o.new_token_ids:
+                    first = first or now
+                    count += len(o.new_token_ids)
+                    last = now
+        if last and last > first:
+            best = max(best, (count - 1) / (last - first))  # decode only: after the first token
+    del llm, engine
+    return {"decode_tokens_per_s": round(best, 1), "warmup_s": round(warmup, 1), "first_tokens": first_run[:8]}
+
+
+def throughput(model, args) -> dict:
+    from lmforge.infer.batch_sampling import EngineSamplingParams
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.llm import LLM
+
+    torch.manual_seed(2)
+    prompts = torch.randint(100, model.cfg.vocab_size - 100, (args.concurrent, args.prompt_len)).tolist()
+    cfg = EngineConfig(max_model_len=args.prompt_len + args.new_tokens + 16, max_num_seqs=args.concurrent,
+                       decode_steps=args.decode_steps, compile=False, num_blocks=args.num_blocks)
+    llm = LLM(model, config=cfg)
+    params = EngineSamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    llm.generate(prompts[:2], EngineSamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+    warmup = time.perf_counter() - t0
+    sync()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    sync()
+    seconds = time.perf_counter() - t0
+    n_out = sum(len(o.token_ids) for o in outs)
+    del llm
+    return {"concurrent": args.concurrent, "output_tokens_per_s": round(n_out / seconds, 1),
+            "output_tokens": n_out, "seconds": round(seconds, 2), "throughput_warmup_s": round(warmup, 1)}
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default="llama-3.2-1b,llama-3-8b")
-    ap.add_argument("--variants", default="bf16,int8,int4", help="bf16, int8, int4, int8-ref, int4-ref")
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--variants", default="bf16,int8,int4,nf4",
+                    help="bf16, int8, int4, nf4, int4-tinygemm, and <kind>-ref (lmforge's kernels off)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--n-layers", type=int, default=None, help="override the depth (smoke runs)")
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-compile", action="store_true", help="eager decode (CPU smoke runs)")
-    ap.add_argument("--hbm-tbps", type=float, default=None, help="memory bandwidth in TB/s (default: by GPU name)")
-    ap.add_argument("--out", default=None, help="also write the JSON lines here")
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--concurrent", type=int, default=64, help="requests at once for the throughput figure (0: skip)")
+    ap.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by the engine)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the batch-1 forward (default: on CUDA)")
+    ap.add_argument("--out", default=None, help="also write the JSON lines here (after every variant)")
     args = ap.parse_args()
 
-    from lmforge.infer import SamplingParams, generate
+    from lmforge.quant import qkernel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    bandwidth = hbm_bandwidth(args.hbm_tbps)
-    compile = not args.no_compile and device == "cuda"
-    n = args.new_tokens
-    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
-    env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-           "prompt_len": args.prompt_len, "new_tokens": n, "compile": compile, "group_size": args.group_size,
-           "hbm_tbps": bandwidth / 1e12 if bandwidth else None}
-    rows = []
-    for preset in args.presets.split(","):
-        torch.manual_seed(1)
-        prompt = torch.randint(100, 1000, (1, args.prompt_len)).tolist()
-        ref_logits = None
-        for variant in args.variants.split(","):
-            model = build(preset, args.n_layers, device, seed=0)
-            kernels = quantize(model, variant, args.group_size)
-            probe = torch.tensor(prompt, device=device)
-            with torch.no_grad():
-                logits = model(probe).float()
-            if variant == "bf16":
-                ref_logits = logits
-            rel_err = None if ref_logits is None else round(
-                ((logits - ref_logits).norm() / ref_logits.norm()).item(), 4)
-            run = lambda: generate(model, prompt, params, compile=compile)  # noqa: E731
-            t0 = time.perf_counter()
-            run()
-            warm = time.perf_counter() - t0
-            times = []
-            for _ in range(args.repeats):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                run()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            seconds = sorted(times)[len(times) // 2]
-            per_token = bytes_per_token(model, args.prompt_len + n // 2)
-            roofline = bandwidth / per_token if bandwidth else None
-            row = {"preset": preset, "variant": variant, "tokens_per_s": round(n / seconds, 1),
-                   "roofline_tokens_per_s": round(roofline, 1) if roofline else None,
-                   "of_roofline": round(n / seconds / roofline, 3) if roofline else None,
-                   "gb_per_token": round(per_token / 1e9, 3), "kernels": kernels, "logits_rel_err_vs_bf16": rel_err,
-                   "warmup_s": round(warm, 1), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
-                   if device == "cuda" else None, **env}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del model
-            if compile:
-                torch._dynamo.reset()  # a fresh compile per variant (and no stale CUDA graphs holding memory)
+    if args.compile is None:
+        args.compile = device == "cuda"
+    if device == "cpu" and args.num_blocks is None:
+        args.num_blocks = 64
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    bandwidth = next((bw for key, bw in HBM_SPEC.items() if key in name), None)
+    env = {"preset": args.preset, "n_layers": args.n_layers, "device": name, "torch": torch.__version__,
+           "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "group_size": args.group_size,
+           "compile_batch1": args.compile, "decode_steps": args.decode_steps}
+    rows: list[dict] = []
+    base: dict[str, float] = {}
+    for variant in args.variants.split(","):
+        row: dict = {"variant": variant}
+        model = None
+        try:
+            model = build(args.preset, args.n_layers, device)
+            row["fast_path"] = quantize(model, variant, args.group_size)
+            per_token = bytes_per_token(model, args.prompt_len + args.new_tokens / 2)
+            row["gb_per_token"] = round(per_token / 1e9, 3)
+            row.update(batch1(model, args))
+            if bandwidth:
+                roof = bandwidth / per_token
+                row.update(roofline_tokens_per_s=round(roof, 1),
+                           of_roofline=round(row["decode_tokens_per_s"] / roof, 3))
+            if args.concurrent:
+                row.update(throughput(model, args))
+            row["kernels"] = qkernel.kernel_status()
             if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-    if args.out:
-        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"\n{'preset':14} {'variant':9} {'tok/s':>8} {'roofline':>9} {'of roof':>8} {'GB/token':>9} "
-          f"{'rel err':>8}  kernels")
+                row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        except Exception as e:  # noqa: BLE001 -- record it, go on with the next variant
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            row["traceback"] = traceback.format_exc()[-2000:]
+            row["kernels"] = qkernel.kernel_status()
+        finally:
+            qkernel.enabled = True
+            del model
+            if args.compile:
+                torch._dynamo.reset()
+            free()
+        if variant == "bf16" and "error" not in row:
+            base = {"decode": row["decode_tokens_per_s"], "throughput": row.get("output_tokens_per_s")}
+        kind = variant.split("-")[0]
+        if base and "error" not in row and variant != "bf16":
+            row["decode_speedup_vs_bf16"] = round(row["decode_tokens_per_s"] / base["decode"], 2)
+            if kind in GOALS:
+                row["decode_goal"] = GOALS[kind]
+                row["decode_goal_met"] = row["decode_speedup_vs_bf16"] >= GOALS[kind]
+            if base["throughput"] and row.get("output_tokens_per_s"):
+                row["throughput_vs_bf16"] = round(row["output_tokens_per_s"] / base["throughput"], 2)
+        row.update(env)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+        if args.out:
+            Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    print(f"\n{'variant':14} {'decode tok/s':>12} {'x bf16':>7} {'goal':>5} {'of roof':>8} {'GB/tok':>7} "
+          f"{'tput tok/s':>10} {'x bf16':>7}")
     for r in rows:
-        roof = r["roofline_tokens_per_s"]
-        print(f"{r['preset']:14} {r['variant']:9} {r['tokens_per_s']:>8} {roof if roof else '-':>9} "
-              f"{r['of_roofline'] if roof else '-':>8} {r['gb_per_token']:>9} "
-              f"{r['logits_rel_err_vs_bf16'] if r['logits_rel_err_vs_bf16'] is not None else '-':>8}  "
-              f"{','.join(f'{k}:{v}' for k, v in r['kernels'].items()) or 'dense'}")
+        if "error" in r:
+            print(f"{r['variant']:14} ERROR {r['error']}")
+            continue
+        print(f"{r['variant']:14} {r['decode_tokens_per_s']:>12} {r.get('decode_speedup_vs_bf16', '-'):>7} "
+              f"{r.get('decode_goal', '-'):>5} {r.get('of_roofline', '-'):>8} {r['gb_per_token']:>7} "
+              f"{r.get('output_tokens_per_s', '-'):>10} {r.get('throughput_vs_bf16', '-'):>7}")
 
 
 if __name__ == "__main__":

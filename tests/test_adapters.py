@@ -95,6 +95,24 @@ def test_generate_takes_every_adapter_kind(tiny, capsys):
             assert out != base_out, f"{name} changed nothing"
 
 
+def test_chat_takes_an_adapter(tiny, capsys, monkeypatch):
+    import io
+
+    from lmforge.infer.chat import ChatSession
+
+    ckpt, adapters = tiny
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    replies = {}
+    for adapter in (None, adapters["prefix"]):
+        model, tok = load_model_and_tokenizer(ckpt, "cpu", "float32", adapter=adapter)
+        replies[adapter] = ChatSession(model, tok, params).ask("hello")
+    assert replies[None] != replies[adapters["prefix"]]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+    assert main(["chat", str(ckpt), "--adapter", str(adapters["prefix"]), "temperature=0", "max_new_tokens=6",
+                 "ignore_eos=true", "device=cpu"]) == 0
+    assert capsys.readouterr().out == f"assistant> {replies[adapters['prefix']]}\n"
+
+
 def test_eval_model_loads_an_adapter(tiny):
     from lmforge.eval.model import LocalModel
 
@@ -150,7 +168,7 @@ def hub_cache(tiny, tmp_path, monkeypatch):
     return old, new
 
 
-def test_model_ids_resolve_through_the_hub_cache_offline(tiny, hub_cache, capsys):
+def test_model_ids_resolve_through_the_hub_cache_offline(tiny, hub_cache, capsys, tmp_path, monkeypatch):
     ckpt, adapters = tiny
     old, _ = hub_cache
     args = ["--prompt", "Hello", "temperature=0", "ignore_eos=true", "stream=false", "device=cpu"]
@@ -160,6 +178,9 @@ def test_model_ids_resolve_through_the_hub_cache_offline(tiny, hub_cache, capsys
     assert capsys.readouterr().out == local
     assert main(["info", "org/tiny"]) == 0 and "max_seq_len 128" in capsys.readouterr().out
     assert main(["info", "org/tiny", "--revision", old]) == 0 and "max_seq_len 96" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # quantize writes beside a local model; for an id, here (not into the cache)
+    assert main(["quantize", "org/tiny", "method=int8"]) == 0
+    assert (tmp_path / "tiny-int8" / "config.json").is_file()
 
 
 def test_unknown_model_id_offline_is_one_line_naming_it(hub_cache, capsys):

@@ -83,11 +83,11 @@ def resolve_model(name: str | Path, revision: str | None = None, *, marker: str 
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError) as e:
         where = cache or "the default Hugging Face cache"
         if offline:
+            get = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
             raise ConfigError(f"model '{name}{at}' is not a local path and not in {where}, and HF_HUB_OFFLINE is set: "
-                              f"download it once online (`hf download {repo}{' --revision ' + revision if revision else ''}`), or give a local directory") from None
-        raise ConfigError(f"model '{name}{at}': not in {where} and the Hugging Face Hub cannot be reached "
-                          f"({type(e).__name__}); check the network, or download it elsewhere and copy the "
-                          "directory") from None
+                              f"download it once online (`{get}`), or give a local directory") from None
+        raise ConfigError(f"model '{name}{at}' is not a local path, not in {where}, and the Hugging Face Hub cannot "
+                          f"be reached ({type(e).__name__}); check the path or the network") from None
     except errors.EntryNotFoundError:  # (after LocalEntryNotFoundError, its subclass)
         raise ConfigError(f"model '{name}': the repository has no file '{file}'") from None
     if not (path / marker).is_file():

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from ..checkpoint import save_tokenizer_files
 from ..config import dump_config
 from ..errors import ConfigError
+from ..hub import resolve_model
 from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from ..train.config import TrainConfig, run_steps
@@ -95,7 +96,7 @@ def run_alignment(cfg: AlignConfig) -> dict:
     (out / "config.yaml").write_text(dump_config(cfg))
     device = pick_device(cfg.train.device, "train.device")
     seed_everything(cfg.train.seed)
-    tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
+    tok_dir = resolve_model(cfg.model.tokenizer or cfg.model.path)  # a directory or a Hugging Face id
     tokenizer = Tokenizer.from_dir(tok_dir, chat_template=cfg.model.chat_template)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
 

@@ -55,8 +55,10 @@ def load_model_config(model: str, overrides: dict | None = None) -> ModelConfig:
     """A ModelConfig from a checkpoint directory (config.json) or a preset name."""
     from ..models import PRESETS, config_from_hf, preset_config
 
-    if Path(model).exists():
-        cfg = config_from_hf(model)
+    from ..hub import is_hub_id, resolve_model
+
+    if Path(model).exists() or is_hub_id(model):
+        cfg = config_from_hf(resolve_model(model))
         return cfg.model_copy(update=overrides) if overrides else cfg
     if model.lower() in PRESETS:
         return preset_config(model, **(overrides or {}))

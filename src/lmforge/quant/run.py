@@ -11,6 +11,7 @@ from pydantic import Field
 from ..atomic import atomic_dir, check_replaceable
 from ..config import Section
 from ..errors import ConfigError
+from ..hub import is_hub_id, resolve_model
 from .formats import INT4_METHODS
 
 __all__ = ["QuantizeConfig", "run_quantize"]
@@ -18,7 +19,7 @@ __all__ = ["QuantizeConfig", "run_quantize"]
 
 class QuantizeConfig(Section):
     model: str
-    """HF checkpoint directory (config.json + safetensors) or .gguf file to quantize."""
+    """HF checkpoint directory (config.json + safetensors), .gguf file or Hugging Face id to quantize."""
     method: Literal["int8", "int4", "rtn", "nf4", "awq", "gptq", "bitnet", "none"] = "int4"
     """int8 (per channel), int4/rtn (group-wise round-to-nearest), nf4, awq and gptq (INT4 with calibration),
     bitnet (ternary, for models trained with BitLinear), none (only write the GGUF file)."""
@@ -59,8 +60,11 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
     from .formats import save_format
     from .model import quantize_model, quantized_size
 
-    src = Path(cfg.model)
-    out = Path(cfg.out) if cfg.out else src.with_name(f"{src.name}-{cfg.method}")
+    src = resolve_model(cfg.model)  # a directory, a .gguf file or a Hugging Face id
+    hub_id = is_hub_id(cfg.model)
+    name = cfg.model.rsplit("/", 1)[-1] if hub_id else src.name
+    default = Path(f"{name}-{cfg.method}") if hub_id else src.with_name(f"{name}-{cfg.method}")
+    out = Path(cfg.out) if cfg.out else default  # for an id: here, never inside the Hugging Face cache
     if cfg.method == "none" and cfg.gguf is None:
         raise ConfigError("method 'none' writes only a GGUF file: also set gguf (f16, q8_0, q4_0, ...)")
     if cfg.format != "lmforge" and cfg.method not in INT4_METHODS:
@@ -88,7 +92,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
             save_format(model, tmp, cfg.format)
             save_tokenizer_files(src, tmp)
         if cfg.gguf is not None:
-            export_gguf(model, tmp / "model.gguf", tokenizer_dir=src, qtype=cfg.gguf, name=src.name)
+            export_gguf(model, tmp / "model.gguf", tokenizer_dir=src, qtype=cfg.gguf, name=name)
     if cfg.method != "none":
         result.update(output=str(out), bytes_after=quantized_size(model)["total_bytes"],
                       file_bytes=(out / "model.safetensors").stat().st_size)

@@ -19,7 +19,7 @@ from .trainable import TrainableSection
 
 class ModelSection(Section):
     path: str | None = None
-    """HF checkpoint directory to start from (config.json + safetensors)."""
+    """HF checkpoint directory to start from (config.json + safetensors), or a Hugging Face id (org/name)."""
     preset: str | None = None
     """Random init from a named preset (see `lmforge info PRESET`), e.g. for pretraining from scratch."""
     config: dict = {}

@@ -18,6 +18,7 @@ from ..peft.methods import build_method
 from ..runtime import pick_device
 from ..tokenizer import Tokenizer
 from ..atomic import atomic_dir
+from ..hub import resolve_model
 from .checkpoint import nonfinite_tensors
 from .config import TrainConfig, run_steps
 from .distributed import init_distributed, local_device
@@ -30,7 +31,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, dt
     """Load the checkpoint, or build a random model from a preset / field overrides (vocab from the tokenizer)."""
     m = cfg.model
     if m.path is not None:
-        return load_hf(m.path, dtype=dtype, device=device, progress=cfg.train.progress)
+        return load_hf(resolve_model(m.path), dtype=dtype, device=device, progress=cfg.train.progress)
     fields = {"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
               "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, **m.config}
     try:
@@ -82,7 +83,7 @@ def run_training(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
     seed_everything(cfg.train.seed)  # adapter init, dropout and data order all follow the seed (same on all ranks)
-    tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
+    tok_dir = resolve_model(cfg.model.tokenizer or cfg.model.path)  # a directory or a Hugging Face id
     tokenizer = Tokenizer.from_dir(tok_dir, chat_template=cfg.model.chat_template)
 
     train_data, val_data, report = build_datasets(cfg.data, tokenizer)
@@ -96,7 +97,8 @@ def run_training(cfg: TrainConfig) -> dict:
     method = method_from_config(cfg, run_steps(cfg.train, len(train_data)))
     method.apply(model)
     method.check_save(model)  # what the final save would refuse fails now, not after the run
-    row_mask = restrict_trainable(model, cfg.trainable, cfg.method, model_dirs=(cfg.model.path, tok_dir))
+    model_dir = resolve_model(cfg.model.path) if cfg.model.path else None
+    row_mask = restrict_trainable(model, cfg.trainable, cfg.method, model_dirs=(model_dir, tok_dir))
     if precision in ("bf16", "fp16") and (cfg.method != "full" or cfg.trainable.params != "all"):
         # frozen base weights need no fp32 master copy: keep them in the autocast dtype (half the memory)
         half = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -259,3 +259,25 @@ def test_lora_adapters_load_and_unload_on_a_running_server(tiny, server):
         assert other != want_lora
         assert c.post("/v1/load_lora_adapter", json={**load, "lora_path": str(adapters["lora2"])}).status_code == 200
         assert c.post("/v1/completions", json={**body, "model": "sql"}).json()["choices"][0]["text"] == other
+
+
+@pytest.mark.gpu
+def test_gpu_adapters_under_cuda_graphs_and_the_paged_kernel(tiny):
+    """On CUDA: a prompt adapter with captured decode graphs (the hook keeps it off the paged kernel), and LoRA
+    adapters added and removed between steps of captured graphs (the stacks grow: graphs must be recaptured)."""
+    ckpt, adapters = tiny
+    prompt = list(range(5, 19))
+    engine = dict(block_size=4, num_blocks=128, max_model_len=64, max_num_seqs=4)
+    model, _ = load_model_and_tokenizer(ckpt, "cuda", "float32", adapter=adapters["prefix"])
+    llm = LLM(model, config=EngineConfig(**engine))
+    assert llm.generate([prompt], GREEDY)[0].token_ids == _reference(ckpt, adapters["prefix"], prompt)
+
+    model, _ = load_model_and_tokenizer(ckpt, "cuda", "float32")
+    llm = LLM(model, config=EngineConfig(**engine))
+    assert llm.generate([prompt], GREEDY)[0].token_ids == _reference(ckpt, None, prompt)  # graphs captured
+    for name in ("lora", "lora2"):
+        llm.engine.add_adapter(name, str(adapters[name]))
+        outs = llm.generate([prompt, prompt], GREEDY, adapter=[name, None])
+        assert [o.token_ids for o in outs] == [_reference(ckpt, adapters[name], prompt), _reference(ckpt, None, prompt)]
+    llm.engine.remove_adapter("lora")
+    assert llm.generate([prompt], GREEDY, adapter="lora2")[0].token_ids == _reference(ckpt, adapters["lora2"], prompt)

@@ -309,7 +309,7 @@ def test_align_config_round_trips_through_yaml(tmp_path):
     json.dumps(again.model_dump(mode="json"))
 
 
-@pytest.mark.parametrize("name", ["align_rm", "align_dpo", "align_ppo", "align_dpo_demo", "align_grpo", "align_orpo"])
+@pytest.mark.parametrize("name", ["align_rm", "align_dpo", "align_ppo", "align_dpo_demo", "align_grpo", "align_orpo", "align_kto"])
 def test_example_configs_are_valid(name):
     from pathlib import Path
 

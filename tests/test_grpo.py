@@ -258,3 +258,55 @@ def test_orpo_matches_its_formula_and_raises_the_odds_ratio(ckpt, pairs, tmp_pat
         rec = trainer.train_step()
     assert rec["log_odds_ratio"] > first + 1.0 and rec["reward_accuracy"] == 1.0  # the chosen replies win
     assert rec["nll"] < metrics["nll"] / 4  # and the SFT term taught them
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_kto_matches_its_formula_and_separates_the_replies(ckpt, tmp_path, method):
+    from lmforge.align.config import KTOSection
+    from lmforge.align.kto import KTOObjective, build_kto_datasets
+
+    rows = []
+    for q, (good, bad) in zip(QUESTIONS, REPLIES):  # unpaired: each reply its own row, kto_tag as LLaMA-Factory has it
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": good}],
+                     "label": True})
+        rows.append({"prompt": q, "completion": bad, "label": "false"})
+    rows.append({"prompt": "x", "completion": "y"})  # no label: a bad row, reported, not fatal
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = Tokenizer.from_dir(ckpt)
+    data, _, report = build_kto_datasets(DataConfig(path=str(path), max_seq_len=64), tok)
+    assert len(data) == 8 and report.bad_row_count == 1 and [r["desirable"] for r in data.rows][:2] == [True, False]
+    obj = KTOObjective(KTOSection(beta=0.5, undesirable_weight=1.5))
+    model = load_hf(ckpt)
+    m = build_method(method, **({"r": 8, "alpha": 16, "target_modules": "all-linear"} if method == "lora" else {}))
+    m.apply(model)
+    cfg = AlignConfig(stage="kto", model=ModelSection(path="unused"), data=DataConfig(path="unused"),
+                      optim=OptimSection(lr=3e-3 if method == "full" else 1e-2),
+                      train=TrainSection(output_dir=str(tmp_path / "o"), max_steps=100, micro_batch_size=8,
+                                         device="cpu", precision="fp32", progress=False, tensorboard=False))
+    trainer = Trainer(model, m, data, None, cfg, tok.pad_id, CPU, objective=obj)
+    assert obj.reference == ("adapters_off" if method == "lora" else "precomputed")
+    batch = obj.collate([data[i] for i in range(len(data))], trainer)  # (with the precomputed reference)
+    with torch.no_grad():  # at the start the policy is the reference: r = 0, z0 = 0, every loss is w * (1 - 1/2)
+        loss, metrics = obj.loss_sum(trainer, batch, 8)
+    assert float(loss) == pytest.approx(4 * 0.5 + 4 * 1.5 * 0.5, rel=1e-5) and metrics["kl"] == pytest.approx(0)
+
+    def margin():
+        with torch.no_grad():
+            logp = sequence_logps(model.eval(), {k: batch[k][:8] for k in ("tokens", "positions", "labels")})[0]
+        return float(logp[0::2].mean() - logp[1::2].mean())  # desirable minus undesirable replies, nats
+
+    before = margin()
+    for _ in range(15):
+        rec = trainer.train_step()
+    assert margin() > before + 5 and rec["reward_desirable"] > 0 > rec["reward_undesirable"]
+    # the loss of the trained policy, from its log-ratios by the paper's formula
+    with torch.no_grad():
+        loss, _ = obj.loss_sum(trainer, batch, 8)
+        logp = sequence_logps(model, batch)[0]
+        ref = obj._reference(trainer, batch)
+    r, z0 = (logp - ref)[:8], max(0.0, float((logp - ref)[8:].mean()))
+    d = batch["desirable"]
+    want = sum(float(1 - torch.sigmoid(0.5 * (r[i] - z0))) if d[i] else 1.5 * float(1 - torch.sigmoid(0.5 * (z0 - r[i])))
+               for i in range(8))
+    assert float(loss) == pytest.approx(want, rel=1e-4)

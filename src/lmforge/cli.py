@@ -174,7 +174,7 @@ class ExportConfig(Section):
 
 
 def train_config_class(config: str | None, overrides: list[str]) -> type:
-    """TrainConfig, or AlignConfig when the config file or an override says `stage: rm | dpo | ppo | grpo | orpo`."""
+    """TrainConfig, or AlignConfig when the config file or an override says `stage: rm | dpo | ppo | grpo | orpo | kto`."""
     from .config import _read_yaml
 
     stage = (_read_yaml(config) if config else {}).get("stage")
@@ -182,10 +182,10 @@ def train_config_class(config: str | None, overrides: list[str]) -> type:
         key, _, value = o.partition("=")
         if key == "stage":
             stage = value.strip()
-    if stage is not None and stage not in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "orpo"):
+    if stage is not None and stage not in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "orpo", "kto"):
         raise ConfigError(f"config key 'stage': unknown stage '{stage}'; use one of pretrain, sft, rm, dpo, ppo, "
-                          "grpo, orpo")
-    if stage in ("rm", "dpo", "ppo", "grpo", "orpo"):
+                          "grpo, orpo, kto")
+    if stage in ("rm", "dpo", "ppo", "grpo", "orpo", "kto"):
         from .align.run import AlignConfig
 
         return AlignConfig
@@ -268,7 +268,7 @@ VERBS: dict[str, tuple] = {
     "generate": (GenerateConfig, run_generate, "model", "complete a prompt (streaming)"),
     "chat": (ChatConfig, run_chat, "model", "interactive multi-turn chat with the chat template"),
     "train": (_lazy(".train.config", "TrainConfig"), run_train, "config",
-              "pretrain / fine-tune (full, LoRA, ...) or align (rm, dpo, ppo, grpo, orpo; `stage=grpo --help` lists "
+              "pretrain / fine-tune (full, LoRA, ...) or align (rm, dpo, ppo, grpo, orpo, kto; `stage=grpo --help` lists "
               "their options) from a YAML config; torchrun-ready"),
     "export": (ExportConfig, run_export, "base",
                "HF checkpoint from a .gguf file, a checkpoint or an HF id, optionally with an adapter merged in"),

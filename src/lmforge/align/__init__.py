@@ -5,9 +5,10 @@
 - ``dpo``: ``DPOObjective`` (reference = the LoRA-off model, or log-probs precomputed once);
 - ``ppo``: ``PolicyWithValue``, ``PPOObjective`` (rollouts, KL penalty, GAE, clipped losses);
 - ``orpo``: ``ORPOObjective`` (chosen NLL + odds-ratio term, no reference);
+- ``kto``: ``KTOObjective`` and its data (unpaired replies labelled desirable or not);
 - ``grpo``: ``GRPOObjective`` (engine rollouts on the live policy, group advantages, clipped loss), ``rewards``:
   ``RewardSet`` (built-in verifiers, Python functions, a reward model);
-- ``run``: ``AlignConfig`` (``stage: rm | dpo | ppo | grpo | orpo``) and ``run_alignment(cfg)``.
+- ``run``: ``AlignConfig`` (``stage: rm | dpo | ppo | grpo | orpo | kto``) and ``run_alignment(cfg)``.
 
 Names are loaded on first use, so ``lmforge.train`` can import the config sections without an import cycle.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-from .config import DPOSection, GRPOSection, ORPOSection, PairSection, PPOSection, RewardSection, RewardSpec
+from .config import DPOSection, GRPOSection, KTOSection, ORPOSection, PairSection, PPOSection, RewardSection, RewardSpec
 
 _LAZY = {
     "PreferencePair": "data", "PromptExample": "data", "PreferenceDataset": "data", "PromptDataset": "data",
@@ -27,11 +28,12 @@ _LAZY = {
     "DPOObjective": "dpo", "logp_margin": "dpo",
     "GRPOObjective": "grpo", "group_advantages": "grpo", "grpo_token_loss": "grpo", "RewardSet": "rewards",
     "ORPOObjective": "orpo", "orpo_losses": "orpo",
+    "KTOObjective": "kto", "kto_losses": "kto", "build_kto_datasets": "kto", "parse_kto": "kto",
     "PolicyWithValue": "ppo", "PPOObjective": "ppo", "gae": "ppo", "load_reward_fn": "ppo",
     "AlignConfig": "run", "run_alignment": "run", "ALIGN_STAGES": "run",
 }
 
-__all__ = ["DPOSection", "GRPOSection", "ORPOSection", "PPOSection", "PairSection", "RewardSection",
+__all__ = ["DPOSection", "GRPOSection", "KTOSection", "ORPOSection", "PPOSection", "PairSection", "RewardSection",
            "RewardSpec"] + list(_LAZY)
 
 

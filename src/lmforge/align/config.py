@@ -203,3 +203,19 @@ class ORPOSection(PairSection):
     beta: float = Field(0.1, gt=0)
     """lambda of the paper: weight of -log sigmoid(log odds(chosen) - log odds(rejected)) beside the chosen NLL
     (odds from length-averaged log-probs)."""
+
+
+class KTOSection(PairSection):
+    """KTO (Ethayarajh et al. 2024): unpaired replies labelled desirable or undesirable, a prospect-theory loss
+    against a reference point (the policy's KL to the reference, estimated on mismatched prompt/reply pairs)."""
+
+    beta: float = Field(0.1, gt=0)
+    """Scale of the implicit reward beta * log(pi / pi_ref)."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """lambda_D; with unbalanced data keep desirable_weight × #desirable / (undesirable_weight × #undesirable) in
+    [1, 4/3] (the paper's advice)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """lambda_U."""
+    reference: Literal["auto", "adapters_off", "precomputed"] = "auto"
+    """As dpo.reference: adapters_off (the LoRA policy with its adapters bypassed) or precomputed (one pass over the
+    data before training); auto picks adapters_off where possible."""

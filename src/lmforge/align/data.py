@@ -64,6 +64,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "responses": ("responses", "completions", "answers"),
     "ranks": ("ranks",),
     "scores": ("scores",),
+    "completion": ("completion", "response"),  # KTO: one reply and its label
+    "label": ("label", "kto_tag"),
 }
 _KEY_ALIASES = {alias: name for name, aliases in FIELDS.items() for alias in aliases}  # LLaMA-Factory: conversations
 

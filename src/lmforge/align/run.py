@@ -7,7 +7,7 @@ Outputs in ``train.output_dir/final``:
 - rm:  the reward model (HF backbone with any LoRA merged + ``score.safetensors``), see `lmforge.align.reward`;
 - dpo: what the method saves for SFT (HF checkpoint for full fine-tuning, PEFT adapter for LoRA);
 - ppo: the same for the policy, plus ``value_head.safetensors`` beside ``final/`` (the critic, to continue PPO);
-- grpo, orpo: what the method saves for SFT.
+- grpo, orpo, kto: what the method saves for SFT.
 """
 from __future__ import annotations
 
@@ -30,30 +30,32 @@ from ..train.config import TrainConfig, run_steps
 from ..train.run import build_model, method_from_config, seed_everything, write_final
 from ..train.trainer import Trainer, resolve_precision
 from .common import WithHeads
-from .config import DPOSection, GRPOSection, ORPOSection, PPOSection, RewardSection
+from .config import DPOSection, GRPOSection, KTOSection, ORPOSection, PPOSection, RewardSection
 from .data import build_preference_datasets, build_prompt_datasets
 from .dpo import DPOObjective
 from .grpo import GRPOObjective, grpo_total_steps
+from .kto import KTOObjective, build_kto_datasets
 from .orpo import ORPOObjective
 from .ppo import PolicyWithValue, PPOObjective, load_reward_fn, ppo_total_steps
 from .reward import RewardModel, RewardObjective, load_reward_model, save_reward_model
 
 __all__ = ["ALIGN_STAGES", "AlignConfig", "run_alignment"]
 
-ALIGN_STAGES = ("rm", "dpo", "ppo", "grpo", "orpo")
+ALIGN_STAGES = ("rm", "dpo", "ppo", "grpo", "orpo", "kto")
 
 
 class AlignConfig(TrainConfig):
-    stage: Literal["rm", "dpo", "ppo", "grpo", "orpo"] = "dpo"
+    stage: Literal["rm", "dpo", "ppo", "grpo", "orpo", "kto"] = "dpo"
     """rm: reward model on preference pairs. dpo: DPO/IPO/SimPO on preference pairs. ppo: PPO on prompts against a
     reward model or function (data.path holds the prompts). grpo: GRPO/DAPO on prompts with verifiable rewards,
     rollouts from lmforge's engine. orpo: ORPO (SFT + odds-ratio preference term, no reference) on preference
-    pairs."""
+    pairs. kto: KTO on unpaired replies labelled desirable / undesirable."""
     rm: RewardSection = RewardSection()
     dpo: DPOSection = DPOSection()
     ppo: PPOSection = PPOSection()
     grpo: GRPOSection = GRPOSection()
     orpo: ORPOSection = ORPOSection()
+    kto: KTOSection = KTOSection()
 
     @model_validator(mode="after")
     def _ppo_reward(self):
@@ -108,6 +110,8 @@ def run_alignment(cfg: AlignConfig) -> dict:
                               f"{cfg.stage}.max_new_tokens ({rl.max_new_tokens}); raise it or set "
                               f"{cfg.stage}.max_prompt_len")
         train_data, val_data, report = build_prompt_datasets(cfg.data, tokenizer, max_prompt)
+    elif cfg.stage == "kto":
+        train_data, val_data, report = build_kto_datasets(cfg.data, tokenizer, cfg.kto.max_prompt_len)
     else:
         section = {"rm": cfg.rm, "orpo": cfg.orpo}.get(cfg.stage, cfg.dpo)
         train_data, val_data, report = build_preference_datasets(cfg.data, tokenizer, section.max_prompt_len)
@@ -132,6 +136,9 @@ def run_alignment(cfg: AlignConfig) -> dict:
     elif cfg.stage == "dpo":
         model, trained = backbone, method
         objective = DPOObjective(cfg.dpo)
+    elif cfg.stage == "kto":
+        model, trained = backbone, method
+        objective = KTOObjective(cfg.kto)
     elif cfg.stage == "orpo":
         model, trained = backbone, method
         objective = ORPOObjective(cfg.orpo)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.cli import main
 from lmforge.errors import CheckpointError
 from lmforge.models import load_hf
+from lmforge.models.converters import converter_for
 from lmforge.quant import Int4Linear, quantize_model, quantized_linears
 from lmforge.quant.formats import Int4ActOrderLinear, save_format
 from lmforge.quant.rtn import int4_dequantize
@@ -94,11 +95,13 @@ def _logits(model, ids):
 # --------------------------------------------------------------------------------------------------- writing
 
 
-@pytest.mark.parametrize("fmt,arch", [("gptq", "LlamaForCausalLM"), ("awq", "Qwen2ForCausalLM")])
+@pytest.mark.parametrize("fmt,arch", [("gptq", "LlamaForCausalLM"), ("awq", "Qwen2ForCausalLM"),
+                                      ("gptq", "Phi3ForCausalLM")])
 def test_quantize_writes_the_layout_other_tools_read(tmp_path, fmt, arch):
     """`lmforge quantize --format gptq|awq`: config.json and tensor shapes/dtypes as transformers/vLLM expect; the
-    independent unpacker gives the in-memory quantized weights exactly (scales at fp16); a transformers model holding
-    what it unpacks computes the logits lmforge computes from the same file, and those match the in-memory model."""
+    independent unpacker gives the in-memory quantized weights exactly (scales at fp16; Phi-3's fused q|k|v and
+    gate|up as stacked rows); a transformers model holding what it unpacks computes the logits lmforge computes from
+    the same file, and those match the in-memory model."""
     src, out = tmp_path / "src", tmp_path / fmt
     torch.manual_seed(0)
     make_tiny_hf_model(arch, src)
@@ -108,26 +111,26 @@ def test_quantize_writes_the_layout_other_tools_read(tmp_path, fmt, arch):
     assert (qc["checkpoint_format"], qc["desc_act"], qc["sym"]) == ("gptq", False, False) if fmt == "gptq" else \
         (qc["version"], qc["zero_point"]) == ("gemm", True)
     mem = quantize_model(load_hf(src), "int4", group_size=32)  # what the CLI computed, in memory
+    layers = quantized_linears(mem)
+    fp16_scales = {f"{p}.weight": int4_dequantize(m.codes(), m.scale.half().float(), m.zero) for p, m in layers.items()}
+    want = dict(converter_for(arch).to_hf(fp16_scales, mem.cfg))  # (fused, for Phi-3's qkv_proj / gate_up_proj)
     tensors = load_file(out / "model.safetensors")
     weights = {}
-    for i in range(mem.cfg.n_layers):
-        for name in LINEARS:
-            hf = f"model.layers.{i}.{name}"
-            layer = mem.get_submodule(f"layers.{i}.{name.replace('self_attn', 'attn')}")
-            qw, qz, sc = tensors[f"{hf}.qweight"], tensors[f"{hf}.qzeros"], tensors[f"{hf}.scales"]
-            n_in, n_out, groups = layer.in_features, layer.out_features, layer.in_features // 32
-            assert qw.dtype == qz.dtype == torch.int32 and sc.dtype == torch.float16
-            assert tuple(qz.shape) == (groups, n_out // 8) and tuple(sc.shape) == (groups, n_out)
-            if fmt == "gptq":
-                assert tuple(qw.shape) == (n_in // 8, n_out)
-                assert torch.equal(tensors[f"{hf}.g_idx"], torch.arange(n_in, dtype=torch.int32) // 32)
-                w = ref_gptq_dequant(qw, qz, sc, tensors[f"{hf}.g_idx"])
-            else:
-                assert tuple(qw.shape) == (n_in, n_out // 8)
-                w = ref_awq_dequant(qw, qz, sc, 32)
-            want = int4_dequantize(layer.codes(), layer.scale.half().float(), layer.zero)
-            assert torch.equal(w.T, want), hf
-            weights[hf] = w.T
+    for name in [k for k in tensors if k.endswith(".qweight")]:
+        hf = name.removesuffix(".qweight")
+        qw, qz, sc = tensors[f"{hf}.qweight"], tensors[f"{hf}.qzeros"], tensors[f"{hf}.scales"]
+        n_out, n_in = want[f"{hf}.weight"].shape
+        assert qw.dtype == qz.dtype == torch.int32 and sc.dtype == torch.float16
+        assert tuple(qz.shape) == (n_in // 32, n_out // 8) and tuple(sc.shape) == (n_in // 32, n_out)
+        if fmt == "gptq":
+            assert tuple(qw.shape) == (n_in // 8, n_out)
+            assert torch.equal(tensors[f"{hf}.g_idx"], torch.arange(n_in, dtype=torch.int32) // 32)
+            weights[hf] = ref_gptq_dequant(qw, qz, sc, tensors[f"{hf}.g_idx"]).T
+        else:
+            assert tuple(qw.shape) == (n_in, n_out // 8)
+            weights[hf] = ref_awq_dequant(qw, qz, sc, 32).T
+        assert torch.equal(weights[hf], want[f"{hf}.weight"]), hf
+    assert len(weights) == len(want) >= 4 * mem.cfg.n_layers
     ids = torch.randint(0, mem.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     theirs = _logits(_reference_model(out, weights), ids)
     ours = load_hf(out, dtype="float32")

@@ -340,6 +340,28 @@ class Converter:
                 return rule.native.format(**fill).removesuffix(".weight")
         return None
 
+    def linear_group(self, module: str, hf: bool = False) -> tuple[str, tuple[str, ...], str | None] | None:
+        """(HF module, the native linears it holds in order, transform) of a native linear path -- or of an HF module
+        path with `hf=True`: one linear for most families, q/k/v or gate/up where the checkpoint fuses them (Phi-3's
+        qkv_proj, GPT-2's c_attn); None when no rule names it (stacked experts are not linears here). What a
+        quantized checkpoint, which stores linears rather than weights, is mapped with."""
+        if hf:
+            name = self._rewritten(f"{module}.weight")
+            if self.optional_prefix and not name.startswith(self.optional_prefix) and not name.startswith("lm_head"):
+                name = self.optional_prefix + name
+            candidates = [(pattern, rule, name) for pattern, rule in self._compiled]
+        else:
+            candidates = [(_pattern(t), rule, f"{module}.weight") for rule in self.names
+                          for t in (rule.native if isinstance(rule.native, tuple) else (rule.native,))]
+        for pattern, rule, target in candidates:
+            m = pattern.match(target)
+            if m and not (rule.transform or "").startswith("experts"):
+                fill = {k: v for k, v in m.groupdict().items() if v is not None}
+                templates = rule.native if isinstance(rule.native, tuple) else (rule.native,)
+                return (rule.hf.format(**fill).removesuffix(".weight"),
+                        tuple(t.format(**fill).removesuffix(".weight") for t in templates), rule.transform)
+        return None
+
     def to_hf(self, native: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
         """HF (name, tensor) pairs from a native state dict, fusing/transposing as the checkpoint layout needs."""
         for rule in self.names:

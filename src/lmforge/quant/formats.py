@@ -139,6 +139,28 @@ def _check_writable(model: nn.Module, fmt: str) -> tuple[dict[str, Int4Linear], 
     return quant, sizes.pop()
 
 
+def _hf_groups(conv, quant: dict[str, Int4Linear], fmt: str) -> dict[str, list[str]]:
+    """{HF module: the native quantized linears it stores, in order}, or a one-line ConfigError for a fused module
+    whose parts cannot share one GPTQ/AWQ tensor."""
+    groups: dict[str, list[str]] = {}
+    for p in quant:
+        found = conv.linear_group(p)
+        if found is None:
+            raise ConfigError(f"format {fmt} cannot write '{p}': no Hugging Face name for it; use format lmforge")
+        hf, parts, transform = found
+        if hf in groups:
+            continue
+        others = ", ".join(q for q in parts if q != p)
+        if len(parts) > 1 and transform not in ("qkv", "qkv_cat", "cat"):
+            raise ConfigError(f"format {fmt} cannot write '{p}': the checkpoint interleaves it with {others} "
+                              f"({transform}); use format lmforge")
+        if len(parts) > 1 and any(quant.get(q) is None or isinstance(quant[q], Int4ActOrderLinear) for q in parts):
+            raise ConfigError(f"format {fmt} cannot write '{p}': the checkpoint stores it fused with {others}, "
+                              "which must all be INT4 with consecutive groups; use format lmforge")
+        groups[hf] = list(parts)
+    return groups
+
+
 @torch.no_grad()
 def save_format(model: nn.Module, out_dir: str | Path, fmt: str = "lmforge") -> Path:
     """Write a quantized `model` as `fmt`: lmforge (`save_quantized`), gptq or awq (the layouts in this module's
@@ -155,19 +177,18 @@ def save_format(model: nn.Module, out_dir: str | Path, fmt: str = "lmforge") -> 
     cfg = model.cfg
     conv = converter_for(cfg.arch)
     dtype = torch.bfloat16 if model.embed.weight.dtype == torch.bfloat16 else torch.float16
-    hf_names = {p: conv.hf_module_name(p) for p in quant}
-    fused = next((p for p, n in hf_names.items() if n is None), None)
-    if fused is not None:
-        raise ConfigError(f"format {fmt} cannot write '{fused}': {cfg.arch} checkpoints store it fused with other "
-                          "projections; use format lmforge")
+    groups = _hf_groups(conv, quant, fmt)
     owned = {f"{p}.{b}" for p, m in quant.items() for b, _ in m.named_buffers(recurse=False)}
     native = {k: v for k, v in model.state_dict().items() if k not in owned}  # biases of quantized layers stay
     tensors = {name: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
                for name, t in conv.to_hf(native, cfg)}
     act_order = False
-    for p, m in quant.items():
-        hf = hf_names[p]
-        codes, scale, zero = m.codes(), m.scale, m.zero  # (out, in) over stored columns, (out, groups) x2
+    for hf, parts in groups.items():
+        layers = [quant[p] for p in parts]
+        m = layers[0]
+        # fused checkpoints (Phi-3 qkv_proj, GPT-2 c_attn) stack their linears' output rows
+        codes = torch.cat([layer.codes() for layer in layers])  # (out, in) over stored columns
+        scale, zero = torch.cat([layer.scale for layer in layers]), torch.cat([layer.zero for layer in layers])
         if isinstance(m, Int4ActOrderLinear):
             inverse = torch.argsort(m.perm)
             codes = codes[:, inverse]  # natural column order; column i is in group (its position in perm) // g
@@ -282,7 +303,9 @@ def _load_gptq_awq(path: Path, hf: dict, method: str, dtype: torch.dtype | None,
     cfg = conv.build_config(hf)
     dtype = dtype or parse_dtype(hf.get("torch_dtype") or hf.get("dtype") or "float16")
     with torch.device("meta"):
-        expected = set(Transformer(cfg).state_dict())  # the plain model's names: tells a stray zero bias apart
+        plain = Transformer(cfg)
+    expected = set(plain.state_dict())  # the plain model's names: tells a stray zero bias apart
+    out_features = {p: m.out_features for p, m in plain.named_modules() if isinstance(m, nn.Linear)}
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for file in _weight_files(path):
@@ -304,14 +327,20 @@ def _load_gptq_awq(path: Path, hf: dict, method: str, dtype: torch.dtype | None,
     specs: dict[str, dict] = {}
     source = str(path)
     for hf_module, ps in parts.items():
-        native_module = conv.native_module_name(hf_module)
-        if native_module is None:
-            raise CheckpointError(f"{source}: quantized module '{hf_module}' has no single counterpart in "
-                                  f"{cfg.arch} (fused projections are not read yet)")
+        found = conv.linear_group(hf_module, hf=True)
+        if found is None or (len(found[1]) > 1 and found[2] not in ("qkv", "qkv_cat", "cat")):
+            raise CheckpointError(f"{source}: quantized module '{hf_module}' has no counterpart lmforge reads in "
+                                  f"{cfg.arch}")
         spec, buffers = _int4_state(source, hf_module, ps, method, opts, dtype)
-        spec["bias"] = f"{native_module}.bias" in state
-        specs[native_module] = spec
-        state.update({f"{native_module}.{k}": v for k, v in buffers.items()})
+        natives = found[1]
+        sizes = [out_features[n] for n in natives]  # a fused module (Phi-3 qkv_proj) stacks its linears' rows
+        if sum(sizes) != buffers["qweight"].shape[0]:
+            raise CheckpointError(f"{source}: '{hf_module}' has {buffers['qweight'].shape[0]} output rows, "
+                                  f"config.json implies {sum(sizes)}")
+        split = {k: v.split(sizes) if k != "perm" else [v] * len(natives) for k, v in buffers.items()}
+        for i, native_module in enumerate(natives):
+            specs[native_module] = {**spec, "bias": f"{native_module}.bias" in state}
+            state.update({f"{native_module}.{k}": v[i].contiguous() for k, v in split.items()})
     if not specs:
         raise CheckpointError(f"{source}: config.json says {method.upper()} but no tensor ends in .qweight")
     model = build_quantized(cfg, specs, dtype, state, source)

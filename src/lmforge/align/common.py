@@ -17,7 +17,6 @@ from ..train.objective import Objective
 from .data import collate_pairs
 
 __all__ = [
-    "BackboneProxy",
     "PairObjective",
     "WithHeads",
     "adapters_disabled",
@@ -110,37 +109,6 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ------------------------------------------------------------------------------------------------ backbone + head
-
-
-class BackboneProxy(nn.Module):
-    """Base of a wrapper around a `Transformer` (`self.backbone`): what the trainer sets or reads on "the model"
-    (activation checkpointing, per-block compile) reaches the backbone."""
-
-    backbone: nn.Module
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.backbone.layers
-
-    @property
-    def cfg(self):
-        return self.backbone.cfg
-
-    @property
-    def checkpoint_every(self) -> int:
-        return self.backbone.checkpoint_every
-
-    @checkpoint_every.setter
-    def checkpoint_every(self, value: int) -> None:
-        self.backbone.checkpoint_every = value
-
-    @property
-    def checkpoint_limit(self) -> int | None:
-        return self.backbone.checkpoint_limit
-
-    @checkpoint_limit.setter
-    def checkpoint_limit(self, value: int | None) -> None:
-        self.backbone.checkpoint_limit = value
 
 
 class WithHeads:

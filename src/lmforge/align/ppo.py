@@ -33,7 +33,7 @@ from ..errors import ConfigError, LmforgeError
 from ..infer import SamplingParams, generate
 from ..models import Transformer
 from ..train.objective import Objective
-from .common import BackboneProxy, adapters_disabled, can_disable_adapters, scalar_head, token_logps, whiten
+from .common import adapters_disabled, can_disable_adapters, scalar_head, token_logps, whiten
 from .config import PPOSection
 from .reward import RewardModel
 
@@ -42,7 +42,7 @@ __all__ = ["PPOObjective", "PolicyWithValue", "gae", "load_reward_fn", "pad_roll
 RewardFn = Callable[[list[list[dict]], list[str]], Sequence[float]]
 
 
-class PolicyWithValue(BackboneProxy):
+class PolicyWithValue(torch.nn.Module):
     """A policy (`Transformer`, LoRA or not) and a scalar value head on its final hidden states."""
 
     def __init__(self, policy: Transformer, value_head: torch.nn.Linear | None = None):

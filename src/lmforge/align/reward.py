@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from ..models import Transformer, load_hf, save_hf
-from .common import BackboneProxy, PairObjective, last_token_index, scalar_head
+from .common import PairObjective, last_token_index, scalar_head
 from .config import RewardSection
 from .data import collate_pairs
 
@@ -41,7 +41,7 @@ HEAD_TENSOR = "score.weight"
 _BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-class RewardModel(BackboneProxy):
+class RewardModel(torch.nn.Module):
     """r(sequence) = score(final-norm hidden state at the sequence's last real token); one scalar per row."""
 
     def __init__(self, backbone: Transformer, score: torch.nn.Linear | None = None):

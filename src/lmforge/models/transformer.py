@@ -8,6 +8,7 @@ are other factories; the model code never changes for them. Module names follow 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -324,15 +325,38 @@ class Block(nn.Module):
         return x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h))
 
 
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Activation checkpointing: which blocks recompute their activations in backward instead of keeping them.
+
+    Every `every`-th block (0 = none), the lowest `limit` of those only (None = no cap): their activations would
+    live longest, and the blocks above keep theirs (spare memory buys back recompute time). `preserve_rng`: the
+    recompute replays the forward's RNG state (needed only when something random runs, i.e. dropout; off lets a
+    CUDA graph capture the step)."""
+
+    every: int = 0
+    limit: int | None = None
+    preserve_rng: bool = True
+
+    def applies(self, layer: int) -> bool:
+        every, limit = self.every, self.limit
+        return bool(every) and layer % every == 0 and (limit is None or layer // every < limit)
+
+
+def transformers_in(module: nn.Module) -> list[Transformer]:
+    """The `Transformer`s inside `module`, itself included: the backbone(s) of a wrapper such as a reward model or a
+    policy with a value head."""
+    return [m for m in module.modules() if isinstance(m, Transformer)]
+
+
 class Transformer(nn.Module):
     """Token ids in, logits out; one forward for training, prefill and cached decode."""
 
-    def __init__(self, cfg: ModelConfig, linear: LinearFactory = default_linear):
+    def __init__(self, cfg: ModelConfig, linear: LinearFactory = default_linear,
+                 checkpointing: CheckpointPolicy = CheckpointPolicy()):
         super().__init__()
         self.cfg = cfg
-        self.checkpoint_every = 0  # activation checkpointing: recompute every N-th block in backward (0 = off)
-        self.checkpoint_limit: int | None = None  # ... but at most this many blocks, the lowest ones (None = no cap)
-        self.checkpoint_rng = True  # recompute replays the forward's RNG state (off when nothing is random: graphs)
+        self.checkpointing = checkpointing  # activation checkpointing in training forwards (`set_checkpointing`)
         self.attention_backend = "auto"  # "auto" | "sdpa" | "flex": how packed rows are masked
         self.aux_loss: torch.Tensor | None = None  # MoE load-balancing (+ z) loss of the last training forward
         self.head_linear = F.linear  # the tied LM head's matmul (inference may swap in a GEMV kernel)
@@ -531,17 +555,26 @@ class Transformer(nn.Module):
             args = (x, ropes[i], masks[i], cache, slots) + (() if prefix_kv is None else (prefix_kv[i],))
             if block.training and self.checkpointed(i):
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False,
-                                                      preserve_rng_state=self.checkpoint_rng)
+                                                      preserve_rng_state=self.checkpointing.preserve_rng)
             else:
                 x = block(*args)
         return x
 
+    def set_checkpointing(self, policy: CheckpointPolicy) -> None:
+        """Which blocks recompute their activations in backward from now on (see `CheckpointPolicy`)."""
+        self.checkpointing = policy
+
     def checkpointed(self, layer: int) -> bool:
-        """Is block `layer` recomputed in backward? Every `checkpoint_every`-th block, the lowest `checkpoint_limit`
-        of those only: their activations would live longest, and the blocks above keep theirs (spare memory buys
-        back recompute time)."""
-        every, limit = self.checkpoint_every, self.checkpoint_limit
-        return bool(every) and layer % every == 0 and (limit is None or layer // every < limit)
+        """Is block `layer` recomputed in backward (the `CheckpointPolicy`)?"""
+        return self.checkpointing.applies(layer)
+
+    # shorthands for the policy's fields (scripts and tests set these)
+    checkpoint_every = property(lambda self: self.checkpointing.every,
+                                lambda self, v: self.set_checkpointing(replace(self.checkpointing, every=v)))
+    checkpoint_limit = property(lambda self: self.checkpointing.limit,
+                                lambda self, v: self.set_checkpointing(replace(self.checkpointing, limit=v)))
+    checkpoint_rng = property(lambda self: self.checkpointing.preserve_rng,
+                              lambda self, v: self.set_checkpointing(replace(self.checkpointing, preserve_rng=v)))
 
     def use_flex_attention(self, tokens: torch.Tensor) -> bool:
         """Packed rows use a flex_attention BlockMask on CUDA (sparse: skips other documents' blocks); elsewhere

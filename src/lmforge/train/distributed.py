@@ -142,7 +142,10 @@ def wrap_step(step: StepModule, p: ParallelSection, ds: DistState) -> nn.Module:
     """DDP for zero 0/1, FSDP2 per block (+ root) for zero 2/3 or CPU offload; tensor parallel first if asked."""
     if not ds.enabled:
         return step
-    return wrap_module(step, step.model, list(step.model.layers), p, ds)
+    from ..models.transformer import transformers_in
+
+    backbones = transformers_in(step.model)  # the model, or the backbone of a wrapper (reward model, ...)
+    return wrap_module(step, backbones[0], [b for m in backbones for b in m.layers], p, ds)
 
 
 def averages_gradients_itself(p: ParallelSection, ds: DistState) -> bool:

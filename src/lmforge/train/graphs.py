@@ -43,7 +43,7 @@ def has_dropout(model: nn.Module) -> bool:
 
 def check_capturable(trainer) -> None:
     """Raise a one-line ConfigError naming the setting a captured step cannot honour."""
-    cfg, model = trainer.cfg, trainer.model
+    cfg, model = trainer.cfg, trainer.backbone
     reasons = [
         (cfg.optim.name not in GRAPH_OPTIMIZERS,
          f"optim.name={cfg.optim.name} (its state or learning rate lives on the host; use adamw or adamw_backward)"),

@@ -99,7 +99,7 @@ def release_other_stages(model: nn.Module, stage: PipelineStageModule) -> None:
 
 def check_pipeline(trainer) -> None:
     """What the pipeline path does not support, as one-line errors naming the field and the fix."""
-    cfg, p = trainer.model.cfg, trainer.cfg.parallel
+    cfg, p = trainer.backbone.cfg, trainer.cfg.parallel
     if cfg.tie_embeddings:
         raise ConfigError("parallel.pipeline > 1 needs separate input and output embeddings (this model ties them: "
                           "tie_embeddings); use parallel.tensor or parallel.zero instead")

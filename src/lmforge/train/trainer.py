@@ -7,7 +7,7 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..errors import NonFiniteError
 from ..models.attention import plain_causal
+from ..models.transformer import transformers_in
 from .checkpoint import (is_sharded_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
                          nonfinite_tensors, save_checkpoint, save_sharded_checkpoint)
 from .config import TrainConfig, run_steps
@@ -83,13 +84,19 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
 
-        if self.t.activation_checkpointing:
-            model.checkpoint_every = self.t.checkpoint_every
-            model.checkpoint_limit = self.t.checkpoint_blocks
-        if self.t.compile:
-            for block in model.layers:
-                block.compile()
-        model.checkpoint_rng = has_dropout(model)  # recompute needs the forward's RNG state only if it drew any
+        backbones = transformers_in(model)  # the model, or the Transformer(s) inside a wrapper (reward model, ...)
+        if not backbones:
+            raise ValueError("the trainer needs a model that is or contains a lmforge Transformer")
+        self.backbone = backbones[0]
+        for m in backbones:
+            policy = m.checkpointing
+            if self.t.activation_checkpointing:
+                policy = replace(policy, every=self.t.checkpoint_every, limit=self.t.checkpoint_blocks)
+            # the recompute needs the forward's RNG state only if it drew any
+            m.set_checkpointing(replace(policy, preserve_rng=has_dropout(model)))
+            if self.t.compile:
+                for block in m.layers:
+                    block.compile()
         self.fixed_shapes = self.t.cuda_graphs  # no data-dependent shapes in the step (what a CUDA graph needs)
         self.pad_multiple = PAD_MULTIPLE if self.t.cuda_graphs else None  # collate: few distinct row lengths
         # DDP / FSDP2 / TP wrap the whole step; parameters become DTensors under FSDP/TP, so optimizers come after.

@@ -215,41 +215,44 @@ def test_lora_adapters_load_and_unload_on_a_running_server(tiny, server):
     body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     load = {"lora_name": "sql", "lora_path": str(adapters["lora"])}
 
-    with httpx.Client(base_url=url, timeout=60) as c:
-        assert c.post("/v1/load_lora_adapter", json=load).status_code == 401  # behind the API key
-        r = c.post("/v1/load_lora_adapter", json=load, headers=auth)
-        assert r.status_code == 200, r.text
-        assert "sql" in [m["id"] for m in c.get("/v1/models", headers=auth).json()["data"]]
-        got = c.post("/v1/completions", json={**body, "model": "sql"}, headers=auth).json()
-        assert got["choices"][0]["text"] == want_lora
-
-        again = c.post("/v1/load_lora_adapter", json=load, headers=auth)  # the name is taken: 400, OpenAI schema
-        assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
-        bad = c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(ckpt)}, headers=auth)
-        assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
-        assert c.post("/v1/load_lora_adapter", json={"lora_name": "x"}, headers=auth).status_code == 400
-        gone = c.post("/v1/unload_lora_adapter", json={"lora_name": "nope"}, headers=auth)
-        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
-
-    async def unload_mid_stream() -> str:
-        """A long streamed request with the adapter; the adapter is unloaded after its first tokens."""
+    async def stream_while(request: dict, route: str, payload: dict) -> str:
+        """Stream `request`; after its first tokens, POST `payload` to `route` (200 expected). The streamed text."""
         async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as c:
-            long = {**body, "model": "sql", "max_tokens": 40, "stream": True}
-            text, unloaded = "", False
-            async with c.stream("POST", "/v1/completions", json=long) as r:
+            text, posted = "", False
+            async with c.stream("POST", "/v1/completions", json={**body, **request, "stream": True}) as r:
                 async for line in r.aiter_lines():
                     if not line.startswith("data: {"):
                         continue
                     text += json.loads(line[6:])["choices"][0]["text"]
-                    if not unloaded and len(text) > 0:
-                        un = await c.post("/v1/unload_lora_adapter", json={"lora_name": "sql"})
-                        assert un.status_code == 200, un.text
-                        unloaded = True
-            assert unloaded
+                    if not posted and text:
+                        answer = await c.post(route, json=payload)
+                        assert answer.status_code == 200, answer.text
+                        posted = True
+            assert posted
             return text
 
-    text = asyncio.run(unload_mid_stream())
-    assert text.startswith(want_lora)  # the request in flight kept its adapter to the end
+    with httpx.Client(base_url=url, timeout=60) as c:
+        assert c.post("/v1/load_lora_adapter", json=load).status_code == 401  # behind the API key
+    # loaded while a base-model request streams: the first load wraps and unpacks the linears under it
+    text = asyncio.run(stream_while({"max_tokens": 40}, "/v1/load_lora_adapter", load))
+    assert text == tok.decode(_reference(ckpt, None, tok.encode(prompt), 40))
+    with httpx.Client(base_url=url, timeout=60, headers=auth) as c:
+        assert "sql" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+        got = c.post("/v1/completions", json={**body, "model": "sql"}).json()
+        assert got["choices"][0]["text"] == want_lora
+
+        again = c.post("/v1/load_lora_adapter", json=load)  # the name is taken: 400, OpenAI schema
+        assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
+        bad = c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(ckpt)})
+        assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
+        prefix = c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapters["prefix"])})
+        assert prefix.status_code == 400 and prefix.json()["error"]["param"] == "lora_path"
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "x"}).status_code == 400
+        gone = c.post("/v1/unload_lora_adapter", json={"lora_name": "nope"})
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+
+    # unloaded while a request using it streams: that request keeps it to the end
+    text = asyncio.run(stream_while({"model": "sql", "max_tokens": 40}, "/v1/unload_lora_adapter", {"lora_name": "sql"}))
     assert text == tok.decode(_reference(ckpt, adapters["lora"], tok.encode(prompt), 40))
     with httpx.Client(base_url=url, timeout=60, headers=auth) as c:
         r = c.post("/v1/completions", json={**body, "model": "sql"})
@@ -259,6 +262,41 @@ def test_lora_adapters_load_and_unload_on_a_running_server(tiny, server):
         assert other != want_lora
         assert c.post("/v1/load_lora_adapter", json={**load, "lora_path": str(adapters["lora2"])}).status_code == 200
         assert c.post("/v1/completions", json={**body, "model": "sql"}).json()["choices"][0]["text"] == other
+
+
+def test_engine_adds_and_removes_lora_between_steps_of_running_requests(tiny):
+    """Deterministic at the engine: requests mid-decode keep their output when an adapter is added (linears wrapped
+    under them) or the adapter they use is removed; a removed adapter's slot is not reused while they run."""
+    ckpt, adapters = tiny
+    prompt = list(range(5, 14))
+    model, _ = load_model_and_tokenizer(ckpt, "cpu", "float32")
+    engine = LLM(model, config=EngineConfig(block_size=4, num_blocks=64, max_model_len=64, max_num_seqs=4,
+                                            decode_steps=1)).engine
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+
+    def run(steps_then_act, *requests):
+        ids = [engine.add_request(prompt, params, adapter=a) for a in requests]
+        done, n = {}, 0
+        while len(done) < len(ids):
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+            n += 1
+            if n == 3:
+                steps_then_act()
+        return [done[i] for i in ids]
+
+    base = _reference(ckpt, None, prompt, 12)
+    assert run(lambda: engine.add_adapter("a", str(adapters["lora"])), None) == [base]
+    def swap():  # 'a' is removed under its request, and another adapter loaded: it must not take 'a''s slot
+        engine.remove_adapter("a")
+        engine.add_adapter("c", str(adapters["lora2"]))
+
+    assert run(swap, "a", None) == [_reference(ckpt, adapters["lora"], prompt, 12), base]
+    assert engine.adapters.slots == {"c": 2}
+    engine.add_adapter("a", str(adapters["lora"]))  # nothing runs now: the freed slot 1 is taken again
+    assert engine.adapters.slots == {"c": 2, "a": 1}
+    assert run(lambda: None, "a", "c") == [_reference(ckpt, adapters[n], prompt, 12) for n in ("lora", "lora2")]
 
 
 @pytest.mark.gpu

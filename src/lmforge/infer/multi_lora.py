@@ -83,7 +83,12 @@ class _ShapeOnlyLinear(nn.Module):
 def read_adapter(cfg, adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{native linear path: (A (r, in), B (out, r) * scaling)} of a PEFT LoRA adapter for a model of `cfg`."""
     from ..peft.lora import lora_layers
-    from ..peft.peft_format import load_peft_adapter
+    from ..peft.peft_format import _read_config, load_peft_adapter
+
+    if _read_config(Path(adapter_dir)).get("use_dora"):  # (also refuses what is not a LoRA adapter, in one line)
+        raise CheckpointError(f"'{adapter_dir}' is a DoRA adapter: its magnitude rescales whole output rows, which "
+                              "per-request LoRA slots cannot apply; serve it as the model's --adapter, or merged "
+                              "(lmforge export BASE --adapter DIR)")
 
     with torch.device("meta"):  # embeddings/norms stay weightless; the linears are shape-only CPU stand-ins
         skeleton = Transformer(cfg, linear=lambda name, i, o, bias: _ShapeOnlyLinear(i, o))

@@ -2,6 +2,7 @@
 `lmforge quantize` writes for every method, installs the device's fused kernels, and serves LoRA adapters on top."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 
@@ -113,9 +114,10 @@ def test_every_verb_runs_on_a_quantized_checkpoint(q4, tmp_path, capsys, monkeyp
         assert torch.allclose(full(ids), model(ids), atol=1e-5, rtol=1e-5)
 
 
-def test_lora_adapters_on_a_quantized_base_in_the_engine(q4, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_lora_adapters_on_a_quantized_base_in_the_engine(q4, tmp_path, device):
     """The engine's per-row adapters over quantized linears give what the adapter applied to the quantized model
-    (LoRALinear around each QuantLinear) generates alone."""
+    (LoRALinear around each QuantLinear) generates alone; on CUDA with the device's kernels installed by load_hf."""
     from lmforge.peft.lora import LoraConfig, apply_lora, lora_layers
     from lmforge.peft.peft_format import load_peft_adapter, save_peft_adapter
 
@@ -128,13 +130,13 @@ def test_lora_adapters_on_a_quantized_base_in_the_engine(q4, tmp_path):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
     adapter = save_peft_adapter(m, cfg, tmp_path / "ad")
     prompts = [[5, 9, 13, 2, 7], [3, 4, 8, 100, 31, 22, 17]]
-    base = load_hf(path)
+    base = load_hf(path, device=device)
     plain = [r.token_ids for r in generate(base, prompts, GREEDY)]
     load_peft_adapter(base, adapter)
     want = [r.token_ids for r in generate(base, prompts, GREEDY)]
     assert want != plain
     llm = LLM(str(path), config=EngineConfig(block_size=4, num_blocks=128), adapters={"ad": str(adapter)},
-              device="cpu")
+              device=device, dtype="float32")
     assert all(isinstance(m, QuantLinear) for m in quantized_linears(llm.engine.model).values())
     out = llm.generate(prompts + prompts, GREEDY, adapter=["ad", "ad", None, None])
     assert [o.token_ids for o in out] == want + plain
@@ -148,3 +150,26 @@ def test_group_size_that_does_not_divide_is_one_line_naming_layer_and_fix(ckpt, 
     model = load_hf(ckpt)  # QAT's default group 128 on d_model 64 (was a raw ValueError traceback)
     with pytest.raises(ConfigError, match=r"'layers\.0\.attn\.q_proj' has 64: use group_size=64"):
         apply_qat(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["lmforge", "gptq", "awq"])
+def test_quantized_checkpoints_load_on_cuda_with_its_kernels(q4, tmp_path, fmt):
+    """On CUDA, load_hf installs on every INT4 layer of each format the kernel that verifies there; logits (prefill
+    and one-row decode, bf16) stay close to the CPU model's."""
+    from lmforge.quant.formats import save_format
+
+    model, _ = q4
+    save_format(model, tmp_path / fmt, fmt)
+    loaded = load_hf(tmp_path / fmt, device="cuda", dtype="bfloat16")
+    layers = quantized_linears(loaded)
+    assert layers
+    for layer in layers.values():  # the loader installed whatever kernel verifies here (none where none does)
+        probe = copy.deepcopy(layer)
+        assert (probe.prepare_fast_path(torch.bfloat16) is None) == (layer._fast is None)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids)
+        for got in (loaded(ids.cuda()), loaded(ids[:, :1].cuda())):
+            want = ref[:, : got.shape[1]]
+            assert (got.float().cpu() - want).abs().max() <= 5e-2 * want.abs().max()

@@ -248,6 +248,13 @@ def test_run_eval_end_to_end(tiny, tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| gen |" in md and "| perplexity |" in md
     assert markdown_table(report["results"]).count("\n") >= 8
-    with pytest.raises(ConfigError, match="judge"):
-        run_eval(EvalConfig(model=str(path), tasks=[str(EXAMPLES / "capability_probe.yaml")], output=None,
-                            limit=1), model=lm)
+    # judge tasks without a judge: said before anything runs, the other tasks still run and their results are written
+    probe = EvalConfig(model=str(path), tasks=[str(EXAMPLES / "capability_probe.yaml")], output=str(tmp_path / "p"),
+                       limit=1)
+    assert probe.out == str(tmp_path / "p")  # `output` is the old name of `out`, the key every verb uses
+    with pytest.raises(ConfigError, match=r"2 of 6 tasks not run \(task 'generation' needs a judge"):
+        run_eval(probe, model=lm)
+    saved = json.loads((tmp_path / "p" / "results.json").read_text())["results"]
+    assert [r["task"] for r in saved if "metrics" in r] == ["comprehension", "knowledge", "reasoning", "long_context"]
+    assert [r["task"] for r in saved if "error" in r] == ["generation", "safety"]
+    assert "generation: not run (task 'generation' needs a judge" in (tmp_path / "p" / "results.md").read_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["atomic_dir", "check_replaceable", "MODEL_FILES"]
+__all__ = ["atomic_dir", "atomic_write", "check_replaceable", "MODEL_FILES"]
 
 MODEL_FILES = ("config.json", "adapter_config.json", "model.gguf")  # a model lmforge may replace
 
@@ -26,6 +26,28 @@ def check_replaceable(path: Path, models_only: bool = True) -> None:
     if models_only and path.is_dir() and any(path.iterdir()) and not any((path / f).is_file() for f in MODEL_FILES):
         raise ConfigError(f"output directory {path} exists and is not a model directory (no "
                           f"{' / '.join(MODEL_FILES)}): choose a new path (lmforge replaces only a model there)")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_like_other_files(path: Path) -> None:
+    """Give a written file the permissions `open()` would (0644 under the usual umask): safetensors writes its
+    files 0600, which would leave model.safetensors unreadable to the group and others beside a 0644 config.json."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write one file through a temporary file and a rename (`write(tmp)` fills it), so a crash never leaves half
+    a file behind; the file gets the permissions of any other file the user creates."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    share_like_other_files(tmp)
+    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:
@@ -58,6 +80,7 @@ def atomic_dir(path: str | Path, *, replace_only_models: bool = False) -> Iterat
         raise
     for root, _, files in os.walk(tmp):  # make the bytes durable before the rename publishes them
         for f in files:
+            share_like_other_files(Path(root) / f)
             _fsync(Path(root) / f)
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():

@@ -18,11 +18,7 @@ from pydantic import Field
 from . import __version__
 from .config import Section, format_help, load_config
 from .errors import ConfigError, LmforgeError, did_you_mean
-from .infer import SamplingParams, generate
-from .infer.chat import ChatSession
-from .models.hf import config_from_hf, load_hf
-from .models.presets import PRESETS, preset_config
-from .models.summary import format_summary, model_summary
+from .params import SamplingParams  # torch-free: `lmforge --help` and the verb list never import torch
 
 # ------------------------------------------------------------------------------------------------ configs
 
@@ -110,6 +106,9 @@ def _printer(out) -> Callable[[int, int | None, str], None]:
 
 def run_info(cfg: InfoConfig) -> None:
     from .hub import is_hub_id, resolve_model
+    from .models.hf import config_from_hf
+    from .models.presets import PRESETS, preset_config
+    from .models.summary import format_summary, model_summary
 
     path = resolve_model(cfg.model, cfg.revision) if is_hub_id(cfg.model) else Path(cfg.model)
     if path.exists():
@@ -123,6 +122,8 @@ def run_info(cfg: InfoConfig) -> None:
 
 
 def run_generate(cfg: GenerateConfig) -> None:
+    from .infer import generate
+
     model, tok = _load_model_and_tokenizer(cfg)
     prompt = cfg.prompt if cfg.prompt is not None else sys.stdin.read()
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": prompt}]
@@ -136,6 +137,8 @@ def run_generate(cfg: GenerateConfig) -> None:
 
 def run_chat(cfg: ChatConfig) -> None:
     """Interactive multi-turn chat. Commands: /reset clears the history, /exit (or EOF) quits."""
+    from .infer.chat import ChatSession
+
     model, tok = _load_model_and_tokenizer(cfg)
     if tok.chat_template is None:
         tok.apply_chat_template([{"role": "user", "content": "x"}])  # raises the one-line "no chat template" error
@@ -216,7 +219,7 @@ def run_export(cfg: ExportConfig) -> None:
     from .atomic import atomic_dir, check_replaceable
     from .checkpoint import save_tokenizer_files
     from .hub import resolve_model
-    from .models.hf import save_hf
+    from .models.hf import load_hf, save_hf
     from .peft import adapter_method
     from .quant.model import dequantize_model
 
@@ -296,13 +299,11 @@ def _flag_field(cls: type | None, key: str):
     """The pydantic field a `--key` names in config class `cls` (dotted keys walk nested sections), or None."""
     if cls is None:
         return None
-    from .config import _section_at
+    from .config import _section_at, find_field
 
     *head, last = key.split(".")
     owner = _section_at(cls, tuple(head))
-    if owner is None:
-        return None
-    return next((f for name, f in owner.model_fields.items() if last in (name, f.alias)), None)
+    return None if owner is None else find_field(owner, last)
 
 
 def _takes_value(cls: type | None, key: str, following: str) -> bool:

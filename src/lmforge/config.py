@@ -23,7 +23,8 @@ from pydantic import ConfigDict
 
 from lmforge.errors import ConfigError, did_you_mean
 
-__all__ = ["Section", "parse_overrides", "load_config", "describe", "format_help", "dump_config"]
+__all__ = ["Section", "aliases", "key_names", "find_field", "parse_overrides", "load_config", "describe", "format_help",
+           "dump_config"]
 
 
 class Section(pydantic.BaseModel):
@@ -46,6 +47,25 @@ class Section(pydantic.BaseModel):
             key, bad = where
             raise ValueError(f"{key + ' ' if key else ''}must be a finite number, not {bad}")
         return value
+
+
+def aliases(name: str, *others: str) -> pydantic.AliasChoices:
+    """`Field(validation_alias=aliases("r", "rank", "lora_rank"))`: a key also accepted under the names users type
+    (the field's own name first); `--help` lists them, configs are saved under the field's name."""
+    return pydantic.AliasChoices(name, *others)
+
+
+def key_names(name: str, field: pydantic.fields.FieldInfo) -> list[str]:
+    """Every key that sets this field: its alias or name, then any `aliases(...)` choices."""
+    names = [field.alias or name]
+    if isinstance(field.validation_alias, pydantic.AliasChoices):
+        names += [c for c in field.validation_alias.choices if isinstance(c, str) and c not in names]
+    return names
+
+
+def find_field(owner: type[pydantic.BaseModel], key: str) -> pydantic.fields.FieldInfo | None:
+    """The field of `owner` that `key` sets (by name, alias or an `aliases(...)` choice), or None."""
+    return next((f for n, f in owner.model_fields.items() if key == n or key in key_names(n, f)), None)
 
 
 def _nonfinite_at(value: Any, key: str = "") -> tuple[str, float] | None:
@@ -117,7 +137,7 @@ def _parse_value(text: str) -> Any:
 def _is_text_field(cls: type[Section] | None, parts: list[str]) -> bool:
     """Whether ``parts`` names a ``str`` / ``str | None`` field of ``cls`` (its value must stay the raw text)."""
     owner = _section_at(cls, tuple(parts[:-1])) if cls is not None else None
-    field = owner.model_fields.get(parts[-1]) if owner is not None else None
+    field = find_field(owner, parts[-1]) if owner is not None else None
     return field is not None and field.annotation in (str, str | None, typing.Optional[str])
 
 
@@ -225,7 +245,7 @@ def _error_line(cls: type[Section], exc: pydantic.ValidationError) -> str:
     key = _dotted(loc)
     if err["type"] == "extra_forbidden":
         owner = _section_at(cls, loc[:-1])
-        choices = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
+        choices = [k for n, f in owner.model_fields.items() for k in key_names(n, f)] if owner else []
         best = _suggest(str(loc[-1]), choices) if isinstance(loc[-1], str) else None
         prefix = _dotted(loc[:-1])
         line = f"unknown config key '{key}'"
@@ -301,6 +321,8 @@ def describe(cls: type[Section], prefix: str = "") -> list[tuple[str, str, str, 
             rows.extend(describe(secs[0], prefix=f"{key}."))
         else:
             desc = " ".join((field.description or "").split())
+            if len(names := key_names(name, field)) > 1:
+                desc = f"{desc} (also: {', '.join(names[1:])})".lstrip()
             rows.append((key, _type_name(field.annotation), _default_text(field), desc))
     return rows
 

@@ -5,13 +5,14 @@
   packed rows, ``document_ids`` (-1).
 - ``formats`` (reading and record formats), ``encode`` (labels and loss masks), ``packing`` (rows of documents).
 """
-from lmforge.data.dataset import DataConfig, DataReport, TokenizedDataset, build_datasets, collate
+from lmforge.data.dataset import (DataConfig, DataReport, TokenizedDataset, build_datasets, check_bad_share,
+                                  collate)
 from lmforge.data.encode import IGNORE, Sample, assistant_spans, encode_conversations, encode_documents, fit_length
 from lmforge.data.formats import Conversation, Document, Source, load_examples, parse_record, resolve_sources
 from lmforge.data.packing import pack_samples, plan_rows
 
 __all__ = [
-    "DataConfig", "DataReport", "TokenizedDataset", "build_datasets", "collate",
+    "DataConfig", "DataReport", "TokenizedDataset", "build_datasets", "check_bad_share", "collate",
     "IGNORE", "Sample", "assistant_spans", "encode_conversations", "encode_documents", "fit_length",
     "Conversation", "Document", "Source", "load_examples", "parse_record", "resolve_sources",
     "pack_samples", "plan_rows",

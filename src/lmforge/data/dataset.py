@@ -65,6 +65,9 @@ class DataConfig(Section):
     (unset, .txt entries of a dataset_info.json are read by lines, as LLaMA-Factory does)."""
     chunk_text: bool = True
     """Pretraining: split documents longer than max_seq_len into max_seq_len chunks instead of truncating them."""
+    max_bad_row_share: float = Field(0.1, ge=0.0, le=1.0)
+    """Largest share of bad rows (broken JSON, bytes that are not UTF-8, unreadable records) training accepts:
+    above it the run stops before training with the counts and the first bad rows (1.0 = never stop)."""
 
     mix: list[MixSource] = []
     """Several datasets sampled by weight instead of `path`, e.g. [{path: domain.jsonl, weight: 1}, {path:
@@ -233,6 +236,17 @@ def _encode(examples: list, tokenizer, cfg: DataConfig, report: DataReport) -> t
         return TokenizedDataset.from_samples(fitted), len(fitted), 0.0
     rows, efficiency = pack_samples(fitted, cfg.max_seq_len)
     return TokenizedDataset(rows), len(fitted), efficiency
+
+
+def check_bad_share(report: DataReport, limit: float) -> None:
+    """One-line ConfigError when more than `limit` of the rows read are bad: a file that is mostly broken is the
+    wrong file (or a wrong format), not a few rows to skip; training on what is left would silently waste the run."""
+    if report.bad_row_count == 0 or report.bad_row_count <= limit * report.records_read:
+        return
+    first = "; ".join(f"{f}:{row}: {why}" for f, row, why in report.bad_rows[:3])
+    raise ConfigError(f"{report.bad_row_count:,} of {report.records_read:,} data rows are bad "
+                      f"({report.bad_row_count / max(report.records_read, 1):.0%}, above data.max_bad_row_share="
+                      f"{limit:g}); first: {first}. Fix the file or raise data.max_bad_row_share")
 
 
 def build_datasets(cfg: DataConfig, tokenizer) -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:

@@ -10,8 +10,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ..config import Section
-from ..errors import ConfigError
+from ..atomic import atomic_write
+from ..config import Section, aliases
+from ..errors import ConfigError, LmforgeError
 from ..infer import SamplingParams
 from . import metrics as M
 from .judge import Judge
@@ -38,8 +39,8 @@ class EvalConfig(Section):
     """Built-in template name or Jinja text, when the checkpoint has none (tasks with chat: true)."""
     judge_model: str | None = None
     """Default judge checkpoint for judge tasks that name none."""
-    output: str | None = "runs/eval"
-    """Directory for results.json and results.md (None = print only)."""
+    out: str | None = Field("runs/eval", validation_alias=aliases("out", "output"))
+    """Directory for results.json and results.md, rewritten after every task (None = print only)."""
     samples: int = Field(3, ge=0)
     """Example outputs kept per task in results.json."""
     seed: int = 0
@@ -256,39 +257,84 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _missing_requirement(task: Task, cfg: EvalConfig) -> str | None:
+    """Why `task` cannot run with this config (checked for every task before any runs), or None."""
+    if task.type == "judge" and not (task.judge.model or cfg.judge_model):
+        return f"task '{task.name}' needs a judge: set judge.model in the task or judge_model=DIR"
+    return None
+
+
+def _write_report(cfg: EvalConfig, report: dict) -> None:
+    """results.json + results.md, each replaced whole (written after every task: finished results are never lost)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table([r for r in report["results"] if "metrics" in r])
+    not_run = [f"- {r['task']}: not run ({r['error']})" for r in report["results"] if "error" in r]
+    md = "\n\n".join([f"# lmforge eval: {cfg.model}", table, *(["\n".join(not_run)] if not_run else [])]) + "\n"
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(
+        json.dumps(report, indent=2, ensure_ascii=False, default=str)))
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(md))
+
+
+def _run_one(task: Task, cfg: EvalConfig, model: EvalModel, judges: dict, failed: dict) -> dict:
+    """One task's result, or its error (recorded in `failed`): one broken task (a judge that fails to load ...)
+    does not lose the others."""
+    try:
+        judge = None
+        if task.type == "judge":
+            path = task.judge.model or cfg.judge_model
+            if path not in judges:
+                judges[path] = model if path == cfg.model else LocalModel.load(
+                    path, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+            judge = judges[path]
+        res = evaluate_task(model, task, limit=cfg.limit, seed=cfg.seed, judge_model=judge, samples=cfg.samples)
+    except LmforgeError as e:
+        failed[task.name] = f"task '{task.name}': {e}"
+        print(f"[eval] {task.name} failed: {e}", flush=True)
+        return {"task": task.name, "type": task.type, "category": task.category, "error": str(e)}
+    shown = ", ".join(f"{k} {_fmt(v)}" for k, v in res["metrics"].items())
+    print(f"[eval] {task.name} ({task.type}, n={res['n']}, {res['seconds']}s): {shown}", flush=True)
+    return res
+
+
 def run_eval(cfg: EvalConfig, model: EvalModel | None = None) -> dict:
-    """Load the model (unless given), run every task, write results.json + results.md; return the results."""
+    """Load the model (unless given), run every task, write results.json + results.md; return the results.
+
+    Every task's requirements are checked before any runs: a task that cannot run (a judge task without a judge)
+    is reported at once and skipped, the others run, and the run ends with a one-line error naming what was
+    skipped. A task that fails while running is recorded the same way. Results are written after every task."""
     tasks = [t for path in cfg.tasks for t in load_tasks(path)]
     if not tasks:
         raise ConfigError("no tasks: pass task files (YAML or JSONL)")
     for t in tasks:  # fail on a broken file before loading any weights
         t.load_rows()
+    missing = {t.name: why for t in tasks if (why := _missing_requirement(t, cfg))}
+    for why in missing.values():
+        print(f"[eval] skipping: {why}", flush=True)
+    if len(missing) == len(tasks):
+        raise ConfigError("; ".join(missing.values()))
     if model is None:
         model = LocalModel.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.batch_size, cfg.chat_template,
                                 cfg.revision)
     judges: dict[str, EvalModel] = {}
-    results = []
+    report = {"model": cfg.model, "adapter": cfg.adapter, "config": cfg.model_dump(mode="json"), "results": []}
+    failed = dict(missing)
     for task in tasks:
-        judge = None
-        if task.type == "judge":
-            path = task.judge.model or cfg.judge_model
-            if path is not None and path not in judges:
-                judges[path] = model if path == cfg.model else LocalModel.load(
-                    path, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
-            judge = judges.get(path)
-        res = evaluate_task(model, task, limit=cfg.limit, seed=cfg.seed, judge_model=judge, samples=cfg.samples)
-        results.append(res)
-        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in res["metrics"].items())
-        print(f"[eval] {task.name} ({task.type}, n={res['n']}, {res['seconds']}s): {shown}", flush=True)
-    table = markdown_table(results)
-    report = {"model": cfg.model, "adapter": cfg.adapter, "config": cfg.model_dump(mode="json"), "results": results}
-    if cfg.output:
-        out = Path(cfg.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
-        (out / "results.md").write_text(f"# lmforge eval: {cfg.model}\n\n{table}\n")
-        print(f"[eval] wrote {out / 'results.json'} and {out / 'results.md'}")
-    print(table)
+        if task.name in missing:
+            res = {"task": task.name, "type": task.type, "category": task.category, "error": missing[task.name]}
+        else:
+            res = _run_one(task, cfg, model, judges, failed)
+        report["results"].append(res)
+        if cfg.out:
+            _write_report(cfg, report)
+    if cfg.out:
+        print(f"[eval] wrote {Path(cfg.out) / 'results.json'} and {Path(cfg.out) / 'results.md'}")
+    print(markdown_table([r for r in report["results"] if "metrics" in r]))
+    if failed:
+        ran = len(tasks) - len(failed)
+        raise ConfigError(f"{len(failed)} of {len(tasks)} tasks not run ({'; '.join(failed.values())}); the "
+                          f"{ran} other{'s' if ran != 1 else ''} finished" +
+                          (f" and are in {Path(cfg.out) / 'results.json'}" if cfg.out else ""))
     return report
 
 

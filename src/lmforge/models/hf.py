@@ -7,7 +7,6 @@ shard into it, so a checkpoint never sits in memory twice. Saving shards at a si
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..atomic import atomic_write as _atomic_write
 from ..errors import CheckpointError
 from .config import ModelConfig
 from . import gguf
@@ -179,12 +179,6 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     conv = converter_for(cfg.arch)
     dtype_name = str(dtype).removeprefix("torch.")
     return {"architectures": [cfg.arch], **conv.config_to_hf(cfg), "torch_dtype": dtype_name}
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_hf(

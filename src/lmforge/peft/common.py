@@ -7,7 +7,6 @@ plus ``adapter_model.safetensors`` holding only the method's tensors under their
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_write
 from ..errors import CheckpointError, ConfigError
 from .lora import _set_module, linear_modules, replace_with_merged, select_targets, swapped_for_merged
 
@@ -53,13 +53,6 @@ def layer_index(path: str) -> int | None:
     """Transformer block index in a module path ('layers.3.attn.q_proj' -> 3), None outside the blocks."""
     m = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
     return int(m[1]) if m else None
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file behind."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_adapter_dir(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..config import Section
+from ..config import Section, aliases
 from ..errors import CheckpointError, ConfigError
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "merge_lora", "merged", "lora_layers", "lora_state_dict",
@@ -35,11 +35,11 @@ OUTPUT_HEAD = "lm_head"  # native path of the output layer, which "all-linear" l
 class LoraConfig(Section):
     """Which linears get a LoRA update and how it is shaped and scaled."""
 
-    r: int = Field(8, ge=1)
+    r: int = Field(8, ge=1, validation_alias=aliases("r", "rank", "lora_rank"))
     """Rank of the update: A is (r, in_features), B is (out_features, r)."""
-    alpha: float = Field(16, gt=0)
+    alpha: float = Field(16, gt=0, validation_alias=aliases("alpha", "lora_alpha"))
     """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, validation_alias=aliases("dropout", "lora_dropout"))
     """Dropout on the LoRA branch's input, active in training mode only."""
     target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Linears to wrap: names matching a path's last components (q_proj, attn.o_proj) or a full path, a single

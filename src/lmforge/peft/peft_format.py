@@ -9,7 +9,6 @@ flags that with fan_in_fan_out), so only the module names need translating, thro
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_write as _atomic_write
 from ..errors import CheckpointError, ConfigError
 from ..models.converters import Converter, _pattern, converter_for
 from .lora import (OUTPUT_HEAD, LoraConfig, apply_lora, compact_targets, linear_modules, load_tensors_into,
@@ -31,12 +31,6 @@ PREFIX = "base_model.model."  # PEFT's PeftModelForCausalLM -> LoraModel -> the 
 # adapter_config.json settings lmforge cannot reproduce yet: reading them silently would give different logits.
 UNSUPPORTED = ("lora_bias", "bias", "alpha_pattern", "layers_to_transform",
                "exclude_modules", "target_parameters", "trainable_token_indices", "layer_replication")
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _hf_names(conv: Converter, model: nn.Module) -> dict[str, str | None]:

@@ -302,6 +302,13 @@ def _prepare_chat(state: ServerState, raw: bytes) -> _Prepared:
 # ----------------------------------------------------------------------------------------------- app
 
 
+NOT_ENABLED = {  # routes `lmforge serve` mounts only when a setting asks for them → how to turn them on
+    "/v1/embeddings": "this server does not serve embeddings; start it with --embeddings minilm (or st:DIR, "
+                      "lmforge:DIR)",
+    "/chat": "the chat page is off; start the server with --ui",
+}
+
+
 class _App(FastAPI):
     """FastAPI whose `RequestGuard` stays the outermost middleware, whatever is added after `create_app` (the tools
     middleware reads bodies: the key check and the size cap must come first)."""
@@ -335,6 +342,8 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
     async def _http_error(request: Request, e: StarletteHTTPException):
         message = {404: f"Invalid URL ({request.method} {request.url.path})",
                    405: f"Method {request.method} is not allowed for {request.url.path}"}.get(e.status_code, e.detail)
+        if e.status_code == 404 and request.url.path in NOT_ENABLED:  # a route a setting turns on: say which
+            message = f"{message}: {NOT_ENABLED[request.url.path]}"
         return OpenAIError(e.status_code, str(message)).response()
 
     @app.exception_handler(LmforgeError)

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import save_tokenizer_files
 from ..config import dump_config
-from ..data import build_datasets
+from ..data import build_datasets, check_bad_share
 from ..data.mixing import MixedDataset
 from ..errors import ConfigError, NonFiniteError
 from ..models import ModelConfig, Transformer, load_hf, preset_config
@@ -88,6 +88,7 @@ def run_training(cfg: TrainConfig) -> dict:
 
     train_data, val_data, report = build_datasets(cfg.data, tokenizer)
     say(report.summary())
+    check_bad_share(report, cfg.data.max_bad_row_share)  # a mostly broken file stops here, before any training
     if len(train_data) == 0:
         raise ConfigError("data: no usable training samples (see the report above)")
 

@@ -43,7 +43,7 @@ def test_embeddings_404_says_how_to_turn_them_on():
 
     from lmforge.serve.app import create_app
 
-    client = TestClient(create_app(engine=None, tokenizer=None, model_name="m"))
+    client = TestClient(create_app(engine=None, tokenizer=None, model_name="m", runtime_lora=False))  # routes only
     r = client.post("/v1/embeddings", json={"input": "hi", "model": "m"})
     assert r.status_code == 404
     error = r.json()["error"]  # OpenAI's error schema, not FastAPI's {"detail": ...}

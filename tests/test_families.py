@@ -338,14 +338,14 @@ def test_lora_training_run_lowers_the_loss_and_its_adapter_loads_in_peft(arch, s
 
 
 def test_gguf_export_refuses_block_variants_llama_cpp_llama_arch_lacks(tmp_path):
-    """GGUF export writes llama.cpp's 'llama' architecture: a model with qk-norm, sandwich norms, soft-caps or yarn
-    would load there as a different model, so it is refused, naming the fields."""
+    """A LlamaForCausalLM exports as llama.cpp's 'llama' architecture: a model with qk-norm, sandwich norms, soft-caps
+    or dynamic RoPE would load there as a different model, so it is refused, naming the fields."""
     from lmforge.errors import ConfigError
     from lmforge.quant.gguf_export import export_gguf
 
     for fields, named in ((dict(qk_norm="head"), "qk_norm='head'"),
                           (dict(norm_placement="sandwich", attn_logit_softcap=50.0), "norm_placement='sandwich'"),
-                          (dict(rope_scaling=dict(type="yarn", factor=4.0)), "rope_scaling.type='yarn'")):
+                          (dict(rope_scaling=dict(type="dynamic", factor=4.0)), "rope_scaling.type='dynamic'")):
         model = Transformer(ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, **fields))
         with pytest.raises(ConfigError, match=named):
             export_gguf(model, tmp_path / "m.gguf")

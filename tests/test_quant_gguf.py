@@ -13,6 +13,7 @@ gguf = pytest.importorskip("gguf")
 from lmforge.config import load_config  # noqa: E402
 from lmforge.errors import ConfigError  # noqa: E402
 from lmforge.models import Transformer, load_hf  # noqa: E402
+from lmforge.models.config import ModelConfig  # noqa: E402
 from lmforge.quant import Int4Linear, Int8Linear, load_quantized  # noqa: E402
 from lmforge.quant.gguf_export import export_gguf  # noqa: E402
 from lmforge.quant.run import QuantizeConfig, run_quantize  # noqa: E402
@@ -123,11 +124,17 @@ def test_quantized_export_metadata_and_values(ckpt, tmp_path, qtype, rel_rms_bou
 
 
 def test_gguf_export_refuses_other_architectures(tmp_path):
-    ck = make_tiny_checkpoint(tmp_path / "gpt2", arch="GPT2LMHeadModel")
-    with pytest.raises(ConfigError, match="llama.cpp's 'llama' architecture; this model has pos='learned'"):
-        export_gguf(ck, tmp_path / "x.gguf")
+    model = Transformer(ModelConfig(arch="GlmForCausalLM", vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                    rope_interleaved=True, rotary_fraction=0.5))
+    with pytest.raises(ConfigError, match="no llama.cpp architecture for GlmForCausalLM"):
+        export_gguf(model, tmp_path / "x.gguf")
+    gpt2 = Transformer(ModelConfig(arch="GPT2LMHeadModel", vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32))
+    with pytest.raises(ConfigError, match="llama.cpp's 'gpt2' architecture for GPT2LMHeadModel; this model has "
+                                          "norm='rms' \\(needs 'layer'\\)"):
+        export_gguf(gpt2, tmp_path / "x.gguf")
     with pytest.raises(ConfigError, match="gguf type 'q5_k' is not supported"):
-        export_gguf(ck, tmp_path / "x.gguf", qtype="q5_k")
+        export_gguf(gpt2, tmp_path / "x.gguf", qtype="q5_k")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_quantize_run_gptq_with_calibration_file_and_gguf(ckpt, tmp_path, capsys):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from . import __version__
 from .config import Section, format_help, load_config
@@ -167,13 +167,25 @@ class ExportConfig(Section):
     adapter: str | None = None
     """Adapter directory to merge in (LoRA, DoRA, IA3, AdaLoRA, BitFit ...); prefix/prompt methods and Houlsby
     adapters cannot be merged: they are copied to OUT/adapter beside the base. Omit to convert `base`."""
-    out: str = Field(description="where to write the HF checkpoint")
+    out: str = Field(description="where to write the HF checkpoint directory, or the .gguf file with format=gguf")
     revision: str | None = None
     """Branch, tag or commit of a Hugging Face id (default: main)."""
-    format: Literal["hf"] = "hf"
-    """Output format: hf = config.json + safetensors + tokenizer files (transformers and lmforge load it)."""
+    format: Literal["hf", "gguf"] = "hf"
+    """Output format: hf = config.json + safetensors + tokenizer files (transformers and lmforge load it); gguf = one
+    file llama.cpp / Ollama run (see quant)."""
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m",
+                   "q6_k"] = "q8_0"
+    """format=gguf: weight type (llama.cpp names, any case): f32/f16/bf16, q8_0, q4_0/q4_1/q5_0/q5_1, K-quants
+    q4_k_m (the usual pick), q4_k_s, q5_k_m, q5_k_s, q6_k."""
+    pre_tokenizer: str | None = None
+    """format=gguf: llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when detection cannot tell (llama-bpe, qwen2...)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the written weights; auto = the base checkpoint's (float32 for a quantized GGUF)."""
+
+    @field_validator("quant", mode="before")
+    @classmethod
+    def _lower(cls, v):
+        return v.lower() if isinstance(v, str) else v
 
 
 def train_config_class(config: str | None, overrides: list[str]) -> type:
@@ -226,6 +238,10 @@ def run_export(cfg: ExportConfig) -> None:
     base, out = resolve_model(cfg.base, cfg.revision), Path(cfg.out)
     adapter = resolve_model(cfg.adapter, marker="adapter_config.json") if cfg.adapter is not None else None
     method = adapter_method(adapter) if adapter is not None else None  # an unreadable adapter fails before loading
+    if cfg.format == "gguf":
+        return _export_gguf(cfg, base, adapter, method)
+    if cfg.pre_tokenizer is not None or cfg.quant != "q8_0":
+        raise ConfigError("quant and pre_tokenizer apply to format=gguf; add --format gguf")
     check_replaceable(out)  # before the slow part: out must be new, empty, or an earlier export
     dtype = None if cfg.dtype == "auto" else cfg.dtype
     model = dequantize_model(load_hf(base, dtype=dtype))  # a quantized base is written in full precision
@@ -246,6 +262,27 @@ def run_export(cfg: ExportConfig) -> None:
         print(f"{cfg.adapter} is a {method.name} adapter ({method.trains}), which cannot be merged into weights: "
               f"wrote the base model to {cfg.out} and the adapter beside it to {out / 'adapter'}; use both with "
               f"`lmforge generate {cfg.out} --adapter {out / 'adapter'}`")
+
+
+def _export_gguf(cfg: ExportConfig, base: Path, adapter: Path | None, method) -> None:
+    """`export --format gguf`: one .gguf file (a mergeable adapter folded in first when given)."""
+    from .quant.gguf_export import export_gguf
+    from .quant.model import dequantize_model
+
+    out = Path(cfg.out)
+    if out.is_dir() or out.suffix.lower() != ".gguf":
+        raise ConfigError(f"out '{cfg.out}' must be a .gguf file path for format=gguf (e.g. model-q4_k_m.gguf)")
+    if method is not None and not method.mergeable:
+        raise ConfigError(f"{cfg.adapter} is a {method.name} adapter, which cannot be merged into weights; llama.cpp "
+                          "runs merged models only: export format=hf and use the adapter with lmforge")
+    model = dequantize_model(load_hf(base, dtype="float32"))
+    if method is not None:
+        method.load(model, adapter)
+        method.merge(model)  # folded into plain weights: what llama.cpp runs
+    export_gguf(model, out, tokenizer_dir=base, qtype=cfg.quant, name=Path(cfg.base).stem,
+                pre_tokenizer=cfg.pre_tokenizer)
+    print(f"{cfg.base}{f' + {cfg.adapter}' if cfg.adapter else ''} → {out} (gguf {cfg.quant}, "
+          f"{out.stat().st_size / 2**20:.1f} MiB)")
 
 
 def run_quickstart_verb(cfg) -> None:

@@ -1,24 +1,34 @@
-"""GGUF export for llama.cpp (Llama-family models), written with the `gguf` package.
+"""GGUF export for llama.cpp: every family lmforge loads whose architecture llama.cpp has, F32 to the K-quants.
 
-What llama.cpp's ``llama`` architecture expects, and what this writes:
+``export_gguf(model_or_checkpoint, "m.gguf", qtype="q4_k_m")`` writes one file llama.cpp (and Ollama, LM Studio ...)
+runs. What it holds:
 
-- metadata: ``general.*``, ``llama.*`` hyper-parameters (context, widths, heads, RoPE base and dims, RMS eps, vocab
-  size, Llama-3 or linear RoPE scaling), ``general.file_type``;
-- the tokenizer from ``tokenizer.json`` as a ``gpt2`` (byte-level BPE) vocabulary: tokens in id order, token types
-  (control for special tokens, unused for padding rows the model has beyond the tokenizer), merges, bos/eos/pad ids,
-  and the chat template;
-- tensors under llama.cpp names (``token_embd``, ``blk.N.attn_q`` ... ``output``). Q and K rows are permuted from
-  the half-split RoPE layout Hugging Face (and lmforge) store to the adjacent-pair layout llama.cpp rotates:
-  per head, rows (i, i + d/2) become rows (2i, 2i + 1). Llama-3 RoPE scaling becomes ``rope_freqs`` (the per-
-  frequency divisors) as llama.cpp reads it.
+- ``general.architecture`` chosen from the model's HF architecture (``ARCHS``: Llama and Mistral -> ``llama``,
+  Qwen 2/3 (MoE) -> ``qwen2``/``qwen3``/``qwen3moe``/``qwen2moe``, Gemma 1/2/3, OLMo 2, Phi-2/3, GPT-2, BLOOM,
+  SmolLM3), after checking that llama.cpp's graph for that architecture computes this model: every ModelConfig
+  field its graph hard-codes (norm kind and placement, activation, biases, qk-norm, soft-caps, the sliding-window
+  layer pattern, the attention scale ...) must match, else one error names the fields;
+- ``{arch}.*`` hyper-parameters: widths, heads, head dims, context, RoPE dims/base/scaling (linear, yarn, Llama 3's as
+  a ``rope_freqs`` tensor), norm epsilon, sliding window, soft-caps, expert counts;
+- the vocabulary (see ``gguf_vocab``): tokens, merges, special ids, the detected ``tokenizer.ggml.pre`` and the chat
+  template;
+- the weights under llama.cpp's tensor names (checked against ``gguf.MODEL_TENSORS`` for the architecture), with the
+  layout changes llama.cpp expects: q/k rows permuted to adjacent-pair RoPE for the ``llama``/``smollm3`` graphs,
+  Gemma's RMSNorm weights stored as 1 + w, q/k/v fused for GPT-2/BLOOM/Phi-3 (and Phi-3's gate|up), MoE experts
+  stacked into one 3-D tensor per projection.
 
-Types: ``f32``, ``f16``, ``bf16``, ``q8_0`` (blocks of 32: one f16 scale, 32 int8) and ``q4_0`` (blocks of 32: one
-f16 scale, 32 4-bit codes with offset 8), quantized by ``gguf.quants``; 2-D weights take the type, norms stay f32.
-A model quantized with lmforge is exported from its dequantized weights.
+Types (``GGUF_TYPES``): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (quantized by ``gguf.quants``) and q4_k_s,
+q4_k_m, q5_k_s, q5_k_m, q6_k (``kquants``). Norms, biases and routers stay f32. The _M mixes follow llama.cpp's
+recipe: the output layer (the tied embedding when there is none) in Q6_K, attn_v and ffn_down in Q6_K on the first and
+last eighth of the layers and every third between, the rest in the base type. A row that does not fill whole K-quant
+blocks of 256 falls back as llama.cpp's quantizer does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; rows not a multiple
+of 32 stay f16). A model quantized with lmforge is exported from its dequantized weights.
 """
 from __future__ import annotations
 
-import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +39,15 @@ from ..models.gguf import permute_rope_rows, unpermute_rope_rows  # noqa: F401  
 from ..models.positions import rope_inv_freq
 from ..models.transformer import Transformer
 
-__all__ = ["export_gguf", "GGUF_TYPES", "permute_rope_rows", "unpermute_rope_rows"]
+__all__ = ["export_gguf", "GGUF_TYPES", "ARCHS", "gguf_arch", "permute_rope_rows", "unpermute_rope_rows"]
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m",
+              "q6_k")
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
+               "q4_k_s": "MOSTLY_Q4_K_S", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_s": "MOSTLY_Q5_K_S",
+               "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
 
 
 def _gguf():
@@ -42,108 +58,297 @@ def _gguf():
     return gguf
 
 
-def _check_llama(cfg) -> None:
-    problems = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in
-                (("pos", "rope"), ("norm", "rms"), ("mlp", "swiglu"), ("act", "silu"), ("qkv_bias", False),
-                 ("out_bias", False), ("mlp_bias", False), ("embed_norm", False), ("rotary_fraction", 1.0),
-                 ("rope_interleaved", False), ("parallel_block", False), ("norm_weight_offset", 0.0),
-                 ("scale_embeddings", False), ("qk_norm", "none"), ("norm_placement", "pre"), ("attn_scale", None),
-                 ("attn_logit_softcap", None), ("final_logit_softcap", None), ("nope_layers", ()),
-                 ("rope_local_theta", None), ("sliding_window", None),
-                 ("attention", "gqa"), ("attn_sinks", False), ("attn_chunk", None))
-                if getattr(cfg, k) != v]
-    if cfg.rope_scaling is not None and cfg.rope_scaling.type not in ("linear", "llama3"):
-        problems.append(f"rope_scaling.type={cfg.rope_scaling.type!r} (needs linear or llama3)")
+# ---------------------------------------------------------------------------------------------------------------
+# Architectures: what llama.cpp's graph for each one hard-codes, as ModelConfig values
+# ---------------------------------------------------------------------------------------------------------------
+
+_ANY = object()
+
+# A plain pre-norm RoPE decoder with SwiGLU: what every llama.cpp graph below assumes unless it says otherwise.
+_BASE = dict(norm="rms", norm_weight_offset=0.0, mlp="swiglu", act="silu", parallel_block=False,
+             scale_embeddings=False, glu_limit=None, attention="gqa", attn_sinks=False, attn_chunk=None,
+             attn_temperature_tuning=False, pos="rope", rotary_fraction=1.0, rope_interleaved=False, qk_norm="none",
+             norm_placement="pre", attn_scale=None, attn_logit_softcap=None, final_logit_softcap=None,
+             nope_layers=(), rope_local_theta=None, qkv_bias=False, out_bias=False, mlp_bias=False, embed_norm=False,
+             lm_head_bias=False, sliding_window=None)
+_GELU_LN = dict(norm="layer", mlp="gelu", act="gelu_tanh", qkv_bias=True, out_bias=True, mlp_bias=True)
+_GEMMA = dict(norm_weight_offset=1.0, scale_embeddings=True, act="gelu_tanh", tie_embeddings=True)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One llama.cpp architecture as lmforge writes it.
+
+    `fixed`: ModelConfig fields and the value the graph computes with (`_ANY`: any value, written as metadata).
+    `permute_qk`: llama.cpp rotates adjacent pairs here (its "normal" RoPE), so q/k rows are permuted per head.
+    `norm_offset`: norms are stored as offset + w (Gemma). `fused_qkv` / `fused_gate_up`: one attn_qkv tensor / one
+    ffn_up of [gate; up]. `moe`: the MoE shape the graph has (None: none), `window`: sliding-window metadata kept.
+    """
+
+    name: str
+    fixed: dict = field(default_factory=dict)
+    permute_qk: bool = False
+    norm_offset: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    moe: str | None = None  # "plain" (Mixtral/Qwen3-MoE: top-k renormalized), "shared" (Qwen2-MoE)
+    window: bool = False
+    rope_scalings: tuple[str, ...] = ("linear", "yarn")
+
+
+def _arch(name: str, **kw) -> Arch:
+    fixed = {**_BASE, **kw.pop("fixed", {})}
+    return Arch(name, fixed, **kw)
+
+
+_LLAMA = _arch("llama", permute_qk=True, fixed=dict(sliding_window=_ANY), rope_scalings=("linear", "llama3", "yarn"))
+_MIXTRAL = _arch("llama", permute_qk=True, moe="plain", fixed=dict(mlp="moe", sliding_window=_ANY),
+                 rope_scalings=("linear", "llama3", "yarn"))
+_QWEN2 = _arch("qwen2", fixed=dict(qkv_bias=_ANY))
+_GEMMA2_FIXED = dict(**_GEMMA, norm_placement="sandwich", attn_scale=_ANY, attn_logit_softcap=_ANY,
+                     final_logit_softcap=_ANY, sliding_window=_ANY)
+
+ARCHS: dict[str, Arch] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "MixtralForCausalLM": _MIXTRAL,
+    "Qwen2ForCausalLM": _QWEN2,
+    "Qwen2MoeForCausalLM": _arch("qwen2moe", moe="shared", fixed=dict(mlp="moe", qkv_bias=_ANY)),
+    "Qwen3ForCausalLM": _arch("qwen3", fixed=dict(qk_norm="head")),
+    "Qwen3MoeForCausalLM": _arch("qwen3moe", moe="plain", fixed=dict(mlp="moe", qk_norm="head")),
+    "GemmaForCausalLM": _arch("gemma", norm_offset=True, fixed=_GEMMA),
+    "Gemma2ForCausalLM": _arch("gemma2", norm_offset=True, window=True, fixed=_GEMMA2_FIXED),
+    "Gemma3ForCausalLM": _arch("gemma3", norm_offset=True, window=True,
+                               fixed={**_GEMMA2_FIXED, "qk_norm": "head", "attn_logit_softcap": None,
+                                      "final_logit_softcap": None, "rope_local_theta": _ANY, "tie_embeddings": _ANY}),
+    "Olmo2ForCausalLM": _arch("olmo2", fixed=dict(norm_placement="post", qk_norm="proj")),
+    "Phi3ForCausalLM": _arch("phi3", fused_qkv=True, fused_gate_up=True, window=True,
+                             fixed=dict(rotary_fraction=_ANY, sliding_window=_ANY)),
+    "PhiForCausalLM": _arch("phi2", fixed=dict(**_GELU_LN, parallel_block=True, rotary_fraction=_ANY,
+                                               lm_head_bias=True)),
+    "GPT2LMHeadModel": _arch("gpt2", fused_qkv=True, fixed=dict(**_GELU_LN, pos="learned", rotary_fraction=_ANY,
+                                                                rope_interleaved=_ANY)),
+    "BloomForCausalLM": _arch("bloom", fused_qkv=True, fixed=dict(**_GELU_LN, pos="alibi", embed_norm=True,
+                                                                  rotary_fraction=_ANY, rope_interleaved=_ANY)),
+    "SmolLM3ForCausalLM": _arch("smollm3", permute_qk=True, fixed=dict(nope_layers=_ANY),
+                                rope_scalings=("linear", "llama3", "yarn")),
+}
+ARCHS["Gemma3ForConditionalGeneration"] = ARCHS["Gemma3ForCausalLM"]
+
+
+def _problems(cfg, arch: Arch) -> list[str]:
+    """Every way `cfg` differs from what llama.cpp's `arch.name` graph computes (empty: it runs this model)."""
+    out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in arch.fixed.items()
+           if v is not _ANY and getattr(cfg, k) != v]
+    s = cfg.rope_scaling
+    if s is not None and s.type not in arch.rope_scalings:
+        out.append(f"rope_scaling.type={s.type!r} (needs one of {', '.join(arch.rope_scalings)})")
+    if s is not None and s.type == "yarn" and (s.attention_factor is not None or s.mscale is not None or not s.truncate
+                                               or (s.beta_fast, s.beta_slow) != (32.0, 1.0)):
+        out.append("rope_scaling yarn with a custom attention_factor/mscale/betas (llama.cpp uses the defaults)")
+    if cfg.rope_local_scaling is not None:
+        out.append("rope_local_scaling (llama.cpp's local layers have no scaling)")
+    n = cfg.n_layers
+    if arch.name == "gemma2":
+        want = tuple(i for i in range(n) if i % 2 == 0)  # llama.cpp: even layers slide
+        if cfg.sliding_window is not None and _windowed(cfg) != want:
+            out.append(f"sliding_window_layers={_windowed(cfg)} (llama.cpp's gemma2 slides on {want})")
+    if arch.name == "gemma3":
+        want = tuple(i for i in range(n) if (i + 1) % 6)  # llama.cpp: five sliding layers, then a global one
+        if cfg.sliding_window is None or _windowed(cfg) != want:
+            out.append(f"sliding_window_layers={_windowed(cfg)} (llama.cpp's gemma3 slides on {want})")
+        if cfg.sliding_window is not None and (cfg.rope_local_theta or cfg.rope_theta) != 10000.0:
+            out.append(f"rope_local_theta={cfg.rope_local_theta!r} (llama.cpp's gemma3 uses 10000)")
+    if arch.name in ("gemma2", "gemma3"):  # llama.cpp scales q.k by head_dim**-0.5 (27B sizes: (d/heads)**-0.5)
+        big = n == (46 if arch.name == "gemma2" else 62)
+        want = (cfg.d_model // cfg.n_heads if big else cfg.dim_per_head) ** -0.5
+        if abs(cfg.softmax_scale - want) > 1e-6 * want:
+            out.append(f"attn_scale={cfg.attn_scale!r} (llama.cpp's {arch.name} uses {want:.6g})")
+    if arch.name == "smollm3":
+        want = tuple(i for i in range(n) if (i + 1) % 4 == 0)
+        if cfg.nope_layers != want:
+            out.append(f"nope_layers={cfg.nope_layers} (llama.cpp's smollm3 skips RoPE on {want})")
+    if arch.name in ("llama", "qwen2", "qwen2moe", "smollm3") and cfg.sliding_window_layers is not None:
+        out.append("sliding_window_layers (llama.cpp's graph has no per-layer windows here)")
+    if arch.moe is not None:
+        out += _moe_problems(cfg, arch)
+    return out
+
+
+def _windowed(cfg) -> tuple[int, ...]:
+    return tuple(i for i in range(cfg.n_layers) if cfg.layer_window(i) is not None)
+
+
+def _moe_problems(cfg, arch: Arch) -> list[str]:
+    want = dict(moe_router="softmax", moe_groups=1, moe_score_bias=False, moe_routed_scale=1.0, moe_router_bias=False,
+                moe_scale_input=False, moe_expert_bias=False, moe_dense_layers=(),
+                moe_norm_topk=arch.moe == "plain", moe_shared_gate=arch.moe == "shared")
+    out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
+    if (cfg.moe_shared_d_ff > 0) != (arch.moe == "shared"):
+        out.append(f"moe_shared_d_ff={cfg.moe_shared_d_ff} ({'needs' if arch.moe == 'shared' else 'no'} "
+                   "shared expert)")
+    return out
+
+
+def gguf_arch(cfg) -> Arch:
+    """The llama.cpp architecture that computes this model; ConfigError naming every mismatch otherwise."""
+    arch = ARCHS.get(cfg.arch)
+    if arch is None:
+        names = sorted({a.name for a in ARCHS.values()})
+        raise ConfigError(f"GGUF export has no llama.cpp architecture for {cfg.arch}; it writes "
+                          f"{', '.join(names)} (from {', '.join(sorted(ARCHS))})")
+    problems = _problems(cfg, arch)
     if problems:
-        raise ConfigError(f"GGUF export writes llama.cpp's 'llama' architecture; this model has "
+        raise ConfigError(f"GGUF export writes llama.cpp's '{arch.name}' architecture for {cfg.arch}; this model has "
                           f"{', '.join(problems)}")
+    return arch
 
 
-def _tokenizer_metadata(writer, tokenizer_dir: Path, vocab_size: int) -> None:
-    """gpt2-style BPE vocabulary, merges, special ids and chat template from a tokenizer directory."""
-    gguf = _gguf()
-    from ..tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(tokenizer_dir)
-    data = json.loads(tok.backend.to_str())
-    if data["model"]["type"] != "BPE":
-        raise ConfigError(f"GGUF export supports byte-level BPE tokenizers; {tokenizer_dir}/tokenizer.json is "
-                          f"{data['model']['type']}")
-    vocab = tok.backend.get_vocab(with_added_tokens=True)  # {token: id}
-    if len(vocab) > vocab_size:
-        raise ConfigError(f"tokenizer has {len(vocab)} tokens but the model's vocab_size is {vocab_size}")
-    by_id = {i: t for t, i in vocab.items()}
-    special = {a["content"] for a in data.get("added_tokens", []) if a.get("special")}
-    added = {a["content"] for a in data.get("added_tokens", [])}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        t = by_id.get(i)
-        if t is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(t)
-            types.append(gguf.TokenType.CONTROL if t in special else
-                         gguf.TokenType.USER_DEFINED if t in added else gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for name, tid in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)):
-        if tid is not None:
-            getattr(writer, f"add_{name}_token_id")(tid)
-    writer.add_add_bos_token(False)
-    if tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
+# ---------------------------------------------------------------------------------------------------------------
+# Tensors: native modules -> llama.cpp names and layouts
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def _tensor(writer, name: str, t: torch.Tensor, qtype: str) -> None:
-    gguf = _gguf()
-    arr = t.detach().float().cpu().numpy()
-    if arr.ndim == 1 or qtype == "f32":
-        writer.add_tensor(name, arr.astype(np.float32))
-    elif qtype == "f16":
-        writer.add_tensor(name, arr.astype(np.float16))
-    else:
-        kind = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-                "q4_0": gguf.GGMLQuantizationType.Q4_0}[qtype]
-        block = gguf.GGML_QUANT_SIZES[kind][0]
-        if arr.shape[-1] % block:  # rows that do not fill whole blocks stay f16, as llama.cpp's converter does
-            writer.add_tensor(name, arr.astype(np.float16))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(arr, kind), raw_dtype=kind)
+def _wb(prefix: str, module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(gguf name, tensor) for a module's weight and bias (a quantized linear gives its dequantized weight)."""
+    if module is None:
+        return
+    for p in ("weight", "bias"):
+        t = getattr(module, p, None)
+        if isinstance(t, torch.Tensor):
+            yield f"{prefix}.{p}", t.detach()
 
 
-@torch.no_grad()
-def export_gguf(model: Transformer | str | Path, out_file: str | Path, tokenizer_dir: str | Path | None = None,
-                qtype: str = "q8_0", name: str | None = None) -> Path:
-    """Write `model` (a Transformer, or an HF / lmforge-quantized checkpoint directory) to a GGUF file.
+def _cat(*mods) -> Iterator[tuple[str, torch.Tensor]]:
+    """Weights (and biases) of several linears concatenated along the outputs (fused tensors)."""
+    for p in ("weight", "bias"):
+        parts = [getattr(m, p, None) for m in mods]
+        if all(isinstance(t, torch.Tensor) for t in parts):
+            yield p, torch.cat([t.detach() for t in parts])
 
-    `tokenizer_dir` (default: the checkpoint directory) must hold tokenizer.json; without one the file has no
-    vocabulary and llama.cpp cannot run it."""
-    gguf = _gguf()
-    qtype = qtype.lower()
-    if qtype not in GGUF_TYPES:
-        raise ConfigError(f"gguf type '{qtype}' is not supported; use one of {', '.join(GGUF_TYPES)}")
-    if not isinstance(model, Transformer):
-        src = Path(model)
-        tokenizer_dir = tokenizer_dir or src
-        from ..models.hf import load_hf, read_hf_config
-        from .model import load_quantized
 
-        lmforge_quantized = (read_hf_config(src).get("quantization_config") or {}).get("quant_method") == "lmforge"
-        model = load_quantized(src) if lmforge_quantized else load_hf(src, progress=False)
-        name = name or src.name
+def _tensors(model: Transformer, arch: Arch) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every weight under its llama.cpp name, in llama.cpp's layout (before the type conversion)."""
     cfg = model.cfg
-    _check_llama(cfg)
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
+    yield from _wb("token_embd", model.embed)
+    if model.pos_embed is not None:
+        yield from _wb("position_embd", model.pos_embed)
+    yield from _wb("token_embd_norm", model.embed_norm)
+    for i, block in enumerate(model.layers):
+        blk, a, m = f"blk.{i}", block.attn, block.mlp
+        yield from _wb(f"{blk}.attn_norm", block.attn_norm)
+        if arch.fused_qkv:
+            for p, t in _cat(a.q_proj, a.k_proj, a.v_proj):
+                yield f"{blk}.attn_qkv.{p}", t
+        else:
+            for name, proj, heads in (("attn_q", a.q_proj, cfg.n_heads), ("attn_k", a.k_proj, cfg.kv_heads),
+                                      ("attn_v", a.v_proj, None)):
+                for gname, t in _wb(f"{blk}.{name}", proj):
+                    yield gname, permute_rope_rows(t, heads) if arch.permute_qk and heads else t
+        yield from _wb(f"{blk}.attn_output", a.o_proj)
+        yield from _wb(f"{blk}.attn_q_norm", a.q_norm)
+        yield from _wb(f"{blk}.attn_k_norm", a.k_norm)
+        yield from _wb(f"{blk}.post_attention_norm", block.attn_post_norm)
+        yield from _wb(f"{blk}.ffn_norm", block.mlp_norm)
+        if cfg.is_moe_layer(i):
+            yield from _wb(f"{blk}.ffn_gate_inp", m.router)
+            for proj in ("gate", "up", "down"):  # (n_experts, out, in)
+                yield f"{blk}.ffn_{proj}_exps.weight", torch.stack(
+                    [getattr(e, f"{proj}_proj").weight.detach() for e in m.experts])
+            if m.shared_expert is not None:
+                for proj in ("gate", "up", "down"):
+                    yield from _wb(f"{blk}.ffn_{proj}_shexp", getattr(m.shared_expert, f"{proj}_proj"))
+            if m.shared_expert_gate is not None:
+                yield f"{blk}.ffn_gate_inp_shexp.weight", m.shared_expert_gate.weight.detach().reshape(-1)
+        elif arch.fused_gate_up:
+            for p, t in _cat(m.gate_proj, m.up_proj):
+                yield f"{blk}.ffn_up.{p}", t
+            yield from _wb(f"{blk}.ffn_down", m.down_proj)
+        else:
+            yield from _wb(f"{blk}.ffn_gate", getattr(m, "gate_proj", None))
+            yield from _wb(f"{blk}.ffn_up", m.up_proj)
+            yield from _wb(f"{blk}.ffn_down", m.down_proj)
+        yield from _wb(f"{blk}.post_ffw_norm", block.mlp_post_norm)
+    yield from _wb("output_norm", model.norm)
+    yield from _wb("output", model.lm_head)
 
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
-    w = gguf.GGUFWriter(str(out_file), arch)
-    w.add_name(name or "lmforge-model")
+
+def _check_names(names: list[str], arch: Arch) -> None:
+    """Every tensor name must be one llama.cpp's `arch` loads (gguf.MODEL_TENSORS), else the file would not load."""
+    import re
+
+    gguf = _gguf()
+    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[next(a for a, n in gguf.MODEL_ARCH_NAMES.items()
+                                                                   if n == arch.name)]}
+    for name in names:
+        base = re.sub(r"^blk\.\d+\.", "blk.{bid}.", name.rsplit(".", 1)[0])
+        if base not in known:
+            raise ConfigError(f"GGUF export: tensor '{name}' is not one llama.cpp's '{arch.name}' architecture "
+                              "loads; this model variant cannot be exported")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Types
+# ---------------------------------------------------------------------------------------------------------------
+
+_F32_ALWAYS = ("ffn_gate_inp", "position_embd", "token_embd_norm")  # kept f32 as llama.cpp's converter does
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def _use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's _M recipe: the first and last eighth of the layers, and every third layer between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def _type_for(name: str, shape: tuple[int, ...], qtype: str, n_layers: int, has_output: bool) -> str:
+    """The GGML type name of one tensor in a file of `qtype`."""
+    kind = name.rsplit(".", 1)[0].split(".")[-1]
+    if len(shape) == 1 or kind in _F32_ALWAYS or qtype == "f32":
+        return "F32"
+    if qtype in ("f16", "bf16"):
+        return qtype.upper()
+    if qtype.startswith(("q4_k", "q5_k", "q6_k")):
+        base = {"q4": "Q4_K", "q5": "Q5_K", "q6": "Q6_K"}[qtype[:2]]
+        is_output = kind == "output" or (kind == "token_embd" and not has_output)
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+        if is_output:
+            t = "Q6_K"
+        elif qtype.endswith("_m") and kind in ("attn_v", "ffn_down", "ffn_down_exps") and \
+                _use_more_bits(layer, n_layers):
+            t = "Q6_K"
+        elif qtype == "q4_k_m" and kind == "attn_qkv":
+            t = "Q5_K"
+        else:
+            t = base
+        if shape[-1] % 256:
+            t = _K_FALLBACK[t]
+    else:
+        t = qtype.upper()
+    return t if shape[-1] % 32 == 0 else "F16"  # rows that do not fill whole blocks stay f16, as llama.cpp does
+
+
+def _encode(arr: np.ndarray, type_name: str):
+    """(data, raw_dtype or None) for the gguf writer."""
+    gguf = _gguf()
+    from . import kquants
+
+    if type_name == "F32":
+        return arr.astype(np.float32), None
+    if type_name == "F16":
+        return arr.astype(np.float16), None
+    kind = gguf.GGMLQuantizationType[type_name]
+    quantize = {"Q4_K": kquants.quantize_q4_k, "Q5_K": kquants.quantize_q5_k, "Q6_K": kquants.quantize_q6_k}.get(
+        type_name, lambda a: gguf.quants.quantize(a, kind))
+    return quantize(np.ascontiguousarray(arr, dtype=np.float32)), kind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metadata and the file
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _hparams(w, cfg, arch: Arch) -> None:
+    gguf = _gguf()
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
@@ -152,41 +357,106 @@ def export_gguf(model: Transformer | str | Path, out_file: str | Path, tokenizer
     w.add_head_count_kv(cfg.kv_heads)
     w.add_key_length(cfg.dim_per_head)
     w.add_value_length(cfg.dim_per_head)
-    w.add_rope_dimension_count(cfg.rotary_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-                 "q4_0": "MOSTLY_Q4_0"}[qtype]
-    w.add_file_type(getattr(gguf.LlamaFileType, file_type))
-    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(cfg.rope_scaling.factor)
-    if tokenizer_dir is not None:
-        _tokenizer_metadata(w, Path(tokenizer_dir), cfg.vocab_size)
+    if cfg.norm == "rms":
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+    else:
+        w.add_layer_norm_eps(cfg.norm_eps)
+    if cfg.pos == "rope":
+        w.add_rope_dimension_count(cfg.rotary_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        s = cfg.rope_scaling
+        if s is not None and s.type == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(s.factor)
+        elif s is not None and s.type == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(s.factor or cfg.max_seq_len / s.original_max_seq_len)
+            w.add_rope_scaling_orig_ctx_len(s.original_max_seq_len)
+    if arch.window and cfg.sliding_window is not None:
+        w.add_sliding_window(cfg.sliding_window)
+    if cfg.attn_logit_softcap is not None:
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcap)
+    if cfg.final_logit_softcap is not None:
+        w.add_final_logit_softcapping(cfg.final_logit_softcap)
+    if arch.moe is not None:
+        w.add_expert_count(cfg.moe_experts)
+        w.add_expert_used_count(cfg.moe_top_k)
+        if arch.name != "llama":
+            w.add_expert_feed_forward_length(cfg.expert_d_ff)
+        if cfg.moe_shared_d_ff:
+            w.add_expert_shared_feed_forward_length(cfg.moe_shared_d_ff)
 
-    names = gguf.TENSOR_NAMES
-    T = gguf.MODEL_TENSOR
-    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "llama3":
+
+def _load(src: Path):
+    from ..models.hf import load_hf, read_hf_config
+    from .model import load_quantized
+
+    lmforge_quantized = (read_hf_config(src).get("quantization_config") or {}).get("quant_method") == "lmforge"
+    return load_quantized(src) if lmforge_quantized else load_hf(src, dtype="float32", progress=False)
+
+
+@torch.no_grad()
+def export_gguf(model: Transformer | str | Path, out_file: str | Path, tokenizer_dir: str | Path | None = None,
+                qtype: str = "q8_0", name: str | None = None, *, tokenizer=None,
+                pre_tokenizer: str | None = None) -> Path:
+    """Write `model` (a Transformer, or an HF / .gguf / lmforge-quantized checkpoint) to a GGUF file llama.cpp runs.
+
+    The vocabulary comes from `tokenizer` (an lmforge Tokenizer), else `tokenizer_dir` (a checkpoint directory or
+    .gguf file; default: the checkpoint itself); without one the file has no vocabulary and llama.cpp cannot run it.
+    `pre_tokenizer` overrides the detected ``tokenizer.ggml.pre`` name. The file appears complete or not at all."""
+    gguf = _gguf()
+    qtype = qtype.lower()
+    if qtype not in GGUF_TYPES:
+        raise ConfigError(f"gguf type '{qtype}' is not supported; use one of {', '.join(GGUF_TYPES)}")
+    if not isinstance(model, Transformer):
+        src = Path(model)
+        tokenizer_dir = tokenizer_dir or src
+        model = _load(src)
+        name = name or src.stem
+    cfg = model.cfg
+    arch = gguf_arch(cfg)
+    if tokenizer is None and tokenizer_dir is not None:
+        from ..tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(tokenizer_dir)
+
+    # tensors first: every problem (names, non-finite values) surfaces before a byte is written
+    named = list(_tensors(model, arch))
+    _check_names([n for n, _ in named], arch)
+    if cfg.pos == "rope" and cfg.rope_scaling is not None and cfg.rope_scaling.type == "llama3":
         base = rope_inv_freq(cfg.model_copy(update={"rope_scaling": None}))
-        _tensor(w, names[T.ROPE_FREQS] + ".weight", base / rope_inv_freq(cfg), "f32")
-    _tensor(w, names[T.TOKEN_EMBD] + ".weight", model.embed.weight, qtype)
-    permute = not cfg.rope_interleaved
-    for i, block in enumerate(model.layers):
-        a, m = block.attn, block.mlp
-        q, k = a.q_proj.weight, a.k_proj.weight
-        if permute:
-            q, k = permute_rope_rows(q, cfg.n_heads), permute_rope_rows(k, cfg.kv_heads)
-        for kind, t in ((T.ATTN_NORM, block.attn_norm.weight), (T.ATTN_Q, q), (T.ATTN_K, k),
-                        (T.ATTN_V, a.v_proj.weight), (T.ATTN_OUT, a.o_proj.weight), (T.FFN_NORM, block.mlp_norm.weight),
-                        (T.FFN_GATE, m.gate_proj.weight), (T.FFN_UP, m.up_proj.weight),
-                        (T.FFN_DOWN, m.down_proj.weight)):
-            _tensor(w, names[kind].format(bid=i) + ".weight", t, qtype)
-    _tensor(w, names[T.OUTPUT_NORM] + ".weight", model.norm.weight, qtype)
-    if model.lm_head is not None:
-        _tensor(w, names[T.OUTPUT] + ".weight", model.lm_head.weight, qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        named.insert(0, ("rope_freqs.weight", base / rope_inv_freq(cfg)))  # per-frequency divisors
+    has_output = any(n == "output.weight" for n, _ in named)
+    encoded = []
+    for tname, t in named:
+        arr = t.float().cpu().numpy()
+        if arch.norm_offset and tname.endswith("norm.weight"):
+            arr = arr + cfg.norm_weight_offset  # llama.cpp multiplies by the stored weight: store offset + w
+        if not np.isfinite(arr).all():
+            raise ConfigError(f"GGUF export: tensor '{tname}' has non-finite values; the model is broken, not saved")
+        encoded.append((tname, *_encode(arr, _type_for(tname, arr.shape, qtype, cfg.n_layers, has_output))))
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
+    try:
+        w = gguf.GGUFWriter(str(tmp), arch.name)
+        w.add_name(name or "lmforge-model")
+        w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[qtype]))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _hparams(w, cfg, arch)
+        if tokenizer is not None:
+            from .gguf_vocab import write_vocab
+
+            write_vocab(w, tokenizer, cfg.vocab_size, pre_tokenizer)
+        for tname, data, raw in encoded:
+            w.add_tensor(tname, data, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out_file

@@ -44,7 +44,8 @@ class QuantizeConfig(Section):
     """int8: LLM.int8() -- INT8 activations too, with input columns beyond outlier_threshold kept in 16-bit."""
     outlier_threshold: float = Field(6.0, gt=0)
     """LLM.int8() outlier threshold on |x|."""
-    gguf: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] | None = None
+    gguf: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m",
+                  "q6_k"] | None = None
     """Also write OUT/model.gguf for llama.cpp in this type (from the quantized model's dequantized weights)."""
     device: str = "auto"
     """Where calibration runs: auto (CUDA if visible), cpu, cuda."""

@@ -435,3 +435,30 @@ def test_run_training_selects_a_new_method_by_name(tmp_path):
     result = run_training(cfg)
     written = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert written["use_dora"] is True and math.isfinite(result["loss"])
+
+
+def test_the_loop_reports_every_optimizer_step_to_adalora_the_last_included(tmp_path):
+    """The trainer calls `method.on_step` after each optimizer step: with tfinal=0 the final budget falls on the last
+    step, and it is in place when the run ends (no later forward needed to notice that step)."""
+    from lmforge.data import DataConfig
+    from lmforge.models import ModelConfig, Transformer
+    from lmforge.peft.adalora import svd_layers
+    from lmforge.train import Trainer, TrainConfig
+    from lmforge.train.config import ModelSection, OptimSection, TrainSection
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64))
+    method = build_method("adalora", init_r=4, target_r=2, total_step=5, alpha=8)
+    method.apply(model)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"tokens": (t := torch.randint(0, 64, (12,), generator=g).tolist()), "labels": t[1:] + [-100],
+             "positions": list(range(12))} for _ in range(8)]
+    cfg = TrainConfig(model=ModelSection(tokenizer="x"), data=DataConfig(path="x"), optim=OptimSection(lr=1e-2),
+                      train=TrainSection(micro_batch_size=2, max_steps=5, progress=False, tensorboard=False,
+                                         precision="fp32", output_dir=str(tmp_path)))
+    trainer = Trainer(model, method, rows, None, cfg, pad_id=0, device=torch.device("cpu"))
+    for _ in range(5):
+        trainer.train_step()
+    layers = list(svd_layers(model).values())
+    assert all(int(layer.steps) == 5 for layer in layers)
+    assert sum(int(layer.rank_mask.sum()) for layer in layers) == 2 * len(layers)  # the target budget

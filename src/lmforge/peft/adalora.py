@@ -136,6 +136,7 @@ class AdaLoraMethod(Method):
     """Weight of the orthogonality regulariser on A and B."""
     _owner: dict = PrivateAttr(default_factory=dict)  # id(param) -> (layer, "lora_A" | "lora_E" | "lora_B")
     _n_orth: int = PrivateAttr(0)  # matrices in the regulariser's mean
+    _hooks: StepHooks | None = PrivateAttr(None)  # per-step callbacks on the model it was applied to
     _step: int = PrivateAttr(0)  # optimizer steps seen (mirrors the layers' `steps` buffers without a device sync)
 
     @pydantic.model_validator(mode="after")
@@ -159,8 +160,8 @@ class AdaLoraMethod(Method):
         self._owner = {id(getattr(l, n)): (l, n) for l in layers.values() for n in TRIPLET}
         self._n_orth = 2 * len(layers)
         params = [getattr(l, n) for l in layers.values() for n in TRIPLET]
-        model._adalora_hooks = StepHooks(model, params, on_grad=self._on_grad,
-                                         on_step=lambda step: self.on_step(model, step))
+        self._hooks = StepHooks(model, params, on_grad=self._on_grad,
+                                on_step=lambda step: self._after_step(model, step))
 
     def _on_grad(self, p: nn.Parameter) -> None:
         layer, name = self._owner[id(p)]
@@ -178,6 +179,11 @@ class AdaLoraMethod(Method):
             unc.mul_(self.beta2).add_((ipt - ema).abs(), alpha=1 - self.beta2)
 
     def on_step(self, model: nn.Module, step: int) -> None:
+        if self._hooks is not None:
+            self._hooks.step_done(step)
+
+    def _after_step(self, model: nn.Module, step: int) -> None:
+        """Optimizer step `step` is done: record it, reallocate the budget on schedule."""
         layers = list(svd_layers(model).values())
         self._step = step
         for layer in layers:
@@ -211,9 +217,8 @@ class AdaLoraMethod(Method):
 
     def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         super().load_state_dict(model, state)
-        hooks = getattr(model, "_adalora_hooks", None)
-        if hooks is not None:
-            hooks.step = self._step = int(next(iter(svd_layers(model).values())).steps)
+        if self._hooks is not None:
+            self._hooks.step = self._step = int(next(iter(svd_layers(model).values())).steps)
 
     def save(self, model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """PEFT ADALORA adapter: kept triplets only, rank_pattern lists the masks."""
@@ -268,7 +273,7 @@ class AdaLoraMethod(Method):
                 raise CheckpointError(f"{path}: rank_pattern names '{key}', which {model.cfg.arch} has no linear for")
             masks[native] = torch.tensor(keep, dtype=torch.bool)
         method.apply(model, ranks={p: int(m.sum()) for p, m in masks.items()})
-        model._adalora_hooks.remove()  # a loaded adapter is for inference; train it by applying a fresh method
+        method._hooks.remove()  # a loaded adapter is for inference; train it by applying a fresh method
         incoming, shown = {}, {}
         for key, t in read_adapter_tensors(path).items():
             module, _, name = key.removeprefix(PREFIX).rpartition(".")

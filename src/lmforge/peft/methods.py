@@ -64,6 +64,10 @@ class Method(Section):
     def check_save(self, model: nn.Module) -> None:
         """Raise now what `save` would refuse after training (called right after `apply`); no-op by default."""
 
+    def on_step(self, model: nn.Module, step: int) -> None:
+        """Called by the training loop after each optimizer step (`step` counted from 1): methods that change
+        their own state during training (rank allocation, pruning) act here. Default: nothing."""
+
     def load(self, model: nn.Module, path: str | Path) -> None:
         """Read what `save` wrote into `model` (a base model, instead of `apply` for LoRA)."""
         raise NotImplementedError

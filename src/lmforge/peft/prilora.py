@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from torch import nn
 
 from .common import layer_index
@@ -68,6 +68,7 @@ class PriLoraMethod(LoraMethod):
     """Fraction of each row of A set to zero at each pruning."""
     stats_beta: float = Field(0.99, ge=0, lt=1)
     """EMA decay of each input feature's mean square (the accumulated input statistics)."""
+    _hooks: object = PrivateAttr(None)  # StepHooks: per-step callbacks on the model it was applied to
 
     @model_validator(mode="after")
     def _ranks(self):
@@ -94,7 +95,7 @@ class PriLoraMethod(LoraMethod):
             layer.register_buffer("input_sq", torch.zeros(layer.in_features, device=layer.lora_A.weight.device))
             layer.register_forward_pre_hook(self._record_input)
         params = [l.lora_A.weight for l in layers.values()] + [l.lora_B.weight for l in layers.values()]
-        model._prilora_hooks = StepHooks(model, params, on_step=lambda step: self.on_step(model, step))
+        self._hooks = StepHooks(model, params, on_step=lambda step: self._after_step(model, step))
 
     def _record_input(self, layer: nn.Module, args) -> None:
         if layer.training and torch.is_grad_enabled():
@@ -103,6 +104,10 @@ class PriLoraMethod(LoraMethod):
             layer.input_sq.mul_(self.stats_beta).add_(mean_sq, alpha=1 - self.stats_beta)
 
     def on_step(self, model: nn.Module, step: int) -> None:
+        if self._hooks is not None:
+            self._hooks.step_done(step)
+
+    def _after_step(self, model: nn.Module, step: int) -> None:
         if step % self.prune_every == 0:
             self.prune(model)
 

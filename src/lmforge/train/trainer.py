@@ -275,6 +275,7 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         self.step += 1
+        self.method.on_step(self.model, self.step)  # methods that act per step (AdaLoRA's budget, PRILoRA's pruning)
         if isinstance(total, torch.Tensor):  # the step's first host sync, after every kernel of it is queued
             total = dp_sum(float(total), self.dist, self.device) / max(units, 1)
         grad_norm, skipped = float(grad_norm), bool(skipped)

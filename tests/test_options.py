@@ -131,8 +131,8 @@ def test_prilora_options(setup):
     assert {p: m.r for p, m in layers.items() if p.endswith("q_proj")} == {"layers.0.attn.q_proj": 2,
                                                                            "layers.1.attn.q_proj": 6}
     assert layers["layers.1.attn.q_proj"].scaling == pytest.approx(6 / math.sqrt(6))
-    res["model"]._prilora_hooks.flush()  # the last step's callback runs at the next forward (or before a save)
-    a = layers["layers.1.mlp.up_proj"].lora_A.weight  # (6, 64): pruned at every step, 16 of 64 per row zeroed
+    a = layers["layers.1.mlp.up_proj"].lora_A.weight  # (6, 64): pruned at every step (the loop's on_step), 16 of 64
+    # per row zeroed
     assert (a == 0).sum(1).tolist() == [16] * 6
     assert res["method"].stats_beta == 0.5 and res["model"].embed.weight.requires_grad
     with pytest.raises(Exception, match="prilora.r is set by method 'prilora' itself"):

@@ -65,8 +65,8 @@ def _train_config(steps: int, batch: int, lr: float, optim: str, precision: str,
                       train=TrainSection(max_steps=max(steps, 1), micro_batch_size=batch, precision=precision,
                                          activation_checkpointing=ckpt, progress=False, tensorboard=False,
                                          eval_max_batches=8, seed=0))
-    if optim in OPTIM_OPTIONS:  # OptimSection has no `options` field yet: hand the optimizer its options directly
-        cfg.optim.__dict__["options"] = OPTIM_OPTIONS[optim]
+    if optim in OPTIM_OPTIONS:  # optim.badam / optim.galore
+        setattr(cfg.optim, optim, getattr(cfg.optim, optim).model_copy(update=OPTIM_OPTIONS[optim]))
     return cfg
 
 
@@ -285,6 +285,9 @@ def fullft_suite(args, device) -> list[dict]:
         tcfg = _train_config(10**6, 1, 1e-5, optim, "bf16-pure", ckpt=True)
         trainer = Trainer(model, method, _random_rows(cfg, args, 4), None, tcfg, pad_id=0, device=device)
         weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        if device.type == "cuda":  # the steps' peak only: building the model in fp32 then casting peaks higher
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         meter = StepBytes(model, trainer.optimizer)
         seconds = _timed_steps(trainer, args)
         meter.record()

@@ -1,12 +1,15 @@
-"""How well does `lmforge.plan` predict the peak memory of lmforge's own training step?
+"""How well does `lmforge.plan` predict the peak memory and speed of lmforge's own training step?
 
-Grid: method (full / LoRA / QLoRA) x activation checkpointing (off / on) x two sequence lengths x two model shapes,
-random weights, random tokens, every token trained, bf16 autocast as `run_training` sets it up (full: fp32 master
-weights; LoRA/QLoRA: frozen base in bf16 / NF4, adapters fp32), AdamW, grad clip 1.0. Each cell runs `Trainer.train_step`
-a few times; the measured figure is `torch.cuda.max_memory_allocated` over those steps (set up excluded), the
-prediction is `lmforge.plan.train_memory(...).peak`. Prints one JSON line per cell, then a table.
+Each cell builds the run the way `lmforge train` does (a `TrainConfig` with the method's section and `optim.<name>`,
+random weights, random tokens, every token trained) and runs `Trainer.train_step`; the measured peak is
+`torch.cuda.max_memory_allocated` over the steps (model construction excluded), the prediction is
+`train_memory(cfg, setup_from_train(that TrainConfig))` — the planner reading the trainer's own config. Tokens/s is
+measured over the steps after one warm-up step, beside `train_tokens_per_s`. One JSON line per cell (also to --out),
+then a table.
 
-    python bench/plan_accuracy.py                       # the GPU grid (about 3 minutes on an H100)
+    python bench/plan_accuracy.py                          # the original grid: full/LoRA/QLoRA x ckpt x 2 shapes
+    python bench/plan_accuracy.py --grid issue --out plan_issue_h100.jsonl     # every method and optimizer the
+        # planner claims, 1B and 8B shapes, seq 2048 and 8192, checkpointing on (about 8 minutes on an H100)
 
 Without CUDA it measures the same steps on the CPU with the profiler's allocation events (`lmforge.plan.measure`);
 a CPU smoke run with small shapes:
@@ -49,38 +52,42 @@ def parse_shape(spec: str):
     return preset_config(name, **overrides)
 
 
-def qlora_available() -> str | None:
-    """Why QLoRA cannot run here, or None."""
-    try:
-        import lmforge.quant.nf4  # noqa: F401
-    except ImportError as e:
-        return f"lmforge.quant.nf4 not importable ({e})"
-    return None
+# --grid issue: (shape, method, optimizer, precision, seq, batch), checkpointing on, LoRA-family rank 16 on all linears
+ISSUE_GRID = [
+    *[("llama-3.2-1b", m, "adamw", "bf16", seq, 1) for m in ("full", "lora", "dora", "qlora") for seq in (2048, 8192)],
+    *[("llama-3.2-1b", "full", o, "bf16-pure", seq, 1) for o in ("adamw", "lomo", "adalomo", "badam", "galore")
+      for seq in (2048, 8192)],
+    *[("llama-3-8b", m, "adamw", "bf16", seq, 1) for m in ("lora", "qlora") for seq in (2048, 8192)],
+]
 
 
-def build(cfg, method: str, rank: int, device: torch.device):
-    """Model + method as run_training builds them for bf16 autocast."""
+def train_config(method: str, optimizer: str, precision: str, ckpt: bool, batch: int, rank: int):
+    """The TrainConfig `lmforge train` would build for this cell (the planner reads the same object)."""
+    from lmforge.data import DataConfig
+    from lmforge.train import TrainConfig
+    from lmforge.train.config import ModelSection, OptimSection, TrainSection
+
+    sections = {method: {"r": rank, "alpha": 2 * rank, "target_modules": "all-linear"}} if method != "full" else {}
+    return TrainConfig(model=ModelSection(tokenizer="unused"), data=DataConfig(path="unused"), method=method,
+                       optim=OptimSection(name=optimizer, lr=1e-5), **sections,
+                       train=TrainSection(precision=precision, micro_batch_size=batch, max_steps=10**6,
+                                          activation_checkpointing=ckpt, progress=False, tensorboard=False,
+                                          grad_clip=None if optimizer in ("lomo", "adalomo") else 1.0))
+
+
+def build(cfg, tcfg, device: torch.device):
+    """Model + method as run_training builds them: full fine-tuning keeps fp32 master weights under bf16 autocast
+    (bf16 weights for bf16-pure); adapter methods a frozen bf16 base (QLoRA: NF4 linears) and fp32 adapters."""
     from lmforge.models import Transformer
-    from lmforge.peft.methods import METHODS, build_method
+    from lmforge.train.run import method_from_config
 
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if tcfg.train.precision == "bf16-pure" or tcfg.method != "full" else torch.float32
     with torch.device(device):
-        model = Transformer(cfg)
-    if method == "full":
-        m = build_method("full")
-    elif method == "qlora" and "qlora" in METHODS:
-        m = build_method("qlora", r=rank, alpha=2 * rank, target_modules="all-linear")
-    else:
-        if method == "qlora":  # NF4 base linears, then LoRA over them (what a qlora method does)
-            from lmforge.peft.lora import _set_module, linear_modules, select_targets
-            from lmforge.quant.nf4 import NF4Linear
-
-            linears = linear_modules(model)
-            for path in select_targets(list(linears), "all-linear"):
-                _set_module(model, path, NF4Linear.from_linear(linears[path], dtype=torch.bfloat16))
-        m = build_method("lora", r=rank, alpha=2 * rank, target_modules="all-linear")
+        model = Transformer(cfg).to(dtype)
+    m = method_from_config(tcfg, 10**6)
     m.apply(model)
-    if method != "full":  # frozen base in bf16, as run_training does for adapters under bf16 autocast
+    if tcfg.method != "full":  # frozen base in bf16, as run_training does for adapters under bf16 autocast
         trainable = {id(p) for _, p in m.trainable_parameters(model)}
         for p in model.parameters():
             if id(p) not in trainable and p.is_floating_point():
@@ -97,56 +104,64 @@ def rows_for(cfg, n_rows: int, seq: int):
     return rows
 
 
-def measure_cell(cfg, method, ckpt, seq, batch, args, device):
-    """Measured peak bytes of `args.steps` training steps (set-up excluded)."""
-    from lmforge.data import DataConfig
+def measure_cell(cfg, tcfg, seq, batch, steps, device):
+    """(measured peak bytes of `steps` training steps, construction excluded; tokens/s after one warm-up step;
+    the optimizer implementation the trainer picked)."""
     from lmforge.plan.measure import cpu_peak_bytes, tensor_bytes
-    from lmforge.train import Trainer, TrainConfig
-    from lmforge.train.config import ModelSection, TrainSection
+    from lmforge.train import Trainer
 
     leftover = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # anything an earlier cell leaked
-    model, m = build(cfg, method, args.rank, device)
-    rows = rows_for(cfg, batch * (args.steps + 1), seq)
-    tcfg = TrainConfig(model=ModelSection(tokenizer="unused"), data=DataConfig(path="unused"),
-                       train=TrainSection(precision="bf16", micro_batch_size=batch, max_steps=10**6,
-                                          activation_checkpointing=ckpt, progress=False, tensorboard=False))
+    model, m = build(cfg, tcfg, device)
+    rows = rows_for(cfg, batch * (steps + 1), seq)
     trainer = Trainer(model, m, rows, None, tcfg, pad_id=0, device=device)
+    tps = None
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.steps):
+        torch.cuda.reset_peak_memory_stats()  # the step only: construction transients are not the step's
+        trainer.train_step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps - 1):
             trainer.train_step()
         torch.cuda.synchronize()
+        if steps > 1:
+            tps = batch * seq * (steps - 1) / (time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() - leftover
     else:
         trainer.train_step()  # optimizer states exist from here on: measure a steady-state step
-        state = [t for s in trainer.optimizer.state.values() for t in s.values()]
+        state = [t for s in trainer.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         base = tensor_bytes([*model.parameters(), *model.buffers(), *state])
-        deltas = [cpu_peak_bytes(trainer.train_step)[0] for _ in range(max(1, args.steps - 1))]
+        deltas = [cpu_peak_bytes(trainer.train_step)[0] for _ in range(max(1, steps - 1))]
         peak = base + max(deltas)
     impl = "fused" if getattr(trainer.optimizer, "defaults", {}).get("fused") else \
         ("foreach" if device.type == "cuda" else "for-loop")
+    if hasattr(trainer.optimizer, "remove_hooks"):
+        trainer.optimizer.remove_hooks()
     del trainer, model, m
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return peak, impl
+    return peak, tps, impl
 
 
-def predict(cfg, method, ckpt, seq, batch, rank, impl, device):
-    from lmforge.plan import TrainSetup, train_memory
+def predict(cfg, tcfg, seq, impl, device):
+    from dataclasses import replace
 
-    setup = TrainSetup(micro_batch=batch, seq_len=seq, method=method, precision="bf16",
-                       activation_checkpointing=ckpt, lora_r=rank, lora_targets="all-linear", optimizer_impl=impl,
-                       device=device.type)
-    return train_memory(cfg, setup)
+    from lmforge.plan import setup_from_train, train_memory, train_tokens_per_s
+
+    setup = replace(setup_from_train(tcfg, seq, device=device.type), optimizer_impl=impl)
+    return train_memory(cfg, setup), train_tokens_per_s(cfg, setup)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-free list separated by ';' or ',' of presets")
+    ap.add_argument("--grid", choices=["default", "issue"], default="default",
+                    help="issue: every method and optimizer the planner claims (ignores --shapes/--seqs/...)")
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="presets, optionally preset:key=value,..., split by ';'")
     ap.add_argument("--seqs", default=DEFAULT_SEQS, help="seq_len:micro_batch pairs")
     ap.add_argument("--methods", default="full,lora,qlora")
+    ap.add_argument("--optimizers", default="adamw", help="for method full: adamw,lomo,adalomo,badam,galore")
+    ap.add_argument("--precision", default="bf16", help="bf16 (autocast, fp32 masters) or bf16-pure")
     ap.add_argument("--checkpointing", default="off,on")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
@@ -155,57 +170,65 @@ def main():
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = [s for s in args.shapes.split(";")] if ";" in args.shapes or ":" in args.shapes else \
-        args.shapes.split(",")
-    seqs = [tuple(int(x) for x in p.split(":")) for p in args.seqs.split(",")]
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (profiler)",
            "torch": torch.__version__}
-    qlora_skip = qlora_available()
+    if args.grid == "issue":
+        cells = [(shape, m, o, p, True, seq, b) for shape, m, o, p, seq, b in ISSUE_GRID]
+    else:
+        shapes = args.shapes.split(";") if ";" in args.shapes or ":" in args.shapes else args.shapes.split(",")
+        seqs = [tuple(int(x) for x in p.split(":")) for p in args.seqs.split(",")]
+        cells = [(shape, m, o, args.precision, ck == "on", seq, b) for shape in shapes
+                 for m in args.methods.split(",") for o in (args.optimizers.split(",") if m == "full" else ["adamw"])
+                 for ck in args.checkpointing.split(",") for seq, b in seqs]
     results = []
-    for spec in shapes:
+    out = open(args.out, "w") if args.out else None
+    for spec, method, optim, precision, ckpt, seq, batch in cells:
         cfg = parse_shape(spec)
         if args.n_layers:
             cfg = cfg.model_copy(update={"n_layers": args.n_layers})
-        for method in args.methods.split(","):
-            if method == "qlora" and qlora_skip:
-                print(json.dumps({"shape": spec, "method": method, "skipped": qlora_skip}), flush=True)
-                continue
-            for ck in args.checkpointing.split(","):
-                for seq, batch in seqs:
-                    ckpt = ck == "on"
-                    row = {"shape": spec, "method": method, "checkpointing": ckpt, "seq": seq, "batch": batch}
-                    t0 = time.perf_counter()
-                    try:
-                        measured, impl = measure_cell(cfg, method, ckpt, seq, batch, args, device)
-                    except torch.OutOfMemoryError:
-                        measured, impl = None, "fused"
-                    except Exception as e:  # noqa: BLE001 - one broken cell must not cost the rest of the grid
-                        print(json.dumps({**row, "error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
-                        continue
-                    finally:
-                        gc.collect()
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                    est = predict(cfg, method, ckpt, seq, batch, args.rank, impl, device)
-                    row.update(predicted_gib=round(est.peak / 2**30, 3), phase=est.phase,
-                               measured_gib=None if measured is None else round(measured / 2**30, 3),
-                               error_pct=None if measured is None else round(100 * (est.peak - measured) / measured, 1),
-                               optimizer_impl=impl, seconds=round(time.perf_counter() - t0, 1), **env)
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
-    print(f"\n{'shape':28} {'method':6} {'ckpt':5} {'seq×B':>8} {'pred GiB':>9} {'meas GiB':>9} {'err %':>7}  phase")
+        row = {"shape": spec, "method": method, "optimizer": optim, "precision": precision, "checkpointing": ckpt,
+               "seq": seq, "batch": batch}
+        tcfg = train_config(method, optim, precision, ckpt, batch, args.rank)
+        t0 = time.perf_counter()
+        try:
+            measured, tps, impl = measure_cell(cfg, tcfg, seq, batch, args.steps, device)
+        except torch.OutOfMemoryError:
+            measured, tps, impl = None, None, "fused"
+        except Exception as e:  # noqa: BLE001 - one broken cell must not cost the rest of the grid
+            print(json.dumps({**row, "error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
+            continue
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        est, pred_tps = predict(cfg, tcfg, seq, impl, device)
+        from lmforge.plan import Overheads
+
+        row.update(predicted_gib=round(est.peak / 2**30, 3), phase=est.phase,
+                   measured_gib=None if measured is None else round(measured / 2**30, 3),
+                   error_pct=None if measured is None else round(100 * (est.peak - measured) / measured, 1),
+                   fit_check_gib=round(Overheads().reserve(est.peak) / 2**30, 3),
+                   predicted_tokens_per_s=round(pred_tps), measured_tokens_per_s=None if tps is None else round(tps),
+                   optimizer_impl=impl, seconds=round(time.perf_counter() - t0, 1), **env)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        if out:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    print(f"\n{'shape':22} {'method':6} {'optim':8} {'prec':9} {'ckpt':4} {'seq×B':>8} {'pred GiB':>9} "
+          f"{'meas GiB':>9} {'err %':>7} {'pred tok/s':>10} {'meas tok/s':>10}  phase")
     for r in results:
         meas = "OOM" if r["measured_gib"] is None else f"{r['measured_gib']:.3f}"
         err = "-" if r["error_pct"] is None else f"{r['error_pct']:+.1f}"
-        print(f"{r['shape'][:28]:28} {r['method']:6} {'on' if r['checkpointing'] else 'off':5} "
-              f"{r['seq']}×{r['batch']:<3} {r['predicted_gib']:>9.3f} {meas:>9} {err:>7}  {r['phase']}")
-    errs = [abs(r["error_pct"]) for r in results if r["error_pct"] is not None]
+        mt = "-" if r["measured_tokens_per_s"] is None else f"{r['measured_tokens_per_s']:,}"
+        print(f"{r['shape'][:22]:22} {r['method']:6} {r['optimizer']:8} {r['precision']:9} "
+              f"{'on' if r['checkpointing'] else 'off':4} {r['seq']}×{r['batch']:<3} {r['predicted_gib']:>9.3f} "
+              f"{meas:>9} {err:>7} {r['predicted_tokens_per_s']:>10,} {mt:>10}  {r['phase']}")
+    errs = [r["error_pct"] for r in results if r["error_pct"] is not None]
     if errs:
-        print(f"\ncells {len(errs)}, max |error| {max(errs):.1f}%, mean |error| {sum(errs) / len(errs):.1f}%, "
-              f"within 10%: {sum(e <= 10 for e in errs)}/{len(errs)}")
+        print(f"\ncells {len(errs)}, worst under {min(errs):+.1f}%, worst over {max(errs):+.1f}%, "
+              f"mean |error| {sum(map(abs, errs)) / len(errs):.1f}%, within -5%..+15%: "
+              f"{sum(-5 <= e <= 15 for e in errs)}/{len(errs)}")
 
 
 if __name__ == "__main__":

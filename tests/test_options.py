@@ -125,7 +125,7 @@ def test_prilora_options(setup):
     res = train(setup, "prilora", "method=prilora", "prilora.r_start=2", "prilora.r_end=6", "prilora.prune_every=1",
                 "prilora.prune_ratio=0.25", "prilora.stats_beta=0.5", "prilora.alpha=6", "prilora.dropout=0.1",
                 "prilora.target_modules=[q_proj,up_proj]", "prilora.use_rslora=true", "prilora.init=gaussian",
-                "prilora.modules_to_save=[embed]")
+                "prilora.modules_to_save=[embed]", "prilora.use_dora=true")
     layers = lora_layers(res["model"])
     assert suffixes(layers) == {"q_proj", "up_proj"}
     assert {p: m.r for p, m in layers.items() if p.endswith("q_proj")} == {"layers.0.attn.q_proj": 2,
@@ -135,6 +135,7 @@ def test_prilora_options(setup):
     # per row zeroed
     assert (a == 0).sum(1).tolist() == [16] * 6
     assert res["method"].stats_beta == 0.5 and res["model"].embed.weight.requires_grad
+    assert all(hasattr(m, "lora_magnitude_vector") for m in layers.values())
     with pytest.raises(Exception, match="prilora.r is set by method 'prilora' itself"):
         train(setup, "prilora_bad", "method=prilora", "prilora.r=4")
 

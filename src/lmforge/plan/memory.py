@@ -35,10 +35,15 @@ from ..train.loss import CHECKPOINT_CHUNK_TOKENS, fused_chunk_rows
 GiB = 2**30
 LOSS_FWD_BYTES = 8  # eager loss, per chunk row x vocab entry: fp32 logits + log-sum-exp's fp32 temporary
 
-Method = Literal["full", "lora", "qlora"]
+METHODS = ("full", "lora", "dora", "qlora")  # the training methods the planner models
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "lomo", "adalomo", "adamw_backward", "badam", "galore")
+Method = Literal[METHODS]
 Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
-Optimizer = Literal["adamw", "adamw8bit", "sgd", "lomo", "adamw_backward", "badam", "galore"]
-IN_BACKWARD = ("lomo", "adamw_backward")  # optimizers that update each weight in backward and free its gradient
+Optimizer = Literal[OPTIMIZERS]
+ADAPTERS = ("lora", "dora", "qlora")  # frozen base + trained low-rank updates
+IN_BACKWARD = ("lomo", "adalomo", "adamw_backward")  # optimizers that update each weight in backward, free its grad
+PLAIN_ADAM_BYTES = 16  # lmforge's own Adam step (BAdam, GaLore's other weights) per element: the fp32 gradient,
+# m / (1 - b1^t), sqrt(v / (1 - b2^t)) and their quotient, all fp32 and alive at once
 Attention = Literal["auto", "masked", "flash", "flex", "eager"]
 Quant = Literal["none", "int8", "int4", "nf4"]
 
@@ -133,6 +138,8 @@ class TrainSetup:
                                                                   "gate_proj", "up_proj", "down_proj"])
     lora_dropout: float = 0.0
     galore_rank: int = 128
+    galore_min_dim: int = 0  # GaLore projects block matrices whose shorter side is > rank and >= this
+    grad_clip: bool = True  # global-norm clipping (train.grad_clip): half-precision gradients are read in fp32
     badam_blocks: int | None = None  # BAdam: number of blocks the layers are split into (default: one per layer)
     attention: Attention = "auto"  # auto: flex for packed rows, else causal SDPA (right-padded rows need no mask)
     packing: bool = False
@@ -150,15 +157,17 @@ class TrainSetup:
 
 @dataclass
 class Overheads:
-    """Memory a run needs beyond its tensors: CUDA context + library handles, and allocator slack."""
+    """Memory a run needs beyond its tensors: CUDA context + library handles, allocator slack, and a safety margin
+    (docs/planner.md): a run predicted to fit must not then run out of memory."""
 
     cuda_context: int = int(0.5 * GiB)
     fragmentation: float = 0.05  # reserved / allocated - 1 of PyTorch's caching allocator in a steady training loop
+    margin: float = 0.05  # safety margin on the predicted peak (what the model of the step may still miss)
     workspace: int = 64 * 2**20  # cuBLAS / attention kernel workspaces (counted as allocated)
 
     def reserve(self, allocated: int) -> int:
         """Bytes of device memory a run with this peak allocation needs in total."""
-        return int(allocated * (1 + self.fragmentation)) + self.cuda_context
+        return int(allocated * (1 + self.fragmentation + self.margin)) + self.cuda_context
 
 
 @dataclass
@@ -186,9 +195,11 @@ def _targets(setup: TrainSetup, cfg: ModelConfig) -> set[str]:
 
 
 def _lora_params(cfg: ModelConfig, setup: TrainSetup) -> int:
+    """B and A of every target (+ DoRA's magnitude vector of out_features)."""
     targets = _targets(setup, cfg)
-    return cfg.n_layers * sum(setup.lora_r * (li.in_features + li.out_features) for li in layer_linears(cfg)
-                              if li.name in targets)
+    per = (lambda li: setup.lora_r * (li.in_features + li.out_features)
+           + (li.out_features if setup.method == "dora" else 0))
+    return cfg.n_layers * sum(per(li) for li in layer_linears(cfg) if li.name in targets)
 
 
 @dataclass
@@ -202,7 +213,7 @@ class _Dtypes:
 
 
 def _dtypes(setup: TrainSetup) -> _Dtypes:
-    adapter = setup.method in ("lora", "qlora")
+    adapter = setup.method in ADAPTERS
     if setup.precision == "fp32":
         return _Dtypes(4, 4, 4, 4, False, not adapter)
     if setup.precision == "bf16-pure":
@@ -215,12 +226,18 @@ def _dtypes(setup: TrainSetup) -> _Dtypes:
 
 
 def _trainable_params(cfg: ModelConfig, setup: TrainSetup, counts: ParamCounts) -> int:
-    if setup.method in ("lora", "qlora"):
+    if setup.method in ADAPTERS:
         return _lora_params(cfg, setup)
     if setup.optimizer == "badam":
         blocks = setup.badam_blocks or cfg.n_layers
         return math.ceil(cfg.n_layers / blocks) * counts.layer
     return counts.total
+
+
+def _galore_projects(li: LinearShape, setup: TrainSetup) -> bool:
+    """lmforge.train.optimizers.galore_projects for a block linear."""
+    side = min(li.in_features, li.out_features)
+    return side > setup.galore_rank and side >= setup.galore_min_dim
 
 
 def model_state_bytes(cfg: ModelConfig, setup: TrainSetup) -> tuple[dict[str, int], int]:
@@ -231,17 +248,17 @@ def model_state_bytes(cfg: ModelConfig, setup: TrainSetup) -> tuple[dict[str, in
     if setup.method == "qlora":
         quantized = cfg.n_layers * sum(li.in_features * li.out_features for li in layer_linears(cfg))
         weights = quantized * QUANT_BYTES["nf4"] + (counts.total - quantized) * 2 + n_train * 4
-    elif setup.method == "lora":
+    elif setup.method in ("lora", "dora"):
         weights = counts.total * dt.weight + n_train * dt.trainable_weight
     elif setup.optimizer == "badam":
-        weights = counts.total * 2 + n_train * 4  # bf16 model + an fp32 master copy of the active block
+        weights = counts.total * dt.weight  # the active block trains in place (no master copy)
     else:
         weights = counts.total * dt.weight
-    g = dt.trainable_weight if setup.method not in ("lora", "qlora") else 4
+    g = dt.trainable_weight if setup.method not in ADAPTERS else 4
     if setup.optimizer == "badam":
         g = 4
     grads = 0 if setup.optimizer in IN_BACKWARD else n_train * g  # updates inside backward: no stored gradients
-    s = dt.trainable_weight if setup.method not in ("lora", "qlora") else 4  # AdamW states take the param dtype
+    s = dt.trainable_weight if setup.method not in ADAPTERS else 4  # AdamW states take the param dtype
     if setup.optimizer in ("adamw", "adamw_backward"):
         opt = 2 * s * n_train
     elif setup.optimizer == "adamw8bit":
@@ -250,14 +267,20 @@ def model_state_bytes(cfg: ModelConfig, setup: TrainSetup) -> tuple[dict[str, in
         opt = s * n_train if setup.momentum else 0
     elif setup.optimizer == "lomo":
         opt = 0
+    elif setup.optimizer == "adalomo":  # factored second moment: rows + columns of each matrix, vectors whole
+        mats = [(li.in_features, li.out_features) for li in layer_linears(cfg)]
+        per_layer = sum(i + o for i, o in mats) + counts.layer_other
+        embeds = (cfg.vocab_size + cfg.d_model) * (1 + (counts.head > 0))
+        opt = 4 * (cfg.n_layers * per_layer + embeds + counts.final_norm)
     elif setup.optimizer == "badam":
         opt = 8 * n_train
-    elif setup.optimizer == "galore":  # m, v in the rank-r subspace of each matrix + its projector
-        r = setup.galore_rank
-        per_layer = sum(min(r, li.in_features, li.out_features) * (max(li.in_features, li.out_features) * 2
-                                                                   + min(li.in_features, li.out_features))
-                        for li in layer_linears(cfg))
-        opt = 4 * (cfg.n_layers * per_layer + 2 * (n_train - cfg.n_layers * counts.layer_linear))
+    elif setup.optimizer == "galore":  # m, v in the rank-r subspace of each projected matrix + its projector;
+        r = setup.galore_rank  # the other weights (embeddings, head, norms, small matrices) get fp32 m and v
+        proj = [li for li in layer_linears(cfg) if _galore_projects(li, setup)]
+        per_layer = sum(r * (max(li.in_features, li.out_features) * 2 + min(li.in_features, li.out_features))
+                        for li in proj)
+        projected = cfg.n_layers * sum(li.in_features * li.out_features for li in proj)
+        opt = 4 * (cfg.n_layers * per_layer + 2 * (n_train - projected))
     else:  # pragma: no cover - Literal guards this
         raise ValueError(setup.optimizer)
     n = max(setup.gpus, 1)
@@ -329,7 +352,7 @@ def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int
     d, f, hd = cfg.d_model, cfg.d_ff, cfg.dim_per_head
     q, kv, H = cfg.n_heads * hd, cfg.kv_heads * hd, cfg.n_heads
     lin = {li.name: li for li in layer_linears(cfg)}
-    adapter = setup.method in ("lora", "qlora")
+    adapter = setup.method in ADAPTERS
     targets = _targets(setup, cfg) if adapter else set()
     full = setup.method == "full"
 
@@ -367,6 +390,8 @@ def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int
             lora += dt.act * setup.lora_r * n + 2 * setup.lora_r * (li.in_features + li.out_features)
             if setup.lora_dropout:
                 lora += (dt.act + 1) * li.in_features * n  # dropped input + its mask
+            if setup.method == "dora":  # the base output and the LoRA output, kept for the magnitude's gradient
+                lora += 2 * dt.act * li.out_features * n
     dequant = 0
     if setup.method == "qlora":  # NF4Linear's F.linear keeps the dequantized bf16 weight for the input gradient
         dequant = sum(2 * li.in_features * li.out_features for li in lin.values())
@@ -393,8 +418,15 @@ def layer_backward_temp_bytes(cfg: ModelConfig, setup: TrainSetup) -> int:
     return per_token * n + weight_grad
 
 
+def _in_backward_temp(setup: TrainSetup, numel: int, p: int) -> int:
+    """Temporaries of an update applied inside backward to a weight of `numel` elements in a `p`-byte dtype:
+    AdaLomo's fp32 gradient, its square, the normalised update and its row/column scalings (~16 bytes each);
+    LOMO / AdamW-in-backward a clipped copy of the gradient."""
+    return (PLAIN_ADAM_BYTES if setup.optimizer == "adalomo" else p) * numel
+
+
 def _largest_trainable(cfg: ModelConfig, setup: TrainSetup) -> int:
-    if setup.method in ("lora", "qlora"):
+    if setup.method in ADAPTERS:
         return max(setup.lora_r * max(li.in_features, li.out_features) for li in layer_linears(cfg))
     return max([cfg.vocab_size * cfg.d_model] + [li.in_features * li.out_features for li in layer_linears(cfg)])
 
@@ -448,8 +480,9 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     gbytes = dt.trainable_weight if full_ft else 4
     head_grad = int(V * d * gbytes * shard) if full_ft else 0
     layer_grad = (counts.layer if full_ft else _trainable_params(cfg, setup, counts) / L) * gbytes * shard
+    head_w_grad = V * d * dt.trainable_weight if full_ft else 0  # the fused loss's head gradient in the weight's dtype
     if setup.optimizer in IN_BACKWARD:  # a tied head's gradient waits for the embedding's, at the very end
-        head_grad, layer_grad = (head_fused if cfg.tie_embeddings else 0), 0
+        head_grad, layer_grad = (head_w_grad if cfg.tie_embeddings else 0), 0
     prior_grads = grads_total if setup.grad_accum > 1 else 0  # later micro-batches find the gradients allocated
     temp = layer_backward_temp_bytes(cfg, setup)
     workspace = Overheads().workspace if setup.device == "cuda" else 0
@@ -460,9 +493,10 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     base = {"weights": states["weights"], "optimizer_states": states["optimizer_states"], "workspace": workspace}
     phases["forward end (loss chunk)"] = {**base, "gradients": prior_grads + head_fused, "activations": acts,
                                           "autocast_weight_copies": L * copies_layer, "loss_logits": loss_fwd}
+    # the loss's backward casts its fp32 head gradient to the weight's dtype while the fp32 one still exists
     phases["backward start (loss chunk)"] = {
-        **base, "gradients": max(prior_grads, head_grad) + (head_fused if prior_grads else 0), "activations": acts,
-        "autocast_weight_copies": kept_copies, "loss_logits": grad_rows}
+        **base, "gradients": prior_grads + head_fused + (head_w_grad if head_w_grad != head_fused else 0),
+        "activations": acts, "autocast_weight_copies": kept_copies, "loss_logits": grad_rows}
     # one block at a time, from the last: blocks below keep activations, blocks above have gradients
     worst: dict[str, int] = {}
     for i in range(L - 1, -1, -1):
@@ -474,13 +508,33 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
         if not worst or sum(live.values()) > sum(worst.values()):
             worst = live
     phases["block backward"] = worst
+    embed_trains = full_ft
+    if embed_trains:  # last of backward: the embedding's gradient (V, d), summed with a tied head's waiting one
+        own = V * d * dt.trainable_weight
+        in_bwd = setup.optimizer in IN_BACKWARD
+        grads = (own + (head_w_grad if cfg.tie_embeddings else 0) if in_bwd
+                 else max(prior_grads, grads_total) + (own if cfg.tie_embeddings else 0))
+        phases["backward end (embedding)"] = {
+            **base, "gradients": int(grads), "activations": embed_saved,
+            "optimizer_temporaries": _in_backward_temp(setup, V * d, dt.trainable_weight) if in_bwd else 0}
+    largest = _largest_trainable(cfg, setup)
     opt_temp = 0
-    if setup.optimizer in ("adamw", "badam") and not setup.offload_optimizer:
+    if setup.optimizer == "adamw" and not setup.offload_optimizer:
         if setup.optimizer_impl == "foreach":
             opt_temp = states["gradients"]  # sqrt(v) of every parameter at once
         elif setup.optimizer_impl == "for-loop":
-            opt_temp = 2 * 4 * _largest_trainable(cfg, setup)
-    phases["optimizer step"] = {**base, "gradients": grads_total, "optimizer_temporaries": opt_temp}
+            opt_temp = 2 * 4 * largest
+    elif setup.optimizer in ("badam", "galore"):  # lmforge's own Adam step, one parameter at a time, in fp32
+        biggest = (max(li.in_features * li.out_features for li in layer_linears(cfg)) if setup.optimizer == "badam"
+                   else largest)  # GaLore: the embedding and head take the plain step; projected ones ~ as much
+        opt_temp = PLAIN_ADAM_BYTES * biggest
+    clip = 0
+    badam = setup.method == "full" and setup.optimizer == "badam"
+    if setup.grad_clip and dt.trainable_weight != 4 and (full_ft or badam):
+        # clipping reads a half-precision gradient as fp32 and squares it: two fp32 copies of the largest one
+        block_max = max(li.in_features * li.out_features for li in layer_linears(cfg))
+        clip = 8 * (block_max if badam else largest)
+    phases["optimizer step"] = {**base, "gradients": grads_total, "optimizer_temporaries": max(opt_temp, clip)}
 
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)

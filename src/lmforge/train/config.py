@@ -173,6 +173,9 @@ class TrainSection(Section):
     device: str = "auto"
     tensorboard: bool = True
     progress: bool = True
+    force: bool = False
+    """Skip the pre-flight memory check: on CUDA, `lmforge train` asks the planner (docs/planner.md) whether the run
+    fits the device and refuses one predicted not to."""
     aux_loss_coef: float = Field(0.01, ge=0)
     """Weight of the model's auxiliary loss (e.g. MoE load balancing), when the model reports one."""
 

@@ -13,7 +13,7 @@ from ..config import dump_config
 from ..data import build_datasets, check_bad_share
 from ..data.mixing import MixedDataset
 from ..errors import ConfigError, NonFiniteError
-from ..models import ModelConfig, Transformer, load_hf, preset_config
+from ..models import ModelConfig, Transformer, config_from_hf, load_hf, preset_config
 from ..peft.methods import build_method
 from ..runtime import pick_device
 from ..tokenizer import Tokenizer
@@ -29,9 +29,17 @@ from .trainer import Trainer, resolve_precision
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype) -> Transformer:
     """Load the checkpoint, or build a random model from a preset / field overrides (vocab from the tokenizer)."""
+    if cfg.model.path is not None:
+        return load_hf(resolve_model(cfg.model.path), dtype=dtype, device=device, progress=cfg.train.progress)
+    with torch.device(device):
+        return Transformer(model_config(cfg, tokenizer)).to(dtype)
+
+
+def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The architecture the run trains: the checkpoint's config.json, or the preset / field overrides."""
     m = cfg.model
     if m.path is not None:
-        return load_hf(resolve_model(m.path), dtype=dtype, device=device, progress=cfg.train.progress)
+        return config_from_hf(resolve_model(m.path))
     fields = {"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
               "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, **m.config}
     try:
@@ -40,8 +48,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, dt
         raise ConfigError(f"model.config: {str(e).splitlines()[-1].strip()}") from None
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model vocab_size {model_cfg.vocab_size} < tokenizer vocab {tokenizer.vocab_size}")
-    with torch.device(device):
-        return Transformer(model_cfg).to(dtype)
+    return model_cfg
 
 
 def method_from_config(cfg: TrainConfig, total_steps: int):
@@ -94,6 +101,10 @@ def run_training(cfg: TrainConfig) -> dict:
 
     precision = resolve_precision(cfg.train.precision, device)
     master = torch.bfloat16 if precision == "bf16-pure" else torch.float32
+    if not ds.enabled and device.type == "cuda":  # the planner's verdict before any weight is allocated
+        from ..plan.planner import check_training_fits  # (train.force skips it)
+
+        check_training_fits(cfg, model_config(cfg, tokenizer), device, say)
     model = build_model(cfg, tokenizer, device, master)
     method = method_from_config(cfg, run_steps(cfg.train, len(train_data)))
     method.apply(model)

@@ -2,8 +2,8 @@
 
 A method is a config section with behaviour. The trainer calls, in order::
 
-    method = build_method(cfg.method.name, **cfg.method.options)   # or METHODS[name](...)
-    method.apply(model)                                             # wrap / freeze, before the optimizer exists
+    method = build_method(cfg.method, **cfg.<method>.model_dump())  # its options: the section named after it
+    method.apply(model)                                              # wrap / freeze, before the optimizer exists
     optimizer = AdamW(p for _, p in method.trainable_parameters(model))
     ...  torch.save(method.state_dict(model), ckpt)  /  method.load_state_dict(model, torch.load(ckpt))
     method.save(model, out_dir)      # the artifact users share: HF checkpoint (full) or PEFT adapter (lora)

@@ -93,6 +93,9 @@ def test_generate_takes_every_adapter_kind(tiny, capsys):
             base_out = out
         else:
             assert out != base_out, f"{name} changed nothing"
+    assert main(["generate", str(ckpt), "--adapter", str(ckpt), "--prompt", "x"]) == 2  # a model, not an adapter
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no adapter_config.json" in err and str(ckpt) in err
 
 
 def test_chat_takes_an_adapter(tiny, capsys, monkeypatch):
@@ -252,7 +255,8 @@ def test_lora_adapters_load_and_unload_on_a_running_server(tiny, server):
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
 
     # unloaded while a request using it streams: that request keeps it to the end
-    text = asyncio.run(stream_while({"model": "sql", "max_tokens": 40}, "/v1/unload_lora_adapter", {"lora_name": "sql"}))
+    text = asyncio.run(stream_while({"model": "sql", "max_tokens": 40}, "/v1/unload_lora_adapter",
+                                    {"lora_name": "sql"}))
     assert text == tok.decode(_reference(ckpt, adapters["lora"], tok.encode(prompt), 40))
     with httpx.Client(base_url=url, timeout=60, headers=auth) as c:
         r = c.post("/v1/completions", json={**body, "model": "sql"})

@@ -66,30 +66,31 @@ def resolve_model(name: str | Path, revision: str | None = None, *, marker: str 
     repo = f"{name.split('/')[0]}/{repo}"
     offline, cache = _offline(), _cache_dir()
     at = f"@{revision}" if revision else ""
+    what = "adapter" if marker == "adapter_config.json" else "model"
     try:
         if file:
             return Path(hub.hf_hub_download(repo, file, revision=revision, cache_dir=cache, local_files_only=offline))
         path = Path(hub.snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline,
                                           allow_patterns=HUB_FILES))
     except errors.RevisionNotFoundError:
-        raise ConfigError(f"model '{name}': the Hugging Face repository has no revision '{revision}'; give a "
+        raise ConfigError(f"{what} '{name}': the Hugging Face repository has no revision '{revision}'; give a "
                           "branch, tag or commit it has") from None
     except errors.GatedRepoError:
-        raise ConfigError(f"model '{name}' is gated on the Hugging Face Hub: accept its licence on the model page, "
+        raise ConfigError(f"{what} '{name}' is gated on the Hugging Face Hub: accept its licence on the model page, "
                           "then log in (`hf auth login` or HF_TOKEN)") from None
     except errors.RepositoryNotFoundError:
-        raise ConfigError(f"model '{name}' is neither a local path nor a Hugging Face repository (check the id; "
+        raise ConfigError(f"{what} '{name}' is neither a local path nor a Hugging Face repository (check the id; "
                           "private repositories need `hf auth login` or HF_TOKEN)") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError) as e:
         where = cache or "the default Hugging Face cache"
         if offline:
             get = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
-            raise ConfigError(f"model '{name}{at}' is not a local path and not in {where}, and HF_HUB_OFFLINE is set: "
+            raise ConfigError(f"{what} '{name}{at}' is not a local path and not in {where}, and HF_HUB_OFFLINE is set: "
                               f"download it once online (`{get}`), or give a local directory") from None
-        raise ConfigError(f"model '{name}{at}' is not a local path, not in {where}, and the Hugging Face Hub cannot "
+        raise ConfigError(f"{what} '{name}{at}' is not a local path, not in {where}, and the Hugging Face Hub cannot "
                           f"be reached ({type(e).__name__}); check the path or the network") from None
     except errors.EntryNotFoundError:  # (after LocalEntryNotFoundError, its subclass)
-        raise ConfigError(f"model '{name}': the repository has no file '{file}'") from None
+        raise ConfigError(f"{what} '{name}': the repository has no file '{file}'") from None
     if not (path / marker).is_file():
         hint = f"; for a GGUF repository name one file: {repo}/FILE.gguf" if marker == "config.json" else ""
         raise ConfigError(f"'{name}{at}': the Hugging Face repository has no {marker}{hint}")

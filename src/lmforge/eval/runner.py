@@ -284,7 +284,7 @@ def _run_one(task: Task, cfg: EvalConfig, model: EvalModel, judges: dict, failed
         if task.type == "judge":
             path = task.judge.model or cfg.judge_model
             if path not in judges:
-                judges[path] = model if path == cfg.model else LocalModel.load(
+                judges[path] = model if path == cfg.model and not cfg.adapter else LocalModel.load(
                     path, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
             judge = judges[path]
         res = evaluate_task(model, task, limit=cfg.limit, seed=cfg.seed, judge_model=judge, samples=cfg.samples)

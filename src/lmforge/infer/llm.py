@@ -1,6 +1,7 @@
 """Offline batch inference on the serving engine: `LLM(model).generate(prompts, params)`.
 
-    llm = LLM("./ckpt")                       # a checkpoint directory (or a loaded Transformer + tokenizer)
+    llm = LLM("./ckpt")                       # a checkpoint directory, .gguf file or Hugging Face id (or a loaded
+                                              # Transformer + tokenizer, e.g. from checkpoint.load_model_and_tokenizer)
     outs = llm.generate(["Hello", "Bonjour"], EngineSamplingParams(temperature=0, max_new_tokens=32))
     print(outs[0].text)
 

@@ -2,7 +2,8 @@
 
 Routes: `/v1/completions`, `/v1/chat/completions` (both with `stream`, `stream_options.include_usage`, `n`, `stop`,
 `logprobs`; chat with `response_format: json_object`), `/v1/models`, `/health`, `/metrics` (Prometheus text),
-`/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's runtime LoRA routes). No model logic lives here: everything below the HTTP shapes is the engine's.
+`/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's runtime LoRA routes). No model logic lives here:
+everything below the HTTP shapes is the engine's.
 
 One request never hurts another, and no input reaches a 500:
 - `RequestGuard` (outermost) checks the API key before any body is read, caps the body size (413) and turns a bug

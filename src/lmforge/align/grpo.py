@@ -128,6 +128,9 @@ class GRPOObjective(Objective):
     # ---------------------------------------------------------------- setup
     def setup(self, trainer) -> None:
         t, c = trainer.t, self.cfg
+        if trainer.dist.enabled or trainer.pipeline is not None:
+            raise ConfigError("stage grpo runs on one device (the engine samples from the whole policy in this "
+                              "process): launch without torchrun and leave parallel.* at 1")
         self.prompts_per_step = c.prompts_per_step or max(1, t.micro_batch_size * t.grad_accum // c.num_generations)
         policy = trainer.model
         self.keep_old = c.num_iterations > 1 or c.steps_per_rollout > 1
@@ -180,11 +183,11 @@ class GRPOObjective(Objective):
                                     top_k=c.top_k, top_p=c.top_p, seed=None if greedy else seed + i,
                                     stop_token_ids=[self.stop_id])
             ids.append(engine.add_request(p, params))
-        done = {}
+        done, wanted = {}, set(ids)
         try:
             while len(done) < len(ids):
                 for out in engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                 if not engine.has_unfinished() and len(done) < len(ids):
                     raise RuntimeError("the engine stopped with requests unfinished")

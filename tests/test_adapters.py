@@ -268,6 +268,19 @@ def test_lora_adapters_load_and_unload_on_a_running_server(tiny, server):
         assert c.post("/v1/completions", json={**body, "model": "sql"}).json()["choices"][0]["text"] == other
 
 
+def test_serve_takes_an_adapter_for_the_served_model(tiny, serve):
+    from lmforge.serve import ServeConfig
+
+    ckpt, adapters = tiny
+    url, _ = serve(ServeConfig(model=str(ckpt), device="cpu", adapter=str(adapters["prefix"]), tools=False,
+                               engine=dict(block_size=4, num_blocks=128, max_model_len=64, max_num_seqs=4)))
+    tok = Tokenizer.from_dir(ckpt)
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={"model": "tiny", "prompt": "Once upon a time",
+                                                              "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+    want = tok.decode(_reference(ckpt, adapters["prefix"], tok.encode("Once upon a time")))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+
+
 def test_engine_adds_and_removes_lora_between_steps_of_running_requests(tiny):
     """Deterministic at the engine: requests mid-decode keep their output when an adapter is added (linears wrapped
     under them) or the adapter they use is removed; a removed adapter's slot is not reused while they run."""

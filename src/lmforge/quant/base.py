@@ -46,9 +46,11 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _use_fast(self, x2d: torch.Tensor) -> bool:
+        """Decode-sized inputs on the kernel's device and dtype; never when a gradient must flow back through x
+        (a LoRA trained on the quantized model): the fused kernels have no backward."""
         fast = self._fast
         return (fast is not None and x2d.shape[0] <= FAST_PATH_MAX_ROWS and x2d.device == fast[2]
-                and x2d.dtype == fast[3])
+                and x2d.dtype == fast[3] and not (x2d.requires_grad and torch.is_grad_enabled()))
 
     def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16) -> str | None:
         """Build the device-specific kernel layout for inputs of `dtype`; returns the kernel name or None."""

@@ -241,6 +241,7 @@ def test_lora_adapters_load_and_unload_on_a_running_server(tiny, server):
     assert text == tok.decode(_reference(ckpt, None, tok.encode(prompt), 40))
     with httpx.Client(base_url=url, timeout=60, headers=auth) as c:
         assert "sql" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert "lmforge_lora_adapters 1" in c.get("/metrics").text
         got = c.post("/v1/completions", json={**body, "model": "sql"}).json()
         assert got["choices"][0]["text"] == want_lora
 

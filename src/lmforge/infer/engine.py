@@ -243,7 +243,8 @@ class Engine:
     def stats(self) -> dict:
         return {**self.counters, **self.scheduler.stats, **self.pool.stats, "num_blocks": self.pool.num_blocks,
                 "free_blocks": self.pool.num_free, "running": len(self.scheduler.running),
-                "waiting": len(self.scheduler.waiting), "cuda_graphs": len(self.runner.graphs)}
+                "waiting": len(self.scheduler.waiting), "cuda_graphs": len(self.runner.graphs),
+                "lora_adapters": len(self.adapters.slots)}
 
     def token_texts(self) -> list[str]:
         """Text of every token id alone (for the JSON constraint), computed once."""

@@ -16,13 +16,12 @@ import torch
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds from source)")
 
-from lmforge.infer import SamplingParams, generate  # noqa: E402
 from lmforge.models import Transformer, load_hf  # noqa: E402
 from lmforge.models.config import ModelConfig, RopeScaling  # noqa: E402
 from lmforge.quant.gguf_export import export_gguf  # noqa: E402
 from lmforge.quant.gguf_vocab import CHECK_TEXT, detect_pre_tokenizer  # noqa: E402
-from lmforge.testing import make_tiny_checkpoint  # noqa: E402
-from lmforge.tokenizer import Tokenizer  # noqa: E402
+from lmforge.testing import TINY_CORPUS  # noqa: E402
+from lmforge.tokenizer import Tokenizer, train_bpe  # noqa: E402
 
 MIXED = "Hello, 世界! def f(x):\n    return x**2  # 1234567 don't STOP... 李白是唐代诗人。"
 
@@ -55,9 +54,11 @@ def _our_logits(model: Transformer, ids: list[int]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    """The tiny byte-level BPE (GPT-2 split rule) with special tokens and a ChatML template."""
-    return Tokenizer.from_dir(make_tiny_checkpoint(tmp_path_factory.mktemp("tok") / "tiny"))
+def tok() -> Tokenizer:
+    """A tiny byte-level BPE (GPT-2 split rule) with special tokens and a ChatML template."""
+    backend = train_bpe([TINY_CORPUS] * 20, vocab_size=512)
+    return Tokenizer(backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+                     chat_template="chatml")
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +253,8 @@ def _smollm2_file() -> Path:
 
 def test_smollm2_export_generates_the_same_greedy_tokens_in_llama_cpp(tmp_path, quantized_kernels_run):
     """A real model: lmforge loads SmolLM2's Q4_1 GGUF and exports it; llama.cpp's greedy tokens equal lmforge's
-    (F16: a chat answer; Q8_0: a plain completion, whose top tokens lead by more than 8-bit activations move them),
-    and its tokenization of mixed text equals lmforge's."""
+    greedy choices on the same text (F16: a chat answer; Q8_0: a plain completion, whose top tokens lead by more
+    than llama.cpp's 8-bit activations move them), and its tokenization of mixed text equals lmforge's."""
     src = _smollm2_file()
     model, tok = load_hf(src, dtype="float32", progress=False), Tokenizer.from_dir(src)
     chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -272,7 +273,4 @@ def test_smollm2_export_generates_the_same_greedy_tokens_in_llama_cpp(tmp_path, 
         # lmforge's greedy choice after the prompt and each of llama.cpp's tokens (one teacher-forced forward)
         ours = _our_logits(model, ids + theirs[:-1])[len(ids) - 1:].argmax(-1).tolist()
         assert theirs == ours, qtype
-        if qtype == "f16":  # and lmforge's own generate loop agrees on the first of them
-            first = generate(model, [ids], SamplingParams(temperature=0, max_new_tokens=2), tokenizer=tok)[0]
-            assert first.token_ids == theirs[:2]
         path.unlink()

@@ -21,14 +21,10 @@ from pydantic import model_validator
 from safetensors.torch import save_file
 
 from ..checkpoint import save_tokenizer_files
-from ..config import dump_config
 from ..errors import ConfigError
-from ..hub import resolve_model
-from ..runtime import pick_device
-from ..tokenizer import Tokenizer
 from ..train.config import TrainConfig, run_steps
-from ..train.run import build_model, method_from_config, seed_everything, write_final
-from ..train.trainer import Trainer, resolve_precision
+from ..train.run import build_model, method_from_config, prepare_run, prepare_trainable, write_final
+from ..train.trainer import Trainer
 from .common import WithHeads
 from .config import DPOSection, GRPOSection, KTOSection, ORPOSection, PPOSection, RewardSection
 from .data import build_preference_datasets, build_prompt_datasets
@@ -68,17 +64,6 @@ class AlignConfig(TrainConfig):
         return self
 
 
-def _freeze_to_half(model: torch.nn.Module, method, precision: str) -> None:
-    """Frozen weights need no fp32 master copy under bf16/fp16 autocast: keep them in the autocast dtype."""
-    if precision not in ("bf16", "fp16") or method.name == "full":
-        return
-    half = torch.bfloat16 if precision == "bf16" else torch.float16
-    trainable = {id(p) for _, p in method.trainable_parameters(model)}
-    for p in model.parameters():
-        if id(p) not in trainable and p.is_floating_point():
-            p.data = p.data.to(half)
-
-
 def run_alignment(cfg: AlignConfig) -> dict:
     """Run the rm, dpo or ppo stage as `cfg` says; returns the final metrics plus ``output``, ``model`` (the trained
     module: RewardModel, policy Transformer or PolicyWithValue), ``tokenizer`` and the data ``report``."""
@@ -93,14 +78,14 @@ def run_alignment(cfg: AlignConfig) -> dict:
     if cfg.data.format == "text":
         raise ConfigError(f"data.format=text has no prompts or replies for stage {cfg.stage}; leave data.format "
                           "at auto (the record's fields decide)")
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    device = pick_device(cfg.train.device, "train.device")
-    seed_everything(cfg.train.seed)
-    tok_dir = resolve_model(cfg.model.tokenizer or cfg.model.path)  # a directory or a Hugging Face id
-    tokenizer = Tokenizer.from_dir(tok_dir, chat_template=cfg.model.chat_template)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    par = cfg.parallel
+    for bad, what in ((par.tensor > 1, "parallel.tensor"), (par.pipeline > 1, "parallel.pipeline"),
+                      (par.zero > 0, "parallel.zero"), (par.cpu_offload, "parallel.cpu_offload")):
+        if bad:
+            raise ConfigError(f"{what} does not apply to stage {cfg.stage} yet (alignment stages run data-parallel "
+                              "with replicated weights under torchrun); remove it")
+    run = prepare_run(cfg)
+    out, device, tok_dir, tokenizer, pad_id, say = run.out, run.device, run.tok_dir, run.tokenizer, run.pad_id, run.say
 
     if cfg.stage in ("ppo", "grpo"):
         rl = getattr(cfg, cfg.stage)
@@ -115,10 +100,10 @@ def run_alignment(cfg: AlignConfig) -> dict:
     else:
         section = {"rm": cfg.rm, "orpo": cfg.orpo}.get(cfg.stage, cfg.dpo)
         train_data, val_data, report = build_preference_datasets(cfg.data, tokenizer, section.max_prompt_len)
-    print(report.summary())
+    say(report.summary())
 
-    precision = resolve_precision(cfg.train.precision, device)
-    backbone = build_model(cfg, tokenizer, device, torch.bfloat16 if precision == "bf16-pure" else torch.float32)
+    precision = run.precision
+    backbone = build_model(cfg, tokenizer, device, run.master_dtype)
     if cfg.stage == "ppo" and cfg.train.max_steps is None:  # the loop counts optimizer steps; PPO takes several
         per_step = cfg.train.micro_batch_size * cfg.train.grad_accum  # per rollout
         rollout = cfg.ppo.rollout_batch_size or per_step
@@ -159,14 +144,21 @@ def run_alignment(cfg: AlignConfig) -> dict:
             reward = load_reward_fn(cfg.ppo.reward_fn)
         objective = PPOObjective(cfg.ppo, tokenizer, reward)
     trained.apply(model)
-    _freeze_to_half(model, trained, precision)
+    row_mask = prepare_trainable(model, backbone, trained, cfg, run)
 
-    trainer = Trainer(model, trained, train_data, val_data, cfg, pad_id=pad_id, device=device, objective=objective)
+    ds = run.dist
+    trainer = Trainer(model, trained, train_data, val_data, cfg, pad_id=pad_id, device=device, objective=objective,
+                      dist_state=ds)
+    if row_mask is not None:  # trainable: new_embeddings keeps the old rows exact through weight decay too
+        row_mask.attach(trainer.optimizer)
     n_train = sum(p.numel() for _, p in trainer.params)
     n_all = sum(p.numel() for p in model.parameters())
-    print(f"stage {cfg.stage}, method {cfg.method}: {n_train:,} trainable of {n_all:,} parameters "
-          f"({100 * n_train / n_all:.2f}%), precision {precision}, {trainer.total_steps} steps on {device}")
+    say(f"stage {cfg.stage}, method {cfg.method}: {n_train:,} trainable of {n_all:,} parameters "
+        f"({100 * n_train / n_all:.2f}%), precision {precision}, {trainer.total_steps} steps on {device}"
+        + (f", {ds.world} data-parallel ranks" if ds.enabled else ""))
     result = trainer.fit()
+    if not ds.is_main:  # the weights are replicated: the main rank writes the outputs
+        return {**result, "output": str(out / "final"), "model": model, "tokenizer": tokenizer, "report": report}
 
     def write(tmp: Path) -> None:
         if cfg.stage == "rm":

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..checkpoint import save_tokenizer_files
 from ..config import dump_config
@@ -21,7 +23,7 @@ from ..atomic import atomic_dir
 from ..hub import resolve_model
 from .checkpoint import nonfinite_tensors
 from .config import TrainConfig, run_steps
-from .distributed import init_distributed, local_device
+from .distributed import DistState, init_distributed, local_device
 from .trainable import restrict_trainable
 from .trainer import Trainer, resolve_precision
 
@@ -79,19 +81,65 @@ def write_final(final: Path, state: dict[str, torch.Tensor], write: Callable[[Pa
     return final
 
 
-def run_training(cfg: TrainConfig) -> dict:
-    """Train as the config says; returns the final metrics. Output: `output_dir/final` (HF checkpoint for full
-    fine-tuning, PEFT adapter for LoRA), checkpoints, metrics.jsonl, the resolved config."""
+@dataclass
+class RunSetup:
+    """What every training stage (train, align) starts from; see `prepare_run`."""
+
+    out: Path  # train.output_dir
+    device: torch.device
+    dist: DistState  # a world of one unless launched by torchrun
+    tok_dir: Path | str
+    tokenizer: Tokenizer
+    pad_id: int
+    precision: str  # resolved: fp32 | bf16 | fp16 | bf16-pure
+
+    @property
+    def master_dtype(self) -> torch.dtype:
+        """The dtype weights are built in: bf16 for bf16-pure, else fp32 master weights."""
+        return torch.bfloat16 if self.precision == "bf16-pure" else torch.float32
+
+    def say(self, *args, **kwargs) -> None:
+        """print, on the main rank only."""
+        if self.dist.is_main:
+            print(*args, **kwargs)
+
+
+def prepare_run(cfg: TrainConfig) -> RunSetup:
+    """The start every stage shares: the device, the process group and mesh under torchrun (`cfg.parallel`), the
+    output directory with the resolved config (main rank), the seed, the tokenizer and the precision."""
     out = Path(cfg.train.output_dir)
     device = local_device(pick_device(cfg.train.device, "train.device"))
     ds = init_distributed(cfg.parallel, device)  # torchrun → process group + (dp, tp) mesh; else a world of one
-    say = print if ds.is_main else (lambda *a, **k: None)
     if ds.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
     seed_everything(cfg.train.seed)  # adapter init, dropout and data order all follow the seed (same on all ranks)
     tok_dir = resolve_model(cfg.model.tokenizer or cfg.model.path)  # a directory or a Hugging Face id
     tokenizer = Tokenizer.from_dir(tok_dir, chat_template=cfg.model.chat_template)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    return RunSetup(out, device, ds, tok_dir, tokenizer, pad_id, resolve_precision(cfg.train.precision, device))
+
+
+def prepare_trainable(model: nn.Module, backbone: nn.Module, method, cfg: TrainConfig, run: RunSetup):
+    """After the method is applied to `model` (the `backbone` Transformer, or a wrapper around it): `trainable:`
+    restricts what trains, and frozen weights under bf16/fp16 autocast drop their fp32 master copy (half the
+    memory). Returns the `RowRestriction` to attach to the optimizer (`trainable: new_embeddings`), else None."""
+    model_dir = resolve_model(cfg.model.path) if cfg.model.path else None
+    row_mask = restrict_trainable(backbone, cfg.trainable, cfg.method, model_dirs=(model_dir, run.tok_dir))
+    if run.precision in ("bf16", "fp16") and (cfg.method != "full" or cfg.trainable.params != "all"):
+        half = torch.bfloat16 if run.precision == "bf16" else torch.float16
+        trainable = {id(p) for _, p in method.trainable_parameters(model)}
+        for p in model.parameters():
+            if id(p) not in trainable and p.is_floating_point():
+                p.data = p.data.to(half)
+    return row_mask
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train as the config says; returns the final metrics. Output: `output_dir/final` (HF checkpoint for full
+    fine-tuning, PEFT adapter for LoRA), checkpoints, metrics.jsonl, the resolved config."""
+    run = prepare_run(cfg)
+    out, device, ds, say, tokenizer, tok_dir = run.out, run.device, run.dist, run.say, run.tokenizer, run.tok_dir
 
     train_data, val_data, report = build_datasets(cfg.data, tokenizer)
     say(report.summary())
@@ -99,27 +147,18 @@ def run_training(cfg: TrainConfig) -> dict:
     if len(train_data) == 0:
         raise ConfigError("data: no usable training samples (see the report above)")
 
-    precision = resolve_precision(cfg.train.precision, device)
-    master = torch.bfloat16 if precision == "bf16-pure" else torch.float32
+    precision = run.precision
     if not ds.enabled and device.type == "cuda":  # the planner's verdict before any weight is allocated
         from ..plan.planner import check_training_fits  # (train.force skips it)
 
         check_training_fits(cfg, model_config(cfg, tokenizer), device, say)
-    model = build_model(cfg, tokenizer, device, master)
+    model = build_model(cfg, tokenizer, device, run.master_dtype)
     method = method_from_config(cfg, run_steps(cfg.train, len(train_data)))
     method.apply(model)
     method.check_save(model)  # what the final save would refuse fails now, not after the run
-    model_dir = resolve_model(cfg.model.path) if cfg.model.path else None
-    row_mask = restrict_trainable(model, cfg.trainable, cfg.method, model_dirs=(model_dir, tok_dir))
-    if precision in ("bf16", "fp16") and (cfg.method != "full" or cfg.trainable.params != "all"):
-        # frozen base weights need no fp32 master copy: keep them in the autocast dtype (half the memory)
-        half = torch.bfloat16 if precision == "bf16" else torch.float16
-        trainable = {id(p) for _, p in method.trainable_parameters(model)}
-        for p in model.parameters():
-            if id(p) not in trainable and p.is_floating_point():
-                p.data = p.data.to(half)
+    row_mask = prepare_trainable(model, model, method, cfg, run)
 
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    pad_id = run.pad_id
     n_train = sum(p.numel() for _, p in method.trainable_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
     trainer = Trainer(model, method, train_data, val_data, cfg, pad_id=pad_id, device=device, dist_state=ds)

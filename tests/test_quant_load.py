@@ -150,6 +150,13 @@ def test_group_size_that_does_not_divide_is_one_line_naming_layer_and_fix(ckpt, 
     model = load_hf(ckpt)  # QAT's default group 128 on d_model 64 (was a raw ValueError traceback)
     with pytest.raises(ConfigError, match=r"'layers\.0\.attn\.q_proj' has 64: use group_size=64"):
         apply_qat(model)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+    assert main(["train", "method=qat", f"model.path={ckpt}", f"data.path={data}", "train.max_steps=1",
+                 f"train.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.progress=false",
+                 "train.tensorboard=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'layers.0.attn.q_proj' has 64: use qat.group_size=64" in err, err
 
 
 @pytest.mark.gpu

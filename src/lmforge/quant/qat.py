@@ -95,12 +95,13 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def apply_qat(model: nn.Module, bits: int = 4, group_size: int = 128, act_bits: int | None = None,
-              targets: list[str] | str = ALL_LINEAR) -> list[str]:
-    """Swap the targeted nn.Linears (default: all but lm_head) for FakeQuantLinears in place; returns their paths."""
+              targets: list[str] | str = ALL_LINEAR, field: str = "group_size") -> list[str]:
+    """Swap the targeted nn.Linears (default: all but lm_head) for FakeQuantLinears in place; returns their paths.
+    `field` names group_size in the one-line error when it does not divide a target's in_features."""
     linears = {p: m for p, m in linear_modules(model).items() if type(m) is nn.Linear}
     chosen = select_targets(list(linears), targets)
     if bits == 4:
-        check_group_size({p: linears[p].in_features for p in chosen}, group_size)
+        check_group_size({p: linears[p].in_features for p in chosen}, group_size, field)
     for path in chosen:
         _set_module(model, path, FakeQuantLinear.from_linear(linears[path], bits=bits, group_size=group_size,
                                                              act_bits=act_bits))
@@ -134,7 +135,7 @@ class QATMethod(Method):
     """Linears to quantize: names/regex as in LoRA, 'all-linear' = every linear except lm_head."""
 
     def apply(self, model: nn.Module) -> None:
-        apply_qat(model, self.bits, self.group_size, self.act_bits, self.target_modules)
+        apply_qat(model, self.bits, self.group_size, self.act_bits, self.target_modules, field="qat.group_size")
         model.requires_grad_(True)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -55,7 +55,7 @@ def build(preset: str, n_layers: int | None, device: str, seed: int = 0):
 
 def quantize(model, variant: str, group_size: int) -> dict:
     """Quantize in place; returns what `prepare_fast_path` did (tinygemm only)."""
-    from lmforge.quant import prepare_fast_path, quantize_model, qkernel
+    from lmforge.quant import prepare_fast_path, qkernel, quantize_model
 
     kind = variant.removesuffix("-ref").removesuffix("-tinygemm")
     qkernel.enabled = not variant.endswith("-ref")
@@ -65,7 +65,13 @@ def quantize(model, variant: str, group_size: int) -> dict:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return prepare_fast_path(model, torch.bfloat16) if variant.endswith("-tinygemm") else {}
+    if variant.endswith("-tinygemm"):  # PyTorch's _weight_int4pack_mm instead of lmforge's kernels
+        from lmforge.quant import Int4Linear
+
+        layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+        kernels = [m.prepare_fast_path(torch.bfloat16, aten=True) or "reference" for m in layers]
+        return {k: kernels.count(k) for k in set(kernels)}
+    return prepare_fast_path(model, torch.bfloat16)  # what load_hf does: reports the kernels chosen
 
 
 def bytes_per_token(model, context: float) -> int:

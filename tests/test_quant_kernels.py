@@ -137,3 +137,47 @@ def test_wrong_kernel_is_caught_by_its_check(kernels_on_cpu, monkeypatch):
     x = torch.randn(1, 128, device=DEVICE, dtype=torch.bfloat16)
     _close(layer(x), F.linear(x.float(), layer.weight.float(), layer.bias.float()), 2e-2)
     assert "disagrees" in next(iter(qkernel._status.values()))
+
+
+# ------------------------------------------------------------------------------------------------ engine packing
+
+
+def test_engine_packs_quantized_projections_into_one_layer():
+    """pack_for_decode stacks q/k/v and gate/up of an INT4 model into one quantized layer each (one kernel launch),
+    the originals viewing its buffers: same logits, same state_dict, and the engine's greedy tokens equal
+    generate()'s. NF4 (blocks laid out across rows) keeps separate layers."""
+    from lmforge.infer import SamplingParams, generate
+    from lmforge.infer.decode_fusion import pack_for_decode
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.llm import LLM
+    from lmforge.models import ModelConfig, Transformer
+    from lmforge.quant import quantize_model
+
+    def tiny() -> Transformer:
+        torch.manual_seed(0)
+        return Transformer(ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                                       max_seq_len=64)).eval()
+
+    model = quantize_model(tiny(), "int4", group_size=32)
+    ids = torch.tensor([[5, 17, 300, 42, 9, 77]])
+    with torch.no_grad():
+        want = model(ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = ids[0].tolist()
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    ref_tokens = generate(model, [prompt], params)[0].token_ids
+    done = pack_for_decode(model)
+    n = len(model.layers)
+    assert done["packed_qkv"] == n and done["packed_gate_up"] == n
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn.packed_qkv.layer.qweight.untyped_storage().data_ptr()
+    assert mlp.packed_gate_up.layer.out_features == mlp.gate_proj.out_features + mlp.up_proj.out_features
+    with torch.no_grad():
+        assert torch.allclose(model(ids), want, atol=1e-5, rtol=1e-5)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    llm = LLM(model, config=EngineConfig(num_blocks=32, max_model_len=64))
+    assert llm.generate([prompt], params)[0].token_ids == ref_tokens
+
+    nf4 = quantize_model(tiny(), "nf4")
+    assert pack_for_decode(nf4)["packed_qkv"] == 0

@@ -11,8 +11,9 @@ and leave fewer kernel launches inside the CUDA graph. `pack_for_decode(model)`:
 - gives each plain pre-norm block a `FusedDecodeBlock`: at one row the RMSNorms run inside the GEMVs that read
   their output and the residual adds inside the GEMVs that produce them (no norm or add kernels left).
 
-Only plain bias-consistent `nn.Linear` projections are packed (LoRA-, quantized- or tensor-parallel-wrapped ones keep
-their own forward). `unpack_for_decode` turns the packed matmuls off again, e.g. before multi-LoRA wrappers are
+Only plain bias-consistent `nn.Linear` projections are packed (LoRA- or tensor-parallel-wrapped ones keep their own
+forward); weight-only quantized ones of one kind pack into one quantized layer (`QuantLinear.pack`: one kernel launch
+for q/k/v and one for gate/up, the originals viewing its buffers) but keep their own kernels, outside the fused blocks. `unpack_for_decode` turns the packed matmuls off again, e.g. before multi-LoRA wrappers are
 put around q_proj, whose per-row deltas the packed matmul would skip. Packing assumes the model stays on its device
 afterwards (`.to()` would copy the slices apart).
 """
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.transformer import MLP, PLAIN_LINEARS, Attention, Block, RMSNorm, Transformer
+from ..quant.base import QuantLinear
 from . import gemv
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,21 @@ class PackedGateUp(PackedProjection):
         if act is F.silu and type(down) is DecodeLinear and gemv.use_gemv(gate_up, down.weight):
             return gemv.gemv_silu_mul(gate_up, down.weight, down.bias)
         gate, up = gate_up.split(self.sizes, dim=-1)
+        return down(act(gate) * up)
+
+
+class PackedQuantProjection:
+    """Quantized linears of one input as one quantized layer (`QuantLinear.pack`): x (..., in) → tuple of
+    (..., out_i) from one launch of that layer's kernel; `mlp` as `PackedGateUp.mlp`, unfused."""
+
+    def __init__(self, layer: QuantLinear, sizes: list[int]):
+        self.layer, self.sizes = layer, sizes
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.layer(x).split(self.sizes, dim=-1)
+
+    def mlp(self, x: torch.Tensor, act, down: nn.Module) -> torch.Tensor:
+        gate, up = self(x)
         return down(act(gate) * up)
 
 
@@ -119,7 +136,11 @@ def _normed(x: torch.Tensor, norm: RMSNorm, packed: PackedProjection) -> torch.T
 
 
 def _pack(linears: list[nn.Module], cls=PackedProjection) -> PackedProjection | None:
-    """Pack plain nn.Linear layers sharing dtype/device/bias-ness; None if any is something else."""
+    """Pack plain nn.Linear layers sharing dtype/device/bias-ness, or quantized ones `QuantLinear.pack` accepts;
+    None if any is something else."""
+    if all(isinstance(m, QuantLinear) for m in linears):
+        layer = type(linears[0]).pack(linears)
+        return None if layer is None else PackedQuantProjection(layer, [m.out_features for m in linears])
     if not all(type(m) in (nn.Linear, DecodeLinear) for m in linears):
         return None
     w0 = linears[0].weight

@@ -52,6 +52,37 @@ class QuantLinear(nn.Module):
         return (fast is not None and x2d.shape[0] <= FAST_PATH_MAX_ROWS and x2d.device == fast[2]
                 and x2d.dtype == fast[3] and not (x2d.requires_grad and torch.is_grad_enabled()))
 
+    @classmethod
+    @torch.no_grad()
+    def pack(cls, layers: list[QuantLinear]) -> QuantLinear | None:
+        """Layers reading one input as a single layer of this class (their rows stacked: q/k/v, gate/up), built from
+        the concatenated buffers, which the originals then view (no second copy; state_dict unchanged). None when
+        they do not pack: another class or options, a device-specific fast layout, or a class that cannot
+        (`_row_buffers` empty: storage not laid out by output row)."""
+        first = layers[0]
+        names = cls._row_buffers
+        if not names or any(type(m) is not cls or m.options() != first.options() or m._fast is not None
+                            or m.in_features != first.in_features or (m.bias is None) != (first.bias is None)
+                            or m.scale.dtype != first.scale.dtype or m.scale.device != first.scale.device
+                            for m in layers):
+            return None
+        sizes = [m.out_features for m in layers]
+        out = cls(first.in_features, sum(sizes), first.bias is not None, dtype=first.scale.dtype,
+                  device=first.scale.device, **first.options())
+        for name in names:
+            packed = torch.cat([m._buffers[name] for m in layers])  # (sum of out_features, ...)
+            out._buffers[name] = packed
+            for m, view in zip(layers, packed.split(sizes)):  # the originals become row views of it
+                m._buffers[name] = view
+        if first.bias is not None:
+            packed = torch.cat([m.bias.data for m in layers])
+            out.bias.data = packed
+            for m, view in zip(layers, packed.split(sizes)):
+                m.bias.data = view
+        return out
+
+    _row_buffers: tuple[str, ...] = ()  # buffers laid out as (out_features, ...): what `pack` may concatenate
+
     def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16) -> str | None:
         """Build the device-specific kernel layout for inputs of `dtype`; returns the kernel name or None."""
         return None

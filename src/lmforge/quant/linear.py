@@ -58,6 +58,7 @@ class Int8Linear(QuantLinear):
     """
 
     kind = "int8"
+    _row_buffers = ("qweight", "scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = None,
                  outlier_threshold: float | None = None, dtype: torch.dtype = torch.float32, device=None):
@@ -121,7 +122,7 @@ class Int8Linear(QuantLinear):
         if self.act_bits is not None:
             return None
         if self.qweight.is_cuda:  # aten's CUDA int8pack kernel decodes at 65 tok/s vs 416 bf16 (1B, H100): not used
-            if qkernel.use_kernel(torch.empty(0, device=self.qweight.device, dtype=dtype)):
+            if qkernel.available(self.qweight.device, dtype):
                 return "triton int8"  # chosen in forward, nothing to convert
             return _verified(self, None, dtype, "inductor int8 gemv")
         if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
@@ -137,6 +138,7 @@ class Int4Linear(QuantLinear):
     """
 
     kind = "int4"
+    _row_buffers = ("qweight", "scale", "zero")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 128,
                  dtype: torch.dtype = torch.float32, device=None):
@@ -192,9 +194,14 @@ class Int4Linear(QuantLinear):
             y = F.linear(x2d, int4_dequantize(self.codes(), self.scale, self.zero, x.dtype))
         return self._add_bias(y).view(*x.shape[:-1], self.out_features)
 
-    def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16, inner_k_tiles: int = 8) -> str | None:
-        """tinygemm layout: codes re-packed by the device's converter, and per group (scale, float zero) with
+    def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16, inner_k_tiles: int = 8,
+                          aten: bool = False) -> str | None:
+        """On CUDA the Triton kernels need nothing (reported as "triton int4") unless `aten`; otherwise the
+        tinygemm layout: codes re-packed by the device's converter, and per group (scale, float zero) with
         ``W = (q - 8) * scale + zero_f`` -- so ``zero_f = (8 - zero) * scale``."""
+        if self.qweight.is_cuda and not aten and qkernel.available(self.qweight.device, dtype) \
+                and qkernel.group_ok(self.group_size):
+            return "triton int4"
         zero_f = (8 - self.zero.float()) * self.scale.float()
         scales_zeros = torch.stack([self.scale.float().T, zero_f.T], dim=-1).to(dtype).contiguous()  # (groups, out, 2)
         try:

@@ -241,6 +241,16 @@ class NF4Linear(QuantLinear):
                                self.absmax_mean, self.out_features, self.block_size, self.dq_block_size)
         return self._add_bias(y).view(*x.shape[:-1], self.out_features)
 
+    def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16) -> str | None:
+        """Nothing to convert: on CUDA the forward reads the codes in Triton kernels (reported), elsewhere the
+        table dequantization runs."""
+        from . import qkernel
+
+        if qkernel.available(self.codes.device, dtype) and qkernel.group_ok(self.block_size) \
+                and self.in_features % self.block_size == 0:
+            return "triton nf4"
+        return None
+
     def _apply(self, fn, recurse=True):
         """`model.to(dtype)` / `.half()` move the fp32 block constants but never cast them: rounding them to bf16
         would add error to every weight for no memory gain."""

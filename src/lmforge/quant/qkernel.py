@@ -18,12 +18,13 @@ Which code runs (`linear_int8` / `linear_int4` / `linear_nf4` pick):
   small random problem, outside CUDA-graph capture; one that fails to build, to launch, or to agree is switched off
   for the process with one warning and the reference runs instead. ``LMFORGE_QKERNEL=0`` switches them all off.
 - Everywhere else the reference: dequantize, then ``F.linear``. NF4's dequantization looks each code byte up in a
-  256-entry table of level pairs in the compute dtype (one gather per two weights, no float32 temporaries), about
-  2x faster on the CPU than indexing the float32 levels per nibble.
+  256-entry table of level pairs in the compute dtype (one gather per two weights, no float32 temporaries),
+  faster on the CPU than indexing the float32 levels per nibble.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from .nf4 import NF4_LEVELS, unpack_nibbles
 from .rtn import int4_dequantize
 
-__all__ = ["GEMV_MAX_ROWS", "GEMM_MAX_ROWS", "use_kernel", "linear_int8", "linear_int4", "linear_nf4",
+__all__ = ["GEMV_MAX_ROWS", "GEMM_MAX_ROWS", "available", "use_kernel", "linear_int8", "linear_int4", "linear_nf4",
            "int8_linear", "int4_linear", "nf4_linear", "nf4_dequantize", "kernel_status"]
 
 log = logging.getLogger("lmforge.quant")
@@ -41,6 +42,10 @@ log = logging.getLogger("lmforge.quant")
 GEMV_MAX_ROWS = 4  # decode: one program per (input row, BLOCK_N weight rows), neighbours share the weight tile in L2
 GEMM_MAX_ROWS = 256  # past this a matmul is compute-bound: one dequantization, then cuBLAS
 enabled = os.environ.get("LMFORGE_QKERNEL", "1") != "0"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# GEMV tiles "BLOCK_N,COLUMNS,WARPS" (rows per program, input columns per step, warps) for tuning runs; unset: by shape
+GEMV_TILES = tuple(int(v) for v in os.environ["LMFORGE_QKERNEL_GEMV"].split(",")) \
+    if os.environ.get("LMFORGE_QKERNEL_GEMV") else None
 cpu_interpreter = False  # also route CPU inputs through the Triton kernels (tests, under TRITON_INTERPRET=1)
 _status: dict[tuple, bool | str] = {}  # kernel variant -> True (verified), or why it is off
 
@@ -51,7 +56,9 @@ def kernel_status() -> dict[str, bool | str]:
 
 
 def _triton_runs(device: torch.device) -> bool:
-    from ..infer.paged_attention import kernel_available
+    if device.type == "cuda":  # a constant for torch.compile to trace through
+        return HAS_TRITON
+    from ..infer.paged_attention import kernel_available  # the CPU interpreter (tests)
 
     return kernel_available(device)
 
@@ -63,7 +70,12 @@ def use_kernel(x: torch.Tensor) -> bool:
             and _triton_runs(x.device))
 
 
-def _group_ok(group: int) -> bool:
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Inputs of `dtype` on `device` would go to the Triton kernels (what `prepare_fast_path` reports)."""
+    return use_kernel(torch.empty(0, device=device, dtype=dtype))
+
+
+def group_ok(group: int) -> bool:
     return 32 <= group <= 1024 and group & (group - 1) == 0  # whole groups per step, tl.dot needs group / 2 >= 16
 
 
@@ -150,11 +162,9 @@ def _launch_q4(x, qweight, s, z, ss, mean, N: int, group: int, nf4: bool, dq_blo
     args = (x, qweight, s, z if z is not None else s, ss if dq else s, mean if dq else s, lut, y)
     flags = dict(GROUP=group, HALF=group // 2, NF4=nf4, DQ=dq, DQ_BLOCK=dq_block)
     if path == "gemv":
-        programs = 2 * _sm_count(x.device)
-        block_n = 16 if N >= 16 * programs else 8 if N >= 8 * programs else 4
-        block_g = max(1, 512 // group)
+        block_n, cols, warps = _gemv_tiles(N, x.device)
         k.q4_gemv_kernel[(M, triton_cdiv(N, block_n))](*args, N, K, x.stride(0), y.stride(0), BLOCK_N=block_n,
-                                                       BLOCK_G=block_g, num_warps=4, **flags)
+                                                       BLOCK_G=max(1, cols // group), num_warps=warps, **flags)
     else:
         block_m, block_n = _gemm_blocks(M, N, x.device)
         k.q4_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](
@@ -169,16 +179,23 @@ def _launch_int8(x, qweight, scale, path: str):
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     k = _kernels()
     if path == "gemv":
-        programs = 2 * _sm_count(x.device)
-        block_n = 16 if N >= 16 * programs else 8 if N >= 8 * programs else 4
+        block_n, cols, warps = _gemv_tiles(N, x.device)
         k.int8_gemv_kernel[(M, triton_cdiv(N, block_n))](x, qweight, scale, y, N, K, x.stride(0), y.stride(0),
-                                                         BLOCK_N=block_n, BLOCK_K=256, num_warps=4)
+                                                         BLOCK_N=block_n, BLOCK_K=cols // 2, num_warps=warps)
     else:
         block_m, block_n = _gemm_blocks(M, N, x.device)
         k.int8_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](
             x, qweight, scale, y, M, N, K, x.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
             num_warps=4, num_stages=2)
     return y
+
+
+def _gemv_tiles(N: int, device: torch.device) -> tuple[int, int, int]:
+    """(rows per program, input columns per step, warps): at least two programs per SM where N allows."""
+    if GEMV_TILES:
+        return GEMV_TILES
+    programs = 2 * _sm_count(device)
+    return (16 if N >= 16 * programs else 8 if N >= 8 * programs else 4), 512, 4
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -305,7 +322,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
                 group_size: int) -> torch.Tensor:
     """x (M, K), qweight uint8 (N, K / 2), scale/zero (N, K / group_size) -> (M, N) = x @ ((q - zero) scale).T."""
     x = x.contiguous()
-    if not (use_kernel(x) and _group_ok(group_size)):
+    if not (use_kernel(x) and group_ok(group_size)):
         return int4_reference(x, qweight, scale, zero)
     N = qweight.shape[0]
     return _run(("int4", group_size), x,
@@ -327,7 +344,7 @@ def nf4_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absma
     x = x.contiguous()
     ref = lambda: nf4_reference(x, codes, absmax, absmax_scale, absmax_mean, block_size,  # noqa: E731
                                 dq_block_size, out_features)
-    if not (use_kernel(x) and _group_ok(block_size) and x.shape[1] % block_size == 0):
+    if not (use_kernel(x) and group_ok(block_size) and x.shape[1] % block_size == 0):
         return ref()
     dq = absmax_scale is not None
     return _run(("nf4", block_size, "dq" if dq else "fp32"), x,
@@ -381,13 +398,13 @@ def linear_int8(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -
 
 def linear_int4(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 group_size: int) -> torch.Tensor:
-    if use_kernel(x2d) and _group_ok(group_size):
+    if use_kernel(x2d) and group_ok(group_size):
         return int4_linear(x2d, qweight, scale, zero, group_size)
     return int4_reference(x2d, qweight, scale, zero)
 
 
 def linear_nf4(x2d: torch.Tensor, codes, absmax, absmax_scale, absmax_mean, out_features: int, block_size: int,
                dq_block_size: int) -> torch.Tensor:
-    if use_kernel(x2d) and _group_ok(block_size) and x2d.shape[1] % block_size == 0:
+    if use_kernel(x2d) and group_ok(block_size) and x2d.shape[1] % block_size == 0:
         return nf4_linear(x2d, codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size)
     return nf4_reference(x2d, codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size, out_features)

@@ -315,6 +315,8 @@ def describe(cls: type[Section], prefix: str = "") -> list[tuple[str, str, str, 
     """``(dotted key, type, default, description)`` for every leaf field, recursing into nested sections."""
     rows: list[tuple[str, str, str, str]] = []
     for name, field in cls.model_fields.items():
+        if name in getattr(cls, "derived", ()):  # set by the section itself (e.g. a method's inherited fields)
+            continue
         key = f"{prefix}{field.alias or name}"
         secs = _sections(field.annotation)
         if len(secs) == 1:

@@ -485,6 +485,8 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
         head_grad, layer_grad = (head_w_grad if cfg.tie_embeddings else 0), 0
     prior_grads = grads_total if setup.grad_accum > 1 else 0  # later micro-batches find the gradients allocated
     temp = layer_backward_temp_bytes(cfg, setup)
+    if setup.method == "qlora":  # backward dequantizes each NF4 weight for the input gradient: the int32 code
+        temp += 6 * max(li.in_features * li.out_features for li in layer_linears(cfg))  # indices, level pairs, W
     workspace = Overheads().workspace if setup.device == "cuda" else 0
 
     acts = sum(saved) + embed_saved + head_saved

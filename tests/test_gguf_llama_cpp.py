@@ -215,6 +215,55 @@ def test_pre_tokenizer_detection_and_llama_cpp_tokenization_match(tok, tmp_path)
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == t.encode(text), (pre, text)
 
 
+def _spm_tokenizer(prefix: bool) -> Tokenizer:
+    """A tiny SentencePiece-style BPE as Llama 2 / Gemma ship it in tokenizer.json: "▁" for spaces (and before the
+    text when `prefix`), <0xNN> byte tokens for characters outside the vocabulary, BOS added."""
+    import tokenizers
+    from tokenizers import AddedToken, decoders, models, normalizers, processors, trainers
+
+    trainer_tok = tokenizers.Tokenizer(models.BPE())
+    trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False)
+    trainer_tok.train_from_iterator([TINY_CORPUS] * 20, trainer=trainer)
+    learned = json.loads(trainer_tok.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for t in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    bk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True,
+                                         fuse_unk=True))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    bk.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if prefix else []) + steps)
+    bk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                   + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    bk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    bk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    return Tokenizer(bk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template="chatml")
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_sentencepiece_vocabulary_tokenizes_the_same_in_llama_cpp(prefix, tmp_path):
+    """Llama 2 / Mistral / Gemma / Phi-3 vocabularies: llama.cpp's SentencePiece model with scores that merge in the
+    BPE's order, byte-fallback tokens, the space prefix (Llama 2: yes, Gemma: no) and special tokens."""
+    tok = _spm_tokenizer(prefix)
+    model = _model({**FAMILIES["gemma"], "vocab_size": 576})
+    path = export_gguf(model, tmp_path / "spm.gguf", tokenizer=tok, qtype="f32")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is prefix
+    llm = _llama(path)
+    text = MIXED + " 🦙 emoji ☃"  # characters the vocabulary lacks: byte fallback
+    assert 3 + 0xF0 in tok.encode(text)  # <0xF0>, the first byte of the emoji
+    for t in (text, CHECK_TEXT, "Hi</s> there  two  spaces"):
+        assert llm.tokenize(t.encode(), add_bos=True, special=True) == tok.encode(t), t
+    assert Tokenizer.from_dir(path).encode(text) == tok.encode(text)  # lmforge reads it back the same
+    ids = tok.encode("The quick brown fox")
+    ours, theirs = _our_logits(model, ids), _cpp_logits(path, ids)
+    assert np.abs(theirs - ours).max() < 5e-3 * np.abs(ours).max()
+
+
 def test_export_refuses_what_llama_cpp_would_compute_differently(tok, tmp_path):
     from lmforge.errors import ConfigError
 

@@ -178,3 +178,22 @@ def test_cli_quantize_verb(ckpt, tmp_path, capsys):
     assert "needs calibration text" in capsys.readouterr().err
     assert main(["quantize", "--help"]) == 0
     assert "group_size" in capsys.readouterr().out
+
+
+def test_cli_export_format_gguf(ckpt, tmp_path, capsys):
+    """`lmforge export CKPT --format gguf --quant Q4_K_M --out m.gguf`: the type in any case, the vocabulary's
+    pre-tokenizer detected; a directory as out, or quant without format=gguf, is one line and exit 2."""
+    from lmforge.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(ckpt), "--format", "gguf", "--quant", "Q4_K_M", "--out", str(out)]) == 0
+    assert "gguf q4_k_m" in capsys.readouterr().out
+    reader = gguf.GGUFReader(out)
+    assert _field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert _field(reader, "tokenizer.ggml.pre") == "gpt-2"  # the tiny vocabulary splits as GPT-2 does
+    assert main(["export", str(ckpt), "--format", "gguf", "--out", str(tmp_path)]) == 2
+    assert "must be a .gguf file path for format=gguf" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--quant", "q4_0", "--out", str(tmp_path / "hf")]) == 2
+    assert "add --format gguf" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--format", "gguf", "--quant", "q3", "--out", str(out)]) == 2
+    assert "config key 'quant'" in capsys.readouterr().err

@@ -178,7 +178,7 @@ class ExportConfig(Section):
     """format=gguf: weight type (llama.cpp names, any case): f32/f16/bf16, q8_0, q4_0/q4_1/q5_0/q5_1, K-quants
     q4_k_m (the usual pick), q4_k_s, q5_k_m, q5_k_s, q6_k."""
     pre_tokenizer: str | None = None
-    """format=gguf: llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when detection cannot tell (llama-bpe, qwen2...)."""
+    """format=gguf: llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) when detection cannot tell (llama-bpe ...)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the written weights; auto = the base checkpoint's (float32 for a quantized GGUF)."""
 
@@ -266,6 +266,7 @@ def run_export(cfg: ExportConfig) -> None:
 
 def _export_gguf(cfg: ExportConfig, base: Path, adapter: Path | None, method) -> None:
     """`export --format gguf`: one .gguf file (a mergeable adapter folded in first when given)."""
+    from .models.hf import load_hf
     from .quant.gguf_export import export_gguf
     from .quant.model import dequantize_model
 

@@ -22,7 +22,8 @@ __all__ = ["CHECK_TEXT", "KNOWN_PRE_HASHES", "detect_pre_tokenizer", "write_voca
 # The string llama.cpp's converter tokenizes to identify a vocabulary's pre-tokenizer: whitespace runs, emoji with
 # joiners, digit runs, Khmer, Chinese, Cyrillic, repeated punctuation and English contractions in mixed case.
 CHECK_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis "
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n"
+    "\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis "
     "concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
     "\u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
     "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
@@ -94,44 +95,87 @@ def detect_pre_tokenizer(tok: Tokenizer) -> str:
                       "gpt-2, smollm, ...)")
 
 
+def _space_prefix(data: dict) -> bool | None:
+    """For a SentencePiece-style tokenizer.json: whether "▁" is put before the text (llama.cpp's add_space_prefix);
+    None when its spaces are not handled as SentencePiece does (then llama.cpp would split differently)."""
+    norm, pre = data.get("normalizer") or {}, data.get("pre_tokenizer") or {}
+    steps = norm.get("normalizers", [norm]) if norm else []
+    replaces = any(n.get("type") == "Replace" and n.get("content") == "\u2581" for n in steps)
+    prepends = any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in steps)
+    if replaces and not pre:
+        return prepends
+    if pre.get("type") == "Metaspace" and not pre.get("split", True) and not steps:
+        return pre.get("prepend_scheme", "always") in ("always", "first")
+    return None
+
+
+def _spm_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined piece scores highest: score each
+    piece by minus the rank of the merge that makes it, so it merges in the BPE's order."""
+    rank: dict[str, int] = {}
+    for r, m in enumerate(merges):
+        rank.setdefault(m.replace(" ", "", 1) if isinstance(m, str) else "".join(m), r)
+    return [-float(rank[t]) if t in rank else (0.0 if len(t) == 1 else -1e9) for t in tokens]
+
+
 def write_vocab(writer, tok: Tokenizer, vocab_size: int, pre_tokenizer: str | None = None) -> str:
-    """Add the tokenizer metadata of `tok` (a byte-level BPE) to a GGUF writer, padded to the model's `vocab_size`.
-    Returns the pre-tokenizer name written."""
+    """Add the tokenizer metadata of `tok` to a GGUF writer, padded to the model's `vocab_size`: a byte-level BPE as
+    llama.cpp's ``gpt2`` model (with the detected pre-tokenizer), a SentencePiece-style BPE (``byte_fallback``, "▁"
+    for spaces: Llama 2, Mistral, Gemma, Phi-3) as its ``llama`` model with scores. Returns the pre-tokenizer name."""
     import gguf
 
     from ..tokenizer.gguf import PRE_TOKENIZERS
 
     data = json.loads(tok.backend.to_str())
     model = data["model"]
-    if model["type"] != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style BPE (byte_fallback)" if model.get("byte_fallback") else model["type"]
-        raise ConfigError(f"GGUF export writes byte-level BPE vocabularies; this tokenizer is {kind}")
-    if pre_tokenizer is not None and pre_tokenizer not in PRE_TOKENIZERS:
-        raise ConfigError(f"pre_tokenizer '{pre_tokenizer}' is not a llama.cpp pre-tokenizer name; use one of "
-                          f"{', '.join(sorted(p for p in PRE_TOKENIZERS if p))}")
-    pre = pre_tokenizer or detect_pre_tokenizer(tok)
+    spm = model["type"] == "BPE" and bool(model.get("byte_fallback"))
+    if model["type"] != "BPE":
+        raise ConfigError(f"GGUF export writes BPE vocabularies (byte-level or SentencePiece-style); this tokenizer is "
+                          f"{model['type']}")
+    if spm:
+        prefix = _space_prefix(data)
+        if prefix is None:
+            raise ConfigError("GGUF export: this byte-fallback BPE does not handle spaces as SentencePiece does "
+                              "(\u2581 replacement without splitting); llama.cpp would tokenize it differently")
+        pre = "default"
+    else:
+        if pre_tokenizer is not None and pre_tokenizer not in PRE_TOKENIZERS:
+            raise ConfigError(f"pre_tokenizer '{pre_tokenizer}' is not a llama.cpp pre-tokenizer name; use one of "
+                              f"{', '.join(sorted(p for p in PRE_TOKENIZERS if p))}")
+        pre = pre_tokenizer or detect_pre_tokenizer(tok)
     vocab = tok.backend.get_vocab(with_added_tokens=True)  # {token: id}
     if max(vocab.values()) >= vocab_size:
         raise ConfigError(f"tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is {vocab_size}")
     by_id = {i: t for t, i in vocab.items()}
     added = {a["content"]: a.get("special", False) for a in data.get("added_tokens", [])}
+    unk = model.get("unk_token")
     tokens, types = [], []
     for i in range(vocab_size):
         t = by_id.get(i)
         if t is None:  # rows the embedding has beyond the tokenizer
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(t)
+        if spm and t == unk:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif t in added:
+            types.append(gguf.TokenType.CONTROL if added[t] else gguf.TokenType.USER_DEFINED)
+        elif spm and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
         else:
-            tokens.append(t)
-            types.append(gguf.TokenType.NORMAL if t not in added else
-                         gguf.TokenType.CONTROL if added[t] else gguf.TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer.add_tokenizer_model("llama" if spm else "gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
+    if spm:
+        writer.add_token_scores(_spm_scores(tokens, merges))
+        writer.add_add_space_prefix(prefix)
     writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    writer.add_token_merges(merges)
     ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id,
-           "unk": tok.token_to_id(tok.special_tokens.get("unk_token"))}
+           "unk": tok.token_to_id(tok.special_tokens.get("unk_token", unk))}
     for name, tid in ids.items():
         if tid is not None:
             getattr(writer, f"add_{name}_token_id")(tid)

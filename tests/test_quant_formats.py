@@ -15,7 +15,7 @@ from lmforge.cli import main
 from lmforge.errors import CheckpointError
 from lmforge.models import load_hf
 from lmforge.models.converters import converter_for
-from lmforge.quant import Int4Linear, quantize_model, quantized_linears
+from lmforge.quant import Int4Linear, Int8Linear, quantize_model, quantized_linears
 from lmforge.quant.formats import Int4ActOrderLinear, save_format
 from lmforge.quant.rtn import int4_dequantize
 from lmforge.testing import make_tiny_hf_model
@@ -28,13 +28,16 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 # ----------------------------------------------------------------------- reference packing (not lmforge's code)
 
 
-def ref_gptq_dequant(qweight, qzeros, scales, g_idx, v1=True):
-    """AutoGPTQ's reference dequantization: (in, out) weight from qweight (in/8, out), qzeros (G, out/8)."""
-    wf = torch.tensor(list(range(0, 32, 4)), dtype=torch.int32).unsqueeze(0)
-    zeros = torch.bitwise_right_shift(torch.unsqueeze(qzeros, 2).expand(-1, -1, 8), wf.unsqueeze(0)).to(torch.int8)
-    zeros = torch.bitwise_and(zeros + (1 if v1 else 0), 15).reshape(scales.shape)
-    weight = torch.bitwise_right_shift(torch.unsqueeze(qweight, 1).expand(-1, 8, -1), wf.unsqueeze(-1)).to(torch.int8)
-    weight = torch.bitwise_and(weight, 15).reshape(-1, weight.shape[-1])
+def ref_gptq_dequant(qweight, qzeros, scales, g_idx, v1=True, bits=4):
+    """AutoGPTQ's reference dequantization: (in, out) weight from qweight (in*bits/32, out), qzeros
+    (G, out*bits/32)."""
+    per, mask = 32 // bits, 2**bits - 1
+    wf = torch.tensor(list(range(0, 32, bits)), dtype=torch.int32).unsqueeze(0)
+    small = torch.int16 if bits == 8 else torch.int8
+    zeros = torch.bitwise_right_shift(torch.unsqueeze(qzeros, 2).expand(-1, -1, per), wf.unsqueeze(0)).to(small)
+    zeros = torch.bitwise_and(zeros + (1 if v1 else 0), mask).reshape(scales.shape)
+    weight = torch.bitwise_right_shift(torch.unsqueeze(qweight, 1).expand(-1, per, -1), wf.unsqueeze(-1)).to(small)
+    weight = torch.bitwise_and(weight, mask).reshape(-1, weight.shape[-1])
     g = g_idx.long()
     return scales[g].float() * (weight.float() - zeros[g].float())
 
@@ -95,24 +98,27 @@ def _logits(model, ids):
 # --------------------------------------------------------------------------------------------------- writing
 
 
-@pytest.mark.parametrize("fmt,arch", [("gptq", "LlamaForCausalLM"), ("awq", "Qwen2ForCausalLM"),
-                                      ("gptq", "Phi3ForCausalLM")])
-def test_quantize_writes_the_layout_other_tools_read(tmp_path, fmt, arch):
+@pytest.mark.parametrize("fmt,arch,method", [("gptq", "LlamaForCausalLM", "int4"), ("awq", "Qwen2ForCausalLM", "int4"),
+                                             ("gptq", "Phi3ForCausalLM", "int4"), ("gptq", "Qwen2ForCausalLM", "int8")])
+def test_quantize_writes_the_layout_other_tools_read(tmp_path, fmt, arch, method):
     """`lmforge quantize --format gptq|awq`: config.json and tensor shapes/dtypes as transformers/vLLM expect; the
     independent unpacker gives the in-memory quantized weights exactly (scales at fp16; Phi-3's fused q|k|v and
-    gate|up as stacked rows); a transformers model holding what it unpacks computes the logits lmforge computes from
-    the same file, and those match the in-memory model."""
+    gate|up as stacked rows; INT8 as 8-bit GPTQ per channel); a transformers model holding what it unpacks computes
+    the logits lmforge computes from the same file, and those match the in-memory model."""
     src, out = tmp_path / "src", tmp_path / fmt
     torch.manual_seed(0)
     make_tiny_hf_model(arch, src)
-    assert main(["quantize", str(src), "--method", "int4", "--group-size", "32", "--format", fmt, "--out", str(out)]) == 0
+    assert main(["quantize", str(src), "--method", method, "--group-size", "32", "--format", fmt,
+                 "--out", str(out)]) == 0
+    bits, gs = (8, -1) if method == "int8" else (4, 32)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == fmt and qc["bits"] == 4 and qc["group_size"] == 32
-    assert (qc["checkpoint_format"], qc["desc_act"], qc["sym"]) == ("gptq", False, False) if fmt == "gptq" else \
+    assert qc["quant_method"] == fmt and qc["bits"] == bits and qc["group_size"] == gs
+    assert (qc["checkpoint_format"], qc["desc_act"], qc["sym"]) == ("gptq", False, bits == 8) if fmt == "gptq" else \
         (qc["version"], qc["zero_point"]) == ("gemm", True)
-    mem = quantize_model(load_hf(src), "int4", group_size=32)  # what the CLI computed, in memory
+    mem = quantize_model(load_hf(src), method, group_size=32)  # what the CLI computed, in memory
     layers = quantized_linears(mem)
-    fp16_scales = {f"{p}.weight": int4_dequantize(m.codes(), m.scale.half().float(), m.zero) for p, m in layers.items()}
+    fp16_scales = {f"{p}.weight": int4_dequantize(m.codes(), m.scale.half().float(), m.zero) if bits == 4 else
+                   m.qweight.float() * m.scale.half().float()[:, None] for p, m in layers.items()}
     want = dict(converter_for(arch).to_hf(fp16_scales, mem.cfg))  # (fused, for Phi-3's qkv_proj / gate_up_proj)
     tensors = load_file(out / "model.safetensors")
     weights = {}
@@ -120,12 +126,13 @@ def test_quantize_writes_the_layout_other_tools_read(tmp_path, fmt, arch):
         hf = name.removesuffix(".qweight")
         qw, qz, sc = tensors[f"{hf}.qweight"], tensors[f"{hf}.qzeros"], tensors[f"{hf}.scales"]
         n_out, n_in = want[f"{hf}.weight"].shape
+        groups, per = (1, 4) if bits == 8 else (n_in // 32, 8)
         assert qw.dtype == qz.dtype == torch.int32 and sc.dtype == torch.float16
-        assert tuple(qz.shape) == (n_in // 32, n_out // 8) and tuple(sc.shape) == (n_in // 32, n_out)
+        assert tuple(qz.shape) == (groups, n_out // per) and tuple(sc.shape) == (groups, n_out)
         if fmt == "gptq":
-            assert tuple(qw.shape) == (n_in // 8, n_out)
-            assert torch.equal(tensors[f"{hf}.g_idx"], torch.arange(n_in, dtype=torch.int32) // 32)
-            weights[hf] = ref_gptq_dequant(qw, qz, sc, tensors[f"{hf}.g_idx"]).T
+            assert tuple(qw.shape) == (n_in // per, n_out)
+            assert torch.equal(tensors[f"{hf}.g_idx"], torch.arange(n_in, dtype=torch.int32) // (n_in // groups))
+            weights[hf] = ref_gptq_dequant(qw, qz, sc, tensors[f"{hf}.g_idx"], bits=bits).T
         else:
             assert tuple(qw.shape) == (n_in, n_out // 8)
             weights[hf] = ref_awq_dequant(qw, qz, sc, 32).T
@@ -134,7 +141,7 @@ def test_quantize_writes_the_layout_other_tools_read(tmp_path, fmt, arch):
     ids = torch.randint(0, mem.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     theirs = _logits(_reference_model(out, weights), ids)
     ours = load_hf(out, dtype="float32")
-    assert all(isinstance(m, Int4Linear) for m in quantized_linears(ours).values())
+    assert all(isinstance(m, Int4Linear if bits == 4 else Int8Linear) for m in quantized_linears(ours).values())
     assert torch.allclose(_logits(ours, ids), theirs, atol=1e-4, rtol=1e-4)
     ref = _logits(mem, ids)  # the file holds fp16 scales and embeddings: fp16 rounding apart
     assert (theirs - ref).abs().max() < 1e-2 * ref.abs().max()
@@ -216,11 +223,11 @@ def test_bad_format_inputs_are_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["quantize", str(src), "--method", "nf4", "--format", "gptq", "--out", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "format gptq stores 4-bit integer weights" in err and "nf4" in err
+    assert "\n" not in err and "format gptq stores weight-only integer weights" in err and "nf4" in err
     _pack_like_other_tools(tmp_path / "s2", tmp_path / "ext", "awq")
     cfg = json.loads((tmp_path / "ext" / "config.json").read_text())
     for key, value, message in [("version", "gemv", "version='gemv' is not supported"),
-                                ("w_bit", 8, "bits=8 is not supported")]:
+                                ("w_bit", 8, "bits=8 is not supported: lmforge reads 4-bit AWQ")]:
         bad = {**cfg, "quantization_config": {**cfg["quantization_config"], key: value}}
         (tmp_path / "ext" / "config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=message):

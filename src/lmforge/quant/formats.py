@@ -23,7 +23,8 @@ AWQ GEMM (``quant_method: awq``, ``version: gemm``)::
     qzeros   int32 (groups, out / 8) same packing of z (no offset)
     scales   fp16  (groups, out)
 
-Every other tensor (embeddings, norms, the LM head, biases) is the plain HF tensor. AWQ's activation scales are
+8-bit GPTQ (lmforge's INT8): four 8-bit codes per word, one group (``group_size: -1``), code = q + 128 and zero
+point 128 (``sym: true``). Every other tensor (embeddings, norms, the LM head, biases) is the plain HF tensor. AWQ's activation scales are
 already folded into the preceding norm / linear by lmforge's AWQ, as AutoAWQ does for these architectures.
 """
 from __future__ import annotations
@@ -38,16 +39,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from .linear import Int4Linear, prepare_fast_path
+from .linear import Int4Linear, Int8Linear, prepare_fast_path
+from .nf4 import pack_nibbles
 
 __all__ = ["FORMATS", "READABLE", "Int4ActOrderLinear", "load_quantized_checkpoint", "save_format", "use_fast_path",
            "pack_int32", "unpack_int32", "AWQ_ORDER"]
 
 FORMATS = ("lmforge", "gptq", "awq")  # what `lmforge quantize --format` writes
 READABLE = FORMATS  # the quant_method values load_hf reads (others fall through to the plain loader)
-INT4_METHODS = ("int4", "rtn", "awq", "gptq")  # methods whose layers GPTQ/AWQ files can hold
+INT4_METHODS = ("int4", "rtn", "awq", "gptq")
+FORMAT_METHODS = {"lmforge": ("int8", "int4", "rtn", "nf4", "awq", "gptq", "bitnet"),  # methods each format holds
+                  "gptq": (*INT4_METHODS, "int8"), "awq": INT4_METHODS}
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # value j of an AWQ word holds column 8k + AWQ_ORDER[j]
-_SHIFTS = torch.arange(0, 32, 4)
 _QPARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
@@ -83,19 +86,21 @@ def use_fast_path(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------- int32 packing
 
 
-def pack_int32(values: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """4-bit values (..., 8m) in [0, 16) -> int32 words (..., m): value j of word k (bits 4j..4j+3) holds element
-    8k + order[j] (order: identity by default, `AWQ_ORDER` for AWQ)."""
-    v = values.to(torch.int64).reshape(*values.shape[:-1], -1, 8)  # (..., m, 8)
+def pack_int32(values: torch.Tensor, order: tuple[int, ...] | None = None, bits: int = 4) -> torch.Tensor:
+    """`bits`-bit values (..., n) in [0, 2**bits) -> int32 words (..., n * bits / 32): value j of word k (bits
+    j*bits ...) holds element k * 32/bits + order[j] (order: identity by default, `AWQ_ORDER` for AWQ)."""
+    per = 32 // bits
+    v = values.to(torch.int64).reshape(*values.shape[:-1], -1, per)  # (..., m, per)
     if order is not None:
         v = v[..., list(order)]
-    words = (v << _SHIFTS.to(v.device)).sum(-1)  # in [0, 2^32)
+    words = (v << torch.arange(0, 32, bits, device=v.device)).sum(-1)  # in [0, 2^32)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def unpack_int32(words: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Inverse of `pack_int32`: int32 (..., m) -> uint8 (..., 8m)."""
-    v = (words.unsqueeze(-1) >> _SHIFTS.to(words.device).to(words.dtype)) & 0xF  # (..., m, 8), value j
+def unpack_int32(words: torch.Tensor, order: tuple[int, ...] | None = None, bits: int = 4) -> torch.Tensor:
+    """Inverse of `pack_int32`: int32 (..., m) -> uint8 (..., m * 32/bits)."""
+    shifts = torch.arange(0, 32, bits, device=words.device, dtype=words.dtype)
+    v = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (..., m, 32/bits), value j
     if order is not None:
         v = v[..., torch.argsort(torch.tensor(order)).tolist()]  # element i sits in value order.index(i)
     return v.flatten(-2).to(torch.uint8)
@@ -110,20 +115,21 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _check_writable(model: nn.Module, fmt: str) -> tuple[dict[str, Int4Linear], int]:
-    """The INT4 layers `fmt` will hold and their common group size, or a one-line ConfigError."""
+def _check_writable(model: nn.Module, fmt: str) -> tuple[dict[str, nn.Module], int, int]:
+    """The layers `fmt` will hold, their common group size (-1: per output channel) and bits, or a one-line
+    ConfigError: INT4 layers (gptq, awq), or weight-only INT8 per channel (gptq's 8-bit, symmetric)."""
     from ..peft.lora import linear_modules
     from .model import quantized_linears
 
     quant = quantized_linears(model)
     method = (getattr(model, "quantization_config", None) or {}).get("method", "?")
-    other = next((p for p, m in quant.items() if not isinstance(m, Int4Linear)), None)
-    if other is not None or not quant:
-        raise ConfigError(f"format {fmt} stores 4-bit integer weights: quantize with method "
-                          f"{', '.join(INT4_METHODS)} (method '{method}' is saved with format lmforge)")
+    int8 = fmt == "gptq" and bool(quant) and all(type(m) is Int8Linear and m.act_bits is None for m in quant.values())
+    if not int8 and (not quant or not all(isinstance(m, Int4Linear) for m in quant.values())):
+        raise ConfigError(f"format {fmt} stores integer weights: quantize with method "
+                          f"{', '.join(FORMAT_METHODS[fmt])} (method '{method}' is saved with format lmforge)")
     if fmt == "awq" and any(isinstance(m, Int4ActOrderLinear) for m in quant.values()):
         raise ConfigError("format awq has no act-order groups (g_idx): save this model with format gptq or lmforge")
-    sizes = {m.group_size for m in quant.values()}
+    sizes = {-1 if int8 else m.group_size for m in quant.values()}
     if len(sizes) > 1:
         raise ConfigError(f"format {fmt} has one group_size for the whole model; this one mixes {sorted(sizes)}")
     plain = [p for p, m in linear_modules(model).items() if p.startswith("layers.") and p not in quant]
@@ -134,9 +140,9 @@ def _check_writable(model: nn.Module, fmt: str) -> tuple[dict[str, Int4Linear], 
         raise ConfigError(f"format {fmt} keeps lm_head in full precision: leave it out of the targets")
     for p, m in quant.items():
         if m.in_features % 8 or m.out_features % 8:
-            raise ConfigError(f"format {fmt} packs 8 codes per int32: '{p}' is {m.in_features} -> "
+            raise ConfigError(f"format {fmt} packs codes in int32 words: '{p}' is {m.in_features} -> "
                               f"{m.out_features}, not multiples of 8; use format lmforge")
-    return quant, sizes.pop()
+    return quant, sizes.pop(), 8 if int8 else 4
 
 
 def _hf_groups(conv, quant: dict[str, Int4Linear], fmt: str) -> dict[str, list[str]]:
@@ -173,7 +179,7 @@ def save_format(model: nn.Module, out_dir: str | Path, fmt: str = "lmforge") -> 
         raise ConfigError(f"unknown format '{fmt}'; available: {', '.join(FORMATS)}")
     if fmt == "lmforge":
         return save_quantized(model, out_dir)
-    quant, group_size = _check_writable(model, fmt)
+    quant, group_size, bits = _check_writable(model, fmt)
     cfg = model.cfg
     conv = converter_for(cfg.arch)
     dtype = torch.bfloat16 if model.embed.weight.dtype == torch.bfloat16 else torch.float16
@@ -187,18 +193,25 @@ def save_format(model: nn.Module, out_dir: str | Path, fmt: str = "lmforge") -> 
         layers = [quant[p] for p in parts]
         m = layers[0]
         # fused checkpoints (Phi-3 qkv_proj, GPT-2 c_attn) stack their linears' output rows
-        codes = torch.cat([layer.codes() for layer in layers])  # (out, in) over stored columns
-        scale, zero = torch.cat([layer.scale for layer in layers]), torch.cat([layer.zero for layer in layers])
+        if bits == 8:  # symmetric per channel: code = q + 128, one group of all input columns, zero point 128
+            codes = torch.cat([layer.qweight.to(torch.int16) + 128 for layer in layers])  # (out, in) in [1, 255]
+            scale = torch.cat([layer.scale for layer in layers])[:, None]  # (out, 1)
+            zero = torch.full_like(scale, 128, dtype=torch.int16)
+        else:
+            codes = torch.cat([layer.codes() for layer in layers])  # (out, in) over stored columns
+            scale, zero = torch.cat([layer.scale for layer in layers]), torch.cat([layer.zero for layer in layers])
         if isinstance(m, Int4ActOrderLinear):
             inverse = torch.argsort(m.perm)
             codes = codes[:, inverse]  # natural column order; column i is in group (its position in perm) // g
             g_idx = (inverse // group_size).to(torch.int32)
             act_order = act_order or not torch.equal(m.perm, torch.arange(m.in_features, device=m.perm.device))
         else:
-            g_idx = torch.arange(m.in_features, dtype=torch.int32, device=codes.device) // group_size
+            g_idx = torch.arange(m.in_features, dtype=torch.int32, device=codes.device) // abs(group_size) \
+                if group_size > 0 else torch.zeros(m.in_features, dtype=torch.int32, device=codes.device)
         if fmt == "gptq":
-            tensors[f"{hf}.qweight"] = pack_int32(codes).T  # (in / 8, out)
-            tensors[f"{hf}.qzeros"] = pack_int32((zero.T.to(torch.int64) - 1) & 0xF)  # (groups, out / 8), v1 offset
+            tensors[f"{hf}.qweight"] = pack_int32(codes, bits=bits).T  # (in * bits / 32, out)
+            v1 = (zero.T.to(torch.int64) - 1) & (2**bits - 1)  # the "v1" offset GPTQ kernels add back
+            tensors[f"{hf}.qzeros"] = pack_int32(v1, bits=bits)  # (groups, out * bits / 32)
             tensors[f"{hf}.g_idx"] = g_idx
         else:
             tensors[f"{hf}.qweight"] = pack_int32(codes.T, AWQ_ORDER)  # (in, out / 8)
@@ -206,7 +219,7 @@ def save_format(model: nn.Module, out_dir: str | Path, fmt: str = "lmforge") -> 
         tensors[f"{hf}.scales"] = scale.T.to(dtype)  # (groups, out)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if fmt == "gptq":
-        qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": act_order, "sym": False,
+        qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order, "sym": bits == 8,
               "static_groups": False, "true_sequential": True, "lm_head": False, "checkpoint_format": "gptq",
               "damp_percent": 0.01}
     else:
@@ -232,26 +245,21 @@ def _options(path: Path, qc: dict, method: str) -> dict:
     """The reading options of a GPTQ/AWQ quantization_config, or a one-line CheckpointError naming the field."""
     where = f"{path}/config.json quantization_config"
     bits = qc.get("bits", qc.get("w_bit", 4))
-    if bits != 4:
-        raise CheckpointError(f"{where}.bits={bits} is not supported: lmforge reads 4-bit {method.upper()}")
+    if bits not in ((4, 8) if method == "gptq" else (4,)):
+        raise CheckpointError(f"{where}.bits={bits} is not supported: lmforge reads "
+                              f"{'4- and 8-bit' if method == 'gptq' else '4-bit'} {method.upper()}")
     group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
     if method == "gptq":
         fmt = qc.get("checkpoint_format", "gptq")
         if fmt not in ("gptq", "gptq_v2"):
             raise CheckpointError(f"{where}.checkpoint_format='{fmt}' is not supported; readable: gptq, gptq_v2")
-        return {"group_size": group_size, "zero_offset": 1 if fmt == "gptq" else 0}
+        return {"group_size": group_size, "zero_offset": 1 if fmt == "gptq" else 0, "bits": bits}
     version = str(qc.get("version", "gemm")).lower()
     if version != "gemm":
         raise CheckpointError(f"{where}.version='{version}' is not supported: lmforge reads AWQ's gemm layout")
     if qc.get("zero_point", True) is not True:
         raise CheckpointError(f"{where}.zero_point=false is not supported: lmforge reads AWQ with zero points")
-    return {"group_size": group_size}
-
-
-def _weight_files(path: Path) -> list[Path]:
-    from ..models.hf import _weight_files as files
-
-    return files(path)
+    return {"group_size": group_size, "bits": 4}
 
 
 def _int4_state(source: str, name: str, parts: dict[str, torch.Tensor], method: str, opts: dict,
@@ -261,9 +269,10 @@ def _int4_state(source: str, name: str, parts: dict[str, torch.Tensor], method: 
     if missing:
         raise CheckpointError(f"{source}: quantized module '{name}' has no '{name}{missing[0]}'")
     qweight, qzeros, scales = parts[".qweight"], parts[".qzeros"], parts[".scales"]
+    bits = opts["bits"]
     if method == "gptq":
-        codes = unpack_int32(qweight.T.contiguous())  # (out, in)
-        zero = (unpack_int32(qzeros).to(torch.int16) + opts["zero_offset"]) & 0xF  # (groups, out)
+        codes = unpack_int32(qweight.T.contiguous(), bits=bits)  # (out, in)
+        zero = (unpack_int32(qzeros, bits=bits).to(torch.int16) + opts["zero_offset"]) & (2**bits - 1)  # (groups, out)
     else:
         codes = unpack_int32(qweight, AWQ_ORDER).T.contiguous()  # (out, in)
         zero = unpack_int32(qzeros, AWQ_ORDER)
@@ -274,6 +283,12 @@ def _int4_state(source: str, name: str, parts: dict[str, torch.Tensor], method: 
         raise CheckpointError(f"{source}: '{name}' has qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)} "
                               f"and scales {tuple(scales.shape)}, which do not fit one {method.upper()} layer")
     group_size = in_f // n_groups
+    if bits == 8:  # lmforge's INT8 is per output channel and symmetric: one group, zero point 128
+        if n_groups != 1 or not (zero == 128).all():
+            raise CheckpointError(f"{source}: '{name}' is 8-bit GPTQ with {n_groups} groups and zero points other than "
+                                  "128; lmforge reads 8-bit GPTQ per channel (group_size -1, sym true)")
+        return {"type": Int8Linear.kind, "act_bits": None, "outlier_threshold": None}, {
+            "qweight": (codes.to(torch.int16) - 128).to(torch.int8), "scale": scale[:, 0].contiguous()}
     spec = {"type": Int4Linear.kind, "group_size": group_size}
     buffers = {}
     g_idx = parts.get(".g_idx")
@@ -284,8 +299,6 @@ def _int4_state(source: str, name: str, parts: dict[str, torch.Tensor], method: 
         codes = codes[:, perm]
         spec["type"] = Int4ActOrderLinear.kind
         buffers["perm"] = perm
-    from .nf4 import pack_nibbles
-
     buffers.update(qweight=pack_nibbles(codes), scale=scale, zero=zero)
     return spec, buffers
 
@@ -293,7 +306,7 @@ def _int4_state(source: str, name: str, parts: dict[str, torch.Tensor], method: 
 @torch.no_grad()
 def _load_gptq_awq(path: Path, hf: dict, method: str, dtype: torch.dtype | None, device) -> nn.Module:
     from ..models.converters import converter_of
-    from ..models.hf import parse_dtype
+    from ..models.hf import _weight_files, parse_dtype  # the shard list (index.json or *.safetensors)
     from ..models.transformer import Transformer
     from .model import build_quantized
 

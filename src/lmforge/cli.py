@@ -323,8 +323,9 @@ VERBS: dict[str, tuple] = {
              "what fits: predicted memory and speed for training and inference, before you run"),
     "tokenizer": (_lazy(".tokenizer.train_cli", "TokenizerConfig"), _lazy(".tokenizer.train_cli", "run_tokenizer"),
                   ("action", "inputs"), "train a tokenizer, merge one into a base keeping every id, resize a model"),
-    "quickstart": (_lazy(".quickstart", "QuickstartConfig"), run_quickstart_verb, "output_dir",
-                   "tokenizer + tiny model, pretrain, LoRA fine-tune, accuracy before/after (CPU, minutes)"),
+    "quickstart": (_lazy(".quickstart", "QuickstartConfig"), run_quickstart_verb, "out",
+                   "LoRA-fine-tune SmolLM2-135M-Instruct, before/after, serve it, RAG with citations (CPU, minutes); "
+                   "--from-scratch: pretrain a tiny model first"),
 }
 
 # ------------------------------------------------------------------------------------------------ argv
@@ -411,6 +412,23 @@ def _usage() -> str:
             f"verbs:\n{rows}\n\n`lmforge <verb> --help` lists every config key.")
 
 
+def verb_config(verb: str, args: list[str]):
+    """The validated config `lmforge VERB ARGS...` runs with; no weights are loaded and nothing runs (the README
+    test checks every command with it)."""
+    cls, _, positional, _ = VERBS[verb]
+    cls = cls if isinstance(cls, type) else cls()  # lazily imported config class
+    config, overrides = split_args(args, positional, cls)
+    if verb == "train":  # one verb for every stage: sft/pretrain on TrainConfig, rm/dpo/ppo on AlignConfig
+        cls = train_config_class(config, overrides)
+    cfg = load_config(cls, config, overrides)
+    if isinstance(cfg, GenerateConfig):  # checkpoint's sampling defaults < config file < command line
+        from .hub import resolve_model
+
+        defaults = _generation_defaults(resolve_model(cfg.model, cfg.revision))
+        cfg = load_config(cls, config, overrides, base=defaults) if defaults else cfg
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -437,16 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 cls = train_config_class(None, [a for a in rest if a.startswith("stage=")])
             print(f"lmforge {verb}: {desc}\n\n{format_help(cls)}")
             return
-        config, overrides = split_args(rest, positional, cls)
-        if verb == "train":  # one verb for every stage: sft/pretrain on TrainConfig, rm/dpo/ppo on AlignConfig
-            cls = train_config_class(config, overrides)
-        cfg = load_config(cls, config, overrides)
-        if isinstance(cfg, GenerateConfig):  # checkpoint's sampling defaults < config file < command line
-            from .hub import resolve_model
-
-            defaults = _generation_defaults(resolve_model(cfg.model, cfg.revision))
-            cfg = load_config(cls, config, overrides, base=defaults) if defaults else cfg
-        run(cfg)
+        run(verb_config(verb, rest))
 
     return report_errors(f"lmforge {verb}", body, debug)
 

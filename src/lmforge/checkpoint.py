@@ -29,9 +29,9 @@ def has_tokenizer(path: str | Path) -> bool:
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype | str | None:
     """'auto' -> bfloat16 on a GPU that supports it, else float32; anything else passes through to `load_hf`."""
-    if name != "auto":
-        return name
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    from .runtime import auto_dtype
+
+    return auto_dtype(device) if name == "auto" else name
 
 
 def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str | None = "auto",

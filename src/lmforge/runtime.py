@@ -13,3 +13,8 @@ def pick_device(name: str, field: str = "device") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{field} '{name}' asked for, but no CUDA device is visible; use {field}=cpu")
     return torch.device(name)
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """What precision 'auto' means for every verb: bfloat16 on a GPU that supports it, else float32."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

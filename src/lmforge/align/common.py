@@ -12,6 +12,7 @@ from torch import nn
 
 from ..data.encode import IGNORE
 from ..errors import LmforgeError
+from ..models.modules import set_module
 from ..peft.lora import load_tensors_into, lora_layers
 from ..train.objective import Objective
 from .data import collate_pairs
@@ -75,11 +76,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ reference policy
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
-
-
 def can_disable_adapters(model: nn.Module) -> bool:
     """Whether `model` with its LoRA layers bypassed is exactly the starting model: it has LoRA (or DoRA, QLoRA)
     layers, none merged, and every trainable parameter lives inside them (no modules_to_save, prompts, ...)."""
@@ -101,11 +97,11 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         raise LmforgeError("LoRA layers are merged into the base weights, so the base model is gone; unmerge first")
     try:
         for path, layer in layers.items():
-            _set_module(model, path, layer.base_layer)
+            set_module(model, path, layer.base_layer)
         yield model
     finally:
         for path, layer in layers.items():
-            _set_module(model, path, layer)
+            set_module(model, path, layer)
 
 
 # ------------------------------------------------------------------------------------------------ backbone + head

@@ -341,7 +341,7 @@ def run_eval(cfg: EvalConfig, model: EvalModel | None = None) -> dict:
 def split_eval_args(args: list[str]) -> tuple[str | None, list[str]]:
     """`MODEL TASK1 TASK2 ... [key=value | --key value ...]` -> (config path, overrides) for `load_config`:
     the first bare argument is the model, the following bare ones are task files."""
-    from ..cli import split_args
+    from ..args import split_args
 
     bare, rest, i = [], [], 0
     while i < len(args):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import load_model_and_tokenizer
 from ..errors import ConfigError, LmforgeError
 from ..models.transformer import Transformer
 from .engine import Engine, EngineConfig, TokenLogprob
@@ -28,14 +29,6 @@ class LLMOutput:
     finish_reason: str  # "stop" | "length" | "error" (its work raised: see `error`; the other prompts are unaffected)
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
-
-
-def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str = "auto",
-                             chat_template: str | None = None):
-    """(Transformer, Tokenizer or None) from an HF checkpoint directory or a .gguf file (`lmforge.checkpoint`)."""
-    from ..checkpoint import load_model_and_tokenizer as load
-
-    return load(path, device, dtype, chat_template)
 
 
 class LLM:

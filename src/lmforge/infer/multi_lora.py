@@ -147,7 +147,7 @@ class AdapterSet:
                 busy: set[int] = frozenset()) -> int:
         """Put weights from `read_adapter` in a free slot under `name` (the part of `add` that changes the model:
         the engine runs it between steps; reading the files can happen anywhere)."""
-        from ..peft.lora import _set_module, linear_modules
+        from ..models.modules import linear_modules, set_module
         from .decode_fusion import unpack_for_decode
 
         self.check_new(name)
@@ -163,7 +163,7 @@ class AdapterSet:
                 module = linears[path]
                 if not isinstance(module, MultiLoRALinear):
                     module = MultiLoRALinear(module, self.index, like=self.model.embed.weight)
-                    _set_module(self.model, path, module)
+                    set_module(self.model, path, module)
                 self.wrapped[path] = module
         for path, module in self.wrapped.items():
             a, b = weights.get(path, (None, None))

@@ -10,21 +10,22 @@ start from one of two inits:
 
 Which one starts at the lower loss is measured in ``docs/vocab_expansion.md``. Old-token inputs give exactly the
 same hidden states and the same logits over the old ids after resizing.
+
+This module only changes tensors; the files around a vocabulary expansion live with their formats:
+``lmforge.tokenizer.expand`` (a merged tokenizer → a resized checkpoint) and ``lmforge.peft.peft_format``
+(``resize_for_adapter``: a PEFT adapter that carries a resized embedding).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 
-__all__ = ["NewRowInit", "resize_token_embeddings", "resize_for_tokenizer", "resize_for_adapter", "expand_checkpoint",
-           "new_rows"]
+__all__ = ["NewRowInit", "resize_token_embeddings", "new_rows"]
 
 NewRowInit = Literal["mean", "subtoken"]
 
@@ -92,77 +93,3 @@ def resize_token_embeddings(model: nn.Module, vocab_size: int, *, init: NewRowIn
         model.lm_head = new_head
     model.cfg = model.cfg.model_copy(update={"vocab_size": vocab_size})
     return vocab_size
-
-
-def resize_for_tokenizer(model: nn.Module, old_tokenizer, new_tokenizer, init: NewRowInit = "mean",
-                         pad_to_multiple_of: int | None = None) -> dict:
-    """Resize ``model`` (trained with ``old_tokenizer``) for ``new_tokenizer``, a merge that kept every old id.
-
-    New rows start at the old tokenizer's last id + 1; model rows past it (a padded vocabulary) were never a token,
-    so they are re-initialized too. Returns ``{"base_vocab_size": first new id, "vocab_size": rows, "init": init}``.
-    """
-    from ..tokenizer.merge import id_span, subtoken_ids
-
-    rows = model.embed.weight.shape[0]
-    first_new, wanted = min(rows, id_span(old_tokenizer)), id_span(new_tokenizer)
-    if wanted <= first_new:
-        raise ConfigError(f"the new tokenizer has no ids beyond the old one's {first_new}; nothing to resize")
-    subtokens = subtoken_ids(old_tokenizer, new_tokenizer, range(first_new, wanted)) if init == "subtoken" else None
-    size = resize_token_embeddings(model, max(rows, wanted), init=init, subtokens=subtokens, first_new=first_new,
-                                   pad_to_multiple_of=pad_to_multiple_of)
-    return {"base_vocab_size": first_new, "vocab_size": size, "tokenizer_vocab_size": wanted, "init": init}
-
-
-def expand_checkpoint(model_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path,
-                      init: NewRowInit = "mean", pad_to_multiple_of: int | None = None) -> dict:
-    """Load the HF checkpoint ``model_dir``, resize it for the merged tokenizer in ``tokenizer_dir`` and write an HF
-    checkpoint to ``out_dir`` with the merged tokenizer's files and ``vocab_expansion.json`` (the first new id, which
-    ``trainable: new_embeddings`` reads). Returns that info."""
-    from ..atomic import atomic_dir, check_replaceable
-    from ..tokenizer import Tokenizer
-    from ..tokenizer.merge import EXPANSION_FILE, TOKENIZER_CONFIG_FILES
-    from .hf import load_hf, save_hf
-
-    model_dir, tokenizer_dir, out = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise CheckpointError(f"no tokenizer.json in '{tokenizer_dir}'; pass the merged tokenizer's directory")
-    check_replaceable(out)
-    model = load_hf(model_dir, progress=False)
-    old, new = Tokenizer.from_dir(model_dir), Tokenizer.from_dir(tokenizer_dir)
-    info = resize_for_tokenizer(model, old, new, init, pad_to_multiple_of)
-    info = {"model": str(model_dir), "tokenizer": str(tokenizer_dir), **info}
-    with atomic_dir(out, replace_only_models=True) as tmp:  # the checkpoint appears whole, or not at all
-        save_hf(model, tmp)
-        for name in ("tokenizer.json", *TOKENIZER_CONFIG_FILES):  # generation_config.json comes from save_hf
-            if (tokenizer_dir / name).is_file():
-                (tmp / name).write_bytes((tokenizer_dir / name).read_bytes())
-        (tmp / EXPANSION_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return info
-
-
-def resize_for_adapter(model: nn.Module, adapter_dir: str | Path) -> int | None:
-    """Grow ``model`` to the vocabulary of a PEFT adapter whose ``modules_to_save`` hold a resized embedding or LM
-    head (Chinese-LLaMA's stage-2 adapters), so ``load_peft_adapter`` can load it onto the original base model; the
-    adapter's tensors then replace those rows. Returns the new size, or None when the adapter needs no resize."""
-    from safetensors import safe_open
-
-    from ..peft.peft_format import PREFIX, WEIGHTS_FILE
-    from .converters import converter_for
-
-    file = Path(adapter_dir) / WEIGHTS_FILE
-    if not file.is_file():
-        raise CheckpointError(f"no {WEIGHTS_FILE} in '{adapter_dir}': pass a PEFT adapter directory")
-    conv = converter_for(model.cfg.arch)
-    rows = []
-    with safe_open(str(file), framework="pt") as f:
-        for key in f.keys():
-            name = key.removeprefix(PREFIX)
-            if "lora_" in name or not name.endswith("weight"):
-                continue
-            for native, t in conv.to_native(name, f.get_tensor(key), model.cfg):
-                if native in ("embed.weight", "lm_head.weight"):
-                    rows.append(t.shape[0])
-    size = max(rows, default=0)
-    if size <= model.embed.weight.shape[0]:
-        return None
-    return resize_token_embeddings(model, size)

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..errors import CheckpointError, ConfigError
-from .lora import _set_module, linear_modules, replace_with_merged, select_targets, swapped_for_merged
+from ..models.modules import linear_modules, select_targets, set_module
+from .lora import replace_with_merged, swapped_for_merged
 
 __all__ = ["wrap_linears", "layer_index", "atomic_write", "write_adapter_dir", "save_native_adapter",
            "read_native_adapter", "read_adapter_config", "read_adapter_tensors", "mergeable_layers", "merge_layers",
@@ -45,7 +46,7 @@ def wrap_linears(model: nn.Module, targets: list[str] | str, wrap: Callable[[str
                               "method to a fresh base model")
     model.requires_grad_(False)
     for path in chosen:
-        _set_module(model, path, wrap(path, linears[path]))
+        set_module(model, path, wrap(path, linears[path]))
     return chosen
 
 

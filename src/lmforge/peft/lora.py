@@ -11,7 +11,6 @@ Target names follow PEFT: a list entry matches a module path exactly or as its l
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -23,13 +22,14 @@ from torch import nn
 
 from ..config import Section, aliases
 from ..errors import CheckpointError, ConfigError
+from ..models.modules import ALL_LINEAR, OUTPUT_HEAD, linear_modules, select_targets  # noqa: F401  (re-exported)
+from ..models.modules import matches as _matches
+from ..models.modules import set_module
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "merge_lora", "merged", "lora_layers", "lora_state_dict",
            "linear_modules", "select_targets", "compact_targets", "modules_to_save", "load_tensors_into", "rank_for"]
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_LINEAR = "all-linear"
-OUTPUT_HEAD = "lm_head"  # native path of the output layer, which "all-linear" leaves out (as PEFT does)
 
 
 class LoraConfig(Section):
@@ -229,43 +229,9 @@ class LoRALinear(nn.Module):
 # ------------------------------------------------------------------------------------------------ module lookups
 
 
-def _is_linear(module: nn.Module) -> bool:
-    """nn.Linear or anything linear-like (a quantized linear): has in_features and out_features."""
-    return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features"))
-
-
-def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """{path: module} of every linear in `model`, in module order; a LoRALinear counts as one (its insides don't)."""
-    out: dict[str, nn.Module] = {}
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        for name, child in module.named_children():
-            path = prefix + name
-            if isinstance(child, LoRALinear) or _is_linear(child):
-                out[path] = child
-            else:
-                visit(path + ".", child)
-
-    visit("", model)
-    return out
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """{path: LoRALinear} of every LoRA-wrapped linear, in module order."""
     return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def _matches(path: str, targets: list[str] | str) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, path) is not None
-    return any(path == t or path.endswith("." + t) for t in targets)
-
-
-def select_targets(paths: list[str], targets: list[str] | str, head: str | None = OUTPUT_HEAD) -> list[str]:
-    """The `paths` that `targets` selects (PEFT rules; 'all-linear' = all but `head`), in their given order."""
-    if targets == ALL_LINEAR:
-        return [p for p in paths if p != head]
-    return [p for p in paths if _matches(p, targets)]
 
 
 def compact_targets(chosen: list[str], paths: list[str]) -> list[str]:
@@ -273,11 +239,6 @@ def compact_targets(chosen: list[str], paths: list[str]) -> list[str]:
     unambiguous (['q_proj', 'v_proj']), else the full paths (e.g. GPT-2's attn.c_proj vs mlp.c_proj)."""
     short = sorted({p.rsplit(".", 1)[-1] for p in chosen})
     return short if set(select_targets(paths, short)) == set(chosen) else sorted(chosen)
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
 def modules_to_save(model: nn.Module, names: list[str], exclude: list[str] = ()) -> dict[str, nn.Module]:
@@ -327,7 +288,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     model.requires_grad_(False)
     for path in targets:
         r = rank_for(path, cfg)
-        _set_module(model, path, layer_cls(linears[path], r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init))
+        set_module(model, path, layer_cls(linears[path], r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init))
     for module in trained.values():
         module.requires_grad_(True)
     return targets
@@ -347,7 +308,7 @@ def merge_lora(model: nn.Module) -> list[str]:
 def replace_with_merged(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
     """Replace each wrapper in `layers` ({path: module with `merged_linear`}) by its merged plain nn.Linear."""
     for path, layer in layers.items():
-        _set_module(model, path, layer.merged_linear())
+        set_module(model, path, layer.merged_linear())
     return list(layers)
 
 
@@ -365,11 +326,11 @@ def swapped_for_merged(model: nn.Module, layers: dict[str, nn.Module],
     """Temporarily swap each wrapper in `layers` for its merged nn.Linear (built on `device`); restore afterwards."""
     try:
         for path, layer in layers.items():
-            _set_module(model, path, layer.merged_linear(device))
+            set_module(model, path, layer.merged_linear(device))
         yield model
     finally:
         for path, layer in layers.items():
-            _set_module(model, path, layer)
+            set_module(model, path, layer)
 
 
 def lora_state_dict(model: nn.Module, cfg: LoraConfig | None = None) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from ..models.converters import Converter, _pattern, converter_for
 from .lora import (OUTPUT_HEAD, LoraConfig, apply_lora, compact_targets, linear_modules, load_tensors_into,
                    lora_layers, lora_state_dict, modules_to_save, rank_for, select_targets)
 
-__all__ = ["save_peft_adapter", "load_peft_adapter", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = ["save_peft_adapter", "load_peft_adapter", "resize_for_adapter", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -206,3 +206,30 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
     apply_lora(model, cfg)
     load_tensors_into(lora_state_dict(model, cfg), incoming, source, display_names=file_name)
     return cfg
+
+
+def resize_for_adapter(model: nn.Module, adapter_dir: str | Path) -> int | None:
+    """Grow ``model`` to the vocabulary of a PEFT adapter whose ``modules_to_save`` hold a resized embedding or LM
+    head (Chinese-LLaMA's stage-2 adapters), so ``load_peft_adapter`` can load it onto the original base model; the
+    adapter's tensors then replace those rows. Returns the new size, or None when the adapter needs no resize."""
+    from safetensors import safe_open
+
+    from ..models.resize import resize_token_embeddings
+
+    file = Path(adapter_dir) / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"no {WEIGHTS_FILE} in '{adapter_dir}': pass a PEFT adapter directory")
+    conv = converter_for(model.cfg.arch)
+    rows = []
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            name = key.removeprefix(PREFIX)
+            if "lora_" in name or not name.endswith("weight"):
+                continue
+            for native, t in conv.to_native(name, f.get_tensor(key), model.cfg):
+                if native in ("embed.weight", "lm_head.weight"):
+                    rows.append(t.shape[0])
+    size = max(rows, default=0)
+    if size <= model.embed.weight.shape[0]:
+        return None
+    return resize_token_embeddings(model, size)

@@ -18,8 +18,9 @@ from pydantic import Field
 from torch import nn
 
 from ..models.hf import save_hf
+from ..models.modules import ALL_LINEAR, linear_modules, select_targets, set_module
 from ..quant.nf4 import NF4Linear
-from .lora import ALL_LINEAR, _set_module, linear_modules, merged, select_targets
+from .lora import merged
 from .methods import LoraMethod, register_method
 from .peft_format import load_peft_adapter
 
@@ -36,7 +37,7 @@ def quantize_linears(model: nn.Module, targets: list[str] | str = ALL_LINEAR, bl
     linears = linear_modules(model)
     chosen = [p for p in select_targets(list(linears), targets) if type(linears[p]) is nn.Linear]
     for path in chosen:
-        _set_module(model, path, NF4Linear.from_linear(linears[path], block_size, double_quant, dtype=dtype))
+        set_module(model, path, NF4Linear.from_linear(linears[path], block_size, double_quant, dtype=dtype))
         linears[path] = None  # drop the last reference to the full-precision weight
     return chosen
 
@@ -57,11 +58,11 @@ def dequantized(model: nn.Module, device: torch.device | str | None = None) -> I
             lin.weight = nn.Parameter(q.weight.to(device or q.codes.device), requires_grad=False)
             if q.bias is not None:
                 lin.bias = nn.Parameter(q.bias.detach().to(device or q.codes.device), requires_grad=False)
-            _set_module(model, path, lin)
+            set_module(model, path, lin)
         yield model
     finally:
         for path, q in paths.items():
-            _set_module(model, path, q)
+            set_module(model, path, q)
 
 
 @register_method

@@ -390,7 +390,7 @@ def run_plan(cfg: PlanConfig) -> dict:
 def split_plan_args(args: list[str]) -> tuple[str | None, list[str]]:
     """`MODEL [TRAIN_YAML] [--gpu-mem 24GiB --gpus N key=value ...]` -> (config path, overrides) for `load_config`:
     the first bare argument is the model, a second one the training config to plan."""
-    from ..cli import split_args
+    from ..args import split_args
 
     bare = [a for i, a in enumerate(args) if not a.startswith("-") and "=" not in a
             and not (i and args[i - 1].startswith("--") and "=" not in args[i - 1])]

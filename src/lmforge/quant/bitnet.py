@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..peft.lora import ALL_LINEAR, linear_modules, select_targets
+from ..models.modules import ALL_LINEAR, linear_modules, select_targets, set_module
 from ..peft.methods import Method, register_method
 from .base import QuantLinear
 from .rtn import quantize_activations_int8
@@ -113,11 +113,6 @@ class PackedBitLinear(QuantLinear):
         return self._add_bias(acc * (sx * self.weight_scale).to(x.dtype))
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
-
-
 @torch.no_grad()
 def apply_bitnet(model: nn.Module, targets: list[str] | str = ALL_LINEAR) -> list[str]:
     """Swap the targeted nn.Linears (default: all but lm_head) for BitLinears holding the same weights."""
@@ -128,7 +123,7 @@ def apply_bitnet(model: nn.Module, targets: list[str] | str = ALL_LINEAR) -> lis
         new = BitLinear(old.in_features, old.out_features, old.bias is not None, device=old.weight.device,
                         dtype=old.weight.dtype)
         new.load_state_dict(old.state_dict())
-        _set_module(model, path, new)
+        set_module(model, path, new)
     return chosen
 
 

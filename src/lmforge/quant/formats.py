@@ -118,7 +118,7 @@ def _write_json(path: Path, data: dict) -> None:
 def _check_writable(model: nn.Module, fmt: str) -> tuple[dict[str, nn.Module], int, int]:
     """The layers `fmt` will hold, their common group size (-1: per output channel) and bits, or a one-line
     ConfigError: INT4 layers (gptq, awq), or weight-only INT8 per channel (gptq's 8-bit, symmetric)."""
-    from ..peft.lora import linear_modules
+    from ..models.modules import linear_modules
     from .model import quantized_linears
 
     quant = quantized_linears(model)

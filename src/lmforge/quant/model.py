@@ -25,8 +25,8 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, did_you_mean
 from ..models.converters import converter_for
 from ..models.hf import architecture_of, hf_config_dict, parse_dtype, read_hf_config
+from ..models.modules import ALL_LINEAR, linear_modules, select_targets, set_module
 from ..models.transformer import Transformer
-from ..peft.lora import ALL_LINEAR, linear_modules, select_targets
 from .awq import awq_block
 from .base import QuantLinear, check_group_size
 from .bitnet import BitLinear, PackedBitLinear
@@ -44,11 +44,6 @@ QUANT_LINEARS: dict[str, type[QuantLinear]] = {c.kind: c for c in (Int8Linear, I
                                                                    NF4Linear, PackedBitLinear)}
 METHODS = ("int8", "int4", "rtn", "nf4", "awq", "gptq", "bitnet")
 FORMAT_VERSION = 1
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
 def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
@@ -85,7 +80,7 @@ def _calibrated(model: nn.Module, method: str, paths: list[str], calib: torch.Te
 
     def quantize_block(i, block, stats):
         for name, module in block_fn(block, stats, per_block.get(i, set())).items():
-            _set_module(block, name, module)
+            set_module(block, name, module)
 
     BlockwiseCalibration(model, calib, batch_size).run(linears_of, quantize_block, hessian=method == "gptq")
 
@@ -117,25 +112,25 @@ def quantize_model(model: Transformer, method: str, *, targets: list[str] | str 
     if method == "bitnet":
         paths = _targets(model, targets, (nn.Linear, BitLinear))
         for p in paths:
-            _set_module(model, p, PackedBitLinear.from_linear(model.get_submodule(p), dtype))
+            set_module(model, p, PackedBitLinear.from_linear(model.get_submodule(p), dtype))
     elif method == "int8":
         paths = _targets(model, targets, (nn.Linear,))
         act_bits, thr = (8, outlier_threshold) if llm_int8 else (None, None)
         options.update(llm_int8=llm_int8, outlier_threshold=thr)
         for p in paths:
-            _set_module(model, p, Int8Linear.from_linear(model.get_submodule(p), act_bits, thr, dtype))
+            set_module(model, p, Int8Linear.from_linear(model.get_submodule(p), act_bits, thr, dtype))
     elif method == "nf4":
         paths = _targets(model, targets, (nn.Linear,))
         options.update(block_size=block_size, double_quant=double_quant)
         for p in paths:
-            _set_module(model, p, NF4Linear.from_linear(model.get_submodule(p), block_size, double_quant,
+            set_module(model, p, NF4Linear.from_linear(model.get_submodule(p), block_size, double_quant,
                                                         dtype=dtype))
     elif method in ("int4", "rtn"):
         paths = _targets(model, targets, (nn.Linear,))
         _check_group(model, paths, group_size)
         options.update(group_size=group_size)
         for p in paths:
-            _set_module(model, p, Int4Linear.from_linear(model.get_submodule(p), group_size, dtype))
+            set_module(model, p, Int4Linear.from_linear(model.get_submodule(p), group_size, dtype))
     elif method == "awq":
         paths = _targets(model, targets, (nn.Linear,))
         _check_group(model, paths, group_size)
@@ -260,7 +255,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         if q.bias is not None:
             lin.bias.copy_(q.bias)
         lin.requires_grad_(False)
-        _set_module(model, path, lin)
+        set_module(model, path, lin)
     if hasattr(model, "quantization_config"):
         del model.quantization_config
     return model

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..peft.lora import ALL_LINEAR, linear_modules, select_targets
+from ..models.modules import ALL_LINEAR, linear_modules, select_targets, set_module
 from ..peft.methods import Method, register_method
 from .base import check_group_size
 from .linear import Int4Linear, Int8Linear
@@ -89,11 +89,6 @@ def qat_linear_factory(bits: int = 4, group_size: int = 128, act_bits: int | Non
     return linear
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
-
-
 def apply_qat(model: nn.Module, bits: int = 4, group_size: int = 128, act_bits: int | None = None,
               targets: list[str] | str = ALL_LINEAR, field: str = "group_size") -> list[str]:
     """Swap the targeted nn.Linears (default: all but lm_head) for FakeQuantLinears in place; returns their paths.
@@ -103,7 +98,7 @@ def apply_qat(model: nn.Module, bits: int = 4, group_size: int = 128, act_bits: 
     if bits == 4:
         check_group_size({p: linears[p].in_features for p in chosen}, group_size, field)
     for path in chosen:
-        _set_module(model, path, FakeQuantLinear.from_linear(linears[path], bits=bits, group_size=group_size,
+        set_module(model, path, FakeQuantLinear.from_linear(linears[path], bits=bits, group_size=group_size,
                                                              act_bits=act_bits))
     return chosen
 
@@ -112,7 +107,7 @@ def convert_qat(model: nn.Module) -> list[str]:
     """Replace every FakeQuantLinear by the real quantized linear with the same codes, in place; returns paths."""
     paths = [p for p, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     for path in paths:
-        _set_module(model, path, model.get_submodule(path).convert())
+        set_module(model, path, model.get_submodule(path).convert())
     if paths:
         model.quantization_config = {"method": "qat"}
     return paths
@@ -166,5 +161,5 @@ class QATMethod(Method):
                                 dtype=m.weight.dtype)
                 lin.load_state_dict({"weight": m.quantized_weight(),
                                      **({"bias": m.bias.detach()} if m.bias is not None else {})})
-                _set_module(plain, path, lin)
+                set_module(plain, path, lin)
         return save_hf(plain, out_dir)

@@ -5,13 +5,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from ..atomic import atomic_dir, check_replaceable
 from ..config import Section
 from ..errors import ConfigError
 from ..hub import is_hub_id, resolve_model
+from ..runtime import pick_device
 from .formats import FORMAT_METHODS
 
 __all__ = ["QuantizeConfig", "run_quantize"]
@@ -74,7 +74,7 @@ def run_quantize(cfg: QuantizeConfig) -> dict:
                           f"{', '.join(FORMAT_METHODS[cfg.format])} ({what} is saved with format lmforge)")
     if cfg.method in ("awq", "gptq") and cfg.calib is None:
         raise ConfigError(f"method '{cfg.method}' needs calibration text: set calib=PATH (a local .txt file)")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = pick_device(cfg.device)
     check_replaceable(out)  # before the slow part: out must be new, empty, or an earlier output
     t0 = time.perf_counter()
     model = load_hf(src, dtype=cfg.dtype, device=device, progress=False)

@@ -140,7 +140,7 @@ SUBVERBS = {
 
 def main(argv: list[str] | None = None, debug: bool = False) -> int:
     """Entry point of `lmforge rag ...`; returns the exit status."""
-    from ..cli import report_errors, split_args
+    from ..args import report_errors, split_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug or "--debug" in argv

@@ -103,7 +103,7 @@ class ModelEmbedder:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", dtype: str = "auto", **kw) -> ModelEmbedder:
-        from ..infer.llm import load_model_and_tokenizer
+        from ..checkpoint import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(path, device, dtype)
         if tok is None:

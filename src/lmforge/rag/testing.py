@@ -37,12 +37,12 @@ def start_test_server(workdir: str | Path, with_rag: bool = True, n_towns: int =
     from ..serve import ServeConfig, build_server
     from ..serve.chat_page import chat_page_router
     from ..serve.embeddings import embeddings_router
+    from ..serve.tool_calls import ToolCallsMiddleware
     from ..testing import make_tiny_checkpoint
     from .documents import load_documents
     from .embeddings import load_embedder
     from .index import RagIndex
     from .synthetic import town_corpus, write_corpus
-    from .tool_calls import ToolCallsMiddleware
 
     workdir = Path(workdir)
     ckpt = make_tiny_checkpoint(workdir / "tiny")

@@ -1,29 +1,26 @@
-"""`python -m lmforge.serve MODEL [--port 8000] [key=value ...]`: the `lmforge serve` verb, until cli.py wires it."""
+"""`python -m lmforge.serve MODEL [--port 8000] [key=value ...]`: the same as `lmforge serve`."""
 from __future__ import annotations
 
 import sys
 
+from ..args import report_errors, split_args
 from ..config import format_help, load_config
-from ..errors import LmforgeError
 from .config import ServeConfig, run_serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import split_args
-
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if "-h" in argv or "--help" in argv:
         print(f"lmforge serve: OpenAI-compatible server\n\n{format_help(ServeConfig)}")
         return 0
-    try:
+
+    def body() -> None:
         config, overrides = split_args(argv, "model", ServeConfig)
         run_serve(load_config(ServeConfig, config, overrides))
-    except LmforgeError as e:
-        print(f"lmforge serve: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    return report_errors("lmforge serve", body, debug)
 
 
 if __name__ == "__main__":

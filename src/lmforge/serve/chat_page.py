@@ -96,6 +96,6 @@ def mount_extras(app, *, ui: bool = False, rag_store: str | None = None, embeddi
             index = RagIndex.open(rag_store, device=device)
         app.include_router(chat_page_router(index, dependencies=key))
     if tools:
-        from ..rag.tool_calls import ToolCallsMiddleware
+        from .tool_calls import ToolCallsMiddleware
 
         app.add_middleware(ToolCallsMiddleware)

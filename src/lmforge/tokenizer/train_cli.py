@@ -192,7 +192,7 @@ def _run_merge(cfg: TokenizerConfig) -> dict:
 
 
 def _run_resize(cfg: TokenizerConfig) -> dict:
-    from lmforge.models.resize import expand_checkpoint
+    from lmforge.tokenizer.expand import expand_checkpoint
 
     info = expand_checkpoint(cfg.inputs[0], cfg.inputs[1], cfg.out, cfg.init, cfg.pad_to_multiple_of)
     return {"action": "resize", "out": cfg.out, **info}

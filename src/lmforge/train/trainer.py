@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..errors import NonFiniteError
 from ..models.attention import plain_causal
 from ..models.transformer import transformers_in
+from ..runtime import auto_dtype
 from .checkpoint import (is_sharded_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
                          nonfinite_tensors, save_checkpoint, save_sharded_checkpoint)
 from .config import TrainConfig, run_steps
@@ -66,9 +67,10 @@ def _restore_sync(module):
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
+    """train.precision with 'auto' resolved by the one rule every verb uses (`runtime.auto_dtype`)."""
     if name != "auto":
         return name
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if auto_dtype(device) == torch.bfloat16 else "fp32"
 
 
 class Trainer:

@@ -26,8 +26,8 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..serve.guard import replay_body
-from ..serve.protocol import ContentPart, OpenAIError, parse_json_body, validation_error
+from .guard import replay_body
+from .protocol import ContentPart, OpenAIError, parse_json_body, validation_error
 
 TOOLS_PROMPT = """You can call these functions (JSON schemas):
 {schemas}

@@ -221,7 +221,7 @@ def nf4_random_model(cfg, device, dtype=torch.bfloat16):
     """A Transformer whose linears (all but lm_head) are NF4 from the start, filled with N(0, 0.02) weights one layer
     at a time: the full-precision 8B model never exists, on the device or the host."""
     from lmforge.models import Transformer
-    from lmforge.peft.lora import _set_module, linear_modules
+    from lmforge.models.modules import linear_modules, set_module
     from lmforge.quant.nf4 import NF4Linear
 
     with torch.device("meta"):
@@ -231,7 +231,7 @@ def nf4_random_model(cfg, device, dtype=torch.bfloat16):
             continue
         q = NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=dtype, device=device)
         q.quantize_(torch.randn(lin.out_features, lin.in_features, device=device, dtype=dtype) * 0.02)
-        _set_module(model, path, q)
+        set_module(model, path, q)
     for module in model.modules():  # embeddings, norms, head: allocate on the device, then init
         if any(p.is_meta for p in module.parameters(recurse=False)):
             module.to_empty(device=device, recurse=False)

@@ -187,7 +187,7 @@ class Estimate:
 
 def _targets(setup: TrainSetup, cfg: ModelConfig) -> set[str]:
     """Names of the block linears LoRA wraps, by PEFT's rules (lmforge.peft.lora.select_targets)."""
-    from ..peft.lora import select_targets
+    from ..models.modules import select_targets
 
     paths = {f"layers.0.{'mlp' if li.name in ('gate_proj', 'up_proj', 'down_proj') else 'attn'}.{li.name}": li.name
              for li in layer_linears(cfg)}

@@ -132,7 +132,10 @@ class GRPOSection(Section):
     the live policy, group-normalised rewards as advantages, a clipped ratio loss; DAPO and Dr. GRPO as options."""
 
     rewards: list[RewardSpec] = []
-    """The rewards, summed with their weights (at least one)."""
+    """The rewards, summed with their weights (at least one). Each: {fn: a built-in (exact_match, number_match,
+    format, code_tests, reward_model) or 'module:function' / 'file.py:function', weight: 1.0, column: 'answer' (the
+    reference column of exact_match / number_match, the tests of code_tests), pattern: (format's regex), model:
+    (reward_model's stage-rm directory), timeout: 10 (code_tests, seconds)}."""
     num_generations: int = Field(8, ge=2)
     """G: completions sampled per prompt (a group)."""
     prompts_per_step: int | None = Field(None, ge=1)
@@ -150,7 +153,9 @@ class GRPOSection(Section):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of rollouts; log-probs are taken at the same temperature."""
     top_k: int = Field(0, ge=0)
+    """Rollouts keep only the k most likely tokens (0 = off)."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Rollouts sample from the smallest set with this much probability (1 = off)."""
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
     """How per-token losses become the step's loss. grpo: mean over each completion's tokens, then over
     completions. dapo: token-level, sum over all tokens / the step's tokens (long completions weigh what their
@@ -174,6 +179,7 @@ class GRPOSection(Section):
     """DAPO's soft overlong punishment: completions longer than max_new_tokens - overlong_buffer lose up to
     overlong_penalty, linearly; 0 = off."""
     overlong_penalty: float = Field(1.0, ge=0)
+    """The most the soft overlong punishment takes off (at max_new_tokens)."""
     mask_truncated: bool = False
     """DAPO's overlong filtering: completions cut at max_new_tokens add nothing to the loss."""
     release_kv_cache: bool = True

@@ -239,3 +239,21 @@ def test_bad_format_inputs_are_one_line(tmp_path, capsys):
         (tmp_path / "ext" / "config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=message):
             load_hf(tmp_path / "ext")
+
+
+def test_act_order_layers_pack_only_with_one_column_order():
+    """The engine packs q/k/v (gate/up) into one layer: act-order layers sharing their column order pack into one
+    that computes what the three did; different orders do not pack."""
+    torch.manual_seed(0)
+    perm, layers = torch.randperm(64), []
+    for n_out in (32, 16, 16):
+        plain = Int4Linear.from_linear(torch.nn.Linear(64, n_out), 32)
+        layer = Int4ActOrderLinear(64, n_out, True, 32)
+        layer.load_state_dict({**plain.state_dict(), "perm": perm})
+        layers.append(layer)
+    x = torch.randn(3, 64)
+    want = torch.cat([m(x) for m in layers], -1)
+    packed = Int4ActOrderLinear.pack(layers)
+    assert packed is not None and torch.equal(packed(x), want)
+    layers[1].perm = torch.randperm(64)
+    assert Int4ActOrderLinear.pack(layers) is None

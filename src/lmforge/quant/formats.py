@@ -73,6 +73,18 @@ class Int4ActOrderLinear(Int4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.index_select(-1, self.perm))
 
+    @classmethod
+    @torch.no_grad()
+    def pack(cls, layers: list[Int4Linear]) -> Int4ActOrderLinear | None:
+        """As `QuantLinear.pack`, for layers whose columns share one order (q/k/v or gate/up see one input, so
+        GPTQ gives them one Hessian and one order); None otherwise."""
+        if any(type(m) is not cls or not torch.equal(m.perm, layers[0].perm) for m in layers):
+            return None
+        out = super().pack(layers)
+        if out is not None:
+            out.perm = layers[0].perm
+        return out
+
 
 def use_fast_path(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
     """Install the device's fused kernels on every quantized linear of `model` (already on its device) for inputs

@@ -109,3 +109,21 @@ def test_ppo_against_the_reward_model_raises_greedy_reward_with_bounded_kl(task,
     records = [json.loads(line) for line in (task["out"] / "ppo" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "clip_fraction" in r]
     assert len(steps) == 64 and all(0 <= r["clip_fraction"] <= 1 and r["entropy"] > 0 for r in steps)
+
+
+def test_grpo_lora_on_the_sft_model_raises_the_held_out_verifiable_reward(task, one_thread):
+    from lmforge.align.config import GRPOSection, RewardSpec
+
+    tok = task["tok"]
+    before = demo.greedy_reward(load_hf(task["base"]), tok, task["val_prompts"])
+    cfg = AlignConfig(stage="grpo", method="lora", lora=LORA, model=ModelSection(path=task["base"]),
+                      grpo=GRPOSection(rewards=[RewardSpec(fn="lmforge.align.demo:mentions_target")],
+                                       num_generations=8, prompts_per_step=4, max_new_tokens=12),
+                      data=DataConfig(path=str(task["data"]["prompts"]), max_seq_len=64),
+                      optim=OptimSection(lr=3e-3), schedule=ScheduleSection(kind="constant"),
+                      train=TrainSection(output_dir=str(task["out"] / "grpo"), max_steps=24, micro_batch_size=32,
+                                         **COMMON))
+    result = run_alignment(cfg)
+    after = demo.greedy_reward(result["model"], tok, task["val_prompts"])
+    print(f"GRPO (LoRA): held-out greedy replies mentioning '{demo.TARGET}' {before:.0%} -> {after:.0%}")
+    assert after >= before + 0.5  # measured 0% -> 100% after 24 steps

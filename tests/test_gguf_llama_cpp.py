@@ -100,6 +100,8 @@ FAMILIES = {
     "qwen2": dict(arch="Qwen2ForCausalLM", qkv_bias=True, tie_embeddings=True),
     "qwen3": dict(arch="Qwen3ForCausalLM", qk_norm="head", head_dim=32,
                   rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)),
+    "qwen2moe": dict(arch="Qwen2MoeForCausalLM", qkv_bias=True, mlp="moe", moe_experts=4, moe_top_k=2, moe_d_ff=48,
+                     moe_shared_d_ff=80, moe_shared_gate=True, moe_norm_topk=False),
     "qwen3moe": dict(arch="Qwen3MoeForCausalLM", qk_norm="head", mlp="moe", moe_experts=4, moe_top_k=2, moe_d_ff=48),
     "gemma": dict(arch="GemmaForCausalLM", norm_weight_offset=1.0, scale_embeddings=True, act="gelu_tanh",
                   tie_embeddings=True, n_kv_heads=1, head_dim=32),

@@ -164,6 +164,8 @@ def test_every_quant_type_dequantizes_to_the_weights_and_runs_in_llama_cpp(qtype
         assert (kinds["output.weight"], kinds["blk.1.attn_v.weight"], kinds["blk.0.attn_v.weight"],
                 kinds["blk.1.ffn_down.weight"], kinds["blk.0.ffn_up.weight"]) == ("Q6_K", "Q6_K", "Q4_K", "Q6_K",
                                                                                    "Q4_K")
+    if qtype not in ("f16", "bf16", "q8_0"):  # the output layer keeps 6 bits, as llama.cpp's quantizer does
+        assert kinds["output.weight"] == "Q6_K"
     assert kinds["blk.0.attn_norm.weight"] == "F32"
     if qtype not in ("f16", "bf16") and not quantized_kernels_run:
         pytest.skip("llama.cpp's quantized kernels crash on this CPU (probe process died); checked the quantized "

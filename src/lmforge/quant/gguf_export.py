@@ -18,9 +18,10 @@ runs. What it holds:
   stacked into one 3-D tensor per projection.
 
 Types (``GGUF_TYPES``): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (quantized by ``gguf.quants``) and q4_k_s,
-q4_k_m, q5_k_s, q5_k_m, q6_k (``kquants``). Norms, biases and routers stay f32. The _M mixes follow llama.cpp's
-recipe: the output layer (the tied embedding when there is none) in Q6_K, attn_v and ffn_down in Q6_K on the first and
-last eighth of the layers and every third between, the rest in the base type. A row that does not fill whole K-quant
+q4_k_m, q5_k_s, q5_k_m, q6_k (``kquants``). Norms, biases and routers stay f32. As llama.cpp's quantizer does, the
+output layer (the tied embedding when there is none) is Q6_K in every quantized type but Q8_0, and the _M mixes put
+attn_v and ffn_down in Q6_K on the first and last eighth of the layers and every third between, the rest in the base
+type. A row that does not fill whole K-quant
 blocks of 256 falls back as llama.cpp's quantizer does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; rows not a multiple
 of 32 stay f16). A model quantized with lmforge is exported from its dequantized weights.
 """
@@ -301,29 +302,28 @@ def _use_more_bits(layer: int, n_layers: int) -> bool:
 
 
 def _type_for(name: str, shape: tuple[int, ...], qtype: str, n_layers: int, has_output: bool) -> str:
-    """The GGML type name of one tensor in a file of `qtype`."""
+    """The GGML type name of one tensor in a file of `qtype`, as llama.cpp's quantizer picks it."""
     kind = name.rsplit(".", 1)[0].split(".")[-1]
     if len(shape) == 1 or kind in _F32_ALWAYS or qtype == "f32":
         return "F32"
     if qtype in ("f16", "bf16"):
         return qtype.upper()
-    if qtype.startswith(("q4_k", "q5_k", "q6_k")):
+    if kind == "output" or (kind == "token_embd" and not has_output):
+        t = "Q8_0" if qtype == "q8_0" else "Q6_K"  # the output layer keeps more bits in every quantized type
+    elif qtype.startswith(("q4_k", "q5_k", "q6_k")):
         base = {"q4": "Q4_K", "q5": "Q5_K", "q6": "Q6_K"}[qtype[:2]]
-        is_output = kind == "output" or (kind == "token_embd" and not has_output)
         layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
-        if is_output:
-            t = "Q6_K"
-        elif qtype.endswith("_m") and kind in ("attn_v", "ffn_down", "ffn_down_exps") and \
+        if qtype.endswith("_m") and kind in ("attn_v", "ffn_down", "ffn_down_exps") and \
                 _use_more_bits(layer, n_layers):
             t = "Q6_K"
         elif qtype == "q4_k_m" and kind == "attn_qkv":
             t = "Q5_K"
         else:
             t = base
-        if shape[-1] % 256:
-            t = _K_FALLBACK[t]
     else:
         t = qtype.upper()
+    if t in _K_FALLBACK and shape[-1] % 256:
+        t = _K_FALLBACK[t]
     return t if shape[-1] % 32 == 0 else "F16"  # rows that do not fill whole blocks stay f16, as llama.cpp does
 
 

@@ -50,3 +50,10 @@ def test_models_import_nothing_above_them():
 def test_areas_do_not_import_the_cli():
     bad = [v for area in ("eval", "plan", "rag", "serve") for v in _violations(area, ("cli",))]
     assert not bad, bad
+
+
+def test_quant_does_not_import_peft():
+    """peft's QLoRA builds on quant's NF4 linears; quant's own methods (QAT, BitNet) register through
+    `lmforge.method`, the registry both build on, so the two packages do not import each other."""
+    bad = _violations("quant", ("peft",))
+    assert not bad, bad

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import LmforgeError
+from .errors import CheckpointError, LmforgeError
 
-__all__ = ["TOKENIZER_FILES", "has_tokenizer", "resolve_dtype", "load_model_and_tokenizer", "save_tokenizer_files"]
+__all__ = ["TOKENIZER_FILES", "has_tokenizer", "resolve_dtype", "load_model_and_tokenizer", "save_tokenizer_files",
+           "load_tensors_into"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab_expansion.json")
@@ -82,3 +83,26 @@ def save_tokenizer_files(src: str | Path, dst: str | Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+
+
+@torch.no_grad()
+def load_tensors_into(current: dict[str, torch.Tensor], incoming: dict[str, torch.Tensor], source: str,
+                      display_names: dict[str, str] | None = None) -> None:
+    """Copy `incoming` into the tensors of `current` (same names, same shapes, storage shared with a model).
+
+    One-line CheckpointError naming the first missing, unexpected or mis-shaped tensor (by `display_names[name]`
+    where given, e.g. the name in the file)."""
+    show = display_names or {}
+    missing = [k for k in current if k not in incoming]
+    unexpected = [k for k in incoming if k not in current]
+    if missing or unexpected:
+        first = missing[0] if missing else unexpected[0]
+        what = f"lacks '{show.get(first, first)}'" if missing else f"has unexpected tensor '{show.get(first, first)}'"
+        more = len(missing) + len(unexpected) - 1
+        raise CheckpointError(f"{source} {what}" + (f" (+{more} more mismatched names)" if more else ""))
+    for name, dst in current.items():
+        src = incoming[name]
+        if src.shape != dst.shape:
+            raise CheckpointError(f"{source}: tensor '{show.get(name, name)}' has shape {tuple(src.shape)}, "
+                                  f"the model expects {tuple(dst.shape)}")
+        dst.copy_(src)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import Section, aliases
 from ..errors import CheckpointError, ConfigError
+from ..checkpoint import load_tensors_into  # noqa: F401  (re-exported)
 from ..models.modules import ALL_LINEAR, OUTPUT_HEAD, linear_modules, select_targets  # noqa: F401  (re-exported)
 from ..models.modules import matches as _matches
 from ..models.modules import set_module
@@ -342,26 +343,3 @@ def lora_state_dict(model: nn.Module, cfg: LoraConfig | None = None) -> dict[str
         for path, module in modules_to_save(model, cfg.modules_to_save).items():
             out.update({f"{path}.{n}": p.detach() for n, p in module.named_parameters(recurse=False)})
     return out
-
-
-@torch.no_grad()
-def load_tensors_into(current: dict[str, torch.Tensor], incoming: dict[str, torch.Tensor], source: str,
-                      display_names: dict[str, str] | None = None) -> None:
-    """Copy `incoming` into the tensors of `current` (same names, same shapes, storage shared with a model).
-
-    One-line CheckpointError naming the first missing, unexpected or mis-shaped tensor (by `display_names[name]`
-    where given, e.g. the name in the file)."""
-    show = display_names or {}
-    missing = [k for k in current if k not in incoming]
-    unexpected = [k for k in incoming if k not in current]
-    if missing or unexpected:
-        first = missing[0] if missing else unexpected[0]
-        what = f"lacks '{show.get(first, first)}'" if missing else f"has unexpected tensor '{show.get(first, first)}'"
-        more = len(missing) + len(unexpected) - 1
-        raise CheckpointError(f"{source} {what}" + (f" (+{more} more mismatched names)" if more else ""))
-    for name, dst in current.items():
-        src = incoming[name]
-        if src.shape != dst.shape:
-            raise CheckpointError(f"{source}: tensor '{show.get(name, name)}' has shape {tuple(src.shape)}, "
-                                  f"the model expects {tuple(dst.shape)}")
-        dst.copy_(src)

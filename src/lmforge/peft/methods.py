@@ -9,10 +9,12 @@ A method is a config section with behaviour. The trainer calls, in order::
     method.save(model, out_dir)      # the artifact users share: HF checkpoint (full) or PEFT adapter (lora)
     method.export(model, out_dir)    # always a full HF checkpoint (lora merged), the model stays usable
 
-Every other method (dora, qlora, adalora, prilora, ia3, bitfit, adapter, prefix, p-tuning, prompt tuning) is a
-`Method` subclass in its own module, added to `METHODS` with `register_method`; importing `lmforge.peft` registers
-them all. `describe_methods(model)` is the `lmforge methods` listing (what each trains, how many parameters, what it
-saves).
+The `Method` base class and the registry (`METHODS`, `register_method`, `build_method`) live in `lmforge.method`,
+which peft and quant both build on; they are re-exported here. This module defines full fine-tuning and LoRA; every
+other method (dora, qlora, adalora, prilora, ia3, bitfit, adapter, prefix, p-tuning, prompt tuning; qat and bitnet in
+`lmforge.quant`) is a `Method` subclass in its own module, added to `METHODS` with `register_method`; importing
+`lmforge.peft` registers them all. `describe_methods(model)` is the methods listing (what each trains, how many
+parameters, what it saves).
 """
 from __future__ import annotations
 
@@ -22,62 +24,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import Section, load_config
-from ..errors import ConfigError, did_you_mean
+from ..method import METHODS, Method, build_method, register_method
 from ..models.hf import load_hf, save_hf
-from .lora import LoraConfig, apply_lora, load_tensors_into, lora_state_dict, merge_lora, merged
+from .lora import LoraConfig, apply_lora, lora_state_dict, merge_lora, merged
 from .peft_format import check_peft_targets, load_peft_adapter, save_peft_adapter
 
 __all__ = ["Method", "FullMethod", "LoraMethod", "METHODS", "build_method", "register_method", "describe_methods",
            "methods_listing", "adapter_method", "load_adapter"]
-
-
-class Method(Section):
-    """Base of every method; its fields are the method's options (a Section: unknown keys are errors)."""
-
-    name: ClassVar[str] = ""
-    trains: ClassVar[str] = ""  # what is trained, in a few words (for `lmforge methods`)
-    artifact: ClassVar[str] = ""  # what `save` writes
-    mergeable: ClassVar[bool] = True  # can `export` fold it into plain weights (prompts and nonlinear adapters: no)
-    derived: ClassVar[tuple[str, ...]] = ()  # inherited fields the method sets itself (a config may not set them)
-
-    def apply(self, model: nn.Module) -> None:
-        """Prepare `model` for training in place: wrap layers, add parameters, set requires_grad."""
-        raise NotImplementedError
-
-    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        """(name, parameter) pairs the optimizer updates: those with requires_grad after `apply`."""
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """What a training checkpoint must store to resume (tensors share storage with the model)."""
-        raise NotImplementedError
-
-    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Restore `state_dict` output into an `apply`-ed model; names and shapes must match exactly."""
-        load_tensors_into(self.state_dict(model), state, f"{self.name} checkpoint")
-
-    def save(self, model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
-        """Write the method's shareable artifact to `out_dir`."""
-        raise NotImplementedError
-
-    def check_save(self, model: nn.Module) -> None:
-        """Raise now what `save` would refuse after training (called right after `apply`); no-op by default."""
-
-    def on_step(self, model: nn.Module, step: int) -> None:
-        """Called by the training loop after each optimizer step (`step` counted from 1): methods that change
-        their own state during training (rank allocation, pruning) act here. Default: nothing."""
-
-    def load(self, model: nn.Module, path: str | Path) -> None:
-        """Read what `save` wrote into `model` (a base model, instead of `apply` for LoRA)."""
-        raise NotImplementedError
-
-    def merge(self, model: nn.Module) -> None:
-        """Fold the method into plain weights in place, where that means something (no-op otherwise)."""
-
-    def export(self, model: nn.Module, out_dir: str | Path) -> Path:
-        """A full HF checkpoint of the model as it now computes."""
-        return save_hf(model, out_dir)
 
 
 class FullMethod(Method):
@@ -134,23 +87,8 @@ class LoraMethod(Method, LoraConfig):
             return save_hf(model, out_dir)
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, LoraMethod)}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make `cls` selectable as `method: <cls.name>`."""
-    METHODS[cls.name] = cls
-    return cls
-
-
-def build_method(name: str, **options) -> Method:
-    """The method `name` with `options` validated (unknown name or key -> one-line ConfigError)."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method '{name}'{did_you_mean(name, METHODS)}; available: {', '.join(METHODS)}")
-    try:
-        return load_config(METHODS[name], base=options)
-    except ConfigError as e:
-        raise ConfigError(f"method '{name}': {e}") from None
+register_method(FullMethod)
+register_method(LoraMethod)
 
 
 def describe_methods(model: nn.Module | None = None) -> list[dict]:

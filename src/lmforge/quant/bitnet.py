@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..method import Method, register_method
 from ..models.modules import ALL_LINEAR, linear_modules, select_targets, set_module
-from ..peft.methods import Method, register_method
 from .base import QuantLinear
 from .rtn import quantize_activations_int8
 from .ste import straight_through

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..method import Method, register_method
 from ..models.modules import ALL_LINEAR, linear_modules, select_targets, set_module
-from ..peft.methods import Method, register_method
 from .base import check_group_size
 from .linear import Int4Linear, Int8Linear
 from .rtn import int4_dequantize, int4_params, int4_quantize, int8_quantize, quantize_activations_int8

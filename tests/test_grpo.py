@@ -171,6 +171,43 @@ def test_rollouts_use_the_live_weights_and_a_fresh_prefix_cache(ckpt, tmp_path, 
             "clip_fraction", "completion_len"} <= rec.keys() and math.isfinite(rec["loss"])
 
 
+def test_old_logps_reference_kl_and_dynamic_sampling(ckpt, tmp_path):
+    """num_iterations=2 keeps the rollout's log-probs: the first pass is on-policy (ratio 1, KL to the LoRA-off
+    reference 0), the second is not; dynamic sampling keeps only groups with reward spread."""
+    tok = Tokenizer.from_dir(ckpt)
+    model = load_hf(ckpt)
+    m = build_method("lora", r=4, target_modules="all-linear")
+    m.apply(model)
+    reward = tmp_path / "r.py"
+    reward.write_text("def ids(prompts, completions, completion_ids, flat):\n"  # flat prompts: no spread
+                      "    return [0.0 if f else float(sum(c) % 3) for c, f in zip(completion_ids, flat)]\n")
+    cfg = GRPOSection(rewards=[RewardSpec(fn=f"{reward}:ids")], num_generations=4, prompts_per_step=2,
+                      max_new_tokens=5, num_iterations=2, beta=0.1, dynamic_sampling=True, loss_type="grpo",
+                      temperature=1.5)
+    obj = GRPOObjective(cfg, tok, RewardSet(cfg.rewards))
+    align = AlignConfig(stage="grpo", model=ModelSection(path="unused"), data=DataConfig(path="unused"), grpo=cfg,
+                        optim=OptimSection(lr=1e-2),
+                        train=TrainSection(output_dir=str(tmp_path), micro_batch_size=4, device="cpu",
+                                           precision="fp32", progress=False, tensorboard=False))
+    data = _prompt_rows(tok, 6)
+    for i, r in enumerate(data.rows):
+        r["record"] = {"flat": i % 2 == 0}
+    trainer = Trainer(model, m, data, None, align, tok.pad_id, CPU, objective=obj)
+    assert obj.reference == "adapters_off" and obj.unit == "completions"
+    first = trainer.train_step()
+    assert first["approx_kl"] == pytest.approx(0, abs=1e-6) and first["kl"] == pytest.approx(0, abs=1e-6)
+    assert first["clip_fraction"] == 0 and len(obj.buffer) == 1  # the second pass over this rollout is waiting
+    step = obj.buffer[0]
+    assert all({"old_logps", "ref_logps"} <= mb.keys() for mb in step)
+    kept = torch.cat([mb["advantages"] for mb in step])
+    assert len(kept) == first["groups_kept"] * 4 == 8  # refilled to prompts_per_step groups with spread
+    assert first["rollout_prompts"] > 2 and first["zero_std_groups"] > 0  # flat groups were sampled, and dropped
+    assert kept.abs().sum() > 0
+    second = trainer.train_step()
+    assert second["approx_kl"] > 0 and second["kl"] > 0 and "reward" not in second  # same rollout, moved policy
+    assert "reward" in trainer.train_step()  # a fresh rollout
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 

@@ -197,3 +197,14 @@ def test_cli_export_format_gguf(ckpt, tmp_path, capsys):
     assert "add --format gguf" in capsys.readouterr().err
     assert main(["export", str(ckpt), "--format", "gguf", "--quant", "q3", "--out", str(out)]) == 2
     assert "config key 'quant'" in capsys.readouterr().err
+
+
+def test_gguf_export_refuses_non_finite_weights_and_leaves_no_file(tmp_path):
+    """Tensors are quantized and written one at a time: a NaN found in the last one aborts the export, and neither the
+    file nor its temporary remains."""
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64))
+    with torch.no_grad():
+        model.lm_head.weight[3, 5] = float("nan")
+    with pytest.raises(ConfigError, match="tensor 'output.weight' has non-finite values"):
+        export_gguf(model, tmp_path / "m.gguf", qtype="q8_0")
+    assert list(tmp_path.iterdir()) == []

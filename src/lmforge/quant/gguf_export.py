@@ -327,6 +327,17 @@ def _type_for(name: str, shape: tuple[int, ...], qtype: str, n_layers: int, has_
     return t if shape[-1] % 32 == 0 else "F16"  # rows that do not fill whole blocks stay f16, as llama.cpp does
 
 
+def _layout(shape: tuple[int, ...], type_name: str) -> tuple[tuple[int, ...], np.dtype, int, object]:
+    """(shape as the writer takes it, numpy dtype, bytes, raw GGML type or None) of a tensor stored as `type_name`."""
+    gguf = _gguf()
+    if type_name in ("F32", "F16"):
+        dtype = np.dtype(np.float32 if type_name == "F32" else np.float16)
+        return shape, dtype, int(np.prod(shape)) * dtype.itemsize, None
+    kind = gguf.GGMLQuantizationType[type_name]
+    byte_shape = tuple(gguf.quant_shape_to_byte_shape(shape, kind))
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), kind
+
+
 def _encode(arr: np.ndarray, type_name: str):
     """(data, raw_dtype or None) for the gguf writer."""
     gguf = _gguf()
@@ -393,7 +404,7 @@ def _load(src: Path):
     from .model import load_quantized
 
     lmforge_quantized = (read_hf_config(src).get("quantization_config") or {}).get("quant_method") == "lmforge"
-    return load_quantized(src) if lmforge_quantized else load_hf(src, dtype="float32", progress=False)
+    return load_quantized(src) if lmforge_quantized else load_hf(src, progress=False)  # the checkpoint's dtype
 
 
 @torch.no_grad()
@@ -421,26 +432,23 @@ def export_gguf(model: Transformer | str | Path, out_file: str | Path, tokenizer
 
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
 
-    # tensors first: every problem (names, non-finite values) surfaces before a byte is written
-    named = list(_tensors(model, arch))
-    _check_names([n for n, _ in named], arch)
-    if cfg.pos == "rope" and cfg.rope_scaling is not None and cfg.rope_scaling.type == "llama3":
-        base = rope_inv_freq(cfg.model_copy(update={"rope_scaling": None}))
-        named.insert(0, ("rope_freqs.weight", base / rope_inv_freq(cfg)))  # per-frequency divisors
-    has_output = any(n == "output.weight" for n, _ in named)
-    encoded = []
-    for tname, t in named:
-        arr = t.float().cpu().numpy()
-        if arch.norm_offset and tname.endswith("norm.weight"):
-            arr = arr + cfg.norm_weight_offset  # llama.cpp multiplies by the stored weight: store offset + w
-        if not np.isfinite(arr).all():
-            raise ConfigError(f"GGUF export: tensor '{tname}' has non-finite values; the model is broken, not saved")
-        encoded.append((tname, *_encode(arr, _type_for(tname, arr.shape, qtype, cfg.n_layers, has_output))))
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        if cfg.pos == "rope" and cfg.rope_scaling is not None and cfg.rope_scaling.type == "llama3":
+            base = rope_inv_freq(cfg.model_copy(update={"rope_scaling": None}))
+            yield "rope_freqs.weight", base / rope_inv_freq(cfg)  # per-frequency divisors
+        yield from _tensors(model, arch)
+
+    # pass 1, before a byte is written: names checked, each tensor's type and size (a one-tensor-at-a-time pass 2
+    # then quantizes and writes, so the file is never held in memory whole)
+    plan = [(n, tuple(t.shape)) for n, t in weights()]
+    _check_names([n for n, _ in plan], arch)
+    has_output = any(n == "output.weight" for n, _ in plan)
+    types = {n: _type_for(n, shape, qtype, cfg.n_layers, has_output) for n, shape in plan}
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
-    try:
+    try:  # written to a temporary name, renamed when complete: a failure or a kill leaves no half-written file
         w = gguf.GGUFWriter(str(tmp), arch.name)
         w.add_name(name or "lmforge-model")
         w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[qtype]))
@@ -450,11 +458,19 @@ def export_gguf(model: Transformer | str | Path, out_file: str | Path, tokenizer
             from .gguf_vocab import write_vocab
 
             write_vocab(w, tokenizer, cfg.vocab_size, pre_tokenizer)
-        for tname, data, raw in encoded:
-            w.add_tensor(tname, data, raw_dtype=raw)
+        for tname, shape in plan:
+            w.add_tensor_info(tname, *_layout(shape, types[tname]))
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for tname, t in weights():
+            arr = t.float().cpu().numpy()
+            if arch.norm_offset and tname.endswith("norm.weight"):
+                arr = arr + cfg.norm_weight_offset  # llama.cpp multiplies by the stored weight: store offset + w
+            if not np.isfinite(arr).all():
+                raise ConfigError(f"GGUF export: tensor '{tname}' has non-finite values; the model is broken, not "
+                                  "saved")
+            w.write_tensor_data(_encode(arr, types[tname])[0])
         w.close()
         os.replace(tmp, out_file)
     finally:

@@ -15,7 +15,7 @@ from pydantic import Field
 from ..config import Section, aliases
 from .scratch import exact_match, make_data, make_tokenizer, run_from_scratch
 
-__all__ = ["QuickstartConfig", "run_quickstart", "make_data", "make_tokenizer", "exact_match", "run_from_scratch"]
+__all__ = ["QuickstartConfig", "run_quickstart", "free_cores", "make_data", "make_tokenizer", "exact_match", "run_from_scratch"]
 
 
 class QuickstartConfig(Section):
@@ -44,10 +44,43 @@ class QuickstartConfig(Section):
     """From scratch: longest letter sequence of the reversal task."""
     seed: int = 0
     device: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    """Torch CPU threads; default: the cores not already busy (by the 1-minute load average), at least 1. On a
+    machine other jobs load, fewer threads finish sooner: a thread that waits for a descheduled one idles."""
+
+
+def free_cores(cores: int, load: float) -> int:
+    """Cores not already busy: `cores` minus the load average, rounded, at least 1."""
+    return max(1, min(cores, round(cores - load)))
+
+
+def _set_threads(cfg: QuickstartConfig) -> int:
+    """Set torch's CPU threads for the run; returns the previous count."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = cfg.threads or free_cores(min(cores, torch.get_num_threads()), load)
+    torch.set_num_threads(threads)
+    print(f"[quickstart] {threads} torch thread{'s' if threads > 1 else ''} ({cores} cores, load average {load:.1f})")
+    return before
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     """The real-model demo, or the from-scratch one (`from_scratch`, or when SmolLM2 is not installed)."""
+    import torch
+
+    before = _set_threads(cfg)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: QuickstartConfig) -> dict:
     if cfg.from_scratch:
         return run_from_scratch(cfg)
     from .smollm import find_smollm2, run_pretrained

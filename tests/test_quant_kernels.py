@@ -132,7 +132,7 @@ def test_failing_kernel_falls_back_to_reference_once(kernels_on_cpu, monkeypatch
 def test_wrong_kernel_is_caught_by_its_check(kernels_on_cpu, monkeypatch):
     """A kernel that runs but computes the wrong thing never serves a layer."""
     real = qkernel._launch_int8
-    monkeypatch.setattr(qkernel, "_launch_int8", lambda x, q, s, path: real(x, q, s, path) * 1.5)
+    monkeypatch.setattr(qkernel, "_launch_int8", lambda *args: real(*args) * 1.5)
     layer = _layers(K=128, N=24)["int8"].to(DEVICE)
     x = torch.randn(1, 128, device=DEVICE, dtype=torch.bfloat16)
     _close(layer(x), F.linear(x.float(), layer.weight.float(), layer.bias.float()), 2e-2)

@@ -149,8 +149,10 @@ def _nf4_lut(kind: str, index: int | None) -> torch.Tensor:
     return NF4_LEVELS.to(torch.device(kind, index))  # 64 bytes: one cache line (allocations are 512-byte aligned)
 
 
-def _launch_q4(x, qweight, s, z, ss, mean, N: int, group: int, nf4: bool, dq_block: int, path: str):
-    """Run the 4-bit GEMV or GEMM; s/z/ss/mean: INT4's scale/zero, or NF4's absmax/absmax_scale/absmax_mean."""
+def _launch_q4(x, qweight, s, z, ss, mean, N: int, group: int, nf4: bool, dq_block: int, path: str,
+               tiles: tuple | None = None):
+    """Run the 4-bit GEMV or GEMM (`tiles`: as `_tiles` chooses for this call, or forced: the self-check runs the
+    tiles of the call it vouches for); s/z/ss/mean: INT4's scale/zero, or NF4's absmax/absmax_scale/absmax_mean."""
     M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     k = _kernels()
@@ -158,29 +160,31 @@ def _launch_q4(x, qweight, s, z, ss, mean, N: int, group: int, nf4: bool, dq_blo
     lut = _lut(x.device) if nf4 else s
     args = (x, qweight, s, z if z is not None else s, ss if dq else s, mean if dq else s, lut, y)
     flags = dict(GROUP=group, HALF=group // 2, NF4=nf4, DQ=dq, DQ_BLOCK=dq_block)
+    tiles = tiles or _tiles(path, M, N, x.device)
     if path == "gemv":
-        block_n, cols, warps = _gemv_tiles(N, x.device)
+        block_n, cols, warps = tiles
         k.q4_gemv_kernel[(M, triton_cdiv(N, block_n))](*args, N, K, x.stride(0), y.stride(0), BLOCK_N=block_n,
                                                        BLOCK_G=max(1, cols // group), num_warps=warps, **flags)
     else:
-        block_m, block_n = _gemm_blocks(M, N, x.device)
+        block_m, block_n = tiles
         k.q4_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](
             *args[:7], y, M, N, K, x.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
             num_stages=2, **flags)
     return y
 
 
-def _launch_int8(x, qweight, scale, path: str):
+def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None):
     M, K = x.shape
     N = qweight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     k = _kernels()
+    tiles = tiles or _tiles(path, M, N, x.device)
     if path == "gemv":
-        block_n, cols, warps = _gemv_tiles(N, x.device)
+        block_n, cols, warps = tiles
         k.int8_gemv_kernel[(M, triton_cdiv(N, block_n))](x, qweight, scale, y, N, K, x.stride(0), y.stride(0),
                                                          BLOCK_N=block_n, BLOCK_K=cols // 2, num_warps=warps)
     else:
-        block_m, block_n = _gemm_blocks(M, N, x.device)
+        block_m, block_n = tiles
         k.int8_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](
             x, qweight, scale, y, M, N, K, x.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
             num_warps=4, num_stages=2)
@@ -208,6 +212,10 @@ def _gemm_blocks(M: int, N: int, device: torch.device) -> tuple[int, int]:
     return block_m, block_n
 
 
+def _tiles(path: str, M: int, N: int, device: torch.device) -> tuple:
+    return _gemv_tiles(N, device) if path == "gemv" else _gemm_blocks(M, N, device)
+
+
 def _path(M: int) -> str | None:
     return "gemv" if M <= GEMV_MAX_ROWS else "gemm" if M <= GEMM_MAX_ROWS else None
 
@@ -216,21 +224,23 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _run(key: tuple, x: torch.Tensor, launch, reference, check) -> torch.Tensor:
-    """The kernel `launch(path)` where it is verified (checking it first if need be), else `reference()`."""
+def _run(key: tuple, x: torch.Tensor, N: int, launch, reference, check) -> torch.Tensor:
+    """The kernel `launch(path, tiles)` where it is verified (checking that variant first if need be: format,
+    path, tiles, dtype), else `reference()`."""
     path = _path(x.shape[0])
     if path is None:
         return reference()
-    key = key + (path, str(x.dtype).removeprefix("torch."), x.device.type)
+    tiles = _tiles(path, x.shape[0], N, x.device)
+    key = key + (path, "x".join(map(str, tiles)), str(x.dtype).removeprefix("torch."), x.device.type)
     state = _status.get(key)
     if state is None:
         if _capturing(x.device):  # a check syncs: never inside a capture (the warm-up before it runs the check)
             return reference()
-        state = _status[key] = _verify(key, check, path, x.dtype, x.device)
+        state = _status[key] = _verify(key, check, path, tiles, x.dtype, x.device)
     if state is not True:
         return reference()
     try:
-        return launch(path)
+        return launch(path, tiles)
     except Exception as e:  # noqa: BLE001 -- a kernel that cannot run must never take the model down
         _status[key] = f"launch failed: {type(e).__name__}: {e}"
         log.warning("quantized matmul kernel %s failed (%s); using dequantize + matmul from now on",
@@ -238,11 +248,11 @@ def _run(key: tuple, x: torch.Tensor, launch, reference, check) -> torch.Tensor:
         return reference()
 
 
-def _verify(key: tuple, check, path: str, dtype: torch.dtype, device: torch.device) -> bool | str:
-    """Run `check(M, dtype, device) -> (kernel output, reference output)` on a small random problem."""
+def _verify(key: tuple, check, path: str, tiles: tuple, dtype: torch.dtype, device: torch.device) -> bool | str:
+    """Run `check(M, dtype, device, tiles) -> (kernel output, reference output)` on a small random problem."""
     M = 3 if path == "gemv" else 20
     try:
-        got, want = check(M, dtype, device)
+        got, want = check(M, dtype, device, tiles)
         err = (got.float() - want.float()).abs().max().item()
         tol = 2e-2 * want.float().abs().max().item() + 1e-2
         ok: bool | str = True if torch.isfinite(got).all() and err <= tol else \
@@ -261,29 +271,30 @@ def _probe(device: torch.device, seed: int = 0) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed)
 
 
-def _check_int8(M: int, dtype, device):
+def _check_int8(M: int, dtype, device, tiles=None):
     g = _probe(device)
     N, K = 72, 576
     q = torch.randint(-127, 128, (N, K), generator=g, device=device, dtype=torch.int8)
     s = (torch.rand(N, generator=g, device=device) * 0.01 + 1e-3).to(dtype)
     x = torch.randn(M, K, generator=g, device=device).to(dtype)
-    return _launch_int8(x, q, s, _path(M)), int8_reference(x, q, s)
+    return _launch_int8(x, q, s, _path(M), tiles), int8_reference(x, q, s)
 
 
 def _check_int4(group: int):
-    def check(M: int, dtype, device):
+    def check(M: int, dtype, device, tiles=None):
         g = _probe(device)
         N, K = 72, 3 * group
         qw = torch.randint(0, 256, (N, K // 2), generator=g, device=device, dtype=torch.uint8)
         s = (torch.rand(N, 3, generator=g, device=device) * 0.05 + 1e-3).to(dtype)
         z = torch.randint(0, 16, (N, 3), generator=g, device=device, dtype=torch.uint8)
         x = torch.randn(M, K, generator=g, device=device).to(dtype)
-        return _launch_q4(x, qw, s, z, None, None, N, group, False, 0, _path(M)), int4_reference(x, qw, s, z)
+        return _launch_q4(x, qw, s, z, None, None, N, group, False, 0, _path(M), tiles), \
+            int4_reference(x, qw, s, z)
     return check
 
 
 def _check_nf4(block: int, dq: bool, dq_block: int):
-    def check(M: int, dtype, device):
+    def check(M: int, dtype, device, tiles=None):
         from .nf4 import quantize_nf4
 
         g = _probe(device)
@@ -291,7 +302,7 @@ def _check_nf4(block: int, dq: bool, dq_block: int):
         t = quantize_nf4(torch.randn(N, K, generator=g, device=device), block, dq, dq_block)
         x = torch.randn(M, K, generator=g, device=device).to(dtype)
         got = _launch_q4(x, t.codes, t.absmax, None, t.absmax_scale, t.absmax_mean, N, block, True, dq_block,
-                         _path(M))
+                         _path(M), tiles)
         return got, F.linear(x, t.dequantize(dtype))
     return check
 
@@ -305,7 +316,8 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     x = x.contiguous()
     if not use_kernel(x):
         return int8_reference(x, qweight, scale)
-    return _run(("int8",), x, lambda path: _launch_int8(x, qweight.contiguous(), scale.contiguous(), path),
+    return _run(("int8",), x, qweight.shape[0],
+                lambda path, tiles: _launch_int8(x, qweight.contiguous(), scale.contiguous(), path, tiles),
                 lambda: int8_reference(x, qweight, scale), _check_int8)
 
 
@@ -322,9 +334,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     if not (use_kernel(x) and group_ok(group_size)):
         return int4_reference(x, qweight, scale, zero)
     N = qweight.shape[0]
-    return _run(("int4", group_size), x,
-                lambda path: _launch_q4(x, qweight.contiguous(), scale.contiguous(), zero.contiguous(), None, None,
-                                        N, group_size, False, 0, path),
+    return _run(("int4", group_size), x, N,
+                lambda path, tiles: _launch_q4(x, qweight.contiguous(), scale.contiguous(), zero.contiguous(), None,
+                                               None, N, group_size, False, 0, path, tiles),
                 lambda: int4_reference(x, qweight, scale, zero), _check_int4(group_size))
 
 
@@ -344,9 +356,9 @@ def nf4_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absma
     if not (use_kernel(x) and group_ok(block_size) and x.shape[1] % block_size == 0):
         return ref()
     dq = absmax_scale is not None
-    return _run(("nf4", block_size, "dq" if dq else "fp32"), x,
-                lambda path: _launch_q4(x, codes, absmax, None, absmax_scale, absmax_mean, out_features,
-                                        block_size, True, dq_block_size, path),
+    return _run(("nf4", block_size, "dq" if dq else "fp32"), x, out_features,
+                lambda path, tiles: _launch_q4(x, codes, absmax, None, absmax_scale, absmax_mean, out_features,
+                                               block_size, True, dq_block_size, path, tiles),
                 ref, _check_nf4(block_size, dq, dq_block_size))
 
 

@@ -316,29 +316,10 @@ class PagedKVCache(nn.Module):
                             self.softcap or 0.0)
 
 
-class _HookProbe:
-    """A cache that records whether the model hands attention to `cache.attend` (the proposed hook)."""
-
-    def __init__(self):
-        self.called = False
-
-    def write_positions(self, slots, positions):
-        return positions
-
-    def update(self, layer, slots, k, v):
-        return k, v
-
-    def attend(self, layer, q, k, v, mask, rope=None, sinks=None):
-        self.called = True
-        return sdpa_attend(q, k, v, mask, sinks=sinks)
-
-
-@torch.inference_mode()
 def model_calls_cache_attend(model) -> bool:
-    """Whether `model`'s attention calls `cache.attend(layer, q, k, v, mask, rope)` when the cache has one: the hook
-    that lets the paged kernel replace update + SDPA. One 1-token forward."""
-    probe = _HookProbe()
-    device = model.embed.weight.device
-    zero = torch.zeros(1, 1, dtype=torch.long, device=device)
-    model.hidden_states(zero, zero, cache=probe, slots=torch.zeros(1, dtype=torch.long, device=device))
-    return probe.called
+    """Whether `model`'s attention hands a cache that attends itself (`AttendingCache`: this pool) its attention, so
+    the paged kernel can replace update + SDPA: `Attention.mix` does, for every layer of a plain `Attention` when no
+    prompt method adds prefix keys/values. Latent attention (MLA) does not: it updates and attends its latents."""
+    from ..models.transformer import Attention
+
+    return getattr(model, "prompt_encoder", None) is None and all(isinstance(b.attn, Attention) for b in model.layers)

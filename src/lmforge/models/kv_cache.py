@@ -6,7 +6,7 @@ The paged cache for serving lives in `lmforge.infer` (later); this one serves `g
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -19,12 +19,25 @@ class Cache(Protocol):
 
     `update` stores a pair of (B, heads, T, dims) tensors per layer and returns the layer's full history; what the
     pair is comes from `ModelConfig.cache_shapes`: per-head keys and values, or MLA's latent and shared RoPE key. A
-    cache that can attend itself (the paged kernel) also has `attend(layer, q, k, v, mask, rope, sinks=None)`."""
+    cache that can attend itself (the paged kernel) is also an `AttendingCache`."""
 
     def write_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class AttendingCache(Cache, Protocol):
+    """A cache that attends itself (the paged engine's Triton decode kernel): `Attention` hands it q (B, H, T, D)
+    and the new k/v instead of `update` + SDPA and gets (B, H, T, D) back. With `rotates`, RoPE runs inside its
+    kernels: q/k come un-rotated and `rope` carries the (cos, sin) tables."""
+
+    @property
+    def rotates(self) -> bool: ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, rope=None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class KVCache(nn.Module):

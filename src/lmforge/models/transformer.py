@@ -18,7 +18,7 @@ from torch import nn
 from .attention import (alibi_bias, allowed_keys, attend, document_block_mask, plain_causal,
                         with_prefix_keys)
 from .config import ModelConfig
-from .kv_cache import Cache, KVCache, RollingKVCache
+from .kv_cache import AttendingCache, Cache, KVCache, RollingKVCache
 from .moe import MoE, moe_aux_loss
 from .positions import (QueryScale, Rotary, alibi_slopes, apply_rope, rope_inv_freq, sinusoidal_embedding,
                         temperature_scale)
@@ -145,11 +145,12 @@ class Attention(nn.Module):
         """Attention over projected q (B, T, H*hd), k and v (B, T, Hkv*hd): qk-norm, RoPE, the cache, the prefix
         keys/values, the mask → (B, T, H*hd), what o_proj takes."""
         B, T, _ = q.shape
-        rotated_by_cache = (isinstance(rope, tuple) and getattr(cache, "rotates", False)  # RoPE fused into its kernels
-                            and prefix_kv is None)
+        # a paged cache attends itself (its kernels may rotate q/k too); prefix keys go through update + SDPA
+        attending = cache is not None and prefix_kv is None and isinstance(cache, AttendingCache)
+        rotated_by_cache = attending and isinstance(rope, tuple) and cache.rotates
         q, k, v = self.heads(q, k, v, None if rotated_by_cache else rope)
         extra = {} if self.sinks is None else {"sinks": self.sinks}
-        if cache is not None and hasattr(cache, "attend") and prefix_kv is None:  # a paged cache attends itself
+        if attending:
             y = cache.attend(self.layer, q, k, v, mask, rope if rotated_by_cache else None, **extra)  # (B, H, T, hd)
         else:
             if cache is not None:

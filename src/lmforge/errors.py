@@ -12,8 +12,8 @@ class LmforgeError(Exception):
     """An error caused by the user's input (config, files, shapes), not by a bug in lmforge."""
 
 
-class ConfigError(LmforgeError):
-    """A config value or key is wrong."""
+class ConfigError(LmforgeError, ValueError):
+    """A config value or key is wrong (also a ValueError: library callers that catch bad values keep working)."""
 
 
 class CheckpointError(LmforgeError):

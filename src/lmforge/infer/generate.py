@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError
 from ..models.transformer import Transformer
 from .sampling import SamplingParams, sample
 
@@ -78,14 +79,14 @@ def generate(
     max_new_tokens; `on_token(row, token_id, text)` streams every generated token as it is chosen."""
     params = params or SamplingParams()
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one non-empty prompt")
+        raise ConfigError("generate needs at least one non-empty prompt (--prompt TEXT, or text on stdin)")
     if params.stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer: pass tokenizer=...")
+        raise ConfigError("stop strings need a tokenizer: pass tokenizer=...")
     device = model.embed.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if P + params.max_new_tokens > model.cfg.max_seq_len and model.cfg.pos == "learned":
-        raise ValueError(f"prompt ({P}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
-                         f"learned positions ({model.cfg.max_seq_len})")
+        raise ConfigError(f"prompt ({P}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+                          f"learned positions ({model.cfg.max_seq_len}): lower max_new_tokens")
 
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos:

@@ -46,6 +46,8 @@ def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
               "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, **m.config}
     try:
         model_cfg = preset_config(m.preset, **fields) if m.preset else ModelConfig(**fields)
+    except ConfigError:
+        raise  # already one line naming its key (an unknown preset)
     except ValueError as e:
         raise ConfigError(f"model.config: {str(e).splitlines()[-1].strip()}") from None
     if model_cfg.vocab_size < tokenizer.vocab_size:

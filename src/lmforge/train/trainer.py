@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import NonFiniteError
+from ..errors import ConfigError, NonFiniteError
 from ..models.attention import plain_causal
 from ..models.transformer import transformers_in
 from ..runtime import auto_dtype
@@ -66,6 +66,18 @@ def _restore_sync(module):
         module.set_requires_gradient_sync(True, recurse=True)
 
 
+def check_updates_in_backward(cfg: TrainConfig, precision: str, pipeline: bool, distributed: bool) -> None:
+    """One-line ConfigError naming the setting an optimizer that updates each weight during backward (lomo,
+    adalomo, adamw_backward) cannot run with, and the fix."""
+    why = ("it cannot accumulate gradients: set train.grad_accum=1" if cfg.train.grad_accum > 1 else
+           "it cannot use fp16 loss scaling: set train.precision=bf16 or fp32" if precision == "fp16" else
+           "it cannot run a pipeline: set parallel.pipeline=1" if pipeline else
+           "data/tensor-parallel ranks reduce gradients after the update: run one process" if distributed else None)
+    if why is not None:
+        raise ConfigError(f"optim.name={cfg.optim.name} updates weights during backward, so {why} (or choose "
+                          "another optimizer)")
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """train.precision with 'auto' resolved by the one rule every verb uses (`runtime.auto_dtype`)."""
     if name != "auto":
@@ -115,7 +127,8 @@ class Trainer:
         self.params = [(n, p) for n, p in method.trainable_parameters(model) if p.device.type != "meta"]
         self.average_dp = averages_gradients_itself(cfg.parallel, self.dist)  # no DDP: TP or pipeline with zero 0/1
         if not self.params:
-            raise ValueError("the method left no trainable parameters")
+            raise ConfigError(f"method '{cfg.method}' left no trainable parameters: check its target modules "
+                              f"({cfg.method}.target_modules) and trainable.params")
         self.total_steps = run_steps(self.t, len(train_data))
         self.optimizer = build_optimizer(self.params, cfg.optim, model)
         if cfg.parallel.zero == 1 and self.dist.enabled:
@@ -126,11 +139,8 @@ class Trainer:
 
         self.skips_on_device = (getattr(self.optimizer, "_step_supports_amp_scaling", False)
                                 and not any(isinstance(p, DTensor) for _, p in self.params))
-        if self.updates_in_backward and (self.t.grad_accum > 1 or self.precision == "fp16" or self.pipeline
-                                         or self.dist.enabled):
-            raise ValueError(f"optimizer '{cfg.optim.name}' updates weights during backward: it cannot accumulate "
-                             "gradients (set train.grad_accum=1), run a pipeline, data/tensor-parallel ranks (their "
-                             "gradients are reduced after the update) or fp16 loss scaling (use bf16 or fp32)")
+        if self.updates_in_backward:
+            check_updates_in_backward(cfg, self.precision, self.pipeline, self.dist.enabled)
         if self.updates_in_backward and self.t.grad_clip is not None and self.dist.is_main:
             warnings.warn(f"optim.name={cfg.optim.name} updates each weight inside backward, before a global gradient "
                           f"norm exists: train.grad_clip={self.t.grad_clip} is not applied (set train.grad_clip=null; "

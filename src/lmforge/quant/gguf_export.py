@@ -21,9 +21,9 @@ Types (``GGUF_TYPES``): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (quantized 
 q4_k_m, q5_k_s, q5_k_m, q6_k (``kquants``). Norms, biases and routers stay f32. As llama.cpp's quantizer does, the
 output layer (the tied embedding when there is none) is Q6_K in every quantized type but Q8_0, and the _M mixes put
 attn_v and ffn_down in Q6_K on the first and last eighth of the layers and every third between, the rest in the base
-type. A row that does not fill whole K-quant
-blocks of 256 falls back as llama.cpp's quantizer does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; rows not a multiple
-of 32 stay f16). A model quantized with lmforge is exported from its dequantized weights.
+type. A row that does not fill whole K-quant blocks of 256 falls back as llama.cpp's quantizer does (Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K -> Q8_0; rows not a multiple of 32 stay f16). A model quantized with lmforge is exported from its
+dequantized weights.
 """
 from __future__ import annotations
 
@@ -400,18 +400,18 @@ def _hparams(w, cfg, arch: Arch) -> None:
 
 
 def _load(src: Path):
-    from ..models.hf import load_hf, read_hf_config
-    from .model import load_quantized
+    """The model of a checkpoint in its own dtype; a quantized one (lmforge, GPTQ, AWQ) keeps its quantized layers,
+    whose `weight` is the dequantized matrix the export reads."""
+    from ..models.hf import load_hf
 
-    lmforge_quantized = (read_hf_config(src).get("quantization_config") or {}).get("quant_method") == "lmforge"
-    return load_quantized(src) if lmforge_quantized else load_hf(src, progress=False)  # the checkpoint's dtype
+    return load_hf(src, progress=False)
 
 
 @torch.no_grad()
 def export_gguf(model: Transformer | str | Path, out_file: str | Path, tokenizer_dir: str | Path | None = None,
                 qtype: str = "q8_0", name: str | None = None, *, tokenizer=None,
                 pre_tokenizer: str | None = None) -> Path:
-    """Write `model` (a Transformer, or an HF / .gguf / lmforge-quantized checkpoint) to a GGUF file llama.cpp runs.
+    """Write `model` (a Transformer, or an HF / .gguf / quantized checkpoint) to a GGUF file llama.cpp runs.
 
     The vocabulary comes from `tokenizer` (an lmforge Tokenizer), else `tokenizer_dir` (a checkpoint directory or
     .gguf file; default: the checkpoint itself); without one the file has no vocabulary and llama.cpp cannot run it.

@@ -36,13 +36,14 @@ from ..errors import ConfigError, LmforgeError
 from ..models.transformer import Transformer
 from .batch_sampling import BatchSampler, EngineSamplingParams
 from .decode_fusion import pack_for_decode
-from .generate import _StopText
 from .json_constraint import JsonObjectConstraint
 from .model_runner import ModelRunner, kv_cache_blocks
 from .multi_lora import AdapterSet
+from .outputs import TokenLogprob
 from .paged_cache import BlockPool
 from .sampling import SamplingParams
 from .scheduler import FINISHED, RUNNING, Request, Scheduled, Scheduler
+from .stops import StopText
 
 log = logging.getLogger("lmforge.engine")
 
@@ -84,13 +85,6 @@ class EngineConfig(Section):
 
 class ContextLengthError(LmforgeError):
     """A request does not fit: prompt + max tokens exceed the model length or the KV cache."""
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # most likely (id, logprob), best first
 
 
 @dataclass
@@ -202,7 +196,7 @@ class Engine:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._base_stop_ids)
         req.extra = {"stop_ids": stop_ids, "logprobs": [],
-                     "detok": _StopText(self.tokenizer, params.stop) if self.tokenizer is not None else None,
+                     "detok": StopText(self.tokenizer, params.stop) if self.tokenizer is not None else None,
                      "json": JsonObjectConstraint(self.token_texts(), params.max_new_tokens)
                      if params.json_object else None}
         self.requests[request_id] = req

@@ -1,59 +1,29 @@
 """`generate()`: batched prompts with left padding, a static KV cache, the sampler, stop rules, streaming.
 
+This is the simple reference path: one batch, one `SamplingParams` for every row, a cache sized for the longest
+prompt, decoded in lock step until every row stops. `lmforge generate`/`chat` and eval use it, and the tests check
+the engine against it. Serving, many requests of different lengths, per-request settings (penalties, logprobs, JSON
+mode, adapters) and paged memory are the engine's (`lmforge.infer.engine`, `LLM`); both return `Completion` and
+share the stop handling of `lmforge.infer.stops`.
+
 The decode step has static shapes (one token per row, whole-cache attention with a mask), so with `compile=True` it
 runs under `torch.compile(mode="reduce-overhead")`, i.e. as a replayed CUDA graph on GPU.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import ConfigError
 from ..models.transformer import Transformer
+from .outputs import Completion
 from .sampling import SamplingParams, sample
+from .stops import StopText
+
+_StopText = StopText  # the name it had when it lived here
 
 TokenCallback = Callable[[int, "int | None", str], None]  # (row, token_id, new text); None id = final text flush
-
-
-@dataclass
-class Completion:
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = "length"  # "stop" (eos, stop id or stop string) or "length"
-
-
-class _StopText:
-    """Incremental detokenization of one row, with stop strings found across token boundaries.
-
-    Text that could still become a stop string is held back, so a streamed piece never shows part of a stop string.
-    """
-
-    def __init__(self, tokenizer, stops: Sequence[str]):
-        self.decoder = tokenizer.stream_decoder()
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.emitted = 0  # chars of self.text already handed out
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add a token; return (text now safe to show, whether a stop string completed)."""
-        before = len(self.text)
-        self.text += self.decoder.step(token_id)
-        hits = [at for s in self.stops if (at := self.text.find(s, max(0, before - len(s) + 1))) != -1]
-        if hits:  # the earliest in the text wins, whatever the order of the stop strings
-            self.text = self.text[:min(hits)]
-            return self.flush(), True
-        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        piece = self.text[self.emitted:len(self.text) - held]
-        self.emitted += len(piece)
-        return piece, False
-
-    def flush(self) -> str:
-        piece = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return piece
 
 
 def _decode_step(model: Transformer, compile: bool) -> Callable:
@@ -75,8 +45,9 @@ def generate(
     on_token: TokenCallback | None = None,
     compile: bool = False,
 ) -> list[Completion]:
-    """Complete each prompt (a list of token ids). Stops at eos (model config + tokenizer), stop ids/strings, or
-    max_new_tokens; `on_token(row, token_id, text)` streams every generated token as it is chosen."""
+    """Complete each prompt (a list of token ids): the simple reference path (see the module docstring; the engine
+    is the serving path). Stops at eos (model config + tokenizer), stop ids/strings, or max_new_tokens;
+    `on_token(row, token_id, text)` streams every generated token as it is chosen."""
     params = params or SamplingParams()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("generate needs at least one non-empty prompt (--prompt TEXT, or text on stdin)")
@@ -120,7 +91,7 @@ def generate(
 
     decode_slots = torch.arange(P, P + params.max_new_tokens, device=device)  # no host→device copy per step
     results = [Completion(prompt_ids=list(p)) for p in prompts]
-    texts = [_StopText(tokenizer, params.stop) for _ in prompts] if tokenizer is not None else None
+    texts = [StopText(tokenizer, params.stop) for _ in prompts] if tokenizer is not None else None
     done = [False] * B
     next_pos = positions[:, -1:] + 1  # (B, 1)
     for t in range(params.max_new_tokens):

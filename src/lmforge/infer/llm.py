@@ -2,7 +2,7 @@
 
     llm = LLM("./ckpt")                       # a checkpoint directory, .gguf file or Hugging Face id (or a loaded
                                               # Transformer + tokenizer, e.g. from checkpoint.load_model_and_tokenizer)
-    outs = llm.generate(["Hello", "Bonjour"], EngineSamplingParams(temperature=0, max_new_tokens=32))
+    outs = llm.generate(["Hello", "Bonjour"], EngineSamplingParams(temperature=0, max_new_tokens=32))  # Completions
     print(outs[0].text)
 
 Every prompt becomes an engine request; the engine batches them continuously, so prompts of very different lengths
@@ -11,24 +11,17 @@ cost what they need, not what the longest one needs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import load_model_and_tokenizer
 from ..errors import ConfigError, LmforgeError
 from ..models.transformer import Transformer
-from .engine import Engine, EngineConfig, TokenLogprob
+from .engine import Engine, EngineConfig
+from .outputs import Completion
 from .sampling import SamplingParams
 
 
-@dataclass
-class LLMOutput:
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str  # "stop" | "length" | "error" (its work raised: see `error`; the other prompts are unaffected)
-    logprobs: list[TokenLogprob] | None = None
-    error: str | None = None
+LLMOutput = Completion  # the one output type (`lmforge.infer.outputs`); the name LLM.generate had before
 
 
 class LLM:
@@ -47,7 +40,7 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 adapter: str | None | Sequence[str | None] = None) -> list[LLMOutput]:
+                 adapter: str | None | Sequence[str | None] = None) -> list[Completion]:
         """Complete every prompt (text needs a tokenizer; token id lists pass through); outputs in prompt order.
         `params` and `adapter` may be one value for all prompts or one per prompt."""
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
@@ -73,7 +66,7 @@ class LLM:
             for rid in order:
                 engine.abort(rid)
             raise
-        return [LLMOutput(p, done[r].token_ids, done[r].text, done[r].finish_reason, done[r].logprobs, done[r].error)
+        return [Completion(p, done[r].token_ids, done[r].text, done[r].finish_reason, done[r].logprobs, done[r].error)
                 for p, r in zip(ids, order)]
 
     def _encode(self, prompt) -> list[int]:

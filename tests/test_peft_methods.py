@@ -76,8 +76,8 @@ def test_every_method_is_registered_and_listed(llama):
         assert isinstance(rows[name]["trainable_params"], int) and rows[name]["trainable_params"] > 0, rows[name]
     assert rows["full"]["trainable_params"] == sum(p.numel() for p in _model(llama).parameters())
     assert rows["ia3"]["trainable_params"] < rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
-    with pytest.raises(ConfigError, match=r"method 'dora': unknown config key 'rank'"):
-        build_method("dora", rank=4)
+    with pytest.raises(ConfigError, match=r"method 'dora': unknown config key 'rnak'"):
+        build_method("dora", rnak=4)
 
 
 @pytest.mark.parametrize("name", list(METHOD_CASES))

@@ -16,8 +16,9 @@ NF4 >= 2.5x, INT8 >= 1.7x; throughput >= 1.0x). A variant that fails is recorded
 `int4-tinygemm` uses PyTorch's `_weight_int4pack_mm` instead (prepare_fast_path); `<kind>-ref` turns lmforge's
 kernels off (dequantize + matmul).
 
-    python bench/quant_decode.py --variants bf16,int4,nf4 --out q1.jsonl          # H100: ~6 minutes
-    python bench/quant_decode.py --variants bf16,int8,int4-tinygemm --out q2.jsonl
+    python bench/quant_decode.py --variants bf16,int4,nf4 --new-tokens 128 --repeats 2 --out q1.jsonl
+    python bench/quant_decode.py --variants bf16,int8,int4-tinygemm --new-tokens 128 --repeats 2 --out q2.jsonl
+    LMFORGE_QKERNEL_GEMV=8,1024,8 python bench/quant_decode.py --variants bf16,int4 ...   # GEMV tiles to try
     python bench/quant_decode.py --preset llama-3.2-1b --n-layers 2 --new-tokens 8 --repeats 1 --concurrent 4 \\
         --prompt-len 16                                                          # CPU smoke run
 """
@@ -199,6 +200,7 @@ def main() -> None:
                 roof = bandwidth / per_token
                 row.update(roofline_tokens_per_s=round(roof, 1),
                            of_roofline=round(row["decode_tokens_per_s"] / roof, 3))
+            free()  # the batch-1 engine's KV cache and graph pool go before the next engine sizes its own
             if args.concurrent:
                 row.update(throughput(model, args))
             row["kernels"] = qkernel.kernel_status()

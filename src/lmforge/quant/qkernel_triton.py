@@ -92,11 +92,11 @@ def q4_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_ym,
     h = tl.arange(0, HALF)
     n_groups = K // GROUP
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    cols = tl.arange(0, GROUP)
     for g in range(0, n_groups):
-        col = g * GROUP + 2 * h  # (HALF,)
-        x_ptr = X + offs_m64[:, None] * stride_xm + col[None, :]
-        xe = tl.load(x_ptr, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, HALF)
-        xo = tl.load(x_ptr + 1, mask=m_ok[:, None], other=0.0)
+        # one contiguous (BLOCK_M, GROUP) load (pipelined like any dot operand), split into even / odd columns
+        x = tl.load(X + offs_m64[:, None] * stride_xm + (g * GROUP + cols)[None, :], mask=m_ok[:, None], other=0.0)
+        xe, xo = tl.split(tl.reshape(x, [BLOCK_M, HALF, 2]))  # (BLOCK_M, HALF) each
         q = tl.load(QW + offs_n64[None, :] * (K // 2) + g * HALF + h[:, None], mask=n_ok[None, :], other=0)
         hi = (q >> 4).to(tl.int32)  # (HALF, BLOCK_N)
         lo = (q & 15).to(tl.int32)

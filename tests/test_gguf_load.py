@@ -341,3 +341,35 @@ def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
     lcpp = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     for text in plain + edge:
         assert tok.encode(text) == lcpp.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+# lmforge's own export, read back: every architecture the exporter writes from a transformers model (overrides: the
+# model variant llama.cpp's graph computes, which the exporter checks)
+EXPORTED = {
+    "qwen3moe": ("Qwen3MoeForCausalLM", dict(norm_topk_prob=True, mlp_only_layers=[], decoder_sparse_step=1,
+                                             use_sliding_window=False, attention_bias=False)),
+    "olmo2": ("Olmo2ForCausalLM", {}),
+    "smollm3": ("SmolLM3ForCausalLM", dict(use_sliding_window=False, sliding_window=None)),
+    "gemma2": ("Gemma2ForCausalLM", dict(query_pre_attn_scalar=32)),
+    # 7 layers: five sliding, one global (linear RoPE scaling, theta 1M), one sliding
+    "gemma3": ("Gemma3ForCausalLM", dict(num_hidden_layers=7, layer_types=None, final_logit_softcapping=None,
+                                         query_pre_attn_scalar=32)),
+    "phi2": ("PhiForCausalLM", {}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXPORTED))
+def test_exported_families_read_back_with_the_original_logits(family, tmp_path):
+    """export_gguf (F32) -> load_hf: config from the metadata (Gemma's soft-caps, windows and local RoPE, SmolLM3's
+    NoPE layers, Qwen3-MoE's renormalized top-k), names mapped back (sandwich and post norms, Phi-2's biased
+    LayerNorms and head), Gemma's 1 + w norms and SmolLM3's permuted q/k undone: logits equal the original's."""
+    torch.manual_seed(0)
+    hf_arch, overrides = EXPORTED[family]
+    ref = make_tiny_hf_model(hf_arch, tmp_path / "hf", **overrides)
+    path = export_gguf(load_hf(tmp_path / "hf"), tmp_path / "m.gguf", qtype="f32")
+    assert GgufFile(str(path)).fields["general.architecture"] == family
+    assert hf_config(path)["architectures"] == [hf_arch]
+    model = load_hf(path)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert (_logits(model(ids)) - ref(ids).logits).abs().max().item() < 1e-4

@@ -9,7 +9,8 @@ so a model never sits in memory twice. ``load_hf`` then builds the model through
 safetensors checkpoint.
 
 What llama.cpp's converter changed on the way in is undone here: Llama's q/k rows are permuted to the
-adjacent-pair RoPE layout (unpermuted per head), Gemma's RMSNorm weights are stored as 1 + w (1 is subtracted),
+adjacent-pair RoPE layout (unpermuted per head; also SmolLM3's), Gemma's RMSNorm weights are stored as 1 + w (1 is
+subtracted; Gemma 2/3 too, whose ``ffn_norm`` is HF's pre-feed-forward norm),
 MoE experts are stacked into one 3-D tensor (split per expert), and Llama-3 RoPE scaling is a ``rope_freqs`` tensor
 of per-frequency divisors (turned back into the ``llama3`` rope_scaling parameters that reproduce it).
 """
@@ -87,6 +88,35 @@ _QWEN_MOE_NAMES = {
     "blk.{i}.ffn_gate_inp_shexp.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
 }
 
+_QWEN3_MOE_NAMES = {
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.mlp.gate.weight",
+    **{f"blk.{{i}}.ffn_{n}_exps.weight": f"model.layers.{{i}}.mlp.experts.{{e}}.{n}_proj.weight"
+       for n in ("gate", "up", "down")},
+}
+
+# sandwich norms (Gemma 2/3): llama.cpp's ffn_norm is HF's pre-feed-forward norm there
+_GEMMA2_NAMES = {
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+
+# OLMo 2 normalizes after attention and the MLP only (no attn_norm / ffn_norm)
+_OLMO2_NAMES = {
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+
+# Phi-2: LayerNorms with biases, a parallel block (one norm), gelu MLP fc1/fc2, a biased head
+_PHI2_NAMES = {
+    "blk.{i}.attn_norm.{p}": "model.layers.{i}.input_layernorm.{p}",
+    "blk.{i}.attn_output.{p}": "model.layers.{i}.self_attn.dense.{p}",
+    "blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.fc1.{p}",
+    "blk.{i}.ffn_down.{p}": "model.layers.{i}.mlp.fc2.{p}",
+    "output_norm.{p}": "model.final_layernorm.{p}",
+    "output.{p}": "lm_head.{p}",
+}
+
 _PHI3_NAMES = {
     "blk.{i}.attn_qkv.{p}": "model.layers.{i}.self_attn.qkv_proj.{p}",
     "blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}",  # llama.cpp keeps Phi-3's fused gate|up
@@ -119,6 +149,17 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "qwen3": GgufArch("Qwen3ForCausalLM", "qwen3"),
     "gemma": GgufArch("GemmaForCausalLM", "gemma", norm_offset=1.0,
                       extra={"hidden_activation": "gelu_pytorch_tanh"}),
+    "qwen3moe": GgufArch("Qwen3MoeForCausalLM", "qwen3_moe",
+                         moe=("Qwen3MoeForCausalLM", "qwen3_moe", _QWEN3_MOE_NAMES)),
+    "gemma2": GgufArch("Gemma2ForCausalLM", "gemma2", names=_GEMMA2_NAMES, norm_offset=1.0,
+                       extra={"hidden_activation": "gelu_pytorch_tanh"}),
+    "gemma3": GgufArch("Gemma3ForCausalLM", "gemma3_text", names=_GEMMA2_NAMES, norm_offset=1.0,
+                       extra={"hidden_activation": "gelu_pytorch_tanh", "sliding_window_pattern": 6,
+                              "rope_local_base_freq": 10000.0}),  # llama.cpp's gemma3: 5 local : 1 global, 10k
+    "olmo2": GgufArch("Olmo2ForCausalLM", "olmo2", names=_OLMO2_NAMES),
+    "smollm3": GgufArch("SmolLM3ForCausalLM", "smollm3", permute_qk=True,
+                        extra={"no_rope_layer_interval": 4}),  # llama.cpp's smollm3: NoPE on every 4th layer
+    "phi2": GgufArch("PhiForCausalLM", "phi", names=_PHI2_NAMES, extra={"hidden_act": "gelu_new"}),
     "phi3": GgufArch("Phi3ForCausalLM", "phi3", names=_PHI3_NAMES),
 }
 
@@ -131,8 +172,8 @@ def _pattern(template: str) -> re.Pattern:
 @functools.lru_cache(maxsize=None)
 def _compiled(arch: str, moe: bool) -> list[tuple[re.Pattern, str]]:
     spec = GGUF_ARCHS[arch]
-    names = {**LLAMA_CPP_NAMES, **spec.names, **(spec.moe[2] if moe and spec.moe else {})}
-    return [(_pattern(k), v) for k, v in names.items()]
+    tables = [spec.moe[2] if moe and spec.moe else {}, spec.names, LLAMA_CPP_NAMES]  # the first match wins
+    return [(_pattern(k), v) for names in tables for k, v in names.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,8 +357,10 @@ def hf_config(path: str | Path) -> dict:
         intermediate_size=get("feed_forward_length"), rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
         max_position_embeddings=get("context_length", 4096), rope_theta=float(get("rope.freq_base", 10000.0)),
         hidden_act="silu", tie_word_embeddings="output.weight" not in tensors, torch_dtype=_dtype_name(r.tensors),
-        **spec.extra,
     )
+    hf.update(spec.extra)
+    if get("attention.layer_norm_epsilon") is not None:  # LayerNorm families (Phi-2, GPT-2, BLOOM)
+        hf["layer_norm_eps"] = hf["layer_norm_epsilon"] = get("attention.layer_norm_epsilon")
     rot = get("rope.dimension_count")
     if rot and rot != head_dim:
         hf["partial_rotary_factor"] = rot / head_dim
@@ -332,8 +375,18 @@ def hf_config(path: str | Path) -> dict:
             hf.update(moe_intermediate_size=get("expert_feed_forward_length"), norm_topk_prob=False,
                       shared_expert_intermediate_size=get("expert_shared_feed_forward_length", 0),
                       decoder_sparse_step=1)
+        elif model_type == "qwen3_moe":  # llama.cpp's qwen3moe: every layer sparse, top-k renormalized
+            hf.update(moe_intermediate_size=get("expert_feed_forward_length"), norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[])
         elif model_type == "mixtral":
             hf["intermediate_size"] = get("expert_feed_forward_length") or hf["intermediate_size"]
+    if arch in ("gemma2", "gemma3"):
+        # llama.cpp scales q.k by head_dim**-0.5, (d_model / heads)**-0.5 for the 27B sizes (46 / 62 layers)
+        big = hf["num_hidden_layers"] == (46 if arch == "gemma2" else 62)
+        hf["query_pre_attn_scalar"] = d // heads if big else head_dim
+        hf["attn_logit_softcapping"] = get("attn_logit_softcapping")
+        hf["final_logit_softcapping"] = get("final_logit_softcapping")
+        hf.pop("use_sliding_window", None)
     for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
             hf[name] = meta[f"tokenizer.ggml.{key}"]

@@ -75,16 +75,18 @@ class DPOObjective(PairObjective):
         self.cfg = cfg or DPOSection()
         self.reference: str | None = None  # "adapters_off" | "precomputed" | None (SimPO)
 
+    stage = "dpo"  # the config section whose `reference` option this objective reads (KTO reuses the logic)
+
     def setup(self, trainer) -> None:
-        if self.cfg.loss == "simpo":
+        if getattr(self.cfg, "loss", None) == "simpo":
             return
         can_bypass = can_disable_adapters(trainer.model)
         mode = self.cfg.reference
         if mode == "auto":
             mode = "adapters_off" if can_bypass else "precomputed"
         if mode == "adapters_off" and not can_bypass:
-            raise ConfigError("dpo.reference=adapters_off needs a LoRA run whose trained weights all sit in its LoRA "
-                              "layers (no lora.modules_to_save); use dpo.reference=precomputed")
+            raise ConfigError(f"{self.stage}.reference=adapters_off needs a LoRA run whose trained weights all sit in "
+                              f"its LoRA layers (no lora.modules_to_save); use {self.stage}.reference=precomputed")
         self.reference = mode
         if mode == "precomputed":
             for data in (trainer.train_data, trainer.val_data):

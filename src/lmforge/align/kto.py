@@ -25,8 +25,7 @@ from ..errors import ConfigError
 from .config import KTOSection
 from .data import (PreferenceDataset, PreferenceReport, _as_message, _conversation, _getter, _prompt_turns, _read,
                    _split, collate_pairs, encode_reply, fit_reply)
-from .common import can_disable_adapters
-from .dpo import DPOObjective, reference_logps, sequence_logps
+from .dpo import DPOObjective, sequence_logps
 
 __all__ = ["KTOExample", "KTOObjective", "build_kto_datasets", "kto_losses", "parse_kto"]
 
@@ -140,23 +139,11 @@ class KTOObjective(DPOObjective):
     latter). Logs kl (z0), desirable_share, and reward_desirable / reward_undesirable: beta × log-ratio summed over
     the examples of that kind, divided by all the step's examples (their shares of the mean reward)."""
 
+    stage = "kto"
+
     def __init__(self, cfg: KTOSection | None = None):
         self.cfg = cfg or KTOSection()
         self.reference = None
-
-    def setup(self, trainer) -> None:
-        can_bypass = can_disable_adapters(trainer.model)
-        mode = self.cfg.reference
-        if mode == "auto":
-            mode = "adapters_off" if can_bypass else "precomputed"
-        if mode == "adapters_off" and not can_bypass:
-            raise ConfigError("kto.reference=adapters_off needs a LoRA run whose trained weights all sit in its LoRA "
-                              "layers (no lora.modules_to_save); use kto.reference=precomputed")
-        self.reference = mode
-        if mode == "precomputed":
-            for data in (trainer.train_data, trainer.val_data):
-                if data is not None and len(data) and data.ref_logps is None:
-                    data.set_reference(reference_logps(trainer, data))
 
     def collate(self, rows: list[dict], trainer) -> dict:
         batch = collate_pairs(rows, trainer.pad_id)

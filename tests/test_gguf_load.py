@@ -355,6 +355,8 @@ EXPORTED = {
     "gemma3": ("Gemma3ForCausalLM", dict(num_hidden_layers=7, layer_types=None, final_logit_softcapping=None,
                                          query_pre_attn_scalar=32)),
     "phi2": ("PhiForCausalLM", {}),
+    "gpt2": ("GPT2LMHeadModel", {}),
+    "bloom": ("BloomForCausalLM", {}),
 }
 
 
@@ -362,7 +364,8 @@ EXPORTED = {
 def test_exported_families_read_back_with_the_original_logits(family, tmp_path):
     """export_gguf (F32) -> load_hf: config from the metadata (Gemma's soft-caps, windows and local RoPE, SmolLM3's
     NoPE layers, Qwen3-MoE's renormalized top-k), names mapped back (sandwich and post norms, Phi-2's biased
-    LayerNorms and head), Gemma's 1 + w norms and SmolLM3's permuted q/k undone: logits equal the original's."""
+    LayerNorms and head, GPT-2's learned positions, BLOOM's embedding norm), Gemma's 1 + w norms, SmolLM3's permuted
+    q/k, GPT-2's Conv1D transposes and BLOOM's per-head qkv grouping undone: logits equal the original's."""
     torch.manual_seed(0)
     hf_arch, overrides = EXPORTED[family]
     ref = make_tiny_hf_model(hf_arch, tmp_path / "hf", **overrides)

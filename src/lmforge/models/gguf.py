@@ -8,11 +8,12 @@ dequantized (``gguf.quants.dequantize``: F32/F16/BF16, Q8_0, Q4_0/Q4_1/Q5_x, the
 so a model never sits in memory twice. ``load_hf`` then builds the model through the family's converter as for a
 safetensors checkpoint.
 
-What llama.cpp's converter changed on the way in is undone here: Llama's q/k rows are permuted to the
-adjacent-pair RoPE layout (unpermuted per head; also SmolLM3's), Gemma's RMSNorm weights are stored as 1 + w (1 is
-subtracted; Gemma 2/3 too, whose ``ffn_norm`` is HF's pre-feed-forward norm),
-MoE experts are stacked into one 3-D tensor (split per expert), and Llama-3 RoPE scaling is a ``rope_freqs`` tensor
-of per-frequency divisors (turned back into the ``llama3`` rope_scaling parameters that reproduce it).
+What llama.cpp's converter changed on the way in is undone here: Llama's (and SmolLM3's) q/k rows are permuted to
+the adjacent-pair RoPE layout (unpermuted per head), Gemma's (1/2/3) RMSNorm weights are stored as 1 + w (1 is
+subtracted; Gemma 2/3's ``ffn_norm`` is HF's pre-feed-forward norm), MoE experts are stacked into one 3-D tensor
+(split per expert), GPT-2's Conv1D weights are stored as Linears (transposed back), BLOOM's per-head q|k|v is stored
+as q|k|v (regrouped per head), and Llama-3 RoPE scaling is a ``rope_freqs`` tensor of per-frequency divisors (turned
+back into the ``llama3`` rope_scaling parameters that reproduce it).
 """
 from __future__ import annotations
 
@@ -117,6 +118,32 @@ _PHI2_NAMES = {
     "output.{p}": "lm_head.{p}",
 }
 
+# GPT-2: learned positions, biased LayerNorms, fused qkv; its HF linears are Conv1D (stored transposed)
+_GPT2_NAMES = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "blk.{i}.attn_norm.{p}": "transformer.h.{i}.ln_1.{p}",
+    "blk.{i}.attn_qkv.{p}": "transformer.h.{i}.attn.c_attn.{p}",
+    "blk.{i}.attn_output.{p}": "transformer.h.{i}.attn.c_proj.{p}",
+    "blk.{i}.ffn_norm.{p}": "transformer.h.{i}.ln_2.{p}",
+    "blk.{i}.ffn_up.{p}": "transformer.h.{i}.mlp.c_fc.{p}",
+    "blk.{i}.ffn_down.{p}": "transformer.h.{i}.mlp.c_proj.{p}",
+    "output_norm.{p}": "transformer.ln_f.{p}",
+}
+
+# BLOOM: ALiBi, a LayerNorm on the embeddings, fused qkv (HF groups it per head)
+_BLOOM_NAMES = {
+    "token_embd.weight": "transformer.word_embeddings.weight",
+    "token_embd_norm.{p}": "transformer.word_embeddings_layernorm.{p}",
+    "blk.{i}.attn_norm.{p}": "transformer.h.{i}.input_layernorm.{p}",
+    "blk.{i}.attn_qkv.{p}": "transformer.h.{i}.self_attention.query_key_value.{p}",
+    "blk.{i}.attn_output.{p}": "transformer.h.{i}.self_attention.dense.{p}",
+    "blk.{i}.ffn_norm.{p}": "transformer.h.{i}.post_attention_layernorm.{p}",
+    "blk.{i}.ffn_up.{p}": "transformer.h.{i}.mlp.dense_h_to_4h.{p}",
+    "blk.{i}.ffn_down.{p}": "transformer.h.{i}.mlp.dense_4h_to_h.{p}",
+    "output_norm.{p}": "transformer.ln_f.{p}",
+}
+
 _PHI3_NAMES = {
     "blk.{i}.attn_qkv.{p}": "model.layers.{i}.self_attn.qkv_proj.{p}",
     "blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}",  # llama.cpp keeps Phi-3's fused gate|up
@@ -139,6 +166,8 @@ class GgufArch:
     norm_offset: float = 0.0
     moe: tuple[str, str, dict] | None = None  # (hf_arch, model_type, names) when {arch}.expert_count > 0
     extra: dict = field(default_factory=dict)  # fixed HF config keys
+    conv1d: bool = False  # HF stores the block's linears as Conv1D (in, out): GPT-2
+    qkv_heads: bool = False  # llama.cpp's attn_qkv is q|k|v; HF's is grouped per head [head, q|k|v, head_dim]: BLOOM
 
 
 GGUF_ARCHS: dict[str, GgufArch] = {
@@ -161,6 +190,9 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                         extra={"no_rope_layer_interval": 4}),  # llama.cpp's smollm3: NoPE on every 4th layer
     "phi2": GgufArch("PhiForCausalLM", "phi", names=_PHI2_NAMES, extra={"hidden_act": "gelu_new"}),
     "phi3": GgufArch("Phi3ForCausalLM", "phi3", names=_PHI3_NAMES),
+    "gpt2": GgufArch("GPT2LMHeadModel", "gpt2", names=_GPT2_NAMES, conv1d=True,
+                     extra={"activation_function": "gelu_new", "scale_attn_weights": True}),
+    "bloom": GgufArch("BloomForCausalLM", "bloom", names=_BLOOM_NAMES, qkv_heads=True),
 }
 
 
@@ -380,6 +412,9 @@ def hf_config(path: str | Path) -> dict:
                       decoder_sparse_step=1, mlp_only_layers=[])
         elif model_type == "mixtral":
             hf["intermediate_size"] = get("expert_feed_forward_length") or hf["intermediate_size"]
+    if arch in ("gpt2", "bloom"):  # their HF configs' own key names
+        hf.update(n_embd=d, n_layer=hf["num_hidden_layers"], n_head=heads, n_inner=hf["intermediate_size"],
+                  n_positions=hf["max_position_embeddings"], seq_length=hf["max_position_embeddings"])
     if arch in ("gemma2", "gemma3"):
         # llama.cpp scales q.k by head_dim**-0.5, (d_model / heads)**-0.5 for the 27B sizes (46 / 62 layers)
         big = hf["num_hidden_layers"] == (46 if arch == "gemma2" else 62)
@@ -512,6 +547,10 @@ def hf_tensors(path: str | Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]]
             w = unpermute_rope_rows(w, kv)
         if spec.norm_offset and t.name.endswith("norm.weight"):
             w = w - spec.norm_offset
+        if spec.conv1d and t.name.startswith("blk.") and w.ndim == 2:
+            w = w.T.contiguous()  # Linear (out, in) -> Conv1D (in, out)
+        if spec.qkv_heads and ".attn_qkv." in t.name:  # (3 * heads * hd, ...) -> (heads * 3 * hd, ...)
+            w = w.reshape(3, heads, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
         if "_shexp" in t.name and "gate_inp" in t.name:
             w = w.reshape(1, -1)  # shared_expert_gate is a (1, d) Linear
         if "{e}" in hf_name:  # stacked experts (n_experts, out, in) -> one tensor per expert

@@ -376,3 +376,14 @@ def test_exported_families_read_back_with_the_original_logits(family, tmp_path):
     ids = torch.randint(0, ref.config.vocab_size, (2, 12))
     with torch.no_grad():
         assert (_logits(model(ids)) - ref(ids).logits).abs().max().item() < 1e-4
+
+
+def test_the_reader_knows_every_architecture_the_exporter_writes():
+    """A family added to export_gguf without a reader entry fails here, and every exported family has a round trip
+    above."""
+    from lmforge.models.gguf import GGUF_ARCHS
+    from lmforge.quant.gguf_export import ARCHS
+
+    written = {a.name for a in ARCHS.values()}
+    assert written <= set(GGUF_ARCHS), sorted(written - set(GGUF_ARCHS))
+    assert written - {"llama", "qwen2", "qwen2moe", "qwen3", "gemma", "phi3"} <= set(EXPORTED)

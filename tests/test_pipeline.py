@@ -108,7 +108,8 @@ def test_stage_bounds():
 
 
 def _fake_trainer(model_cfg: dict | None = None, objective=None, precision="fp32", mbs=4, accum=2, **parallel):
-    return SimpleNamespace(model=SimpleNamespace(cfg=ModelConfig(**{**BASE, **(model_cfg or {})})),
+    model = SimpleNamespace(cfg=ModelConfig(**{**BASE, **(model_cfg or {})}))
+    return SimpleNamespace(model=model, backbone=model,  # the trainer's backbone: the model itself here
                            cfg=SimpleNamespace(parallel=ParallelSection(pipeline=2, **parallel)),
                            objective=objective or LanguageModeling(), precision=precision,
                            t=SimpleNamespace(micro_batch_size=mbs, grad_accum=accum))

@@ -79,8 +79,19 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def _register_builtins() -> None:
+    """Import the packages whose modules register the built-in methods (peft first: full and lora lead the list), so
+    the registry is complete whichever package was imported first."""
+    import importlib
+
+    for module in ("lmforge.peft", "lmforge.quant.qat", "lmforge.quant.bitnet"):
+        importlib.import_module(module)
+
+
 def build_method(name: str, **options) -> Method:
     """The method `name` with `options` validated (unknown name or key -> one-line ConfigError)."""
+    if name not in METHODS:
+        _register_builtins()
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'{did_you_mean(name, METHODS)}; available: {', '.join(METHODS)}")
     try:

@@ -58,3 +58,21 @@ def hf_lm_step(model, batches, params, optimizer, clip: float | None = 1.0, loss
             losses.append(loss.item())
 
     return step
+
+
+def decode_tokens_per_s(engine, prompt, params) -> float:
+    """One request through `engine` alone: decode tokens/s after its first token (NaN if it made fewer than 2)."""
+    import time
+
+    engine.add_request(prompt, params)
+    first = last = None
+    count = 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.new_token_ids:
+                first = first or now
+                count += len(o.new_token_ids)
+                last = now
+    return (count - 1) / (last - first) if last and last > first else float("nan")

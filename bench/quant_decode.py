@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from _common import sync  # noqa: E402 (run as a script)
+from _common import decode_tokens_per_s, sync  # noqa: E402 (run as a script)
 
 HBM_SPEC = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
             "A100": 1.555e12}
@@ -105,19 +105,9 @@ def batch1(model, args) -> dict:
     warmup = time.perf_counter() - t0
     best = 0.0
     for _ in range(args.repeats):
-        engine.add_request(prompt, params)
-        first = last = None
-        count = 0
-        while engine.has_unfinished():
-            outs = engine.step()
-            now = time.perf_counter()
-            for o in outs:
-                if o.new_token_ids:
-                    first = first or now
-                    count += len(o.new_token_ids)
-                    last = now
-        if last and last > first:
-            best = max(best, (count - 1) / (last - first))  # decode only: after the first token
+        rate = decode_tokens_per_s(engine, prompt, params)  # decode only: after the first token
+        if rate == rate:
+            best = max(best, rate)
     del llm, engine
     return {"decode_tokens_per_s": round(best, 1), "warmup_s": round(warmup, 1), "first_tokens": first_run[:8]}
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import sync  # noqa: E402 (run as a script)
+from _common import decode_tokens_per_s, sync  # noqa: E402 (run as a script)
 
 HBM_SPEC = {  # bytes/s by device-name substring (first match wins)
     "H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "GH200": 4.0e12,
@@ -184,18 +184,7 @@ def bench_batch1(model, args, compile: bool, fast_decode: bool = True) -> dict:
     warmup = time.perf_counter() - t0
     best = None
     for _ in range(args.repeats):
-        engine.add_request(prompt, params)
-        first = last = None
-        count = 0
-        while engine.has_unfinished():
-            outs = engine.step()
-            now = time.perf_counter()
-            for o in outs:
-                if o.new_token_ids:
-                    first = first or now
-                    count += len(o.new_token_ids)
-                    last = now
-        rate = (count - 1) / (last - first) if last > first else float("nan")  # decode only: after the 1st token
+        rate = decode_tokens_per_s(engine, prompt, params)  # decode only: after the 1st token
         best = rate if best is None or rate > best else best
     cfg_m = model.cfg
     # bytes a decode step must read: every weight once (an untied input embedding only one row; a tied one is read

@@ -23,14 +23,19 @@ __all__ = ["resolve_model", "is_hub_id", "HUB_FILES"]
 # what lmforge reads from a checkpoint repository (weights, config, tokenizer, generation defaults, chat template)
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 _ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hub allows them
+# names that end like this are files, not repositories (`ckpt/model.gguf` is a path; `org/repo/model.gguf` an id)
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether `name` reads as `org/name` or `org/name/file.gguf` (and is not a path that exists)."""
+    """Whether `name` reads as `org/name` or `org/name/file.gguf` (and is not a path that exists): never an explicit
+    path (`./x`, `/x`, `~/x`) or a two-part name ending like a file (`ckpt/model.gguf`)."""
     if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         return False
     parts = name.split("/")
-    return _ID.fullmatch("/".join(parts[:2])) is not None and (len(parts) == 2 or name.endswith(".gguf"))
+    if len(parts) == 2:
+        return _ID.fullmatch(name) is not None and not name.lower().endswith(_FILE_SUFFIXES)
+    return _ID.fullmatch("/".join(parts[:2])) is not None and name.endswith(".gguf")
 
 
 def _offline() -> bool:
@@ -47,15 +52,25 @@ def _cache_dir() -> str | None:
 
 
 def resolve_model(name: str | Path, revision: str | None = None, *, marker: str = "config.json") -> Path:
-    """The local path of model argument `name`: itself when it is a path (or not an id: the loader then says what
-    is missing), else the Hugging Face cache's snapshot of the id at `revision` (a branch, tag or commit; default
-    main), downloading what is missing unless HF_HUB_OFFLINE is set. `marker` is the file a snapshot must have
-    (adapter_config.json for adapters). Failures are one-line ConfigErrors."""
+    """The local path of model argument `name`: itself when it is a path that exists, else the Hugging Face cache's
+    snapshot of the id at `revision` (a branch, tag or commit; default main), downloading what is missing unless
+    HF_HUB_OFFLINE is set. `marker` is the file a snapshot must have (adapter_config.json for adapters). A name that
+    is neither (a mistyped path: `./ckpt`, `model.gguf`) is never looked up on the Hub. Failures are one-line
+    ConfigErrors."""
     name = str(name)
     if not is_hub_id(name):
-        if revision is not None and not Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if path.exists():
+            return path
+        if revision is not None:
             raise ConfigError(f"revision={revision!r} needs a Hugging Face id (org/name) as the model, got '{name}'")
-        return Path(name).expanduser()
+        if marker == "adapter_config.json":
+            raise ConfigError(f"no such file or directory: '{name}', name an adapter directory or a hub id like "
+                              "org/name")
+        # (the loader's old wording stays for directories: it is what scripts and tests match)
+        looked = "" if name.lower().endswith(".gguf") else f" (no config.json in '{name}')"
+        raise ConfigError(f"no such file or directory: '{name}'{looked}, name a checkpoint directory, a .gguf file "
+                          "or a hub id like org/name")
     try:
         import huggingface_hub as hub
         from huggingface_hub import errors

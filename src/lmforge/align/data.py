@@ -291,10 +291,15 @@ class PreferenceReport:
     val: int = 0
     max_seq_len: int = 0
     unit: str = "pairs"
+    _bad_keys: set = field(default_factory=set, repr=False)
 
     MAX_BAD_ROWS = 20
 
     def add_bad(self, file: str, row: int, reason: str) -> None:
+        """Count a bad row once (a ranking's pairs can each fail on encoding): bad rows are a share of rows read."""
+        if (file, row) in self._bad_keys:
+            return
+        self._bad_keys.add((file, row))
         self.bad_row_count += 1
         if len(self.bad_rows) < self.MAX_BAD_ROWS:
             self.bad_rows.append((file, row, reason))

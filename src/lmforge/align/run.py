@@ -21,6 +21,7 @@ from pydantic import model_validator
 from safetensors.torch import save_file
 
 from ..checkpoint import save_tokenizer_files
+from ..data import check_bad_share
 from ..errors import ConfigError
 from ..train.config import TrainConfig, run_steps
 from ..train.run import build_model, method_from_config, prepare_run, prepare_trainable, write_final
@@ -101,6 +102,7 @@ def run_alignment(cfg: AlignConfig) -> dict:
         section = {"rm": cfg.rm, "orpo": cfg.orpo}.get(cfg.stage, cfg.dpo)
         train_data, val_data, report = build_preference_datasets(cfg.data, tokenizer, section.max_prompt_len)
     say(report.summary())
+    check_bad_share(report, cfg.data.max_bad_row_share)  # as SFT: a mostly broken file stops before any training
 
     precision = run.precision
     backbone = build_model(cfg, tokenizer, device, run.master_dtype)

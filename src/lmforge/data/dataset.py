@@ -240,7 +240,9 @@ def _encode(examples: list, tokenizer, cfg: DataConfig, report: DataReport) -> t
 
 def check_bad_share(report: DataReport, limit: float) -> None:
     """One-line ConfigError when more than `limit` of the rows read are bad: a file that is mostly broken is the
-    wrong file (or a wrong format), not a few rows to skip; training on what is left would silently waste the run."""
+    wrong file (or a wrong format), not a few rows to skip; training on what is left would silently waste the run.
+    `report` is any report with records_read / bad_row_count / bad_rows (SFT's DataReport, alignment's
+    PreferenceReport)."""
     if report.bad_row_count == 0 or report.bad_row_count <= limit * report.records_read:
         return
     first = "; ".join(f"{f}:{row}: {why}" for f, row, why in report.bad_rows[:3])

@@ -74,7 +74,7 @@ def test_token_logps_match_log_softmax_and_its_gradient():
     head = torch.nn.Linear(8, 11)
     hidden = torch.randn(2, 5, 8, requires_grad=True)
     labels = torch.tensor([[3, IGNORE, 7, 1, IGNORE], [IGNORE, 0, 10, 4, 2]])
-    logp, entropy = token_logps(head, hidden, labels, 0.7, with_entropy=True, chunk_tokens=3)  # recomputed chunks
+    logp, entropy = token_logps(head, hidden, labels, 0.7, with_entropy=True, chunk_elements=3 * 11)  # 3-row chunks
     full = torch.log_softmax(head(hidden) / 0.7, -1)
     want = full.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != IGNORE)
     torch.testing.assert_close(logp, want)

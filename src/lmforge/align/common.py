@@ -31,33 +31,43 @@ __all__ = [
 
 
 def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
-    logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # (n, V) fp32
-    chosen = logp.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
-    return chosen, (-(logp.exp() * logp).sum(-1) if with_entropy else torch.zeros_like(chosen))  # (n,), (n,)
+    logits = head(hidden).float()  # (n, V) fp32: the only full-width tensors are this and (entropy) its softmax
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = logits.logsumexp(-1)  # (n,)
+    chosen = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (n,)
+    if not with_entropy:
+        return chosen, torch.zeros_like(chosen)
+    return chosen, lse - (torch.softmax(logits, -1) * logits).sum(-1)  # H = lse - E_p[logit], (n,)
 
 
 def token_logps(head, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                with_entropy: bool = False, chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                with_entropy: bool = False, chunk_elements: int = 2**25) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob (and, with `with_entropy`, the entropy) of the next-token distribution at every labelled position.
 
     head: hidden (n, d) -> logits (n, V), e.g. `model.logits`; hidden (B, T, d); labels (B, T) pre-shifted, -100 = none.
     Returns two float32 (B, T) tensors, 0 where there is no label (entropy all 0 without `with_entropy`). Only
-    labelled rows go through the head, in chunks recomputed in backward (as `causal_lm_loss_sum` does), so
-    (tokens x vocab) logits never exist at once.
+    labelled rows go through the head, in chunks of at most `chunk_elements` logits (128 MiB of fp32: 261 tokens of
+    a 128k vocabulary) recomputed in backward (as `causal_lm_loss_sum` does), so (tokens x vocab) logits never
+    exist at once: the peak is a few chunk-sized temporaries whatever the rollout's size.
     """
     keep = labels != IGNORE
     h, y = hidden[keep], labels[keep]  # (n, d), (n,)
+    if not len(y):
+        zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        return zeros, zeros
+    with torch.no_grad():
+        vocab = head(h[:1]).shape[-1]  # one row, to size the chunks
+    chunk = max(1, chunk_elements // vocab)
     parts = []
-    for s in range(0, y.shape[0], chunk_tokens):
-        args = (head, h[s:s + chunk_tokens], y[s:s + chunk_tokens], temperature, with_entropy)
+    for s in range(0, y.shape[0], chunk):
+        args = (head, h[s:s + chunk], y[s:s + chunk], temperature, with_entropy)
         if torch.is_grad_enabled() and h.requires_grad:
             parts.append(torch.utils.checkpoint.checkpoint(_chunk_logps, *args, use_reentrant=False))
         else:
             parts.append(_chunk_logps(*args))
-    zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    if not parts:
-        return zeros, zeros
     logp, ent = (torch.cat(p) for p in zip(*parts))
+    zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     return zeros.masked_scatter(keep, logp), zeros.masked_scatter(keep, ent)
 
 

@@ -1,0 +1,157 @@
+"""Tile sweep for lmforge's weight-only INT8 / INT4 / NF4 Triton matmuls on a Llama-3-8B's linear shapes.
+
+For each format and shape: every GEMV tile (rows per program, input columns per step, warps) at one input row, and
+every GEMM tile (BLOCK_M, BLOCK_N) at 64 rows, timed inside a CUDA graph (as decode runs them), checked against
+dequantize-then-matmul, beside bf16 `F.linear` from the same call. One JSON line per (format, shape, path, tiles)
+with GB/s of weight traffic and the share of the HBM roofline; the last lines name the fastest tiles per shape.
+
+    python bench/qkernel_tiles.py --out qkernel_tiles.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.quant import qkernel
+from lmforge.quant.nf4 import quantize_nf4
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
+GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096),
+                                                                 (2, 4, 8)) if bn * cols <= 16384]
+GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
+
+
+def timed(fn, reps: int = 50) -> float:
+    """Seconds per call, replaying `reps` calls captured in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) / 1e3 / reps)
+    return best
+
+
+def weights(fmt: str, N: int, K: int, dev):
+    w = torch.randn(N, K, device=dev) * 0.02
+    if fmt == "int8":
+        s = w.abs().amax(1) / 127
+        q = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8)
+        s = s.to(torch.bfloat16)
+        return (q, s), q.numel() + s.numel() * 2, lambda: q.float() * s.float()[:, None]
+    if fmt == "int4":
+        G = 128
+        wg = w.view(N, K // G, G)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        s = ((hi - lo) / 15).clamp(min=1e-8)
+        z = (-lo / s).round().clamp(0, 15)
+        q = (wg / s[..., None] + z[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
+        packed = (q[:, 0::2] << 4) | q[:, 1::2]
+        s, z = s.to(torch.bfloat16), z.to(torch.uint8)
+        return (packed, s, z), packed.numel() + s.numel() * 2 + z.numel(), None
+    t = quantize_nf4(w, 64, True, 256)
+    nbytes = t.codes.numel() + t.absmax.numel() + t.absmax_scale.numel() * 4
+    return (t,), nbytes, None
+
+
+def launch(fmt: str, parts, x, N: int, path: str, tiles):
+    if fmt == "int8":
+        return qkernel._launch_int8(x, *parts, path, tiles)
+    if fmt == "int4":
+        qw, s, z = parts
+        return qkernel._launch_q4(x, qw, s, z, None, None, N, 128, False, 0, path, tiles)
+    (t,) = parts
+    return qkernel._launch_q4(x, t.codes, t.absmax, None, t.absmax_scale, t.absmax_mean, N, 64, True, 256, path,
+                              tiles)
+
+
+def reference(fmt: str, parts, x, N: int):
+    if fmt == "int8":
+        q, s = parts
+        return qkernel.int8_reference(x, q, s)
+    if fmt == "int4":
+        return qkernel.int4_reference(x, *parts)
+    (t,) = parts
+    return F.linear(x, t.dequantize(x.dtype))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", default="int4,nf4,int8")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--gemm-rows", type=int, default=64)
+    ap.add_argument("--hbm-gbps", type=float, default=None, help="roofline (default: 3350 on H100, 4800 on H200)")
+    ap.add_argument("--out", default="qkernel_tiles.jsonl")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    hbm = args.hbm_gbps or (4800.0 if "H200" in name else 3350.0)
+    rows, best = [], {}
+    torch.manual_seed(0)
+    for shape in args.shapes.split(","):
+        N, K = SHAPES[shape]
+        w16 = (torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)
+        for M, path in ((1, "gemv"), (args.gemm_rows, "gemm")):
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            t = timed(lambda: F.linear(x, w16))
+            rows.append({"format": "bf16", "shape": shape, "N": N, "K": K, "M": M, "path": "cublas", "us": t * 1e6,
+                         "gbps": N * K * 2 / t / 1e9, "roofline": N * K * 2 / t / 1e9 / hbm})
+            print(json.dumps(rows[-1]), flush=True)
+        del w16
+        for fmt in args.formats.split(","):
+            parts, nbytes, _ = weights(fmt, N, K, dev)
+            for M, path, grid in ((1, "gemv", GEMV_GRID), (args.gemm_rows, "gemm", GEMM_GRID)):
+                x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+                want = reference(fmt, parts, x, N).float()
+                default = qkernel._tiles(path, M, N, dev)
+                for tiles in grid:
+                    row = {"format": fmt, "shape": shape, "N": N, "K": K, "M": M, "path": path,
+                           "tiles": list(tiles), "default": tuple(tiles) == tuple(default)}
+                    try:
+                        got = launch(fmt, parts, x, N, path, tiles).float()
+                        err = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+                        if not err < 2e-2:
+                            raise ValueError(f"relative error {err:.3g}")
+                        t = timed(lambda: launch(fmt, parts, x, N, path, tiles))
+                        row.update(us=t * 1e6, gbps=nbytes / t / 1e9, roofline=nbytes / t / 1e9 / hbm)
+                    except Exception as e:  # noqa: BLE001 -- a tile that does not compile or fit is a result too
+                        row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    key = (fmt, shape, path)
+                    if "us" in row and (key not in best or row["us"] < best[key]["us"]):
+                        best[key] = row
+            del parts
+    summary = []
+    for (fmt, shape, path), row in sorted(best.items()):
+        d = next((r for r in rows if r["format"] == fmt and r["shape"] == shape and r["path"] == path
+                  and r.get("default") and "us" in r), None)
+        summary.append({"best": True, "format": fmt, "shape": shape, "path": path, "tiles": row["tiles"],
+                        "us": row["us"], "roofline": row["roofline"], "default_us": d and d["us"],
+                        "default_roofline": d and d["roofline"], "device": name, "torch": torch.__version__})
+        print(json.dumps(summary[-1]), flush=True)
+    with open(args.out, "w") as f:
+        for r in rows + summary:
+            f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

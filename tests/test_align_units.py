@@ -246,7 +246,7 @@ def test_ppo_first_step_has_ratio_one_and_zero_kl(ckpt, tok, tmp_path, method):
     mb = obj.buffer[0]  # sequence-level metrics come out as per-sequence means after the loop divides by tokens
     units = int(mb["mask"].sum())
     with torch.no_grad():
-        _, metrics = obj.loss_sum(trainer, mb, units)
+        _, metrics = obj.loss_sum(trainer.ctx, mb, units)
     assert metrics["reward_mean"] / units == pytest.approx(float(mb["scores"].mean()))
     assert metrics["reply_len"] / units == pytest.approx(units / len(mb["scores"]))
     trainer.train_step()
@@ -286,10 +286,10 @@ def test_reward_section_center_coef_penalises_offset_rewards(ckpt, tok, pairs, t
     plain, centred = RewardObjective(), RewardObjective(RewardSection(center_coef=0.5))
     trainer = Trainer(rm, m, PreferenceDataset(pairs, []), None, _cfg(tmp_path, stage="rm"), tok.pad_id, CPU,
                       objective=plain)
-    batch = plain.collate(pairs, trainer)
+    batch = plain.collate(pairs, trainer.ctx)
     with torch.no_grad():
-        a, _ = plain.loss_sum(trainer, batch, 4)
-        b, _ = centred.loss_sum(trainer, batch, 4)
+        a, _ = plain.loss_sum(trainer.ctx, batch, 4)
+        b, _ = centred.loss_sum(trainer.ctx, batch, 4)
         r = rm(batch["tokens"], batch["positions"])
     c, rj = r.chunk(2)
     torch.testing.assert_close(b - a, 0.5 * ((c + rj) ** 2).sum())

@@ -64,7 +64,7 @@ def test_fixed_shape_step_trains_like_the_default_step_on_cpu(accum):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
         assert x["lr"] == y["lr"] and x["target_tokens"] == y["target_tokens"]
     assert a[-1]["loss"] < a[0]["loss"] - 0.05  # it learns
-    rows = [graphed._with_flags(graphed.objective.collate(graphed.next_rows(), graphed)) for _ in range(3)]
+    rows = [graphed._with_flags(graphed.objective.collate(graphed.ctx.next_rows(), graphed.ctx)) for _ in range(3)]
     assert all(r["tokens"].shape[1] == PAD_MULTIPLE and r["plain_causal"] for r in rows)  # one shape: one graph
 
 

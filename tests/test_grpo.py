@@ -136,7 +136,7 @@ def test_rollouts_use_the_live_weights_and_a_fresh_prefix_cache(ckpt, tmp_path, 
 
     def engine_logps():
         """Greedy completions and the engine's log-probs of them (temperature 1, as the trainer computes)."""
-        eng = obj.engine or obj.build_engine(trainer)
+        eng = obj.engine or obj.build_engine(trainer.ctx)
         params = EngineSamplingParams(temperature=0, max_new_tokens=6, logprobs=0, ignore_eos=True)
         ids = [eng.add_request(p, params) for p in prompts]
         done = {}
@@ -151,9 +151,9 @@ def test_rollouts_use_the_live_weights_and_a_fresh_prefix_cache(ckpt, tmp_path, 
         with torch.no_grad():
             return reply_logps(model.eval(), b["tokens"], b["positions"], b["mask"], int(b["prompt_len"]), 1.0)[0]
 
-    first = obj.sample(trainer, prompts, seed=3)
+    first = obj.sample(trainer.ctx, prompts, seed=3)
     assert len(obj.engine.pool.cached) == 0 and obj.engine.runner.cache.k.numel() == 0  # reset and released
-    again = obj.sample(trainer, prompts, seed=3)
+    again = obj.sample(trainer.ctx, prompts, seed=3)
     assert [o.token_ids for o in again] == [o.token_ids for o in first]  # seeded: same weights, same samples
     replies, lp = engine_logps()
     torch.testing.assert_close(lp, trainer_logps(replies), atol=2e-4, rtol=0)
@@ -161,7 +161,7 @@ def test_rollouts_use_the_live_weights_and_a_fresh_prefix_cache(ckpt, tmp_path, 
         g = torch.Generator().manual_seed(0)
         for _, p in m.trainable_parameters(model):
             p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    changed = obj.sample(trainer, prompts, seed=3)
+    changed = obj.sample(trainer.ctx, prompts, seed=3)
     assert [o.token_ids for o in changed] != [o.token_ids for o in first]
     replies2, lp2 = engine_logps()  # prompts' K/V recomputed with the new weights, not read from the prefix cache
     torch.testing.assert_close(lp2, trainer_logps(replies2), atol=2e-4, rtol=0)
@@ -279,9 +279,9 @@ def _trainer(ckpt, pairs, tmp_path, objective, stage, lr=3e-3, method="full"):
 def test_orpo_matches_its_formula_and_raises_the_odds_ratio(ckpt, pairs, tmp_path, method):
     obj = ORPOObjective(ORPOSection(beta=0.5))
     model, trainer = _trainer(ckpt, pairs, tmp_path, obj, "orpo", method=method, lr=3e-3 if method == "full" else 1e-2)
-    batch = obj.collate(pairs, trainer)
+    batch = obj.collate(pairs, trainer.ctx)
     with torch.no_grad():
-        loss, metrics = obj.loss_sum(trainer, batch, 4)
+        loss, metrics = obj.loss_sum(trainer.ctx, batch, 4)
         logp, count = sequence_logps(model, batch)
     want = 0.0
     (lcs, lrs), (ncs, nrs) = logp.double().chunk(2), count.double().chunk(2)
@@ -323,9 +323,9 @@ def test_kto_matches_its_formula_and_separates_the_replies(ckpt, tmp_path, metho
                                          device="cpu", precision="fp32", progress=False, tensorboard=False))
     trainer = Trainer(model, m, data, None, cfg, tok.pad_id, CPU, objective=obj)
     assert obj.reference == ("adapters_off" if method == "lora" else "precomputed")
-    batch = obj.collate([data[i] for i in range(len(data))], trainer)  # (with the precomputed reference)
+    batch = obj.collate([data[i] for i in range(len(data))], trainer.ctx)  # (with the precomputed reference)
     with torch.no_grad():  # at the start the policy is the reference: r = 0, z0 = 0, every loss is w * (1 - 1/2)
-        loss, metrics = obj.loss_sum(trainer, batch, 8)
+        loss, metrics = obj.loss_sum(trainer.ctx, batch, 8)
     assert float(loss) == pytest.approx(4 * 0.5 + 4 * 1.5 * 0.5, rel=1e-5) and metrics["kl"] == pytest.approx(0)
 
     def margin():
@@ -339,9 +339,9 @@ def test_kto_matches_its_formula_and_separates_the_replies(ckpt, tmp_path, metho
     assert margin() > before + 5 and rec["reward_desirable"] > 0 > rec["reward_undesirable"]
     # the loss of the trained policy, from its log-ratios by the paper's formula
     with torch.no_grad():
-        loss, _ = obj.loss_sum(trainer, batch, 8)
+        loss, _ = obj.loss_sum(trainer.ctx, batch, 8)
         logp = sequence_logps(model, batch)[0]
-        ref = obj._reference(trainer, batch)
+        ref = obj._reference(trainer.ctx, batch)
     r, z0 = (logp - ref)[:8], max(0.0, float((logp - ref)[8:].mean()))
     d = batch["desirable"]
     want = sum(float(1 - torch.sigmoid(0.5 * (r[i] - z0))) if d[i] else 1.5 * float(1 - torch.sigmoid(0.5 * (z0 - r[i])))

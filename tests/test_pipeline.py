@@ -107,25 +107,25 @@ def test_stage_bounds():
         stage_bounds(2, 3)
 
 
-def _fake_trainer(model_cfg: dict | None = None, objective=None, precision="fp32", mbs=4, accum=2, **parallel):
+def _fake_context(model_cfg: dict | None = None, objective=None, precision="fp32", mbs=4, accum=2, **parallel):
     model = SimpleNamespace(cfg=ModelConfig(**{**BASE, **(model_cfg or {})}))
-    return SimpleNamespace(model=model, backbone=model,  # the trainer's backbone: the model itself here
+    return SimpleNamespace(model=model, backbone=model,  # the backbone: the model itself here
                            cfg=SimpleNamespace(parallel=ParallelSection(pipeline=2, **parallel)),
                            objective=objective or LanguageModeling(), precision=precision,
                            t=SimpleNamespace(micro_batch_size=mbs, grad_accum=accum))
 
 
-@pytest.mark.parametrize("trainer,match", [
-    (_fake_trainer({"tie_embeddings": True}), "tie_embeddings"),
-    (_fake_trainer(precision="fp16"), "train.precision=bf16"),
-    (_fake_trainer(zero=1), "parallel.zero=2 or 3"),
-    (_fake_trainer(micro_batches=3), "must divide"),
-    (_fake_trainer(accum=1), "at least parallel.pipeline=2 micro-batches"),
-    (_fake_trainer(objective=type("Pairs", (LanguageModeling,), {})()), "language-modelling"),
+@pytest.mark.parametrize("ctx,match", [
+    (_fake_context({"tie_embeddings": True}), "tie_embeddings"),
+    (_fake_context(precision="fp16"), "train.precision=bf16"),
+    (_fake_context(zero=1), "parallel.zero=2 or 3"),
+    (_fake_context(micro_batches=3), "must divide"),
+    (_fake_context(accum=1), "at least parallel.pipeline=2 micro-batches"),
+    (_fake_context(objective=type("Pairs", (LanguageModeling,), {})()), "language-modelling"),
 ], ids=["tied", "fp16", "zero1", "uneven", "1f1b-too-few", "objective"])
-def test_unsupported_pipeline_setups_fail_with_one_line(trainer, match):
+def test_unsupported_pipeline_setups_fail_with_one_line(ctx, match):
     with pytest.raises(ConfigError, match=match) as e:
-        check_pipeline(trainer)
+        check_pipeline(ctx)
     assert "\n" not in str(e.value)
-    check_pipeline(_fake_trainer())  # the default setup passes
-    check_pipeline(_fake_trainer(accum=1, pipeline_schedule="gpipe"))  # GPipe runs any number of micro-batches
+    check_pipeline(_fake_context())  # the default setup passes
+    check_pipeline(_fake_context(accum=1, pipeline_schedule="gpipe"))  # GPipe runs any number of micro-batches

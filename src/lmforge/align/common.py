@@ -177,8 +177,8 @@ class PairObjective(Objective):
 
     unit = "pairs"
 
-    def collate(self, rows: list[dict], trainer) -> dict:
-        return collate_pairs(rows, trainer.pad_id)
+    def collate(self, rows: list[dict], ctx) -> dict:
+        return collate_pairs(rows, ctx.pad_id)
 
     def normalizer(self, batch: dict) -> int:
         return batch["tokens"].shape[0] // 2

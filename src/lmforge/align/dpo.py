@@ -34,17 +34,17 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def reference_logps(trainer, dataset) -> torch.Tensor:
+def reference_logps(ctx, dataset) -> torch.Tensor:
     """(N, 2) summed log-probs of (chosen, rejected) under the model as it is now, in the trainer's precision."""
-    model, bs = trainer.model, trainer.t.micro_batch_size
+    model, bs = ctx.model, ctx.t.micro_batch_size
     was_training = model.training
     model.eval()
     out = []
     starts = range(0, len(dataset), bs)
-    for start in tqdm(starts, desc="reference log-probs", disable=not trainer.t.progress, leave=False):
+    for start in tqdm(starts, desc="reference log-probs", disable=not ctx.t.progress, leave=False):
         rows = [dataset.rows[i] for i in range(start, min(start + bs, len(dataset)))]
-        batch = {k: v.to(trainer.device) for k, v in collate_pairs(rows, trainer.pad_id).items()}
-        with trainer.autocast():
+        batch = {k: v.to(ctx.device) for k, v in collate_pairs(rows, ctx.pad_id).items()}
+        with ctx.autocast():
             logp, _ = sequence_logps(model, batch)
         out.append(torch.stack(logp.float().chunk(2), dim=-1).cpu())  # (B, 2)
     model.train(was_training)
@@ -77,10 +77,10 @@ class DPOObjective(PairObjective):
 
     stage = "dpo"  # the config section whose `reference` option this objective reads (KTO reuses the logic)
 
-    def setup(self, trainer) -> None:
+    def setup(self, ctx) -> None:
         if getattr(self.cfg, "loss", None) == "simpo":
             return
-        can_bypass = can_disable_adapters(trainer.model)
+        can_bypass = can_disable_adapters(ctx.model)
         mode = self.cfg.reference
         if mode == "auto":
             mode = "adapters_off" if can_bypass else "precomputed"
@@ -89,26 +89,26 @@ class DPOObjective(PairObjective):
                               f"its LoRA layers (no lora.modules_to_save); use {self.stage}.reference=precomputed")
         self.reference = mode
         if mode == "precomputed":
-            for data in (trainer.train_data, trainer.val_data):
+            for data in (ctx.train_data, ctx.val_data):
                 if data is not None and len(data) and data.ref_logps is None:
-                    data.set_reference(reference_logps(trainer, data))
+                    data.set_reference(reference_logps(ctx, data))
 
-    def _reference(self, trainer, batch) -> torch.Tensor:
+    def _reference(self, ctx, batch) -> torch.Tensor:
         if self.reference == "precomputed":
             return batch["ref_logps"]
-        with torch.no_grad(), adapters_disabled(trainer.model):
-            return sequence_logps(trainer.model, batch)[0]
+        with torch.no_grad(), adapters_disabled(ctx.model):
+            return sequence_logps(ctx.model, batch)[0]
 
-    def loss_sum(self, trainer, batch, step_units):
+    def loss_sum(self, ctx, batch, step_units):
         c = self.cfg
-        logp, count = sequence_logps(trainer.model, batch)  # (2B,), (2B,)
+        logp, count = sequence_logps(ctx.model, batch)  # (2B,), (2B,)
         count = count.clamp(min=1).float()
         if c.loss == "simpo":
             rewards = c.beta * logp / count
             chosen, rejected = rewards.chunk(2)
             losses = -F.logsigmoid(chosen - rejected - c.simpo_gamma)
         else:
-            ratio = logp - self._reference(trainer, batch).to(logp.dtype)  # log pi / pi_ref per sequence
+            ratio = logp - self._reference(ctx, batch).to(logp.dtype)  # log pi / pi_ref per sequence
             chosen, rejected = (c.beta * ratio).chunk(2)
             if c.loss == "ipo":
                 avg_c, avg_r = (ratio / count).chunk(2)

@@ -126,13 +126,13 @@ class GRPOObjective(Objective):
         self._t_rollout_end: float | None = None
 
     # ---------------------------------------------------------------- setup
-    def setup(self, trainer) -> None:
-        t, c = trainer.t, self.cfg
-        if trainer.dist.enabled or trainer.pipeline is not None:
+    def setup(self, ctx) -> None:
+        t, c = ctx.t, self.cfg
+        if ctx.dist.enabled or ctx.pipelined:
             raise ConfigError("stage grpo runs on one device (the engine samples from the whole policy in this "
                               "process): launch without torchrun and leave parallel.* at 1")
         self.prompts_per_step = c.prompts_per_step or max(1, t.micro_batch_size * t.grad_accum // c.num_generations)
-        policy = trainer.model
+        policy = ctx.model
         self.keep_old = c.num_iterations > 1 or c.steps_per_rollout > 1
         if c.beta > 0:
             can_bypass = can_disable_adapters(policy)
@@ -148,35 +148,35 @@ class GRPOObjective(Objective):
         if not stops:
             raise ConfigError("GRPO needs an end-of-sequence token: the tokenizer and the model config have none")
         self.stop_id = stops[0]
-        self.rewards.check_columns(trainer.train_data, "data.path")
-        if trainer.val_data is not None and len(trainer.val_data):
-            self.rewards.check_columns(trainer.val_data, "the validation prompts")
+        self.rewards.check_columns(ctx.train_data, "data.path")
+        if ctx.val_data is not None and len(ctx.val_data):
+            self.rewards.check_columns(ctx.val_data, "the validation prompts")
 
-    def build_engine(self, trainer):
+    def build_engine(self, ctx):
         """The rollout engine on the policy module itself (built on first use): sized for one rollout."""
         from ..infer.engine import Engine, EngineConfig
 
         c = self.cfg
-        n = max(self.prompts_per_step * c.steps_per_rollout * c.num_generations, trainer.t.micro_batch_size)
-        longest = max(len(trainer.train_data[i]["tokens"]) for i in range(len(trainer.train_data)))
-        if trainer.val_data is not None and len(trainer.val_data):
-            longest = max(longest, max(len(r["tokens"]) for r in trainer.val_data.rows))
+        n = max(self.prompts_per_step * c.steps_per_rollout * c.num_generations, ctx.t.micro_batch_size)
+        longest = max(len(ctx.train_data[i]["tokens"]) for i in range(len(ctx.train_data)))
+        if ctx.val_data is not None and len(ctx.val_data):
+            longest = max(longest, max(len(r["tokens"]) for r in ctx.val_data.rows))
         max_len = longest + c.max_new_tokens
         block = 16
         cfg = EngineConfig(block_size=block, num_blocks=n * math.ceil((max_len + 1) / block) + 2, max_model_len=max_len,
                            max_num_seqs=n, max_num_batched_tokens=max(c.max_num_batched_tokens, max_len),
                            fast_decode=False, cuda_graphs=c.cuda_graphs, enable_prefix_caching=True)
-        self.engine = Engine(trainer.model, self.tokenizer, cfg)
+        self.engine = Engine(ctx.model, self.tokenizer, cfg)
         return self.engine
 
     # ---------------------------------------------------------------- rollouts
     @torch.no_grad()
-    def sample(self, trainer, prompts: list[list[int]], greedy: bool = False, seed: int = 0) -> list:
+    def sample(self, ctx, prompts: list[list[int]], greedy: bool = False, seed: int = 0) -> list:
         """Completions of `prompts` (token ids) from the engine on the live weights: the engine's outputs, in order.
         Afterwards the prefix cache is reset and (release_kv_cache) the KV cache freed."""
         c = self.cfg
-        engine = self.engine or self.build_engine(trainer)
-        trainer.model.eval()
+        engine = self.engine or self.build_engine(ctx)
+        ctx.model.eval()
         ids = []
         for i, p in enumerate(prompts):
             params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=0.0 if greedy else c.temperature,
@@ -208,13 +208,13 @@ class GRPOObjective(Objective):
                                        [o.token_ids for o in outs], group=G)
         return scores, self.rewards.total(scores), missing
 
-    def _groups(self, trainer, n_prompts: int, round_: int) -> dict:
+    def _groups(self, ctx, n_prompts: int, round_: int) -> dict:
         """Sample and score `n_prompts` groups."""
         c, G = self.cfg, self.cfg.num_generations
-        rows = [trainer.train_data[i] for i in trainer.sampler.take(n_prompts)]
+        rows = [ctx.train_data[i] for i in ctx.sampler.take(n_prompts)]
         t0 = time.perf_counter()
-        seed = c.seed + 1_000_003 * (trainer.step + 1) + 7919 * round_ * n_prompts * G
-        outs = self.sample(trainer, [r["tokens"] for r in rows for _ in range(G)], seed=seed)
+        seed = c.seed + 1_000_003 * (ctx.steps_taken() + 1) + 7919 * round_ * n_prompts * G
+        outs = self.sample(ctx, [r["tokens"] for r in rows for _ in range(G)], seed=seed)
         gen_s = time.perf_counter() - t0
         scores, total, missing = self._score(rows, outs, G)
         lengths = torch.tensor([len(o.token_ids) for o in outs])
@@ -224,15 +224,15 @@ class GRPOObjective(Objective):
         return {"rows": rows, "outs": outs, "scores": scores, "total": total, "adv": adv, "flat": flat,
                 "lengths": lengths, "truncated": truncated, "missing": missing, "gen_s": gen_s}
 
-    def _experience(self, trainer) -> list[list[dict]]:
+    def _experience(self, ctx) -> list[list[dict]]:
         c, G = self.cfg, self.cfg.num_generations
         want = self.prompts_per_step * c.steps_per_rollout
-        parts = [self._groups(trainer, want, 0)]
+        parts = [self._groups(ctx, want, 0)]
         if c.dynamic_sampling:
             for r in range(1, c.max_resample_rounds + 1):
                 if sum(int((~p["flat"]).sum()) for p in parts) >= want:
                     break
-                parts.append(self._groups(trainer, want, r))
+                parts.append(self._groups(ctx, want, r))
         t0 = time.perf_counter()
         # flatten the groups, then (dynamic sampling) keep those with spread, at most `want`
         groups = [(p, g) for p in parts for g in range(len(p["rows"]))]
@@ -247,14 +247,14 @@ class GRPOObjective(Objective):
         replies = [p["outs"][i].token_ids + ([self.stop_id] if p["outs"][i].finish_reason == "stop" else [])
                    for p, i in idx]
         replies = [r or [self.stop_id] for r in replies]
-        batch = pad_rollout(prompt_ids, replies, trainer.pad_id)
+        batch = pad_rollout(prompt_ids, replies, ctx.pad_id)
         batch["advantages"] = torch.stack([p["adv"][i] for p, i in idx])
         if c.mask_truncated:
             cut = torch.tensor([bool(p["truncated"][i]) for p, i in idx])
             batch["mask"] &= ~cut[:, None]
         P = int(batch["prompt_len"])
         if self.keep_old or c.beta > 0:
-            self._logps(trainer, batch, P)
+            self._logps(ctx, batch, P)
         n = len(idx)
         # rollout figures, logged with the step that ran it
         every = [(p, i) for p in parts for i in range(len(p["outs"]))]
@@ -274,8 +274,8 @@ class GRPOObjective(Objective):
             log[f"reward_{name}"], log[f"reward_{name}_std"] = _nanmean(scores[:, f]), _nanstd(scores[:, f])
         self._log, self._prep_s = log, time.perf_counter() - t0
         # steps_per_rollout steps of micro-batches; num_iterations passes, shuffled anew each pass
-        g = torch.Generator().manual_seed(c.seed + trainer.step)
-        bs, steps = trainer.t.micro_batch_size, []
+        g = torch.Generator().manual_seed(c.seed + ctx.steps_taken())
+        bs, steps = ctx.t.micro_batch_size, []
         per_step = math.ceil(n / c.steps_per_rollout)
         for _ in range(c.num_iterations):
             order = torch.randperm(n, generator=g)
@@ -285,27 +285,27 @@ class GRPOObjective(Objective):
         return steps
 
     @torch.no_grad()
-    def _logps(self, trainer, batch: dict, P: int) -> None:
+    def _logps(self, ctx, batch: dict, P: int) -> None:
         """old_logps (the rollout policy's) and ref_logps (beta > 0) of every reply token, (N, R) on the CPU."""
-        model, bs, c = trainer.model, trainer.t.micro_batch_size, self.cfg
+        model, bs, c = ctx.model, ctx.t.micro_batch_size, self.cfg
         model.eval()
         old, ref = [], []
         for s in range(0, batch["tokens"].shape[0], bs):
-            tok, pos, mask = (batch[k][s:s + bs].to(trainer.device) for k in ("tokens", "positions", "mask"))
-            with trainer.autocast():
+            tok, pos, mask = (batch[k][s:s + bs].to(ctx.device) for k in ("tokens", "positions", "mask"))
+            with ctx.autocast():
                 if self.keep_old:
                     old.append(reply_logps(model, tok, pos, mask, P, c.temperature)[0].float().cpu())
                 if c.beta > 0:
-                    ref.append(self._ref_logps(trainer, tok, pos, mask, P).float().cpu())
+                    ref.append(self._ref_logps(ctx, tok, pos, mask, P).float().cpu())
         if old:
             batch["old_logps"] = torch.cat(old)
         if ref:
             batch["ref_logps"] = torch.cat(ref)
 
-    def _ref_logps(self, trainer, tok, pos, mask, P) -> torch.Tensor:
+    def _ref_logps(self, ctx, tok, pos, mask, P) -> torch.Tensor:
         if self.reference == "copy":
             return reply_logps(self.ref_model, tok, pos, mask, P, self.cfg.temperature)[0]
-        with adapters_disabled(trainer.model) as base:
+        with adapters_disabled(ctx.model) as base:
             return reply_logps(base, tok, pos, mask, P, self.cfg.temperature)[0]
 
     @staticmethod
@@ -321,19 +321,19 @@ class GRPOObjective(Objective):
                 mb[k] = batch[k][sel, :R]
         return mb
 
-    def micro_batches(self, trainer) -> list[dict]:
+    def micro_batches(self, ctx) -> list[dict]:
         self._step_log = {}
         if not self.buffer:
-            self.buffer = self._experience(trainer)
+            self.buffer = self._experience(ctx)
             self._step_log = self._log
         self._acc = {}
         self._t_rollout_end = time.perf_counter()
         return self.buffer.pop(0)
 
     # ---------------------------------------------------------------- the loop's seams
-    def collate(self, rows: list[dict], trainer) -> dict:
+    def collate(self, rows: list[dict], ctx) -> dict:
         """Evaluation batches: greedy completions of the validation prompts and their total reward."""
-        outs = self.sample(trainer, [r["tokens"] for r in rows], greedy=True)
+        outs = self.sample(ctx, [r["tokens"] for r in rows], greedy=True)
         _, total, _ = self._score(rows, outs, 1)
         return {"eval_rewards": total.nan_to_num(0.0)}
 
@@ -345,13 +345,13 @@ class GRPOObjective(Objective):
     def tokens(self, batch: dict) -> int:
         return int((batch["positions"] >= 0).sum()) if "positions" in batch else 0
 
-    def loss_sum(self, trainer, batch, step_units):
+    def loss_sum(self, ctx, batch, step_units):
         c = self.cfg
         if "eval_rewards" in batch:
             r = batch["eval_rewards"]
             return -r.sum(), {"reward": float(r.sum())}
         mask, P = batch["mask"], int(batch["prompt_len"])
-        logp, entropy, _ = reply_logps(trainer.model, batch["tokens"], batch["positions"], mask, P, c.temperature,
+        logp, entropy, _ = reply_logps(ctx.model, batch["tokens"], batch["positions"], mask, P, c.temperature,
                                        with_entropy=True)
         old = batch["old_logps"] if "old_logps" in batch else logp.detach()
         per_token, fig = grpo_token_loss(logp, old, batch["advantages"], c.epsilon, self.eps_high, c.beta,

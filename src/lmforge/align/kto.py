@@ -145,19 +145,19 @@ class KTOObjective(DPOObjective):
         self.cfg = cfg or KTOSection()
         self.reference = None
 
-    def collate(self, rows: list[dict], trainer) -> dict:
-        batch = collate_pairs(rows, trainer.pad_id)
+    def collate(self, rows: list[dict], ctx) -> dict:
+        batch = collate_pairs(rows, ctx.pad_id)
         batch["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows])
         return batch
 
-    def loss_sum(self, trainer, batch, step_units):
+    def loss_sum(self, ctx, batch, step_units):
         c, B = self.cfg, batch["desirable"].shape[0]
         own = {k: batch[k][:B] for k in ("tokens", "positions", "labels")}
         mismatched = {k: batch[k][B:] for k in ("tokens", "positions", "labels")}
-        logp = sequence_logps(trainer.model, own)[0]
+        logp = sequence_logps(ctx.model, own)[0]
         with torch.no_grad():
-            kl_logp = sequence_logps(trainer.model, mismatched)[0]
-        ref = self._reference(trainer, batch).to(logp.dtype)  # (2B,): own, mismatched
+            kl_logp = sequence_logps(ctx.model, mismatched)[0]
+        ref = self._reference(ctx, batch).to(logp.dtype)  # (2B,): own, mismatched
         logratio, kl_logratio = logp - ref[:B], kl_logp - ref[B:]
         losses, z0 = kto_losses(logratio.float(), kl_logratio.float(), batch["desirable"], c.beta,
                                 c.desirable_weight, c.undesirable_weight)

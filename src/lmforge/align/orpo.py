@@ -34,8 +34,8 @@ class ORPOObjective(PairObjective):
     def __init__(self, cfg: ORPOSection | None = None):
         self.cfg = cfg or ORPOSection()
 
-    def loss_sum(self, trainer, batch, step_units):
-        logp, count = sequence_logps(trainer.model, batch)  # (2B,), (2B,)
+    def loss_sum(self, ctx, batch, step_units):
+        logp, count = sequence_logps(ctx.model, batch)  # (2B,), (2B,)
         avg = logp.float() / count.clamp(min=1).float()
         avg_c, avg_r = avg.chunk(2)
         losses, log_odds = orpo_losses(avg_c, avg_r, self.cfg.beta)

@@ -141,14 +141,14 @@ class PPOObjective(Objective):
         self.stop_id: int | None = None
 
     # ---------------------------------------------------------------- setup
-    def setup(self, trainer) -> None:
-        t, c = trainer.t, self.cfg
+    def setup(self, ctx) -> None:
+        t, c = ctx.t, self.cfg
         per_step = t.micro_batch_size * t.grad_accum
         self.rollout_batch_size = c.rollout_batch_size or per_step
         if self.rollout_batch_size % per_step:
             raise ConfigError(f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
                               f"train.micro_batch_size × train.grad_accum ({per_step})")
-        policy = trainer.model.policy
+        policy = ctx.model.policy
         can_bypass = can_disable_adapters(policy)
         mode = "adapters_off" if c.reference == "auto" and can_bypass else c.reference
         if mode == "auto":
@@ -168,10 +168,10 @@ class PPOObjective(Objective):
                               f"{policy.cfg.vocab_size}: train the reward model with the policy's tokenizer")
 
     # ---------------------------------------------------------------- rollouts
-    def _ref_logps(self, trainer, tokens, positions, mask, P) -> torch.Tensor:
+    def _ref_logps(self, ctx, tokens, positions, mask, P) -> torch.Tensor:
         if self.reference == "copy":
             return reply_logps(self.ref_model, tokens, positions, mask, P, self.cfg.temperature)[0]
-        with adapters_disabled(trainer.model.policy) as base:
+        with adapters_disabled(ctx.model.policy) as base:
             return reply_logps(base, tokens, positions, mask, P, self.cfg.temperature)[0]
 
     def _scores(self, rows: list[dict], texts: list[str], batch: dict, device) -> torch.Tensor:
@@ -186,26 +186,26 @@ class PPOObjective(Objective):
             raise LmforgeError("the reward function must return numbers, one per completion") from None
 
     @torch.no_grad()
-    def rollout(self, trainer, rows: list[dict], greedy: bool = False) -> dict:
+    def rollout(self, ctx, rows: list[dict], greedy: bool = False) -> dict:
         """Generate replies to `rows` (prompt rows) and compute everything PPO needs about them, on the CPU: the
         padded batch, old log-probs, reference log-probs, values, raw scores, per-sequence KL, and (for sampled
         rollouts) advantages and returns."""
-        c, model, device = self.cfg, trainer.model, trainer.device
+        c, model, device = self.cfg, ctx.model, ctx.device
         model.eval()
         params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=0.0 if greedy else c.temperature,
-                                top_k=c.top_k, top_p=c.top_p, seed=c.seed + trainer.step)
+                                top_k=c.top_k, top_p=c.top_p, seed=c.seed + ctx.steps_taken())
         outs = generate(model.policy, [r["tokens"] for r in rows], params, tokenizer=self.tokenizer)
         replies = [o.token_ids + ([self.stop_id] if o.finish_reason == "stop" else []) for o in outs]
         replies = [r or [self.stop_id] for r in replies]
-        batch = pad_rollout([r["tokens"] for r in rows], replies, trainer.pad_id)
+        batch = pad_rollout([r["tokens"] for r in rows], replies, ctx.pad_id)
         P = int(batch["prompt_len"])
         parts: dict[str, list[torch.Tensor]] = {"old_logps": [], "ref_logps": [], "values": [], "scores": []}
-        bs = trainer.t.micro_batch_size
+        bs = ctx.t.micro_batch_size
         for s in range(0, len(rows), bs):
             tok, pos, mask = (batch[k][s:s + bs].to(device) for k in ("tokens", "positions", "mask"))
-            with trainer.autocast():
+            with ctx.autocast():
                 logp, _, values = reply_logps(model.policy, tok, pos, mask, P, c.temperature, model.value_head)
-                ref = self._ref_logps(trainer, tok, pos, mask, P)
+                ref = self._ref_logps(ctx, tok, pos, mask, P)
                 sub = {"tokens": tok, "positions": pos}
                 score = self._scores(rows[s:s + bs], [o.text for o in outs[s:s + bs]], sub, device)
             for k, v in (("old_logps", logp), ("ref_logps", ref), ("values", values), ("scores", score)):
@@ -232,12 +232,12 @@ class PPOObjective(Objective):
         batch["returns"] = returns
         return batch
 
-    def _experience(self, trainer) -> list[dict]:
+    def _experience(self, ctx) -> list[dict]:
         """One rollout cut into ppo_epochs shuffled passes of micro-batches (each trimmed to its own padding)."""
-        rows = [trainer.train_data[i] for i in trainer.sampler.take(self.rollout_batch_size)]
-        ro = self.rollout(trainer, rows)
-        n, bs = len(rows), trainer.t.micro_batch_size
-        g = torch.Generator().manual_seed(self.cfg.seed + trainer.step)
+        rows = [ctx.train_data[i] for i in ctx.sampler.take(self.rollout_batch_size)]
+        ro = self.rollout(ctx, rows)
+        n, bs = len(rows), ctx.t.micro_batch_size
+        g = torch.Generator().manual_seed(self.cfg.seed + ctx.steps_taken())
         keys = ("tokens", "positions", "mask", "old_logps", "values", "advantages", "returns", "scores", "kl_seq")
         out = []
         for _ in range(self.cfg.ppo_epochs):
@@ -252,30 +252,30 @@ class PPOObjective(Objective):
                 for k in ("mask", "old_logps", "values", "advantages", "returns"):
                     mb[k] = mb[k][:, :R]
                 mb["prompt_len"] = torch.tensor(P - left)
-                mb["step_sequences"] = torch.tensor(bs * trainer.t.grad_accum)
+                mb["step_sequences"] = torch.tensor(bs * ctx.t.grad_accum)
                 out.append(mb)
         return out
 
-    def micro_batches(self, trainer) -> list[dict]:
+    def micro_batches(self, ctx) -> list[dict]:
         if not self.buffer:
-            self.buffer = self._experience(trainer)
-        return [self.buffer.pop(0) for _ in range(trainer.t.grad_accum)]
+            self.buffer = self._experience(ctx)
+        return [self.buffer.pop(0) for _ in range(ctx.t.grad_accum)]
 
     # ---------------------------------------------------------------- the loop's seams
-    def collate(self, rows: list[dict], trainer) -> dict:
+    def collate(self, rows: list[dict], ctx) -> dict:
         """Evaluation batches (the loop calls collate on validation rows): greedy replies with their scores and KL."""
-        ro = self.rollout(trainer, rows, greedy=True)
+        ro = self.rollout(ctx, rows, greedy=True)
         return {"eval_scores": ro["scores"], "eval_kl": ro["kl_seq"]}
 
     def normalizer(self, batch: dict) -> int:
         return len(batch["eval_scores"]) if "eval_scores" in batch else int(batch["mask"].sum())
 
-    def loss_sum(self, trainer, batch, step_units):
+    def loss_sum(self, ctx, batch, step_units):
         c = self.cfg
         if "eval_scores" in batch:
             score, kl = batch["eval_scores"], batch["eval_kl"]
             return -(score - c.kl_coef * kl).sum(), {"reward_mean": float(score.sum()), "kl": float(kl.sum())}
-        model, mask, P = trainer.model, batch["mask"], int(batch["prompt_len"])
+        model, mask, P = ctx.model, batch["mask"], int(batch["prompt_len"])
         logp, entropy, values = reply_logps(model.policy, batch["tokens"], batch["positions"], mask, P,
                                             c.temperature, model.value_head, with_entropy=True)
         m = mask.float()

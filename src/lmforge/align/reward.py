@@ -63,8 +63,8 @@ class RewardObjective(PairObjective):
     def __init__(self, cfg: RewardSection | None = None):
         self.cfg = cfg or RewardSection()
 
-    def loss_sum(self, trainer, batch, step_units):
-        rewards = trainer.model(batch["tokens"], batch["positions"])  # (2B,)
+    def loss_sum(self, ctx, batch, step_units):
+        rewards = ctx.model(batch["tokens"], batch["positions"])  # (2B,)
         chosen, rejected = rewards.chunk(2)
         loss = -F.logsigmoid(chosen - rejected).sum()
         if self.cfg.center_coef:

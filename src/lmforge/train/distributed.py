@@ -110,14 +110,14 @@ def local_device(device: torch.device) -> torch.device:
 class StepModule(nn.Module):
     """The whole forward + loss of one micro-batch as a module, so DDP/FSDP wrap the step rather than a method call."""
 
-    def __init__(self, model: nn.Module, objective, trainer):
+    def __init__(self, ctx):
         super().__init__()
-        self.model = model
-        self.objective = objective
-        self._trainer = [trainer]  # a list: not a submodule
+        self.model = ctx.model  # a submodule: what DDP / FSDP wrap
+        self.objective = ctx.objective
+        self.ctx = ctx  # the run's StepContext, which the objective reads
 
     def forward(self, batch: dict, units: int):
-        return self.objective.loss_sum(self._trainer[0], batch, units)
+        return self.objective.loss_sum(self.ctx, batch, units)
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, blocks=None) -> None:

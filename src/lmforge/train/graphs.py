@@ -41,19 +41,19 @@ def has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def check_capturable(trainer) -> None:
-    """Raise a one-line ConfigError naming the setting a captured step cannot honour."""
-    cfg, model = trainer.cfg, trainer.backbone
+def check_capturable(ctx) -> None:
+    """Raise a one-line ConfigError naming the setting a captured step cannot honour (`ctx`: the StepContext)."""
+    cfg, model = ctx.cfg, ctx.backbone
     reasons = [
         (cfg.optim.name not in GRAPH_OPTIMIZERS,
          f"optim.name={cfg.optim.name} (its state or learning rate lives on the host; use adamw or adamw_backward)"),
-        (trainer.precision == "fp16", "train.precision=fp16 (loss scaling checks for inf on the host; use bf16)"),
-        (trainer.pipeline is not None or trainer.dist.enabled, "a distributed or pipelined run (parallel.*)"),
-        (not isinstance(trainer.objective, LanguageModeling),
-         f"the {type(trainer.objective).__name__} stage (only pretrain / sft are captured)"),
+        (ctx.precision == "fp16", "train.precision=fp16 (loss scaling checks for inf on the host; use bf16)"),
+        (ctx.pipelined or ctx.dist.enabled, "a distributed or pipelined run (parallel.*)"),
+        (not isinstance(ctx.objective, LanguageModeling),
+         f"the {type(ctx.objective).__name__} stage (only pretrain / sft are captured)"),
         (any(model.cfg.is_moe_layer(i) for i in range(model.cfg.n_layers)),
          "an MoE model (token routing has data-dependent shapes)"),
-        (has_dropout(model) and trainer.t.activation_checkpointing,
+        (has_dropout(model) and ctx.t.activation_checkpointing,
          "dropout with activation checkpointing (the recompute reads the RNG state on the host; set dropout 0)"),
     ]
     for bad, what in reasons:
@@ -67,16 +67,18 @@ class _Captured:
     inputs: list[dict]  # static device buffers the replay reads: one dict per micro-batch
     scale: torch.Tensor  # () fp32: dp / the step's units
     lrs: list[torch.Tensor]  # () fp32 per parameter group
-    outputs: tuple  # what `Trainer._update` returned at capture: (loss sum, grad norm, metric sums, skipped)
+    outputs: tuple  # what `update` returned at capture: (loss sum, grad norm, metric sums, skipped)
 
 
 class StepGraphs:
-    """Runs `Trainer._update` eagerly once per batch signature, then as a captured CUDA graph."""
+    """Runs the device side of a step, `update(micro, units, scale)` (the trainer's `_update`: forward + backward,
+    clipping, the optimizer update), eagerly once per batch signature, then as a captured CUDA graph. `optimizer`
+    is the one `update` steps: its learning rates become device tensors during capture."""
 
-    def __init__(self, trainer):
-        check_capturable(trainer)
-        self.trainer = trainer
-        self.enabled = trainer.device.type == "cuda"
+    def __init__(self, ctx, update, optimizer: torch.optim.Optimizer):
+        check_capturable(ctx)
+        self.ctx, self.update, self.optimizer = ctx, update, optimizer
+        self.enabled = ctx.device.type == "cuda"
         if not self.enabled:
             warnings.warn("train.cuda_graphs needs a CUDA device: steps run eagerly (with the same fixed shapes)",
                           stacklevel=2)
@@ -92,9 +94,9 @@ class StepGraphs:
                            for k, v in sorted(b.items())) for b in micro)
 
     def step(self, micro: list[dict], units: int) -> tuple:
-        """One optimizer step over host micro-batches; returns what `Trainer._update` returns."""
-        tr = self.trainer
-        scale = tr.dist.dp / max(units, 1)
+        """One optimizer step over host micro-batches; returns what `update` returns."""
+        ctx = self.ctx
+        scale = ctx.dist.dp / max(units, 1)
         sig = self.signature(micro)
         entry = self.captured.get(sig)
         packed = any("document_ids" in b for b in micro)  # flex_attention's block mask is built per batch: eager
@@ -106,14 +108,14 @@ class StepGraphs:
             entry = self.captured[sig] = self._capture(micro, units)
         if entry is None:  # the first step of this signature (compiles, creates optimizer state), packed, no CUDA
             self.seen.add(sig)
-            return tr._update([tr._to_device(b) for b in micro], units,
-                              torch.tensor(scale, dtype=torch.float32, device=tr.device))
+            return self.update([ctx.to_device(b) for b in micro], units,
+                               torch.tensor(scale, dtype=torch.float32, device=ctx.device))
         for buffers, b in zip(entry.inputs, micro):
             for k, buf in buffers.items():
                 if isinstance(buf, torch.Tensor):
                     buf.copy_(b[k], non_blocking=True)
         entry.scale.fill_(scale)
-        for lr, group in zip(entry.lrs, tr.optimizer.param_groups):
+        for lr, group in zip(entry.lrs, self.optimizer.param_groups):
             lr.fill_(group["lr"])
         entry.graph.replay()
         self.replays += 1
@@ -123,17 +125,17 @@ class StepGraphs:
         """Record one step (nothing runs yet: the caller replays it). The optimizer sees device-tensor learning rates
         and `capturable=True` during capture only; its groups keep their float lr for the schedule and checkpoints.
         `units` reaches the objective only for an auxiliary loss, which no capturable model has."""
-        tr, groups = self.trainer, self.trainer.optimizer.param_groups
-        inputs = [tr._to_device(b) for b in micro]
-        scale = torch.zeros((), dtype=torch.float32, device=tr.device)
-        lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=tr.device) for g in groups]
+        ctx, groups = self.ctx, self.optimizer.param_groups
+        inputs = [ctx.to_device(b) for b in micro]
+        scale = torch.zeros((), dtype=torch.float32, device=ctx.device)
+        lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=ctx.device) for g in groups]
         saved = [(g["lr"], g.get("capturable")) for g in groups]
         graph = torch.cuda.CUDAGraph()
         try:
             for g, lr in zip(groups, lrs):
                 g["lr"], g["capturable"] = lr, True
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                outputs = tr._update(inputs, units, scale)
+                outputs = self.update(inputs, units, scale)
         except RuntimeError as e:  # something in the step syncs with the host or allocates outside the pool
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RuntimeError(f"train.cuda_graphs: capturing the training step failed ({first[:300]}); "

@@ -97,32 +97,33 @@ def release_other_stages(model: nn.Module, stage: PipelineStageModule) -> None:
             child.to("meta")
 
 
-def check_pipeline(trainer) -> None:
-    """What the pipeline path does not support, as one-line errors naming the field and the fix."""
-    cfg, p = trainer.backbone.cfg, trainer.cfg.parallel
+def check_pipeline(ctx) -> None:
+    """What the pipeline path does not support, as one-line errors naming the field and the fix (`ctx`: the
+    run's StepContext)."""
+    cfg, p = ctx.backbone.cfg, ctx.cfg.parallel
     if cfg.tie_embeddings:
         raise ConfigError("parallel.pipeline > 1 needs separate input and output embeddings (this model ties them: "
                           "tie_embeddings); use parallel.tensor or parallel.zero instead")
     if cfg.final_logit_softcap is not None:
         raise ConfigError("parallel.pipeline > 1 does not support soft-capped logits (final_logit_softcap: Gemma 2) "
                           "yet; use parallel.zero or parallel.tensor instead")
-    if getattr(trainer.model, "prompt_encoder", None) is not None:
+    if getattr(ctx.model, "prompt_encoder", None) is not None:
         raise ConfigError("parallel.pipeline > 1 does not support prompt methods (prefix, ptuning, prompt_tuning); "
                           "use parallel.zero instead")
     if cfg.mlp == "moe":
         raise ConfigError("parallel.pipeline > 1 does not support mixture-of-experts models yet (their auxiliary loss "
                           "spans every layer); use parallel.zero instead")
-    if type(trainer.objective) is not LanguageModeling:
+    if type(ctx.objective) is not LanguageModeling:
         raise ConfigError("parallel.pipeline > 1 trains language-modelling stages (pretrain, sft) only; use "
                           "parallel.zero or parallel.tensor for preference stages")
-    if trainer.precision == "fp16":
+    if ctx.precision == "fp16":
         raise ConfigError("parallel.pipeline > 1 cannot use fp16 loss scaling (stages would skip steps "
                           "independently); set train.precision=bf16")
     if p.zero == 1:
         raise ConfigError("parallel.zero=1 with parallel.pipeline > 1 is not supported (its optimizer state is "
                           "saved by rank 0 only); use parallel.zero=2 or 3")
-    rows = trainer.t.micro_batch_size * trainer.t.grad_accum
-    n = p.micro_batches or trainer.t.grad_accum
+    rows = ctx.t.micro_batch_size * ctx.t.grad_accum
+    n = p.micro_batches or ctx.t.grad_accum
     if rows % n:
         raise ConfigError(f"parallel.micro_batches={n} must divide the step's train.micro_batch_size × "
                           f"train.grad_accum = {rows} rows")
@@ -141,18 +142,18 @@ class PipelineStepper:
     step computes the same gradient and loss as one process would.
     """
 
-    def __init__(self, trainer):
+    def __init__(self, ctx):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        check_pipeline(trainer)
-        ds, p, model = trainer.dist, trainer.cfg.parallel, trainer.model
-        self.trainer, self.ds, self.device = trainer, ds, trainer.device
+        check_pipeline(ctx)
+        ds, p, model = ctx.dist, ctx.cfg.parallel, ctx.model
+        self.ctx, self.ds, self.device = ctx, ds, ctx.device
         self.group = ds.mesh["pp"].get_group()
-        self.seq_len = trainer.cfg.data.max_seq_len
-        self.n_micro = p.micro_batches or trainer.t.grad_accum
+        self.seq_len = ctx.cfg.data.max_seq_len
+        self.n_micro = p.micro_batches or ctx.t.grad_accum
         start, stop = stage_bounds(model.cfg.n_layers, ds.pp)[ds.pp_rank]
         self.stage = PipelineStageModule(model, start, stop, first=ds.pp_rank == 0, last=ds.pp_rank == ds.pp - 1,
-                                         autocast=trainer.autocast)
+                                         autocast=ctx.autocast)
         release_other_stages(model, self.stage)
         # FSDP2 (zero 2/3) reduce-scatters after the last micro-batch; replicated stages are averaged by the trainer
         self.module = wrap_module(self.stage, model, list(self.stage.layers.values()), p, ds)
@@ -166,7 +167,7 @@ class PipelineStepper:
 
     def _batch(self, rows: list) -> dict[str, torch.Tensor]:
         """Collated rows on the device, padded to the fixed sequence length the stages exchange."""
-        b = collate(rows, self.trainer.pad_id, pad_to_multiple_of=self.seq_len)
+        b = collate(rows, self.ctx.pad_id, pad_to_multiple_of=self.seq_len)
         return {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
 
     def _inputs(self, b: dict) -> tuple[tuple, dict, torch.Tensor | None]:
@@ -186,8 +187,8 @@ class PipelineStepper:
     def forward_backward(self) -> tuple[float, int, int]:
         """Run one optimizer step's micro-batches through the pipeline; gradients are left in the stage's parameters.
         Returns (mean loss over the step's global target tokens, those tokens, this rank's input tokens)."""
-        tr = self.trainer
-        b = self._batch([r for _ in range(tr.t.grad_accum) for r in tr.next_rows()])
+        ctx = self.ctx
+        b = self._batch([r for _ in range(ctx.t.grad_accum) for r in ctx.next_rows()])
         units = int(dp_sum(int((b["labels"] != -100).sum()), self.ds, self.device))
         n_tokens = int((b["positions"] >= 0).sum())
         args, kwargs, target = self._inputs(b)
@@ -203,10 +204,9 @@ class PipelineStepper:
     def evaluate(self) -> dict:
         """Loss over the validation rows (every rank sees all of them), batches of a training step's shape; a short
         last batch is filled with unlabelled rows."""
-        tr = self.trainer
-        data, per_batch = tr.val_data, tr.t.micro_batch_size * tr.t.grad_accum
-        limit = len(data) if not tr.t.eval_max_batches else \
-            min(len(data), tr.t.eval_max_batches * tr.t.micro_batch_size)
+        t = self.ctx.t
+        data, per_batch = self.ctx.val_data, t.micro_batch_size * t.grad_accum
+        limit = len(data) if not t.eval_max_batches else min(len(data), t.eval_max_batches * t.micro_batch_size)
         self.module.eval()
         self.scale = 1.0
         total, count = 0.0, 0

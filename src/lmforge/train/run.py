@@ -163,11 +163,12 @@ def run_training(cfg: TrainConfig) -> dict:
     pad_id = run.pad_id
     n_train = sum(p.numel() for _, p in method.trainable_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
-    trainer = Trainer(model, method, train_data, val_data, cfg, pad_id=pad_id, device=device, dist_state=ds)
+    # data.mix: a weighted interleave, its position saved like the default sampler's
+    sampler = train_data.sampler(cfg.train.seed) if isinstance(train_data, MixedDataset) else None
+    trainer = Trainer(model, method, train_data, val_data, cfg, pad_id=pad_id, device=device, dist_state=ds,
+                      sampler=sampler)
     if row_mask is not None:  # trainable: new_embeddings keeps the old rows exact through weight decay too
         row_mask.attach(trainer.optimizer)
-    if isinstance(train_data, MixedDataset):  # data.mix: weighted interleave, its position saved like the sampler's
-        trainer.sampler = train_data.sampler(cfg.train.seed)
     say(f"method {cfg.method}: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%), "
         f"precision {precision}, {trainer.total_steps} steps on {device}"
         + (f", {ds.world} ranks (dp {ds.dp} × tp {ds.tp}, zero {cfg.parallel.zero})" if ds.enabled else ""))

@@ -20,6 +20,7 @@ from ..runtime import auto_dtype
 from .checkpoint import (is_sharded_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
                          nonfinite_tensors, save_checkpoint, save_sharded_checkpoint)
 from .config import TrainConfig, run_steps
+from .context import StepContext
 from .objective import LanguageModeling, Objective
 from .distributed import (DistState, StepModule, average_gradients, averages_gradients_itself, clip_grad_norm,
                           dp_sum, model_state_bytes, per_rank, wrap_step, zero1_optimizer)
@@ -87,7 +88,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 class Trainer:
     def __init__(self, model, method, train_data, val_data, cfg: TrainConfig, pad_id: int, device: torch.device,
-                 objective: Objective | None = None, dist_state: DistState | None = None):
+                 objective: Objective | None = None, dist_state: DistState | None = None, sampler=None):
         self.model, self.method, self.cfg, self.t = model, method, cfg, cfg.train
         self.objective = objective or LanguageModeling()
         self.dist = dist_state or DistState()
@@ -111,18 +112,26 @@ class Trainer:
             if self.t.compile:
                 for block in m.layers:
                     block.compile()
-        self.fixed_shapes = self.t.cuda_graphs  # no data-dependent shapes in the step (what a CUDA graph needs)
-        self.pad_multiple = PAD_MULTIPLE if self.t.cuda_graphs else None  # collate: few distinct row lengths
+        # the row order every rank shares (data.mix passes its weighted interleave); its state is saved with the run
+        sampler = EpochSampler(len(train_data), self.t.seed) if sampler is None else sampler
+        self.step = 0
+        # what the objective, the pipeline stage and the CUDA-graph step read of the run (not the loop's own state)
+        self.ctx = StepContext(
+            model=model, backbone=self.backbone, objective=self.objective, cfg=cfg, device=device,
+            precision=self.precision, autocast=self.autocast, dist=self.dist, pad_id=pad_id,
+            pad_multiple=PAD_MULTIPLE if self.t.cuda_graphs else None,  # collate: few distinct row lengths
+            fixed_shapes=self.t.cuda_graphs,  # no data-dependent shapes in the step (what a CUDA graph needs)
+            train_data=train_data, val_data=val_data, sampler=sampler, steps_taken=lambda: self.step)
         # DDP / FSDP2 / TP wrap the whole step; parameters become DTensors under FSDP/TP, so optimizers come after.
         # A pipeline rank keeps one stage (other stages' modules go to the meta device) and runs steps through it.
         self.pipeline = None
         if cfg.parallel.pipeline > 1:
             from .pipeline import PipelineStepper
 
-            self.pipeline = PipelineStepper(self)
+            self.pipeline = PipelineStepper(self.ctx)
             self.step_module, self.state_model = self.pipeline.module, self.pipeline.stage
         else:
-            self.step_module = wrap_step(StepModule(model, self.objective, self), cfg.parallel, self.dist)
+            self.step_module = wrap_step(StepModule(self.ctx), cfg.parallel, self.dist)
             self.state_model = model  # what checkpoints read and write (FQNs of the whole model either way)
         self.params = [(n, p) for n, p in method.trainable_parameters(model) if p.device.type != "meta"]
         self.average_dp = averages_gradients_itself(cfg.parallel, self.dist)  # no DDP: TP or pipeline with zero 0/1
@@ -146,13 +155,16 @@ class Trainer:
                           f"norm exists: train.grad_clip={self.t.grad_clip} is not applied (set train.grad_clip=null; "
                           f"optim.{cfg.optim.name}.clip_value clips element-wise)", stacklevel=2)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
-        self.sampler = EpochSampler(len(train_data), self.t.seed)  # the same order on every rank
-        self.step = 0
         self.nonfinite_streak = 0  # optimizer steps in a row whose loss or gradient norm was inf/NaN
         self.resumed_from: Path | None = None
         self.state_bytes: dict[str, int] = {}  # this rank's params/grads/optimizer bytes at the last optimizer step
-        self.graphs = StepGraphs(self) if self.t.cuda_graphs else None
-        self.objective.setup(self)
+        self.graphs = StepGraphs(self.ctx, self._update, self.optimizer) if self.t.cuda_graphs else None
+        self.objective.setup(self.ctx)
+
+    @property
+    def sampler(self):
+        """The row order (`StepContext.sampler`: the objective draws from it too, so it is fixed at construction)."""
+        return self.ctx.sampler
 
     # ---------------------------------------------------------------- state
     def _trainer_state(self) -> dict:
@@ -208,13 +220,6 @@ class Trainer:
         return self.step
 
     # ---------------------------------------------------------------- steps
-    def next_rows(self) -> list:
-        """This rank's rows of the next micro-batch: every rank draws the global batch in the same order and keeps
-        its data-parallel slice, so N ranks see exactly what one process with N× the micro-batch sees."""
-        n, r = self.t.micro_batch_size, self.dist.dp_rank
-        indices = self.sampler.take(n * self.dist.dp)[r * n:(r + 1) * n]
-        return [self.train_data[i] for i in indices]
-
     def _grad_sync(self, last: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP no_sync / FSDP2 flag)."""
         m = self.step_module
@@ -235,10 +240,6 @@ class Trainer:
         if isinstance(pos, torch.Tensor) and pos.device.type == "cpu" and "plain_causal" not in batch:
             batch = {**batch, "plain_causal": plain_causal(pos)}
         return batch
-
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
 
     def _forward_backward(self, micro: list[dict], units: int, scale) -> tuple[torch.Tensor, dict]:
         """Forward + backward of the step's micro-batches (on the device); (this rank's loss sum as a device tensor,
@@ -273,13 +274,13 @@ class Trainer:
             (total, units, n_tokens), sums = self.pipeline.forward_backward(), {}
             grad_norm, skipped = self._optimizer_step()
         else:
-            micro = [self._with_flags(b) for b in obj.micro_batches(self)]
+            micro = [self._with_flags(b) for b in obj.micro_batches(self.ctx)]
             units = int(dp_sum(sum(obj.normalizer(b) for b in micro), ds, self.device))  # global unit count
             n_tokens = sum(obj.tokens(b) for b in micro)
             if self.graphs is not None:
                 total, grad_norm, sums, skipped = self.graphs.step(micro, units)
             else:
-                total, grad_norm, sums, skipped = self._update([self._to_device(b) for b in micro], units,
+                total, grad_norm, sums, skipped = self._update([self.ctx.to_device(b) for b in micro], units,
                                                                ds.dp / max(units, 1))
             sums = {k: dp_sum(v, ds, self.device) for k, v in sums.items()}
         lr = self.scheduler.get_last_lr()[0]
@@ -361,9 +362,9 @@ class Trainer:
             if self.t.eval_max_batches and n >= self.t.eval_max_batches:
                 break
             b = self._with_flags(self.objective.collate(
-                [self.val_data[i] for i in range(start, min(start + bs, len(self.val_data)))], self))
+                [self.val_data[i] for i in range(start, min(start + bs, len(self.val_data)))], self.ctx))
             with self.autocast():
-                loss_sum, metrics = self.step_module(self._to_device(b), 0)
+                loss_sum, metrics = self.step_module(self.ctx.to_device(b), 0)
             total += float(loss_sum)
             count += self.objective.normalizer(b)
             for k, v in metrics.items():

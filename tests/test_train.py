@@ -52,13 +52,13 @@ def _cfg(ckpt, data, out, **train) -> TrainConfig:
                                           **train))
 
 
-def _trainer(cfg, data_cfg=None, method="full"):
+def _trainer(cfg, data_cfg=None, method="full", objective=None):
     tok = Tokenizer.from_dir(cfg.model.path)
     train, val, _ = build_datasets(data_cfg or cfg.data, tok)
     model = load_hf(cfg.model.path, progress=False)
     m = build_method(method)
     m.apply(model)
-    return Trainer(model, m, train, val, cfg, pad_id=tok.pad_id, device=torch.device("cpu")), model
+    return Trainer(model, m, train, val, cfg, pad_id=tok.pad_id, device=torch.device("cpu"), objective=objective), model
 
 
 def test_accumulation_of_4x2_equals_one_batch_of_8(ckpt, sft_file, tmp_path):
@@ -74,6 +74,31 @@ def test_accumulation_of_4x2_equals_one_batch_of_8(ckpt, sft_file, tmp_path):
     assert abs(loss_a - loss_b) < 1e-5
     for name in params_a:
         torch.testing.assert_close(params_a[name], params_b[name], atol=1e-5, rtol=0)
+
+
+def test_an_objective_sees_the_step_context_not_the_trainer(ckpt, sft_file, tmp_path):
+    """Stages get a frozen StepContext: the run's model, data and settings, the steps taken so far, no loop state."""
+    from dataclasses import FrozenInstanceError
+
+    from lmforge.train.context import StepContext
+    from lmforge.train.objective import LanguageModeling
+
+    seen = []
+
+    class Recording(LanguageModeling):
+        def loss_sum(self, ctx, batch, step_units):
+            seen.append((type(ctx), ctx.steps_taken()))
+            return super().loss_sum(ctx, batch, step_units)
+
+    cfg = _cfg(ckpt, sft_file, tmp_path / "o", micro_batch_size=2, grad_accum=2, max_steps=2)
+    trainer, model = _trainer(cfg, objective=Recording())
+    trainer.train_step()
+    trainer.train_step()
+    assert seen == [(StepContext, 0)] * 2 + [(StepContext, 1)] * 2  # two micro-batches per step
+    ctx = trainer.ctx
+    assert ctx.model is model and ctx.sampler is trainer.sampler and not hasattr(ctx, "optimizer")
+    with pytest.raises(FrozenInstanceError):
+        ctx.model = None
 
 
 def test_packed_and_unpacked_loss_are_equal(ckpt, sft_file, tmp_path):

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmforge.infer import gemv
+from lmforge.infer.kernels import gemv
 
 SHAPES = {  # (out, in) of the Llama-3.2-1B and Llama-3.1-8B projections; packed = q/k/v and gate/up in one matrix
     "1b.q": (2048, 2048), "1b.kv": (512, 2048), "1b.qkv_packed": (3072, 2048), "1b.o": (2048, 2048),

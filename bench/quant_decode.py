@@ -88,9 +88,9 @@ def bytes_per_token(model, context: float) -> int:
 
 
 def batch1(model, args) -> dict:
-    from lmforge.infer.batch_sampling import EngineSamplingParams
+    from lmforge.infer.sampling.batch import EngineSamplingParams
     from lmforge.infer.engine import EngineConfig
-    from lmforge.infer.llm import LLM
+    from lmforge.infer import LLM
 
     torch.manual_seed(1)
     prompt = torch.randint(100, model.cfg.vocab_size - 100, (args.prompt_len,)).tolist()
@@ -113,9 +113,9 @@ def batch1(model, args) -> dict:
 
 
 def throughput(model, args) -> dict:
-    from lmforge.infer.batch_sampling import EngineSamplingParams
+    from lmforge.infer.sampling.batch import EngineSamplingParams
     from lmforge.infer.engine import EngineConfig
-    from lmforge.infer.llm import LLM
+    from lmforge.infer import LLM
 
     torch.manual_seed(2)
     prompts = torch.randint(100, model.cfg.vocab_size - 100, (args.concurrent, args.prompt_len)).tolist()

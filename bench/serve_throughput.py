@@ -80,9 +80,9 @@ def percentiles(xs: list[float]) -> dict:
 
 
 def bench_engine(model, requests, args, attention: str) -> dict:
-    from lmforge.infer.batch_sampling import EngineSamplingParams
+    from lmforge.infer.sampling.batch import EngineSamplingParams
     from lmforge.infer.engine import EngineConfig
-    from lmforge.infer.llm import LLM
+    from lmforge.infer import LLM
 
     cfg = EngineConfig(max_model_len=2 * args.max_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
@@ -161,11 +161,11 @@ def measured_bandwidth(device) -> float | None:
 
 
 def bench_batch1(model, args, compile: bool, fast_decode: bool = True) -> dict:
-    from lmforge.infer import gemv
-    from lmforge.infer.batch_sampling import EngineSamplingParams
-    from lmforge.infer.decode_fusion import unpack_for_decode
+    from lmforge.infer.kernels import gemv
+    from lmforge.infer.sampling.batch import EngineSamplingParams
+    from lmforge.infer.kernels.decode_fusion import unpack_for_decode
     from lmforge.infer.engine import EngineConfig
-    from lmforge.infer.llm import LLM
+    from lmforge.infer import LLM
 
     if not fast_decode:
         unpack_for_decode(model, keep_gemv=False)  # an earlier engine packed the model
@@ -393,8 +393,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     if "engine" not in skip:
-        from lmforge.infer.paged_attention import kernel_available
-        from lmforge.infer.paged_cache import model_calls_cache_attend
+        from lmforge.infer.kernels.paged_attention import kernel_available
+        from lmforge.infer.engine.paged_cache import model_calls_cache_attend
 
         kernel = kernel_available(device) and model_calls_cache_attend(model)  # needs the model hook (docs/serving.md)
         modes = {"auto": ["kernel"] if kernel else ["gather"], "both": (["kernel"] if kernel else []) + ["gather"],

@@ -10,7 +10,7 @@ a candidate is kept when the step gets faster by more than `--min-gain`. `--roun
 starts from the autotuner's choices (a shipped file for this GPU is ignored while tuning), or from `--start FILE`.
 
 Output (`--out`): {"device", "configs": {kind: [BLOCK_N, BLOCK_K, num_warps, num_stages]}, "replay_us_before",
-"replay_us_after", "trials"}. `lmforge.infer.gemv` reads it from `src/lmforge/infer/gemv_configs/<GPU name>.json`
+"replay_us_after", "trials"}. `lmforge.infer.kernels.gemv` reads it from `src/lmforge/infer/kernels/gemv_configs/<GPU name>.json`
 (ship it there) or from the path in `LMFORGE_GEMV_CONFIGS`.
 
     python bench/tune_decode_gemv.py --out configs.json                 # Llama-3.2-1B-shaped random weights
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Triton's autotune list (lmforge.infer.gemv_kernel.CONFIGS) plus deeper tiles and pipelines that only pay off
+# Triton's autotune list (lmforge.infer.kernels.gemv_kernel.CONFIGS) plus deeper tiles and pipelines that only pay off
 # inside the step, where a GEMV's programs start early and prefetch
 CANDIDATES = [(2, 1024, 4, 1), (2, 1024, 8, 1), (2, 1024, 8, 3), (2, 512, 4, 1), (4, 512, 4, 1), (4, 512, 4, 3),
               (8, 512, 4, 1), (8, 512, 8, 1), (2, 2048, 4, 1), (4, 2048, 4, 1), (8, 2048, 8, 1), (4, 1024, 8, 3),
@@ -80,9 +80,9 @@ class DecodeStep:
     """The engine's captured batch-1 greedy decode step, re-captured with given GEMV configs and timed."""
 
     def __init__(self, model, prompt_len: int = 128, new_tokens: int = 512, replays: int = 320):
-        from lmforge.infer.batch_sampling import EngineSamplingParams
+        from lmforge.infer.sampling.batch import EngineSamplingParams
         from lmforge.infer.engine import EngineConfig
-        from lmforge.infer.llm import LLM
+        from lmforge.infer import LLM
 
         cfg = EngineConfig(max_model_len=prompt_len + new_tokens + 16, max_num_seqs=1, block_size=16,
                            decode_steps=16, compile=True, enable_prefix_caching=False)
@@ -93,7 +93,7 @@ class DecodeStep:
 
     def kinds(self) -> list[str]:
         """The GEMV kinds one decode step launches, in launch order (recorded while capturing it)."""
-        from lmforge.infer import gemv
+        from lmforge.infer.kernels import gemv
 
         seen: list[str] = []
 
@@ -118,7 +118,7 @@ class DecodeStep:
 
     def __call__(self, configs: dict) -> float:
         """µs per replay of the step captured with `configs` (best of 5 runs of `replays` replays)."""
-        from lmforge.infer import gemv
+        from lmforge.infer.kernels import gemv
 
         gemv.config_overrides.clear()
         gemv.config_overrides.update(configs)
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("tune_decode_gemv.py times the captured decode step: it needs a CUDA device")
     import serve_throughput as st
-    from lmforge.infer import gemv
+    from lmforge.infer.kernels import gemv
     from lmforge.models import load_hf
 
     os.environ["LMFORGE_GEMV_CONFIGS"] = os.devnull  # tune from the autotuner's choices, not a shipped file's

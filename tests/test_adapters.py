@@ -14,7 +14,7 @@ from lmforge.checkpoint import load_model_and_tokenizer
 from lmforge.cli import main
 from lmforge.infer import SamplingParams, generate
 from lmforge.infer.engine import EngineConfig
-from lmforge.infer.llm import LLM
+from lmforge.infer import LLM
 from lmforge.models import load_hf
 from lmforge.peft import build_method, load_adapter
 from lmforge.testing import make_tiny_checkpoint
@@ -101,7 +101,7 @@ def test_generate_takes_every_adapter_kind(tiny, capsys):
 def test_chat_takes_an_adapter(tiny, capsys, monkeypatch):
     import io
 
-    from lmforge.infer.chat import ChatSession
+    from lmforge.infer.api.chat import ChatSession
 
     ckpt, adapters = tiny
     params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)

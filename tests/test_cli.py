@@ -106,7 +106,7 @@ def test_console_script_chat_is_multi_turn_over_stdin(ckpt):
 
 def test_chat_session_renders_the_whole_history(ckpt):
     from lmforge.infer import SamplingParams
-    from lmforge.infer.chat import ChatSession
+    from lmforge.infer.api.chat import ChatSession
     from lmforge.models import load_hf
     from lmforge.tokenizer import Tokenizer
 

@@ -1,4 +1,4 @@
-"""Fast decode paths (`lmforge.infer.decode_fusion`, `lmforge.infer.gemv`): packed q/k/v and gate/up matmuls compute
+"""Fast decode paths (`lmforge.infer.kernels.decode_fusion`, `lmforge.infer.kernels.gemv`): packed q/k/v and gate/up matmuls compute
 what the separate projections did, with no second copy of the weights; the Triton GEMV equals `F.linear`; LoRA
 adapters added after packing still apply. The GEMV kernel runs in Triton's CPU interpreter here (compiled on CUDA:
 the `gpu` test)."""
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 
 from lmforge.infer import SamplingParams, generate  # noqa: E402
-from lmforge.infer import gemv  # noqa: E402
-from lmforge.infer.decode_fusion import DecodeLinear, pack_for_decode, unpack_for_decode  # noqa: E402
+from lmforge.infer.kernels import gemv  # noqa: E402
+from lmforge.infer.kernels.decode_fusion import DecodeLinear, pack_for_decode, unpack_for_decode  # noqa: E402
 from lmforge.infer.engine import EngineConfig  # noqa: E402
-from lmforge.infer.llm import LLM  # noqa: E402
+from lmforge.infer import LLM  # noqa: E402
 from lmforge.models import load_hf  # noqa: E402
 from lmforge.testing import make_tiny_checkpoint  # noqa: E402
 
@@ -184,7 +184,7 @@ def test_compiled_static_decode_matches_generate(ckpt, attention):
 def test_paged_decode_rotates_q_and_k_like_apply_rope(dtype):
     """`lmforge::paged_decode` with cos/sin (RoPE fused into the K/V write and the query load) = rotating q/k with
     `apply_rope` first: same output, same keys written to the pool."""
-    from lmforge.infer.paged_attention import paged_decode
+    from lmforge.infer.kernels.paged_attention import paged_decode
     from lmforge.models.positions import apply_rope, rope_cos_sin
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -218,8 +218,8 @@ def test_paged_decode_writes_kv_and_merges_splits_in_one_launch(window, splits, 
     twice in a row, since the arrival counters must be zero again after each launch. Two splits of 128 keys put
     row 0's newest key in its split's second chunk (the chunk loop), one split per chunk in the first (the chunk
     loaded before the kernel waits, where the pool still holds an old key at that slot)."""
-    from lmforge.infer import paged_attention
-    from lmforge.infer.paged_attention import choose_splits, paged_decode, paged_decode_attention
+    from lmforge.infer.kernels import paged_attention
+    from lmforge.infer.kernels.paged_attention import choose_splits, paged_decode, paged_decode_attention
 
     if splits:
         monkeypatch.setattr(paged_attention, "choose_splits", lambda *a, **k: splits)
@@ -287,7 +287,7 @@ def test_gemv_rmsnorm_and_residual_equal_the_separate_ops(offset, bias, one_tile
 def test_fused_decode_blocks_equal_the_unfused_packed_step(ckpt, monkeypatch):
     """Packing installs a FusedDecodeBlock on every block: a one-row forward through them equals the packed (unfused)
     forward (exactly on the GPU); a two-token forward never takes them; unpacking removes them."""
-    from lmforge.infer.decode_fusion import FusedDecodeBlock
+    from lmforge.infer.kernels.decode_fusion import FusedDecodeBlock
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_hf(ckpt, progress=False, dtype=torch.bfloat16, device=device)
@@ -330,7 +330,7 @@ def test_fused_decode_blocks_only_where_they_compute_the_block(arch, fused, tmp_
     make_tiny_hf_model(arch, tmp_path / arch)
     model = load_hf(tmp_path / arch, progress=False)
     one = torch.tensor([[7]])
-    with torch.inference_mode(), caplog.at_level(logging.INFO, logger="lmforge.infer.decode_fusion"):
+    with torch.inference_mode(), caplog.at_level(logging.INFO, logger="lmforge.infer.kernels.decode_fusion"):
         want = model(one)
         done = pack_for_decode(model)
         got = model(one)

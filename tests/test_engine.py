@@ -10,10 +10,10 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.infer import SamplingParams, generate
-from lmforge.infer.batch_sampling import EngineSamplingParams as P
+from lmforge.infer.sampling.batch import EngineSamplingParams as P
 from lmforge.infer.engine import ContextLengthError, Engine, EngineConfig
-from lmforge.infer.llm import LLM
-from lmforge.infer.paged_cache import BlockPool, block_hashes
+from lmforge.infer import LLM
+from lmforge.infer.engine.paged_cache import BlockPool, block_hashes
 from lmforge.models import load_hf
 from lmforge.testing import make_tiny_checkpoint
 from lmforge.tokenizer import Tokenizer
@@ -220,7 +220,7 @@ def test_json_object_mode_output_always_parses(model, tok, max_tokens):
 
 
 def test_json_automaton_accepts_json_and_completes_prefixes():
-    from lmforge.infer.json_constraint import START, advance, closing
+    from lmforge.infer.sampling.json_constraint import START, advance, closing
 
     doc = '{"a": [1, -2.5e+3, true, null, {"b": "x\\n\\u00e9"}], "c": {}, "d": []}'
     state = START
@@ -290,8 +290,8 @@ def test_greedy_run_ahead_matches_generate_and_drops_tokens_past_a_stop(model, m
     while a run is in flight; every block comes back. `one_launch_tail`: the step's argmax and bookkeeping run as
     the Triton kernel (CPU interpreter), as on CUDA."""
     if one_launch_tail:
-        from lmforge.infer import greedy_advance
-        from lmforge.infer.paged_attention import kernel_available
+        from lmforge.infer.kernels import greedy_advance
+        from lmforge.infer.kernels.paged_attention import kernel_available
 
         if not kernel_available(torch.device("cpu")):
             pytest.skip("needs triton's CPU interpreter")
@@ -359,7 +359,7 @@ def test_gpu_run_ahead_changes_no_token(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("V", [128256, 1000, 50])
 def test_two_stage_argmax_equals_argmax_ties_included(V):
-    from lmforge.infer.batch_sampling import argmax_rows
+    from lmforge.infer.sampling.batch import argmax_rows
 
     g = torch.Generator().manual_seed(V)
     x = torch.randn(3, V, generator=g).to(torch.bfloat16)
@@ -380,7 +380,7 @@ def _run_all(engine: Engine) -> dict:
 def test_a_request_whose_sampling_raises_fails_alone(model, tok, monkeypatch, decode_steps):
     """An exception in one request's per-request work (here its JSON constraint) ends that request with an error;
     the requests batched with it finish with the tokens they get alone, and every block comes back."""
-    from lmforge.infer import json_constraint
+    from lmforge.infer.sampling import json_constraint
 
     def broken(self, *args):
         raise RuntimeError("constraint exploded")

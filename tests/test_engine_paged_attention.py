@@ -15,9 +15,9 @@ triton = pytest.importorskip("triton")
 
 from lmforge.infer import SamplingParams, generate  # noqa: E402
 from lmforge.infer.engine import EngineConfig  # noqa: E402
-from lmforge.infer.llm import LLM  # noqa: E402
-from lmforge.infer.paged_attention import kernel_available, paged_decode_attention  # noqa: E402
-from lmforge.infer.paged_cache import model_calls_cache_attend  # noqa: E402
+from lmforge.infer import LLM  # noqa: E402
+from lmforge.infer.kernels.paged_attention import kernel_available, paged_decode_attention  # noqa: E402
+from lmforge.infer.engine.paged_cache import model_calls_cache_attend  # noqa: E402
 from lmforge.models import load_hf  # noqa: E402
 from lmforge.models import transformer as transformer_module  # noqa: E402
 from lmforge.models.positions import apply_rope  # noqa: E402

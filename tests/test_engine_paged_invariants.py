@@ -16,9 +16,9 @@ import torch
 
 from lmforge.infer import SamplingParams, generate
 from lmforge.infer.engine import EngineConfig
-from lmforge.infer.llm import LLM
-from lmforge.infer.paged_attention import kernel_available
-from lmforge.infer.paged_cache import NULL_BLOCK, model_calls_cache_attend, paged_batch
+from lmforge.infer import LLM
+from lmforge.infer.kernels.paged_attention import kernel_available
+from lmforge.infer.engine.paged_cache import NULL_BLOCK, model_calls_cache_attend, paged_batch
 from lmforge.models import load_hf
 from lmforge.testing import make_tiny_checkpoint
 

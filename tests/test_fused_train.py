@@ -277,7 +277,7 @@ def test_adamw_backward_says_it_cannot_clip():
 def test_triton_chunk_ce_matches_the_reference_in_place():
     """The CUDA chunk step (Triton; the interpreter on CPU) against `_chunk_ce`: loss, weighted loss, gradient
     written over the logits; a vocabulary that is not a multiple of the kernel's block."""
-    from lmforge.infer.paged_attention import kernel_available
+    from lmforge.infer.kernels.paged_attention import kernel_available
     from lmforge.train import ce_kernel
     from lmforge.train.loss import _chunk_ce
 

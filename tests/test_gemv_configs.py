@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.infer import gemv
-from lmforge.infer.paged_attention import kernel_available
+from lmforge.infer.kernels import gemv
+from lmforge.infer.kernels.paged_attention import kernel_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import tune_decode_gemv as tuner  # noqa: E402

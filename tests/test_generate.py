@@ -70,12 +70,12 @@ def test_stop_string_cuts_text_and_streams_nothing_of_it(model_and_tok):
 def test_text_is_cut_at_the_earliest_of_several_stop_strings(model_and_tok):
     """A token whose text holds two stop strings ends at the one that comes first in the text, not the one listed
     first ('&L' + ' are' with stops ["e", "a"] gave '&L ar')."""
-    from lmforge.infer.generate import _StopText
+    from lmforge.infer.sampling.stops import StopText
 
     _, tok = model_and_tok
     ids = tok.encode("x are", add_special_tokens=False)
     for stops, want in ((["e", "a"], "x "), (["a", "e"], "x "), (["re", " a"], "x")):
-        text = _StopText(tok, stops)
+        text = StopText(tok, stops)
         pieces = [text.push(t) for t in ids]
         assert pieces[-1][1] and text.text == want, (stops, pieces)
 

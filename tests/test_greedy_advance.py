@@ -1,9 +1,9 @@
-"""The greedy step's end in one launch (`lmforge.infer.greedy_advance`) = argmax + the PyTorch bookkeeping."""
+"""The greedy step's end in one launch (`lmforge.infer.kernels.greedy_advance`) = argmax + the PyTorch bookkeeping."""
 import pytest
 import torch
 
-from lmforge.infer import greedy_advance as ga
-from lmforge.infer.paged_attention import kernel_available
+from lmforge.infer.kernels import greedy_advance as ga
+from lmforge.infer.kernels.paged_attention import kernel_available
 
 runs_kernel = torch.cuda.is_available() or kernel_available(torch.device("cpu"))
 

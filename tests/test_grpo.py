@@ -20,7 +20,7 @@ from lmforge.align.rewards import RewardSet, extract_answer, extract_number, ref
 from lmforge.align.run import AlignConfig
 from lmforge.data import DataConfig
 from lmforge.errors import ConfigError
-from lmforge.infer.batch_sampling import EngineSamplingParams
+from lmforge.infer.sampling.batch import EngineSamplingParams
 from lmforge.models import load_hf
 from lmforge.peft.methods import build_method
 from lmforge.testing import make_tiny_checkpoint

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.infer import SamplingParams, generate
 from lmforge.infer.engine import EngineConfig
-from lmforge.infer.llm import LLM
+from lmforge.infer import LLM
 from lmforge.models import load_hf, save_hf
 from lmforge.models.dequant import fp8_block_dequant, mxfp4_dequant
 from lmforge.models.moe import MoE
@@ -322,7 +322,7 @@ def test_paged_kernel_refuses_what_it_cannot_compute_by_name(tiny, arch, caplog)
     """MLA (the pool holds latents), sinks and chunked attention are not in the paged decode kernel: asking for it is
     a one-line error naming the feature, and `kernel_unsupported` is what the runner logs when it falls back."""
     from lmforge.errors import ConfigError
-    from lmforge.infer.model_runner import kernel_unsupported
+    from lmforge.infer.engine.model_runner import kernel_unsupported
 
     _, path = tiny(arch)
     model = load_hf(path, progress=False)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.infer.paged_attention import kernel_available
+from lmforge.infer.kernels.paged_attention import kernel_available
 from lmforge.quant import Int4Linear, Int8Linear, NF4Linear, qkernel, quantize_nf4
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,9 +147,9 @@ def test_engine_packs_quantized_projections_into_one_layer():
     the originals viewing its buffers: same logits, same state_dict, and the engine's greedy tokens equal
     generate()'s. NF4 (blocks laid out across rows) keeps separate layers."""
     from lmforge.infer import SamplingParams, generate
-    from lmforge.infer.decode_fusion import pack_for_decode
+    from lmforge.infer.kernels.decode_fusion import pack_for_decode
     from lmforge.infer.engine import EngineConfig
-    from lmforge.infer.llm import LLM
+    from lmforge.infer import LLM
     from lmforge.models import ModelConfig, Transformer
     from lmforge.quant import quantize_model
 

@@ -88,8 +88,8 @@ def test_sampling_is_nan_safe_for_any_accepted_parameter(params):
 
 
 def test_batch_sampler_and_json_constraint_are_nan_safe():
-    from lmforge.infer.batch_sampling import BatchSampler, EngineSamplingParams
-    from lmforge.infer.json_constraint import JsonObjectConstraint
+    from lmforge.infer.sampling.batch import BatchSampler, EngineSamplingParams
+    from lmforge.infer.sampling.json_constraint import JsonObjectConstraint
 
     class Row:
         def __init__(self, **kw):

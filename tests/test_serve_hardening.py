@@ -169,7 +169,7 @@ def test_tiny_temperature_json_request_is_greedy_and_hurts_nobody(server):
 def test_an_exception_in_one_requests_work_fails_that_request_only(server, monkeypatch):
     """Whatever raises inside the engine for one request (here its JSON constraint) fails that request alone: a 400
     in OpenAI's schema, or after the first chunk an SSE error event and [DONE]; the 8 streams beside it go on."""
-    from lmforge.infer import json_constraint
+    from lmforge.infer.sampling import json_constraint
 
     def broken(self, *args):
         raise RuntimeError("constraint exploded")

@@ -137,7 +137,7 @@ def run_generate(cfg: GenerateConfig) -> None:
 
 def run_chat(cfg: ChatConfig) -> None:
     """Interactive multi-turn chat. Commands: /reset clears the history, /exit (or EOF) quits."""
-    from .infer.chat import ChatSession
+    from .infer.api.chat import ChatSession
 
     model, tok = _load_model_and_tokenizer(cfg)
     if tok.chat_template is None:

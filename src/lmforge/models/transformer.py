@@ -89,7 +89,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class Attention(nn.Module):
-    packed_qkv = None  # inference: one matmul for q, k and v (see lmforge.infer.decode_fusion); None = three
+    packed_qkv = None  # inference: one matmul for q, k and v (see lmforge.infer.kernels.decode_fusion); None = three
 
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, layer: int):
         super().__init__()
@@ -254,7 +254,7 @@ class MLP(nn.Module):
     `glu_limit` set, the gate is GPT-OSS's clamped SwiGLU (see `glu`).
     """
 
-    packed_gate_up = None  # inference: one matmul for gate and up (see lmforge.infer.decode_fusion)
+    packed_gate_up = None  # inference: one matmul for gate and up (see lmforge.infer.kernels.decode_fusion)
 
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, d_ff: int | None = None,
                  gated: bool | None = None, bias: bool | None = None):
@@ -299,7 +299,7 @@ class Block(nn.Module):
     With `parallel_block` (Phi) both branches read the same normed input and there is no second norm. Absent norms
     are None. The MLP is dense or a mixture of experts."""
 
-    decode_fused = None  # inference: the whole block as fused one-row kernels (see lmforge.infer.decode_fusion)
+    decode_fused = None  # inference: the whole block as fused one-row kernels (see lmforge.infer.kernels.decode_fusion)
 
     def __init__(self, cfg: ModelConfig, layer: int, linear: LinearFactory):
         super().__init__()

@@ -34,9 +34,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LmforgeError
-from ..infer.async_engine import AsyncEngine, EngineDeadError
-from ..infer.batch_sampling import EngineSamplingParams
-from ..infer.engine import ContextLengthError, RequestOutput, TokenLogprob
+from ..infer.api.async_engine import AsyncEngine, EngineDeadError
+from ..infer.sampling.batch import EngineSamplingParams
+from ..infer.api.outputs import TokenLogprob
+from ..infer.engine import ContextLengthError, RequestOutput
 from .guard import RequestGuard
 from .protocol import (ChatRequest, CompletionRequest, LoadLoraRequest, OpenAIError, UnloadLoraRequest, message_dicts,
                        parse_request, validation_error)
@@ -486,7 +487,7 @@ def _add_lora_routes(v1: APIRouter, state: ServerState) -> None:
     """vLLM's runtime LoRA routes: the adapter's files are read on a worker thread, then it is put in a free slot on
     the engine thread between two steps, so requests in flight go on undisturbed (and keep an adapter that is
     unloaded under them until they finish)."""
-    from ..infer.multi_lora import read_adapter
+    from ..infer.engine.multi_lora import read_adapter
 
     adapters = state.engine.engine.adapters
 

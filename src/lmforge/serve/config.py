@@ -63,7 +63,7 @@ class ServeConfig(Section):
 
 def build_server(cfg: ServeConfig):
     """(FastAPI app, AsyncEngine) for a config: model and tokenizer loaded, engine built (not yet started)."""
-    from ..infer.async_engine import AsyncEngine
+    from ..infer.api.async_engine import AsyncEngine
     from ..infer.engine import Engine
     from .app import create_app
 

@@ -1,4 +1,4 @@
-"""The Triton kernel behind `lmforge.infer.paged_attention` (see there). Imported on first use only: triton reads
+"""The Triton kernel behind `paged_attention` (see there). Imported on first use only: triton reads
 TRITON_INTERPRET (CPU interpreter, for tests) when it is imported, and CPU wheels of torch come without triton."""
 import triton
 import triton.language as tl

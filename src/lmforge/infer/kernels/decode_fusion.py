@@ -6,7 +6,7 @@ and leave fewer kernel launches inside the CUDA graph. `pack_for_decode(model)`:
 - packs q/k/v (and gate/up) weights into one (sum of outs, in) matrix per layer and re-points the original
   parameters at row slices of it: no extra memory, `state_dict()` and the modules are unchanged, and the packed
   matmul (`Attention.packed_qkv`, `MLP.packed_gate_up`) computes exactly what the three (two) did;
-- routes every plain `nn.Linear` and the tied LM head through `lmforge.infer.gemv.linear` (a Triton GEMV when the
+- routes every plain `nn.Linear` and the tied LM head through `gemv.linear` (a Triton GEMV when the
   input is one row on CUDA, `F.linear` otherwise);
 - gives each plain pre-norm block a `FusedDecodeBlock`: at one row the RMSNorms run inside the GEMVs that read
   their output and the residual adds inside the GEMVs that produce them (no norm or add kernels left).
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.transformer import MLP, PLAIN_LINEARS, Attention, Block, RMSNorm, Transformer
-from ..quant.base import QuantLinear
+from ...models.transformer import MLP, PLAIN_LINEARS, Attention, Block, RMSNorm, Transformer
+from ...quant.base import QuantLinear
 from . import gemv
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .paged_attention import kernel_available
 
 _KERNEL = None

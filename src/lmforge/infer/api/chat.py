@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .generate import TokenCallback, generate
-from .sampling import SamplingParams
+from ..sampling.logits import SamplingParams
 
 
 class ChatSession:

@@ -14,8 +14,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
-from .engine import Engine, RequestOutput
-from .sampling import SamplingParams
+from ..engine.core import Engine, RequestOutput
+from ..sampling.logits import SamplingParams
 
 log = logging.getLogger("lmforge.serve")
 T = TypeVar("T")

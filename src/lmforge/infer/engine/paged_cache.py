@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.attention import attend as sdpa_attend
-from ..models.config import ModelConfig
+from ...models.attention import attend as sdpa_attend
+from ...models.config import ModelConfig
 
 NULL_BLOCK = 0
 
@@ -303,7 +303,7 @@ class PagedKVCache(nn.Module):
             return sdpa_attend(q, *self.update(layer, None, k, v), mask, self.scale, self.softcap, sinks)
         if sinks is not None:
             raise RuntimeError("the paged decode kernel has no attention sinks; decode through the gathered view")
-        from .paged_attention import paged_decode
+        from ..kernels.paged_attention import paged_decode
 
         if rope is None:
             cos = sin = None
@@ -320,6 +320,6 @@ def model_calls_cache_attend(model) -> bool:
     """Whether `model`'s attention hands a cache that attends itself (`AttendingCache`: this pool) its attention, so
     the paged kernel can replace update + SDPA: `Attention.mix` does, for every layer of a plain `Attention` when no
     prompt method adds prefix keys/values. Latent attention (MLA) does not: it updates and attends its latents."""
-    from ..models.transformer import Attention
+    from ...models.transformer import Attention
 
     return getattr(model, "prompt_encoder", None) is None and all(isinstance(b.attn, Attention) for b in model.layers)

@@ -4,7 +4,7 @@ This is the simple reference path: one batch, one `SamplingParams` for every row
 prompt, decoded in lock step until every row stops. `lmforge generate`/`chat` and eval use it, and the tests check
 the engine against it. Serving, many requests of different lengths, per-request settings (penalties, logprobs, JSON
 mode, adapters) and paged memory are the engine's (`lmforge.infer.engine`, `LLM`); both return `Completion` and
-share the stop handling of `lmforge.infer.stops`.
+share the stop handling of `lmforge.infer.sampling.stops`.
 
 The decode step has static shapes (one token per row, whole-cache attention with a mask), so with `compile=True` it
 runs under `torch.compile(mode="reduce-overhead")`, i.e. as a replayed CUDA graph on GPU.
@@ -15,13 +15,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..models.transformer import Transformer
+from ...errors import ConfigError
+from ...models.transformer import Transformer
 from .outputs import Completion
-from .sampling import SamplingParams, sample
-from .stops import StopText
-
-_StopText = StopText  # the name it had when it lived here
+from ..sampling.logits import SamplingParams, sample
+from ..sampling.stops import StopText
 
 TokenCallback = Callable[[int, "int | None", str], None]  # (row, token_id, new text); None id = final text flush
 

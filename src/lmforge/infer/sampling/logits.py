@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..params import MIN_TEMPERATURE, SamplingParams  # noqa: F401 - SamplingParams is part of this module's API
+from ...params import MIN_TEMPERATURE, SamplingParams  # noqa: F401 - SamplingParams is part of this module's API
 
 def finite_logits(logits: torch.Tensor) -> torch.Tensor:
     """Logits made safe to softmax: NaN and ±inf (an overflowing penalty or temperature) become the lowest / highest

@@ -1,7 +1,7 @@
 """Per-request sampling for a whole batch at once, on the device: penalties → temperature → top-k → top-p → draw.
 
 `generate()` samples a batch with one `SamplingParams`; the engine batches requests that each bring their own, so
-every knob becomes a (B,) tensor and the pipeline of `lmforge.infer.sampling` runs row-wise with no host sync
+every knob becomes a (B,) tensor and the pipeline of `lmforge.infer.sampling.logits` runs row-wise with no host sync
 (a multi-step decode feeds the drawn tokens straight back into the next step). Draws use the exponential-race trick,
 argmax(p / E) with E ~ Exp(1), which samples from p; a seeded request draws its noise from its own generator, so
 its tokens do not depend on what it was batched with.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from .sampling import SamplingParams, finite_logits
+from .logits import SamplingParams, finite_logits
 
 
 class EngineSamplingParams(SamplingParams):

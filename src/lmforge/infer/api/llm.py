@@ -13,15 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..checkpoint import load_model_and_tokenizer
-from ..errors import ConfigError, LmforgeError
-from ..models.transformer import Transformer
-from .engine import Engine, EngineConfig
+from ...checkpoint import load_model_and_tokenizer
+from ...errors import ConfigError, LmforgeError
+from ...models.transformer import Transformer
+from ..engine.core import Engine, EngineConfig
 from .outputs import Completion
-from .sampling import SamplingParams
+from ..sampling.logits import SamplingParams
 
 
-LLMOutput = Completion  # the one output type (`lmforge.infer.outputs`); the name LLM.generate had before
+LLMOutput = Completion  # the one output type (`lmforge.infer.api.outputs`); the name LLM.generate had before
 
 
 class LLM:

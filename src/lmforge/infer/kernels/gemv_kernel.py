@@ -1,4 +1,4 @@
-"""The Triton kernel behind `lmforge.infer.gemv` (see there); imported on first use, like the paged-attention one."""
+"""The Triton kernel behind `gemv` (see there); imported on first use, like the paged-attention one."""
 import inspect
 
 import triton

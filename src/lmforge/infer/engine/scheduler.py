@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batch_sampling import EngineSamplingParams
+from ..sampling.batch import EngineSamplingParams
 from .paged_cache import BlockPool, block_hashes
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .batch_sampling import argmax_rows
+from ..sampling.batch import argmax_rows
 from .paged_attention import arrival_counters, kernel_available
 
 SLICE = 2048  # vocabulary entries per program

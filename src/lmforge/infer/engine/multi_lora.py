@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
-from ..models.transformer import Transformer
+from ...errors import CheckpointError, ConfigError
+from ...models.transformer import Transformer
 
 
 class AdapterIndex:
@@ -82,8 +82,8 @@ class _ShapeOnlyLinear(nn.Module):
 
 def read_adapter(cfg, adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{native linear path: (A (r, in), B (out, r) * scaling)} of a PEFT LoRA adapter for a model of `cfg`."""
-    from ..peft.lora import lora_layers
-    from ..peft.peft_format import _read_config, load_peft_adapter
+    from ...peft.lora import lora_layers
+    from ...peft.peft_format import _read_config, load_peft_adapter
 
     if _read_config(Path(adapter_dir)).get("use_dora"):  # (also refuses what is not a LoRA adapter, in one line)
         raise CheckpointError(f"'{adapter_dir}' is a DoRA adapter: its magnitude rescales whole output rows, which "
@@ -147,8 +147,8 @@ class AdapterSet:
                 busy: set[int] = frozenset()) -> int:
         """Put weights from `read_adapter` in a free slot under `name` (the part of `add` that changes the model:
         the engine runs it between steps; reading the files can happen anywhere)."""
-        from ..models.modules import linear_modules, set_module
-        from .decode_fusion import unpack_for_decode
+        from ...models.modules import linear_modules, set_module
+        from ..kernels.decode_fusion import unpack_for_decode
 
         self.check_new(name)
         named = set(self.slots.values())

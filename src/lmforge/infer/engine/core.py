@@ -31,19 +31,19 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..config import Section
-from ..errors import ConfigError, LmforgeError
-from ..models.transformer import Transformer
-from .batch_sampling import BatchSampler, EngineSamplingParams
-from .decode_fusion import pack_for_decode
-from .json_constraint import JsonObjectConstraint
+from ...config import Section
+from ...errors import ConfigError, LmforgeError
+from ...models.transformer import Transformer
+from ..sampling.batch import BatchSampler, EngineSamplingParams
+from ..kernels.decode_fusion import pack_for_decode
+from ..sampling.json_constraint import JsonObjectConstraint
 from .model_runner import ModelRunner, kv_cache_blocks
 from .multi_lora import AdapterSet
-from .outputs import TokenLogprob
+from ..api.outputs import TokenLogprob
 from .paged_cache import BlockPool
-from .sampling import SamplingParams
+from ..sampling.logits import SamplingParams
 from .scheduler import FINISHED, RUNNING, Request, Scheduled, Scheduler
-from .stops import StopText
+from ..sampling.stops import StopText
 
 log = logging.getLogger("lmforge.engine")
 
@@ -73,7 +73,7 @@ class EngineConfig(Section):
     """Replay decode steps as CUDA graphs (one per batch/context bucket; CUDA only)."""
     fast_decode: bool = True
     """Pack q/k/v and gate/up weights into one matmul each and run one-row matmuls through a Triton GEMV
-    (lmforge.infer.decode_fusion; same weights, no extra memory). Multi-LoRA layers keep separate matmuls."""
+    (lmforge.infer.kernels.decode_fusion; same weights, no extra memory). Multi-LoRA layers keep separate matmuls."""
     compile: bool = False
     """torch.compile the forward (fused kernels inside the CUDA graphs; compiles once per bucket)."""
     max_adapters: int = Field(16, ge=1)

@@ -1,4 +1,4 @@
-"""The Triton kernel behind `lmforge.infer.greedy_advance` (see there); imported on first use, like the others."""
+"""The Triton kernel behind `greedy_advance` (see there); imported on first use, like the others."""
 import triton
 import triton.language as tl
 

@@ -24,6 +24,8 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import ModelSection, OptimSection, ScheduleSection, TrainConfig, TrainSection
 from lmforge.train.run import run_training
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, no stall when the cores are shared
+
 COMMON = dict(device="cpu", precision="fp32", progress=False, tensorboard=False, save_every=0)
 LORA = LoraConfig(r=8, alpha=16, target_modules="all-linear")
 

@@ -200,3 +200,25 @@ def test_lora_trains_through_a_loaded_quantized_checkpoint_at_decode_sized_batch
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]))
     err = (grads[0] - grads[1]).norm() / grads[1].norm()  # the first block's frozen input may take the kernel
     assert grads[1].abs().sum() > 0 and err < 1e-2, err
+
+
+@pytest.mark.parametrize("stage,method,want", [
+    ("sft", "full", "method full cannot train a quantized checkpoint ('layers.0.attn.q_proj' and 13 more hold "
+                    "frozen int4 codes): use method=lora or qlora"),
+    ("dpo", "full", "method full cannot train a quantized checkpoint"),
+    ("sft", "qat", "QAT targets 'all-linear' match no full-precision linear layer (already quantized")])
+def test_training_a_quantized_checkpoint_refuses_what_it_cannot_train_or_save(q4, tmp_path, capsys, stage, method,
+                                                                             want):
+    """Full fine-tuning (and QAT) of a quantized checkpoint would train only embeddings and norms, then write a final
+    checkpoint without the quantized weights that no verb loads: one line before training, pointing at LoRA."""
+    row = ({"prompt": "hi", "chosen": "yo", "rejected": "no"} if stage == "dpo" else
+           {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    args = ["train", f"stage={stage}", f"method={method}", f"model.path={q4[1]}", f"data.path={data}",
+            "train.max_steps=1", f"train.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.progress=false",
+            "train.tensorboard=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert want in err, err
+    assert not (tmp_path / "run" / "final").exists()

@@ -146,6 +146,7 @@ def run_alignment(cfg: AlignConfig) -> dict:
             reward = load_reward_fn(cfg.ppo.reward_fn)
         objective = PPOObjective(cfg.ppo, tokenizer, reward)
     trained.apply(model)
+    method.check_save(backbone)  # what the final save would refuse fails now, not after the run
     row_mask = prepare_trainable(model, backbone, trained, cfg, run)
 
     ds = run.dist

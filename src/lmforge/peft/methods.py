@@ -24,8 +24,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..method import METHODS, Method, build_method, register_method
 from ..models.hf import load_hf, save_hf
+from ..quant.base import QuantLinear
 from .lora import LoraConfig, apply_lora, lora_state_dict, merge_lora, merged
 from .peft_format import check_peft_targets, load_peft_adapter, save_peft_adapter
 
@@ -48,6 +50,16 @@ class FullMethod(Method):
 
     def save(self, model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
         return save_hf(model, out_dir)
+
+    def check_save(self, model: nn.Module) -> None:
+        """A quantized checkpoint's linears hold frozen codes, not parameters: full fine-tuning would train only the
+        embeddings and norms and write a checkpoint without the quantized weights, so it is refused up front."""
+        quantized = [(p, m.kind) for p, m in model.named_modules() if isinstance(m, QuantLinear)]
+        if quantized:
+            (path, kind), more = quantized[0], f" and {len(quantized) - 1} more" if len(quantized) > 1 else ""
+            raise ConfigError(f"method full cannot train a quantized checkpoint ('{path}'{more} hold frozen {kind} "
+                              "codes): use method=lora or qlora (adapters over the quantized weights), or train the "
+                              "full-precision checkpoint and quantize it afterwards")
 
     def load(self, model: nn.Module, path: str | Path) -> None:
         """Copy an HF checkpoint's weights into `model` (holds a second copy while loading)."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..errors import ConfigError
 from ..method import Method, register_method
 from ..models.modules import ALL_LINEAR, linear_modules, select_targets, set_module
 from .base import check_group_size
@@ -95,6 +96,9 @@ def apply_qat(model: nn.Module, bits: int = 4, group_size: int = 128, act_bits: 
     `field` names group_size in the one-line error when it does not divide a target's in_features."""
     linears = {p: m for p, m in linear_modules(model).items() if type(m) is nn.Linear}
     chosen = select_targets(list(linears), targets)
+    if not chosen:  # e.g. a checkpoint quantized already: nothing would train through fake quantization
+        raise ConfigError(f"QAT targets {targets!r} match no full-precision linear layer (already quantized, or names "
+                          f"like {', '.join(list(linears)[:3]) or 'none'}); start from the full-precision checkpoint")
     if bits == 4:
         check_group_size({p: linears[p].in_features for p in chosen}, group_size, field)
     for path in chosen:

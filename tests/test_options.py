@@ -286,3 +286,15 @@ def test_help_lists_method_and_optimizer_options(capsys):
     for key in ("qlora.block_size", "adalora.total_step", "prefix.num_virtual_tokens", "optim.galore.rank",
                 "optim.galore.min_dim", "optim.badam.switch_every", "optim.lomo.clip_value", "qat.bits"):
         assert key in out, key
+
+
+def test_every_help_row_says_what_the_option_does():
+    """`lmforge VERB --help` (and `train stage=grpo --help`) lists every config key; each with a description."""
+    from lmforge.align.run import AlignConfig
+    from lmforge.cli import VERBS
+    from lmforge.config import describe
+
+    classes = {verb: cls if isinstance(cls, type) else cls() for verb, (cls, *_) in VERBS.items()}
+    classes["train stage=grpo"] = AlignConfig
+    bare = [f"{verb}: {key}" for verb, cls in classes.items() for key, _, _, desc in describe(cls) if not desc]
+    assert not bare, bare

@@ -71,7 +71,9 @@ class PPOSection(Section):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of rollouts; log-probs are taken at the same temperature, so ratios stay exact."""
     top_k: int = Field(0, ge=0)
+    """Rollouts keep only the k most likely tokens (0 = off)."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Rollouts sample from the smallest set with this much probability (1 = off)."""
     kl_coef: float = Field(0.05, ge=0)
     """beta of the per-token penalty -beta * (log pi(a) - log pi_ref(a)) added to the rewards."""
     clip_range: float = Field(0.2, gt=0)

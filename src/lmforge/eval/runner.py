@@ -30,7 +30,9 @@ class EvalConfig(Section):
     revision: str | None = None
     """Branch, tag or commit of a Hugging Face id (default: main)."""
     device: str = "auto"
+    """cpu, cuda or cuda:N; auto = cuda when available, else cpu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; auto = bfloat16 on a GPU that supports it, else float32."""
     batch_size: int = Field(8, ge=1)
     """Prompts per generate() call / rows per scoring forward."""
     limit: int | None = Field(None, ge=1)
@@ -44,6 +46,7 @@ class EvalConfig(Section):
     samples: int = Field(3, ge=0)
     """Example outputs kept per task in results.json."""
     seed: int = 0
+    """Seed of sampled generations (tasks with temperature > 0, pass@k samples)."""
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -118,7 +118,9 @@ class AdaLoraMethod(Method):
     alpha: float = Field(32, gt=0)
     """Scale numerator: the update is multiplied by alpha / init_r."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter branch's input, active in training mode only."""
     target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Linears to wrap with an SVD-form adapter (names or a regex, as lora.target_modules)."""
     total_step: int | None = Field(None, ge=1)
     """Optimizer steps the budget schedule spans; None = the run's length (train.max_steps, or train.epochs over
     the data), which `lmforge train` fills in."""

@@ -61,6 +61,7 @@ class AdapterMethod(Method):
     target_modules: list[str] | str = Field(default_factory=lambda: ["o_proj", "down_proj"])
     """Linears whose output gets an adapter: the last projection of attention and of the MLP."""
     activation: Literal["gelu", "relu", "silu", "gelu_tanh"] = "gelu"
+    """Nonlinearity between the adapter's down and up projections."""
     init_std: float = Field(1e-2, ge=0)
     """Std of the down projection's init (up starts at zero: the identity)."""
     train_norms: bool = True

@@ -58,6 +58,7 @@ class PriLoraMethod(LoraMethod):
     derived: ClassVar[tuple[str, ...]] = ("r", "rank_pattern")  # from r_start, r_end and the depth
 
     target_modules: list[str] | str = ALL_LINEAR
+    """Linears to wrap, as lora.target_modules; default every attention and MLP linear (not lm_head)."""
     r_start: int = Field(4, ge=1)
     """Rank of the first block."""
     r_end: int = Field(12, ge=1)

@@ -372,6 +372,7 @@ class PTuningMethod(PromptTuningMethod):
     encoder: Literal["mlp", "lstm"] = "mlp"
     """Prompt encoder: MLP (3 layers) or bidirectional 2-layer LSTM + MLP head."""
     encoder_hidden_size: int = Field(128, ge=1)
+    """Hidden width of the prompt encoder (its MLP, and the LSTM's with encoder=lstm)."""
 
     def build_encoder(self, model):
         return PromptEncoder(self.num_virtual_tokens, model.cfg.d_model, self.encoder, self.encoder_hidden_size,

@@ -301,15 +301,23 @@ class PlanConfig(Section):
     train_config: str | None = None
     """A training YAML (lmforge train's config): plan exactly that run (other fields here override it)."""
     mode: Literal["train", "infer"] = "train"
+    """train: memory and speed of a training run; infer: weights + KV cache, concurrency and decode speed."""
     method: Literal[MODELLED_METHODS] | None = None
     """full, lora, dora or qlora (the methods the planner models; a training config with another one is refused)."""
     precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] | None = None
+    """train.precision of the run (default: the training config's, else bf16)."""
     micro_batch_size: int | None = Field(None, ge=1)
+    """Sequences per micro-batch (default: the training config's, else 4)."""
     seq_len: int | None = Field(None, ge=2)
+    """Tokens per sequence (default: the training config's data.max_seq_len, else 2048)."""
     activation_checkpointing: bool | None = None
+    """Recompute block activations in backward (default: the training config's, else off)."""
     optimizer: Literal[MODELLED_OPTIMIZERS] | None = None
+    """optim.name of the run (default: the training config's, else adamw)."""
     zero_stage: int = Field(0, ge=0, le=3)
+    """ZeRO stage across the gpus (with gpus > 1): 1 shards optimizer states, 2 also gradients, 3 also weights."""
     offload_optimizer: bool = False
+    """Keep optimizer states (and fp32 master weights) in CPU memory (parallel.cpu_offload)."""
     lora_r: int = Field(16, ge=1)
     """LoRA rank without a training config (with one, its method section's r)."""
     recommend: bool = True
@@ -320,8 +328,11 @@ class PlanConfig(Section):
     context: int | None = Field(None, ge=1)
     """infer: tokens per sequence (prompt + generated); default the model's max_seq_len."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """infer: dtype of the weights that are not quantized (and of the KV cache by default)."""
     quant: Literal["none", "int8", "int4", "nf4"] = "none"
+    """infer: weight format of the served linears (lmforge quantize's methods)."""
     kv_dtype: Literal["bf16", "fp16", "fp32", "fp8"] | None = None
+    """infer: KV cache dtype (default: dtype)."""
 
 
 def _train_setup(cfg: PlanConfig) -> TrainSetup:

@@ -43,7 +43,9 @@ class QuickstartConfig(Section):
     max_len: int = Field(6, ge=1)
     """From scratch: longest letter sequence of the reversal task."""
     seed: int = 0
+    """Seed of the data split and of training (adapter init, data order)."""
     device: str = "auto"
+    """cpu, cuda or cuda:N; auto = cuda when available, else cpu."""
     threads: int | None = Field(None, ge=1)
     """Torch CPU threads; default: the cores not already busy (by the 1-minute load average), at least 1. On a
     machine other jobs load, fewer threads finish sooner: a thread that waits for a descheduled one idles."""

@@ -49,6 +49,7 @@ class ServeConfig(Section):
     """Serve POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} (vLLM's
     routes; behind api_key like every /v1 route)."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """Logging level of the server and of uvicorn's access log."""
     ui: bool = False
     """Serve the browser chat page at /chat (streaming, sampling controls, RAG toggle with cited sources)."""
     rag_store: str | None = None

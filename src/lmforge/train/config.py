@@ -92,6 +92,7 @@ class OptimSection(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas (adamw, adamw_backward, badam, galore)."""
     eps: float = 1e-8
+    """Adam's epsilon, added to the root of the second moment."""
     momentum: float = 0.0
     """SGD momentum."""
     lomo: LomoOptions = LomoOptions()
@@ -119,6 +120,7 @@ class ScheduleSection(Section):
     kind: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
     warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup from 0 to the peak learning rate."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Final learning rate as a fraction of the peak."""
 
@@ -129,7 +131,9 @@ class TrainSection(Section):
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; None → `epochs` over the training data."""
     epochs: float = Field(1.0, gt=0)
+    """Passes over the training data when max_steps is None (fractions allowed)."""
     micro_batch_size: int = Field(4, ge=1)
+    """Sequences per forward/backward pass (per rank)."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step; the loss is normalised by the step's target tokens."""
     precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"] = "auto"
@@ -162,6 +166,7 @@ class TrainSection(Section):
     eval_every: int = Field(0, ge=0)
     """Evaluate loss/perplexity on the held-out split every N steps (0 = only at the end)."""
     eval_max_batches: int | None = Field(None, ge=1)
+    """Held-out batches per evaluation (None = the whole held-out split)."""
     save_every: int = Field(0, ge=0)
     """Write a resumable checkpoint every N steps (0 = only at the end)."""
     keep_last: int = Field(2, ge=1)
@@ -169,10 +174,15 @@ class TrainSection(Section):
     resume: bool = True
     """Resume from the latest checkpoint in output_dir if there is one."""
     log_every: int = Field(1, ge=1)
+    """Write a line to metrics.jsonl (and TensorBoard) every N optimizer steps."""
     seed: int = 0
+    """Seed of adapter init, dropout and data order (the same on every rank)."""
     device: str = "auto"
+    """cpu, cuda or cuda:N; auto = cuda when available, else cpu."""
     tensorboard: bool = True
+    """Also write TensorBoard events to output_dir."""
     progress: bool = True
+    """Show a progress bar on the terminal."""
     force: bool = False
     """Skip the pre-flight memory check: on CUDA, `lmforge train` asks the planner (docs/planner.md) whether the run
     fits the device and refuses one predicted not to."""

@@ -347,3 +347,38 @@ def test_kto_matches_its_formula_and_separates_the_replies(ckpt, tmp_path, metho
     want = sum(float(1 - torch.sigmoid(0.5 * (r[i] - z0))) if d[i] else 1.5 * float(1 - torch.sigmoid(0.5 * (z0 - r[i])))
                for i in range(8))
     assert float(loss) == pytest.approx(want, rel=1e-4)
+
+
+def test_lmforge_train_grpo_bad_rewards_and_missing_columns(ckpt, tmp_path, capsys, caplog):
+    """Issue 31's bad input through `lmforge train`: a prompts file without the column a reward function reads stops
+    before training in one line naming the reward, the column and the fix; a reward that raises, returns the wrong
+    count or NaN is reported with the prompt index and the run goes on, those scores counted in reward_missing."""
+    from lmforge.cli import main
+
+    rows = [{"prompt": f"say hello {i}", "answer": str(i)} for i in range(6)] + [{"prompt": "say hi"}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rw.py").write_text(
+        "def needs(prompts, completions, answer):\n    return [1.0] * len(completions)\n"
+        "def wrong_len(prompts, completions):\n    return [0.5] * (len(completions) + 1)\n"
+        "def flaky(prompts, completions):\n"
+        "    if len(completions) > 1:\n        raise RuntimeError('boom')\n"
+        "    return [float('nan')] if len(completions[0]) % 2 else [1.0]\n")
+    args = ["train", "stage=grpo", "method=lora", f"model.path={ckpt}", f"data.path={tmp_path / 'prompts.jsonl'}",
+            "data.max_seq_len=48", "grpo.num_generations=2", "grpo.max_new_tokens=4", "train.max_steps=2",
+            "train.micro_batch_size=4", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
+            "train.save_every=0"]
+    rw = tmp_path / "rw.py"
+    assert main([*args, f"train.output_dir={tmp_path / 'a'}", f'grpo.rewards=[{{fn: "{rw}:needs"}}]']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not (tmp_path / "a" / "metrics.jsonl").exists(), err
+    assert (f"grpo.rewards[0] ({rw}:needs) reads column 'answer', which 1 of 7 prompts in data.path lack; add it to "
+            "every row, or give the function's parameter 'answer' a default") in err
+    with caplog.at_level("WARNING", logger="lmforge.grpo"):
+        assert main([*args, f"train.output_dir={tmp_path / 'b'}",
+                     f'grpo.rewards=[{{fn: "{rw}:wrong_len"}}, {{fn: "{rw}:flaky"}}]']) == 0
+    assert "reward 'wrong_len' failed on prompt 0 (completion 0): ValueError: returned 2 values for 1" in caplog.text
+    assert "reward 'flaky' failed on the batch (RuntimeError: boom)" in caplog.text
+    recs = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "reward_missing" in r]
+    assert len(steps) == 2 and all(r["reward_missing"] >= 4 for r in steps)  # every wrong_len score, each step
+    assert all(math.isfinite(r["loss"]) for r in steps) and (tmp_path / "b" / "final").is_dir()

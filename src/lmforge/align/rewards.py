@@ -204,9 +204,10 @@ class RewardSet:
             for col in required_columns(spec, fn):
                 missing = sum(col not in r.get("record", {}) for r in rows)
                 if missing:
+                    fix = (f"or set grpo.rewards[{i}].column to the column that holds it" if spec.fn in BUILTINS else
+                           f"or give the function's parameter '{col}' a default")
                     raise ConfigError(f"grpo.rewards[{i}] ({spec.fn}) reads column '{col}', which {missing} of "
-                                      f"{len(rows)} prompts in {where} lack; add it or map it with the reward's "
-                                      "column option")
+                                      f"{len(rows)} prompts in {where} lack; add it to every row, {fix}")
 
     def _call(self, fn, prompts, completions, rows, prompt_ids, completion_ids) -> list:
         kwargs_ok, names = _accepts(fn)

@@ -102,6 +102,32 @@ def test_builtin_rewards_and_failures_are_contained(tmp_path, caplog):
         load_config(AlignConfig, base={"stage": "grpo", "model": {"path": "m"}, "data": {"path": "d"}})
 
 
+
+def test_code_tests_and_reward_model_builtins(ckpt, tmp_path):
+    """code_tests runs the completion's code (its fenced block, else all of it) with the row's tests in the sandbox:
+    1 when they pass, 0 on a failed assert or a timeout; reward_model scores prompt + completion with a stage-rm
+    directory exactly as the reward model does on the unpadded sequence (a RewardSet built without a device: CPU)."""
+    from lmforge.align.reward import RewardModel, load_reward_model, save_reward_model
+
+    rs = RewardSet([RewardSpec(fn="code_tests", column="tests", timeout=3)])
+    comps = ["Here:\n```python\ndef add(a, b):\n    return a + b\n```", "def add(a, b):\n    return a - b",
+             "def add(a, b):\n    while True:\n        pass"]
+    scores, missing = rs([[]] * 3, comps, [{"tests": "assert add(2, 3) == 5"}] * 3, [[1]] * 3, [[2]] * 3, group=3)
+    assert scores[:, 0].tolist() == [1, 0, 0] and missing == 0
+    rm = RewardModel(load_hf(ckpt))
+    torch.nn.init.normal_(rm.score.weight, generator=torch.Generator().manual_seed(0))
+    save_reward_model(rm, tmp_path / "rm")
+    rs = RewardSet([RewardSpec(fn="reward_model", model=str(tmp_path / "rm"))])
+    prompt_ids, completion_ids = [[3, 4, 5], [3, 4, 5, 6, 7]], [[8, 9], [10]]
+    scores, missing = rs([[]] * 2, ["a", "b"], [{}, {}], prompt_ids, completion_ids)
+    ref = load_reward_model(tmp_path / "rm")
+    with torch.no_grad():
+        want = [float(ref(torch.tensor([p + c]), torch.arange(len(p + c))[None]))
+                for p, c in zip(prompt_ids, completion_ids)]
+    torch.testing.assert_close(scores[:, 0], torch.tensor(want), atol=1e-5, rtol=1e-5)
+    assert missing == 0 and len(set(want)) == 2
+
+
 # ------------------------------------------------------------------------------------------------ engine in the loop
 
 

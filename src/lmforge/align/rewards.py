@@ -137,6 +137,7 @@ def _reward_model_fn(spec: RewardSpec, device, dtype):
 
     if spec.model is None:
         raise ConfigError("grpo.rewards: fn reward_model needs model: a directory written by stage rm")
+    device = device or "cpu"  # RewardSet(specs) without a device: score on the CPU
     rm = load_reward_model(spec.model, dtype=dtype, device=device).requires_grad_(False).eval()
 
     @torch.no_grad()

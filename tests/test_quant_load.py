@@ -82,8 +82,6 @@ def test_load_hf_casts_to_the_requested_compute_dtype(q4):
         assert torch.isfinite(loaded(ids)).all()
 
 
-@pytest.mark.skip(reason="passes alone and in its file, but in the full suite's order it fails and the pytest "
-                  "process then dies ('I/O operation on closed file'); under investigation")
 def test_every_verb_runs_on_a_quantized_checkpoint(q4, tmp_path, capsys, monkeypatch, serve):
     model, path = q4
     prompt_args = ["--prompt", "Hello world", "--max-new-tokens", "5", "temperature=0", "--ignore-eos", "--stream", "false",

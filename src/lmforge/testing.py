@@ -231,7 +231,12 @@ def make_tiny_checkpoint(out_dir: str | Path, arch: str = "LlamaForCausalLM", vo
 
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0, keep_alive: float = 30.0):
     """Serve an ASGI app with uvicorn on a daemon thread: (base url, stop()). `port` 0 picks a free one;
-    `keep_alive` is uvicorn's timeout_keep_alive (`ServeConfig.timeout_keep_alive`)."""
+    `keep_alive` is uvicorn's timeout_keep_alive (`ServeConfig.timeout_keep_alive`).
+
+    uvicorn is told not to configure logging (`log_config=None`; its loggers propagate to the host's): its default
+    `dictConfig` first flushes and closes every logging handler in the process, and a handler that owns its stream
+    (absl's, created when rouge-score is imported, holds the sys.stderr of that moment) then closes it: under pytest
+    that is a capture file, and the session dies with 'I/O operation on closed file'."""
     import socket
     import threading
     import time
@@ -242,7 +247,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None,
                                            timeout_keep_alive=keep_alive))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -2,9 +2,7 @@
 browser test and examples. Everything is made locally; nothing is downloaded."""
 from __future__ import annotations
 
-import socket
-import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,31 +12,21 @@ class TestServer:
     url: str  # http://127.0.0.1:PORT
     engine: object
     index: object | None  # the RagIndex behind the chat page's RAG toggle
-    _server: object
-    _thread: threading.Thread
+    _stop: Callable[[], None]
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
+        self._stop()
         self.engine.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_test_server(workdir: str | Path, with_rag: bool = True, n_towns: int = 8) -> TestServer:
     """Tiny checkpoint + `lmforge serve` app + /v1/embeddings (MiniLM) + the chat page (RAG over a generated town
     corpus when `with_rag`) + OpenAI tool calls, served by uvicorn on 127.0.0.1 in a daemon thread."""
-    import uvicorn
-
     from ..serve import ServeConfig, build_server
     from ..serve.chat_page import chat_page_router
     from ..serve.embeddings import embeddings_router
     from ..serve.tool_calls import ToolCallsMiddleware
-    from ..testing import make_tiny_checkpoint
+    from ..testing import make_tiny_checkpoint, serve_in_thread
     from .documents import load_documents
     from .embeddings import load_embedder
     from .index import RagIndex
@@ -57,13 +45,9 @@ def start_test_server(workdir: str | Path, with_rag: bool = True, n_towns: int =
     app.include_router(embeddings_router(lambda: load_embedder("minilm"), "all-minilm-l6-v2"))
     app.include_router(chat_page_router(index))
     app.add_middleware(ToolCallsMiddleware)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
-    if not server.started:
+    try:
+        url, stop = serve_in_thread(app)
+    except RuntimeError:
         engine.shutdown()
-        raise RuntimeError("the test server did not start within 30 s")
-    return TestServer(f"http://127.0.0.1:{server.config.port}", engine, index, server, thread)
+        raise
+    return TestServer(url, engine, index, stop)

@@ -94,7 +94,9 @@ def run_serve(cfg: ServeConfig) -> None:
     app, engine = build_server(cfg)
     engine.start()
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+        # log_config=None: uvicorn's loggers go through the handler configured above; its own dictConfig would
+        # first close every handler in the process (see lmforge.testing.serve_in_thread)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, log_config=None,
                     timeout_keep_alive=cfg.timeout_keep_alive)
     finally:
         engine.shutdown()

@@ -361,6 +361,9 @@ class Transformer(nn.Module):
         self.attention_backend = "auto"  # "auto" | "sdpa" | "flex": how packed rows are masked
         self.aux_loss: torch.Tensor | None = None  # MoE load-balancing (+ z) loss of the last training forward
         self.head_linear = F.linear  # the tied LM head's matmul (inference may swap in a GEMV kernel)
+        # how quantized linears were made (method and options; lmforge.quant fills it), written into config.json's
+        # quantization_config on save; empty for a model in full precision
+        self.quantization_config: dict = {}
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # virtual tokens in front of every row (prompt methods): `cached_prefix(model)` → per layer (k, v), see
         # `hidden_states(prefix_kv=...)`; None = none

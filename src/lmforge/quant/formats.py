@@ -134,7 +134,7 @@ def _check_writable(model: nn.Module, fmt: str) -> tuple[dict[str, nn.Module], i
     from .model import quantized_linears
 
     quant = quantized_linears(model)
-    method = (getattr(model, "quantization_config", None) or {}).get("method", "?")
+    method = model.quantization_config.get("method", "?")
     int8 = fmt == "gptq" and bool(quant) and all(type(m) is Int8Linear and m.act_bits is None for m in quant.values())
     if not int8 and (not quant or not all(isinstance(m, Int4Linear) for m in quant.values())):
         raise ConfigError(f"format {fmt} stores integer weights: quantize with method "

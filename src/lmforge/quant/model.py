@@ -172,7 +172,7 @@ def save_quantized(model: Transformer, out_dir: str | Path) -> Path:
     dtype = model.embed.weight.dtype
     config = hf_config_dict(model.cfg, dtype)
     config["quantization_config"] = {"quant_method": "lmforge", "format_version": FORMAT_VERSION,
-                                     **getattr(model, "quantization_config", {}), "modules": specs}
+                                     **model.quantization_config, "modules": specs}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = out / f".model.safetensors.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": "pt", "quant_method": "lmforge"})
@@ -256,6 +256,5 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             lin.bias.copy_(q.bias)
         lin.requires_grad_(False)
         set_module(model, path, lin)
-    if hasattr(model, "quantization_config"):
-        del model.quantization_config
+    model.quantization_config = {}
     return model

@@ -114,6 +114,24 @@ def test_every_verb_runs_on_a_quantized_checkpoint(q4, tmp_path, capsys, monkeyp
         assert torch.allclose(full(ids), model(ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"int4"}))  # int4: every verb, above
+def test_generate_and_eval_verbs_run_on_every_method(ckpt, tmp_path, capsys, method):
+    """`lmforge generate` and `lmforge eval` on what `lmforge quantize` writes for each method: the CLI's greedy text
+    is the in-memory quantized model's, and a perplexity task scores."""
+    model, path = _quantized(ckpt, method, tmp_path / method)
+    assert main(["generate", str(path), "--prompt", "Hello world", "--max-new-tokens", "4", "temperature=0",
+                 "--ignore-eos", "--stream", "false", "--device", "cpu", "--dtype", "float32"]) == 0
+    tok = Tokenizer.from_dir(path)
+    want = generate(model, [tok.encode("Hello world")], GREEDY.model_copy(update={"max_new_tokens": 4}), tokenizer=tok)
+    assert capsys.readouterr().out.rstrip("\n") == want[0].text
+    (tmp_path / "ppl.txt").write_text("the quick brown fox jumps over the lazy dog. " * 4)
+    (tmp_path / "ppl.yaml").write_text(f"name: ppl\ntype: perplexity\ntext_file: {tmp_path / 'ppl.txt'}\n"
+                                       "window: 32\nstride: 16\n")
+    assert main(["eval", str(path), str(tmp_path / "ppl.yaml"), "--device", "cpu", "--output", str(tmp_path / "ev")]) == 0
+    ppl = json.loads((tmp_path / "ev" / "results.json").read_text())["results"][0]["metrics"]["perplexity"]
+    assert 1.0 < ppl < 10 * model.cfg.vocab_size
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_lora_adapters_on_a_quantized_base_in_the_engine(q4, tmp_path, device):
     """The engine's per-row adapters over quantized linears give what the adapter applied to the quantized model

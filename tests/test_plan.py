@@ -249,3 +249,17 @@ def test_planner_reads_the_trainers_config_and_refuses_what_it_does_not_model(mo
     assert notes == ["memory check skipped: the planner does not model method 'ia3' (it models full, lora, dora, "
                      "qlora)"]
     assert check_training_fits(train_cfg(), cfg, torch.device("cpu")) is None  # CPU: no check
+
+
+@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2"])
+def test_planner_refuses_model_parallel_layouts(layout):
+    """The trainer's sections are parallel.tensor / parallel.pipeline; the planner models neither (it read a
+    `parallel.tp` that does not exist, so tensor-parallel runs were planned as single-device ones)."""
+    from lmforge.config import load_config
+    from lmforge.plan import setup_from_train
+    from lmforge.plan.planner import NotModelled
+    from lmforge.train import TrainConfig
+
+    cfg = load_config(TrainConfig, overrides=["model.tokenizer=x", "data.path=x", layout])
+    with pytest.raises(NotModelled, match=r"parallel\.tensor / parallel\.pipeline"):
+        setup_from_train(cfg)

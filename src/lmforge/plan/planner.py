@@ -85,8 +85,9 @@ def setup_from_train(train_cfg, seq_len: int | None = None, device: str = "cuda"
     if train_cfg.trainable.params != "all":
         raise NotModelled(f"the planner does not model trainable.params={train_cfg.trainable.params} (only 'all')")
     par = train_cfg.parallel
-    if getattr(par, "tp", 1) > 1 or getattr(par, "pipeline", 1) > 1:
-        raise NotModelled("the planner does not model tensor or pipeline parallelism (parallel.tp / parallel.pipeline)")
+    if par.tensor > 1 or par.pipeline > 1:
+        raise NotModelled("the planner does not model tensor or pipeline parallelism (parallel.tensor / "
+                          "parallel.pipeline)")
     o = train_cfg.method_options()  # lora / dora / qlora section
     lora = {}
     if o is not None:

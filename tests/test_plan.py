@@ -263,3 +263,34 @@ def test_planner_refuses_model_parallel_layouts(layout):
     cfg = load_config(TrainConfig, overrides=["model.tokenizer=x", "data.path=x", layout])
     with pytest.raises(NotModelled, match=r"parallel\.tensor / parallel\.pipeline"):
         setup_from_train(cfg)
+
+
+def test_quantized_checkpoints_are_planned_in_their_format_and_not_trained(tmp_path, capsys):
+    """`lmforge plan` on what `lmforge quantize` writes (and on GPTQ's layout): inference in the checkpoint's own
+    weight format (it was planned as bf16 weights), training refused in one line (the planner and the trainer's
+    pre-flight check model full-precision bases only; the trainer refuses full fine-tuning of one)."""
+    from lmforge.cli import main
+    from lmforge.config import load_config
+    from lmforge.models import load_hf
+    from lmforge.plan import setup_from_train
+    from lmforge.plan.planner import NotModelled, PlanConfig, run_plan
+    from lmforge.quant import quantize_model, save_quantized
+    from lmforge.quant.formats import save_format
+    from lmforge.testing import make_tiny_checkpoint
+    from lmforge.train import TrainConfig
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny")
+    model = quantize_model(load_hf(ckpt), "int4", group_size=32)
+    save_quantized(model, tmp_path / "q4")
+    save_format(model, tmp_path / "gptq", "gptq")
+    want = run_plan(PlanConfig(model=str(ckpt), mode="infer", quant="int4"))["estimate"]
+    assert want != run_plan(PlanConfig(model=str(ckpt), mode="infer"))["estimate"]
+    for q in ("q4", "gptq"):
+        assert run_plan(PlanConfig(model=str(tmp_path / q), mode="infer"))["estimate"] == want
+        assert "weights bf16 (int4, the checkpoint's)" in capsys.readouterr().out
+        assert main(["plan", str(tmp_path / q)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "does not model training on a quantized checkpoint" in err, err
+    cfg = load_config(TrainConfig, overrides=[f"model.path={tmp_path / 'q4'}", "data.path=x", "method=lora"])
+    with pytest.raises(NotModelled, match="holds int4 weights"):
+        setup_from_train(cfg)

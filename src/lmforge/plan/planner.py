@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -72,11 +73,39 @@ class NotModelled(ConfigError):
     """The planner has no memory model for something the run uses (one line: what, and what it does model)."""
 
 
+_QUANT_OF_METHOD = {"int8": "int8", "int4": "int4", "rtn": "int4", "awq": "int4", "gptq": "int4", "nf4": "nf4"}
+
+
+def checkpoint_quant(model: str | Path | None) -> str | None:
+    """The weight format of a local quantized checkpoint directory, from its config.json's quantization_config:
+    'int8', 'int4' or 'nf4' (what the planner models), another name (bitnet, ...) where it models none; None for
+    full-precision checkpoints, presets and anything else."""
+    config = Path(model) / "config.json" if model is not None else None
+    if config is None or not config.is_file():
+        return None
+    q = json.loads(config.read_text()).get("quantization_config") or {}
+    if not q:
+        return None
+    method = str(q.get("method") if q.get("quant_method") == "lmforge" else q.get("quant_method"))
+    if method in ("qat", "gptq", "awq") and q.get("bits") in (4, 8):  # QAT and other tools' formats name their bits
+        return f"int{q['bits']}"
+    return _QUANT_OF_METHOD.get(method, method)
+
+
+def _refuse_quantized_training(model: str | Path | None) -> None:
+    quant = checkpoint_quant(model)
+    if quant is not None:
+        raise NotModelled(f"the planner does not model training on a quantized checkpoint ('{model}' holds {quant} "
+                          f"weights); it models {', '.join(MODELLED_METHODS)} from full-precision weights: plan "
+                          "the full-precision checkpoint (method=qlora for adapters over 4-bit weights)")
+
+
 def setup_from_train(train_cfg, seq_len: int | None = None, device: str = "cuda") -> TrainSetup:
     """The TrainSetup of a `lmforge.train.TrainConfig`, read from the trainer's own config sections (the chosen
     method's options, `optim.<name>`, `train`); precision auto = bf16 on a GPU. Raises NotModelled for what the
     memory model does not cover instead of guessing."""
     t, name = train_cfg.train, train_cfg.method
+    _refuse_quantized_training(train_cfg.model.path)
     if name not in MODELLED_METHODS:
         raise NotModelled(f"the planner does not model method '{name}' (it models {', '.join(MODELLED_METHODS)})")
     if train_cfg.optim.name not in MODELLED_OPTIMIZERS:
@@ -355,25 +384,38 @@ def run_plan(cfg: PlanConfig) -> dict:
     """Print the plan; return it as a dict (for --json / tests)."""
     if cfg.gpu not in GPUS:
         raise ConfigError(f"unknown gpu '{cfg.gpu}'{did_you_mean(cfg.gpu, GPUS)}; known: {', '.join(GPUS)}")
+    from ..hub import is_hub_id, resolve_model
+
     model_cfg = load_model_config(cfg.model)
+    local = Path(cfg.model) if Path(cfg.model).exists() else None
+    if local is None and is_hub_id(cfg.model):
+        local = resolve_model(cfg.model)  # in the cache already: load_model_config read its config.json
     budget = parse_bytes(cfg.gpu_mem) if cfg.gpu_mem else int(GPUS[cfg.gpu][2] * GiB)
     header = (f"{cfg.model}: {model_cfg.num_params() / 1e9:.3f} B parameters, {model_cfg.n_layers} layers, "
               f"d_model {model_cfg.d_model}, vocab {model_cfg.vocab_size:,}; budget {gib(budget)} x {cfg.gpus} GPU(s)")
     print(header)
+    stored = checkpoint_quant(local)
     if cfg.mode == "infer":
+        quant = cfg.quant
+        if stored is not None and quant == "none":  # a quantized checkpoint is served in its own format
+            if stored not in ("int8", "int4", "nf4"):
+                raise NotModelled(f"the planner does not model {stored} weights ('{cfg.model}'); it models quant="
+                                  "int8, int4 and nf4")
+            quant = stored
         context = cfg.context or model_cfg.max_seq_len
-        est = inference_memory(model_cfg, cfg.batch, context, dtype=cfg.dtype, quant=cfg.quant, kv_dtype=cfg.kv_dtype)
-        print(f"inference: {cfg.batch} sequence(s) x {context:,} tokens, weights {cfg.dtype}"
-              + (f" ({cfg.quant})" if cfg.quant != "none" else ""))
+        est = inference_memory(model_cfg, cfg.batch, context, dtype=cfg.dtype, quant=quant, kv_dtype=cfg.kv_dtype)
+        note = "" if quant == "none" else f" ({quant}, the checkpoint's)" if quant == stored else f" ({quant})"
+        print(f"inference: {cfg.batch} sequence(s) x {context:,} tokens, weights {cfg.dtype}{note}")
         print(format_estimate(est, budget))
         kv = kv_cache_bytes_per_token(model_cfg, cfg.kv_dtype or cfg.dtype)
-        conc = max_concurrent_sequences(model_cfg, budget, context, cfg.dtype, cfg.quant, cfg.kv_dtype)
-        longest = max_context(model_cfg, budget, cfg.batch, cfg.dtype, cfg.quant, cfg.kv_dtype)
-        tps = decode_tokens_per_s(model_cfg, cfg.batch, context, cfg.gpu, cfg.dtype, cfg.quant)
+        conc = max_concurrent_sequences(model_cfg, budget, context, cfg.dtype, quant, cfg.kv_dtype)
+        longest = max_context(model_cfg, budget, cfg.batch, cfg.dtype, quant, cfg.kv_dtype)
+        tps = decode_tokens_per_s(model_cfg, cfg.batch, context, cfg.gpu, cfg.dtype, quant)
         print(f"KV cache {kv / 1024:.1f} KiB per token; {conc} concurrent sequences of {context:,} tokens fit; "
               f"longest context at batch {cfg.batch}: {longest:,} tokens; decode ~{tps:,.0f} tokens/s on {cfg.gpu}")
         return {"estimate": est.__dict__, "kv_bytes_per_token": kv, "max_concurrent": conc, "max_context": longest,
                 "decode_tokens_per_s": tps, "budget": budget}
+    _refuse_quantized_training(local)
     setup = _train_setup(cfg)
     est = train_memory(model_cfg, setup)
     print(f"training: {describe_setup(setup)}")

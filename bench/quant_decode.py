@@ -88,9 +88,7 @@ def bytes_per_token(model, context: float) -> int:
 
 
 def batch1(model, args) -> dict:
-    from lmforge.infer.sampling.batch import EngineSamplingParams
-    from lmforge.infer.engine import EngineConfig
-    from lmforge.infer import LLM
+    from lmforge.infer import EngineConfig, LLM, SamplingParams
 
     torch.manual_seed(1)
     prompt = torch.randint(100, model.cfg.vocab_size - 100, (args.prompt_len,)).tolist()
@@ -99,7 +97,7 @@ def batch1(model, args) -> dict:
                        compile=args.compile, enable_prefix_caching=False, num_blocks=args.num_blocks)
     llm = LLM(model, config=cfg)
     engine = llm.engine
-    params = EngineSamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
     t0 = time.perf_counter()
     first_run = llm.generate([prompt], params)[0].token_ids  # warm-up: checks the kernels, captures the graph
     warmup = time.perf_counter() - t0
@@ -113,18 +111,16 @@ def batch1(model, args) -> dict:
 
 
 def throughput(model, args) -> dict:
-    from lmforge.infer.sampling.batch import EngineSamplingParams
-    from lmforge.infer.engine import EngineConfig
-    from lmforge.infer import LLM
+    from lmforge.infer import EngineConfig, LLM, SamplingParams
 
     torch.manual_seed(2)
     prompts = torch.randint(100, model.cfg.vocab_size - 100, (args.concurrent, args.prompt_len)).tolist()
     cfg = EngineConfig(max_model_len=args.prompt_len + args.new_tokens + 16, max_num_seqs=args.concurrent,
                        decode_steps=args.decode_steps, compile=False, num_blocks=args.num_blocks)
     llm = LLM(model, config=cfg)
-    params = EngineSamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
-    llm.generate(prompts[:2], EngineSamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
     warmup = time.perf_counter() - t0
     sync()
     t0 = time.perf_counter()

@@ -80,9 +80,7 @@ def percentiles(xs: list[float]) -> dict:
 
 
 def bench_engine(model, requests, args, attention: str) -> dict:
-    from lmforge.infer.sampling.batch import EngineSamplingParams
-    from lmforge.infer.engine import EngineConfig
-    from lmforge.infer import LLM
+    from lmforge.infer import EngineConfig, LLM, SamplingParams
 
     cfg = EngineConfig(max_model_len=2 * args.max_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
@@ -91,10 +89,10 @@ def bench_engine(model, requests, args, attention: str) -> dict:
     t0 = time.perf_counter()
     llm = LLM(model, config=cfg)
     graphs = llm.engine.runner.capture(contexts=[256, 512, 1024, 2 * args.max_len])
-    warm = llm.generate([requests[0][0][:16]] * 4, EngineSamplingParams(temperature=0, max_new_tokens=8))
+    warm = llm.generate([requests[0][0][:16]] * 4, SamplingParams(temperature=0, max_new_tokens=8))
     assert len(warm) == 4
     warmup = time.perf_counter() - t0
-    params = [EngineSamplingParams(temperature=0, max_new_tokens=out, ignore_eos=True) for _, out in requests]
+    params = [SamplingParams(temperature=0, max_new_tokens=out, ignore_eos=True) for _, out in requests]
     sync()
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in requests], params)
@@ -162,10 +160,9 @@ def measured_bandwidth(device) -> float | None:
 
 def bench_batch1(model, args, compile: bool, fast_decode: bool = True) -> dict:
     from lmforge.infer.kernels import gemv
-    from lmforge.infer.sampling.batch import EngineSamplingParams
+    from lmforge.infer import SamplingParams
     from lmforge.infer.kernels.decode_fusion import unpack_for_decode
-    from lmforge.infer.engine import EngineConfig
-    from lmforge.infer import LLM
+    from lmforge.infer import EngineConfig, LLM
 
     if not fast_decode:
         unpack_for_decode(model, keep_gemv=False)  # an earlier engine packed the model
@@ -178,7 +175,7 @@ def bench_batch1(model, args, compile: bool, fast_decode: bool = True) -> dict:
     llm = LLM(model, config=cfg)
     engine = llm.engine
     attention = "kernel" if engine.runner.paged_kernel else "gather"
-    params = EngineSamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
     t0 = time.perf_counter()
     llm.generate([prompt], params)  # warm-up: captures (and compiles) the decode graph
     warmup = time.perf_counter() - t0

@@ -80,15 +80,13 @@ class DecodeStep:
     """The engine's captured batch-1 greedy decode step, re-captured with given GEMV configs and timed."""
 
     def __init__(self, model, prompt_len: int = 128, new_tokens: int = 512, replays: int = 320):
-        from lmforge.infer.sampling.batch import EngineSamplingParams
-        from lmforge.infer.engine import EngineConfig
-        from lmforge.infer import LLM
+        from lmforge.infer import EngineConfig, LLM, SamplingParams
 
         cfg = EngineConfig(max_model_len=prompt_len + new_tokens + 16, max_num_seqs=1, block_size=16,
                            decode_steps=16, compile=True, enable_prefix_caching=False)
         self.llm = LLM(model, config=cfg)
         self.prompt = [list(range(1, prompt_len + 1))]
-        self.params = EngineSamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)
+        self.params = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)
         self.replays = replays
 
     def kinds(self) -> list[str]:

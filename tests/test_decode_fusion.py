@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from lmforge.infer import SamplingParams, generate  # noqa: E402
 from lmforge.infer.kernels import gemv  # noqa: E402
 from lmforge.infer.kernels.decode_fusion import DecodeLinear, pack_for_decode, unpack_for_decode  # noqa: E402
-from lmforge.infer.engine import EngineConfig  # noqa: E402
-from lmforge.infer import LLM  # noqa: E402
+from lmforge.infer import EngineConfig, LLM  # noqa: E402
 from lmforge.models import load_hf  # noqa: E402
 from lmforge.testing import make_tiny_checkpoint  # noqa: E402
 

@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.infer import SamplingParams, generate
-from lmforge.infer.sampling.batch import EngineSamplingParams as P
+from lmforge.infer import LLM, SamplingParams, generate
 from lmforge.infer.engine import ContextLengthError, Engine, EngineConfig
-from lmforge.infer import LLM
 from lmforge.infer.engine.paged_cache import BlockPool, block_hashes
 from lmforge.models import load_hf
 from lmforge.testing import make_tiny_checkpoint
@@ -72,9 +70,9 @@ def test_static_decode_samples_in_the_graph_only_when_plain_greedy(model):
     """Penalties, logprobs or a seeded draw keep sampling outside the replayed step; their output through the
     static-shape path equals the dynamic path's, while plain greedy requests take the self-sampling step."""
     prompts = _prompts(3, lo=4, hi=12, seed=9, vocab=500)
-    params = [P(temperature=0, max_new_tokens=10, ignore_eos=True, frequency_penalty=1.5),
-              P(temperature=0, max_new_tokens=10, ignore_eos=True, logprobs=2),
-              P(temperature=0.8, seed=3, max_new_tokens=10, ignore_eos=True)]
+    params = [SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True, frequency_penalty=1.5),
+              SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.8, seed=3, max_new_tokens=10, ignore_eos=True)]
     dynamic = _engine(model, decode_steps=4, max_model_len=64)
     static = _engine(model, decode_steps=4, max_model_len=64)
     static.engine.runner.enable_static_decode()
@@ -85,8 +83,8 @@ def test_static_decode_samples_in_the_graph_only_when_plain_greedy(model):
             assert [lp.logprob for o in got for lp in o.logprobs] == pytest.approx(
                 [lp.logprob for o in want for lp in o.logprobs], abs=1e-5)
     assert not any(greedy for (_, _, _, greedy) in static.engine.runner.graphs)
-    want = dynamic.generate(prompts, P(temperature=0, max_new_tokens=10, ignore_eos=True))
-    assert [o.token_ids for o in static.generate(prompts, P(temperature=0, max_new_tokens=10, ignore_eos=True))] \
+    want = dynamic.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True))
+    assert [o.token_ids for o in static.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True))] \
         == [o.token_ids for o in want]
     assert any(greedy for (_, _, _, greedy) in static.engine.runner.graphs)
 
@@ -166,15 +164,15 @@ def test_block_pool_refcounts_lru_eviction_and_token_verified_hits():
 def test_per_request_sampling_seeds_penalties_top_k(model):
     prompts = _prompts(4, lo=5, hi=20, seed=4)
     llm = _engine(model)
-    seeded = P(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12, ignore_eos=True)
     alone = llm.generate(prompts[:1], seeded)[0].token_ids
-    batched = llm.generate(prompts, [seeded, GREEDY, P(temperature=1.0, seed=8, max_new_tokens=12), GREEDY])
+    batched = llm.generate(prompts, [seeded, GREEDY, SamplingParams(temperature=1.0, seed=8, max_new_tokens=12), GREEDY])
     assert batched[0].token_ids == alone  # a seeded request's draws do not depend on its batch
     assert llm.generate(prompts[:1], seeded.model_copy(update={"seed": 8}))[0].token_ids != alone
-    top1 = llm.generate(prompts[:1], P(temperature=1.5, top_k=1, max_new_tokens=12, ignore_eos=True))[0]
-    greedy = llm.generate(prompts[:1], P(temperature=0, max_new_tokens=12, ignore_eos=True))[0]
+    top1 = llm.generate(prompts[:1], SamplingParams(temperature=1.5, top_k=1, max_new_tokens=12, ignore_eos=True))[0]
+    greedy = llm.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))[0]
     assert top1.token_ids == greedy.token_ids
-    long = P(temperature=0, max_new_tokens=40, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
     plain = llm.generate(prompts[:1], long)[0].token_ids
     penalized = llm.generate(prompts[:1], long.model_copy(update={"frequency_penalty": 2.0}))[0].token_ids
     assert len(set(penalized)) > len(set(plain))
@@ -184,7 +182,7 @@ def test_per_request_sampling_seeds_penalties_top_k(model):
 
 def test_logprobs_are_the_models_log_softmax(model):
     prompt = _prompts(1, lo=9, hi=9, seed=5)[0]
-    out = _engine(model).generate([prompt], P(temperature=0, max_new_tokens=3, ignore_eos=True, logprobs=4))[0]
+    out = _engine(model).generate([prompt], SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True, logprobs=4))[0]
     with torch.no_grad():
         ref = model(torch.tensor([prompt]))[0, -1].float().log_softmax(-1)
     first = out.logprobs[0]
@@ -197,22 +195,22 @@ def test_logprobs_are_the_models_log_softmax(model):
 def test_stop_strings_and_stop_ids_follow_generate(model, tok):
     llm = _engine(model, tok)
     prompt = [tok.encode("Hello world")]
-    free = llm.generate(prompt, P(temperature=0, max_new_tokens=16, ignore_eos=True))[0]
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))[0]
     stop = free.text[5:8]
     want = generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, stop=[stop]),
                     tokenizer=tok)[0]
-    got = llm.generate(prompt, P(temperature=0, max_new_tokens=16, ignore_eos=True, stop=[stop]))[0]
+    got = llm.generate(prompt, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, stop=[stop]))[0]
     assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, "stop")
     stop_id = free.token_ids[4]
-    got = llm.generate(prompt, P(temperature=0, max_new_tokens=16, ignore_eos=True, stop_token_ids=[stop_id]))[0]
+    got = llm.generate(prompt, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, stop_token_ids=[stop_id]))[0]
     assert got.token_ids == free.token_ids[:free.token_ids.index(stop_id)] and got.finish_reason == "stop"
-    assert llm.generate("Hello world", P(temperature=0, max_new_tokens=16, ignore_eos=True))[0].text == free.text
+    assert llm.generate("Hello world", SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))[0].text == free.text
 
 
 @pytest.mark.parametrize("max_tokens", [3, 9, 40])
 def test_json_object_mode_output_always_parses(model, tok, max_tokens):
     llm = _engine(model, tok)
-    outs = llm.generate(["Reply in JSON:", "{"], P(temperature=1.0, seed=11, max_new_tokens=max_tokens,
+    outs = llm.generate(["Reply in JSON:", "{"], SamplingParams(temperature=1.0, seed=11, max_new_tokens=max_tokens,
                                                      json_object=True))
     for o in outs:
         assert isinstance(json.loads(o.text), dict), o.text
@@ -266,8 +264,8 @@ def test_several_lora_adapters_in_one_batch_match_each_adapter_alone(ckpt, model
 
 def test_abort_frees_blocks_and_reports_it(model):
     engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=128))
-    rid = engine.add_request(_prompts(1, lo=30, hi=30)[0], P(max_new_tokens=60, ignore_eos=True))
-    other = engine.add_request(_prompts(1, lo=10, hi=10, seed=9)[0], P(max_new_tokens=5, ignore_eos=True))
+    rid = engine.add_request(_prompts(1, lo=30, hi=30)[0], SamplingParams(max_new_tokens=60, ignore_eos=True))
+    other = engine.add_request(_prompts(1, lo=10, hi=10, seed=9)[0], SamplingParams(max_new_tokens=5, ignore_eos=True))
     outs = []
     for _ in range(2):
         outs += engine.step()
@@ -324,7 +322,7 @@ def test_greedy_run_ahead_matches_generate_and_drops_tokens_past_a_stop(model, m
     assert engine._inflight is None
     assert engine.stats()["free_blocks"] == engine.stats()["num_blocks"] - 1
 
-    rid = engine.add_request(prompts[2], P(temperature=0, max_new_tokens=40, ignore_eos=True))
+    rid = engine.add_request(prompts[2], SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True))
     outs = []
     while engine._inflight is None:
         outs += engine.step()
@@ -343,7 +341,7 @@ def test_gpu_run_ahead_changes_no_token(tmp_path, monkeypatch):
     the tokens it gives without them, for a batch and for one request alone."""
     model = load_hf(make_tiny_checkpoint(tmp_path / "tiny"), progress=False, device="cuda", dtype=torch.bfloat16)
     prompts = _prompts(8, lo=3, hi=40, seed=5, vocab=500)
-    params = [P(temperature=0, max_new_tokens=7 + 5 * i, ignore_eos=True) for i in range(8)]
+    params = [SamplingParams(temperature=0, max_new_tokens=7 + 5 * i, ignore_eos=True) for i in range(8)]
     outs, launched = [], []
     for ahead in (True, False):
         if not ahead:
@@ -390,7 +388,7 @@ def test_a_request_whose_sampling_raises_fails_alone(model, tok, monkeypatch, de
     want = [r.token_ids for r in generate(model, prompts, GREEDY)]
     engine = Engine(model, tok, EngineConfig(block_size=4, num_blocks=256, decode_steps=decode_steps))
     ids = [engine.add_request(p, GREEDY) for p in prompts[:3]]
-    bad = engine.add_request(prompts[0], P(max_new_tokens=8, json_object=True, temperature=0.5))
+    bad = engine.add_request(prompts[0], SamplingParams(max_new_tokens=8, json_object=True, temperature=0.5))
     ids += [engine.add_request(p, GREEDY) for p in prompts[3:]]
     finals = _run_all(engine)
     assert finals[bad].finish_reason == "error" and "constraint exploded" in finals[bad].error

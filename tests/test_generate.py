@@ -128,3 +128,13 @@ def test_empty_prompt_and_stop_without_tokenizer_are_errors(model_and_tok):
         generate(model, [[]])
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, [[1, 2]], SamplingParams(stop=["x"]))
+
+
+def test_engine_only_params_are_refused_by_name(model_and_tok):
+    """One SamplingParams for generate() and the engine: the fields only the engine serves are refused here in one
+    line naming them, never silently ignored."""
+    from lmforge.errors import ConfigError
+
+    model, _ = model_and_tok
+    with pytest.raises(ConfigError, match="^presence_penalty, logprobs: served by the engine only"):
+        generate(model, [[5, 6]], SamplingParams(presence_penalty=0.5, logprobs=2))

@@ -20,7 +20,7 @@ from lmforge.align.rewards import RewardSet, extract_answer, extract_number, ref
 from lmforge.align.run import AlignConfig
 from lmforge.data import DataConfig
 from lmforge.errors import ConfigError
-from lmforge.infer.sampling.batch import EngineSamplingParams
+from lmforge.infer import SamplingParams
 from lmforge.models import load_hf
 from lmforge.peft.methods import build_method
 from lmforge.testing import make_tiny_checkpoint
@@ -163,7 +163,7 @@ def test_rollouts_use_the_live_weights_and_a_fresh_prefix_cache(ckpt, tmp_path, 
     def engine_logps():
         """Greedy completions and the engine's log-probs of them (temperature 1, as the trainer computes)."""
         eng = obj.engine or obj.build_engine(trainer.ctx)
-        params = EngineSamplingParams(temperature=0, max_new_tokens=6, logprobs=0, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_new_tokens=6, logprobs=0, ignore_eos=True)
         ids = [eng.add_request(p, params) for p in prompts]
         done = {}
         while len(done) < len(ids):

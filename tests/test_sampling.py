@@ -88,12 +88,12 @@ def test_sampling_is_nan_safe_for_any_accepted_parameter(params):
 
 
 def test_batch_sampler_and_json_constraint_are_nan_safe():
-    from lmforge.infer.sampling.batch import BatchSampler, EngineSamplingParams
+    from lmforge.infer.sampling.batch import BatchSampler
     from lmforge.infer.sampling.json_constraint import JsonObjectConstraint
 
     class Row:
         def __init__(self, **kw):
-            self.params, self.token_ids, self.num_prompt, self.generator = EngineSamplingParams(**kw), [0, 1], 1, None
+            self.params, self.token_ids, self.num_prompt, self.generator = SamplingParams(**kw), [0, 1], 1, None
 
     rows = [Row(temperature=1e-40), Row(temperature=1e-3, repetition_penalty=1e-300), Row(temperature=1.0)]
     texts = ["{", "}", '"', "a", ":", "1", " ", "x"]

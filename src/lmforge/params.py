@@ -1,6 +1,7 @@
-"""`SamplingParams`: how each next token is picked (generate, chat, the server, eval). A module of its own, outside
-`lmforge.infer` and free of torch, so the CLI's configs that extend it load without importing torch (`lmforge
---help` lists the verbs in a fraction of a second); `lmforge.infer.SamplingParams` is the same class."""
+"""`SamplingParams`: how each next token is picked and when a sequence stops — the one parameter class of
+`generate()`, the engine, `LLM`, the server and eval. A module of its own, outside `lmforge.infer` and free of torch,
+so the CLI's configs that extend it load without importing torch (`lmforge --help` lists the verbs in a fraction of
+a second); `lmforge.infer.SamplingParams` is the same class."""
 from __future__ import annotations
 
 from pydantic import Field
@@ -12,7 +13,9 @@ MIN_TEMPERATURE = 1e-5
 
 
 class SamplingParams(Section):
-    """How to pick each next token. temperature 0 means greedy (argmax)."""
+    """How to pick each next token. temperature 0 means greedy (argmax). The last four fields (OpenAI-style penalties,
+    logprobs, JSON mode) are served by the engine (`LLM`, `lmforge serve`); `generate()`, the simple reference path,
+    refuses them."""
 
     max_new_tokens: int = Field(128, ge=1)
     """Most tokens to generate per prompt."""
@@ -32,7 +35,23 @@ class SamplingParams(Section):
     """Keep generating past eos (benchmarks)."""
     seed: int | None = Field(None, ge=-2**63, lt=2**64)
     """Seed for sampling; the same seed and prompts give the same tokens."""
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Engine only (LLM, lmforge serve): subtracted from the logit of every token already generated (OpenAI
+    semantics; >0 discourages repeats)."""
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Engine only: subtracted once per earlier occurrence of a token in the generated text."""
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Engine only: return the chosen token's log-probability and this many most likely alternatives (None = off)."""
+    json_object: bool = False
+    """Engine only: constrain the output to one JSON object that parses (needs a tokenizer)."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    def engine_only(self) -> list[str]:
+        """The fields set away from their defaults that only the engine serves (see the class docstring)."""
+        return [f for f in ENGINE_ONLY if getattr(self, f) != type(self).model_fields[f].default]
+
+
+ENGINE_ONLY = ("presence_penalty", "frequency_penalty", "logprobs", "json_object")

@@ -35,8 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LmforgeError
 from ..infer.api.async_engine import AsyncEngine, EngineDeadError
-from ..infer.sampling.batch import EngineSamplingParams
-from ..infer.api.outputs import TokenLogprob
+from ..infer import SamplingParams, TokenLogprob
 from ..infer.engine import ContextLengthError, RequestOutput
 from .guard import RequestGuard
 from .protocol import (ChatRequest, CompletionRequest, LoadLoraRequest, OpenAIError, UnloadLoraRequest, message_dicts,
@@ -97,7 +96,7 @@ def _engine_params(body, max_tokens: int, logprobs: int | None, json_object: boo
                   stop=body.stop or [], stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, seed=seed,
                   logprobs=logprobs, json_object=json_object)
     try:
-        return EngineSamplingParams(**fields)
+        return SamplingParams(**fields)
     except pydantic.ValidationError as e:
         err = e.errors(include_url=False)[0]
         field = str(err["loc"][0]) if err["loc"] else "request"
@@ -224,7 +223,7 @@ class _Prepared:
 
     body: CompletionRequest | ChatRequest
     adapter: str | None
-    subs: list[tuple[int, list[int], EngineSamplingParams]]  # (choice index, prompt ids, params)
+    subs: list[tuple[int, list[int], SamplingParams]]  # (choice index, prompt ids, params)
     prompt_tokens: int
     echo: list[str] | None = None  # completions with echo: each prompt's text
 

@@ -47,6 +47,9 @@ def generate(
     is the serving path). Stops at eos (model config + tokenizer), stop ids/strings, or max_new_tokens;
     `on_token(row, token_id, text)` streams every generated token as it is chosen."""
     params = params or SamplingParams()
+    if params.engine_only():
+        raise ConfigError(f"{', '.join(params.engine_only())}: served by the engine only, not by generate() (the simple "
+                          "reference path); use lmforge.infer.LLM or lmforge serve, or leave the default")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("generate needs at least one non-empty prompt (--prompt TEXT, or text on stdin)")
     if params.stop and tokenizer is None:

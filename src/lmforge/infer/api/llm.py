@@ -2,7 +2,7 @@
 
     llm = LLM("./ckpt")                       # a checkpoint directory, .gguf file or Hugging Face id (or a loaded
                                               # Transformer + tokenizer, e.g. from checkpoint.load_model_and_tokenizer)
-    outs = llm.generate(["Hello", "Bonjour"], EngineSamplingParams(temperature=0, max_new_tokens=32))  # Completions
+    outs = llm.generate(["Hello", "Bonjour"], SamplingParams(temperature=0, max_new_tokens=32))  # Completions
     print(outs[0].text)
 
 Every prompt becomes an engine request; the engine batches them continuously, so prompts of very different lengths

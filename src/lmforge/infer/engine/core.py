@@ -34,7 +34,7 @@ from pydantic import Field
 from ...config import Section
 from ...errors import ConfigError, LmforgeError
 from ...models.transformer import Transformer
-from ..sampling.batch import BatchSampler, EngineSamplingParams
+from ..sampling.batch import BatchSampler
 from ..kernels.decode_fusion import pack_for_decode
 from ..sampling.json_constraint import JsonObjectConstraint
 from .model_runner import ModelRunner, kv_cache_blocks
@@ -158,9 +158,9 @@ class Engine:
         self.adapters.remove(name)
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                 adapter: str | None = None) -> EngineSamplingParams:
+                 adapter: str | None = None) -> SamplingParams:
         """Check a request without queuing it (safe from any thread); raises a one-line LmforgeError."""
-        params = EngineSamplingParams.of(params)
+        params = params or SamplingParams()
         if len(prompt_ids) == 0:
             raise ConfigError("prompt is empty: give at least one token")
         vocab = self.model.cfg.vocab_size

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling.batch import EngineSamplingParams
+from ...params import SamplingParams
 from .paged_cache import BlockPool, block_hashes
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -26,7 +26,7 @@ WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 class Request:
     request_id: str
     token_ids: list[int]  # prompt followed by the generated tokens
-    params: EngineSamplingParams
+    params: SamplingParams
     adapter: str | None = None  # the LoRA adapter's prefix-cache namespace (one per load), None = the base model
     adapter_slot: int = 0
     num_prompt: int = 0

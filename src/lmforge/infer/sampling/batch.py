@@ -12,28 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import Field
 
-from .logits import SamplingParams, finite_logits
-
-
-class EngineSamplingParams(SamplingParams):
-    """`SamplingParams` plus what serving adds: OpenAI-style penalties, logprobs, a JSON-object constraint."""
-
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    """Subtracted from the logit of every token already generated (OpenAI semantics; >0 discourages repeats)."""
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    """Subtracted once per earlier occurrence of a token in the generated text."""
-    logprobs: int | None = Field(None, ge=0, le=20)
-    """Return the chosen token's log-probability and this many most likely alternatives (None = off)."""
-    json_object: bool = False
-    """Constrain the output to one JSON object that parses (needs a tokenizer)."""
-
-    @classmethod
-    def of(cls, params: SamplingParams | None) -> EngineSamplingParams:
-        if isinstance(params, cls):
-            return params
-        return cls(**params.model_dump()) if params is not None else cls()
+from .logits import finite_logits
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +43,7 @@ class BatchSampler:
 
     def __init__(self, rows: Sequence, vocab_size: int, device: torch.device, constraints: dict | None = None):
         self.rows, self.V, self.device = rows, vocab_size, device
-        params = [EngineSamplingParams.of(r.params) for r in rows]
+        params = [r.params for r in rows]
         self.constraints = constraints or {}  # row -> callable(scores (V,), greedy, generator, token) -> token
         f32 = dict(dtype=torch.float32, device=device)
         self.greedy_all = all(p.greedy for p in params)

@@ -298,3 +298,26 @@ def test_every_help_row_says_what_the_option_does():
     classes["train stage=grpo"] = AlignConfig
     bare = [f"{verb}: {key}" for verb, cls in classes.items() for key, _, _, desc in describe(cls) if not desc]
     assert not bare, bare
+
+
+def test_sgd_and_adamw_shared_options_and_their_misuse(setup, capsys):
+    """optim.momentum reaches SGD, optim.betas / eps / weight_decay reach AdamW; given to a built-in optimizer that
+    does not read them (they were silently ignored) they are one-line errors naming the optimizer that does."""
+    res = train(setup, "sgd", "optim.name=sgd", "optim.momentum=0.5")
+    opt = res["optimizer"]
+    assert all(g["momentum"] == 0.5 for g in opt.param_groups)
+    assert any("momentum_buffer" in s for s in opt.state.values())
+    res = train(setup, "adamw", "optim.betas=[0.8,0.95]", "optim.eps=1e-6", "optim.weight_decay=0.1")
+    groups = res["optimizer"].param_groups
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in groups)
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.1]  # 1-D parameters never decay
+    root, ckpt, data = setup
+    base = [f"model.path={ckpt}", f"data.path={data}", f"train.output_dir={root / 'bad'}"]
+    for args, want in ((["optim.momentum=0.9"], "optim.momentum is an option of optimizer 'sgd', but optim.name is "
+                                                "'adamw': set optim.name=sgd or drop it"),
+                       (["optim.name=lomo", "optim.betas=[0.8,0.9]"], "optim.betas is an option of the Adam "
+                                                                      "optimizers"),
+                       (["optim.name=sgd", "optim.eps=1e-6"], "but optim.name is 'sgd'")):
+        assert main(["train", *base, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and want in err, err

@@ -113,7 +113,20 @@ class OptimSection(Section):
             if changed:
                 raise ValueError(f"optim.{field}.{changed[0]} is an option of optimizer '{field}', but optim.name is "
                                  f"'{self.name}': set optim.name={field} or drop it")
+        # the shared fields of the built-ins that do not read them (an optimizer registered elsewhere may)
+        if self.momentum != 0.0 and self.name in _NOT_SGD:
+            raise ValueError(f"optim.momentum is an option of optimizer 'sgd', but optim.name is '{self.name}': set "
+                             "optim.name=sgd or drop it")
+        for key in ("betas", "eps"):
+            if self.name in _NOT_ADAM and getattr(self, key) != OptimSection.model_fields[key].default:
+                raise ValueError(f"optim.{key} is an option of the Adam optimizers ({', '.join(_ADAM)}), but "
+                                 f"optim.name is '{self.name}': drop it")
         return self
+
+
+_ADAM = ("adamw", "adamw_backward", "badam", "galore")  # read optim.betas and optim.eps
+_NOT_ADAM = ("sgd", "lomo", "adalomo")
+_NOT_SGD = (*_ADAM, "lomo", "adalomo")  # optim.momentum is SGD's alone
 
 
 class ScheduleSection(Section):

@@ -143,11 +143,13 @@ def _prompt_rows(tok, n=4):
                            "messages": [], "record": {}} for i in range(n)])
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "qlora"])  # qlora: the engine runs the NF4 base + live LoRA
 def test_rollouts_use_the_live_weights_and_a_fresh_prefix_cache(ckpt, tmp_path, method):
     tok = Tokenizer.from_dir(ckpt)
     model = load_hf(ckpt)
-    m = build_method(method, **({"r": 4, "target_modules": "all-linear"} if method == "lora" else {}))
+    options = {"lora": {"r": 4, "target_modules": "all-linear"},
+               "qlora": {"r": 4, "block_size": 32, "compute_dtype": "float32"}}.get(method, {})
+    m = build_method(method, **options)
     m.apply(model)
     cfg = GRPOSection(rewards=[RewardSpec(fn="format")], num_generations=2, max_new_tokens=6)
     obj = GRPOObjective(cfg, tok, RewardSet(cfg.rewards))

@@ -236,3 +236,16 @@ def test_training_a_quantized_checkpoint_refuses_what_it_cannot_train_or_save(q4
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert want in err, err
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_tokenizer_resize_keeps_a_quantized_checkpoint_quantized(q4, tmp_path, capsys):
+    """`lmforge tokenizer resize` on a quantized checkpoint wrote the embeddings and norms only (save_hf), a checkpoint
+    no verb loaded; now the linears stay quantized and the old ids compute what they did."""
+    model, path = q4
+    bigger = make_tiny_checkpoint(tmp_path / "tok600", vocab_size=600)
+    assert main(["tokenizer", "resize", str(path), str(bigger), "--out", str(tmp_path / "r")]) == 0
+    resized = load_hf(tmp_path / "r")
+    assert resized.cfg.vocab_size == 600 and quantized_linears(resized).keys() == quantized_linears(model).keys()
+    ids = torch.arange(1, 21)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(resized(ids)[..., :512], model(ids), atol=1e-5, rtol=1e-5)

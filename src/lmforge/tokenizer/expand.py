@@ -54,7 +54,12 @@ def expand_checkpoint(model_dir: str | Path, tokenizer_dir: str | Path, out_dir:
     info = resize_for_tokenizer(model, old, new, init, pad_to_multiple_of)
     info = {"model": str(model_dir), "tokenizer": str(tokenizer_dir), **info}
     with atomic_dir(out, replace_only_models=True) as tmp:  # the checkpoint appears whole, or not at all
-        save_hf(model, tmp)
+        if model.quantization_config:  # a quantized checkpoint stays one: save_hf writes full-precision weights only
+            from ..quant import save_quantized
+
+            save_quantized(model, tmp)
+        else:
+            save_hf(model, tmp)
         for name in ("tokenizer.json", *TOKENIZER_CONFIG_FILES):  # generation_config.json comes from save_hf
             if (tokenizer_dir / name).is_file():
                 (tmp / name).write_bytes((tokenizer_dir / name).read_bytes())

@@ -35,8 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LmforgeError
 from ..infer.api.async_engine import AsyncEngine, EngineDeadError
-from ..infer import SamplingParams, TokenLogprob
-from ..infer.engine import ContextLengthError, RequestOutput
+from ..infer import Completion, SamplingParams, TokenLogprob
+from ..infer.engine import ContextLengthError
 from .guard import RequestGuard
 from .protocol import (ChatRequest, CompletionRequest, LoadLoraRequest, OpenAIError, UnloadLoraRequest, message_dicts,
                        parse_request, validation_error)
@@ -119,7 +119,7 @@ def _check_unsupported(body) -> None:
 
 
 async def _outputs(state: ServerState, subs: list[tuple], adapter: str | None, request: Request,
-                   rid: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+                   rid: str) -> AsyncIterator[tuple[int, Completion]]:
     """(choice index, output) of several engine requests as they arrive. Leaving early, or the client going
     away (polled every half second), aborts whatever is unfinished."""
     queue: asyncio.Queue = asyncio.Queue()

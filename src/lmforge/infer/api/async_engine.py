@@ -14,8 +14,9 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
-from ..engine.core import Engine, RequestOutput
+from ..engine.core import Engine
 from ..sampling.logits import SamplingParams
+from .outputs import Completion
 
 log = logging.getLogger("lmforge.serve")
 T = TypeVar("T")
@@ -53,7 +54,7 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None, request_id: str,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None = None) -> AsyncIterator[Completion]:
         """Outputs of one request as they come; raises the engine's one-line error before the first output if the
         request is invalid (too long, bad parameters)."""
         params = self.engine.validate(prompt_ids, params, adapter)

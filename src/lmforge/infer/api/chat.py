@@ -1,8 +1,8 @@
 """A multi-turn chat session: history + chat template + generate(). Used by `lmforge chat` (and later the server)."""
 from __future__ import annotations
 
-from .generate import TokenCallback, generate
 from ..sampling.logits import SamplingParams
+from .generate import TokenCallback, generate
 
 
 class ChatSession:

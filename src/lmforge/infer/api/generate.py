@@ -17,9 +17,9 @@ import torch
 
 from ...errors import ConfigError
 from ...models.transformer import Transformer
-from .outputs import Completion
 from ..sampling.logits import SamplingParams, sample
 from ..sampling.stops import StopText
+from .outputs import Completion
 
 TokenCallback = Callable[[int, "int | None", str], None]  # (row, token_id, new text); None id = final text flush
 
@@ -120,6 +120,7 @@ def generate(
         logits = step(next_tok[:, None], next_pos, cache, decode_slots[t:t + 1])
         next_pos = next_pos + 1
     for i, r in enumerate(results):
+        r.finish_reason = r.finish_reason or "length"
         if texts is not None:
             rest = texts[i].flush()  # text held back for a stop string that never came
             if rest and on_token is not None:

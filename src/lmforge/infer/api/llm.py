@@ -17,11 +17,8 @@ from ...checkpoint import load_model_and_tokenizer
 from ...errors import ConfigError, LmforgeError
 from ...models.transformer import Transformer
 from ..engine.core import Engine, EngineConfig
-from .outputs import Completion
 from ..sampling.logits import SamplingParams
-
-
-LLMOutput = Completion  # the one output type (`lmforge.infer.api.outputs`); the name LLM.generate had before
+from .outputs import Completion
 
 
 class LLM:
@@ -66,8 +63,7 @@ class LLM:
             for rid in order:
                 engine.abort(rid)
             raise
-        return [Completion(p, done[r].token_ids, done[r].text, done[r].finish_reason, done[r].logprobs, done[r].error)
-                for p, r in zip(ids, order)]
+        return [done[r] for r in order]
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -17,15 +17,15 @@ and their blocks are freed, the others simply run again in the next step. Per-re
 rules, detokenization, the JSON automaton) fails only its own request. A failure no request can be blamed for is
 raised: the engine itself is broken.
 
-`LLM` (offline) and the server (`lmforge.serve`) both drive this class; it is not thread-safe (the server runs it
-on one background thread).
+`step()` returns `Completion`s (`lmforge.infer.api.outputs`, the one output type): a running request's carry that
+step's deltas, a finished one's the totals too. `LLM` (offline) and the server (`lmforge.serve`) both drive this
+class; it is not thread-safe (the server runs it on one background thread).
 """
 from __future__ import annotations
 
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -34,16 +34,16 @@ from pydantic import Field
 from ...config import Section
 from ...errors import ConfigError, LmforgeError
 from ...models.transformer import Transformer
-from ..sampling.batch import BatchSampler
+from ..api.outputs import Completion, TokenLogprob
 from ..kernels.decode_fusion import pack_for_decode
+from ..sampling.batch import BatchSampler
 from ..sampling.json_constraint import JsonObjectConstraint
+from ..sampling.logits import SamplingParams
+from ..sampling.stops import StopText
 from .model_runner import ModelRunner, kv_cache_blocks
 from .multi_lora import AdapterSet
-from ..api.outputs import TokenLogprob
 from .paged_cache import BlockPool
-from ..sampling.logits import SamplingParams
 from .scheduler import FINISHED, RUNNING, Request, Scheduled, Scheduler
-from ..sampling.stops import StopText
 
 log = logging.getLogger("lmforge.engine")
 
@@ -87,24 +87,6 @@ class ContextLengthError(LmforgeError):
     """A request does not fit: prompt + max tokens exceed the model length or the KV cache."""
 
 
-@dataclass
-class RequestOutput:
-    """What one step produced for one request (deltas); the totals are filled in when it finishes."""
-
-    request_id: str
-    new_token_ids: list[int] = field(default_factory=list)
-    new_text: str = ""
-    new_logprobs: list[TokenLogprob] = field(default_factory=list)
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    token_ids: list[int] | None = None  # all generated ids, when finished
-    text: str | None = None  # all generated text (with a tokenizer), when finished
-    logprobs: list[TokenLogprob] | None = None  # when finished, if asked for
-    error: str | None = None  # finish_reason "error": what went wrong ("ExceptionType: message")
-
-
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None,
                  adapters: dict[str, str] | None = None):
@@ -133,7 +115,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.counters = {"finished": 0, "aborted": 0, "failed": 0, "blocks_freed_on_abort": 0, "prompt_tokens": 0,
                          "generated_tokens": 0}
-        self._pending: list[RequestOutput] = []
+        self._pending: list[Completion] = []
         self._inflight: _Run | None = None  # a greedy decode launched ahead, read by the next step
         self._ids = itertools.count()
         self._token_texts: list[str] | None = None
@@ -190,12 +172,12 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ConfigError(f"request id '{request_id}' is already in use")
-        req = Request(request_id, [int(t) for t in prompt_ids], params, self.adapters.cache_key(adapter),
-                      self.adapters.slot(adapter))
+        prompt = [int(t) for t in prompt_ids]
+        req = Request(request_id, list(prompt), params, self.adapters.cache_key(adapter), self.adapters.slot(adapter))
         if params.seed is not None and not params.greedy:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._base_stop_ids)
-        req.extra = {"stop_ids": stop_ids, "logprobs": [],
+        req.extra = {"prompt": prompt, "stop_ids": stop_ids, "logprobs": [],
                      "detok": StopText(self.tokenizer, params.stop) if self.tokenizer is not None else None,
                      "json": JsonObjectConstraint(self.token_texts(), params.max_new_tokens)
                      if params.json_object else None}
@@ -214,7 +196,7 @@ class Engine:
         self.counters["aborted"] += 1
         self.counters["blocks_freed_on_abort"] += freed
         self._forget_finished_inflight()
-        self._pending.append(self._final(req, RequestOutput(request_id)))
+        self._pending.append(self._final(req, _output(req)))
         return True
 
     def reset_prefix_cache(self) -> int:
@@ -266,7 +248,7 @@ class Engine:
         return BatchSampler(reqs, self.model.cfg.vocab_size, self.device, constraints)
 
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[Completion]:
         """Run one scheduling step; return the outputs of every request that produced something or ended."""
         outputs, self._pending = self._pending, []
         if self._inflight is not None:  # launched by the last step: read it (launching the next one first)
@@ -318,7 +300,7 @@ class Engine:
         result = self._sampler([c.request for c in sampled])(torch.cat(logits))
         return sampled, self._host_results([result], len(sampled))[0]
 
-    def _isolate(self, chunks: list[Scheduled], k: int, error: Exception) -> list[RequestOutput]:
+    def _isolate(self, chunks: list[Scheduled], k: int, error: Exception) -> list[Completion]:
         """The work of a step raised `error`. Rerun parts of it to find the requests whose work fails on its own:
         halve the batch and keep halving the halves that fail (about 2 log2(B) probes per culprit, on this failure
         path only). The culprits end with an error; the others run again next step (nothing of the failed step was
@@ -341,7 +323,7 @@ class Engine:
                 culprits += self._blame(half, k, e)
         return culprits
 
-    def _fail(self, req: Request, error: Exception) -> RequestOutput:
+    def _fail(self, req: Request, error: Exception) -> Completion:
         """End a request whose work raised `error`: its blocks are freed, its last output carries the error."""
         log.warning("request %s failed: %s: %s", req.request_id, type(error).__name__, error)
         self.requests.pop(req.request_id, None)
@@ -349,14 +331,15 @@ class Engine:
         req.status, req.finish_reason = FINISHED, "error"
         self.counters["failed"] += 1
         self._forget_finished_inflight()
-        out = RequestOutput(req.request_id, error=f"{type(error).__name__}: {error}")
+        out = _output(req)
+        out.error = f"{type(error).__name__}: {error}"
         try:
             return self._final(req, out)
         except Exception:  # noqa: BLE001 - its detokenizer is what broke: report without the text
-            out.finished, out.finish_reason = True, "error"
+            out.finish_reason = "error"
             return out
 
-    def _finish(self, run: _Run) -> list[RequestOutput]:
+    def _finish(self, run: _Run) -> list[Completion]:
         """Read a multi-step decode and apply the stop rules, after launching the next greedy run of the same rows
         when nothing else could use the step (see `_run_ahead`)."""
         self._inflight = self._run_ahead(run)
@@ -410,7 +393,7 @@ class Engine:
             tops = [[[] for _ in range(n)] for _ in results]
         return [[(t, TokenLogprob(t, lp, top)) for t, lp, top in zip(*step)] for step in zip(tokens, chosen, tops)]
 
-    def _emit(self, req: Request, sampled: list[tuple[int, TokenLogprob | None]]) -> RequestOutput:
+    def _emit(self, req: Request, sampled: list[tuple[int, TokenLogprob | None]]) -> Completion:
         """Apply stop rules to the sampled tokens of one request (discarding any after a stop); an exception in
         this per-request work (detokenizer, JSON automaton) fails that request alone."""
         try:
@@ -418,8 +401,8 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             return self._fail(req, e)
 
-    def _emit_tokens(self, req: Request, sampled: list[tuple[int, TokenLogprob | None]]) -> RequestOutput:
-        out = RequestOutput(req.request_id, prompt_tokens=req.num_prompt)
+    def _emit_tokens(self, req: Request, sampled: list[tuple[int, TokenLogprob | None]]) -> Completion:
+        out = _output(req)
         ex = req.extra
         reason = None
         for token, lp in sampled:
@@ -454,19 +437,22 @@ class Engine:
             self.requests.pop(req.request_id, None)
             self.counters["finished"] += 1
             return self._final(req, out)
-        out.generated_tokens = req.num_generated
         return out
 
-    def _final(self, req: Request, out: RequestOutput) -> RequestOutput:
+    def _final(self, req: Request, out: Completion) -> Completion:
         detok = req.extra.get("detok")
         if detok is not None:
             out.new_text += detok.flush()  # text held back for a stop string that never came
-        out.finished, out.finish_reason = True, req.finish_reason
-        out.prompt_tokens, out.generated_tokens = req.num_prompt, req.num_generated
+        out.finish_reason = req.finish_reason
         out.token_ids = req.output_ids
         out.text = detok.text if detok is not None else None
         out.logprobs = req.extra.get("logprobs") if req.params.logprobs is not None else None
         return out
+
+
+def _output(req: Request) -> Completion:
+    """A step's output for `req`: its deltas go in as the step runs; `Engine._final` adds the totals."""
+    return Completion(req.extra["prompt"], None, None, request_id=req.request_id)
 
 
 class _Run:

@@ -19,9 +19,9 @@ import torch
 
 from ...errors import ConfigError
 from ...models.transformer import Transformer
-from ..sampling.batch import SampleResult
 from ..kernels.greedy_advance import greedy_advance
 from ..kernels.paged_attention import kernel_available, load_kernel
+from ..sampling.batch import SampleResult
 from .paged_cache import PagedBatch, PagedKVCache, model_calls_cache_attend, paged_batch, paged_decode_batch
 from .scheduler import Request, Scheduled
 

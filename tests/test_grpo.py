@@ -405,6 +405,9 @@ def test_lmforge_train_grpo_bad_rewards_and_missing_columns(ckpt, tmp_path, caps
         assert main([*args, f"train.output_dir={tmp_path / 'b'}",
                      f'grpo.rewards=[{{fn: "{rw}:wrong_len"}}, {{fn: "{rw}:flaky"}}]']) == 0
     assert "reward 'wrong_len' failed on prompt 0 (completion 0): ValueError: returned 2 values for 1" in caplog.text
+    wrong = [r.message for r in caplog.records if r.message.startswith("reward 'wrong_len' failed on prompt")]
+    assert len(wrong) == 2 and all(m.endswith("; and on 3 more completions (prompts 0, 1); marked missing")
+                                   for m in wrong)  # one line per reward and step, not one per completion
     assert "reward 'flaky' failed on the batch (RuntimeError: boom)" in caplog.text
     recs = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "reward_missing" in r]

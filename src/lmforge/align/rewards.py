@@ -236,12 +236,19 @@ class RewardSet:
             except Exception as e:  # noqa: BLE001 - find the completions it fails on, one at a time
                 log.warning("reward '%s' failed on the batch (%s: %s); retrying one completion at a time",
                             name, type(e).__name__, e)
+                failed = []
                 for i in range(n):
                     try:
                         scores[i, f] = self._call(fn, *([a[i]] for a in args))[0]
                     except Exception as e1:  # noqa: BLE001
-                        log.warning("reward '%s' failed on prompt %d (completion %d): %s: %s", name, i // group, i,
-                                    type(e1).__name__, e1)
+                        failed.append((i, e1))
+                if failed:  # one line per reward and batch, however many completions it failed on
+                    (i, e1), rest = failed[0], failed[1:]
+                    more = sorted({j // group for j, _ in rest})
+                    shown = ", ".join(map(str, more[:10])) + (", ..." if len(more) > 10 else "")
+                    log.warning("reward '%s' failed on prompt %d (completion %d): %s: %s%s; marked missing", name,
+                                i // group, i, type(e1).__name__, e1,
+                                f"; and on {len(rest)} more completions (prompts {shown})" if rest else "")
             bad = ~torch.isfinite(scores[:, f])
             missing += int(bad.sum())
             scores[bad, f] = float("nan")

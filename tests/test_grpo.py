@@ -128,6 +128,28 @@ def test_code_tests_and_reward_model_builtins(ckpt, tmp_path):
     assert missing == 0 and len(set(want)) == 2
 
 
+
+def test_gsm8k_rows_work_as_they_are(ckpt, tmp_path):
+    """GSM8K's {question, answer: '... #### 72'} rows: the question is the prompt, number_match reads the answer
+    column's number after '####' (and passes the pre-training column check)."""
+    from lmforge.align.data import build_prompt_datasets
+
+    rows = [{"question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
+             "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\n48+24 = <<48+24=72>>72\n#### 72"},
+            {"question": "What is 6 times 7?", "answer": "6*7 = 42\n#### 42"}]
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, _, report = build_prompt_datasets(DataConfig(path=str(tmp_path / "gsm8k.jsonl")), Tokenizer.from_dir(ckpt),
+                                            max_prompt_len=128)
+    assert len(data) == 2 and report.bad_row_count == 0
+    assert data.rows[0]["messages"] == [{"role": "user", "content": rows[0]["question"]}]
+    rs = RewardSet([RewardSpec(fn="number_match")])
+    rs.check_columns(data.rows, "data.path")
+    comps = ["48 + 24 = \\boxed{72}", "The answer is 41.", "I think it is 42"]
+    records = [data.rows[0]["record"], data.rows[1]["record"], data.rows[1]["record"]]
+    scores, missing = rs([[]] * 3, comps, records, [[1]] * 3, [[2]] * 3)
+    assert scores[:, 0].tolist() == [1, 0, 1] and missing == 0
+
+
 # ------------------------------------------------------------------------------------------------ engine in the loop
 
 

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from ..checkpoint import save_tokenizer_files
 from ..data import check_bad_share
 from ..errors import ConfigError
-from ..train.config import TrainConfig, _changed, run_steps
+from ..train.config import TrainConfig, run_steps
 from ..train.run import build_model, method_from_config, prepare_run, prepare_trainable, write_final
 from ..train.trainer import Trainer
 from .common import WithHeads
@@ -56,11 +56,6 @@ class AlignConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _ppo_reward(self):
-        for stage in ALIGN_STAGES:  # another stage's options would be silently ignored
-            changed = _changed(getattr(self, stage)) if stage != self.stage else []
-            if changed:
-                raise ValueError(f"{stage}.{changed[0]} is an option of stage '{stage}', but stage is "
-                                 f"'{self.stage}': set stage={stage} or drop it")
         if self.stage == "ppo" and self.ppo.reward_model is None and self.ppo.reward_fn is None:
             raise ValueError("stage ppo needs a reward: set ppo.reward_model (a directory from stage rm) or "
                              "ppo.reward_fn ('module:function')")

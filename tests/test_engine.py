@@ -12,6 +12,7 @@ from lmforge.errors import ConfigError
 from lmforge.infer import LLM, SamplingParams, generate
 from lmforge.infer.engine import ContextLengthError, Engine, EngineConfig
 from lmforge.infer.engine.paged_cache import BlockPool, block_hashes
+from lmforge.infer.kernels.options import KernelOptions
 from lmforge.models import load_hf
 from lmforge.testing import make_tiny_checkpoint
 from lmforge.tokenizer import Tokenizer
@@ -288,12 +289,10 @@ def test_greedy_run_ahead_matches_generate_and_drops_tokens_past_a_stop(model, m
     while a run is in flight; every block comes back. `one_launch_tail`: the step's argmax and bookkeeping run as
     the Triton kernel (CPU interpreter), as on CUDA."""
     if one_launch_tail:
-        from lmforge.infer.kernels import greedy_advance
         from lmforge.infer.kernels.paged_attention import kernel_available
 
         if not kernel_available(torch.device("cpu")):
             pytest.skip("needs triton's CPU interpreter")
-        monkeypatch.setattr(greedy_advance, "cpu_interpreter", True)
     prompts = _prompts(3, lo=5, hi=20, seed=4, vocab=500)
     probe = generate(model, prompts[:1], SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))[0]
     stop = probe.token_ids[6]
@@ -302,7 +301,7 @@ def test_greedy_run_ahead_matches_generate_and_drops_tokens_past_a_stop(model, m
               SamplingParams(temperature=0, max_new_tokens=23, ignore_eos=True)]
     want = [generate(model, [p], sp)[0].token_ids for p, sp in zip(prompts, params)]
     assert len(want[0]) < 12  # the stop id ended it
-    llm = _engine(model, decode_steps=4, max_model_len=64)
+    llm = _engine(model, decode_steps=4, max_model_len=64, kernels=KernelOptions(cpu_interpreter=one_launch_tail))
     runner = llm.engine.runner
     runner.enable_static_decode()
     launched = []

@@ -13,7 +13,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from lmforge.infer import EngineConfig, LLM, SamplingParams, generate  # noqa: E402
+from lmforge.infer import LLM, EngineConfig, SamplingParams, generate  # noqa: E402
 from lmforge.infer.kernels import paged_attention as paged_attention_module  # noqa: E402
 from lmforge.infer.kernels.paged_attention import kernel_available, paged_decode_attention  # noqa: E402
 from lmforge.infer.engine.paged_cache import model_calls_cache_attend  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 
-from lmforge.infer import EngineConfig, LLM, SamplingParams, generate
+from lmforge.infer import LLM, EngineConfig, SamplingParams, generate
 from lmforge.infer.kernels import paged_attention
 from lmforge.infer.kernels.paged_attention import kernel_available
 from lmforge.infer.engine.paged_cache import NULL_BLOCK, model_calls_cache_attend, paged_batch

@@ -8,6 +8,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.infer.kernels import gemv
+from lmforge.infer.kernels.options import KernelOptions
 from lmforge.infer.kernels.paged_attention import kernel_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -27,10 +28,8 @@ def test_config_file_loads_and_rejects_bad_entries(tmp_path, monkeypatch):
     good.write_text(json.dumps({"device": "X", "configs": {"2048x8192+silu+residual": [8, 1024, 8, 3]}}))
     assert gemv.load_configs(good) == {"2048x8192+silu+residual": (8, 1024, 8, 3)}
     assert gemv.load_configs(tmp_path / "missing.json") == {}
-    monkeypatch.setenv("LMFORGE_GEMV_CONFIGS", str(good))
-    assert gemv.config_file("NVIDIA H100 80GB HBM3") == good
-    monkeypatch.delenv("LMFORGE_GEMV_CONFIGS")
-    assert gemv.config_file("NVIDIA H100 80GB HBM3").name == "NVIDIA_H100_80GB_HBM3.json"
+    assert gemv.config_file("NVIDIA H100 80GB HBM3", KernelOptions(gemv_configs=str(good)).gemv_configs) == good
+    assert gemv.config_file("NVIDIA H100 80GB HBM3", KernelOptions().gemv_configs).name == "NVIDIA_H100_80GB_HBM3.json"
     for bad in ({"configs": {"8x8": [3, 1024, 8, 3]}}, {"configs": {"8x8": [8, 1024, 8]}}, {"cfg": {}}, [1, 2]):
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(bad))
@@ -51,7 +50,6 @@ def test_override_reaches_the_kernel_launch(monkeypatch):
     """A config override for a kind is what the kernel is launched with (on CPU under the interpreter), and the
     product is still x W^T."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    monkeypatch.setattr(gemv, "cpu_interpreter", True)
     kernel = gemv._kernel().gemv_kernel
     launches = []
 
@@ -113,7 +111,6 @@ def test_row_walking_kernel_equals_one_program_per_block(fusion, monkeypatch):
     from lmforge.models.transformer import RMSNorm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    monkeypatch.setattr(gemv, "cpu_interpreter", True)
     monkeypatch.setattr(gemv, "_sm_count", lambda device: 4)
     g = torch.Generator().manual_seed(5)
     N, K = 38, 96

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from lmforge.infer.kernels import greedy_advance as ga
+from lmforge.infer.kernels.options import KernelOptions
 from lmforge.infer.kernels.paged_attention import kernel_available
 
 runs_kernel = torch.cuda.is_available() or kernel_available(torch.device("cpu"))
@@ -15,7 +16,6 @@ def test_kernel_equals_argmax_and_bookkeeping(dtype, B, monkeypatch):
     slice's tail, a NaN (wins, as in argmax), the last entry; twice in a row, so the arrival counters must be zero
     again and the step counter advance once per launch; `sampled` is a column slice of a wider buffer. One row
     (batch-1 decode) advances the step without counting the rows."""
-    monkeypatch.setattr(ga, "cpu_interpreter", True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     V, width = 2 * ga.SLICE + 357, 6
@@ -31,10 +31,9 @@ def test_kernel_equals_argmax_and_bookkeeping(dtype, B, monkeypatch):
         logits[3, V - 1] = 50.0
         logits = logits[:B].to(device, dtype)
         for bufs, use_kernel in ((got, True), (want, False)):
-            monkeypatch.setattr(ga, "cpu_interpreter", use_kernel)
             if use_kernel or device == "cpu":
                 ga.greedy_advance(logits, bufs["sampled"][:, :B], bufs["step"], bufs["tokens"][:B],
-                                  bufs["starts"][:B])
+                                  bufs["starts"][:B], KernelOptions(cpu_interpreter=use_kernel))
             else:  # the PyTorch path on CUDA: the ops themselves
                 t = logits.float().nan_to_num(float("inf")).argmax(-1)
                 bufs["sampled"][:, :B].index_copy_(0, bufs["step"], t[None])

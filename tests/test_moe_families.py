@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.infer import EngineConfig, LLM, SamplingParams, generate
+from lmforge.infer import LLM, EngineConfig, SamplingParams, generate
 from lmforge.models import load_hf, save_hf
 from lmforge.models.dequant import fp8_block_dequant, mxfp4_dequant
 from lmforge.models.moe import MoE

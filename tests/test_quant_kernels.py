@@ -148,7 +148,7 @@ def test_engine_packs_quantized_projections_into_one_layer():
     generate()'s. NF4 (blocks laid out across rows) keeps separate layers."""
     from lmforge.infer import SamplingParams, generate
     from lmforge.infer.kernels.decode_fusion import pack_for_decode
-    from lmforge.infer import EngineConfig, LLM
+    from lmforge.infer import LLM, EngineConfig
     from lmforge.models import ModelConfig, Transformer
     from lmforge.quant import quantize_model
 

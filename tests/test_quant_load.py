@@ -12,7 +12,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError
-from lmforge.infer import EngineConfig, LLM, SamplingParams, generate
+from lmforge.infer import LLM, EngineConfig, SamplingParams, generate
 from lmforge.models import load_hf
 from lmforge.quant import (Int4Linear, Int8Linear, QuantLinear, apply_qat, quantize_model, quantized_linears,
                            save_quantized)

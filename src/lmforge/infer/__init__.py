@@ -14,7 +14,8 @@ from .api.generate import generate
 from .api.llm import LLM
 from .api.outputs import Completion, TokenLogprob
 from .engine.core import Engine, EngineConfig
+from .kernels.options import KernelOptions
 from .sampling.logits import SamplingParams, apply_repetition_penalty, sample, top_k_filter, top_p_filter
 
-__all__ = ["Completion", "Engine", "EngineConfig", "LLM", "SamplingParams", "TokenLogprob", "apply_repetition_penalty",
-           "generate", "sample", "top_k_filter", "top_p_filter"]
+__all__ = ["Completion", "Engine", "EngineConfig", "KernelOptions", "LLM", "SamplingParams", "TokenLogprob",
+           "apply_repetition_penalty", "generate", "sample", "top_k_filter", "top_p_filter"]

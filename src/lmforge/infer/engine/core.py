@@ -36,6 +36,7 @@ from ...errors import ConfigError, LmforgeError
 from ...models.transformer import Transformer
 from ..api.outputs import Completion, TokenLogprob
 from ..kernels.decode_fusion import pack_for_decode
+from ..kernels.options import KernelOptions
 from ..sampling.batch import BatchSampler
 from ..sampling.json_constraint import JsonObjectConstraint
 from ..sampling.logits import SamplingParams
@@ -81,6 +82,8 @@ class EngineConfig(Section):
     attention: Literal["auto", "kernel", "gather"] = "auto"
     """Decode attention: the Triton paged kernel (reads K/V through the block tables), a gathered dense view +
     SDPA, or auto (the kernel on CUDA with triton, no ALiBi and a model that calls cache.attend; else gather)."""
+    kernels: KernelOptions = KernelOptions()
+    """Switches of the Triton decode kernels (GEMV, programmatic dependent launch, tuned GEMV configs)."""
 
 
 class ContextLengthError(LmforgeError):
@@ -101,7 +104,7 @@ class Engine:
         for name, path in (adapters or {}).items():
             self.adapters.add(name, path)
         if cfg.fast_decode:  # after the adapters: LoRA-wrapped projections are not packed
-            pack_for_decode(model)
+            pack_for_decode(model, cfg.kernels)
         num_blocks = cfg.num_blocks or kv_cache_blocks(
             model, block_size=cfg.block_size, max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -111,7 +114,7 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=cfg.block_size,
                                   max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs,
                                   cuda_graphs=cfg.cuda_graphs, compile=cfg.compile, adapters=self.adapters,
-                                  attention=cfg.attention, decode_steps=cfg.decode_steps)
+                                  attention=cfg.attention, decode_steps=cfg.decode_steps, kernels=cfg.kernels)
         self.requests: dict[str, Request] = {}
         self.counters = {"finished": 0, "aborted": 0, "failed": 0, "blocks_freed_on_abort": 0, "prompt_tokens": 0,
                          "generated_tokens": 0}

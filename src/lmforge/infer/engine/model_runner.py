@@ -20,6 +20,7 @@ import torch
 from ...errors import ConfigError
 from ...models.transformer import Transformer
 from ..kernels.greedy_advance import greedy_advance
+from ..kernels.options import DEFAULT, KernelOptions
 from ..kernels.paged_attention import kernel_available, load_kernel
 from ..sampling.batch import SampleResult
 from .paged_cache import PagedBatch, PagedKVCache, model_calls_cache_attend, paged_batch, paged_decode_batch
@@ -39,12 +40,12 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
 class ModelRunner:
     def __init__(self, model: Transformer, *, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, cuda_graphs: bool, compile: bool = False, adapters=None,
-                 attention: str = "auto", decode_steps: int = 8):
-        self.model, self.adapters = model, adapters
+                 attention: str = "auto", decode_steps: int = 8, kernels: KernelOptions = DEFAULT):
+        self.model, self.adapters, self.kernels = model, adapters, kernels
         w = model.embed.weight
         self.device, self.dtype = w.device, w.dtype
         self.block_size, self.max_model_len, self.decode_steps = block_size, max_model_len, decode_steps
-        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, self.dtype, self.device)
+        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, self.dtype, self.device, kernels)
         self.table_width = math.ceil(max_model_len / block_size) + 1
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.paged_kernel = self._use_paged_kernel(attention)
@@ -281,7 +282,7 @@ class ModelRunner:
         logits = self._run(st["tokens"][:B, None], batch, st["adapters"][:B] if lora else None,
                            forward=self.decode_fn)
         if greedy:  # argmax → this step's row of `sampled` and the next step's input; positions advance
-            greedy_advance(logits, st["sampled"][:, :B], st["step"], st["tokens"][:B], st["starts"][:B])
+            greedy_advance(logits, st["sampled"][:, :B], st["step"], st["tokens"][:B], st["starts"][:B], self.kernels)
             return st["sampled"][:, :B]
         # every graph writes the one output buffer: its own logits are a temporary of the shared graph pool, reused
         # by the next capture, instead of a tensor each graph keeps alive
@@ -334,7 +335,8 @@ class ModelRunner:
     def ensure_cache(self) -> None:
         """Allocate the K/V pools again after `release_cache` (zeros, the shapes they had)."""
         if self.cache.k.numel() == 0:
-            fresh = PagedKVCache(self.model.cfg, self.cache.num_blocks, self.block_size, self.dtype, self.device)
+            fresh = PagedKVCache(self.model.cfg, self.cache.num_blocks, self.block_size, self.dtype, self.device,
+                                 self.kernels)
             self.cache.k, self.cache.v = fresh.k, fresh.v
 
     @torch.inference_mode()

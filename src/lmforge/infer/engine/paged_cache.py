@@ -25,6 +25,7 @@ from torch import nn
 
 from ...models.attention import attend as sdpa_attend
 from ...models.config import ModelConfig
+from ..kernels.options import DEFAULT, KernelOptions
 
 NULL_BLOCK = 0
 
@@ -236,9 +237,10 @@ class PagedKVCache(nn.Module):
     K/V directly, no gather.
     """
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device=None):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device=None,
+                 kernels: KernelOptions = DEFAULT):
         super().__init__()
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks, self.block_size, self.kernels = num_blocks, block_size, kernels
         self.windows = [cfg.layer_window(i) if hasattr(cfg, "layer_window") else cfg.sliding_window
                         for i in range(cfg.n_layers)]
         (hk, dk), (hv, dv) = cfg.cache_shapes  # per-head K/V, or MLA's latent and shared RoPE key
@@ -313,7 +315,7 @@ class PagedKVCache(nn.Module):
             cos, sin = (t.reshape(len(t), -1) for t in rope)
         return paged_decode(q, k, v, self.k, self.v, layer, batch.write_slots, batch.block_tables, batch.seq_lens,
                             self.block_size, batch.max_context, self.windows[layer] or 0, cos, sin, self.scale or 0.0,
-                            self.softcap or 0.0)
+                            self.softcap or 0.0, self.kernels.pdl)
 
 
 def model_calls_cache_attend(model) -> bool:

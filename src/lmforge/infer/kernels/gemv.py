@@ -7,31 +7,30 @@ more rows, CPU, fp32, non-contiguous weights, no triton — takes `F.linear`.
 
 The tile configuration of a call (its kind: weight shape, fused norm / SiLU·mul / residual) comes from, in order:
 `config_overrides` (what `bench/tune_decode_gemv.py` tries), a JSON file of configurations tuned inside the
-captured decode step (`LMFORGE_GEMV_CONFIGS=path`, else the one shipped for this GPU model in `gemv_configs/`),
+captured decode step (`KernelOptions.gemv_configs`, else the one shipped for this GPU model in `gemv_configs/`),
 else triton's autotuner, once per (N, K), before any CUDA-graph capture (the decode warm-up runs it). A fifth
 field (programs per SM) selects `gemv_rows_kernel`, whose programs walk row blocks with one K tile. Timed alone,
 the autotuner ranks configs by their isolated speed; inside the step, under programmatic dependent launch, a kernel
 overlaps its neighbours and the ranking differs (on an H100 the tuned file makes the 1B decode step ~10% faster).
 
-Exposed to torch.compile as the custom op `lmforge::gemv` (opaque to inductor, captured in CUDA graphs as is).
+Exposed to torch.compile as the custom op `lmforge::gemv` (opaque to inductor, captured in CUDA graphs as is); the
+ops take the two launch options (`pdl`, `configs`) as arguments, `linear` and `use_gemv` the whole `KernelOptions`.
 CPU tests run the kernel under TRITON_INTERPRET=1 against `F.linear`.
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
+from .options import DEFAULT, KernelOptions
 from .paged_attention import kernel_available
 
 _KERNEL = None
-enabled = True  # a switch for benchmarks (cuBLAS vs this kernel in the same process)
-cpu_interpreter = False  # also route CPU rows through Triton's interpreter (tests; slow)
 
 
 def _kernel():
@@ -44,21 +43,18 @@ def _kernel():
 
 
 gemv_available = kernel_available  # the same conditions as the paged-attention kernel: CUDA, or the interpreter
-# programmatic dependent launch of the decode kernels (Hopper+; LMFORGE_PDL=0 turns it off): each GEMV and
-# attention kernel may start while the previous one drains, and a GEMV loads its first weight tile before
-# waiting for the previous kernel's output. Inside the captured decode step the launches become programmatic edges.
-pdl = os.environ.get("LMFORGE_PDL", "1") == "1"
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Launch the decode kernels with programmatic dependent launch: CUDA compute capability 9+, a triton with
-    `gdc_wait`, and the switch on."""
+def use_pdl(device: torch.device, pdl: bool = DEFAULT.pdl) -> bool:
+    """Launch the decode kernels with programmatic dependent launch (`KernelOptions.pdl`): CUDA compute capability
+    9+, a triton with `gdc_wait`, and the switch on. Inside the captured decode step the launches become
+    programmatic edges."""
     return pdl and device.type == "cuda" and _pdl_capable(device.index)
 
 
-def pdl_options(device: torch.device) -> dict:
+def pdl_options(device: torch.device, pdl: bool = DEFAULT.pdl) -> dict:
     """Launch options of a decode kernel: its PDL switch and Triton's launch flag where `use_pdl`, else none."""
-    return {"PDL": True, "launch_pdl": True} if use_pdl(device) else {}
+    return {"PDL": True, "launch_pdl": True} if use_pdl(device, pdl) else {}
 
 
 @functools.cache
@@ -76,10 +72,10 @@ def config_kind(N: int, K: int, silu_mul: bool = False, norm: bool = False, resi
     return f"{N}x{K}" + "+silu" * silu_mul + "+norm" * norm + "+residual" * residual
 
 
-def config_file(device_name: str) -> Path:
-    """Where the configs tuned for this GPU model live: `LMFORGE_GEMV_CONFIGS` if set, else the shipped file."""
-    env = os.environ.get("LMFORGE_GEMV_CONFIGS")
-    return Path(env) if env else CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
+def config_file(device_name: str, configs: str | None = DEFAULT.gemv_configs) -> Path:
+    """Where the configs tuned for this GPU model live: `configs` (`KernelOptions.gemv_configs`) if set, else the
+    shipped file."""
+    return Path(configs) if configs else CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
 
 
 def load_configs(path: Path) -> dict[str, Config]:
@@ -95,7 +91,7 @@ def load_configs(path: Path) -> dict[str, Config]:
                              "(+ programs per SM) with powers of two for the first three")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path}: not a GEMV config file ({e}); rerun bench/tune_decode_gemv.py "
-                          "or unset LMFORGE_GEMV_CONFIGS") from None
+                          "or unset engine.kernels.gemv_configs") from None
     return table
 
 
@@ -105,18 +101,18 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.cache
-def _device_configs(index: int | None) -> dict[str, Config]:
-    return load_configs(config_file(torch.cuda.get_device_name(index)))
+def _device_configs(index: int | None, configs: str | None = DEFAULT.gemv_configs) -> dict[str, Config]:
+    return load_configs(config_file(torch.cuda.get_device_name(index), configs))
 
 
-def tuned_config(device: torch.device, kind: str) -> Config | None:
+def tuned_config(device: torch.device, kind: str, configs: str | None = DEFAULT.gemv_configs) -> Config | None:
     """The tile config for a GEMV kind on this device: an override, the tuned file's, or None (autotune)."""
-    return config_overrides.get(kind) or _device_configs(device.index).get(kind)
+    return config_overrides.get(kind) or _device_configs(device.index, configs).get(kind)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool = False,
-            norm: tuple[torch.Tensor, float, float] | None = None, residual: torch.Tensor | None = None
-            ) -> torch.Tensor:
+            norm: tuple[torch.Tensor, float, float] | None = None, residual: torch.Tensor | None = None,
+            pdl: bool = DEFAULT.pdl, configs: str = "") -> torch.Tensor:
     N, K = weight.shape
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
@@ -128,72 +124,80 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, si
                  RESIDUAL=residual is not None)
     kind = config_kind(N, K, silu_mul, norm is not None, residual is not None)
     if x.is_cuda:
-        tuned = tuned_config(x.device, kind)
+        tuned = tuned_config(x.device, kind, configs or None)
     else:  # the interpreter: a small fixed config unless overridden (autotuning would time the interpreter)
         tuned = config_overrides.get(kind, (4, 64, 4, 1))
     if tuned and len(tuned) == 5 and tuned[4] and tuned[1] >= K:  # a fixed number of programs walking row blocks
         bn, bk, warps, stages, per_sm = tuned
         programs = min(-(-N // bn), per_sm * _sm_count(x.device))
         mod.gemv_rows_kernel[(programs,)](*args, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-                                          **flags, **pdl_options(x.device))
+                                          **flags, **pdl_options(x.device, pdl))
     elif tuned:
         bn, bk, warps, stages = tuned[:4]
         mod.gemv_kernel[(-(-N // bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, ONE_TILE=bk >= K,
-                                        num_warps=warps, num_stages=stages, **flags, **pdl_options(x.device))
+                                        num_warps=warps, num_stages=stages, **flags, **pdl_options(x.device, pdl))
     else:
         grid = lambda meta: (-(-N // meta["BLOCK_N"]),)  # noqa: E731
-        mod.gemv_tuned[grid](*args, EVEN_K=K % 1024 == 0, **flags, **pdl_options(x.device))
+        mod.gemv_tuned[grid](*args, EVEN_K=K % 1024 == 0, **flags, **pdl_options(x.device, pdl))
     return y
 
 
 @torch.library.custom_op("lmforge::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, pdl: bool = True, configs: str = "") -> torch.Tensor:
     """x (..., K) with one row in all, weight (N, K) contiguous → (..., N); `residual` (..., N) is added to the
-    rounded product (a block's `x + o_proj(y)` in one launch)."""
-    return _launch(x, weight, bias, residual=residual)
+    rounded product (a block's `x + o_proj(y)` in one launch). `pdl`, `configs`: `KernelOptions.pdl` and
+    `.gemv_configs` ("" = the shipped file)."""
+    return _launch(x, weight, bias, residual=residual, pdl=pdl, configs=configs)
 
 
 @gemv.register_fake
-def _(x, weight, bias=None, residual=None):
+def _(x, weight, bias=None, residual=None, pdl=True, configs=""):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("lmforge::gemv_silu_mul", mutates_args=())
 def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
+                  residual: torch.Tensor | None = None, pdl: bool = True, configs: str = "") -> torch.Tensor:
     """The SwiGLU MLP's down projection straight from the packed gate/up output: x (..., 2K) = [gate, up], one row,
     weight (N, K) → (..., N) = (silu(gate) * up) W^T (+ bias) (+ residual), no intermediate tensor or extra launch."""
-    return _launch(x, weight, bias, silu_mul=True, residual=residual)
+    return _launch(x, weight, bias, silu_mul=True, residual=residual, pdl=pdl, configs=configs)
 
 
 @gemv_silu_mul.register_fake
-def _(x, weight, bias=None, residual=None):
+def _(x, weight, bias=None, residual=None, pdl=True, configs=""):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("lmforge::gemv_rmsnorm", mutates_args=())
 def gemv_rmsnorm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, offset: float, weight: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, pdl: bool = True, configs: str = "") -> torch.Tensor:
     """RMSNorm then a matmul in one launch: x (..., K) one row of the residual stream, norm_weight (K,), weight
     (N, K) → (..., N) = RMSNorm(x) W^T (+ bias); `offset` as `RMSNorm.offset` (Gemma's 1 + weight)."""
-    return _launch(x, weight, bias, norm=(norm_weight, eps, offset))
+    return _launch(x, weight, bias, norm=(norm_weight, eps, offset), pdl=pdl, configs=configs)
 
 
 @gemv_rmsnorm.register_fake
-def _(x, norm_weight, eps, offset, weight, bias=None):
+def _(x, norm_weight, eps, offset, weight, bias=None, pdl=True, configs=""):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One input row, a half-precision contiguous weight of the same dtype, where the kernel runs."""
-    return (enabled and x.numel() == x.shape[-1] and weight.dtype in (torch.bfloat16, torch.float16)
+def launch_args(options: KernelOptions) -> dict:
+    """The keyword arguments of the GEMV ops that carry `options`."""
+    return {"pdl": options.pdl, "configs": options.gemv_configs or ""}
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor, options: KernelOptions = DEFAULT) -> bool:
+    """One input row, a half-precision contiguous weight of the same dtype, where the kernel runs (CUDA, or the CPU
+    with `options.cpu_interpreter`) and `options.gemv` is on."""
+    return (options.gemv and x.numel() == x.shape[-1] and weight.dtype in (torch.bfloat16, torch.float16)
             and x.dtype == weight.dtype and weight.is_contiguous() and x.device == weight.device
-            and (x.is_cuda or cpu_interpreter) and gemv_available(x.device))
+            and (x.is_cuda or options.cpu_interpreter) and gemv_available(x.device))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           options: KernelOptions = DEFAULT) -> torch.Tensor:
     """`F.linear`, through the GEMV kernel when `x` is one row (decode at batch 1)."""
-    if use_gemv(x, weight):
-        return gemv(x, weight, bias)
+    if use_gemv(x, weight, options):
+        return gemv(x, weight, bias, **launch_args(options))
     return F.linear(x, weight, bias)

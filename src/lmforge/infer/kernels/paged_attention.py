@@ -83,6 +83,7 @@ def paged_decode_attention(
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # k, v (B, Hkv, 1, D), slots (B,)
     scale: float | None = None,  # q.k multiplier; None = 1/sqrt(D)
     softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2)
+    pdl: bool = True,  # programmatic dependent launch where the GPU has it (`KernelOptions.pdl`)
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v over each row's first seq_lens keys (and within `window`): (B, H, 1, D).
 
@@ -119,7 +120,7 @@ def paged_decode_attention(
         block_tables.stride(0), stride_nb, stride_nh, per_split, window or 0, softcap or 1.0,
         G=G, GP=max(16, kernel.next_power_of_2(G)), D=D, DP=max(16, kernel.next_power_of_2(D)),
         BLOCK_SIZE=block_size, CHUNK=CHUNK, SPLITS=splits, IEEE=q2.dtype == torch.float32, ROPE=rope,
-        WRITE_KV=new_kv is not None, SOFTCAP=bool(softcap), **_pdl(q2),
+        WRITE_KV=new_kv is not None, SOFTCAP=bool(softcap), **_pdl(q2, pdl),
     )
     return out[:, :, None]
 
@@ -137,31 +138,32 @@ def arrival_counters(pool: dict, device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def _pdl(x: torch.Tensor) -> dict:
+def _pdl(x: torch.Tensor, pdl: bool) -> dict:
     from .gemv import pdl_options  # (gemv imports this module)
 
-    return pdl_options(x.device)
+    return pdl_options(x.device, pdl)
 
 
 @torch.library.custom_op("lmforge::paged_decode", mutates_args=("k_pools", "v_pools"))
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pools: torch.Tensor, v_pools: torch.Tensor,
                  layer: int, slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  block_size: int, max_context: int, window: int, cos: torch.Tensor | None = None,
-                 sin: torch.Tensor | None = None, scale: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
+                 sin: torch.Tensor | None = None, scale: float = 0.0, softcap: float = 0.0, pdl: bool = True
+                 ) -> torch.Tensor:
     """One layer's decode attention over the paged cache, new K/V written first: q (B, H, 1, D), k/v (B, Hkv, 1, D),
     pools (L, slots, Hkv, D) of every layer, slots (B,) where each row's new key goes (its key position
     seq_lens - 1) → (B, H, 1, D). One launch: the program holding a row's last position writes the new K/V, and
     split contexts are merged by their last program. With cos/sin (B, D/2), q and k come un-rotated and the kernel
-    applies RoPE as it loads them. `scale` 0 = 1/sqrt(D); `softcap` 0 = none.
+    applies RoPE as it loads them. `scale` 0 = 1/sqrt(D); `softcap` 0 = none; `pdl` = `KernelOptions.pdl`.
 
     A custom op that mutates the pools in place, so torch.compile calls it as is: traced as plain ops, the scatter
     into a slice of the (L, slots, ...) buffers made inductor clone and copy back whole pools every step."""
     return paged_decode_attention(q, k_pools[layer], v_pools[layer], block_tables, seq_lens, block_size,
                                   max_context, window or None, cos=cos, sin=sin, new_kv=(k, v, slots),
-                                  scale=scale or None, softcap=softcap or None)
+                                  scale=scale or None, softcap=softcap or None, pdl=pdl)
 
 
 @paged_decode.register_fake
 def _(q, k, v, k_pools, v_pools, layer, slots, block_tables, seq_lens, block_size, max_context, window, cos=None,
-      sin=None, scale=0.0, softcap=0.0):
+      sin=None, scale=0.0, softcap=0.0, pdl=True):
     return torch.empty_like(q)

@@ -1,0 +1,32 @@
+"""`KernelOptions`: how the decode kernels run, in one object the engine config owns (`engine.kernels.*`).
+
+The engine hands it to what calls the kernels: the modules `pack_for_decode` installs (GEMV linears, packed
+projections, fused blocks), the paged cache (attention) and the model runner (the greedy step's end). Calls made
+without one (a model packed by hand, a kernel called directly) get the defaults. Whether triton runs on the CPU at
+all is triton's own switch, TRITON_INTERPRET=1, read where triton is imported.
+"""
+from __future__ import annotations
+
+from pydantic import ConfigDict
+
+from ...config import Section
+
+
+class KernelOptions(Section):
+    """Switches of the Triton decode kernels (frozen: one object may be shared by every module that launches them)."""
+
+    model_config = ConfigDict(**Section.model_config, frozen=True)
+
+    gemv: bool = True
+    """One-row matmuls through the Triton GEMV (false: F.linear / cuBLAS, e.g. to compare the two)."""
+    pdl: bool = True
+    """Programmatic dependent launch of the decode kernels (Hopper and later): each kernel may start while the
+    previous one drains, loading its first weight tile before it waits for that kernel's output."""
+    gemv_configs: str | None = None
+    """A JSON file of GEMV tile configs tuned inside the decode step (bench/tune_decode_gemv.py writes one); None = the
+    file shipped for this GPU model in lmforge/infer/kernels/gemv_configs/, if any, else triton's autotuner."""
+    cpu_interpreter: bool = False
+    """Also send CPU rows through the kernels, under TRITON_INTERPRET=1 (tests; slow)."""
+
+
+DEFAULT = KernelOptions()

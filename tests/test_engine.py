@@ -85,8 +85,8 @@ def test_static_decode_samples_in_the_graph_only_when_plain_greedy(model):
                 [lp.logprob for o in want for lp in o.logprobs], abs=1e-5)
     assert not any(greedy for (_, _, _, greedy) in static.engine.runner.graphs)
     want = dynamic.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True))
-    assert [o.token_ids for o in static.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True))] \
-        == [o.token_ids for o in want]
+    assert [o.token_ids for o in static.generate(
+        prompts, SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True))] == [o.token_ids for o in want]
     assert any(greedy for (_, _, _, greedy) in static.engine.runner.graphs)
 
 
@@ -167,7 +167,8 @@ def test_per_request_sampling_seeds_penalties_top_k(model):
     llm = _engine(model)
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=12, ignore_eos=True)
     alone = llm.generate(prompts[:1], seeded)[0].token_ids
-    batched = llm.generate(prompts, [seeded, GREEDY, SamplingParams(temperature=1.0, seed=8, max_new_tokens=12), GREEDY])
+    batched = llm.generate(prompts, [seeded, GREEDY, SamplingParams(temperature=1.0, seed=8, max_new_tokens=12),
+                                     GREEDY])
     assert batched[0].token_ids == alone  # a seeded request's draws do not depend on its batch
     assert llm.generate(prompts[:1], seeded.model_copy(update={"seed": 8}))[0].token_ids != alone
     top1 = llm.generate(prompts[:1], SamplingParams(temperature=1.5, top_k=1, max_new_tokens=12, ignore_eos=True))[0]
@@ -183,7 +184,8 @@ def test_per_request_sampling_seeds_penalties_top_k(model):
 
 def test_logprobs_are_the_models_log_softmax(model):
     prompt = _prompts(1, lo=9, hi=9, seed=5)[0]
-    out = _engine(model).generate([prompt], SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True, logprobs=4))[0]
+    out = _engine(model).generate([prompt], SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True,
+                                                           logprobs=4))[0]
     with torch.no_grad():
         ref = model(torch.tensor([prompt]))[0, -1].float().log_softmax(-1)
     first = out.logprobs[0]
@@ -203,9 +205,11 @@ def test_stop_strings_and_stop_ids_follow_generate(model, tok):
     got = llm.generate(prompt, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, stop=[stop]))[0]
     assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, "stop")
     stop_id = free.token_ids[4]
-    got = llm.generate(prompt, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, stop_token_ids=[stop_id]))[0]
+    got = llm.generate(prompt, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True,
+                                              stop_token_ids=[stop_id]))[0]
     assert got.token_ids == free.token_ids[:free.token_ids.index(stop_id)] and got.finish_reason == "stop"
-    assert llm.generate("Hello world", SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))[0].text == free.text
+    assert llm.generate("Hello world", SamplingParams(temperature=0, max_new_tokens=16,
+                                                      ignore_eos=True))[0].text == free.text
 
 
 @pytest.mark.parametrize("max_tokens", [3, 9, 40])

@@ -48,8 +48,8 @@ def generate(
     `on_token(row, token_id, text)` streams every generated token as it is chosen."""
     params = params or SamplingParams()
     if params.engine_only():
-        raise ConfigError(f"{', '.join(params.engine_only())}: served by the engine only, not by generate() (the simple "
-                          "reference path); use lmforge.infer.LLM or lmforge serve, or leave the default")
+        raise ConfigError(f"{', '.join(params.engine_only())}: served by the engine only, not by generate() (the "
+                          "simple reference path); use lmforge.infer.LLM or lmforge serve, or leave the default")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("generate needs at least one non-empty prompt (--prompt TEXT, or text on stdin)")
     if params.stop and tokenizer is None:

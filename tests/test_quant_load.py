@@ -80,6 +80,15 @@ def test_load_hf_casts_to_the_requested_compute_dtype(q4):
         assert torch.isfinite(loaded(ids)).all()
 
 
+def eval_perplexity(path, tmp_path, repeats: int) -> float:
+    """`lmforge eval PATH` on a perplexity task over a repeated sentence: the perplexity it reports."""
+    (tmp_path / "ppl.txt").write_text("the quick brown fox jumps over the lazy dog. " * repeats)
+    (tmp_path / "ppl.yaml").write_text(f"name: ppl\ntype: perplexity\ntext_file: {tmp_path / 'ppl.txt'}\n"
+                                       "window: 32\nstride: 16\n")
+    assert main(["eval", str(path), str(tmp_path / "ppl.yaml"), "--device", "cpu", "--output", str(tmp_path / "ev")]) == 0
+    return json.loads((tmp_path / "ev" / "results.json").read_text())["results"][0]["metrics"]["perplexity"]
+
+
 def test_every_verb_runs_on_a_quantized_checkpoint(q4, tmp_path, capsys, monkeypatch, serve):
     model, path = q4
     prompt_args = ["--prompt", "Hello world", "--max-new-tokens", "5", "temperature=0", "--ignore-eos", "--stream", "false",
@@ -93,12 +102,7 @@ def test_every_verb_runs_on_a_quantized_checkpoint(q4, tmp_path, capsys, monkeyp
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/exit\n"))
     assert main(["chat", str(path), "--max-new-tokens", "4", "temperature=0", "--device", "cpu"]) == 0
     assert "assistant>" in capsys.readouterr().out
-    (tmp_path / "ppl.txt").write_text("the quick brown fox jumps over the lazy dog. " * 8)
-    (tmp_path / "ppl.yaml").write_text(f"name: ppl\ntype: perplexity\ntext_file: {tmp_path / 'ppl.txt'}\n"
-                                       "window: 32\nstride: 16\n")
-    assert main(["eval", str(path), str(tmp_path / "ppl.yaml"), "--device", "cpu", "--output", str(tmp_path / "ev")]) == 0
-    ppl = json.loads((tmp_path / "ev" / "results.json").read_text())["results"][0]["metrics"]["perplexity"]
-    assert 1.0 < ppl < 10 * model.cfg.vocab_size
+    assert 1.0 < eval_perplexity(path, tmp_path, repeats=8) < 10 * model.cfg.vocab_size
     url, _ = serve(ServeConfig(model=str(path), device="cpu", engine=dict(block_size=4, num_blocks=256)))
     r = httpx.post(f"{url}/v1/completions", json={"model": "q4", "prompt": "Hello world", "max_tokens": 5,
                                                   "temperature": 0, "ignore_eos": True, "return_token_ids": True},
@@ -122,12 +126,7 @@ def test_generate_and_eval_verbs_run_on_every_method(ckpt, tmp_path, capsys, met
     tok = Tokenizer.from_dir(path)
     want = generate(model, [tok.encode("Hello world")], GREEDY.model_copy(update={"max_new_tokens": 4}), tokenizer=tok)
     assert capsys.readouterr().out.rstrip("\n") == want[0].text
-    (tmp_path / "ppl.txt").write_text("the quick brown fox jumps over the lazy dog. " * 4)
-    (tmp_path / "ppl.yaml").write_text(f"name: ppl\ntype: perplexity\ntext_file: {tmp_path / 'ppl.txt'}\n"
-                                       "window: 32\nstride: 16\n")
-    assert main(["eval", str(path), str(tmp_path / "ppl.yaml"), "--device", "cpu", "--output", str(tmp_path / "ev")]) == 0
-    ppl = json.loads((tmp_path / "ev" / "results.json").read_text())["results"][0]["metrics"]["perplexity"]
-    assert 1.0 < ppl < 10 * model.cfg.vocab_size
+    assert 1.0 < eval_perplexity(path, tmp_path, repeats=4) < 10 * model.cfg.vocab_size
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

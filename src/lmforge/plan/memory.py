@@ -393,8 +393,8 @@ def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int
             if setup.method == "dora":  # the base output and the LoRA output, kept for the magnitude's gradient
                 lora += 2 * dt.act * li.out_features * n
     dequant = 0
-    if setup.method == "qlora":  # NF4Linear's F.linear keeps the dequantized bf16 weight for the input gradient
-        dequant = sum(2 * li.in_features * li.out_features for li in lin.values())
+    if setup.method == "qlora" and not _nf4_kernel(setup, dt):  # the reference F.linear keeps the dequantized
+        dequant = sum(dt.act * li.in_features * li.out_features for li in lin.values())  # weight for backward
     out = {"norms": norm, "linear_inputs": inputs, "attention": attn, "mlp": mlp}
     if mask:
         out["attention_mask_bias"] = mask
@@ -403,6 +403,12 @@ def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int
     if dequant:
         out["dequantized_weights"] = dequant
     return out
+
+
+def _nf4_kernel(setup: TrainSetup, dt) -> bool:
+    """NF4 weights go through lmforge's custom op (CUDA, half-precision activations): it saves only the codes and
+    dequantizes again in backward, so no dequantized weight outlives its matmul (`lmforge.quant.qkernel`)."""
+    return setup.device == "cuda" and dt.act == 2
 
 
 def layer_backward_temp_bytes(cfg: ModelConfig, setup: TrainSetup) -> int:

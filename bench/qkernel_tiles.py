@@ -1,7 +1,8 @@
 """Tile sweep for lmforge's weight-only INT8 / INT4 / NF4 Triton matmuls on a Llama-3-8B's linear shapes.
 
 For each format and shape: every GEMV tile (rows per program, input columns per step, warps) at one input row, and
-every GEMM tile (BLOCK_M, BLOCK_N) at 64 rows, timed inside a CUDA graph (as decode runs them), checked against
+every GEMM tile (BLOCK_M, BLOCK_N) at 64 rows (4-bit GEMV tiles also name the inner-loop variant, see
+`qkernel.GEMV_VARIANT`), timed inside a CUDA graph (as decode runs them), checked against
 dequantize-then-matmul, beside bf16 `F.linear` from the same call. One JSON line per (format, shape, path, tiles)
 with GB/s of weight traffic and the share of the HBM roofline; the last lines name the fastest tiles per shape.
 
@@ -22,6 +23,10 @@ from lmforge.quant.nf4 import quantize_nf4
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
 GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096),
                                                                  (2, 4, 8)) if bn * cols <= 16384]
+QUICK_GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))
+                   if bn * cols <= 16384]
+# 4-bit GEMV inner loops (qkernel.GEMV_VARIANT): (MAGIC nibble conversion, LATE reduction); NF4 looks levels up
+VARIANTS = {"int4": [(0, 0), (1, 0), (0, 1), (1, 1)], "nf4": [(0, 0), (0, 1)], "int8": [()]}
 GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 
 
@@ -98,6 +103,7 @@ def main() -> None:
     ap.add_argument("--formats", default="int4,nf4,int8")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--gemm-rows", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="a smaller GEMV tile grid (every inner-loop variant)")
     ap.add_argument("--hbm-gbps", type=float, default=None, help="roofline (default: 3350 on H100, 4800 on H200)")
     ap.add_argument("--out", default="qkernel_tiles.jsonl")
     args = ap.parse_args()
@@ -118,10 +124,13 @@ def main() -> None:
         del w16
         for fmt in args.formats.split(","):
             parts, nbytes, _ = weights(fmt, N, K, dev)
-            for M, path, grid in ((1, "gemv", GEMV_GRID), (args.gemm_rows, "gemm", GEMM_GRID)):
+            gemv = [(*t, *v) for t in (QUICK_GEMV_GRID if args.quick else GEMV_GRID) for v in VARIANTS[fmt]]
+            for M, path, grid in ((1, "gemv", gemv), (args.gemm_rows, "gemm", GEMM_GRID)):
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                 want = reference(fmt, parts, x, N).float()
-                default = qkernel._tiles(path, M, N, dev)
+                default = tuple(qkernel._tiles(path, M, N, dev))
+                if path == "gemv" and fmt != "int8":
+                    default = (*default, *qkernel.GEMV_VARIANT)[:5]
                 for tiles in grid:
                     row = {"format": fmt, "shape": shape, "N": N, "K": K, "M": M, "path": path,
                            "tiles": list(tiles), "default": tuple(tiles) == tuple(default)}

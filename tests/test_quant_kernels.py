@@ -106,6 +106,26 @@ def test_triton_kernels_match_dequantize_then_linear(rows, kernels_on_cpu):
 
 
 @needs_triton
+@pytest.mark.parametrize("variant", [(1, 0), (0, 1), (1, 1)], ids=["magic", "late", "magic+late"])
+def test_gemv_inner_loop_variants_match_the_reference(variant):
+    """The 4-bit GEMV's inner-loop variants (nibbles to float by the 2^23 trick; one reduction at the end) give the
+    default variant's result: INT4 (zero points, 10 groups of 32 over 2 steps of 8) and NF4 (double-quantized)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 320, device=DEVICE).to(torch.bfloat16)
+    for group, nf4 in ((32, False), (64, True)):
+        K = 320 if not nf4 else 256
+        lin = nn.Linear(K, 24, bias=False)
+        q = (NF4Linear.from_linear(lin) if nf4 else Int4Linear.from_linear(lin, group_size=group)).to(DEVICE)
+        xs = x[:, :K].contiguous()
+        parts = (q.codes, q.absmax, None, q.absmax_scale, q.absmax_mean) if nf4 else \
+            (q.qweight, q.scale, q.zero, None, None)
+        run = lambda tiles: qkernel._launch_q4(xs, *parts, 24, group, nf4, 256, "gemv", tiles)  # noqa: E731
+        base, other = run((4, 8 * group, 4, 0, 0)), run((4, 8 * group, 4, *variant))
+        _close(other, F.linear(xs.float(), q.weight.float()), 2e-2)
+        assert (other.float() - base.float()).abs().max().item() <= 2e-2 * base.float().abs().max().item()
+
+
+@needs_triton
 def test_failing_kernel_falls_back_to_reference_once(kernels_on_cpu, monkeypatch, caplog):
     layer = _layers(K=128, N=24)["int4 g32"].to(DEVICE)
     x = torch.randn(1, 128, device=DEVICE, dtype=torch.bfloat16)

@@ -46,6 +46,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 # GEMV tiles "BLOCK_N,COLUMNS,WARPS" (rows per program, input columns per step, warps) for tuning runs; unset: by shape
 GEMV_TILES = tuple(int(v) for v in os.environ["LMFORGE_QKERNEL_GEMV"].split(",")) \
     if os.environ.get("LMFORGE_QKERNEL_GEMV") else None
+# 4-bit GEMV inner loop (MAGIC: nibbles to float by the 2^23 trick; LATE: one reduction at the end), or a 5-tuple tile
+GEMV_VARIANT = (0, 0)
 cpu_interpreter = False  # also route CPU inputs through the Triton kernels (tests, under TRITON_INTERPRET=1)
 _status: dict[tuple, bool | str] = {}  # kernel variant -> True (verified), or why it is off
 
@@ -162,9 +164,10 @@ def _launch_q4(x, qweight, s, z, ss, mean, N: int, group: int, nf4: bool, dq_blo
     flags = dict(GROUP=group, HALF=group // 2, NF4=nf4, DQ=dq, DQ_BLOCK=dq_block)
     tiles = tiles or _tiles(path, M, N, x.device)
     if path == "gemv":
-        block_n, cols, warps = tiles
+        block_n, cols, warps, magic, late = (*tiles, *GEMV_VARIANT)[:5]
         k.q4_gemv_kernel[(M, triton_cdiv(N, block_n))](*args, N, K, x.stride(0), y.stride(0), BLOCK_N=block_n,
-                                                       BLOCK_G=max(1, cols // group), num_warps=warps, **flags)
+                                                       BLOCK_G=max(1, cols // group), num_warps=warps,
+                                                       MAGIC=bool(magic), LATE=bool(late), **flags)
     else:
         block_m, block_n = tiles
         k.q4_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](

@@ -30,13 +30,24 @@ def _nf4_absmax(S, SS, Mean, block, mask, DQ: tl.constexpr, DQ_BLOCK: tl.constex
 
 
 @triton.jit
+def _nibble_f32(q, MAGIC: tl.constexpr):
+    """int32 values 0..15 -> fp32. MAGIC: OR them into the mantissa of 2^23 and subtract 2^23 (an integer OR and a
+    float subtract, both full rate) instead of an int-to-float conversion (quarter rate on recent GPUs)."""
+    if MAGIC:
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return q.to(tl.float32)
+
+
+@triton.jit
 def q4_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                    GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                   NF4: tl.constexpr, DQ: tl.constexpr = False, DQ_BLOCK: tl.constexpr = 256):
+                   NF4: tl.constexpr, DQ: tl.constexpr = False, DQ_BLOCK: tl.constexpr = 256,
+                   MAGIC: tl.constexpr = False, LATE: tl.constexpr = False):
     """Y[m, rows] = X[m] @ W[rows].T for BLOCK_N rows per program (grid: input rows x row blocks), fp32 accumulation.
 
     Per iteration a (BLOCK_N, BLOCK_G, GROUP / 2) tile of code bytes: high nibbles meet the even input columns, low
-    nibbles the odd ones."""
+    nibbles the odd ones. LATE: scale every product and keep a (BLOCK_N, BLOCK_G, GROUP / 2) accumulator, reduced
+    once at the end, instead of reducing each group across threads in every iteration."""
     m = tl.program_id(0).to(tl.int64)  # input rows vary fastest: neighbouring programs read the same weight tile
     pid = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -46,7 +57,10 @@ def q4_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
     g_off = tl.arange(0, BLOCK_G)
     b_off = tl.arange(0, HALF)
     x_row = X + m * stride_xm
-    acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    if LATE:
+        acc = tl.zeros([BLOCK_N, BLOCK_G, HALF], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     for g0 in range(0, n_groups, BLOCK_G):
         g = g0 + g_off  # (BLOCK_G,)
         g_ok = g < n_groups
@@ -63,15 +77,24 @@ def q4_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
         if NF4:
             wh = tl.load(Lut + hi)
             wl = tl.load(Lut + lo)
-            dot = tl.sum(wh * xe[None, :, :] + wl * xo[None, :, :], axis=2)  # (BLOCK_N, BLOCK_G)
-            acc += dot * _nf4_absmax(S, SS, Mean, blk, blk_ok, DQ, DQ_BLOCK)
+            a = _nf4_absmax(S, SS, Mean, blk, blk_ok, DQ, DQ_BLOCK)
+            if LATE:
+                acc += a[:, :, None] * (wh * xe[None, :, :] + wl * xo[None, :, :])
+            else:
+                acc += tl.sum(wh * xe[None, :, :] + wl * xo[None, :, :], axis=2) * a  # (BLOCK_N, BLOCK_G)
         else:
-            dot = tl.sum(hi.to(tl.float32) * xe[None, :, :] + lo.to(tl.float32) * xo[None, :, :], axis=2)
             s = tl.load(S + blk, mask=blk_ok, other=0.0).to(tl.float32)
             z = tl.load(Z + blk, mask=blk_ok, other=0).to(tl.float32)
-            xsum = tl.sum(xe + xo, axis=1)  # (BLOCK_G,)
-            acc += s * (dot - z * xsum[None, :])
-    y = tl.sum(acc, axis=1)
+            dot = _nibble_f32(hi, MAGIC) * xe[None, :, :] + _nibble_f32(lo, MAGIC) * xo[None, :, :]
+            if LATE:
+                acc += s[:, :, None] * (dot - z[:, :, None] * (xe + xo)[None, :, :])
+            else:
+                xsum = tl.sum(xe + xo, axis=1)  # (BLOCK_G,)
+                acc += s * (tl.sum(dot, axis=2) - z * xsum[None, :])
+    if LATE:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    else:
+        y = tl.sum(acc, axis=1)
     tl.store(Y + m * stride_ym + rows, y.to(Y.dtype.element_ty), mask=row_ok)
 
 

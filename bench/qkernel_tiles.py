@@ -26,7 +26,7 @@ GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((1, 2, 4, 8, 16)
 QUICK_GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))
                    if bn * cols <= 16384]
 # 4-bit GEMV inner loops (qkernel.GEMV_VARIANT): (MAGIC nibble conversion, LATE reduction); NF4 looks levels up
-VARIANTS = {"int4": [(0, 0), (1, 0), (0, 1), (1, 1)], "nf4": [(0, 0), (0, 1)], "int8": [()]}
+VARIANTS = {"int4": [(0, 0), (1, 0), (0, 1), (1, 1)], "nf4": [(0, 0), (0, 1)], "int8": [(0,), (1,)]}
 GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 
 
@@ -129,8 +129,8 @@ def main() -> None:
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                 want = reference(fmt, parts, x, N).float()
                 default = tuple(qkernel._tiles(path, M, N, dev))
-                if path == "gemv" and fmt != "int8":
-                    default = (*default, *qkernel.GEMV_VARIANT)[:5]
+                if path == "gemv":
+                    default = (*default, *qkernel.GEMV_VARIANT)[:4 if fmt == "int8" else 5]
                 for tiles in grid:
                     row = {"format": fmt, "shape": shape, "N": N, "K": K, "M": M, "path": path,
                            "tiles": list(tiles), "default": tuple(tiles) == tuple(default)}

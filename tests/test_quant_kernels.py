@@ -123,6 +123,9 @@ def test_gemv_inner_loop_variants_match_the_reference(variant):
         base, other = run((4, 8 * group, 4, 0, 0)), run((4, 8 * group, 4, *variant))
         _close(other, F.linear(xs.float(), q.weight.float()), 2e-2)
         assert (other.float() - base.float()).abs().max().item() <= 2e-2 * base.float().abs().max().item()
+    q8 = Int8Linear.from_linear(nn.Linear(320, 24, bias=False)).to(DEVICE)  # INT8: codes offset into 0..255
+    got = qkernel._launch_int8(x, q8.qweight, q8.scale, "gemv", (4, 128, 4, variant[0]))
+    _close(got, F.linear(x.float(), q8.weight.float()), 2e-2)
 
 
 @needs_triton

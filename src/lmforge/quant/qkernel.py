@@ -183,9 +183,10 @@ def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None):
     k = _kernels()
     tiles = tiles or _tiles(path, M, N, x.device)
     if path == "gemv":
-        block_n, cols, warps = tiles
+        block_n, cols, warps, magic = (*tiles, GEMV_VARIANT[0])[:4]
         k.int8_gemv_kernel[(M, triton_cdiv(N, block_n))](x, qweight, scale, y, N, K, x.stride(0), y.stride(0),
-                                                         BLOCK_N=block_n, BLOCK_K=cols, num_warps=warps)
+                                                         BLOCK_N=block_n, BLOCK_K=cols, num_warps=warps,
+                                                         MAGIC=bool(magic))
     else:
         block_m, block_n = tiles
         k.int8_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](

@@ -141,8 +141,9 @@ def q4_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_ym,
 
 @triton.jit
 def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Y[m, rows] = (X[m] @ q[rows].T) * scale[rows]; grid: input rows x row blocks."""
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr = False):
+    """Y[m, rows] = (X[m] @ q[rows].T) * scale[rows]; grid: input rows x row blocks. MAGIC: codes to float as
+    `_nibble_f32` does (offset by 128 into 0..255 first)."""
     m = tl.program_id(0).to(tl.int64)  # input rows vary fastest: neighbouring programs read the same weight tile
     pid = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,7 +157,10 @@ def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym,
         w = tl.load(w_rows + k + cols[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0,
                     eviction_policy="evict_first")
         x = tl.load(x_row + k + cols, mask=k_ok, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
+        if MAGIC:
+            acc += (_nibble_f32(w.to(tl.int32) + 128, True) - 128.0) * x[None, :]
+        else:
+            acc += w.to(tl.float32) * x[None, :]
     s = tl.load(S + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(Y + m * stride_ym + rows, (tl.sum(acc, axis=1) * s).to(Y.dtype.element_ty), mask=row_ok)
 

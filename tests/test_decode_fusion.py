@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from lmforge.infer import SamplingParams, generate  # noqa: E402
 from lmforge.infer.kernels import gemv  # noqa: E402
-from lmforge.infer.kernels.decode_fusion import DecodeLinear, pack_for_decode, unpack_for_decode  # noqa: E402
+from lmforge.infer.kernels.decode_fusion import (  # noqa: E402
+    DecodeLinear, FusedDecodeBlock, PackedQKV, pack_for_decode, unpack_for_decode)
+from lmforge.models.transformer import GatedProjections, QKVProjection, TiedHead  # noqa: E402
 from lmforge.infer.kernels.options import KernelOptions  # noqa: E402
 from lmforge.infer import LLM, EngineConfig  # noqa: E402
 from lmforge.models import load_hf  # noqa: E402
@@ -85,7 +87,7 @@ def test_bf16_decode_step_through_the_kernels_matches_unpacked(ckpt):
         pack_for_decode(model, KERNELS)
         got = model(tokens).float()
         unpack_for_decode(model, keep_gemv=False)
-        assert type(model.layers[0].attn.o_proj) is torch.nn.Linear and model.head_linear is F.linear
+        assert type(model.layers[0].attn.o_proj) is torch.nn.Linear and type(model.tied_head) is TiedHead
         again = model(tokens).float()
     torch.testing.assert_close(again, want)
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
@@ -114,9 +116,9 @@ def test_packing_keeps_logits_state_dict_and_memory(ckpt, tmp_path):
     assert done["packed_qkv"] == n and done["packed_gate_up"] == n and done["gemv_linears"] >= 2 * n
     attn, mlp = model.layers[0].attn, model.layers[0].mlp
     assert type(attn.o_proj) is DecodeLinear and isinstance(attn.o_proj, torch.nn.Linear)
-    assert attn.q_proj.weight.data_ptr() == attn.packed_qkv.weight.data_ptr()  # the originals view the pack
-    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.packed_qkv.weight.untyped_storage().data_ptr()
-    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.packed_gate_up.weight.untyped_storage().data_ptr()
+    assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()  # the originals view the pack
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv.weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_down.weight.untyped_storage().data_ptr()
     after_storage = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p
                                                                for p in model.parameters()}.values())
     assert after_storage == storage  # no second copy of any weight
@@ -128,7 +130,7 @@ def test_packing_keeps_logits_state_dict_and_memory(ckpt, tmp_path):
     save_hf(model, tmp_path / "saved")  # the sliced parameters save as ordinary tensors
     torch.testing.assert_close(load_hf(tmp_path / "saved", progress=False)(tokens), before, atol=1e-5, rtol=1e-5)
     unpack_for_decode(model)
-    assert attn.packed_qkv is None and mlp.packed_gate_up is None
+    assert type(attn.qkv) is QKVProjection and type(mlp.gate_up_down) is GatedProjections
     torch.testing.assert_close(model(tokens), before, atol=1e-5, rtol=1e-5)
 
 
@@ -152,10 +154,11 @@ def test_engine_output_unchanged_and_adapter_added_after_packing_applies(ckpt, t
 
     served = load_hf(ckpt, progress=False)
     llm = LLM(served, config=EngineConfig(block_size=4, num_blocks=128, decode_steps=3))
-    assert served.layers[0].attn.packed_qkv is not None  # fast_decode is on by default
+    assert isinstance(served.layers[0].attn.qkv, PackedQKV)  # fast_decode is on by default
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
     llm.engine.add_adapter("ad", adapter)
-    assert served.layers[0].attn.packed_qkv is None and served.layers[0].mlp.packed_gate_up is None
+    assert type(served.layers[0].attn.qkv) is QKVProjection
+    assert type(served.layers[0].mlp.gate_up_down) is GatedProjections
     out = llm.generate(prompts + prompts, GREEDY, adapter=["ad"] * 5 + [None] * 5)
     assert [o.token_ids for o in out] == want_lora + want
 
@@ -285,14 +288,12 @@ def test_gemv_rmsnorm_and_residual_equal_the_separate_ops(offset, bias, one_tile
 def test_fused_decode_blocks_equal_the_unfused_packed_step(ckpt, monkeypatch):
     """Packing installs a FusedDecodeBlock on every block: a one-row forward through them equals the packed (unfused)
     forward (exactly on the GPU); a two-token forward never takes them; unpacking removes them."""
-    from lmforge.infer.kernels.decode_fusion import FusedDecodeBlock
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_hf(ckpt, progress=False, dtype=torch.bfloat16, device=device)
     one, two = torch.tensor([[7]], device=device), torch.tensor([[7, 8]], device=device)
     calls = []
-    call = FusedDecodeBlock.__call__
-    monkeypatch.setattr(FusedDecodeBlock, "__call__", lambda self, *a: calls.append(1) or call(self, *a))
+    call = FusedDecodeBlock.decode_row
+    monkeypatch.setattr(FusedDecodeBlock, "decode_row", lambda self, *a: calls.append(1) or call(self, *a))
     with torch.inference_mode():
         want = model(one).float()
         assert pack_for_decode(model, KERNELS)["fused_blocks"] == model.cfg.n_layers
@@ -300,14 +301,14 @@ def test_fused_decode_blocks_equal_the_unfused_packed_step(ckpt, monkeypatch):
         assert len(calls) == model.cfg.n_layers
         model(two)
         assert len(calls) == model.cfg.n_layers  # two rows: the blocks' own forward
-        installed = [b.decode_fused for b in model.layers]
-        for b in model.layers:
-            b.decode_fused = None
+        installed = list(model.layers)
+        for i, b in enumerate(installed):
+            model.layers[i] = b.block
         packed = model(one).float()
-        for b, f in zip(model.layers, installed):
-            b.decode_fused = f
+        for i, b in enumerate(installed):
+            model.layers[i] = b
         unpack_for_decode(model)
-        assert all(b.decode_fused is None for b in model.layers)
+        assert not any(isinstance(b, FusedDecodeBlock) for b in model.layers)
     exact = dict(atol=0, rtol=0) if device == "cuda" else dict(atol=0.03, rtol=0.02)  # CPU: interpreter truncation
     torch.testing.assert_close(fused, packed, **exact)
     torch.testing.assert_close(fused, want, atol=0.05, rtol=0.05)
@@ -333,7 +334,7 @@ def test_fused_decode_blocks_only_where_they_compute_the_block(arch, fused, tmp_
         done = pack_for_decode(model, KERNELS)
         got = model(one)
     assert done["fused_blocks"] == fused
-    assert sum(b.decode_fused is not None for b in model.layers) == fused
+    assert sum(isinstance(b, FusedDecodeBlock) for b in model.layers) == fused
     if not fused:
         assert "norm_placement=" in next(iter(done["unfused_blocks"])) and "fused decode blocks off" in caplog.text
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -192,8 +192,8 @@ def test_engine_packs_quantized_projections_into_one_layer():
     n = len(model.layers)
     assert done["packed_qkv"] == n and done["packed_gate_up"] == n
     attn, mlp = model.layers[0].attn, model.layers[0].mlp
-    assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn.packed_qkv.layer.qweight.untyped_storage().data_ptr()
-    assert mlp.packed_gate_up.layer.out_features == mlp.gate_proj.out_features + mlp.up_proj.out_features
+    assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn.qkv.layer.qweight.untyped_storage().data_ptr()
+    assert mlp.gate_up_down.layer.out_features == mlp.gate_proj.out_features + mlp.up_proj.out_features
     with torch.no_grad():
         assert torch.allclose(model(ids), want, atol=1e-5, rtol=1e-5)
     after = model.state_dict()

@@ -88,9 +88,34 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class Attention(nn.Module):
-    packed_qkv = None  # inference: one matmul for q, k and v (see lmforge.infer.kernels.decode_fusion); None = three
+class QKVProjection(nn.Module):
+    """An attention's q, k and v projections of one input: `forward(attn, x)` → (attn.q_proj(x), attn.k_proj(x),
+    attn.v_proj(x)). A module of its own so inference can swap in one packed matmul for the three
+    (lmforge.infer.kernels.decode_fusion) without the attention knowing; it holds no parameters, so the projections
+    keep their checkpoint names."""
 
+    def forward(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
+
+class GatedProjections(nn.Module):
+    """A gated MLP's three projections around its gating: `forward(mlp, x)` → mlp.down_proj(mlp.glu(
+    mlp.gate_proj(x), mlp.up_proj(x))). A module of its own so inference can swap in a packed gate/up matmul (and a
+    down projection that gates its input as it loads it); no parameters, so the projections keep their names."""
+
+    def forward(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return mlp.down_proj(mlp.glu(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+class TiedHead(nn.Module):
+    """The tied LM head's matmul, `forward(hidden, weight)` = hidden @ weight.T with the embedding matrix as weight;
+    a module so inference can swap in a one-row GEMV. No parameters (the weight is the embedding's)."""
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, weight)
+
+
+class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -99,6 +124,7 @@ class Attention(nn.Module):
         self.k_proj = linear(f"{prefix}.k_proj", d, cfg.kv_heads * hd, cfg.qkv_bias)
         self.v_proj = linear(f"{prefix}.v_proj", d, cfg.kv_heads * hd, cfg.qkv_bias)
         self.o_proj = linear(f"{prefix}.o_proj", cfg.n_heads * hd, d, cfg.out_bias)
+        self.qkv = QKVProjection()
         # qk-norm: RMSNorm over each head's dims (Qwen3, Gemma 3), over the whole projection (OLMo 2), or weightless
         # over each head's dims on RoPE layers (Llama 4; a rotation keeps the norm, so before or after RoPE is one)
         norm_q, norm_k = {"none": (0, 0), "head": (hd, hd), "proj": (cfg.n_heads * hd, cfg.kv_heads * hd),
@@ -112,10 +138,7 @@ class Attention(nn.Module):
                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`prefix_kv`: keys and values (1 or B, Hkv, n, hd) of n tokens in front of the sequence (prompt methods),
         attended by every query; `mask` then covers [prefix keys, own keys] (`with_prefix_keys`)."""
-        if self.packed_qkv is not None:  # x: (B, T, d_model)
-            q, k, v = self.packed_qkv(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv(self, x)  # x: (B, T, d_model)
         return self.o_proj(self.mix(q, k, v, rope, mask, cache, slots, prefix_kv))
 
     def heads(self, q, k, v, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,8 +277,6 @@ class MLP(nn.Module):
     `glu_limit` set, the gate is GPT-OSS's clamped SwiGLU (see `glu`).
     """
 
-    packed_gate_up = None  # inference: one matmul for gate and up (see lmforge.infer.kernels.decode_fusion)
-
     def __init__(self, cfg: ModelConfig, prefix: str, linear: LinearFactory, d_ff: int | None = None,
                  gated: bool | None = None, bias: bool | None = None):
         super().__init__()
@@ -268,6 +289,8 @@ class MLP(nn.Module):
             self.gate_proj = linear(f"{prefix}.gate_proj", cfg.d_model, f, bias)
         self.up_proj = linear(f"{prefix}.up_proj", cfg.d_model, f, bias)
         self.down_proj = linear(f"{prefix}.down_proj", f, cfg.d_model, bias)
+        if self.gated:
+            self.gate_up_down = GatedProjections()
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """act(gate) * up; GPT-OSS (glu_limit): gate clamped above at the limit, up to +-limit, then
@@ -278,12 +301,9 @@ class MLP(nn.Module):
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_gate_up is not None and self.limit is None:
-            return self.packed_gate_up.mlp(x, self.act, self.down_proj)
-        if self.packed_gate_up is not None:
-            return self.down_proj(self.glu(*self.packed_gate_up(x)))
-        h = self.glu(self.gate_proj(x), self.up_proj(x)) if self.gated else self.act(self.up_proj(x))
-        return self.down_proj(h)
+        if self.gated:
+            return self.gate_up_down(self, x)
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 ATTENTIONS: dict[str, type[nn.Module]] = {"gqa": Attention, "mla": LatentAttention}
@@ -299,8 +319,6 @@ class Block(nn.Module):
     With `parallel_block` (Phi) both branches read the same normed input and there is no second norm. Absent norms
     are None. The MLP is dense or a mixture of experts."""
 
-    decode_fused = None  # inference: the whole block as fused one-row kernels (see lmforge.infer.kernels.decode_fusion)
-
     def __init__(self, cfg: ModelConfig, layer: int, linear: LinearFactory):
         super().__init__()
         pre, post = cfg.norm_placement in ("pre", "sandwich"), cfg.norm_placement in ("sandwich", "post")
@@ -314,8 +332,6 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, cache, slots, prefix_kv=None):
         """x (B, T, d_model) → (B, T, d_model); `prefix_kv` (k, v) of prefix tokens this layer's attention sees."""
-        if self.decode_fused is not None and prefix_kv is None and self.decode_fused.applies(x):
-            return self.decode_fused(x, rope, mask, cache, slots)
         prefix = () if prefix_kv is None else (prefix_kv,)
         if self.attn.cfg.parallel_block:
             h = self.attn_norm(x)
@@ -360,7 +376,6 @@ class Transformer(nn.Module):
         self.checkpointing = checkpointing  # activation checkpointing in training forwards (`set_checkpointing`)
         self.attention_backend = "auto"  # "auto" | "sdpa" | "flex": how packed rows are masked
         self.aux_loss: torch.Tensor | None = None  # MoE load-balancing (+ z) loss of the last training forward
-        self.head_linear = F.linear  # the tied LM head's matmul (inference may swap in a GEMV kernel)
         # how quantized linears were made (method and options; lmforge.quant fills it), written into config.json's
         # quantization_config on save; empty for a model in full precision
         self.quantization_config: dict = {}
@@ -373,6 +388,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i, linear) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else linear("lm_head", cfg.d_model, cfg.vocab_size, cfg.lm_head_bias)
+        self.tied_head = TiedHead()  # the matmul of a tied head (lm_head None): hidden @ embed.weight.T
         # RoPE tables, one per distinct (base, scaling): "global" (rope_theta, rope_scaling) and, with
         # rope_local_theta, "local" (Gemma 3's sliding-window layers); layers pick theirs by cfg.layer_rope.
         kinds = dict.fromkeys(k for k in map(cfg.layer_rope, range(cfg.n_layers)) if k is not None)
@@ -434,7 +450,7 @@ class Transformer(nn.Module):
                                               prefix_lengths))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.head_linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
+        out = self.tied_head(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
         cap = self.cfg.final_logit_softcap
         return out if cap is None else torch.tanh(out / cap) * cap  # Gemma 2: logits squashed into (-cap, cap)
 

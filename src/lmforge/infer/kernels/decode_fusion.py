@@ -1,34 +1,41 @@
 """Fast decode paths the engine installs on a model it serves: packed projections and one-row GEMV kernels.
 
 At batch 1 a decode step is ~100 small matmuls, each a weight read; fewer, larger reads run closer to HBM bandwidth
-and leave fewer kernel launches inside the CUDA graph. `pack_for_decode(model)`:
+and leave fewer kernel launches inside the CUDA graph. `pack_for_decode(model)` swaps modules of the model (one
+`set_module` each; the model file knows nothing of what comes in):
 
-- packs q/k/v (and gate/up) weights into one (sum of outs, in) matrix per layer and re-points the original
-  parameters at row slices of it: no extra memory, `state_dict()` and the modules are unchanged, and the packed
-  matmul (`Attention.packed_qkv`, `MLP.packed_gate_up`) computes exactly what the three (two) did;
-- replaces every plain `nn.Linear` by a `DecodeLinear` over the same parameters (`set_module`) and routes the
-  tied LM head through `gemv.linear` (a Triton GEMV when the input is one row on CUDA, `F.linear` otherwise);
-- gives each plain pre-norm block a `FusedDecodeBlock`: at one row the RMSNorms run inside the GEMVs that read
-  their output and the residual adds inside the GEMVs that produce them (no norm or add kernels left).
+- each attention's `qkv` (`QKVProjection`) and each gated MLP's `gate_up_down` (`GatedProjections`) becomes a
+  packed module: q/k/v (gate/up) weights as one (sum of outs, in) matrix, the original parameters re-pointed at
+  row slices of it. No extra memory; `state_dict()` is unchanged (the packed matrix is no parameter or buffer) and
+  the packed matmul computes exactly what the three (two) did. Any module that projects through these seams packs,
+  whatever its class;
+- every plain `nn.Linear` becomes a `DecodeLinear` over the same parameters, and the tied head's `TiedHead` a
+  `DecodeTiedHead`: a Triton GEMV when the input is one row on CUDA, `F.linear` otherwise;
+- each plain pre-norm block is wrapped in a `FusedDecodeBlock`: at one row the RMSNorms run inside the GEMVs that
+  read their output and the residual adds inside the GEMVs that produce them (no norm or add kernels left); every
+  other input goes through the block itself. A block that cannot be fused keeps its own forward, and the one log
+  line of the pack says why (`FusedDecodeBlock.unsupported`), as it does for projections that do not pack.
 
 Only plain bias-consistent `nn.Linear` projections are packed (LoRA- or tensor-parallel-wrapped ones keep their own
 forward); weight-only quantized ones of one kind pack into one quantized layer (`QuantLinear.pack`: one kernel launch
-for q/k/v and one for gate/up, the originals viewing its buffers) but keep their own kernels, outside the fused blocks. `unpack_for_decode` turns the packed matmuls off again, e.g. before multi-LoRA wrappers are
-put around q_proj, whose per-row deltas the packed matmul would skip. Packing assumes the model stays on its device
-afterwards (`.to()` would copy the slices apart). Every module installed here launches its kernels with the
-`KernelOptions` given to `pack_for_decode` (the engine's `engine.kernels`).
+for q/k/v and one for gate/up, the originals viewing its buffers) but keep their own kernels, outside the fused
+blocks. `unpack_for_decode` puts the model's own modules back, e.g. before multi-LoRA wrappers are put around
+q_proj, whose per-row deltas the packed matmul would skip. Packing assumes the model stays on its device afterwards
+(`.to()` would copy the slices apart). Every module installed here launches its kernels with the `KernelOptions`
+given to `pack_for_decode` (the engine's `engine.kernels`).
 """
 from __future__ import annotations
 
-import functools
 import logging
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...models.modules import set_module
-from ...models.transformer import MLP, PLAIN_LINEARS, Attention, Block, RMSNorm, Transformer
+from ...models.transformer import (MLP, PLAIN_LINEARS, Attention, Block, GatedProjections, QKVProjection, RMSNorm,
+                                   TiedHead, Transformer)
 from ...quant.base import QuantLinear
 from . import gemv
 from .options import DEFAULT, KernelOptions
@@ -69,74 +76,112 @@ class DecodeLinear(nn.Linear):
 PLAIN_LINEARS.add(DecodeLinear)  # computes exactly x @ W.T + b
 
 
-class PackedProjection:
-    """Several linears of one input as one matmul: x (..., in) → tuple of (..., out_i). Not an nn.Module, so it
-    adds nothing to state_dict; its weight is the storage the original parameters now view."""
+class DecodeTiedHead(nn.Module):
+    """`TiedHead` through `gemv.linear`: the tied LM head's one-row matmul as a GEMV."""
+
+    def __init__(self, options: KernelOptions = DEFAULT):
+        super().__init__()
+        self.options = options
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return gemv.linear(hidden, weight, None, self.options)
+
+
+class PackedQKV(nn.Module):
+    """`QKVProjection` as one matmul over the stacked q/k/v rows: x (..., in) → (q, k, v). The packed weight is a
+    plain attribute, not a parameter or buffer: the original parameters view its rows and state_dict keeps theirs."""
+
+    fuses = True  # a fused block may read `weight` (the GEMV kinds; quantized ones keep their own kernels)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int],
                  options: KernelOptions = DEFAULT):
+        super().__init__()
         self.weight, self.bias, self.sizes, self.options = weight, bias, sizes, options
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return gemv.linear(x, self.weight, self.bias, self.options).split(self.sizes, dim=-1)
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed output (..., sum of outs)."""
+        return gemv.linear(x, self.weight, self.bias, self.options)
+
+    def forward(self, owner: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.project(x).split(self.sizes, dim=-1)
 
 
-class PackedGateUp(PackedProjection):
-    """gate/up packed; `mlp(x, act, down)` is the whole gated MLP. At one row with SiLU and a GEMV-routed down
-    projection, the down GEMV applies silu(gate) * up as it loads its input (one launch less per layer)."""
+class PackedGateUp(PackedQKV):
+    """`GatedProjections` with gate/up packed: down(glu(gate, up)) from one gate/up matmul. At one row with plain
+    SiLU gating and a GEMV-routed down projection, the down GEMV applies silu(gate) * up as it loads its input (one
+    launch less per layer)."""
 
-    def mlp(self, x: torch.Tensor, act, down: nn.Module) -> torch.Tensor:
-        gate_up = gemv.linear(x, self.weight, self.bias, self.options)  # (..., 2 * d_ff)
-        if act is F.silu and type(down) is DecodeLinear and gemv.use_gemv(gate_up, down.weight, self.options):
+    def forward(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.project(x), mlp.down_proj  # (..., 2 * d_ff)
+        if (self.fuses and mlp.limit is None and mlp.act is F.silu and type(down) is DecodeLinear
+                and gemv.use_gemv(gate_up, down.weight, self.options)):
             return gemv.gemv_silu_mul(gate_up, down.weight, down.bias, **gemv.launch_args(self.options))
-        gate, up = gate_up.split(self.sizes, dim=-1)
-        return down(act(gate) * up)
+        return down(mlp.glu(*gate_up.split(self.sizes, dim=-1)))
 
 
-class PackedQuantProjection:
-    """Quantized linears of one input as one quantized layer (`QuantLinear.pack`): x (..., in) → tuple of
-    (..., out_i) from one launch of that layer's kernel; `mlp` as `PackedGateUp.mlp`, unfused."""
+class _QuantRows:
+    """The packed rows as one quantized layer (`QuantLinear.pack`), launched with its own kernel. The layer is held
+    outside the module tree: its buffers are the originals' storage, and state_dict keeps the originals' names."""
+
+    fuses = False
 
     def __init__(self, layer: QuantLinear, sizes: list[int]):
-        self.layer, self.sizes = layer, sizes
+        nn.Module.__init__(self)
+        self.__dict__["layer"] = layer
+        self.sizes, self.options = sizes, None
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.layer(x).split(self.sizes, dim=-1)
-
-    def mlp(self, x: torch.Tensor, act, down: nn.Module) -> torch.Tensor:
-        gate, up = self(x)
-        return down(act(gate) * up)
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
 
 
-class FusedDecodeBlock:
-    """A pre-norm block's one-row forward as four GEMV launches plus the attention: no norm or add kernels.
+class PackedQuantQKV(_QuantRows, PackedQKV):
+    """`PackedQKV` over quantized q/k/v: one launch of their kernel."""
+
+
+class PackedQuantGateUp(_QuantRows, PackedGateUp):
+    """`PackedGateUp` over quantized gate/up: one launch of their kernel, the gating and down projection unfused."""
+
+
+class FusedDecodeBlock(nn.Module):
+    """A pre-norm block whose one-row forward is four GEMV launches plus the attention: no norm or add kernels.
 
         qkv = RMSNorm(x) Wqkv^T            (gemv_rmsnorm: each program normalizes x as it loads it)
         x   = x + mix(q, k, v) Wo^T        (gemv with the residual added in the epilogue)
         gu  = RMSNorm(x) Wgu^T             (gemv_rmsnorm)
         x   = x + (silu(g) * u) Wdown^T    (gemv_silu_mul with the residual)
 
-    Installed as `Block.decode_fused` only where it computes exactly what the block does: RMSNorm pre-norms and no
-    post-norms (not Gemma 2/3's sandwich or OLMo 2's post-norm blocks), plain `Attention` (its qk-norm, RoPE, scale
-    and soft-cap run inside `mix`, as in the block), packed q/k/v and gate/up, SiLU, GEMV-routed o and down
-    projections; `applies(x)` then sends one-row inputs here and everything else (prefill, batches) through the
-    block's own forward. `unsupported(block)` says why a block keeps its own forward."""
+    It takes the block's place in `model.layers` and registers the block's children as its own, so every module
+    path and state_dict key stays the block's; the block itself is kept outside the module tree and runs every input
+    but one-row decode (prefill, batches, prefix keys). Installed only where it computes exactly what the block does:
+    `unsupported(block)` says why not elsewhere (post-norms, LayerNorm, unpacked or wrapped projections, ...)."""
+
+    attn_post_norm = mlp_post_norm = None  # as in the blocks it wraps (pre-norm only)
 
     def __init__(self, block: Block, options: KernelOptions = DEFAULT):
-        self.block, self.options = block, options
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.__dict__["block"] = block
+        self.options = options
+
+    def train(self, mode: bool = True) -> FusedDecodeBlock:
+        self.block.training = mode  # its children are ours: set by super().train
+        return super().train(mode)
 
     @staticmethod
     def unsupported(block: nn.Module) -> str | None:
         """None when the fused one-row forward computes exactly what `block` does, else the reason it does not."""
         if type(block) is not Block:
-            return f"block type {type(block).__name__}"
+            return f"block type {type(block).__name__} (the fused forward computes Block's)"
         if block.attn_post_norm is not None or block.mlp_post_norm is not None:
             return f"norm_placement={block.attn.cfg.norm_placement} (norms after attention / MLP)"
         if block.mlp_norm is None or type(block.attn_norm) is not RMSNorm or type(block.mlp_norm) is not RMSNorm:
             return "not two RMSNorm pre-norms (parallel block or LayerNorm)"
-        if type(block.attn) is not Attention or block.attn.packed_qkv is None or type(block.attn.o_proj) is not DecodeLinear:
+        if (type(block.attn) is not Attention or type(block.attn.qkv) is not PackedQKV
+                or type(block.attn.o_proj) is not DecodeLinear):
             return "attention projections not plain packed linears (LoRA, quantized or tensor-parallel)"
-        if type(block.mlp) is not MLP or block.mlp.packed_gate_up is None or type(block.mlp.down_proj) is not DecodeLinear:
+        gate_up = getattr(block.mlp, "gate_up_down", None)
+        if type(block.mlp) is not MLP or type(gate_up) is not PackedGateUp or type(block.mlp.down_proj) is not DecodeLinear:
             return "MLP not a plain packed gated MLP (mixture of experts, LoRA, quantized)"
         if block.mlp.act is not F.silu or block.mlp.limit is not None:
             return f"activation {block.attn.cfg.act} (the fused down projection computes plain SiLU gating)"
@@ -146,36 +191,41 @@ class FusedDecodeBlock:
     def supports(block: nn.Module) -> bool:
         return FusedDecodeBlock.unsupported(block) is None
 
-    def applies(self, x: torch.Tensor) -> bool:
-        return gemv.use_gemv(x, self.block.attn.packed_qkv.weight, self.options)
+    def forward(self, x, rope, mask, cache, slots, prefix_kv=None) -> torch.Tensor:
+        if prefix_kv is None and gemv.use_gemv(x, self.attn.qkv.weight, self.options):
+            return self.decode_row(x, rope, mask, cache, slots)
+        return self.block(x, rope, mask, cache, slots, prefix_kv)
 
-    def __call__(self, x, rope, mask, cache, slots) -> torch.Tensor:  # x: (1, 1, d_model)
-        attn, mlp, launch = self.block.attn, self.block.mlp, gemv.launch_args(self.options)
-        qkv, o = attn.packed_qkv, attn.o_proj
-        q, k, v = _normed(x, self.block.attn_norm, qkv, launch).split(qkv.sizes, dim=-1)
+    def decode_row(self, x, rope, mask, cache, slots) -> torch.Tensor:  # x: (1, 1, d_model)
+        attn, mlp, launch = self.attn, self.mlp, gemv.launch_args(self.options)
+        qkv, o = attn.qkv, attn.o_proj
+        q, k, v = _normed(x, self.attn_norm, qkv, launch).split(qkv.sizes, dim=-1)
         x = gemv.gemv(attn.mix(q, k, v, rope, mask, cache, slots), o.weight, o.bias, x, **launch)
-        gate_up, down = mlp.packed_gate_up, mlp.down_proj
-        h = _normed(x, self.block.mlp_norm, gate_up, launch)  # (1, 1, 2 * d_ff)
+        gate_up, down = mlp.gate_up_down, mlp.down_proj
+        h = _normed(x, self.mlp_norm, gate_up, launch)  # (1, 1, 2 * d_ff)
         return gemv.gemv_silu_mul(h, down.weight, down.bias, x, **launch)
 
 
-def _normed(x: torch.Tensor, norm: RMSNorm, packed: PackedProjection, launch: dict) -> torch.Tensor:
+def _normed(x: torch.Tensor, norm: RMSNorm, packed: PackedQKV, launch: dict) -> torch.Tensor:
     return gemv.gemv_rmsnorm(x, norm.weight, norm.eps, float(norm.offset), packed.weight, packed.bias, **launch)
 
 
-def _pack(linears: list[nn.Module], cls=PackedProjection, options: KernelOptions = DEFAULT
-          ) -> PackedProjection | None:
-    """Pack plain nn.Linear layers sharing dtype/device/bias-ness, or quantized ones `QuantLinear.pack` accepts;
-    None if any is something else."""
+def _pack(linears: list[nn.Module], cls: type[PackedQKV], quant_cls: type[_QuantRows],
+          options: KernelOptions = DEFAULT) -> tuple[nn.Module | None, str | None]:
+    """(packed module, None) for plain nn.Linear layers sharing dtype/device/bias-ness, or quantized ones
+    `QuantLinear.pack` accepts; else (None, why not)."""
     if all(isinstance(m, QuantLinear) for m in linears):
         layer = type(linears[0]).pack(linears)
-        return None if layer is None else PackedQuantProjection(layer, [m.out_features for m in linears])
+        if layer is None:
+            return None, f"{type(linears[0]).__name__} layers that do not pack (kind, options or fast layout)"
+        return quant_cls(layer, [m.out_features for m in linears]), None
     if not all(type(m) in (nn.Linear, DecodeLinear) for m in linears):
-        return None
+        kinds = sorted({type(m).__name__ for m in linears} - {"Linear", "DecodeLinear"})
+        return None, f"{', '.join(kinds)} projections"
     w0 = linears[0].weight
     if any(m.weight.dtype != w0.dtype or m.weight.device != w0.device or (m.bias is None) != (linears[0].bias is None)
            or m.in_features != linears[0].in_features for m in linears):
-        return None
+        return None, "projections of different dtypes, devices or biases"
     with torch.no_grad():
         weight = torch.cat([m.weight for m in linears])  # (sum out, in)
         bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
@@ -186,7 +236,7 @@ def _pack(linears: list[nn.Module], cls=PackedProjection, options: KernelOptions
             if bias is not None:
                 m.bias.data = bias[row:row + n]
             row += n
-    return cls(weight, bias, [m.out_features for m in linears], options)
+    return cls(weight, bias, [m.out_features for m in linears], options), None
 
 
 def _swap_linears(model: nn.Module, swap) -> int:
@@ -201,48 +251,71 @@ def _swap_linears(model: nn.Module, swap) -> int:
     return sum(m is not None for m in new.values())
 
 
+# the model's projection seams, what reads their input, and what packs them
+_SEAMS = {QKVProjection: ("packed_qkv", ("q_proj", "k_proj", "v_proj"), PackedQKV, PackedQuantQKV),
+          GatedProjections: ("packed_gate_up", ("gate_proj", "up_proj"), PackedGateUp, PackedQuantGateUp)}
+
+
 @torch.no_grad()
 def pack_for_decode(model: Transformer, options: KernelOptions = DEFAULT) -> dict:
     """Install the fast decode paths on `model` (in place), launching their kernels with `options`; returns what
-    was done, for logs and tests."""
+    was done, for logs and tests. Packing again (another engine's options) keeps the packs and takes the options."""
     done = {"packed_qkv": 0, "packed_gate_up": 0}
-    for module in model.modules():
-        if isinstance(module, Attention) and module.packed_qkv is None:
-            module.packed_qkv = _pack([module.q_proj, module.k_proj, module.v_proj], options=options)
-            done["packed_qkv"] += module.packed_qkv is not None
-        elif isinstance(module, MLP) and module.gated and module.packed_gate_up is None:
-            module.packed_gate_up = _pack([module.gate_proj, module.up_proj], PackedGateUp, options)
-            done["packed_gate_up"] += module.packed_gate_up is not None
+    unpacked: Counter[str] = Counter()  # why projections keep their own matmuls
+    for path, seam in list(model.named_modules()):
+        if isinstance(seam, PackedQKV) and seam.fuses:
+            seam.options = options
+        elif type(seam) in _SEAMS:
+            key, names, cls, quant_cls = _SEAMS[type(seam)]
+            owner = model.get_submodule(path.rpartition(".")[0])
+            packed, reason = _pack([getattr(owner, n) for n in names], cls, quant_cls, options)
+            if packed is None:
+                unpacked[f"{'/'.join(n.removesuffix('_proj') for n in names)} not packed ({reason})"] += 1
+            else:
+                set_module(model, path, packed)
+                done[key] += 1
     # plain linears, and those a pack with other options installed (an earlier engine's), get this pack's
     done["gemv_linears"] = _swap_linears(model, lambda m: DecodeLinear.of(m, options) if type(m) is nn.Linear or (
         type(m) is DecodeLinear and m.options != options) else None)
     done["fused_blocks"] = 0
-    reasons = {}
-    for block in model.layers:
+    unfused: Counter[str] = Counter()
+    for i, block in enumerate(model.layers):
+        block = _unwrapped(block)
         reason = FusedDecodeBlock.unsupported(block)
+        set_module(model, f"layers.{i}", block if reason else FusedDecodeBlock(block, options))
         if reason is None:
-            block.decode_fused = FusedDecodeBlock(block, options)
             done["fused_blocks"] += 1
         else:
-            reasons[reason] = reasons.get(reason, 0) + 1
-    if reasons:  # those blocks decode through their own forward (packed projections, GEMV linears still apply)
-        done["unfused_blocks"] = reasons
-        log.info("fused decode blocks off for %s", "; ".join(f"{n} blocks: {r}" for r, n in reasons.items()))
+            unfused[reason] += 1
+    if unfused:  # those blocks decode through their own forward (packed projections, GEMV linears still apply)
+        done["unfused_blocks"] = dict(unfused)
+    if unfused or unpacked:
+        log.info("fast decode: %s", "; ".join([f"fused decode blocks off for {n} blocks: {r}" for r, n in unfused.items()]
+                                              + [f"{r} in {n} modules" for r, n in unpacked.items()]))
     if model.lm_head is None:
-        model.head_linear = functools.partial(gemv.linear, options=options)
+        model.tied_head = DecodeTiedHead(options)
     return done
 
 
+def _unwrapped(block: nn.Module) -> nn.Module:
+    """The block a `FusedDecodeBlock` wraps, with the wrapper's children (any swapped since) put back; else `block`."""
+    if not isinstance(block, FusedDecodeBlock):
+        return block
+    for name, child in block.named_children():
+        setattr(block.block, name, child)
+    return block.block
+
+
 def unpack_for_decode(model: Transformer, keep_gemv: bool = True) -> None:
-    """Back to one matmul per projection (the weights stay where they are: views of the packed storage); with
-    `keep_gemv=False` also back to plain `nn.Linear` / `F.linear` everywhere."""
-    for module in model.modules():
-        if isinstance(module, Block):
-            module.decode_fused = None
-        if isinstance(module, Attention):
-            module.packed_qkv = None
-        elif isinstance(module, MLP):
-            module.packed_gate_up = None
+    """Back to the model's own blocks and one matmul per projection (the weights stay where they are: views of the
+    packed storage); with `keep_gemv=False` also back to plain `nn.Linear` / `TiedHead` everywhere."""
+    for i, block in enumerate(model.layers):
+        set_module(model, f"layers.{i}", _unwrapped(block))
+    for path, module in list(model.named_modules()):
+        if isinstance(module, PackedGateUp):
+            set_module(model, path, GatedProjections())
+        elif isinstance(module, PackedQKV):
+            set_module(model, path, QKVProjection())
     if not keep_gemv:
         _swap_linears(model, lambda m: m.plain() if type(m) is DecodeLinear else None)
-        model.head_linear = F.linear
+        model.tied_head = TiedHead()

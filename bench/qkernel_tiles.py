@@ -5,6 +5,8 @@ every GEMM tile (BLOCK_M, BLOCK_N) at 64 rows (4-bit GEMV tiles also name the in
 `qkernel.GEMV_VARIANT`), timed inside a CUDA graph (as decode runs them), checked against
 dequantize-then-matmul, beside bf16 `F.linear` from the same call. One JSON line per (format, shape, path, tiles)
 with GB/s of weight traffic and the share of the HBM roofline; the last lines name the fastest tiles per shape.
+"default" marks the tiles a layer runs with no forced tiles (`QuantKernels()`); a GEMV's winner is tried in the
+engine with `engine.kernels.quant_gemv_tiles=[ROWS,COLUMNS,WARPS]` (bench/quant_decode.py --gemv-tiles).
 
     python bench/qkernel_tiles.py --out qkernel_tiles.jsonl
 """
@@ -17,7 +19,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from lmforge.quant import qkernel
+from lmforge.quant import QuantKernels, qkernel
 from lmforge.quant.nf4 import quantize_nf4
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
@@ -128,7 +130,7 @@ def main() -> None:
             for M, path, grid in ((1, "gemv", gemv), (args.gemm_rows, "gemm", GEMM_GRID)):
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                 want = reference(fmt, parts, x, N).float()
-                default = tuple(qkernel._tiles(path, M, N, dev))
+                default = tuple(qkernel._tiles(path, M, N, dev, QuantKernels().gemv_tiles))
                 if path == "gemv":
                     default = (*default, *qkernel.GEMV_VARIANT)[:4 if fmt == "int8" else 5]
                 for tiles in grid:

@@ -14,11 +14,12 @@ variant, each through the serving engine (paged KV cache, CUDA graphs):
 Every row carries the speedup over the bf16 row of the same call and the issue's goals (batch-1: INT4 >= 2.8x,
 NF4 >= 2.5x, INT8 >= 1.7x; throughput >= 1.0x). A variant that fails is recorded with its error; the others go on.
 `int4-tinygemm` uses PyTorch's `_weight_int4pack_mm` instead (prepare_fast_path); `<kind>-ref` turns lmforge's
-kernels off (dequantize + matmul).
+kernels off (dequantize + matmul: `engine.kernels.quant=false`); `--gemv-tiles` forces the quantized GEMV's tiles
+(`engine.kernels.quant_gemv_tiles`, e.g. the best of bench/qkernel_tiles.py).
 
     python bench/quant_decode.py --variants bf16,int4,nf4 --new-tokens 128 --repeats 2 --out q1.jsonl
     python bench/quant_decode.py --variants bf16,int8,int4-tinygemm --new-tokens 128 --repeats 2 --out q2.jsonl
-    LMFORGE_QKERNEL_GEMV=8,1024,8 python bench/quant_decode.py --variants bf16,int4 ...   # GEMV tiles to try
+    python bench/quant_decode.py --variants bf16,int4 --gemv-tiles 8,1024,8 ...          # GEMV tiles to try
     python bench/quant_decode.py --preset llama-3.2-1b --n-layers 2 --new-tokens 8 --repeats 1 --concurrent 4 \\
         --prompt-len 16                                                          # CPU smoke run
 """
@@ -54,15 +55,24 @@ def build(preset: str, n_layers: int | None, device: str, seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
-def quantize(model, variant: str, group_size: int) -> dict:
-    """Quantize in place; returns what `prepare_fast_path` did (tinygemm only)."""
-    from lmforge.quant import prepare_fast_path, qkernel, quantize_model
+def kernel_options(variant: str, gemv_tiles: str | None):
+    """The engine's kernel options for `variant`: lmforge's quantized kernels off for `<kind>-ref`, forced tiles."""
+    from lmforge.infer.kernels.options import KernelOptions
+
+    tiles = tuple(int(v) for v in gemv_tiles.split(",")) if gemv_tiles else None
+    return KernelOptions(quant=not variant.endswith("-ref"), quant_gemv_tiles=tiles)
+
+
+def quantize(model, variant: str, group_size: int, kernels) -> dict:
+    """Quantize in place, the layers computing with `kernels` (a KernelOptions); returns what
+    `prepare_fast_path` did (tinygemm only)."""
+    from lmforge.quant import prepare_fast_path, quantize_model, set_kernels
 
     kind = variant.removesuffix("-ref").removesuffix("-tinygemm")
-    qkernel.enabled = not variant.endswith("-ref")
     if kind == "bf16":
         return {}
     quantize_model(model, "int4" if kind == "int4" else kind, group_size=group_size)
+    set_kernels(model, kernels.quant_kernels())  # before prepare_fast_path, which reports (and picks by) them
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -87,14 +97,14 @@ def bytes_per_token(model, context: float) -> int:
     return int(total + 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * 2 * context)
 
 
-def batch1(model, args) -> dict:
+def batch1(model, args, kernels) -> dict:
     from lmforge.infer import LLM, EngineConfig, SamplingParams
 
     torch.manual_seed(1)
     prompt = torch.randint(100, model.cfg.vocab_size - 100, (args.prompt_len,)).tolist()
     n = args.new_tokens
     cfg = EngineConfig(max_model_len=args.prompt_len + n + 16, max_num_seqs=1, decode_steps=args.decode_steps,
-                       compile=args.compile, enable_prefix_caching=False, num_blocks=args.num_blocks)
+                       compile=args.compile, enable_prefix_caching=False, num_blocks=args.num_blocks, kernels=kernels)
     llm = LLM(model, config=cfg)
     engine = llm.engine
     params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
@@ -110,13 +120,13 @@ def batch1(model, args) -> dict:
     return {"decode_tokens_per_s": round(best, 1), "warmup_s": round(warmup, 1), "first_tokens": first_run[:8]}
 
 
-def throughput(model, args) -> dict:
+def throughput(model, args, kernels) -> dict:
     from lmforge.infer import LLM, EngineConfig, SamplingParams
 
     torch.manual_seed(2)
     prompts = torch.randint(100, model.cfg.vocab_size - 100, (args.concurrent, args.prompt_len)).tolist()
     cfg = EngineConfig(max_model_len=args.prompt_len + args.new_tokens + 16, max_num_seqs=args.concurrent,
-                       decode_steps=args.decode_steps, compile=False, num_blocks=args.num_blocks)
+                       decode_steps=args.decode_steps, compile=False, num_blocks=args.num_blocks, kernels=kernels)
     llm = LLM(model, config=cfg)
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
@@ -156,6 +166,8 @@ def main() -> None:
     ap.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by the engine)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the batch-1 forward (default: on CUDA)")
+    ap.add_argument("--gemv-tiles", default=None, metavar="ROWS,COLUMNS,WARPS",
+                    help="force the quantized GEMV's tiles (engine.kernels.quant_gemv_tiles; default: by shape)")
     ap.add_argument("--out", default=None, help="also write the JSON lines here (after every variant)")
     args = ap.parse_args()
 
@@ -170,7 +182,7 @@ def main() -> None:
     bandwidth = next((bw for key, bw in HBM_SPEC.items() if key in name), None)
     env = {"preset": args.preset, "n_layers": args.n_layers, "device": name, "torch": torch.__version__,
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "group_size": args.group_size,
-           "compile_batch1": args.compile, "decode_steps": args.decode_steps}
+           "compile_batch1": args.compile, "decode_steps": args.decode_steps, "gemv_tiles": args.gemv_tiles}
     rows: list[dict] = []
     base: dict[str, float] = {}
     for variant in args.variants.split(","):
@@ -178,17 +190,18 @@ def main() -> None:
         model = None
         try:
             model = build(args.preset, args.n_layers, device)
-            row["fast_path"] = quantize(model, variant, args.group_size)
+            kernels = kernel_options(variant, args.gemv_tiles)
+            row["fast_path"] = quantize(model, variant, args.group_size, kernels)
             per_token = bytes_per_token(model, args.prompt_len + args.new_tokens / 2)
             row["gb_per_token"] = round(per_token / 1e9, 3)
-            row.update(batch1(model, args))
+            row.update(batch1(model, args, kernels))
             if bandwidth:
                 roof = bandwidth / per_token
                 row.update(roofline_tokens_per_s=round(roof, 1),
                            of_roofline=round(row["decode_tokens_per_s"] / roof, 3))
             free()  # the batch-1 engine's KV cache and graph pool go before the next engine sizes its own
             if args.concurrent:
-                row.update(throughput(model, args))
+                row.update(throughput(model, args, kernels))
             row["kernels"] = qkernel.kernel_status()
             if device == "cuda":
                 row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -197,7 +210,6 @@ def main() -> None:
             row["traceback"] = traceback.format_exc()[-2000:]
             row["kernels"] = qkernel.kernel_status()
         finally:
-            qkernel.enabled = True
             del model
             if args.compile:
                 torch._dynamo.reset()

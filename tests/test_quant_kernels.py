@@ -129,6 +129,25 @@ def test_gemv_inner_loop_variants_match_the_reference(variant):
 
 
 @needs_triton
+def test_layer_kernels_force_tiles_or_switch_the_kernels_off(kernels_on_cpu):
+    """A layer's `QuantKernels` (what the engine sets from engine.kernels.quant / quant_gemv_tiles): forced GEMV
+    tiles run (and verify) under their own name with the reference's result; `enabled=False` runs the reference."""
+    from lmforge.infer.kernels.options import KernelOptions
+    from lmforge.quant import QuantKernels, set_kernels
+
+    layer = _layers(K=128, N=24)["int4 g32"].to(DEVICE)
+    x = torch.randn(1, 128, device=DEVICE, dtype=torch.bfloat16)
+    want = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    set_kernels(layer, KernelOptions(quant_gemv_tiles=(2, 64, 2)).quant_kernels())
+    _close(layer(x), want, 2e-2)
+    assert list(qkernel.kernel_status()) == [f"int4/32/gemv/2x64x2/bfloat16/{DEVICE.type}"]
+    set_kernels(layer, QuantKernels(enabled=False))
+    qkernel._status.clear()
+    _close(layer(x), want, 2e-2)
+    assert not qkernel.kernel_status()  # no kernel tried
+
+
+@needs_triton
 def test_failing_kernel_falls_back_to_reference_once(kernels_on_cpu, monkeypatch, caplog):
     layer = _layers(K=128, N=24)["int4 g32"].to(DEVICE)
     x = torch.randn(1, 128, device=DEVICE, dtype=torch.bfloat16)

@@ -6,18 +6,35 @@ loading its buffers (see `lmforge.quant.model`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-__all__ = ["QuantLinear", "FAST_PATH_MAX_ROWS"]
+__all__ = ["QuantLinear", "QuantKernels", "FAST_PATH_MAX_ROWS", "set_kernels"]
 
 FAST_PATH_MAX_ROWS = 16  # the fused kernels are GEMV-shaped: decode (a few rows) wins, prefill goes to dequant + mm
+
+
+@dataclass(frozen=True)
+class QuantKernels:
+    """How quantized linears compute (`lmforge.quant.qkernel`): `enabled` sends half-precision inputs to lmforge's
+    Triton kernels where they run (False: dequantize + matmul, the reference); `gemv_tiles` forces the one-row GEMV's
+    tiles (rows per program, input columns per step, warps) for tuning runs (None: chosen by shape). The engine sets
+    its `engine.kernels` here (`set_kernels`); everything else runs the defaults."""
+
+    enabled: bool = True
+    gemv_tiles: tuple[int, ...] | None = None
+
+
+DEFAULT_KERNELS = QuantKernels()
 
 
 class QuantLinear(nn.Module):
     """Shared plumbing: shapes, frozen bias, the serialisable spec."""
 
     kind: str = ""  # the name in a checkpoint's quantization_config
+    kernels: QuantKernels = DEFAULT_KERNELS  # how the forward computes (`set_kernels`); not part of a checkpoint
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
@@ -62,6 +79,7 @@ class QuantLinear(nn.Module):
         first = layers[0]
         names = cls._row_buffers
         if not names or any(type(m) is not cls or m.options() != first.options() or m._fast is not None
+                            or m.kernels != first.kernels
                             or m.in_features != first.in_features or (m.bias is None) != (first.bias is None)
                             or m.scale.dtype != first.scale.dtype or m.scale.device != first.scale.device
                             for m in layers):
@@ -69,6 +87,7 @@ class QuantLinear(nn.Module):
         sizes = [m.out_features for m in layers]
         out = cls(first.in_features, sum(sizes), first.bias is not None, dtype=first.scale.dtype,
                   device=first.scale.device, **first.options())
+        out.kernels = first.kernels
         for name in names:
             packed = torch.cat([m._buffers[name] for m in layers])  # (sum of out_features, ...)
             out._buffers[name] = packed
@@ -112,3 +131,11 @@ def check_group_size(in_features: dict[str, int], group_size: int, field: str = 
         "no even group size divides them all: use int8 for these layers or leave them out of the targets"
     raise ConfigError(f"{field} {group_size} must be even and divide in_features of every quantized layer; "
                       f"'{bad}' has {in_features[bad]}: {fix}")
+
+
+def set_kernels(model: nn.Module, kernels: QuantKernels) -> None:
+    """Every quantized linear of `model` computes with `kernels` from now on (the engine passes its
+    `engine.kernels`; a tuning run its tiles)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.kernels = kernels

@@ -95,8 +95,8 @@ class Int8Linear(QuantLinear):
             y = self._w8a8(x2d)
         elif self._use_fast(x2d) and self._fast[0] == "aten._weight_int8pack_mm":
             y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self._fast[1])
-        elif qkernel.use_kernel(x2d):  # CUDA: the Triton GEMV / GEMM (custom op, captured in CUDA graphs)
-            y = qkernel.int8_linear(x2d, self.qweight, self.scale)
+        elif qkernel.use_kernel(x2d, self.kernels):  # CUDA: the Triton GEMV / GEMM (custom op, in CUDA graphs)
+            y = qkernel.linear_int8(x2d, self.qweight, self.scale, self.kernels)
         elif self._use_fast(x2d) and x2d.shape[0] == 1 and torch.compiler.is_compiling():
             # batch-1 decode under inductor: a multiply-reduce reads each int8 code once, converting in registers
             # (F.linear on q.to(bf16) writes the bf16 weight out first: slower than bf16 itself, measured on H100)
@@ -122,7 +122,7 @@ class Int8Linear(QuantLinear):
         if self.act_bits is not None:
             return None
         if self.qweight.is_cuda:  # aten's CUDA int8pack kernel decodes at 65 tok/s vs 416 bf16 (1B, H100): not used
-            if qkernel.available(self.qweight.device, dtype):
+            if qkernel.available(self.qweight.device, dtype, self.kernels):
                 return "triton int8"  # chosen in forward, nothing to convert
             return _verified(self, None, dtype, "inductor int8 gemv")
         if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
@@ -188,8 +188,8 @@ class Int4Linear(QuantLinear):
             op = torch.ops.aten._weight_int4pack_mm_for_cpu if name.endswith("_for_cpu") \
                 else torch.ops.aten._weight_int4pack_mm
             y = op(x2d, packed, self.group_size, scales_zeros)
-        elif qkernel.use_kernel(x2d):  # CUDA: the Triton GEMV / GEMM on these buffers
-            y = qkernel.linear_int4(x2d, self.qweight, self.scale, self.zero, self.group_size)
+        elif qkernel.use_kernel(x2d, self.kernels):  # CUDA: the Triton GEMV / GEMM on these buffers
+            y = qkernel.linear_int4(x2d, self.qweight, self.scale, self.zero, self.group_size, self.kernels)
         else:
             y = F.linear(x2d, int4_dequantize(self.codes(), self.scale, self.zero, x.dtype))
         return self._add_bias(y).view(*x.shape[:-1], self.out_features)
@@ -199,7 +199,7 @@ class Int4Linear(QuantLinear):
         """On CUDA the Triton kernels need nothing (reported as "triton int4") unless `aten`; otherwise the
         tinygemm layout: codes re-packed by the device's converter, and per group (scale, float zero) with
         ``W = (q - 8) * scale + zero_f`` -- so ``zero_f = (8 - zero) * scale``."""
-        if self.qweight.is_cuda and not aten and qkernel.available(self.qweight.device, dtype) \
+        if self.qweight.is_cuda and not aten and qkernel.available(self.qweight.device, dtype, self.kernels) \
                 and qkernel.group_ok(self.group_size):
             return "triton int4"
         zero_f = (8 - self.zero.float()) * self.scale.float()

@@ -238,7 +238,8 @@ class NF4Linear(QuantLinear):
         from . import qkernel  # CUDA: a Triton GEMV / GEMM on the codes; elsewhere dequantize (level-pair table)
 
         y = qkernel.linear_nf4(x.reshape(-1, self.in_features), self.codes, self.absmax, self.absmax_scale,
-                               self.absmax_mean, self.out_features, self.block_size, self.dq_block_size)
+                               self.absmax_mean, self.out_features, self.block_size, self.dq_block_size,
+                               self.kernels)
         return self._add_bias(y).view(*x.shape[:-1], self.out_features)
 
     def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16) -> str | None:
@@ -246,7 +247,7 @@ class NF4Linear(QuantLinear):
         table dequantization runs."""
         from . import qkernel
 
-        if qkernel.available(self.codes.device, dtype) and qkernel.group_ok(self.block_size) \
+        if qkernel.available(self.codes.device, dtype, self.kernels) and qkernel.group_ok(self.block_size) \
                 and self.in_features % self.block_size == 0:
             return "triton nf4"
         return None

@@ -16,7 +16,9 @@ Which code runs (`linear_int8` / `linear_int4` / `linear_nf4` pick):
   that dequantizes one group at a time into tensor-core dots; more rows (compute-bound prefill) dequantize once and
   call cuBLAS. Each kernel variant (format, path, dtype, group size) first checks itself against the reference on a
   small random problem, outside CUDA-graph capture; one that fails to build, to launch, or to agree is switched off
-  for the process with one warning and the reference runs instead. ``LMFORGE_QKERNEL=0`` switches them all off.
+  for the process with one warning and the reference runs instead. A layer's `QuantKernels` (`kernels`, the
+  engine's ``engine.kernels.quant`` / ``quant_gemv_tiles``) switches them off or forces the GEMV's tiles; the
+  functions here take it as an argument (the ops take the tiles).
 - Everywhere else the reference: dequantize, then ``F.linear``. NF4's dequantization looks each code byte up in a
   256-entry table of level pairs in the compute dtype (one gather per two weights, no float32 temporaries),
   faster on the CPU than indexing the float32 levels per nibble.
@@ -31,21 +33,18 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .base import DEFAULT_KERNELS, QuantKernels
 from .nf4 import NF4_LEVELS, unpack_nibbles
 from .rtn import int4_dequantize
 
 __all__ = ["GEMV_MAX_ROWS", "GEMM_MAX_ROWS", "available", "use_kernel", "linear_int8", "linear_int4", "linear_nf4",
-           "int8_linear", "int4_linear", "nf4_linear", "nf4_dequantize", "kernel_status"]
+           "int8_linear", "int4_linear", "nf4_linear", "nf4_dequantize", "kernel_status", "QuantKernels"]
 
 log = logging.getLogger("lmforge.quant")
 
 GEMV_MAX_ROWS = 4  # decode: one program per (input row, BLOCK_N weight rows), neighbours share the weight tile in L2
 GEMM_MAX_ROWS = 256  # past this a matmul is compute-bound: one dequantization, then cuBLAS
-enabled = os.environ.get("LMFORGE_QKERNEL", "1") != "0"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-# GEMV tiles "BLOCK_N,COLUMNS,WARPS" (rows per program, input columns per step, warps) for tuning runs; unset: by shape
-GEMV_TILES = tuple(int(v) for v in os.environ["LMFORGE_QKERNEL_GEMV"].split(",")) \
-    if os.environ.get("LMFORGE_QKERNEL_GEMV") else None
 # 4-bit GEMV inner loop (MAGIC: nibbles to float by the 2^23 trick; LATE: one reduction at the end), or a 5-tuple tile
 GEMV_VARIANT = (0, 0)
 cpu_interpreter = False  # also route CPU inputs through the Triton kernels (tests, under TRITON_INTERPRET=1)
@@ -62,16 +61,16 @@ def _triton_runs(device: torch.device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def use_kernel(x: torch.Tensor) -> bool:
+def use_kernel(x: torch.Tensor, kernels: QuantKernels = DEFAULT_KERNELS) -> bool:
     """Send this input to the custom ops: a half-precision input where the Triton kernels run (CUDA, or the CPU
-    interpreter when asked)."""
-    return (enabled and x.dtype in (torch.bfloat16, torch.float16) and (x.is_cuda or cpu_interpreter)
+    interpreter when asked), unless `kernels` switches them off."""
+    return (kernels.enabled and x.dtype in (torch.bfloat16, torch.float16) and (x.is_cuda or cpu_interpreter)
             and _triton_runs(x.device))
 
 
-def available(device: torch.device, dtype: torch.dtype) -> bool:
+def available(device: torch.device, dtype: torch.dtype, kernels: QuantKernels = DEFAULT_KERNELS) -> bool:
     """Inputs of `dtype` on `device` would go to the Triton kernels (what `prepare_fast_path` reports)."""
-    return use_kernel(torch.empty(0, device=device, dtype=dtype))
+    return use_kernel(torch.empty(0, device=device, dtype=dtype), kernels)
 
 
 def group_ok(group: int) -> bool:
@@ -195,12 +194,12 @@ def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None):
     return y
 
 
-def _gemv_tiles(N: int, device: torch.device) -> tuple[int, int, int]:
+def _gemv_tiles(N: int, device: torch.device, forced: list[int] | None = None) -> tuple[int, ...]:
     """(rows per program, input columns per step, warps). A one-row matmul is latency-bound unless many bytes are
     in flight: 4 rows x 2,048 columns is 4 KB of INT4 codes (8 KB of INT8) per program and step, from N / 4
     programs, 16-32 bytes per thread at 8 warps (the bf16 GEMV's tuned tiles move 4 KB per step too; 512-column
     tiles of 8-16 rows measured a quarter of the HBM bandwidth on an H100)."""
-    return GEMV_TILES or (4, 2048, 8)
+    return tuple(forced) if forced else (4, 2048, 8)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -216,8 +215,9 @@ def _gemm_blocks(M: int, N: int, device: torch.device) -> tuple[int, int]:
     return block_m, block_n
 
 
-def _tiles(path: str, M: int, N: int, device: torch.device) -> tuple:
-    return _gemv_tiles(N, device) if path == "gemv" else _gemm_blocks(M, N, device)
+def _tiles(path: str, M: int, N: int, device: torch.device, gemv_tiles: list[int] | None = None) -> tuple:
+    """The tiles a call of M rows runs with (`gemv_tiles`: forced for the GEMV, `QuantKernels.gemv_tiles`)."""
+    return _gemv_tiles(N, device, gemv_tiles) if path == "gemv" else _gemm_blocks(M, N, device)
 
 
 def _path(M: int) -> str | None:
@@ -228,13 +228,14 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _run(key: tuple, x: torch.Tensor, N: int, launch, reference, check) -> torch.Tensor:
+def _run(key: tuple, x: torch.Tensor, N: int, launch, reference, check,
+         gemv_tiles: list[int] | None = None) -> torch.Tensor:
     """The kernel `launch(path, tiles)` where it is verified (checking that variant first if need be: format,
     path, tiles, dtype), else `reference()`."""
     path = _path(x.shape[0])
     if path is None:
         return reference()
-    tiles = _tiles(path, x.shape[0], N, x.device)
+    tiles = _tiles(path, x.shape[0], N, x.device, gemv_tiles)
     key = key + (path, "x".join(map(str, tiles)), str(x.dtype).removeprefix("torch."), x.device.type)
     state = _status.get(key)
     if state is None:
@@ -315,24 +316,26 @@ def _check_nf4(block: int, dq: bool, dq_block: int):
 
 
 @torch.library.custom_op("lmforge::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K), qweight int8 (N, K), scale (N,) -> (M, N) = (x @ qweight.T) * scale."""
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                gemv_tiles: list[int] | None = None) -> torch.Tensor:
+    """x (M, K), qweight int8 (N, K), scale (N,) -> (M, N) = (x @ qweight.T) * scale. `gemv_tiles`: forced GEMV
+    tiles (`QuantKernels.gemv_tiles`), as in the other ops."""
     x = x.contiguous()
     if not use_kernel(x):
         return int8_reference(x, qweight, scale)
     return _run(("int8",), x, qweight.shape[0],
                 lambda path, tiles: _launch_int8(x, qweight.contiguous(), scale.contiguous(), path, tiles),
-                lambda: int8_reference(x, qweight, scale), _check_int8)
+                lambda: int8_reference(x, qweight, scale), _check_int8, gemv_tiles)
 
 
 @int8_linear.register_fake
-def _(x, qweight, scale):
+def _(x, qweight, scale, gemv_tiles=None):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 @torch.library.custom_op("lmforge::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                group_size: int) -> torch.Tensor:
+                group_size: int, gemv_tiles: list[int] | None = None) -> torch.Tensor:
     """x (M, K), qweight uint8 (N, K / 2), scale/zero (N, K / group_size) -> (M, N) = x @ ((q - zero) scale).T."""
     x = x.contiguous()
     if not (use_kernel(x) and group_ok(group_size)):
@@ -341,18 +344,18 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     return _run(("int4", group_size), x, N,
                 lambda path, tiles: _launch_q4(x, qweight.contiguous(), scale.contiguous(), zero.contiguous(), None,
                                                None, N, group_size, False, 0, path, tiles),
-                lambda: int4_reference(x, qweight, scale, zero), _check_int4(group_size))
+                lambda: int4_reference(x, qweight, scale, zero), _check_int4(group_size), gemv_tiles)
 
 
 @int4_linear.register_fake
-def _(x, qweight, scale, zero, group_size):
+def _(x, qweight, scale, zero, group_size, gemv_tiles=None):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 @torch.library.custom_op("lmforge::nf4_linear", mutates_args=())
 def nf4_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
                absmax_mean: torch.Tensor | None, out_features: int, block_size: int,
-               dq_block_size: int) -> torch.Tensor:
+               dq_block_size: int, gemv_tiles: list[int] | None = None) -> torch.Tensor:
     """x (M, K) against NF4Linear's buffers (out_features x K weight) -> (M, out_features)."""
     x = x.contiguous()
     ref = lambda: nf4_reference(x, codes, absmax, absmax_scale, absmax_mean, block_size,  # noqa: E731
@@ -363,11 +366,11 @@ def nf4_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absma
     return _run(("nf4", block_size, "dq" if dq else "fp32"), x, out_features,
                 lambda path, tiles: _launch_q4(x, codes, absmax, None, absmax_scale, absmax_mean, out_features,
                                                block_size, True, dq_block_size, path, tiles),
-                ref, _check_nf4(block_size, dq, dq_block_size))
+                ref, _check_nf4(block_size, dq, dq_block_size), gemv_tiles)
 
 
 @nf4_linear.register_fake
-def _(x, codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size):
+def _(x, codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size, gemv_tiles=None):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -379,20 +382,20 @@ def _setup(ctx, inputs, output):
 
 
 def _int8_backward(ctx, dy):
-    qweight, scale = ctx.inputs
-    return dy @ (qweight.to(dy.dtype) * scale.to(dy.dtype)[:, None]), None, None
+    qweight, scale, _ = ctx.inputs
+    return dy @ (qweight.to(dy.dtype) * scale.to(dy.dtype)[:, None]), None, None, None
 
 
 def _int4_backward(ctx, dy):
-    qweight, scale, zero, _ = ctx.inputs
-    return dy @ int4_dequantize(unpack_nibbles(qweight), scale, zero, dy.dtype), None, None, None, None
+    qweight, scale, zero, _, _ = ctx.inputs
+    return dy @ int4_dequantize(unpack_nibbles(qweight), scale, zero, dy.dtype), None, None, None, None, None
 
 
 def _nf4_backward(ctx, dy):
-    codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size = ctx.inputs
+    codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size, _ = ctx.inputs
     w = nf4_dequantize(codes, absmax, absmax_scale, absmax_mean, (out_features, ctx.in_features), block_size,
                        dq_block_size, dy.dtype)
-    return dy @ w, None, None, None, None, None, None, None
+    return dy @ w, None, None, None, None, None, None, None, None
 
 
 int8_linear.register_autograd(_int8_backward, setup_context=_setup)
@@ -403,21 +406,29 @@ nf4_linear.register_autograd(_nf4_backward, setup_context=_setup)
 # ------------------------------------------------------------------------------------------------ entry points
 
 
-def linear_int8(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(M, K) -> (M, N): the custom op where a kernel may run, else the reference (plain ops: autograd, and
-    torch.compile traces through them)."""
-    return int8_linear(x2d, qweight, scale) if use_kernel(x2d) else int8_reference(x2d, qweight, scale)
+def _tiles_arg(kernels: QuantKernels) -> list[int] | None:
+    return None if kernels.gemv_tiles is None else list(kernels.gemv_tiles)
+
+
+def linear_int8(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                kernels: QuantKernels = DEFAULT_KERNELS) -> torch.Tensor:
+    """(M, K) -> (M, N): the custom op where a kernel may run (and `kernels` allows), else the reference (plain
+    ops: autograd, and torch.compile traces through them)."""
+    if use_kernel(x2d, kernels):
+        return int8_linear(x2d, qweight, scale, _tiles_arg(kernels))
+    return int8_reference(x2d, qweight, scale)
 
 
 def linear_int4(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                group_size: int) -> torch.Tensor:
-    if use_kernel(x2d) and group_ok(group_size):
-        return int4_linear(x2d, qweight, scale, zero, group_size)
+                group_size: int, kernels: QuantKernels = DEFAULT_KERNELS) -> torch.Tensor:
+    if use_kernel(x2d, kernels) and group_ok(group_size):
+        return int4_linear(x2d, qweight, scale, zero, group_size, _tiles_arg(kernels))
     return int4_reference(x2d, qweight, scale, zero)
 
 
 def linear_nf4(x2d: torch.Tensor, codes, absmax, absmax_scale, absmax_mean, out_features: int, block_size: int,
-               dq_block_size: int) -> torch.Tensor:
-    if use_kernel(x2d) and group_ok(block_size) and x2d.shape[1] % block_size == 0:
-        return nf4_linear(x2d, codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size)
+               dq_block_size: int, kernels: QuantKernels = DEFAULT_KERNELS) -> torch.Tensor:
+    if use_kernel(x2d, kernels) and group_ok(block_size) and x2d.shape[1] % block_size == 0:
+        return nf4_linear(x2d, codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size,
+                          _tiles_arg(kernels))
     return nf4_reference(x2d, codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size, out_features)

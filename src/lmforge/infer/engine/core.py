@@ -34,6 +34,7 @@ from pydantic import Field
 from ...config import Section
 from ...errors import ConfigError, LmforgeError
 from ...models.transformer import Transformer
+from ...quant.base import set_kernels
 from ..api.outputs import Completion, TokenLogprob
 from ..kernels.decode_fusion import pack_for_decode
 from ..kernels.options import KernelOptions
@@ -103,6 +104,7 @@ class Engine:
         self.adapters = AdapterSet(model, cfg.max_adapters)
         for name, path in (adapters or {}).items():
             self.adapters.add(name, path)
+        set_kernels(model, cfg.kernels.quant_kernels())  # quantized linears: engine.kernels.quant*
         if cfg.fast_decode:  # after the adapters: LoRA-wrapped projections are not packed
             pack_for_decode(model, cfg.kernels)
         num_blocks = cfg.num_blocks or kv_cache_blocks(

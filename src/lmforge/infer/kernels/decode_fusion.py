@@ -263,7 +263,9 @@ def pack_for_decode(model: Transformer, options: KernelOptions = DEFAULT) -> dic
     done = {"packed_qkv": 0, "packed_gate_up": 0}
     unpacked: Counter[str] = Counter()  # why projections keep their own matmuls
     for path, seam in list(model.named_modules()):
-        if isinstance(seam, PackedQKV) and seam.fuses:
+        if isinstance(seam, _QuantRows):  # packed by an earlier engine: the layer outside the tree takes these too
+            seam.layer.kernels = options.quant_kernels()
+        elif isinstance(seam, PackedQKV):
             seam.options = options
         elif type(seam) in _SEAMS:
             key, names, cls, quant_cls = _SEAMS[type(seam)]

@@ -1,7 +1,8 @@
 """`KernelOptions`: how the decode kernels run, in one object the engine config owns (`engine.kernels.*`).
 
 The engine hands it to what calls the kernels: the modules `pack_for_decode` installs (GEMV linears, packed
-projections, fused blocks), the paged cache (attention) and the model runner (the greedy step's end). Calls made
+projections, fused blocks), the quantized linears (`quant*`, as a `QuantKernels`), the paged cache (attention) and the
+model runner (the greedy step's end). Calls made
 without one (a model packed by hand, a kernel called directly) get the defaults. Whether triton runs on the CPU at
 all is triton's own switch, TRITON_INTERPRET=1, read where triton is imported.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pydantic import ConfigDict
 
 from ...config import Section
+from ...quant.base import QuantKernels
 
 
 class KernelOptions(Section):
@@ -27,6 +29,16 @@ class KernelOptions(Section):
     file shipped for this GPU model in lmforge/infer/kernels/gemv_configs/, if any, else triton's autotuner."""
     cpu_interpreter: bool = False
     """Also send CPU rows through the kernels, under TRITON_INTERPRET=1 (tests; slow)."""
+    quant: bool = True
+    """Weight-only quantized linears (INT8 / INT4 / NF4) through lmforge's Triton kernels (false: dequantize +
+    matmul, the reference, e.g. to compare the two)."""
+    quant_gemv_tiles: tuple[int, int, int] | None = None
+    """The quantized one-row GEMV's tiles (rows per program, input columns per step, warps), for tuning runs
+    (bench/qkernel_tiles.py sweeps them); None = chosen by shape."""
+
+    def quant_kernels(self) -> QuantKernels:
+        """What the engine hands the quantized linears (`lmforge.quant.set_kernels`)."""
+        return QuantKernels(self.quant, self.quant_gemv_tiles)
 
 
 DEFAULT = KernelOptions()

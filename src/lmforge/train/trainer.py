@@ -86,42 +86,59 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if auto_dtype(device) == torch.bfloat16 else "fp32"
 
 
+def _from_ctx(name: str) -> property:
+    """A read-only Trainer attribute that is a field of its `StepContext` (one source of truth for the run)."""
+    return property(lambda self: getattr(self.ctx, name), doc=f"`StepContext.{name}` of this run.")
+
+
 class Trainer:
+    # the run as the step sees it, read from `self.ctx` (the loop's own state, optimizer to metrics, lives here)
+    model = _from_ctx("model")
+    backbone = _from_ctx("backbone")
+    objective = _from_ctx("objective")
+    cfg = _from_ctx("cfg")
+    t = _from_ctx("t")
+    device = _from_ctx("device")
+    precision = _from_ctx("precision")
+    autocast = _from_ctx("autocast")
+    dist = _from_ctx("dist")
+    pad_id = _from_ctx("pad_id")
+    train_data = _from_ctx("train_data")
+    val_data = _from_ctx("val_data")
+    sampler = _from_ctx("sampler")  # the row order: the objective draws from it too, so it is fixed at construction
+
     def __init__(self, model, method, train_data, val_data, cfg: TrainConfig, pad_id: int, device: torch.device,
                  objective: Objective | None = None, dist_state: DistState | None = None, sampler=None):
-        self.model, self.method, self.cfg, self.t = model, method, cfg, cfg.train
-        self.objective = objective or LanguageModeling()
-        self.dist = dist_state or DistState()
-        self.train_data, self.val_data, self.pad_id, self.device = train_data, val_data, pad_id, device
-        self.out = Path(self.t.output_dir)
-        self.precision = resolve_precision(self.t.precision, device)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        self.method, t = method, cfg.train
+        self.out = Path(t.output_dir)
+        precision = resolve_precision(t.precision, device)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
         backbones = transformers_in(model)  # the model, or the Transformer(s) inside a wrapper (reward model, ...)
         if not backbones:
             raise ValueError("the trainer needs a model that is or contains a lmforge Transformer")
-        self.backbone = backbones[0]
         for m in backbones:
             policy = m.checkpointing
-            if self.t.activation_checkpointing:
-                policy = replace(policy, every=self.t.checkpoint_every, limit=self.t.checkpoint_blocks)
+            if t.activation_checkpointing:
+                policy = replace(policy, every=t.checkpoint_every, limit=t.checkpoint_blocks)
             # the recompute needs the forward's RNG state only if it drew any
             m.set_checkpointing(replace(policy, preserve_rng=has_dropout(model)))
-            if self.t.compile:
+            if t.compile:
                 for block in m.layers:
                     block.compile()
-        # the row order every rank shares (data.mix passes its weighted interleave); its state is saved with the run
-        sampler = EpochSampler(len(train_data), self.t.seed) if sampler is None else sampler
         self.step = 0
-        # what the objective, the pipeline stage and the CUDA-graph step read of the run (not the loop's own state)
+        # what the objective, the pipeline stage and the CUDA-graph step read of the run (not the loop's own state);
+        # the row order every rank shares (data.mix passes its weighted interleave) is saved with the run
         self.ctx = StepContext(
-            model=model, backbone=self.backbone, objective=self.objective, cfg=cfg, device=device,
-            precision=self.precision, autocast=self.autocast, dist=self.dist, pad_id=pad_id,
-            pad_multiple=PAD_MULTIPLE if self.t.cuda_graphs else None,  # collate: few distinct row lengths
-            fixed_shapes=self.t.cuda_graphs,  # no data-dependent shapes in the step (what a CUDA graph needs)
-            train_data=train_data, val_data=val_data, sampler=sampler, steps_taken=lambda: self.step)
+            model=model, backbone=backbones[0], objective=objective or LanguageModeling(), cfg=cfg, device=device,
+            precision=precision, autocast=autocast, dist=dist_state or DistState(), pad_id=pad_id,
+            pad_multiple=PAD_MULTIPLE if t.cuda_graphs else None,  # collate: few distinct row lengths
+            fixed_shapes=t.cuda_graphs,  # no data-dependent shapes in the step (what a CUDA graph needs)
+            train_data=train_data, val_data=val_data,
+            sampler=EpochSampler(len(train_data), t.seed) if sampler is None else sampler,
+            steps_taken=lambda: self.step)
         # DDP / FSDP2 / TP wrap the whole step; parameters become DTensors under FSDP/TP, so optimizers come after.
         # A pipeline rank keeps one stage (other stages' modules go to the meta device) and runs steps through it.
         self.pipeline = None
@@ -160,11 +177,6 @@ class Trainer:
         self.state_bytes: dict[str, int] = {}  # this rank's params/grads/optimizer bytes at the last optimizer step
         self.graphs = StepGraphs(self.ctx, self._update, self.optimizer) if self.t.cuda_graphs else None
         self.objective.setup(self.ctx)
-
-    @property
-    def sampler(self):
-        """The row order (`StepContext.sampler`: the objective draws from it too, so it is fixed at construction)."""
-        return self.ctx.sampler
 
     # ---------------------------------------------------------------- state
     def _trainer_state(self) -> dict:

@@ -321,3 +321,20 @@ def test_sgd_and_adamw_shared_options_and_their_misuse(setup, capsys):
         assert main(["train", *base, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and want in err, err
+
+
+def test_option_of_another_alignment_stage_is_one_line_exit_2(setup, capsys):
+    """An alignment stage's options under another stage (they were silently ignored) name both stages and the fix."""
+    root, ckpt, data = setup
+    base = [f"model.path={ckpt}", f"data.path={data}", f"train.output_dir={root / 'bad'}"]
+    for args, want in ((["stage=dpo", "grpo.num_generations=4"], "grpo.num_generations is an option of stage 'grpo', "
+                                                                 "but stage is 'dpo': set stage=grpo instead"),
+                       (["stage=dpo", "ppo.kl_coef=0.1"], "ppo.kl_coef is an option of stage 'ppo'"),
+                       (["stage=rm", "dpo.max_prompt_len=8"], "but stage is 'rm': set rm.max_prompt_len instead"),
+                       (["stage=grpo", "grpo.rewards=[{fn: format}]", "ppo.max_new_tokens=8"],
+                        "set grpo.max_new_tokens instead"),
+                       (["method=lora", "dora.r=4"], "dora.r is an option of method 'dora', but method is 'lora': "
+                                                     "set lora.r instead")):
+        assert main(["train", *base, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and want in err, err

@@ -23,7 +23,7 @@ from pydantic import ConfigDict
 
 from lmforge.errors import ConfigError, did_you_mean
 
-__all__ = ["Section", "aliases", "key_names", "find_field", "parse_overrides", "load_config", "describe", "format_help",
+__all__ = ["Section", "changed_fields", "aliases", "key_names", "find_field", "parse_overrides", "load_config", "describe", "format_help",
            "dump_config"]
 
 
@@ -49,6 +49,13 @@ class Section(pydantic.BaseModel):
             key, bad = where
             raise ValueError(f"{key + ' ' if key else ''}must be a finite number, not {bad}")
         return value
+
+
+def changed_fields(section: Section) -> list[str]:
+    """Fields of `section` set to something other than their default (a dumped config sets every field, so being
+    set is not enough): what makes a section of an unchosen method, optimizer or stage an error, not ignored."""
+    return [k for k, f in type(section).model_fields.items()  # in declaration order, so errors name the same key
+            if k in section.model_fields_set and getattr(section, k) != f.get_default(call_default_factory=True)]
 
 
 def aliases(name: str, *others: str) -> pydantic.AliasChoices:

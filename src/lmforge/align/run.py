@@ -21,6 +21,7 @@ from pydantic import model_validator
 from safetensors.torch import save_file
 
 from ..checkpoint import save_tokenizer_files
+from ..config import changed_fields
 from ..data import check_bad_share
 from ..errors import ConfigError
 from ..train.config import TrainConfig, run_steps
@@ -53,6 +54,18 @@ class AlignConfig(TrainConfig):
     grpo: GRPOSection = GRPOSection()
     orpo: ORPOSection = ORPOSection()
     kto: KTOSection = KTOSection()
+
+    @model_validator(mode="after")
+    def _one_stage(self):
+        """An option of another stage than this one is an error naming both (it would be silently ignored)."""
+        for other in ALIGN_STAGES:
+            changed = changed_fields(getattr(self, other)) if other != self.stage else []
+            if changed:
+                key, own = changed[0], getattr(self, self.stage)
+                fix = f"{self.stage}.{key}" if key in type(own).model_fields else f"stage={other}"
+                raise ValueError(f"{other}.{key} is an option of stage '{other}', but stage is '{self.stage}': "
+                                 f"set {fix} instead")
+        return self
 
     @model_validator(mode="after")
     def _ppo_reward(self):

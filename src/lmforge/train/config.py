@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import Section
+from ..config import Section, changed_fields
 from ..data import DataConfig
 from ..peft import (AdaLoraMethod, AdapterMethod, BitFitMethod, DoraMethod, IA3Method, PrefixTuningMethod,
                     PriLoraMethod, PromptTuningMethod, PTuningMethod, PTuningV2Method, QLoraMethod)
@@ -74,13 +74,6 @@ OPTIMIZER_OPTIONS = {"lomo": "lomo", "adalomo": "adalomo", "adamw_backward": "ad
                      "galore": "galore"}
 
 
-def _changed(section: Section) -> list[str]:
-    """Fields of `section` set to something other than their default (a dumped config sets every field)."""
-    fields = type(section).model_fields
-    return [k for k in section.model_fields_set
-            if getattr(section, k) != fields[k].get_default(call_default_factory=True)]
-
-
 class OptimSection(Section):
     name: str = "adamw"
     """Optimizer: adamw (fused kernel where this torch and device have it), sgd, lomo, adalomo, adamw_backward,
@@ -109,7 +102,7 @@ class OptimSection(Section):
     @model_validator(mode="after")
     def _one_optimizer(self):
         for field in set(OPTIMIZER_OPTIONS.values()) - {OPTIMIZER_OPTIONS.get(self.name)}:
-            changed = _changed(getattr(self, field))
+            changed = changed_fields(getattr(self, field))
             if changed:
                 raise ValueError(f"optim.{field}.{changed[0]} is an option of optimizer '{field}', but optim.name is "
                                  f"'{self.name}': set optim.name={field} or drop it")
@@ -250,11 +243,11 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _one_method(self):
         own = self.method_options()
-        fixed = [k for k in _changed(own) if k in getattr(own, "derived", ())] if own is not None else []
+        fixed = [k for k in changed_fields(own) if k in getattr(own, "derived", ())] if own is not None else []
         if fixed:
             raise ValueError(f"{self.method}.{fixed[0]} is set by method '{self.method}' itself; leave it out")
         for field in method_sections(type(self)):
-            changed = _changed(getattr(self, field)) if field != self.method else []
+            changed = changed_fields(getattr(self, field)) if field != self.method else []
             if changed:
                 key, own = changed[0], self.method_options()
                 fix = (f"{self.method}.{key}" if own is not None and key in type(own).model_fields else

@@ -198,6 +198,24 @@ def test_prompt_methods_options(setup):
     assert enc.embedding.shape == (2, 64) and enc.lstm is not None and enc.lstm.hidden_size == 8
 
 
+def test_prompt_init_text_and_adalora_total_step_take_effect(setup):
+    """The options the walks above leave at their defaults: a text-initialised prompt starts at the text's token
+    embeddings (prompt_tuning, and ptuning which inherits init/init_text/tokenizer), and an explicit
+    adalora.total_step wins over the run's length."""
+    from lmforge.tokenizer import Tokenizer
+
+    ckpt = setup[1]
+    ids = (Tokenizer.from_dir(str(ckpt)).encode("sun sky") * 3)[:3]
+    table = load_hf(ckpt, dtype=torch.float32).embed.weight.detach()
+    for name in ("prompt_tuning", "ptuning"):  # lr 1e-9: two steps leave the initial prompt in place
+        res = train(setup, f"{name}_text", f"method={name}", f"{name}.num_virtual_tokens=3", f"{name}.init=text",
+                    f"{name}.init_text=sun sky", f"{name}.tokenizer={ckpt}", "optim.lr=1e-9")
+        torch.testing.assert_close(res["model"].prompt_encoder.embedding.detach(), table[ids], atol=1e-5, rtol=0)
+    res = train(setup, "adalora_total", "method=adalora", "adalora.total_step=7", "adalora.tinit=1",
+                "adalora.tfinal=1")
+    assert res["method"].total_step == 7
+
+
 def test_qat_bitnet_options(setup):
     from lmforge.quant.bitnet import BitLinear
     from lmforge.quant.qat import FakeQuantLinear
@@ -286,6 +304,28 @@ def test_help_lists_method_and_optimizer_options(capsys):
     for key in ("qlora.block_size", "adalora.total_step", "prefix.num_virtual_tokens", "optim.galore.rank",
                 "optim.galore.min_dim", "optim.badam.switch_every", "optim.lomo.clip_value", "qat.bits"):
         assert key in out, key
+
+
+def test_help_lists_every_method_optimizer_and_stage_option(capsys):
+    """Every field of every method's section and optimizer's options is a row of `lmforge train --help`, and every
+    alignment stage's field one of `lmforge train stage=grpo --help` (keys from the classes, not from the help code)."""
+    from lmforge.align.run import ALIGN_STAGES, AlignConfig
+    from lmforge.train.config import OPTIMIZER_OPTIONS, OptimSection
+
+    def rows(args):
+        assert main(["train", *args, "--help"]) == 0
+        return {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+
+    want = set()
+    for m in method_sections(TrainConfig):
+        cls = TrainConfig.model_fields[m].annotation
+        want |= {f"{m}.{f}" for f in cls.model_fields if f not in getattr(cls, "derived", ())}
+    want |= {f"optim.{o}.{f}" for o in set(OPTIMIZER_OPTIONS.values())
+             for f in OptimSection.model_fields[o].annotation.model_fields}
+    want |= {f"optim.{f}" for f in OptimSection.model_fields if f not in OPTIMIZER_OPTIONS.values()}
+    assert not want - rows([]), sorted(want - rows([]))
+    stages = {f"{s}.{f}" for s in ALIGN_STAGES for f in AlignConfig.model_fields[s].annotation.model_fields}
+    assert not stages - rows(["stage=grpo"]), sorted(stages - rows(["stage=grpo"]))
 
 
 def test_every_help_row_says_what_the_option_does():

@@ -125,6 +125,24 @@ def test_eval_model_loads_an_adapter(tiny):
         assert not torch.allclose(base.model(x), ia3.model(x), atol=1e-3)
 
 
+def test_eval_cli_takes_an_adapter(tiny, tmp_path):
+    """`lmforge eval MODEL TASK --adapter DIR` scores the adapted model: its perplexity is the one of a model with
+    the adapter loaded, not the base's."""
+    from lmforge.eval.model import LocalModel
+
+    ckpt, adapters = tiny
+    (tmp_path / "ppl.txt").write_text("the quick brown fox jumps over the lazy dog. " * 4)
+    (tmp_path / "ppl.yaml").write_text(f"name: ppl\ntype: perplexity\ntext_file: {tmp_path / 'ppl.txt'}\n"
+                                       "window: 32\nstride: 16\n")
+    ppl = {}
+    for name, extra in (("base", []), ("ia3", ["--adapter", str(adapters["ia3"])])):
+        assert main(["eval", str(ckpt), str(tmp_path / "ppl.yaml"), "--device", "cpu", "dtype=float32",
+                     "--output", str(tmp_path / name), *extra]) == 0
+        report = json.loads((tmp_path / name / "results.json").read_text())
+        ppl[name] = report["results"][0]["metrics"]["perplexity"]
+    assert report["adapter"] == str(adapters["ia3"]) and ppl["ia3"] != pytest.approx(ppl["base"], rel=1e-3)
+
+
 def test_export_merges_what_merges_and_says_what_cannot(tiny, tmp_path, capsys):
     ckpt, adapters = tiny
     x = torch.tensor([[5, 6, 7, 8, 9]])
@@ -268,11 +286,13 @@ def test_lora_adapters_load_and_unload_on_a_running_server(tiny, server):
 
 
 def test_serve_takes_an_adapter_for_the_served_model(tiny, serve):
-    from lmforge.serve import ServeConfig
+    from lmforge.cli import verb_config
 
     ckpt, adapters = tiny
-    url, _ = serve(ServeConfig(model=str(ckpt), device="cpu", adapter=str(adapters["prefix"]), tools=False,
-                               engine=dict(block_size=4, num_blocks=128, max_model_len=64, max_num_seqs=4)))
+    cfg = verb_config("serve", [str(ckpt), "--adapter", str(adapters["prefix"]), "--device", "cpu", "tools=false",
+                                "engine.block_size=4", "engine.num_blocks=128", "engine.max_model_len=64",
+                                "engine.max_num_seqs=4"])  # the config `lmforge serve ...` runs with
+    url, _ = serve(cfg)
     tok = Tokenizer.from_dir(ckpt)
     r = httpx.post(f"{url}/v1/completions", timeout=60, json={"model": "tiny", "prompt": "Once upon a time",
                                                               "max_tokens": 8, "temperature": 0, "ignore_eos": True})

@@ -202,6 +202,35 @@ def test_model_ids_resolve_through_the_hub_cache_offline(tiny, hub_cache, capsys
     assert (tmp_path / "tiny-int8" / "config.json").is_file()
 
 
+def test_every_model_verb_takes_a_model_id_offline(tiny, hub_cache, capsys, tmp_path):
+    """train (model.path), eval, export, plan and serve take `org/tiny` from the offline cache as they take its
+    directory (generate, info and quantize are checked above)."""
+    from lmforge.cli import verb_config
+    from lmforge.serve import build_server
+
+    ckpt, adapters = tiny
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}))
+    assert main(["train", "model.path=org/tiny", f"data.path={data}", "data.max_seq_len=32", "train.max_steps=1",
+                 "train.micro_batch_size=1", "train.device=cpu", "train.progress=false", "train.tensorboard=false",
+                 f"train.output_dir={tmp_path / 'run'}", "method=lora"]) == 0
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+    (tmp_path / "ppl.txt").write_text("the quick brown fox jumps over the lazy dog. " * 2)
+    (tmp_path / "ppl.yaml").write_text(f"name: ppl\ntype: perplexity\ntext_file: {tmp_path / 'ppl.txt'}\n")
+    ppl = []
+    for model in ("org/tiny", str(ckpt)):
+        assert main(["eval", model, str(tmp_path / "ppl.yaml"), "--device", "cpu", "--output", str(tmp_path / "ev")]) == 0
+        ppl.append(json.loads((tmp_path / "ev" / "results.json").read_text())["results"][0]["metrics"]["perplexity"])
+    assert ppl[0] == pytest.approx(ppl[1])
+    assert main(["export", "org/tiny", "adapter=" + str(adapters["lora"]), f"out={tmp_path / 'merged'}"]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert main(["plan", "org/tiny"]) == 0
+    capsys.readouterr()
+    app, engine = build_server(verb_config("serve", ["org/tiny", "--device", "cpu", "tools=false"]))
+    engine.shutdown()
+
+
 def test_unknown_model_id_offline_is_one_line_naming_it(hub_cache, capsys):
     assert main(["generate", "org/missing", "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()

@@ -364,7 +364,8 @@ def test_sgd_and_adamw_shared_options_and_their_misuse(setup, capsys):
 
 
 def test_option_of_another_alignment_stage_is_one_line_exit_2(setup, capsys):
-    """An alignment stage's options under another stage (they were silently ignored) name both stages and the fix."""
+    """An alignment stage's options under another stage, or a DPO loss's under another loss (they were silently
+    ignored), name both and the fix."""
     root, ckpt, data = setup
     base = [f"model.path={ckpt}", f"data.path={data}", f"train.output_dir={root / 'bad'}"]
     for args, want in ((["stage=dpo", "grpo.num_generations=4"], "grpo.num_generations is an option of stage 'grpo', "
@@ -373,6 +374,10 @@ def test_option_of_another_alignment_stage_is_one_line_exit_2(setup, capsys):
                        (["stage=rm", "dpo.max_prompt_len=8"], "but stage is 'rm': set rm.max_prompt_len instead"),
                        (["stage=grpo", "grpo.rewards=[{fn: format}]", "ppo.max_new_tokens=8"],
                         "set grpo.max_new_tokens instead"),
+                       (["stage=dpo", "dpo.loss=ipo", "dpo.label_smoothing=0.1"],
+                        "dpo.label_smoothing is an option of dpo.loss sigmoid, but dpo.loss is 'ipo'"),
+                       (["stage=dpo", "dpo.loss=simpo", "dpo.reference=precomputed"], "set dpo.loss=sigmoid or drop it"),
+                       (["stage=dpo", "dpo.simpo_gamma=1.0"], "dpo.simpo_gamma is an option of dpo.loss simpo"),
                        (["method=lora", "dora.r=4"], "dora.r is an option of method 'dora', but method is 'lora': "
                                                      "set lora.r instead")):
         assert main(["train", *base, *args]) == 2

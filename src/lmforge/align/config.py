@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Section
+from ..config import Section, changed_fields
 
 
 class PairSection(Section):
@@ -49,6 +49,16 @@ class DPOSection(PairSection):
     per step (LoRA/DoRA/QLoRA runs whose trained weights all sit in LoRA layers, i.e. no modules_to_save).
     precomputed: one pass over the data before training, with the starting weights. auto: adapters_off where
     possible, else precomputed. Neither holds a second model."""
+
+    @model_validator(mode="after")
+    def _options_of_this_loss(self):
+        """Options another loss reads are errors naming it (they were silently ignored)."""
+        owners = {"label_smoothing": ("sigmoid",), "simpo_gamma": ("simpo",), "reference": ("sigmoid", "ipo")}
+        for key in changed_fields(self):
+            if key in owners and self.loss not in owners[key]:
+                raise ValueError(f"dpo.{key} is an option of dpo.loss {' / '.join(owners[key])}, but dpo.loss is "
+                                 f"'{self.loss}': set dpo.loss={owners[key][0]} or drop it")
+        return self
 
 
 class PPOSection(Section):

@@ -383,3 +383,17 @@ def test_option_of_another_alignment_stage_is_one_line_exit_2(setup, capsys):
         assert main(["train", *base, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and want in err, err
+
+
+def test_option_another_setting_of_the_method_reads_is_one_line_exit_2(setup, capsys):
+    """prefix.encoder_hidden_size without the projection, prompt_tuning/ptuning init_text or tokenizer without
+    init=text: read by nothing (they were silently ignored), so each is an error naming the setting that reads it."""
+    root, ckpt, data = setup
+    base = [f"model.path={ckpt}", f"data.path={data}", f"train.output_dir={root / 'bad'}"]
+    for args, want in ((["method=prefix", "prefix.encoder_hidden_size=8"], "only prefix.prefix_projection=true"),
+                       (["method=prompt_tuning", "prompt_tuning.init_text=hi"], "prompt_tuning.init_text is read by "
+                                                                                "prompt_tuning.init=text only"),
+                       (["method=ptuning", f"ptuning.tokenizer={ckpt}"], "set ptuning.init=text or drop it")):
+        assert main(["train", *base, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and want in err, err

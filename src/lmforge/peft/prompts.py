@@ -31,6 +31,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..config import changed_fields
 from ..errors import CheckpointError, ConfigError
 from .common import read_adapter_config, read_adapter_tensors, write_adapter_dir
 from .lora import load_tensors_into
@@ -257,6 +258,14 @@ class PrefixTuningMethod(_PromptMethod):
     init: Literal["vocab", "random"] = "vocab"
     """Plain prefix init: 'vocab' = the model's own keys/values of random vocabulary tokens, 'random' = N(0, 1)."""
 
+    @model_validator(mode="after")
+    def _hidden_needs_projection(self):
+        if ("encoder_hidden_size" in changed_fields(self) and not self.prefix_projection
+                and "encoder_hidden_size" not in getattr(self, "derived", ())):  # ptuning_v2 refuses it itself
+            raise ValueError(f"{self.name}.encoder_hidden_size is the projection MLP's width, which only "
+                             f"{self.name}.prefix_projection=true builds: set it or drop encoder_hidden_size")
+        return self
+
     def build_encoder(self, model):
         cfg = model.cfg
         return PrefixEncoder(self.num_virtual_tokens, cfg.n_layers, cfg.kv_heads, cfg.dim_per_head,
@@ -321,6 +330,10 @@ class PromptTuningMethod(_PromptMethod):
         if self.init == "text" and not (self.init_text and self.tokenizer):
             raise ValueError("prompt_tuning init 'text' needs init_text and tokenizer (a directory with "
                              "tokenizer.json)")
+        unread = [k for k in ("init_text", "tokenizer") if k in changed_fields(self)]
+        if self.init != "text" and unread:
+            raise ValueError(f"{self.name}.{unread[0]} is read by {self.name}.init=text only, but init is "
+                             f"'{self.init}': set {self.name}.init=text or drop it")
         return self
 
     @torch.no_grad()

@@ -364,8 +364,8 @@ def test_sgd_and_adamw_shared_options_and_their_misuse(setup, capsys):
 
 
 def test_option_of_another_alignment_stage_is_one_line_exit_2(setup, capsys):
-    """An alignment stage's options under another stage, or a DPO loss's under another loss (they were silently
-    ignored), name both and the fix."""
+    """An alignment stage's options under another stage, a DPO loss's under another loss, GRPO options whose switch
+    is off (they were silently ignored): one line naming both and the fix."""
     root, ckpt, data = setup
     base = [f"model.path={ckpt}", f"data.path={data}", f"train.output_dir={root / 'bad'}"]
     for args, want in ((["stage=dpo", "grpo.num_generations=4"], "grpo.num_generations is an option of stage 'grpo', "
@@ -378,6 +378,12 @@ def test_option_of_another_alignment_stage_is_one_line_exit_2(setup, capsys):
                         "dpo.label_smoothing is an option of dpo.loss sigmoid, but dpo.loss is 'ipo'"),
                        (["stage=dpo", "dpo.loss=simpo", "dpo.reference=precomputed"], "set dpo.loss=sigmoid or drop it"),
                        (["stage=dpo", "dpo.simpo_gamma=1.0"], "dpo.simpo_gamma is an option of dpo.loss simpo"),
+                       (["stage=grpo", "grpo.rewards=[{fn: format}]", "grpo.reference=copy"],
+                        "grpo.reference is read only with grpo.beta > 0"),
+                       (["stage=grpo", "grpo.rewards=[{fn: format}]", "grpo.max_resample_rounds=5"],
+                        "with grpo.dynamic_sampling=true"),
+                       (["stage=grpo", "grpo.rewards=[{fn: format}]", "grpo.overlong_penalty=0.5"],
+                        "with grpo.overlong_buffer > 0"),
                        (["method=lora", "dora.r=4"], "dora.r is an option of method 'dora', but method is 'lora': "
                                                      "set lora.r instead")):
         assert main(["train", *base, *args]) == 2

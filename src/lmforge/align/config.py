@@ -212,6 +212,13 @@ class GRPOSection(Section):
         if self.overlong_buffer >= self.max_new_tokens:
             raise ValueError(f"grpo.overlong_buffer ({self.overlong_buffer}) must be below grpo.max_new_tokens "
                              f"({self.max_new_tokens})")
+        # options read only under another setting (they were silently ignored): key -> (is it read?, what reads it)
+        readers = {"reference": (self.beta > 0, "grpo.beta > 0 (the KL term)"),
+                   "max_resample_rounds": (self.dynamic_sampling, "grpo.dynamic_sampling=true"),
+                   "overlong_penalty": (self.overlong_buffer > 0, "grpo.overlong_buffer > 0")}
+        for key in changed_fields(self):
+            if key in readers and not readers[key][0]:
+                raise ValueError(f"grpo.{key} is read only with {readers[key][1]}: set that or drop grpo.{key}")
         return self
 
 

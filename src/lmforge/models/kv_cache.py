@@ -23,6 +23,11 @@ class Cache(Protocol):
 
     def write_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
+    def query_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Index of each new token's own key among the keys `update` returns (its slot, unless the cache moves
+        keys, as the ring buffer does)."""
+        ...
+
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -67,6 +72,9 @@ class KVCache(nn.Module):
         """Record the positions (B, T) of the tokens entering `slots` (T,); returns all key positions (B, S)."""
         self.key_positions.index_copy_(1, slots, positions)
         return self.key_positions
+
+    def query_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        return slots  # keys stay in the slots they were written to
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k/v (B, Hkv, T, D) of one layer into `slots`; return that layer's full buffers (B, Hkv, S, D)."""

@@ -503,7 +503,7 @@ class Transformer(nn.Module):
         ropes = self.rope_tables(positions, x.dtype)
         if cache is not None:
             key_positions = cache.write_positions(slots, positions)
-            query_slots = cache.query_slots(slots) if hasattr(cache, "query_slots") else slots  # ring buffers
+            query_slots = cache.query_slots(slots)  # where the new tokens' keys are (moved in a ring buffer)
         else:
             key_positions, query_slots = positions, None
         flex = document_ids is not None and prefix_kv is None and self.use_flex_attention(tokens)

@@ -263,6 +263,9 @@ class PagedKVCache(nn.Module):
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         return cfg.n_layers * block_size * cfg.cache_values_per_token * torch.finfo(dtype).bits // 8
 
+    def query_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        return slots  # the batch view's keys are indexed by position in the sequence
+
     def write_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Key positions (B, C+T) of the batch's view. The batch numbers tokens by their index in the sequence; a
         model that shifts every position of a row by a constant (prefix/prompt methods put n virtual tokens first)

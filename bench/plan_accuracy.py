@@ -52,9 +52,11 @@ def parse_shape(spec: str):
     return preset_config(name, **overrides)
 
 
-# --grid issue: (shape, method, optimizer, precision, seq, batch), checkpointing on, LoRA-family rank 16 on all linears
+# --grid issue: (shape, method, optimizer, precision, seq, batch), checkpointing on, LoRA-family rank 16 on all linears,
+# prefix tuning with its defaults (20 virtual tokens, no projection)
 ISSUE_GRID = [
-    *[("llama-3.2-1b", m, "adamw", "bf16", seq, 1) for m in ("full", "lora", "dora", "qlora") for seq in (2048, 8192)],
+    *[("llama-3.2-1b", m, "adamw", "bf16", seq, 1) for m in ("full", "lora", "dora", "qlora", "prefix")
+      for seq in (2048, 8192)],
     *[("llama-3.2-1b", "full", o, "bf16-pure", seq, 1) for o in ("adamw", "lomo", "adalomo", "badam", "galore")
       for seq in (2048, 8192)],
     *[("llama-3-8b", m, "adamw", "bf16", seq, 1) for m in ("lora", "qlora") for seq in (2048, 8192)],
@@ -67,7 +69,8 @@ def train_config(method: str, optimizer: str, precision: str, ckpt: bool, batch:
     from lmforge.train import TrainConfig
     from lmforge.train.config import ModelSection, OptimSection, TrainSection
 
-    sections = {method: {"r": rank, "alpha": 2 * rank, "target_modules": "all-linear"}} if method != "full" else {}
+    sections = ({} if method == "full" else {"prefix": {}} if method == "prefix"  # prefix: its section's defaults
+                else {method: {"r": rank, "alpha": 2 * rank, "target_modules": "all-linear"}})
     return TrainConfig(model=ModelSection(tokenizer="unused"), data=DataConfig(path="unused"), method=method,
                        optim=OptimSection(name=optimizer, lr=1e-5), **sections,
                        train=TrainSection(precision=precision, micro_batch_size=batch, max_steps=10**6,
@@ -77,7 +80,8 @@ def train_config(method: str, optimizer: str, precision: str, ckpt: bool, batch:
 
 def build(cfg, tcfg, device: torch.device):
     """Model + method as run_training builds them: full fine-tuning keeps fp32 master weights under bf16 autocast
-    (bf16 weights for bf16-pure); adapter methods a frozen bf16 base (QLoRA: NF4 linears) and fp32 adapters."""
+    (bf16 weights for bf16-pure); adapter and prefix methods a frozen bf16 base (QLoRA: NF4 linears) and fp32
+    adapters / prefix."""
     from lmforge.models import Transformer
     from lmforge.train.run import method_from_config
 

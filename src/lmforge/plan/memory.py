@@ -4,13 +4,15 @@ The training model follows what lmforge's trainer really keeps alive (read from 
 profiler: `lmforge.plan.measure`):
 
 - **Static**: weights (fp32 master + bf16 autocast for `bf16`/`fp16`; bf16 for `bf16-pure`; frozen bases in bf16
-  and NF4 codes for LoRA/QLoRA), gradients of the trainable parameters, optimizer states (AdamW m+v in the
-  parameter's dtype; 8-bit, SGD, LOMO, BAdam, GaLore variants), sharded by ZeRO stage or moved to the host.
+  and NF4 codes for LoRA/QLoRA, bf16 under prefix tuning's fp32 prefix), gradients of the trainable parameters,
+  optimizer states (AdamW m+v in the parameter's dtype; 8-bit, SGD, LOMO, BAdam, GaLore variants), sharded by ZeRO
+  stage or moved to the host.
 - **Activations per layer** (saved for backward), per token: norm inputs in fp32, linear inputs (one bf16 cast per
   linear when the residual stream is fp32 under autocast), q/k/v/out and the log-sum-exp of attention, the bf16
   copy of the training mask per layer (lmforge passes a boolean mask for padded rows; SDPA turns it into a bias of the
-  query dtype and keeps it), SwiGLU's four (B, T, d_ff) tensors, LoRA's rank-r intermediates. With activation
-  checkpointing only each block's input stays; one block is recomputed at a time in backward.
+  query dtype and keeps it; prefix tuning always takes that path, over n prefix + T keys), SwiGLU's four (B, T, d_ff)
+  tensors, LoRA's rank-r intermediates. With activation checkpointing only each block's input stays; one block is
+  recomputed at a time in backward.
 - **The loss**: lmforge's fused linear + cross-entropy runs the head in chunks of ~1,024 rows at a 128k vocabulary
   (fp32 logits of 512 MiB) and computes each chunk's gradients in forward, so the logits cost ~8 bytes x chunk x
   vocab (fp32 logits + log-sum-exp's temporary), plus the labelled rows' gradient and, when the head trains, its
@@ -35,12 +37,13 @@ from ..train.loss import CHECKPOINT_CHUNK_TOKENS, fused_chunk_rows
 GiB = 2**30
 LOSS_FWD_BYTES = 8  # eager loss, per chunk row x vocab entry: fp32 logits + log-sum-exp's fp32 temporary
 
-METHODS = ("full", "lora", "dora", "qlora")  # the training methods the planner models
+METHODS = ("full", "lora", "dora", "qlora", "prefix")  # the training methods the planner models
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "lomo", "adalomo", "adamw_backward", "badam", "galore")
 Method = Literal[METHODS]
 Precision = Literal["fp32", "bf16", "fp16", "bf16-pure"]
 Optimizer = Literal[OPTIMIZERS]
 ADAPTERS = ("lora", "dora", "qlora")  # frozen base + trained low-rank updates
+FROZEN_BASE = (*ADAPTERS, "prefix")  # the base stays frozen (in the half dtype under autocast); small things train
 IN_BACKWARD = ("lomo", "adalomo", "adamw_backward")  # optimizers that update each weight in backward, free its grad
 PLAIN_ADAM_BYTES = 16  # lmforge's own Adam step (BAdam, GaLore's other weights) per element: the fp32 gradient,
 # m / (1 - b1^t), sqrt(v / (1 - b2^t)) and their quotient, all fp32 and alive at once
@@ -137,6 +140,9 @@ class TrainSetup:
     lora_targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"])
     lora_dropout: float = 0.0
+    prefix_tokens: int = 20  # prefix tuning: virtual tokens (prefix.num_virtual_tokens)
+    prefix_projection: bool = False  # prefix tuning through the reparameterisation MLP (prefix.prefix_projection)
+    prefix_hidden: int = 512  # that MLP's width (prefix.encoder_hidden_size)
     galore_rank: int = 128
     galore_min_dim: int = 0  # GaLore projects block matrices whose shorter side is > rank and >= this
     grad_clip: bool = True  # global-norm clipping (train.grad_clip): half-precision gradients are read in fp32
@@ -213,7 +219,7 @@ class _Dtypes:
 
 
 def _dtypes(setup: TrainSetup) -> _Dtypes:
-    adapter = setup.method in ADAPTERS
+    adapter = setup.method in FROZEN_BASE
     if setup.precision == "fp32":
         return _Dtypes(4, 4, 4, 4, False, not adapter)
     if setup.precision == "bf16-pure":
@@ -225,7 +231,20 @@ def _dtypes(setup: TrainSetup) -> _Dtypes:
     return _Dtypes(4, 4, 4, 2, True, True)
 
 
+def _prefix_params(cfg: ModelConfig, setup: TrainSetup) -> list[int]:
+    """Sizes of lmforge.peft.prompts.PrefixEncoder's parameters: the flat (n, L * 2 * kv_dim) prefix, or with the
+    projection its (n, kv_dim) embedding and the Linear -> tanh -> Linear MLP that produces the flat prefix."""
+    n, kv = setup.prefix_tokens, cfg.kv_heads * cfg.dim_per_head
+    flat = cfg.n_layers * 2 * kv
+    if not setup.prefix_projection:
+        return [n * flat]
+    h = setup.prefix_hidden
+    return [n * kv, h * kv, h, flat * h, flat]
+
+
 def _trainable_params(cfg: ModelConfig, setup: TrainSetup, counts: ParamCounts) -> int:
+    if setup.method == "prefix":
+        return sum(_prefix_params(cfg, setup))
     if setup.method in ADAPTERS:
         return _lora_params(cfg, setup)
     if setup.optimizer == "badam":
@@ -250,15 +269,17 @@ def model_state_bytes(cfg: ModelConfig, setup: TrainSetup) -> tuple[dict[str, in
         weights = quantized * QUANT_BYTES["nf4"] + (counts.total - quantized) * 2 + n_train * 4
     elif setup.method in ("lora", "dora"):
         weights = counts.total * dt.weight + n_train * dt.trainable_weight
+    elif setup.method == "prefix":  # the encoder is built in fp32 whatever the base's dtype (PrefixEncoder)
+        weights = counts.total * dt.weight + n_train * 4
     elif setup.optimizer == "badam":
         weights = counts.total * dt.weight  # the active block trains in place (no master copy)
     else:
         weights = counts.total * dt.weight
-    g = dt.trainable_weight if setup.method not in ADAPTERS else 4
+    g = dt.trainable_weight if setup.method not in FROZEN_BASE else 4
     if setup.optimizer == "badam":
         g = 4
     grads = 0 if setup.optimizer in IN_BACKWARD else n_train * g  # updates inside backward: no stored gradients
-    s = dt.trainable_weight if setup.method not in ADAPTERS else 4  # AdamW states take the param dtype
+    s = dt.trainable_weight if setup.method not in FROZEN_BASE else 4  # AdamW states take the param dtype
     if setup.optimizer in ("adamw", "adamw_backward"):
         opt = 2 * s * n_train
     elif setup.optimizer == "adamw8bit":
@@ -334,10 +355,37 @@ def zero_table(cfg: ModelConfig, setup: TrainSetup, gpus: int) -> list[dict]:
 def _attention_kind(setup: TrainSetup, cfg: ModelConfig | None = None) -> str:
     if setup.attention != "auto":
         return setup.attention
+    softcap = cfg is not None and cfg.attn_logit_softcap is not None
+    if setup.method == "prefix":  # prefix keys take a boolean mask (`with_prefix_keys`): never is_causal nor flex
+        return "eager" if softcap else "masked"
     if setup.packing:
         return "flex"  # soft-caps included (a score_mod)
     # soft-capped scores (Gemma 2) are beyond SDPA: lmforge's eager path materializes them
-    return "eager" if cfg is not None and cfg.attn_logit_softcap is not None else "flash"
+    return "eager" if softcap else "flash"
+
+
+def _prefix_len(setup: TrainSetup) -> int:
+    """Keys every query sees in front of its own (prefix tuning's virtual tokens); 0 for other methods."""
+    return setup.prefix_tokens if setup.method == "prefix" else 0
+
+
+def _mask_rows(setup: TrainSetup) -> int:
+    """Batch dimension of the boolean (rows, 1, T, n + T) mask lmforge builds once per step and shares between blocks:
+    one row per sequence for packed rows and `attention=masked`; right-padded rows with prefix keys need only
+    causality plus the prefix (`with_prefix_keys` of no mask: one (1, 1, T, n + T) mask for the whole batch)."""
+    return 1 if setup.method == "prefix" and not setup.packing and setup.attention == "auto" else setup.micro_batch
+
+
+def _prefix_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> int:
+    """What the prefix encoder keeps per step: nothing beyond its parameter for a plain prefix (each block reads a
+    slice); through the projection MLP its input cast, tanh output and flat output in the activation dtype, and under
+    autocast the half-precision copies of its two weights."""
+    if setup.method != "prefix" or not setup.prefix_projection:
+        return 0
+    n, kv, h = setup.prefix_tokens, cfg.kv_heads * cfg.dim_per_head, setup.prefix_hidden
+    flat, act = cfg.n_layers * 2 * kv, _dtypes(setup).act
+    copies = 2 * h * (kv + flat) if setup.precision in ("bf16", "fp16") else 0
+    return act * n * (kv + h + flat) + copies
 
 
 def block_norms(cfg: ModelConfig) -> int:
@@ -373,15 +421,19 @@ def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int
         inputs += (len(saving) if cast_each else min(len(saving), 1)) * dt.act * d * n
     inputs += (dt.act * q * n if saves_input("o_proj") else 0) + (dt.act * f * n if saves_input("down_proj") else 0)
     kind = _attention_kind(setup, cfg)
-    attn = dt.act * (2 * q + 2 * kv) * n + 4 * H * n  # q, k, v, out + log-sum-exp (fp32)
+    S = T + _prefix_len(setup)  # keys per query: prefix tuning puts its n in front of the sequence's own
+    attn = dt.act * (2 * q * n + 2 * kv * B * S) + 4 * H * n  # q, k, v (over all S keys), out + log-sum-exp (fp32)
     mask = 0
-    if kind == "masked":
-        groups_per_kv = H // cfg.kv_heads
-        mask = dt.act * B * (groups_per_kv if groups_per_kv > 1 else 1) * T * T  # the SDPA bias copy of the mask
+    if kind == "masked":  # SDPA keeps the mask as a bias of the query dtype; lmforge.models.attention.attend folds
+        # each KV head's query group into the rows, expanding the mask to (B, 1, G*T, S) first; CUDA's
+        # memory-efficient kernel pads a bias whose rows are not a multiple of 8 elements (preprocess_mask)
+        G = H // cfg.kv_heads
+        S_bias = -(-S // 8) * 8 if setup.device == "cuda" else S
+        mask = dt.act * (B if G > 1 else _mask_rows(setup)) * G * T * S_bias
     elif kind == "eager" and cfg.attn_logit_softcap is not None:
-        attn += (2 * dt.act + 4) * H * T * n  # tanh of the scores, fp32 softmax output, probabilities
+        attn += (2 * dt.act + 4) * H * S * n  # tanh of the scores, fp32 softmax output, probabilities
     elif kind == "eager":
-        attn += 2 * dt.act * H * T * n  # scores and probabilities
+        attn += 2 * dt.act * H * S * n  # scores and probabilities
     mlp = (3 if cfg.mlp == "swiglu" else 1) * dt.act * f * n  # gate, act(gate), up | up (the product is down_proj's input)
     lora = 0
     if adapter:
@@ -432,6 +484,8 @@ def _in_backward_temp(setup: TrainSetup, numel: int, p: int) -> int:
 
 
 def _largest_trainable(cfg: ModelConfig, setup: TrainSetup) -> int:
+    if setup.method == "prefix":
+        return max(_prefix_params(cfg, setup))
     if setup.method in ADAPTERS:
         return max(setup.lora_r * max(li.in_features, li.out_features) for li in layer_linears(cfg))
     return max([cfg.vocab_size * cfg.d_model] + [li.in_features * li.out_features for li in layer_linears(cfg)])
@@ -455,9 +509,11 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     recomputed = [ckpt and i < k for i in range(L)]
     saved = [dt.residual * d * n if r else layer_total for r in recomputed]
     kind = _attention_kind(setup, cfg)
-    mask_once = B * T * T if kind == "masked" else 0  # lmforge's boolean (B, 1, T, T) mask, shared by all blocks
+    prefixed = setup.method == "prefix"
+    # lmforge's boolean (rows, 1, T, n + T) mask, shared by all blocks (soft-capped eager attention takes it too)
+    mask_once = _mask_rows(setup) * T * (T + _prefix_len(setup)) if kind == "masked" or prefixed else 0
     rope = 2 * (cfg.rotary_dim // 2) * dt.residual * n if cfg.pos == "rope" else 0
-    embed_saved = 8 * n + rope + mask_once
+    embed_saved = 8 * n + rope + mask_once + _prefix_activation_bytes(cfg, setup)
     n_lab = max(1, int(n * setup.labeled_fraction))
     final_norm = (4 * d + 4 + (dt.residual * d if dt.norm_trainable else 0)) * n
     head_saved = final_norm + (dt.residual * d + 17) * n_lab  # + the labelled rows' hidden states, indices, targets
@@ -551,7 +607,10 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     if kind == "eager" and cfg.attn_logit_softcap is not None:
         notes.append("soft-capped attention (attn_logit_softcap) runs eagerly off packed data: each block keeps its "
                      "(B, H, T, T) scores; packed data takes flex_attention with a score_mod instead")
-    if kind == "masked" and not ckpt:
+    if kind == "masked" and not ckpt and prefixed:
+        notes.append("each block keeps a bf16 bias of the (T, n + T) mask its prefix keys take (prefix tuning never "
+                     "runs causal or flex attention): activation checkpointing keeps one block's")
+    elif kind == "masked" and not ckpt:
         notes.append("each block keeps a bf16 copy of the (B, T, T) training mask; packed data uses flex_attention "
                      "on CUDA and keeps none")
     return Estimate(peak=sum(breakdown.values()), phase=peak_phase, breakdown=breakdown,

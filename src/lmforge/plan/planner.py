@@ -117,21 +117,26 @@ def setup_from_train(train_cfg, seq_len: int | None = None, device: str = "cuda"
     if par.tensor > 1 or par.pipeline > 1:
         raise NotModelled("the planner does not model tensor or pipeline parallelism (parallel.tensor / "
                           "parallel.pipeline)")
-    o = train_cfg.method_options()  # lora / dora / qlora section
-    lora = {}
-    if o is not None:
-        lora = dict(lora_r=max([o.r, *o.rank_pattern.values()]), lora_dropout=o.dropout, lora_targets=o.target_modules)
+    o = train_cfg.method_options()  # lora / dora / qlora / prefix section
+    method = {}
+    if name == "prefix":
+        method = dict(prefix_tokens=o.num_virtual_tokens, prefix_projection=o.prefix_projection,
+                      prefix_hidden=o.encoder_hidden_size)
+    elif o is not None:
+        method = dict(lora_r=max([o.r, *o.rank_pattern.values()]), lora_dropout=o.dropout,
+                      lora_targets=o.target_modules)
     g = train_cfg.optim.galore
     return TrainSetup(
         micro_batch=t.micro_batch_size, seq_len=seq_len or train_cfg.data.max_seq_len, method=name,
         precision="bf16" if t.precision == "auto" else t.precision, activation_checkpointing=t.activation_checkpointing,
         checkpoint_blocks=t.checkpoint_blocks, grad_accum=t.grad_accum, optimizer=train_cfg.optim.name,
         momentum=train_cfg.optim.momentum, packing=train_cfg.data.packing, galore_rank=g.rank,
-        galore_min_dim=g.min_dim, grad_clip=t.grad_clip is not None, device=device, **lora)
+        galore_min_dim=g.min_dim, grad_clip=t.grad_clip is not None, device=device, **method)
 
 
 def describe_setup(s: TrainSetup) -> str:
-    parts = [s.method + (f" r={s.lora_r}" if s.method in ADAPTERS else ""), s.precision,
+    detail = (f" r={s.lora_r}" if s.method in ADAPTERS else f" n={s.prefix_tokens}" if s.method == "prefix" else "")
+    parts = [s.method + detail, s.precision,
              f"micro-batch {s.micro_batch} x seq {s.seq_len}",
              "checkpointing on" if s.activation_checkpointing else "checkpointing off", s.optimizer]
     if s.gpus > 1:
@@ -333,7 +338,8 @@ class PlanConfig(Section):
     mode: Literal["train", "infer"] = "train"
     """train: memory and speed of a training run; infer: weights + KV cache, concurrency and decode speed."""
     method: Literal[MODELLED_METHODS] | None = None
-    """full, lora, dora or qlora (the methods the planner models; a training config with another one is refused)."""
+    """full, lora, dora, qlora or prefix (the methods the planner models; a training config with another one is
+    refused)."""
     precision: Literal["fp32", "bf16", "fp16", "bf16-pure"] | None = None
     """train.precision of the run (default: the training config's, else bf16)."""
     micro_batch_size: int | None = Field(None, ge=1)

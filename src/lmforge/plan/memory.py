@@ -457,6 +457,24 @@ def layer_activation_bytes(cfg: ModelConfig, setup: TrainSetup) -> dict[str, int
     return out
 
 
+def masked_attention_bytes(cfg: ModelConfig, setup: TrainSetup, layer: dict[str, int]) -> int:
+    """A block's bytes while SDPA turns a boolean mask into its bias (0 unless attention takes one): what the block has
+    saved so far (its first norm, q, k, v, the bias) plus the mask's transient copies: lmforge's GQA fold expands the
+    boolean mask to (B, 1, G*T, S) (one byte per element) and, on CUDA, the memory-efficient kernel pads a bias whose
+    rows are not a multiple of 8 elements into a fresh tensor while the unpadded one still exists. `layer`: the
+    block's `layer_activation_bytes`."""
+    if "attention_mask_bias" not in layer:
+        return 0
+    G, T = cfg.n_heads // cfg.kv_heads, setup.seq_len
+    S = T + _prefix_len(setup)
+    elements = (setup.micro_batch if G > 1 else _mask_rows(setup)) * G * T * S
+    transient = (elements if G > 1 else 0) + (
+        _dtypes(setup).act * elements if setup.device == "cuda" and S % 8 else 0)
+    saved = layer["norms"] // block_norms(cfg) + layer["attention"] + layer.get("linear_inputs", 0) + layer.get(
+        "lora", 0) + layer["attention_mask_bias"]
+    return saved + transient
+
+
 def _nf4_kernel(setup: TrainSetup, dt) -> bool:
     """NF4 weights go through lmforge's custom op (CUDA, half-precision activations): it saves only the codes and
     dequantizes again in backward, so no dequantized weight outlives its matmul (`lmforge.quant.qkernel`)."""
@@ -557,6 +575,11 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
     base = {"weights": states["weights"], "optimizer_states": states["optimizer_states"], "workspace": workspace}
     phases["forward end (loss chunk)"] = {**base, "gradients": prior_grads + head_fused, "activations": acts,
                                           "autocast_weight_copies": L * copies_layer, "loss_logits": loss_fwd}
+    attn_masked = masked_attention_bytes(cfg, setup, layer)
+    if attn_masked:  # the top block's attention in forward, every block below done (a boolean mask's bias built)
+        phases["block forward (mask bias)"] = {
+            **base, "gradients": prior_grads, "activations": sum(saved[:L - 1]) + embed_saved,
+            "autocast_weight_copies": L * copies_layer, "attention_temporaries": attn_masked}
     # the loss's backward casts its fp32 head gradient to the weight's dtype while the fp32 one still exists
     phases["backward start (loss chunk)"] = {
         **base, "gradients": prior_grads + head_fused + (head_w_grad if head_w_grad != head_fused else 0),
@@ -571,6 +594,10 @@ def train_memory(cfg: ModelConfig, setup: TrainSetup) -> Estimate:
                 "backward_temporaries": temp + (layer_total if recomputed[i] else 0)}
         if not worst or sum(live.values()) > sum(worst.values()):
             worst = live
+        if recomputed[i] and attn_masked:  # its recompute builds the mask's bias again, the block's gradient waiting
+            live = {**live, "backward_temporaries": attn_masked + dt.residual * d * n}
+            if sum(live.values()) > sum(worst.values()):
+                worst = live
     phases["block backward"] = worst
     embed_trains = full_ft
     if embed_trains:  # last of backward: the embedding's gradient (V, d), summed with a tied head's waiting one

@@ -102,6 +102,23 @@ def test_builtin_rewards_and_failures_are_contained(tmp_path, caplog):
         load_config(AlignConfig, base={"stage": "grpo", "model": {"path": "m"}, "data": {"path": "d"}})
 
 
+def test_exact_match_normalises_format_takes_a_pattern_and_defaults_follow_current_practice():
+    """exact_match compares after normalisation (case, punctuation, articles, whitespace; GSM8K's text before '####'
+    dropped); format takes its own regex, matched whole; beta defaults to 0 (no KL, no reference) and Dr. GRPO drops
+    the std division unless scale_rewards says otherwise; epsilon_high defaults to epsilon."""
+    rs = RewardSet([RewardSpec(fn="exact_match"), RewardSpec(fn="format", pattern=r"\d+")])
+    comps = ["<answer> The  Eiffel tower. </answer>", "eiffel Tower!", "42", "the tower"]
+    rows = [{"answer": "Eiffel Tower"}, {"answer": "Paris is wrong\n#### the eiffel tower"}, {"answer": "42"},
+            {"answer": "Eiffel Tower"}]
+    scores, missing = rs([[]] * 4, comps, rows, [[1]] * 4, [[2]] * 4)
+    assert scores[:, 0].tolist() == [1, 1, 1, 0] and scores[:, 1].tolist() == [0, 0, 1, 0] and missing == 0
+    cfg = GRPOSection(rewards=[RewardSpec(fn="format")])
+    assert cfg.beta == 0 and cfg.loss_type == "dapo"
+    obj = GRPOObjective(cfg, None, rs)
+    assert obj.scale and obj.eps_high == cfg.epsilon and obj.reference is None
+    assert not GRPOObjective(GRPOSection(rewards=cfg.rewards, loss_type="dr_grpo"), None, rs).scale
+    assert GRPOObjective(GRPOSection(rewards=cfg.rewards, loss_type="dr_grpo", scale_rewards=True), None, rs).scale
+
 
 def test_code_tests_and_reward_model_builtins(ckpt, tmp_path):
     """code_tests runs the completion's code (its fenced block, else all of it) with the row's tests in the sandbox:

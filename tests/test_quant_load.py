@@ -167,11 +167,14 @@ def test_group_size_that_does_not_divide_is_one_line_naming_layer_and_fix(ckpt, 
         apply_qat(model)
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
-    assert main(["train", "method=qat", f"model.path={ckpt}", f"data.path={data}", "train.max_steps=1",
-                 f"train.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.progress=false",
-                 "train.tensorboard=false"]) == 2
+    train = ["train", f"model.path={ckpt}", f"data.path={data}", "train.max_steps=1",
+             f"train.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.progress=false", "train.tensorboard=false"]
+    assert main([*train, "method=qat"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "'layers.0.attn.q_proj' has 64: use qat.group_size=64" in err, err
+    assert main([*train, "method=qlora", "qlora.block_size=63"]) == 2  # NF4 packs two codes per byte (was a traceback)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "config key 'qlora.block_size': Input should be a multiple of 2 (got 63)" in err, err
 
 
 @pytest.mark.gpu

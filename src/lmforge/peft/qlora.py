@@ -77,8 +77,8 @@ class QLoraMethod(LoraMethod):
     """LoRA targets; QLoRA puts adapters on every linear layer by default."""
     quantize_modules: list[str] | str = ALL_LINEAR
     """Base linears stored in NF4 ('all-linear' = all but lm_head)."""
-    block_size: int = Field(64, ge=2)
-    """Weights per absmax constant."""
+    block_size: int = Field(64, ge=2, multiple_of=2)
+    """Weights per absmax constant; even (two 4-bit codes per byte)."""
     double_quant: bool = True
     """Quantize the absmax constants too (int8 per block of 256, fp32 scale): 0.516 instead of 0.5625 bytes/weight."""
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"

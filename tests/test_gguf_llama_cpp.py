@@ -188,13 +188,14 @@ def test_k_quants_fall_back_on_rows_that_do_not_fill_a_block(tok, tmp_path):
     assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
 
 
-def _llama3_style_tokenizer(tok: Tokenizer) -> Tokenizer:
-    """The tiny vocabulary with Llama 3's split rule (digits in threes, letters with one leading non-letter)."""
+def _llama3_style_tokenizer(tok: Tokenizer, split: str | None = None) -> Tokenizer:
+    """The tiny vocabulary with Llama 3's split rule (digits in threes, letters with one leading non-letter), or the
+    regex `split` (Qwen 2's: digits one by one)."""
     from lmforge.tokenizer.gguf import LLAMA3
 
     data = json.loads(tok.backend.to_str())
     data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA3}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": split or LLAMA3}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     import tokenizers
 
@@ -203,12 +204,15 @@ def _llama3_style_tokenizer(tok: Tokenizer) -> Tokenizer:
 
 
 def test_pre_tokenizer_detection_and_llama_cpp_tokenization_match(tok, tmp_path):
-    llama3 = _llama3_style_tokenizer(tok)
+    from lmforge.tokenizer.gguf import QWEN2
+
+    llama3, qwen2 = _llama3_style_tokenizer(tok), _llama3_style_tokenizer(tok, QWEN2)
     assert detect_pre_tokenizer(tok) == "gpt-2" and detect_pre_tokenizer(llama3) == "llama-bpe"
-    pieces = [[p for p, _ in t.backend.pre_tokenizer.pre_tokenize_str(MIXED)] for t in (tok, llama3)]
-    assert pieces[0] != pieces[1]  # the two split rules cut this text differently
+    assert detect_pre_tokenizer(qwen2) == "qwen2"
+    pieces = [[p for p, _ in t.backend.pre_tokenizer.pre_tokenize_str(MIXED)] for t in (tok, llama3, qwen2)]
+    assert pieces[0] != pieces[1] != pieces[2] != pieces[0]  # the three split rules cut this text differently
     model = _model(FAMILIES["llama"])
-    for t, pre in ((tok, "gpt-2"), (llama3, "llama-bpe")):
+    for t, pre in ((tok, "gpt-2"), (llama3, "llama-bpe"), (qwen2, "qwen2")):
         path = export_gguf(model, tmp_path / f"{pre}.gguf", tokenizer=t, qtype="f16")
         reader = gguf.GGUFReader(path)
         assert reader.fields["tokenizer.ggml.pre"].contents() == pre

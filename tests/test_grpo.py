@@ -315,6 +315,46 @@ train: {{output_dir: {tmp_path / 'out'}, max_steps: 40, micro_batch_size: 16, de
     assert (tmp_path / "out" / "final" / "model.safetensors").exists() or any((tmp_path / "out" / "final").iterdir())
 
 
+def test_the_documented_grpo_run_logs_every_figure_to_tensorboard_and_exports(ckpt, tmp_path, monkeypatch):
+    """docs/alignment.md's GRPO run as written, at small size: examples/align_grpo.yaml (its three weighted rewards,
+    one from examples/grpo_rewards.py) on GSM8K rows, `lmforge export --adapter`, then generation from the merged
+    model. Every step figure of the JSONL metrics reaches TensorBoard with the same value: reward mean/std overall
+    and per reward, clip fraction, completion lengths, zero-spread groups, rollout tokens/s and the gen_s/train_s
+    split; at the default beta 0 no KL is logged (no reference is computed)."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lmforge.cli import main
+
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(8)]
+    for name, part in (("train", rows), ("test", rows[:2])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the example names examples/grpo_rewards.py
+    out = tmp_path / "run"
+    assert main(["train", "examples/align_grpo.yaml", f"model.path={ckpt}", f"data.path={tmp_path / 'train.jsonl'}",
+                 f"data.val_path={tmp_path / 'test.jsonl'}", "data.max_seq_len=64", "grpo.max_new_tokens=8",
+                 "grpo.num_generations=2", "grpo.prompts_per_step=2", "train.max_steps=2", "train.micro_batch_size=4",
+                 "train.device=cpu", "train.eval_every=2", "train.save_every=0", "train.progress=false",
+                 f"train.output_dir={out}"]) == 0
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+    assert len(steps) == 2 and not any("kl" in r for r in steps)
+    want = {"reward", "reward_std", "clip_fraction", "approx_kl", "completion_len", "completion_len_min",
+            "completion_len_max", "zero_std_groups", "reward_missing", "rollout_tokens_per_s", "gen_s", "train_s",
+            *(f"reward_{n}{s}" for n in ("number_match", "format", "brevity") for s in ("", "_std"))}
+    assert want <= steps[0].keys(), want - steps[0].keys()
+    tb = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    for r in steps:
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)):
+                got = {e.step: e.value for e in tb.Scalars(k)}
+                assert got[r["step"]] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    merged = tmp_path / "merged"
+    assert main(["export", str(ckpt), "--adapter", str(out / "final"), "--out", str(merged)]) == 0
+    assert main(["generate", str(merged), "--prompt", "What is 2 plus 2?", "--chat", "--max-new-tokens", "4",
+                 "temperature=0"]) == 0
+
+
 # ------------------------------------------------------------------------------------------------ ORPO, KTO
 
 QUESTIONS = ["Name a colour.", "What is two plus two?", "Say hello.", "Pick a fruit."]

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
 METHODS = {"int8": {}, "llm_int8": {"llm_int8": True}, "int4": {}, "nf4": {}, "bitnet": {}, "gptq": {}, "awq": {}}
+ENGINE_METHODS = {**METHODS, "gptq_act_order": {"act_order": True}}  # act-order loads as Int4ActOrderLinear
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,11 @@ def _quantized(ckpt, method: str, out):
     from lmforge.checkpoint import save_tokenizer_files
 
     model = load_hf(ckpt, progress=False)
-    opts = dict(METHODS[method])
+    opts = dict(ENGINE_METHODS[method])
+    method = {"llm_int8": "int8", "gptq_act_order": "gptq"}.get(method, method)
     if method in ("gptq", "awq"):
         opts["calib"] = torch.randint(0, model.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
-    quantize_model(model, "int8" if method == "llm_int8" else method, group_size=32, **opts)
+    quantize_model(model, method, group_size=32, **opts)
     save_quantized(model, out)
     save_tokenizer_files(ckpt, out)
     return model, out
@@ -127,6 +129,19 @@ def test_generate_and_eval_verbs_run_on_every_method(ckpt, tmp_path, capsys, met
     want = generate(model, [tok.encode("Hello world")], GREEDY.model_copy(update={"max_new_tokens": 4}), tokenizer=tok)
     assert capsys.readouterr().out.rstrip("\n") == want[0].text
     assert 1.0 < eval_perplexity(path, tmp_path, repeats=4) < 10 * model.cfg.vocab_size
+
+
+@pytest.mark.parametrize("method", sorted(ENGINE_METHODS))
+def test_engine_serves_every_method(ckpt, tmp_path, method):
+    """`LLM(...)`, the engine `lmforge serve` runs, on what `lmforge quantize` writes for each method: the layers stay
+    quantized and a batch of two prompts gets the in-memory quantized model's greedy tokens."""
+    model, path = _quantized(ckpt, method, tmp_path / method)
+    prompts = [[5, 9, 13, 2, 7], [3, 4, 8, 100, 31, 22, 17]]
+    want = [r.token_ids for r in generate(model, prompts, GREEDY)]
+    llm = LLM(str(path), config=EngineConfig(block_size=4, num_blocks=128), device="cpu", dtype="float32")
+    served = llm.engine.model
+    assert all(type(served.get_submodule(p)) is type(m) for p, m in quantized_linears(model).items())
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

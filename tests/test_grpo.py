@@ -167,6 +167,23 @@ def test_gsm8k_rows_work_as_they_are(ckpt, tmp_path):
     assert scores[:, 0].tolist() == [1, 0, 1] and missing == 0
 
 
+def test_chat_messages_prompt_rows_keep_their_columns(ckpt, tmp_path):
+    """A prompts file of chat `messages` (system + user, no reply) with an extra column: the messages are the prompt
+    (rendered with the chat template and its generation prompt), the column reaches the reward functions."""
+    from lmforge.align.data import build_prompt_datasets
+
+    turns = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "What is 6 times 7?"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": turns, "answer": "42"}) + "\n")
+    tok = Tokenizer.from_dir(ckpt)
+    data, _, report = build_prompt_datasets(DataConfig(path=str(tmp_path / "chat.jsonl")), tok, max_prompt_len=128)
+    assert len(data) == 1 and report.bad_row_count == 0 and data.rows[0]["messages"] == turns
+    assert data.rows[0]["tokens"] == tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+    rs = RewardSet([RewardSpec(fn="number_match")])
+    rs.check_columns(data.rows, "data.path")
+    scores, _ = rs([turns], ["\\boxed{42}"], [data.rows[0]["record"]], [[1]], [[2]])
+    assert scores.tolist() == [[1.0]]
+
+
 # ------------------------------------------------------------------------------------------------ engine in the loop
 
 

@@ -292,6 +292,29 @@ def test_old_logps_reference_kl_and_dynamic_sampling(ckpt, tmp_path):
     assert "reward" in trainer.train_step()  # a fresh rollout
 
 
+def test_mask_truncated_drops_cut_completions_from_the_loss(ckpt, tmp_path):
+    """DAPO's overlong filtering (grpo.mask_truncated): completions cut at max_new_tokens keep no loss token; those
+    that stopped keep theirs, ending with the stop token."""
+    tok = Tokenizer.from_dir(ckpt)
+    model = load_hf(ckpt)
+    m = build_method("full")
+    m.apply(model)
+    cfg = GRPOSection(rewards=[RewardSpec(fn="format")], num_generations=4, prompts_per_step=2, max_new_tokens=3,
+                      mask_truncated=True)
+    obj = GRPOObjective(cfg, tok, RewardSet(cfg.rewards))
+    align = AlignConfig(stage="grpo", model=ModelSection(path="unused"), data=DataConfig(path="unused"), grpo=cfg,
+                        train=TrainSection(output_dir=str(tmp_path), micro_batch_size=8, device="cpu",
+                                           precision="fp32", progress=False, tensorboard=False))
+    trainer = Trainer(model, m, _prompt_rows(tok), None, align, tok.pad_id, CPU, objective=obj)
+    (mb,) = obj.micro_batches(trainer.ctx)
+    assert obj._log["truncated_share"] > 0
+    P, lengths = int(mb["prompt_len"]), mb["mask"].sum(-1)
+    assert int((lengths == 0).sum()) == round(obj._log["truncated_share"] * 8)  # every cut completion, masked
+    for row, n in enumerate(lengths.tolist()):
+        if n:
+            assert int(mb["tokens"][row, P + n - 1]) == obj.stop_id
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 

@@ -3,9 +3,9 @@
 A reward function is called with keyword arguments: `prompts` (each a list of chat messages), `completions` (texts),
 and every column of the prompts file as a list aligned with the completions (a parameter without a default that
 names a column makes the run check, before training, that every row has it). It may also take `completion_ids` and
-`prompt_ids` (token ids). It returns one number per completion, or None where it has no opinion. One that raises or
-returns NaN is retried completion by completion; the failures are logged with their prompt index and counted as
-`reward_missing`, and the run goes on.
+`prompt_ids` (token ids). It returns one number per completion, or None where it has no opinion. One that raises is
+retried completion by completion; the failures, and NaN or infinite scores, are logged with their prompt index and
+counted as `reward_missing`, and the run goes on.
 """
 from __future__ import annotations
 

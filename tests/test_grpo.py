@@ -120,6 +120,20 @@ def test_exact_match_normalises_format_takes_a_pattern_and_defaults_follow_curre
     assert GRPOObjective(GRPOSection(rewards=cfg.rewards, loss_type="dr_grpo", scale_rewards=True), None, rs).scale
 
 
+def test_a_non_finite_reward_is_reported_with_its_prompt(tmp_path, caplog):
+    """A reward function that returns NaN or inf (not None, its 'no opinion') is reported with the prompt index, one
+    line per reward and batch, and those scores are missing and counted; the other completions keep theirs."""
+    (tmp_path / "broken.py").write_text("def broken(prompts, completions):\n"
+                                        "    return [1.0, float('nan'), None, float('inf')]\n")
+    rs = RewardSet([RewardSpec(fn=f"{tmp_path / 'broken.py'}:broken")])
+    with caplog.at_level("WARNING", logger="lmforge.grpo"):
+        scores, missing = rs([[]] * 4, ["a", "b", "c", "d"], [{}] * 4, [[1]] * 4, [[2]] * 4, group=2)
+    assert scores[0, 0] == 1 and scores[1:, 0].isnan().all() and missing == 3
+    assert [r.message for r in caplog.records] == [
+        "reward 'broken' returned a non-finite value on prompt 0 (completion 1): nan; and on 1 more completions "
+        "(prompts 1); marked missing"]
+
+
 def test_code_tests_and_reward_model_builtins(ckpt, tmp_path):
     """code_tests runs the completion's code (its fenced block, else all of it) with the row's tests in the sandbox:
     1 when they pass, 0 on a failed assert or a timeout; reward_model scores prompt + completion with a stage-rm

@@ -1,7 +1,7 @@
 """GRPO's rewards: built-in verifiers, Python functions named in the config, a reward model; several, weighted.
 
-Every reward maps a batch of (prompt, completion, dataset row) to one float per completion, or None / NaN where
-it has no opinion. Built-ins (`grpo.rewards[i].fn`):
+Every reward maps a batch of (prompt, completion, dataset row) to one float per completion, or None where it has
+no opinion. Built-ins (`grpo.rewards[i].fn`):
 
 - ``exact_match``: 1 when the answer (the last ``<answer>…</answer>`` if any, else the whole completion) equals the
   row's reference after normalisation (case, punctuation, articles, whitespace), else 0;
@@ -13,8 +13,8 @@ it has no opinion. Built-ins (`grpo.rewards[i].fn`):
 - ``reward_model``: the score of a stage-rm model on prompt + completion.
 
 A reward that raises, returns the wrong count or non-numbers is retried one completion at a time, so only the
-completions it fails on are marked missing (reported with their prompt index, counted in ``reward_missing``); the
-step goes on. `required_columns` lets the run refuse a prompts file without a column a reward reads, before training.
+completions it fails on are marked missing (reported with their prompt index, counted in ``reward_missing``); a NaN
+or infinite value is reported and marked missing the same way; the step goes on. `required_columns` lets the run refuse a prompts file without a column a reward reads, before training.
 """
 from __future__ import annotations
 
@@ -171,6 +171,18 @@ def _accepts(fn: Callable) -> tuple[bool, set[str]]:
     return any(p.kind == p.VAR_KEYWORD for p in params), {p.name for p in params}
 
 
+def _report(name: str, what: str, failed: list[tuple[int, str]], group: int) -> None:
+    """One warning per reward and batch, however many completions it failed on: the first (its prompt index,
+    completion index and error), then how many more and their prompts."""
+    if not failed:
+        return
+    (i, err), rest = failed[0], failed[1:]
+    more = sorted({j // group for j, _ in rest})
+    shown = ", ".join(map(str, more[:10])) + (", ..." if len(more) > 10 else "")
+    log.warning("reward '%s' %s on prompt %d (completion %d): %s%s; marked missing", name, what, i // group, i, err,
+                f"; and on {len(rest)} more completions (prompts {shown})" if rest else "")
+
+
 class RewardSet:
     """The configured rewards; calling it scores a batch: (N, F) float32 with NaN where a reward is missing."""
 
@@ -220,7 +232,7 @@ class RewardSet:
         out = list(fn(**given, **columns))
         if len(out) != len(completions):
             raise ValueError(f"returned {len(out)} values for {len(completions)} completions")
-        return [float("nan") if v is None else float(v) for v in out]
+        return [None if v is None else float(v) for v in out]
 
     def __call__(self, prompts: list, completions: list[str], rows: list[dict], prompt_ids: list[list[int]],
                  completion_ids: list[list[int]], group: int = 1) -> tuple[torch.Tensor, int]:
@@ -232,23 +244,21 @@ class RewardSet:
         for f, (fn, name) in enumerate(zip(self.fns, self.names)):
             args = (prompts, completions, rows, prompt_ids, completion_ids)
             try:
-                scores[:, f] = torch.tensor(self._call(fn, *args), dtype=torch.float32)
+                values = self._call(fn, *args)
             except Exception as e:  # noqa: BLE001 - find the completions it fails on, one at a time
                 log.warning("reward '%s' failed on the batch (%s: %s); retrying one completion at a time",
                             name, type(e).__name__, e)
-                failed = []
+                values, failed = [None] * n, []
                 for i in range(n):
                     try:
-                        scores[i, f] = self._call(fn, *([a[i]] for a in args))[0]
+                        values[i] = self._call(fn, *([a[i]] for a in args))[0]
                     except Exception as e1:  # noqa: BLE001
-                        failed.append((i, e1))
-                if failed:  # one line per reward and batch, however many completions it failed on
-                    (i, e1), rest = failed[0], failed[1:]
-                    more = sorted({j // group for j, _ in rest})
-                    shown = ", ".join(map(str, more[:10])) + (", ..." if len(more) > 10 else "")
-                    log.warning("reward '%s' failed on prompt %d (completion %d): %s: %s%s; marked missing", name,
-                                i // group, i, type(e1).__name__, e1,
-                                f"; and on {len(rest)} more completions (prompts {shown})" if rest else "")
+                        failed.append((i, f"{type(e1).__name__}: {e1}"))
+                _report(name, "failed", failed, group)
+            # None = no opinion; NaN or inf is a broken score: reported, as a failure is
+            _report(name, "returned a non-finite value", [(i, repr(v)) for i, v in enumerate(values)
+                                                          if v is not None and not math.isfinite(v)], group)
+            scores[:, f] = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float32)
             bad = ~torch.isfinite(scores[:, f])
             missing += int(bad.sum())
             scores[bad, f] = float("nan")

@@ -116,6 +116,9 @@ FAMILIES = {
                  rotary_fraction=0.5, lm_head_bias=True),
     "gpt2": dict(arch="GPT2LMHeadModel", **_GELU_LN, pos="learned"),
     "bloom": dict(arch="BloomForCausalLM", **_GELU_LN, pos="alibi", embed_norm=True),
+    "chatglm": dict(arch="ChatGLMModel", qkv_bias=True, rotary_fraction=0.5, rope_interleaved=True, n_kv_heads=1,
+                    rope_theta=5e5),
+    "glm": dict(arch="GlmForCausalLM", qkv_bias=True, rotary_fraction=0.5, rope_interleaved=True),
     "smollm3": dict(arch="SmolLM3ForCausalLM", n_layers=4, nope_layers=(3,), tie_embeddings=True),
 }
 

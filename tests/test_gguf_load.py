@@ -359,6 +359,7 @@ EXPORTED = {
     "phi2": ("PhiForCausalLM", {}),
     "gpt2": ("GPT2LMHeadModel", {}),
     "bloom": ("BloomForCausalLM", {}),
+    "chatglm": ("GlmForCausalLM", {}),
 }
 
 

@@ -193,6 +193,8 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "gpt2": GgufArch("GPT2LMHeadModel", "gpt2", names=_GPT2_NAMES, conv1d=True,
                      extra={"activation_function": "gelu_new", "scale_attn_weights": True}),
     "bloom": GgufArch("BloomForCausalLM", "bloom", names=_BLOOM_NAMES, qkv_heads=True),
+    # GLM-4 (and ChatGLM) as lmforge writes it: separate q/k/v, fused gate|up; half the head dims rotate in pairs
+    "chatglm": GgufArch("GlmForCausalLM", "glm", names={"blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}"}),
 }
 
 
@@ -415,6 +417,8 @@ def hf_config(path: str | Path) -> dict:
     if arch in ("gpt2", "bloom"):  # their HF configs' own key names
         hf.update(n_embd=d, n_layer=hf["num_hidden_layers"], n_head=heads, n_inner=hf["intermediate_size"],
                   n_positions=hf["max_position_embeddings"], seq_length=hf["max_position_embeddings"])
+    if arch == "chatglm":
+        hf["attention_bias"] = "blk.0.attn_q.bias" in tensors
     if arch in ("gemma2", "gemma3"):
         # llama.cpp scales q.k by head_dim**-0.5, (d_model / heads)**-0.5 for the 27B sizes (46 / 62 layers)
         big = hf["num_hidden_layers"] == (46 if arch == "gemma2" else 62)

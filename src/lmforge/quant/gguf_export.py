@@ -5,7 +5,7 @@ runs. What it holds:
 
 - ``general.architecture`` chosen from the model's HF architecture (``ARCHS``: Llama and Mistral -> ``llama``,
   Qwen 2/3 (MoE) -> ``qwen2``/``qwen3``/``qwen3moe``/``qwen2moe``, Gemma 1/2/3, OLMo 2, Phi-2/3, GPT-2, BLOOM,
-  SmolLM3), after checking that llama.cpp's graph for that architecture computes this model: every ModelConfig
+  SmolLM3, GLM-4/ChatGLM -> ``chatglm``), after checking that llama.cpp's graph for that architecture computes this model: every ModelConfig
   field its graph hard-codes (norm kind and placement, activation, biases, qk-norm, soft-caps, the sliding-window
   layer pattern, the attention scale ...) must match, else one error names the fields;
 - ``{arch}.*`` hyper-parameters: widths, heads, head dims, context, RoPE dims/base/scaling (linear, yarn, Llama 3's as
@@ -14,7 +14,7 @@ runs. What it holds:
   template;
 - the weights under llama.cpp's tensor names (checked against ``gguf.MODEL_TENSORS`` for the architecture), with the
   layout changes llama.cpp expects: q/k rows permuted to adjacent-pair RoPE for the ``llama``/``smollm3`` graphs,
-  Gemma's RMSNorm weights stored as 1 + w, q/k/v fused for GPT-2/BLOOM/Phi-3 (and Phi-3's gate|up), MoE experts
+  Gemma's RMSNorm weights stored as 1 + w, q/k/v fused for GPT-2/BLOOM/Phi-3 (and Phi-3's and GLM's gate|up), MoE experts
   stacked into one 3-D tensor per projection.
 
 Types (``GGUF_TYPES``): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (quantized by ``gguf.quants``) and q4_k_s,
@@ -131,10 +131,13 @@ ARCHS: dict[str, Arch] = {
                                                                 rope_interleaved=_ANY)),
     "BloomForCausalLM": _arch("bloom", fused_qkv=True, fixed=dict(**_GELU_LN, pos="alibi", embed_norm=True,
                                                                   rotary_fraction=_ANY, rope_interleaved=_ANY)),
+    "GlmForCausalLM": _arch("chatglm", fused_gate_up=True,
+                            fixed=dict(rotary_fraction=_ANY, rope_interleaved=True, qkv_bias=_ANY)),
     "SmolLM3ForCausalLM": _arch("smollm3", permute_qk=True, fixed=dict(nope_layers=_ANY),
                                 rope_scalings=("linear", "llama3", "yarn")),
 }
 ARCHS["Gemma3ForConditionalGeneration"] = ARCHS["Gemma3ForCausalLM"]
+ARCHS["ChatGLMModel"] = ARCHS["ChatGLMForConditionalGeneration"] = ARCHS["GlmForCausalLM"]
 
 
 def _problems(cfg, arch: Arch) -> list[str]:

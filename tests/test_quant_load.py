@@ -14,8 +14,8 @@ from lmforge.cli import main
 from lmforge.errors import ConfigError
 from lmforge.infer import LLM, EngineConfig, SamplingParams, generate
 from lmforge.models import load_hf
-from lmforge.quant import (Int4Linear, Int8Linear, QuantLinear, apply_qat, quantize_model, quantized_linears,
-                           save_quantized)
+from lmforge.quant import (Int4Linear, Int8Linear, PackedBitLinear, QuantLinear, apply_qat, quantize_model,
+                           quantized_linears, save_quantized)
 from lmforge.serve import ServeConfig
 from lmforge.testing import make_tiny_checkpoint
 from lmforge.tokenizer import Tokenizer
@@ -142,6 +142,29 @@ def test_engine_serves_every_method(ckpt, tmp_path, method):
     served = llm.engine.model
     assert all(type(served.get_submodule(p)) is type(m) for p, m in quantized_linears(model).items())
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+
+
+@pytest.mark.parametrize("method,opts,kind", [("qat", ["qat.group_size=32"], Int4Linear),
+                                              ("bitnet", [], PackedBitLinear)])
+def test_quantization_aware_training_writes_a_checkpoint_every_verb_loads(ckpt, tmp_path, capsys, method, opts, kind):
+    """`lmforge train method=qat|bitnet` ends in a quantized checkpoint (INT4 / 2-bit codes): `lmforge generate`
+    prints the reference path's greedy text, and the engine generates the same tokens."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+    assert main(["train", f"method={method}", *opts, f"model.path={ckpt}", f"data.path={data}", "train.max_steps=2",
+                 f"train.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.progress=false",
+                 "train.tensorboard=false"]) == 0
+    final = tmp_path / "run" / "final"
+    model, tok = load_hf(final), Tokenizer.from_dir(final)
+    assert {type(m) for m in quantized_linears(model).values()} == {kind}
+    capsys.readouterr()
+    assert main(["generate", str(final), "--prompt", "Hello world", "--max-new-tokens", "4", "temperature=0",
+                 "--ignore-eos", "--stream", "false", "--device", "cpu", "--dtype", "float32"]) == 0
+    want = generate(model, [tok.encode("Hello world")], GREEDY.model_copy(update={"max_new_tokens": 4}), tokenizer=tok)
+    assert capsys.readouterr().out.rstrip("\n") == want[0].text
+    llm = LLM(str(final), config=EngineConfig(block_size=4, num_blocks=64), device="cpu", dtype="float32")
+    assert llm.generate([tok.encode("Hello world")], GREEDY.model_copy(update={"max_new_tokens": 4}))[0].token_ids == \
+        want[0].token_ids
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -304,8 +304,10 @@ def test_align_config_round_trips_through_yaml(tmp_path):
     path.write_text(dump_config(cfg))
     again = load_config(AlignConfig, path, ["dpo.beta=0.3"])
     assert (again.stage, again.dpo.loss, again.dpo.beta) == ("dpo", "ipo", 0.3)
-    with pytest.raises(ConfigError, match="dpo.loss is an option of stage 'dpo', but stage is 'rm'"):
-        load_config(AlignConfig, path, ["stage=rm"])  # the file's dpo options would be ignored by stage rm
+    with pytest.warns(UserWarning, match="its 'dpo' section is not used"):  # stage=rm replaces the file's stage
+        assert load_config(AlignConfig, path, ["stage=rm"]).dpo == DPOSection()
+    with pytest.raises(ConfigError, match="is an option of stage 'dpo', but stage is 'rm'"):
+        load_config(AlignConfig, path, ["stage=rm", "dpo.beta=0.3"])  # set on the command line: refused
     with pytest.raises(ConfigError, match="dpo.los"):
         load_config(AlignConfig, path, ["dpo.los=ipo"])
     json.dumps(again.model_dump(mode="json"))

@@ -298,6 +298,36 @@ def test_option_of_another_optimizer_or_method_is_one_line_exit_2(setup, capsys)
     assert "set dora.r instead" in capsys.readouterr().err
 
 
+def test_a_switch_on_the_command_line_takes_the_files_section_of_what_it_replaces(tmp_path):
+    """`examples/sft_lora.yaml method=full` (the docs' command lines): the file's `lora:` section belongs to the
+    method the override replaces, so it is dropped with a warning instead of refused; the same for optim.name and
+    an alignment stage. A section the command line itself sets is still checked."""
+    from lmforge.align.run import AlignConfig
+    from lmforge.config import load_config
+    from lmforge.errors import ConfigError
+    from lmforge.train.config import TrainConfig
+
+    with pytest.warns(UserWarning, match="its 'lora' section is not used"):
+        cfg = load_config(TrainConfig, "examples/sft_lora.yaml", ["method=full"])
+    assert cfg.method == "full" and "r" not in cfg.lora.model_fields_set
+    with pytest.warns(UserWarning):
+        assert load_config(TrainConfig, "examples/sft_lora.yaml", ["method=qlora", "qlora.r=4"]).qlora.r == 4
+    with pytest.raises(ConfigError, match="is an option of method 'lora', but method is 'qlora'"):
+        load_config(TrainConfig, "examples/sft_lora.yaml", ["method=qlora", "lora.dropout=0.1"])
+    galore, dpo = tmp_path / "galore.yaml", tmp_path / "dpo.yaml"
+    head = "model: {path: m}\ndata: {path: d}\n"
+    galore.write_text(head + "optim: {name: galore, galore: {rank: 8}}\n")
+    dpo.write_text(head + "stage: dpo\ndpo: {beta: 0.3}\n")
+    with pytest.warns(UserWarning, match="'optim.galore' section"):
+        assert load_config(TrainConfig, galore, ["optim.name=adamw"]).optim.name == "adamw"
+    with pytest.raises(ConfigError, match="optim.galore.rank is an option of optimizer 'galore'"):
+        load_config(TrainConfig, galore, ["optim.name=adamw", "optim.galore.rank=4"])
+    with pytest.warns(UserWarning, match="its 'dpo' section"):
+        assert load_config(AlignConfig, dpo, ["stage=orpo"]).stage == "orpo"
+    with pytest.raises(ConfigError, match="dpo.beta is an option of stage 'dpo'"):
+        load_config(AlignConfig, dpo, ["stage=orpo", "dpo.beta=0.2"])
+
+
 def test_help_lists_method_and_optimizer_options(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out

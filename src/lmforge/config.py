@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -181,6 +182,26 @@ def _merge(low: dict, high: dict) -> dict:
     return out
 
 
+def _lookup(data: dict, dotted: str) -> Any:
+    """``data['a']['b']`` for ``'a.b'``; None where a level is missing."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _without(data: dict, dotted: str) -> dict:
+    """A copy of ``data`` without the key at ``dotted``."""
+    head, _, rest = dotted.partition(".")
+    out = dict(data)
+    if rest:
+        out[head] = _without(out[head], rest)
+    else:
+        out.pop(head, None)
+    return out
+
+
 def _read_yaml(path: str | Path) -> dict:
     """Read a YAML config file whose top level must be a mapping (an empty file is ``{}``)."""
     p = Path(path)
@@ -279,9 +300,21 @@ def load_config(
     overrides: Iterable[str] = (),
     base: dict | None = None,
 ) -> Section:
-    """Build ``cls`` from ``base`` < YAML file at ``path`` < ``key=value`` overrides; raise a one-line ConfigError."""
-    data = _merge(dict(base or {}), _read_yaml(path) if path is not None else {})
-    data = _merge(data, parse_overrides(overrides, cls))
+    """Build ``cls`` from ``base`` < YAML file at ``path`` < ``key=value`` overrides; raise a one-line ConfigError.
+
+    A switch the overrides change (``cls.switches``: ``method``, ``stage``, ``optim.name``) takes the file's section
+    of the value it replaces with it: ``examples/sft_lora.yaml method=full`` drops the file's ``lora:`` section (a
+    warning says so) instead of refusing it as an option of another method."""
+    layer = _read_yaml(path) if path is not None else {}
+    high = parse_overrides(overrides, cls)
+    for key, section_of in getattr(cls, "switches", {}).items():
+        old, new = _lookup(layer, key), _lookup(high, key)
+        section = section_of(old) if isinstance(old, str) and new is not None and new != old else None
+        if section and _lookup(layer, section) is not None and _lookup(high, section) is None:
+            layer = _without(layer, section)
+            warnings.warn(f"{key}={new} replaces the config file's {key} '{old}': its '{section}' section is not "
+                          "used", UserWarning, stacklevel=2)
+    data = _merge(_merge(dict(base or {}), layer), high)
     try:
         return cls.model_validate(data)
     except pydantic.ValidationError as e:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import model_validator
@@ -43,6 +43,7 @@ ALIGN_STAGES = ("rm", "dpo", "ppo", "grpo", "orpo", "kto")
 
 
 class AlignConfig(TrainConfig):
+    switches: ClassVar[dict] = {**TrainConfig.switches, "stage": lambda name: name}
     stage: Literal["rm", "dpo", "ppo", "grpo", "orpo", "kto"] = "dpo"
     """rm: reward model on preference pairs. dpo: DPO/IPO/SimPO on preference pairs. ppo: PPO on prompts against a
     reward model or function (data.path holds the prompts). grpo: GRPO/DAPO on prompts with verifiable rewards,

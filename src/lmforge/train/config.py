@@ -199,6 +199,9 @@ class TrainSection(Section):
 class TrainConfig(Section):
     elsewhere: ClassVar[dict[str, str]] = {  # the alignment stages' sections live in lmforge.align's AlignConfig
         s: f"{s}.* are the options of stage {s}: set stage={s} too" for s in ("rm", "dpo", "ppo", "grpo", "orpo", "kto")}
+    # a switch changed on the command line takes the file's section of the value it replaces (`load_config`)
+    switches: ClassVar[dict] = {"method": lambda name: name,
+                                "optim.name": lambda name: name in OPTIMIZER_OPTIONS and f"optim.{OPTIMIZER_OPTIONS[name]}"}
 
     stage: Literal["pretrain", "sft"] = "sft"
     """pretrain: plain text, every token trained. sft: conversations, only assistant turns trained."""

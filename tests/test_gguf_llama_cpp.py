@@ -86,6 +86,9 @@ def _model(fields: dict, seed: int = 0) -> Transformer:
                 p.normal_(0.0, 0.2)
             else:
                 p.normal_(0.0, 1.2 / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("score_bias"):  # sigmoid routers' selection bias (GLM-4.5)
+                b.normal_(0.0, 0.3)
     return model
 
 
@@ -118,6 +121,9 @@ FAMILIES = {
     "bloom": dict(arch="BloomForCausalLM", **_GELU_LN, pos="alibi", embed_norm=True),
     "chatglm": dict(arch="ChatGLMModel", qkv_bias=True, rotary_fraction=0.5, rope_interleaved=True, n_kv_heads=1,
                     rope_theta=5e5),
+    "glm4moe": dict(arch="Glm4MoeForCausalLM", qkv_bias=True, rotary_fraction=0.5, qk_norm="head", n_layers=3,
+                    mlp="moe", moe_router="sigmoid", moe_score_bias=True, moe_experts=4, moe_top_k=2, moe_d_ff=48,
+                    moe_shared_d_ff=48, moe_dense_layers=(0,), moe_routed_scale=2.5),
     "glm": dict(arch="GlmForCausalLM", qkv_bias=True, rotary_fraction=0.5, rope_interleaved=True),
     "smollm3": dict(arch="SmolLM3ForCausalLM", n_layers=4, nope_layers=(3,), tie_embeddings=True),
 }

@@ -360,6 +360,7 @@ EXPORTED = {
     "gpt2": ("GPT2LMHeadModel", {}),
     "bloom": ("BloomForCausalLM", {}),
     "chatglm": ("GlmForCausalLM", {}),
+    "glm4moe": ("Glm4MoeForCausalLM", {}),
 }
 
 

@@ -95,6 +95,17 @@ _QWEN3_MOE_NAMES = {
        for n in ("gate", "up", "down")},
 }
 
+# GLM-4.5 (llama.cpp's glm4moe): post_attention_norm is the pre-MLP norm; sigmoid router with a selection bias
+_GLM4_MOE_NAMES = {
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.mlp.gate.weight",
+    "blk.{i}.exp_probs_b.bias": "model.layers.{i}.mlp.gate.e_score_correction_bias",
+    **{f"blk.{{i}}.ffn_{n}_exps.weight": f"model.layers.{{i}}.mlp.experts.{{e}}.{n}_proj.weight"
+       for n in ("gate", "up", "down")},
+    **{f"blk.{{i}}.ffn_{n}_shexp.weight": f"model.layers.{{i}}.mlp.shared_experts.{n}_proj.weight"
+       for n in ("gate", "up", "down")},
+}
+
 # sandwich norms (Gemma 2/3): llama.cpp's ffn_norm is HF's pre-feed-forward norm there
 _GEMMA2_NAMES = {
     "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
@@ -193,6 +204,8 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "gpt2": GgufArch("GPT2LMHeadModel", "gpt2", names=_GPT2_NAMES, conv1d=True,
                      extra={"activation_function": "gelu_new", "scale_attn_weights": True}),
     "bloom": GgufArch("BloomForCausalLM", "bloom", names=_BLOOM_NAMES, qkv_heads=True),
+    "glm4moe": GgufArch("Glm4MoeForCausalLM", "glm4_moe", names=_GLM4_MOE_NAMES,
+                        moe=("Glm4MoeForCausalLM", "glm4_moe", _GLM4_MOE_NAMES)),
     # GLM-4 (and ChatGLM) as lmforge writes it: separate q/k/v, fused gate|up; half the head dims rotate in pairs
     "chatglm": GgufArch("GlmForCausalLM", "glm", names={"blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}"}),
 }
@@ -412,6 +425,17 @@ def hf_config(path: str | Path) -> dict:
         elif model_type == "qwen3_moe":  # llama.cpp's qwen3moe: every layer sparse, top-k renormalized
             hf.update(moe_intermediate_size=get("expert_feed_forward_length"), norm_topk_prob=True,
                       decoder_sparse_step=1, mlp_only_layers=[])
+        elif model_type == "glm4_moe":  # every routed layer after the leading dense ones; sigmoid scores
+            if get("expert_gating_func", 2) != 2:
+                raise CheckpointError(f"{Path(path).name}: glm4moe.expert_gating_func={get('expert_gating_func')} "
+                                      "is not supported (2 = sigmoid is)")
+            hf.update(n_routed_experts=experts, moe_intermediate_size=get("expert_feed_forward_length"),
+                      n_shared_experts=get("expert_shared_count", 1),
+                      first_k_dense_replace=get("leading_dense_block_count", 0),
+                      routed_scaling_factor=get("expert_weights_scale", 1.0),
+                      norm_topk_prob=get("expert_weights_norm", True),
+                      n_group=1, topk_group=1, scoring_func="sigmoid", topk_method="noaux_tc",
+                      use_qk_norm="blk.0.attn_q_norm.weight" in tensors, attention_bias="blk.0.attn_q.bias" in tensors)
         elif model_type == "mixtral":
             hf["intermediate_size"] = get("expert_feed_forward_length") or hf["intermediate_size"]
     if arch in ("gpt2", "bloom"):  # their HF configs' own key names

@@ -5,17 +5,18 @@ runs. What it holds:
 
 - ``general.architecture`` chosen from the model's HF architecture (``ARCHS``: Llama and Mistral -> ``llama``,
   Qwen 2/3 (MoE) -> ``qwen2``/``qwen3``/``qwen3moe``/``qwen2moe``, Gemma 1/2/3, OLMo 2, Phi-2/3, GPT-2, BLOOM,
-  SmolLM3, GLM-4/ChatGLM -> ``chatglm``), after checking that llama.cpp's graph for that architecture computes this model: every ModelConfig
-  field its graph hard-codes (norm kind and placement, activation, biases, qk-norm, soft-caps, the sliding-window
-  layer pattern, the attention scale ...) must match, else one error names the fields;
+  SmolLM3, GLM-4/ChatGLM -> ``chatglm``, GLM-4.5 -> ``glm4moe``), after checking that llama.cpp's graph for that
+  architecture computes this model: every ModelConfig field its graph hard-codes (norm kind and placement,
+  activation, biases, qk-norm, soft-caps, the sliding-window layer pattern, the attention scale ...) must match,
+  else one error names the fields;
 - ``{arch}.*`` hyper-parameters: widths, heads, head dims, context, RoPE dims/base/scaling (linear, yarn, Llama 3's as
   a ``rope_freqs`` tensor), norm epsilon, sliding window, soft-caps, expert counts;
 - the vocabulary (see ``gguf_vocab``): tokens, merges, special ids, the detected ``tokenizer.ggml.pre`` and the chat
   template;
 - the weights under llama.cpp's tensor names (checked against ``gguf.MODEL_TENSORS`` for the architecture), with the
   layout changes llama.cpp expects: q/k rows permuted to adjacent-pair RoPE for the ``llama``/``smollm3`` graphs,
-  Gemma's RMSNorm weights stored as 1 + w, q/k/v fused for GPT-2/BLOOM/Phi-3 (and Phi-3's and GLM's gate|up), MoE experts
-  stacked into one 3-D tensor per projection.
+  Gemma's RMSNorm weights stored as 1 + w, q/k/v fused for GPT-2/BLOOM/Phi-3 (and Phi-3's and GLM's gate|up), MoE
+  experts stacked into one 3-D tensor per projection (GLM-4.5's selection bias as ``exp_probs_b``).
 
 Types (``GGUF_TYPES``): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (quantized by ``gguf.quants``) and q4_k_s,
 q4_k_m, q5_k_s, q5_k_m, q6_k (``kquants``). Norms, biases and routers stay f32. As llama.cpp's quantizer does, the
@@ -92,7 +93,8 @@ class Arch:
     norm_offset: bool = False
     fused_qkv: bool = False
     fused_gate_up: bool = False
-    moe: str | None = None  # "plain" (Mixtral/Qwen3-MoE: top-k renormalized), "shared" (Qwen2-MoE)
+    moe: str | None = None  # "plain" (Mixtral/Qwen3-MoE: top-k renormalized), "shared" (Qwen2-MoE), "sigmoid" (GLM-4.5)
+    ffn_norm: str = "ffn_norm"  # the pre-MLP norm's name (glm4moe: post_attention_norm)
     window: bool = False
     rope_scalings: tuple[str, ...] = ("linear", "yarn")
 
@@ -133,6 +135,8 @@ ARCHS: dict[str, Arch] = {
                                                                   rotary_fraction=_ANY, rope_interleaved=_ANY)),
     "GlmForCausalLM": _arch("chatglm", fused_gate_up=True,
                             fixed=dict(rotary_fraction=_ANY, rope_interleaved=True, qkv_bias=_ANY)),
+    "Glm4MoeForCausalLM": _arch("glm4moe", moe="sigmoid", ffn_norm="post_attention_norm",
+                                fixed=dict(mlp="moe", rotary_fraction=_ANY, qkv_bias=_ANY, qk_norm=_ANY)),
     "SmolLM3ForCausalLM": _arch("smollm3", permute_qk=True, fixed=dict(nope_layers=_ANY),
                                 rope_scalings=("linear", "llama3", "yarn")),
 }
@@ -184,6 +188,18 @@ def _windowed(cfg) -> tuple[int, ...]:
 
 
 def _moe_problems(cfg, arch: Arch) -> list[str]:
+    if arch.moe == "sigmoid":  # llama.cpp's glm4moe: sigmoid scores + selection bias, leading dense layers
+        want = dict(moe_router="sigmoid", moe_groups=1, moe_score_bias=True, moe_router_bias=False,
+                    moe_scale_input=False, moe_expert_bias=False, moe_shared_gate=False)
+        out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
+        if cfg.moe_dense_layers != tuple(range(len(cfg.moe_dense_layers))):
+            out.append(f"moe_dense_layers={cfg.moe_dense_layers} (llama.cpp's glm4moe: the first layers only)")
+        if cfg.moe_shared_d_ff <= 0 or cfg.moe_shared_d_ff % cfg.expert_d_ff:
+            out.append(f"moe_shared_d_ff={cfg.moe_shared_d_ff} (needs a multiple of the expert width "
+                       f"{cfg.expert_d_ff})")
+        if cfg.qk_norm == "proj":
+            out.append("qk_norm='proj' (llama.cpp's glm4moe normalizes per head)")
+        return out
     want = dict(moe_router="softmax", moe_groups=1, moe_score_bias=False, moe_routed_scale=1.0, moe_router_bias=False,
                 moe_scale_input=False, moe_expert_bias=False, moe_dense_layers=(),
                 moe_norm_topk=arch.moe == "plain", moe_shared_gate=arch.moe == "shared")
@@ -253,9 +269,11 @@ def _tensors(model: Transformer, arch: Arch) -> Iterator[tuple[str, torch.Tensor
         yield from _wb(f"{blk}.attn_q_norm", a.q_norm)
         yield from _wb(f"{blk}.attn_k_norm", a.k_norm)
         yield from _wb(f"{blk}.post_attention_norm", block.attn_post_norm)
-        yield from _wb(f"{blk}.ffn_norm", block.mlp_norm)
+        yield from _wb(f"{blk}.{arch.ffn_norm}", block.mlp_norm)
         if cfg.is_moe_layer(i):
             yield from _wb(f"{blk}.ffn_gate_inp", m.router)
+            if getattr(m.router, "score_bias", None) is not None:  # the selection-only bias
+                yield f"{blk}.exp_probs_b.bias", m.router.score_bias.detach()
             for proj in ("gate", "up", "down"):  # (n_experts, out, in)
                 yield f"{blk}.ffn_{proj}_exps.weight", torch.stack(
                     [getattr(e, f"{proj}_proj").weight.detach() for e in m.experts])
@@ -398,8 +416,15 @@ def _hparams(w, cfg, arch: Arch) -> None:
         w.add_expert_used_count(cfg.moe_top_k)
         if arch.name != "llama":
             w.add_expert_feed_forward_length(cfg.expert_d_ff)
-        if cfg.moe_shared_d_ff:
+        if cfg.moe_shared_d_ff and arch.moe != "sigmoid":
             w.add_expert_shared_feed_forward_length(cfg.moe_shared_d_ff)
+        if arch.moe == "sigmoid":
+            w.add_leading_dense_block_count(len(cfg.moe_dense_layers))
+            w.add_expert_shared_count(cfg.moe_shared_d_ff // cfg.expert_d_ff)
+            w.add_expert_weights_scale(cfg.moe_routed_scale)
+            w.add_expert_weights_norm(cfg.moe_norm_topk)
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+            w.add_nextn_predict_layers(0)
 
 
 def _load(src: Path):

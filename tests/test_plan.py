@@ -267,6 +267,8 @@ def test_planner_reads_the_trainers_config_and_refuses_what_it_does_not_model(mo
     s = setup_from_train(train_cfg("method=prefix", "prefix.num_virtual_tokens=8", "prefix.prefix_projection=true",
                                    "prefix.encoder_hidden_size=64"))
     assert (s.method, s.prefix_tokens, s.prefix_projection, s.prefix_hidden) == ("prefix", 8, True, 64)
+    s = setup_from_train(train_cfg("method=ptuning_v2", "ptuning_v2.num_virtual_tokens=12"))  # prefix, no MLP
+    assert (s.method, s.prefix_tokens, s.prefix_projection) == ("prefix", 12, False)
     for bad, what in ((["method=ia3"], "method 'ia3'"), (["optim.name=sgd"], None),
                       (["trainable.params=embeddings"], "trainable.params")):
         if what is None:

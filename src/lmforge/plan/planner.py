@@ -100,12 +100,17 @@ def _refuse_quantized_training(model: str | Path | None) -> None:
                           "the full-precision checkpoint (method=qlora for adapters over 4-bit weights)")
 
 
+# methods that are another modelled method in memory: P-Tuning v2 is prefix tuning without the reparameterisation
+PLANNED_AS = {"ptuning_v2": "prefix"}
+
+
 def setup_from_train(train_cfg, seq_len: int | None = None, device: str = "cuda") -> TrainSetup:
     """The TrainSetup of a `lmforge.train.TrainConfig`, read from the trainer's own config sections (the chosen
     method's options, `optim.<name>`, `train`); precision auto = bf16 on a GPU. Raises NotModelled for what the
     memory model does not cover instead of guessing."""
     t, name = train_cfg.train, train_cfg.method
     _refuse_quantized_training(train_cfg.model.path)
+    name = PLANNED_AS.get(name, name)
     if name not in MODELLED_METHODS:
         raise NotModelled(f"the planner does not model method '{name}' (it models {', '.join(MODELLED_METHODS)})")
     if train_cfg.optim.name not in MODELLED_OPTIMIZERS:

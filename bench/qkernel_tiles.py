@@ -2,7 +2,7 @@
 
 For each format and shape: every GEMV tile (rows per program, input columns per step, warps) at one input row, and
 every GEMM tile (BLOCK_M, BLOCK_N) at 64 rows (4-bit GEMV tiles also name the inner-loop variant, see
-`qkernel.GEMV_VARIANT`), timed inside a CUDA graph (as decode runs them), checked against
+`qkernel_triton.q4_gemv_kernel`'s MAGIC / LATE), timed inside a CUDA graph (as decode runs them), checked against
 dequantize-then-matmul, beside bf16 `F.linear` from the same call. One JSON line per (format, shape, path, tiles)
 with GB/s of weight traffic and the share of the HBM roofline; the last lines name the fastest tiles per shape.
 "default" marks the tiles a layer runs with no forced tiles (`QuantKernels()`); a GEMV's winner is tried in the
@@ -27,7 +27,7 @@ GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((1, 2, 4, 8, 16)
                                                                  (2, 4, 8)) if bn * cols <= 16384]
 QUICK_GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))
                    if bn * cols <= 16384]
-# 4-bit GEMV inner loops (qkernel.GEMV_VARIANT): (MAGIC nibble conversion, LATE reduction); NF4 looks levels up
+# GEMV inner loops, appended to the tiles: (MAGIC nibble conversion, LATE reduction); NF4 looks levels up
 VARIANTS = {"int4": [(0, 0), (1, 0), (0, 1), (1, 1)], "nf4": [(0, 0), (0, 1)], "int8": [(0,), (1,)]}
 GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 
@@ -132,7 +132,7 @@ def main() -> None:
                 want = reference(fmt, parts, x, N).float()
                 default = tuple(qkernel._tiles(path, M, N, dev, QuantKernels().gemv_tiles))
                 if path == "gemv":
-                    default = (*default, *qkernel.GEMV_VARIANT)[:4 if fmt == "int8" else 5]
+                    default = (*default, 0, 0)[:4 if fmt == "int8" else 5]
                 for tiles in grid:
                     row = {"format": fmt, "shape": shape, "N": N, "K": K, "M": M, "path": path,
                            "tiles": list(tiles), "default": tuple(tiles) == tuple(default)}

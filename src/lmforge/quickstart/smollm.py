@@ -250,7 +250,7 @@ def run_pretrained(cfg, base: str) -> dict:
           f"  user: {CHAT_QUESTION}\n  assistant: {_answers(model, tok, [CHAT_QUESTION], 24)[0]}")
 
     rng = random.Random(cfg.seed)
-    extract_train, held_out = extraction_rows(rng, 120, cfg.eval_prompts or 40)
+    extract_train, held_out = extraction_rows(rng, 120, cfg.eval_prompts or 30)
     train_rows = identity_rows() * 4 + extract_train + cited_rows(rng, 24)
     rng.shuffle(train_rows)
     (out / "data").mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ def run_pretrained(cfg, base: str) -> dict:
         model=ModelSection(path=base),
         data=DataConfig(path=str(train_file), format="openai", max_seq_len=512, packing=True),
         optim=OptimSection(lr=2e-3), schedule=ScheduleSection(warmup_steps=4),
-        train=TrainSection(output_dir=str(out / "lora"), max_steps=cfg.sft_steps or 32,
+        train=TrainSection(output_dir=str(out / "lora"), max_steps=cfg.sft_steps or 28,
                            micro_batch_size=cfg.batch_size or 2, save_every=0, seed=cfg.seed, device=str(device),
                            precision=precision, tensorboard=False, resume=False),
     )

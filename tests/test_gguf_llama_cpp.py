@@ -126,6 +126,12 @@ FAMILIES = {
                     moe_shared_d_ff=48, moe_dense_layers=(0,), moe_routed_scale=2.5),
     "glm": dict(arch="GlmForCausalLM", qkv_bias=True, rotary_fraction=0.5, rope_interleaved=True),
     "smollm3": dict(arch="SmolLM3ForCausalLM", n_layers=4, nope_layers=(3,), tie_embeddings=True),
+    # llama.cpp's chunk (8192) and temperature floor (8192) are constants: they cannot act on a short prompt
+    "llama4": dict(arch="Llama4ForCausalLM", n_layers=4, rope_interleaved=True, nope_layers=(3,), attn_chunk=8192,
+                   attn_chunk_layers=(0, 1, 2), attn_temperature_tuning=True, qk_norm="l2", mlp="moe", moe_experts=4,
+                   moe_top_k=2, moe_d_ff=48, moe_shared_d_ff=48, moe_router="sigmoid", moe_norm_topk=False,
+                   moe_scale_input=True, moe_dense_layers=(0, 2),
+                   rope_scaling=RopeScaling(type="llama3", factor=8.0, original_max_seq_len=16)),
 }
 
 
@@ -293,6 +299,9 @@ def test_export_refuses_what_llama_cpp_would_compute_differently(tok, tmp_path):
     bad = _model({**FAMILIES["qwen3moe"], "moe_norm_topk": False})
     with pytest.raises(ConfigError, match="moe_norm_topk=False \\(needs True\\)"):
         export_gguf(bad, tmp_path / "q.gguf", tokenizer=tok)
+    bad = _model({**FAMILIES["llama4"], "attn_chunk": 4})  # llama.cpp's llama4 chunk is 8192, whatever the file says
+    with pytest.raises(ConfigError, match=r"attn_chunk=4 .*chunks of 8192 on layers \(0, 1, 2\)"):
+        export_gguf(bad, tmp_path / "l.gguf", tokenizer=tok)
     with pytest.raises(ConfigError, match="set pre_tokenizer=NAME"):
         detect_pre_tokenizer(_scrambled(tok))
     assert not list(tmp_path.iterdir())

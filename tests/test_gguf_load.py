@@ -361,6 +361,9 @@ EXPORTED = {
     "bloom": ("BloomForCausalLM", {}),
     "chatglm": ("GlmForCausalLM", {}),
     "glm4moe": ("Glm4MoeForCausalLM", {}),
+    # llama.cpp's llama4: NoPE on layer 3 only, 8192-position chunks and temperature tuning (llama.cpp's constants)
+    "llama4": ("Llama4ForCausalLM", dict(no_rope_layers=[1, 1, 1, 0], attention_chunk_size=8192, floor_scale=8192,
+                                         attn_scale=0.1, layer_types=None)),
 }
 
 

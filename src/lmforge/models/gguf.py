@@ -11,9 +11,10 @@ safetensors checkpoint.
 What llama.cpp's converter changed on the way in is undone here: Llama's (and SmolLM3's) q/k rows are permuted to
 the adjacent-pair RoPE layout (unpermuted per head), Gemma's (1/2/3) RMSNorm weights are stored as 1 + w (1 is
 subtracted; Gemma 2/3's ``ffn_norm`` is HF's pre-feed-forward norm), MoE experts are stacked into one 3-D tensor
-(split per expert), GPT-2's Conv1D weights are stored as Linears (transposed back), BLOOM's per-head q|k|v is stored
-as q|k|v (regrouped per head), and Llama-3 RoPE scaling is a ``rope_freqs`` tensor of per-frequency divisors (turned
-back into the ``llama3`` rope_scaling parameters that reproduce it).
+per projection (split per expert, or gate|up fused as Llama 4's HF checkpoints stack them), GPT-2's Conv1D weights
+are stored as Linears (transposed back), BLOOM's per-head q|k|v is stored as q|k|v (regrouped per head), and
+Llama-3 RoPE scaling is a ``rope_freqs`` tensor of per-frequency divisors (turned back into the ``llama3``
+rope_scaling parameters that reproduce it).
 """
 from __future__ import annotations
 
@@ -160,6 +161,18 @@ _PHI3_NAMES = {
     "blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}",  # llama.cpp keeps Phi-3's fused gate|up
 }
 
+# Llama 4 and gpt-oss stack their experts in HF too: gate|up fused along the outputs of an x @ W tensor (E, d, 2f),
+# down as (E, f, d). `GgufArch.fused_experts` says how gate and up combine; both llama.cpp tensors map to one name.
+_FF4 = "model.layers.{i}.feed_forward"
+_LLAMA4_NAMES = {
+    **{f"blk.{{i}}.ffn_{n}.weight": f"{_FF4}.{n}_proj.weight" for n in ("gate", "up", "down")},
+    "blk.{i}.ffn_gate_inp.weight": f"{_FF4}.router.weight",
+    **{f"blk.{{i}}.ffn_{n}_shexp.weight": f"{_FF4}.shared_expert.{n}_proj.weight" for n in ("gate", "up", "down")},
+    "blk.{i}.ffn_gate_exps.weight": f"{_FF4}.experts.gate_up_proj",
+    "blk.{i}.ffn_up_exps.weight": f"{_FF4}.experts.gate_up_proj",
+    "blk.{i}.ffn_down_exps.weight": f"{_FF4}.experts.down_proj",
+}
+
 
 @dataclass(frozen=True)
 class GgufArch:
@@ -179,6 +192,7 @@ class GgufArch:
     extra: dict = field(default_factory=dict)  # fixed HF config keys
     conv1d: bool = False  # HF stores the block's linears as Conv1D (in, out): GPT-2
     qkv_heads: bool = False  # llama.cpp's attn_qkv is q|k|v; HF's is grouped per head [head, q|k|v, head_dim]: BLOOM
+    fused_experts: str | None = None  # HF stacks the experts, gate|up fused: "cat" (Llama 4), "interleaved" (gpt-oss)
 
 
 GGUF_ARCHS: dict[str, GgufArch] = {
@@ -208,6 +222,7 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                         moe=("Glm4MoeForCausalLM", "glm4_moe", _GLM4_MOE_NAMES)),
     # GLM-4 (and ChatGLM) as lmforge writes it: separate q/k/v, fused gate|up; half the head dims rotate in pairs
     "chatglm": GgufArch("GlmForCausalLM", "glm", names={"blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}"}),
+    "llama4": GgufArch("Llama4ForCausalLM", "llama4_text", names=_LLAMA4_NAMES, fused_experts="cat"),
 }
 
 
@@ -450,6 +465,8 @@ def hf_config(path: str | Path) -> dict:
         hf["attn_logit_softcapping"] = get("attn_logit_softcapping")
         hf["final_logit_softcapping"] = get("final_logit_softcapping")
         hf.pop("use_sliding_window", None)
+    if arch == "llama4":
+        hf.update(_llama4_config(path, get, hf))
     for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
             hf[name] = meta[f"tokenizer.ggml.{key}"]
@@ -457,6 +474,23 @@ def hf_config(path: str | Path) -> dict:
     if stops:
         hf["eos_token_id"] = stops[0] if len(stops) == 1 else stops
     return hf
+
+
+def _llama4_config(path, get, hf: dict) -> dict:
+    """Llama 4 as llama.cpp's llama4 graph computes it: no RoPE on every 4th layer, 8192-position chunks on the
+    others (its sliding_window_pattern, 4 by default: 3 chunked, 1 full), the NoPE layers' query temperature (floor
+    8192, scale 0.1), L2 qk-norm unless 128 experts, MoE on every interleave_moe_layer_step-th layer."""
+    if get("attention.sliding_window") == 0:
+        raise CheckpointError(f"{Path(path).name}: llama4 with attention.sliding_window=0 (MobileLLM's all-RoPE "
+                              "layout) is not supported")
+    n, period, experts = hf["num_hidden_layers"], get("attention.sliding_window_pattern", 4), get("expert_count", 0)
+    hf.pop("sliding_window", None), hf.pop("use_sliding_window", None)
+    return dict(intermediate_size=get("expert_feed_forward_length"), intermediate_size_mlp=hf["intermediate_size"],
+                num_local_experts=experts, num_experts_per_tok=get("expert_used_count", 1),
+                interleave_moe_layer_step=get("interleave_moe_layer_step", 1), no_rope_layer_interval=4,
+                attention_chunk_size=8192, use_qk_norm=experts != 128, attn_temperature_tuning=True,
+                floor_scale=8192, attn_scale=0.1,
+                layer_types=["chunked_attention" if i % period < period - 1 else "full_attention" for i in range(n)])
 
 
 def stop_token_ids(meta: dict) -> list[int]:
@@ -557,6 +591,7 @@ def hf_tensors(path: str | Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]]
     moe = bool(hf.get("num_local_experts") or hf.get("num_experts"))
     table = _compiled(arch, moe)
     heads, kv = hf["num_attention_heads"], hf["num_key_value_heads"]
+    pending: dict[str, torch.Tensor] = {}  # a gate (or up) expert stack waiting for its partner (fused_experts)
     for t in reader(path).tensors:
         if t.name == "rope_freqs.weight":  # folded into rope_scaling by hf_config
             continue
@@ -581,8 +616,32 @@ def hf_tensors(path: str | Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]]
             w = w.reshape(3, heads, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
         if "_shexp" in t.name and "gate_inp" in t.name:
             w = w.reshape(1, -1)  # shared_expert_gate is a (1, d) Linear
+        if spec.fused_experts and "_exps." in t.name:
+            fused = _fuse_experts(t.name, w, spec.fused_experts, pending)
+            if fused is not None:
+                yield hf_name.format(**fill), fused
+            continue
         if "{e}" in hf_name:  # stacked experts (n_experts, out, in) -> one tensor per expert
             for e in range(w.shape[0]):
                 yield hf_name.format(e=e, **fill), w[e]
         else:
             yield hf_name.format(**fill), w
+    if pending:
+        raise CheckpointError(f"{Path(path).name}: GGUF tensor '{next(iter(pending))}' has no gate/up partner")
+
+
+def _fuse_experts(name: str, w: torch.Tensor, kind: str, pending: dict) -> torch.Tensor | None:
+    """llama.cpp's per-projection expert stacks -> HF's (Llama 4, gpt-oss): down (E, d, f) -> (E, f, d); gate and up
+    (E, f, d) -> one (E, d, 2f) of gate|up halves ("cat") or alternating columns ("interleaved"), returned once both
+    are read (None until then). Biases (E, out) are fused the same way."""
+    w = w.transpose(1, 2) if w.ndim == 3 else w  # HF's x @ W layout (E, in, out)
+    if "_down_exps." in name:
+        return w.contiguous()
+    gate = "_gate_exps." in name
+    partner = name.replace("_gate_exps.", "_up_exps.") if gate else name.replace("_up_exps.", "_gate_exps.")
+    other = pending.pop(partner, None)
+    if other is None:
+        pending[name] = w
+        return None
+    g, u = (w, other) if gate else (other, w)
+    return torch.cat([g, u], -1) if kind == "cat" else torch.stack([g, u], -1).flatten(-2)

@@ -5,10 +5,10 @@ runs. What it holds:
 
 - ``general.architecture`` chosen from the model's HF architecture (``ARCHS``: Llama and Mistral -> ``llama``,
   Qwen 2/3 (MoE) -> ``qwen2``/``qwen3``/``qwen3moe``/``qwen2moe``, Gemma 1/2/3, OLMo 2, Phi-2/3, GPT-2, BLOOM,
-  SmolLM3, GLM-4/ChatGLM -> ``chatglm``, GLM-4.5 -> ``glm4moe``), after checking that llama.cpp's graph for that
-  architecture computes this model: every ModelConfig field its graph hard-codes (norm kind and placement,
-  activation, biases, qk-norm, soft-caps, the sliding-window layer pattern, the attention scale ...) must match,
-  else one error names the fields;
+  SmolLM3, GLM-4/ChatGLM -> ``chatglm``, GLM-4.5 -> ``glm4moe``, Llama 4 -> ``llama4``), after checking that
+  llama.cpp's graph for that architecture computes this model: every ModelConfig field its graph hard-codes (norm
+  kind and placement, activation, biases, qk-norm, soft-caps, the sliding-window layer pattern, the attention scale
+  ...) must match, else one error names the fields;
 - ``{arch}.*`` hyper-parameters: widths, heads, head dims, context, RoPE dims/base/scaling (linear, yarn, Llama 3's as
   a ``rope_freqs`` tensor), norm epsilon, sliding window, soft-caps, expert counts;
 - the vocabulary (see ``gguf_vocab``): tokens, merges, special ids, the detected ``tokenizer.ggml.pre`` and the chat
@@ -29,7 +29,7 @@ dequantized weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,10 +93,13 @@ class Arch:
     norm_offset: bool = False
     fused_qkv: bool = False
     fused_gate_up: bool = False
-    moe: str | None = None  # "plain" (Mixtral/Qwen3-MoE: top-k renormalized), "shared" (Qwen2-MoE), "sigmoid" (GLM-4.5)
+    # "plain" (Mixtral/Qwen3-MoE: top-k renormalized), "shared" (Qwen2-MoE), "sigmoid" (GLM-4.5), or the family's own
+    # ("llama4", "gpt-oss": checked by `check`)
+    moe: str | None = None
     ffn_norm: str = "ffn_norm"  # the pre-MLP norm's name (glm4moe: post_attention_norm)
     window: bool = False
     rope_scalings: tuple[str, ...] = ("linear", "yarn")
+    check: Callable | None = None  # cfg -> problems, for what the family's graph hard-codes beyond `fixed`
 
 
 def _arch(name: str, **kw) -> Arch:
@@ -110,6 +113,56 @@ _MIXTRAL = _arch("llama", permute_qk=True, moe="plain", fixed=dict(mlp="moe", sl
 _QWEN2 = _arch("qwen2", fixed=dict(qkv_bias=_ANY))
 _GEMMA2_FIXED = dict(**_GEMMA, norm_placement="sandwich", attn_scale=_ANY, attn_logit_softcap=_ANY,
                      final_logit_softcap=_ANY, sliding_window=_ANY)
+
+
+# --- Llama 4 (llama.cpp's llama4) --------------------------------------------------------------------------------
+# Its graph hard-codes what Llama 4 Scout and Maverick do: no RoPE on every 4th layer, attention in 8192-position
+# chunks on the others, the NoPE layers' query temperature (floor 8192, scale 0.1), the L2 qk-norm on RoPE layers
+# unless there are 128 experts (Maverick), top-k sigmoid routing whose weight scales the expert's input, an ungated
+# shared expert as wide as the experts, and experts on every k-th layer (interleave_moe_layer_step).
+_LLAMA4_CHUNK, _LLAMA4_NOPE_STEP, _LLAMA4_TEMPERATURE = 8192, 4, (8192, 0.1)
+_LLAMA4_MOE = dict(moe_router="sigmoid", moe_groups=1, moe_score_bias=False, moe_routed_scale=1.0,
+                   moe_router_bias=False, moe_scale_input=True, moe_expert_bias=False, moe_norm_topk=False,
+                   moe_shared_gate=False)
+
+
+def _llama4_moe_step(cfg) -> int | None:
+    """k when the MoE layers are k-1, 2k-1, ... (llama.cpp's interleave_moe_layer_step), else None."""
+    moe = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+    step = moe[0] + 1 if moe else 0
+    return step if moe and moe == list(range(step - 1, cfg.n_layers, step)) else None
+
+
+def _llama4_problems(cfg) -> list[str]:
+    n = cfg.n_layers
+    nope = tuple(i for i in range(n) if (i + 1) % _LLAMA4_NOPE_STEP == 0)
+    out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in _LLAMA4_MOE.items() if getattr(cfg, k) != v]
+    if cfg.nope_layers != nope:
+        out.append(f"nope_layers={cfg.nope_layers} (llama.cpp's llama4 skips RoPE on {nope})")
+    rope_layers = tuple(i for i in range(n) if i not in nope)
+    if any(cfg.layer_chunk(i) != (None if i in nope else _LLAMA4_CHUNK) for i in range(n)):
+        out.append(f"attn_chunk={cfg.attn_chunk} attn_chunk_layers={cfg.attn_chunk_layers} (llama.cpp's llama4 "
+                   f"attends in chunks of {_LLAMA4_CHUNK} on layers {rope_layers})")
+    if nope and (not cfg.attn_temperature_tuning
+                 or (cfg.attn_temperature_floor, cfg.attn_temperature_scale) != _LLAMA4_TEMPERATURE):
+        out.append(f"attn_temperature_tuning={cfg.attn_temperature_tuning} floor={cfg.attn_temperature_floor} "
+                   f"scale={cfg.attn_temperature_scale} (llama.cpp's llama4 tunes NoPE queries with floor 8192, "
+                   "scale 0.1)")
+    qk = "none" if cfg.moe_experts == 128 else "l2"
+    if cfg.qk_norm != qk:
+        out.append(f"qk_norm={cfg.qk_norm!r} (llama.cpp's llama4 with {cfg.moe_experts} experts uses {qk!r})")
+    if cfg.moe_shared_d_ff != cfg.expert_d_ff:
+        out.append(f"moe_shared_d_ff={cfg.moe_shared_d_ff} (llama.cpp's llama4: one shared expert of the experts' "
+                   f"width {cfg.expert_d_ff})")
+    if _llama4_moe_step(cfg) is None:
+        out.append(f"moe_dense_layers={cfg.moe_dense_layers} (llama.cpp's llama4 has experts on layers k-1, 2k-1, "
+                   "... for one k)")
+    return out
+
+
+_LLAMA4 = _arch("llama4", moe="llama4", check=_llama4_problems, rope_scalings=("linear", "llama3", "yarn"),
+                fixed=dict(mlp="moe", rope_interleaved=True, qk_norm=_ANY, nope_layers=_ANY, attn_chunk=_ANY,
+                           attn_temperature_tuning=_ANY))
 
 ARCHS: dict[str, Arch] = {
     "LlamaForCausalLM": _LLAMA,
@@ -139,6 +192,7 @@ ARCHS: dict[str, Arch] = {
                                 fixed=dict(mlp="moe", rotary_fraction=_ANY, qkv_bias=_ANY, qk_norm=_ANY)),
     "SmolLM3ForCausalLM": _arch("smollm3", permute_qk=True, fixed=dict(nope_layers=_ANY),
                                 rope_scalings=("linear", "llama3", "yarn")),
+    "Llama4ForCausalLM": _LLAMA4,
 }
 ARCHS["Gemma3ForConditionalGeneration"] = ARCHS["Gemma3ForCausalLM"]
 ARCHS["ChatGLMModel"] = ARCHS["ChatGLMForConditionalGeneration"] = ARCHS["GlmForCausalLM"]
@@ -178,7 +232,9 @@ def _problems(cfg, arch: Arch) -> list[str]:
             out.append(f"nope_layers={cfg.nope_layers} (llama.cpp's smollm3 skips RoPE on {want})")
     if arch.name in ("llama", "qwen2", "qwen2moe", "smollm3") and cfg.sliding_window_layers is not None:
         out.append("sliding_window_layers (llama.cpp's graph has no per-layer windows here)")
-    if arch.moe is not None:
+    if arch.check is not None:
+        out += arch.check(cfg)
+    elif arch.moe is not None:
         out += _moe_problems(cfg, arch)
     return out
 
@@ -425,6 +481,8 @@ def _hparams(w, cfg, arch: Arch) -> None:
             w.add_expert_weights_norm(cfg.moe_norm_topk)
             w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
             w.add_nextn_predict_layers(0)
+    if arch.name == "llama4":
+        w.add_interleave_moe_layer_step(_llama4_moe_step(cfg))
 
 
 def _load(src: Path):

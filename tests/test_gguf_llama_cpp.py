@@ -134,6 +134,19 @@ FAMILIES = {
                    rope_scaling=RopeScaling(type="llama3", factor=8.0, original_max_seq_len=16)),
 }
 
+# DeepSeek-V3 (llama.cpp's deepseek2): MLA with a low-rank q, DeepSeek's interleaved RoPE and YaRN (q.k scaled by
+# mscale^2), sigmoid routing limited to 2 of 4 groups with a selection bias, one leading dense layer, a shared expert;
+# the "lite" variant: a plain q projection, half-split RoPE (rows permuted on export), no groups, no renormalization
+_DEEPSEEK = dict(arch="DeepseekV3ForCausalLM", attention="mla", n_kv_heads=None, n_layers=3, norm_eps=1e-6,
+                 mla_q_rank=32, mla_kv_rank=32, mla_rope_dim=8, mla_nope_dim=16, mla_v_dim=16, rope_interleaved=True,
+                 rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16, mscale=1.0,
+                                          mscale_all_dim=1.0),
+                 mlp="moe", moe_router="sigmoid", moe_score_bias=True, moe_experts=8, moe_groups=4, moe_topk_groups=2,
+                 moe_top_k=2, moe_d_ff=32, moe_shared_d_ff=32, moe_dense_layers=(0,), moe_routed_scale=2.5)
+FAMILIES["deepseek2"] = _DEEPSEEK
+FAMILIES["deepseek2-lite"] = {**_DEEPSEEK, "mla_q_rank": 0, "rope_interleaved": False, "rope_scaling": None,
+                              "moe_groups": 1, "moe_topk_groups": 1, "moe_norm_topk": False}
+
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_llama_cpp_computes_the_same_logits_for_every_family(family, tok, tmp_path):
@@ -305,6 +318,32 @@ def test_export_refuses_what_llama_cpp_would_compute_differently(tok, tmp_path):
     with pytest.raises(ConfigError, match="set pre_tokenizer=NAME"):
         detect_pre_tokenizer(_scrambled(tok))
     assert not list(tmp_path.iterdir())
+
+
+def test_deepseek2_export_refuses_what_llama_cpp_would_compute_differently(tok, tmp_path):
+    """llama.cpp's deepseek2 uses one RMSNorm epsilon (lmforge's MLA latent norms: 1e-6) and leaves YaRN's cos/sin
+    unscaled (mscale == mscale_all_dim), and always runs a shared expert."""
+    from lmforge.errors import ConfigError
+
+    bad = _model({**_DEEPSEEK, "norm_eps": 1e-5, "moe_shared_d_ff": 0,
+                  "rope_scaling": RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)})
+    with pytest.raises(ConfigError, match=r"'deepseek2'.*norm_eps=1e-05 .*moe_shared_d_ff=0 .*rope_scaling yarn without "
+                                          r"mscale == mscale_all_dim"):
+        export_gguf(bad, tmp_path / "d.gguf", tokenizer=tok)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", ["deepseek2", "deepseek2-lite"])
+def test_deepseek2_export_reads_back_in_lmforge_with_the_same_logits(family, tok, tmp_path):
+    """lmforge's reader merges attn_k_b / attn_v_b back into kv_b_proj and takes the YaRN multiplier back; the
+    half-split "lite" model comes back in DeepSeek's interleaved layout, computing the same."""
+    model = _model(FAMILIES[family])
+    path = export_gguf(model, tmp_path / f"{family}.gguf", tokenizer=tok, qtype="f32")
+    back = load_hf(path, progress=False)
+    assert back.cfg.rope_interleaved and back.cfg.rope_scaling == model.cfg.rope_scaling
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. 李白是唐代诗人 " * 2)
+    ours = _our_logits(model, ids)
+    assert np.abs(_our_logits(back, ids) - ours).max() < 1e-4 * np.abs(ours).max()
 
 
 def _scrambled(tok: Tokenizer) -> Tokenizer:

@@ -364,6 +364,10 @@ EXPORTED = {
     # llama.cpp's llama4: NoPE on layer 3 only, 8192-position chunks and temperature tuning (llama.cpp's constants)
     "llama4": ("Llama4ForCausalLM", dict(no_rope_layers=[1, 1, 1, 0], attention_chunk_size=8192, floor_scale=8192,
                                          attn_scale=0.1, layer_types=None)),
+    # llama.cpp's deepseek2 leaves YaRN's cos/sin alone: mscale == mscale_all_dim, as DeepSeek-V3 ships it
+    "deepseek2": ("DeepseekV3ForCausalLM", dict(rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+        "mscale": 0.7, "mscale_all_dim": 0.7})),
 }
 
 

@@ -12,7 +12,8 @@ What llama.cpp's converter changed on the way in is undone here: Llama's (and Sm
 the adjacent-pair RoPE layout (unpermuted per head), Gemma's (1/2/3) RMSNorm weights are stored as 1 + w (1 is
 subtracted; Gemma 2/3's ``ffn_norm`` is HF's pre-feed-forward norm), MoE experts are stacked into one 3-D tensor
 per projection (split per expert, or gate|up fused as Llama 4's HF checkpoints stack them), GPT-2's Conv1D weights
-are stored as Linears (transposed back), BLOOM's per-head q|k|v is stored as q|k|v (regrouped per head), and
+are stored as Linears (transposed back), BLOOM's per-head q|k|v is stored as q|k|v (regrouped per head), DeepSeek's
+kv_b_proj is split per head into attn_k_b (transposed) / attn_v_b (merged back), and
 Llama-3 RoPE scaling is a ``rope_freqs`` tensor of per-frequency divisors (turned back into the ``llama3``
 rope_scaling parameters that reproduce it).
 """
@@ -105,6 +106,15 @@ _GLM4_MOE_NAMES = {
        for n in ("gate", "up", "down")},
     **{f"blk.{{i}}.ffn_{n}_shexp.weight": f"model.layers.{{i}}.mlp.shared_experts.{n}_proj.weight"
        for n in ("gate", "up", "down")},
+}
+
+# DeepSeek-V3 (llama.cpp's deepseek2): MLA projections and latent norms, the GLM-4.5-style sigmoid MoE; newer files
+# hold kv_b_proj split per head as attn_k_b / attn_v_b (merged back by `_merge_kv_b`), older ones whole as attn_kv_b
+_DEEPSEEK2_NAMES = {
+    **{f"blk.{{i}}.attn_{g}.weight": f"model.layers.{{i}}.self_attn.{h}.weight"
+       for g, h in (("q_a", "q_a_proj"), ("q_b", "q_b_proj"), ("kv_a_mqa", "kv_a_proj_with_mqa"), ("kv_b", "kv_b_proj"),
+                    ("q_a_norm", "q_a_layernorm"), ("kv_a_norm", "kv_a_layernorm"))},
+    **{k: v for k, v in _GLM4_MOE_NAMES.items() if "post_attention_norm" not in k},
 }
 
 # sandwich norms (Gemma 2/3): llama.cpp's ffn_norm is HF's pre-feed-forward norm there
@@ -220,6 +230,8 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "bloom": GgufArch("BloomForCausalLM", "bloom", names=_BLOOM_NAMES, qkv_heads=True),
     "glm4moe": GgufArch("Glm4MoeForCausalLM", "glm4_moe", names=_GLM4_MOE_NAMES,
                         moe=("Glm4MoeForCausalLM", "glm4_moe", _GLM4_MOE_NAMES)),
+    "deepseek2": GgufArch("DeepseekV3ForCausalLM", "deepseek_v3", names=_DEEPSEEK2_NAMES,
+                          moe=("DeepseekV3ForCausalLM", "deepseek_v3", _DEEPSEEK2_NAMES)),
     # GLM-4 (and ChatGLM) as lmforge writes it: separate q/k/v, fused gate|up; half the head dims rotate in pairs
     "chatglm": GgufArch("GlmForCausalLM", "glm", names={"blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}"}),
     "llama4": GgufArch("Llama4ForCausalLM", "llama4_text", names=_LLAMA4_NAMES, fused_experts="cat"),
@@ -398,7 +410,7 @@ def hf_config(path: str | Path) -> dict:
     def get(key, default=None):
         return _scalar(meta, f"{arch}.{key}", default)
 
-    has_attention = "blk.0.attn_q.weight" in tensors or "blk.0.attn_qkv.weight" in tensors
+    has_attention = any(f"blk.0.attn_{n}.weight" in tensors for n in ("q", "qkv", "q_a"))
     if not has_attention or "token_embd.weight" not in tensors:
         raise CheckpointError(f"{Path(path).name}: GGUF file has no token_embd/attention tensors; is it a "
                               "vision/adapter file?")
@@ -453,6 +465,9 @@ def hf_config(path: str | Path) -> dict:
                       use_qk_norm="blk.0.attn_q_norm.weight" in tensors, attention_bias="blk.0.attn_q.bias" in tensors)
         elif model_type == "mixtral":
             hf["intermediate_size"] = get("expert_feed_forward_length") or hf["intermediate_size"]
+    if arch == "deepseek2":  # key_length is the latent's (kv_rank + rope): no partial rotary factor
+        hf.pop("partial_rotary_factor", None)
+        hf.update(_deepseek2_config(Path(path).name, get, hf))
     if arch in ("gpt2", "bloom"):  # their HF configs' own key names
         hf.update(n_embd=d, n_layer=hf["num_hidden_layers"], n_head=heads, n_inner=hf["intermediate_size"],
                   n_positions=hf["max_position_embeddings"], seq_length=hf["max_position_embeddings"])
@@ -491,6 +506,35 @@ def _llama4_config(path, get, hf: dict) -> dict:
                 attention_chunk_size=8192, use_qk_norm=experts != 128, attn_temperature_tuning=True,
                 floor_scale=8192, attn_scale=0.1,
                 layer_types=["chunked_attention" if i % period < period - 1 else "full_attention" for i in range(n)])
+
+
+def _deepseek2_config(name: str, get, hf: dict) -> dict:
+    """DeepSeek-V3's config.json keys from llama.cpp's deepseek2 metadata: MLA sizes (key/value_length_mla per head;
+    older files give them as key/value_length), the sigmoid router, and YaRN as llama.cpp computes it: q.k scaled by
+    mscale(factor, M)^2 with M = yarn_log_multiplier / 0.1, cos/sin left alone (mscale = mscale_all_dim = M); without
+    the multiplier both get mscale(factor, 1)."""
+    if get("expert_gating_func", 1) != 2:
+        raise CheckpointError(f"{name}: deepseek2.expert_gating_func={get('expert_gating_func', 1)} (DeepSeek-V2's "
+                              "softmax routing) is not supported; 2 = sigmoid (DeepSeek-V3, Kimi-K2) is")
+    rope = get("rope.dimension_count")
+    k_mla = get("attention.key_length_mla") or get("attention.key_length")
+    v_mla = get("attention.value_length_mla") or get("attention.value_length")
+    out = dict(q_lora_rank=get("attention.q_lora_rank") or None, kv_lora_rank=get("attention.kv_lora_rank"),
+               qk_rope_head_dim=rope, qk_nope_head_dim=k_mla - rope, v_head_dim=v_mla, rope_interleave=True,
+               attention_bias=False, n_routed_experts=get("expert_count"),
+               moe_intermediate_size=get("expert_feed_forward_length"), n_shared_experts=get("expert_shared_count", 1),
+               first_k_dense_replace=get("leading_dense_block_count", 0),
+               routed_scaling_factor=get("expert_weights_scale", 1.0), norm_topk_prob=get("expert_weights_norm", False),
+               n_group=get("expert_group_count", 0) or 1, topk_group=get("expert_group_used_count", 0) or 1,
+               scoring_func="sigmoid", topk_method="noaux_tc")
+    scaling = hf.get("rope_scaling")
+    if scaling and scaling["rope_type"] == "yarn":
+        m = round((get("rope.scaling.yarn_log_multiplier") or 0.0) / 0.1, 6)  # stored as float32
+        factor = scaling["factor"]
+        extra = dict(mscale=m, mscale_all_dim=m) if m else dict(
+            mscale_all_dim=1.0, attention_factor=0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        out["rope_scaling"] = {**scaling, **extra}
+    return out
 
 
 def stop_token_ids(meta: dict) -> list[int]:
@@ -592,7 +636,15 @@ def hf_tensors(path: str | Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]]
     table = _compiled(arch, moe)
     heads, kv = hf["num_attention_heads"], hf["num_key_value_heads"]
     pending: dict[str, torch.Tensor] = {}  # a gate (or up) expert stack waiting for its partner (fused_experts)
+    split_kv_b: dict[str, dict[str, torch.Tensor]] = {}  # deepseek2's attn_k_b / attn_v_b, per layer until both came
     for t in reader(path).tensors:
+        m = re.match(r"^blk\.(\d+)\.attn_([kv])_b\.weight$", t.name) if arch == "deepseek2" else None
+        if m:
+            parts = split_kv_b.setdefault(m.group(1), {})
+            parts[m.group(2)] = torch.from_numpy(_dequantize(t))
+            if len(parts) == 2:
+                yield f"model.layers.{m.group(1)}.self_attn.kv_b_proj.weight", _merge_kv_b(parts["k"], parts["v"])
+            continue
         if t.name == "rope_freqs.weight":  # folded into rope_scaling by hf_config
             continue
         for pattern, hf_name in table:
@@ -645,3 +697,9 @@ def _fuse_experts(name: str, w: torch.Tensor, kind: str, pending: dict) -> torch
         return None
     g, u = (w, other) if gate else (other, w)
     return torch.cat([g, u], -1) if kind == "cat" else torch.stack([g, u], -1).flatten(-2)
+
+
+def _merge_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's kv_b_proj (H * (nope + v), kv_rank) from llama.cpp's attn_k_b (H, kv_rank, nope), stored transposed
+    for the absorbed query, and attn_v_b (H, v, kv_rank)."""
+    return torch.cat([k_b.transpose(1, 2), v_b], 1).reshape(-1, k_b.shape[1])

@@ -5,10 +5,10 @@ runs. What it holds:
 
 - ``general.architecture`` chosen from the model's HF architecture (``ARCHS``: Llama and Mistral -> ``llama``,
   Qwen 2/3 (MoE) -> ``qwen2``/``qwen3``/``qwen3moe``/``qwen2moe``, Gemma 1/2/3, OLMo 2, Phi-2/3, GPT-2, BLOOM,
-  SmolLM3, GLM-4/ChatGLM -> ``chatglm``, GLM-4.5 -> ``glm4moe``, Llama 4 -> ``llama4``), after checking that
-  llama.cpp's graph for that architecture computes this model: every ModelConfig field its graph hard-codes (norm
-  kind and placement, activation, biases, qk-norm, soft-caps, the sliding-window layer pattern, the attention scale
-  ...) must match, else one error names the fields;
+  SmolLM3, GLM-4/ChatGLM -> ``chatglm``, GLM-4.5 -> ``glm4moe``, Llama 4 -> ``llama4``, DeepSeek-V3 ->
+  ``deepseek2``), after checking that llama.cpp's graph for that architecture computes this model: every ModelConfig
+  field its graph hard-codes (norm kind and placement, activation, biases, qk-norm, soft-caps, the sliding-window
+  layer pattern, the attention scale ...) must match, else one error names the fields;
 - ``{arch}.*`` hyper-parameters: widths, heads, head dims, context, RoPE dims/base/scaling (linear, yarn, Llama 3's as
   a ``rope_freqs`` tensor), norm epsilon, sliding window, soft-caps, expert counts;
 - the vocabulary (see ``gguf_vocab``): tokens, merges, special ids, the detected ``tokenizer.ggml.pre`` and the chat
@@ -16,7 +16,8 @@ runs. What it holds:
 - the weights under llama.cpp's tensor names (checked against ``gguf.MODEL_TENSORS`` for the architecture), with the
   layout changes llama.cpp expects: q/k rows permuted to adjacent-pair RoPE for the ``llama``/``smollm3`` graphs,
   Gemma's RMSNorm weights stored as 1 + w, q/k/v fused for GPT-2/BLOOM/Phi-3 (and Phi-3's and GLM's gate|up), MoE
-  experts stacked into one 3-D tensor per projection (GLM-4.5's selection bias as ``exp_probs_b``).
+  experts stacked into one 3-D tensor per projection (GLM-4.5's and DeepSeek-V3's selection bias as
+  ``exp_probs_b``), DeepSeek's kv_b_proj split per head into ``attn_k_b`` / ``attn_v_b`` (llama.cpp's absorbed MLA).
 
 Types (``GGUF_TYPES``): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (quantized by ``gguf.quants``) and q4_k_s,
 q4_k_m, q5_k_s, q5_k_m, q6_k (``kquants``). Norms, biases and routers stay f32. As llama.cpp's quantizer does, the
@@ -94,7 +95,7 @@ class Arch:
     fused_qkv: bool = False
     fused_gate_up: bool = False
     # "plain" (Mixtral/Qwen3-MoE: top-k renormalized), "shared" (Qwen2-MoE), "sigmoid" (GLM-4.5), or the family's own
-    # ("llama4", "gpt-oss": checked by `check`)
+    # ("llama4", "gpt-oss", "deepseek": checked by `check`)
     moe: str | None = None
     ffn_norm: str = "ffn_norm"  # the pre-MLP norm's name (glm4moe: post_attention_norm)
     window: bool = False
@@ -164,6 +165,40 @@ _LLAMA4 = _arch("llama4", moe="llama4", check=_llama4_problems, rope_scalings=("
                 fixed=dict(mlp="moe", rope_interleaved=True, qk_norm=_ANY, nope_layers=_ANY, attn_chunk=_ANY,
                            attn_temperature_tuning=_ANY))
 
+
+# --- DeepSeek-V3 (llama.cpp's deepseek2) --------------------------------------------------------------------------
+# MLA (the latent cached, kv_b split into attn_k_b / attn_v_b for the absorbed query; `_mla_tensors`) and DeepSeek's
+# sigmoid MoE: group-limited top-k with a selection bias, routed scale, shared experts, leading dense layers.
+
+
+def _deepseek2_problems(cfg) -> list[str]:
+    """What llama.cpp's deepseek2 graph hard-codes beyond `fixed`: one RMSNorm epsilon for every norm (lmforge's MLA
+    latent norms use DeepSeek's 1e-6), a sigmoid router whose group score is the best two experts, shared experts in
+    every MoE layer, dense layers only first, and a YaRN whose cos/sin factor is 1 (mscale == mscale_all_dim)."""
+    from ..models.transformer import MLA_NORM_EPS
+
+    want = dict(moe_router="sigmoid", moe_router_bias=False, moe_scale_input=False, moe_expert_bias=False,
+                moe_shared_gate=False)
+    out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
+    if cfg.norm_eps != MLA_NORM_EPS:
+        out.append(f"norm_eps={cfg.norm_eps!r} (llama.cpp's deepseek2 uses one epsilon, also for the MLA latent norms "
+                   f"at {MLA_NORM_EPS})")
+    if cfg.mla_nope_dim < 1:
+        out.append("mla_nope_dim=0 (llama.cpp's deepseek2 needs position-free query/key dims)")
+    if cfg.moe_dense_layers != tuple(range(len(cfg.moe_dense_layers))):
+        out.append(f"moe_dense_layers={cfg.moe_dense_layers} (llama.cpp's deepseek2: the first layers only)")
+    if cfg.moe_shared_d_ff <= 0 or cfg.moe_shared_d_ff % cfg.expert_d_ff:
+        out.append(f"moe_shared_d_ff={cfg.moe_shared_d_ff} (needs a multiple of the expert width {cfg.expert_d_ff})")
+    s = cfg.rope_scaling
+    if s is not None and s.type == "yarn" and (
+            s.attention_factor is not None or not s.mscale_all_dim or s.mscale != s.mscale_all_dim
+            or not s.truncate or (s.beta_fast, s.beta_slow) != (32.0, 1.0)):
+        out.append("rope_scaling yarn without mscale == mscale_all_dim or with a custom attention_factor/betas "
+                   "(llama.cpp's deepseek2 scales q.k by mscale(factor, mscale_all_dim)^2 and leaves cos/sin as they "
+                   "are)")
+    return out
+
+
 ARCHS: dict[str, Arch] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
@@ -193,6 +228,9 @@ ARCHS: dict[str, Arch] = {
     "SmolLM3ForCausalLM": _arch("smollm3", permute_qk=True, fixed=dict(nope_layers=_ANY),
                                 rope_scalings=("linear", "llama3", "yarn")),
     "Llama4ForCausalLM": _LLAMA4,
+    # DeepSeek-V3 / R1 / Kimi-K2: MLA attention, sigmoid-routed MoE with groups (see _deepseek2_problems)
+    "DeepseekV3ForCausalLM": _arch("deepseek2", moe="deepseek", check=_deepseek2_problems, rope_scalings=("yarn",),
+                                   fixed=dict(attention="mla", mlp="moe", rope_interleaved=_ANY)),
 }
 ARCHS["Gemma3ForConditionalGeneration"] = ARCHS["Gemma3ForCausalLM"]
 ARCHS["ChatGLMModel"] = ARCHS["ChatGLMForConditionalGeneration"] = ARCHS["GlmForCausalLM"]
@@ -205,8 +243,9 @@ def _problems(cfg, arch: Arch) -> list[str]:
     s = cfg.rope_scaling
     if s is not None and s.type not in arch.rope_scalings:
         out.append(f"rope_scaling.type={s.type!r} (needs one of {', '.join(arch.rope_scalings)})")
-    if s is not None and s.type == "yarn" and (s.attention_factor is not None or s.mscale is not None or not s.truncate
-                                               or (s.beta_fast, s.beta_slow) != (32.0, 1.0)):
+    if s is not None and s.type == "yarn" and arch.name != "deepseek2" and (
+            s.attention_factor is not None or s.mscale is not None or not s.truncate
+            or (s.beta_fast, s.beta_slow) != (32.0, 1.0)):
         out.append("rope_scaling yarn with a custom attention_factor/mscale/betas (llama.cpp uses the defaults)")
     if cfg.rope_local_scaling is not None:
         out.append("rope_local_scaling (llama.cpp's local layers have no scaling)")
@@ -313,7 +352,9 @@ def _tensors(model: Transformer, arch: Arch) -> Iterator[tuple[str, torch.Tensor
     for i, block in enumerate(model.layers):
         blk, a, m = f"blk.{i}", block.attn, block.mlp
         yield from _wb(f"{blk}.attn_norm", block.attn_norm)
-        if arch.fused_qkv:
+        if cfg.attention == "mla":
+            yield from _mla_tensors(blk, a, cfg)
+        elif arch.fused_qkv:
             for p, t in _cat(a.q_proj, a.k_proj, a.v_proj):
                 yield f"{blk}.attn_qkv.{p}", t
         else:
@@ -322,8 +363,8 @@ def _tensors(model: Transformer, arch: Arch) -> Iterator[tuple[str, torch.Tensor
                 for gname, t in _wb(f"{blk}.{name}", proj):
                     yield gname, permute_rope_rows(t, heads) if arch.permute_qk and heads else t
         yield from _wb(f"{blk}.attn_output", a.o_proj)
-        yield from _wb(f"{blk}.attn_q_norm", a.q_norm)
-        yield from _wb(f"{blk}.attn_k_norm", a.k_norm)
+        yield from _wb(f"{blk}.attn_q_norm", getattr(a, "q_norm", None))
+        yield from _wb(f"{blk}.attn_k_norm", getattr(a, "k_norm", None))
         yield from _wb(f"{blk}.post_attention_norm", block.attn_post_norm)
         yield from _wb(f"{blk}.{arch.ffn_norm}", block.mlp_norm)
         if cfg.is_moe_layer(i):
@@ -349,6 +390,33 @@ def _tensors(model: Transformer, arch: Arch) -> Iterator[tuple[str, torch.Tensor
         yield from _wb(f"{blk}.post_ffw_norm", block.mlp_post_norm)
     yield from _wb("output_norm", model.norm)
     yield from _wb("output", model.lm_head)
+
+
+def _mla_tensors(blk: str, a, cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """DeepSeek's latent attention as llama.cpp's deepseek2 loads it: q (or q_a, its norm, q_b), kv_a_mqa and its norm,
+    and kv_b split per head into attn_k_b (H, kv_rank, nope), transposed for the absorbed query, and attn_v_b
+    (H, v, kv_rank). llama.cpp rotates adjacent pairs; a half-split model has its rotated rows permuted to match."""
+    H, nope, rd, r = cfg.n_heads, cfg.mla_nope_dim, cfg.mla_rope_dim, cfg.mla_kv_rank
+
+    def pairs(w: torch.Tensor, groups: int, width: int) -> torch.Tensor:
+        """The last `rd` of every `width` rows in adjacent-pair order (a no-op when the model already is)."""
+        if cfg.rope_interleaved:
+            return w
+        w = w.reshape(groups, width, -1).clone()
+        w[:, width - rd:] = torch.stack([permute_rope_rows(g[width - rd:], 1) for g in w])
+        return w.reshape(groups * width, -1)
+
+    if cfg.mla_q_rank:
+        yield f"{blk}.attn_q_a.weight", a.q_a_proj.weight.detach()
+        yield f"{blk}.attn_q_a_norm.weight", a.q_a_norm.weight.detach()
+        yield f"{blk}.attn_q_b.weight", pairs(a.q_b_proj.weight.detach(), H, nope + rd)
+    else:
+        yield f"{blk}.attn_q.weight", pairs(a.q_proj.weight.detach(), H, nope + rd)
+    yield f"{blk}.attn_kv_a_mqa.weight", pairs(a.kv_a_proj_with_mqa.weight.detach(), 1, r + rd)
+    yield f"{blk}.attn_kv_a_norm.weight", a.kv_a_norm.weight.detach()
+    kv_b = a.kv_b_proj.weight.detach().reshape(H, nope + cfg.mla_v_dim, r)
+    yield f"{blk}.attn_k_b.weight", kv_b[:, :nope].transpose(1, 2).contiguous()
+    yield f"{blk}.attn_v_b.weight", kv_b[:, nope:].contiguous()
 
 
 def _check_names(names: list[str], arch: Arch) -> None:
@@ -437,6 +505,8 @@ def _encode(arr: np.ndarray, type_name: str):
 
 def _hparams(w, cfg, arch: Arch) -> None:
     gguf = _gguf()
+    if arch.name == "deepseek2":
+        return _deepseek2_hparams(w, cfg)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
@@ -483,6 +553,45 @@ def _hparams(w, cfg, arch: Arch) -> None:
             w.add_nextn_predict_layers(0)
     if arch.name == "llama4":
         w.add_interleave_moe_layer_step(_llama4_moe_step(cfg))
+
+
+def _deepseek2_hparams(w, cfg) -> None:
+    """llama.cpp's deepseek2 keys: MLA runs as one shared key/value head of the latent (key_length kv_rank + rope,
+    value_length kv_rank), the per-head sizes are key/value_length_mla; q_lora_rank 0 selects a plain attn_q."""
+    gguf = _gguf()
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(1)
+    w.add_key_length(cfg.mla_kv_rank + cfg.mla_rope_dim)
+    w.add_value_length(cfg.mla_kv_rank)
+    w.add_key_length_mla(cfg.qk_head_dim)
+    w.add_value_length_mla(cfg.mla_v_dim)
+    w.add_q_lora_rank(cfg.mla_q_rank)
+    w.add_kv_lora_rank(cfg.mla_kv_rank)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_dimension_count(cfg.mla_rope_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    s = cfg.rope_scaling
+    if s is not None:  # yarn (checked): q.k times mscale(factor, mscale_all_dim)^2, written as 0.1 * mscale_all_dim
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(s.factor or cfg.max_seq_len / s.original_max_seq_len)
+        w.add_rope_scaling_orig_ctx_len(s.original_max_seq_len)
+        w.add_rope_scaling_yarn_log_mul(0.1 * s.mscale_all_dim)
+    w.add_leading_dense_block_count(len(cfg.moe_dense_layers))
+    w.add_expert_count(cfg.moe_experts)
+    w.add_expert_used_count(cfg.moe_top_k)
+    w.add_expert_feed_forward_length(cfg.expert_d_ff)
+    w.add_expert_shared_count(cfg.moe_shared_d_ff // cfg.expert_d_ff)
+    w.add_expert_weights_scale(cfg.moe_routed_scale)
+    w.add_expert_weights_norm(cfg.moe_norm_topk)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if 1 < cfg.moe_groups and cfg.moe_topk_groups < cfg.moe_groups:  # all groups kept: no grouping at all
+        w.add_expert_group_count(cfg.moe_groups)
+        w.add_expert_group_used_count(cfg.moe_topk_groups)
 
 
 def _load(src: Path):

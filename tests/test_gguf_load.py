@@ -398,3 +398,92 @@ def test_the_reader_knows_every_architecture_the_exporter_writes():
     written = {a.name for a in ARCHS.values()}
     assert written <= set(GGUF_ARCHS), sorted(written - set(GGUF_ARCHS))
     assert written - {"llama", "qwen2", "qwen2moe", "qwen3", "gemma", "phi3"} <= set(EXPORTED)
+
+
+def _write_deepseek2_like_llama_cpp(ref, path: Path, tok: Tokenizer, split_kv_b: bool) -> Path:
+    """A DeepSeek-V3 GGUF as llama.cpp's convert_hf_to_gguf.py (DeepseekV2Model) writes it: MQA-shaped metadata with
+    key/value_length_mla and kv_b_proj split per head into attn_k_b (transposed) / attn_v_b (`split_kv_b`), or as
+    older files have it: MHA sizes in key/value_length and one attn_kv_b; experts stacked, the selection bias as
+    exp_probs_b, YaRN's mscale_all_dim as 0.1 * it in yarn_log_multiplier."""
+    c, T = ref.config, gguf.MODEL_TENSOR
+    rope, nope, rd, r, v = c.rope_parameters, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(1 if split_kv_b else c.num_attention_heads)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_expert_count(c.n_routed_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_group_count(c.n_group)
+    w.add_expert_group_used_count(c.topk_group)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    w.add_leading_dense_block_count(c.first_k_dense_replace)
+    w.add_vocab_size(c.vocab_size)
+    w.add_q_lora_rank(c.q_lora_rank)
+    w.add_kv_lora_rank(r)
+    w.add_key_length(r + rd if split_kv_b else nope + rd)
+    w.add_value_length(r if split_kv_b else v)
+    if split_kv_b:
+        w.add_key_length_mla(nope + rd)
+        w.add_value_length_mla(v)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_expert_shared_count(c.n_shared_experts)
+    w.add_expert_weights_scale(c.routed_scaling_factor)
+    w.add_expert_weights_norm(c.norm_topk_prob)
+    w.add_rope_dimension_count(rd)
+    w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+    from lmforge.quant.gguf_vocab import write_vocab
+
+    write_vocab(w, tok, c.vocab_size)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, c.num_hidden_layers)
+    for name, t in ref.state_dict().items():
+        i = name.split(".")[2] if name.startswith("model.layers.") else None
+        if name.endswith("experts.gate_up_proj"):  # transformers' (E, 2f, d): llama.cpp stacks gate and up apart
+            gate, up = t.chunk(2, dim=1)
+            parts = [(f"blk.{i}.ffn_gate_exps.weight", gate), (f"blk.{i}.ffn_up_exps.weight", up)]
+        elif name.endswith("experts.down_proj"):
+            parts = [(f"blk.{i}.ffn_down_exps.weight", t)]
+        elif name.endswith("e_score_correction_bias"):
+            parts = [(f"blk.{i}.exp_probs_b.bias", t)]
+        elif name.endswith("kv_b_proj.weight") and split_kv_b:
+            kv_b = t.view(c.num_attention_heads, nope + v, r)
+            parts = [(gguf.TENSOR_NAMES[T.ATTN_K_B].format(bid=i) + ".weight", kv_b[:, :nope].transpose(1, 2)),
+                     (gguf.TENSOR_NAMES[T.ATTN_V_B].format(bid=i) + ".weight", kv_b[:, nope:])]
+        else:
+            parts = [(names.get_name(name, try_suffixes=(".weight", ".bias")), t)]
+        for new, arr in parts:
+            w.add_tensor(new, arr.float().contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("split_kv_b", [True, False], ids=["attn_k_b+attn_v_b", "attn_kv_b"])
+def test_deepseek2_files_as_llama_cpp_writes_them_load_with_transformers_logits(split_kv_b, tiny_tok, tmp_path):
+    """A tiny DeepSeek-V3 (low-rank q, YaRN with mscale_all_dim 0.7, 2 of 4 expert groups, a leading dense layer)
+    in llama.cpp's converter layout, newer (split kv_b) and older (whole kv_b): lmforge's logits equal transformers',
+    and llama.cpp's own on the same file too."""
+    torch.manual_seed(0)
+    rope = {**TINY_HF_CONFIGS["DeepseekV3ForCausalLM"]["rope_parameters"], "mscale": 0.7, "mscale_all_dim": 0.7}
+    ref = make_tiny_hf_model("DeepseekV3ForCausalLM", vocab_size=tiny_tok.vocab_size, rope_parameters=rope)
+    path = _write_deepseek2_like_llama_cpp(ref, tmp_path / "ds.gguf", tiny_tok, split_kv_b)
+    model = load_hf(path)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        want = ref(ids).logits[0]
+        assert (_logits(model(ids))[0] - want).abs().max().item() < 1e-4
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=1,
+                          n_threads_batch=1)
+    llm.eval(ids[0].tolist())
+    theirs = torch.tensor(np.array(llm.scores[:20]))
+    assert (theirs - want).abs().max().item() < 2e-4 * want.abs().max().item()

@@ -132,6 +132,10 @@ FAMILIES = {
                    moe_top_k=2, moe_d_ff=48, moe_shared_d_ff=48, moe_router="sigmoid", moe_norm_topk=False,
                    moe_scale_input=True, moe_dense_layers=(0, 2),
                    rope_scaling=RopeScaling(type="llama3", factor=8.0, original_max_seq_len=16)),
+    "gpt-oss": dict(arch="GptOssForCausalLM", n_layers=3, head_dim=16, attn_sinks=True, qkv_bias=True, out_bias=True,
+                    sliding_window=4, sliding_window_layers=(0, 2), mlp="moe", moe_experts=4, moe_top_k=2, d_ff=48,
+                    moe_router_bias=True, moe_expert_bias=True, glu_limit=7.0,
+                    rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)),
 }
 
 # DeepSeek-V3 (llama.cpp's deepseek2): MLA with a low-rank q, DeepSeek's interleaved RoPE and YaRN (q.k scaled by
@@ -159,6 +163,24 @@ def test_llama_cpp_computes_the_same_logits_for_every_family(family, tok, tmp_pa
     tol = 5e-3 if model.cfg.act.startswith("gelu") else 2e-4
     assert np.abs(theirs - ours).max() < tol * np.abs(ours).max(), family
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_llama_cpp_clamps_gpt_oss_swiglu_as_lmforge_does(tok, tmp_path):
+    """gpt-oss's SwiGLU clamps gate and up at 7 (llama.cpp's swiglu_oai constant): experts scaled up so it acts."""
+    model = _model(FAMILIES["gpt-oss"])
+    with torch.no_grad():
+        for e in (e for layer in model.layers for e in layer.mlp.experts):
+            e.gate_proj.weight.mul_(6), e.up_proj.weight.mul_(6)
+    ids = tok.encode("The quick brown fox jumps over the lazy dog.")
+    seen = []
+    hooks = [e.up_proj.register_forward_hook(lambda m, i, out: seen.append(float(out.abs().max())))
+             for layer in model.layers for e in layer.mlp.experts]
+    ours = _our_logits(model, ids)
+    for h in hooks:
+        h.remove()
+    assert max(seen) > 2 * model.cfg.glu_limit
+    theirs = _cpp_logits(export_gguf(model, tmp_path / "oss.gguf", tokenizer=tok, qtype="f32"), ids)
+    assert np.abs(theirs - ours).max() < 2e-4 * np.abs(ours).max()
 
 
 # relative rms error of the dequantized weights, per type (random Gaussian weights)
@@ -315,6 +337,10 @@ def test_export_refuses_what_llama_cpp_would_compute_differently(tok, tmp_path):
     bad = _model({**FAMILIES["llama4"], "attn_chunk": 4})  # llama.cpp's llama4 chunk is 8192, whatever the file says
     with pytest.raises(ConfigError, match=r"attn_chunk=4 .*chunks of 8192 on layers \(0, 1, 2\)"):
         export_gguf(bad, tmp_path / "l.gguf", tokenizer=tok)
+    bad = _model({**FAMILIES["gpt-oss"], "rope_scaling": RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16,
+                                                                      truncate=False)})  # as gpt-oss ships
+    with pytest.raises(ConfigError, match=r"rope_scaling.truncate=False \(llama.cpp rounds"):
+        export_gguf(bad, tmp_path / "o.gguf", tokenizer=tok)
     with pytest.raises(ConfigError, match="set pre_tokenizer=NAME"):
         detect_pre_tokenizer(_scrambled(tok))
     assert not list(tmp_path.iterdir())

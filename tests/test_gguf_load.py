@@ -368,6 +368,10 @@ EXPORTED = {
     "deepseek2": ("DeepseekV3ForCausalLM", dict(rope_parameters={
         "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16,
         "mscale": 0.7, "mscale_all_dim": 0.7})),
+    # llama.cpp's gpt-oss: swiglu limit 7, yarn rounded to whole dims (transformers' truncate=true)
+    "gpt-oss": ("GptOssForCausalLM", dict(swiglu_limit=7.0, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True})),
 }
 
 

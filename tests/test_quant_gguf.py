@@ -124,9 +124,9 @@ def test_quantized_export_metadata_and_values(ckpt, tmp_path, qtype, rel_rms_bou
 
 
 def test_gguf_export_refuses_other_architectures(tmp_path):
-    model = Transformer(ModelConfig(arch="GptOssForCausalLM", vocab_size=32, d_model=16, n_layers=1, n_heads=2,
-                                    d_ff=32))  # (GLM-4, the example here before, is exported as chatglm now)
-    with pytest.raises(ConfigError, match="no llama.cpp architecture for GptOssForCausalLM"):
+    model = Transformer(ModelConfig(arch="MyResearchForCausalLM", vocab_size=32, d_model=16, n_layers=1, n_heads=2,
+                                    d_ff=32))  # (GLM-4 and gpt-oss, the examples here before, are exported now)
+    with pytest.raises(ConfigError, match="no llama.cpp architecture for MyResearchForCausalLM"):
         export_gguf(model, tmp_path / "x.gguf")
     gpt2 = Transformer(ModelConfig(arch="GPT2LMHeadModel", vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32))
     with pytest.raises(ConfigError, match="llama.cpp's 'gpt2' architecture for GPT2LMHeadModel; this model has "

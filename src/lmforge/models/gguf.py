@@ -183,6 +183,17 @@ _LLAMA4_NAMES = {
     "blk.{i}.ffn_down_exps.weight": f"{_FF4}.experts.down_proj",
 }
 
+_MOE_OSS = "model.layers.{i}.mlp"
+_GPT_OSS_NAMES = {
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_sinks.weight": "model.layers.{i}.self_attn.sinks",
+    "blk.{i}.ffn_gate_inp.{p}": f"{_MOE_OSS}.router.{{p}}",
+    **{f"blk.{{i}}.ffn_{n}_exps.weight": f"{_MOE_OSS}.experts.{h}" for n, h in
+       (("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj"))},
+    **{f"blk.{{i}}.ffn_{n}_exps.bias": f"{_MOE_OSS}.experts.{h}_bias" for n, h in
+       (("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj"))},
+}
+
 
 @dataclass(frozen=True)
 class GgufArch:
@@ -235,6 +246,7 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     # GLM-4 (and ChatGLM) as lmforge writes it: separate q/k/v, fused gate|up; half the head dims rotate in pairs
     "chatglm": GgufArch("GlmForCausalLM", "glm", names={"blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}"}),
     "llama4": GgufArch("Llama4ForCausalLM", "llama4_text", names=_LLAMA4_NAMES, fused_experts="cat"),
+    "gpt-oss": GgufArch("GptOssForCausalLM", "gpt_oss", names=_GPT_OSS_NAMES, fused_experts="interleaved"),
 }
 
 
@@ -482,6 +494,12 @@ def hf_config(path: str | Path) -> dict:
         hf.pop("use_sliding_window", None)
     if arch == "llama4":
         hf.update(_llama4_config(path, get, hf))
+    if arch == "gpt-oss":  # llama.cpp's gpt-oss: even layers slide (sliding_window_pattern 2), swiglu_oai 1.702 / 7
+        n, period = hf["num_hidden_layers"], get("attention.sliding_window_pattern", 2)
+        hf.pop("use_sliding_window", None)
+        hf.update(intermediate_size=get("expert_feed_forward_length"), attention_bias="blk.0.attn_q.bias" in tensors,
+                  swiglu_limit=7.0, swiglu_alpha=1.702,
+                  layer_types=["sliding_attention" if i % period < period - 1 else "full_attention" for i in range(n)])
     for name, key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
             hf[name] = meta[f"tokenizer.ggml.{key}"]

@@ -6,9 +6,9 @@ runs. What it holds:
 - ``general.architecture`` chosen from the model's HF architecture (``ARCHS``: Llama and Mistral -> ``llama``,
   Qwen 2/3 (MoE) -> ``qwen2``/``qwen3``/``qwen3moe``/``qwen2moe``, Gemma 1/2/3, OLMo 2, Phi-2/3, GPT-2, BLOOM,
   SmolLM3, GLM-4/ChatGLM -> ``chatglm``, GLM-4.5 -> ``glm4moe``, Llama 4 -> ``llama4``, DeepSeek-V3 ->
-  ``deepseek2``), after checking that llama.cpp's graph for that architecture computes this model: every ModelConfig
-  field its graph hard-codes (norm kind and placement, activation, biases, qk-norm, soft-caps, the sliding-window
-  layer pattern, the attention scale ...) must match, else one error names the fields;
+  ``deepseek2``, gpt-oss), after checking that llama.cpp's graph for that architecture computes this model: every
+  ModelConfig field its graph hard-codes (norm kind and placement, activation, biases, qk-norm, soft-caps, the
+  sliding-window layer pattern, the attention scale ...) must match, else one error names the fields;
 - ``{arch}.*`` hyper-parameters: widths, heads, head dims, context, RoPE dims/base/scaling (linear, yarn, Llama 3's as
   a ``rope_freqs`` tensor), norm epsilon, sliding window, soft-caps, expert counts;
 - the vocabulary (see ``gguf_vocab``): tokens, merges, special ids, the detected ``tokenizer.ggml.pre`` and the chat
@@ -17,7 +17,8 @@ runs. What it holds:
   layout changes llama.cpp expects: q/k rows permuted to adjacent-pair RoPE for the ``llama``/``smollm3`` graphs,
   Gemma's RMSNorm weights stored as 1 + w, q/k/v fused for GPT-2/BLOOM/Phi-3 (and Phi-3's and GLM's gate|up), MoE
   experts stacked into one 3-D tensor per projection (GLM-4.5's and DeepSeek-V3's selection bias as
-  ``exp_probs_b``), DeepSeek's kv_b_proj split per head into ``attn_k_b`` / ``attn_v_b`` (llama.cpp's absorbed MLA).
+  ``exp_probs_b``, gpt-oss's 2-D expert biases beside them, kept f32), DeepSeek's kv_b_proj split per head into
+  ``attn_k_b`` / ``attn_v_b`` (llama.cpp's absorbed MLA).
 
 Types (``GGUF_TYPES``): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (quantized by ``gguf.quants``) and q4_k_s,
 q4_k_m, q5_k_s, q5_k_m, q6_k (``kquants``). Norms, biases and routers stay f32. As llama.cpp's quantizer does, the
@@ -199,6 +200,29 @@ def _deepseek2_problems(cfg) -> list[str]:
     return out
 
 
+# --- gpt-oss (llama.cpp's gpt-oss) -------------------------------------------------------------------------------
+# Its graph hard-codes gpt-oss's layout: attention sinks, q/k/v/o biases, the window on even layers (its
+# sliding_window_pattern 2), a biased router whose top-k logits are softmaxed, biased experts with the clamped SwiGLU
+# at alpha 1.702 and limit 7, no shared expert and no dense layers; its pre-MLP norm is `post_attention_norm`.
+_GPT_OSS_MOE = dict(moe_router="softmax", moe_groups=1, moe_score_bias=False, moe_routed_scale=1.0,
+                    moe_router_bias=True, moe_scale_input=False, moe_expert_bias=True, moe_norm_topk=True,
+                    moe_shared_d_ff=0, moe_shared_gate=False, moe_dense_layers=())
+
+
+def _gpt_oss_problems(cfg) -> list[str]:
+    out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in _GPT_OSS_MOE.items() if getattr(cfg, k) != v]
+    even = tuple(range(0, cfg.n_layers, 2))
+    if cfg.sliding_window is None or _windowed(cfg) != even:
+        out.append(f"sliding_window={cfg.sliding_window} on layers {_windowed(cfg)} (llama.cpp's gpt-oss slides on "
+                   f"{even})")
+    return out
+
+
+_GPT_OSS = _arch("gpt-oss", moe="gpt-oss", check=_gpt_oss_problems, ffn_norm="post_attention_norm", window=True,
+                 fixed=dict(mlp="moe", attn_sinks=True, glu_limit=7.0, glu_alpha=1.702, qkv_bias=True, out_bias=True,
+                            sliding_window=_ANY, tie_embeddings=False))
+
+
 ARCHS: dict[str, Arch] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
@@ -231,9 +255,11 @@ ARCHS: dict[str, Arch] = {
     # DeepSeek-V3 / R1 / Kimi-K2: MLA attention, sigmoid-routed MoE with groups (see _deepseek2_problems)
     "DeepseekV3ForCausalLM": _arch("deepseek2", moe="deepseek", check=_deepseek2_problems, rope_scalings=("yarn",),
                                    fixed=dict(attention="mla", mlp="moe", rope_interleaved=_ANY)),
+    "GptOssForCausalLM": _GPT_OSS,
 }
 ARCHS["Gemma3ForConditionalGeneration"] = ARCHS["Gemma3ForCausalLM"]
 ARCHS["ChatGLMModel"] = ARCHS["ChatGLMForConditionalGeneration"] = ARCHS["GlmForCausalLM"]
+ARCHS["Llama4ForConditionalGeneration"] = _LLAMA4  # its text decoder (lmforge loads it as Llama4ForCausalLM)
 
 
 def _problems(cfg, arch: Arch) -> list[str]:
@@ -244,9 +270,10 @@ def _problems(cfg, arch: Arch) -> list[str]:
     if s is not None and s.type not in arch.rope_scalings:
         out.append(f"rope_scaling.type={s.type!r} (needs one of {', '.join(arch.rope_scalings)})")
     if s is not None and s.type == "yarn" and arch.name != "deepseek2" and (
-            s.attention_factor is not None or s.mscale is not None or not s.truncate
-            or (s.beta_fast, s.beta_slow) != (32.0, 1.0)):
+            s.attention_factor is not None or s.mscale is not None or (s.beta_fast, s.beta_slow) != (32.0, 1.0)):
         out.append("rope_scaling yarn with a custom attention_factor/mscale/betas (llama.cpp uses the defaults)")
+    if s is not None and s.type == "yarn" and not s.truncate:  # transformers' truncate=false (gpt-oss as released)
+        out.append("rope_scaling.truncate=False (llama.cpp rounds yarn's correction range to whole dims)")
     if cfg.rope_local_scaling is not None:
         out.append("rope_local_scaling (llama.cpp's local layers have no scaling)")
     n = cfg.n_layers
@@ -367,13 +394,17 @@ def _tensors(model: Transformer, arch: Arch) -> Iterator[tuple[str, torch.Tensor
         yield from _wb(f"{blk}.attn_k_norm", getattr(a, "k_norm", None))
         yield from _wb(f"{blk}.post_attention_norm", block.attn_post_norm)
         yield from _wb(f"{blk}.{arch.ffn_norm}", block.mlp_norm)
+        if getattr(a, "sinks", None) is not None:  # gpt-oss: one logit per head
+            yield f"{blk}.attn_sinks.weight", a.sinks.detach()
         if cfg.is_moe_layer(i):
             yield from _wb(f"{blk}.ffn_gate_inp", m.router)
             if getattr(m.router, "score_bias", None) is not None:  # the selection-only bias
                 yield f"{blk}.exp_probs_b.bias", m.router.score_bias.detach()
-            for proj in ("gate", "up", "down"):  # (n_experts, out, in)
-                yield f"{blk}.ffn_{proj}_exps.weight", torch.stack(
-                    [getattr(e, f"{proj}_proj").weight.detach() for e in m.experts])
+            for proj in ("gate", "up", "down"):  # (n_experts, out, in); biases (n_experts, out): gpt-oss
+                for p in ("weight", "bias"):
+                    parts = [getattr(getattr(e, f"{proj}_proj"), p, None) for e in m.experts]
+                    if isinstance(parts[0], torch.Tensor):
+                        yield f"{blk}.ffn_{proj}_exps.{p}", torch.stack([t.detach() for t in parts])
             if m.shared_expert is not None:
                 for proj in ("gate", "up", "down"):
                     yield from _wb(f"{blk}.ffn_{proj}_shexp", getattr(m.shared_expert, f"{proj}_proj"))
@@ -449,7 +480,7 @@ def _use_more_bits(layer: int, n_layers: int) -> bool:
 def _type_for(name: str, shape: tuple[int, ...], qtype: str, n_layers: int, has_output: bool) -> str:
     """The GGML type name of one tensor in a file of `qtype`, as llama.cpp's quantizer picks it."""
     kind = name.rsplit(".", 1)[0].split(".")[-1]
-    if len(shape) == 1 or kind in _F32_ALWAYS or qtype == "f32":
+    if len(shape) == 1 or kind in _F32_ALWAYS or qtype == "f32" or name.endswith(".bias"):  # (gpt-oss: 2-D biases)
         return "F32"
     if qtype in ("f16", "bf16"):
         return qtype.upper()

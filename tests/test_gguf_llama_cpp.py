@@ -353,8 +353,8 @@ def test_deepseek2_export_refuses_what_llama_cpp_would_compute_differently(tok, 
 
     bad = _model({**_DEEPSEEK, "norm_eps": 1e-5, "moe_shared_d_ff": 0,
                   "rope_scaling": RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)})
-    with pytest.raises(ConfigError, match=r"'deepseek2'.*norm_eps=1e-05 .*moe_shared_d_ff=0 .*rope_scaling yarn without "
-                                          r"mscale == mscale_all_dim"):
+    with pytest.raises(ConfigError, match=r"'deepseek2'.*norm_eps=1e-05 .*moe_shared_d_ff=0 .*rope_scaling yarn "
+                                          r"mscale=None mscale_all_dim=None .*needs mscale == mscale_all_dim"):
         export_gguf(bad, tmp_path / "d.gguf", tokenizer=tok)
     assert not list(tmp_path.iterdir())
 

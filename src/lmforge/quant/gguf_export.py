@@ -191,12 +191,14 @@ def _deepseek2_problems(cfg) -> list[str]:
     if cfg.moe_shared_d_ff <= 0 or cfg.moe_shared_d_ff % cfg.expert_d_ff:
         out.append(f"moe_shared_d_ff={cfg.moe_shared_d_ff} (needs a multiple of the expert width {cfg.expert_d_ff})")
     s = cfg.rope_scaling
-    if s is not None and s.type == "yarn" and (
-            s.attention_factor is not None or not s.mscale_all_dim or s.mscale != s.mscale_all_dim
-            or not s.truncate or (s.beta_fast, s.beta_slow) != (32.0, 1.0)):
-        out.append("rope_scaling yarn without mscale == mscale_all_dim or with a custom attention_factor/betas "
-                   "(llama.cpp's deepseek2 scales q.k by mscale(factor, mscale_all_dim)^2 and leaves cos/sin as they "
-                   "are)")
+    if s is not None and s.type == "yarn":
+        if s.attention_factor is not None or not s.mscale_all_dim or s.mscale != s.mscale_all_dim:
+            out.append(f"rope_scaling yarn mscale={s.mscale} mscale_all_dim={s.mscale_all_dim} attention_factor="
+                       f"{s.attention_factor} (llama.cpp's deepseek2 scales q.k by mscale(factor, mscale_all_dim)^2 "
+                       "and leaves cos/sin as they are: needs mscale == mscale_all_dim)")
+        if not s.truncate or (s.beta_fast, s.beta_slow) != (32.0, 1.0):
+            out.append(f"rope_scaling yarn beta_fast={s.beta_fast} beta_slow={s.beta_slow} truncate={s.truncate} "
+                       "(llama.cpp's deepseek2 uses 32, 1, truncated)")
     return out
 
 

@@ -183,6 +183,44 @@ def test_llama_cpp_clamps_gpt_oss_swiglu_as_lmforge_does(tok, tmp_path):
     assert np.abs(theirs - ours).max() < 2e-4 * np.abs(ours).max()
 
 
+def _retyped(src: Path, dst: Path, pick, qtype) -> Path:
+    """A copy of the F32 GGUF `src` whose tensors `pick(name)` chooses are stored as `qtype` instead."""
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for key, f in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            w.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in reader.tensors:
+        arr = np.asarray(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape)))
+        if pick(t.name):
+            w.add_tensor(t.name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(t.name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_gpt_oss_with_mxfp4_experts_as_llama_cpp_converts_it(tok, tmp_path, quantized_kernels_run):
+    """llama.cpp's converter keeps gpt-oss's experts in MXFP4: lmforge reads such a file (dequantized by the `gguf`
+    package) and computes llama.cpp's logits on it."""
+    model = _model({**FAMILIES["gpt-oss"], "d_ff": 64})  # expert rows of whole 32-value MXFP4 blocks
+    src = export_gguf(model, tmp_path / "f32.gguf", tokenizer=tok, qtype="f32")
+    mxfp4 = gguf.GGMLQuantizationType.MXFP4
+    path = _retyped(src, tmp_path / "mxfp4.gguf", lambda name: name.endswith("_exps.weight"), mxfp4)
+    kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert kinds["blk.0.ffn_down_exps.weight"] == mxfp4 and kinds["blk.0.ffn_down_exps.bias"] != mxfp4
+    ids = tok.encode("The quick brown fox jumps over the lazy dog.")
+    ours = _our_logits(load_hf(path, dtype="float32", progress=False), ids)
+    assert np.abs(ours - _our_logits(model, ids)).max() > 1e-3  # the experts really are the 4-bit ones
+    if not quantized_kernels_run:
+        pytest.skip("llama.cpp's quantized kernels crash on this CPU (probe process died)")
+    theirs = _cpp_logits(path, ids)
+    assert np.abs(theirs - ours).max() < 7e-2 * np.abs(ours).max()  # llama.cpp: 8-bit activations into MXFP4
+
+
 # relative rms error of the dequantized weights, per type (random Gaussian weights)
 QUANT_ERRORS = {"f16": 1e-3, "bf16": 8e-3, "q8_0": 0.01, "q6_k": 0.03, "q5_1": 0.05, "q5_0": 0.06, "q5_k_m": 0.05,
                 "q4_1": 0.1, "q4_0": 0.11, "q4_k_m": 0.1}

@@ -194,9 +194,9 @@ PRESETS: dict[str, dict] = {
                                  truncate=False),
         mlp="moe", moe_experts=128, moe_top_k=4, moe_router_bias=True, moe_expert_bias=True, glu_limit=7.0,
         max_seq_len=131072, eos_token_id=200002, pad_token_id=199999),
-    # Llama 4 (text decoder): NoPE + temperature tuning every 4th layer, 8192-token chunked attention with L2 qk-norm
-    # on the others, top-1 sigmoid experts that scale their input, a shared expert. Scout: 16 experts on every
-    # layer; Maverick: 128 experts on every other layer.
+    # Llama 4 (text decoder): NoPE + temperature tuning every 4th layer, 8192-token chunked attention on the others,
+    # top-1 sigmoid experts that scale their input, a shared expert. Scout: 16 experts on every layer, L2 qk-norm on
+    # the RoPE layers; Maverick: 128 experts on every other layer, no qk-norm.
     "llama-4-scout-17b-16e": dict(
         hf_repo="meta-llama/Llama-4-Scout-17B-16E", arch="Llama4ForCausalLM", vocab_size=202048, d_model=5120,
         n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128, d_ff=16384, norm_eps=1e-5, rope_interleaved=True,
@@ -210,7 +210,7 @@ PRESETS: dict[str, dict] = {
     "llama-4-maverick-17b-128e": dict(
         hf_repo="meta-llama/Llama-4-Maverick-17B-128E", arch="Llama4ForCausalLM", vocab_size=202048, d_model=5120,
         n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128, d_ff=16384, norm_eps=1e-5, rope_interleaved=True,
-        rope_theta=500000.0, nope_layers=tuple(range(3, 48, 4)), qk_norm="l2", attn_chunk=8192,
+        rope_theta=500000.0, nope_layers=tuple(range(3, 48, 4)), attn_chunk=8192,  # no qk-norm (use_qk_norm: false)
         attn_chunk_layers=tuple(i for i in range(48) if i % 4 != 3), attn_temperature_tuning=True,
         mlp="moe", moe_experts=128, moe_top_k=1, moe_d_ff=8192, moe_shared_d_ff=8192, moe_router="sigmoid",
         moe_norm_topk=False, moe_scale_input=True, moe_dense_layers=tuple(range(0, 48, 2)), max_seq_len=1048576,

@@ -375,13 +375,22 @@ def test_export_refuses_what_llama_cpp_would_compute_differently(tok, tmp_path):
     bad = _model({**FAMILIES["llama4"], "attn_chunk": 4})  # llama.cpp's llama4 chunk is 8192, whatever the file says
     with pytest.raises(ConfigError, match=r"attn_chunk=4 .*chunks of 8192 on layers \(0, 1, 2\)"):
         export_gguf(bad, tmp_path / "l.gguf", tokenizer=tok)
-    bad = _model({**FAMILIES["gpt-oss"], "rope_scaling": RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16,
-                                                                      truncate=False)})  # as gpt-oss ships
-    with pytest.raises(ConfigError, match=r"rope_scaling.truncate=False \(llama.cpp rounds"):
-        export_gguf(bad, tmp_path / "o.gguf", tokenizer=tok)
     with pytest.raises(ConfigError, match="set pre_tokenizer=NAME"):
         detect_pre_tokenizer(_scrambled(tok))
     assert not list(tmp_path.iterdir())
+
+
+def test_gpt_oss_with_untruncated_yarn_is_written_with_a_warning(tok, tmp_path, caplog):
+    """gpt-oss ships YaRN with truncate=false, which llama.cpp rounds (as its own converter's gpt-oss files run):
+    the export says so and writes a file llama.cpp loads, rather than refusing the released checkpoints."""
+    model = _model({**FAMILIES["gpt-oss"], "rope_scaling": RopeScaling(type="yarn", factor=4.0,
+                                                                        original_max_seq_len=16, truncate=False)})
+    with caplog.at_level("WARNING", logger="lmforge.quant"):
+        export_gguf(model, tmp_path / "o.gguf", tokenizer=tok)
+    assert "truncate=False: llama.cpp rounds YaRN's correction range" in caplog.text
+    ids = tok.encode("The quick brown fox jumps over the lazy dog.")
+    theirs, ours = _cpp_logits(tmp_path / "o.gguf", ids), _our_logits(model, ids)
+    assert np.isfinite(theirs).all() and theirs.shape == ours.shape
 
 
 def test_deepseek2_export_refuses_what_llama_cpp_would_compute_differently(tok, tmp_path):

@@ -30,6 +30,7 @@ dequantized weights.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from ..errors import ConfigError
 from ..models.gguf import permute_rope_rows, unpermute_rope_rows  # noqa: F401  (re-exported)
 from ..models.positions import rope_inv_freq
 from ..models.transformer import Transformer
+
+log = logging.getLogger("lmforge.quant")
 
 __all__ = ["export_gguf", "GGUF_TYPES", "ARCHS", "gguf_arch", "permute_rope_rows", "unpermute_rope_rows"]
 
@@ -274,8 +277,6 @@ def _problems(cfg, arch: Arch) -> list[str]:
     if s is not None and s.type == "yarn" and arch.name != "deepseek2" and (
             s.attention_factor is not None or s.mscale is not None or (s.beta_fast, s.beta_slow) != (32.0, 1.0)):
         out.append("rope_scaling yarn with a custom attention_factor/mscale/betas (llama.cpp uses the defaults)")
-    if s is not None and s.type == "yarn" and not s.truncate:  # transformers' truncate=false (gpt-oss as released)
-        out.append("rope_scaling.truncate=False (llama.cpp rounds yarn's correction range to whole dims)")
     if cfg.rope_local_scaling is not None:
         out.append("rope_local_scaling (llama.cpp's local layers have no scaling)")
     n = cfg.n_layers
@@ -655,6 +656,11 @@ def export_gguf(model: Transformer | str | Path, out_file: str | Path, tokenizer
         name = name or src.stem
     cfg = model.cfg
     arch = gguf_arch(cfg)
+    s = cfg.rope_scaling
+    if s is not None and s.type == "yarn" and not s.truncate:  # transformers' truncate=false (gpt-oss as released)
+        log.warning("rope_scaling.truncate=False: llama.cpp rounds YaRN's correction range to whole dims, so a few "
+                    "rotary frequencies differ from this model's (gpt-oss-20b: 9 of 32, by up to 43%%); llama.cpp's "
+                    "own gpt-oss files run the same way. Written anyway; logits will not match lmforge's exactly")
     if tokenizer is None and tokenizer_dir is not None:
         from ..tokenizer import Tokenizer
 

@@ -68,6 +68,11 @@ TINY_HF_CONFIGS: dict[str, dict] = {
     "GlmForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, intermediate_size=128, vocab_size=128, max_position_embeddings=128,
                            pad_token_id=0, eos_token_id=2),
+    # GLM-4-0414: GLM-4's block plus sandwich norms (post_self_attn_layernorm, post_mlp_layernorm), its tiny
+    # default rms_norm_eps (1.5625e-07), head_dim != d/heads.
+    "Glm4ForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=32, intermediate_size=128, vocab_size=128, max_position_embeddings=128,
+                            pad_token_id=0, eos_token_id=2),
     # Qwen3: per-head qk-norm, head_dim != d/heads, q/k/v/o bias, tied head, a window on layer 1, yarn RoPE scaling
     # (factor 4 over a 16-token original context: most dims interpolate, cos/sin scaled by 1 + 0.1 ln 4).
     "Qwen3ForCausalLM": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -162,7 +167,8 @@ _CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "Mis
                    "Qwen2ForCausalLM": "Qwen2Config", "GPT2LMHeadModel": "GPT2Config", "BloomForCausalLM": "BloomConfig",
                    "MixtralForCausalLM": "MixtralConfig", "Qwen2MoeForCausalLM": "Qwen2MoeConfig",
                    "GemmaForCausalLM": "GemmaConfig", "PhiForCausalLM": "PhiConfig", "Phi3ForCausalLM": "Phi3Config",
-                   "GlmForCausalLM": "GlmConfig", "Qwen3ForCausalLM": "Qwen3Config", "Gemma2ForCausalLM": "Gemma2Config",
+                   "GlmForCausalLM": "GlmConfig", "Glm4ForCausalLM": "Glm4Config",
+                   "Qwen3ForCausalLM": "Qwen3Config", "Gemma2ForCausalLM": "Gemma2Config",
                    "Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma3ForConditionalGeneration": "Gemma3Config",
                    "Olmo2ForCausalLM": "Olmo2Config", "SmolLM3ForCausalLM": "SmolLM3Config",
                    "Mistral3ForConditionalGeneration": "Mistral3Config", "DeepseekV3ForCausalLM": "DeepseekV3Config",

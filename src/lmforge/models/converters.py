@@ -477,7 +477,8 @@ _ARCH_HINT = {"mlp": "MixtralForCausalLM or Qwen2MoeForCausalLM (mlp=moe), GPT2L
               "sliding_window_layers": "Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM",
               "qkv_bias": "Qwen2ForCausalLM, LlamaForCausalLM",
               "qk_norm": "Qwen3ForCausalLM, Gemma3ForCausalLM (head), Olmo2ForCausalLM (proj)",
-              "norm_placement": "Gemma2ForCausalLM, Gemma3ForCausalLM (sandwich), Olmo2ForCausalLM (post)",
+              "norm_placement": "Gemma2ForCausalLM, Gemma3ForCausalLM, Glm4ForCausalLM (sandwich), "
+                                "Olmo2ForCausalLM (post)",
               "attn_scale": "Gemma2ForCausalLM, Gemma3ForCausalLM", "attn_logit_softcap": "Gemma2ForCausalLM",
               "final_logit_softcap": "Gemma2ForCausalLM, Gemma3ForCausalLM", "nope_layers": "SmolLM3ForCausalLM",
               "rope_local_theta": "Gemma3ForCausalLM", "rope_local_scaling": "Gemma3ForCausalLM",
@@ -935,9 +936,20 @@ def _glm_from_hf(hf: Mapping) -> dict:
     return {"rotary_fraction": 0.5, **out, "rope_interleaved": True}
 
 
-def _glm_to_hf(cfg: ModelConfig) -> dict:
-    _expect(cfg, "GlmForCausalLM", rotary_fraction=_ANY, rope_interleaved=True, qkv_bias=_ANY)
-    return {**_llama_to_hf(cfg, "glm"), "attention_bias": cfg.qkv_bias, "partial_rotary_factor": cfg.rotary_fraction}
+def _glm_to_hf(cfg: ModelConfig, arch: str = "GlmForCausalLM", model_type: str = "glm", **fields) -> dict:
+    _expect(cfg, arch, rotary_fraction=_ANY, rope_interleaved=True, qkv_bias=_ANY, **fields)
+    return {**_llama_to_hf(cfg, model_type), "attention_bias": cfg.qkv_bias,
+            "partial_rotary_factor": cfg.rotary_fraction}
+
+
+def _glm4_from_hf(hf: Mapping) -> dict:
+    """GLM-4-0414 / GLM-Z1 (`Glm4ForCausalLM`): GLM-4's block with sandwich norms (each sublayer's output normalized
+    before the residual add, as Gemma 2 does)."""
+    return {**_glm_from_hf(hf), "norm_placement": "sandwich"}
+
+
+def _glm4_to_hf(cfg: ModelConfig) -> dict:
+    return _glm_to_hf(cfg, "Glm4ForCausalLM", "glm4", norm_placement="sandwich")
 
 
 def _chatglm_from_hf(hf: Mapping) -> dict:
@@ -1258,11 +1270,9 @@ PHI3_NAMES = [
     Rename("model.layers.{i}.mlp.down_proj.{p}", "layers.{i}.mlp.down_proj.{p}"),
 ]
 
-GLM_NAMES = [
-    *_LLAMA_ATTN_NAMES,
-    Rename("model.layers.{i}.mlp.gate_up_proj.{p}", _GATE_UP, "cat"),
-    Rename("model.layers.{i}.mlp.down_proj.{p}", "layers.{i}.mlp.down_proj.{p}"),
-]
+_GLM_MLP = [Rename("model.layers.{i}.mlp.gate_up_proj.{p}", _GATE_UP, "cat"),
+            Rename("model.layers.{i}.mlp.down_proj.{p}", "layers.{i}.mlp.down_proj.{p}")]
+GLM_NAMES = [*_LLAMA_ATTN_NAMES, *_GLM_MLP]
 
 CHATGLM_NAMES = [
     Rename("transformer.embedding.word_embeddings.weight", "embed.weight"),
@@ -1306,6 +1316,11 @@ GEMMA2_NAMES = [_EMBED, _norm("input_layernorm", "attn_norm"), *_ATTN, _norm("po
                 _norm("pre_feedforward_layernorm", "mlp_norm"), *_MLP, _norm("post_feedforward_layernorm", "mlp_post_norm"),
                 *_FINAL]
 GEMMA3_NAMES = [*GEMMA2_NAMES, *_QK_NORM]
+# GLM-4-0414: post_attention_layernorm is the pre-MLP norm (as in Llama); the sandwich norms are post_self_attn_layernorm
+# and post_mlp_layernorm
+GLM4_NAMES = [_EMBED, _norm("input_layernorm", "attn_norm"), *_ATTN, _norm("post_self_attn_layernorm", "attn_post_norm"),
+              _norm("post_attention_layernorm", "mlp_norm"), *_GLM_MLP, _norm("post_mlp_layernorm", "mlp_post_norm"),
+              *_FINAL]
 OLMO2_NAMES = [_EMBED, *_ATTN, *_QK_NORM, _norm("post_attention_layernorm", "attn_post_norm"), *_MLP,
                _norm("post_feedforward_layernorm", "mlp_post_norm"), *_FINAL]
 
@@ -1351,6 +1366,7 @@ register(Converter(("PhiForCausalLM",), "phi", _phi_from_hf, _phi_to_hf, PHI_NAM
 register(Converter(("Phi3ForCausalLM",), "phi3", _phi3_from_hf, _phi3_to_hf, PHI3_NAMES, _ROTARY_BUFFERS,
                    defaults=PHI3_DEFAULTS))
 register(Converter(("GlmForCausalLM",), "glm", _glm_from_hf, _glm_to_hf, GLM_NAMES, _ROTARY_BUFFERS))
+register(Converter(("Glm4ForCausalLM",), "glm4", _glm4_from_hf, _glm4_to_hf, GLM4_NAMES, _ROTARY_BUFFERS))
 register(Converter(("Qwen3ForCausalLM",), "qwen3", _qwen3_from_hf, _qwen3_to_hf, QWEN3_NAMES, _ROTARY_BUFFERS,
                    defaults=QWEN3_DEFAULTS))
 register(Converter(("Gemma2ForCausalLM",), "gemma2", _gemma2_from_hf, _gemma2_to_hf, GEMMA2_NAMES, _ROTARY_BUFFERS,

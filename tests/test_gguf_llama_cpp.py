@@ -125,6 +125,8 @@ FAMILIES = {
                     mlp="moe", moe_router="sigmoid", moe_score_bias=True, moe_experts=4, moe_top_k=2, moe_d_ff=48,
                     moe_shared_d_ff=48, moe_dense_layers=(0,), moe_routed_scale=2.5),
     "glm": dict(arch="GlmForCausalLM", qkv_bias=True, rotary_fraction=0.5, rope_interleaved=True),
+    "glm4": dict(arch="Glm4ForCausalLM", qkv_bias=True, rotary_fraction=0.5, rope_interleaved=True,
+                 norm_placement="sandwich", head_dim=32),
     "smollm3": dict(arch="SmolLM3ForCausalLM", n_layers=4, nope_layers=(3,), tie_embeddings=True),
     # llama.cpp's chunk (8192) and temperature floor (8192) are constants: they cannot act on a short prompt
     "llama4": dict(arch="Llama4ForCausalLM", n_layers=4, rope_interleaved=True, nope_layers=(3,), attn_chunk=8192,

@@ -360,6 +360,7 @@ EXPORTED = {
     "gpt2": ("GPT2LMHeadModel", {}),
     "bloom": ("BloomForCausalLM", {}),
     "chatglm": ("GlmForCausalLM", {}),
+    "glm4": ("Glm4ForCausalLM", {}),
     "glm4moe": ("Glm4MoeForCausalLM", {}),
     # llama.cpp's llama4: NoPE on layer 3 only, 8192-position chunks and temperature tuning (llama.cpp's constants)
     "llama4": ("Llama4ForCausalLM", dict(no_rope_layers=[1, 1, 1, 0], attention_chunk_size=8192, floor_scale=8192,
@@ -491,3 +492,60 @@ def test_deepseek2_files_as_llama_cpp_writes_them_load_with_transformers_logits(
     llm.eval(ids[0].tolist())
     theirs = torch.tensor(np.array(llm.scores[:20]))
     assert (theirs - want).abs().max().item() < 2e-4 * want.abs().max().item()
+
+
+def _write_chatglm_like_llama_cpp(sd: dict, c: dict, path: Path, tok: Tokenizer) -> Path:
+    """A ChatGLM2/3 / custom-code GLM-4-9B GGUF as llama.cpp's convert_hf_to_gguf.py (ChatGLMModel) writes it: the
+    checkpoint's tensors under gguf's own names, query_key_value kept fused as attn_qkv (q | k | v rows, with its
+    bias), dense_h_to_4h as one ffn_up; metadata without key_length (head_dim = hidden / heads), rope dims half of it,
+    base 10000 * rope_ratio."""
+    w = gguf.GGUFWriter(str(path), "chatglm")
+    w.add_context_length(c["seq_length"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["ffn_hidden_size"])
+    w.add_block_count(c["num_layers"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["multi_query_group_num"])
+    w.add_layer_norm_rms_eps(c["layernorm_epsilon"])
+    w.add_rope_dimension_count(c["hidden_size"] // c["num_attention_heads"] // 2)
+    w.add_add_bos_token(False)
+    w.add_rope_freq_base(10000 * c["rope_ratio"])
+    from lmforge.quant.gguf_vocab import write_vocab
+
+    write_vocab(w, tok, c["padded_vocab_size"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.CHATGLM, c["num_layers"])
+    for name, t in sd.items():
+        if not name.endswith(".inv_freq"):
+            new = names.get_name(name.removeprefix("transformer."), try_suffixes=(".weight", ".bias"))
+            w.add_tensor(new, t.float().contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_chatglm_files_as_llama_cpp_writes_them_split_the_fused_qkv(tiny_tok, tmp_path):
+    """A tiny ChatGLM (4 heads sharing 2 key/value groups, q|k|v bias, rope_ratio 2) in llama.cpp's converter layout,
+    one fused attn_qkv per layer: lmforge splits it by the metadata's head counts, and its logits equal the ChatGLM
+    reference forward's and llama.cpp's own on the same file."""
+    from test_glm import CHATGLM_CONFIG, _random_chatglm_checkpoint, chatglm_reference
+
+    c = {**CHATGLM_CONFIG, "padded_vocab_size": tiny_tok.vocab_size}
+    sd = _random_chatglm_checkpoint(tmp_path / "ckpt", c)
+    path = _write_chatglm_like_llama_cpp(sd, c, tmp_path / "chatglm.gguf", tiny_tok)
+    assert "blk.0.attn_qkv.weight" in {t.name for t in GgufFile(str(path)).tensors}
+    model = load_hf(path)
+    cfg = model.cfg
+    assert (cfg.kv_heads, cfg.dim_per_head, cfg.rotary_dim, cfg.rope_theta, cfg.qkv_bias) == (2, 16, 8, 20000.0, True)
+    ids = torch.randint(0, c["padded_vocab_size"], (1, 20))
+    with torch.no_grad():
+        want = chatglm_reference(sd, c, ids)[0]
+        ours = _logits(model(ids))[0]
+    assert (ours - want).abs().max().item() < 1e-4
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=1,
+                          n_threads_batch=1)
+    llm.eval(ids[0].tolist())
+    theirs = torch.tensor(np.array(llm.scores[:20]))
+    assert (theirs - ours).abs().max().item() < 2e-4 * ours.abs().max().item()

@@ -12,7 +12,8 @@ What llama.cpp's converter changed on the way in is undone here: Llama's (and Sm
 the adjacent-pair RoPE layout (unpermuted per head), Gemma's (1/2/3) RMSNorm weights are stored as 1 + w (1 is
 subtracted; Gemma 2/3's ``ffn_norm`` is HF's pre-feed-forward norm), MoE experts are stacked into one 3-D tensor
 per projection (split per expert, or gate|up fused as Llama 4's HF checkpoints stack them), GPT-2's Conv1D weights
-are stored as Linears (transposed back), BLOOM's per-head q|k|v is stored as q|k|v (regrouped per head), DeepSeek's
+are stored as Linears (transposed back), BLOOM's per-head q|k|v is stored as q|k|v (regrouped per head), ChatGLM's fused q|k|v is one ``attn_qkv`` (split
+by the head counts), DeepSeek's
 kv_b_proj is split per head into attn_k_b (transposed) / attn_v_b (merged back), and
 Llama-3 RoPE scaling is a ``rope_freqs`` tensor of per-frequency divisors (turned back into the ``llama3``
 rope_scaling parameters that reproduce it).
@@ -124,6 +125,16 @@ _GEMMA2_NAMES = {
     "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
 
+# one fused attn_qkv split into HF's q/k/v_proj ({part}: q, k, v) by `GgufArch.split_qkv`
+_QKV_SPLIT = {"blk.{i}.attn_qkv.{p}": "model.layers.{i}.self_attn.{part}_proj.{p}"}
+
+# GLM-4-0414 (llama.cpp's glm4): sandwich norms; ffn_norm stays HF's post_attention_layernorm (the pre-MLP norm)
+_GLM4_NAMES = {
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_self_attn_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_mlp_layernorm.weight",
+    "blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}",
+}
+
 # OLMo 2 normalizes after attention and the MLP only (no attn_norm / ffn_norm)
 _OLMO2_NAMES = {
     "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
@@ -213,6 +224,7 @@ class GgufArch:
     extra: dict = field(default_factory=dict)  # fixed HF config keys
     conv1d: bool = False  # HF stores the block's linears as Conv1D (in, out): GPT-2
     qkv_heads: bool = False  # llama.cpp's attn_qkv is q|k|v; HF's is grouped per head [head, q|k|v, head_dim]: BLOOM
+    split_qkv: bool = False  # llama.cpp's attn_qkv (q|k|v rows) split into HF's q/k/v_proj: ChatGLM / GLM-4 files
     fused_experts: str | None = None  # HF stacks the experts, gate|up fused: "cat" (Llama 4), "interleaved" (gpt-oss)
 
 
@@ -243,8 +255,11 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                         moe=("Glm4MoeForCausalLM", "glm4_moe", _GLM4_MOE_NAMES)),
     "deepseek2": GgufArch("DeepseekV3ForCausalLM", "deepseek_v3", names=_DEEPSEEK2_NAMES,
                           moe=("DeepseekV3ForCausalLM", "deepseek_v3", _DEEPSEEK2_NAMES)),
-    # GLM-4 (and ChatGLM) as lmforge writes it: separate q/k/v, fused gate|up; half the head dims rotate in pairs
-    "chatglm": GgufArch("GlmForCausalLM", "glm", names={"blk.{i}.ffn_up.{p}": "model.layers.{i}.mlp.gate_up_proj.{p}"}),
+    # GLM-4 and ChatGLM: separate q/k/v (HF's GLM-4, lmforge's export) or one attn_qkv (llama.cpp's converter on
+    # ChatGLM2/3 and the custom-code GLM-4-9B), fused gate|up; half the head dims rotate in adjacent pairs
+    "chatglm": GgufArch("GlmForCausalLM", "glm", names={**_QKV_SPLIT, "blk.{i}.ffn_up.{p}":
+                                                        "model.layers.{i}.mlp.gate_up_proj.{p}"}, split_qkv=True),
+    "glm4": GgufArch("Glm4ForCausalLM", "glm4", names={**_QKV_SPLIT, **_GLM4_NAMES}, split_qkv=True),
     "llama4": GgufArch("Llama4ForCausalLM", "llama4_text", names=_LLAMA4_NAMES, fused_experts="cat"),
     "gpt-oss": GgufArch("GptOssForCausalLM", "gpt_oss", names=_GPT_OSS_NAMES, fused_experts="interleaved"),
 }
@@ -483,8 +498,8 @@ def hf_config(path: str | Path) -> dict:
     if arch in ("gpt2", "bloom"):  # their HF configs' own key names
         hf.update(n_embd=d, n_layer=hf["num_hidden_layers"], n_head=heads, n_inner=hf["intermediate_size"],
                   n_positions=hf["max_position_embeddings"], seq_length=hf["max_position_embeddings"])
-    if arch == "chatglm":
-        hf["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if arch in ("chatglm", "glm4"):
+        hf["attention_bias"] = "blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors
     if arch in ("gemma2", "gemma3"):
         # llama.cpp scales q.k by head_dim**-0.5, (d_model / heads)**-0.5 for the 27B sizes (46 / 62 layers)
         big = hf["num_hidden_layers"] == (46 if arch == "gemma2" else 62)
@@ -684,6 +699,14 @@ def hf_tensors(path: str | Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]]
             w = w.T.contiguous()  # Linear (out, in) -> Conv1D (in, out)
         if spec.qkv_heads and ".attn_qkv." in t.name:  # (3 * heads * hd, ...) -> (heads * 3 * hd, ...)
             w = w.reshape(3, heads, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+        if spec.split_qkv and ".attn_qkv." in t.name:  # q | k | v rows: heads, kv heads, kv heads of head_dim
+            sizes = [heads * hf["head_dim"], kv * hf["head_dim"], kv * hf["head_dim"]]
+            if w.shape[0] != sum(sizes):
+                raise CheckpointError(f"{Path(path).name}: GGUF tensor '{t.name}' has {w.shape[0]} rows; the metadata's "
+                                      f"{heads} heads, {kv} kv heads of {hf['head_dim']} dims need {sum(sizes)}")
+            for part, rows in zip("qkv", w.split(sizes)):
+                yield hf_name.format(part=part, **fill), rows
+            continue
         if "_shexp" in t.name and "gate_inp" in t.name:
             w = w.reshape(1, -1)  # shared_expert_gate is a (1, d) Linear
         if spec.fused_experts and "_exps." in t.name:

@@ -5,7 +5,7 @@ runs. What it holds:
 
 - ``general.architecture`` chosen from the model's HF architecture (``ARCHS``: Llama and Mistral -> ``llama``,
   Qwen 2/3 (MoE) -> ``qwen2``/``qwen3``/``qwen3moe``/``qwen2moe``, Gemma 1/2/3, OLMo 2, Phi-2/3, GPT-2, BLOOM,
-  SmolLM3, GLM-4/ChatGLM -> ``chatglm``, GLM-4.5 -> ``glm4moe``, Llama 4 -> ``llama4``, DeepSeek-V3 ->
+  SmolLM3, GLM-4/ChatGLM -> ``chatglm``, GLM-4-0414 -> ``glm4``, GLM-4.5 -> ``glm4moe``, Llama 4 -> ``llama4``, DeepSeek-V3 ->
   ``deepseek2``, gpt-oss), after checking that llama.cpp's graph for that architecture computes this model: every
   ModelConfig field its graph hard-codes (norm kind and placement, activation, biases, qk-norm, soft-caps, the
   sliding-window layer pattern, the attention scale ...) must match, else one error names the fields;
@@ -252,6 +252,9 @@ ARCHS: dict[str, Arch] = {
                                                                   rotary_fraction=_ANY, rope_interleaved=_ANY)),
     "GlmForCausalLM": _arch("chatglm", fused_gate_up=True,
                             fixed=dict(rotary_fraction=_ANY, rope_interleaved=True, qkv_bias=_ANY)),
+    # GLM-4-0414 / GLM-Z1: the chatglm layout plus sandwich norms (post_attention_norm, post_ffw_norm)
+    "Glm4ForCausalLM": _arch("glm4", fused_gate_up=True, fixed=dict(rotary_fraction=_ANY, rope_interleaved=True,
+                                                                    qkv_bias=_ANY, norm_placement="sandwich")),
     "Glm4MoeForCausalLM": _arch("glm4moe", moe="sigmoid", ffn_norm="post_attention_norm",
                                 fixed=dict(mlp="moe", rotary_fraction=_ANY, qkv_bias=_ANY, qk_norm=_ANY)),
     "SmolLM3ForCausalLM": _arch("smollm3", permute_qk=True, fixed=dict(nope_layers=_ANY),

@@ -300,6 +300,23 @@ def test_unknown_architecture_is_refused_in_one_line(tmp_path, capsys):
     assert "general.architecture 'mamba'" in err and len(err.splitlines()) == 1
 
 
+def test_glm4_files_with_m_rope_are_refused_in_one_line(tmp_path):
+    """GLM-4.1V's text decoder as llama.cpp writes it (q/k permuted for its M-RoPE sections) would load with wrong
+    logits: refused by name."""
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "glm4")
+    for add, v in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_head_count, 2),
+                   (w.add_feed_forward_length, 16), (w.add_rope_dimension_sections, [2, 1, 1, 0])):
+        add(v)
+    for name in ("token_embd.weight", "blk.0.attn_q.weight"):
+        w.add_tensor(name, np.zeros((8, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"glm4 with rope.dimension_sections \(M-RoPE"):
+        load_hf(tmp_path / "m.gguf")
+
+
 def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
     """tokenizer.ggml.model=llama: scores become merges, unseen characters fall back to <0xNN> bytes, "▁" starts
     every text run (after special tokens too, as llama.cpp does). Oracles: llama.cpp itself (vocab-only load via

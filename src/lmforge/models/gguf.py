@@ -448,6 +448,9 @@ def hf_config(path: str | Path) -> dict:
                if v is None]
     if missing:
         raise CheckpointError(f"{Path(path).name}: GGUF metadata lacks {arch}.{missing[0]}")
+    if arch == "glm4" and meta.get("glm4.rope.dimension_sections"):  # llama.cpp's converter permuted q/k for M-RoPE
+        raise CheckpointError(f"{Path(path).name}: glm4 with rope.dimension_sections (M-RoPE, the text decoder of "
+                              "GLM-4.1V / GLM-4.5V) is not supported; text-only GLM-4-0414 / GLM-Z1 files are")
     head_dim = get("attention.key_length") or d // heads
     experts = get("expert_count", 0) or 0
     hf_arch, model_type = (spec.moe[0], spec.moe[1]) if experts and spec.moe else (spec.hf_arch, spec.model_type)

@@ -130,7 +130,7 @@ def main() -> None:
             for M, path, grid in ((1, "gemv", gemv), (args.gemm_rows, "gemm", GEMM_GRID)):
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                 want = reference(fmt, parts, x, N).float()
-                default = tuple(qkernel._tiles(path, M, N, dev, QuantKernels().gemv_tiles))
+                default = tuple(qkernel._tiles(fmt, path, M, N, dev, QuantKernels().gemv_tiles))
                 if path == "gemv":
                     default = (*default, 0, 0)[:4 if fmt == "int8" else 5]
                 for tiles in grid:

@@ -159,7 +159,7 @@ def _launch_q4(x, qweight, s, z, ss, mean, N: int, group: int, nf4: bool, dq_blo
     lut = _lut(x.device) if nf4 else s
     args = (x, qweight, s, z if z is not None else s, ss if dq else s, mean if dq else s, lut, y)
     flags = dict(GROUP=group, HALF=group // 2, NF4=nf4, DQ=dq, DQ_BLOCK=dq_block)
-    tiles = tiles or _tiles(path, M, N, x.device)
+    tiles = tiles or _tiles("nf4" if nf4 else "int4", path, M, N, x.device)
     if path == "gemv":
         block_n, cols, warps, magic, late = (*tiles, 0, 0)[:5]  # + the inner loop's MAGIC / LATE switches
         k.q4_gemv_kernel[(M, triton_cdiv(N, block_n))](*args, N, K, x.stride(0), y.stride(0), BLOCK_N=block_n,
@@ -178,7 +178,7 @@ def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None):
     N = qweight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     k = _kernels()
-    tiles = tiles or _tiles(path, M, N, x.device)
+    tiles = tiles or _tiles("int8", path, M, N, x.device)
     if path == "gemv":
         block_n, cols, warps, magic = (*tiles, 0)[:4]
         k.int8_gemv_kernel[(M, triton_cdiv(N, block_n))](x, qweight, scale, y, N, K, x.stride(0), y.stride(0),
@@ -192,12 +192,18 @@ def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None):
     return y
 
 
-def _gemv_tiles(N: int, device: torch.device, forced: list[int] | None = None) -> tuple[int, ...]:
-    """(rows per program, input columns per step, warps). A one-row matmul is latency-bound unless many bytes are
-    in flight: 4 rows x 2,048 columns is 4 KB of INT4 codes (8 KB of INT8) per program and step, from N / 4
-    programs, 16-32 bytes per thread at 8 warps (the bf16 GEMV's tuned tiles move 4 KB per step too; 512-column
-    tiles of 8-16 rows measured a quarter of the HBM bandwidth on an H100)."""
-    return tuple(forced) if forced else (4, 2048, 8)
+# The GEMV's default tiles per format: (rows per program, input columns per step, warps, then the inner loop's
+# MAGIC[/LATE] switches), the fastest over Llama-3-8B's qkv, gate_up and down shapes (N x K 6144 x 4096,
+# 28672 x 4096, 4096 x 14336) in `bench/qkernel_tiles.py --quick` on an H100 (docs/benchmarks.md). Against the
+# former 4 x 2,048 x 8 for every format: INT4 1.8x, NF4 2.2x, INT8 1.1x less time summed over the three shapes.
+GEMV_TILES = {"int8": (2, 2048, 4, 0), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0)}
+
+
+def _gemv_tiles(fmt: str, forced: list[int] | None = None) -> tuple[int, ...]:
+    """The one-row GEMV's tiles for `fmt` ("int8", "int4", "nf4"): forced (`QuantKernels.gemv_tiles`) or
+    `GEMV_TILES`. A one-row matmul is latency-bound unless many bytes are in flight; per-format because NF4's table
+    lookups and INT4's nibble unpacking cost registers that the wide INT8 tiles do not."""
+    return tuple(forced) if forced else GEMV_TILES[fmt]
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -213,9 +219,9 @@ def _gemm_blocks(M: int, N: int, device: torch.device) -> tuple[int, int]:
     return block_m, block_n
 
 
-def _tiles(path: str, M: int, N: int, device: torch.device, gemv_tiles: list[int] | None = None) -> tuple:
+def _tiles(fmt: str, path: str, M: int, N: int, device: torch.device, gemv_tiles: list[int] | None = None) -> tuple:
     """The tiles a call of M rows runs with (`gemv_tiles`: forced for the GEMV, `QuantKernels.gemv_tiles`)."""
-    return _gemv_tiles(N, device, gemv_tiles) if path == "gemv" else _gemm_blocks(M, N, device)
+    return _gemv_tiles(fmt, gemv_tiles) if path == "gemv" else _gemm_blocks(M, N, device)
 
 
 def _path(M: int) -> str | None:
@@ -233,7 +239,7 @@ def _run(key: tuple, x: torch.Tensor, N: int, launch, reference, check,
     path = _path(x.shape[0])
     if path is None:
         return reference()
-    tiles = _tiles(path, x.shape[0], N, x.device, gemv_tiles)
+    tiles = _tiles(key[0], path, x.shape[0], N, x.device, gemv_tiles)
     key = key + (path, "x".join(map(str, tiles)), str(x.dtype).removeprefix("torch."), x.device.type)
     state = _status.get(key)
     if state is None:

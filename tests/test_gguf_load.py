@@ -141,6 +141,15 @@ def test_export_hf_round_trip_loads_in_transformers_with_the_same_logits(smol, t
 # ------------------------------------------------------------------------------------------------ tiny files
 
 
+
+def _finish(w, path: Path) -> Path:
+    """Write a GGUFWriter's header, metadata and tensors to `path` and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
 def _write_gguf(hf_model, arch, path: Path, *, qtype=None, permute: bool = False, norm_plus_one: bool = False,
                 tokenizer: Tokenizer | None = None, pre: str = "gpt-2") -> Path:
     """What llama.cpp's converter writes for `hf_model`: metadata, llama.cpp tensor names (gguf's own map),
@@ -206,11 +215,7 @@ def _write_gguf(hf_model, arch, path: Path, *, qtype=None, permute: bool = False
                 w.add_tensor(new, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
             else:
                 w.add_tensor(new, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
 
 
 @pytest.fixture(scope="module")
@@ -482,11 +487,7 @@ def _write_deepseek2_like_llama_cpp(ref, path: Path, tok: Tokenizer, split_kv_b:
             parts = [(names.get_name(name, try_suffixes=(".weight", ".bias")), t)]
         for new, arr in parts:
             w.add_tensor(new, arr.float().contiguous().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
 
 
 @pytest.mark.parametrize("split_kv_b", [True, False], ids=["attn_k_b+attn_v_b", "attn_kv_b"])
@@ -535,11 +536,7 @@ def _write_chatglm_like_llama_cpp(sd: dict, c: dict, path: Path, tok: Tokenizer)
         if not name.endswith(".inv_freq"):
             new = names.get_name(name.removeprefix("transformer."), try_suffixes=(".weight", ".bias"))
             w.add_tensor(new, t.float().contiguous().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
 
 
 def test_chatglm_files_as_llama_cpp_writes_them_split_the_fused_qkv(tiny_tok, tmp_path):

@@ -142,6 +142,16 @@ def test_export_hf_round_trip_loads_in_transformers_with_the_same_logits(smol, t
 
 
 
+
+def _assert_llama_cpp_agrees(path: Path, ids: torch.Tensor, want: torch.Tensor) -> None:
+    """llama.cpp (fp32 KV cache, one thread) computes `want`'s logits for `ids` (1, T) from the file at `path`."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=1,
+                          n_threads_batch=1)
+    llm.eval(ids[0].tolist())
+    theirs = torch.tensor(np.array(llm.scores[: ids.shape[1]]))
+    assert (theirs - want).abs().max().item() < 2e-4 * want.abs().max().item()
+
 def _finish(w, path: Path) -> Path:
     """Write a GGUFWriter's header, metadata and tensors to `path` and close it."""
     w.write_header_to_file()
@@ -504,12 +514,7 @@ def test_deepseek2_files_as_llama_cpp_writes_them_load_with_transformers_logits(
     with torch.no_grad():
         want = ref(ids).logits[0]
         assert (_logits(model(ids))[0] - want).abs().max().item() < 1e-4
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=1,
-                          n_threads_batch=1)
-    llm.eval(ids[0].tolist())
-    theirs = torch.tensor(np.array(llm.scores[:20]))
-    assert (theirs - want).abs().max().item() < 2e-4 * want.abs().max().item()
+    _assert_llama_cpp_agrees(path, ids, want)
 
 
 def _write_chatglm_like_llama_cpp(sd: dict, c: dict, path: Path, tok: Tokenizer) -> Path:
@@ -557,9 +562,4 @@ def test_chatglm_files_as_llama_cpp_writes_them_split_the_fused_qkv(tiny_tok, tm
         want = chatglm_reference(sd, c, ids)[0]
         ours = _logits(model(ids))[0]
     assert (ours - want).abs().max().item() < 1e-4
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=1,
-                          n_threads_batch=1)
-    llm.eval(ids[0].tolist())
-    theirs = torch.tensor(np.array(llm.scores[:20]))
-    assert (theirs - ours).abs().max().item() < 2e-4 * ours.abs().max().item()
+    _assert_llama_cpp_agrees(path, ids, ours)

@@ -120,6 +120,23 @@ _GEMMA2_FIXED = dict(**_GEMMA, norm_placement="sandwich", attn_scale=_ANY, attn_
                      final_logit_softcap=_ANY, sliding_window=_ANY)
 
 
+def _mismatches(cfg, want: dict) -> list[str]:
+    """`field=value (needs wanted)` for every ModelConfig field in `want` that differs (`_ANY`: anything goes)."""
+    return [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items()
+            if v is not _ANY and getattr(cfg, k) != v]
+
+
+def _dense_and_shared_problems(cfg, arch_name: str) -> list[str]:
+    """DeepSeek-style MoE as llama.cpp's glm4moe / deepseek2 lay it out: dense layers only first
+    (leading_dense_block_count) and shared experts of the experts' width (expert_shared_count)."""
+    out = []
+    if cfg.moe_dense_layers != tuple(range(len(cfg.moe_dense_layers))):
+        out.append(f"moe_dense_layers={cfg.moe_dense_layers} (llama.cpp's {arch_name}: the first layers only)")
+    if cfg.moe_shared_d_ff <= 0 or cfg.moe_shared_d_ff % cfg.expert_d_ff:
+        out.append(f"moe_shared_d_ff={cfg.moe_shared_d_ff} (needs a multiple of the expert width {cfg.expert_d_ff})")
+    return out
+
+
 # --- Llama 4 (llama.cpp's llama4) --------------------------------------------------------------------------------
 # Its graph hard-codes what Llama 4 Scout and Maverick do: no RoPE on every 4th layer, attention in 8192-position
 # chunks on the others, the NoPE layers' query temperature (floor 8192, scale 0.1), the L2 qk-norm on RoPE layers
@@ -141,7 +158,7 @@ def _llama4_moe_step(cfg) -> int | None:
 def _llama4_problems(cfg) -> list[str]:
     n = cfg.n_layers
     nope = tuple(i for i in range(n) if (i + 1) % _LLAMA4_NOPE_STEP == 0)
-    out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in _LLAMA4_MOE.items() if getattr(cfg, k) != v]
+    out = _mismatches(cfg, _LLAMA4_MOE)
     if cfg.nope_layers != nope:
         out.append(f"nope_layers={cfg.nope_layers} (llama.cpp's llama4 skips RoPE on {nope})")
     rope_layers = tuple(i for i in range(n) if i not in nope)
@@ -181,18 +198,14 @@ def _deepseek2_problems(cfg) -> list[str]:
     every MoE layer, dense layers only first, and a YaRN whose cos/sin factor is 1 (mscale == mscale_all_dim)."""
     from ..models.transformer import MLA_NORM_EPS
 
-    want = dict(moe_router="sigmoid", moe_router_bias=False, moe_scale_input=False, moe_expert_bias=False,
-                moe_shared_gate=False)
-    out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
+    out = _mismatches(cfg, dict(moe_router="sigmoid", moe_router_bias=False, moe_scale_input=False,
+                                moe_expert_bias=False, moe_shared_gate=False))
     if cfg.norm_eps != MLA_NORM_EPS:
         out.append(f"norm_eps={cfg.norm_eps!r} (llama.cpp's deepseek2 uses one epsilon, also for the MLA latent norms "
                    f"at {MLA_NORM_EPS})")
     if cfg.mla_nope_dim < 1:
         out.append("mla_nope_dim=0 (llama.cpp's deepseek2 needs position-free query/key dims)")
-    if cfg.moe_dense_layers != tuple(range(len(cfg.moe_dense_layers))):
-        out.append(f"moe_dense_layers={cfg.moe_dense_layers} (llama.cpp's deepseek2: the first layers only)")
-    if cfg.moe_shared_d_ff <= 0 or cfg.moe_shared_d_ff % cfg.expert_d_ff:
-        out.append(f"moe_shared_d_ff={cfg.moe_shared_d_ff} (needs a multiple of the expert width {cfg.expert_d_ff})")
+    out += _dense_and_shared_problems(cfg, "deepseek2")
     s = cfg.rope_scaling
     if s is not None and s.type == "yarn":
         if s.attention_factor is not None or not s.mscale_all_dim or s.mscale != s.mscale_all_dim:
@@ -215,7 +228,7 @@ _GPT_OSS_MOE = dict(moe_router="softmax", moe_groups=1, moe_score_bias=False, mo
 
 
 def _gpt_oss_problems(cfg) -> list[str]:
-    out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in _GPT_OSS_MOE.items() if getattr(cfg, k) != v]
+    out = _mismatches(cfg, _GPT_OSS_MOE)
     even = tuple(range(0, cfg.n_layers, 2))
     if cfg.sliding_window is None or _windowed(cfg) != even:
         out.append(f"sliding_window={cfg.sliding_window} on layers {_windowed(cfg)} (llama.cpp's gpt-oss slides on "
@@ -272,8 +285,7 @@ ARCHS["Llama4ForConditionalGeneration"] = _LLAMA4  # its text decoder (lmforge l
 
 def _problems(cfg, arch: Arch) -> list[str]:
     """Every way `cfg` differs from what llama.cpp's `arch.name` graph computes (empty: it runs this model)."""
-    out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in arch.fixed.items()
-           if v is not _ANY and getattr(cfg, k) != v]
+    out = _mismatches(cfg, arch.fixed)
     s = cfg.rope_scaling
     if s is not None and s.type not in arch.rope_scalings:
         out.append(f"rope_scaling.type={s.type!r} (needs one of {', '.join(arch.rope_scalings)})")
@@ -317,21 +329,16 @@ def _windowed(cfg) -> tuple[int, ...]:
 
 def _moe_problems(cfg, arch: Arch) -> list[str]:
     if arch.moe == "sigmoid":  # llama.cpp's glm4moe: sigmoid scores + selection bias, leading dense layers
-        want = dict(moe_router="sigmoid", moe_groups=1, moe_score_bias=True, moe_router_bias=False,
-                    moe_scale_input=False, moe_expert_bias=False, moe_shared_gate=False)
-        out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
-        if cfg.moe_dense_layers != tuple(range(len(cfg.moe_dense_layers))):
-            out.append(f"moe_dense_layers={cfg.moe_dense_layers} (llama.cpp's glm4moe: the first layers only)")
-        if cfg.moe_shared_d_ff <= 0 or cfg.moe_shared_d_ff % cfg.expert_d_ff:
-            out.append(f"moe_shared_d_ff={cfg.moe_shared_d_ff} (needs a multiple of the expert width "
-                       f"{cfg.expert_d_ff})")
+        out = _mismatches(cfg, dict(moe_router="sigmoid", moe_groups=1, moe_score_bias=True, moe_router_bias=False,
+                                    moe_scale_input=False, moe_expert_bias=False, moe_shared_gate=False))
+        out += _dense_and_shared_problems(cfg, "glm4moe")
         if cfg.qk_norm == "proj":
             out.append("qk_norm='proj' (llama.cpp's glm4moe normalizes per head)")
         return out
     want = dict(moe_router="softmax", moe_groups=1, moe_score_bias=False, moe_routed_scale=1.0, moe_router_bias=False,
                 moe_scale_input=False, moe_expert_bias=False, moe_dense_layers=(),
                 moe_norm_topk=arch.moe == "plain", moe_shared_gate=arch.moe == "shared")
-    out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
+    out = _mismatches(cfg, want)
     if (cfg.moe_shared_d_ff > 0) != (arch.moe == "shared"):
         out.append(f"moe_shared_d_ff={cfg.moe_shared_d_ff} ({'needs' if arch.moe == 'shared' else 'no'} "
                    "shared expert)")
@@ -582,14 +589,20 @@ def _hparams(w, cfg, arch: Arch) -> None:
         if cfg.moe_shared_d_ff and arch.moe != "sigmoid":
             w.add_expert_shared_feed_forward_length(cfg.moe_shared_d_ff)
         if arch.moe == "sigmoid":
-            w.add_leading_dense_block_count(len(cfg.moe_dense_layers))
-            w.add_expert_shared_count(cfg.moe_shared_d_ff // cfg.expert_d_ff)
-            w.add_expert_weights_scale(cfg.moe_routed_scale)
-            w.add_expert_weights_norm(cfg.moe_norm_topk)
-            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+            _sigmoid_moe_hparams(w, cfg)
             w.add_nextn_predict_layers(0)
     if arch.name == "llama4":
         w.add_interleave_moe_layer_step(_llama4_moe_step(cfg))
+
+
+def _sigmoid_moe_hparams(w, cfg) -> None:
+    """The keys of llama.cpp's DeepSeek-style MoE (glm4moe, deepseek2): leading dense layers, shared experts,
+    routed scale, top-k renormalization and the sigmoid gate."""
+    w.add_leading_dense_block_count(len(cfg.moe_dense_layers))
+    w.add_expert_shared_count(cfg.moe_shared_d_ff // cfg.expert_d_ff)
+    w.add_expert_weights_scale(cfg.moe_routed_scale)
+    w.add_expert_weights_norm(cfg.moe_norm_topk)
+    w.add_expert_gating_func(_gguf().ExpertGatingFuncType.SIGMOID)
 
 
 def _deepseek2_hparams(w, cfg) -> None:
@@ -618,14 +631,10 @@ def _deepseek2_hparams(w, cfg) -> None:
         w.add_rope_scaling_factor(s.factor or cfg.max_seq_len / s.original_max_seq_len)
         w.add_rope_scaling_orig_ctx_len(s.original_max_seq_len)
         w.add_rope_scaling_yarn_log_mul(0.1 * s.mscale_all_dim)
-    w.add_leading_dense_block_count(len(cfg.moe_dense_layers))
     w.add_expert_count(cfg.moe_experts)
     w.add_expert_used_count(cfg.moe_top_k)
     w.add_expert_feed_forward_length(cfg.expert_d_ff)
-    w.add_expert_shared_count(cfg.moe_shared_d_ff // cfg.expert_d_ff)
-    w.add_expert_weights_scale(cfg.moe_routed_scale)
-    w.add_expert_weights_norm(cfg.moe_norm_topk)
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    _sigmoid_moe_hparams(w, cfg)
     if 1 < cfg.moe_groups and cfg.moe_topk_groups < cfg.moe_groups:  # all groups kept: no grouping at all
         w.add_expert_group_count(cfg.moe_groups)
         w.add_expert_group_used_count(cfg.moe_topk_groups)

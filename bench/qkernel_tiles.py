@@ -30,6 +30,12 @@ QUICK_GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((2, 4, 8, 
 # GEMV inner loops, appended to the tiles: (MAGIC nibble conversion, LATE reduction); NF4 looks levels up
 VARIANTS = {"int4": [(0, 0), (1, 0), (0, 1), (1, 1)], "nf4": [(0, 0), (0, 1)], "int8": [(0,), (1,)]}
 GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
+# K-major 4-bit kernels ("int4kn", "nf4kn": the layout prepare_fast_path repacks into): GEMV (columns per program,
+# input columns per step, warps, steps per program; 0 = all of K, else K split over programs adding into fp32),
+# GEMM (BLOCK_M, BLOCK_N, BLOCK_K, warps)
+KN_GEMV_GRID = [(bn, bk, w, st) for bn, bk, w, st in itertools.product((64, 128, 256, 512), (32, 64, 128), (1, 2, 4),
+                                                                         (1, 4, 0)) if bn * bk <= 256 * 32 * w]
+KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (32, 64, 128), (4,)))
 
 
 def timed(fn, reps: int = 50) -> float:
@@ -74,12 +80,33 @@ def weights(fmt: str, N: int, K: int, dev):
         packed = (q[:, 0::2] << 4) | q[:, 1::2]
         s, z = s.to(torch.bfloat16), z.to(torch.uint8)
         return (packed, s, z), packed.numel() + s.numel() * 2 + z.numel(), None
+    if fmt in ("int4kn", "int4-tinygemm"):
+        (packed, s, z), nbytes, _ = weights("int4", N, K, dev)
+        codes = torch.stack([packed >> 4, packed & 15], -1).view(N, K)
+        if fmt == "int4-tinygemm":
+            zero_f = (8 - z.float()) * s.float()
+            sz = torch.stack([s.float().T, zero_f.T], -1).to(torch.bfloat16).contiguous()
+            return (torch.ops.aten._convert_weight_to_int4pack(packed, 8), sz, (packed, s, z)), nbytes, None
+        b = (-z.float() * s.float()).T.contiguous().to(torch.bfloat16)
+        return (qkernel.pack_kn(codes), s.T.contiguous(), b, (packed, s, z)), nbytes + b.numel(), None
     t = quantize_nf4(w, 64, True, 256)
+    if fmt == "nf4kn":
+        from lmforge.quant.nf4 import unpack_nibbles
+
+        a = qkernel.nf4_block_absmax(t.absmax, t.absmax_scale, t.absmax_mean, 256).view(N, K // 64)
+        codes = unpack_nibbles(t.codes).view(-1)[: N * K].view(N, K)
+        return (qkernel.pack_kn(codes), a.T.contiguous().to(torch.bfloat16), None, t), \
+            codes.numel() // 2 + a.numel() * 2, None
     nbytes = t.codes.numel() + t.absmax.numel() + t.absmax_scale.numel() * 4
     return (t,), nbytes, None
 
 
 def launch(fmt: str, parts, x, N: int, path: str, tiles):
+    if fmt.endswith("kn"):
+        nf4 = fmt == "nf4kn"
+        return qkernel._launch_q4kn(x, *parts[:3], N, 64 if nf4 else 128, nf4, path, tiles)
+    if fmt == "int4-tinygemm":
+        return torch.ops.aten._weight_int4pack_mm(x, parts[0], 128, parts[1])
     if fmt == "int8":
         return qkernel._launch_int8(x, *parts, path, tiles)
     if fmt == "int4":
@@ -91,6 +118,10 @@ def launch(fmt: str, parts, x, N: int, path: str, tiles):
 
 
 def reference(fmt: str, parts, x, N: int):
+    if fmt in ("int4kn", "nf4kn"):
+        return reference(fmt[:-2], parts[3:] if fmt == "nf4kn" else parts[3], x, N)
+    if fmt == "int4-tinygemm":
+        return reference("int4", parts[2], x, N)
     if fmt == "int8":
         q, s = parts
         return qkernel.int8_reference(x, q, s)
@@ -126,12 +157,19 @@ def main() -> None:
         del w16
         for fmt in args.formats.split(","):
             parts, nbytes, _ = weights(fmt, N, K, dev)
-            gemv = [(*t, *v) for t in (QUICK_GEMV_GRID if args.quick else GEMV_GRID) for v in VARIANTS[fmt]]
-            for M, path, grid in ((1, "gemv", gemv), (args.gemm_rows, "gemm", GEMM_GRID)):
+            if fmt.endswith("kn"):
+                gemv, gemm = KN_GEMV_GRID, KN_GEMM_GRID
+            elif fmt == "int4-tinygemm":
+                gemv, gemm = [()], [()]
+            else:
+                gemv = [(*t, *v) for t in (QUICK_GEMV_GRID if args.quick else GEMV_GRID) for v in VARIANTS[fmt]]
+                gemm = GEMM_GRID
+            for M, path, grid in ((1, "gemv", gemv), (args.gemm_rows, "gemm", gemm)):
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                 want = reference(fmt, parts, x, N).float()
-                default = tuple(qkernel._tiles(fmt, path, M, N, dev, QuantKernels().gemv_tiles))
-                if path == "gemv":
+                default = tuple(qkernel._tiles(fmt, path, M, N, dev, QuantKernels().gemv_tiles)) \
+                    if fmt in VARIANTS else None
+                if path == "gemv" and default:
                     default = (*default, 0, 0)[:4 if fmt == "int8" else 5]
                 for tiles in grid:
                     row = {"format": fmt, "shape": shape, "N": N, "K": K, "M": M, "path": path,

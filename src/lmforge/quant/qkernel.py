@@ -192,6 +192,61 @@ def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None):
     return y
 
 
+def pack_kn(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes uint8 (N, K) in [0, 15] -> int32 (K / 8, N), input column 8i + j in bits 4j..4j+3 of word
+    [i, n] (GPTQ's qweight order; `qkernel_triton`'s K-major kernels read it)."""
+    N, K = codes.shape
+    c = codes.T.reshape(K // 8, 8, N).to(torch.int32)
+    word = torch.zeros(K // 8, N, dtype=torch.int32, device=codes.device)
+    for j in range(8):
+        word |= c[:, j] << (4 * j)  # j = 7 sets the sign bit: the kernels mask after shifting
+    return word
+
+
+def unpack_kn(word: torch.Tensor) -> torch.Tensor:
+    """int32 (K / 8, N) -> codes uint8 (N, K), the inverse of `pack_kn`."""
+    shifts = torch.arange(0, 32, 4, device=word.device, dtype=torch.int32)
+    c = (word[:, None, :] >> shifts[None, :, None]) & 0xF  # (K / 8, 8, N)
+    return c.reshape(-1, word.shape[1]).T.to(torch.uint8).contiguous()
+
+
+def _kn_steps(K: int, block_k: int, steps: int) -> int:
+    """Input-column steps per GEMV program: `steps` (0: all of K, no split), lowered until it divides K's steps."""
+    total = K // block_k
+    steps = total if steps <= 0 else min(steps, total)
+    while total % steps:
+        steps -= 1
+    return steps
+
+
+def _launch_q4kn(x, qw, s, b, N: int, group: int, nf4: bool, path: str, tiles: tuple):
+    """The K-major 4-bit GEMV / GEMM (`qkernel_triton.q4kn_*`). GEMV tiles: (columns per program, input columns per
+    step, warps, steps per program: fewer steps split K over more programs, adding into an fp32 buffer); GEMM
+    tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps)."""
+    M, K = x.shape
+    k = _kernels()
+    lut = _lut(x.device) if nf4 else s
+    b = s if b is None else b
+    if path == "gemv":
+        block_n, block_k, warps, steps = tiles
+        block_k = min(block_k, group)
+        steps = _kn_steps(K, block_k, steps)
+        splits = K // (block_k * steps)
+        y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if splits > 1 else \
+            torch.empty(M, N, dtype=x.dtype, device=x.device)
+        k.q4kn_gemv_kernel[(M, triton_cdiv(N, block_n), splits)](
+            x, qw, s, b, lut, y, N, K, x.stride(0), y.stride(0), GROUP=group, NF4=nf4, BLOCK_N=block_n,
+            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1, num_warps=warps)
+        return y.to(x.dtype) if splits > 1 else y
+    block_m, block_n, block_k, warps = tiles
+    block_k = min(block_k, group)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    k.q4kn_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](
+        x, qw, s, b, lut, y, M, N, K, x.stride(0), y.stride(0), GROUP=group, NF4=nf4, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2)
+    return y
+
+
 # The GEMV's default tiles per format: (rows per program, input columns per step, warps, then the inner loop's
 # MAGIC[/LATE] switches), the fastest over Llama-3-8B's qkv, gate_up and down shapes (N x K 6144 x 4096,
 # 28672 x 4096, 4096 x 14336) in `bench/qkernel_tiles.py --quick` on an H100 (docs/benchmarks.md). Against the

@@ -187,3 +187,72 @@ def int8_gemm_kernel(X, QW, S, Y, M, N, K, stride_xm, stride_ym,
     s = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     y_ptr = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptr, (acc * s[None, :]).to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ K-major 4-bit
+# The decode layout `prepare_fast_path` repacks INT4 / NF4 into on CUDA (GPTQ's qweight order): codes int32
+# (K / 8, N), input column 8i + j of output n in bits 4j..4j+3 of word [i, n]; per group of GROUP input columns a
+# scale (K / GROUP, N) and, for INT4, an additive term (K / GROUP, N) = -zero * scale, so ``W[n, k] = q * s + b``
+# (NF4: ``LEVELS[q] * absmax``). Threads own output columns: loads are 16-byte runs along N, and the reduction over
+# K stays inside a thread (no cross-thread sum per step), which the row-major kernels above cannot avoid.
+
+
+@triton.jit
+def q4kn_gemv_kernel(X, QW, S, B, Lut, Y, N, K, stride_xm, stride_ym,
+                     GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STEPS: tl.constexpr, ATOMIC: tl.constexpr):
+    """Y[m, cols] (+)= X[m, ks] @ W[ks, cols] over STEPS x BLOCK_K input columns per program (grid: input rows x
+    column blocks x K splits); ATOMIC: Y is a zeroed fp32 buffer the K splits add into."""
+    m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    k_first = tl.program_id(2) * (STEPS * BLOCK_K)
+    words = tl.arange(0, BLOCK_K // 8)
+    nib = tl.arange(0, 8)
+    shift = (nib * 4)[None, :, None]  # (1, 8, 1)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(STEPS):
+        k0 = k_first + i * BLOCK_K
+        w = tl.load(QW + ((k0 // 8 + words).to(tl.int64) * N)[:, None] + cols[None, :], mask=col_ok[None, :],
+                    other=0, eviction_policy="evict_first")  # (BLOCK_K / 8, BLOCK_N) int32
+        q = (w[:, None, :] >> shift) & 0xF  # (BLOCK_K / 8, 8, BLOCK_N)
+        x = tl.load(X + m * stride_xm + k0 + words[:, None] * 8 + nib[None, :]).to(tl.float32)  # (BLOCK_K / 8, 8)
+        g = (k0 // GROUP) * N
+        s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
+        if NF4:
+            v = tl.load(Lut + q)  # the 16 levels, one cache line
+            acc += tl.sum(tl.sum(v * x[:, :, None], axis=1), axis=0) * s
+        else:
+            b = tl.load(B + g + cols, mask=col_ok, other=0).to(tl.float32)
+            acc += tl.sum(tl.sum(q.to(tl.float32) * x[:, :, None], axis=1), axis=0) * s + tl.sum(tl.sum(x, 1), 0) * b
+    if ATOMIC:
+        tl.atomic_add(Y + m * stride_ym + cols, acc, mask=col_ok, sem="relaxed")
+    else:
+        tl.store(Y + m * stride_ym + cols, acc.to(Y.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def q4kn_gemm_kernel(X, QW, S, B, Lut, Y, M, N, K, stride_xm, stride_ym,
+                     GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """Y[rows, cols] = X[rows] @ W[:, cols] with (BLOCK_K, BLOCK_N) weight tiles dequantized into tensor-core dots
+    (BLOCK_K divides GROUP: one scale row per tile). Each code word is loaded by the 8 rows it holds (L1 hits)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    ks = tl.arange(0, BLOCK_K)
+    shift = ((ks % 8) * 4)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
+        w = tl.load(QW + ((k0 + ks) // 8).to(tl.int64)[:, None] * N + cols[None, :], mask=col_ok[None, :], other=0)
+        q = (w >> shift) & 0xF  # (BLOCK_K, BLOCK_N)
+        g = (k0 // GROUP) * N  # (K / GROUP) N < 2^31
+        s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
+        if NF4:
+            wt = tl.load(Lut + q) * s[None, :]
+        else:
+            wt = q.to(tl.float32) * s[None, :] + tl.load(B + g + cols, mask=col_ok, other=0).to(tl.float32)[None, :]
+        acc += tl.dot(x, wt.to(x.dtype))
+    tl.store(Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])

@@ -87,8 +87,7 @@ def weights(fmt: str, N: int, K: int, dev):
             zero_f = (8 - z.float()) * s.float()
             sz = torch.stack([s.float().T, zero_f.T], -1).to(torch.bfloat16).contiguous()
             return (torch.ops.aten._convert_weight_to_int4pack(packed, 8), sz, (packed, s, z)), nbytes, None
-        b = (-z.float() * s.float()).T.contiguous().to(torch.bfloat16)
-        return (qkernel.pack_kn(codes), s.T.contiguous(), b, (packed, s, z)), nbytes + b.numel(), None
+        return (qkernel.pack_kn(codes), s.T.contiguous(), z.T.contiguous(), (packed, s, z)), nbytes, None
     t = quantize_nf4(w, 64, True, 256)
     if fmt == "nf4kn":
         from lmforge.quant.nf4 import unpack_nibbles

@@ -192,13 +192,13 @@ def int8_gemm_kernel(X, QW, S, Y, M, N, K, stride_xm, stride_ym,
 # ------------------------------------------------------------------------------------------------ K-major 4-bit
 # The decode layout `prepare_fast_path` repacks INT4 / NF4 into on CUDA (GPTQ's qweight order): codes int32
 # (K / 8, N), input column 8i + j of output n in bits 4j..4j+3 of word [i, n]; per group of GROUP input columns a
-# scale (K / GROUP, N) and, for INT4, an additive term (K / GROUP, N) = -zero * scale, so ``W[n, k] = q * s + b``
-# (NF4: ``LEVELS[q] * absmax``). Threads own output columns: loads are 16-byte runs along N, and the reduction over
+# scale (K / GROUP, N) and, for INT4, a zero point uint8 (K / GROUP, N): ``W[n, k] = (q - z) * s`` (NF4:
+# ``LEVELS[q] * absmax``, absmax in the compute dtype). The buffers of `Int4Linear` in its "kn" layout. Threads own output columns: loads are 16-byte runs along N, and the reduction over
 # K stays inside a thread (no cross-thread sum per step), which the row-major kernels above cannot avoid.
 
 
 @triton.jit
-def q4kn_gemv_kernel(X, QW, S, B, Lut, Y, N, K, stride_xm, stride_ym,
+def q4kn_gemv_kernel(X, QW, S, Z, Lut, Y, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      STEPS: tl.constexpr, ATOMIC: tl.constexpr):
     """Y[m, cols] (+)= X[m, ks] @ W[ks, cols] over STEPS x BLOCK_K input columns per program (grid: input rows x
@@ -223,8 +223,8 @@ def q4kn_gemv_kernel(X, QW, S, B, Lut, Y, N, K, stride_xm, stride_ym,
             v = tl.load(Lut + q)  # the 16 levels, one cache line
             acc += tl.sum(tl.sum(v * x[:, :, None], axis=1), axis=0) * s
         else:
-            b = tl.load(B + g + cols, mask=col_ok, other=0).to(tl.float32)
-            acc += tl.sum(tl.sum(q.to(tl.float32) * x[:, :, None], axis=1), axis=0) * s + tl.sum(tl.sum(x, 1), 0) * b
+            z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)  # sum (q - z) s x = s (sum q x - z sum x)
+            acc += (tl.sum(tl.sum(q.to(tl.float32) * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, 1), 0) * z) * s
     if ATOMIC:
         tl.atomic_add(Y + m * stride_ym + cols, acc, mask=col_ok, sem="relaxed")
     else:
@@ -232,7 +232,7 @@ def q4kn_gemv_kernel(X, QW, S, B, Lut, Y, N, K, stride_xm, stride_ym,
 
 
 @triton.jit
-def q4kn_gemm_kernel(X, QW, S, B, Lut, Y, M, N, K, stride_xm, stride_ym,
+def q4kn_gemm_kernel(X, QW, S, Z, Lut, Y, M, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     """Y[rows, cols] = X[rows] @ W[:, cols] with (BLOCK_K, BLOCK_N) weight tiles dequantized into tensor-core dots
@@ -252,7 +252,8 @@ def q4kn_gemm_kernel(X, QW, S, B, Lut, Y, M, N, K, stride_xm, stride_ym,
         if NF4:
             wt = tl.load(Lut + q) * s[None, :]
         else:
-            wt = q.to(tl.float32) * s[None, :] + tl.load(B + g + cols, mask=col_ok, other=0).to(tl.float32)[None, :]
+            z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
+            wt = (q.to(tl.float32) - z[None, :]) * s[None, :]
         acc += tl.dot(x, wt.to(x.dtype))
     tl.store(Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])

@@ -13,7 +13,8 @@ variant, each through the serving engine (paged KV cache, CUDA graphs):
 
 Every row carries the speedup over the bf16 row of the same call and the issue's goals (batch-1: INT4 >= 2.8x,
 NF4 >= 2.5x, INT8 >= 1.7x; throughput >= 1.0x). A variant that fails is recorded with its error; the others go on.
-`int4-tinygemm` uses PyTorch's `_weight_int4pack_mm` instead (prepare_fast_path); `<kind>-ref` turns lmforge's
+`int4-tinygemm` uses PyTorch's `_weight_int4pack_mm` instead (prepare_fast_path), `int4-nk` INT4's row-major
+kernels (the buffers as quantized, not re-laid K-major by prepare_fast_path); `<kind>-ref` turns lmforge's
 kernels off (dequantize + matmul: `engine.kernels.quant=false`); `--gemv-tiles` forces the quantized GEMV's tiles
 (`engine.kernels.quant_gemv_tiles`, e.g. the best of bench/qkernel_tiles.py).
 
@@ -68,7 +69,7 @@ def quantize(model, variant: str, group_size: int, kernels) -> dict:
     `prepare_fast_path` did (tinygemm only)."""
     from lmforge.quant import prepare_fast_path, quantize_model, set_kernels
 
-    kind = variant.removesuffix("-ref").removesuffix("-tinygemm")
+    kind = variant.removesuffix("-ref").removesuffix("-tinygemm").removesuffix("-nk")
     if kind == "bf16":
         return {}
     quantize_model(model, "int4" if kind == "int4" else kind, group_size=group_size)
@@ -82,6 +83,8 @@ def quantize(model, variant: str, group_size: int, kernels) -> dict:
         layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
         kernels = [m.prepare_fast_path(torch.bfloat16, aten=True) or "reference" for m in layers]
         return {k: kernels.count(k) for k in set(kernels)}
+    if variant.endswith("-nk"):  # INT4's row-major kernels: the buffers as quantized, not re-laid K-major
+        return {"triton int4 (row-major)": sum(1 for m in model.modules() if getattr(m, "kind", "") == "int4")}
     return prepare_fast_path(model, torch.bfloat16)  # what load_hf does: reports the kernels chosen
 
 
@@ -155,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--variants", default="bf16,int8,int4,nf4",
-                    help="bf16, int8, int4, nf4, int4-tinygemm, and <kind>-ref (lmforge's kernels off)")
+                    help="bf16, int8, int4, nf4, int4-tinygemm, int4-nk, and <kind>-ref (lmforge's kernels off)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--n-layers", type=int, default=None, help="override the depth (smoke runs)")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -168,11 +171,15 @@ def main() -> None:
                     help="torch.compile the batch-1 forward (default: on CUDA)")
     ap.add_argument("--gemv-tiles", default=None, metavar="ROWS,COLUMNS,WARPS",
                     help="force the quantized GEMV's tiles (engine.kernels.quant_gemv_tiles; default: by shape)")
+    ap.add_argument("--kn-tiles", default=None, metavar="COLUMNS,STEP,WARPS,STEPS",
+                    help="the K-major INT4 GEMV's default tiles for this run (qkernel.GEMV_TILES['int4kn'])")
     ap.add_argument("--out", default=None, help="also write the JSON lines here (after every variant)")
     args = ap.parse_args()
 
     from lmforge.quant import qkernel
 
+    if args.kn_tiles:
+        qkernel.GEMV_TILES["int4kn"] = tuple(int(v) for v in args.kn_tiles.split(","))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile is None:
         args.compile = device == "cuda"
@@ -182,7 +189,8 @@ def main() -> None:
     bandwidth = next((bw for key, bw in HBM_SPEC.items() if key in name), None)
     env = {"preset": args.preset, "n_layers": args.n_layers, "device": name, "torch": torch.__version__,
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "group_size": args.group_size,
-           "compile_batch1": args.compile, "decode_steps": args.decode_steps, "gemv_tiles": args.gemv_tiles}
+           "compile_batch1": args.compile, "decode_steps": args.decode_steps, "gemv_tiles": args.gemv_tiles,
+           "kn_tiles": qkernel.GEMV_TILES["int4kn"]}
     rows: list[dict] = []
     base: dict[str, float] = {}
     for variant in args.variants.split(","):

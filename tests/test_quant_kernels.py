@@ -184,7 +184,8 @@ def test_wrong_kernel_is_caught_by_its_check(kernels_on_cpu, monkeypatch):
 # ------------------------------------------------------------------------------------------------ engine packing
 
 
-def test_engine_packs_quantized_projections_into_one_layer():
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+def test_engine_packs_quantized_projections_into_one_layer(layout):
     """pack_for_decode stacks q/k/v and gate/up of an INT4 model into one quantized layer each (one kernel launch),
     the originals viewing its buffers: same logits, same state_dict, and the engine's greedy tokens equal
     generate()'s. NF4 (blocks laid out across rows) keeps separate layers."""
@@ -200,6 +201,9 @@ def test_engine_packs_quantized_projections_into_one_layer():
                                        max_seq_len=64)).eval()
 
     model = quantize_model(tiny(), "int4", group_size=32)
+    for m in model.modules():  # "kn": as prepare_fast_path re-lays them on CUDA (packed along the outputs)
+        if isinstance(m, Int4Linear):
+            m.to_layout(layout)
     ids = torch.tensor([[5, 17, 300, 42, 9, 77]])
     with torch.no_grad():
         want = model(ids)
@@ -213,6 +217,7 @@ def test_engine_packs_quantized_projections_into_one_layer():
     attn, mlp = model.layers[0].attn, model.layers[0].mlp
     assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn.qkv.layer.qweight.untyped_storage().data_ptr()
     assert mlp.gate_up_down.layer.out_features == mlp.gate_proj.out_features + mlp.up_proj.out_features
+    assert attn.qkv.layer.layout == layout
     with torch.no_grad():
         assert torch.allclose(model(ids), want, atol=1e-5, rtol=1e-5)
     after = model.state_dict()
@@ -220,5 +225,69 @@ def test_engine_packs_quantized_projections_into_one_layer():
     llm = LLM(model, config=EngineConfig(num_blocks=32, max_model_len=64))
     assert llm.generate([prompt], params)[0].token_ids == ref_tokens
 
-    nf4 = quantize_model(tiny(), "nf4")
-    assert pack_for_decode(nf4)["packed_qkv"] == 0
+    if layout == "nk":
+        nf4 = quantize_model(tiny(), "nf4")
+        assert pack_for_decode(nf4)["packed_qkv"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ K-major INT4
+
+
+def test_k_major_layout_is_lossless_and_checkpoints_keep_the_row_layout():
+    """`Int4Linear.to_layout("kn")` re-lays the buffers in place (int32 (K / 8, N), scale/zero (groups, N)) and back
+    bit for bit; forward, `weight` and `state_dict()` do not change, and loading a checkpoint into a K-major layer
+    reads the row layout. The int32 words are GPTQ's order: input column 8i + j in bits 4j..4j+3."""
+    layer = _layers(K=256, N=72)["int4 g32"]
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 256)
+    want, w = layer(x), layer.weight
+    layer.to_layout("kn")
+    assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (32, 72) and layer.scale.shape == (8, 72)
+    codes = layer.codes()
+    assert torch.equal(((layer.qweight[1, 5] >> 12) & 15).to(torch.uint8), codes[5, 8 + 3])
+    assert torch.equal(layer(x), want) and torch.equal(layer.weight, w)
+    after = layer.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    layer.load_state_dict(state)
+    assert layer.layout == "nk" and torch.equal(layer.qweight, state["qweight"])
+    layer.to_layout("kn")
+    layer.to_layout("nk")
+    assert all(torch.equal(getattr(layer, k), state[k]) for k in ("qweight", "scale", "zero"))
+
+
+def test_k_major_op_matches_reference_and_gives_input_gradients():
+    layer = _layers(K=128, N=48)["int4 g32"]
+    w = layer.weight.float()
+    layer.to_layout("kn")
+    x = torch.randn(3, 128, requires_grad=True)
+    y = qkernel.int4kn_linear(x, layer.qweight, layer.scale, layer.zero, 32)
+    assert (y - F.linear(x, w)).abs().max().item() < 1e-4
+    dy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    assert (gx - dy @ w).abs().max().item() < 1e-4
+    torch.library.opcheck(qkernel.int4kn_linear, (x, layer.qweight, layer.scale, layer.zero, 32),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@needs_triton
+@pytest.mark.parametrize("rows,tiles", [(1, None), (3, (64, 32, 1, 1)), (2, (32, 64, 2, 0)), (20, None)],
+                         ids=["gemv-default", "gemv-split-k", "gemv-whole-k", "gemm"])
+def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cpu):
+    """The K-major GEMV (its default tiles; K split over programs that add into fp32; all of K in one program) and
+    GEMM on a layer's K-major buffers: N = 72, K = 320 (10 groups of 32) and K = 256 in groups of 128."""
+    from lmforge.quant import QuantKernels, set_kernels
+
+    dtype = torch.bfloat16 if rows <= qkernel.GEMV_MAX_ROWS or DEVICE.type == "cuda" else torch.float16
+    for K, group in ((320, 32), (256, 128)):
+        layer = Int4Linear.from_linear(nn.Linear(K, 72), group_size=group).to(DEVICE)
+        want = layer.weight.float()
+        layer.to_layout("kn")
+        set_kernels(layer, QuantKernels(gemv_tiles=tiles))
+        x = torch.randn(rows, K, device=DEVICE).to(dtype)
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (rows, 72)
+        _close(y, F.linear(x.float(), want, layer.bias.float()), 2e-2)
+    status = qkernel.kernel_status()
+    path = "gemv" if rows <= qkernel.GEMV_MAX_ROWS else "gemm"
+    assert len(status) == 2 and all(v is True for v in status.values()), status
+    assert all(k.startswith("int4kn/") and f"/{path}/" in k for k in status)

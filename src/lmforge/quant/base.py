@@ -35,6 +35,7 @@ class QuantLinear(nn.Module):
     """Shared plumbing: shapes, frozen bias, the serialisable spec."""
 
     kind: str = ""  # the name in a checkpoint's quantization_config
+    layout: str = "nk"  # buffers by output row; "kn": K-major, re-laid for a device's kernels (`Int4Linear`)
     kernels: QuantKernels = DEFAULT_KERNELS  # how the forward computes (`set_kernels`); not part of a checkpoint
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
@@ -80,7 +81,7 @@ class QuantLinear(nn.Module):
         first = layers[0]
         names = cls._row_buffers
         if not names or any(type(m) is not cls or m.options() != first.options() or m._fast is not None
-                            or m.kernels != first.kernels
+                            or m.kernels != first.kernels or m.layout != first.layout
                             or m.in_features != first.in_features or (m.bias is None) != (first.bias is None)
                             or m.scale.dtype != first.scale.dtype or m.scale.device != first.scale.device
                             for m in layers):
@@ -88,11 +89,12 @@ class QuantLinear(nn.Module):
         sizes = [m.out_features for m in layers]
         out = cls(first.in_features, sum(sizes), first.bias is not None, dtype=first.scale.dtype,
                   device=first.scale.device, **first.options())
-        out.kernels = first.kernels
+        out.kernels, out.layout = first.kernels, first.layout
+        dim = 0 if first.layout == "nk" else -1  # K-major buffers hold the output rows as columns
         for name in names:
-            packed = torch.cat([m._buffers[name] for m in layers])  # (sum of out_features, ...)
+            packed = torch.cat([m._buffers[name] for m in layers], dim)  # (sum of out_features, ...)
             out._buffers[name] = packed
-            for m, view in zip(layers, packed.split(sizes)):  # the originals become row views of it
+            for m, view in zip(layers, packed.split(sizes, dim)):  # the originals become row views of it
                 m._buffers[name] = view
         if first.bias is not None:
             packed = torch.cat([m.bias.data for m in layers])

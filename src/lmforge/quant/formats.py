@@ -211,7 +211,8 @@ def save_format(model: nn.Module, out_dir: str | Path, fmt: str = "lmforge") -> 
             zero = torch.full_like(scale, 128, dtype=torch.int16)
         else:
             codes = torch.cat([layer.codes() for layer in layers])  # (out, in) over stored columns
-            scale, zero = torch.cat([layer.scale for layer in layers]), torch.cat([layer.zero for layer in layers])
+            scale = torch.cat([layer.nk_buffers()[1] for layer in layers])
+            zero = torch.cat([layer.nk_buffers()[2] for layer in layers])
         if isinstance(m, Int4ActOrderLinear):
             inverse = torch.argsort(m.perm)
             codes = codes[:, inverse]  # natural column order; column i is in group (its position in perm) // g

@@ -135,6 +135,11 @@ class Int4Linear(QuantLinear):
 
     Buffers: qweight uint8 (out, in / 2) (column 2j in the high nibble), scale (out, in / group_size) in the compute
     dtype, zero uint8 (out, in / group_size). Bytes per parameter: 0.5 + (itemsize(scale) + 1) / group_size.
+
+    On CUDA `prepare_fast_path` re-lays them in place, K-major (``layout = "kn"``: qweight int32 (in / 8, out),
+    scale/zero (in / group_size, out), `qkernel.pack_kn`), the layout of the split-K GEMV and the GEMM that read
+    it. Lossless and in place: one copy of the weights; `state_dict()` still writes (and loading reads) the
+    layout above, and `codes()` / `weight` / `nk_buffers()` give it in any layout.
     """
 
     kind = "int4"
@@ -175,15 +180,46 @@ class Int4Linear(QuantLinear):
         return cls.from_codes(int4_quantize(w, scale, zero), scale, zero, getattr(linear, "bias", None), group_size)
 
     def codes(self) -> torch.Tensor:
-        return unpack_nibbles(self.qweight)  # (out, in) uint8 in [0, 15]
+        """(out, in) uint8 in [0, 15], whatever the layout."""
+        return qkernel.unpack_kn(self.qweight) if self.layout == "kn" else unpack_nibbles(self.qweight)
+
+    def nk_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scale, zero) in the checkpoint layout (converted when the layer is K-major)."""
+        if self.layout == "kn":
+            return pack_nibbles(self.codes()), self.scale.T.contiguous(), self.zero.T.contiguous()
+        return self.qweight, self.scale, self.zero
+
+    @torch.no_grad()
+    def to_layout(self, layout: str) -> None:
+        """Re-lay the buffers in place: "nk" (the checkpoint layout) or "kn" (K-major, see the class doc)."""
+        if layout == self.layout:
+            return
+        if layout == "kn":
+            q, s, z = qkernel.pack_kn(self.codes()), self.scale.T.contiguous(), self.zero.T.contiguous()
+        else:
+            q, s, z = self.nk_buffers()
+        self._buffers.update(qweight=q, scale=s, zero=z)
+        self.layout, self._fast = layout, None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "kn":  # checkpoints hold one layout, whatever the device made of it
+            destination.update(zip((prefix + "qweight", prefix + "scale", prefix + "zero"), self.nk_buffers()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.to_layout("nk")  # what checkpoints hold; prepare_fast_path re-lays it for the device
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def weight(self) -> torch.Tensor:
-        return int4_dequantize(self.codes(), self.scale, self.zero)
+        _, scale, zero = self.nk_buffers()
+        return int4_dequantize(self.codes(), scale, zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        if self._use_fast(x2d):
+        if self.layout == "kn":  # CUDA: the K-major GEMV / GEMM; elsewhere dequantize + matmul
+            y = qkernel.linear_int4kn(x2d, self.qweight, self.scale, self.zero, self.group_size, self.kernels)
+        elif self._use_fast(x2d):
             name, (packed, scales_zeros), *_ = self._fast
             op = torch.ops.aten._weight_int4pack_mm_for_cpu if name.endswith("_for_cpu") \
                 else torch.ops.aten._weight_int4pack_mm
@@ -196,12 +232,14 @@ class Int4Linear(QuantLinear):
 
     def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16, inner_k_tiles: int = 8,
                           aten: bool = False) -> str | None:
-        """On CUDA the Triton kernels need nothing (reported as "triton int4") unless `aten`; otherwise the
-        tinygemm layout: codes re-packed by the device's converter, and per group (scale, float zero) with
-        ``W = (q - 8) * scale + zero_f`` -- so ``zero_f = (8 - zero) * scale``."""
+        """On CUDA the Triton kernels: the buffers re-laid K-major in place (reported as "triton int4"), unless
+        `aten`; otherwise the tinygemm layout: codes re-packed by the device's converter, and per group (scale, float
+        zero) with ``W = (q - 8) * scale + zero_f`` -- so ``zero_f = (8 - zero) * scale``."""
         if self.qweight.is_cuda and not aten and qkernel.available(self.qweight.device, dtype, self.kernels) \
                 and qkernel.group_ok(self.group_size):
+            self.to_layout("kn")
             return "triton int4"
+        self.to_layout("nk")
         zero_f = (8 - self.zero.float()) * self.scale.float()
         scales_zeros = torch.stack([self.scale.float().T, zero_f.T], dim=-1).to(dtype).contiguous()  # (groups, out, 2)
         try:

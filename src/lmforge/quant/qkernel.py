@@ -37,8 +37,9 @@ from .base import DEFAULT_KERNELS, QuantKernels
 from .nf4 import NF4_LEVELS, unpack_nibbles
 from .rtn import int4_dequantize
 
-__all__ = ["GEMV_MAX_ROWS", "GEMM_MAX_ROWS", "available", "use_kernel", "linear_int8", "linear_int4", "linear_nf4",
-           "int8_linear", "int4_linear", "nf4_linear", "nf4_dequantize", "kernel_status", "QuantKernels"]
+__all__ = ["GEMV_MAX_ROWS", "GEMM_MAX_ROWS", "available", "use_kernel", "linear_int8", "linear_int4", "linear_int4kn",
+           "linear_nf4", "int8_linear", "int4_linear", "int4kn_linear", "nf4_linear", "pack_kn", "unpack_kn",
+           "nf4_dequantize", "kernel_status", "QuantKernels"]
 
 log = logging.getLogger("lmforge.quant")
 
@@ -251,7 +252,8 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
 # MAGIC[/LATE] switches), the fastest over Llama-3-8B's qkv, gate_up and down shapes (N x K 6144 x 4096,
 # 28672 x 4096, 4096 x 14336) in `bench/qkernel_tiles.py --quick` on an H100 (docs/benchmarks.md). Against the
 # former 4 x 2,048 x 8 for every format: INT4 1.8x, NF4 2.2x, INT8 1.1x less time summed over the three shapes.
-GEMV_TILES = {"int8": (2, 2048, 4, 0), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0)}
+GEMV_TILES = {"int8": (2, 2048, 4, 0), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0),
+              "int4kn": (128, 64, 2, 4)}  # K-major: (columns per program, input columns per step, warps, steps)
 
 
 def _gemv_tiles(fmt: str, forced: list[int] | None = None) -> tuple[int, ...]:
@@ -276,7 +278,10 @@ def _gemm_blocks(M: int, N: int, device: torch.device) -> tuple[int, int]:
 
 def _tiles(fmt: str, path: str, M: int, N: int, device: torch.device, gemv_tiles: list[int] | None = None) -> tuple:
     """The tiles a call of M rows runs with (`gemv_tiles`: forced for the GEMV, `QuantKernels.gemv_tiles`)."""
-    return _gemv_tiles(fmt, gemv_tiles) if path == "gemv" else _gemm_blocks(M, N, device)
+    if path == "gemv":
+        return _gemv_tiles(fmt, gemv_tiles)
+    block_m, block_n = _gemm_blocks(M, N, device)
+    return (block_m, block_n, 64, 4) if fmt.endswith("kn") else (block_m, block_n)
 
 
 def _path(M: int) -> str | None:
@@ -357,6 +362,19 @@ def _check_int4(group: int):
     return check
 
 
+def _check_int4kn(group: int):
+    def check(M: int, dtype, device, tiles=None):
+        g = _probe(device)
+        N, K = 72, 3 * group
+        codes = torch.randint(0, 16, (N, K), generator=g, device=device, dtype=torch.uint8)
+        s = (torch.rand(K // group, N, generator=g, device=device) * 0.05 + 1e-3).to(dtype)
+        z = torch.randint(0, 16, (K // group, N), generator=g, device=device, dtype=torch.uint8)
+        x = torch.randn(M, K, generator=g, device=device).to(dtype)
+        return _launch_q4kn(x, pack_kn(codes), s, z, N, group, False, _path(M), tiles), \
+            F.linear(x, int4_dequantize(codes, s.T, z.T, dtype))
+    return check
+
+
 def _check_nf4(block: int, dq: bool, dq_block: int):
     def check(M: int, dtype, device, tiles=None):
         from .nf4 import quantize_nf4
@@ -411,6 +429,31 @@ def _(x, qweight, scale, zero, group_size, gemv_tiles=None):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
+def int4kn_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x @ W.T for INT4 in the K-major layout (`pack_kn`): qweight int32 (K / 8, N), scale/zero (K / G, N)."""
+    return F.linear(x, int4_dequantize(unpack_kn(qweight), scale.T, zero.T, x.dtype))
+
+
+@torch.library.custom_op("lmforge::int4kn_linear", mutates_args=())
+def int4kn_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  group_size: int, gemv_tiles: list[int] | None = None) -> torch.Tensor:
+    """x (M, K) -> (M, N) against INT4 in the K-major layout: the split-K GEMV / the GEMM of `qkernel_triton`."""
+    x = x.contiguous()
+    ref = lambda: int4kn_reference(x, qweight, scale, zero)  # noqa: E731
+    if not (use_kernel(x) and group_ok(group_size)):
+        return ref()
+    N = qweight.shape[1]
+    return _run(("int4kn", group_size), x, N,
+                lambda path, tiles: _launch_q4kn(x, qweight.contiguous(), scale.contiguous(), zero.contiguous(), N,
+                                                 group_size, False, path, tiles),
+                ref, _check_int4kn(group_size), gemv_tiles)
+
+
+@int4kn_linear.register_fake
+def _(x, qweight, scale, zero, group_size, gemv_tiles=None):
+    return x.new_empty(x.shape[0], qweight.shape[1])
+
+
 @torch.library.custom_op("lmforge::nf4_linear", mutates_args=())
 def nf4_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
                absmax_mean: torch.Tensor | None, out_features: int, block_size: int,
@@ -450,6 +493,11 @@ def _int4_backward(ctx, dy):
     return dy @ int4_dequantize(unpack_nibbles(qweight), scale, zero, dy.dtype), None, None, None, None, None
 
 
+def _int4kn_backward(ctx, dy):
+    qweight, scale, zero, _, _ = ctx.inputs
+    return dy @ int4_dequantize(unpack_kn(qweight), scale.T, zero.T, dy.dtype), None, None, None, None, None
+
+
 def _nf4_backward(ctx, dy):
     codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size, _ = ctx.inputs
     w = nf4_dequantize(codes, absmax, absmax_scale, absmax_mean, (out_features, ctx.in_features), block_size,
@@ -459,6 +507,7 @@ def _nf4_backward(ctx, dy):
 
 int8_linear.register_autograd(_int8_backward, setup_context=_setup)
 int4_linear.register_autograd(_int4_backward, setup_context=_setup)
+int4kn_linear.register_autograd(_int4kn_backward, setup_context=_setup)
 nf4_linear.register_autograd(_nf4_backward, setup_context=_setup)
 
 
@@ -483,6 +532,14 @@ def linear_int4(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     if use_kernel(x2d, kernels) and group_ok(group_size):
         return int4_linear(x2d, qweight, scale, zero, group_size, _tiles_arg(kernels))
     return int4_reference(x2d, qweight, scale, zero)
+
+
+def linear_int4kn(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  group_size: int, kernels: QuantKernels = DEFAULT_KERNELS) -> torch.Tensor:
+    """As `linear_int4`, for the K-major layout (`Int4Linear.layout == "kn"`)."""
+    if use_kernel(x2d, kernels) and group_ok(group_size):
+        return int4kn_linear(x2d, qweight, scale, zero, group_size, _tiles_arg(kernels))
+    return int4kn_reference(x2d, qweight, scale, zero)
 
 
 def linear_nf4(x2d: torch.Tensor, codes, absmax, absmax_scale, absmax_mean, out_features: int, block_size: int,

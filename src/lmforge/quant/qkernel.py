@@ -220,7 +220,8 @@ def _kn_steps(K: int, block_k: int, steps: int) -> int:
     return steps
 
 
-def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: tuple):
+def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: tuple, ss=None, mean=None,
+                 dq_block: int = 256):
     """The K-major 4-bit GEMV / GEMM (`qkernel_triton.q4kn_*`). GEMV tiles: (columns per program, input columns per
     step, warps, steps per program: fewer steps split K over more programs, adding into an fp32 buffer); GEMM
     tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps)."""
@@ -228,6 +229,8 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     k = _kernels()
     lut = _lut(x.device) if nf4 else s
     z = s if z is None else z
+    dq = dict(DQ=ss is not None, DQ_BLOCK=dq_block)
+    ss, mean = (s, s) if ss is None else (ss, mean)
     if path == "gemv":
         block_n, block_k, warps, steps = tiles
         block_k = min(block_k, group)
@@ -236,15 +239,15 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
         y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if splits > 1 else \
             torch.empty(M, N, dtype=x.dtype, device=x.device)
         k.q4kn_gemv_kernel[(M, triton_cdiv(N, block_n), splits)](
-            x, qw, s, z, lut, y, N, K, x.stride(0), y.stride(0), GROUP=group, NF4=nf4, BLOCK_N=block_n,
-            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1, num_warps=warps)
+            x, qw, s, z, ss, mean, lut, y, N, K, x.stride(0), y.stride(0), GROUP=group, NF4=nf4, BLOCK_N=block_n,
+            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1, num_warps=warps, **dq)
         return y.to(x.dtype) if splits > 1 else y
     block_m, block_n, block_k, warps = tiles
     block_k = min(block_k, group)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     k.q4kn_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](
-        x, qw, s, z, lut, y, M, N, K, x.stride(0), y.stride(0), GROUP=group, NF4=nf4, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2)
+        x, qw, s, z, ss, mean, lut, y, M, N, K, x.stride(0), y.stride(0), GROUP=group, NF4=nf4, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2, **dq)
     return y
 
 

@@ -193,14 +193,26 @@ def int8_gemm_kernel(X, QW, S, Y, M, N, K, stride_xm, stride_ym,
 # The decode layout `prepare_fast_path` repacks INT4 / NF4 into on CUDA (GPTQ's qweight order): codes int32
 # (K / 8, N), input column 8i + j of output n in bits 4j..4j+3 of word [i, n]; per group of GROUP input columns a
 # scale (K / GROUP, N) and, for INT4, a zero point uint8 (K / GROUP, N): ``W[n, k] = (q - z) * s`` (NF4:
-# ``LEVELS[q] * absmax``, absmax in the compute dtype). The buffers of `Int4Linear` in its "kn" layout. Threads own output columns: loads are 16-byte runs along N, and the reduction over
-# K stays inside a thread (no cross-thread sum per step), which the row-major kernels above cannot avoid.
+# ``LEVELS[q] * absmax``, absmax (K / GROUP, N) as stored, fp32 or int8 double-quantized with the block scales of the
+# row layout: block g of row n is scaled by absmax_scale[(n K / GROUP + g) // DQ_BLOCK]). The buffers of `Int4Linear`
+# and `NF4Linear` in their "kn" layout. Threads own output columns: loads are 16-byte runs along N, and the reduction
+# over K stays inside a thread (no cross-thread sum per step), which the row-major kernels above cannot avoid.
 
 
 @triton.jit
-def q4kn_gemv_kernel(X, QW, S, Z, Lut, Y, N, K, stride_xm, stride_ym,
+def _kn_absmax(S, SS, Mean, g, cols, col_ok, n_groups, N, DQ: tl.constexpr, DQ_BLOCK: tl.constexpr):
+    """fp32 NF4 scales of group g for output columns `cols` (K-major absmax, double quantization decoded)."""
+    a = tl.load(S + g * N + cols, mask=col_ok, other=0).to(tl.float32)
+    if DQ:
+        a = a * tl.load(SS + (cols.to(tl.int64) * n_groups + g) // DQ_BLOCK, mask=col_ok, other=0.0) + tl.load(Mean)
+    return a
+
+
+@triton.jit
+def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STEPS: tl.constexpr, ATOMIC: tl.constexpr):
+                     STEPS: tl.constexpr, ATOMIC: tl.constexpr, DQ: tl.constexpr = False,
+                     DQ_BLOCK: tl.constexpr = 256):
     """Y[m, cols] (+)= X[m, ks] @ W[ks, cols] over STEPS x BLOCK_K input columns per program (grid: input rows x
     column blocks x K splits); ATOMIC: Y is a zeroed fp32 buffer the K splits add into."""
     m = tl.program_id(0).to(tl.int64)
@@ -217,12 +229,13 @@ def q4kn_gemv_kernel(X, QW, S, Z, Lut, Y, N, K, stride_xm, stride_ym,
                     other=0, eviction_policy="evict_first")  # (BLOCK_K / 8, BLOCK_N) int32
         q = (w[:, None, :] >> shift) & 0xF  # (BLOCK_K / 8, 8, BLOCK_N)
         x = tl.load(X + m * stride_xm + k0 + words[:, None] * 8 + nib[None, :]).to(tl.float32)  # (BLOCK_K / 8, 8)
-        g = (k0 // GROUP) * N
-        s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
         if NF4:
             v = tl.load(Lut + q)  # the 16 levels, one cache line
-            acc += tl.sum(tl.sum(v * x[:, :, None], axis=1), axis=0) * s
+            a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
+            acc += tl.sum(tl.sum(v * x[:, :, None], axis=1), axis=0) * a
         else:
+            g = (k0 // GROUP) * N
+            s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
             z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)  # sum (q - z) s x = s (sum q x - z sum x)
             acc += (tl.sum(tl.sum(q.to(tl.float32) * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, 1), 0) * z) * s
     if ATOMIC:
@@ -232,9 +245,9 @@ def q4kn_gemv_kernel(X, QW, S, Z, Lut, Y, N, K, stride_xm, stride_ym,
 
 
 @triton.jit
-def q4kn_gemm_kernel(X, QW, S, Z, Lut, Y, M, N, K, stride_xm, stride_ym,
+def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, DQ: tl.constexpr = False, DQ_BLOCK: tl.constexpr = 256):
     """Y[rows, cols] = X[rows] @ W[:, cols] with (BLOCK_K, BLOCK_N) weight tiles dequantized into tensor-core dots
     (BLOCK_K divides GROUP: one scale row per tile). Each code word is loaded by the 8 rows it holds (L1 hits)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,11 +260,12 @@ def q4kn_gemm_kernel(X, QW, S, Z, Lut, Y, M, N, K, stride_xm, stride_ym,
         x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
         w = tl.load(QW + ((k0 + ks) // 8).to(tl.int64)[:, None] * N + cols[None, :], mask=col_ok[None, :], other=0)
         q = (w >> shift) & 0xF  # (BLOCK_K, BLOCK_N)
-        g = (k0 // GROUP) * N  # (K / GROUP) N < 2^31
-        s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
         if NF4:
-            wt = tl.load(Lut + q) * s[None, :]
+            wt = tl.load(Lut + q) * _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ,
+                                               DQ_BLOCK)[None, :]
         else:
+            g = (k0 // GROUP) * N  # (K / GROUP) N < 2^31
+            s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
             z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
             wt = (q.to(tl.float32) - z[None, :]) * s[None, :]
         acc += tl.dot(x, wt.to(x.dtype))

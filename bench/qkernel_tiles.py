@@ -33,7 +33,7 @@ GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 # K-major 4-bit kernels ("int4kn", "nf4kn": the layout prepare_fast_path repacks into): GEMV (columns per program,
 # input columns per step, warps, steps per program; 0 = all of K, else K split over programs adding into fp32),
 # GEMM (BLOCK_M, BLOCK_N, BLOCK_K, warps)
-KN_GEMV_GRID = [(bn, bk, w, st) for bn, bk, w, st in itertools.product((64, 128, 256, 512), (32, 64, 128), (1, 2, 4),
+KN_GEMV_GRID = [(bn, bk, w, st) for bn, bk, w, st in itertools.product((64, 128, 256, 512), (64, 128), (1, 2, 4),
                                                                          (1, 4, 0)) if bn * bk <= 256 * 32 * w]
 KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (32, 64, 128), (4,)))
 

@@ -233,40 +233,51 @@ def test_engine_packs_quantized_projections_into_one_layer(layout):
 # ------------------------------------------------------------------------------------------------ K-major INT4
 
 
-def test_k_major_layout_is_lossless_and_checkpoints_keep_the_row_layout():
-    """`Int4Linear.to_layout("kn")` re-lays the buffers in place (int32 (K / 8, N), scale/zero (groups, N)) and back
-    bit for bit; forward, `weight` and `state_dict()` do not change, and loading a checkpoint into a K-major layer
-    reads the row layout. The int32 words are GPTQ's order: input column 8i + j in bits 4j..4j+3."""
-    layer = _layers(K=256, N=72)["int4 g32"]
+@pytest.mark.parametrize("name", ["int4 g32", "nf4", "nf4 fp32 absmax"])
+def test_k_major_layout_is_lossless_and_checkpoints_keep_the_row_layout(name):
+    """`to_layout("kn")` re-lays a layer's buffers in place (codes int32 (K / 8, N); INT4's scale/zero and NF4's
+    absmax (groups, N)) and back bit for bit; `weight` and `state_dict()` do not change, forward stays within
+    rounding, and loading a checkpoint into a K-major layer reads the row layout. The int32 words are GPTQ's
+    order: input column 8i + j in bits 4j..4j+3."""
+    layer = _layers(K=256, N=72)[name]
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(3, 256)
     want, w = layer(x), layer.weight
     layer.to_layout("kn")
-    assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (32, 72) and layer.scale.shape == (8, 72)
-    codes = layer.codes()
-    assert torch.equal(((layer.qweight[1, 5] >> 12) & 15).to(torch.uint8), codes[5, 8 + 3])
-    assert torch.equal(layer(x), want) and torch.equal(layer.weight, w)
+    words = layer.qweight if name.startswith("int4") else layer.codes
+    assert words.dtype == torch.int32 and words.shape == (32, 72)
+    if name.startswith("int4"):
+        assert layer.scale.shape == (8, 72)
+        assert torch.equal(((words[1, 5] >> 12) & 15).to(torch.uint8), layer.codes()[5, 8 + 3])
+    else:
+        assert layer.absmax.shape == (4, 72)
+    assert torch.equal(layer.weight, w)
+    _close(layer(x), want, 1e-5)
     after = layer.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
     layer.load_state_dict(state)
-    assert layer.layout == "nk" and torch.equal(layer.qweight, state["qweight"])
+    assert layer.layout == "nk" and all(torch.equal(t, state[k]) for k, t in layer.state_dict().items())
     layer.to_layout("kn")
     layer.to_layout("nk")
-    assert all(torch.equal(getattr(layer, k), state[k]) for k in ("qweight", "scale", "zero"))
+    assert all(torch.equal(t, state[k]) for k, t in layer.state_dict().items())
 
 
-def test_k_major_op_matches_reference_and_gives_input_gradients():
-    layer = _layers(K=128, N=48)["int4 g32"]
-    w = layer.weight.float()
-    layer.to_layout("kn")
-    x = torch.randn(3, 128, requires_grad=True)
-    y = qkernel.int4kn_linear(x, layer.qweight, layer.scale, layer.zero, 32)
-    assert (y - F.linear(x, w)).abs().max().item() < 1e-4
-    dy = torch.randn_like(y)
-    (gx,) = torch.autograd.grad(y, x, dy)
-    assert (gx - dy @ w).abs().max().item() < 1e-4
-    torch.library.opcheck(qkernel.int4kn_linear, (x, layer.qweight, layer.scale, layer.zero, 32),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+def test_k_major_ops_match_reference_and_give_input_gradients():
+    layers = _layers(K=128, N=48)
+    for name in ("int4 g32", "nf4"):
+        layer = layers[name]
+        w = layer.weight.float()
+        layer.to_layout("kn")
+        x = torch.randn(3, 128, requires_grad=True)
+        args = (x, layer.qweight, layer.scale, layer.zero, 32) if name == "int4 g32" else \
+            (x, layer.codes, layer.absmax, layer.absmax_scale, layer.absmax_mean, 64, 256)
+        op = qkernel.int4kn_linear if name == "int4 g32" else qkernel.nf4kn_linear
+        y = op(*args)
+        assert (y - F.linear(x, w)).abs().max().item() < 1e-4, name
+        dy = torch.randn_like(y)
+        (gx,) = torch.autograd.grad(y, x, dy)
+        assert (gx - dy @ w).abs().max().item() < 1e-4, name
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @needs_triton
@@ -274,12 +285,16 @@ def test_k_major_op_matches_reference_and_gives_input_gradients():
                          ids=["gemv-default", "gemv-split-k", "gemv-whole-k", "gemm"])
 def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cpu):
     """The K-major GEMV (its default tiles; K split over programs that add into fp32; all of K in one program) and
-    GEMM on a layer's K-major buffers: N = 72, K = 320 (10 groups of 32) and K = 256 in groups of 128."""
+    GEMM on a layer's K-major buffers: N = 72; INT4 K = 320 (10 groups of 32) and K = 256 in groups of 128; NF4
+    K = 320 (blocks of 64, double-quantized absmax spanning rows, and fp32 absmax)."""
     from lmforge.quant import QuantKernels, set_kernels
 
     dtype = torch.bfloat16 if rows <= qkernel.GEMV_MAX_ROWS or DEVICE.type == "cuda" else torch.float16
-    for K, group in ((320, 32), (256, 128)):
-        layer = Int4Linear.from_linear(nn.Linear(K, 72), group_size=group).to(DEVICE)
+    cases = [Int4Linear.from_linear(nn.Linear(K, 72), group_size=group) for K, group in ((320, 32), (256, 128))]
+    cases += [NF4Linear.from_linear(nn.Linear(320, 72), double_quant=dq) for dq in (True, False)]
+    for layer in cases:
+        K = layer.in_features
+        layer = layer.to(DEVICE)
         want = layer.weight.float()
         layer.to_layout("kn")
         set_kernels(layer, QuantKernels(gemv_tiles=tiles))
@@ -289,5 +304,5 @@ def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cp
         _close(y, F.linear(x.float(), want, layer.bias.float()), 2e-2)
     status = qkernel.kernel_status()
     path = "gemv" if rows <= qkernel.GEMV_MAX_ROWS else "gemm"
-    assert len(status) == 2 and all(v is True for v in status.values()), status
-    assert all(k.startswith("int4kn/") and f"/{path}/" in k for k in status)
+    assert len(status) == 4 and all(v is True for v in status.values()), status
+    assert {k.split("/")[0] for k in status} == {"int4kn", "nf4kn"} and all(f"/{path}/" in k for k in status)

@@ -196,10 +196,47 @@ class NF4Linear(QuantLinear):
     def double_quant(self) -> bool:
         return self.absmax_scale is not None
 
+    def _k_major_ok(self) -> bool:
+        return self.in_features % self.block_size == 0 and self.in_features % 8 == 0
+
+    def nk_buffers(self) -> dict[str, torch.Tensor]:
+        """{codes, absmax} in the checkpoint layout (converted when the layer is K-major)."""
+        if self.layout == "kn":
+            from .qkernel import unpack_kn
+
+            return {"codes": pack_nibbles(unpack_kn(self.codes)).flatten(), "absmax": self.absmax.T.flatten()}
+        return {"codes": self.codes, "absmax": self.absmax}
+
+    @torch.no_grad()
+    def to_layout(self, layout: str) -> None:
+        """Re-lay codes and absmax in place: "nk" (the checkpoint layout above) or "kn" (K-major, for the CUDA
+        kernels: codes int32 (in / 8, out) as `qkernel.pack_kn`, absmax (in / block, out)); lossless both ways."""
+        if layout == self.layout:
+            return
+        if layout == "kn":
+            from .qkernel import pack_kn
+
+            n, k = self.out_features, self.in_features
+            new = {"codes": pack_kn(unpack_nibbles(self.codes).view(n, k)),
+                   "absmax": self.absmax.view(n, k // self.block_size).T.contiguous()}
+        else:
+            new = self.nk_buffers()
+        self._buffers.update(new)
+        self.layout = layout
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "kn":  # checkpoints hold one layout, whatever the device made of it
+            destination.update({prefix + k: v for k, v in self.nk_buffers().items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.to_layout("nk")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def nf4(self) -> NF4Tensor:
-        """The weight as an NF4Tensor sharing this module's buffers."""
-        tensors = {"codes": self.codes, "absmax": self.absmax}
+        """The weight as an NF4Tensor over this module's buffers (copies of codes and absmax when K-major)."""
+        tensors = self.nk_buffers()
         if self.double_quant:
             tensors.update(absmax_scale=self.absmax_scale, absmax_mean=self.absmax_mean)
         return NF4Tensor.from_tensors(tensors, (self.out_features, self.in_features), self.dtype, self.block_size,
@@ -216,6 +253,7 @@ class NF4Linear(QuantLinear):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"NF4Linear weight must be {(self.out_features, self.in_features)}, "
                              f"got {tuple(weight.shape)}")
+        self.to_layout("nk")
         q = quantize_nf4(weight.to(self.codes.device), self.block_size, self.double_quant, self.dq_block_size)
         for name, t in q.tensors().items():
             getattr(self, name).copy_(t)
@@ -237,18 +275,23 @@ class NF4Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import qkernel  # CUDA: a Triton GEMV / GEMM on the codes; elsewhere dequantize (level-pair table)
 
-        y = qkernel.linear_nf4(x.reshape(-1, self.in_features), self.codes, self.absmax, self.absmax_scale,
-                               self.absmax_mean, self.out_features, self.block_size, self.dq_block_size,
-                               self.kernels)
+        if self.layout == "kn":
+            y = qkernel.linear_nf4kn(x.reshape(-1, self.in_features), self.codes, self.absmax, self.absmax_scale,
+                                     self.absmax_mean, self.block_size, self.dq_block_size, self.kernels)
+        else:
+            y = qkernel.linear_nf4(x.reshape(-1, self.in_features), self.codes, self.absmax, self.absmax_scale,
+                                   self.absmax_mean, self.out_features, self.block_size, self.dq_block_size,
+                                   self.kernels)
         return self._add_bias(y).view(*x.shape[:-1], self.out_features)
 
     def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16) -> str | None:
-        """Nothing to convert: on CUDA the forward reads the codes in Triton kernels (reported), elsewhere the
-        table dequantization runs."""
+        """On CUDA the Triton kernels, codes and absmax re-laid K-major in place (reported as "triton nf4");
+        elsewhere the table dequantization runs."""
         from . import qkernel
 
         if qkernel.available(self.codes.device, dtype, self.kernels) and qkernel.group_ok(self.block_size) \
-                and self.in_features % self.block_size == 0:
+                and self._k_major_ok():
+            self.to_layout("kn")
             return "triton nf4"
         return None
 

@@ -38,7 +38,8 @@ from .nf4 import NF4_LEVELS, unpack_nibbles
 from .rtn import int4_dequantize
 
 __all__ = ["GEMV_MAX_ROWS", "GEMM_MAX_ROWS", "available", "use_kernel", "linear_int8", "linear_int4", "linear_int4kn",
-           "linear_nf4", "int8_linear", "int4_linear", "int4kn_linear", "nf4_linear", "pack_kn", "unpack_kn",
+           "linear_nf4", "int8_linear", "int4_linear", "int4kn_linear", "nf4_linear", "nf4kn_linear", "linear_nf4kn",
+           "pack_kn", "unpack_kn",
            "nf4_dequantize", "kernel_status", "QuantKernels"]
 
 log = logging.getLogger("lmforge.quant")
@@ -256,7 +257,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
 # 28672 x 4096, 4096 x 14336) in `bench/qkernel_tiles.py --quick` on an H100 (docs/benchmarks.md). Against the
 # former 4 x 2,048 x 8 for every format: INT4 1.8x, NF4 2.2x, INT8 1.1x less time summed over the three shapes.
 GEMV_TILES = {"int8": (2, 2048, 4, 0), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0),
-              "int4kn": (128, 64, 2, 4)}  # K-major: (columns per program, input columns per step, warps, steps)
+              "int4kn": (128, 64, 2, 4), "nf4kn": (128, 64, 2, 4)}  # K-major: (columns per program, input columns per step, warps, steps)
 
 
 def _gemv_tiles(fmt: str, forced: list[int] | None = None) -> tuple[int, ...]:
@@ -457,6 +458,57 @@ def _(x, qweight, scale, zero, group_size, gemv_tiles=None):
     return x.new_empty(x.shape[0], qweight.shape[1])
 
 
+def nf4kn_weight(codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
+                 absmax_mean: torch.Tensor | None, block_size: int, dq_block_size: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight of NF4 in the K-major layout: codes int32 (K / 8, N), absmax (K / block, N)."""
+    a = absmax.T.float()  # (N, K / block), blocks numbered by row as in the row layout
+    if absmax_scale is not None:
+        blocks = torch.arange(a.numel(), device=a.device).view(a.shape)
+        a = a * absmax_scale[blocks // dq_block_size] + absmax_mean
+    levels = NF4_LEVELS.to(codes.device)[unpack_kn(codes).long()]  # (N, K)
+    return (levels.view(a.shape[0], a.shape[1], block_size) * a[..., None]).flatten(1).to(dtype)
+
+
+def _check_nf4kn(block: int, dq: bool, dq_block: int):
+    def check(M: int, dtype, device, tiles=None):
+        from .nf4 import quantize_nf4
+
+        g = _probe(device)
+        N, K = 72, 3 * block
+        t = quantize_nf4(torch.randn(N, K, generator=g, device=device), block, dq, dq_block)
+        codes = pack_kn(unpack_nibbles(t.codes).view(N, K))
+        absmax = t.absmax.view(N, K // block).T.contiguous()
+        x = torch.randn(M, K, generator=g, device=device).to(dtype)
+        got = _launch_q4kn(x, codes, absmax, None, N, block, True, _path(M), tiles, t.absmax_scale, t.absmax_mean,
+                           dq_block)
+        return got, F.linear(x, t.dequantize(dtype))
+    return check
+
+
+@torch.library.custom_op("lmforge::nf4kn_linear", mutates_args=())
+def nf4kn_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
+                 absmax_mean: torch.Tensor | None, block_size: int, dq_block_size: int,
+                 gemv_tiles: list[int] | None = None) -> torch.Tensor:
+    """x (M, K) -> (M, N) against NF4 in the K-major layout (`NF4Linear.layout == "kn"`)."""
+    x = x.contiguous()
+    ref = lambda: F.linear(x, nf4kn_weight(codes, absmax, absmax_scale, absmax_mean, block_size,  # noqa: E731
+                                           dq_block_size, x.dtype))
+    if not (use_kernel(x) and group_ok(block_size)):
+        return ref()
+    dq = absmax_scale is not None
+    N = codes.shape[1]
+    return _run(("nf4kn", block_size, "dq" if dq else "fp32"), x, N,
+                lambda path, tiles: _launch_q4kn(x, codes, absmax, None, N, block_size, True, path, tiles,
+                                                 absmax_scale, absmax_mean, dq_block_size),
+                ref, _check_nf4kn(block_size, dq, dq_block_size), gemv_tiles)
+
+
+@nf4kn_linear.register_fake
+def _(x, codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size, gemv_tiles=None):
+    return x.new_empty(x.shape[0], codes.shape[1])
+
+
 @torch.library.custom_op("lmforge::nf4_linear", mutates_args=())
 def nf4_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
                absmax_mean: torch.Tensor | None, out_features: int, block_size: int,
@@ -501,6 +553,12 @@ def _int4kn_backward(ctx, dy):
     return dy @ int4_dequantize(unpack_kn(qweight), scale.T, zero.T, dy.dtype), None, None, None, None, None
 
 
+def _nf4kn_backward(ctx, dy):
+    codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size, _ = ctx.inputs
+    w = nf4kn_weight(codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size, dy.dtype)
+    return dy @ w, None, None, None, None, None, None, None
+
+
 def _nf4_backward(ctx, dy):
     codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size, _ = ctx.inputs
     w = nf4_dequantize(codes, absmax, absmax_scale, absmax_mean, (out_features, ctx.in_features), block_size,
@@ -511,6 +569,7 @@ def _nf4_backward(ctx, dy):
 int8_linear.register_autograd(_int8_backward, setup_context=_setup)
 int4_linear.register_autograd(_int4_backward, setup_context=_setup)
 int4kn_linear.register_autograd(_int4kn_backward, setup_context=_setup)
+nf4kn_linear.register_autograd(_nf4kn_backward, setup_context=_setup)
 nf4_linear.register_autograd(_nf4_backward, setup_context=_setup)
 
 
@@ -543,6 +602,16 @@ def linear_int4kn(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     if use_kernel(x2d, kernels) and group_ok(group_size):
         return int4kn_linear(x2d, qweight, scale, zero, group_size, _tiles_arg(kernels))
     return int4kn_reference(x2d, qweight, scale, zero)
+
+
+def linear_nf4kn(x2d: torch.Tensor, codes, absmax, absmax_scale, absmax_mean, block_size: int, dq_block_size: int,
+                 kernels: QuantKernels = DEFAULT_KERNELS) -> torch.Tensor:
+    """As `linear_nf4`, for the K-major layout."""
+    if use_kernel(x2d, kernels) and group_ok(block_size):
+        return nf4kn_linear(x2d, codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size,
+                            _tiles_arg(kernels))
+    return F.linear(x2d, nf4kn_weight(codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size,
+                                      x2d.dtype))
 
 
 def linear_nf4(x2d: torch.Tensor, codes, absmax, absmax_scale, absmax_mean, out_features: int, block_size: int,

@@ -92,18 +92,19 @@ def weights(fmt: str, N: int, K: int, dev):
     if fmt == "nf4kn":
         from lmforge.quant.nf4 import unpack_nibbles
 
-        a = qkernel.nf4_block_absmax(t.absmax, t.absmax_scale, t.absmax_mean, 256).view(N, K // 64)
+        a = t.absmax.view(N, K // 64).T.contiguous()  # int8, double-quantized as NF4Linear stores it
         codes = unpack_nibbles(t.codes).view(-1)[: N * K].view(N, K)
-        return (qkernel.pack_kn(codes), a.T.contiguous().to(torch.bfloat16), None, t), \
-            codes.numel() // 2 + a.numel() * 2, None
+        return (qkernel.pack_kn(codes), a, None, t), codes.numel() // 2 + a.numel() + t.absmax_scale.numel() * 4, None
     nbytes = t.codes.numel() + t.absmax.numel() + t.absmax_scale.numel() * 4
     return (t,), nbytes, None
 
 
 def launch(fmt: str, parts, x, N: int, path: str, tiles):
     if fmt.endswith("kn"):
-        nf4 = fmt == "nf4kn"
-        return qkernel._launch_q4kn(x, *parts[:3], N, 64 if nf4 else 128, nf4, path, tiles)
+        if fmt == "nf4kn":
+            t = parts[3]
+            return qkernel._launch_q4kn(x, *parts[:3], N, 64, True, path, tiles, t.absmax_scale, t.absmax_mean, 256)
+        return qkernel._launch_q4kn(x, *parts[:3], N, 128, False, path, tiles)
     if fmt == "int4-tinygemm":
         return torch.ops.aten._weight_int4pack_mm(x, parts[0], 128, parts[1])
     if fmt == "int8":

@@ -231,6 +231,7 @@ def test_quantized_checkpoints_load_on_cuda_with_its_kernels(q4, tmp_path, fmt):
         name = copy.deepcopy(layer).prepare_fast_path(torch.bfloat16)
         assert name is not None
         assert (layer._fast is None) == name.startswith("triton"), name
+        assert layer.layout == ("kn" if name.startswith("triton") else "nk")  # re-laid K-major for the kernels
     ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids)

@@ -31,10 +31,12 @@ QUICK_GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((2, 4, 8, 
 VARIANTS = {"int4": [(0, 0), (1, 0), (0, 1), (1, 1)], "nf4": [(0, 0), (0, 1)], "int8": [(0,), (1,)]}
 GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 # K-major 4-bit kernels ("int4kn", "nf4kn": the layout prepare_fast_path repacks into): GEMV (columns per program,
-# input columns per step, warps, steps per program; 0 = all of K, else K split over programs adding into fp32),
+# input columns per step, warps, steps per program; 0 = all of K, else K split over programs whose fp32 partial sums
+# one more kernel adds, or with atomic=1 the programs add into a zeroed buffer),
 # GEMM (BLOCK_M, BLOCK_N, BLOCK_K, warps)
-KN_GEMV_GRID = [(bn, bk, w, st) for bn, bk, w, st in itertools.product((64, 128, 256, 512), (64, 128), (1, 2, 4),
-                                                                         (1, 4, 0)) if bn * bk <= 256 * 32 * w]
+KN_GEMV_GRID = [(bn, bk, w, st, at) for bn, bk, w, st, at in itertools.product((64, 128, 256), (64, 128), (2, 4),
+                                                                                (1, 4, 0), (0, 1))
+                if bn * bk <= 256 * 32 * w and not (st == 0 and at)]  # + 5th: atomic split-K sums
 KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (32, 64, 128), (4,)))
 
 

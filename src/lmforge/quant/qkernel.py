@@ -224,8 +224,9 @@ def _kn_steps(K: int, block_k: int, steps: int) -> int:
 def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: tuple, ss=None, mean=None,
                  dq_block: int = 256):
     """The K-major 4-bit GEMV / GEMM (`qkernel_triton.q4kn_*`). GEMV tiles: (columns per program, input columns per
-    step, warps, steps per program: fewer steps split K over more programs, adding into an fp32 buffer); GEMM
-    tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps)."""
+    step, warps, steps per program, [atomic]): fewer steps split K over more programs, whose fp32 partial sums one
+    more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead); GEMM tiles: (BLOCK_M,
+    BLOCK_N, BLOCK_K, warps)."""
     M, K = x.shape
     k = _kernels()
     lut = _lut(x.device) if nf4 else s
@@ -233,16 +234,22 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     dq = dict(DQ=ss is not None, DQ_BLOCK=dq_block)
     ss, mean = (s, s) if ss is None else (ss, mean)
     if path == "gemv":
-        block_n, block_k, warps, steps = tiles
+        block_n, block_k, warps, steps, atomic = (*tiles, 0)[:5]
         block_k = min(block_k, group)
         steps = _kn_steps(K, block_k, steps)
         splits = K // (block_k * steps)
-        y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if splits > 1 else \
-            torch.empty(M, N, dtype=x.dtype, device=x.device)
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        out = y if splits == 1 else torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else \
+            torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
         k.q4kn_gemv_kernel[(M, triton_cdiv(N, block_n), splits)](
-            x, qw, s, z, ss, mean, lut, y, N, K, x.stride(0), y.stride(0), GROUP=group, NF4=nf4, BLOCK_N=block_n,
-            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1, num_warps=warps, **dq)
-        return y.to(x.dtype) if splits > 1 else y
+            x, qw, s, z, ss, mean, lut, out, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_N=block_n,
+            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1 and bool(atomic), num_warps=warps, **dq)
+        if splits == 1:
+            return y
+        if atomic:
+            return out.to(x.dtype)
+        k.splitk_sum_kernel[(triton_cdiv(M * N, 1024),)](out, y, M * N, SPLITS=splits, BLOCK=1024, num_warps=4)
+        return y
     block_m, block_n, block_k, warps = tiles
     block_k = min(block_k, group)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)

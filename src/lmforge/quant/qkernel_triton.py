@@ -214,7 +214,8 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                      STEPS: tl.constexpr, ATOMIC: tl.constexpr, DQ: tl.constexpr = False,
                      DQ_BLOCK: tl.constexpr = 256):
     """Y[m, cols] (+)= X[m, ks] @ W[ks, cols] over STEPS x BLOCK_K input columns per program (grid: input rows x
-    column blocks x K splits); ATOMIC: Y is a zeroed fp32 buffer the K splits add into."""
+    column blocks x K splits). With more than one split, Y is an fp32 workspace (splits, M, N) of partial sums that
+    `splitk_sum_kernel` adds up, or with ATOMIC a zeroed fp32 (M, N) the splits add into (order-dependent)."""
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -240,8 +241,20 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
             acc += (tl.sum(tl.sum(q.to(tl.float32) * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, 1), 0) * z) * s
     if ATOMIC:
         tl.atomic_add(Y + m * stride_ym + cols, acc, mask=col_ok, sem="relaxed")
-    else:
-        tl.store(Y + m * stride_ym + cols, acc.to(Y.dtype.element_ty), mask=col_ok)
+    else:  # Y: the output, or split k's own fp32 slice of a (splits, M, N) workspace
+        tl.store(Y + tl.program_id(2).to(tl.int64) * tl.num_programs(0) * stride_ym + m * stride_ym + cols,
+                 acc.to(Y.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def splitk_sum_kernel(P, Y, n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Y[i] = sum over s of P[s, i] for i < n (the split-K GEMV's partial sums, in a fixed order: deterministic)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(P + s * n + offs, mask=ok, other=0.0)
+    tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.jit

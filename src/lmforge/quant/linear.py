@@ -235,6 +235,8 @@ class Int4Linear(QuantLinear):
         """On CUDA the Triton kernels: the buffers re-laid K-major in place (reported as "triton int4"), unless
         `aten`; otherwise the tinygemm layout: codes re-packed by the device's converter, and per group (scale, float
         zero) with ``W = (q - 8) * scale + zero_f`` -- so ``zero_f = (8 - zero) * scale``."""
+        if self._fast is not None and self._fast[2:] == (self.qweight.device, dtype):
+            return self._fast[0]  # prepared for this device and dtype already (the engine asks again)
         if self.qweight.is_cuda and not aten and qkernel.available(self.qweight.device, dtype, self.kernels) \
                 and qkernel.group_ok(self.group_size):
             self.to_layout("kn")

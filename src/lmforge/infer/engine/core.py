@@ -35,6 +35,7 @@ from ...config import Section
 from ...errors import ConfigError, LmforgeError
 from ...models.transformer import Transformer
 from ...quant.base import set_kernels
+from ...quant.linear import prepare_fast_path
 from ..api.outputs import Completion, TokenLogprob
 from ..kernels.decode_fusion import pack_for_decode
 from ..kernels.options import KernelOptions
@@ -105,6 +106,8 @@ class Engine:
         for name, path in (adapters or {}).items():
             self.adapters.add(name, path)
         set_kernels(model, cfg.kernels.quant_kernels())  # quantized linears: engine.kernels.quant*
+        if self.device.type == "cuda" and cfg.kernels.quant:  # INT4 / NF4 re-laid K-major for the CUDA kernels
+            prepare_fast_path(model, model.embed.weight.dtype)  # a no-op where load_hf prepared them already
         if cfg.fast_decode:  # after the adapters: LoRA-wrapped projections are not packed
             pack_for_decode(model, cfg.kernels)
         num_blocks = cfg.num_blocks or kv_cache_blocks(

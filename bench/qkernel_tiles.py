@@ -33,11 +33,11 @@ GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 # K-major 4-bit kernels ("int4kn", "nf4kn": the layout prepare_fast_path repacks into): GEMV (columns per program,
 # input columns per step, warps, steps per program; 0 = all of K, else K split over programs whose fp32 partial sums
 # one more kernel adds, or with atomic=1 the programs add into a zeroed buffer),
-# GEMM (BLOCK_M, BLOCK_N, BLOCK_K, warps)
+# GEMM (BLOCK_M, BLOCK_N, BLOCK_K, warps, K splits)
 KN_GEMV_GRID = [(bn, bk, w, st, at) for bn, bk, w, st, at in itertools.product((64, 128, 256), (64, 128), (2, 4),
                                                                                 (1, 4, 0), (0, 1))
                 if bn * bk <= 256 * 32 * w and not (st == 0 and at)]  # + 5th: atomic split-K sums
-KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (32, 64, 128), (4,)))
+KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (64, 128), (4,), (-1, 1, 4)))  # + K splits (-1: by shape)
 
 
 def timed(fn, reps: int = 50) -> float:

@@ -308,3 +308,22 @@ def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cp
     path = "gemv" if rows <= qkernel.GEMV_MAX_ROWS else "gemm"
     assert len(status) == 4 and all(v is True for v in status.values()), status
     assert {k.split("/")[0] for k in status} == {"int4kn", "nf4kn"} and all(f"/{path}/" in k for k in status)
+
+
+@needs_triton
+def test_k_major_gemm_split_over_k_matches_the_reference():
+    """The GEMM with K split over programs (what narrow layers get at batched decode), partial sums added by the
+    reduction kernel: INT4 (K = 320, groups of 32 in 5 splits) and double-quantized NF4 (K = 256, 2 splits)."""
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    x = torch.randn(20, 320, device=DEVICE).to(dtype)
+    q = Int4Linear.from_linear(nn.Linear(320, 72, bias=False), group_size=32).to(DEVICE)
+    want = F.linear(x.float(), q.weight.float())
+    q.to_layout("kn")
+    got = qkernel._launch_q4kn(x, q.qweight, q.scale, q.zero, 72, 32, False, "gemm", (16, 32, 32, 4, 3))
+    _close(got, want, 2e-2)
+    n = NF4Linear.from_linear(nn.Linear(256, 72, bias=False)).to(DEVICE)
+    want = F.linear(x[:, :256].float(), n.weight.float())
+    n.to_layout("kn")
+    got = qkernel._launch_q4kn(x[:, :256].contiguous(), n.codes, n.absmax, None, 72, 64, True, "gemm",
+                               (16, 64, 64, 4, 2), n.absmax_scale, n.absmax_mean, 256)
+    _close(got, want, 2e-2)

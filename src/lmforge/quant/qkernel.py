@@ -226,7 +226,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     """The K-major 4-bit GEMV / GEMM (`qkernel_triton.q4kn_*`). GEMV tiles: (columns per program, input columns per
     step, warps, steps per program, [atomic]): fewer steps split K over more programs, whose fp32 partial sums one
     more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead); GEMM tiles: (BLOCK_M,
-    BLOCK_N, BLOCK_K, warps)."""
+    BLOCK_N, BLOCK_K, warps, [K splits]: by shape when absent, the partial sums added as the GEMV's)."""
     M, K = x.shape
     k = _kernels()
     lut = _lut(x.device) if nf4 else s
@@ -250,12 +250,20 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
             return out.to(x.dtype)
         k.splitk_sum_kernel[(triton_cdiv(M * N, 1024),)](out, y, M * N, SPLITS=splits, BLOCK=1024, num_warps=4)
         return y
-    block_m, block_n, block_k, warps = tiles
+    block_m, block_n, block_k, warps, splits = (*tiles, -1)[:5]
     block_k = min(block_k, group)
+    if splits < 0:  # by shape: enough (M, N) tiles x K splits for two programs per SM
+        tiles_mn = triton_cdiv(M, block_m) * triton_cdiv(N, block_n)
+        splits = max(1, min(2 * _sm_count(x.device) // tiles_mn, K // (4 * block_k)))
+    splits = K // (block_k * _kn_steps(K, block_k, K // (block_k * max(splits, 1))))  # a divisor of K's steps
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    k.q4kn_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](
-        x, qw, s, z, ss, mean, lut, y, M, N, K, x.stride(0), y.stride(0), GROUP=group, NF4=nf4, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2, **dq)
+    out = y if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+    k.q4kn_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n), splits)](
+        x, qw, s, z, ss, mean, lut, out, M, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2, K_SPLIT=K // splits if splits > 1 else 0,
+        **dq)
+    if splits > 1:
+        k.splitk_sum_kernel[(triton_cdiv(M * N, 1024),)](out, y, M * N, SPLITS=splits, BLOCK=1024, num_warps=4)
     return y
 
 

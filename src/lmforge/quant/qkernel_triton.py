@@ -260,16 +260,21 @@ def splitk_sum_kernel(P, Y, n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DQ: tl.constexpr = False, DQ_BLOCK: tl.constexpr = 256):
+                     BLOCK_K: tl.constexpr, DQ: tl.constexpr = False, DQ_BLOCK: tl.constexpr = 256,
+                     K_SPLIT: tl.constexpr = 0):
     """Y[rows, cols] = X[rows] @ W[:, cols] with (BLOCK_K, BLOCK_N) weight tiles dequantized into tensor-core dots
-    (BLOCK_K divides GROUP: one scale row per tile). Each code word is loaded by the 8 rows it holds (L1 hits)."""
+    (BLOCK_K divides GROUP: one scale row per tile). Each code word is loaded by the 8 rows it holds (L1 hits).
+    K_SPLIT > 0: this program covers K_SPLIT input columns (grid axis 2) and writes its fp32 partial sums to its slice
+    of a (splits, M, N) workspace, so few output tiles (a narrow N) still fill the GPU."""
+    k_lo = tl.program_id(2) * K_SPLIT
+    k_hi = k_lo + K_SPLIT if K_SPLIT > 0 else K
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     ks = tl.arange(0, BLOCK_K)
     shift = ((ks % 8) * 4)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
         w = tl.load(QW + ((k0 + ks) // 8).to(tl.int64)[:, None] * N + cols[None, :], mask=col_ok[None, :], other=0)
         q = (w >> shift) & 0xF  # (BLOCK_K, BLOCK_N)
@@ -282,5 +287,6 @@ def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_y
             z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
             wt = (q.to(tl.float32) - z[None, :]) * s[None, :]
         acc += tl.dot(x, wt.to(x.dtype))
+    Y += tl.program_id(2).to(tl.int64) * M * stride_ym  # the workspace slice of this split (0 without a split)
     tl.store(Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])

@@ -20,9 +20,10 @@ FAST_PATH_MAX_ROWS = 16  # the fused kernels are GEMV-shaped: decode (a few rows
 class QuantKernels:
     """How quantized linears compute (`lmforge.quant.qkernel`): `enabled` sends half-precision inputs to lmforge's
     Triton kernels where they run (False: dequantize + matmul, the reference); `gemv_tiles` forces the one-row GEMV's
-    tiles (rows per program, input columns per step, warps, then optionally the inner loop's MAGIC and LATE switches of
-    `qkernel_triton.q4_gemv_kernel`, 0 or 1) for tuning runs (None: chosen by shape). The engine sets
-    its `engine.kernels` here (`set_kernels`); everything else runs the defaults."""
+    tiles for tuning runs, read by the kernel a layer runs (K-major: output columns per program, input columns per
+    step, warps, steps per program[, atomic]; row-major: rows per program, input columns per step, warps[, MAGIC,
+    LATE] of `qkernel_triton.q4_gemv_kernel`); None: the per-format defaults. The engine sets its `engine.kernels`
+    here (`set_kernels`); everything else runs the defaults."""
 
     enabled: bool = True
     gemv_tiles: tuple[int, ...] | None = None

@@ -327,3 +327,15 @@ def test_k_major_gemm_split_over_k_matches_the_reference():
     got = qkernel._launch_q4kn(x[:, :256].contiguous(), n.codes, n.absmax, None, 72, 64, True, "gemm",
                                (16, 64, 64, 4, 2), n.absmax_scale, n.absmax_mean, 256)
     _close(got, want, 2e-2)
+
+
+@needs_triton
+def test_int8_gemm_split_over_k_matches_the_reference():
+    """INT8's GEMM with K split over programs (down-projection-like shapes at batched decode): forced 3 splits of
+    K = 384, and by shape."""
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    q = Int8Linear.from_linear(nn.Linear(384, 40, bias=False)).to(DEVICE)
+    x = torch.randn(20, 384, device=DEVICE).to(dtype)
+    want = F.linear(x.float(), q.weight.float())
+    for tiles in ((16, 32, 3), (16, 32)):
+        _close(qkernel._launch_int8(x, q.qweight, q.scale, "gemm", tiles), want, 2e-2)

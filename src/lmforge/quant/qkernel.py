@@ -187,11 +187,27 @@ def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None):
                                                          BLOCK_N=block_n, BLOCK_K=cols, num_warps=warps,
                                                          MAGIC=bool(magic))
     else:
-        block_m, block_n = tiles
-        k.int8_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n))](
-            x, qweight, scale, y, M, N, K, x.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
-            num_warps=4, num_stages=2)
+        block_m, block_n, splits = (*tiles, -1)[:3]
+        splits = _gemm_splits(M, N, K, block_m, block_n, 64, splits, x.device)
+        out = y if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+        k.int8_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n), splits)](
+            x, qweight, scale, out, M, N, K, x.stride(0), N, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+            K_SPLIT=K // splits if splits > 1 else 0, num_warps=4, num_stages=2)
+        if splits > 1:
+            k.splitk_sum_kernel[(triton_cdiv(M * N, 1024),)](out, y, M * N, SPLITS=splits, BLOCK=1024, num_warps=4)
     return y
+
+
+def _gemm_splits(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, splits: int,
+                 device: torch.device) -> int:
+    """K splits of a GEMM: `splits`, or by shape (< 0): enough (M, N) tiles x splits for two programs per SM, each
+    split at least 4 steps of block_k; lowered to a count whose slices are whole steps."""
+    if splits < 0:
+        tiles_mn = triton_cdiv(M, block_m) * triton_cdiv(N, block_n)
+        splits = max(1, min(2 * _sm_count(device) // tiles_mn, K // (4 * block_k)))
+    if K % block_k:
+        return 1
+    return K // (block_k * _kn_steps(K, block_k, K // (block_k * max(splits, 1))))
 
 
 def pack_kn(codes: torch.Tensor) -> torch.Tensor:
@@ -252,10 +268,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
         return y
     block_m, block_n, block_k, warps, splits = (*tiles, -1)[:5]
     block_k = min(block_k, group)
-    if splits < 0:  # by shape: enough (M, N) tiles x K splits for two programs per SM
-        tiles_mn = triton_cdiv(M, block_m) * triton_cdiv(N, block_n)
-        splits = max(1, min(2 * _sm_count(x.device) // tiles_mn, K // (4 * block_k)))
-    splits = K // (block_k * _kn_steps(K, block_k, K // (block_k * max(splits, 1))))  # a divisor of K's steps
+    splits = _gemm_splits(M, N, K, block_m, block_n, block_k, splits, x.device)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     out = y if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     k.q4kn_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n), splits)](
@@ -272,7 +285,8 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
 # 28672 x 4096, 4096 x 14336) in `bench/qkernel_tiles.py --quick` on an H100 (docs/benchmarks.md). Against the
 # former 4 x 2,048 x 8 for every format: INT4 1.8x, NF4 2.2x, INT8 1.1x less time summed over the three shapes.
 GEMV_TILES = {"int8": (2, 2048, 4, 0), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0),
-              "int4kn": (128, 64, 2, 4), "nf4kn": (128, 64, 2, 4)}  # K-major: (columns per program, input columns per step, warps, steps)
+              "int4kn": (128, 64, 2, 4), "nf4kn": (128, 64, 2, 4)}
+# K-major: (output columns per program, input columns per step, warps, steps per program[, atomic])
 
 
 def _gemv_tiles(fmt: str, forced: list[int] | None = None) -> tuple[int, ...]:

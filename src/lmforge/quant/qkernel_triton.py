@@ -167,8 +167,11 @@ def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym,
 
 @triton.jit
 def int8_gemm_kernel(X, QW, S, Y, M, N, K, stride_xm, stride_ym,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Y = (X @ q.T) * scale: int8 codes converted to X's dtype (exact) in registers, scale in the epilogue."""
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr = 0):
+    """Y = (X @ q.T) * scale: int8 codes converted to X's dtype (exact) in registers, scale in the epilogue.
+    K_SPLIT > 0: K_SPLIT input columns per program (grid axis 2), fp32 partial sums to a (splits, M, N) workspace."""
+    k_lo = tl.program_id(2) * K_SPLIT
+    k_hi = k_lo + K_SPLIT if K_SPLIT > 0 else K
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -179,12 +182,13 @@ def int8_gemm_kernel(X, QW, S, Y, M, N, K, stride_xm, stride_ym,
     x_ptr = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     w_ptr = QW + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N): W transposed
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_ok = (k + offs_k) < K
+    for k in range(k_lo, k_hi, BLOCK_K):
+        k_ok = (k + offs_k) < k_hi
         x = tl.load(x_ptr + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + k, mask=k_ok[:, None] & n_ok[None, :], other=0)
         acc += tl.dot(x, w.to(x.dtype))
     s = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    Y += tl.program_id(2).to(tl.int64) * M * stride_ym  # the workspace slice of this split (0 without a split)
     y_ptr = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptr, (acc * s[None, :]).to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 

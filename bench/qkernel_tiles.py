@@ -32,11 +32,12 @@ VARIANTS = {"int4": [(0, 0), (1, 0), (0, 1), (1, 1)], "nf4": [(0, 0), (0, 1)], "
 GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 # K-major 4-bit kernels ("int4kn", "nf4kn": the layout prepare_fast_path repacks into): GEMV (columns per program,
 # input columns per step, warps, steps per program; 0 = all of K, else K split over programs whose fp32 partial sums
-# one more kernel adds, or with atomic=1 the programs add into a zeroed buffer),
+# one more kernel adds, or with atomic=1 the programs add into a zeroed buffer; magic=1: INT4 nibbles to float by
+# the exponent trick),
 # GEMM (BLOCK_M, BLOCK_N, BLOCK_K, warps, K splits)
-KN_GEMV_GRID = [(bn, bk, w, st, at) for bn, bk, w, st, at in itertools.product((64, 128, 256), (64, 128), (2, 4),
-                                                                                (1, 4, 0), (0, 1))
-                if bn * bk <= 256 * 32 * w and not (st == 0 and at)]  # + 5th: atomic split-K sums
+KN_GEMV_GRID = [(bn, bk, w, st, at, mg) for bn, bk, w, st, at, mg in
+                itertools.product((64, 128, 256), (64, 128), (2, 4), (1, 4, 0), (0, 1), (0, 1))
+                if bn * bk <= 256 * 32 * w and not (st == 0 and at) and not (at and mg)]  # + atomic, magic
 KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (64, 128), (4,), (-1, 1, 4)))  # + K splits (-1: by shape)
 
 

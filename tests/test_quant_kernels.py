@@ -281,9 +281,9 @@ def test_k_major_ops_match_reference_and_give_input_gradients():
 
 
 @needs_triton
-@pytest.mark.parametrize("rows,tiles", [(1, None), (3, (64, 32, 1, 1)), (3, (64, 32, 1, 2, 1)), (2, (32, 64, 2, 0)),
+@pytest.mark.parametrize("rows,tiles", [(1, None), (3, (64, 32, 1, 1)), (3, (64, 32, 1, 2, 1)), (2, (32, 64, 2, 0, 0, 1)),
                                        (20, None)],
-                         ids=["gemv-default", "gemv-split-k", "gemv-split-k-atomic", "gemv-whole-k", "gemm"])
+                         ids=["gemv-default", "gemv-split-k", "gemv-split-k-atomic", "gemv-whole-k-magic", "gemm"])
 def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cpu):
     """The K-major GEMV (its default tiles; K split over programs whose partial sums one more kernel adds, or that
     add atomically into fp32; all of K in one program) and

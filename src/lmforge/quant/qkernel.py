@@ -240,8 +240,9 @@ def _kn_steps(K: int, block_k: int, steps: int) -> int:
 def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: tuple, ss=None, mean=None,
                  dq_block: int = 256):
     """The K-major 4-bit GEMV / GEMM (`qkernel_triton.q4kn_*`). GEMV tiles: (columns per program, input columns per
-    step, warps, steps per program, [atomic]): fewer steps split K over more programs, whose fp32 partial sums one
-    more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead); GEMM tiles: (BLOCK_M,
+    step, warps, steps per program[, atomic, magic]): fewer steps split K over more programs, whose fp32 partial sums
+    one more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead; magic=1: INT4 nibbles
+    to float by the exponent trick); GEMM tiles: (BLOCK_M,
     BLOCK_N, BLOCK_K, warps, [K splits]: by shape when absent, the partial sums added as the GEMV's)."""
     M, K = x.shape
     k = _kernels()
@@ -250,7 +251,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     dq = dict(DQ=ss is not None, DQ_BLOCK=dq_block)
     ss, mean = (s, s) if ss is None else (ss, mean)
     if path == "gemv":
-        block_n, block_k, warps, steps, atomic = (*tiles, 0)[:5]
+        block_n, block_k, warps, steps, atomic, magic = (*tiles, 0, 0)[:6]
         block_k = min(block_k, group)
         steps = _kn_steps(K, block_k, steps)
         splits = K // (block_k * steps)
@@ -259,7 +260,8 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
             torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
         k.q4kn_gemv_kernel[(M, triton_cdiv(N, block_n), splits)](
             x, qw, s, z, ss, mean, lut, out, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_N=block_n,
-            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1 and bool(atomic), num_warps=warps, **dq)
+            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1 and bool(atomic), MAGIC=bool(magic), num_warps=warps,
+            **dq)
         if splits == 1:
             return y
         if atomic:
@@ -286,7 +288,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
 # former 4 x 2,048 x 8 for every format: INT4 1.8x, NF4 2.2x, INT8 1.1x less time summed over the three shapes.
 GEMV_TILES = {"int8": (2, 2048, 4, 0), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0),
               "int4kn": (128, 64, 2, 4), "nf4kn": (128, 64, 2, 4)}
-# K-major: (output columns per program, input columns per step, warps, steps per program[, atomic])
+# K-major: (output columns per program, input columns per step, warps, steps per program[, atomic, magic])
 
 
 def _gemv_tiles(fmt: str, forced: list[int] | None = None) -> tuple[int, ...]:

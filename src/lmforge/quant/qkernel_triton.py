@@ -216,10 +216,11 @@ def _kn_absmax(S, SS, Mean, g, cols, col_ok, n_groups, N, DQ: tl.constexpr, DQ_B
 def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      STEPS: tl.constexpr, ATOMIC: tl.constexpr, DQ: tl.constexpr = False,
-                     DQ_BLOCK: tl.constexpr = 256):
+                     DQ_BLOCK: tl.constexpr = 256, MAGIC: tl.constexpr = False):
     """Y[m, cols] (+)= X[m, ks] @ W[ks, cols] over STEPS x BLOCK_K input columns per program (grid: input rows x
     column blocks x K splits). With more than one split, Y is an fp32 workspace (splits, M, N) of partial sums that
-    `splitk_sum_kernel` adds up, or with ATOMIC a zeroed fp32 (M, N) the splits add into (order-dependent)."""
+    `splitk_sum_kernel` adds up, or with ATOMIC a zeroed fp32 (M, N) the splits add into (order-dependent). MAGIC:
+    INT4 nibbles to float by `_nibble_f32`'s exponent trick."""
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -242,7 +243,8 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
             g = (k0 // GROUP) * N
             s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
             z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)  # sum (q - z) s x = s (sum q x - z sum x)
-            acc += (tl.sum(tl.sum(q.to(tl.float32) * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, 1), 0) * z) * s
+            qf = _nibble_f32(q, MAGIC)
+            acc += (tl.sum(tl.sum(qf * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, 1), 0) * z) * s
     if ATOMIC:
         tl.atomic_add(Y + m * stride_ym + cols, acc, mask=col_ok, sem="relaxed")
     else:  # Y: the output, or split k's own fp32 slice of a (splits, M, N) workspace

@@ -216,6 +216,9 @@ class NF4Linear(QuantLinear):
         if layout == "kn":
             from .qkernel import pack_kn
 
+            if not self._k_major_ok():
+                raise ValueError(f"NF4Linear in_features {self.in_features} is not a multiple of block_size "
+                                 f"{self.block_size} (and of 8): it stays in the row layout")
             n, k = self.out_features, self.in_features
             new = {"codes": pack_kn(unpack_nibbles(self.codes).view(n, k)),
                    "absmax": self.absmax.view(n, k // self.block_size).T.contiguous()}

@@ -139,7 +139,8 @@ def main() -> None:
     ap.add_argument("--formats", default="int4,nf4,int8")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--gemm-rows", type=int, default=64)
-    ap.add_argument("--quick", action="store_true", help="a smaller GEMV tile grid (every inner-loop variant)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smaller GEMV tile grid (every inner-loop variant; K-major: no atomic split-K sums)")
     ap.add_argument("--hbm-gbps", type=float, default=None, help="roofline (default: 3350 on H100, 4800 on H200)")
     ap.add_argument("--out", default="qkernel_tiles.jsonl")
     args = ap.parse_args()
@@ -160,8 +161,8 @@ def main() -> None:
         del w16
         for fmt in args.formats.split(","):
             parts, nbytes, _ = weights(fmt, N, K, dev)
-            if fmt.endswith("kn"):
-                gemv, gemm = KN_GEMV_GRID, KN_GEMM_GRID
+            if fmt.endswith("kn"):  # --quick: the deterministic split-K sums only
+                gemv, gemm = [t for t in KN_GEMV_GRID if not (args.quick and t[4])], KN_GEMM_GRID
             elif fmt == "int4-tinygemm":
                 gemv, gemm = [()], [()]
             else:

@@ -33,7 +33,7 @@ GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 # K-major 4-bit kernels ("int4kn", "nf4kn": the layout prepare_fast_path repacks into): GEMV (columns per program,
 # input columns per step, warps, steps per program; 0 = all of K, else K split over programs whose fp32 partial sums
 # one more kernel adds, or with atomic=1 the programs add into a zeroed buffer; magic=1: INT4 nibbles to float by
-# the exponent trick),
+# the exponent trick, NF4 levels a byte at a time from a 256-entry pair table),
 # GEMM (BLOCK_M, BLOCK_N, BLOCK_K, warps, K splits)
 KN_GEMV_GRID = [(bn, bk, w, st, at, mg) for bn, bk, w, st, at, mg in
                 itertools.product((64, 128, 256), (64, 128), (2, 4), (1, 4, 0), (0, 1), (0, 1))

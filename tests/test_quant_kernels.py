@@ -283,10 +283,10 @@ def test_k_major_ops_match_reference_and_give_input_gradients():
 @needs_triton
 @pytest.mark.parametrize("rows,tiles", [(1, None), (3, (64, 32, 1, 1)), (3, (64, 32, 1, 2, 1)), (2, (32, 64, 2, 0, 0, 1)),
                                        (20, None)],
-                         ids=["gemv-default", "gemv-split-k", "gemv-split-k-atomic", "gemv-whole-k-magic", "gemm"])
+                         ids=["gemv-default", "gemv-split-k", "gemv-split-k-atomic", "gemv-whole-k-magic-pairs", "gemm"])
 def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cpu):
     """The K-major GEMV (its default tiles; K split over programs whose partial sums one more kernel adds, or that
-    add atomically into fp32; all of K in one program) and
+    add atomically into fp32; all of K in one program, INT4 by the exponent trick and NF4 by the level-pair table) and
     GEMM on a layer's K-major buffers: N = 72; INT4 K = 320 (10 groups of 32) and K = 256 in groups of 128; NF4
     K = 320 (blocks of 64, double-quantized absmax spanning rows, and fp32 absmax)."""
     from lmforge.quant import QuantKernels, set_kernels

@@ -150,6 +150,15 @@ def _nf4_lut(kind: str, index: int | None) -> torch.Tensor:
     return NF4_LEVELS.to(torch.device(kind, index))  # 64 bytes: one cache line (allocations are 512-byte aligned)
 
 
+@functools.cache
+def _kn_level_pairs(kind: str, index: int | None) -> torch.Tensor:
+    """(256,) int64 for the K-major NF4 GEMV: byte b of a K-major code word -> (NF4_LEVELS[b & 15] for its even
+    input column, NF4_LEVELS[b >> 4] for its odd one) as fp32 bits, the even one in the low word (2 KiB, in L1)."""
+    b = torch.arange(256)
+    pairs = torch.stack([NF4_LEVELS[b & 15], NF4_LEVELS[b >> 4]], dim=-1).float().contiguous()  # (256, 2)
+    return pairs.view(torch.int64).flatten().to(torch.device(kind, index))
+
+
 def _launch_q4(x, qweight, s, z, ss, mean, N: int, group: int, nf4: bool, dq_block: int, path: str,
                tiles: tuple | None = None):
     """Run the 4-bit GEMV or GEMM (`tiles`: as `_tiles` chooses for this call, or forced: the self-check runs the
@@ -242,7 +251,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     """The K-major 4-bit GEMV / GEMM (`qkernel_triton.q4kn_*`). GEMV tiles: (columns per program, input columns per
     step, warps, steps per program[, atomic, magic]): fewer steps split K over more programs, whose fp32 partial sums
     one more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead; magic=1: INT4 nibbles
-    to float by the exponent trick); GEMM tiles: (BLOCK_M,
+    to float by the exponent trick, NF4 levels a byte at a time from a pair table); GEMM tiles: (BLOCK_M,
     BLOCK_N, BLOCK_K, warps, [K splits]: by shape when absent, the partial sums added as the GEMV's)."""
     M, K = x.shape
     k = _kernels()
@@ -252,6 +261,8 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     ss, mean = (s, s) if ss is None else (ss, mean)
     if path == "gemv":
         block_n, block_k, warps, steps, atomic, magic = (*tiles, 0, 0)[:6]
+        if nf4 and magic:
+            lut = _kn_level_pairs(x.device.type, x.device.index)
         block_k = min(block_k, group)
         steps = _kn_steps(K, block_k, steps)
         splits = K // (block_k * steps)

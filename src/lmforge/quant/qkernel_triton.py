@@ -220,7 +220,8 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
     """Y[m, cols] (+)= X[m, ks] @ W[ks, cols] over STEPS x BLOCK_K input columns per program (grid: input rows x
     column blocks x K splits). With more than one split, Y is an fp32 workspace (splits, M, N) of partial sums that
     `splitk_sum_kernel` adds up, or with ATOMIC a zeroed fp32 (M, N) the splits add into (order-dependent). MAGIC:
-    INT4 nibbles to float by `_nibble_f32`'s exponent trick."""
+    INT4 nibbles to float by `_nibble_f32`'s exponent trick; NF4 levels a byte at a time from the 256-entry pair
+    table (`Lut` then int64: half the table loads of the 16-level one)."""
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -235,7 +236,14 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                     other=0, eviction_policy="evict_first")  # (BLOCK_K / 8, BLOCK_N) int32
         q = (w[:, None, :] >> shift) & 0xF  # (BLOCK_K / 8, 8, BLOCK_N)
         x = tl.load(X + m * stride_xm + k0 + words[:, None] * 8 + nib[None, :]).to(tl.float32)  # (BLOCK_K / 8, 8)
-        if NF4:
+        if NF4 and MAGIC:  # Lut: byte -> its two levels as one int64 (fp32 bits, even k low): one load per byte
+            t = tl.load(Lut + ((w[:, None, :] >> (tl.arange(0, 4) * 8)[None, :, None]) & 0xFF))  # (BK/8, 4, BN)
+            xk = X + m * stride_xm + k0 + words[:, None] * 8 + tl.arange(0, 4)[None, :] * 2  # even k (BK/8, 4)
+            lo = t.to(tl.int32).to(tl.float32, bitcast=True) * tl.load(xk).to(tl.float32)[:, :, None]
+            hi = (t >> 32).to(tl.int32).to(tl.float32, bitcast=True) * tl.load(xk + 1).to(tl.float32)[:, :, None]
+            a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
+            acc += tl.sum(tl.sum(lo + hi, axis=1), axis=0) * a
+        elif NF4:
             v = tl.load(Lut + q)  # the 16 levels, one cache line
             a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
             acc += tl.sum(tl.sum(v * x[:, :, None], axis=1), axis=0) * a

@@ -177,7 +177,7 @@ def main() -> None:
                     default = (*default, 0, 0)[:4 if fmt == "int8" else 5]
                 for tiles in grid:
                     row = {"format": fmt, "shape": shape, "N": N, "K": K, "M": M, "path": path,
-                           "tiles": list(tiles), "default": tuple(tiles) == tuple(default)}
+                           "tiles": list(tiles), "default": tuple(tiles) == tuple(default or ())}
                     try:
                         got = launch(fmt, parts, x, N, path, tiles).float()
                         err = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))

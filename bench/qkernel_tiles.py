@@ -38,6 +38,16 @@ GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 KN_GEMV_GRID = [(bn, bk, w, st, at, mg) for bn, bk, w, st, at, mg in
                 itertools.product((64, 128, 256), (64, 128), (2, 4), (1, 4, 0), (0, 1), (0, 1))
                 if bn * bk <= 256 * 32 * w and not (st == 0 and at) and not (at and mg)]  # + atomic, magic
+# --quick: short K slices per program (many programs, as gemlite's GEMV), the 3-D and the flat (+ flat=1) unpacking;
+# INT4 without the exponent trick (it lost every shape on an H100), NF4 with the pair table (3-D) or 16 levels (flat)
+KN_QUICK_GEMV_GRID = {
+    "int4kn": [(bn, bk, w, st, at, 0, fl) for (bn, w), bk, st, at, fl in
+               itertools.product(((64, 2), (128, 2), (256, 2), (512, 4)), (16, 32, 64, 128), (1, 2, 4), (0, 1), (0, 1))
+               if bn * bk <= (4096 if fl else 8192) * w],
+    "nf4kn": [(bn, bk, w, st, at, 1 - fl, fl) for (bn, w), bk, st, at, fl in
+              itertools.product(((64, 2), (128, 2), (256, 2)), (32, 64), (1, 2, 4), (0, 1), (0, 1))
+              if bn * bk <= (4096 if fl else 8192) * w]}
+KN_DEQUANT_GRID = [(8, 128, 4), (4, 256, 4), (16, 64, 4), (8, 256, 8)]  # code words, columns, warps
 KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (64, 128), (4,), (-1, 1, 4)))  # + K splits (-1: by shape)
 
 
@@ -139,6 +149,7 @@ def main() -> None:
     ap.add_argument("--formats", default="int4,nf4,int8")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--gemm-rows", type=int, default=64)
+    ap.add_argument("--paths", default="gemv,gemm", help="gemv (one row) and/or gemm (--gemm-rows rows)")
     ap.add_argument("--quick", action="store_true",
                     help="a smaller GEMV tile grid (every inner-loop variant; K-major: no atomic split-K sums)")
     ap.add_argument("--hbm-gbps", type=float, default=None, help="roofline (default: 3350 on H100, 4800 on H200)")
@@ -161,14 +172,17 @@ def main() -> None:
         del w16
         for fmt in args.formats.split(","):
             parts, nbytes, _ = weights(fmt, N, K, dev)
-            if fmt.endswith("kn"):  # --quick: the deterministic split-K sums only
-                gemv, gemm = [t for t in KN_GEMV_GRID if not (args.quick and t[4])], KN_GEMM_GRID
+            if fmt.endswith("kn"):
+                gemv = KN_QUICK_GEMV_GRID[fmt] if args.quick else KN_GEMV_GRID
+                gemm = [(*t, "dequant") for t in KN_DEQUANT_GRID] + ([] if fmt in qkernel.DEQUANT_GEMM else KN_GEMM_GRID)
             elif fmt == "int4-tinygemm":
                 gemv, gemm = [()], [()]
             else:
                 gemv = [(*t, *v) for t in (QUICK_GEMV_GRID if args.quick else GEMV_GRID) for v in VARIANTS[fmt]]
                 gemm = GEMM_GRID
             for M, path, grid in ((1, "gemv", gemv), (args.gemm_rows, "gemm", gemm)):
+                if path not in args.paths.split(","):
+                    continue
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                 want = reference(fmt, parts, x, N).float()
                 default = tuple(qkernel._tiles(fmt, path, M, N, dev, QuantKernels().gemv_tiles)) \
@@ -176,20 +190,22 @@ def main() -> None:
                 if path == "gemv" and default:
                     default = (*default, 0, 0)[:4 if fmt == "int8" else 5]
                 for tiles in grid:
-                    row = {"format": fmt, "shape": shape, "N": N, "K": K, "M": M, "path": path,
+                    kind = tiles[-1] if tiles and tiles[-1] == "dequant" else path  # K-major: the dequantizing pass
+                    tiles = tiles[:-1] if kind == "dequant" else tiles
+                    row = {"format": fmt, "shape": shape, "N": N, "K": K, "M": M, "path": kind,
                            "tiles": list(tiles), "default": tuple(tiles) == tuple(default or ())}
                     try:
-                        got = launch(fmt, parts, x, N, path, tiles).float()
+                        got = launch(fmt, parts, x, N, kind, tiles).float()
                         err = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
                         if not err < 2e-2:
                             raise ValueError(f"relative error {err:.3g}")
-                        t = timed(lambda: launch(fmt, parts, x, N, path, tiles))
+                        t = timed(lambda: launch(fmt, parts, x, N, kind, tiles))
                         row.update(us=t * 1e6, gbps=nbytes / t / 1e9, roofline=nbytes / t / 1e9 / hbm)
                     except Exception as e:  # noqa: BLE001 -- a tile that does not compile or fit is a result too
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    key = (fmt, shape, path)
+                    key = (fmt, shape, kind)
                     if "us" in row and (key not in best or row["us"] < best[key]["us"]):
                         best[key] = row
             del parts

@@ -282,12 +282,15 @@ def test_k_major_ops_match_reference_and_give_input_gradients():
 
 @needs_triton
 @pytest.mark.parametrize("rows,tiles", [(1, None), (3, (64, 32, 1, 1)), (3, (64, 32, 1, 2, 1)), (2, (32, 64, 2, 0, 0, 1)),
-                                       (20, None)],
-                         ids=["gemv-default", "gemv-split-k", "gemv-split-k-atomic", "gemv-whole-k-magic-pairs", "gemm"])
+                                       (1, (32, 32, 1, 2, 0, 0, 1)), (2, (64, 32, 2, 0, 0, 1, 1)), (20, None),
+                                       (300, None)],
+                         ids=["gemv-default", "gemv-split-k", "gemv-split-k-atomic", "gemv-whole-k-magic-pairs",
+                              "gemv-flat", "gemv-flat-magic", "gemm", "dequant"])
 def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cpu):
     """The K-major GEMV (its default tiles; K split over programs whose partial sums one more kernel adds, or that
-    add atomically into fp32; all of K in one program, INT4 by the exponent trick and NF4 by the level-pair table) and
-    GEMM on a layer's K-major buffers: N = 72; INT4 K = 320 (10 groups of 32) and K = 256 in groups of 128; NF4
+    add atomically into fp32; all of K in one program, INT4 by the exponent trick and NF4 by the level-pair table;
+    two-dimensional "flat" tiles), the GEMM (NF4's batched rows: one dequantizing pass, then a matmul) and the long
+    inputs' dequantizing pass on a layer's K-major buffers: N = 72; INT4 K = 320 (10 groups of 32) and K = 256 in groups of 128; NF4
     K = 320 (blocks of 64, double-quantized absmax spanning rows, and fp32 absmax)."""
     from lmforge.quant import QuantKernels, set_kernels
 
@@ -305,9 +308,13 @@ def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cp
         assert y.dtype == dtype and y.shape == (rows, 72)
         _close(y, F.linear(x.float(), want, layer.bias.float()), 2e-2)
     status = qkernel.kernel_status()
-    path = "gemv" if rows <= qkernel.GEMV_MAX_ROWS else "gemm"
     assert len(status) == 4 and all(v is True for v in status.values()), status
-    assert {k.split("/")[0] for k in status} == {"int4kn", "nf4kn"} and all(f"/{path}/" in k for k in status)
+    assert {k.split("/")[0] for k in status} == {"int4kn", "nf4kn"}
+    for k in status:
+        fmt = k.split("/")[0]
+        path = "gemv" if rows <= qkernel.GEMV_MAX_ROWS else "gemm" if rows <= qkernel.GEMM_MAX_ROWS and \
+            fmt not in qkernel.DEQUANT_GEMM else "dequant"
+        assert f"/{path}/" in k, (k, path)
 
 
 @needs_triton

@@ -246,12 +246,24 @@ def _kn_steps(K: int, block_k: int, steps: int) -> int:
     return steps
 
 
+def _dequant_q4kn(qw, s, z, N: int, K: int, group: int, nf4: bool, tiles: tuple, dtype, lut, ss, mean, dq):
+    """The (K, N) weight of K-major 4-bit codes in `dtype`, one Triton pass."""
+    words, block_n, warps = tiles
+    words = min(words, group // 8)
+    w = torch.empty(K, N, dtype=dtype, device=qw.device)
+    _kernels().q4kn_dequant_kernel[(K // (8 * words), triton_cdiv(N, block_n))](
+        qw, s, z, ss, mean, lut, w, N, K, GROUP=group, NF4=nf4, BLOCK_N=block_n, WORDS=words, num_warps=warps, **dq)
+    return w
+
+
 def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: tuple, ss=None, mean=None,
                  dq_block: int = 256):
     """The K-major 4-bit GEMV / GEMM (`qkernel_triton.q4kn_*`). GEMV tiles: (columns per program, input columns per
-    step, warps, steps per program[, atomic, magic]): fewer steps split K over more programs, whose fp32 partial sums
-    one more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead; magic=1: INT4 nibbles
-    to float by the exponent trick, NF4 levels a byte at a time from a pair table); GEMM tiles: (BLOCK_M,
+    step, warps, steps per program[, atomic, magic, flat]): fewer steps split K over more programs, whose fp32 partial
+    sums one more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead; magic=1: INT4
+    nibbles to float by the exponent trick, NF4 levels a byte at a time from a pair table; flat=1: two-dimensional
+    tiles, each code word loaded by its 8 input columns); "dequant": the (K, N) weight written once by
+    `q4kn_dequant_kernel` (tiles: code words per program, columns, warps), then cuBLAS; GEMM tiles: (BLOCK_M,
     BLOCK_N, BLOCK_K, warps, [K splits]: by shape when absent, the partial sums added as the GEMV's)."""
     M, K = x.shape
     k = _kernels()
@@ -260,8 +272,8 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     dq = dict(DQ=ss is not None, DQ_BLOCK=dq_block)
     ss, mean = (s, s) if ss is None else (ss, mean)
     if path == "gemv":
-        block_n, block_k, warps, steps, atomic, magic = (*tiles, 0, 0)[:6]
-        if nf4 and magic:
+        block_n, block_k, warps, steps, atomic, magic, flat = (*tiles, 0, 0, 0)[:7]
+        if nf4 and magic and not flat:
             lut = _kn_level_pairs(x.device.type, x.device.index)
         block_k = min(block_k, group)
         steps = _kn_steps(K, block_k, steps)
@@ -271,7 +283,8 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
             torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
         k.q4kn_gemv_kernel[(M, triton_cdiv(N, block_n), splits)](
             x, qw, s, z, ss, mean, lut, out, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_N=block_n,
-            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1 and bool(atomic), MAGIC=bool(magic), num_warps=warps,
+            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1 and bool(atomic), MAGIC=bool(magic), FLAT=bool(flat),
+            num_warps=warps,
             **dq)
         if splits == 1:
             return y
@@ -279,6 +292,8 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
             return out.to(x.dtype)
         k.splitk_sum_kernel[(triton_cdiv(M * N, 1024),)](out, y, M * N, SPLITS=splits, BLOCK=1024, num_warps=4)
         return y
+    if path == "dequant":
+        return x @ _dequant_q4kn(qw, s, z, N, K, group, nf4, tiles, x.dtype, lut, ss, mean, dq)
     block_m, block_n, block_k, warps, splits = (*tiles, -1)[:5]
     block_k = min(block_k, group)
     splits = _gemm_splits(M, N, K, block_m, block_n, block_k, splits, x.device)
@@ -326,12 +341,26 @@ def _tiles(fmt: str, path: str, M: int, N: int, device: torch.device, gemv_tiles
     """The tiles a call of M rows runs with (`gemv_tiles`: forced for the GEMV, `QuantKernels.gemv_tiles`)."""
     if path == "gemv":
         return _gemv_tiles(fmt, gemv_tiles)
+    if path == "dequant":
+        return (8, 128, 4)  # code words (64 input rows) x columns per program, warps
     block_m, block_n = _gemm_blocks(M, N, device)
-    return (block_m, block_n, 64, 4) if fmt.endswith("kn") else (block_m, block_n)
+    return (block_m, block_n, 128, 4) if fmt.endswith("kn") else (block_m, block_n)
 
 
-def _path(M: int) -> str | None:
-    return "gemv" if M <= GEMV_MAX_ROWS else "gemm" if M <= GEMM_MAX_ROWS else None
+# K-major formats whose batched rows (5-256) dequantize once and call cuBLAS instead of the GEMM: NF4's table lookup
+# in a tensor-core tile ran at 2% of the HBM roofline on an H100 (docs/benchmarks.md), far below one dequantizing pass.
+DEQUANT_GEMM = {"nf4kn"}
+
+
+def _path(M: int, fmt: str = "") -> str | None:
+    """Which kernel M input rows of format `fmt` take: the GEMV (decode), the GEMM, "dequant" (K-major 4-bit: the
+    weight written once in 16 bits by a Triton pass, then cuBLAS), or None (dequantize + matmul in torch ops)."""
+    if M <= GEMV_MAX_ROWS:
+        return "gemv"
+    kn = fmt in ("int4kn", "nf4kn")
+    if M <= GEMM_MAX_ROWS and fmt not in DEQUANT_GEMM:
+        return "gemm"
+    return "dequant" if kn else None
 
 
 def _capturing(device: torch.device) -> bool:
@@ -342,7 +371,7 @@ def _run(key: tuple, x: torch.Tensor, N: int, launch, reference, check,
          gemv_tiles: list[int] | None = None) -> torch.Tensor:
     """The kernel `launch(path, tiles)` where it is verified (checking that variant first if need be: format,
     path, tiles, dtype), else `reference()`."""
-    path = _path(x.shape[0])
+    path = _path(x.shape[0], key[0])
     if path is None:
         return reference()
     tiles = _tiles(key[0], path, x.shape[0], N, x.device, gemv_tiles)
@@ -367,7 +396,7 @@ def _verify(key: tuple, check, path: str, tiles: tuple, dtype: torch.dtype, devi
     """Run `check(M, dtype, device, tiles) -> (kernel output, reference output)` on a small random problem."""
     M = 3 if path == "gemv" else 20
     try:
-        got, want = check(M, dtype, device, tiles)
+        got, want = check(M, dtype, device, tiles, path)
         err = (got.float() - want.float()).abs().max().item()
         tol = 2e-2 * want.float().abs().max().item() + 1e-2
         ok: bool | str = True if torch.isfinite(got).all() and err <= tol else \
@@ -386,7 +415,7 @@ def _probe(device: torch.device, seed: int = 0) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed)
 
 
-def _check_int8(M: int, dtype, device, tiles=None):
+def _check_int8(M: int, dtype, device, tiles=None, path=None):
     g = _probe(device)
     N, K = 72, 576
     q = torch.randint(-127, 128, (N, K), generator=g, device=device, dtype=torch.int8)
@@ -396,7 +425,7 @@ def _check_int8(M: int, dtype, device, tiles=None):
 
 
 def _check_int4(group: int):
-    def check(M: int, dtype, device, tiles=None):
+    def check(M: int, dtype, device, tiles=None, path=None):
         g = _probe(device)
         N, K = 72, 3 * group
         qw = torch.randint(0, 256, (N, K // 2), generator=g, device=device, dtype=torch.uint8)
@@ -409,20 +438,20 @@ def _check_int4(group: int):
 
 
 def _check_int4kn(group: int):
-    def check(M: int, dtype, device, tiles=None):
+    def check(M: int, dtype, device, tiles=None, path=None):
         g = _probe(device)
         N, K = 72, 3 * group
         codes = torch.randint(0, 16, (N, K), generator=g, device=device, dtype=torch.uint8)
         s = (torch.rand(K // group, N, generator=g, device=device) * 0.05 + 1e-3).to(dtype)
         z = torch.randint(0, 16, (K // group, N), generator=g, device=device, dtype=torch.uint8)
         x = torch.randn(M, K, generator=g, device=device).to(dtype)
-        return _launch_q4kn(x, pack_kn(codes), s, z, N, group, False, _path(M), tiles), \
+        return _launch_q4kn(x, pack_kn(codes), s, z, N, group, False, path or _path(M, "int4kn"), tiles), \
             F.linear(x, int4_dequantize(codes, s.T, z.T, dtype))
     return check
 
 
 def _check_nf4(block: int, dq: bool, dq_block: int):
-    def check(M: int, dtype, device, tiles=None):
+    def check(M: int, dtype, device, tiles=None, path=None):
         from .nf4 import quantize_nf4
 
         g = _probe(device)
@@ -513,7 +542,7 @@ def nf4kn_weight(codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.
 
 
 def _check_nf4kn(block: int, dq: bool, dq_block: int):
-    def check(M: int, dtype, device, tiles=None):
+    def check(M: int, dtype, device, tiles=None, path=None):
         from .nf4 import quantize_nf4
 
         g = _probe(device)
@@ -522,8 +551,8 @@ def _check_nf4kn(block: int, dq: bool, dq_block: int):
         codes = pack_kn(unpack_nibbles(t.codes).view(N, K))
         absmax = t.absmax.view(N, K // block).T.contiguous()
         x = torch.randn(M, K, generator=g, device=device).to(dtype)
-        got = _launch_q4kn(x, codes, absmax, None, N, block, True, _path(M), tiles, t.absmax_scale, t.absmax_mean,
-                           dq_block)
+        got = _launch_q4kn(x, codes, absmax, None, N, block, True, path or _path(M, "nf4kn"), tiles, t.absmax_scale,
+                           t.absmax_mean, dq_block)
         return got, F.linear(x, t.dequantize(dtype))
     return check
 

@@ -216,12 +216,14 @@ def _kn_absmax(S, SS, Mean, g, cols, col_ok, n_groups, N, DQ: tl.constexpr, DQ_B
 def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      STEPS: tl.constexpr, ATOMIC: tl.constexpr, DQ: tl.constexpr = False,
-                     DQ_BLOCK: tl.constexpr = 256, MAGIC: tl.constexpr = False):
+                     DQ_BLOCK: tl.constexpr = 256, MAGIC: tl.constexpr = False, FLAT: tl.constexpr = False):
     """Y[m, cols] (+)= X[m, ks] @ W[ks, cols] over STEPS x BLOCK_K input columns per program (grid: input rows x
     column blocks x K splits). With more than one split, Y is an fp32 workspace (splits, M, N) of partial sums that
     `splitk_sum_kernel` adds up, or with ATOMIC a zeroed fp32 (M, N) the splits add into (order-dependent). MAGIC:
     INT4 nibbles to float by `_nibble_f32`'s exponent trick; NF4 levels a byte at a time from the 256-entry pair
-    table (`Lut` then int64: half the table loads of the 16-level one)."""
+    table (`Lut` then int64: half the table loads of the 16-level one). FLAT: a (BLOCK_K, BLOCK_N) tile whose every
+    code word is loaded by the 8 input columns it holds (L1 hits), unpacked by a per-row shift: two-dimensional
+    throughout (no (words, 8, columns) unpacking), NF4 from the 16-level table."""
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -230,29 +232,44 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
     nib = tl.arange(0, 8)
     shift = (nib * 4)[None, :, None]  # (1, 8, 1)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kk = tl.arange(0, BLOCK_K)
     for i in range(STEPS):
         k0 = k_first + i * BLOCK_K
-        w = tl.load(QW + ((k0 // 8 + words).to(tl.int64) * N)[:, None] + cols[None, :], mask=col_ok[None, :],
-                    other=0, eviction_policy="evict_first")  # (BLOCK_K / 8, BLOCK_N) int32
-        q = (w[:, None, :] >> shift) & 0xF  # (BLOCK_K / 8, 8, BLOCK_N)
-        x = tl.load(X + m * stride_xm + k0 + words[:, None] * 8 + nib[None, :]).to(tl.float32)  # (BLOCK_K / 8, 8)
-        if NF4 and MAGIC:  # Lut: byte -> its two levels as one int64 (fp32 bits, even k low): one load per byte
-            t = tl.load(Lut + ((w[:, None, :] >> (tl.arange(0, 4) * 8)[None, :, None]) & 0xFF))  # (BK/8, 4, BN)
-            xk = X + m * stride_xm + k0 + words[:, None] * 8 + tl.arange(0, 4)[None, :] * 2  # even k (BK/8, 4)
-            lo = t.to(tl.int32).to(tl.float32, bitcast=True) * tl.load(xk).to(tl.float32)[:, :, None]
-            hi = (t >> 32).to(tl.int32).to(tl.float32, bitcast=True) * tl.load(xk + 1).to(tl.float32)[:, :, None]
-            a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
-            acc += tl.sum(tl.sum(lo + hi, axis=1), axis=0) * a
-        elif NF4:
-            v = tl.load(Lut + q)  # the 16 levels, one cache line
-            a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
-            acc += tl.sum(tl.sum(v * x[:, :, None], axis=1), axis=0) * a
+        if FLAT:
+            w = tl.load(QW + (((k0 + kk) // 8).to(tl.int64) * N)[:, None] + cols[None, :], mask=col_ok[None, :],
+                        other=0, eviction_policy="evict_first")  # (BLOCK_K, BLOCK_N) int32, words repeated
+            q = (w >> ((kk % 8) * 4)[:, None]) & 0xF
+            x = tl.load(X + m * stride_xm + k0 + kk).to(tl.float32)  # (BLOCK_K,)
+            if NF4:
+                a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
+                acc += tl.sum(tl.load(Lut + q) * x[:, None], axis=0) * a
+            else:
+                g = (k0 // GROUP) * N
+                s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
+                z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
+                acc += (tl.sum(_nibble_f32(q, MAGIC) * x[:, None], axis=0) - tl.sum(x, axis=0) * z) * s
         else:
-            g = (k0 // GROUP) * N
-            s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
-            z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)  # sum (q - z) s x = s (sum q x - z sum x)
-            qf = _nibble_f32(q, MAGIC)
-            acc += (tl.sum(tl.sum(qf * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, 1), 0) * z) * s
+            w = tl.load(QW + ((k0 // 8 + words).to(tl.int64) * N)[:, None] + cols[None, :], mask=col_ok[None, :],
+                        other=0, eviction_policy="evict_first")  # (BLOCK_K / 8, BLOCK_N) int32
+            q = (w[:, None, :] >> shift) & 0xF  # (BLOCK_K / 8, 8, BLOCK_N)
+            x = tl.load(X + m * stride_xm + k0 + words[:, None] * 8 + nib[None, :]).to(tl.float32)  # (BLOCK_K / 8, 8)
+            if NF4 and MAGIC:  # Lut: byte -> its two levels as one int64 (fp32 bits, even k low): one load per byte
+                t = tl.load(Lut + ((w[:, None, :] >> (tl.arange(0, 4) * 8)[None, :, None]) & 0xFF))  # (BK/8, 4, BN)
+                xk = X + m * stride_xm + k0 + words[:, None] * 8 + tl.arange(0, 4)[None, :] * 2  # even k (BK/8, 4)
+                lo = t.to(tl.int32).to(tl.float32, bitcast=True) * tl.load(xk).to(tl.float32)[:, :, None]
+                hi = (t >> 32).to(tl.int32).to(tl.float32, bitcast=True) * tl.load(xk + 1).to(tl.float32)[:, :, None]
+                a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
+                acc += tl.sum(tl.sum(lo + hi, axis=1), axis=0) * a
+            elif NF4:
+                v = tl.load(Lut + q)  # the 16 levels, one cache line
+                a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
+                acc += tl.sum(tl.sum(v * x[:, :, None], axis=1), axis=0) * a
+            else:
+                g = (k0 // GROUP) * N
+                s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
+                z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)  # sum (q - z) s x = s (sum q x - z sum x)
+                qf = _nibble_f32(q, MAGIC)
+                acc += (tl.sum(tl.sum(qf * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, 1), 0) * z) * s
     if ATOMIC:
         tl.atomic_add(Y + m * stride_ym + cols, acc, mask=col_ok, sem="relaxed")
     else:  # Y: the output, or split k's own fp32 slice of a (splits, M, N) workspace
@@ -269,6 +286,30 @@ def splitk_sum_kernel(P, Y, n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     for s in range(SPLITS):
         acc += tl.load(P + s * n + offs, mask=ok, other=0.0)
     tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def q4kn_dequant_kernel(QW, S, Z, SS, Mean, Lut, W, N, K, GROUP: tl.constexpr, NF4: tl.constexpr,
+                        BLOCK_N: tl.constexpr, WORDS: tl.constexpr, DQ: tl.constexpr = False,
+                        DQ_BLOCK: tl.constexpr = 256):
+    """W[k, n] (K, N) in W's dtype from the K-major codes, WORDS x 8 input rows (within one group) by BLOCK_N columns
+    a program: one pass over the codes, one write of the weight (what cuBLAS then multiplies, for long inputs)."""
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w0 = tl.program_id(0) * WORDS
+    words = w0 + tl.arange(0, WORDS)
+    nib = tl.arange(0, 8)
+    w = tl.load(QW + (words.to(tl.int64) * N)[:, None] + cols[None, :], mask=col_ok[None, :], other=0)
+    q = (w[:, None, :] >> (nib * 4)[None, :, None]) & 0xF  # (WORDS, 8, BLOCK_N)
+    g = (w0 * 8) // GROUP
+    if NF4:
+        v = tl.load(Lut + q) * _kn_absmax(S, SS, Mean, g, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)[None, None, :]
+    else:
+        s = tl.load(S + g * N + cols, mask=col_ok, other=0).to(tl.float32)
+        z = tl.load(Z + g * N + cols, mask=col_ok, other=0).to(tl.float32)
+        v = (q.to(tl.float32) - z[None, None, :]) * s[None, None, :]
+    rows = (words[:, None] * 8 + nib[None, :]).to(tl.int64)  # (WORDS, 8)
+    tl.store(W + (rows * N)[:, :, None] + cols[None, None, :], v.to(W.dtype.element_ty), mask=col_ok[None, None, :])
 
 
 @triton.jit

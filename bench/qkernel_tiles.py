@@ -174,7 +174,8 @@ def main() -> None:
             parts, nbytes, _ = weights(fmt, N, K, dev)
             if fmt.endswith("kn"):
                 gemv = KN_QUICK_GEMV_GRID[fmt] if args.quick else KN_GEMV_GRID
-                gemm = [(*t, "dequant") for t in KN_DEQUANT_GRID] + ([] if fmt in qkernel.DEQUANT_GEMM else KN_GEMM_GRID)
+                gemm = [(*t, "dequant") for t in KN_DEQUANT_GRID]
+                gemm += [] if fmt in qkernel.DEQUANT_GEMM else KN_GEMM_GRID
             elif fmt == "int4-tinygemm":
                 gemv, gemm = [()], [()]
             else:

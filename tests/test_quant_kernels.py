@@ -281,9 +281,9 @@ def test_k_major_ops_match_reference_and_give_input_gradients():
 
 
 @needs_triton
-@pytest.mark.parametrize("rows,tiles", [(1, None), (3, (64, 32, 1, 1)), (3, (64, 32, 1, 2, 1)), (2, (32, 64, 2, 0, 0, 1)),
-                                       (1, (32, 32, 1, 2, 0, 0, 1)), (2, (64, 32, 2, 0, 0, 1, 1)), (20, None),
-                                       (300, None)],
+@pytest.mark.parametrize("rows,tiles", [(1, None), (3, (64, 32, 1, 1)), (3, (64, 32, 1, 2, 1)),
+                                       (2, (32, 64, 2, 0, 0, 1)), (1, (32, 32, 1, 2, 0, 0, 1)),
+                                       (2, (64, 32, 2, 0, 0, 1, 1)), (20, None), (300, None)],
                          ids=["gemv-default", "gemv-split-k", "gemv-split-k-atomic", "gemv-whole-k-magic-pairs",
                               "gemv-flat", "gemv-flat-magic", "gemm", "dequant"])
 def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cpu):

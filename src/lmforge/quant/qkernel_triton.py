@@ -267,8 +267,8 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
             else:
                 g = (k0 // GROUP) * N
                 s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
-                z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)  # sum (q - z) s x = s (sum q x - z sum x)
-                qf = _nibble_f32(q, MAGIC)
+                z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
+                qf = _nibble_f32(q, MAGIC)  # sum (q - z) s x = s (sum q x - z sum x)
                 acc += (tl.sum(tl.sum(qf * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, 1), 0) * z) * s
     if ATOMIC:
         tl.atomic_add(Y + m * stride_ym + cols, acc, mask=col_ok, sem="relaxed")

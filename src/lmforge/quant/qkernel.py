@@ -313,8 +313,9 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
 # 28672 x 4096, 4096 x 14336) in `bench/qkernel_tiles.py --quick` on an H100 (docs/benchmarks.md). Against the
 # former 4 x 2,048 x 8 for every format: INT4 1.8x, NF4 2.2x, INT8 1.1x less time summed over the three shapes.
 GEMV_TILES = {"int8": (2, 2048, 4, 0), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0),
-              "int4kn": (128, 64, 2, 4), "nf4kn": (128, 64, 2, 4)}
-# K-major: (output columns per program, input columns per step, warps, steps per program[, atomic, magic])
+              "int4kn": (64, 128, 2, 4, 0, 0), "nf4kn": (64, 64, 2, 4, 0, 1)}
+# K-major: (output columns per program, input columns per step, warps, steps per program[, atomic, magic, flat]),
+# the fastest summed over the qkv / o / gate_up / down shapes in bench/qkernel_tiles.py --quick on an H100
 
 
 def _gemv_tiles(fmt: str, forced: list[int] | None = None) -> tuple[int, ...]:

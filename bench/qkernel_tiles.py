@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--gemm-rows", type=int, default=64)
     ap.add_argument("--paths", default="gemv,gemm", help="gemv (one row) and/or gemm (--gemm-rows rows)")
     ap.add_argument("--quick", action="store_true",
-                    help="a smaller GEMV tile grid (every inner-loop variant; K-major: no atomic split-K sums)")
+                    help="a smaller GEMV tile grid (every inner-loop variant; K-major: KN_QUICK_GEMV_GRID)")
     ap.add_argument("--hbm-gbps", type=float, default=None, help="roofline (default: 3350 on H100, 4800 on H200)")
     ap.add_argument("--out", default="qkernel_tiles.jsonl")
     args = ap.parse_args()

@@ -145,6 +145,10 @@ def test_layer_kernels_force_tiles_or_switch_the_kernels_off(kernels_on_cpu):
     qkernel._status.clear()
     _close(layer(x), want, 2e-2)
     assert not qkernel.kernel_status()  # no kernel tried
+    layer.to_layout("kn")  # the K-major tiles' full form: ..., atomic, magic, flat
+    set_kernels(layer, KernelOptions(quant_gemv_tiles=(32, 32, 1, 2, 0, 0, 1)).quant_kernels())
+    _close(layer(x), want, 2e-2)
+    assert list(qkernel.kernel_status()) == [f"int4kn/32/gemv/32x32x1x2x0x0x1/bfloat16/{DEVICE.type}"]
 
 
 @needs_triton
@@ -290,8 +294,8 @@ def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cp
     """The K-major GEMV (its default tiles; K split over programs whose partial sums one more kernel adds, or that
     add atomically into fp32; all of K in one program, INT4 by the exponent trick and NF4 by the level-pair table;
     two-dimensional "flat" tiles), the GEMM (NF4's batched rows: one dequantizing pass, then a matmul) and the long
-    inputs' dequantizing pass on a layer's K-major buffers: N = 72; INT4 K = 320 (10 groups of 32) and K = 256 in groups of 128; NF4
-    K = 320 (blocks of 64, double-quantized absmax spanning rows, and fp32 absmax)."""
+    inputs' dequantizing pass on a layer's K-major buffers: N = 72; INT4 K = 320 (10 groups of 32) and K = 256 in
+    groups of 128; NF4 K = 320 (blocks of 64, double-quantized absmax spanning rows, and fp32 absmax)."""
     from lmforge.quant import QuantKernels, set_kernels
 
     dtype = torch.bfloat16 if rows <= qkernel.GEMV_MAX_ROWS or DEVICE.type == "cuda" else torch.float16

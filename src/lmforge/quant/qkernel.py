@@ -284,8 +284,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
         k.q4kn_gemv_kernel[(M, triton_cdiv(N, block_n), splits)](
             x, qw, s, z, ss, mean, lut, out, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_N=block_n,
             BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1 and bool(atomic), MAGIC=bool(magic), FLAT=bool(flat),
-            num_warps=warps,
-            **dq)
+            num_warps=warps, **dq)
         if splits == 1:
             return y
         if atomic:
@@ -358,10 +357,9 @@ def _path(M: int, fmt: str = "") -> str | None:
     weight written once in 16 bits by a Triton pass, then cuBLAS), or None (dequantize + matmul in torch ops)."""
     if M <= GEMV_MAX_ROWS:
         return "gemv"
-    kn = fmt in ("int4kn", "nf4kn")
     if M <= GEMM_MAX_ROWS and fmt not in DEQUANT_GEMM:
         return "gemm"
-    return "dequant" if kn else None
+    return "dequant" if fmt.endswith("kn") else None
 
 
 def _capturing(device: torch.device) -> bool:

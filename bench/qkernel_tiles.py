@@ -38,17 +38,19 @@ GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 KN_GEMV_GRID = [(bn, bk, w, st, at, mg) for bn, bk, w, st, at, mg in
                 itertools.product((64, 128, 256), (64, 128), (2, 4), (1, 4, 0), (0, 1), (0, 1))
                 if bn * bk <= 256 * 32 * w and not (st == 0 and at) and not (at and mg)]  # + atomic, magic
-# --quick: short K slices per program (many programs, as gemlite's GEMV), the 3-D and the flat (+ flat=1) unpacking;
-# INT4 without the exponent trick (it lost every shape on an H100), NF4 with the pair table (3-D) or 16 levels (flat)
+# --quick: short K slices per program (many programs, as gemlite's GEMV); INT4 with the in-place nibbles (magic=1)
+# and the three fastest plain loops of the H100 sweep; NF4 with the pair table (3-D) or 16 levels (flat=1)
 KN_QUICK_GEMV_GRID = {
-    "int4kn": [(bn, bk, w, st, at, 0, fl) for (bn, w), bk, st, at, fl in
-               itertools.product(((64, 2), (128, 2), (256, 2), (512, 4)), (16, 32, 64, 128), (1, 2, 4), (0, 1), (0, 1))
-               if bn * bk <= (4096 if fl else 8192) * w],
+    "int4kn": [(bn, bk, w, st, at, 1, 0) for (bn, w), bk, st, at in
+               itertools.product(((128, 1), (256, 1), (256, 2), (512, 2), (512, 4), (1024, 4)), (32, 64, 128),
+                                 (1, 2, 4), (0, 1)) if bn * bk <= 16384 * w]
+    + [(256, 32, 2, 1, 1, 0, 0), (512, 16, 4, 1, 1, 0, 0), (256, 64, 2, 1, 1, 0, 0)],
     "nf4kn": [(bn, bk, w, st, at, 1 - fl, fl) for (bn, w), bk, st, at, fl in
               itertools.product(((64, 2), (128, 2), (256, 2)), (32, 64), (1, 2, 4), (0, 1), (0, 1))
               if bn * bk <= (4096 if fl else 8192) * w]}
 KN_DEQUANT_GRID = [(8, 128, 4), (4, 256, 4), (16, 64, 4), (8, 256, 8)]  # code words, columns, warps
-KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (64, 128), (4,), (-1, 1, 4)))  # + K splits (-1: by shape)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, K splits (-1: by shape), magic (INT4 nibbles by the exponent trick))
+KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (64, 128), (4,), (-1, 1, 4), (0, 1)))
 
 
 def timed(fn, reps: int = 50) -> float:

@@ -175,6 +175,8 @@ def main() -> None:
                     help="the K-major INT4 GEMV's default tiles for this run (qkernel.GEMV_TILES['int4kn'])")
     ap.add_argument("--nf4kn-tiles", default=None, metavar="COLUMNS,STEP,WARPS,STEPS",
                     help="the K-major NF4 GEMV's default tiles for this run (qkernel.GEMV_TILES['nf4kn'])")
+    ap.add_argument("--kn-gemm-magic", action="store_true",
+                    help="the K-major INT4 GEMM's nibbles by the exponent trick (qkernel.KN_GEMM_MAGIC)")
     ap.add_argument("--out", default=None, help="also write the JSON lines here (after every variant)")
     args = ap.parse_args()
 
@@ -183,6 +185,7 @@ def main() -> None:
     for fmt, tiles in (("int4kn", args.kn_tiles), ("nf4kn", args.nf4kn_tiles)):
         if tiles:
             qkernel.GEMV_TILES[fmt] = tuple(int(v) for v in tiles.split(","))
+    qkernel.KN_GEMM_MAGIC = args.kn_gemm_magic or qkernel.KN_GEMM_MAGIC
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile is None:
         args.compile = device == "cuda"
@@ -193,7 +196,8 @@ def main() -> None:
     env = {"preset": args.preset, "n_layers": args.n_layers, "device": name, "torch": torch.__version__,
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "group_size": args.group_size,
            "compile_batch1": args.compile, "decode_steps": args.decode_steps, "gemv_tiles": args.gemv_tiles,
-           "kn_tiles": qkernel.GEMV_TILES["int4kn"], "nf4kn_tiles": qkernel.GEMV_TILES["nf4kn"]}
+           "kn_tiles": qkernel.GEMV_TILES["int4kn"], "nf4kn_tiles": qkernel.GEMV_TILES["nf4kn"],
+           "kn_gemm_magic": qkernel.KN_GEMM_MAGIC}
     rows: list[dict] = []
     base: dict[str, float] = {}
     for variant in args.variants.split(","):

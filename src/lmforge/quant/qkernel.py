@@ -264,7 +264,8 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     nibbles to float by the exponent trick, NF4 levels a byte at a time from a pair table; flat=1: two-dimensional
     tiles, each code word loaded by its 8 input columns); "dequant": the (K, N) weight written once by
     `q4kn_dequant_kernel` (tiles: code words per program, columns, warps), then cuBLAS; GEMM tiles: (BLOCK_M,
-    BLOCK_N, BLOCK_K, warps, [K splits]: by shape when absent, the partial sums added as the GEMV's)."""
+    BLOCK_N, BLOCK_K, warps[, K splits[, magic]]): splits -1 or absent: by shape, the partial sums added as the
+    GEMV's; magic=1: INT4 nibbles to float by the exponent trick)."""
     M, K = x.shape
     k = _kernels()
     lut = _lut(x.device) if nf4 else s
@@ -293,7 +294,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
         return y
     if path == "dequant":
         return x @ _dequant_q4kn(qw, s, z, N, K, group, nf4, tiles, x.dtype, lut, ss, mean, dq)
-    block_m, block_n, block_k, warps, splits = (*tiles, -1)[:5]
+    block_m, block_n, block_k, warps, splits, magic = (*tiles, *(-1, 0)[len(tiles) - 4:])[:6]
     block_k = min(block_k, group)
     splits = _gemm_splits(M, N, K, block_m, block_n, block_k, splits, x.device)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -301,7 +302,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     k.q4kn_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n), splits)](
         x, qw, s, z, ss, mean, lut, out, M, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2, K_SPLIT=K // splits if splits > 1 else 0,
-        **dq)
+        MAGIC=bool(magic), **dq)
     if splits > 1:
         k.splitk_sum_kernel[(triton_cdiv(M * N, 1024),)](out, y, M * N, SPLITS=splits, BLOCK=1024, num_warps=4)
     return y
@@ -344,7 +345,10 @@ def _tiles(fmt: str, path: str, M: int, N: int, device: torch.device, gemv_tiles
     if path == "dequant":
         return (8, 128, 4)  # code words (64 input rows) x columns per program, warps
     block_m, block_n = _gemm_blocks(M, N, device)
-    return (block_m, block_n, 128, 4) if fmt.endswith("kn") else (block_m, block_n)
+    return (block_m, block_n, 128, 4, -1, int(KN_GEMM_MAGIC)) if fmt.endswith("kn") else (block_m, block_n)
+
+
+KN_GEMM_MAGIC = False  # the K-major INT4 GEMM's nibbles by the exponent trick (bench/qkernel_tiles.py compares)
 
 
 # K-major formats whose batched rows (5-256) dequantize once and call cuBLAS instead of the GEMM: NF4's table lookup

@@ -220,10 +220,12 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
     """Y[m, cols] (+)= X[m, ks] @ W[ks, cols] over STEPS x BLOCK_K input columns per program (grid: input rows x
     column blocks x K splits). With more than one split, Y is an fp32 workspace (splits, M, N) of partial sums that
     `splitk_sum_kernel` adds up, or with ATOMIC a zeroed fp32 (M, N) the splits add into (order-dependent). MAGIC:
-    INT4 nibbles to float by `_nibble_f32`'s exponent trick; NF4 levels a byte at a time from the 256-entry pair
-    table (`Lut` then int64: half the table loads of the 16-level one). FLAT: a (BLOCK_K, BLOCK_N) tile whose every
-    code word is loaded by the 8 input columns it holds (L1 hits), unpacked by a per-row shift: two-dimensional
-    throughout (no (words, 8, columns) unpacking), NF4 from the 16-level table."""
+    INT4 nibble j of each half word masked in place under the exponent 150 - 4j, which reads as 2^(23 - 4j) + q:
+    one LOP3, one FADD and one FMA per weight, no shift and no int-to-float conversion (quarter rate: it bounds the
+    plain loop near half the HBM roofline on an H100); FLAT then uses `_nibble_f32`'s exponent trick. NF4: levels a
+    byte at a time from the 256-entry pair table (`Lut` then int64: half the table loads of the 16-level one).
+    FLAT: a (BLOCK_K, BLOCK_N) tile whose every code word is loaded by the 8 input columns it holds (L1 hits),
+    unpacked by a per-row shift: two-dimensional throughout, NF4 from the 16-level table."""
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -233,6 +235,7 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
     shift = (nib * 4)[None, :, None]  # (1, 8, 1)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     kk = tl.arange(0, BLOCK_K)
+    opaque_zero = K >> 30  # 0 (K < 2^30) the compiler cannot fold: keeps MAGIC's nibble masks in registers
     for i in range(STEPS):
         k0 = k_first + i * BLOCK_K
         if FLAT:
@@ -264,11 +267,29 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                 v = tl.load(Lut + q)  # the 16 levels, one cache line
                 a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
                 acc += tl.sum(tl.sum(v * x[:, :, None], axis=1), axis=0) * a
+            elif MAGIC:  # nibble j of a half word masked in place under exponent 150 - 4j: 2^(23 - 4j) + q exactly
+                hi = w >> 16  # (BLOCK_K / 8, BLOCK_N): nibbles 4..7 at bits 0..15
+                xp = X + m * stride_xm + k0 + words * 8  # (BLOCK_K / 8,) the first input column of each word
+                part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)  # per-thread FMA chains, summed once
+                sx = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+                for j in tl.static_range(4):
+                    mask = (0xF << (4 * j)) + opaque_zero  # a register operand: one LOP3 per nibble, no MOV
+                    xl = tl.load(xp + j).to(tl.float32)
+                    xh = tl.load(xp + 4 + j).to(tl.float32)
+                    sx += xl + xh
+                    ql = ((w & mask) | ((150 - 4 * j) << 23)).to(tl.float32, bitcast=True) - 2.0 ** (23 - 4 * j)
+                    qh = ((hi & mask) | ((150 - 4 * j) << 23)).to(tl.float32, bitcast=True) - 2.0 ** (23 - 4 * j)
+                    part += ql * xl[:, None]  # two statements: two FMAs, no extra add
+                    part += qh * xh[:, None]
+                g = (k0 // GROUP) * N
+                s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
+                z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
+                acc += (tl.sum(part, axis=0) - tl.sum(sx, axis=0) * z) * s
             else:
                 g = (k0 // GROUP) * N
                 s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
                 z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
-                qf = _nibble_f32(q, MAGIC)  # sum (q - z) s x = s (sum q x - z sum x)
+                qf = q.to(tl.float32)  # sum (q - z) s x = s (sum q x - z sum x)
                 acc += (tl.sum(tl.sum(qf * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, 1), 0) * z) * s
     if ATOMIC:
         tl.atomic_add(Y + m * stride_ym + cols, acc, mask=col_ok, sem="relaxed")
@@ -316,11 +337,12 @@ def q4kn_dequant_kernel(QW, S, Z, SS, Mean, Lut, W, N, K, GROUP: tl.constexpr, N
 def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, DQ: tl.constexpr = False, DQ_BLOCK: tl.constexpr = 256,
-                     K_SPLIT: tl.constexpr = 0):
+                     K_SPLIT: tl.constexpr = 0, MAGIC: tl.constexpr = False):
     """Y[rows, cols] = X[rows] @ W[:, cols] with (BLOCK_K, BLOCK_N) weight tiles dequantized into tensor-core dots
     (BLOCK_K divides GROUP: one scale row per tile). Each code word is loaded by the 8 rows it holds (L1 hits).
     K_SPLIT > 0: this program covers K_SPLIT input columns (grid axis 2) and writes its fp32 partial sums to its slice
-    of a (splits, M, N) workspace, so few output tiles (a narrow N) still fill the GPU."""
+    of a (splits, M, N) workspace, so few output tiles (a narrow N) still fill the GPU. MAGIC: INT4 nibbles to float
+    by `_nibble_f32`'s exponent trick instead of a (quarter-rate) conversion."""
     k_lo = tl.program_id(2) * K_SPLIT
     k_hi = k_lo + K_SPLIT if K_SPLIT > 0 else K
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -340,7 +362,7 @@ def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_y
             g = (k0 // GROUP) * N  # (K / GROUP) N < 2^31
             s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
             z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
-            wt = (q.to(tl.float32) - z[None, :]) * s[None, :]
+            wt = (_nibble_f32(q, MAGIC) - z[None, :]) * s[None, :]
         acc += tl.dot(x, wt.to(x.dtype))
     Y += tl.program_id(2).to(tl.int64) * M * stride_ym  # the workspace slice of this split (0 without a split)
     tl.store(Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty),

@@ -142,24 +142,43 @@ def q4_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_ym,
 @triton.jit
 def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr = False):
-    """Y[m, rows] = (X[m] @ q[rows].T) * scale[rows]; grid: input rows x row blocks. MAGIC: codes to float as
-    `_nibble_f32` does (offset by 128 into 0..255 first)."""
+    """Y[m, rows] = (X[m] @ q[rows].T) * scale[rows]; grid: input rows x row blocks. MAGIC: QW read as int32 words
+    (N, K / 4; byte i = input column 4c + i), offset into 0..255 by one XOR per word, byte i of each half word
+    masked in place under the exponent 150 - 8i (reads as 2^(23 - 8i) + code + 128): one LOP3, one FADD and one
+    FMA per weight instead of a byte extraction and a (quarter-rate) int-to-float conversion."""
     m = tl.program_id(0).to(tl.int64)  # input rows vary fastest: neighbouring programs read the same weight tile
     pid = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    cols = tl.arange(0, BLOCK_K)
-    w_rows = QW + rows.to(tl.int64)[:, None] * K
     x_row = X + m * stride_xm
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_ok = (k + cols) < K
-        w = tl.load(w_rows + k + cols[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0,
-                    eviction_policy="evict_first")
-        x = tl.load(x_row + k + cols, mask=k_ok, other=0.0).to(tl.float32)
-        if MAGIC:
-            acc += (_nibble_f32(w.to(tl.int32) + 128, True) - 128.0) * x[None, :]
-        else:
+    if MAGIC:
+        words = tl.arange(0, BLOCK_K // 4)
+        w_rows = QW + rows.to(tl.int64)[:, None] * (K // 4)
+        opaque_zero = K >> 30  # 0 (K < 2^30) the compiler cannot fold: keeps the byte masks in registers
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            c_ok = (k // 4 + words) < K // 4
+            w = tl.load(w_rows + k // 4 + words[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0,
+                        eviction_policy="evict_first") ^ -2139062144  # bytes + 128 (0x80808080)
+            hi = w >> 16  # bytes 2, 3 at bits 0..15
+            xp = x_row + k + words * 4  # (BLOCK_K / 4,) each word's first input column
+            for i in tl.static_range(2):
+                mask = (0xFF << (8 * i)) + opaque_zero
+                xl = tl.load(xp + i, mask=c_ok, other=0.0).to(tl.float32)
+                xh = tl.load(xp + 2 + i, mask=c_ok, other=0.0).to(tl.float32)
+                ql = ((w & mask) | ((150 - 8 * i) << 23)).to(tl.float32, bitcast=True) - (2.0 ** (23 - 8 * i) + 128)
+                qh = ((hi & mask) | ((150 - 8 * i) << 23)).to(tl.float32, bitcast=True) - (2.0 ** (23 - 8 * i) + 128)
+                acc += ql * xl[None, :]  # two statements: two FMAs, no extra add
+                acc += qh * xh[None, :]
+    else:
+        cols = tl.arange(0, BLOCK_K)
+        w_rows = QW + rows.to(tl.int64)[:, None] * K
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            k_ok = (k + cols) < K
+            w = tl.load(w_rows + k + cols[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0,
+                        eviction_policy="evict_first")
+            x = tl.load(x_row + k + cols, mask=k_ok, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
     s = tl.load(S + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(Y + m * stride_ym + rows, (tl.sum(acc, axis=1) * s).to(Y.dtype.element_ty), mask=row_ok)

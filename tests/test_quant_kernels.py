@@ -11,6 +11,7 @@ from torch import nn
 
 from lmforge.infer.kernels.paged_attention import kernel_available
 from lmforge.quant import Int4Linear, Int8Linear, NF4Linear, qkernel, quantize_nf4
+from lmforge.quant.nf4 import NF4_LEVELS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not kernel_available(DEVICE), reason="needs triton (CUDA, or its CPU interpreter)")
@@ -352,3 +353,49 @@ def test_int8_gemm_split_over_k_matches_the_reference():
     want = F.linear(x.float(), q.weight.float())
     for tiles in ((16, 32, 3), (16, 32)):
         _close(qkernel._launch_int8(x, q.qweight, q.scale, "gemm", tiles), want, 2e-2)
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX prmt.b32 (default mode): byte k of the result is byte c[4k + 2 : 4k] of the 8 bytes {b, a}."""
+    src = a | (b << 32)
+    return sum(((src >> (8 * ((c >> (4 * k)) & 7))) & 0xFF) << (8 * k) for k in range(4))
+
+
+def test_nf4_byte_permute_tables_decode_every_code_word_to_the_bf16_levels():
+    """The NF4 GEMV's register lookup (magic=2, inline PTX on CUDA), replayed instruction by instruction on its
+    tables: every code in every nibble position of a word decodes to bf16(NF4_LEVELS[code]) as fp32 bits."""
+    from lmforge.quant.qkernel_triton import nf4_prmt_tables
+
+    (h0, h1, h2, h3), (l0, l1, l2, l3) = nf4_prmt_tables()
+    want = NF4_LEVELS.to(torch.bfloat16).float().view(torch.int32).tolist()
+    g = torch.Generator().manual_seed(0)
+    words = [sum(c << (4 * j) for j, c in enumerate(torch.randint(0, 16, (8,), generator=g).tolist()))
+             for _ in range(64)] + [int("76543210", 16), int("fedcba98", 16)]
+    for w in words:
+        got = []
+        for half in (w & 0xFFFF, w >> 16):
+            s7, sb = half & 0x7777, ((half >> 1) & 0x4444) | 0x3210
+            hb = _prmt(_prmt(h0, h1, s7), _prmt(h2, h3, s7), sb)
+            lb = _prmt(_prmt(l0, l1, s7), _prmt(l2, l3, s7), sb)
+            for sel in (0x5140, 0x7362):
+                p = _prmt(lb, hb, sel)
+                got += [(p << 16) & 0xFFFFFFFF, p & 0xFFFF0000]
+        codes = [(w >> (4 * j)) & 15 for j in range(8)]
+        assert [v & 0xFFFFFFFF for v in (want[c] for c in codes)] == got, hex(w)
+    asm = qkernel._kernels().NF4_PRMT_ASM.value  # the PTX spells the same steps with these tables
+    assert all(f"{t:#010x}" in asm for t in (h0, h1, h2, h3, l0, l1, l2, l3)) and asm.count("prmt.b32") == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nf4_byte_permute_gemv_matches_the_reference_on_cuda():
+    """The K-major NF4 GEMV with magic=2 (levels by byte permutes, inline PTX) against dequantize-then-matmul."""
+    x = torch.randn(1, 320, device="cuda", dtype=torch.bfloat16)
+    for dq in (True, False):
+        n = NF4Linear.from_linear(nn.Linear(320, 72, bias=False), double_quant=dq).cuda()
+        want = F.linear(x.float(), n.weight.float())
+        n.to_layout("kn")
+        for tiles in ((64, 64, 2, 1, 1, 2), (32, 64, 2, 0, 0, 2)):
+            got = qkernel._launch_q4kn(x, n.codes, n.absmax, None, 72, 64, True, "gemv", tiles, n.absmax_scale,
+                                       n.absmax_mean, 256)
+            _close(got, want, 2e-2)

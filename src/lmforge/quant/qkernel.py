@@ -262,7 +262,8 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     """The K-major 4-bit GEMV / GEMM (`qkernel_triton.q4kn_*`). GEMV tiles: (columns per program, input columns per
     step, warps, steps per program[, atomic, magic, flat]): fewer steps split K over more programs, whose fp32 partial
     sums one more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead; magic=1: INT4
-    nibbles to float by the exponent trick, NF4 levels a byte at a time from a pair table; flat=1: two-dimensional
+    nibbles masked in place under an exponent, NF4 levels a byte at a time from a pair table; magic=2: NF4 levels
+    by byte permutes in registers, on CUDA; flat=1: two-dimensional
     tiles, each code word loaded by its 8 input columns); "dequant": the (K, N) weight written once by
     `q4kn_dequant_kernel` (tiles: code words per program, columns, warps), then cuBLAS; GEMM tiles: (BLOCK_M,
     BLOCK_N, BLOCK_K, warps[, K splits[, magic]]): splits -1 or absent: by shape, the partial sums added as the
@@ -275,7 +276,9 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     ss, mean = (s, s) if ss is None else (ss, mean)
     if path == "gemv":
         block_n, block_k, warps, steps, atomic, magic, flat = (*tiles, 0, 0, 0)[:7]
-        if nf4 and magic and not flat:
+        if nf4 and magic == 2 and (x.device.type != "cuda" or flat):
+            magic = 1  # the byte-permute lookup is inline PTX: the pair table elsewhere (the Triton interpreter)
+        if nf4 and magic == 1 and not flat:
             lut = _kn_level_pairs(x.device.type, x.device.index)
         block_k = min(block_k, group)
         steps = _kn_steps(K, block_k, steps)
@@ -285,7 +288,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
             torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
         k.q4kn_gemv_kernel[(M, triton_cdiv(N, block_n), splits)](
             x, qw, s, z, ss, mean, lut, out, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_N=block_n,
-            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1 and bool(atomic), MAGIC=bool(magic), FLAT=bool(flat),
+            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1 and bool(atomic), MAGIC=int(magic), FLAT=bool(flat),
             num_warps=warps, **dq)
         if splits == 1:
             return y

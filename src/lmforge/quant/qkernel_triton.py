@@ -19,6 +19,37 @@ the inner loop: per group, ``sum (q - z) s x = s (sum q x - z sum x)``.
 import triton
 import triton.language as tl
 
+from .nf4 import NF4_LEVELS
+
+
+def nf4_prmt_tables() -> tuple[list[int], list[int]]:
+    """The bf16 NF4 levels as byte tables for PTX ``prmt``: four int32 words of high bytes (byte j of word i: level
+    4i + j) and four of low bytes. Two ``prmt`` pick among levels 0-7 and 8-15 for four 3-bit indices at once, a
+    third keeps the half each index's bit 3 names (`_nf4_prmt`)."""
+    bits = NF4_LEVELS.to(dtype=__import__("torch").bfloat16).view(__import__("torch").int16).tolist()
+    bits = [b & 0xFFFF for b in bits]
+    word = lambda vals: sum(v << (8 * j) for j, v in enumerate(vals))  # noqa: E731
+    hi = [word([b >> 8 for b in bits[4 * i:4 * i + 4]]) for i in range(4)]
+    lo = [word([b & 0xFF for b in bits[4 * i:4 * i + 4]]) for i in range(4)]
+    return hi, lo
+
+
+def _nf4_prmt_asm() -> str:
+    """PTX: one K-major code word ($8) -> the bf16 NF4 levels of its 8 input columns as fp32 bits ($0..$7)."""
+    hi, lo = nf4_prmt_tables()
+    tables = " ".join(f"mov.b32 h{i}, {hi[i]:#010x}; mov.b32 l{i}, {lo[i]:#010x};" for i in range(4))
+    half = ("and.b32 s7, {w}, 0x7777; shr.b32 sb, {w}, 1; and.b32 sb, sb, 0x4444; or.b32 sb, sb, 0x3210; "
+            "prmt.b32 a, h0, h1, s7; prmt.b32 b, h2, h3, s7; prmt.b32 hb, a, b, sb; "
+            "prmt.b32 a, l0, l1, s7; prmt.b32 b, l2, l3, s7; prmt.b32 lb, a, b, sb; "
+            "prmt.b32 p, lb, hb, 0x5140; shl.b32 ${o0}, p, 16; and.b32 ${o1}, p, 0xFFFF0000; "
+            "prmt.b32 p, lb, hb, 0x7362; shl.b32 ${o2}, p, 16; and.b32 ${o3}, p, 0xFFFF0000; ")
+    return ("{ .reg .b32 h0, h1, h2, h3, l0, l1, l2, l3, s7, sb, a, b, hb, lb, p, i; " + tables
+            + half.format(w="$8", o0=0, o1=1, o2=2, o3=3) + "shr.b32 i, $8, 16; "
+            + half.format(w="i", o0=4, o1=5, o2=6, o3=7) + "}")
+
+
+NF4_PRMT_ASM: tl.constexpr = tl.constexpr(_nf4_prmt_asm())
+
 
 @triton.jit
 def _nf4_absmax(S, SS, Mean, block, mask, DQ: tl.constexpr, DQ_BLOCK: tl.constexpr):
@@ -36,6 +67,14 @@ def _nibble_f32(q, MAGIC: tl.constexpr):
     if MAGIC:
         return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     return q.to(tl.float32)
+
+
+@triton.jit
+def _nf4_prmt(w):
+    """int32 K-major NF4 code words -> 8 tensors: the (bf16) levels of input columns 8i + j, j = 0..7, as fp32.
+    Byte permutes from registers (`nf4_prmt_tables`): no memory lookups. CUDA only (inline PTX)."""
+    return tl.inline_asm_elementwise(NF4_PRMT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.int32,) * 8,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
@@ -242,7 +281,8 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
     INT4 nibble j of each half word masked in place under the exponent 150 - 4j, which reads as 2^(23 - 4j) + q:
     one LOP3, one FADD and one FMA per weight, no shift and no int-to-float conversion (quarter rate: it bounds the
     plain loop near half the HBM roofline on an H100); FLAT then uses `_nibble_f32`'s exponent trick. NF4: levels a
-    byte at a time from the 256-entry pair table (`Lut` then int64: half the table loads of the 16-level one).
+    byte at a time from the 256-entry pair table (`Lut` then int64: half the table loads of the 16-level one);
+    MAGIC=2 (NF4, CUDA): the bf16 levels by byte permutes in registers (`_nf4_prmt`), no table loads.
     FLAT: a (BLOCK_K, BLOCK_N) tile whose every code word is loaded by the 8 input columns it holds (L1 hits),
     unpacked by a per-row shift: two-dimensional throughout, NF4 from the 16-level table."""
     m = tl.program_id(0).to(tl.int64)
@@ -275,7 +315,20 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                         other=0, eviction_policy="evict_first")  # (BLOCK_K / 8, BLOCK_N) int32
             q = (w[:, None, :] >> shift) & 0xF  # (BLOCK_K / 8, 8, BLOCK_N)
             x = tl.load(X + m * stride_xm + k0 + words[:, None] * 8 + nib[None, :]).to(tl.float32)  # (BLOCK_K / 8, 8)
-            if NF4 and MAGIC:  # Lut: byte -> its two levels as one int64 (fp32 bits, even k low): one load per byte
+            if NF4 and MAGIC == 2:  # levels by byte permutes in registers (bf16 levels, as bitsandbytes' kernels)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_prmt(w)  # 8 x (BLOCK_K / 8, BLOCK_N) fp32 bits
+                xp = X + m * stride_xm + k0 + words * 8  # (BLOCK_K / 8,)
+                part = v0.to(tl.float32, bitcast=True) * tl.load(xp).to(tl.float32)[:, None]
+                part += v1.to(tl.float32, bitcast=True) * tl.load(xp + 1).to(tl.float32)[:, None]
+                part += v2.to(tl.float32, bitcast=True) * tl.load(xp + 2).to(tl.float32)[:, None]
+                part += v3.to(tl.float32, bitcast=True) * tl.load(xp + 3).to(tl.float32)[:, None]
+                part += v4.to(tl.float32, bitcast=True) * tl.load(xp + 4).to(tl.float32)[:, None]
+                part += v5.to(tl.float32, bitcast=True) * tl.load(xp + 5).to(tl.float32)[:, None]
+                part += v6.to(tl.float32, bitcast=True) * tl.load(xp + 6).to(tl.float32)[:, None]
+                part += v7.to(tl.float32, bitcast=True) * tl.load(xp + 7).to(tl.float32)[:, None]
+                a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
+                acc += tl.sum(part, axis=0) * a
+            elif NF4 and MAGIC:  # Lut: byte -> its two levels as one int64 (fp32 bits, even k low): one load per byte
                 t = tl.load(Lut + ((w[:, None, :] >> (tl.arange(0, 4) * 8)[None, :, None]) & 0xFF))  # (BK/8, 4, BN)
                 xk = X + m * stride_xm + k0 + words[:, None] * 8 + tl.arange(0, 4)[None, :] * 2  # even k (BK/8, 4)
                 lo = t.to(tl.int32).to(tl.float32, bitcast=True) * tl.load(xk).to(tl.float32)[:, :, None]

@@ -175,6 +175,8 @@ def main() -> None:
                     help="the K-major INT4 GEMV's default tiles for this run (qkernel.GEMV_TILES['int4kn'])")
     ap.add_argument("--nf4kn-tiles", default=None, metavar="COLUMNS,STEP,WARPS,STEPS",
                     help="the K-major NF4 GEMV's default tiles for this run (qkernel.GEMV_TILES['nf4kn'])")
+    ap.add_argument("--int8-tiles", default=None, metavar="ROWS,COLUMNS,WARPS,MAGIC",
+                    help="the INT8 GEMV's default tiles for this run (qkernel.GEMV_TILES['int8'])")
     ap.add_argument("--kn-gemm-magic", action="store_true",
                     help="the K-major INT4 GEMM's nibbles by the exponent trick (qkernel.KN_GEMM_MAGIC)")
     ap.add_argument("--out", default=None, help="also write the JSON lines here (after every variant)")
@@ -182,7 +184,7 @@ def main() -> None:
 
     from lmforge.quant import qkernel
 
-    for fmt, tiles in (("int4kn", args.kn_tiles), ("nf4kn", args.nf4kn_tiles)):
+    for fmt, tiles in (("int4kn", args.kn_tiles), ("nf4kn", args.nf4kn_tiles), ("int8", args.int8_tiles)):
         if tiles:
             qkernel.GEMV_TILES[fmt] = tuple(int(v) for v in tiles.split(","))
     qkernel.KN_GEMM_MAGIC = args.kn_gemm_magic or qkernel.KN_GEMM_MAGIC
@@ -197,7 +199,7 @@ def main() -> None:
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "group_size": args.group_size,
            "compile_batch1": args.compile, "decode_steps": args.decode_steps, "gemv_tiles": args.gemv_tiles,
            "kn_tiles": qkernel.GEMV_TILES["int4kn"], "nf4kn_tiles": qkernel.GEMV_TILES["nf4kn"],
-           "kn_gemm_magic": qkernel.KN_GEMM_MAGIC}
+           "int8_tiles": qkernel.GEMV_TILES["int8"], "kn_gemm_magic": qkernel.KN_GEMM_MAGIC}
     rows: list[dict] = []
     base: dict[str, float] = {}
     for variant in args.variants.split(","):

@@ -43,14 +43,14 @@ KN_GEMV_GRID = [(bn, bk, w, st, at, mg) for bn, bk, w, st, at, mg in
 KN_QUICK_GEMV_GRID = {
     "int4kn": [(bn, bk, w, st, at, 1, 0) for (bn, w), bk, st, at in
                itertools.product(((128, 1), (256, 1), (256, 2), (512, 2), (512, 4), (1024, 4)), (32, 64, 128),
-                                 (1, 2, 4), (0, 1)) if bn * bk <= 16384 * w]
+                                 (1, 2), (0, 1)) if bn * bk <= 16384 * w]
     + [(256, 32, 2, 1, 1, 0, 0), (512, 16, 4, 1, 1, 0, 0), (256, 64, 2, 1, 1, 0, 0)],
     "nf4kn": [(bn, bk, w, st, 1, 2, 0) for (bn, w), bk, st in  # magic=2: levels by byte permutes (CUDA)
               itertools.product(((64, 2), (128, 2), (256, 2), (512, 4), (128, 1)), (32, 64), (1, 2))]
     + [(256, 32, 2, 1, 1, 1, 0), (64, 32, 2, 1, 1, 1, 0), (128, 32, 2, 1, 1, 1, 0)]}  # the pair table's best
 KN_DEQUANT_GRID = [(8, 128, 4), (4, 256, 4), (16, 64, 4), (8, 256, 8)]  # code words, columns, warps
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, K splits (-1: by shape), magic (INT4 nibbles by the exponent trick))
-KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (64, 128), (4,), (-1, 1, 4), (0, 1)))
+KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (128,), (4,), (-1, 4), (0, 1)))
 
 
 def timed(fn, reps: int = 50) -> float:

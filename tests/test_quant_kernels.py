@@ -382,8 +382,10 @@ def test_nf4_byte_permute_tables_decode_every_code_word_to_the_bf16_levels():
                 got += [(p << 16) & 0xFFFFFFFF, p & 0xFFFF0000]
         codes = [(w >> (4 * j)) & 15 for j in range(8)]
         assert [v & 0xFFFFFFFF for v in (want[c] for c in codes)] == got, hex(w)
-    asm = qkernel._kernels().NF4_PRMT_ASM.value  # the PTX spells the same steps with these tables
-    assert all(f"{t:#010x}" in asm for t in (h0, h1, h2, h3, l0, l1, l2, l3)) and asm.count("prmt.b32") == 16
+    kt = qkernel._kernels()  # the kernel hands the PTX these tables (as int32) and spells the same steps
+    assert [kt.NF4_H0, kt.NF4_H1, kt.NF4_H2, kt.NF4_H3, kt.NF4_L0, kt.NF4_L1, kt.NF4_L2, kt.NF4_L3] == \
+        [t - (1 << 32) if t >= 1 << 31 else t for t in (h0, h1, h2, h3, l0, l1, l2, l3)]
+    assert kt.NF4_PRMT_ASM.value.count("prmt.b32") == 16
 
 
 @pytest.mark.gpu

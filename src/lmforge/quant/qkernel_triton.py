@@ -35,20 +35,20 @@ def nf4_prmt_tables() -> tuple[list[int], list[int]]:
 
 
 def _nf4_prmt_asm() -> str:
-    """PTX: one K-major code word ($8) -> the bf16 NF4 levels of its 8 input columns as fp32 bits ($0..$7)."""
-    hi, lo = nf4_prmt_tables()
-    tables = " ".join(f"mov.b32 h{i}, {hi[i]:#010x}; mov.b32 l{i}, {lo[i]:#010x};" for i in range(4))
+    """PTX: one K-major code word ($8) and the tables ($9..$12 high bytes, $13..$16 low bytes) -> the bf16 NF4 levels
+    of its 8 input columns as fp32 bits ($0..$7)."""
     half = ("and.b32 s7, {w}, 0x7777; shr.b32 sb, {w}, 1; and.b32 sb, sb, 0x4444; or.b32 sb, sb, 0x3210; "
-            "prmt.b32 a, h0, h1, s7; prmt.b32 b, h2, h3, s7; prmt.b32 hb, a, b, sb; "
-            "prmt.b32 a, l0, l1, s7; prmt.b32 b, l2, l3, s7; prmt.b32 lb, a, b, sb; "
+            "prmt.b32 a, $9, $10, s7; prmt.b32 b, $11, $12, s7; prmt.b32 hb, a, b, sb; "
+            "prmt.b32 a, $13, $14, s7; prmt.b32 b, $15, $16, s7; prmt.b32 lb, a, b, sb; "
             "prmt.b32 p, lb, hb, 0x5140; shl.b32 ${o0}, p, 16; and.b32 ${o1}, p, 0xFFFF0000; "
             "prmt.b32 p, lb, hb, 0x7362; shl.b32 ${o2}, p, 16; and.b32 ${o3}, p, 0xFFFF0000; ")
-    return ("{ .reg .b32 h0, h1, h2, h3, l0, l1, l2, l3, s7, sb, a, b, hb, lb, p, i; " + tables
-            + half.format(w="$8", o0=0, o1=1, o2=2, o3=3) + "shr.b32 i, $8, 16; "
-            + half.format(w="i", o0=4, o1=5, o2=6, o3=7) + "}")
+    return ("{ .reg .b32 s7, sb, a, b, hb, lb, p, i; " + half.format(w="$8", o0=0, o1=1, o2=2, o3=3)
+            + "shr.b32 i, $8, 16; " + half.format(w="i", o0=4, o1=5, o2=6, o3=7) + "}")
 
 
 NF4_PRMT_ASM: tl.constexpr = tl.constexpr(_nf4_prmt_asm())
+_signed = [t - (1 << 32) if t >= 1 << 31 else t for t in sum(nf4_prmt_tables(), [])]
+NF4_H0, NF4_H1, NF4_H2, NF4_H3, NF4_L0, NF4_L1, NF4_L2, NF4_L3 = (tl.constexpr(t) for t in _signed)
 
 
 @triton.jit
@@ -70,11 +70,15 @@ def _nibble_f32(q, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _nf4_prmt(w):
-    """int32 K-major NF4 code words -> 8 tensors: the (bf16) levels of input columns 8i + j, j = 0..7, as fp32.
-    Byte permutes from registers (`nf4_prmt_tables`): no memory lookups. CUDA only (inline PTX)."""
-    return tl.inline_asm_elementwise(NF4_PRMT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.int32,) * 8,
-                                     is_pure=True, pack=1)
+def _nf4_prmt(w, opaque_zero):
+    """int32 K-major NF4 code words -> 8 tensors: the (bf16) levels of input columns 8i + j, j = 0..7, as fp32 bits.
+    Byte permutes from registers (`nf4_prmt_tables`): no memory lookups. CUDA only (inline PTX). The tables are
+    offset by a zero the compiler cannot fold, so they stay in registers (not rematerialized at every permute)."""
+    return tl.inline_asm_elementwise(
+        NF4_PRMT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        [w, opaque_zero + NF4_H0, opaque_zero + NF4_H1, opaque_zero + NF4_H2, opaque_zero + NF4_H3,
+         opaque_zero + NF4_L0, opaque_zero + NF4_L1, opaque_zero + NF4_L2, opaque_zero + NF4_L3],
+        dtype=(tl.int32,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -316,7 +320,7 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
             q = (w[:, None, :] >> shift) & 0xF  # (BLOCK_K / 8, 8, BLOCK_N)
             x = tl.load(X + m * stride_xm + k0 + words[:, None] * 8 + nib[None, :]).to(tl.float32)  # (BLOCK_K / 8, 8)
             if NF4 and MAGIC == 2:  # levels by byte permutes in registers (bf16 levels, as bitsandbytes' kernels)
-                v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_prmt(w)  # 8 x (BLOCK_K / 8, BLOCK_N) fp32 bits
+                v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_prmt(w, opaque_zero)  # 8 x (BLOCK_K / 8, BLOCK_N)
                 xp = X + m * stride_xm + k0 + words * 8  # (BLOCK_K / 8,)
                 part = v0.to(tl.float32, bitcast=True) * tl.load(xp).to(tl.float32)[:, None]
                 part += v1.to(tl.float32, bitcast=True) * tl.load(xp + 1).to(tl.float32)[:, None]

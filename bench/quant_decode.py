@@ -132,8 +132,10 @@ def throughput(model, args, kernels) -> dict:
                        decode_steps=args.decode_steps, compile=False, num_blocks=args.num_blocks, kernels=kernels)
     llm = LLM(model, config=cfg)
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
-    t0 = time.perf_counter()
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+    t0 = time.perf_counter()  # warm-up: the same requests, short answers, so every prefill chunk and batch size the
+    # timed run meets has built and verified its kernel variants (a compile inside the timed run would count)
+    llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=min(args.new_tokens, 2 * args.decode_steps + 2),
+                                         ignore_eos=True))
     warmup = time.perf_counter() - t0
     sync()
     t0 = time.perf_counter()

@@ -401,3 +401,32 @@ def test_nf4_byte_permute_gemv_matches_the_reference_on_cuda():
             got = qkernel._launch_q4kn(x, n.codes, n.absmax, None, 72, 64, True, "gemv", tiles, n.absmax_scale,
                                        n.absmax_mean, 256)
             _close(got, want, 2e-2)
+
+
+def test_in_register_variants_compile_for_an_h100_without_int_to_float_conversions():
+    """bench/qkernel_sass.py builds the GEMVs for sm_90 here (Triton's bundled ptxas, no GPU; a subprocess, since the
+    tests run Triton as its interpreter) and counts machine instructions per weight: the in-place unpacking (INT4 and
+    INT8 magic=1) and NF4's byte permutes (magic=2, inline PTX) assemble, and the first two issue no int-to-float
+    conversion where the plain loops issue one per weight."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("Triton's CUDA tools are not bundled here")
+    root = pathlib.Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, str(root / "bench" / "qkernel_sass.py")], env=env, capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    rows = {(r["format"], tuple(r["tiles"])): r for r in map(json.loads, out.splitlines())}
+    plain, magic = rows["int4kn", (256, 32, 2, 1, 1, 0, 0)], rows["int4kn", (256, 32, 2, 1, 1, 1, 0)]
+    assert plain["conversions_per_weight"] >= 1 > 0.1 >= magic["conversions_per_weight"]
+    assert magic["instructions_per_weight"] < plain["instructions_per_weight"]
+    assert rows["int8", (8, 1024, 4, 0)]["conversions_per_weight"] >= 0.9 > 0.1 > \
+        rows["int8", (8, 1024, 4, 1)]["conversions_per_weight"]
+    prmt = rows["nf4kn", (256, 32, 2, 1, 1, 2, 0)]
+    assert prmt["top"].get("PRMT", 0) >= 2 and prmt["spill_stack"] == 0  # 16 permutes per code word of 8 weights

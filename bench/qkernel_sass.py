@@ -1,0 +1,112 @@
+"""Instruction mix of lmforge's quantized GEMV kernels, compiled for a GPU without one: Triton builds each tile
+variant for the target (default sm_90, an H100), the cuobjdump bundled with Triton disassembles it, and the machine
+instructions are counted per weight. A GPU-free triage for kernel work while GPU time is scarce: a one-row matmul
+that is not memory-bound is bound by the instructions it issues per weight (an H100 SM issues 128 thread-instructions
+a clock and needs about 0.4 weights per thread-instruction at the 3.35 TB/s roofline for 4-bit codes); the count of
+quarter-rate int-to-float conversions (I2F*) and of table loads (LDG without the evict-first hint) names the usual
+bottleneck. Static counts per weight of one K step: exact where a program runs one step, otherwise the loop body
+plus a prologue and epilogue that the run spreads over more steps (an overestimate).
+Figures here are no substitute for `bench/qkernel_tiles.py` on the GPU.
+
+    python bench/qkernel_sass.py                       # the default and the in-register variants, JSON lines
+    python bench/qkernel_sass.py --format int4kn --tiles 256,32,2,1,1,1,0
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lmforge.quant import qkernel, qkernel_triton as kt
+
+# format -> ((name, tiles), ...) compared by default: the plain loops and the in-register variants ("default" marks
+# the tiles a layer runs with, `qkernel.GEMV_TILES`)
+VARIANTS = {
+    "int4kn": [("plain", (256, 32, 2, 1, 1, 0, 0)), ("magic", (256, 32, 2, 1, 1, 1, 0)),
+               ("magic, 4 steps", (256, 128, 2, 4, 1, 1, 0))],
+    "nf4kn": [("pair table", (64, 32, 2, 1, 1, 1, 0)), ("pair table", (256, 32, 2, 1, 1, 1, 0)),
+              ("byte permutes", (256, 32, 2, 1, 1, 2, 0))],
+    "int8": [("plain", (2, 2048, 4, 0)), ("plain", (8, 1024, 4, 0)), ("magic", (8, 1024, 4, 1))],
+}
+OP = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+INT_PIPE = ("LOP3", "SHF", "PRMT", "SGXT", "IADD3", "LEA", "MOV", "ISETP", "BFE", "SEL")
+
+
+def _bin(tool: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def compile_gemv(fmt: str, tiles: tuple, arch: int):
+    """The GEMV of `fmt` with `tiles` as `qkernel` launches it, compiled for sm_<arch> (ints divisible by 16, as the
+    Llama shapes specialize at run time)."""
+    if fmt == "int8":
+        block_n, cols, warps, magic = (*tiles, 0)[:4]
+        fn, warps_ = kt.int8_gemv_kernel, warps
+        sig = {"X": "*bf16", "QW": "*i32" if magic else "*i8", "S": "*bf16", "Y": "*bf16", "N": "i32", "K": "i32",
+               "stride_xm": "i32", "stride_ym": "i32"}
+        const = {"BLOCK_N": block_n, "BLOCK_K": cols, "MAGIC": bool(magic)}
+    else:
+        block_n, block_k, warps_, steps, atomic, magic, flat = (*tiles, 0, 0, 0)[:7]
+        nf4 = fmt == "nf4kn"
+        fn = kt.q4kn_gemv_kernel
+        sig = {"X": "*bf16", "QW": "*i32", "S": "*i8" if nf4 else "*bf16", "Z": "*u8", "SS": "*fp32", "Mean": "*fp32",
+               "Lut": "*i64" if nf4 and magic == 1 else "*fp32", "Y": "*fp32" if atomic else "*bf16", "N": "i32",
+               "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+        const = {"GROUP": 64 if nf4 else 128, "NF4": nf4, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                 "STEPS": max(steps, 1), "ATOMIC": bool(atomic), "DQ": nf4, "DQ_BLOCK": 256, "MAGIC": int(magic),
+                 "FLAT": bool(flat)}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig}
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps_, "num_stages": 1})
+
+
+def mix(fmt: str, tiles: tuple, arch: int) -> dict:
+    """Instructions per weight of one program (by opcode), registers and spill stack of `fmt`'s GEMV with `tiles`."""
+    kernel = compile_gemv(fmt, tiles, arch)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    ops = collections.Counter(op.split(".")[0] for op in OP.findall(sass))
+    warps = tiles[2]
+    # one K step of a program: the disassembly holds the loop body once (plus the prologue and epilogue)
+    weights = tiles[0] * (tiles[1] if fmt == "int8" else min(tiles[1], 64 if fmt == "nf4kn" else 128))
+    per = weights / (32 * warps)  # weights per thread
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    return {"format": fmt, "tiles": list(tiles), "arch": f"sm_{arch}",
+            "instructions_per_weight": round(sum(ops.values()) / per, 2),
+            "int_pipe_per_weight": round(sum(n for o, n in ops.items() if o.startswith(INT_PIPE)) / per, 2),
+            "conversions_per_weight": round(sum(n for o, n in ops.items() if o.startswith(("I2F", "F2F"))) / per, 2),
+            "registers": int(regs.group(1)) if regs else None, "spill_stack": int(stack.group(1)) if stack else None,
+            "top": {o: round(n / per, 2) for o, n in ops.most_common(8)}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--format", choices=sorted(VARIANTS), default=None, help="one format (default: all)")
+    ap.add_argument("--tiles", default=None, help="comma-separated GEMV tiles for --format (default: VARIANTS)")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    args = ap.parse_args()
+    if args.tiles and not args.format:
+        ap.error("--tiles needs --format")
+    cases = [(args.format, ("forced", tuple(int(v) for v in args.tiles.split(","))))] if args.tiles else \
+        [(f, v) for f in ([args.format] if args.format else VARIANTS) for v in VARIANTS[f]]
+    for fmt, (name, tiles) in cases:
+        default = tuple(qkernel.GEMV_TILES[fmt]) == tiles
+        print(json.dumps({"variant": name, "default": default, **mix(fmt, tiles, args.arch)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ Each 4-bit kernel walks whole groups: the codes of BLOCK_G groups x GROUP / 2 by
 the even and odd input columns are loaded apart (no interleave in registers). The GEMV keeps INT4's zero point out of
 the inner loop: per group, ``sum (q - z) s x = s (sum q x - z sum x)``.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -26,8 +27,7 @@ def nf4_prmt_tables() -> tuple[list[int], list[int]]:
     """The bf16 NF4 levels as byte tables for PTX ``prmt``: four int32 words of high bytes (byte j of word i: level
     4i + j) and four of low bytes. Two ``prmt`` pick among levels 0-7 and 8-15 for four 3-bit indices at once, a
     third keeps the half each index's bit 3 names (`_nf4_prmt`)."""
-    bits = NF4_LEVELS.to(dtype=__import__("torch").bfloat16).view(__import__("torch").int16).tolist()
-    bits = [b & 0xFFFF for b in bits]
+    bits = [b & 0xFFFF for b in NF4_LEVELS.to(torch.bfloat16).view(torch.int16).tolist()]
     word = lambda vals: sum(v << (8 * j) for j, v in enumerate(vals))  # noqa: E731
     hi = [word([b >> 8 for b in bits[4 * i:4 * i + 4]]) for i in range(4)]
     lo = [word([b & 0xFF for b in bits[4 * i:4 * i + 4]]) for i in range(4)]

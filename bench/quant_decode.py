@@ -189,7 +189,8 @@ def main() -> None:
     for fmt, tiles in (("int4kn", args.kn_tiles), ("nf4kn", args.nf4kn_tiles), ("int8", args.int8_tiles)):
         if tiles:
             qkernel.GEMV_TILES[fmt] = tuple(int(v) for v in tiles.split(","))
-    qkernel.KN_GEMM_MAGIC = args.kn_gemm_magic or qkernel.KN_GEMM_MAGIC
+    if args.kn_gemm_magic:
+        qkernel.KN_GEMM_MAGIC = True
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile is None:
         args.compile = device == "cuda"

@@ -264,10 +264,9 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     sums one more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead; magic=1: INT4
     nibbles masked in place under an exponent, NF4 levels a byte at a time from a pair table; magic=2: NF4 levels
     by byte permutes in registers, on CUDA; flat=1: two-dimensional tiles, each code word loaded by its 8 input
-    columns); "dequant": the (K, N) weight written once by
-    `q4kn_dequant_kernel` (tiles: code words per program, columns, warps), then cuBLAS; GEMM tiles: (BLOCK_M,
-    BLOCK_N, BLOCK_K, warps[, K splits[, magic]]): splits -1 or absent: by shape, the partial sums added as the
-    GEMV's; magic=1: INT4 nibbles to float by the exponent trick)."""
+    columns); "dequant": the (K, N) weight written once by `q4kn_dequant_kernel` (tiles: code words per program,
+    columns, warps), then cuBLAS; GEMM tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps[, K splits[, magic]]): splits -1 or
+    absent: by shape, the partial sums added as the GEMV's; magic=1: INT4 nibbles to float by the exponent trick)."""
     M, K = x.shape
     k = _kernels()
     lut = _lut(x.device) if nf4 else s
@@ -298,7 +297,9 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
         return y
     if path == "dequant":
         return x @ _dequant_q4kn(qw, s, z, N, K, group, nf4, tiles, x.dtype, lut, ss, mean, dq)
-    block_m, block_n, block_k, warps, splits, magic = (*tiles, *(-1, 0)[len(tiles) - 4:])[:6]
+    block_m, block_n, block_k, warps = tiles[:4]
+    splits = tiles[4] if len(tiles) > 4 else -1
+    magic = tiles[5] if len(tiles) > 5 else 0
     block_k = min(block_k, group)
     splits = _gemm_splits(M, N, K, block_m, block_n, block_k, splits, x.device)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -322,6 +323,7 @@ GEMV_TILES = {"int8": (2, 2048, 4, 0), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1
 # the fastest summed over the qkv / o / gate_up / down shapes in bench/qkernel_tiles.py --quick on an H100: short K
 # slices (32 input columns a program) whose fp32 sums meet atomically, 15% less time than the deterministic split
 # (INT4 64 x 128 x 2 x 4, NF4 64 x 64 x 2 x 4 with the pair table: force those for bit-identical reruns)
+KN_GEMM_MAGIC = False  # the K-major INT4 GEMM's nibbles by the exponent trick (bench/qkernel_tiles.py compares)
 
 
 def _gemv_tiles(fmt: str, forced: list[int] | None = None) -> tuple[int, ...]:
@@ -352,9 +354,6 @@ def _tiles(fmt: str, path: str, M: int, N: int, device: torch.device, gemv_tiles
         return (8, 128, 4)  # code words (64 input rows) x columns per program, warps
     block_m, block_n = _gemm_blocks(M, N, device)
     return (block_m, block_n, 128, 4, -1, int(KN_GEMM_MAGIC)) if fmt.endswith("kn") else (block_m, block_n)
-
-
-KN_GEMM_MAGIC = False  # the K-major INT4 GEMM's nibbles by the exponent trick (bench/qkernel_tiles.py compares)
 
 
 # K-major formats whose batched rows (5-256) dequantize once and call cuBLAS instead of the GEMM: NF4's table lookup

@@ -317,6 +317,8 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
         else:
             w = tl.load(QW + ((k0 // 8 + words).to(tl.int64) * N)[:, None] + cols[None, :], mask=col_ok[None, :],
                         other=0, eviction_policy="evict_first")  # (BLOCK_K / 8, BLOCK_N) int32
+            # codes and inputs as (words, 8, columns) for the 16-level table and the plain INT4 loop (the other
+            # branches read neither: the compiler drops them there)
             q = (w[:, None, :] >> shift) & 0xF  # (BLOCK_K / 8, 8, BLOCK_N)
             x = tl.load(X + m * stride_xm + k0 + words[:, None] * 8 + nib[None, :]).to(tl.float32)  # (BLOCK_K / 8, 8)
             if NF4 and MAGIC == 2:  # levels by byte permutes in registers (bf16 levels, as bitsandbytes' kernels)

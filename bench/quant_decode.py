@@ -13,8 +13,9 @@ variant, each through the serving engine (paged KV cache, CUDA graphs):
 
 Every row carries the speedup over the bf16 row of the same call and the issue's goals (batch-1: INT4 >= 2.8x,
 NF4 >= 2.5x, INT8 >= 1.7x; throughput >= 1.0x). A variant that fails is recorded with its error; the others go on.
-`int4-tinygemm` uses PyTorch's `_weight_int4pack_mm` instead (prepare_fast_path), `int4-nk` INT4's row-major
-kernels (the buffers as quantized, not re-laid K-major by prepare_fast_path); `<kind>-ref` turns lmforge's
+`int4-tinygemm` uses PyTorch's `_weight_int4pack_mm` instead (prepare_fast_path), `int4-dq` sends INT4's batched
+rows through one dequantizing pass + cuBLAS instead of the GEMM (as NF4 does; throughput only), `int4-nk` INT4's
+row-major kernels (the buffers as quantized, not re-laid K-major by prepare_fast_path); `<kind>-ref` turns lmforge's
 kernels off (dequantize + matmul: `engine.kernels.quant=false`); `--gemv-tiles` forces the quantized GEMV's tiles
 (`engine.kernels.quant_gemv_tiles`, e.g. the best of bench/qkernel_tiles.py).
 
@@ -69,7 +70,7 @@ def quantize(model, variant: str, group_size: int, kernels) -> dict:
     `prepare_fast_path` did (tinygemm only)."""
     from lmforge.quant import prepare_fast_path, quantize_model, set_kernels
 
-    kind = variant.removesuffix("-ref").removesuffix("-tinygemm").removesuffix("-nk")
+    kind = variant.removesuffix("-ref").removesuffix("-tinygemm").removesuffix("-nk").removesuffix("-dq")
     if kind == "bf16":
         return {}
     quantize_model(model, "int4" if kind == "int4" else kind, group_size=group_size)
@@ -160,7 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--variants", default="bf16,int8,int4,nf4",
-                    help="bf16, int8, int4, nf4, int4-tinygemm, int4-nk, and <kind>-ref (lmforge's kernels off)")
+                    help="bf16, int8, int4, nf4, int4-tinygemm, int4-nk, int4-dq, <kind>-ref (lmforge's kernels off)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--n-layers", type=int, default=None, help="override the depth (smoke runs)")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -205,6 +206,7 @@ def main() -> None:
            "int8_tiles": qkernel.GEMV_TILES["int8"], "kn_gemm_magic": qkernel.KN_GEMM_MAGIC}
     rows: list[dict] = []
     base: dict[str, float] = {}
+    default_dequant = qkernel.DEQUANT_GEMM
     for variant in args.variants.split(","):
         row: dict = {"variant": variant}
         model = None
@@ -214,8 +216,11 @@ def main() -> None:
             row["fast_path"] = quantize(model, variant, args.group_size, kernels)
             per_token = bytes_per_token(model, args.prompt_len + args.new_tokens / 2)
             row["gb_per_token"] = round(per_token / 1e9, 3)
-            row.update(batch1(model, args, kernels))
-            if bandwidth:
+            dq = variant.endswith("-dq")  # batched K-major INT4 rows: dequantize + cuBLAS; batch-1 is int4's
+            qkernel.DEQUANT_GEMM = {"nf4kn", "int4kn"} if dq else default_dequant
+            if not dq:
+                row.update(batch1(model, args, kernels))
+            if bandwidth and not dq:
                 roof = bandwidth / per_token
                 row.update(roofline_tokens_per_s=round(roof, 1),
                            of_roofline=round(row["decode_tokens_per_s"] / roof, 3))
@@ -238,8 +243,9 @@ def main() -> None:
             base = {"decode": row["decode_tokens_per_s"], "throughput": row.get("output_tokens_per_s")}
         kind = variant.split("-")[0]
         if base and "error" not in row and variant != "bf16":
-            row["decode_speedup_vs_bf16"] = round(row["decode_tokens_per_s"] / base["decode"], 2)
-            if kind in GOALS:
+            if "decode_tokens_per_s" in row:
+                row["decode_speedup_vs_bf16"] = round(row["decode_tokens_per_s"] / base["decode"], 2)
+            if kind in GOALS and "decode_tokens_per_s" in row:
                 row["decode_goal"] = GOALS[kind]
                 row["decode_goal_met"] = row["decode_speedup_vs_bf16"] >= GOALS[kind]
             if base["throughput"] and row.get("output_tokens_per_s"):
@@ -256,7 +262,7 @@ def main() -> None:
         if "error" in r:
             print(f"{r['variant']:14} ERROR {r['error']}")
             continue
-        print(f"{r['variant']:14} {r['decode_tokens_per_s']:>12} {r.get('decode_speedup_vs_bf16', '-'):>7} "
+        print(f"{r['variant']:14} {r.get('decode_tokens_per_s', '-'):>12} {r.get('decode_speedup_vs_bf16', '-'):>7} "
               f"{r.get('decode_goal', '-'):>5} {r.get('of_roofline', '-'):>8} {r['gb_per_token']:>7} "
               f"{r.get('output_tokens_per_s', '-'):>10} {r.get('throughput_vs_bf16', '-'):>7}")
 

@@ -152,6 +152,18 @@ def test_layer_kernels_force_tiles_or_switch_the_kernels_off(kernels_on_cpu):
     assert list(qkernel.kernel_status()) == [f"int4kn/32/gemv/32x32x1x2x0x0x1/bfloat16/{DEVICE.type}"]
 
 
+@pytest.mark.parametrize("tiles", [(256, 32, 2, 1, 1, 3, 0), (0, 32, 2), (256, 32, 2, -1), (2, 2048, 4, 0, 2)])
+def test_forced_tiles_outside_what_the_kernels_read_are_refused(tiles):
+    """A switch the kernels would read as another value (magic 3 acting as 1) or a size of 0 is a config error."""
+    import pydantic
+
+    from lmforge.infer.kernels.options import KernelOptions
+
+    with pytest.raises(pydantic.ValidationError, match="quant_gemv_tiles"):
+        KernelOptions(quant_gemv_tiles=tiles)
+    assert KernelOptions(quant_gemv_tiles=(256, 32, 2, 0, 1, 2, 0)).quant_gemv_tiles[5] == 2
+
+
 @needs_triton
 def test_failing_kernel_falls_back_to_reference_once(kernels_on_cpu, monkeypatch, caplog):
     layer = _layers(K=128, N=24)["int4 g32"].to(DEVICE)

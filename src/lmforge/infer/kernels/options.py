@@ -8,7 +8,7 @@ all is triton's own switch, TRITON_INTERPRET=1, read where triton is imported.
 """
 from __future__ import annotations
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, field_validator
 
 from ...config import Section
 from ...quant.base import QuantKernels
@@ -41,6 +41,21 @@ class KernelOptions(Section):
     registers (2, CUDA), flat 0/1: two-dimensional tiles]; row-major INT8 (and unprepared 4-bit layers) rows per
     program, input columns per step, warps[, MAGIC (INT8: codes four to a word, bytes masked in place), LATE: the
     4-bit inner loop's switches, 0 or 1]. None = the per-format defaults."""
+
+    @field_validator("quant_gemv_tiles")
+    @classmethod
+    def _tile_fields(cls, tiles: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """Sizes positive, steps >= 0, switches 0/1 (magic up to 2): a value the kernels would not read as given
+        is refused, not silently taken as another."""
+        if tiles is None:
+            return tiles
+        highest = (None, None, None, None, 1, 2, 1)  # None: a size (>= 1; steps >= 0), else the largest switch
+        for i, (v, top) in enumerate(zip(tiles, highest)):
+            if top is None and v < (0 if i == 3 else 1):
+                raise ValueError(f"field {i + 1} ({v}) must be {'>= 0' if i == 3 else 'positive'}")
+            if top is not None and not 0 <= v <= top:
+                raise ValueError(f"field {i + 1} ({v}) is a switch: 0{'-' if top > 1 else ' or '}{top}")
+        return tiles
 
     def quant_kernels(self) -> QuantKernels:
         """What the engine hands the quantized linears (`lmforge.quant.set_kernels`)."""

@@ -39,11 +39,11 @@ KN_GEMV_GRID = [(bn, bk, w, st, at, mg) for bn, bk, w, st, at, mg in
                 itertools.product((64, 128, 256), (64, 128), (2, 4), (1, 4, 0), (0, 1), (0, 1))
                 if bn * bk <= 256 * 32 * w and not (st == 0 and at) and not (at and mg)]  # + atomic, magic
 # --quick: short K slices per program (many programs, as gemlite's GEMV); INT4 with the in-place nibbles (magic=1)
-# and the three fastest plain loops of the H100 sweep; NF4 by byte permutes (magic=2) and the pair table's best
+# or the shifted nibble pairs (magic=2) and the three fastest plain loops of the H100 sweep; NF4 by byte permutes
+# (magic=2) and the pair table's best
 KN_QUICK_GEMV_GRID = {
-    "int4kn": [(bn, bk, w, st, 1, 1, 0) for (bn, w), bk, st in  # atomic K slices won every shape on an H100
-               itertools.product(((128, 1), (256, 1), (256, 2), (512, 2), (512, 4), (1024, 4)), (32, 64, 128),
-                                 (1, 2)) if bn * bk <= 16384 * w]
+    "int4kn": [(bn, bk, w, st, 1, mg, 0) for (bn, w), bk, st, mg in  # atomic K slices won every shape on an H100
+               itertools.product(((128, 1), (256, 2), (512, 2), (512, 4)), (32, 64), (1, 2), (1, 2))]
     + [(256, 32, 2, 1, 1, 0, 0), (512, 16, 4, 1, 1, 0, 0), (256, 64, 2, 1, 1, 0, 0)],
     "nf4kn": [(bn, bk, w, st, 1, 2, 0) for (bn, w), bk, st in  # magic=2: levels by byte permutes (CUDA)
               itertools.product(((64, 2), (128, 2), (256, 2), (512, 4)), (32, 64), (1, 2))]

@@ -300,13 +300,17 @@ def test_k_major_ops_match_reference_and_give_input_gradients():
 @needs_triton
 @pytest.mark.parametrize("rows,tiles", [(1, None), (3, (64, 32, 1, 1)), (3, (64, 32, 1, 2, 1)),
                                        (2, (32, 64, 2, 0, 0, 1)), (1, (32, 32, 1, 2, 0, 0, 1)),
-                                       (2, (64, 32, 2, 0, 0, 1, 1)), (20, None), (300, None)],
+                                       (2, (64, 32, 2, 0, 0, 1, 1)), (3, (64, 32, 1, 1, 1, 2)),
+                                       (2, (32, 64, 2, 0, 0, 2)),
+                                       (20, None), (300, None)],
                          ids=["gemv-default", "gemv-split-k", "gemv-split-k-atomic", "gemv-whole-k-magic-pairs",
-                              "gemv-flat", "gemv-flat-magic", "gemm", "dequant"])
+                              "gemv-flat", "gemv-flat-magic", "gemv-shifted-pairs-atomic", "gemv-whole-k-shifted-pairs",
+                              "gemm", "dequant"])
 def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cpu):
     """The K-major GEMV (its default tiles; K split over programs whose partial sums one more kernel adds, or that
     add atomically into fp32; all of K in one program, INT4 by the exponent trick and NF4 by the level-pair table;
-    two-dimensional "flat" tiles), the GEMM (NF4's batched rows: one dequantizing pass, then a matmul) and the long
+    two-dimensional "flat" tiles; INT4's shifted nibble pairs, magic=2, whose NF4 byte permutes fall back to the pair
+    table off CUDA), the GEMM (NF4's batched rows: one dequantizing pass, then a matmul) and the long
     inputs' dequantizing pass on a layer's K-major buffers: N = 72; INT4 K = 320 (10 groups of 32) and K = 256 in
     groups of 128; NF4 K = 320 (blocks of 64, double-quantized absmax spanning rows, and fp32 absmax)."""
     from lmforge.quant import QuantKernels, set_kernels
@@ -418,8 +422,9 @@ def test_nf4_byte_permute_gemv_matches_the_reference_on_cuda():
 def test_in_register_variants_compile_for_an_h100_without_int_to_float_conversions():
     """bench/qkernel_sass.py builds the GEMVs for sm_90 here (Triton's bundled ptxas, no GPU; a subprocess, since the
     tests run Triton as its interpreter) and counts machine instructions per weight: the in-place unpacking (INT4 and
-    INT8 magic=1) and NF4's byte permutes (magic=2, inline PTX) assemble, and the first two issue no int-to-float
-    conversion where the plain loops issue one per weight."""
+    INT8 magic=1), INT4's shifted nibble pairs (magic=2) and NF4's byte permutes (magic=2, inline PTX) assemble; the
+    INT4 / INT8 ones issue no int-to-float conversion where the plain loops issue one per weight, and INT4's pairs
+    drop magic=1's float subtract per weight."""
     import json
     import os
     import pathlib
@@ -438,6 +443,9 @@ def test_in_register_variants_compile_for_an_h100_without_int_to_float_conversio
     plain, magic = rows["int4kn", (256, 32, 2, 1, 1, 0, 0)], rows["int4kn", (256, 32, 2, 1, 1, 1, 0)]
     assert plain["conversions_per_weight"] >= 1 > 0.1 >= magic["conversions_per_weight"]
     assert magic["instructions_per_weight"] < plain["instructions_per_weight"]
+    pairs = rows["int4kn", (256, 32, 2, 1, 1, 2, 0)]  # magic=2: no float subtract per weight, fewer instructions
+    assert pairs["conversions_per_weight"] < 0.1 and pairs["top"].get("FADD", 0) < 0.5 < magic["top"]["FADD"]
+    assert pairs["instructions_per_weight"] < magic["instructions_per_weight"]
     assert rows["int8", (8, 1024, 4, 0)]["conversions_per_weight"] >= 0.9 > 0.1 > \
         rows["int8", (8, 1024, 4, 1)]["conversions_per_weight"]
     prmt = rows["nf4kn", (256, 32, 2, 1, 1, 2, 0)]

@@ -70,6 +70,18 @@ def _nibble_f32(q, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _q4_pair_fma(part, v, xp, K3: tl.constexpr, K4: tl.constexpr, m3, m4):
+    """part (words, columns) += (2048 + q3) x[K3] + (128 + q4) x[K4], q3 / q4 the nibbles at bits 12-15 / 16-19 of
+    the uint32 code words v under the exponents 138 / 134 (exact: 2048 + q and 128 + q keep every bit of q); also
+    returns the two (words,) inputs, whose constants' share the caller subtracts once per column."""
+    x3 = tl.load(xp + K3).to(tl.float32)
+    x4 = tl.load(xp + K4).to(tl.float32)
+    part += ((v & m3) | 0x45000000).to(tl.float32, bitcast=True) * x3[:, None]  # two statements: two FMAs
+    part += ((v & m4) | 0x43000000).to(tl.float32, bitcast=True) * x4[:, None]
+    return part, x3, x4
+
+
+@triton.jit
 def _nf4_prmt(w, opaque_zero):
     """int32 K-major NF4 code words -> 8 tensors: the (bf16) levels of input columns 8i + j, j = 0..7, as fp32 bits.
     Byte permutes from registers (`nf4_prmt_tables`): no memory lookups. CUDA only (inline PTX). The tables are
@@ -284,7 +296,10 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
     `splitk_sum_kernel` adds up, or with ATOMIC a zeroed fp32 (M, N) the splits add into (order-dependent). MAGIC:
     INT4 nibble j of each half word masked in place under the exponent 150 - 4j, which reads as 2^(23 - 4j) + q:
     one LOP3, one FADD and one FMA per weight, no shift and no int-to-float conversion (quarter rate: it bounds the
-    plain loop near half the HBM roofline on an H100); FLAT then uses `_nibble_f32`'s exponent trick. NF4: levels a
+    plain loop near half the HBM roofline on an H100); FLAT then uses `_nibble_f32`'s exponent trick. MAGIC=2 (INT4):
+    shifted copies of each word put two nibbles at bits 12-19, read under two exponents as 2048 + q and 128 + q,
+    straight into the FMA (`_q4_pair_fma`): no float subtract per weight; the constants' share comes off each
+    column once (fp32 sums of ~2048 x, some 1e-5 relative error, far below the bf16 output's). NF4: levels a
     byte at a time from the 256-entry pair table (`Lut` then int64: half the table loads of the 16-level one);
     MAGIC=2 (NF4, CUDA): the bf16 levels by byte permutes in registers (`_nf4_prmt`), no table loads.
     FLAT: a (BLOCK_K, BLOCK_N) tile whose every code word is loaded by the 8 input columns it holds (L1 hits),
@@ -345,6 +360,25 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                 v = tl.load(Lut + q)  # the 16 levels, one cache line
                 a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
                 acc += tl.sum(tl.sum(v * x[:, :, None], axis=1), axis=0) * a
+            elif MAGIC == 2:  # copies of the word shifted so two nibbles sit at bits 12-19, each masked under an
+                # exponent that reads it as 2048 + q (bits 12-15) or 128 + q (16-19) exactly: one LOP3 and one FMA a
+                # weight; the constants' share comes off each column once, 2048 x odd-k sums + 128 x even-k sums
+                wu = w.to(tl.uint32, bitcast=True)
+                xp = X + m * stride_xm + k0 + words * 8  # (BLOCK_K / 8,) the first input column of each word
+                m3, m4 = 0xF000 + opaque_zero, 0xF0000 + opaque_zero  # register operands (see MAGIC=1)
+                part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+                part, odd, even = _q4_pair_fma(part, wu << 8, xp, 1, 2, m3, m4)  # nibbles 1, 2
+                part, o, e = _q4_pair_fma(part, wu, xp, 3, 4, m3, m4)
+                odd, even = odd + o, even + e
+                part, o, e = _q4_pair_fma(part, wu >> 8, xp, 5, 6, m3, m4)
+                odd, even = odd + o, even + e
+                part, o, e = _q4_pair_fma(part, (wu << 16) | (wu >> 16), xp, 7, 0, m3, m4)  # a rotation
+                odd, even = odd + o, even + e
+                g = (k0 // GROUP) * N
+                s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
+                z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
+                odd_sum, even_sum = tl.sum(odd, axis=0), tl.sum(even, axis=0)
+                acc += (tl.sum(part, axis=0) - (2048.0 + z) * odd_sum - (128.0 + z) * even_sum) * s
             elif MAGIC:  # nibble j of a half word masked in place under exponent 150 - 4j: 2^(23 - 4j) + q exactly
                 hi = w >> 16  # (BLOCK_K / 8, BLOCK_N): nibbles 4..7 at bits 0..15
                 xp = X + m * stride_xm + k0 + words * 8  # (BLOCK_K / 8,) the first input column of each word

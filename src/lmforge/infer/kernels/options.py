@@ -37,8 +37,9 @@ class KernelOptions(Section):
     """The quantized one-row GEMV's tiles for tuning runs (bench/qkernel_tiles.py sweeps them), read by the kernel
     each layer runs: K-major INT4 / NF4 (what CUDA layers are prepared into) take output columns per program, input
     columns per step, warps, steps per program (0: all of K)[, atomic split-K sums 0/1, magic 0/1/2: INT4 nibbles
-    masked in place under an exponent (1), NF4 levels a byte at a time from a pair table (1) or by byte permutes in
-    registers (2, CUDA), flat 0/1: two-dimensional tiles]; row-major INT8 (and unprepared 4-bit layers) rows per
+    masked in place under an exponent (1) or shifted in pairs to where no float subtract is needed (2), NF4 levels a
+    byte at a time from a pair table (1) or by byte permutes in registers (2, CUDA), flat 0/1: two-dimensional
+    tiles]; row-major INT8 (and unprepared 4-bit layers) rows per
     program, input columns per step, warps[, MAGIC (INT8: codes four to a word, bytes masked in place), LATE: the
     4-bit inner loop's switches, 0 or 1]. None = the per-format defaults."""
 

@@ -35,7 +35,8 @@ VARIANTS = {
                ("shifted pairs, 4 steps", (256, 128, 2, 4, 1, 2, 0))],
     "nf4kn": [("pair table", (64, 32, 2, 1, 1, 1, 0)), ("pair table", (256, 32, 2, 1, 1, 1, 0)),
               ("byte permutes", (256, 32, 2, 1, 1, 2, 0))],
-    "int8": [("plain", (2, 2048, 4, 0)), ("plain", (8, 1024, 4, 0)), ("magic", (8, 1024, 4, 1))],
+    "int8": [("plain", (2, 2048, 4, 0)), ("plain", (8, 1024, 4, 0)), ("magic", (8, 1024, 4, 1)),
+             ("shifted bytes", (8, 1024, 4, 2))],
 }
 OP = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
 INT_PIPE = ("LOP3", "SHF", "PRMT", "SGXT", "IADD3", "LEA", "MOV", "ISETP", "BFE", "SEL")
@@ -53,7 +54,7 @@ def compile_gemv(fmt: str, tiles: tuple, arch: int):
         fn, warps_ = kt.int8_gemv_kernel, warps
         sig = {"X": "*bf16", "QW": "*i32" if magic else "*i8", "S": "*bf16", "Y": "*bf16", "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_ym": "i32"}
-        const = {"BLOCK_N": block_n, "BLOCK_K": cols, "MAGIC": bool(magic)}
+        const = {"BLOCK_N": block_n, "BLOCK_K": cols, "MAGIC": int(magic)}
     else:
         block_n, block_k, warps_, steps, atomic, magic, flat = (*tiles, 0, 0, 0)[:7]
         nf4 = fmt == "nf4kn"

@@ -28,7 +28,7 @@ GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((1, 2, 4, 8, 16)
 QUICK_GEMV_GRID = [(bn, cols, w) for bn, cols, w in itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8))
                    if bn * cols <= 16384]
 # GEMV inner loops, appended to the tiles: (MAGIC nibble conversion, LATE reduction); NF4 looks levels up
-VARIANTS = {"int4": [(0, 0), (1, 0), (0, 1), (1, 1)], "nf4": [(0, 0), (0, 1)], "int8": [(0,), (1,)]}
+VARIANTS = {"int4": [(0, 0), (1, 0), (0, 1), (1, 1)], "nf4": [(0, 0), (0, 1)], "int8": [(0,), (1,), (2,)]}
 GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 # K-major 4-bit kernels ("int4kn", "nf4kn": the layout prepare_fast_path repacks into): GEMV (columns per program,
 # input columns per step, warps, steps per program; 0 = all of K, else K split over programs whose fp32 partial sums

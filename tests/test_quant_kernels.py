@@ -125,8 +125,9 @@ def test_gemv_inner_loop_variants_match_the_reference(variant):
         _close(other, F.linear(xs.float(), q.weight.float()), 2e-2)
         assert (other.float() - base.float()).abs().max().item() <= 2e-2 * base.float().abs().max().item()
     q8 = Int8Linear.from_linear(nn.Linear(320, 24, bias=False)).to(DEVICE)  # INT8: codes offset into 0..255
-    got = qkernel._launch_int8(x, q8.qweight, q8.scale, "gemv", (4, 128, 4, variant[0]))
-    _close(got, F.linear(x.float(), q8.weight.float()), 2e-2)
+    for magic in {variant[0], 2 * variant[0]}:  # magic=2: bytes shifted to bits 8-15, no subtract per weight
+        got = qkernel._launch_int8(x, q8.qweight, q8.scale, "gemv", (4, 128, 4, magic))
+        _close(got, F.linear(x.float(), q8.weight.float()), 2e-2)
 
 
 @needs_triton
@@ -447,6 +448,6 @@ def test_in_register_variants_compile_for_an_h100_without_int_to_float_conversio
     assert pairs["conversions_per_weight"] < 0.1 and pairs["top"].get("FADD", 0) < 0.5 < magic["top"]["FADD"]
     assert pairs["instructions_per_weight"] < magic["instructions_per_weight"]
     assert rows["int8", (8, 1024, 4, 0)]["conversions_per_weight"] >= 0.9 > 0.1 > \
-        rows["int8", (8, 1024, 4, 1)]["conversions_per_weight"]
+        max(rows["int8", (8, 1024, 4, m)]["conversions_per_weight"] for m in (1, 2))
     prmt = rows["nf4kn", (256, 32, 2, 1, 1, 2, 0)]
     assert prmt["top"].get("PRMT", 0) >= 2 and prmt["spill_stack"] == 0  # 16 permutes per code word of 8 weights

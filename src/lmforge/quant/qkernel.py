@@ -192,7 +192,7 @@ def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None):
     tiles = tiles or _tiles("int8", path, M, N, x.device)
     if path == "gemv":
         block_n, cols, warps, magic = (*tiles, 0)[:4]
-        magic = bool(magic) and K % 4 == 0 and cols >= 4  # codes read four to an int32 word
+        magic = int(magic) if K % 4 == 0 and cols >= 4 else 0  # codes read four to an int32 word
         k.int8_gemv_kernel[(M, triton_cdiv(N, block_n))](x, qweight.view(torch.int32) if magic else qweight, scale,
                                                          y, N, K, x.stride(0), y.stride(0), BLOCK_N=block_n,
                                                          BLOCK_K=cols, num_warps=warps, MAGIC=magic)

@@ -40,8 +40,9 @@ class KernelOptions(Section):
     masked in place under an exponent (1) or shifted in pairs to where no float subtract is needed (2), NF4 levels a
     byte at a time from a pair table (1) or by byte permutes in registers (2, CUDA), flat 0/1: two-dimensional
     tiles]; row-major INT8 (and unprepared 4-bit layers) rows per
-    program, input columns per step, warps[, MAGIC (INT8: codes four to a word, bytes masked in place), LATE: the
-    4-bit inner loop's switches, 0 or 1]. None = the per-format defaults."""
+    program, input columns per step, warps[, MAGIC (INT8: codes four to a word, bytes masked in place (1) or shifted
+    to where no float subtract is needed (2)), LATE: the 4-bit inner loop's switches, 0 or 1]. None = the
+    per-format defaults."""
 
     @field_validator("quant_gemv_tiles")
     @classmethod

@@ -60,10 +60,11 @@ def compile_gemv(fmt: str, tiles: tuple, arch: int):
         nf4 = fmt == "nf4kn"
         fn = kt.q4kn_gemv_kernel
         sig = {"X": "*bf16", "QW": "*i32", "S": "*i8" if nf4 else "*bf16", "Z": "*u8", "SS": "*fp32", "Mean": "*fp32",
-               "Lut": "*i64" if nf4 and magic == 1 else "*fp32", "Y": "*fp32" if atomic else "*bf16", "N": "i32",
+               "Lut": "*i64" if nf4 and magic == 1 else "*fp32", "Y": "*fp32" if atomic else "*bf16", "Cnt": "*i32",
+               "Out": "*bf16", "N": "i32",
                "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
         const = {"GROUP": 64 if nf4 else 128, "NF4": nf4, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                 "STEPS": max(steps, 1), "ATOMIC": bool(atomic), "DQ": nf4, "DQ_BLOCK": 256, "MAGIC": int(magic),
+                 "STEPS": max(steps, 1), "ATOMIC": int(atomic), "DQ": nf4, "DQ_BLOCK": 256, "MAGIC": int(magic),
                  "FLAT": bool(flat)}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig}
     sig.update({k: "constexpr" for k in const})

@@ -38,16 +38,16 @@ GEMM_GRID = list(itertools.product((16, 32, 64), (32, 64, 128, 256)))
 KN_GEMV_GRID = [(bn, bk, w, st, at, mg) for bn, bk, w, st, at, mg in
                 itertools.product((64, 128, 256), (64, 128), (2, 4), (1, 4, 0), (0, 1), (0, 1))
                 if bn * bk <= 256 * 32 * w and not (st == 0 and at) and not (at and mg)]  # + atomic, magic
-# --quick: short K slices per program (many programs, as gemlite's GEMV); INT4 with the in-place nibbles (magic=1)
-# or the shifted nibble pairs (magic=2) and the three fastest plain loops of the H100 sweep; NF4 by byte permutes
-# (magic=2) and the pair table's best
+# --quick: the region the full sweeps found on an H100 (short K slices, many programs, as gemlite's GEMV): INT4 and
+# NF4 in registers (magic=2: shifted nibble pairs / byte permutes), their sums atomic into a memset buffer (1) or into
+# a persistent one the last split writes out (2), beside magic=1 and the pair table for reference
 KN_QUICK_GEMV_GRID = {
-    "int4kn": [(bn, bk, w, st, 1, mg, 0) for (bn, w), bk, st, mg in  # atomic K slices won every shape on an H100
-               itertools.product(((128, 1), (256, 2), (512, 2), (512, 4)), (32, 64), (1, 2), (1, 2))]
-    + [(256, 32, 2, 1, 1, 0, 0), (512, 16, 4, 1, 1, 0, 0), (256, 64, 2, 1, 1, 0, 0)],
-    "nf4kn": [(bn, bk, w, st, 1, 2, 0) for (bn, w), bk, st in  # magic=2: levels by byte permutes (CUDA)
-              itertools.product(((64, 2), (128, 2), (256, 2), (512, 4)), (32, 64), (1, 2))]
-    + [(256, 32, 2, 1, 1, 1, 0), (64, 32, 2, 1, 1, 1, 0), (128, 32, 2, 1, 1, 1, 0)]}  # the pair table's best
+    "int4kn": [(bn, bk, w, st, at, 2, 0) for (bn, bk, w, st), at in
+               itertools.product(((128, 32, 1, 2), (128, 64, 1, 1), (128, 32, 1, 1), (256, 64, 2, 1), (512, 64, 4, 1),
+                                  (256, 32, 2, 1)), (1, 2))] + [(128, 64, 1, 1, 1, 1, 0), (256, 32, 2, 1, 1, 1, 0)],
+    "nf4kn": [(bn, bk, w, st, at, 2, 0) for (bn, bk, w, st), at in
+              itertools.product(((256, 64, 2, 1), (512, 64, 4, 1), (256, 32, 2, 1), (128, 64, 1, 1)), (1, 2))]
+    + [(64, 32, 2, 1, 1, 1, 0)]}  # the pair table's best
 KN_DEQUANT_GRID = [(8, 128, 4), (4, 256, 4), (16, 64, 4), (8, 256, 8)]  # code words, columns, warps
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, K splits (-1: by shape), magic (INT4 nibbles by the exponent trick))
 KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (128,), (4,), (-1, 4), (0, 1)))

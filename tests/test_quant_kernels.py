@@ -153,7 +153,30 @@ def test_layer_kernels_force_tiles_or_switch_the_kernels_off(kernels_on_cpu):
     assert list(qkernel.kernel_status()) == [f"int4kn/32/gemv/32x32x1x2x0x0x1/bfloat16/{DEVICE.type}"]
 
 
-@pytest.mark.parametrize("tiles", [(256, 32, 2, 1, 1, 3, 0), (0, 32, 2), (256, 32, 2, -1), (2, 2048, 4, 0, 2)])
+@needs_triton
+def test_one_kernel_split_k_leaves_its_workspace_zeroed_for_the_next_call(kernels_on_cpu):
+    """atomic=2: the split that finishes a column block last writes the output and zeroes the persistent fp32 sums
+    and counters behind it, so repeated calls (and another layer of the same shape) agree with the reference and
+    with each other; the workspace is one per (device, stream, shape)."""
+    torch.manual_seed(0)
+    layers = [Int4Linear.from_linear(nn.Linear(256, 40, bias=False), group_size=32).to(DEVICE) for _ in range(2)]
+    x = torch.randn(2, 256, device=DEVICE).to(torch.bfloat16)
+    tiles = (16, 32, 1, 2, 2, 2)  # 3 column blocks x 4 K splits per row
+    qkernel._workspaces.clear()
+    outs = []
+    for layer in layers:
+        layer.to_layout("kn")
+    for layer in layers + layers:
+        got = qkernel._launch_q4kn(x, layer.qweight, layer.scale, layer.zero, 40, 32, False, "gemv", tiles)
+        _close(got, F.linear(x.float(), layer.weight.float()), 2e-2)
+        outs.append(got)
+    assert (outs[0].float() - outs[2].float()).abs().max().item() <= 2e-2 * outs[0].float().abs().max().item()
+    (sums, counters), = qkernel._workspaces.values()
+    assert sums.shape == (2, 40) and counters.shape == (2, 3)
+    assert not sums.any() and not counters.any()
+
+
+@pytest.mark.parametrize("tiles", [(256, 32, 2, 1, 1, 3, 0), (0, 32, 2), (256, 32, 2, -1), (256, 32, 2, 1, 3)])
 def test_forced_tiles_outside_what_the_kernels_read_are_refused(tiles):
     """A switch the kernels would read as another value (magic 3 acting as 1) or a size of 0 is a config error."""
     import pydantic
@@ -302,18 +325,18 @@ def test_k_major_ops_match_reference_and_give_input_gradients():
 @pytest.mark.parametrize("rows,tiles", [(1, None), (3, (64, 32, 1, 1)), (3, (64, 32, 1, 2, 1)),
                                        (2, (32, 64, 2, 0, 0, 1)), (1, (32, 32, 1, 2, 0, 0, 1)),
                                        (2, (64, 32, 2, 0, 0, 1, 1)), (3, (64, 32, 1, 1, 1, 2)),
-                                       (2, (32, 64, 2, 0, 0, 2)),
-                                       (20, None), (300, None)],
+                                       (2, (32, 64, 2, 0, 0, 2)), (3, (64, 32, 1, 1, 2, 2)), (20, None), (300, None)],
                          ids=["gemv-default", "gemv-split-k", "gemv-split-k-atomic", "gemv-whole-k-magic-pairs",
                               "gemv-flat", "gemv-flat-magic", "gemv-shifted-pairs-atomic", "gemv-whole-k-shifted-pairs",
-                              "gemm", "dequant"])
+                              "gemv-one-kernel-split-k", "gemm", "dequant"])
 def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cpu):
     """The K-major GEMV (its default tiles; K split over programs whose partial sums one more kernel adds, or that
     add atomically into fp32; all of K in one program, INT4 by the exponent trick and NF4 by the level-pair table;
     two-dimensional "flat" tiles; INT4's shifted nibble pairs, magic=2, whose NF4 byte permutes fall back to the pair
-    table off CUDA), the GEMM (NF4's batched rows: one dequantizing pass, then a matmul) and the long
-    inputs' dequantizing pass on a layer's K-major buffers: N = 72; INT4 K = 320 (10 groups of 32) and K = 256 in
-    groups of 128; NF4 K = 320 (blocks of 64, double-quantized absmax spanning rows, and fp32 absmax)."""
+    table off CUDA; atomic=2: one kernel, the last split of each column block writing the output), the GEMM (NF4's
+    batched rows: one dequantizing pass, then a matmul) and the long inputs' dequantizing pass on a layer's K-major
+    buffers: N = 72; INT4 K = 320 (10 groups of 32) and K = 256 in groups of 128; NF4 K = 320 (blocks of 64,
+    double-quantized absmax spanning rows, and fp32 absmax)."""
     from lmforge.quant import QuantKernels, set_kernels
 
     dtype = torch.bfloat16 if rows <= qkernel.GEMV_MAX_ROWS or DEVICE.type == "cuda" else torch.float16

@@ -257,11 +257,28 @@ def _dequant_q4kn(qw, s, z, N: int, K: int, group: int, nf4: bool, tiles: tuple,
     return w
 
 
+_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _finish_workspace(device: torch.device, M: int, N: int, blocks: int):
+    """The zeroed fp32 (M, N) sums and int32 (M, blocks) counters of the one-kernel split-K GEMV (atomic=2), per
+    device, stream and shape; each call leaves them zeroed for the next. None inside a CUDA-graph capture when not
+    made yet (made outside it, a workspace is a fixed address every replay uses)."""
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0, M, N, blocks)
+    if key not in _workspaces:
+        if _capturing(device):
+            return None, None
+        _workspaces[key] = (torch.zeros(M, N, dtype=torch.float32, device=device),
+                            torch.zeros(M, blocks, dtype=torch.int32, device=device))
+    return _workspaces[key]
+
+
 def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: tuple, ss=None, mean=None,
                  dq_block: int = 256):
     """The K-major 4-bit GEMV / GEMM (`qkernel_triton.q4kn_*`). GEMV tiles: (columns per program, input columns per
     step, warps, steps per program[, atomic, magic, flat]): fewer steps split K over more programs, whose fp32 partial
-    sums one more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead; magic=1: INT4
+    sums one more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead; atomic=2: into a
+    persistent one, the last split of each column block writing the output: one kernel a call; magic=1: INT4
     nibbles masked in place under an exponent, NF4 levels a byte at a time from a pair table; magic=2: INT4 nibble
     pairs shifted to bits 12-19 (no float subtract per weight), NF4 levels by byte permutes in registers, on CUDA;
     flat=1: two-dimensional tiles, each code word loaded by its 8 input columns); "dequant": the (K, N) weight written once by `q4kn_dequant_kernel` (tiles: code words per program,
@@ -283,13 +300,18 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
         steps = _kn_steps(K, block_k, steps)
         splits = K // (block_k * steps)
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        out = y if splits == 1 else torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else \
-            torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+        counters = y
+        if splits > 1 and atomic == 2:
+            out, counters = _finish_workspace(x.device, M, N, triton_cdiv(N, block_n))
+            atomic = 2 if out is not None else 1  # first met inside a CUDA-graph capture: the memset form
+        if splits == 1 or atomic != 2:
+            out = y if splits == 1 else torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else \
+                torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
         k.q4kn_gemv_kernel[(M, triton_cdiv(N, block_n), splits)](
-            x, qw, s, z, ss, mean, lut, out, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_N=block_n,
-            BLOCK_K=block_k, STEPS=steps, ATOMIC=splits > 1 and bool(atomic), MAGIC=int(magic), FLAT=bool(flat),
-            num_warps=warps, **dq)
-        if splits == 1:
+            x, qw, s, z, ss, mean, lut, out, counters, y, N, K, x.stride(0), N, GROUP=group, NF4=nf4,
+            BLOCK_N=block_n, BLOCK_K=block_k, STEPS=steps, ATOMIC=int(atomic) if splits > 1 else 0,
+            MAGIC=int(magic), FLAT=bool(flat), num_warps=warps, **dq)
+        if splits == 1 or atomic == 2:
             return y
         if atomic:
             return out.to(x.dtype)

@@ -301,13 +301,16 @@ def _kn_absmax(S, SS, Mean, g, cols, col_ok, n_groups, N, DQ: tl.constexpr, DQ_B
 
 
 @triton.jit
-def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
+def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      STEPS: tl.constexpr, ATOMIC: tl.constexpr, DQ: tl.constexpr = False,
                      DQ_BLOCK: tl.constexpr = 256, MAGIC: tl.constexpr = False, FLAT: tl.constexpr = False):
     """Y[m, cols] (+)= X[m, ks] @ W[ks, cols] over STEPS x BLOCK_K input columns per program (grid: input rows x
     column blocks x K splits). With more than one split, Y is an fp32 workspace (splits, M, N) of partial sums that
-    `splitk_sum_kernel` adds up, or with ATOMIC a zeroed fp32 (M, N) the splits add into (order-dependent). MAGIC:
+    `splitk_sum_kernel` adds up, or with ATOMIC a zeroed fp32 (M, N) the splits add into (order-dependent);
+    ATOMIC=2: Y is a persistent zeroed fp32 workspace and Cnt zeroed int32 (M, column blocks) counters: the split
+    that finishes a column block last (acquire on its counter) writes Out in x's dtype and leaves Y and Cnt zeroed
+    again, so a call is one kernel (no memset, no cast kernel: each costs a launch in a CUDA graph). MAGIC:
     INT4 nibble j of each half word masked in place under the exponent 150 - 4j, which reads as 2^(23 - 4j) + q:
     one LOP3, one FADD and one FMA per weight, no shift and no int-to-float conversion (quarter rate: it bounds the
     plain loop near half the HBM roofline on an H100); FLAT then uses `_nibble_f32`'s exponent trick. MAGIC=2 (INT4):
@@ -417,7 +420,16 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                 z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
                 qf = q.to(tl.float32)  # sum (q - z) s x = s (sum q x - z sum x)
                 acc += (tl.sum(tl.sum(qf * x[:, :, None], axis=1), axis=0) - tl.sum(tl.sum(x, 1), 0) * z) * s
-    if ATOMIC:
+    if ATOMIC == 2:
+        tl.atomic_add(Y + m * stride_ym + cols, acc, mask=col_ok, sem="relaxed")
+        tl.debug_barrier()  # every thread's sums are in before the counter says so (release, cumulative)
+        counter = Cnt + m * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(2) - 1:  # the last split of this block
+            total = tl.load(Y + m * stride_ym + cols, mask=col_ok, other=0.0, volatile=True)  # L2, never stale L1
+            tl.store(Out + m * stride_ym + cols, total.to(Out.dtype.element_ty), mask=col_ok)
+            tl.store(Y + m * stride_ym + cols, tl.zeros_like(total), mask=col_ok)
+            tl.atomic_xchg(counter, 0, sem="relaxed")
+    elif ATOMIC:
         tl.atomic_add(Y + m * stride_ym + cols, acc, mask=col_ok, sem="relaxed")
     else:  # Y: the output, or split k's own fp32 slice of a (splits, M, N) workspace
         tl.store(Y + tl.program_id(2).to(tl.int64) * tl.num_programs(0) * stride_ym + m * stride_ym + cols,

@@ -36,13 +36,13 @@ class KernelOptions(Section):
                        | tuple[int, int, int, int, int, int] | tuple[int, int, int, int, int, int, int] | None) = None
     """The quantized one-row GEMV's tiles for tuning runs (bench/qkernel_tiles.py sweeps them), read by the kernel
     each layer runs: K-major INT4 / NF4 (what CUDA layers are prepared into) take output columns per program, input
-    columns per step, warps, steps per program (0: all of K)[, atomic split-K sums 0/1, magic 0/1/2: INT4 nibbles
-    masked in place under an exponent (1) or shifted in pairs to where no float subtract is needed (2), NF4 levels a
-    byte at a time from a pair table (1) or by byte permutes in registers (2, CUDA), flat 0/1: two-dimensional
-    tiles]; row-major INT8 (and unprepared 4-bit layers) rows per
-    program, input columns per step, warps[, MAGIC (INT8: codes four to a word, bytes masked in place (1) or shifted
-    to where no float subtract is needed (2)), LATE: the 4-bit inner loop's switches, 0 or 1]. None = the
-    per-format defaults."""
+    columns per step, warps, steps per program (0: all of K)[, atomic split-K sums 0/1/2 (2: one kernel, the
+    last split writing the output), magic 0/1/2: INT4 nibbles masked in place under an exponent (1) or shifted in
+    pairs to where no float subtract is needed (2), NF4 levels a byte at a time from a pair table (1) or by byte
+    permutes in registers (2, CUDA), flat 0/1: two-dimensional tiles]; row-major INT8 (and unprepared 4-bit
+    layers) rows per program, input columns per step, warps[, MAGIC (INT8: codes four to a word, bytes masked in
+    place (1) or shifted to where no float subtract is needed (2)), LATE: the 4-bit inner loop's switches, 0 or 1].
+    None = the per-format defaults."""
 
     @field_validator("quant_gemv_tiles")
     @classmethod
@@ -51,7 +51,7 @@ class KernelOptions(Section):
         is refused, not silently taken as another."""
         if tiles is None:
             return tiles
-        highest = (None, None, None, None, 1, 2, 1)  # None: a size (>= 1; steps >= 0), else the largest switch
+        highest = (None, None, None, None, 2, 2, 1)  # None: a size (>= 1; steps >= 0), else the largest switch
         for i, (v, top) in enumerate(zip(tiles, highest)):
             if top is None and v < (0 if i == 3 else 1):
                 raise ValueError(f"field {i + 1} ({v}) must be {'>= 0' if i == 3 else 'positive'}")

@@ -32,9 +32,10 @@ from lmforge.quant import qkernel, qkernel_triton as kt
 VARIANTS = {
     "int4kn": [("plain", (256, 32, 2, 1, 1, 0, 0)), ("magic", (256, 32, 2, 1, 1, 1, 0)),
                ("magic, 4 steps", (256, 128, 2, 4, 1, 1, 0)), ("shifted pairs", (256, 32, 2, 1, 1, 2, 0)),
+               ("shifted pairs, 2 steps", (128, 32, 1, 2, 1, 2, 0)),
                ("shifted pairs, 4 steps", (256, 128, 2, 4, 1, 2, 0))],
     "nf4kn": [("pair table", (64, 32, 2, 1, 1, 1, 0)), ("pair table", (256, 32, 2, 1, 1, 1, 0)),
-              ("byte permutes", (256, 32, 2, 1, 1, 2, 0))],
+              ("byte permutes", (256, 32, 2, 1, 1, 2, 0)), ("byte permutes", (256, 64, 2, 1, 1, 2, 0))],
     "int8": [("plain", (2, 2048, 4, 0)), ("plain", (8, 1024, 4, 0)), ("magic", (8, 1024, 4, 1)),
              ("shifted bytes", (8, 1024, 4, 2))],
 }

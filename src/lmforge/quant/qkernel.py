@@ -336,15 +336,15 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
 
 
 # The GEMV's default tiles per format: (rows per program, input columns per step, warps, then the inner loop's
-# MAGIC[/LATE] switches), the fastest over Llama-3-8B's qkv, gate_up and down shapes (N x K 6144 x 4096,
-# 28672 x 4096, 4096 x 14336) in `bench/qkernel_tiles.py --quick` on an H100 (docs/benchmarks.md). Against the
-# former 4 x 2,048 x 8 for every format: INT4 1.8x, NF4 2.2x, INT8 1.1x less time summed over the three shapes.
-GEMV_TILES = {"int8": (2, 2048, 4, 0), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0),
-              "int4kn": (256, 32, 2, 1, 1, 0, 0), "nf4kn": (64, 32, 2, 1, 1, 1, 0)}
-# K-major: (output columns per program, input columns per step, warps, steps per program[, atomic, magic, flat]),
-# the fastest summed over the qkv / o / gate_up / down shapes in bench/qkernel_tiles.py --quick on an H100: short K
-# slices (32 input columns a program) whose fp32 sums meet atomically, 15% less time than the deterministic split
-# (INT4 64 x 128 x 2 x 4, NF4 64 x 64 x 2 x 4 with the pair table: force those for bit-identical reruns)
+# MAGIC[/LATE] switches), the fastest summed over Llama-3-8B's qkv, o, gate_up and down shapes in
+# `bench/qkernel_tiles.py --quick` on an H100 (docs/benchmarks.md). K-major (what CUDA layers are prepared into):
+# (output columns per program, input columns per step, warps, steps per program[, atomic, magic, flat]): short K
+# slices whose fp32 sums meet atomically (not bit-identical run to run: force INT4 64 x 128 x 2 x 4 or NF4
+# 64 x 64 x 2 x 4 x 0 x 1 for a fixed order), codes unpacked in registers (magic=2). Against the former defaults:
+# INT4 21% less time (in-place nibbles with a float subtract and int-to-float conversions before), NF4 59% less
+# (byte permutes instead of a 256-entry pair table), INT8 9% less (bytes masked in place, magic=1).
+GEMV_TILES = {"int8": (8, 1024, 4, 1), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0),
+              "int4kn": (128, 32, 1, 2, 1, 2, 0), "nf4kn": (256, 64, 2, 1, 1, 2, 0)}
 KN_GEMM_MAGIC = False  # the K-major INT4 GEMM's nibbles by the exponent trick (bench/qkernel_tiles.py compares)
 
 

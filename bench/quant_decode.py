@@ -182,6 +182,9 @@ def main() -> None:
                     help="the INT8 GEMV's default tiles for this run (qkernel.GEMV_TILES['int8'])")
     ap.add_argument("--kn-gemm-magic", action="store_true",
                     help="the K-major INT4 GEMM's nibbles by the exponent trick (qkernel.KN_GEMM_MAGIC)")
+    ap.add_argument("--kn-gemm-words", action="store_true",
+                    help="the K-major INT4 GEMM's code words loaded once, unpacked in registers "
+                         "(qkernel.KN_GEMM_WORDS)")
     ap.add_argument("--out", default=None, help="also write the JSON lines here (after every variant)")
     args = ap.parse_args()
 
@@ -190,8 +193,8 @@ def main() -> None:
     for fmt, tiles in (("int4kn", args.kn_tiles), ("nf4kn", args.nf4kn_tiles), ("int8", args.int8_tiles)):
         if tiles:
             qkernel.GEMV_TILES[fmt] = tuple(int(v) for v in tiles.split(","))
-    if args.kn_gemm_magic:
-        qkernel.KN_GEMM_MAGIC = True
+    qkernel.KN_GEMM_MAGIC = qkernel.KN_GEMM_MAGIC or args.kn_gemm_magic
+    qkernel.KN_GEMM_WORDS = qkernel.KN_GEMM_WORDS or args.kn_gemm_words
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile is None:
         args.compile = device == "cuda"
@@ -203,7 +206,8 @@ def main() -> None:
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "group_size": args.group_size,
            "compile_batch1": args.compile, "decode_steps": args.decode_steps, "gemv_tiles": args.gemv_tiles,
            "kn_tiles": qkernel.GEMV_TILES["int4kn"], "nf4kn_tiles": qkernel.GEMV_TILES["nf4kn"],
-           "int8_tiles": qkernel.GEMV_TILES["int8"], "kn_gemm_magic": qkernel.KN_GEMM_MAGIC}
+           "int8_tiles": qkernel.GEMV_TILES["int8"], "kn_gemm_magic": qkernel.KN_GEMM_MAGIC,
+           "kn_gemm_words": qkernel.KN_GEMM_WORDS}
     rows: list[dict] = []
     base: dict[str, float] = {}
     default_dequant = qkernel.DEQUANT_GEMM

@@ -365,15 +365,17 @@ def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cp
 @needs_triton
 def test_k_major_gemm_split_over_k_matches_the_reference():
     """The GEMM with K split over programs (what narrow layers get at batched decode), partial sums added by the
-    reduction kernel: INT4 (K = 320, groups of 32 in 5 splits; nibbles by conversion and by the exponent trick) and
+    reduction kernel: INT4 (K = 320, groups of 32 in 5 splits; nibbles by conversion and by the exponent trick, code
+    words loaded per row or once) and
     double-quantized NF4 (K = 256, 2 splits)."""
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
     x = torch.randn(20, 320, device=DEVICE).to(dtype)
     q = Int4Linear.from_linear(nn.Linear(320, 72, bias=False), group_size=32).to(DEVICE)
     want = F.linear(x.float(), q.weight.float())
     q.to_layout("kn")
-    for magic in (0, 1):
-        got = qkernel._launch_q4kn(x, q.qweight, q.scale, q.zero, 72, 32, False, "gemm", (16, 32, 32, 4, 5, magic))
+    for magic, words in ((0, 0), (1, 0), (1, 1)):  # words: each code word loaded once, unpacked by a reshape
+        got = qkernel._launch_q4kn(x, q.qweight, q.scale, q.zero, 72, 32, False, "gemm",
+                                   (16, 32, 32, 4, 5, magic, words))
         _close(got, want, 2e-2)
     n = NF4Linear.from_linear(nn.Linear(256, 72, bias=False)).to(DEVICE)
     want = F.linear(x[:, :256].float(), n.weight.float())

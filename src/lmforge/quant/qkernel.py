@@ -282,8 +282,9 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     nibbles masked in place under an exponent, NF4 levels a byte at a time from a pair table; magic=2: INT4 nibble
     pairs shifted to bits 12-19 (no float subtract per weight), NF4 levels by byte permutes in registers, on CUDA;
     flat=1: two-dimensional tiles, each code word loaded by its 8 input columns); "dequant": the (K, N) weight written once by `q4kn_dequant_kernel` (tiles: code words per program,
-    columns, warps), then cuBLAS; GEMM tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps[, K splits[, magic]]): splits -1 or
-    absent: by shape, the partial sums added as the GEMV's; magic=1: INT4 nibbles to float by the exponent trick)."""
+    columns, warps), then cuBLAS; GEMM tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps[, K splits[, magic[, words]]]):
+    splits -1 or absent: by shape, the partial sums added as the GEMV's; magic=1: INT4 nibbles to float by the
+    exponent trick; words=1: each code word loaded once and unpacked in registers)."""
     M, K = x.shape
     k = _kernels()
     lut = _lut(x.device) if nf4 else s
@@ -322,6 +323,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     block_m, block_n, block_k, warps = tiles[:4]
     splits = tiles[4] if len(tiles) > 4 else -1
     magic = tiles[5] if len(tiles) > 5 else 0
+    words = tiles[6] if len(tiles) > 6 else 0
     block_k = min(block_k, group)
     splits = _gemm_splits(M, N, K, block_m, block_n, block_k, splits, x.device)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -329,7 +331,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     k.q4kn_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n), splits)](
         x, qw, s, z, ss, mean, lut, out, M, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2, K_SPLIT=K // splits if splits > 1 else 0,
-        MAGIC=bool(magic), **dq)
+        MAGIC=bool(magic), WORDS=bool(words), **dq)
     if splits > 1:
         k.splitk_sum_kernel[(triton_cdiv(M * N, 1024),)](out, y, M * N, SPLITS=splits, BLOCK=1024, num_warps=4)
     return y
@@ -346,6 +348,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
 GEMV_TILES = {"int8": (8, 1024, 4, 1), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0),
               "int4kn": (128, 32, 1, 2, 1, 2, 0), "nf4kn": (256, 64, 2, 1, 1, 2, 0)}
 KN_GEMM_MAGIC = False  # the K-major INT4 GEMM's nibbles by the exponent trick (bench/qkernel_tiles.py compares)
+KN_GEMM_WORDS = False  # ... and its code words loaded once, unpacked in registers
 
 
 def _gemv_tiles(fmt: str, forced: list[int] | None = None) -> tuple[int, ...]:
@@ -375,7 +378,8 @@ def _tiles(fmt: str, path: str, M: int, N: int, device: torch.device, gemv_tiles
     if path == "dequant":
         return (8, 128, 4)  # code words (64 input rows) x columns per program, warps
     block_m, block_n = _gemm_blocks(M, N, device)
-    return (block_m, block_n, 128, 4, -1, int(KN_GEMM_MAGIC)) if fmt.endswith("kn") else (block_m, block_n)
+    return (block_m, block_n, 128, 4, -1, int(KN_GEMM_MAGIC), int(KN_GEMM_WORDS)) if fmt.endswith("kn") else \
+        (block_m, block_n)
 
 
 # K-major formats whose batched rows (5-256) dequantize once and call cuBLAS instead of the GEMM: NF4's table lookup

@@ -475,9 +475,11 @@ def q4kn_dequant_kernel(QW, S, Z, SS, Mean, Lut, W, N, K, GROUP: tl.constexpr, N
 def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, DQ: tl.constexpr = False, DQ_BLOCK: tl.constexpr = 256,
-                     K_SPLIT: tl.constexpr = 0, MAGIC: tl.constexpr = False):
+                     K_SPLIT: tl.constexpr = 0, MAGIC: tl.constexpr = False, WORDS: tl.constexpr = False):
     """Y[rows, cols] = X[rows] @ W[:, cols] with (BLOCK_K, BLOCK_N) weight tiles dequantized into tensor-core dots
-    (BLOCK_K divides GROUP: one scale row per tile). Each code word is loaded by the 8 rows it holds (L1 hits).
+    (BLOCK_K divides GROUP: one scale row per tile). Each code word is loaded by the 8 rows it holds (L1 hits), or
+    with WORDS once, as a (BLOCK_K / 8, BLOCK_N) tile unpacked to (BLOCK_K / 8, 8, BLOCK_N) and reshaped (an eighth
+    of the load instructions, a register shuffle instead).
     K_SPLIT > 0: this program covers K_SPLIT input columns (grid axis 2) and writes its fp32 partial sums to its slice
     of a (splits, M, N) workspace, so few output tiles (a narrow N) still fill the GPU. MAGIC: INT4 nibbles to float
     by `_nibble_f32`'s exponent trick instead of a (quarter-rate) conversion."""
@@ -491,8 +493,14 @@ def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_y
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
-        w = tl.load(QW + ((k0 + ks) // 8).to(tl.int64)[:, None] * N + cols[None, :], mask=col_ok[None, :], other=0)
-        q = (w >> shift) & 0xF  # (BLOCK_K, BLOCK_N)
+        if WORDS:
+            w = tl.load(QW + (k0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.int64)[:, None] * N + cols[None, :],
+                        mask=col_ok[None, :], other=0)  # (BLOCK_K / 8, BLOCK_N)
+            q = tl.reshape((w[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+        else:
+            w = tl.load(QW + ((k0 + ks) // 8).to(tl.int64)[:, None] * N + cols[None, :], mask=col_ok[None, :],
+                        other=0)
+            q = (w >> shift) & 0xF  # (BLOCK_K, BLOCK_N)
         if NF4:
             wt = tl.load(Lut + q) * _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ,
                                                DQ_BLOCK)[None, :]

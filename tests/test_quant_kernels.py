@@ -157,7 +157,7 @@ def test_layer_kernels_force_tiles_or_switch_the_kernels_off(kernels_on_cpu):
 def test_one_kernel_split_k_leaves_its_workspace_zeroed_for_the_next_call(kernels_on_cpu):
     """atomic=2: the split that finishes a column block last writes the output and zeroes the persistent fp32 sums
     and counters behind it, so repeated calls (and another layer of the same shape) agree with the reference and
-    with each other; the workspace is one per (device, stream, shape)."""
+    with each other; the workspace is one per (device, shape)."""
     torch.manual_seed(0)
     layers = [Int4Linear.from_linear(nn.Linear(256, 40, bias=False), group_size=32).to(DEVICE) for _ in range(2)]
     x = torch.randn(2, 256, device=DEVICE).to(torch.bfloat16)

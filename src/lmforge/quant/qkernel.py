@@ -262,9 +262,10 @@ _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _finish_workspace(device: torch.device, M: int, N: int, blocks: int):
     """The zeroed fp32 (M, N) sums and int32 (M, blocks) counters of the one-kernel split-K GEMV (atomic=2), per
-    device, stream and shape; each call leaves them zeroed for the next. None inside a CUDA-graph capture when not
-    made yet (made outside it, a workspace is a fixed address every replay uses)."""
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0, M, N, blocks)
+    device and shape; each call leaves them zeroed for the next, so calls of one shape must not overlap (one stream:
+    the engine's decode step, eager or replayed). None inside a CUDA-graph capture when not made yet (made outside
+    it, a workspace is a fixed address every replay uses; the warm-up before a capture makes it, whatever stream)."""
+    key = (device, M, N, blocks)
     if key not in _workspaces:
         if _capturing(device):
             return None, None

@@ -340,16 +340,18 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
 
 # The GEMV's default tiles per format: (rows per program, input columns per step, warps, then the inner loop's
 # MAGIC[/LATE] switches), the fastest summed over Llama-3-8B's qkv, o, gate_up and down shapes in
-# `bench/qkernel_tiles.py --quick` on an H100 (docs/benchmarks.md). K-major (what CUDA layers are prepared into):
-# (output columns per program, input columns per step, warps, steps per program[, atomic, magic, flat]): short K
-# slices whose fp32 sums meet atomically (not bit-identical run to run: force INT4 64 x 128 x 2 x 4 or NF4
-# 64 x 64 x 2 x 4 x 0 x 1 for a fixed order), codes unpacked in registers (magic=2). Against the former defaults:
-# INT4 21% less time (in-place nibbles with a float subtract and int-to-float conversions before), NF4 59% less
-# (byte permutes instead of a 256-entry pair table), INT8 9% less (bytes masked in place, magic=1).
+# `bench/qkernel_tiles.py --quick` (docs/benchmarks.md). K-major (what CUDA layers are prepared into): (output columns
+# per program, input columns per step, warps, steps per program[, atomic, magic, flat]): short K slices whose fp32
+# sums meet atomically in a persistent workspace the last slice writes out (atomic=2: one kernel a call; not
+# bit-identical run to run: force INT4 64 x 128 x 2 x 4 or NF4 64 x 64 x 2 x 4 x 0 x 1 for a fixed order), codes
+# unpacked in registers (magic=2). On an H200 these were the fastest (4% ahead of atomic=1); on an H100 their atomic=1
+# form was within 1% of the best, and against the former defaults INT4 took 21% less time (a float subtract and
+# int-to-float conversions before), NF4 59% less (byte permutes instead of a 256-entry pair table), INT8 9% less
+# (bytes masked in place, magic=1).
 GEMV_TILES = {"int8": (8, 1024, 4, 1), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0),
-              "int4kn": (128, 32, 1, 2, 1, 2, 0), "nf4kn": (256, 64, 2, 1, 1, 2, 0)}
+              "int4kn": (512, 64, 4, 1, 2, 2, 0), "nf4kn": (512, 64, 4, 1, 2, 2, 0)}
 KN_GEMM_MAGIC = False  # the K-major INT4 GEMM's nibbles by the exponent trick (bench/qkernel_tiles.py compares)
-KN_GEMM_WORDS = False  # ... and its code words loaded once, unpacked in registers
+KN_GEMM_WORDS = True  # ... and its code words loaded once, unpacked in registers (18-27% faster at 64 rows, H200)
 
 
 def _gemv_tiles(fmt: str, forced: list[int] | None = None) -> tuple[int, ...]:

@@ -283,9 +283,10 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     nibbles masked in place under an exponent, NF4 levels a byte at a time from a pair table; magic=2: INT4 nibble
     pairs shifted to bits 12-19 (no float subtract per weight), NF4 levels by byte permutes in registers, on CUDA;
     flat=1: two-dimensional tiles, each code word loaded by its 8 input columns); "dequant": the (K, N) weight
-    written once by `q4kn_dequant_kernel` (tiles: code words per program, columns, warps), then cuBLAS; GEMM tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps[, K splits[, magic[, words]]]):
-    splits -1 or absent: by shape, the partial sums added as the GEMV's; magic=1: INT4 nibbles to float by the
-    exponent trick; words=1: each code word loaded once and unpacked in registers)."""
+    written once by `q4kn_dequant_kernel` (tiles: code words per program, columns, warps), then cuBLAS; GEMM tiles:
+    (BLOCK_M, BLOCK_N, BLOCK_K, warps[, K splits[, magic[, words]]]): splits -1 or absent: by shape, the partial sums
+    added as the GEMV's; magic=1: INT4 nibbles to float by the exponent trick; words=1: each code word loaded once
+    and unpacked in registers)."""
     M, K = x.shape
     k = _kernels()
     lut = _lut(x.device) if nf4 else s

@@ -366,8 +366,7 @@ def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cp
 def test_k_major_gemm_split_over_k_matches_the_reference():
     """The GEMM with K split over programs (what narrow layers get at batched decode), partial sums added by the
     reduction kernel: INT4 (K = 320, groups of 32 in 5 splits; nibbles by conversion and by the exponent trick, code
-    words loaded per row or once) and
-    double-quantized NF4 (K = 256, 2 splits)."""
+    words loaded per row or once) and double-quantized NF4 (K = 256, 2 splits)."""
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
     x = torch.randn(20, 320, device=DEVICE).to(dtype)
     q = Int4Linear.from_linear(nn.Linear(320, 72, bias=False), group_size=32).to(DEVICE)

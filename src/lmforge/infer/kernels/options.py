@@ -47,8 +47,8 @@ class KernelOptions(Section):
     @field_validator("quant_gemv_tiles")
     @classmethod
     def _tile_fields(cls, tiles: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        """Sizes positive, steps >= 0, switches 0/1 (magic up to 2): a value the kernels would not read as given
-        is refused, not silently taken as another."""
+        """Sizes positive, steps >= 0, switches 0/1 (atomic and magic up to 2): a value the kernels would not read
+        as given is refused, not silently taken as another."""
         if tiles is None:
             return tiles
         highest = (None, None, None, None, 2, 2, 1)  # None: a size (>= 1; steps >= 0), else the largest switch

@@ -47,6 +47,10 @@ def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
+FUSE_ARGS = {"NW": "*bf16", "B": "*bf16", "R": "*bf16", "eps": "fp32", "norm_offset": "fp32"}  # (unfused here)
+FUSE_OFF = {"SILU": False, "NORM": False, "BIAS": False, "RES": False, "NORM_BLOCK": 1024, "PDL": False}
+
+
 def compile_gemv(fmt: str, tiles: tuple, arch: int):
     """The GEMV of `fmt` with `tiles` as `qkernel` launches it, compiled for sm_<arch> (ints divisible by 16, as the
     Llama shapes specialize at run time)."""
@@ -54,8 +58,8 @@ def compile_gemv(fmt: str, tiles: tuple, arch: int):
         block_n, cols, warps, magic = (*tiles, 0)[:4]
         fn, warps_ = kt.int8_gemv_kernel, warps
         sig = {"X": "*bf16", "QW": "*i32" if magic else "*i8", "S": "*bf16", "Y": "*bf16", "N": "i32", "K": "i32",
-               "stride_xm": "i32", "stride_ym": "i32"}
-        const = {"BLOCK_N": block_n, "BLOCK_K": cols, "MAGIC": int(magic)}
+               "stride_xm": "i32", "stride_ym": "i32", **FUSE_ARGS}
+        const = {"BLOCK_N": block_n, "BLOCK_K": cols, "MAGIC": int(magic), **FUSE_OFF}
     else:
         block_n, block_k, warps_, steps, atomic, magic, flat = (*tiles, 0, 0, 0)[:7]
         nf4 = fmt == "nf4kn"
@@ -63,11 +67,11 @@ def compile_gemv(fmt: str, tiles: tuple, arch: int):
         sig = {"X": "*bf16", "QW": "*i32", "S": "*i8" if nf4 else "*bf16", "Z": "*u8", "SS": "*fp32", "Mean": "*fp32",
                "Lut": "*i64" if nf4 and magic == 1 else "*fp32", "Y": "*fp32" if atomic else "*bf16", "Cnt": "*i32",
                "Out": "*bf16", "N": "i32",
-               "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+               "K": "i32", "stride_xm": "i32", "stride_ym": "i32", **FUSE_ARGS}
         const = {"GROUP": 64 if nf4 else 128, "NF4": nf4, "BLOCK_N": block_n, "BLOCK_K": block_k,
                  "STEPS": max(steps, 1), "ATOMIC": int(atomic), "DQ": nf4, "DQ_BLOCK": 256, "MAGIC": int(magic),
-                 "FLAT": bool(flat)}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig}
+                 "FLAT": bool(flat), **FUSE_OFF}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t != "fp32"}
     sig.update({k: "constexpr" for k in const})
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
                     attrs=attrs)

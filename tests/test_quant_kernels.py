@@ -271,6 +271,54 @@ def test_engine_packs_quantized_projections_into_one_layer(layout):
         assert pack_for_decode(nf4)["packed_qkv"] == 0
 
 
+@needs_triton
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_fused_decode_blocks_fold_norms_gating_and_residuals_into_quantized_gemvs(method, kernels_on_cpu,
+                                                                                   monkeypatch):
+    """On a quantized model (INT4 K-major as on CUDA, INT8) packing installs a FusedDecodeBlock on every block: its
+    one-row forward runs the quantized GEMVs with the RMSNorm (qkv, gate/up), the residual add (o, down) and the
+    SwiGLU gating (down) folded in, each fused variant verified against torch ops before first use, and gives the
+    blocks' own forward; prefill rows still take the blocks' forward. The fused forms have no backward."""
+    from lmforge.infer.kernels.decode_fusion import FusedDecodeBlock, pack_for_decode
+    from lmforge.infer.kernels.options import KernelOptions
+    from lmforge.models import ModelConfig, Transformer
+    from lmforge.quant import quantize_model
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                                    max_seq_len=64, qkv_bias=True)).to(DEVICE, torch.bfloat16).eval()
+    quantize_model(model, method, group_size=32)
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.to_layout("kn")
+    ids = torch.tensor([[5, 17, 30, 42]], device=DEVICE)
+    calls = []
+    call = FusedDecodeBlock.decode_row
+    monkeypatch.setattr(FusedDecodeBlock, "decode_row", lambda self, *a: calls.append(1) or call(self, *a))
+    with torch.inference_mode():
+        done = pack_for_decode(model, KernelOptions(cpu_interpreter=True))
+        assert done["fused_blocks"] == 2 and "unfused_blocks" not in done
+        fused = [model(ids[:, i:i + 1]).float() for i in range(2)]  # one row each (no cache: the same positions)
+        assert len(calls) == 4
+        model(ids)  # four rows: the blocks' own forward
+        assert len(calls) == 4
+        installed = list(model.layers)
+        for i, b in enumerate(installed):
+            model.layers[i] = b.block
+        want = [model(ids[:, i:i + 1]).float() for i in range(2)]
+    for got, ref in zip(fused, want):
+        _close(got, ref, 3e-2)
+        assert got.argmax(-1).eq(ref.argmax(-1)).float().mean() >= 0.5
+    fmt = "int4kn" if method == "int4" else "int8"
+    verified = {part for k, v in qkernel.kernel_status().items() if v is True and k.startswith(fmt)
+                for part in k.split("/") if set(part.split("+")) <= {"norm", "silu", "bias", "res"}}
+    assert {"norm+bias", "res", "silu+res"} <= verified, qkernel.kernel_status()
+    layer = installed[0].mlp.down_proj
+    x = torch.randn(1, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="no backward"):
+        layer.fused(x, silu=True, residual=torch.zeros(1, 64, device=DEVICE, dtype=torch.bfloat16)).sum().backward()
+
+
 # ------------------------------------------------------------------------------------------------ K-major INT4
 
 

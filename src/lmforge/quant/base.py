@@ -22,11 +22,13 @@ class QuantKernels:
     Triton kernels where they run (False: dequantize + matmul, the reference); `gemv_tiles` forces the one-row GEMV's
     tiles for tuning runs, read by the kernel a layer runs (K-major: output columns per program, input columns per
     step, warps, steps per program[, atomic]; row-major: rows per program, input columns per step, warps[, MAGIC,
-    LATE] of `qkernel_triton.q4_gemv_kernel`); None: the per-format defaults. The engine sets its `engine.kernels`
-    here (`set_kernels`); everything else runs the defaults."""
+    LATE] of `qkernel_triton.q4_gemv_kernel`); None: the per-format defaults; `pdl`: launch the GEMVs with
+    programmatic dependent launch (Hopper+; the engine's ``engine.kernels.pdl``). The engine sets its
+    `engine.kernels` here (`set_kernels`); everything else runs the defaults."""
 
     enabled: bool = True
     gemv_tiles: tuple[int, ...] | None = None
+    pdl: bool = False
 
 
 DEFAULT_KERNELS = QuantKernels()
@@ -64,6 +66,24 @@ class QuantLinear(nn.Module):
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def fused(self, x: torch.Tensor, norm: tuple[torch.Tensor, float, float] | None = None, silu: bool = False,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        """f(x) W^T + bias (+ residual) for a pre-norm block's decode row in one kernel where this layer's GEMV
+        fuses them (`lmforge.quant.qkernel.Fuse`; the engine's fused decode blocks call it): f the RMSNorm
+        `norm` = (weight, eps, offset) of the residual stream x, or with `silu` the SwiGLU gating silu(gate) * up
+        of x = [gate, up] (..., 2 in_features). Elsewhere the same by torch ops around `forward`. No backward."""
+        from .qkernel import Fuse, fuse_input, fuse_output
+
+        x2d = x.reshape(-1, x.shape[-1])
+        y = self._fused(x2d, Fuse(norm, silu, self.bias, residual))
+        if y is None:
+            y = fuse_output(self(fuse_input(x2d, Fuse(norm, silu))), Fuse(residual=residual))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _fused(self, x2d: torch.Tensor, fuse) -> torch.Tensor | None:
+        """`fused`'s matmul where this layer's kernel applies `fuse` itself, else None (torch ops around it)."""
+        return None
 
     def _use_fast(self, x2d: torch.Tensor) -> bool:
         """Decode-sized inputs on the kernel's device and dtype; never when a gradient must flow back through x

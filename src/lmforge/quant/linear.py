@@ -105,6 +105,11 @@ class Int8Linear(QuantLinear):
             y = F.linear(x2d, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
         return self._add_bias(y).view(*x.shape[:-1], self.out_features)
 
+    def _fused(self, x2d: torch.Tensor, fuse) -> torch.Tensor | None:
+        if self.act_bits is None and qkernel.use_kernel(x2d, self.kernels):
+            return qkernel.linear_int8(x2d, self.qweight, self.scale, self.kernels, fuse)
+        return None
+
     def _w8a8(self, x2d: torch.Tensor) -> torch.Tensor:
         dt = x2d.dtype
         y = torch.zeros(x2d.shape[0], self.out_features, device=x2d.device, dtype=dt)
@@ -229,6 +234,11 @@ class Int4Linear(QuantLinear):
         else:
             y = F.linear(x2d, int4_dequantize(self.codes(), self.scale, self.zero, x.dtype))
         return self._add_bias(y).view(*x.shape[:-1], self.out_features)
+
+    def _fused(self, x2d: torch.Tensor, fuse) -> torch.Tensor | None:
+        if self.layout == "kn" and qkernel.use_kernel(x2d, self.kernels):
+            return qkernel.linear_int4kn(x2d, self.qweight, self.scale, self.zero, self.group_size, self.kernels, fuse)
+        return None
 
     def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16, inner_k_tiles: int = 8,
                           aten: bool = False) -> str | None:

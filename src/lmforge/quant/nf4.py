@@ -287,6 +287,14 @@ class NF4Linear(QuantLinear):
                                    self.kernels)
         return self._add_bias(y).view(*x.shape[:-1], self.out_features)
 
+    def _fused(self, x2d: torch.Tensor, fuse) -> torch.Tensor | None:
+        from . import qkernel
+
+        if self.layout == "kn" and qkernel.use_kernel(x2d, self.kernels):
+            return qkernel.linear_nf4kn(x2d, self.codes, self.absmax, self.absmax_scale, self.absmax_mean,
+                                        self.block_size, self.dq_block_size, self.kernels, fuse)
+        return None
+
     def prepare_fast_path(self, dtype: torch.dtype = torch.bfloat16) -> str | None:
         """On CUDA the Triton kernels, codes and absmax re-laid K-major in place (reported as "triton nf4");
         elsewhere the table dequantization runs."""

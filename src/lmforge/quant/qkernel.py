@@ -29,6 +29,7 @@ import functools
 import importlib.util
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ from .base import DEFAULT_KERNELS, QuantKernels
 from .nf4 import NF4_LEVELS, unpack_nibbles
 from .rtn import int4_dequantize
 
-__all__ = ["GEMV_MAX_ROWS", "GEMM_MAX_ROWS", "available", "use_kernel", "linear_int8", "linear_int4", "linear_int4kn",
+__all__ = ["Fuse", "fuse_input", "fuse_output", "GEMV_MAX_ROWS", "GEMM_MAX_ROWS", "available", "use_kernel",
+           "linear_int8", "linear_int4", "linear_int4kn",
            "linear_nf4", "int8_linear", "int4_linear", "int4kn_linear", "nf4_linear", "nf4kn_linear", "linear_nf4kn",
            "pack_kn", "unpack_kn",
            "nf4_dequantize", "kernel_status", "QuantKernels"]
@@ -75,6 +77,73 @@ def available(device: torch.device, dtype: torch.dtype, kernels: QuantKernels = 
 
 def group_ok(group: int) -> bool:
     return 32 <= group <= 1024 and group & (group - 1) == 0  # whole groups per step, tl.dot needs group / 2 >= 16
+
+
+class Fuse(NamedTuple):
+    """What a one-row decode matmul folds in (`QuantLinear.fused`): y = f(x) @ W.T + bias + residual, f the
+    block's RMSNorm (`norm`: weight, eps, offset as `RMSNorm`) or the SwiGLU gating silu(gate) * up (`silu`: x
+    holds [gate, up], twice the in_features). The GEMVs apply it in the kernel; other paths with torch ops."""
+
+    norm: tuple[torch.Tensor, float, float] | None = None
+    silu: bool = False
+    bias: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+
+    def tag(self) -> str:
+        """The kernel variant's name for these fusions ("norm+bias", "silu+res", ...; "" for none)."""
+        return "+".join(n for n, on in (("norm", self.norm is not None), ("silu", self.silu),
+                                        ("bias", self.bias is not None), ("res", self.residual is not None)) if on)
+
+
+def fuse_input(x: torch.Tensor, fuse: Fuse | None) -> torch.Tensor:
+    """The matmul's input with the fused prologue applied by torch ops (rounded as the model's own modules)."""
+    if fuse is None:
+        return x
+    if fuse.silu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if fuse.norm is not None:
+        w, eps, offset = fuse.norm
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        x = (normed * (offset + w.float())).to(x.dtype) if offset else w * normed.to(x.dtype)
+    return x
+
+
+def fuse_output(y: torch.Tensor, fuse: Fuse | None) -> torch.Tensor:
+    """The matmul's output with the fused bias and residual added by torch ops."""
+    if fuse is not None and fuse.bias is not None:
+        y = y + fuse.bias.to(y.dtype)
+    if fuse is not None and fuse.residual is not None:
+        y = y + fuse.residual.reshape(y.shape)
+    return y
+
+
+def _fuse_args(fuse: Fuse | None, x: torch.Tensor, y: torch.Tensor, K: int) -> tuple[tuple, dict]:
+    """(NW, B, R, eps, norm_offset) and the constexpr switches of a fused GEMV launch (placeholders: y)."""
+    fuse = fuse or Fuse()
+    nw, eps, offset = fuse.norm if fuse.norm is not None else (y, 0.0, 0.0)
+    args = (nw, y if fuse.bias is None else fuse.bias, y if fuse.residual is None else fuse.residual.contiguous(),
+            float(eps), float(offset))
+    flags = dict(SILU=fuse.silu, NORM=fuse.norm is not None, BIAS=fuse.bias is not None,
+                 RES=fuse.residual is not None, NORM_BLOCK=min(4096, 1 << max(K - 1, 1).bit_length()))
+    return args, flags
+
+
+def _unfused(launch, x: torch.Tensor, fuse: Fuse | None) -> torch.Tensor:
+    """`launch(x)` with the fusions done by torch ops around it."""
+    return fuse_output(launch(fuse_input(x, fuse)), fuse)
+
+
+def pdl_options(device: torch.device, pdl: bool) -> dict:
+    """Launch options of a decode GEMV: programmatic dependent launch where asked and possible (compute capability
+    9+, a triton with `gdc_wait`), as the bf16 GEMVs (`lmforge.infer.kernels.gemv.use_pdl`)."""
+    return {"PDL": True, "launch_pdl": True} if pdl and device.type == "cuda" and _pdl_capable(device.index) else {}
+
+
+@functools.cache
+def _pdl_capable(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9 and _kernels().gdc_wait is not None
 
 
 # ------------------------------------------------------------------------------------------------ reference math
@@ -184,18 +253,24 @@ def _launch_q4(x, qweight, s, z, ss, mean, N: int, group: int, nf4: bool, dq_blo
     return y
 
 
-def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None):
-    M, K = x.shape
-    N = qweight.shape[0]
+def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None, fuse: Fuse | None = None,
+                 pdl: bool = False):
+    """The INT8 GEMV / GEMM; `fuse`: the decode fusions (in the GEMV's kernel, else by torch ops around it)."""
+    if fuse is not None and path != "gemv":
+        return _unfused(lambda x: _launch_int8(x, qweight, scale, path, tiles), x, fuse)
+    M = x.shape[0]
+    N, K = qweight.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     k = _kernels()
     tiles = tiles or _tiles("int8", path, M, N, x.device)
     if path == "gemv":
         block_n, cols, warps, magic = (*tiles, 0)[:4]
         magic = int(magic) if K % 4 == 0 and cols >= 4 else 0  # codes read four to an int32 word
+        args, flags = _fuse_args(fuse, x, y, K)
         k.int8_gemv_kernel[(M, triton_cdiv(N, block_n))](x, qweight.view(torch.int32) if magic else qweight, scale,
-                                                         y, N, K, x.stride(0), y.stride(0), BLOCK_N=block_n,
-                                                         BLOCK_K=cols, num_warps=warps, MAGIC=magic)
+                                                         y, N, K, x.stride(0), y.stride(0), *args, BLOCK_N=block_n,
+                                                         BLOCK_K=cols, num_warps=warps, MAGIC=magic, **flags,
+                                                         **pdl_options(x.device, pdl))
     else:
         block_m, block_n, splits = (*tiles, -1)[:3]
         splits = _gemm_splits(M, N, K, block_m, block_n, 64, splits, x.device)
@@ -275,7 +350,7 @@ def _finish_workspace(device: torch.device, M: int, N: int, blocks: int):
 
 
 def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: tuple, ss=None, mean=None,
-                 dq_block: int = 256):
+                 dq_block: int = 256, fuse: Fuse | None = None, pdl: bool = False):
     """The K-major 4-bit GEMV / GEMM (`qkernel_triton.q4kn_*`). GEMV tiles: (columns per program, input columns per
     step, warps, steps per program[, atomic, magic, flat]): fewer steps split K over more programs, whose fp32 partial
     sums one more kernel adds in a fixed order (atomic=1: atomically into a zeroed buffer instead; atomic=2: into a
@@ -286,8 +361,11 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     written once by `q4kn_dequant_kernel` (tiles: code words per program, columns, warps), then cuBLAS; GEMM tiles:
     (BLOCK_M, BLOCK_N, BLOCK_K, warps[, K splits[, magic[, words]]]): splits -1 or absent: by shape, the partial sums
     added as the GEMV's; magic=1: INT4 nibbles to float by the exponent trick; words=1: each code word loaded once
-    and unpacked in registers)."""
-    M, K = x.shape
+    and unpacked in registers). `fuse`: the decode fusions, in the GEMV's kernel where one program writes each
+    output (one split, or atomic=2), else by torch ops around the launch; `pdl`: programmatic dependent launch."""
+    if fuse is not None and path != "gemv":
+        return _unfused(lambda x: _launch_q4kn(x, qw, s, z, N, group, nf4, path, tiles, ss, mean, dq_block), x, fuse)
+    M, K = x.shape[0], qw.shape[0] * 8
     k = _kernels()
     lut = _lut(x.device) if nf4 else s
     z = s if z is None else z
@@ -308,12 +386,16 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
             out, counters = _finish_workspace(x.device, M, N, triton_cdiv(N, block_n))
             atomic = 2 if out is not None else 1  # first met inside a CUDA-graph capture: the memset form
         if splits == 1 or atomic != 2:
+            if fuse is not None and splits > 1:  # the split sums meet outside the kernel: fusions by torch ops
+                return _unfused(lambda x: _launch_q4kn(x, qw, s, z, N, group, nf4, path, tiles, ss, mean, dq_block,
+                                                       pdl=pdl), x, fuse)
             out = y if splits == 1 else torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else \
                 torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+        args, flags = _fuse_args(fuse, x, y, K)
         k.q4kn_gemv_kernel[(M, triton_cdiv(N, block_n), splits)](
-            x, qw, s, z, ss, mean, lut, out, counters, y, N, K, x.stride(0), N, GROUP=group, NF4=nf4,
+            x, qw, s, z, ss, mean, lut, out, counters, y, N, K, x.stride(0), N, *args, GROUP=group, NF4=nf4,
             BLOCK_N=block_n, BLOCK_K=block_k, STEPS=steps, ATOMIC=int(atomic) if splits > 1 else 0,
-            MAGIC=int(magic), FLAT=bool(flat), num_warps=warps, **dq)
+            MAGIC=int(magic), FLAT=bool(flat), num_warps=warps, **dq, **flags, **pdl_options(x.device, pdl))
         if splits == 1 or atomic == 2:
             return y
         if atomic:
@@ -406,14 +488,18 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _run(key: tuple, x: torch.Tensor, N: int, launch, reference, check,
-         gemv_tiles: list[int] | None = None) -> torch.Tensor:
+         gemv_tiles: list[int] | None = None, fuse: Fuse | None = None, pdl: bool = False) -> torch.Tensor:
     """The kernel `launch(path, tiles)` where it is verified (checking that variant first if need be: format,
-    path, tiles, dtype), else `reference()`."""
+    path, tiles, dtype, fusions, PDL), else `reference()`."""
     path = _path(x.shape[0], key[0])
     if path is None:
         return reference()
     tiles = _tiles(key[0], path, x.shape[0], N, x.device, gemv_tiles)
-    key = key + (path, "x".join(map(str, tiles)), str(x.dtype).removeprefix("torch."), x.device.type)
+    pdl = bool(pdl_options(x.device, pdl)) and path == "gemv"
+    tag = fuse.tag() if fuse is not None and path == "gemv" else ""
+    check = functools.partial(check, fused=tag, pdl=pdl)
+    key = key + (path, "x".join(map(str, tiles)), str(x.dtype).removeprefix("torch."), x.device.type) + \
+        ((tag,) if tag else ()) + (("pdl",) if pdl else ())
     state = _status.get(key)
     if state is None:
         if _capturing(x.device):  # a check syncs: never inside a capture (the warm-up before it runs the check)
@@ -453,17 +539,30 @@ def _probe(device: torch.device, seed: int = 0) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed)
 
 
-def _check_int8(M: int, dtype, device, tiles=None, path=None):
+def _probe_fuse(fused: str, x: torch.Tensor, N: int, g: torch.Generator) -> tuple[torch.Tensor, Fuse | None]:
+    """A check's kernel input and random operands of the fusions named in `fused` ("norm+res", ...; "": none)."""
+    if not fused:
+        return x, None
+    on, (M, K), kw = set(fused.split("+")), x.shape, dict(generator=g, device=x.device)
+    if "silu" in on:
+        x = torch.randn(M, 2 * K, **kw).to(x.dtype)
+    norm = ((torch.rand(K, **kw) + 0.5).to(x.dtype), 1e-5, 0.0) if "norm" in on else None
+    bias = torch.randn(N, **kw).to(x.dtype) if "bias" in on else None
+    res = torch.randn(M, N, **kw).to(x.dtype) if "res" in on else None
+    return x, Fuse(norm, "silu" in on, bias, res)
+
+
+def _check_int8(M: int, dtype, device, tiles=None, path=None, fused: str = "", pdl: bool = False):
     g = _probe(device)
     N, K = 72, 576
     q = torch.randint(-127, 128, (N, K), generator=g, device=device, dtype=torch.int8)
     s = (torch.rand(N, generator=g, device=device) * 0.01 + 1e-3).to(dtype)
-    x = torch.randn(M, K, generator=g, device=device).to(dtype)
-    return _launch_int8(x, q, s, _path(M), tiles), int8_reference(x, q, s)
+    x, fuse = _probe_fuse(fused, torch.randn(M, K, generator=g, device=device).to(dtype), N, g)
+    return _launch_int8(x, q, s, _path(M), tiles, fuse, pdl), _unfused(lambda x: int8_reference(x, q, s), x, fuse)
 
 
 def _check_int4(group: int):
-    def check(M: int, dtype, device, tiles=None, path=None):
+    def check(M: int, dtype, device, tiles=None, path=None, fused: str = "", pdl: bool = False):
         g = _probe(device)
         N, K = 72, 3 * group
         qw = torch.randint(0, 256, (N, K // 2), generator=g, device=device, dtype=torch.uint8)
@@ -476,20 +575,21 @@ def _check_int4(group: int):
 
 
 def _check_int4kn(group: int):
-    def check(M: int, dtype, device, tiles=None, path=None):
+    def check(M: int, dtype, device, tiles=None, path=None, fused: str = "", pdl: bool = False):
         g = _probe(device)
         N, K = 72, 3 * group
         codes = torch.randint(0, 16, (N, K), generator=g, device=device, dtype=torch.uint8)
         s = (torch.rand(K // group, N, generator=g, device=device) * 0.05 + 1e-3).to(dtype)
         z = torch.randint(0, 16, (K // group, N), generator=g, device=device, dtype=torch.uint8)
-        x = torch.randn(M, K, generator=g, device=device).to(dtype)
-        return _launch_q4kn(x, pack_kn(codes), s, z, N, group, False, path or _path(M, "int4kn"), tiles), \
-            F.linear(x, int4_dequantize(codes, s.T, z.T, dtype))
+        x, fuse = _probe_fuse(fused, torch.randn(M, K, generator=g, device=device).to(dtype), N, g)
+        w = int4_dequantize(codes, s.T, z.T, dtype)
+        return _launch_q4kn(x, pack_kn(codes), s, z, N, group, False, path or _path(M, "int4kn"), tiles,
+                            fuse=fuse, pdl=pdl), _unfused(lambda x: F.linear(x, w), x, fuse)
     return check
 
 
 def _check_nf4(block: int, dq: bool, dq_block: int):
-    def check(M: int, dtype, device, tiles=None, path=None):
+    def check(M: int, dtype, device, tiles=None, path=None, fused: str = "", pdl: bool = False):
         from .nf4 import quantize_nf4
 
         g = _probe(device)
@@ -505,21 +605,33 @@ def _check_nf4(block: int, dq: bool, dq_block: int):
 # ------------------------------------------------------------------------------------------------ the ops
 
 
+def _fuse(norm_weight, norm_eps, norm_offset, silu, bias, residual) -> Fuse | None:
+    """The ops' fusion arguments as a `Fuse` (None: a plain matmul)."""
+    if norm_weight is None and not silu and bias is None and residual is None:
+        return None
+    return Fuse(None if norm_weight is None else (norm_weight, norm_eps, norm_offset), silu, bias, residual)
+
+
 @torch.library.custom_op("lmforge::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                gemv_tiles: list[int] | None = None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, gemv_tiles: list[int] | None = None,
+                norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0, norm_offset: float = 0.0,
+                silu: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                pdl: bool = False) -> torch.Tensor:
     """x (M, K), qweight int8 (N, K), scale (N,) -> (M, N) = (x @ qweight.T) * scale. `gemv_tiles`: forced GEMV
-    tiles (`QuantKernels.gemv_tiles`), as in the other ops."""
-    x = x.contiguous()
+    tiles (`QuantKernels.gemv_tiles`), as in the other ops; the rest: the decode fusions (`Fuse`: RMSNorm or
+    SwiGLU gating of x, bias, residual; no backward) and programmatic dependent launch of the GEMV."""
+    x, fuse = x.contiguous(), _fuse(norm_weight, norm_eps, norm_offset, silu, bias, residual)
+    ref = lambda x: int8_reference(x, qweight, scale)  # noqa: E731
     if not use_kernel(x):
-        return int8_reference(x, qweight, scale)
+        return _unfused(ref, x, fuse)
     return _run(("int8",), x, qweight.shape[0],
-                lambda path, tiles: _launch_int8(x, qweight.contiguous(), scale.contiguous(), path, tiles),
-                lambda: int8_reference(x, qweight, scale), _check_int8, gemv_tiles)
+                lambda path, tiles: _launch_int8(x, qweight.contiguous(), scale.contiguous(), path, tiles, fuse, pdl),
+                lambda: _unfused(ref, x, fuse), _check_int8, gemv_tiles, fuse, pdl)
 
 
 @int8_linear.register_fake
-def _(x, qweight, scale, gemv_tiles=None):
+def _(x, qweight, scale, gemv_tiles=None,
+      norm_weight=None, norm_eps=0.0, norm_offset=0.0, silu=False, bias=None, residual=None, pdl=False):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
@@ -549,21 +661,26 @@ def int4kn_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
 
 @torch.library.custom_op("lmforge::int4kn_linear", mutates_args=())
 def int4kn_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  group_size: int, gemv_tiles: list[int] | None = None) -> torch.Tensor:
-    """x (M, K) -> (M, N) against INT4 in the K-major layout: the split-K GEMV / the GEMM of `qkernel_triton`."""
-    x = x.contiguous()
-    ref = lambda: int4kn_reference(x, qweight, scale, zero)  # noqa: E731
+                  group_size: int, gemv_tiles: list[int] | None = None,
+                  norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0, norm_offset: float = 0.0,
+                  silu: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                  pdl: bool = False) -> torch.Tensor:
+    """x (M, K) -> (M, N) against INT4 in the K-major layout: the split-K GEMV / the GEMM of `qkernel_triton`
+    (fusions and `pdl` as `int8_linear`)."""
+    x, fuse = x.contiguous(), _fuse(norm_weight, norm_eps, norm_offset, silu, bias, residual)
+    ref = lambda x: int4kn_reference(x, qweight, scale, zero)  # noqa: E731
     if not (use_kernel(x) and group_ok(group_size)):
-        return ref()
+        return _unfused(ref, x, fuse)
     N = qweight.shape[1]
     return _run(("int4kn", group_size), x, N,
                 lambda path, tiles: _launch_q4kn(x, qweight.contiguous(), scale.contiguous(), zero.contiguous(), N,
-                                                 group_size, False, path, tiles),
-                ref, _check_int4kn(group_size), gemv_tiles)
+                                                 group_size, False, path, tiles, fuse=fuse, pdl=pdl),
+                lambda: _unfused(ref, x, fuse), _check_int4kn(group_size), gemv_tiles, fuse, pdl)
 
 
 @int4kn_linear.register_fake
-def _(x, qweight, scale, zero, group_size, gemv_tiles=None):
+def _(x, qweight, scale, zero, group_size, gemv_tiles=None,
+      norm_weight=None, norm_eps=0.0, norm_offset=0.0, silu=False, bias=None, residual=None, pdl=False):
     return x.new_empty(x.shape[0], qweight.shape[1])
 
 
@@ -580,7 +697,7 @@ def nf4kn_weight(codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.
 
 
 def _check_nf4kn(block: int, dq: bool, dq_block: int):
-    def check(M: int, dtype, device, tiles=None, path=None):
+    def check(M: int, dtype, device, tiles=None, path=None, fused: str = "", pdl: bool = False):
         from .nf4 import quantize_nf4
 
         g = _probe(device)
@@ -588,33 +705,39 @@ def _check_nf4kn(block: int, dq: bool, dq_block: int):
         t = quantize_nf4(torch.randn(N, K, generator=g, device=device), block, dq, dq_block)
         codes = pack_kn(unpack_nibbles(t.codes).view(N, K))
         absmax = t.absmax.view(N, K // block).T.contiguous()
-        x = torch.randn(M, K, generator=g, device=device).to(dtype)
+        x, fuse = _probe_fuse(fused, torch.randn(M, K, generator=g, device=device).to(dtype), N, g)
         got = _launch_q4kn(x, codes, absmax, None, N, block, True, path or _path(M, "nf4kn"), tiles, t.absmax_scale,
-                           t.absmax_mean, dq_block)
-        return got, F.linear(x, t.dequantize(dtype))
+                           t.absmax_mean, dq_block, fuse, pdl)
+        w = t.dequantize(dtype)
+        return got, _unfused(lambda x: F.linear(x, w), x, fuse)
     return check
 
 
 @torch.library.custom_op("lmforge::nf4kn_linear", mutates_args=())
 def nf4kn_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor | None,
                  absmax_mean: torch.Tensor | None, block_size: int, dq_block_size: int,
-                 gemv_tiles: list[int] | None = None) -> torch.Tensor:
-    """x (M, K) -> (M, N) against NF4 in the K-major layout (`NF4Linear.layout == "kn"`)."""
-    x = x.contiguous()
-    ref = lambda: F.linear(x, nf4kn_weight(codes, absmax, absmax_scale, absmax_mean, block_size,  # noqa: E731
-                                           dq_block_size, x.dtype))
+                 gemv_tiles: list[int] | None = None,
+                 norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0, norm_offset: float = 0.0,
+                 silu: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 pdl: bool = False) -> torch.Tensor:
+    """x (M, K) -> (M, N) against NF4 in the K-major layout (`NF4Linear.layout == "kn"`; fusions and `pdl` as
+    `int8_linear`)."""
+    x, fuse = x.contiguous(), _fuse(norm_weight, norm_eps, norm_offset, silu, bias, residual)
+    ref = lambda x: F.linear(x, nf4kn_weight(codes, absmax, absmax_scale, absmax_mean, block_size,  # noqa: E731
+                                             dq_block_size, x.dtype))
     if not (use_kernel(x) and group_ok(block_size)):
-        return ref()
+        return _unfused(ref, x, fuse)
     dq = absmax_scale is not None
     N = codes.shape[1]
     return _run(("nf4kn", block_size, "dq" if dq else "fp32"), x, N,
                 lambda path, tiles: _launch_q4kn(x, codes, absmax, None, N, block_size, True, path, tiles,
-                                                 absmax_scale, absmax_mean, dq_block_size),
-                ref, _check_nf4kn(block_size, dq, dq_block_size), gemv_tiles)
+                                                 absmax_scale, absmax_mean, dq_block_size, fuse, pdl),
+                lambda: _unfused(ref, x, fuse), _check_nf4kn(block_size, dq, dq_block_size), gemv_tiles, fuse, pdl)
 
 
 @nf4kn_linear.register_fake
-def _(x, codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size, gemv_tiles=None):
+def _(x, codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size, gemv_tiles=None,
+      norm_weight=None, norm_eps=0.0, norm_offset=0.0, silu=False, bias=None, residual=None, pdl=False):
     return x.new_empty(x.shape[0], codes.shape[1])
 
 
@@ -644,35 +767,44 @@ def _(x, codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_
 
 
 def _setup(ctx, inputs, output):
-    ctx.inputs, ctx.in_features = inputs[1:], inputs[0].shape[-1]
+    ctx.inputs, ctx.in_features, ctx.n_inputs = inputs[1:], inputs[0].shape[-1], len(inputs)
+
+
+def _grads(ctx, dx: torch.Tensor, fusions: bool = True) -> tuple:
+    """dx and no gradient for the other inputs. The fused decode forms (`fusions`: the op's last seven inputs,
+    norm_weight .. pdl, as `int8_linear`'s) have no backward: refused if one was used."""
+    norm_weight, _, _, silu, bias, residual, _ = ctx.inputs[-7:] if fusions else (None,) * 7
+    if norm_weight is not None or silu or bias is not None or residual is not None:
+        raise NotImplementedError("the fused decode forms of the quantized matmuls have no backward")
+    return (dx,) + (None,) * (ctx.n_inputs - 1)
 
 
 def _int8_backward(ctx, dy):
-    qweight, scale, _ = ctx.inputs
-    return dy @ (qweight.to(dy.dtype) * scale.to(dy.dtype)[:, None]), None, None, None
+    qweight, scale = ctx.inputs[:2]
+    return _grads(ctx, dy @ (qweight.to(dy.dtype) * scale.to(dy.dtype)[:, None]))
 
 
 def _int4_backward(ctx, dy):
-    qweight, scale, zero, _, _ = ctx.inputs
-    return dy @ int4_dequantize(unpack_nibbles(qweight), scale, zero, dy.dtype), None, None, None, None, None
+    qweight, scale, zero = ctx.inputs[:3]
+    return _grads(ctx, dy @ int4_dequantize(unpack_nibbles(qweight), scale, zero, dy.dtype), fusions=False)
 
 
 def _int4kn_backward(ctx, dy):
-    qweight, scale, zero, _, _ = ctx.inputs
-    return dy @ int4_dequantize(unpack_kn(qweight), scale.T, zero.T, dy.dtype), None, None, None, None, None
+    qweight, scale, zero = ctx.inputs[:3]
+    return _grads(ctx, dy @ int4_dequantize(unpack_kn(qweight), scale.T, zero.T, dy.dtype))
 
 
 def _nf4kn_backward(ctx, dy):
-    codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size, _ = ctx.inputs
+    codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size = ctx.inputs[:6]
     w = nf4kn_weight(codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size, dy.dtype)
-    return dy @ w, None, None, None, None, None, None, None
+    return _grads(ctx, dy @ w)
 
 
 def _nf4_backward(ctx, dy):
-    codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size, _ = ctx.inputs
+    codes, absmax, absmax_scale, absmax_mean, out_features, block_size, dq_block_size = ctx.inputs[:7]
     w = nf4_dequantize(codes, absmax, absmax_scale, absmax_mean, (out_features, ctx.in_features), block_size,
                        dq_block_size, dy.dtype)
-    return dy @ w, None, None, None, None, None, None, None, None
+    return _grads(ctx, dy @ w, fusions=False)
 
 
 int8_linear.register_autograd(_int8_backward, setup_context=_setup)
@@ -689,13 +821,25 @@ def _tiles_arg(kernels: QuantKernels) -> list[int] | None:
     return None if kernels.gemv_tiles is None else list(kernels.gemv_tiles)
 
 
+def _fuse_kwargs(fuse: Fuse | None, kernels: QuantKernels) -> dict:
+    """The ops' keyword arguments for `fuse` and `kernels.pdl`."""
+    kw = {"pdl": kernels.pdl} if kernels.pdl else {}
+    if fuse is None:
+        return kw
+    if fuse.norm is not None:
+        kw.update(norm_weight=fuse.norm[0], norm_eps=float(fuse.norm[1]), norm_offset=float(fuse.norm[2]))
+    if fuse.silu:
+        kw["silu"] = True
+    return {**kw, "bias": fuse.bias, "residual": fuse.residual}
+
+
 def linear_int8(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                kernels: QuantKernels = DEFAULT_KERNELS) -> torch.Tensor:
+                kernels: QuantKernels = DEFAULT_KERNELS, fuse: Fuse | None = None) -> torch.Tensor:
     """(M, K) -> (M, N): the custom op where a kernel may run (and `kernels` allows), else the reference (plain
-    ops: autograd, and torch.compile traces through them)."""
+    ops: autograd, and torch.compile traces through them). `fuse`: the decode fusions (`QuantLinear.fused`)."""
     if use_kernel(x2d, kernels):
-        return int8_linear(x2d, qweight, scale, _tiles_arg(kernels))
-    return int8_reference(x2d, qweight, scale)
+        return int8_linear(x2d, qweight, scale, _tiles_arg(kernels), **_fuse_kwargs(fuse, kernels))
+    return _unfused(lambda x: int8_reference(x, qweight, scale), x2d, fuse)
 
 
 def linear_int4(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -706,21 +850,21 @@ def linear_int4(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
 
 
 def linear_int4kn(x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  group_size: int, kernels: QuantKernels = DEFAULT_KERNELS) -> torch.Tensor:
-    """As `linear_int4`, for the K-major layout (`Int4Linear.layout == "kn"`)."""
+                  group_size: int, kernels: QuantKernels = DEFAULT_KERNELS, fuse: Fuse | None = None) -> torch.Tensor:
+    """As `linear_int4`, for the K-major layout (`Int4Linear.layout == "kn"`); `fuse` as `linear_int8`."""
     if use_kernel(x2d, kernels) and group_ok(group_size):
-        return int4kn_linear(x2d, qweight, scale, zero, group_size, _tiles_arg(kernels))
-    return int4kn_reference(x2d, qweight, scale, zero)
+        return int4kn_linear(x2d, qweight, scale, zero, group_size, _tiles_arg(kernels), **_fuse_kwargs(fuse, kernels))
+    return _unfused(lambda x: int4kn_reference(x, qweight, scale, zero), x2d, fuse)
 
 
 def linear_nf4kn(x2d: torch.Tensor, codes, absmax, absmax_scale, absmax_mean, block_size: int, dq_block_size: int,
-                 kernels: QuantKernels = DEFAULT_KERNELS) -> torch.Tensor:
-    """As `linear_nf4`, for the K-major layout."""
+                 kernels: QuantKernels = DEFAULT_KERNELS, fuse: Fuse | None = None) -> torch.Tensor:
+    """As `linear_nf4`, for the K-major layout; `fuse` as `linear_int8`."""
     if use_kernel(x2d, kernels) and group_ok(block_size):
         return nf4kn_linear(x2d, codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size,
-                            _tiles_arg(kernels))
-    return F.linear(x2d, nf4kn_weight(codes, absmax, absmax_scale, absmax_mean, block_size, dq_block_size,
-                                      x2d.dtype))
+                            _tiles_arg(kernels), **_fuse_kwargs(fuse, kernels))
+    return _unfused(lambda x: F.linear(x, nf4kn_weight(codes, absmax, absmax_scale, absmax_mean, block_size,
+                                                       dq_block_size, x.dtype)), x2d, fuse)
 
 
 def linear_nf4(x2d: torch.Tensor, codes, absmax, absmax_scale, absmax_mean, out_features: int, block_size: int,

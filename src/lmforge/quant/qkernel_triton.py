@@ -22,6 +22,11 @@ import triton.language as tl
 
 from .nf4 import NF4_LEVELS
 
+try:  # programmatic dependent launch (Hopper+), as the bf16 GEMV (`lmforge.infer.kernels.gemv_kernel`)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # older triton: PDL is never requested (`qkernel.pdl_options`)
+    gdc_launch_dependents = gdc_wait = None
+
 
 def nf4_prmt_tables() -> tuple[list[int], list[int]]:
     """The bf16 NF4 levels as byte tables for PTX ``prmt``: four int32 words of high bytes (byte j of word i: level
@@ -70,12 +75,14 @@ def _nibble_f32(q, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _q4_pair_fma(part, v, xp, K3: tl.constexpr, K4: tl.constexpr, m3, m4):
+def _q4_pair_fma(part, v, xrow, xo, K3: tl.constexpr, K4: tl.constexpr, m3, m4, NW, K, norm_offset,
+                 SILU: tl.constexpr, NORM: tl.constexpr):
     """part (words, columns) += (2048 + q3) x[K3] + (128 + q4) x[K4], q3 / q4 the nibbles at bits 12-15 / 16-19 of
-    the uint32 code words v under the exponents 138 / 134 (exact: 2048 + q and 128 + q keep every bit of q); also
-    returns the two (words,) inputs, whose constants' share the caller subtracts once per column."""
-    x3 = tl.load(xp + K3).to(tl.float32)
-    x4 = tl.load(xp + K4).to(tl.float32)
+    the uint32 code words v under the exponents 138 / 134 (exact: 2048 + q and 128 + q keep every bit of q), x the
+    (fused) inputs at row offsets xo + K3 / K4; also returns the two (words,) inputs, whose constants' share the
+    caller subtracts once per column."""
+    x3 = _x_in(xrow, xo + K3, NW, K, norm_offset, SILU, NORM)
+    x4 = _x_in(xrow, xo + K4, NW, K, norm_offset, SILU, NORM)
     part += ((v & m3) | 0x45000000).to(tl.float32, bitcast=True) * x3[:, None]  # two statements: two FMAs
     part += ((v & m4) | 0x43000000).to(tl.float32, bitcast=True) * x4[:, None]
     return part, x3, x4
@@ -195,14 +202,17 @@ def q4_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_ym,
 
 
 @triton.jit
-def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr = False):
+def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym, NW, B, R, eps, norm_offset,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr = False,
+                     SILU: tl.constexpr = False, NORM: tl.constexpr = False, BIAS: tl.constexpr = False,
+                     RES: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1024, PDL: tl.constexpr = False):
     """Y[m, rows] = (X[m] @ q[rows].T) * scale[rows]; grid: input rows x row blocks. MAGIC: QW read as int32 words
     (N, K / 4; byte i = input column 4c + i), offset into 0..255 by one XOR per word, byte i of each half word
     masked in place under the exponent 150 - 8i (reads as 2^(23 - 8i) + code + 128): one LOP3, one FADD and one
     FMA per weight instead of a byte extraction and a (quarter-rate) int-to-float conversion. MAGIC=2: byte i
     shifted to bits 8-15 and read as 32768 + code + 128 straight into the FMA, the constant taken off each row once
-    (no float subtract per weight)."""
+    (no float subtract per weight). SILU, NORM, BIAS, RES: the decode fusions (`_x_in`, `_epilogue`). PDL: the
+    first weight tile is loaded before waiting for the previous kernel (each tile one step ahead of its use)."""
     m = tl.program_id(0).to(tl.int64)  # input rows vary fastest: neighbouring programs read the same weight tile
     pid = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -214,14 +224,19 @@ def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym,
         opaque_zero = K >> 30  # 0 (K < 2^30) the compiler cannot fold: keeps the byte masks in registers
         acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
         sx = tl.zeros([BLOCK_K // 4], dtype=tl.float32)
+        w_next = tl.load(w_rows + words[None, :], mask=row_ok[:, None] & (words < K // 4)[None, :], other=0,
+                         eviction_policy="evict_first")
+        _pdl_wait(PDL)
         for k in range(0, K, BLOCK_K):
             c_ok = (k // 4 + words) < K // 4
-            w = tl.load(w_rows + k // 4 + words[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0,
-                        eviction_policy="evict_first") ^ -2139062144  # bytes + 128 (0x80808080)
-            xp = x_row + k + words * 4  # (BLOCK_K / 4,) each word's first input column
+            w = w_next ^ -2139062144  # bytes + 128 (0x80808080)
+            after = (k + BLOCK_K) // 4 + words
+            w_next = tl.load(w_rows + after[None, :], mask=row_ok[:, None] & (after < K // 4)[None, :], other=0,
+                             eviction_policy="evict_first")
+            xo = k + words * 4  # (BLOCK_K / 4,) each word's first input column
             if MAGIC == 2:  # byte i moved to bits 8-15 under exponent 142: reads 32768 + code + 128, into the FMA
                 for i in tl.static_range(4):
-                    xi = tl.load(xp + i, mask=c_ok, other=0.0).to(tl.float32)
+                    xi = _x_in_masked(x_row, xo + i, c_ok, NW, K, norm_offset, SILU, NORM)
                     sx += xi
                     v = (w << 8) if i == 0 else w if i == 1 else (w >> (8 * i - 8))
                     acc += ((v & (0xFF00 + opaque_zero)) | 0x47000000).to(tl.float32, bitcast=True) * xi[None, :]
@@ -229,8 +244,8 @@ def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym,
                 hi = w >> 16  # bytes 2, 3 at bits 0..15
                 for i in tl.static_range(2):
                     mask = (0xFF << (8 * i)) + opaque_zero
-                    xl = tl.load(xp + i, mask=c_ok, other=0.0).to(tl.float32)
-                    xh = tl.load(xp + 2 + i, mask=c_ok, other=0.0).to(tl.float32)
+                    xl = _x_in_masked(x_row, xo + i, c_ok, NW, K, norm_offset, SILU, NORM)
+                    xh = _x_in_masked(x_row, xo + 2 + i, c_ok, NW, K, norm_offset, SILU, NORM)
                     bias = 2.0 ** (23 - 8 * i) + 128
                     ql = ((w & mask) | ((150 - 8 * i) << 23)).to(tl.float32, bitcast=True) - bias
                     qh = ((hi & mask) | ((150 - 8 * i) << 23)).to(tl.float32, bitcast=True) - bias
@@ -240,17 +255,23 @@ def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym,
         cols = tl.arange(0, BLOCK_K)
         w_rows = QW + rows.to(tl.int64)[:, None] * K
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        w_next = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0,
+                         eviction_policy="evict_first")
+        _pdl_wait(PDL)
         for k in range(0, K, BLOCK_K):
             k_ok = (k + cols) < K
-            w = tl.load(w_rows + k + cols[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0,
-                        eviction_policy="evict_first")
-            x = tl.load(x_row + k + cols, mask=k_ok, other=0.0).to(tl.float32)
+            w = w_next
+            after = k + BLOCK_K + cols
+            w_next = tl.load(w_rows + after[None, :], mask=row_ok[:, None] & (after < K)[None, :], other=0,
+                             eviction_policy="evict_first")
+            x = _x_in_masked(x_row, k + cols, k_ok, NW, K, norm_offset, SILU, NORM)
             acc += w.to(tl.float32) * x[None, :]
     s = tl.load(S + rows, mask=row_ok, other=0.0).to(tl.float32)
     out = tl.sum(acc, axis=1)
     if MAGIC == 2:
         out -= 32896.0 * tl.sum(sx, axis=0)  # the constant 32768 + 128 of every code, times each input once
-    tl.store(Y + m * stride_ym + rows, (out * s).to(Y.dtype.element_ty), mask=row_ok)
+    out = _epilogue(out * s, x_row, K, eps, rows, row_ok, B, R + m * stride_ym, NORM, BIAS, RES, NORM_BLOCK)
+    tl.store(Y + m * stride_ym + rows, out.to(Y.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -281,6 +302,64 @@ def int8_gemm_kernel(X, QW, S, Y, M, N, K, stride_xm, stride_ym,
     tl.store(y_ptr, (acc * s[None, :]).to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+# ------------------------------------------------------------------------------------------------ decode fusions
+# The one-row GEMVs fold a pre-norm block's other kernels in (`QuantLinear.fused`): the input is the residual stream
+# scaled by the RMSNorm weight (NORM; its 1 / rms factor, one scalar per row, multiplies the finished sums), or the
+# packed gate/up output as silu(gate) * up (SILU: rows of 2K); the output gets the bias and the residual added (BIAS,
+# RES). In fp32 throughout: not rounded where the separate ops round (within the bf16 output's rounding of them).
+
+
+@triton.jit
+def _x_in(xrow, off, NW, K, norm_offset, SILU: tl.constexpr, NORM: tl.constexpr):
+    """fp32 inputs at offsets `off` of one row: X, silu(gate) * up (SILU), times (norm_offset + NW) (NORM)."""
+    x = tl.load(xrow + off).to(tl.float32)
+    if SILU:
+        x = x / (1.0 + tl.exp(-x)) * tl.load(xrow + K + off).to(tl.float32)
+    if NORM:
+        x = x * (norm_offset + tl.load(NW + off).to(tl.float32))
+    return x
+
+
+@triton.jit
+def _x_in_masked(xrow, off, ok, NW, K, norm_offset, SILU: tl.constexpr, NORM: tl.constexpr):
+    """`_x_in` where `ok`, else 0."""
+    x = tl.load(xrow + off, mask=ok, other=0.0).to(tl.float32)
+    if SILU:
+        x = x / (1.0 + tl.exp(-x)) * tl.load(xrow + K + off, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        x = x * (norm_offset + tl.load(NW + off, mask=ok, other=0.0).to(tl.float32))
+    return x
+
+
+@triton.jit
+def _epilogue(y, xrow, K, eps, cols, col_ok, B, res_row, NORM: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr,
+              NORM_BLOCK: tl.constexpr):
+    """The fused GEMV's finished fp32 sums `y` (columns `cols`): times 1 / rms of the input row (NORM: its sum of
+    squares read here, from L2), + bias, + the residual row (rounded to the output dtype first, as the ops)."""
+    if NORM:
+        sq = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+        ks = tl.arange(0, NORM_BLOCK)
+        for k in range(0, K, NORM_BLOCK):
+            v = tl.load(xrow + k + ks, mask=(k + ks) < K, other=0.0).to(tl.float32)
+            sq += v * v
+        y = y * tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+    if BIAS:
+        y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if RES:
+        y = y.to(res_row.dtype.element_ty).to(tl.float32) + tl.load(res_row + cols, mask=col_ok, other=0.0).to(
+            tl.float32)
+    return y
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Under programmatic dependent launch: let the next kernel launch, then wait for the previous one's output
+    (the caller loads only weights before this)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
 # ------------------------------------------------------------------------------------------------ K-major 4-bit
 # The decode layout `prepare_fast_path` repacks INT4 / NF4 into on CUDA (GPTQ's qweight order): codes int32
 # (K / 8, N), input column 8i + j of output n in bits 4j..4j+3 of word [i, n]; per group of GROUP input columns a
@@ -301,10 +380,12 @@ def _kn_absmax(S, SS, Mean, g, cols, col_ok, n_groups, N, DQ: tl.constexpr, DQ_B
 
 
 @triton.jit
-def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, stride_ym,
+def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, stride_ym, NW, B, R, eps, norm_offset,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      STEPS: tl.constexpr, ATOMIC: tl.constexpr, DQ: tl.constexpr = False,
-                     DQ_BLOCK: tl.constexpr = 256, MAGIC: tl.constexpr = False, FLAT: tl.constexpr = False):
+                     DQ_BLOCK: tl.constexpr = 256, MAGIC: tl.constexpr = False, FLAT: tl.constexpr = False,
+                     SILU: tl.constexpr = False, NORM: tl.constexpr = False, BIAS: tl.constexpr = False,
+                     RES: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1024, PDL: tl.constexpr = False):
     """Y[m, cols] (+)= X[m, ks] @ W[ks, cols] over STEPS x BLOCK_K input columns per program (grid: input rows x
     column blocks x K splits). With more than one split, Y is an fp32 workspace (splits, M, N) of partial sums that
     `splitk_sum_kernel` adds up, or with ATOMIC a zeroed fp32 (M, N) the splits add into (order-dependent);
@@ -320,7 +401,10 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, s
     byte at a time from the 256-entry pair table (`Lut` then int64: half the table loads of the 16-level one);
     MAGIC=2 (NF4, CUDA): the bf16 levels by byte permutes in registers (`_nf4_prmt`), no table loads.
     FLAT: a (BLOCK_K, BLOCK_N) tile whose every code word is loaded by the 8 input columns it holds (L1 hits),
-    unpacked by a per-row shift: two-dimensional throughout, NF4 from the 16-level table."""
+    unpacked by a per-row shift: two-dimensional throughout, NF4 from the 16-level table.
+    SILU, NORM, BIAS, RES: the decode fusions (see `_x_in`, `_epilogue`), applied by the program that writes the
+    output (one split, or ATOMIC=2's last). PDL: the first code words are loaded before waiting for the previous
+    kernel (each step's words are loaded one step ahead)."""
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -331,13 +415,17 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, s
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     kk = tl.arange(0, BLOCK_K)
     opaque_zero = K >> 30  # 0 (K < 2^30) the compiler cannot fold: keeps MAGIC's nibble masks in registers
+    xrow = X + m * stride_xm
+    w_next = tl.load(QW + ((k_first // 8 + words).to(tl.int64) * N)[:, None] + cols[None, :], mask=col_ok[None, :],
+                     other=0, eviction_policy="evict_first")  # (BLOCK_K / 8, BLOCK_N) int32: the first step's words
+    _pdl_wait(PDL)
     for i in range(STEPS):
         k0 = k_first + i * BLOCK_K
         if FLAT:
             w = tl.load(QW + (((k0 + kk) // 8).to(tl.int64) * N)[:, None] + cols[None, :], mask=col_ok[None, :],
                         other=0, eviction_policy="evict_first")  # (BLOCK_K, BLOCK_N) int32, words repeated
             q = (w >> ((kk % 8) * 4)[:, None]) & 0xF
-            x = tl.load(X + m * stride_xm + k0 + kk).to(tl.float32)  # (BLOCK_K,)
+            x = _x_in(xrow, k0 + kk, NW, K, norm_offset, SILU, NORM)  # (BLOCK_K,)
             if NF4:
                 a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
                 acc += tl.sum(tl.load(Lut + q) * x[:, None], axis=0) * a
@@ -347,30 +435,40 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, s
                 z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
                 acc += (tl.sum(_nibble_f32(q, MAGIC) * x[:, None], axis=0) - tl.sum(x, axis=0) * z) * s
         else:
-            w = tl.load(QW + ((k0 // 8 + words).to(tl.int64) * N)[:, None] + cols[None, :], mask=col_ok[None, :],
-                        other=0, eviction_policy="evict_first")  # (BLOCK_K / 8, BLOCK_N) int32
+            w = w_next
+            w_next = tl.load(QW + ((k0 // 8 + BLOCK_K // 8 + words).to(tl.int64) * N)[:, None] + cols[None, :],
+                             mask=col_ok[None, :] & (i + 1 < STEPS), other=0, eviction_policy="evict_first")
             # codes and inputs as (words, 8, columns) for the 16-level table and the plain INT4 loop (the other
             # branches read neither: the compiler drops them there)
             q = (w[:, None, :] >> shift) & 0xF  # (BLOCK_K / 8, 8, BLOCK_N)
-            x = tl.load(X + m * stride_xm + k0 + words[:, None] * 8 + nib[None, :]).to(tl.float32)  # (BLOCK_K / 8, 8)
+            x = _x_in(xrow, k0 + words[:, None] * 8 + nib[None, :], NW, K, norm_offset, SILU, NORM)  # (BK / 8, 8)
             if NF4 and MAGIC == 2:  # levels by byte permutes in registers (bf16 levels, as bitsandbytes' kernels)
                 v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_prmt(w, opaque_zero)  # 8 x (BLOCK_K / 8, BLOCK_N)
-                xp = X + m * stride_xm + k0 + words * 8  # (BLOCK_K / 8,)
-                part = v0.to(tl.float32, bitcast=True) * tl.load(xp).to(tl.float32)[:, None]
-                part += v1.to(tl.float32, bitcast=True) * tl.load(xp + 1).to(tl.float32)[:, None]
-                part += v2.to(tl.float32, bitcast=True) * tl.load(xp + 2).to(tl.float32)[:, None]
-                part += v3.to(tl.float32, bitcast=True) * tl.load(xp + 3).to(tl.float32)[:, None]
-                part += v4.to(tl.float32, bitcast=True) * tl.load(xp + 4).to(tl.float32)[:, None]
-                part += v5.to(tl.float32, bitcast=True) * tl.load(xp + 5).to(tl.float32)[:, None]
-                part += v6.to(tl.float32, bitcast=True) * tl.load(xp + 6).to(tl.float32)[:, None]
-                part += v7.to(tl.float32, bitcast=True) * tl.load(xp + 7).to(tl.float32)[:, None]
+                xo = k0 + words * 8  # (BLOCK_K / 8,)
+                part = v0.to(tl.float32, bitcast=True) * _x_in(xrow, xo, NW, K, norm_offset, SILU, NORM)[:, None]
+                part += v1.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 1, NW, K, norm_offset, SILU,
+                                                                    NORM)[:, None]
+                part += v2.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 2, NW, K, norm_offset, SILU,
+                                                                    NORM)[:, None]
+                part += v3.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 3, NW, K, norm_offset, SILU,
+                                                                    NORM)[:, None]
+                part += v4.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 4, NW, K, norm_offset, SILU,
+                                                                    NORM)[:, None]
+                part += v5.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 5, NW, K, norm_offset, SILU,
+                                                                    NORM)[:, None]
+                part += v6.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 6, NW, K, norm_offset, SILU,
+                                                                    NORM)[:, None]
+                part += v7.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 7, NW, K, norm_offset, SILU,
+                                                                    NORM)[:, None]
                 a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
                 acc += tl.sum(part, axis=0) * a
             elif NF4 and MAGIC:  # Lut: byte -> its two levels as one int64 (fp32 bits, even k low): one load per byte
                 t = tl.load(Lut + ((w[:, None, :] >> (tl.arange(0, 4) * 8)[None, :, None]) & 0xFF))  # (BK/8, 4, BN)
-                xk = X + m * stride_xm + k0 + words[:, None] * 8 + tl.arange(0, 4)[None, :] * 2  # even k (BK/8, 4)
-                lo = t.to(tl.int32).to(tl.float32, bitcast=True) * tl.load(xk).to(tl.float32)[:, :, None]
-                hi = (t >> 32).to(tl.int32).to(tl.float32, bitcast=True) * tl.load(xk + 1).to(tl.float32)[:, :, None]
+                xk = k0 + words[:, None] * 8 + tl.arange(0, 4)[None, :] * 2  # even k (BK/8, 4)
+                lo = t.to(tl.int32).to(tl.float32, bitcast=True) * _x_in(xrow, xk, NW, K, norm_offset, SILU,
+                                                                         NORM)[:, :, None]
+                hi = (t >> 32).to(tl.int32).to(tl.float32, bitcast=True) * _x_in(xrow, xk + 1, NW, K, norm_offset,
+                                                                                 SILU, NORM)[:, :, None]
                 a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
                 acc += tl.sum(tl.sum(lo + hi, axis=1), axis=0) * a
             elif NF4:
@@ -381,15 +479,17 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, s
                 # exponent that reads it as 2048 + q (bits 12-15) or 128 + q (16-19) exactly: one LOP3 and one FMA a
                 # weight; the constants' share comes off each column once, 2048 x odd-k sums + 128 x even-k sums
                 wu = w.to(tl.uint32, bitcast=True)
-                xp = X + m * stride_xm + k0 + words * 8  # (BLOCK_K / 8,) the first input column of each word
+                xo = k0 + words * 8  # (BLOCK_K / 8,) the first input column of each word
                 m3, m4 = 0xF000 + opaque_zero, 0xF0000 + opaque_zero  # register operands (see MAGIC=1)
                 part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-                part, odd, even = _q4_pair_fma(part, wu << 8, xp, 1, 2, m3, m4)  # nibbles 1, 2
-                part, o, e = _q4_pair_fma(part, wu, xp, 3, 4, m3, m4)
+                part, odd, even = _q4_pair_fma(part, wu << 8, xrow, xo, 1, 2, m3, m4, NW, K, norm_offset, SILU,
+                                               NORM)  # nibbles 1, 2
+                part, o, e = _q4_pair_fma(part, wu, xrow, xo, 3, 4, m3, m4, NW, K, norm_offset, SILU, NORM)
                 odd, even = odd + o, even + e
-                part, o, e = _q4_pair_fma(part, wu >> 8, xp, 5, 6, m3, m4)
+                part, o, e = _q4_pair_fma(part, wu >> 8, xrow, xo, 5, 6, m3, m4, NW, K, norm_offset, SILU, NORM)
                 odd, even = odd + o, even + e
-                part, o, e = _q4_pair_fma(part, (wu << 16) | (wu >> 16), xp, 7, 0, m3, m4)  # a rotation
+                part, o, e = _q4_pair_fma(part, (wu << 16) | (wu >> 16), xrow, xo, 7, 0, m3, m4, NW, K, norm_offset,
+                                          SILU, NORM)  # a rotation
                 odd, even = odd + o, even + e
                 g = (k0 // GROUP) * N
                 s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
@@ -398,13 +498,13 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, s
                 acc += (tl.sum(part, axis=0) - (2048.0 + z) * odd_sum - (128.0 + z) * even_sum) * s
             elif MAGIC:  # nibble j of a half word masked in place under exponent 150 - 4j: 2^(23 - 4j) + q exactly
                 hi = w >> 16  # (BLOCK_K / 8, BLOCK_N): nibbles 4..7 at bits 0..15
-                xp = X + m * stride_xm + k0 + words * 8  # (BLOCK_K / 8,) the first input column of each word
+                xo = k0 + words * 8  # (BLOCK_K / 8,) the first input column of each word
                 part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)  # per-thread FMA chains, summed once
                 sx = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
                 for j in tl.static_range(4):
                     mask = (0xF << (4 * j)) + opaque_zero  # a register operand: one LOP3 per nibble, no MOV
-                    xl = tl.load(xp + j).to(tl.float32)
-                    xh = tl.load(xp + 4 + j).to(tl.float32)
+                    xl = _x_in(xrow, xo + j, NW, K, norm_offset, SILU, NORM)
+                    xh = _x_in(xrow, xo + 4 + j, NW, K, norm_offset, SILU, NORM)
                     sx += xl + xh
                     ql = ((w & mask) | ((150 - 4 * j) << 23)).to(tl.float32, bitcast=True) - 2.0 ** (23 - 4 * j)
                     qh = ((hi & mask) | ((150 - 4 * j) << 23)).to(tl.float32, bitcast=True) - 2.0 ** (23 - 4 * j)
@@ -426,12 +526,14 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, s
         counter = Cnt + m * tl.num_programs(1) + tl.program_id(1)
         if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(2) - 1:  # the last split of this block
             total = tl.load(Y + m * stride_ym + cols, mask=col_ok, other=0.0, volatile=True)  # L2, never stale L1
-            tl.store(Out + m * stride_ym + cols, total.to(Out.dtype.element_ty), mask=col_ok)
+            out = _epilogue(total, xrow, K, eps, cols, col_ok, B, R + m * stride_ym, NORM, BIAS, RES, NORM_BLOCK)
+            tl.store(Out + m * stride_ym + cols, out.to(Out.dtype.element_ty), mask=col_ok)
             tl.store(Y + m * stride_ym + cols, tl.zeros_like(total), mask=col_ok)
             tl.atomic_xchg(counter, 0, sem="relaxed")
     elif ATOMIC:
         tl.atomic_add(Y + m * stride_ym + cols, acc, mask=col_ok, sem="relaxed")
-    else:  # Y: the output, or split k's own fp32 slice of a (splits, M, N) workspace
+    else:  # Y: the output, or split k's own fp32 slice of a (splits, M, N) workspace (no fusions then)
+        acc = _epilogue(acc, xrow, K, eps, cols, col_ok, B, R + m * stride_ym, NORM, BIAS, RES, NORM_BLOCK)
         tl.store(Y + tl.program_id(2).to(tl.int64) * tl.num_programs(0) * stride_ym + m * stride_ym + cols,
                  acc.to(Y.dtype.element_ty), mask=col_ok)
 

@@ -18,8 +18,9 @@ and leave fewer kernel launches inside the CUDA graph. `pack_for_decode(model)` 
 
 Only plain bias-consistent `nn.Linear` projections are packed (LoRA- or tensor-parallel-wrapped ones keep their own
 forward); weight-only quantized ones of one kind pack into one quantized layer (`QuantLinear.pack`: one kernel launch
-for q/k/v and one for gate/up, the originals viewing its buffers) but keep their own kernels, outside the fused
-blocks. `unpack_for_decode` puts the model's own modules back, e.g. before multi-LoRA wrappers are put around
+for q/k/v and one for gate/up, the originals viewing its buffers) and keep their own kernels, which the fused blocks
+call with the norm, gating and residual folded in (`QuantLinear.fused`). `unpack_for_decode` puts the model's own
+modules back, e.g. before multi-LoRA wrappers are put around
 q_proj, whose per-row deltas the packed matmul would skip. Packing assumes the model stays on its device afterwards
 (`.to()` would copy the slices apart). Every module installed here launches its kernels with the `KernelOptions`
 given to `pack_for_decode` (the engine's `engine.kernels`).
@@ -36,6 +37,7 @@ from torch import nn
 from ...models.modules import set_module
 from ...models.transformer import (MLP, PLAIN_LINEARS, Attention, Block, GatedProjections, QKVProjection, RMSNorm,
                                    TiedHead, Transformer)
+from ...quant import qkernel
 from ...quant.base import QuantLinear
 from . import gemv
 from .options import DEFAULT, KernelOptions
@@ -150,6 +152,9 @@ class FusedDecodeBlock(nn.Module):
         gu  = RMSNorm(x) Wgu^T             (gemv_rmsnorm)
         x   = x + (silu(g) * u) Wdown^T    (gemv_silu_mul with the residual)
 
+    Each projection is bf16 (the GEMVs above) or weight-only quantized (`QuantLinear.fused`: the same fusions in
+    the quantized GEMV, whose 1 / rms factor multiplies the finished sums; not rounded where the separate ops round).
+
     It takes the block's place in `model.layers` and registers the block's children as its own, so every module
     path and state_dict key stays the block's; the block itself is kept outside the module tree and runs every input
     but one-row decode (prefill, batches, prefix keys). Installed only where it computes exactly what the block does:
@@ -177,12 +182,13 @@ class FusedDecodeBlock(nn.Module):
             return f"norm_placement={block.attn.cfg.norm_placement} (norms after attention / MLP)"
         if block.mlp_norm is None or type(block.attn_norm) is not RMSNorm or type(block.mlp_norm) is not RMSNorm:
             return "not two RMSNorm pre-norms (parallel block or LayerNorm)"
-        if (type(block.attn) is not Attention or type(block.attn.qkv) is not PackedQKV
-                or type(block.attn.o_proj) is not DecodeLinear):
-            return "attention projections not plain packed linears (LoRA, quantized or tensor-parallel)"
+        if (type(block.attn) is not Attention or type(block.attn.qkv) not in (PackedQKV, PackedQuantQKV)
+                or not _fusable(block.attn.o_proj)):
+            return "attention projections not packed plain or quantized linears (LoRA or tensor-parallel)"
         gate_up = getattr(block.mlp, "gate_up_down", None)
-        if type(block.mlp) is not MLP or type(gate_up) is not PackedGateUp or type(block.mlp.down_proj) is not DecodeLinear:
-            return "MLP not a plain packed gated MLP (mixture of experts, LoRA, quantized)"
+        if (type(block.mlp) is not MLP or type(gate_up) not in (PackedGateUp, PackedQuantGateUp)
+                or not _fusable(block.mlp.down_proj)):
+            return "MLP not a packed gated MLP of plain or quantized linears (mixture of experts, LoRA)"
         if block.mlp.act is not F.silu or block.mlp.limit is not None:
             return f"activation {block.attn.cfg.act} (the fused down projection computes plain SiLU gating)"
         return None
@@ -192,7 +198,9 @@ class FusedDecodeBlock(nn.Module):
         return FusedDecodeBlock.unsupported(block) is None
 
     def forward(self, x, rope, mask, cache, slots, prefix_kv=None) -> torch.Tensor:
-        if prefix_kv is None and gemv.use_gemv(x, self.attn.qkv.weight, self.options):
+        if prefix_kv is None and x.numel() == x.shape[-1] and all(
+                _kernel_runs(p, x, self.options) for p in (self.attn.qkv, self.attn.o_proj, self.mlp.gate_up_down,
+                                                            self.mlp.down_proj)):
             return self.decode_row(x, rope, mask, cache, slots)
         return self.block(x, rope, mask, cache, slots, prefix_kv)
 
@@ -200,14 +208,35 @@ class FusedDecodeBlock(nn.Module):
         attn, mlp, launch = self.attn, self.mlp, gemv.launch_args(self.options)
         qkv, o = attn.qkv, attn.o_proj
         q, k, v = _normed(x, self.attn_norm, qkv, launch).split(qkv.sizes, dim=-1)
-        x = gemv.gemv(attn.mix(q, k, v, rope, mask, cache, slots), o.weight, o.bias, x, **launch)
+        y = attn.mix(q, k, v, rope, mask, cache, slots)
+        x = o.fused(y, residual=x) if isinstance(o, QuantLinear) else gemv.gemv(y, o.weight, o.bias, x, **launch)
         gate_up, down = mlp.gate_up_down, mlp.down_proj
         h = _normed(x, self.mlp_norm, gate_up, launch)  # (1, 1, 2 * d_ff)
+        if isinstance(down, QuantLinear):
+            return down.fused(h, silu=True, residual=x)
         return gemv.gemv_silu_mul(h, down.weight, down.bias, x, **launch)
 
 
 def _normed(x: torch.Tensor, norm: RMSNorm, packed: PackedQKV, launch: dict) -> torch.Tensor:
+    if isinstance(packed, _QuantRows):
+        return packed.layer.fused(x, norm=(norm.weight, norm.eps, float(norm.offset)))
     return gemv.gemv_rmsnorm(x, norm.weight, norm.eps, float(norm.offset), packed.weight, packed.bias, **launch)
+
+
+def _fusable(linear: nn.Module) -> bool:
+    """A projection the fused block can call with its fusions: a GEMV linear or a quantized one."""
+    return type(linear) is DecodeLinear or isinstance(linear, QuantLinear)
+
+
+def _kernel_runs(proj: nn.Module, x: torch.Tensor, options: KernelOptions) -> bool:
+    """Whether `proj` (packed, GEMV or quantized) runs its one-row kernel on `x`: the GEMV for bf16 weights, the
+    quantized layer's own kernels where they run (elsewhere its fused call falls back to torch ops: no faster than
+    the block's own forward)."""
+    if isinstance(proj, _QuantRows):
+        proj = proj.layer
+    if isinstance(proj, QuantLinear):
+        return qkernel.use_kernel(x, proj.kernels)
+    return gemv.use_gemv(x, proj.weight, options)
 
 
 def _pack(linears: list[nn.Module], cls: type[PackedQKV], quant_cls: type[_QuantRows],

@@ -61,7 +61,7 @@ class KernelOptions(Section):
 
     def quant_kernels(self) -> QuantKernels:
         """What the engine hands the quantized linears (`lmforge.quant.set_kernels`)."""
-        return QuantKernels(self.quant, self.quant_gemv_tiles)
+        return QuantKernels(self.quant, self.quant_gemv_tiles, self.pdl)
 
 
 DEFAULT = KernelOptions()

@@ -52,6 +52,8 @@ KN_DEQUANT_GRID = [(8, 128, 4), (4, 256, 4), (16, 64, 4), (8, 256, 8)]  # code w
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, K splits (-1: by shape), magic (INT4 nibbles by the exponent trick), words (each
 # code word loaded once))
 KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (128,), (4,), (-1, 4), (0, 1), (0, 1)))
+# --quick: words=1 (the default) around the default tiles, with warps and pipeline stages (8th field)
+KN_QUICK_GEMM_GRID = list(itertools.product((64,), (64, 128), (128,), (4, 8), (-1, 4), (0,), (1,), (2, 3, 4)))
 
 
 def timed(fn, reps: int = 50) -> float:
@@ -178,7 +180,7 @@ def main() -> None:
             if fmt.endswith("kn"):
                 gemv = KN_QUICK_GEMV_GRID[fmt] if args.quick else KN_GEMV_GRID
                 gemm = [(*t, "dequant") for t in KN_DEQUANT_GRID]
-                gemm += [] if fmt in qkernel.DEQUANT_GEMM else KN_GEMM_GRID
+                gemm += [] if fmt in qkernel.DEQUANT_GEMM else KN_QUICK_GEMM_GRID if args.quick else KN_GEMM_GRID
             elif fmt == "int4-tinygemm":
                 gemv, gemm = [()], [()]
             else:

@@ -359,10 +359,11 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     pairs shifted to bits 12-19 (no float subtract per weight), NF4 levels by byte permutes in registers, on CUDA;
     flat=1: two-dimensional tiles, each code word loaded by its 8 input columns); "dequant": the (K, N) weight
     written once by `q4kn_dequant_kernel` (tiles: code words per program, columns, warps), then cuBLAS; GEMM tiles:
-    (BLOCK_M, BLOCK_N, BLOCK_K, warps[, K splits[, magic[, words]]]): splits -1 or absent: by shape, the partial sums
-    added as the GEMV's; magic=1: INT4 nibbles to float by the exponent trick; words=1: each code word loaded once
-    and unpacked in registers). `fuse`: the decode fusions, in the GEMV's kernel where one program writes each
-    output (one split, or atomic=2), else by torch ops around the launch; `pdl`: programmatic dependent launch."""
+    (BLOCK_M, BLOCK_N, BLOCK_K, warps[, K splits[, magic[, words[, pipeline stages]]]]): splits -1 or absent: by
+    shape, the partial sums added as the GEMV's; magic=1: INT4 nibbles to float by the exponent trick; words=1: each
+    code word loaded once and unpacked in registers; stages: software pipelining depth, 2 if absent). `fuse`: the
+    decode fusions, in the GEMV's kernel where one program writes each output (one split, or atomic=2), else by
+    torch ops around the launch; `pdl`: programmatic dependent launch."""
     if fuse is not None and path != "gemv":
         return _unfused(lambda x: _launch_q4kn(x, qw, s, z, N, group, nf4, path, tiles, ss, mean, dq_block), x, fuse)
     M, K = x.shape[0], qw.shape[0] * 8
@@ -408,13 +409,14 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     splits = tiles[4] if len(tiles) > 4 else -1
     magic = tiles[5] if len(tiles) > 5 else 0
     words = tiles[6] if len(tiles) > 6 else 0
+    stages = tiles[7] if len(tiles) > 7 else 2
     block_k = min(block_k, group)
     splits = _gemm_splits(M, N, K, block_m, block_n, block_k, splits, x.device)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     out = y if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     k.q4kn_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n), splits)](
         x, qw, s, z, ss, mean, lut, out, M, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2, K_SPLIT=K // splits if splits > 1 else 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, K_SPLIT=K // splits if splits > 1 else 0,
         MAGIC=bool(magic), WORDS=bool(words), **dq)
     if splits > 1:
         k.splitk_sum_kernel[(triton_cdiv(M * N, 1024),)](out, y, M * N, SPLITS=splits, BLOCK=1024, num_warps=4)

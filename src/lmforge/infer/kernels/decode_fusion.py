@@ -20,10 +20,10 @@ Only plain bias-consistent `nn.Linear` projections are packed (LoRA- or tensor-p
 forward); weight-only quantized ones of one kind pack into one quantized layer (`QuantLinear.pack`: one kernel launch
 for q/k/v and one for gate/up, the originals viewing its buffers) and keep their own kernels, which the fused blocks
 call with the norm, gating and residual folded in (`QuantLinear.fused`). `unpack_for_decode` puts the model's own
-modules back, e.g. before multi-LoRA wrappers are put around
-q_proj, whose per-row deltas the packed matmul would skip. Packing assumes the model stays on its device afterwards
-(`.to()` would copy the slices apart). Every module installed here launches its kernels with the `KernelOptions`
-given to `pack_for_decode` (the engine's `engine.kernels`).
+modules back, e.g. before multi-LoRA wrappers are put around q_proj, whose per-row deltas the packed matmul would
+skip. Packing assumes the model stays on its device afterwards (`.to()` would copy the slices apart). Every module
+installed here launches its kernels with the `KernelOptions` given to `pack_for_decode` (the engine's
+`engine.kernels`).
 """
 from __future__ import annotations
 

@@ -267,6 +267,7 @@ def _launch_int8(x, qweight, scale, path: str, tiles: tuple | None = None, fuse:
         block_n, cols, warps, magic = (*tiles, 0)[:4]
         magic = int(magic) if K % 4 == 0 and cols >= 4 else 0  # codes read four to an int32 word
         args, flags = _fuse_args(fuse, x, y, K)
+        flags["NORM_BLOCK"] = min(flags["NORM_BLOCK"], cols)  # the squares come with each step's columns
         k.int8_gemv_kernel[(M, triton_cdiv(N, block_n))](x, qweight.view(torch.int32) if magic else qweight, scale,
                                                          y, N, K, x.stride(0), y.stride(0), *args, BLOCK_N=block_n,
                                                          BLOCK_K=cols, num_warps=warps, MAGIC=magic, **flags,

@@ -211,29 +211,29 @@ def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym, NW, B, R, eps, nor
     masked in place under the exponent 150 - 8i (reads as 2^(23 - 8i) + code + 128): one LOP3, one FADD and one
     FMA per weight instead of a byte extraction and a (quarter-rate) int-to-float conversion. MAGIC=2: byte i
     shifted to bits 8-15 and read as 32768 + code + 128 straight into the FMA, the constant taken off each row once
-    (no float subtract per weight). SILU, NORM, BIAS, RES: the decode fusions (`_x_in`, `_epilogue`). PDL: the
-    first weight tile is loaded before waiting for the previous kernel (each tile one step ahead of its use)."""
+    (no float subtract per weight). SILU, NORM, BIAS, RES: the decode fusions (`_x_in`, `_epilogue`; NORM's sum of
+    squares taken in the loop, which walks all of K, not re-read from L2 at the end). PDL: programmatic dependent
+    launch (the wait comes first: loading a weight tile ahead cost registers and instructions per weight here)."""
     m = tl.program_id(0).to(tl.int64)  # input rows vary fastest: neighbouring programs read the same weight tile
     pid = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     x_row = X + m * stride_xm
+    sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)  # NORM: the input row's squares, NORM_BLOCK-wide partial sums
+    sq_off = tl.arange(0, NORM_BLOCK)
     if MAGIC:
         words = tl.arange(0, BLOCK_K // 4)
         w_rows = QW + rows.to(tl.int64)[:, None] * (K // 4)
         opaque_zero = K >> 30  # 0 (K < 2^30) the compiler cannot fold: keeps the byte masks in registers
         acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
         sx = tl.zeros([BLOCK_K // 4], dtype=tl.float32)
-        w_next = tl.load(w_rows + words[None, :], mask=row_ok[:, None] & (words < K // 4)[None, :], other=0,
-                         eviction_policy="evict_first")
         _pdl_wait(PDL)
         for k in range(0, K, BLOCK_K):
             c_ok = (k // 4 + words) < K // 4
-            w = w_next ^ -2139062144  # bytes + 128 (0x80808080)
-            after = (k + BLOCK_K) // 4 + words
-            w_next = tl.load(w_rows + after[None, :], mask=row_ok[:, None] & (after < K // 4)[None, :], other=0,
-                             eviction_policy="evict_first")
+            w = tl.load(w_rows + k // 4 + words[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0,
+                        eviction_policy="evict_first") ^ -2139062144  # bytes + 128 (0x80808080)
             xo = k + words * 4  # (BLOCK_K / 4,) each word's first input column
+            sq += _squares(x_row, k, BLOCK_K, sq_off, K, NORM)
             if MAGIC == 2:  # byte i moved to bits 8-15 under exponent 142: reads 32768 + code + 128, into the FMA
                 for i in tl.static_range(4):
                     xi = _x_in_masked(x_row, xo + i, c_ok, NW, K, norm_offset, SILU, NORM)
@@ -255,22 +255,22 @@ def int8_gemv_kernel(X, QW, S, Y, N, K, stride_xm, stride_ym, NW, B, R, eps, nor
         cols = tl.arange(0, BLOCK_K)
         w_rows = QW + rows.to(tl.int64)[:, None] * K
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        w_next = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0,
-                         eviction_policy="evict_first")
         _pdl_wait(PDL)
         for k in range(0, K, BLOCK_K):
             k_ok = (k + cols) < K
-            w = w_next
-            after = k + BLOCK_K + cols
-            w_next = tl.load(w_rows + after[None, :], mask=row_ok[:, None] & (after < K)[None, :], other=0,
-                             eviction_policy="evict_first")
+            w = tl.load(w_rows + k + cols[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0,
+                        eviction_policy="evict_first")
             x = _x_in_masked(x_row, k + cols, k_ok, NW, K, norm_offset, SILU, NORM)
             acc += w.to(tl.float32) * x[None, :]
+            sq += _squares(x_row, k, BLOCK_K, sq_off, K, NORM)
     s = tl.load(S + rows, mask=row_ok, other=0.0).to(tl.float32)
     out = tl.sum(acc, axis=1)
     if MAGIC == 2:
         out -= 32896.0 * tl.sum(sx, axis=0)  # the constant 32768 + 128 of every code, times each input once
-    out = _epilogue(out * s, x_row, K, eps, rows, row_ok, B, R + m * stride_ym, NORM, BIAS, RES, NORM_BLOCK)
+    out = out * s
+    if NORM:
+        out = out * tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+    out = _epilogue(out, x_row, K, eps, rows, row_ok, B, R + m * stride_ym, False, BIAS, RES, NORM_BLOCK)
     tl.store(Y + m * stride_ym + rows, out.to(Y.dtype.element_ty), mask=row_ok)
 
 
@@ -349,6 +349,19 @@ def _epilogue(y, xrow, K, eps, cols, col_ok, B, res_row, NORM: tl.constexpr, BIA
         y = y.to(res_row.dtype.element_ty).to(tl.float32) + tl.load(res_row + cols, mask=col_ok, other=0.0).to(
             tl.float32)
     return y
+
+
+@triton.jit
+def _squares(xrow, k, BLOCK_K: tl.constexpr, off, K, NORM: tl.constexpr):
+    """NORM: the squares of input columns k .. k + BLOCK_K folded into a (NORM_BLOCK,) partial sum (L1 hits: the
+    loop loads these columns anyway); else 0."""
+    if NORM:
+        acc = tl.zeros(off.shape, dtype=tl.float32)
+        for j in tl.static_range(0, BLOCK_K, off.shape[0]):
+            v = tl.load(xrow + k + j + off, mask=(k + j + off) < tl.minimum(K, k + BLOCK_K), other=0.0)
+            acc += v.to(tl.float32) * v.to(tl.float32)
+        return acc
+    return tl.zeros(off.shape, dtype=tl.float32)
 
 
 @triton.jit

@@ -320,6 +320,44 @@ def test_fused_decode_blocks_fold_norms_gating_and_residuals_into_quantized_gemv
         layer.fused(x, silu=True, residual=torch.zeros(1, 64, device=DEVICE, dtype=torch.bfloat16)).sum().backward()
 
 
+@needs_triton
+def test_k_major_nf4_layers_pack_and_fuse_with_a_mean_per_dq_block(kernels_on_cpu):
+    """K-major NF4 q/k/v pack into one layer (codes and absmax side by side, the originals viewing them; each layer's
+    double-quantization mean once per dq block): its fused GEMV (RMSNorm folded in, bias added) equals the three
+    layers' outputs side by side, and a model of such layers gets fused decode blocks. Row-layout NF4 and block
+    counts that are not whole dq blocks do not pack."""
+    from lmforge.infer.kernels.decode_fusion import pack_for_decode
+    from lmforge.models import ModelConfig, Transformer
+    from lmforge.quant import quantize_model
+
+    torch.manual_seed(0)
+    layers = [NF4Linear.from_linear(nn.Linear(128, n), dq_block_size=128).to(DEVICE) for n in (256, 128, 128)]
+    assert NF4Linear.pack(layers) is None  # the row layout
+    for m in layers:
+        m.to_layout("kn")
+    x = torch.randn(1, 128, device=DEVICE).to(torch.bfloat16)
+    norm = (torch.rand(128, device=DEVICE).to(torch.bfloat16) + 0.5, 1e-5, 0.0)
+    want = torch.cat([m.fused(x, norm=norm) for m in layers], -1)
+    packed = NF4Linear.pack(layers)
+    assert packed.absmax_mean.shape == (8,) and len(set(packed.absmax_mean.tolist())) == 3  # 4 + 2 + 2 dq blocks
+    assert layers[1].codes.untyped_storage().data_ptr() == packed.codes.untyped_storage().data_ptr()
+    _close(packed.fused(x, norm=norm), want, 2e-2)
+    _close(packed(x), torch.cat([m(x) for m in layers], -1), 2e-2)
+    assert any("dq-means" in k and "norm+bias" in k and v is True for k, v in qkernel.kernel_status().items())
+    odd = [NF4Linear.from_linear(nn.Linear(128, n)).to(DEVICE) for n in (64, 64)]  # 128 blocks: half a dq block
+    for m in odd:
+        m.to_layout("kn")
+    assert NF4Linear.pack(odd) is None
+    model = Transformer(ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256,
+                                    max_seq_len=64)).to(DEVICE, torch.bfloat16).eval()
+    quantize_model(model, "nf4")
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            m.to_layout("kn")
+    done = pack_for_decode(model)
+    assert done["packed_qkv"] == done["packed_gate_up"] == done["fused_blocks"] == 2
+
+
 # ------------------------------------------------------------------------------------------------ K-major INT4
 
 

@@ -192,6 +192,46 @@ class NF4Linear(QuantLinear):
     def options(self) -> dict:
         return {"block_size": self.block_size, "double_quant": self.double_quant, "dq_block_size": self.dq_block_size}
 
+    @classmethod
+    @torch.no_grad()
+    def pack(cls, layers: list[QuantLinear]) -> NF4Linear | None:
+        """K-major NF4 layers reading one input (q/k/v, gate/up) as one layer: codes and absmax concatenated along
+        the outputs (the originals then view them, as `QuantLinear.pack`), the double-quantization scales one after
+        another, which needs each layer's block count to be whole dq blocks; the packed layer holds each layer's
+        absmax_mean once per dq block (a few floats). None when they do not pack (row layout: blocks run across
+        rows; other options or devices)."""
+        first = layers[0]
+        blocks = [m.out_features * m.in_features // m.block_size for m in layers]
+        if any(type(m) is not cls or m.layout != "kn" or m.options() != first.options() or m._fast is not None
+               or m.kernels != first.kernels or m.in_features != first.in_features or m.dtype != first.dtype
+               or (m.bias is None) != (first.bias is None) or m.codes.device != first.codes.device for m in layers) \
+                or (first.double_quant and any(b % first.dq_block_size for b in blocks)):
+            return None
+        sizes = [m.out_features for m in layers]
+        out = cls(first.in_features, sum(sizes), first.bias is not None, dtype=first.dtype, device=first.codes.device,
+                  **first.options())
+        out.kernels, out.layout = first.kernels, "kn"
+        parts = {"codes": (-1, sizes), "absmax": (-1, sizes), "bias": (0, sizes)}
+        if first.double_quant:
+            parts["absmax_scale"] = (0, [b // first.dq_block_size for b in blocks])
+            out.absmax_mean = torch.cat([m.absmax_mean.reshape(1).expand(b // first.dq_block_size)
+                                         for m, b in zip(layers, blocks)])
+        for name, (dim, split) in parts.items():
+            if name == "bias" and first.bias is None:
+                continue
+            store = (lambda m: m.bias.data) if name == "bias" else (lambda m: m._buffers[name])  # noqa: E731
+            packed = torch.cat([store(m) for m in layers], dim)
+            views = packed.split(split, dim)
+            if name == "bias":
+                out.bias.data = packed
+                for m, view in zip(layers, views):
+                    m.bias.data = view
+            else:
+                out._buffers[name] = packed
+                for m, view in zip(layers, views):
+                    m._buffers[name] = view
+        return out
+
     @property
     def double_quant(self) -> bool:
         return self.absmax_scale is not None

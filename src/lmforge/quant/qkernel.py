@@ -371,7 +371,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     k = _kernels()
     lut = _lut(x.device) if nf4 else s
     z = s if z is None else z
-    dq = dict(DQ=ss is not None, DQ_BLOCK=dq_block)
+    dq = dict(DQ=0 if ss is None else 2 if mean.numel() > 1 else 1, DQ_BLOCK=dq_block)  # 2: a mean per dq block
     ss, mean = (s, s) if ss is None else (ss, mean)
     if path == "gemv":
         block_n, block_k, warps, steps, atomic, magic, flat = (*tiles, 0, 0, 0)[:7]
@@ -692,26 +692,30 @@ def nf4kn_weight(codes: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.
                  dtype: torch.dtype) -> torch.Tensor:
     """The (N, K) weight of NF4 in the K-major layout: codes int32 (K / 8, N), absmax (K / block, N)."""
     a = absmax.T.float()  # (N, K / block), blocks numbered by row as in the row layout
-    if absmax_scale is not None:
-        blocks = torch.arange(a.numel(), device=a.device).view(a.shape)
-        a = a * absmax_scale[blocks // dq_block_size] + absmax_mean
+    if absmax_scale is not None:  # absmax_mean: one value, or one per dq block (a packed layer's, `NF4Linear.pack`)
+        dq = torch.arange(a.numel(), device=a.device).view(a.shape) // dq_block_size
+        a = a * absmax_scale[dq] + (absmax_mean[dq] if absmax_mean.numel() > 1 else absmax_mean)
     levels = NF4_LEVELS.to(codes.device)[unpack_kn(codes).long()]  # (N, K)
     return (levels.view(a.shape[0], a.shape[1], block_size) * a[..., None]).flatten(1).to(dtype)
 
 
-def _check_nf4kn(block: int, dq: bool, dq_block: int):
+def _check_nf4kn(block: int, dq: bool | str, dq_block: int):
+    """dq: False, True, or "means" (a mean per dq block, as packed layers hold them)."""
     def check(M: int, dtype, device, tiles=None, path=None, fused: str = "", pdl: bool = False):
         from .nf4 import quantize_nf4
 
         g = _probe(device)
         N, K = 72, 3 * block
-        t = quantize_nf4(torch.randn(N, K, generator=g, device=device), block, dq, dq_block)
+        t = quantize_nf4(torch.randn(N, K, generator=g, device=device), block, bool(dq), dq_block)
         codes = pack_kn(unpack_nibbles(t.codes).view(N, K))
         absmax = t.absmax.view(N, K // block).T.contiguous()
+        mean = t.absmax_mean
+        if dq == "means":
+            mean = mean + 0.01 * torch.rand(t.absmax_scale.shape, generator=g, device=device)
         x, fuse = _probe_fuse(fused, torch.randn(M, K, generator=g, device=device).to(dtype), N, g)
         got = _launch_q4kn(x, codes, absmax, None, N, block, True, path or _path(M, "nf4kn"), tiles, t.absmax_scale,
-                           t.absmax_mean, dq_block, fuse, pdl)
-        w = t.dequantize(dtype)
+                           mean, dq_block, fuse, pdl)
+        w = nf4kn_weight(codes, absmax, t.absmax_scale, mean, block, dq_block, dtype)
         return got, _unfused(lambda x: F.linear(x, w), x, fuse)
     return check
 
@@ -730,11 +734,11 @@ def nf4kn_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, abs
                                              dq_block_size, x.dtype))
     if not (use_kernel(x) and group_ok(block_size)):
         return _unfused(ref, x, fuse)
-    dq = absmax_scale is not None
+    dq = absmax_scale is not None and ("means" if absmax_mean.numel() > 1 else True)
     N = codes.shape[1]
-    return _run(("nf4kn", block_size, "dq" if dq else "fp32"), x, N,
-                lambda path, tiles: _launch_q4kn(x, codes, absmax, None, N, block_size, True, path, tiles,
-                                                 absmax_scale, absmax_mean, dq_block_size, fuse, pdl),
+    return _run(("nf4kn", block_size, {False: "fp32", True: "dq", "means": "dq-means"}[dq]), x, N,
+                lambda path, tiles: _launch_q4kn(x, codes.contiguous(), absmax.contiguous(), None, N, block_size, True,
+                                                 path, tiles, absmax_scale, absmax_mean, dq_block_size, fuse, pdl),
                 lambda: _unfused(ref, x, fuse), _check_nf4kn(block_size, dq, dq_block_size), gemv_tiles, fuse, pdl)
 
 

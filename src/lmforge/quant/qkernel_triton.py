@@ -385,10 +385,15 @@ def _pdl_wait(PDL: tl.constexpr):
 
 @triton.jit
 def _kn_absmax(S, SS, Mean, g, cols, col_ok, n_groups, N, DQ: tl.constexpr, DQ_BLOCK: tl.constexpr):
-    """fp32 NF4 scales of group g for output columns `cols` (K-major absmax, double quantization decoded)."""
+    """fp32 NF4 scales of group g for output columns `cols` (K-major absmax, double quantization decoded; DQ=2: one
+    mean per double-quantization block, as packed layers hold them)."""
     a = tl.load(S + g * N + cols, mask=col_ok, other=0).to(tl.float32)
     if DQ:
-        a = a * tl.load(SS + (cols.to(tl.int64) * n_groups + g) // DQ_BLOCK, mask=col_ok, other=0.0) + tl.load(Mean)
+        dq = (cols.to(tl.int64) * n_groups + g) // DQ_BLOCK
+        if DQ == 2:
+            a = a * tl.load(SS + dq, mask=col_ok, other=0.0) + tl.load(Mean + dq, mask=col_ok, other=0.0)
+        else:
+            a = a * tl.load(SS + dq, mask=col_ok, other=0.0) + tl.load(Mean)
     return a
 
 

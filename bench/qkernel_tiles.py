@@ -54,7 +54,7 @@ KN_DEQUANT_GRID = [(8, 128, 4), (4, 256, 4), (16, 64, 4), (8, 256, 8)]  # code w
 KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (128,), (4,), (-1, 4), (0, 1), (0, 1)))
 # --quick: words=1 (the default), wide column tiles (at 64 rows a narrow tile re-reads the whole input from L2 for
 # few weights: 8x the weight bytes at 32 columns), warps and pipeline stages (8th field)
-KN_QUICK_GEMM_GRID = list(itertools.product((64,), (128, 256), (64, 128), (4, 8), (-1, 4), (0,), (1,), (2, 3)))
+KN_QUICK_GEMM_GRID = list(itertools.product((64,), (128, 256), (128,), (4, 8), (-1, 4), (0,), (1,), (2, 3)))
 
 
 def timed(fn, reps: int = 50) -> float:

@@ -182,6 +182,9 @@ def main() -> None:
                     help="the INT8 GEMV's default tiles for this run (qkernel.GEMV_TILES['int8'])")
     ap.add_argument("--kn-gemm-magic", action=argparse.BooleanOptionalAction, default=None,
                     help="the K-major INT4 GEMM's nibbles by the exponent trick (default: qkernel.KN_GEMM_MAGIC)")
+    ap.add_argument("--kn-gemm-tiles", default=None,
+                    help="the K-major INT4 GEMM's BLOCK_N (0: by shape),BLOCK_K,warps,K splits (-1: by shape),stages "
+                         "(default: qkernel.KN_GEMM_TILES)")
     ap.add_argument("--kn-gemm-words", action=argparse.BooleanOptionalAction, default=None,
                     help="the K-major INT4 GEMM's code words loaded once, unpacked in registers "
                          "(default: qkernel.KN_GEMM_WORDS)")
@@ -197,6 +200,9 @@ def main() -> None:
         qkernel.KN_GEMM_MAGIC = args.kn_gemm_magic
     if args.kn_gemm_words is not None:
         qkernel.KN_GEMM_WORDS = args.kn_gemm_words
+    if args.kn_gemm_tiles:
+        bn, *rest = (int(v) for v in args.kn_gemm_tiles.split(","))
+        qkernel.KN_GEMM_TILES = (bn or None, *rest)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile is None:
         args.compile = device == "cuda"
@@ -209,7 +215,7 @@ def main() -> None:
            "compile_batch1": args.compile, "decode_steps": args.decode_steps, "gemv_tiles": args.gemv_tiles,
            "kn_tiles": qkernel.GEMV_TILES["int4kn"], "nf4kn_tiles": qkernel.GEMV_TILES["nf4kn"],
            "int8_tiles": qkernel.GEMV_TILES["int8"], "kn_gemm_magic": qkernel.KN_GEMM_MAGIC,
-           "kn_gemm_words": qkernel.KN_GEMM_WORDS}
+           "kn_gemm_words": qkernel.KN_GEMM_WORDS, "kn_gemm_tiles": qkernel.KN_GEMM_TILES}
     rows: list[dict] = []
     base: dict[str, float] = {}
     default_dequant = qkernel.DEQUANT_GEMM

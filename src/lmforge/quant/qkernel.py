@@ -438,6 +438,9 @@ GEMV_TILES = {"int8": (8, 1024, 4, 1), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1
               "int4kn": (512, 64, 4, 1, 2, 2, 0), "nf4kn": (512, 64, 4, 1, 2, 2, 0)}
 KN_GEMM_MAGIC = False  # the K-major INT4 GEMM's nibbles by the exponent trick (bench/qkernel_tiles.py compares)
 KN_GEMM_WORDS = True  # ... and its code words loaded once, unpacked in registers (18-27% faster at 64 rows, H200)
+# ... and its tiles past BLOCK_M (by the rows): BLOCK_N (None: by shape, `_gemm_blocks`), BLOCK_K, warps, K splits
+# (-1: by shape), pipeline stages
+KN_GEMM_TILES: tuple[int | None, int, int, int, int] = (None, 128, 4, -1, 2)
 
 
 def _gemv_tiles(fmt: str, forced: list[int] | None = None) -> tuple[int, ...]:
@@ -467,7 +470,9 @@ def _tiles(fmt: str, path: str, M: int, N: int, device: torch.device, gemv_tiles
     if path == "dequant":
         return (8, 128, 4)  # code words (64 input rows) x columns per program, warps
     block_m, block_n = _gemm_blocks(M, N, device)
-    return (block_m, block_n, 128, 4, -1, int(KN_GEMM_MAGIC), int(KN_GEMM_WORDS)) if fmt.endswith("kn") else \
+    bn, bk, warps, splits, stages = KN_GEMM_TILES
+    return (block_m, bn or block_n, bk, warps, splits, int(KN_GEMM_MAGIC), int(KN_GEMM_WORDS), stages) \
+        if fmt.endswith("kn") else \
         (block_m, block_n)
 
 

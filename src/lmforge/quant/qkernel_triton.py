@@ -398,6 +398,12 @@ def _kn_absmax(S, SS, Mean, g, cols, col_ok, n_groups, N, DQ: tl.constexpr, DQ_B
 
 
 @triton.jit
+def _level_times_x(v, xrow, xo, j: tl.constexpr, NW, K, norm_offset, SILU: tl.constexpr, NORM: tl.constexpr):
+    """(words, columns) NF4 levels v (fp32 bits) times the (fused, `_x_in`) inputs at row offsets xo + j."""
+    return v.to(tl.float32, bitcast=True) * _x_in(xrow, xo + j, NW, K, norm_offset, SILU, NORM)[:, None]
+
+
+@triton.jit
 def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, stride_ym, NW, B, R, eps, norm_offset,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      STEPS: tl.constexpr, ATOMIC: tl.constexpr, DQ: tl.constexpr = False,
@@ -463,21 +469,14 @@ def q4kn_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, Cnt, Out, N, K, stride_xm, s
             if NF4 and MAGIC == 2:  # levels by byte permutes in registers (bf16 levels, as bitsandbytes' kernels)
                 v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_prmt(w, opaque_zero)  # 8 x (BLOCK_K / 8, BLOCK_N)
                 xo = k0 + words * 8  # (BLOCK_K / 8,)
-                part = v0.to(tl.float32, bitcast=True) * _x_in(xrow, xo, NW, K, norm_offset, SILU, NORM)[:, None]
-                part += v1.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 1, NW, K, norm_offset, SILU,
-                                                                    NORM)[:, None]
-                part += v2.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 2, NW, K, norm_offset, SILU,
-                                                                    NORM)[:, None]
-                part += v3.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 3, NW, K, norm_offset, SILU,
-                                                                    NORM)[:, None]
-                part += v4.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 4, NW, K, norm_offset, SILU,
-                                                                    NORM)[:, None]
-                part += v5.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 5, NW, K, norm_offset, SILU,
-                                                                    NORM)[:, None]
-                part += v6.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 6, NW, K, norm_offset, SILU,
-                                                                    NORM)[:, None]
-                part += v7.to(tl.float32, bitcast=True) * _x_in(xrow, xo + 7, NW, K, norm_offset, SILU,
-                                                                    NORM)[:, None]
+                part = _level_times_x(v0, xrow, xo, 0, NW, K, norm_offset, SILU, NORM)
+                part += _level_times_x(v1, xrow, xo, 1, NW, K, norm_offset, SILU, NORM)
+                part += _level_times_x(v2, xrow, xo, 2, NW, K, norm_offset, SILU, NORM)
+                part += _level_times_x(v3, xrow, xo, 3, NW, K, norm_offset, SILU, NORM)
+                part += _level_times_x(v4, xrow, xo, 4, NW, K, norm_offset, SILU, NORM)
+                part += _level_times_x(v5, xrow, xo, 5, NW, K, norm_offset, SILU, NORM)
+                part += _level_times_x(v6, xrow, xo, 6, NW, K, norm_offset, SILU, NORM)
+                part += _level_times_x(v7, xrow, xo, 7, NW, K, norm_offset, SILU, NORM)
                 a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
                 acc += tl.sum(part, axis=0) * a
             elif NF4 and MAGIC:  # Lut: byte -> its two levels as one int64 (fp32 bits, even k low): one load per byte

@@ -321,6 +321,35 @@ def test_fused_decode_blocks_fold_norms_gating_and_residuals_into_quantized_gemv
 
 
 @needs_triton
+@pytest.mark.parametrize("fused", ["norm+bias", "silu+res"])
+def test_fused_gemv_variants_equal_the_separate_ops(fused):
+    """Every GEMV inner loop with the decode fusions in the kernel (K-major INT4: one-kernel split-K, whole K with
+    plain / in-place / shifted-pair nibbles, flat tiles; NF4 pair table; INT8 plain / in place / shifted bytes) and
+    the split-K forms whose sums meet outside the kernel (fusions by torch ops) against the separate ops: RMSNorm or
+    SwiGLU gating, matmul, bias, residual."""
+    g = torch.Generator(DEVICE).manual_seed(0)
+    K, N = 256, 40
+    x, fuse = qkernel._probe_fuse(fused, torch.randn(2, K, generator=g, device=DEVICE).to(torch.bfloat16), N, g)
+    torch.manual_seed(0)
+    i4 = Int4Linear.from_linear(nn.Linear(K, N, bias=False), group_size=32).to(DEVICE)
+    n4 = NF4Linear.from_linear(nn.Linear(K, N, bias=False)).to(DEVICE)
+    q8 = Int8Linear.from_linear(nn.Linear(K, N, bias=False)).to(DEVICE)
+    weights = {id(m): m.weight.float() for m in (i4, n4, q8)}
+    i4.to_layout("kn")
+    n4.to_layout("kn")
+    for tiles in [(16, 32, 1, 2, 2, 2), (16, 32, 1, 0, 0, 0), (16, 32, 1, 0, 0, 1), (16, 32, 1, 0, 0, 2),
+                  (16, 32, 1, 0, 0, 0, 1), (16, 32, 1, 2, 1, 2)]:
+        for layer, got in ((i4, qkernel._launch_q4kn(x, i4.qweight, i4.scale, i4.zero, N, 32, False, "gemv", tiles,
+                                                     fuse=fuse)),
+                           (n4, qkernel._launch_q4kn(x, n4.codes, n4.absmax, None, N, 64, True, "gemv", tiles,
+                                                     n4.absmax_scale, n4.absmax_mean, 256, fuse))):
+            _close(got, qkernel._unfused(lambda a: F.linear(a.float(), weights[id(layer)]), x, fuse), 2e-2)
+    for magic in (0, 1, 2):
+        got = qkernel._launch_int8(x, q8.qweight, q8.scale, "gemv", (4, 128, 4, magic), fuse)
+        _close(got, qkernel._unfused(lambda a: F.linear(a.float(), weights[id(q8)]), x, fuse), 2e-2)
+
+
+@needs_triton
 def test_k_major_nf4_layers_pack_and_fuse_with_a_mean_per_dq_block(kernels_on_cpu):
     """K-major NF4 q/k/v pack into one layer (codes and absmax side by side, the originals viewing them; each layer's
     double-quantization mean once per dq block): its fused GEMV (RMSNorm folded in, bias added) equals the three

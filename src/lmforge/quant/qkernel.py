@@ -103,10 +103,9 @@ def fuse_input(x: torch.Tensor, fuse: Fuse | None) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
     if fuse.norm is not None:
-        w, eps, offset = fuse.norm
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        x = (normed * (offset + w.float())).to(x.dtype) if offset else w * normed.to(x.dtype)
+        from ..models.transformer import rms_norm  # (lmforge.models loads quantized checkpoints: imported here)
+
+        x = rms_norm(x, *fuse.norm)
     return x
 
 

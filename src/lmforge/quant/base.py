@@ -112,17 +112,23 @@ class QuantLinear(nn.Module):
                   device=first.scale.device, **first.options())
         out.kernels, out.layout = first.kernels, first.layout
         dim = 0 if first.layout == "nk" else -1  # K-major buffers hold the output rows as columns
-        for name in names:
-            packed = torch.cat([m._buffers[name] for m in layers], dim)  # (sum of out_features, ...)
-            out._buffers[name] = packed
-            for m, view in zip(layers, packed.split(sizes, dim)):  # the originals become row views of it
+        return out._stack(layers, {name: (dim, sizes) for name in names})
+
+    @torch.no_grad()
+    def _stack(self, layers: list[QuantLinear], buffers: dict[str, tuple[int, list[int]]]) -> QuantLinear:
+        """Fill this packed layer with `layers`' buffers {name: (dim, sizes along dim)} concatenated, and their
+        biases; the originals become views of it (no second copy; their state_dict unchanged). Returns self."""
+        for name, (dim, split) in buffers.items():
+            packed = torch.cat([m._buffers[name] for m in layers], dim)
+            self._buffers[name] = packed
+            for m, view in zip(layers, packed.split(split, dim)):
                 m._buffers[name] = view
-        if first.bias is not None:
+        if self.bias is not None:
             packed = torch.cat([m.bias.data for m in layers])
-            out.bias.data = packed
-            for m, view in zip(layers, packed.split(sizes)):
+            self.bias.data = packed
+            for m, view in zip(layers, packed.split([m.out_features for m in layers])):
                 m.bias.data = view
-        return out
+        return self
 
     _row_buffers: tuple[str, ...] = ()  # buffers laid out as (out_features, ...): what `pack` may concatenate
 

@@ -211,26 +211,12 @@ class NF4Linear(QuantLinear):
         out = cls(first.in_features, sum(sizes), first.bias is not None, dtype=first.dtype, device=first.codes.device,
                   **first.options())
         out.kernels, out.layout = first.kernels, "kn"
-        parts = {"codes": (-1, sizes), "absmax": (-1, sizes), "bias": (0, sizes)}
+        parts = {"codes": (-1, sizes), "absmax": (-1, sizes)}
         if first.double_quant:
             parts["absmax_scale"] = (0, [b // first.dq_block_size for b in blocks])
             out.absmax_mean = torch.cat([m.absmax_mean.reshape(1).expand(b // first.dq_block_size)
                                          for m, b in zip(layers, blocks)])
-        for name, (dim, split) in parts.items():
-            if name == "bias" and first.bias is None:
-                continue
-            store = (lambda m: m.bias.data) if name == "bias" else (lambda m: m._buffers[name])  # noqa: E731
-            packed = torch.cat([store(m) for m in layers], dim)
-            views = packed.split(split, dim)
-            if name == "bias":
-                out.bias.data = packed
-                for m, view in zip(layers, views):
-                    m.bias.data = view
-            else:
-                out._buffers[name] = packed
-                for m, view in zip(layers, views):
-                    m._buffers[name] = view
-        return out
+        return out._stack(layers, parts)
 
     @property
     def double_quant(self) -> bool:

@@ -312,12 +312,7 @@ def int8_gemm_kernel(X, QW, S, Y, M, N, K, stride_xm, stride_ym,
 @triton.jit
 def _x_in(xrow, off, NW, K, norm_offset, SILU: tl.constexpr, NORM: tl.constexpr):
     """fp32 inputs at offsets `off` of one row: X, silu(gate) * up (SILU), times (norm_offset + NW) (NORM)."""
-    x = tl.load(xrow + off).to(tl.float32)
-    if SILU:
-        x = x / (1.0 + tl.exp(-x)) * tl.load(xrow + K + off).to(tl.float32)
-    if NORM:
-        x = x * (norm_offset + tl.load(NW + off).to(tl.float32))
-    return x
+    return _x_in_masked(xrow, off, True, NW, K, norm_offset, SILU, NORM)  # (a constant mask: no predicate)
 
 
 @triton.jit

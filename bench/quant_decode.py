@@ -120,8 +120,34 @@ def batch1(model, args, kernels) -> dict:
         rate = decode_tokens_per_s(engine, prompt, params)  # decode only: after the first token
         if rate == rate:
             best = max(best, rate)
+    out = {"decode_tokens_per_s": round(best, 1), "warmup_s": round(warmup, 1), "first_tokens": first_run[:8]}
+    if args.profile:
+        out["profile"] = profile(engine, prompt, params, args.profile)
     del llm, engine
-    return {"decode_tokens_per_s": round(best, 1), "warmup_s": round(warmup, 1), "first_tokens": first_run[:8]}
+    return out
+
+
+def profile(engine, prompt, params, top: int) -> dict:
+    """GPU time per decoded token, kernel by kernel (torch.profiler over one more request; CUDA-graph replays
+    are traced node by node): the `top` kernels by time, the rest summed, and the GPU-busy total. On CPU: the
+    operators' own CPU time instead."""
+    from torch.profiler import ProfilerActivity, profile as trace
+
+    cuda = torch.cuda.is_available()
+    with trace(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        engine.add_request(prompt, params)
+        tokens = 0
+        while engine.has_unfinished():
+            tokens += sum(len(o.new_token_ids) for o in engine.step())
+        sync()
+    rows = [(e.key, (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) if cuda
+             else e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+    per = lambda us: round(us / max(tokens, 1), 2)  # noqa: E731 -- microseconds per token
+    kernels = [{"kernel": k[:90], "us_per_token": per(t), "launches_per_token": round(n / max(tokens, 1), 2)}
+               for k, t, n in rows[:top]]
+    return {"tokens": tokens, "busy_us_per_token": per(sum(r[1] for r in rows)),
+            "rest_us_per_token": per(sum(r[1] for r in rows[top:])), "kernels": kernels}
 
 
 def throughput(model, args, kernels) -> dict:
@@ -188,6 +214,9 @@ def main() -> None:
     ap.add_argument("--kn-gemm-words", action=argparse.BooleanOptionalAction, default=None,
                     help="the K-major INT4 GEMM's code words loaded once, unpacked in registers "
                          "(default: qkernel.KN_GEMM_WORDS)")
+    ap.add_argument("--profile", type=int, default=0, metavar="TOP",
+                    help="also trace one more batch-1 request with torch.profiler: GPU time per token of the TOP "
+                         "kernels (0: off)")
     ap.add_argument("--out", default=None, help="also write the JSON lines here (after every variant)")
     args = ap.parse_args()
 

@@ -1,7 +1,8 @@
 """Weight-only quantized serving speed: bf16 vs INT8 / INT4 / NF4 through lmforge's engine, same weights, same call.
 
 For each variant a Llama-3-8B-shaped model (random weights, built on the GPU in bf16, seeded so every variant
-starts from the same weights) has every block linear quantized (lm_head stays bf16, as AWQ/GPTQ checkpoints do);
+starts from the same weights) has every block linear quantized (lm_head stays bf16, as AWQ/GPTQ checkpoints do; a `+head8` variant quantizes it to
+INT8 too, as `lmforge quantize --lm-head int8`);
 the quantized layers pick their kernels themselves (`lmforge.quant.qkernel`: Triton GEMV for decode rows, a
 dequantize-in-registers GEMM for batches, each checked against the reference before first use). Two figures per
 variant, each through the serving engine (paged KV cache, CUDA graphs):
@@ -70,10 +71,12 @@ def quantize(model, variant: str, group_size: int, kernels) -> dict:
     `prepare_fast_path` did (tinygemm only)."""
     from lmforge.quant import prepare_fast_path, quantize_model, set_kernels
 
+    variant, _, head = variant.partition("+")  # "+head8": lm_head quantized to INT8 too (`lmforge quantize --lm-head`)
     kind = variant.removesuffix("-ref").removesuffix("-tinygemm").removesuffix("-nk").removesuffix("-dq")
     if kind == "bf16":
         return {}
-    quantize_model(model, "int4" if kind == "int4" else kind, group_size=group_size)
+    quantize_model(model, "int4" if kind == "int4" else kind, group_size=group_size,
+                   lm_head={"": "keep", "head8": "int8"}[head])
     set_kernels(model, kernels.quant_kernels())  # before prepare_fast_path, which reports (and picks by) them
     gc.collect()
     if torch.cuda.is_available():
@@ -187,7 +190,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--variants", default="bf16,int8,int4,nf4",
-                    help="bf16, int8, int4, nf4, int4-tinygemm, int4-nk, int4-dq, <kind>-ref (lmforge's kernels off)")
+                    help="bf16, int8, int4, nf4, int4-tinygemm, int4-nk, int4-dq, <kind>-ref (lmforge's kernels off; "
+                         "<kind>+head8: lm_head INT8 too)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--n-layers", type=int, default=None, help="override the depth (smoke runs)")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -282,7 +286,7 @@ def main() -> None:
             free()
         if variant == "bf16" and "error" not in row:
             base = {"decode": row["decode_tokens_per_s"], "throughput": row.get("output_tokens_per_s")}
-        kind = variant.split("-")[0]
+        kind = variant.split("-")[0].split("+")[0]
         if base and "error" not in row and variant != "bf16":
             if "decode_tokens_per_s" in row:  # int4-dq rows: throughput only
                 row["decode_speedup_vs_bf16"] = round(row["decode_tokens_per_s"] / base["decode"], 2)

@@ -215,6 +215,42 @@ def test_group_size_that_does_not_divide_is_one_line_naming_layer_and_fix(ckpt, 
     assert "config key 'qlora.block_size': Input should be a multiple of 2 (got 63)" in err, err
 
 
+@pytest.mark.parametrize("arch,head", [("LlamaForCausalLM", "int8"), ("Qwen2ForCausalLM", "int4")])
+def test_quantize_lm_head_writes_a_checkpoint_every_verb_loads(ckpt, tmp_path, capsys, arch, head):
+    """`lmforge quantize --lm-head int8|int4` quantizes the output head too (a tied head is untied: the embedding
+    stays full precision); generate reads the result and gives the in-memory model's greedy text; the head's
+    logits stay near the full-precision head's. Formats that keep lm_head refuse it in one line."""
+    src = ckpt if arch == "LlamaForCausalLM" else make_tiny_checkpoint(tmp_path / "tied", arch)
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), "--method", "int4", "--group-size", "32", "--lm-head", head,
+                 "--out", str(out)]) == 0
+    base = load_hf(src, progress=False)
+    assert base.cfg.tie_embeddings == (arch != "LlamaForCausalLM")
+    model = copy.deepcopy(base)
+    quantize_model(model, "int4", group_size=32, lm_head=head)
+    loaded = load_hf(out, progress=False)
+    kind = {"int8": Int8Linear, "int4": Int4Linear}[head]
+    assert isinstance(loaded.lm_head, kind) and type(loaded.embed) is torch.nn.Embedding
+    assert not loaded.cfg.tie_embeddings and loaded.quantization_config["lm_head"] == head
+    assert torch.equal(loaded.embed.weight, base.embed.weight)  # the lookup stays full precision
+    ids = torch.randint(0, base.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, full = loaded(ids), model(ids), base.logits(model.hidden_states(ids))
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    rel = float((got - full).abs().max() / full.abs().max())  # quantized, near the full-precision head
+    assert 0 < rel < {"int8": 0.02, "int4": 0.2}[head], rel
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "Hello world", "--max-new-tokens", "4", "temperature=0",
+                 "--ignore-eos", "--stream", "false", "--device", "cpu", "--dtype", "float32"]) == 0
+    tok = Tokenizer.from_dir(out)
+    text = generate(model, [tok.encode("Hello world")], GREEDY.model_copy(update={"max_new_tokens": 4}), tokenizer=tok)
+    assert capsys.readouterr().out.rstrip("\n") == text[0].text
+    assert main(["quantize", str(src), "--method", "int4", "--format", "gptq", "--group-size", "32", "--lm-head",
+                 head, "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "lm_head" in err and "set lm_head=keep" in err, err
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["lmforge", "gptq", "awq"])
 def test_quantized_checkpoints_load_on_cuda_with_its_kernels(q4, tmp_path, fmt):

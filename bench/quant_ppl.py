@@ -6,7 +6,8 @@ held-out last 10% of tinyshakespeare. Without `--model`, a byte-level BPE tokeni
 (d_model 128, 4 layers, d_ff 256) are trained on the first 90% of the text (or, without it, the quickstart's text).
 
 Variants: fp32, bf16, INT8 (per channel), LLM.int8() (W8A8 + outliers), INT4 RTN, AWQ, GPTQ (+ act-order) (INT4,
-group 128, or the largest of 128/64/32 dividing every layer), NF4, QAT (INT4, a short fine-tune through fake
+group 128, or the largest of 128/64/32 dividing every layer), NF4, INT4 RTN and NF4 with the output head in INT8
+too (`lm_head="int8"`), QAT (INT4, a short fine-tune through fake
 quantization on the training split, beside an fp32 model fine-tuned the same way as its control), BitNet b1.58
 (post-hoc ternarization) and GGUF files written by `export_gguf` and read back (`--gguf`, types the exporter does
 not know are reported as errors). Per variant: bytes per quantized weight, held-out perplexity, mean KL(fp32 ||
@@ -273,6 +274,8 @@ def main() -> None:
         f"GPTQ int4 g{g}": quantized(method="gptq", group_size=g, calib=calib),
         f"GPTQ int4 g{g} act-order": quantized(method="gptq", group_size=g, calib=calib, act_order=True),
         "NF4 (block 64, double quant)": quantized(method="nf4"),
+        f"int4 RTN g{g} + int8 lm_head": quantized(method="int4", group_size=g, lm_head="int8"),
+        "NF4 + int8 lm_head": quantized(method="nf4", lm_head="int8"),
     }
     if args.qat_steps:
         variants[f"QAT int4 g{g} ({args.qat_steps} steps)"] = qat(4)
@@ -309,7 +312,7 @@ def main() -> None:
                 qlinears = quantized_linears(model)
                 if qlinears:
                     save_quantized(model, out)
-                    linear_bytes = sum(m.nbytes for m in qlinears.values())
+                    linear_bytes = sum(m.nbytes for n, m in qlinears.items() if n.startswith("layers."))
                 else:
                     save_hf(model, out)
                     linear_bytes = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()

@@ -210,8 +210,9 @@ def main() -> None:
                     help="the K-major NF4 GEMV's default tiles for this run (qkernel.GEMV_TILES['nf4kn'])")
     ap.add_argument("--int8-tiles", default=None, metavar="ROWS,COLUMNS,WARPS,MAGIC",
                     help="the INT8 GEMV's default tiles for this run (qkernel.GEMV_TILES['int8'])")
-    ap.add_argument("--kn-gemm-magic", action=argparse.BooleanOptionalAction, default=None,
-                    help="the K-major INT4 GEMM's nibbles by the exponent trick (default: qkernel.KN_GEMM_MAGIC)")
+    ap.add_argument("--kn-gemm-magic", type=int, choices=(0, 1, 2), default=None,
+                    help="the K-major INT4 GEMM's code words to weights: 0 conversions, 1 the exponent trick, 2 16-bit "
+                         "pairs in registers (default: qkernel.KN_GEMM_MAGIC)")
     ap.add_argument("--kn-gemm-tiles", default=None,
                     help="the K-major INT4 GEMM's BLOCK_N (0: by shape),BLOCK_K,warps,K splits (-1: by shape),stages "
                          "(default: qkernel.KN_GEMM_TILES)")

@@ -485,7 +485,8 @@ def test_k_major_kernels_match_dequantize_then_linear(rows, tiles, kernels_on_cp
 def test_k_major_gemm_split_over_k_matches_the_reference():
     """The GEMM with K split over programs (what narrow layers get at batched decode), partial sums added by the
     reduction kernel: INT4 (K = 320, groups of 32 in 5 splits; nibbles by conversion and by the exponent trick, code
-    words loaded per row or once) and double-quantized NF4 (K = 256, 2 splits)."""
+    words loaded per row or once, and each word straight to 16-bit weights, magic=2) and double-quantized NF4
+    (K = 256, 2 splits)."""
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
     x = torch.randn(20, 320, device=DEVICE).to(dtype)
     q = Int4Linear.from_linear(nn.Linear(320, 72, bias=False), group_size=32).to(DEVICE)
@@ -495,6 +496,15 @@ def test_k_major_gemm_split_over_k_matches_the_reference():
         got = qkernel._launch_q4kn(x, q.qweight, q.scale, q.zero, 72, 32, False, "gemm",
                                    (16, 32, 32, 4, 5, magic, words))
         _close(got, want, 2e-2)
+    # magic=2: each word to its 8 weights in the input's dtype (scales in that dtype too), joined into the tile in
+    # input-column order; the same weights as the fp32 path rounds, so the same sums as magic=1 on the same layer
+    h = Int4Linear.from_linear(nn.Linear(320, 72, bias=False).to(dtype), group_size=32).to(DEVICE)
+    h.to_layout("kn")
+    assert h.scale.dtype == dtype and qkernel._gemm_magic(2, False, 1, h.scale, x) == 2
+    one, two = (qkernel._launch_q4kn(x, h.qweight, h.scale, h.zero, 72, 32, False, "gemm", (16, 32, 32, 4, 5, m, 1))
+                for m in (1, 2))
+    _close(two, F.linear(x.float(), h.weight.float()), 2e-2)
+    assert torch.equal(one, two)
     n = NF4Linear.from_linear(nn.Linear(256, 72, bias=False)).to(DEVICE)
     want = F.linear(x[:, :256].float(), n.weight.float())
     n.to_layout("kn")
@@ -513,6 +523,26 @@ def test_int8_gemm_split_over_k_matches_the_reference():
     want = F.linear(x.float(), q.weight.float())
     for tiles in ((16, 32, 3), (16, 32)):
         _close(qkernel._launch_int8(x, q.qweight, q.scale, "gemm", tiles), want, 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_half2_dequantization_is_exact_where_the_fp32_path_rounds(dtype):
+    """The INT4 GEMM's magic=2 words (inline PTX on CUDA), replayed step by step: a nibble masked under the exponent
+    of m (bf16 128, fp16 1024) reads m + q exactly, adding -(m + z) leaves q - z exactly, and the one rounded multiply
+    by the scale gives ((q - z) * s) rounded from fp32, for every code, zero point and nibble position."""
+    m, bits = (128.0, 0x4300) if dtype == torch.bfloat16 else (1024.0, 0x6400)
+    q = torch.arange(16, dtype=torch.int32)
+    lane = (q | bits).to(torch.int16).view(dtype)  # one half of `lop3 (t & 0x000F000F) | magic`
+    assert torch.equal(lane.float(), q.float() + m)
+    z = torch.arange(16, dtype=torch.float32)[:, None]
+    diff = lane[None, :] + (-(z + m)).to(dtype)  # 16-bit add, rounded once: exact
+    assert torch.equal(diff.float(), q.float()[None, :] - z)
+    s = (torch.rand(64, generator=torch.Generator().manual_seed(0)) * 0.05 + 1e-3).to(dtype)
+    got = diff[None] * s[:, None, None]  # 16-bit multiply, rounded once
+    assert torch.equal(got, (diff.float()[None] * s.float()[:, None, None]).to(dtype))
+    asm = qkernel._kernels()._q4_half2_asm(dtype == torch.bfloat16)
+    assert [f"shr.u32 t, $8, {4 * j};" in asm for j in range(4)] == [True] * 4 and asm.count("lop3.b32") == 4
+    assert asm.count("fma.rn.") == 8 and all(f"mov.b32 {{${j}, ${j + 4}}}, v{j};" in asm for j in range(4))
 
 
 def _prmt(a: int, b: int, c: int) -> int:

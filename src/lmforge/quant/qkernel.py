@@ -295,6 +295,14 @@ def _gemm_splits(M: int, N: int, K: int, block_m: int, block_n: int, block_k: in
     return K // (block_k * _kn_steps(K, block_k, K // (block_k * max(splits, 1))))
 
 
+def _gemm_magic(magic: int, nf4: bool, words: int, s: torch.Tensor, x: torch.Tensor) -> int:
+    """The K-major GEMM's MAGIC for the asked `magic`: 2 (code words to 16-bit weight pairs) needs INT4, code words
+    loaded once and scales in the input's 16-bit dtype; else the exponent trick (1)."""
+    if magic == 2 and (nf4 or not words or s.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16)):
+        return 1
+    return magic
+
+
 def pack_kn(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes uint8 (N, K) in [0, 15] -> int32 (K / 8, N), input column 8i + j in bits 4j..4j+3 of word
     [i, n] (GPTQ's qweight order; `qkernel_triton`'s K-major kernels read it)."""
@@ -360,8 +368,10 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     flat=1: two-dimensional tiles, each code word loaded by its 8 input columns); "dequant": the (K, N) weight
     written once by `q4kn_dequant_kernel` (tiles: code words per program, columns, warps), then cuBLAS; GEMM tiles:
     (BLOCK_M, BLOCK_N, BLOCK_K, warps[, K splits[, magic[, words[, pipeline stages]]]]): splits -1 or absent: by
-    shape, the partial sums added as the GEMV's; magic=1: INT4 nibbles to float by the exponent trick; words=1: each
-    code word loaded once and unpacked in registers; stages: software pipelining depth, 2 if absent). `fuse`: the
+    shape, the partial sums added as the GEMV's; magic=1: INT4 nibbles to float by the exponent trick, magic=2
+    (INT4 with words=1 and 16-bit scales in the input's dtype, else magic=1): each code word to its 8 weights two to
+    a register (`qkernel_triton._q4_half2`); words=1: each code word loaded once and unpacked in registers; stages:
+    software pipelining depth, 2 if absent). `fuse`: the
     decode fusions, in the GEMV's kernel where one program writes each output (one split, or atomic=2), else by
     torch ops around the launch; `pdl`: programmatic dependent launch."""
     if fuse is not None and path != "gemv":
@@ -410,6 +420,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     magic = tiles[5] if len(tiles) > 5 else 0
     words = tiles[6] if len(tiles) > 6 else 0
     stages = tiles[7] if len(tiles) > 7 else 2
+    magic = _gemm_magic(magic, nf4, words, s, x)
     block_k = min(block_k, group)
     splits = _gemm_splits(M, N, K, block_m, block_n, block_k, splits, x.device)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -417,7 +428,7 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     k.q4kn_gemm_kernel[(triton_cdiv(M, block_m), triton_cdiv(N, block_n), splits)](
         x, qw, s, z, ss, mean, lut, out, M, N, K, x.stride(0), N, GROUP=group, NF4=nf4, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, K_SPLIT=K // splits if splits > 1 else 0,
-        MAGIC=bool(magic), WORDS=bool(words), **dq)
+        MAGIC=int(magic), WORDS=bool(words), ASM=x.is_cuda, **dq)
     if splits > 1:
         k.splitk_sum_kernel[(triton_cdiv(M * N, 1024),)](out, y, M * N, SPLITS=splits, BLOCK=1024, num_warps=4)
     return y
@@ -435,7 +446,10 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
 # (bytes masked in place, magic=1).
 GEMV_TILES = {"int8": (8, 1024, 4, 1), "int4": (8, 1024, 4, 0, 0), "nf4": (16, 1024, 4, 0, 0),
               "int4kn": (512, 64, 4, 1, 2, 2, 0), "nf4kn": (512, 64, 4, 1, 2, 2, 0)}
-KN_GEMM_MAGIC = False  # the K-major INT4 GEMM's nibbles by the exponent trick (bench/qkernel_tiles.py compares)
+# the K-major INT4 GEMM's code words to weights: 0 int-to-float conversions, 1 the exponent trick, 2 each word to its
+# 8 weights in the input's 16-bit dtype, two to a register (3.9 machine instructions a weight in the sm_90 loop
+# against 8.1 and a quarter-rate conversion for 0: `bench/qkernel_sass.py --gemm`)
+KN_GEMM_MAGIC = 2
 KN_GEMM_WORDS = True  # ... and its code words loaded once, unpacked in registers (18-27% faster at 64 rows, H200)
 # ... and its tiles past BLOCK_M (by the rows): BLOCK_N (None: by shape, `_gemm_blocks`), BLOCK_K, warps, K splits
 # (-1: by shape), pipeline stages

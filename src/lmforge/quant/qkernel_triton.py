@@ -100,6 +100,58 @@ def _nf4_prmt(w, opaque_zero):
         dtype=(tl.int32,) * 8, is_pure=True, pack=1)
 
 
+def _q4_half2_asm(bf16: bool) -> str:
+    """PTX: one K-major INT4 code word ($8), the pair -(m + z) ($9) and the scale pair ($10) as two 16-bit floats
+    each -> the dequantized 16-bit weights (q - z) * s of its 8 input columns ($0..$7). Two nibbles a register
+    (j and j + 4) masked under the exponent of m (bf16 128 / fp16 1024, exact for 0..15) by one LOP3, then per pair
+    an exact add of -(m + z) and one rounded multiply: the result of rounding the exact product once, as
+    ``((q - z) * s).to(dtype)`` in fp32."""
+    t = "bf16x2" if bf16 else "f16x2"
+    one, magic = ("0x3F803F80", "0x43004300") if bf16 else ("0x3C003C00", "0x64006400")
+    lanes = "".join(f"shr.u32 t, $8, {4 * j}; lop3.b32 v{j}, t, 0x000F000F, {magic}, 0xEA; "
+                    f"fma.rn.{t} v{j}, v{j}, one, $9; fma.rn.{t} v{j}, v{j}, $10, nzero; " for j in range(4))
+    return ("{ .reg .b32 t, v0, v1, v2, v3, one, nzero; " f"mov.b32 one, {one}; mov.b32 nzero, 0x80008000; " + lanes
+            + "mov.b32 {$0, $4}, v0; mov.b32 {$1, $5}, v1; mov.b32 {$2, $6}, v2; mov.b32 {$3, $7}, v3; }")
+
+
+Q4_BF16X2_ASM: tl.constexpr = tl.constexpr(_q4_half2_asm(True))
+Q4_F16X2_ASM: tl.constexpr = tl.constexpr(_q4_half2_asm(False))
+
+
+@triton.jit
+def _pair16(v):
+    """16-bit floats -> int32 words holding the value in both halves (a packed-pair operand)."""
+    b = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+@triton.jit
+def _q4_half2(w, z, s, DT: tl.constexpr, ASM: tl.constexpr):
+    """int32 K-major INT4 code words (words, columns) with each column's zero point z (fp32) and scale s (DT) -> 8
+    tensors of DT: the weights (q - z) * s of input columns 8i + j, j = 0..7. ASM (CUDA): packed 16-bit pairs in
+    registers (`_q4_half2_asm`, 2 instructions a weight); else the same values by fp32 arithmetic (the Triton
+    interpreter)."""
+    if ASM:
+        if DT == tl.bfloat16:
+            ss = _pair16(s)[None, :]
+            v = tl.inline_asm_elementwise(Q4_BF16X2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                                          [w, _pair16((-(z + 128.0)).to(tl.bfloat16))[None, :], ss],
+                                          dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            ss = _pair16(s)[None, :]
+            v = tl.inline_asm_elementwise(Q4_F16X2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                                          [w, _pair16((-(z + 1024.0)).to(tl.float16))[None, :], ss],
+                                          dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        sf = s.to(tl.float32)[None, :]
+        zf = z[None, :]
+        v = (((w & 0xF).to(tl.float32) - zf) * sf).to(DT), ((((w >> 4) & 0xF).to(tl.float32) - zf) * sf).to(DT), \
+            ((((w >> 8) & 0xF).to(tl.float32) - zf) * sf).to(DT), ((((w >> 12) & 0xF).to(tl.float32) - zf) * sf).to(DT), \
+            ((((w >> 16) & 0xF).to(tl.float32) - zf) * sf).to(DT), ((((w >> 20) & 0xF).to(tl.float32) - zf) * sf).to(DT), \
+            ((((w >> 24) & 0xF).to(tl.float32) - zf) * sf).to(DT), ((((w >> 28) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+    return v
+
+
 @triton.jit
 def q4_gemv_kernel(X, QW, S, Z, SS, Mean, Lut, Y, N, K, stride_xm, stride_ym,
                    GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -589,14 +641,18 @@ def q4kn_dequant_kernel(QW, S, Z, SS, Mean, Lut, W, N, K, GROUP: tl.constexpr, N
 def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_ym,
                      GROUP: tl.constexpr, NF4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, DQ: tl.constexpr = False, DQ_BLOCK: tl.constexpr = 256,
-                     K_SPLIT: tl.constexpr = 0, MAGIC: tl.constexpr = False, WORDS: tl.constexpr = False):
+                     K_SPLIT: tl.constexpr = 0, MAGIC: tl.constexpr = 0, WORDS: tl.constexpr = False,
+                     ASM: tl.constexpr = False):
     """Y[rows, cols] = X[rows] @ W[:, cols] with (BLOCK_K, BLOCK_N) weight tiles dequantized into tensor-core dots
     (BLOCK_K divides GROUP: one scale row per tile). Each code word is loaded by the 8 rows it holds (L1 hits), or
     with WORDS once, as a (BLOCK_K / 8, BLOCK_N) tile unpacked to (BLOCK_K / 8, 8, BLOCK_N) and reshaped (an eighth
     of the load instructions, a register shuffle instead).
     K_SPLIT > 0: this program covers K_SPLIT input columns (grid axis 2) and writes its fp32 partial sums to its slice
-    of a (splits, M, N) workspace, so few output tiles (a narrow N) still fill the GPU. MAGIC: INT4 nibbles to float
-    by `_nibble_f32`'s exponent trick instead of a (quarter-rate) conversion."""
+    of a (splits, M, N) workspace, so few output tiles (a narrow N) still fill the GPU. MAGIC=1: INT4 nibbles to float
+    by `_nibble_f32`'s exponent trick instead of a (quarter-rate) conversion. MAGIC=2 (INT4, WORDS, scales in X's
+    16-bit dtype): each word straight to its 8 weights in X's dtype, two to a register (`_q4_half2`: about 4 machine
+    instructions a weight in the loop on sm_90 against 8 and a quarter-rate conversion, `bench/qkernel_sass.py
+    --gemm`), interleaved into the (BLOCK_K, BLOCK_N) tile by joins."""
     k_lo = tl.program_id(2) * K_SPLIT
     k_hi = k_lo + K_SPLIT if K_SPLIT > 0 else K
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -607,23 +663,35 @@ def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_y
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
-        if WORDS:
+        if WORDS and MAGIC == 2 and not NF4:
             w = tl.load(QW + (k0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.int64)[:, None] * N + cols[None, :],
                         mask=col_ok[None, :], other=0)  # (BLOCK_K / 8, BLOCK_N)
-            q = tl.reshape((w[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
-        else:
-            w = tl.load(QW + ((k0 + ks) // 8).to(tl.int64)[:, None] * N + cols[None, :], mask=col_ok[None, :],
-                        other=0)
-            q = (w >> shift) & 0xF  # (BLOCK_K, BLOCK_N)
-        if NF4:
-            wt = tl.load(Lut + q) * _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ,
-                                               DQ_BLOCK)[None, :]
-        else:
-            g = (k0 // GROUP) * N  # (K / GROUP) N < 2^31
-            s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
+            g = (k0 // GROUP) * N
+            s = tl.load(S + g + cols, mask=col_ok, other=0)
             z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
-            wt = (_nibble_f32(q, MAGIC) - z[None, :]) * s[None, :]
-        acc += tl.dot(x, wt.to(x.dtype))
+            v0, v1, v2, v3, v4, v5, v6, v7 = _q4_half2(w, z, s, X.dtype.element_ty, ASM)
+            # (BK / 8, BN, 2, 2, 2): [..., a, b, c] is input column 8i + 4c + 2b + a; to (BK / 8, c, b, a, BN)
+            v = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
+            wt = tl.reshape(tl.permute(v, (0, 4, 3, 2, 1)), (BLOCK_K, BLOCK_N))
+        else:
+            if WORDS:
+                w = tl.load(QW + (k0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.int64)[:, None] * N + cols[None, :],
+                            mask=col_ok[None, :], other=0)  # (BLOCK_K / 8, BLOCK_N)
+                q = tl.reshape((w[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+            else:
+                w = tl.load(QW + ((k0 + ks) // 8).to(tl.int64)[:, None] * N + cols[None, :], mask=col_ok[None, :],
+                            other=0)
+                q = (w >> shift) & 0xF  # (BLOCK_K, BLOCK_N)
+            if NF4:
+                wt = tl.load(Lut + q) * _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ,
+                                                   DQ_BLOCK)[None, :]
+            else:
+                g = (k0 // GROUP) * N  # (K / GROUP) N < 2^31
+                s = tl.load(S + g + cols, mask=col_ok, other=0).to(tl.float32)
+                z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
+                wt = (_nibble_f32(q, MAGIC) - z[None, :]) * s[None, :]
+            wt = wt.to(x.dtype)
+        acc += tl.dot(x, wt)
     Y += tl.program_id(2).to(tl.int64) * M * stride_ym  # the workspace slice of this split (0 without a split)
     tl.store(Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])

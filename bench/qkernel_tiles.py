@@ -49,8 +49,8 @@ KN_QUICK_GEMV_GRID = {
               itertools.product(((256, 64, 2, 1), (512, 64, 4, 1), (256, 32, 2, 1), (128, 64, 1, 1)), (1, 2))]
     + [(64, 32, 2, 1, 1, 1, 0)]}  # the pair table's best
 KN_DEQUANT_GRID = [(8, 128, 4), (4, 256, 4), (16, 64, 4), (8, 256, 8)]  # code words, columns, warps
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, K splits (-1: by shape), magic (INT4: 1 exponent trick, 2 16-bit pairs), words (each
-# code word loaded once))
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, K splits (-1: by shape), magic (INT4: 1 exponent trick, 2 16-bit pairs),
+# words (each code word loaded once))
 KN_GEMM_GRID = list(itertools.product((16, 64), (64, 128), (128,), (4,), (-1, 4), (0, 1), (0, 1)))
 # --quick: words=1 (the default), wide column tiles (at 64 rows a narrow tile re-reads the whole input from L2 for
 # few weights: 8x the weight bytes at 32 columns), warps, conversions against 16-bit pairs (magic 0 / 2) and pipeline

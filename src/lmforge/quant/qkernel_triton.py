@@ -126,6 +126,11 @@ def _pair16(v):
 
 
 @triton.jit
+def _q4_lane(w, SHIFT: tl.constexpr, z, s, DT: tl.constexpr):
+    return ((((w >> SHIFT) & 0xF).to(tl.float32) - z) * s).to(DT)
+
+
+@triton.jit
 def _q4_half2(w, z, s, DT: tl.constexpr, ASM: tl.constexpr):
     """int32 K-major INT4 code words (words, columns) with each column's zero point z (fp32) and scale s (DT) -> 8
     tensors of DT: the weights (q - z) * s of input columns 8i + j, j = 0..7. ASM (CUDA): packed 16-bit pairs in
@@ -143,12 +148,10 @@ def _q4_half2(w, z, s, DT: tl.constexpr, ASM: tl.constexpr):
                                           [w, _pair16((-(z + 1024.0)).to(tl.float16))[None, :], ss],
                                           dtype=(tl.float16,) * 8, is_pure=True, pack=1)
     else:
-        sf = s.to(tl.float32)[None, :]
-        zf = z[None, :]
-        v = (((w & 0xF).to(tl.float32) - zf) * sf).to(DT), ((((w >> 4) & 0xF).to(tl.float32) - zf) * sf).to(DT), \
-            ((((w >> 8) & 0xF).to(tl.float32) - zf) * sf).to(DT), ((((w >> 12) & 0xF).to(tl.float32) - zf) * sf).to(DT), \
-            ((((w >> 16) & 0xF).to(tl.float32) - zf) * sf).to(DT), ((((w >> 20) & 0xF).to(tl.float32) - zf) * sf).to(DT), \
-            ((((w >> 24) & 0xF).to(tl.float32) - zf) * sf).to(DT), ((((w >> 28) & 0xF).to(tl.float32) - zf) * sf).to(DT)
+        sf, zf = s.to(tl.float32)[None, :], z[None, :]
+        v = (_q4_lane(w, 0, zf, sf, DT), _q4_lane(w, 4, zf, sf, DT), _q4_lane(w, 8, zf, sf, DT),
+             _q4_lane(w, 12, zf, sf, DT), _q4_lane(w, 16, zf, sf, DT), _q4_lane(w, 20, zf, sf, DT),
+             _q4_lane(w, 24, zf, sf, DT), _q4_lane(w, 28, zf, sf, DT))
     return v
 
 

@@ -10,6 +10,7 @@ Figures here are no substitute for `bench/qkernel_tiles.py` on the GPU.
 
     python bench/qkernel_sass.py                       # the default and the in-register variants, JSON lines
     python bench/qkernel_sass.py --format int4kn --tiles 256,32,2,1,1,1,0
+    python bench/qkernel_sass.py --gemm                # the INT4 GEMM's K loop at 64 rows (batched decode)
 """
 from __future__ import annotations
 
@@ -101,12 +102,61 @@ def mix(fmt: str, tiles: tuple, arch: int) -> dict:
             "top": {o: round(n / per, 2) for o, n in ops.most_common(8)}}
 
 
+# the K-major INT4 GEMM at 64 rows (batched decode): (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, magic)
+GEMM_VARIANTS = [("conversions", (64, 128, 128, 4, 2, 0)), ("exponent trick", (64, 128, 128, 4, 2, 1)),
+                 ("16-bit pairs", (64, 128, 128, 4, 2, 2)), ("16-bit pairs", (64, 256, 128, 8, 3, 2))]
+LINE = re.compile(r"^\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", re.M)
+
+
+def compile_gemm(tiles: tuple, arch: int):
+    """The K-major INT4 GEMM with `tiles` (code words loaded once, as `qkernel` runs it), bf16 input."""
+    block_m, block_n, block_k, warps, stages, magic = tiles
+    fn = kt.q4kn_gemm_kernel
+    sig = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*u8", "SS": "*fp32", "Mean": "*fp32", "Lut": "*fp32",
+           "Y": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+    const = {"GROUP": 128, "NF4": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "DQ": 0,
+             "DQ_BLOCK": 256, "K_SPLIT": 0, "MAGIC": magic, "WORDS": True, "ASM": True}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t != "fp32"}
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def gemm_mix(tiles: tuple, arch: int) -> dict:
+    """Machine instructions per weight in the GEMM's K loop (the longest backward branch's body: one BLOCK_K step of
+    one thread), by opcode, and the kernel's registers."""
+    kernel = compile_gemm(tiles, arch)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    ins = [(int(a, 16), op.split(".")[0], rest) for a, op, rest in LINE.findall(sass)]
+    loops = [(int(m.group(1), 16), a) for a, op, rest in ins if op == "BRA"
+             for m in [re.search(r"0x([0-9a-f]+)", rest)] if m and int(m.group(1), 16) < a]
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    ops = collections.Counter(op for a, op, _ in ins if lo <= a <= hi)
+    per = tiles[1] * tiles[2] / (32 * tiles[3])  # weights per thread per step
+    regs = re.search(r"REG:(\d+)", res)
+    return {"format": "int4kn", "path": "gemm", "tiles": list(tiles), "arch": f"sm_{arch}",
+            "instructions_per_weight": round(sum(ops.values()) / per, 2),
+            "conversions_per_weight": round(sum(n for o, n in ops.items() if o.startswith(("I2F", "F2F"))) / per, 2),
+            "mma": sum(n for o, n in ops.items() if o in ("HGMMA", "HMMA")),
+            "registers": int(regs.group(1)) if regs else None, "top": {o: round(n / per, 2) for o, n in ops.most_common(8)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--format", choices=sorted(VARIANTS), default=None, help="one format (default: all)")
     ap.add_argument("--tiles", default=None, help="comma-separated GEMV tiles for --format (default: VARIANTS)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--gemm", action="store_true", help="the K-major INT4 GEMM's K loop instead (GEMM_VARIANTS)")
     args = ap.parse_args()
+    if args.gemm:
+        for name, tiles in GEMM_VARIANTS:
+            print(json.dumps({"variant": name, **gemm_mix(tiles, args.arch)}), flush=True)
+        return
     if args.tiles and not args.format:
         ap.error("--tiles needs --format")
     cases = [(args.format, ("forced", tuple(int(v) for v in args.tiles.split(","))))] if args.tiles else \

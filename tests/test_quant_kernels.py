@@ -598,7 +598,8 @@ def test_in_register_variants_compile_for_an_h100_without_int_to_float_conversio
     tests run Triton as its interpreter) and counts machine instructions per weight: the in-place unpacking (INT4 and
     INT8 magic=1), INT4's shifted nibble pairs (magic=2) and NF4's byte permutes (magic=2, inline PTX) assemble; the
     INT4 / INT8 ones issue no int-to-float conversion where the plain loops issue one per weight, and INT4's pairs
-    drop magic=1's float subtract per weight."""
+    drop magic=1's float subtract per weight. The INT4 GEMM's K loop (--gemm) with code words to 16-bit pairs
+    (magic=2) issues no conversion and under 0.6x the plain loop's instructions, with its tensor-core tiles."""
     import json
     import os
     import pathlib
@@ -624,3 +625,10 @@ def test_in_register_variants_compile_for_an_h100_without_int_to_float_conversio
         max(rows["int8", (8, 1024, 4, m)]["conversions_per_weight"] for m in (1, 2))
     prmt = rows["nf4kn", (256, 32, 2, 1, 1, 2, 0)]
     assert prmt["top"].get("PRMT", 0) >= 2 and prmt["spill_stack"] == 0  # 16 permutes per code word of 8 weights
+    out = subprocess.run([sys.executable, str(root / "bench" / "qkernel_sass.py"), "--gemm"], env=env,
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    gemm = {tuple(r["tiles"]): r for r in map(json.loads, out.splitlines())}  # the INT4 GEMM's K loop at 64 rows
+    plain, pairs = gemm[64, 128, 128, 4, 2, 0], gemm[64, 128, 128, 4, 2, 2]
+    assert plain["conversions_per_weight"] >= 1 > 0.1 > pairs["conversions_per_weight"]
+    assert pairs["instructions_per_weight"] < 0.6 * plain["instructions_per_weight"]
+    assert all(r["mma"] > 0 for r in gemm.values())  # still tensor-core tiles

@@ -143,7 +143,8 @@ def gemm_mix(tiles: tuple, arch: int) -> dict:
             "instructions_per_weight": round(sum(ops.values()) / per, 2),
             "conversions_per_weight": round(sum(n for o, n in ops.items() if o.startswith(("I2F", "F2F"))) / per, 2),
             "mma": sum(n for o, n in ops.items() if o in ("HGMMA", "HMMA")),
-            "registers": int(regs.group(1)) if regs else None, "top": {o: round(n / per, 2) for o, n in ops.most_common(8)}}
+            "registers": int(regs.group(1)) if regs else None,
+            "top": {o: round(n / per, 2) for o, n in ops.most_common(8)}}
 
 
 def main() -> None:

@@ -182,7 +182,8 @@ def main() -> None:
             if fmt.endswith("kn"):
                 gemv = KN_QUICK_GEMV_GRID[fmt] if args.quick else KN_GEMV_GRID
                 gemm = [(*t, "dequant") for t in KN_DEQUANT_GRID]
-                gemm += [] if fmt in qkernel.DEQUANT_GEMM else KN_QUICK_GEMM_GRID if args.quick else KN_GEMM_GRID
+                gemm += [t for t in KN_QUICK_GEMM_GRID if t[5] == 2] if fmt == "nf4kn" else \
+                    KN_QUICK_GEMM_GRID if args.quick else KN_GEMM_GRID  # NF4: its level pairs against dequantizing
             elif fmt == "int4-tinygemm":
                 gemv, gemm = [()], [()]
             else:

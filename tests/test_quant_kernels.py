@@ -486,7 +486,7 @@ def test_k_major_gemm_split_over_k_matches_the_reference():
     """The GEMM with K split over programs (what narrow layers get at batched decode), partial sums added by the
     reduction kernel: INT4 (K = 320, groups of 32 in 5 splits; nibbles by conversion and by the exponent trick, code
     words loaded per row or once, and each word straight to 16-bit weights, magic=2) and double-quantized NF4
-    (K = 256, 2 splits)."""
+    (K = 256, 2 splits; the level table, and magic=2's words to 16-bit weights)."""
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
     x = torch.randn(20, 320, device=DEVICE).to(dtype)
     q = Int4Linear.from_linear(nn.Linear(320, 72, bias=False), group_size=32).to(DEVICE)
@@ -511,6 +511,10 @@ def test_k_major_gemm_split_over_k_matches_the_reference():
     got = qkernel._launch_q4kn(x[:, :256].contiguous(), n.codes, n.absmax, None, 72, 64, True, "gemm",
                                (16, 64, 64, 4, 2), n.absmax_scale, n.absmax_mean, 256)
     _close(got, want, 2e-2)
+    one, two = (qkernel._launch_q4kn(x[:, :256].contiguous(), n.codes, n.absmax, None, 72, 64, True, "gemm",
+                                     (16, 64, 64, 4, 2, m, 1), n.absmax_scale, n.absmax_mean, 256) for m in (1, 2))
+    _close(two, want, 2e-2)  # NF4 magic=2: the level pairs by byte permutes on CUDA, the level table elsewhere
+    assert qkernel._gemm_magic(2, True, 1, n.absmax, x) == 2 and (DEVICE.type == "cuda" or torch.equal(one, two))
 
 
 @needs_triton
@@ -553,11 +557,22 @@ def _prmt(a: int, b: int, c: int) -> int:
 
 def test_nf4_byte_permute_tables_decode_every_code_word_to_the_bf16_levels():
     """The NF4 GEMV's register lookup (magic=2, inline PTX on CUDA), replayed instruction by instruction on its
-    tables: every code in every nibble position of a word decodes to bf16(NF4_LEVELS[code]) as fp32 bits."""
+    tables: every code in every nibble position of a word decodes to bf16(NF4_LEVELS[code]) as fp32 bits; the GEMM's
+    level pairs (the permutes before the shifts) are the bf16 / fp16 levels of the word's nibbles 2i, 2i + 1."""
     from lmforge.quant.qkernel_triton import nf4_prmt_tables
 
     (h0, h1, h2, h3), (l0, l1, l2, l3) = nf4_prmt_tables()
     want = NF4_LEVELS.to(torch.bfloat16).float().view(torch.int32).tolist()
+    for dtype in (torch.bfloat16, torch.float16):
+        (a0, a1, a2, a3), (b0, b1, b2, b3) = nf4_prmt_tables(dtype)
+        bits = [b & 0xFFFF for b in NF4_LEVELS.to(dtype).view(torch.int16).tolist()]
+        for half in (0x3210, 0x7654, 0xBA98, 0xFEDC, 0x9F1E):
+            s7, sb = half & 0x7777, ((half >> 1) & 0x4444) | 0x3210
+            hb = _prmt(_prmt(a0, a1, s7), _prmt(a2, a3, s7), sb)
+            lb = _prmt(_prmt(b0, b1, s7), _prmt(b2, b3, s7), sb)
+            pairs = [_prmt(lb, hb, sel) for sel in (0x5140, 0x7362)]
+            codes = [(half >> (4 * j)) & 15 for j in range(4)]
+            assert pairs == [bits[codes[0]] | bits[codes[1]] << 16, bits[codes[2]] | bits[codes[3]] << 16]
     g = torch.Generator().manual_seed(0)
     words = [sum(c << (4 * j) for j, c in enumerate(torch.randint(0, 16, (8,), generator=g).tolist()))
              for _ in range(64)] + [int("76543210", 16), int("fedcba98", 16)]
@@ -576,6 +591,8 @@ def test_nf4_byte_permute_tables_decode_every_code_word_to_the_bf16_levels():
     assert [kt.NF4_H0, kt.NF4_H1, kt.NF4_H2, kt.NF4_H3, kt.NF4_L0, kt.NF4_L1, kt.NF4_L2, kt.NF4_L3] == \
         [t - (1 << 32) if t >= 1 << 31 else t for t in (h0, h1, h2, h3, l0, l1, l2, l3)]
     assert kt.NF4_PRMT_ASM.value.count("prmt.b32") == 16
+    assert all(a.value.count("prmt.b32") == 16 and a.value.count("fma.rn.") == 4
+               for a in (kt.NF4_BF16X2_ASM, kt.NF4_F16X2_ASM))
 
 
 @pytest.mark.gpu

@@ -296,9 +296,9 @@ def _gemm_splits(M: int, N: int, K: int, block_m: int, block_n: int, block_k: in
 
 
 def _gemm_magic(magic: int, nf4: bool, words: int, s: torch.Tensor, x: torch.Tensor) -> int:
-    """The K-major GEMM's MAGIC for the asked `magic`: 2 (code words to 16-bit weight pairs) needs INT4, code words
-    loaded once and scales in the input's 16-bit dtype; else the exponent trick (1)."""
-    if magic == 2 and (nf4 or not words or s.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16)):
+    """The K-major GEMM's MAGIC for the asked `magic`: 2 (code words to 16-bit weight pairs) needs code words loaded
+    once, a 16-bit input and (INT4) scales in its dtype; else the exponent trick (1)."""
+    if magic == 2 and (not words or x.dtype not in (torch.bfloat16, torch.float16) or not nf4 and s.dtype != x.dtype):
         return 1
     return magic
 
@@ -491,6 +491,8 @@ def _tiles(fmt: str, path: str, M: int, N: int, device: torch.device, gemv_tiles
 
 # K-major formats whose batched rows (5-256) dequantize once and call cuBLAS instead of the GEMM: NF4's table lookup
 # in a tensor-core tile ran at 2% of the HBM roofline on an H100 (docs/benchmarks.md), far below one dequantizing pass.
+# Its byte-permute level pairs (magic=2: 5.7 sm_90 loop instructions a weight, no loads) are not measured against it
+# yet (`bench/qkernel_tiles.py --quick --formats nf4kn --paths gemm` compares them).
 DEQUANT_GEMM = {"nf4kn"}
 
 

@@ -28,11 +28,11 @@ except ImportError:  # older triton: PDL is never requested (`qkernel.pdl_option
     gdc_launch_dependents = gdc_wait = None
 
 
-def nf4_prmt_tables() -> tuple[list[int], list[int]]:
-    """The bf16 NF4 levels as byte tables for PTX ``prmt``: four int32 words of high bytes (byte j of word i: level
-    4i + j) and four of low bytes. Two ``prmt`` pick among levels 0-7 and 8-15 for four 3-bit indices at once, a
-    third keeps the half each index's bit 3 names (`_nf4_prmt`)."""
-    bits = [b & 0xFFFF for b in NF4_LEVELS.to(torch.bfloat16).view(torch.int16).tolist()]
+def nf4_prmt_tables(dtype: torch.dtype = torch.bfloat16) -> tuple[list[int], list[int]]:
+    """The NF4 levels in `dtype` (bf16 or fp16) as byte tables for PTX ``prmt``: four int32 words of high bytes (byte
+    j of word i: level 4i + j) and four of low bytes. Two ``prmt`` pick among levels 0-7 and 8-15 for four 3-bit
+    indices at once, a third keeps the half each index's bit 3 names (`_nf4_prmt`)."""
+    bits = [b & 0xFFFF for b in NF4_LEVELS.to(dtype).view(torch.int16).tolist()]
     word = lambda vals: sum(v << (8 * j) for j, v in enumerate(vals))  # noqa: E731
     hi = [word([b >> 8 for b in bits[4 * i:4 * i + 4]]) for i in range(4)]
     lo = [word([b & 0xFF for b in bits[4 * i:4 * i + 4]]) for i in range(4)]
@@ -51,9 +51,28 @@ def _nf4_prmt_asm() -> str:
             + "shr.b32 i, $8, 16; " + half.format(w="i", o0=4, o1=5, o2=6, o3=7) + "}")
 
 
+def _nf4_pairs_asm(bf16: bool) -> str:
+    """PTX: one K-major NF4 code word ($8), the level tables ($9..$16, `nf4_prmt_tables` of the dtype) and the block
+    scale as a 16-bit pair ($17) -> the dequantized 16-bit weights of its 8 input columns ($0..$7): the byte permutes
+    of `_nf4_prmt_asm` leave two levels a register, each pair then one packed multiply."""
+    t = "bf16x2" if bf16 else "f16x2"
+    half = ("and.b32 s7, {w}, 0x7777; shr.b32 sb, {w}, 1; and.b32 sb, sb, 0x4444; or.b32 sb, sb, 0x3210; "
+            "prmt.b32 a, $9, $10, s7; prmt.b32 b, $11, $12, s7; prmt.b32 hb, a, b, sb; "
+            "prmt.b32 a, $13, $14, s7; prmt.b32 b, $15, $16, s7; prmt.b32 lb, a, b, sb; "
+            f"prmt.b32 p, lb, hb, 0x5140; fma.rn.{t} p, p, $17, nzero; " "mov.b32 {{${o0}, ${o1}}}, p; "
+            f"prmt.b32 p, lb, hb, 0x7362; fma.rn.{t} p, p, $17, nzero; " "mov.b32 {{${o2}, ${o3}}}, p; ")
+    return ("{ .reg .b32 s7, sb, a, b, hb, lb, p, i, nzero; mov.b32 nzero, 0x80008000; "
+            + half.format(w="$8", o0=0, o1=1, o2=2, o3=3) + "shr.b32 i, $8, 16; "
+            + half.format(w="i", o0=4, o1=5, o2=6, o3=7) + "}")
+
+
 NF4_PRMT_ASM: tl.constexpr = tl.constexpr(_nf4_prmt_asm())
+NF4_BF16X2_ASM: tl.constexpr = tl.constexpr(_nf4_pairs_asm(True))
+NF4_F16X2_ASM: tl.constexpr = tl.constexpr(_nf4_pairs_asm(False))
 _signed = [t - (1 << 32) if t >= 1 << 31 else t for t in sum(nf4_prmt_tables(), [])]
 NF4_H0, NF4_H1, NF4_H2, NF4_H3, NF4_L0, NF4_L1, NF4_L2, NF4_L3 = (tl.constexpr(t) for t in _signed)
+_signed = [t - (1 << 32) if t >= 1 << 31 else t for t in sum(nf4_prmt_tables(torch.float16), [])]
+NF4F_H0, NF4F_H1, NF4F_H2, NF4F_H3, NF4F_L0, NF4F_L1, NF4F_L2, NF4F_L3 = (tl.constexpr(t) for t in _signed)
 
 
 @triton.jit
@@ -153,6 +172,37 @@ def _q4_half2(w, z, s, DT: tl.constexpr, ASM: tl.constexpr):
              _q4_lane(w, 12, zf, sf, DT), _q4_lane(w, 16, zf, sf, DT), _q4_lane(w, 20, zf, sf, DT),
              _q4_lane(w, 24, zf, sf, DT), _q4_lane(w, 28, zf, sf, DT))
     return v
+
+
+@triton.jit
+def _nf4_half2(w, a, Lut, opaque_zero, DT: tl.constexpr, ASM: tl.constexpr):
+    """int32 K-major NF4 code words (words, columns) with each column's fp32 block scale a -> 8 tensors of DT: the
+    weights level(q) * a of input columns 8i + j. ASM (CUDA): the levels by byte permutes from register tables, two
+    a register, times the scale pair (`_nf4_pairs_asm`); else by the level table `Lut` (the Triton interpreter)."""
+    if ASM:
+        if DT == tl.bfloat16:
+            v = tl.inline_asm_elementwise(
+                NF4_BF16X2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r",
+                [w, opaque_zero + NF4_H0, opaque_zero + NF4_H1, opaque_zero + NF4_H2, opaque_zero + NF4_H3,
+                 opaque_zero + NF4_L0, opaque_zero + NF4_L1, opaque_zero + NF4_L2, opaque_zero + NF4_L3,
+                 _pair16(a.to(tl.bfloat16))[None, :]], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            v = tl.inline_asm_elementwise(
+                NF4_F16X2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r",
+                [w, opaque_zero + NF4F_H0, opaque_zero + NF4F_H1, opaque_zero + NF4F_H2, opaque_zero + NF4F_H3,
+                 opaque_zero + NF4F_L0, opaque_zero + NF4F_L1, opaque_zero + NF4F_L2, opaque_zero + NF4F_L3,
+                 _pair16(a.to(tl.float16))[None, :]], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        a = a[None, :]
+        v = (_nf4_lane(w, 0, Lut, a, DT), _nf4_lane(w, 4, Lut, a, DT), _nf4_lane(w, 8, Lut, a, DT),
+             _nf4_lane(w, 12, Lut, a, DT), _nf4_lane(w, 16, Lut, a, DT), _nf4_lane(w, 20, Lut, a, DT),
+             _nf4_lane(w, 24, Lut, a, DT), _nf4_lane(w, 28, Lut, a, DT))
+    return v
+
+
+@triton.jit
+def _nf4_lane(w, SHIFT: tl.constexpr, Lut, a, DT: tl.constexpr):
+    return (tl.load(Lut + ((w >> SHIFT) & 0xF)) * a).to(DT)
 
 
 @triton.jit
@@ -652,10 +702,11 @@ def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_y
     of the load instructions, a register shuffle instead).
     K_SPLIT > 0: this program covers K_SPLIT input columns (grid axis 2) and writes its fp32 partial sums to its slice
     of a (splits, M, N) workspace, so few output tiles (a narrow N) still fill the GPU. MAGIC=1: INT4 nibbles to float
-    by `_nibble_f32`'s exponent trick instead of a (quarter-rate) conversion. MAGIC=2 (INT4, WORDS, scales in X's
-    16-bit dtype): each word straight to its 8 weights in X's dtype, two to a register (`_q4_half2`: about 4 machine
-    instructions a weight in the loop on sm_90 against 8 and a quarter-rate conversion, `bench/qkernel_sass.py
-    --gemm`), interleaved into the (BLOCK_K, BLOCK_N) tile by joins."""
+    by `_nibble_f32`'s exponent trick instead of a (quarter-rate) conversion. MAGIC=2 (WORDS; INT4 scales in X's
+    16-bit dtype): each word straight to its 8 weights in X's dtype, two to a register (INT4 `_q4_half2`: about 4
+    machine instructions a weight in the loop on sm_90 against 8 and a quarter-rate conversion, `bench/qkernel_sass.py
+    --gemm`; NF4 `_nf4_half2`: byte permutes, no table loads), interleaved into the (BLOCK_K, BLOCK_N) tile by
+    joins."""
     k_lo = tl.program_id(2) * K_SPLIT
     k_hi = k_lo + K_SPLIT if K_SPLIT > 0 else K
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -666,13 +717,17 @@ def q4kn_gemm_kernel(X, QW, S, Z, SS, Mean, Lut, Y, M, N, K, stride_xm, stride_y
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xm + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)
-        if WORDS and MAGIC == 2 and not NF4:
+        if WORDS and MAGIC == 2:
             w = tl.load(QW + (k0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.int64)[:, None] * N + cols[None, :],
                         mask=col_ok[None, :], other=0)  # (BLOCK_K / 8, BLOCK_N)
-            g = (k0 // GROUP) * N
-            s = tl.load(S + g + cols, mask=col_ok, other=0)
-            z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
-            v0, v1, v2, v3, v4, v5, v6, v7 = _q4_half2(w, z, s, X.dtype.element_ty, ASM)
+            if NF4:
+                a = _kn_absmax(S, SS, Mean, k0 // GROUP, cols, col_ok, K // GROUP, N, DQ, DQ_BLOCK)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_half2(w, a, Lut, K >> 30, X.dtype.element_ty, ASM)
+            else:
+                g = (k0 // GROUP) * N
+                s = tl.load(S + g + cols, mask=col_ok, other=0)
+                z = tl.load(Z + g + cols, mask=col_ok, other=0).to(tl.float32)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _q4_half2(w, z, s, X.dtype.element_ty, ASM)
             # (BK / 8, BN, 2, 2, 2): [..., a, b, c] is input column 8i + 4c + 2b + a; to (BK / 8, c, b, a, BN)
             v = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
             wt = tl.reshape(tl.permute(v, (0, 4, 3, 2, 1)), (BLOCK_K, BLOCK_N))

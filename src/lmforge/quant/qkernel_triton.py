@@ -181,23 +181,27 @@ def _nf4_half2(w, a, Lut, opaque_zero, DT: tl.constexpr, ASM: tl.constexpr):
     a register, times the scale pair (`_nf4_pairs_asm`); else by the level table `Lut` (the Triton interpreter)."""
     if ASM:
         if DT == tl.bfloat16:
-            v = tl.inline_asm_elementwise(
-                NF4_BF16X2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r",
-                [w, opaque_zero + NF4_H0, opaque_zero + NF4_H1, opaque_zero + NF4_H2, opaque_zero + NF4_H3,
-                 opaque_zero + NF4_L0, opaque_zero + NF4_L1, opaque_zero + NF4_L2, opaque_zero + NF4_L3,
-                 _pair16(a.to(tl.bfloat16))[None, :]], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+            v = _nf4_pairs(w, a.to(tl.bfloat16), opaque_zero, NF4_BF16X2_ASM, NF4_H0, NF4_H1, NF4_H2, NF4_H3,
+                           NF4_L0, NF4_L1, NF4_L2, NF4_L3)
         else:
-            v = tl.inline_asm_elementwise(
-                NF4_F16X2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r",
-                [w, opaque_zero + NF4F_H0, opaque_zero + NF4F_H1, opaque_zero + NF4F_H2, opaque_zero + NF4F_H3,
-                 opaque_zero + NF4F_L0, opaque_zero + NF4F_L1, opaque_zero + NF4F_L2, opaque_zero + NF4F_L3,
-                 _pair16(a.to(tl.float16))[None, :]], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+            v = _nf4_pairs(w, a.to(tl.float16), opaque_zero, NF4_F16X2_ASM, NF4F_H0, NF4F_H1, NF4F_H2, NF4F_H3,
+                           NF4F_L0, NF4F_L1, NF4F_L2, NF4F_L3)
     else:
         a = a[None, :]
         v = (_nf4_lane(w, 0, Lut, a, DT), _nf4_lane(w, 4, Lut, a, DT), _nf4_lane(w, 8, Lut, a, DT),
              _nf4_lane(w, 12, Lut, a, DT), _nf4_lane(w, 16, Lut, a, DT), _nf4_lane(w, 20, Lut, a, DT),
              _nf4_lane(w, 24, Lut, a, DT), _nf4_lane(w, 28, Lut, a, DT))
     return v
+
+
+@triton.jit
+def _nf4_pairs(w, a, oz, ASM: tl.constexpr, H0: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, H3: tl.constexpr,
+               L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr):
+    """`_nf4_pairs_asm` on words w with the 16-bit scales a (one a column) and their dtype's tables (offset by the
+    opaque zero oz)."""
+    return tl.inline_asm_elementwise(ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r",
+                                     [w, oz + H0, oz + H1, oz + H2, oz + H3, oz + L0, oz + L1, oz + L2, oz + L3,
+                                      _pair16(a)[None, :]], dtype=(a.dtype,) * 8, is_pure=True, pack=1)
 
 
 @triton.jit

@@ -155,17 +155,11 @@ def _q4_half2(w, z, s, DT: tl.constexpr, ASM: tl.constexpr):
     tensors of DT: the weights (q - z) * s of input columns 8i + j, j = 0..7. ASM (CUDA): packed 16-bit pairs in
     registers (`_q4_half2_asm`, 2 instructions a weight); else the same values by fp32 arithmetic (the Triton
     interpreter)."""
-    if ASM:
-        if DT == tl.bfloat16:
-            ss = _pair16(s)[None, :]
-            v = tl.inline_asm_elementwise(Q4_BF16X2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
-                                          [w, _pair16((-(z + 128.0)).to(tl.bfloat16))[None, :], ss],
-                                          dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
-            ss = _pair16(s)[None, :]
-            v = tl.inline_asm_elementwise(Q4_F16X2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
-                                          [w, _pair16((-(z + 1024.0)).to(tl.float16))[None, :], ss],
-                                          dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    if ASM:  # the pair -(m + z): m = 128 (bf16) or 1024 (fp16), exact either way
+        nz = _pair16((-(z + (128.0 if DT == tl.bfloat16 else 1024.0))).to(DT))[None, :]
+        v = tl.inline_asm_elementwise(Q4_BF16X2_ASM if DT == tl.bfloat16 else Q4_F16X2_ASM,
+                                      "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, nz, _pair16(s)[None, :]],
+                                      dtype=(s.dtype,) * 8, is_pure=True, pack=1)
     else:
         sf, zf = s.to(tl.float32)[None, :], z[None, :]
         v = (_q4_lane(w, 0, zf, sf, DT), _q4_lane(w, 4, zf, sf, DT), _q4_lane(w, 8, zf, sf, DT),

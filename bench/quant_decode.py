@@ -1,8 +1,8 @@
 """Weight-only quantized serving speed: bf16 vs INT8 / INT4 / NF4 through lmforge's engine, same weights, same call.
 
 For each variant a Llama-3-8B-shaped model (random weights, built on the GPU in bf16, seeded so every variant
-starts from the same weights) has every block linear quantized (lm_head stays bf16, as AWQ/GPTQ checkpoints do; a `+head8` variant quantizes it to
-INT8 too, as `lmforge quantize --lm-head int8`);
+starts from the same weights) has every block linear quantized (lm_head stays bf16, as AWQ/GPTQ checkpoints do;
+a `+head8` variant quantizes it to INT8 too, as `lmforge quantize --lm-head int8`);
 the quantized layers pick their kernels themselves (`lmforge.quant.qkernel`: Triton GEMV for decode rows, a
 dequantize-in-registers GEMM for batches, each checked against the reference before first use). Two figures per
 variant, each through the serving engine (paged KV cache, CUDA graphs):

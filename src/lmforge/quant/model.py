@@ -37,8 +37,8 @@ from .linear import Int4Linear, Int8Linear
 from .nf4 import NF4Linear
 from .qat import FakeQuantLinear
 
-__all__ = ["QUANT_LINEARS", "METHODS", "HEAD_METHODS", "quantize_model", "quantize_head", "save_quantized", "load_quantized", "build_quantized",
-           "dequantize_model", "quantized_size", "quantized_linears"]
+__all__ = ["QUANT_LINEARS", "METHODS", "HEAD_METHODS", "quantize_model", "quantize_head", "save_quantized",
+           "load_quantized", "build_quantized", "dequantize_model", "quantized_size", "quantized_linears"]
 
 QUANT_LINEARS: dict[str, type[QuantLinear]] = {c.kind: c for c in (Int8Linear, Int4Linear, Int4ActOrderLinear,
                                                                    NF4Linear, PackedBitLinear)}
@@ -115,24 +115,18 @@ def quantize_model(model: Transformer, method: str, *, targets: list[str] | str 
         paths = _targets(model, targets, (nn.Linear, BitLinear))
         for p in paths:
             set_module(model, p, PackedBitLinear.from_linear(model.get_submodule(p), dtype))
-    elif method == "int8":
+    elif method in ("int8", "nf4", "int4", "rtn"):
         paths = _targets(model, targets, (nn.Linear,))
-        act_bits, thr = (8, outlier_threshold) if llm_int8 else (None, None)
-        options.update(llm_int8=llm_int8, outlier_threshold=thr)
+        if method == "int8":
+            options.update(llm_int8=llm_int8, outlier_threshold=outlier_threshold if llm_int8 else None)
+        elif method == "nf4":
+            options.update(block_size=block_size, double_quant=double_quant)
+        else:
+            _check_group(model, paths, group_size)
+            options.update(group_size=group_size)
         for p in paths:
-            set_module(model, p, Int8Linear.from_linear(model.get_submodule(p), act_bits, thr, dtype))
-    elif method == "nf4":
-        paths = _targets(model, targets, (nn.Linear,))
-        options.update(block_size=block_size, double_quant=double_quant)
-        for p in paths:
-            set_module(model, p, NF4Linear.from_linear(model.get_submodule(p), block_size, double_quant,
-                                                        dtype=dtype))
-    elif method in ("int4", "rtn"):
-        paths = _targets(model, targets, (nn.Linear,))
-        _check_group(model, paths, group_size)
-        options.update(group_size=group_size)
-        for p in paths:
-            set_module(model, p, Int4Linear.from_linear(model.get_submodule(p), group_size, dtype))
+            set_module(model, p, _round_to_nearest(model.get_submodule(p), method, group_size, block_size,
+                                                   double_quant, dtype, llm_int8, outlier_threshold))
     elif method == "awq":
         paths = _targets(model, targets, (nn.Linear,))
         _check_group(model, paths, group_size)
@@ -174,13 +168,20 @@ def quantize_head(model: Transformer, method: str, *, group_size: int = 128, blo
     head = model.lm_head
     if type(head) is not nn.Linear:
         raise ConfigError(f"lm_head is already a {type(head).__name__}: quantize the head once (lm_head=keep)")
-    if method == "int8":
-        set_module(model, "lm_head", Int8Linear.from_linear(head, None, None, dtype))
-    elif method == "int4":
+    if method == "int4":
         _check_group(model, ["lm_head"], group_size)
-        set_module(model, "lm_head", Int4Linear.from_linear(head, group_size, dtype))
-    else:
-        set_module(model, "lm_head", NF4Linear.from_linear(head, block_size, double_quant, dtype=dtype))
+    set_module(model, "lm_head", _round_to_nearest(head, method, group_size, block_size, double_quant, dtype))
+
+
+def _round_to_nearest(linear: nn.Linear, method: str, group_size: int, block_size: int, double_quant: bool,
+                      dtype: torch.dtype | None, llm_int8: bool = False, outlier_threshold: float = 6.0) -> QuantLinear:
+    """`linear` as the quantized layer of a round-to-nearest method (int8 [LLM.int8()], int4/rtn, nf4)."""
+    if method == "int8":
+        act_bits, thr = (8, outlier_threshold) if llm_int8 else (None, None)
+        return Int8Linear.from_linear(linear, act_bits, thr, dtype)
+    if method == "nf4":
+        return NF4Linear.from_linear(linear, block_size, double_quant, dtype=dtype)
+    return Int4Linear.from_linear(linear, group_size, dtype)
 
 
 def quantized_size(model: nn.Module) -> dict[str, int]:

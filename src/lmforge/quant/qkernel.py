@@ -369,11 +369,11 @@ def _launch_q4kn(x, qw, s, z, N: int, group: int, nf4: bool, path: str, tiles: t
     written once by `q4kn_dequant_kernel` (tiles: code words per program, columns, warps), then cuBLAS; GEMM tiles:
     (BLOCK_M, BLOCK_N, BLOCK_K, warps[, K splits[, magic[, words[, pipeline stages]]]]): splits -1 or absent: by
     shape, the partial sums added as the GEMV's; magic=1: INT4 nibbles to float by the exponent trick, magic=2
-    (INT4 with words=1 and 16-bit scales in the input's dtype, else magic=1): each code word to its 8 weights two to
-    a register (`qkernel_triton._q4_half2`); words=1: each code word loaded once and unpacked in registers; stages:
-    software pipelining depth, 2 if absent). `fuse`: the
-    decode fusions, in the GEMV's kernel where one program writes each output (one split, or atomic=2), else by
-    torch ops around the launch; `pdl`: programmatic dependent launch."""
+    (`_gemm_magic`: words=1, a 16-bit input, INT4 scales in its dtype; else magic=1): each code word to its 8
+    weights two to a register (`qkernel_triton._q4_half2` / `_nf4_half2`); words=1: each code word loaded once and
+    unpacked in registers; stages: software pipelining depth, 2 if absent). `fuse`: the decode fusions, in the
+    GEMV's kernel where one program writes each output (one split, or atomic=2), else by torch ops around the launch;
+    `pdl`: programmatic dependent launch."""
     if fuse is not None and path != "gemv":
         return _unfused(lambda x: _launch_q4kn(x, qw, s, z, N, group, nf4, path, tiles, ss, mean, dq_block), x, fuse)
     M, K = x.shape[0], qw.shape[0] * 8

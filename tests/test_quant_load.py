@@ -15,7 +15,7 @@ from lmforge.errors import ConfigError
 from lmforge.infer import LLM, EngineConfig, SamplingParams, generate
 from lmforge.models import load_hf
 from lmforge.quant import (Int4Linear, Int8Linear, PackedBitLinear, QuantLinear, apply_qat, quantize_model,
-                           quantized_linears, save_quantized)
+                           prepare_fast_path, quantized_linears, save_quantized)
 from lmforge.serve import ServeConfig
 from lmforge.testing import make_tiny_checkpoint
 from lmforge.tokenizer import Tokenizer
@@ -228,6 +228,7 @@ def test_quantize_lm_head_writes_a_checkpoint_every_verb_loads(ckpt, tmp_path, c
     assert base.cfg.tie_embeddings == (arch != "LlamaForCausalLM")
     model = copy.deepcopy(base)
     quantize_model(model, "int4", group_size=32, lm_head=head)
+    prepare_fast_path(model, torch.float32)  # the kernels load_hf installs for this device (the same per shape)
     loaded = load_hf(out, progress=False)
     kind = {"int8": Int8Linear, "int4": Int4Linear}[head]
     assert isinstance(loaded.lm_head, kind) and type(loaded.embed) is torch.nn.Embedding

@@ -97,6 +97,65 @@ def test_cpu_fused_kernels_match_reference_path():
         assert q._fast is None
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("fastest", ["float32", "bfloat16", "reference"])
+def test_cpu_fast_path_keeps_the_fastest_verified_choice(monkeypatch, kind, fastest):
+    """fp32 inputs on the CPU: aten's kernel called in fp32, in bf16 (inputs cast in, outputs back), or the reference
+    forward -- whichever the probe times fastest on the layer's shape; the choice is made once per shape, and the
+    installed path returns fp32 near the reference."""
+    from lmforge.quant import linear
+
+    monkeypatch.setattr(linear, "_CPU_CHOICE", {})
+    want = getattr(torch, fastest, None)
+    timed = []
+
+    def seconds(layer, x, repeats=3):
+        compute = None if layer._fast is None else layer._fast[4]
+        timed.append(compute)
+        return 0.0 if compute == want else 1.0
+
+    monkeypatch.setattr(linear, "_seconds", seconds)
+    lin = nn.Linear(256, 96, bias=True)
+    q = Int8Linear.from_linear(lin) if kind == "int8" else Int4Linear.from_linear(lin, 64)
+    x = torch.randn(3, 256)
+    ref = q(x)
+    name = q.prepare_fast_path(torch.float32)
+    assert sorted(map(str, timed)) == ["None", "torch.bfloat16", "torch.float32"]  # every verified choice timed
+    assert (name is None) == (want is None) and (q._fast is None) == (want is None)
+    if want is not None:
+        assert q._fast[3:] == (torch.float32, want) and q._use_fast(x)
+    got = q(x)
+    assert got.dtype == torch.float32 and (got - ref).abs().max() <= 0.02 * ref.abs().max()
+    if want is torch.float32:
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)  # fp32 kernel: no bf16 rounding
+    elif want is torch.bfloat16:
+        assert not torch.allclose(got, ref, atol=1e-5, rtol=1e-5)  # the bf16 kernel really ran
+    timed.clear()
+    other = copy.deepcopy(q)
+    other._fast = None
+    assert other.prepare_fast_path(torch.float32) == name and timed == []  # the shape's choice is reused
+
+
+def test_int8_cpu_kernel_gets_aligned_codes(monkeypatch):
+    """Codes at an unaligned address (as a tensor inside a loaded file can be) are copied to an aligned buffer before
+    aten's CPU kernel reads them: its bf16 path crashed the process on them from 5 input rows on (torch 2.13)."""
+    from lmforge.quant import linear
+
+    monkeypatch.setattr(linear, "_CPU_CHOICE", {})
+    monkeypatch.setattr(linear, "_seconds", lambda layer, x, repeats=3: 1.0 if layer._fast is None else 0.0)
+    q = Int8Linear.from_linear(nn.Linear(576, 192).to(torch.bfloat16))
+    codes = q.qweight.clone()
+    buf = torch.empty(codes.numel() + 8, dtype=torch.int8)
+    q.qweight = buf[8:].view_as(codes).copy_(codes)
+    assert q.qweight.data_ptr() % 64
+    x = torch.randn(5, 576, dtype=torch.bfloat16)
+    ref = q(x)
+    assert q.prepare_fast_path(torch.bfloat16) == "aten._weight_int8pack_mm"
+    assert q.qweight.data_ptr() % 64 == 0 and torch.equal(q.qweight, codes)
+    got = q(x)
+    assert (got.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+
+
 @pytest.mark.gpu
 def test_cuda_fused_kernels_match_reference_path():
     lin = nn.Linear(4096, 1024, bias=False, device="cuda", dtype=torch.bfloat16)

@@ -46,7 +46,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
-        self._fast = None  # (kernel name, device-specific tensors, device, input dtype) once prepare_fast_path() verified
+        # (kernel name, device-specific tensors, device, input dtype, the dtype the kernel computes in) once
+        # prepare_fast_path() verified it
+        self._fast = None
 
     def options(self) -> dict:
         """Constructor options besides shapes and bias (what a checkpoint must record)."""

